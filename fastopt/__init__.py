@@ -1,0 +1,23 @@
+"""fastopt: fused optimizer kernels over flat buffers, schedules evaluated inside the kernel."""
+
+from . import functional, schedules
+from ._checks import ArrayArgumentError
+from .flat import FlatBuffer
+from .optimizers import Adadelta, Adagrad, Adam, AdamW
+from .schedules import ReduceOnPlateau, Schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "Adagrad",
+    "Adadelta",
+    "ArrayArgumentError",
+    "FlatBuffer",
+    "ReduceOnPlateau",
+    "Schedule",
+    "functional",
+    "schedules",
+    "__version__",
+]

@@ -1,0 +1,110 @@
+"""Argument checks shared by the functional layer and the optimizers (errors at the edge)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .schedules import Schedule, as_schedule
+
+
+class ArrayArgumentError(TypeError, ValueError):
+    """A buffer argument of the wrong kind, dtype, shape, layout or length.
+
+    Both a ``TypeError`` and a ``ValueError`` (like numpy's ``AxisError`` is both a ``ValueError``
+    and an ``IndexError``): catch whichever fits your code.
+    """
+
+
+def array_module(array) -> str:
+    """'numpy' or 'cupy': the one place the backend is chosen from an array's type."""
+    if isinstance(array, np.ndarray):
+        return "numpy"
+    if type(array).__module__.split(".")[0] == "cupy":
+        return "cupy"
+    raise ArrayArgumentError(
+        f"expected a numpy.ndarray (or a cupy.ndarray), got {type(array).__name__}")
+
+
+def check_buffer(name: str, array, size: int | None = None, *, writable: bool = True):
+    """A 1-D C-contiguous float32 numpy array of ``size`` elements (writable if asked)."""
+    if array_module(array) == "cupy":
+        raise ArrayArgumentError(
+            f"{name} is a cupy array: the GPU backend is not available in this build")
+    if array.dtype != np.float32:
+        raise ArrayArgumentError(f"{name} must have dtype float32, got {array.dtype}")
+    if array.ndim != 1:
+        raise ArrayArgumentError(f"{name} must be 1-D, got shape {array.shape}")
+    if not array.flags.c_contiguous:
+        raise ArrayArgumentError(f"{name} must be contiguous (got a strided view)")
+    if writable and not array.flags.writeable:
+        raise ArrayArgumentError(f"{name} must be writable (got a read-only array)")
+    if size is not None and array.shape[0] != size:
+        raise ArrayArgumentError(f"{name} must have {size} elements like params, "
+                                 f"got {array.shape[0]}")
+    return array
+
+
+def check_disjoint(**arrays) -> None:
+    """No two of the named buffers may share memory (a kernel would read what it wrote)."""
+    items = [(k, v) for k, v in arrays.items() if v is not None]
+    for i, (name_a, a) in enumerate(items):
+        for name_b, b in items[i + 1:]:
+            if np.may_share_memory(a, b):
+                raise ArrayArgumentError(f"{name_a} and {name_b} must not share memory")
+
+
+def check_step(step) -> int:
+    """The 1-based number of the step being taken."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer (the 1-based step number), got {step!r}")
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the k-th step uses schedule.at(k - 1)), got {step}")
+    return int(step)
+
+
+def check_lr(lr) -> Schedule:
+    """A Schedule from a Schedule or a learning rate >= 0 (torch's message)."""
+    if isinstance(lr, Schedule):
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 <= lr < math.inf:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    return as_schedule(float(lr))
+
+
+def check_real(name: str, value, low: float = 0.0, high: float = math.inf,
+               high_open: bool = False, message: str | None = None) -> float:
+    """A real in [low, high] (or [low, high)); torch-style ValueError otherwise."""
+    message = message or f"Invalid {name} value: {value}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(message)
+    value = float(value)
+    if not (low <= value <= high) or (high_open and value == high) or math.isnan(value):
+        raise ValueError(message)
+    return value
+
+
+def check_betas(betas) -> tuple[float, float]:
+    """(beta1, beta2), each in [0, 1)."""
+    try:
+        beta1, beta2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+    return tuple(
+        check_real("beta", b, 0.0, 1.0, high_open=True,
+                   message=f"Invalid beta parameter at index {i}: {b}")
+        for i, b in enumerate((beta1, beta2)))
+
+
+def check_eps(eps) -> float:
+    return check_real("epsilon", eps, message=f"Invalid epsilon value: {eps}")
+
+
+def check_weight_decay(weight_decay) -> float:
+    return check_real("weight_decay", weight_decay)
+
+
+def check_lr_scale(lr_scale) -> float:
+    return check_real("lr_scale", lr_scale)

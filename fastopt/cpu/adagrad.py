@@ -1,0 +1,43 @@
+"""Adagrad update kernel (mirrors kernels/adagrad.cu).
+
+Per element, with grad_sign = -1 if maximize::
+
+    grad = grad_sign * g + weight_decay * p
+    sum  = sum + grad^2
+    p    = p - clr * grad / (sqrt(sum) + eps)
+
+with clr = lr / (1 + (k - 1) * lr_decay), lr = schedule(k - 1) * lr_scale, k the 1-based step.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import helper, kernel
+from .schedule import lr_at
+
+
+@helper
+def adagrad_element(i, params, grads, state_sum, grad_sign, weight_decay, clr, eps):
+    """The per-element Adagrad math at index i; every scalar is float32."""
+    grad = grad_sign * grads[i] + weight_decay * params[i]
+    s = state_sum[i] + grad * grad
+    state_sum[i] = s
+    params[i] = params[i] - clr * (grad / (np.sqrt(s) + eps))
+
+
+@kernel
+def adagrad(params, grads, state_sum, table, step, lr_scale, lr_decay, eps, weight_decay,
+            maximize, parallel):
+    """One Adagrad step k = ``step`` over the whole buffer; returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    clr = np.float32(lr / (1.0 + (step - 1.0) * lr_decay))
+    grad_sign = np.float32(-1.0 if maximize else 1.0)
+    weight_decay32 = np.float32(weight_decay)
+    eps32 = np.float32(eps)
+    if parallel:
+        for i in prange(params.shape[0]):
+            adagrad_element(i, params, grads, state_sum, grad_sign, weight_decay32, clr, eps32)
+    else:
+        for i in range(params.shape[0]):
+            adagrad_element(i, params, grads, state_sum, grad_sign, weight_decay32, clr, eps32)
+    return lr

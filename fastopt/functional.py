@@ -1,0 +1,109 @@
+"""Functional layer: one fused update over buffers the caller owns.
+
+Every function checks its arguments, picks the backend from the array type (numpy: Numba CPU
+kernels) and runs one kernel call that evaluates the schedule for this step, then updates params
+and state in place. ``step`` is the 1-based number of the step being taken: the k-th step uses
+``schedule.at(k - 1)`` and bias corrections with k, exactly like ``torch.optim``.
+Each returns the learning rate the kernel used (schedule value times ``lr_scale``).
+"""
+
+from __future__ import annotations
+
+from . import cpu
+from ._checks import (
+    check_betas,
+    check_buffer,
+    check_disjoint,
+    check_eps,
+    check_lr,
+    check_lr_scale,
+    check_real,
+    check_step,
+    check_weight_decay,
+)
+from .schedules import Schedule
+
+__all__ = ["adam", "adamw", "adagrad", "adadelta"]
+
+
+def _schedule(lr, schedule) -> Schedule:
+    if schedule is not None and lr is not None:
+        raise ValueError("give either lr or schedule, not both")
+    return check_lr(schedule if schedule is not None else lr)
+
+
+def _buffers(params, grads, **state):
+    """Check params, grads and the state buffers together; return the element count."""
+    n = check_buffer("params", params).shape[0]
+    check_buffer("grads", grads, n, writable=False)
+    for name, array in state.items():
+        if array is not None:
+            check_buffer(name, array, n)
+    check_disjoint(params=params, grads=grads, **state)
+    return n
+
+
+def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
+         schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+         amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
+         lr_scale: float = 1.0) -> float:
+    """Adam step k = ``step`` in place (AdamW when ``decoupled_weight_decay``); lr default 1e-3.
+
+    p <- p - lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps), m and v the moment EMAs.
+    """
+    sched = _schedule(1e-3 if lr is None and schedule is None else lr, schedule)
+    beta1, beta2 = check_betas(betas)
+    eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
+    step, lr_scale = check_step(step), check_lr_scale(lr_scale)
+    if amsgrad and max_exp_avg_sq is None:
+        raise ValueError("max_exp_avg_sq is required when amsgrad=True")
+    max_buffer = max_exp_avg_sq if amsgrad else None
+    n = _buffers(params, grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                 max_exp_avg_sq=max_buffer)
+    return cpu.adam(params, grads, exp_avg, exp_avg_sq, exp_avg if max_buffer is None else
+                    max_buffer, sched.table, step, lr_scale, beta1, beta2, eps, weight_decay,
+                    bool(decoupled_weight_decay), bool(amsgrad), bool(maximize),
+                    cpu.use_parallel(n))
+
+
+def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
+          schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+          amsgrad: bool = False, maximize: bool = False, lr_scale: float = 1.0) -> float:
+    """AdamW step k in place: Adam with decoupled weight decay p <- p * (1 - lr * wd) first."""
+    return adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
+                schedule=schedule, betas=betas, eps=eps, weight_decay=weight_decay,
+                amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                lr_scale=lr_scale)
+
+
+def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None,
+            lr_decay: float = 0.0, eps: float = 1e-10, weight_decay: float = 0.0,
+            maximize: bool = False, lr_scale: float = 1.0) -> float:
+    """Adagrad step k in place (lr default 1e-2).
+
+    sum <- sum + g^2;  p <- p - lr / (1 + (k - 1) * lr_decay) * g / (sqrt(sum) + eps).
+    """
+    sched = _schedule(1e-2 if lr is None and schedule is None else lr, schedule)
+    lr_decay = check_real("lr_decay", lr_decay)
+    eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
+    step, lr_scale = check_step(step), check_lr_scale(lr_scale)
+    n = _buffers(params, grads, state_sum=state_sum)
+    return cpu.adagrad(params, grads, state_sum, sched.table, step, lr_scale, lr_decay, eps,
+                       weight_decay, bool(maximize), cpu.use_parallel(n))
+
+
+def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedule=None,
+             rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
+             maximize: bool = False, lr_scale: float = 1.0) -> float:
+    """Adadelta step k in place (lr default 1.0).
+
+    E[g^2] <- rho E[g^2] + (1 - rho) g^2;  d = sqrt(E[d^2] + eps) / sqrt(E[g^2] + eps) * g;
+    E[d^2] <- rho E[d^2] + (1 - rho) d^2;  p <- p - lr * d.
+    """
+    sched = _schedule(1.0 if lr is None and schedule is None else lr, schedule)
+    rho = check_real("rho", rho, 0.0, 1.0)
+    eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
+    step, lr_scale = check_step(step), check_lr_scale(lr_scale)
+    n = _buffers(params, grads, square_avg=square_avg, acc_delta=acc_delta)
+    return cpu.adadelta(params, grads, square_avg, acc_delta, sched.table, step, lr_scale, rho,
+                        eps, weight_decay, bool(maximize), cpu.use_parallel(n))

@@ -1,0 +1,60 @@
+"""Float64 numpy one-step oracles: the truth every backend is tested against.
+
+Each function returns the new (params, *state) arrays for the k-th step (k = ``step`` >= 1) with
+learning rate ``lr`` (already taken from the schedule at k - 1). Formulas as ``torch.optim``
+(Kingma & Ba 2015, Loshchilov & Hutter 2019, Duchi et al. 2011, Zeiler 2012); names as in
+``fastopt/cpu/*.py``.
+"""
+
+import numpy as np
+
+
+def _f64(*arrays):
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr, beta1=0.9,
+         beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=False,
+         maximize=False):
+    """Adam (decoupled=False, L2 added to the gradient) or AdamW (decoupled=True)."""
+    params, grads, exp_avg, exp_avg_sq = _f64(params, grads, exp_avg, exp_avg_sq)
+    grad = -grads if maximize else grads
+    if decoupled:
+        params = params * (1.0 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * params
+    exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    v = exp_avg_sq
+    if amsgrad:
+        max_exp_avg_sq = np.maximum(np.asarray(max_exp_avg_sq, np.float64), exp_avg_sq)
+        v = max_exp_avg_sq
+    denom = np.sqrt(v) / np.sqrt(bias_correction2) + eps
+    params = params - lr / bias_correction1 * exp_avg / denom
+    return params, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def adagrad(params, grads, state_sum, *, step, lr, lr_decay=0.0, eps=1e-10, weight_decay=0.0,
+            maximize=False):
+    """Adagrad with torch's lr_decay: clr = lr / (1 + (step - 1) * lr_decay)."""
+    params, grads, state_sum = _f64(params, grads, state_sum)
+    grad = (-grads if maximize else grads) + weight_decay * params
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    state_sum = state_sum + grad * grad
+    params = params - clr * grad / (np.sqrt(state_sum) + eps)
+    return params, state_sum
+
+
+def adadelta(params, grads, square_avg, acc_delta, *, step, lr, rho=0.9, eps=1e-6,
+             weight_decay=0.0, maximize=False):
+    """Adadelta (Zeiler 2012) with torch's lr factor on the update."""
+    del step  # Adadelta has no step-dependent term beyond the schedule
+    params, grads, square_avg, acc_delta = _f64(params, grads, square_avg, acc_delta)
+    grad = (-grads if maximize else grads) + weight_decay * params
+    square_avg = rho * square_avg + (1.0 - rho) * grad * grad
+    delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * grad
+    acc_delta = rho * acc_delta + (1.0 - rho) * delta * delta
+    params = params - lr * delta
+    return params, square_avg, acc_delta

@@ -1,0 +1,19 @@
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def random_problem(rng, n, scale=1.0):
+    """Random float32 params and a list-producing gradient generator (never zeros)."""
+    params = (rng.standard_normal(n) * scale).astype(np.float32)
+    return params
+
+
+def random_grads(rng, n, steps):
+    """Gradients with varied magnitudes per step (some tiny, some large)."""
+    scales = np.exp(rng.uniform(-3, 2, size=steps)).astype(np.float32)
+    return [(rng.standard_normal(n).astype(np.float32) * s) for s in scales]

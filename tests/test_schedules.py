@@ -1,0 +1,230 @@
+"""Every schedule's .at against torch.optim.lr_scheduler, the kernel's lr, and bad parameters."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.optim import lr_scheduler as L
+
+import fastopt
+from fastopt import schedules as S
+
+
+def torch_lrs(base_lr, make_scheduler, steps):
+    """The lr torch's scheduler gives the optimizer for steps 0..steps-1 (opt.step(); s.step())."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=base_lr)
+    sched = make_scheduler(opt)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return np.array(lrs, dtype=np.float64)
+
+
+CASES = {
+    "constant": (S.constant(0.05), 0.05, lambda o: L.LambdaLR(o, lambda t: 1.0), 500),
+    "linear": (S.linear(0.1, 700, end_lr=0.02), 0.1,
+               lambda o: L.LinearLR(o, start_factor=1.0, end_factor=0.2, total_iters=700), 2000),
+    "linear_lr": (S.linear_lr(0.3, start_factor=0.25, end_factor=0.9, total_iters=333), 0.3,
+                  lambda o: L.LinearLR(o, start_factor=0.25, end_factor=0.9, total_iters=333),
+                  1500),
+    "linear_lr_defaults": (S.linear_lr(0.3), 0.3, lambda o: L.LinearLR(o), 50),
+    "polynomial": (S.polynomial(0.1, 1000, power=2.0), 0.1,
+                   lambda o: L.PolynomialLR(o, total_iters=1000, power=2.0), 3000),
+    "polynomial_sqrt": (S.polynomial(0.1, 1000, power=0.5), 0.1,
+                        lambda o: L.PolynomialLR(o, total_iters=1000, power=0.5), 1500),
+    "exponential": (S.exponential(0.1, 0.999), 0.1, lambda o: L.ExponentialLR(o, 0.999), 3000),
+    "exponential_stair": (S.exponential(0.1, 0.5, decay_steps=300, staircase=True), 0.1,
+                          lambda o: L.LambdaLR(o, lambda t: 0.5 ** (t // 300)), 3000),
+    "exponential_smooth": (S.exponential(0.1, 0.5, decay_steps=300), 0.1,
+                           lambda o: L.LambdaLR(o, lambda t: 0.5 ** (t / 300)), 3000),
+    "step": (S.step(0.1, 250, gamma=0.3), 0.1, lambda o: L.StepLR(o, 250, gamma=0.3), 3000),
+    "multistep": (S.multistep(0.1, [100, 1000, 1000, 2500], gamma=0.5), 0.1,
+                  lambda o: L.MultiStepLR(o, [100, 1000, 1000, 2500], gamma=0.5), 3000),
+    "inverse_time": (S.inverse_time(0.1, 100, 0.5), 0.1,
+                     lambda o: L.LambdaLR(o, lambda t: 1 / (1 + 0.5 * t / 100)), 3000),
+    "inverse_time_stair": (S.inverse_time(0.1, 100, 0.5, staircase=True), 0.1,
+                           lambda o: L.LambdaLR(o, lambda t: 1 / (1 + 0.5 * (t // 100))), 3000),
+    "ladder": (S.ladder(0.1, 0.015, 400, min_lr=0.01), 0.1,
+               lambda o: L.LambdaLR(o, lambda t: max(0.01, 0.1 - 0.015 * (t // 400)) / 0.1),
+               4000),
+    "cosine": (S.cosine(0.1, 2000, end_lr=0.001), 0.1,
+               lambda o: L.CosineAnnealingLR(o, T_max=2000, eta_min=0.001), 2001),
+    "cosine_restarts": (S.cosine_restarts(0.1, 50, end_lr=0.002), 0.1,
+                        lambda o: L.CosineAnnealingWarmRestarts(o, 50, eta_min=0.002), 3000),
+    "cosine_restarts_mult": (S.cosine_restarts(0.1, 7, period_mult=2, end_lr=0.002), 0.1,
+                             lambda o: L.CosineAnnealingWarmRestarts(o, 7, 2, 0.002), 5000),
+    "cosine_restarts_mult3": (S.cosine_restarts(0.1, 1, period_mult=3), 0.1,
+                              lambda o: L.CosineAnnealingWarmRestarts(o, 1, 3), 5000),
+    "cyclic": (S.cyclic(0.001, 0.1, 200), 0.001,
+               lambda o: L.CyclicLR(o, 0.001, 0.1, 200, cycle_momentum=False), 3000),
+    "cyclic2": (S.cyclic(0.001, 0.1, 150, 350, mode="triangular2"), 0.001,
+                lambda o: L.CyclicLR(o, 0.001, 0.1, 150, 350, mode="triangular2",
+                                     cycle_momentum=False), 3000),
+    "cyclic_exp": (S.cyclic(0.001, 0.1, 100, mode="exp_range", gamma=0.999), 0.001,
+                   lambda o: L.CyclicLR(o, 0.001, 0.1, 100, mode="exp_range", gamma=0.999,
+                                        cycle_momentum=False), 3000),
+    "one_cycle": (S.one_cycle(0.1, 1000), 0.1,
+                  lambda o: L.OneCycleLR(o, 0.1, total_steps=1000, cycle_momentum=False), 1000),
+    "one_cycle_linear3": (
+        S.one_cycle(0.1, 997, pct_start=0.25, anneal="linear", three_phase=True,
+                    div_factor=10, final_div_factor=100), 0.1,
+        lambda o: L.OneCycleLR(o, 0.1, total_steps=997, pct_start=0.25, anneal_strategy="linear",
+                               three_phase=True, div_factor=10, final_div_factor=100,
+                               cycle_momentum=False), 997),
+    "one_cycle_tiny_first_phase": (
+        S.one_cycle(0.1, 10, pct_start=0.05), 0.1,
+        lambda o: L.OneCycleLR(o, 0.1, total_steps=10, pct_start=0.05, cycle_momentum=False),
+        10),
+    "join": (S.join([S.exponential(0.1, 0.99), S.cosine(0.1, 500), S.constant(0.01)],
+                    [300, 700]), 0.1,
+             lambda o: L.SequentialLR(o, [L.ExponentialLR(o, 0.99),
+                                          L.CosineAnnealingLR(o, 500),
+                                          L.LambdaLR(o, lambda t: 0.1)], milestones=[300, 700]),
+             1500),
+    "warmup_cosine": (S.warmup(S.cosine(0.1, 1000, end_lr=0.0), 100, start_lr=0.001), 0.1,
+                      lambda o: L.SequentialLR(o, [L.LinearLR(o, 0.01, 1.0, 100),
+                                                   L.CosineAnnealingLR(o, 1000)], [100]), 1101),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_at_matches_torch(name):
+    schedule, base_lr, make, steps = CASES[name]
+    expected = torch_lrs(base_lr, make, steps)
+    got = schedule.at(np.arange(steps))
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_kernel_uses_at(name):
+    """The lr each optimizer's kernel reports using at step k equals schedule.at(k - 1)."""
+    schedule, _, _, steps = CASES[name]
+    steps = min(steps, 1200)
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal(37).astype(np.float32)
+    expected = schedule.at(np.arange(steps))
+    for cls in (fastopt.Adam, fastopt.AdamW, fastopt.Adagrad, fastopt.Adadelta):
+        opt = cls(rng.standard_normal(37).astype(np.float32), lr=schedule)
+        used = []
+        for _ in range(steps):
+            opt.step(g)
+            used.append(opt.last_lr)
+        np.testing.assert_allclose(used, expected, rtol=1e-12, atol=1e-18, err_msg=cls.__name__)
+
+
+def test_at_scalar_and_shape():
+    s = S.cosine(1.0, 10)
+    assert isinstance(s.at(3), float)
+    assert s.at(np.arange(6).reshape(2, 3)).shape == (2, 3)
+    assert s.at(0) == 1.0 and s.at(10) == 0.0 and s.at(10_000) == 0.0  # clamps after T
+    assert s(5) == s.at(5)
+
+
+def test_at_huge_steps_stay_finite():
+    big = np.array([2.0**31, 2.0**40, 2.0**52])
+    for s in (S.cosine_restarts(0.1, 7, 2), S.cosine_restarts(0.1, 7), S.exponential(0.1, 0.9),
+              S.cyclic(0.01, 0.1, 10, mode="triangular2"), S.inverse_time(0.1, 3, 0.1)):
+        assert np.all(np.isfinite(s.at(big)))
+
+
+def test_restarts_period_boundaries_exact():
+    s = S.cosine_restarts(1.0, 3, period_mult=2)
+    starts = [0, 3, 9, 21, 45, 93, 189, 381, 765]
+    np.testing.assert_array_equal(s.at(np.array(starts, float)), np.ones(len(starts)))
+
+
+def test_warmup_semantics():
+    inner = S.exponential(0.2, 0.9)
+    w = S.warmup(inner, 10, start_lr=0.05)
+    assert math.isclose(w.at(0), 0.05, rel_tol=1e-15)
+    np.testing.assert_allclose(w.at(5), 0.05 + (0.2 - 0.05) * 0.5)
+    np.testing.assert_allclose(w.at(np.arange(10, 50)), inner.at(np.arange(40)))
+    assert S.warmup(inner, 0) == inner
+
+
+def test_join_of_joins_keeps_each_clock():
+    inner = S.join([S.constant(1.0), S.linear(1.0, 10)], [5])
+    outer = S.join([S.constant(3.0), inner, S.constant(7.0)], [4, 12])
+    t = np.arange(20)
+    expected = np.where(t < 4, 3.0, np.where(t >= 12, 7.0, inner.at(np.clip(t - 4, 0, None))))
+    np.testing.assert_allclose(outer.at(t), expected)
+
+
+def test_schedule_change_does_not_recompile():
+    from fastopt.cpu import adam
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(50).astype(np.float32)
+    g = rng.standard_normal(50).astype(np.float32)
+    for sched in (S.constant(0.1), S.cosine(0.1, 5), S.warmup(S.cyclic(0.01, 0.1, 3), 2),
+                  S.one_cycle(0.1, 20, three_phase=True), S.multistep(0.1, [1, 2, 3])):
+        opt = fastopt.AdamW(p, lr=sched)
+        opt.step(g)
+    assert len(adam.signatures) == 1
+
+
+BAD = [
+    (lambda: S.constant(-0.1), "lr"),
+    (lambda: S.constant(float("nan")), "lr"),
+    (lambda: S.linear(0.1, 0), "total_steps"),
+    (lambda: S.linear(0.1, 10, end_lr=-1), "end_lr"),
+    (lambda: S.polynomial(0.1, 10, power=-1), "power"),
+    (lambda: S.exponential(0.1, 0.0), "decay_rate"),
+    (lambda: S.exponential(0.1, 0.9, decay_steps=0), "decay_steps"),
+    (lambda: S.inverse_time(0.1, 0, 0.5), "decay_steps"),
+    (lambda: S.step(0.1, 0), "step_size"),
+    (lambda: S.multistep(0.1, [3, -1]), "milestones"),
+    (lambda: S.ladder(0.1, 0.01, 0), "every"),
+    (lambda: S.cosine(0.1, 0), "total_steps"),
+    (lambda: S.cosine_restarts(0.1, 0), "first_period"),
+    (lambda: S.cosine_restarts(0.1, 5, period_mult=0), "period_mult"),
+    (lambda: S.cyclic(0.1, 0.2, 0), "step_size_up"),
+    (lambda: S.cyclic(0.1, 0.2, 5, mode="sawtooth"), "mode"),
+    (lambda: S.one_cycle(0.1, 0), "total_steps"),
+    (lambda: S.one_cycle(0.1, 100, pct_start=1.5), "pct_start"),
+    (lambda: S.one_cycle(0.1, 100, anneal="exp"), "anneal"),
+    (lambda: S.join([S.constant(1), S.constant(2), S.constant(3)], [5, 5]), "boundaries"),
+    (lambda: S.join([S.constant(1), S.constant(2), S.constant(3)], [9, 5]), "boundaries"),
+    (lambda: S.join([S.constant(1), S.constant(2)], [0]), "boundaries"),
+    (lambda: S.join([S.constant(1), S.constant(2)], []), "boundaries"),
+    (lambda: S.warmup(S.constant(1), -3), "warmup_steps"),
+    (lambda: S.warmup(S.constant(1), 3, start_lr=-1), "start_lr"),
+]
+
+
+@pytest.mark.parametrize("make,name", BAD)
+def test_invalid_parameters_name_the_parameter(make, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        make()
+
+
+def test_invalid_parameter_types():
+    with pytest.raises(TypeError, match="total_steps"):
+        S.cosine(0.1, 10.5)
+    with pytest.raises(ValueError, match="steps"):
+        S.constant(0.1).at(-1)
+
+
+def test_reduce_on_plateau_matches_torch():
+    rng = np.random.default_rng(3)
+    metrics = np.concatenate([np.linspace(1, 0.5, 10), np.full(40, 0.6),
+                              rng.uniform(0.4, 0.7, 60)])
+    for kwargs in (dict(), dict(mode="max", factor=0.5, patience=2, cooldown=3),
+                   dict(threshold_mode="abs", threshold=0.01, patience=3, min_lr=0.004)):
+        p = torch.nn.Parameter(torch.zeros(1))
+        topt = torch.optim.SGD([p], lr=0.1)
+        tsched = L.ReduceLROnPlateau(topt, **kwargs)
+        opt = fastopt.Adam(np.ones(4, np.float32), lr=0.1)
+        ours = fastopt.ReduceOnPlateau(opt, **kwargs)
+        g = np.ones(4, np.float32)
+        for m in metrics:
+            opt.step(g)
+            tsched.step(float(m))
+            ours.step(float(m))
+            assert math.isclose(opt.current_lr, topt.param_groups[0]["lr"], rel_tol=1e-12)
+        opt.step(g)
+        assert math.isclose(opt.last_lr, topt.param_groups[0]["lr"], rel_tol=1e-12)
+    assert opt.lr_scale < 1.0  # it did reduce
