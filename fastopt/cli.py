@@ -1,0 +1,116 @@
+"""Command line: ``fastopt bench`` and ``fastopt schedule``."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+import numpy as np
+
+from . import schedules
+
+SCHEDULE_NAMES = ("constant", "linear", "linear_lr", "polynomial", "inverse_time", "exponential",
+                  "step", "multistep", "ladder", "cosine", "cosine_restarts", "cyclic",
+                  "one_cycle", "warmup", "join")
+
+
+def parse_schedule(text: str) -> schedules.Schedule:
+    """A schedule from an expression like ``warmup(cosine(1e-3, 10000), 500)``; no eval."""
+
+    def build(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -build(node.operand)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            return [build(e) for e in node.elts]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in SCHEDULE_NAMES:
+            fn = getattr(schedules, node.func.id)
+            return fn(*[build(a) for a in node.args], **{k.arg: build(k.value)
+                                                          for k in node.keywords})
+        raise ValueError(f"not allowed in a schedule expression: {ast.unparse(node)!r}")
+
+    result = build(ast.parse(text, mode="eval").body)
+    if not isinstance(result, schedules.Schedule):
+        raise ValueError(f"{text!r} is not a schedule")
+    return result
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",") if x]
+
+
+def cmd_bench(args) -> int:
+    from . import benchmark
+
+    sizes = _sizes(args.sizes) if args.sizes else ([10_000, 1_000_000] if args.quick
+                                                   else [10_000, 1_000_000, 16_000_000])
+    budget = args.budget if args.budget else (0.15 if args.quick else 1.0)
+    optimizers = [o.lower() for o in args.optimizer]
+    est = len(optimizers) * len(sizes) * (budget * 4 + 1)
+    print(f"fastopt bench: {', '.join(optimizers)} at {sizes}; about {est:.0f} s")
+    benchmark.run(optimizers, sizes, budget, args.json, args.plot, with_torch=not args.no_torch)
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    sched = parse_schedule(args.expression)
+    steps = np.arange(0, args.steps, args.every)
+    lrs = sched.at(steps)
+    print(f"{sched!r}")
+    print(f"{'step':>10}  {'lr':>14}")
+    for t, lr in zip(steps, lrs, strict=True):
+        print(f"{t:>10d}  {lr:>14.6e}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        t = np.arange(args.steps)
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(t, sched.at(t))
+        ax.set_xlabel("step (0-based: the k-th optimizer step uses step k - 1)")
+        ax.set_ylabel("learning rate")
+        ax.set_title(repr(sched), fontsize=8)
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastopt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="time fastopt vs torch.optim vs the memory roofline")
+    bench.add_argument("--optimizer", nargs="+", default=["adamw"],
+                       choices=["adam", "adamw", "adagrad", "adadelta"])
+    bench.add_argument("--sizes", help="comma-separated parameter counts, e.g. 1e4,1e6,1.6e7")
+    bench.add_argument("--quick", action="store_true", help="small sizes, short runs")
+    bench.add_argument("--budget", type=float, help="seconds of timing per size (default 1)")
+    bench.add_argument("--json", help="write the results as JSON here")
+    bench.add_argument("--plot", help="write a PNG plot (GB/s vs size) here")
+    bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    bench.set_defaults(func=cmd_bench)
+
+    sched = sub.add_parser("schedule", help="print (and plot) a schedule's learning rates")
+    sched.add_argument("expression", help="e.g. 'warmup(cosine(1e-3, 10000), 500)'")
+    sched.add_argument("--steps", type=int, default=1000)
+    sched.add_argument("--every", type=int, default=100)
+    sched.add_argument("--plot", help="write a PNG plot here")
+    sched.set_defaults(func=cmd_schedule)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"fastopt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
