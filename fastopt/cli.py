@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         print(f"fastopt: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,85 @@
+"""No allocation per step, import without compiling, the command line."""
+
+import subprocess
+import sys
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import cli
+from fastopt import schedules as S
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: fastopt.Adam(p, amsgrad=True, weight_decay=0.1),
+    lambda p: fastopt.AdamW(p, lr=S.warmup(S.cosine(1e-3, 100), 10)),
+    lambda p: fastopt.Adagrad(p, lr=S.one_cycle(0.1, 50)),
+    lambda p: fastopt.Adadelta(p, lr=S.cyclic(0.1, 1.0, 5)),
+], ids=["adam", "adamw", "adagrad", "adadelta"])
+@pytest.mark.parametrize("n", [1000, 100_000])
+def test_step_allocates_nothing(make, n):
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    opt = make(p)
+    for _ in range(3):
+        opt.step(g)  # compile, warm up
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for _ in range(20):
+            opt.step(g)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename") if s.size_diff > 0)
+    assert grown < 4096, f"step() allocated {grown} bytes over 20 steps"
+    assert grown < n * 4  # certainly no buffer-sized allocation
+
+
+def test_import_compiles_nothing():
+    code = ("import time; t = time.perf_counter(); import fastopt; "
+            "dt = time.perf_counter() - t; from fastopt.cpu import adam, adagrad, adadelta; "
+            "assert not (adam.signatures or adagrad.signatures or adadelta.signatures); "
+            "print(dt)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 5.0  # generous here; bench/NOTES.md has the measured time
+
+
+def test_cli_schedule_table(capsys):
+    assert cli.main(["schedule", "warmup(cosine(1e-3, 100, end_lr=1e-5), 10)", "--steps", "101",
+                     "--every", "50"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in out[2:]]
+    sched = S.warmup(S.cosine(1e-3, 100, end_lr=1e-5), 10)
+    assert [int(r[0]) for r in rows] == [0, 50, 100]
+    np.testing.assert_allclose([float(r[1]) for r in rows], sched.at([0, 50, 100]), rtol=1e-6)
+
+
+def test_cli_schedule_plot(tmp_path):
+    path = tmp_path / "lr.png"
+    assert cli.main(["schedule", "one_cycle(0.1, 200, three_phase=True)", "--steps", "200",
+                     "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("expr", ["__import__('os')", "cosine(0.1, 0)", "cosine", "1.0",
+                                  "open('x')", "cosine(0.1, 10).table"])
+def test_cli_schedule_rejects(expr, capsys):
+    assert cli.main(["schedule", expr]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_cli_bench_tiny(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", "--optimizer", "adamw", "adadelta", "--sizes", "2000",
+                     "--budget", "0.02", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fastopt == torch.optim" in out and "% roofline" in out
+    import json
+
+    data = json.loads(path.read_text())
+    assert {r["optimizer"] for r in data["rows"]} == {"adamw", "adadelta"}
+    assert all(r["times"]["fastopt"] > 0 for r in data["rows"])
