@@ -192,30 +192,76 @@ def format_table(rows: list[Row]) -> str:
 
 
 def plot(rows: list[Row], path: str) -> None:
+    """GB/s vs size, one panel per optimizer, one line (same colour everywhere) per impl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in sorted({r.optimizer for r in rows}):
+    names = list(dict.fromkeys(r.optimizer for r in rows))
+    impls = list(dict.fromkeys(k for r in rows for k in r.times))
+    colors = {k: f"C{i}" for i, k in enumerate(impls)}
+    cols = min(2, len(names))
+    nrows = -(-len(names) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.6 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
         sub = [r for r in rows if r.optimizer == name]
-        for impl in sub[0].times:
-            xs = [r.size for r in sub if impl in r.times]
-            ys = [TRAFFIC[name] * r.size / r.times[impl] / 1e9 for r in sub if impl in r.times]
-            ax.plot(xs, ys, marker="o", label=f"{name} {impl}")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("GB/s moved (optimizer traffic / time)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+        for impl in impls:
+            pts = [(r.size, TRAFFIC[name] * r.size / r.times[impl] / 1e9)
+                   for r in sub if impl in r.times]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", color=colors[impl], label=impl,
+                        linestyle="--" if impl == "roofline" else "-")
+        ax.set_xscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("GB/s (optimizer traffic / time)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: str) -> None:
+    """A results page: machine, date, the command that made it, the table and the plot."""
+    import os
+
+    info = machine()
+    lines = [
+        "# fastopt benchmark results",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {info['processor']} "
+        f"({info['cpus']} CPUs; Numba threads {info['numba_threads']}, torch threads "
+        f"{info.get('torch_threads', '-')}; torch {info.get('torch', '-')}, numba "
+        f"{info['numba']}, numpy {info['numpy']}, Python {info['python']}).",
+        "",
+        f"Regenerate: `{command}`",
+        "",
+        "Times are medians of interleaved rounds in one process; torch paths step their "
+        "`CosineAnnealingLR` too (that is what a torch loop pays). `vs X` = X's time / fastopt's "
+        "time (> 1: fastopt faster). `% roofline` = a same-traffic kernel with no arithmetic "
+        "(the memory limit here) / fastopt's time. GB/s counts the optimizer's own traffic "
+        "(28 B/param for Adam(W) and Adadelta, 20 for Adagrad). The machine is shared: compare "
+        "ratios within a row, not absolute times across runs.",
+        "",
+        "```",
+        format_table(rows),
+        "```",
+        "",
+    ]
+    if plot_path:
+        rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(path)))
+        lines += [f"![throughput vs size]({rel})", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
 def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str | None,
-        plot_path: str | None, with_torch: bool = True, out=print) -> list[Row]:
+        plot_path: str | None, with_torch: bool = True, out=print,
+        markdown_path: str | None = None, command: str = "fastopt bench") -> list[Row]:
     if with_torch:
         import torch
 
@@ -240,4 +286,7 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     if plot_path:
         plot(rows, plot_path)
         out(f"wrote {plot_path}")
+    if markdown_path:
+        write_markdown(rows, markdown_path, plot_path, command)
+        out(f"wrote {markdown_path}")
     return rows

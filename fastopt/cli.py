@@ -51,7 +51,9 @@ def cmd_bench(args) -> int:
     optimizers = [o.lower() for o in args.optimizer]
     est = len(optimizers) * len(sizes) * (budget * 4 + 1)
     print(f"fastopt bench: {', '.join(optimizers)} at {sizes}; about {est:.0f} s")
-    benchmark.run(optimizers, sizes, budget, args.json, args.plot, with_torch=not args.no_torch)
+    command = "fastopt " + " ".join(sys.argv[1:]) if args.markdown else ""
+    benchmark.run(optimizers, sizes, budget, args.json, args.plot, with_torch=not args.no_torch,
+                  markdown_path=args.markdown, command=command)
     return 0
 
 
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--budget", type=float, help="seconds of timing per size (default 1)")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.add_argument("--plot", help="write a PNG plot (GB/s vs size) here")
+    bench.add_argument("--markdown", help="write a results page (machine, date, table, plot)")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     bench.set_defaults(func=cmd_bench)
 
