@@ -50,10 +50,15 @@ def check_buffer(name: str, array, size: int | None = None, *, writable: bool = 
 def check_disjoint(**arrays) -> None:
     """No two of the named buffers may share memory (a kernel would read what it wrote)."""
     items = [(k, v) for k, v in arrays.items() if v is not None]
-    for i, (name_a, a) in enumerate(items):
-        for name_b, b in items[i + 1:]:
-            if np.may_share_memory(a, b):
-                raise ArrayArgumentError(f"{name_a} and {name_b} must not share memory")
+    for i, (name, array) in enumerate(items):
+        check_apart(name, array, items[i + 1:])
+
+
+def check_apart(name: str, array, others) -> None:
+    """``array`` shares memory with none of the (name, buffer) pairs in ``others``."""
+    for other_name, other in others:
+        if np.may_share_memory(array, other):
+            raise ArrayArgumentError(f"{name} and {other_name} must not share memory")
 
 
 def check_step(step) -> int:

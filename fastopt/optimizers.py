@@ -14,9 +14,9 @@ import numpy as np
 from . import cpu
 from ._checks import (
     ArrayArgumentError,
+    check_apart,
     check_betas,
     check_buffer,
-    check_disjoint,
     check_eps,
     check_lr,
     check_lr_scale,
@@ -47,6 +47,10 @@ class _FlatOptimizer:
         self._lock = threading.Lock()
         self._parallel = cpu.use_parallel(self.params.shape[0])
         self.state = {name: self._new_state(name) for name in self.active_state_names()}
+
+    @property
+    def _owned_buffers(self) -> list[tuple[str, np.ndarray]]:
+        return [("params", self.params), *self.state.items()]
 
     # ------------------------------------------------------------------ subclass hooks
     def active_state_names(self, defaults: dict | None = None) -> tuple[str, ...]:
@@ -81,7 +85,7 @@ class _FlatOptimizer:
     def step(self, grads) -> bool:
         """One fused update with these gradients (same length as params); returns True."""
         check_buffer("grads", grads, self.params.shape[0], writable=False)
-        check_disjoint(grads=grads, params=self.params, **self.state)
+        check_apart("grads", grads, self._owned_buffers)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"{type(self).__name__}.step() is already running in another "
                                "thread; one optimizer must not be stepped concurrently")
