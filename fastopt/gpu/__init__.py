@@ -1,0 +1,1 @@
+"""CUDA backend: kernels/ compiled with NVRTC through CuPy, launched on cupy arrays."""

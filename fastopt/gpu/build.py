@@ -1,0 +1,60 @@
+"""Where the CUDA sources are, which kernels they define, and the NVRTC options: one place
+for the runtime loader and the compile checks that run without a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from importlib import resources
+from pathlib import Path
+
+#: CUDA source file -> the extern "C" kernels it defines (suffix = param/grad dtype)
+DTYPE_SUFFIXES = ("f32", "f16", "bf16")
+SOURCES = {
+    "adam.cu": tuple(f"adam_{s}" for s in DTYPE_SUFFIXES),
+    "adagrad.cu": tuple(f"adagrad_{s}" for s in DTYPE_SUFFIXES),
+    "adadelta.cu": tuple(f"adadelta_{s}" for s in DTYPE_SUFFIXES),
+}
+
+
+def kernel_dir() -> Path:
+    """The kernels/ folder: shipped in the wheel as fastopt/_kernels, or the source checkout's."""
+    packaged = resources.files("fastopt") / "_kernels"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    checkout = Path(__file__).resolve().parents[2] / "kernels"
+    if checkout.is_dir():
+        return checkout
+    raise FileNotFoundError("fastopt's CUDA sources (kernels/) are missing from this install")
+
+
+def cuda_include_dir() -> Path | None:
+    """A folder with cuda_fp16.h / cuda_bf16.h: the nvidia-cuda-runtime wheel or a toolkit."""
+    candidates = []
+    spec = importlib.util.find_spec("nvidia")
+    if spec is not None and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            candidates += sorted(Path(root).glob("cu*/include"), reverse=True)
+            candidates.append(Path(root) / "cuda_runtime" / "include")
+    for env in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(env):
+            candidates.append(Path(os.environ[env]) / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for c in candidates:
+        if (c / "cuda_bf16.h").is_file():
+            return c
+    return None
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """The options every kernel is compiled with (the architecture is added by the caller)."""
+    # -default-device: the per-group lambdas inside the kernels are device code
+    options = ["--std=c++17", "-default-device", f"-I{kernel_dir()}"]
+    include = cuda_include_dir()
+    if include is not None:
+        options.append(f"-I{include}")
+    return tuple(options)
+
+
+def source(name: str) -> str:
+    return (kernel_dir() / name).read_text()

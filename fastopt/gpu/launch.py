@@ -1,0 +1,78 @@
+"""Kernel argument order (the one place it is defined) and CuPy launchers.
+
+``KERNEL_ARGS[op]`` lists each kernel parameter as ``(name, C type)``; ``T`` stands for the
+param/grad element type. The launchers below and the host-emulation tests build their argument
+lists from it, so a kernel signature and its callers cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from . import build
+
+_STATE = ("step_state", "unsigned long long*"), ("lr_out", "double*")
+_SCHEDULE = ("table", "const double*"), ("table_rows", "int")
+
+KERNEL_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "adam": (("params", "T*"), ("grads", "const T*"), ("exp_avg", "float*"),
+             ("exp_avg_sq", "float*"), ("max_exp_avg_sq", "float*"), *_SCHEDULE, *_STATE,
+             ("lr_scale", "double"), ("beta1", "double"), ("beta2", "double"), ("eps", "double"),
+             ("weight_decay", "double"), ("decoupled", "int"), ("amsgrad", "int"),
+             ("maximize", "int"), ("n", "long long")),
+    "adagrad": (("params", "T*"), ("grads", "const T*"), ("state_sum", "float*"), *_SCHEDULE,
+                *_STATE, ("lr_scale", "double"), ("lr_decay", "double"), ("eps", "double"),
+                ("weight_decay", "double"), ("maximize", "int"), ("n", "long long")),
+    "adadelta": (("params", "T*"), ("grads", "const T*"), ("square_avg", "float*"),
+                 ("acc_delta", "float*"), *_SCHEDULE, *_STATE, ("lr_scale", "double"),
+                 ("rho", "double"), ("eps", "double"), ("weight_decay", "double"),
+                 ("maximize", "int"), ("n", "long long")),
+}
+
+#: numpy scalar type for each by-value C type
+SCALAR_TYPES = {"double": np.float64, "int": np.int32, "long long": np.int64}
+
+DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+BLOCK = 256
+
+
+def kernel_name(op: str, dtype) -> str:
+    return f"{op}_{DTYPE_SUFFIX[np.dtype(dtype).name]}"
+
+
+def pack_args(op: str, values: dict) -> tuple:
+    """The kernel's arguments in declaration order; scalars as their exact C types."""
+    args = []
+    for name, ctype in KERNEL_ARGS[op]:
+        value = values[name]
+        args.append(SCALAR_TYPES[ctype](value) if ctype in SCALAR_TYPES else value)
+    return tuple(args)
+
+
+@functools.cache
+def _module(source_name: str):
+    import cupy
+
+    return cupy.RawModule(code=build.source(source_name), options=build.nvrtc_options(),
+                          name_expressions=None)
+
+
+@functools.cache
+def _grid(device_id: int) -> int:
+    import cupy
+
+    sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+    return sms * 8  # enough resident blocks to saturate memory; the loop strides the rest
+
+
+def launch(op: str, values: dict) -> None:
+    """Run kernel ``op`` for values['params'].dtype on the current stream (no host sync)."""
+    import cupy
+
+    kernel = _module(f"{op}.cu").get_function(kernel_name(op, values["params"].dtype))
+    n = int(values["n"])
+    grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
+    kernel((grid,), (BLOCK,), pack_args(op, values))

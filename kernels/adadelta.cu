@@ -1,0 +1,75 @@
+// Adadelta update kernels (mirrors fastopt/cpu/adadelta.py).
+//
+// Per element, with grad_sign = -1 if maximize:
+//     grad  = grad_sign * g + weight_decay * p
+//     sq    = rho * sq + (1 - rho) * grad^2
+//     delta = sqrt(acc + eps) / sqrt(sq + eps) * grad
+//     acc   = rho * acc + (1 - rho) * delta^2
+//     p     = p - lr * delta
+// with lr = schedule(k - 1) * lr_scale, k the 1-based step.
+#include "common.cuh"
+#include "schedule.cuh"
+
+// The per-element Adadelta math; every scalar is float32.
+FO_HD void adadelta_element(float& param, float g, float& square_avg, float& acc_delta,
+                            float grad_sign, float weight_decay, float rho, float one_minus_rho,
+                            float eps, float lr) {
+    const float grad = grad_sign * g + weight_decay * param;
+    const float sq = rho * square_avg + one_minus_rho * (grad * grad);
+    square_avg = sq;
+    const float delta = sqrtf(acc_delta + eps) / sqrtf(sq + eps) * grad;
+    acc_delta = rho * acc_delta + one_minus_rho * (delta * delta);
+    param = param - lr * delta;
+}
+
+// One Adadelta step k = step_state[0] + 1 over the whole buffer; the last block advances k.
+template <typename T>
+FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delta,
+                   const double* table, int table_rows, unsigned long long* step_state,
+                   double* lr_out, double lr_scale, double rho, double eps, double weight_decay,
+                   int maximize, long long n) {
+    const double step = (double)(step_state[0] + 1);
+    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const float grad_sign = maximize ? -1.0f : 1.0f;
+    const float weight_decay32 = (float)weight_decay;
+    const float rho32 = (float)rho;
+    const float one_minus_rho = (float)(1.0 - rho);
+    const float eps32 = (float)eps;
+    const float lr32 = (float)lr;
+    constexpr int N = VecWidth<T>::value;
+    const bool vector_ok = aligned_for<N>(params) && aligned_for<N>(grads) &&
+                           aligned_for<N>(square_avg) && aligned_for<N>(acc_delta);
+    grid_stride<N>(n, vector_ok, [&](auto width, long long i) {
+        constexpr int W = decltype(width)::value;
+        float p[W], g[W], sq[W], acc[W];
+        load<W>(params + i, p);
+        load<W>(grads + i, g);
+        load<W>(square_avg + i, sq);
+        load<W>(acc_delta + i, acc);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            adadelta_element(p[j], g[j], sq[j], acc[j], grad_sign, weight_decay32, rho32,
+                             one_minus_rho, eps32, lr32);
+        }
+        store<W>(params + i, p);
+        store<W>(square_avg + i, sq);
+        store<W>(acc_delta + i, acc);
+    });
+    finish_step(step_state, lr_out, lr);
+}
+
+#define FO_ADADELTA_KERNEL(NAME, T)                                                           \
+    extern "C" __global__ void NAME(T* params, const T* grads, float* square_avg,             \
+                                    float* acc_delta, const double* table, int table_rows,    \
+                                    unsigned long long* step_state, double* lr_out,           \
+                                    double lr_scale, double rho, double eps,                  \
+                                    double weight_decay, int maximize, long long n) {         \
+        adadelta<T>(params, grads, square_avg, acc_delta, table, table_rows, step_state,      \
+                    lr_out, lr_scale, rho, eps, weight_decay, maximize, n);                   \
+    }
+
+FO_ADADELTA_KERNEL(adadelta_f32, float)
+#if defined(__CUDACC__)
+FO_ADADELTA_KERNEL(adadelta_f16, __half)
+FO_ADADELTA_KERNEL(adadelta_bf16, __nv_bfloat16)
+#endif

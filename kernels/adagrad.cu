@@ -1,0 +1,65 @@
+// Adagrad update kernels (mirrors fastopt/cpu/adagrad.py).
+//
+// Per element, with grad_sign = -1 if maximize:
+//     grad = grad_sign * g + weight_decay * p
+//     sum  = sum + grad^2
+//     p    = p - clr * grad / (sqrt(sum) + eps)
+// with clr = lr / (1 + (k - 1) * lr_decay), lr = schedule(k - 1) * lr_scale, k the 1-based step.
+#include "common.cuh"
+#include "schedule.cuh"
+
+// The per-element Adagrad math; every scalar is float32.
+FO_HD void adagrad_element(float& param, float g, float& state_sum, float grad_sign,
+                           float weight_decay, float clr, float eps) {
+    const float grad = grad_sign * g + weight_decay * param;
+    const float s = state_sum + grad * grad;
+    state_sum = s;
+    param = param - clr * (grad / (sqrtf(s) + eps));
+}
+
+// One Adagrad step k = step_state[0] + 1 over the whole buffer; the last block advances k.
+template <typename T>
+FO_D void adagrad(T* params, const T* grads, float* state_sum, const double* table,
+                  int table_rows, unsigned long long* step_state, double* lr_out,
+                  double lr_scale, double lr_decay, double eps, double weight_decay,
+                  int maximize, long long n) {
+    const double step = (double)(step_state[0] + 1);
+    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const float clr = (float)(lr / (1.0 + (step - 1.0) * lr_decay));
+    const float grad_sign = maximize ? -1.0f : 1.0f;
+    const float weight_decay32 = (float)weight_decay;
+    const float eps32 = (float)eps;
+    constexpr int N = VecWidth<T>::value;
+    const bool vector_ok = aligned_for<N>(params) && aligned_for<N>(grads) &&
+                           aligned_for<N>(state_sum);
+    grid_stride<N>(n, vector_ok, [&](auto width, long long i) {
+        constexpr int W = decltype(width)::value;
+        float p[W], g[W], s[W];
+        load<W>(params + i, p);
+        load<W>(grads + i, g);
+        load<W>(state_sum + i, s);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            adagrad_element(p[j], g[j], s[j], grad_sign, weight_decay32, clr, eps32);
+        }
+        store<W>(params + i, p);
+        store<W>(state_sum + i, s);
+    });
+    finish_step(step_state, lr_out, lr);
+}
+
+#define FO_ADAGRAD_KERNEL(NAME, T)                                                            \
+    extern "C" __global__ void NAME(T* params, const T* grads, float* state_sum,              \
+                                    const double* table, int table_rows,                      \
+                                    unsigned long long* step_state, double* lr_out,           \
+                                    double lr_scale, double lr_decay, double eps,             \
+                                    double weight_decay, int maximize, long long n) {         \
+        adagrad<T>(params, grads, state_sum, table, table_rows, step_state, lr_out, lr_scale, \
+                   lr_decay, eps, weight_decay, maximize, n);                                 \
+    }
+
+FO_ADAGRAD_KERNEL(adagrad_f32, float)
+#if defined(__CUDACC__)
+FO_ADAGRAD_KERNEL(adagrad_f16, __half)
+FO_ADAGRAD_KERNEL(adagrad_bf16, __nv_bfloat16)
+#endif

@@ -1,0 +1,98 @@
+// fastopt CUDA common header: qualifiers, typed load/store (fp32 math inside), vector access,
+// and the device-resident step counter. Mirrors nothing on the CPU: Numba needs none of it.
+#pragma once
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#define FO_HD __host__ __device__ __forceinline__
+#define FO_D __device__ __forceinline__
+#else  // the g++ host build used by the tests (a shim defines the CUDA built-ins)
+#include <math.h>
+#define FO_HD inline
+#define FO_D inline
+#endif
+
+// Elements of T per 16-byte vector access.
+template <typename T>
+struct VecWidth {
+    static constexpr int value = 16 / sizeof(T);
+};
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+    T v[N];
+};
+
+FO_HD float to_float(float x) { return x; }
+FO_HD float from_float(float x, float*) { return x; }
+#if defined(__CUDACC__)
+FO_D float to_float(__half x) { return __half2float(x); }
+FO_D __half from_float(float x, __half*) { return __float2half_rn(x); }
+FO_D float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+FO_D __nv_bfloat16 from_float(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
+#endif
+
+// True when every pointer is aligned for N-element vector access of its own type.
+template <int N, typename T>
+FO_HD bool aligned_for(const T* p) {
+    return reinterpret_cast<unsigned long long>(p) % (sizeof(T) * N) == 0;
+}
+
+// step_state[0]: steps taken; step_state[1]: blocks finished in the running launch.
+// Every thread reads step_state[0] before it does anything else; the last block to finish
+// advances it, so a launch never reads a half-updated counter and a whole step needs no host
+// round trip (graph-capturable).
+FO_D void finish_step(unsigned long long* step_state, double* lr_out, double lr) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned long long done = atomicAdd(&step_state[1], 1ULL);
+        if (done == gridDim.x - 1) {
+            step_state[0] += 1;
+            step_state[1] = 0;
+            *lr_out = lr;
+            __threadfence();
+        }
+    }
+}
+
+template <int N>
+struct Width {
+    static constexpr int value = N;
+};
+
+// N consecutive elements of T (N > 1: one aligned vector access) into / out of fp32 registers.
+template <int N, typename T>
+FO_HD void load(const T* ptr, float (&out)[N]) {
+    if constexpr (N == 1) {
+        out[0] = to_float(*ptr);
+    } else {
+        const Vec<T, N> vec = *reinterpret_cast<const Vec<T, N>*>(ptr);
+#pragma unroll
+        for (int j = 0; j < N; ++j) out[j] = to_float(vec.v[j]);
+    }
+}
+
+template <int N, typename T>
+FO_HD void store(T* ptr, const float (&in)[N]) {
+    if constexpr (N == 1) {
+        *ptr = from_float(in[0], ptr);
+    } else {
+        Vec<T, N> vec;
+#pragma unroll
+        for (int j = 0; j < N; ++j) vec.v[j] = from_float(in[j], ptr);
+        *reinterpret_cast<Vec<T, N>*>(ptr) = vec;
+    }
+}
+
+// Grid-stride loop: group(Width<N>{}, i) on N-element groups while every buffer is aligned
+// for N-wide access (vector_ok), then group(Width<1>{}, i) on the tail. 64-bit indices.
+template <int N, typename Group>
+FO_D void grid_stride(long long n, bool vector_ok, Group&& group) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long groups = vector_ok ? n / N : 0;
+    for (long long gi = first; gi < groups; gi += stride) group(Width<N>{}, gi * N);
+    for (long long i = groups * N + first; i < n; i += stride) group(Width<1>{}, i);
+}

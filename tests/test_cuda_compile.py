@@ -1,0 +1,51 @@
+"""Every CUDA source compiles with NVRTC (no GPU needed) with exactly the runtime options."""
+
+import pytest
+
+from fastopt.gpu import build
+
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings not installed")
+
+
+def _check(result):
+    err, *rest = result
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
+    return rest[0] if len(rest) == 1 else rest
+
+
+def compile_source(name: str, arch: str):
+    """(log, cubin or ptx bytes) for kernels/<name> compiled for arch (sm_XX or compute_XX)."""
+    prog = _check(nvrtc.nvrtcCreateProgram(build.source(name).encode(), name.encode(), 0, [], []))
+    try:
+        options = [o.encode() for o in (*build.nvrtc_options(), f"--gpu-architecture={arch}")]
+        err, = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        size = _check(nvrtc.nvrtcGetProgramLogSize(prog))
+        log = b" " * size
+        _check(nvrtc.nvrtcGetProgramLog(prog, log))
+        log = log.decode(errors="replace").rstrip("\x00").strip()
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{name} ({arch}) failed:\n{log}"
+        if arch.startswith("sm_"):
+            size = _check(nvrtc.nvrtcGetCUBINSize(prog))
+            binary = b" " * size
+            _check(nvrtc.nvrtcGetCUBIN(prog, binary))
+        else:
+            size = _check(nvrtc.nvrtcGetPTXSize(prog))
+            binary = b" " * size
+            _check(nvrtc.nvrtcGetPTX(prog, binary))
+        return log, binary
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+def test_headers_found():
+    assert (build.kernel_dir() / "common.cuh").is_file()
+    assert build.cuda_include_dir() is not None, "cuda_bf16.h not found (nvidia-cuda-runtime)"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "compute_80"])
+@pytest.mark.parametrize("name", sorted(build.SOURCES))
+def test_compiles_without_warnings(name, arch):
+    log, binary = compile_source(name, arch)
+    assert "warning" not in log.lower(), log
+    for kernel in build.SOURCES[name]:
+        assert kernel.encode() in binary, f"{kernel} missing from {name} ({arch})"
