@@ -18,28 +18,58 @@ class ArrayArgumentError(TypeError, ValueError):
     """
 
 
+def is_cupy(array) -> bool:
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
 def array_module(array) -> str:
     """'numpy' or 'cupy': the one place the backend is chosen from an array's type."""
     if isinstance(array, np.ndarray):
         return "numpy"
-    if type(array).__module__.split(".")[0] == "cupy":
+    if is_cupy(array):
         return "cupy"
     raise ArrayArgumentError(
         f"expected a numpy.ndarray (or a cupy.ndarray), got {type(array).__name__}")
 
 
-def check_buffer(name: str, array, size: int | None = None, *, writable: bool = True):
-    """A 1-D C-contiguous float32 numpy array of ``size`` elements (writable if asked)."""
+#: element types each backend's kernels take for params and grads (state is always float32)
+PARAM_DTYPES = {"numpy": ("float32",), "cupy": ("float32", "float16", "bfloat16")}
+
+
+def xp_of(array):
+    """numpy or cupy, whichever the array belongs to."""
     if array_module(array) == "cupy":
-        raise ArrayArgumentError(
-            f"{name} is a cupy array: the GPU backend is not available in this build")
-    if array.dtype != np.float32:
-        raise ArrayArgumentError(f"{name} must have dtype float32, got {array.dtype}")
+        import cupy
+
+        return cupy
+    return np
+
+
+def check_buffer(name: str, array, size: int | None = None, *, writable: bool = True,
+                 like=None, dtype=None):
+    """A 1-D C-contiguous array of ``size`` elements (writable if asked) of a kernel dtype.
+
+    ``like``: the params array; the buffer must then be of the same kind (numpy/cupy) and,
+    for cupy, on the same device. ``dtype``: the exact dtype wanted (default: a param dtype).
+    """
+    module = array_module(array)
+    if like is not None:
+        expected = array_module(like)
+        if module != expected:
+            raise ArrayArgumentError(f"{name} is a {module} array but params is a {expected} "
+                                     "array")
+        if module == "cupy" and array.device.id != like.device.id:
+            raise ArrayArgumentError(f"{name} is on GPU {array.device.id} but params is on GPU "
+                                     f"{like.device.id}")
+    allowed = (np.dtype(dtype).name,) if dtype is not None else PARAM_DTYPES[module]
+    if array.dtype.name not in allowed:
+        raise ArrayArgumentError(f"{name} must have dtype {' or '.join(allowed)}, "
+                                 f"got {array.dtype}")
     if array.ndim != 1:
         raise ArrayArgumentError(f"{name} must be 1-D, got shape {array.shape}")
     if not array.flags.c_contiguous:
         raise ArrayArgumentError(f"{name} must be contiguous (got a strided view)")
-    if writable and not array.flags.writeable:
+    if writable and module == "numpy" and not array.flags.writeable:
         raise ArrayArgumentError(f"{name} must be writable (got a read-only array)")
     if size is not None and array.shape[0] != size:
         raise ArrayArgumentError(f"{name} must have {size} elements like params, "
@@ -56,8 +86,9 @@ def check_disjoint(**arrays) -> None:
 
 def check_apart(name: str, array, others) -> None:
     """``array`` shares memory with none of the (name, buffer) pairs in ``others``."""
+    xp = xp_of(array)
     for other_name, other in others:
-        if np.may_share_memory(array, other):
+        if xp.may_share_memory(array, other):
             raise ArrayArgumentError(f"{name} and {other_name} must not share memory")
 
 

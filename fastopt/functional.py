@@ -1,13 +1,16 @@
 """Functional layer: one fused update over buffers the caller owns.
 
-Every function checks its arguments, picks the backend from the array type (numpy: Numba CPU
-kernels) and runs one kernel call that evaluates the schedule for this step, then updates params
-and state in place. ``step`` is the 1-based number of the step being taken: the k-th step uses
-``schedule.at(k - 1)`` and bias corrections with k, exactly like ``torch.optim``.
-Each returns the learning rate the kernel used (schedule value times ``lr_scale``).
+Every function checks its arguments, picks the backend from the array type (numpy: the Numba
+CPU kernels; cupy: the CUDA kernels, on the current stream) and runs one kernel call that
+evaluates the schedule for this step, then updates params and state in place. ``step`` is the
+1-based number of the step being taken: the k-th step uses ``schedule.at(k - 1)`` and bias
+corrections with k, exactly like ``torch.optim``. Each returns the learning rate the kernel
+used (schedule value times ``lr_scale``).
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from . import cpu
 from ._checks import (
@@ -20,6 +23,8 @@ from ._checks import (
     check_real,
     check_step,
     check_weight_decay,
+    is_cupy,
+    xp_of,
 )
 from .schedules import Schedule
 
@@ -35,12 +40,24 @@ def _schedule(lr, schedule) -> Schedule:
 def _buffers(params, grads, **state):
     """Check params, grads and the state buffers together; return the element count."""
     n = check_buffer("params", params).shape[0]
-    check_buffer("grads", grads, n, writable=False)
+    check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
     for name, array in state.items():
         if array is not None:
-            check_buffer(name, array, n)
+            check_buffer(name, array, n, like=params, dtype=np.float32)
     check_disjoint(params=params, grads=grads, **state)
     return n
+
+
+def _launch_gpu(op: str, sched: Schedule, step: int, lr_scale: float, **args) -> float:
+    """One GPU kernel launch for step ``step`` on the current stream; returns the lr (host)."""
+    from .gpu import launch
+
+    xp = xp_of(args["params"])
+    launch.launch(op, dict(args, table=xp.asarray(sched.table), table_rows=sched.table.shape[0],
+                           step_state=xp.asarray([step - 1, 0], dtype=np.uint64),
+                           lr_out=xp.empty(1, dtype=np.float64), lr_scale=lr_scale,
+                           n=args["params"].shape[0]))
+    return sched.at(step - 1) * lr_scale
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
@@ -60,6 +77,13 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
     max_buffer = max_exp_avg_sq if amsgrad else None
     n = _buffers(params, grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                  max_exp_avg_sq=max_buffer)
+    if is_cupy(params):
+        return _launch_gpu("adam", sched, step, lr_scale, params=params, grads=grads,
+                           exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                           max_exp_avg_sq=exp_avg if max_buffer is None else max_buffer,
+                           beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                           decoupled=bool(decoupled_weight_decay), amsgrad=bool(amsgrad),
+                           maximize=bool(maximize))
     return cpu.adam(params, grads, exp_avg, exp_avg_sq, exp_avg if max_buffer is None else
                     max_buffer, sched.table, step, lr_scale, beta1, beta2, eps, weight_decay,
                     bool(decoupled_weight_decay), bool(amsgrad), bool(maximize),
@@ -88,6 +112,10 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None,
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
     step, lr_scale = check_step(step), check_lr_scale(lr_scale)
     n = _buffers(params, grads, state_sum=state_sum)
+    if is_cupy(params):
+        return _launch_gpu("adagrad", sched, step, lr_scale, params=params, grads=grads,
+                           state_sum=state_sum, lr_decay=lr_decay, eps=eps,
+                           weight_decay=weight_decay, maximize=bool(maximize))
     return cpu.adagrad(params, grads, state_sum, sched.table, step, lr_scale, lr_decay, eps,
                        weight_decay, bool(maximize), cpu.use_parallel(n))
 
@@ -105,5 +133,9 @@ def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedu
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
     step, lr_scale = check_step(step), check_lr_scale(lr_scale)
     n = _buffers(params, grads, square_avg=square_avg, acc_delta=acc_delta)
+    if is_cupy(params):
+        return _launch_gpu("adadelta", sched, step, lr_scale, params=params, grads=grads,
+                           square_avg=square_avg, acc_delta=acc_delta, rho=rho, eps=eps,
+                           weight_decay=weight_decay, maximize=bool(maximize))
     return cpu.adadelta(params, grads, square_avg, acc_delta, sched.table, step, lr_scale, rho,
                         eps, weight_decay, bool(maximize), cpu.use_parallel(n))

@@ -14,6 +14,7 @@ import numpy as np
 from . import cpu
 from ._checks import (
     ArrayArgumentError,
+    array_module,
     check_apart,
     check_betas,
     check_buffer,
@@ -22,6 +23,8 @@ from ._checks import (
     check_lr_scale,
     check_real,
     check_weight_decay,
+    is_cupy,
+    xp_of,
 )
 from .flat import FlatBuffer
 from .schedules import Schedule
@@ -39,14 +42,19 @@ class _FlatOptimizer:
         if isinstance(params, FlatBuffer):
             params = params.buffer
         self.params = check_buffer("params", params)
-        self._schedule = check_lr(lr)
+        self._xp = xp_of(self.params)
+        self._on_gpu = array_module(self.params) == "cupy"
         self.defaults = defaults
         self.lr_scale = 1.0
-        self.last_lr: float | None = None
+        self._last_lr: float | None = None
         self._step = 0
         self._lock = threading.Lock()
         self._parallel = cpu.use_parallel(self.params.shape[0])
         self.state = {name: self._new_state(name) for name in self.active_state_names()}
+        if self._on_gpu:  # the step counter and the lr used live on the device
+            self._step_state = self._xp.zeros(2, dtype=np.uint64)
+            self._lr_out = self._xp.zeros(1, dtype=np.float64)
+        self.schedule = lr
 
     @property
     def _owned_buffers(self) -> list[tuple[str, np.ndarray]]:
@@ -57,11 +65,25 @@ class _FlatOptimizer:
         """The state buffers these hyperparameters need (all of state_names by default)."""
         return self.state_names
 
-    def _new_state(self, name: str) -> np.ndarray:
-        return np.zeros_like(self.params)
+    def _new_state(self, name: str):
+        return self._xp.zeros(self.params.shape, dtype=np.float32)
 
     def _launch(self, grads: np.ndarray, step: int) -> float:
+        """Run the CPU kernel for step ``step``; return the lr it used."""
         raise NotImplementedError
+
+    def _device_args(self) -> dict:
+        """The GPU kernel's named arguments besides params, grads and the step/schedule ones."""
+        raise NotImplementedError
+
+    def _launch_gpu(self, grads) -> None:
+        from .gpu import launch
+
+        launch.launch(self.kernel, {
+            **self._device_args(), "params": self.params, "grads": grads,
+            "table": self._device_table, "table_rows": self._device_table.shape[0],
+            "step_state": self._step_state, "lr_out": self._lr_out,
+            "lr_scale": self.lr_scale, "n": self.params.shape[0]})
 
     # ------------------------------------------------------------------ public API
     @property
@@ -76,6 +98,21 @@ class _FlatOptimizer:
     @schedule.setter
     def schedule(self, lr) -> None:
         self._schedule = check_lr(lr)
+        if self._on_gpu:
+            self._device_table = self._xp.asarray(self._schedule.table)
+
+    @property
+    def last_lr(self) -> float | None:
+        """The lr the kernel used in the last step (on a GPU: read back, which syncs)."""
+        if self._on_gpu and self._step:
+            return float(self._lr_out.get()[0])
+        return self._last_lr
+
+    def sync_step_count(self) -> int:
+        """GPU: take step_count from the device counter (after replaying a captured graph)."""
+        if self._on_gpu:
+            self._step = int(self._step_state.get()[0])
+        return self._step
 
     @property
     def current_lr(self) -> float:
@@ -84,14 +121,18 @@ class _FlatOptimizer:
 
     def step(self, grads) -> bool:
         """One fused update with these gradients (same length as params); returns True."""
-        check_buffer("grads", grads, self.params.shape[0], writable=False)
+        check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
+                     dtype=self.params.dtype)
         check_apart("grads", grads, self._owned_buffers)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"{type(self).__name__}.step() is already running in another "
                                "thread; one optimizer must not be stepped concurrently")
         try:
             k = self._step + 1
-            self.last_lr = self._launch(grads, k)
+            if self._on_gpu:
+                self._launch_gpu(grads)
+            else:
+                self._last_lr = self._launch(grads, k)
             self._step = k
         finally:
             self._lock.release()
@@ -100,7 +141,7 @@ class _FlatOptimizer:
     def state_dict(self) -> dict:
         """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters."""
         d = {"optimizer": type(self).__name__, "step": self._step}
-        d.update({name: array.copy() for name, array in self.state.items()})
+        d.update({name: self._host_copy(array) for name, array in self.state.items()})
         d.update(self.defaults)
         d["schedule"] = self._schedule.table.copy()
         d["lr_scale"] = self.lr_scale
@@ -122,14 +163,14 @@ class _FlatOptimizer:
         defaults = dict(self.defaults)
         defaults.update({k: d[k] for k in self.defaults if k in d})
         defaults = self._check_defaults(defaults)
-        schedule = Schedule(d["schedule"], "loaded schedule") if "schedule" in d \
-            else self._schedule
+        schedule = Schedule(self._host_copy(d["schedule"]), "loaded schedule") \
+            if "schedule" in d else self._schedule
         lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
         arrays = {}
         for key in self.active_state_names(defaults):
             if key not in d:
                 raise KeyError(f"state_dict has no {key!r}")
-            value = np.asarray(d[key])
+            value = self._host_copy(d[key])
             if value.shape != self.params.shape or not np.issubdtype(value.dtype, np.floating):
                 raise ArrayArgumentError(
                     f"state_dict[{key!r}] must be a float array of shape {self.params.shape}, "
@@ -138,14 +179,23 @@ class _FlatOptimizer:
         # everything checked: now change state
         self.defaults = defaults
         self._apply_defaults()
-        self._schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
+        self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
+        if self._on_gpu:
+            self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)
         for key, value in arrays.items():
             if key not in self.state:
-                self.state[key] = np.empty_like(self.params)
-            self.state[key][...] = value
+                self.state[key] = self._new_state(key)
+            self.state[key][...] = self._xp.asarray(value, dtype=np.float32)
         for key in list(self.state):
             if key not in arrays:
                 del self.state[key]
+
+    @staticmethod
+    def _host_copy(array) -> np.ndarray:
+        """A numpy copy of a numpy or cupy array (or anything array-like)."""
+        if is_cupy(array):
+            return array.get()
+        return np.array(array)
 
     def _check_defaults(self, defaults: dict) -> dict:
         return defaults
@@ -163,6 +213,7 @@ class Adam(_FlatOptimizer):
     """Adam (Kingma & Ba): L2 weight decay added to the gradient; torch.optim.Adam's defaults."""
 
     state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    kernel = "adam"
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -195,6 +246,13 @@ class Adam(_FlatOptimizer):
                         self.lr_scale, self._beta1, self._beta2, self._eps, self._weight_decay,
                         self._decoupled, self._amsgrad, self._maximize, self._parallel)
 
+    def _device_args(self):
+        s = self.state
+        return dict(exp_avg=s["exp_avg"], exp_avg_sq=s["exp_avg_sq"],
+                    max_exp_avg_sq=s.get("max_exp_avg_sq", s["exp_avg"]), beta1=self._beta1,
+                    beta2=self._beta2, eps=self._eps, weight_decay=self._weight_decay,
+                    decoupled=self._decoupled, amsgrad=self._amsgrad, maximize=self._maximize)
+
 
 class AdamW(Adam):
     """AdamW (Loshchilov & Hutter): decoupled decay p <- p * (1 - lr * wd); torch's defaults."""
@@ -211,6 +269,7 @@ class Adagrad(_FlatOptimizer):
     """Adagrad (Duchi et al.) with torch's lr_decay and initial_accumulator_value."""
 
     state_names = ("sum",)
+    kernel = "adagrad"
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False):
@@ -228,7 +287,8 @@ class Adagrad(_FlatOptimizer):
                     eps=check_eps(d["eps"]), maximize=bool(d["maximize"]))
 
     def _new_state(self, name):
-        return np.full_like(self.params, self.defaults["initial_accumulator_value"])
+        init = self.defaults["initial_accumulator_value"]
+        return self._xp.full(self.params.shape, init, dtype=np.float32)
 
     def _apply_defaults(self) -> None:
         d = self.defaults
@@ -240,11 +300,16 @@ class Adagrad(_FlatOptimizer):
                            self.lr_scale, self._lr_decay, self._eps, self._weight_decay,
                            self._maximize, self._parallel)
 
+    def _device_args(self):
+        return dict(state_sum=self.state["sum"], lr_decay=self._lr_decay, eps=self._eps,
+                    weight_decay=self._weight_decay, maximize=self._maximize)
+
 
 class Adadelta(_FlatOptimizer):
     """Adadelta (Zeiler 2012) with torch's lr factor on the update."""
 
     state_names = ("square_avg", "acc_delta")
+    kernel = "adadelta"
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
         defaults = self._check_defaults(dict(rho=rho, eps=eps, weight_decay=weight_decay,
@@ -266,3 +331,8 @@ class Adadelta(_FlatOptimizer):
         return cpu.adadelta(self.params, grads, self.state["square_avg"], self.state["acc_delta"],
                             self._schedule.table, step, self.lr_scale, self._rho, self._eps,
                             self._weight_decay, self._maximize, self._parallel)
+
+    def _device_args(self):
+        return dict(square_avg=self.state["square_avg"], acc_delta=self.state["acc_delta"],
+                    rho=self._rho, eps=self._eps, weight_decay=self._weight_decay,
+                    maximize=self._maximize)
