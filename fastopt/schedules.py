@@ -90,7 +90,7 @@ class Schedule:
 
 def _number(name: str, value, *, min_value=None, max_value=None, strict_min=False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -103,8 +103,11 @@ def _number(name: str, value, *, min_value=None, max_value=None, strict_min=Fals
 
 
 def _count(name: str, value, *, min_value: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+    """An integer (an integral float such as 1e4 is accepted) >= min_value."""
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if value < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {value}")
