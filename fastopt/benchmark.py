@@ -14,12 +14,14 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numba
 import numpy as np
 from numba import njit, prange
 
 from . import schedules
+from .flat import FlatBuffer
 from .optimizers import Adadelta, Adagrad, Adam, AdamW
 
 #: bytes moved per fp32 parameter by one step: (buffers read + buffers written) * 4
@@ -48,7 +50,9 @@ def copy_traffic_3r2w(a, b, c):
 @dataclass
 class Row:
     optimizer: str
-    size: int
+    case: str  # "1e+06" for one flat buffer, or a model's name
+    size: int  # parameters
+    tensors: int
     times: dict = field(default_factory=dict)  # implementation -> median seconds
 
     def ratios(self) -> dict:
@@ -56,31 +60,45 @@ class Row:
         return {k: v / ours for k, v in self.times.items() if k != "fastopt"}
 
 
-def torch_setup(name: str, p0: np.ndarray, g: np.ndarray, lr_schedule, mode: str, steps: int):
-    """A torch optimizer + matching scheduler over one tensor; returns its step closure."""
+OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "adagrad": Adagrad, "adadelta": Adadelta}
+
+
+def load_shapes(model: str) -> tuple[str, list[tuple[int, ...]]]:
+    """(name, shapes) from a JSON shape list: a path, or a name in bench/shapes/."""
+    candidates = [Path(model)]
+    for root in (Path(__file__).resolve().parents[1] / "bench" / "shapes",
+                 Path(__file__).resolve().parent / "_shapes"):
+        candidates.append(root / f"{model}.json")
+    for path in candidates:
+        if path.is_file():
+            data = json.loads(path.read_text())
+            return data["model"], [tuple(s["shape"]) for s in data["shapes"]]
+    raise ValueError(f"no shape list {model!r} (give a path or a name in bench/shapes/)")
+
+
+def torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray], mode: str,
+                steps: int, lr: float = 1e-3):
+    """A torch optimizer over these tensors + CosineAnnealingLR; returns (step closure, params)."""
     import torch
     from torch.optim import lr_scheduler
 
-    param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
-    param.grad = torch.from_numpy(g)
+    params = []
+    for v, g in zip(values, grads, strict=True):
+        p = torch.nn.Parameter(torch.from_numpy(v.copy()))
+        p.grad = torch.from_numpy(g)
+        params.append(p)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
            "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta}[name]
     kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True},
               "forloop": {"foreach": False}}[mode]
-    opt = cls([param], lr=lr_schedule.at(0), **kwargs)
+    opt = cls(params, lr=lr, **kwargs)
     sched = lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
     def step():
         opt.step()
         sched.step()
 
-    return step, param
-
-
-def fastopt_setup(name: str, p0: np.ndarray, lr_schedule):
-    cls = {"adam": Adam, "adamw": AdamW, "adagrad": Adagrad, "adadelta": Adadelta}[name]
-    p = p0.copy()
-    return cls(p, lr=lr_schedule), p
+    return step, params
 
 
 def torch_modes(name: str) -> list[str]:
@@ -88,59 +106,92 @@ def torch_modes(name: str) -> list[str]:
     return ["fused", "foreach", "forloop"] if name != "adadelta" else ["foreach", "forloop"]
 
 
-def check_agreement(name: str, n: int, steps: int = 5) -> float:
+class Problem:
+    """Random params and grads with these shapes: packed for fastopt, as tensors for torch."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.shapes = shapes
+        self.params = FlatBuffer.empty(shapes)
+        self.grads = self.params.like()
+        for p, g in zip(self.params.views, self.grads.views, strict=True):
+            p[...] = rng.standard_normal(p.shape, dtype=np.float32)
+            g[...] = rng.standard_normal(g.shape, dtype=np.float32)
+
+    def fastopt(self, name: str, schedule):
+        buf = self.params.buffer.copy()
+        return OPTIMIZERS[name](buf, lr=schedule), buf
+
+    def torch(self, name: str, mode: str, steps: int, lr: float = 1e-3):
+        return torch_setup(name, self.params.views, self.grads.views, mode, steps, lr)
+
+
+def check_agreement(name: str, shapes: list[tuple[int, ...]] | int, steps: int = 3) -> float:
     """Relative max error of fastopt vs torch (fused where it exists) after a few steps."""
-    rng = np.random.default_rng(0)
-    p0 = rng.standard_normal(n).astype(np.float32)
-    sched = schedules.cosine(1e-3, 100)
-    opt, p = fastopt_setup(name, p0, sched)
-    g = rng.standard_normal(n).astype(np.float32)
-    step, param = torch_setup(name, p0, g, sched, torch_modes(name)[0], 100)
+    problem = Problem([(shapes,)] if isinstance(shapes, int) else shapes)
+    opt, buf = problem.fastopt(name, schedules.cosine(1e-3, 100))
+    step, params = problem.torch(name, torch_modes(name)[0], 100)
     for _ in range(steps):
-        opt.step(g)
+        opt.step(problem.grads.buffer)
         step()
-    theirs = param.detach().numpy()
-    return float(np.max(np.abs(p - theirs)) / np.max(np.abs(theirs)))
+    err = 0.0
+    for offset, p in zip(problem.params.offsets, params, strict=True):
+        theirs = p.detach().numpy().ravel()
+        ours = buf[offset:offset + theirs.size]
+        err = max(err, float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30)))
+    return err
 
 
-def _median_times(impls: dict[str, Callable[[], None]], budget_s: float) -> dict[str, float]:
-    """Median time per call, implementations interleaved so machine noise hits all alike."""
-    for fn in impls.values():  # warm up (and compile)
+def _median_times(impls: dict[str, Callable[[], None]], budget_s: float,
+                  block_s: float = 2e-3) -> dict[str, float]:
+    """Median time per call. Each round runs every implementation once as a block of calls
+    (>= ``block_s`` long, so one call's wake-up after another library's threads spun down is
+    amortised as in a training loop), and rounds interleave so machine noise hits all alike."""
+    reps = {}
+    for k, fn in impls.items():  # warm up (and compile), then size the blocks
         fn()
+        t0 = time.perf_counter()
         fn()
+        reps[k] = max(1, min(1000, int(block_s / max(time.perf_counter() - t0, 1e-7))))
     t0 = time.perf_counter()
-    for fn in impls.values():
-        fn()
+    for k, fn in impls.items():
+        for _ in range(reps[k]):
+            fn()
     per_round = max(time.perf_counter() - t0, 1e-7)
-    rounds = int(min(max(budget_s / per_round, 5), 2000))
+    rounds = int(min(max(budget_s / per_round, 5), 500))
     samples = {k: [] for k in impls}
     for _ in range(rounds):
         for k, fn in impls.items():
+            n = reps[k]
             t0 = time.perf_counter()
-            fn()
-            samples[k].append(time.perf_counter() - t0)
+            for _ in range(n):
+                fn()
+            samples[k].append((time.perf_counter() - t0) / n)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def bench_one(name: str, n: int, budget_s: float, with_torch: bool = True) -> Row:
-    rng = np.random.default_rng(n)
-    p0 = rng.standard_normal(n).astype(np.float32)
-    g = rng.standard_normal(n).astype(np.float32)
+def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: float,
+               with_torch: bool = True) -> Row:
+    """Time fastopt (one packed buffer), torch's paths (these tensors) and the roofline."""
+    problem = Problem(shapes, seed=len(shapes))
     sched = schedules.cosine(1e-3, 10_000, end_lr=1e-5)
-    opt, _ = fastopt_setup(name, p0, sched)
-    impls: dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(g)}
+    opt, _ = problem.fastopt(name, sched)
+    grads = problem.grads.buffer
+    impls: dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(grads)}
+    n = problem.params.buffer.size
     if with_torch:
         for mode in torch_modes(name):
-            if mode == "forloop" and n > 20_000_000:
-                continue
-            step, _ = torch_setup(name, p0, g, sched, mode, 10_000)
-            impls[f"torch-{mode}"] = step
-    bufs = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+            if mode == "forloop" and n > 20_000_000 and len(shapes) == 1:
+                continue  # minutes of rounds for nothing new: foreach shows the same
+            impls[f"torch-{mode}"] = problem.torch(name, mode, 10_000)[0]
+    rng = np.random.default_rng(0)
+    bufs = [rng.standard_normal(n, dtype=np.float32) for _ in range(4)]
     if TRAFFIC[name] == 20:
         impls["roofline"] = lambda: copy_traffic_3r2w(bufs[0], bufs[1], bufs[2])
     else:
         impls["roofline"] = lambda: copy_traffic_4r3w(*bufs)
-    return Row(name, n, _median_times(impls, budget_s))
+    size = sum(int(np.prod(s)) for s in shapes)
+    return Row(name, case, size, len(shapes), _median_times(impls, budget_s))
 
 
 def machine() -> dict:
@@ -171,14 +222,14 @@ def format_table(rows: list[Row]) -> str:
     impls = []
     for r in rows:
         impls += [k for k in r.times if k not in impls]
-    head = ["optimizer", "params", "fastopt ms", "GB/s"] + \
+    head = ["optimizer", "case", "params", "fastopt ms", "GB/s"] + \
         [f"{k} ms" for k in impls if k != "fastopt"] + \
         [f"vs {k}" for k in impls if k not in ("fastopt", "roofline")] + ["% roofline"]
     lines = [head]
     for r in rows:
         t = r.times
         ours = t["fastopt"]
-        line = [r.optimizer, f"{r.size:.3g}", f"{ours * 1e3:.3f}",
+        line = [r.optimizer, r.case, f"{r.size:.3g}", f"{ours * 1e3:.3f}",
                 f"{TRAFFIC[r.optimizer] * r.size / ours / 1e9:.1f}"]
         line += [f"{t[k] * 1e3:.3f}" if k in t else "-" for k in impls if k != "fastopt"]
         line += [f"{t[k] / ours:.2f}x" if k in t else "-" for k in impls
@@ -208,12 +259,20 @@ def plot(rows: list[Row], path: str) -> None:
         sub = [r for r in rows if r.optimizer == name]
         for impl in impls:
             pts = [(r.size, TRAFFIC[name] * r.size / r.times[impl] / 1e9)
-                   for r in sub if impl in r.times]
+                   for r in sub if impl in r.times and r.tensors == 1]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", color=colors[impl], label=impl,
                         linestyle="--" if impl == "roofline" else "-")
+            for r in sub:  # model shape lists: stars, labelled once
+                if impl in r.times and r.tensors > 1:
+                    ax.plot(r.size, TRAFFIC[name] * r.size / r.times[impl] / 1e9, marker="*",
+                            markersize=11, color=colors[impl], linestyle="none")
+                    if impl == "fastopt":
+                        ax.annotate(r.case, (r.size, TRAFFIC[name] * r.size / r.times[impl]
+                                             / 1e9), fontsize=7, xytext=(4, 4),
+                                    textcoords="offset points")
         ax.set_xscale("log")
-        ax.set_title(name)
+        ax.set_title(f"{name} (lines: one buffer; stars: model tensor lists)")
         ax.set_xlabel("parameters")
         ax.set_ylabel("GB/s (optimizer traffic / time)")
         ax.grid(True, which="both", alpha=0.3)
@@ -240,7 +299,8 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
         "",
         f"Regenerate: `{command}`",
         "",
-        "Times are medians of interleaved rounds in one process; torch paths step their "
+        "Times are medians over interleaved rounds in one process (each round times a block "
+        "of back-to-back calls per implementation); torch paths step their "
         "`CosineAnnealingLR` too (that is what a torch loop pays). `vs X` = X's time / fastopt's "
         "time (> 1: fastopt faster). `% roofline` = a same-traffic kernel with no arithmetic "
         "(the memory limit here) / fastopt's time. GB/s counts the optimizer's own traffic "
@@ -259,24 +319,53 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
         f.write("\n".join(lines))
 
 
+def plan(optimizers: list[str], sizes: list[int], models: list[str]):
+    """[(optimizer, case label, shapes)] in the order they run."""
+    cases = [(f"{n:.3g}", [(n,)]) for n in sizes]
+    for model in models:
+        label, shapes = load_shapes(model)
+        cases.append((label, shapes))
+    return [(name, label, shapes) for name in optimizers for label, shapes in cases]
+
+
+def estimate_seconds(work, budget_s: float) -> float:
+    """A rough duration: setup plus timing budget per case, more for big ones."""
+    total = 0.0
+    for name, _, shapes in work:
+        n = sum(int(np.prod(s)) for s in shapes)
+        impls = 2 + len(torch_modes(name))
+        total += budget_s * impls / 2 + 1.0 + n * 2.5e-7 * impls
+    return total
+
+
 def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str | None,
         plot_path: str | None, with_torch: bool = True, out=print,
-        markdown_path: str | None = None, command: str = "fastopt bench") -> list[Row]:
+        markdown_path: str | None = None, command: str = "fastopt bench",
+        models: tuple[str, ...] = (), progress: bool = True) -> list[Row]:
+    work = plan(optimizers, sizes, list(models))
+    out(f"{len(work)} cases; about {estimate_seconds(work, budget_s) / 60:.1f} min")
     if with_torch:
         import torch
 
         torch.set_num_threads(numba.get_num_threads())
         for name in optimizers:
-            err = check_agreement(name, 4099)
-            if not err <= 1e-5:
-                raise RuntimeError(f"{name}: fastopt and torch disagree (rel err {err:.2e}); "
-                                   "not timing a wrong result")
-            out(f"check {name}: fastopt == torch.optim within {err:.1e} (relative)")
+            checks = [("4099 params", 4099)] + [(label, shapes) for n, label, shapes in work
+                                                if n == name and len(shapes) > 1]
+            for label, shapes in checks[:2]:
+                err = check_agreement(name, shapes)
+                if not err <= 1e-5:
+                    raise RuntimeError(f"{name} on {label}: fastopt and torch disagree (rel err "
+                                       f"{err:.2e}); not timing a wrong result")
+                out(f"check {name} on {label}: fastopt == torch.optim within {err:.1e}")
     rows = []
-    for name in optimizers:
-        for n in sizes:
-            rows.append(bench_one(name, n, budget_s, with_torch))
-            out(f"  {name} {n:.3g}: done")
+    bar = _progress(len(work)) if progress else None
+    for name, label, shapes in work:
+        rows.append(bench_case(name, label, shapes, budget_s, with_torch))
+        if bar is not None:
+            bar.set_postfix_str(f"{name} {label}")
+            bar.update()
+    if bar is not None:
+        bar.close()
     out(format_table(rows))
     if json_path:
         with open(json_path, "w") as f:
@@ -290,3 +379,12 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
         write_markdown(rows, markdown_path, plot_path, command)
         out(f"wrote {markdown_path}")
     return rows
+
+
+def _progress(total: int):
+    """A tqdm bar on stderr when tqdm is installed (the bench extra), else None."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="case", leave=False)

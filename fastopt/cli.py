@@ -38,6 +38,10 @@ def parse_schedule(text: str) -> schedules.Schedule:
     return result
 
 
+ALL_OPTIMIZERS = ["adamw", "adam", "adagrad", "adadelta"]
+FULL_SIZES = [1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000]
+
+
 def _sizes(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x]
 
@@ -45,15 +49,22 @@ def _sizes(text: str) -> list[int]:
 def cmd_bench(args) -> int:
     from . import benchmark
 
-    sizes = _sizes(args.sizes) if args.sizes else ([10_000, 1_000_000] if args.quick
-                                                   else [10_000, 1_000_000, 16_000_000])
-    budget = args.budget if args.budget else (0.15 if args.quick else 1.0)
-    optimizers = [o.lower() for o in args.optimizer]
-    est = len(optimizers) * len(sizes) * (budget * 4 + 1)
-    print(f"fastopt bench: {', '.join(optimizers)} at {sizes}; about {est:.0f} s")
+    if args.full:
+        sizes, models, optimizers = FULL_SIZES, ["gpt2_small", "resnet50"], ALL_OPTIMIZERS
+    elif args.quick:
+        sizes, models, optimizers = [1_000, 100_000, 1_000_000], ["resnet50"], ["adamw"]
+    else:
+        sizes, models, optimizers = [10_000, 1_000_000, 16_000_000], [], ["adamw"]
+    sizes = _sizes(args.sizes) if args.sizes is not None else sizes
+    models = args.models if args.models is not None else models
+    optimizers = [o.lower() for o in args.optimizer] if args.optimizer else optimizers
+    budget = args.budget if args.budget else (0.1 if args.quick else 1.0)
+    print(f"fastopt bench: {', '.join(optimizers)} at {sizes}"
+          + (f" and {', '.join(models)}" if models else ""))
     command = "fastopt " + " ".join(sys.argv[1:]) if args.markdown else ""
     benchmark.run(optimizers, sizes, budget, args.json, args.plot, with_torch=not args.no_torch,
-                  markdown_path=args.markdown, command=command)
+                  markdown_path=args.markdown, command=command, models=models,
+                  progress=not args.no_progress)
     return 0
 
 
@@ -89,15 +100,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time fastopt vs torch.optim vs the memory roofline")
-    bench.add_argument("--optimizer", nargs="+", default=["adamw"],
-                       choices=["adam", "adamw", "adagrad", "adadelta"])
-    bench.add_argument("--sizes", help="comma-separated parameter counts, e.g. 1e4,1e6,1.6e7")
-    bench.add_argument("--quick", action="store_true", help="small sizes, short runs")
+    bench.add_argument("--optimizer", nargs="+", choices=ALL_OPTIMIZERS,
+                       help="default: adamw (all four with --full)")
+    bench.add_argument("--sizes", help="comma-separated parameter counts, e.g. 1e4,1e6,1.6e7 "
+                                       "(default 1e4,1e6,1.6e7); '' for none")
+    bench.add_argument("--models", nargs="*", help="shape lists: names in bench/shapes/ "
+                                                   "(gpt2_small, resnet50) or JSON paths")
+    mode = bench.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small cases, short runs (< 1 min)")
+    mode.add_argument("--full", action="store_true",
+                      help="all optimizers, 1e3..1e8 and the model shape lists")
     bench.add_argument("--budget", type=float, help="seconds of timing per size (default 1)")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.add_argument("--plot", help="write a PNG plot (GB/s vs size) here")
     bench.add_argument("--markdown", help="write a results page (machine, date, table, plot)")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=cmd_bench)
 
     sched = sub.add_parser("schedule", help="print (and plot) a schedule's learning rates")
