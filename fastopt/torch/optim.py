@@ -1,0 +1,351 @@
+"""torch.optim.Optimizer subclasses over flat buffers: one fused fastopt kernel per bucket.
+
+At construction each param group's parameters are repacked, per (device, dtype), into one flat
+buffer; ``p.data`` becomes a view of it, ``p.grad`` a view of a flat gradient buffer (autograd
+accumulates into it in place) and the state (``exp_avg``, ``sum``, ...) views of flat state
+buffers, so ``step()`` gathers nothing: it is one kernel call per bucket. ``self.state[p]``
+holds those views under torch's names, so ``state_dict()`` is torch's format.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import functional as F
+from ..schedules import Schedule, as_schedule
+
+ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class _Bucket:
+    """The params of one group on one (device, dtype), packed with their grads and state."""
+
+    def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float]):
+        first = params[0]
+        self.params = params
+        self.offsets, total = [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += _aligned(p.numel())
+        kwargs = dict(dtype=first.dtype, device=first.device)
+        self.flat = torch.zeros(total, **kwargs)
+        self.grad = torch.zeros(total, **kwargs)
+        self.state = {name: torch.full((total,), value, **kwargs)
+                      for name, value in state_init.items()}
+        self.steps = torch.zeros(len(params), dtype=torch.float32)
+        self.step = 0  # the common step count while every param has taken every step
+        self.uniform = True
+        self.grad_views = [self.slice(self.grad, i) for i in range(len(params))]
+        with torch.no_grad():
+            for i, (p, grad) in enumerate(zip(params, self.grad_views, strict=True)):
+                view = self.slice(self.flat, i)
+                view.copy_(p)
+                p.data = view
+                if p.grad is not None:
+                    grad.copy_(p.grad)
+                p.grad = grad
+
+    def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Param ``index``'s part of a flat buffer, shaped like the param."""
+        p, offset = self.params[index], self.offsets[index]
+        return flat[offset:offset + p.numel()].view_as(p)
+
+    def view_of(self, name: str, index: int) -> torch.Tensor:
+        return self.slice(self.state[name], index)
+
+    def add_state(self, name: str, value: float = 0.0) -> None:
+        if name not in self.state:
+            self.state[name] = torch.full_like(self.flat, value)
+
+
+def _as_array(t: torch.Tensor):
+    """A zero-copy numpy (CPU) or cupy (CUDA, via DLPack) view of a contiguous 1-D tensor."""
+    if t.device.type == "cpu":
+        return t.numpy()
+    import cupy
+
+    return cupy.from_dlpack(t.detach())
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    """Shared machinery; subclasses set ``kernel``, ``state_init`` (the state buffers in the
+    functional kernel's argument order) and ``_kernel_kwargs``."""
+
+    kernel: str = ""
+
+    def __init__(self, params, defaults: dict):
+        if defaults.get("differentiable"):
+            raise ValueError("differentiable=True is not supported by fastopt's fused kernels")
+        self._buckets: list[list[_Bucket]] = []
+        defaults = self._split_schedule(dict(defaults))
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _split_schedule(group: dict) -> dict:
+        """A Schedule given as lr moves to group['schedule']; group['lr'] holds its value."""
+        lr = group.get("lr")
+        if isinstance(lr, Schedule):
+            group["schedule"] = lr
+            group["lr"] = lr.at(0)
+        elif isinstance(lr, torch.Tensor):
+            group["lr"] = float(lr)
+        return group
+
+    # ------------------------------------------------------------------ construction
+    def state_init(self, group: dict) -> dict[str, float]:
+        """State buffer name -> initial value for a group."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group = self._split_schedule(dict(param_group))
+        if "lr" not in param_group and "schedule" in self.defaults \
+                and "schedule" not in param_group:
+            param_group["schedule"] = self.defaults["schedule"]
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        params = group["params"]
+        for p in params:
+            if p.is_complex():
+                raise TypeError("complex parameters are not supported by fastopt's kernels")
+            if p.is_sparse or (p.grad is not None and p.grad.is_sparse):
+                raise TypeError("sparse parameters or gradients are not supported")
+            if p.dtype != torch.float32:
+                raise TypeError(f"fastopt.torch supports float32 parameters for now, got "
+                                f"{p.dtype}")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"one parameter group must live on one device, got {devices}; "
+                             "put parameters of each device in their own group")
+        if params:
+            if params[0].device.type not in ("cpu", "cuda"):
+                raise TypeError(f"unsupported device {params[0].device}")
+            bucket = _Bucket(params, self.state_init(group))
+            for i, p in enumerate(params):
+                self.state[p] = self._state_views(bucket, i)
+            self._buckets.append([bucket])
+        else:
+            self._buckets.append([])
+
+    def _state_views(self, bucket: _Bucket, i: int) -> dict:
+        views = {"step": bucket.steps[i]}
+        for name in bucket.state:
+            views[name] = bucket.view_of(name, i)
+        return views
+
+    # ------------------------------------------------------------------ stepping
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. With set_to_none=True (torch's default) p.grad becomes None as in
+        torch; the next step copies new gradients into the flat buffer once (one extra pass).
+        set_to_none=False zeroes the flat gradient buffer in place: nothing is ever copied."""
+        for buckets in self._buckets:
+            for b in buckets:
+                if set_to_none:
+                    for p in b.params:
+                        p.grad = None
+                else:
+                    b.grad.zero_()
+                    for p, view in zip(b.params, b.grad_views, strict=True):
+                        if p.grad is not view:
+                            p.grad = view
+
+    def _schedule(self, group: dict) -> Schedule:
+        return group.get("schedule") or as_schedule(group["lr"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused update per bucket; returns the closure's loss (None without closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            schedule = self._schedule(group)
+            for b in buckets:
+                self._step_bucket(group, schedule, b)
+            if "schedule" in group and buckets:
+                group["lr"] = schedule.at(buckets[0].step)
+        return loss
+
+    def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket) -> None:
+        have_grad = []
+        for p, view in zip(b.params, b.grad_views, strict=True):
+            g = p.grad
+            if g is None:
+                have_grad.append(False)
+                continue
+            if g is not view:  # autograd made a new tensor (after set_to_none): take it in
+                if g.is_sparse:
+                    raise RuntimeError("fastopt does not support sparse gradients")
+                view.copy_(g)
+                p.grad = view
+            have_grad.append(True)
+        kwargs = self._kernel_kwargs(group)
+        names = list(self.state_init(group))  # the kernel's state arguments, in order
+        if all(have_grad) and b.uniform:  # the fast path: one kernel over the whole bucket
+            k = b.step + 1
+            self._run(b.flat, b.grad, [b.state[n] for n in names], k, schedule, kwargs)
+            b.step = k
+            b.steps.fill_(k)
+            return
+        for i, has in enumerate(have_grad):  # torch skips params without grad
+            if not has:
+                continue
+            p, offset = b.params[i], b.offsets[i]
+            sl = slice(offset, offset + p.numel())
+            k = int(b.steps[i]) + 1
+            self._run(b.flat[sl], b.grad[sl], [b.state[n][sl] for n in names], k, schedule,
+                      kwargs)
+            b.steps[i] = k
+        b.uniform = bool((b.steps == b.steps[0]).all())
+        b.step = int(b.steps.max())
+
+    def _run(self, flat, grad, state: list, step: int, schedule: Schedule, kwargs: dict):
+        """The functional kernel on zero-copy array views of these tensors."""
+        args = [_as_array(t) for t in (flat, grad, *state)]
+        fn = getattr(F, self.kernel)
+        if flat.device.type == "cuda":
+            import cupy
+
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream(flat.device).cuda_stream):
+                fn(*args, step=step, schedule=schedule, **kwargs)
+        else:
+            fn(*args, step=step, schedule=schedule, **kwargs)
+
+    def _kernel_kwargs(self, group: dict) -> dict:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict:
+        """torch's format (per-param ``step`` and state under torch's names), as copies."""
+        d = super().state_dict()
+        d["state"] = {k: {name: v.clone() for name, v in st.items()}
+                      for k, st in d["state"].items()}
+        return d
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of the matching torch.optim optimizer."""
+        schedules = [g.get("schedule") for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        loaded = self.state
+        self.state = type(loaded)()
+        for group, buckets, schedule in zip(self.param_groups, self._buckets, schedules,
+                                            strict=True):
+            if "schedule" not in group and schedule is not None:
+                group["schedule"] = schedule
+            for b in buckets:
+                for name, value in self.state_init(group).items():
+                    b.add_state(name, value)
+                for i, p in enumerate(b.params):
+                    st = loaded.get(p, {})
+                    b.steps[i] = float(st.get("step", 0.0))
+                    for name in b.state:
+                        view = b.view_of(name, i)
+                        if name in st:
+                            view.copy_(st[name])
+                        else:
+                            view.fill_(self.state_init(group)[name])
+                    self.state[p] = self._state_views(b, i)
+                b.uniform = bool((b.steps == b.steps[0]).all())
+                b.step = int(b.steps.max())
+
+
+class Adam(FlatOptimizer):
+    """torch.optim.Adam's interface and numbers; lr may be a fastopt schedule."""
+
+    kernel = "adam"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False):
+        _check_common(lr, eps, weight_decay)
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        super().__init__(params, dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay))
+
+    def state_init(self, group):
+        names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+        return dict.fromkeys(names, 0.0)
+
+    def _kernel_kwargs(self, group):
+        return dict(betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    amsgrad=group["amsgrad"], maximize=group["maximize"],
+                    decoupled_weight_decay=group.get("decoupled_weight_decay", False))
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW's interface and numbers (decoupled weight decay, default 1e-2)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+
+class Adagrad(FlatOptimizer):
+    """torch.optim.Adagrad's interface and numbers; lr may be a fastopt schedule."""
+
+    kernel = "adagrad"
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, foreach=None, *, maximize=False,
+                 differentiable=False, fused=None):
+        _check_common(lr, eps, weight_decay)
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: "
+                             f"{initial_accumulator_value}")
+        super().__init__(params, dict(
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, fused=fused))
+
+    def state_init(self, group):
+        return {"sum": float(group["initial_accumulator_value"])}
+
+    def _kernel_kwargs(self, group):
+        return dict(lr_decay=group["lr_decay"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+class Adadelta(FlatOptimizer):
+    """torch.optim.Adadelta's interface and numbers; lr may be a fastopt schedule."""
+
+    kernel = "adadelta"
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False):
+        _check_common(lr, eps, weight_decay)
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"Invalid rho value: {rho}")
+        super().__init__(params, dict(
+            lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
+            capturable=capturable, foreach=foreach, differentiable=differentiable))
+
+    def state_init(self, group):
+        return {"square_avg": 0.0, "acc_delta": 0.0}
+
+    def _kernel_kwargs(self, group):
+        return dict(rho=group["rho"], eps=group["eps"], weight_decay=group["weight_decay"],
+                    maximize=group["maximize"])
+
+
+def _check_common(lr, eps, weight_decay) -> None:
+    if not isinstance(lr, Schedule) and not 0.0 <= float(lr):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")

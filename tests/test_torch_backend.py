@@ -1,0 +1,219 @@
+"""fastopt.torch: real torch.optim.Optimizer subclasses with torch's numbers and state dicts."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.optim import lr_scheduler as L
+
+import fastopt.torch as fot
+from fastopt import schedules as S
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(), torch.nn.Linear(32, 32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+
+def data(steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g))
+            for _ in range(steps)]
+
+
+def train(model, opt, batches, sched=None, set_to_none=True):
+    losses = []
+    for x, y in batches:
+        opt.zero_grad(set_to_none=set_to_none)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_models_close(a, b, rtol=1e-5, atol=1e-6):
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        np.testing.assert_allclose(pa.detach().numpy(), pb.detach().numpy(), rtol=rtol,
+                                   atol=atol, err_msg=na)
+
+
+CASES = [
+    ("Adam", dict(lr=3e-3, weight_decay=0.01, amsgrad=True)),
+    ("Adam", dict(lr=3e-3, maximize=False, betas=(0.8, 0.99))),
+    ("AdamW", dict(lr=3e-3, weight_decay=0.1)),
+    ("AdamW", dict(lr=3e-3, amsgrad=True, maximize=True)),
+    ("Adagrad", dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1,
+                     weight_decay=0.01)),
+    ("Adadelta", dict(lr=0.5, rho=0.8, weight_decay=0.01)),
+]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("name,kw", CASES)
+def test_matches_torch_with_scheduler(name, kw, set_to_none):
+    kw = dict(kw)
+    ref, ours = make_model(), make_model()
+    steps = 220
+    topt = getattr(torch.optim, name)(ref.parameters(), **kw)
+    tsched = L.SequentialLR(topt, [L.LinearLR(topt, 0.1, 1.0, 20),
+                                   L.CosineAnnealingLR(topt, steps - 20)], [20])
+    lr = kw.pop("lr")
+    sched = S.warmup(S.cosine(lr, steps - 20), 20, start_lr=lr * 0.1)
+    opt = getattr(fot, name)(ours.parameters(), lr=sched, **kw)
+    batches = data(steps)
+    train(ref, topt, batches, tsched)
+    train(ours, opt, batches, set_to_none=set_to_none)
+    assert_models_close(ours, ref)
+    assert isinstance(opt, torch.optim.Optimizer)
+
+
+def test_param_groups_own_hyperparameters_and_torch_schedulers_drive_lr():
+    ref, ours = make_model(), make_model()
+
+    def groups(model):
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0,
+                                                         "lr": 1e-2}]
+
+    topt = torch.optim.AdamW(groups(ref), lr=3e-3)
+    opt = fot.AdamW(groups(ours), lr=3e-3)
+    # a torch scheduler driving group['lr'] of a fastopt optimizer works too
+    tsched, osched = L.StepLR(topt, 30, 0.5), L.StepLR(opt, 30, 0.5)
+    batches = data(100)
+    train(ref, topt, batches, tsched)
+    train(ours, opt, batches, osched)
+    assert_models_close(ours, ref)
+
+
+def test_grads_land_in_the_flat_buffer():
+    model = make_model()
+    opt = fot.Adam(model.parameters())
+    bucket = opt._buckets[0][0]
+    x, y = data(1)[0]
+    opt.zero_grad(set_to_none=False)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for p in model.parameters():
+        assert p.data_ptr() >= bucket.flat.data_ptr()
+        assert p.grad.untyped_storage().data_ptr() == bucket.grad.untyped_storage().data_ptr()
+    assert bucket.grad.abs().sum() > 0
+
+
+def test_state_dict_interop_both_ways():
+    steps, k = 120, 50
+    batches = data(steps, seed=5)
+    kw = dict(lr=2e-3, weight_decay=0.05, amsgrad=True)
+    # reference: torch all the way
+    ref = make_model()
+    topt = torch.optim.AdamW(ref.parameters(), **kw)
+    train(ref, topt, batches)
+    # torch for k steps, then fastopt from torch's state dict
+    a = make_model()
+    a_opt = torch.optim.AdamW(a.parameters(), **kw)
+    train(a, a_opt, batches[:k])
+    b = copy.deepcopy(a)
+    b_opt = fot.AdamW(b.parameters(), **kw)
+    b_opt.load_state_dict(a_opt.state_dict())
+    train(b, b_opt, batches[k:])
+    assert_models_close(b, ref)
+    # fastopt for k steps, then torch from fastopt's state dict
+    c = make_model()
+    c_opt = fot.AdamW(c.parameters(), **kw)
+    train(c, c_opt, batches[:k])
+    sd = c_opt.state_dict()
+    assert set(sd["state"][0]) == {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert float(sd["state"][0]["step"]) == k
+    d = copy.deepcopy(c)
+    d_opt = torch.optim.AdamW(d.parameters(), **kw)
+    d_opt.load_state_dict(sd)
+    train(d, d_opt, batches[k:])
+    train(c, c_opt, batches[k:])  # the fastopt run continues untouched by torch's steps
+    assert_models_close(d, ref)
+    assert_models_close(c, ref)
+
+
+def test_state_dict_round_trip_keeps_schedule_position():
+    sched = S.warmup(S.cosine(1e-2, 80), 10)
+    batches = data(80, seed=3)
+    full = make_model()
+    full_opt = fot.Adagrad(full.parameters(), lr=sched)
+    train(full, full_opt, batches)
+    part = make_model()
+    part_opt = fot.Adagrad(part.parameters(), lr=sched)
+    train(part, part_opt, batches[:33])
+    resumed = copy.deepcopy(part)
+    resumed_opt = fot.Adagrad(resumed.parameters(), lr=sched)
+    resumed_opt.load_state_dict(part_opt.state_dict())
+    train(resumed, resumed_opt, batches[33:])
+    assert_models_close(resumed, full, rtol=0, atol=0)
+
+
+def test_params_without_grad_are_skipped_like_torch():
+    ref, ours = make_model(), make_model()
+    topt, opt = torch.optim.Adam(ref.parameters(), lr=1e-2), fot.Adam(ours.parameters(), lr=1e-2)
+    batches = data(30)
+    for i, (x, y) in enumerate(batches):
+        for model, o in ((ref, topt), (ours, opt)):
+            o.zero_grad()
+            # every third step the first layer takes no part: its grads stay None
+            out = model(x) if i % 3 else model[2:](torch.ones(16, 32))
+            torch.nn.functional.cross_entropy(out, y).backward()
+            o.step()
+    assert_models_close(ours, ref)
+
+
+def test_grad_scaler_skips_nonfinite_steps():
+    ref, ours = make_model(), make_model()
+    topt, opt = torch.optim.Adam(ref.parameters(), lr=1e-2), fot.Adam(ours.parameters(), lr=1e-2)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=256.0) for _ in range(2)]
+    for i, (x, y) in enumerate(data(20)):
+        for model, o, scaler in ((ref, topt, scalers[0]), (ours, opt, scalers[1])):
+            o.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            if i == 7:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(o)
+            scaler.update()
+    assert_models_close(ours, ref)
+    assert scalers[1].get_scale() < 256.0  # the inf step was seen and skipped
+
+
+def test_closure_and_add_param_group():
+    model = make_model()
+    opt = fot.AdamW(list(model.parameters())[:2], lr=1e-3)
+    opt.add_param_group({"params": list(model.parameters())[2:], "lr": S.cosine(1e-2, 10)})
+    x, y = data(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert isinstance(opt.step(closure), torch.Tensor)
+    assert opt.step(lambda: None) is None
+    assert opt.param_groups[1]["lr"] == pytest.approx(S.cosine(1e-2, 10).at(2))
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="complex"):
+        fot.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="differentiable"):
+        fot.Adam(make_model().parameters(), differentiable=True)
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        fot.AdamW(make_model().parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="one device"):
+        fot.Adam([torch.nn.Parameter(torch.zeros(3)),
+                  torch.nn.Parameter(torch.zeros(3, device="meta"))])
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = fot.Adam(emb.parameters())
+    opt.zero_grad()
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
