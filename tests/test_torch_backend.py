@@ -217,3 +217,28 @@ def test_errors():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+def test_optimizer_hooks_run():
+    model = make_model()
+    opt = fot.Adadelta(model.parameters())
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append("state_dict") or sd)
+    x, y = data(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.state_dict()
+    assert calls == ["pre", "post", "state_dict"]
+
+
+def test_zero_grad_set_to_none_like_torch():
+    model = make_model()
+    opt = fot.Adam(model.parameters())
+    x, y = data(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
