@@ -144,3 +144,21 @@ def check_weight_decay(weight_decay) -> float:
 
 def check_lr_scale(lr_scale) -> float:
     return check_real("lr_scale", lr_scale)
+
+
+def grad_mult(grad_scale) -> float:
+    """1 / grad_scale (> 0, finite): the kernels multiply every gradient by it in their pass."""
+    scale = check_real("grad_scale", grad_scale)
+    if scale == 0.0 or scale == math.inf:
+        raise ValueError(f"Invalid grad_scale value: {grad_scale}")
+    return 1.0 / scale
+
+
+def check_max_grad_norm(max_grad_norm) -> float | None:
+    """None (no clipping) or a norm > 0."""
+    if max_grad_norm is None:
+        return None
+    value = check_real("max_grad_norm", max_grad_norm)
+    if value == 0.0:
+        raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
+    return value

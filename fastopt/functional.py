@@ -23,6 +23,7 @@ from ._checks import (
     check_real,
     check_step,
     check_weight_decay,
+    grad_mult,
     is_cupy,
     xp_of,
 )
@@ -63,7 +64,7 @@ def _launch_gpu(op: str, sched: Schedule, step: int, lr_scale: float, **args) ->
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
          schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
          amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
-         lr_scale: float = 1.0) -> float:
+         lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
     """Adam step k = ``step`` in place (AdamW when ``decoupled_weight_decay``); lr default 1e-3.
 
     p <- p - lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) + eps), m and v the moment EMAs.
@@ -71,38 +72,40 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
     sched = _schedule(1e-3 if lr is None and schedule is None else lr, schedule)
     beta1, beta2 = check_betas(betas)
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
-    step, lr_scale = check_step(step), check_lr_scale(lr_scale)
+    step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
     max_buffer = max_exp_avg_sq if amsgrad else None
     n = _buffers(params, grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                  max_exp_avg_sq=max_buffer)
     if is_cupy(params):
-        return _launch_gpu("adam", sched, step, lr_scale, params=params, grads=grads,
+        return _launch_gpu("adam", sched, step, lr_scale, grad_mult=mult, params=params,
+                           grads=grads,
                            exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                            max_exp_avg_sq=exp_avg if max_buffer is None else max_buffer,
                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                            decoupled=bool(decoupled_weight_decay), amsgrad=bool(amsgrad),
                            maximize=bool(maximize))
     return cpu.adam(params, grads, exp_avg, exp_avg_sq, exp_avg if max_buffer is None else
-                    max_buffer, sched.table, step, lr_scale, beta1, beta2, eps, weight_decay,
-                    bool(decoupled_weight_decay), bool(amsgrad), bool(maximize),
+                    max_buffer, sched.table, step, lr_scale, mult, beta1, beta2, eps,
+                    weight_decay, bool(decoupled_weight_decay), bool(amsgrad), bool(maximize),
                     cpu.use_parallel(n))
 
 
 def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
           schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-          amsgrad: bool = False, maximize: bool = False, lr_scale: float = 1.0) -> float:
+          amsgrad: bool = False, maximize: bool = False, lr_scale: float = 1.0,
+          grad_scale: float = 1.0) -> float:
     """AdamW step k in place: Adam with decoupled weight decay p <- p * (1 - lr * wd) first."""
     return adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
                 schedule=schedule, betas=betas, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
-                lr_scale=lr_scale)
+                lr_scale=lr_scale, grad_scale=grad_scale)
 
 
 def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None,
             lr_decay: float = 0.0, eps: float = 1e-10, weight_decay: float = 0.0,
-            maximize: bool = False, lr_scale: float = 1.0) -> float:
+            maximize: bool = False, lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
     """Adagrad step k in place (lr default 1e-2).
 
     sum <- sum + g^2;  p <- p - lr / (1 + (k - 1) * lr_decay) * g / (sqrt(sum) + eps).
@@ -110,19 +113,20 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None,
     sched = _schedule(1e-2 if lr is None and schedule is None else lr, schedule)
     lr_decay = check_real("lr_decay", lr_decay)
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
-    step, lr_scale = check_step(step), check_lr_scale(lr_scale)
+    step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     n = _buffers(params, grads, state_sum=state_sum)
     if is_cupy(params):
-        return _launch_gpu("adagrad", sched, step, lr_scale, params=params, grads=grads,
+        return _launch_gpu("adagrad", sched, step, lr_scale, grad_mult=mult, params=params,
+                           grads=grads,
                            state_sum=state_sum, lr_decay=lr_decay, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))
-    return cpu.adagrad(params, grads, state_sum, sched.table, step, lr_scale, lr_decay, eps,
-                       weight_decay, bool(maximize), cpu.use_parallel(n))
+    return cpu.adagrad(params, grads, state_sum, sched.table, step, lr_scale, mult,
+                       lr_decay, eps, weight_decay, bool(maximize), cpu.use_parallel(n))
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedule=None,
              rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
-             maximize: bool = False, lr_scale: float = 1.0) -> float:
+             maximize: bool = False, lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
     """Adadelta step k in place (lr default 1.0).
 
     E[g^2] <- rho E[g^2] + (1 - rho) g^2;  d = sqrt(E[d^2] + eps) / sqrt(E[g^2] + eps) * g;
@@ -131,11 +135,12 @@ def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedu
     sched = _schedule(1.0 if lr is None and schedule is None else lr, schedule)
     rho = check_real("rho", rho, 0.0, 1.0)
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
-    step, lr_scale = check_step(step), check_lr_scale(lr_scale)
+    step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     n = _buffers(params, grads, square_avg=square_avg, acc_delta=acc_delta)
     if is_cupy(params):
-        return _launch_gpu("adadelta", sched, step, lr_scale, params=params, grads=grads,
+        return _launch_gpu("adadelta", sched, step, lr_scale, grad_mult=mult, params=params,
+                           grads=grads,
                            square_avg=square_avg, acc_delta=acc_delta, rho=rho, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))
-    return cpu.adadelta(params, grads, square_avg, acc_delta, sched.table, step, lr_scale, rho,
-                        eps, weight_decay, bool(maximize), cpu.use_parallel(n))
+    return cpu.adadelta(params, grads, square_avg, acc_delta, sched.table, step, lr_scale,
+                        mult, rho, eps, weight_decay, bool(maximize), cpu.use_parallel(n))

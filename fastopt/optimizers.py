@@ -6,6 +6,7 @@ and runs one fused kernel per ``step(grads)``; the schedule is evaluated inside 
 
 from __future__ import annotations
 
+import math
 import numbers
 import threading
 
@@ -21,8 +22,10 @@ from ._checks import (
     check_eps,
     check_lr,
     check_lr_scale,
+    check_max_grad_norm,
     check_real,
     check_weight_decay,
+    grad_mult,
     is_cupy,
     xp_of,
 )
@@ -46,6 +49,8 @@ class _FlatOptimizer:
         self._on_gpu = array_module(self.params) == "cupy"
         self.defaults = defaults
         self.lr_scale = 1.0
+        self.max_grad_norm: float | None = None  # clip to this global norm in every step
+        self.last_grad_norm: float | None = None  # the (unscaled) norm the last step measured
         self._last_lr: float | None = None
         self._step = 0
         self._lock = threading.Lock()
@@ -68,7 +73,7 @@ class _FlatOptimizer:
     def _new_state(self, name: str):
         return self._xp.zeros(self.params.shape, dtype=np.float32)
 
-    def _launch(self, grads: np.ndarray, step: int) -> float:
+    def _launch(self, grads: np.ndarray, step: int, grad_mult: float) -> float:
         """Run the CPU kernel for step ``step``; return the lr it used."""
         raise NotImplementedError
 
@@ -76,14 +81,14 @@ class _FlatOptimizer:
         """The GPU kernel's named arguments besides params, grads and the step/schedule ones."""
         raise NotImplementedError
 
-    def _launch_gpu(self, grads) -> None:
+    def _launch_gpu(self, grads, grad_mult: float) -> None:
         from .gpu import launch
 
         launch.launch(self.kernel, {
             **self._device_args(), "params": self.params, "grads": grads,
             "table": self._device_table, "table_rows": self._device_table.shape[0],
             "step_state": self._step_state, "lr_out": self._lr_out,
-            "lr_scale": self.lr_scale, "n": self.params.shape[0]})
+            "lr_scale": self.lr_scale, "grad_mult": grad_mult, "n": self.params.shape[0]})
 
     # ------------------------------------------------------------------ public API
     @property
@@ -119,20 +124,44 @@ class _FlatOptimizer:
         """The learning rate the next step will use: schedule.at(step_count) * lr_scale."""
         return self._schedule.at(self._step) * self.lr_scale
 
-    def step(self, grads) -> bool:
-        """One fused update with these gradients (same length as params); returns True."""
+    def step(self, grads, *, grad_scale: float | None = None, skip_if_nonfinite: bool = False,
+             max_grad_norm: float | None = None) -> bool:
+        """One fused update with these gradients (same length as params).
+
+        grad_scale: the gradients are ``grad_scale`` times the true ones (a loss scale); the
+        kernel divides by it in its pass. max_grad_norm (default ``self.max_grad_norm``): clip
+        the unscaled gradients to this global 2-norm (``torch.nn.utils.clip_grad_norm_``'s
+        coefficient, applied inside the update: one extra read pass). skip_if_nonfinite: if
+        any gradient is inf/NaN, change nothing (params, state, step count) and return False.
+        Returns True when the step was applied.
+        """
         check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
                      dtype=self.params.dtype)
         check_apart("grads", grads, self._owned_buffers)
+        mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
+        max_norm = check_max_grad_norm(self.max_grad_norm if max_grad_norm is None
+                                       else max_grad_norm)
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"{type(self).__name__}.step() is already running in another "
                                "thread; one optimizer must not be stepped concurrently")
         try:
+            if max_norm is not None or skip_if_nonfinite:
+                if self._on_gpu:
+                    raise NotImplementedError("max_grad_norm / skip_if_nonfinite are not yet "
+                                              "available on the GPU backend")
+                norm = math.sqrt(cpu.grad_sq_norm(grads, self._parallel)) * mult
+                self.last_grad_norm = norm
+                if skip_if_nonfinite and not math.isfinite(norm):
+                    return False
+                if max_norm is not None:
+                    coef = max_norm / (norm + 1e-6)  # torch's clip coefficient, clamped at 1
+                    if not coef >= 1.0:
+                        mult *= coef
             k = self._step + 1
             if self._on_gpu:
-                self._launch_gpu(grads)
+                self._launch_gpu(grads, mult)
             else:
-                self._last_lr = self._launch(grads, k)
+                self._last_lr = self._launch(grads, k, mult)
             self._step = k
         finally:
             self._lock.release()
@@ -238,13 +267,14 @@ class Adam(_FlatOptimizer):
         self._weight_decay, self._amsgrad, self._maximize = (
             d["weight_decay"], d["amsgrad"], d["maximize"])
 
-    def _launch(self, grads, step):
+    def _launch(self, grads, step, grad_mult):
         s = self.state
         exp_avg = s["exp_avg"]
         return cpu.adam(self.params, grads, exp_avg, s["exp_avg_sq"],
                         s.get("max_exp_avg_sq", exp_avg), self._schedule.table, step,
-                        self.lr_scale, self._beta1, self._beta2, self._eps, self._weight_decay,
-                        self._decoupled, self._amsgrad, self._maximize, self._parallel)
+                        self.lr_scale, grad_mult, self._beta1, self._beta2, self._eps,
+                        self._weight_decay, self._decoupled, self._amsgrad, self._maximize,
+                        self._parallel)
 
     def _device_args(self):
         s = self.state
@@ -295,10 +325,10 @@ class Adagrad(_FlatOptimizer):
         self._lr_decay, self._weight_decay = d["lr_decay"], d["weight_decay"]
         self._eps, self._maximize = d["eps"], d["maximize"]
 
-    def _launch(self, grads, step):
+    def _launch(self, grads, step, grad_mult):
         return cpu.adagrad(self.params, grads, self.state["sum"], self._schedule.table, step,
-                           self.lr_scale, self._lr_decay, self._eps, self._weight_decay,
-                           self._maximize, self._parallel)
+                           self.lr_scale, grad_mult, self._lr_decay, self._eps,
+                           self._weight_decay, self._maximize, self._parallel)
 
     def _device_args(self):
         return dict(state_sum=self.state["sum"], lr_decay=self._lr_decay, eps=self._eps,
@@ -327,10 +357,10 @@ class Adadelta(_FlatOptimizer):
         self._rho, self._eps = d["rho"], d["eps"]
         self._weight_decay, self._maximize = d["weight_decay"], d["maximize"]
 
-    def _launch(self, grads, step):
+    def _launch(self, grads, step, grad_mult):
         return cpu.adadelta(self.params, grads, self.state["square_avg"], self.state["acc_delta"],
-                            self._schedule.table, step, self.lr_scale, self._rho, self._eps,
-                            self._weight_decay, self._maximize, self._parallel)
+                            self._schedule.table, step, self.lr_scale, grad_mult, self._rho,
+                            self._eps, self._weight_decay, self._maximize, self._parallel)
 
     def _device_args(self):
         return dict(square_avg=self.state["square_avg"], acc_delta=self.state["acc_delta"],

@@ -1,7 +1,8 @@
 // Adadelta update kernels (mirrors fastopt/cpu/adadelta.py).
 //
-// Per element, with grad_sign = -1 if maximize:
-//     grad  = grad_sign * g + weight_decay * p
+// Per element, with grad_factor = grad_mult (1/loss scale x clip coefficient), negated if
+// maximize:
+//     grad  = grad_factor * g + weight_decay * p
 //     sq    = rho * sq + (1 - rho) * grad^2
 //     delta = sqrt(acc + eps) / sqrt(sq + eps) * grad
 //     acc   = rho * acc + (1 - rho) * delta^2
@@ -12,9 +13,9 @@
 
 // The per-element Adadelta math; every scalar is float32.
 FO_HD void adadelta_element(float& param, float g, float& square_avg, float& acc_delta,
-                            float grad_sign, float weight_decay, float rho, float one_minus_rho,
+                            float grad_factor, float weight_decay, float rho, float one_minus_rho,
                             float eps, float lr) {
-    const float grad = grad_sign * g + weight_decay * param;
+    const float grad = grad_factor * g + weight_decay * param;
     const float sq = rho * square_avg + one_minus_rho * (grad * grad);
     square_avg = sq;
     const float delta = sqrtf(acc_delta + eps) / sqrtf(sq + eps) * grad;
@@ -26,11 +27,11 @@ FO_HD void adadelta_element(float& param, float g, float& square_avg, float& acc
 template <typename T>
 FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delta,
                    const double* table, int table_rows, unsigned long long* step_state,
-                   double* lr_out, double lr_scale, double rho, double eps, double weight_decay,
-                   int maximize, long long n) {
+                   double* lr_out, double lr_scale, double grad_mult, double rho, double eps,
+                   double weight_decay, int maximize, long long n) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
-    const float grad_sign = maximize ? -1.0f : 1.0f;
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
     const float weight_decay32 = (float)weight_decay;
     const float rho32 = (float)rho;
     const float one_minus_rho = (float)(1.0 - rho);
@@ -48,7 +49,7 @@ FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delt
         load<W>(acc_delta + i, acc);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-            adadelta_element(p[j], g[j], sq[j], acc[j], grad_sign, weight_decay32, rho32,
+            adadelta_element(p[j], g[j], sq[j], acc[j], grad_factor, weight_decay32, rho32,
                              one_minus_rho, eps32, lr32);
         }
         store<W>(params + i, p);
@@ -62,10 +63,11 @@ FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delt
     extern "C" __global__ void NAME(T* params, const T* grads, float* square_avg,             \
                                     float* acc_delta, const double* table, int table_rows,    \
                                     unsigned long long* step_state, double* lr_out,           \
-                                    double lr_scale, double rho, double eps,                  \
-                                    double weight_decay, int maximize, long long n) {         \
+                                    double lr_scale, double grad_mult, double rho,            \
+                                    double eps, double weight_decay, int maximize,            \
+                                    long long n) {                                            \
         adadelta<T>(params, grads, square_avg, acc_delta, table, table_rows, step_state,      \
-                    lr_out, lr_scale, rho, eps, weight_decay, maximize, n);                   \
+                    lr_out, lr_scale, grad_mult, rho, eps, weight_decay, maximize, n);        \
     }
 
 FO_ADADELTA_KERNEL(adadelta_f32, float)

@@ -1,7 +1,8 @@
 // Adagrad update kernels (mirrors fastopt/cpu/adagrad.py).
 //
-// Per element, with grad_sign = -1 if maximize:
-//     grad = grad_sign * g + weight_decay * p
+// Per element, with grad_factor = grad_mult (1/loss scale x clip coefficient), negated if
+// maximize:
+//     grad = grad_factor * g + weight_decay * p
 //     sum  = sum + grad^2
 //     p    = p - clr * grad / (sqrt(sum) + eps)
 // with clr = lr / (1 + (k - 1) * lr_decay), lr = schedule(k - 1) * lr_scale, k the 1-based step.
@@ -9,9 +10,9 @@
 #include "schedule.cuh"
 
 // The per-element Adagrad math; every scalar is float32.
-FO_HD void adagrad_element(float& param, float g, float& state_sum, float grad_sign,
+FO_HD void adagrad_element(float& param, float g, float& state_sum, float grad_factor,
                            float weight_decay, float clr, float eps) {
-    const float grad = grad_sign * g + weight_decay * param;
+    const float grad = grad_factor * g + weight_decay * param;
     const float s = state_sum + grad * grad;
     state_sum = s;
     param = param - clr * (grad / (sqrtf(s) + eps));
@@ -21,12 +22,12 @@ FO_HD void adagrad_element(float& param, float g, float& state_sum, float grad_s
 template <typename T>
 FO_D void adagrad(T* params, const T* grads, float* state_sum, const double* table,
                   int table_rows, unsigned long long* step_state, double* lr_out,
-                  double lr_scale, double lr_decay, double eps, double weight_decay,
-                  int maximize, long long n) {
+                  double lr_scale, double grad_mult, double lr_decay, double eps,
+                  double weight_decay, int maximize, long long n) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const float clr = (float)(lr / (1.0 + (step - 1.0) * lr_decay));
-    const float grad_sign = maximize ? -1.0f : 1.0f;
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
     const float weight_decay32 = (float)weight_decay;
     const float eps32 = (float)eps;
     constexpr int N = VecWidth<T>::value;
@@ -40,7 +41,7 @@ FO_D void adagrad(T* params, const T* grads, float* state_sum, const double* tab
         load<W>(state_sum + i, s);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-            adagrad_element(p[j], g[j], s[j], grad_sign, weight_decay32, clr, eps32);
+            adagrad_element(p[j], g[j], s[j], grad_factor, weight_decay32, clr, eps32);
         }
         store<W>(params + i, p);
         store<W>(state_sum + i, s);
@@ -52,10 +53,11 @@ FO_D void adagrad(T* params, const T* grads, float* state_sum, const double* tab
     extern "C" __global__ void NAME(T* params, const T* grads, float* state_sum,              \
                                     const double* table, int table_rows,                      \
                                     unsigned long long* step_state, double* lr_out,           \
-                                    double lr_scale, double lr_decay, double eps,             \
-                                    double weight_decay, int maximize, long long n) {         \
+                                    double lr_scale, double grad_mult, double lr_decay,       \
+                                    double eps, double weight_decay, int maximize,            \
+                                    long long n) {                                            \
         adagrad<T>(params, grads, state_sum, table, table_rows, step_state, lr_out, lr_scale, \
-                   lr_decay, eps, weight_decay, maximize, n);                                 \
+                   grad_mult, lr_decay, eps, weight_decay, maximize, n);                      \
     }
 
 FO_ADAGRAD_KERNEL(adagrad_f32, float)

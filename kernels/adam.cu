@@ -1,8 +1,9 @@
 // Adam / AdamW update kernels (mirrors fastopt/cpu/adam.py).
 //
-// Per element, with grad_sign = -1 if maximize, l2 = weight_decay for Adam (0 for AdamW) and
+// Per element, with grad_factor = grad_mult (1/loss scale x clip coefficient), negated if
+// maximize, l2 = weight_decay for Adam (0 for AdamW) and
 // decay = 1 - lr * weight_decay for AdamW (1 for Adam):
-//     grad  = grad_sign * g + l2 * p
+//     grad  = grad_factor * g + l2 * p
 //     m     = m + (1 - beta1) * (grad - m)
 //     v     = beta2 * v + (1 - beta2) * grad^2
 //     vmax  = max(vmax, v)                      (amsgrad; v := vmax below)
@@ -13,10 +14,10 @@
 
 // The per-element Adam math; every scalar is float32.
 FO_HD void adam_element(float& param, float g, float& exp_avg, float& exp_avg_sq,
-                        float& max_exp_avg_sq, bool amsgrad, float grad_sign, float l2,
+                        float& max_exp_avg_sq, bool amsgrad, float grad_factor, float l2,
                         float decay, float one_minus_beta1, float beta2, float one_minus_beta2,
                         float step_size, float inv_bc2_sqrt, float eps) {
-    const float grad = grad_sign * g + l2 * param;
+    const float grad = grad_factor * g + l2 * param;
     const float m = exp_avg + one_minus_beta1 * (grad - exp_avg);
     float v = beta2 * exp_avg_sq + one_minus_beta2 * (grad * grad);
     exp_avg = m;
@@ -33,16 +34,16 @@ FO_HD void adam_element(float& param, float g, float& exp_avg, float& exp_avg_sq
 template <typename T>
 FO_D void adam(T* params, const T* grads, float* exp_avg, float* exp_avg_sq,
                float* max_exp_avg_sq, const double* table, int table_rows,
-               unsigned long long* step_state, double* lr_out, double lr_scale, double beta1,
-               double beta2, double eps, double weight_decay, int decoupled, int amsgrad,
-               int maximize, long long n) {
+               unsigned long long* step_state, double* lr_out, double lr_scale,
+               double grad_mult, double beta1, double beta2, double eps, double weight_decay,
+               int decoupled, int amsgrad, int maximize, long long n) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const double bias_correction1 = 1.0 - pow(beta1, step);
     const double bias_correction2 = 1.0 - pow(beta2, step);
     const float step_size = (float)(lr / bias_correction1);
     const float inv_bc2_sqrt = (float)(1.0 / sqrt(bias_correction2));
-    const float grad_sign = maximize ? -1.0f : 1.0f;
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
     const float l2 = (float)(decoupled ? 0.0 : weight_decay);
     const float decay = (float)(decoupled ? 1.0 - lr * weight_decay : 1.0);
     const float one_minus_beta1 = (float)(1.0 - beta1);
@@ -63,7 +64,7 @@ FO_D void adam(T* params, const T* grads, float* exp_avg, float* exp_avg_sq,
         if (amsgrad) load<W>(max_exp_avg_sq + i, vmax);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-            adam_element(p[j], g[j], m[j], v[j], vmax[j], amsgrad, grad_sign, l2, decay,
+            adam_element(p[j], g[j], m[j], v[j], vmax[j], amsgrad, grad_factor, l2, decay,
                          one_minus_beta1, beta2_32, one_minus_beta2, step_size, inv_bc2_sqrt,
                          eps32);
         }
@@ -80,12 +81,12 @@ FO_D void adam(T* params, const T* grads, float* exp_avg, float* exp_avg_sq,
                                     float* exp_avg_sq, float* max_exp_avg_sq,                 \
                                     const double* table, int table_rows,                      \
                                     unsigned long long* step_state, double* lr_out,           \
-                                    double lr_scale, double beta1, double beta2, double eps,  \
-                                    double weight_decay, int decoupled, int amsgrad,          \
-                                    int maximize, long long n) {                              \
+                                    double lr_scale, double grad_mult, double beta1,          \
+                                    double beta2, double eps, double weight_decay,            \
+                                    int decoupled, int amsgrad, int maximize, long long n) {  \
         adam<T>(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, table, table_rows,       \
-                step_state, lr_out, lr_scale, beta1, beta2, eps, weight_decay, decoupled,     \
-                amsgrad, maximize, n);                                                        \
+                step_state, lr_out, lr_scale, grad_mult, beta1, beta2, eps, weight_decay,     \
+                decoupled, amsgrad, maximize, n);                                             \
     }
 
 FO_ADAM_KERNEL(adam_f32, float)

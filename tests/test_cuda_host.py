@@ -72,7 +72,7 @@ class HostRun:
         self.table = np.ascontiguousarray(schedule.table)
         self.values.update(table=self.table, table_rows=self.table.shape[0],
                            step_state=np.zeros(2, np.uint64), lr_out=np.zeros(1), n=n,
-                           lr_scale=1.0, **hyper)
+                           lr_scale=1.0, grad_mult=1.0, **hyper)
 
     def step(self, grads_f32):
         self.values["grads"] = grads_f32

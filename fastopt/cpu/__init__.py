@@ -5,6 +5,7 @@ import numba
 from .adadelta import adadelta
 from .adagrad import adagrad
 from .adam import adam
+from .reduce import grad_sq_norm
 
 # Below this many elements one thread beats waking the pool (measured in bench/NOTES.md).
 PARALLEL_MIN_SIZE = 16_384
@@ -15,4 +16,4 @@ def use_parallel(n: int) -> bool:
     return n >= PARALLEL_MIN_SIZE and numba.get_num_threads() > 1
 
 
-__all__ = ["adam", "adagrad", "adadelta", "use_parallel", "PARALLEL_MIN_SIZE"]
+__all__ = ["adam", "adagrad", "adadelta", "grad_sq_norm", "use_parallel", "PARALLEL_MIN_SIZE"]

@@ -1,8 +1,9 @@
 """Adadelta update kernel (mirrors kernels/adadelta.cu).
 
-Per element, with grad_sign = -1 if maximize::
+Per element, with grad_factor = grad_mult (1/loss scale x clip coefficient), negated if
+maximize::
 
-    grad  = grad_sign * g + weight_decay * p
+    grad  = grad_factor * g + weight_decay * p
     sq    = rho * sq + (1 - rho) * grad^2
     delta = sqrt(acc + eps) / sqrt(sq + eps) * grad
     acc   = rho * acc + (1 - rho) * delta^2
@@ -19,10 +20,10 @@ from .schedule import lr_at
 
 
 @helper
-def adadelta_element(i, params, grads, square_avg, acc_delta, grad_sign, weight_decay, rho,
+def adadelta_element(i, params, grads, square_avg, acc_delta, grad_factor, weight_decay, rho,
                      one_minus_rho, eps, lr):
     """The per-element Adadelta math at index i; every scalar is float32."""
-    grad = grad_sign * grads[i] + weight_decay * params[i]
+    grad = grad_factor * grads[i] + weight_decay * params[i]
     sq = rho * square_avg[i] + one_minus_rho * (grad * grad)
     square_avg[i] = sq
     delta = np.sqrt(acc_delta[i] + eps) / np.sqrt(sq + eps) * grad
@@ -31,11 +32,11 @@ def adadelta_element(i, params, grads, square_avg, acc_delta, grad_sign, weight_
 
 
 @kernel
-def adadelta(params, grads, square_avg, acc_delta, table, step, lr_scale, rho, eps, weight_decay,
-             maximize, parallel):
+def adadelta(params, grads, square_avg, acc_delta, table, step, lr_scale, grad_mult, rho, eps,
+             weight_decay, maximize, parallel):
     """One Adadelta step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
-    grad_sign = np.float32(-1.0 if maximize else 1.0)
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
     weight_decay32 = np.float32(weight_decay)
     rho32 = np.float32(rho)
     one_minus_rho = np.float32(1.0 - rho)
@@ -43,10 +44,10 @@ def adadelta(params, grads, square_avg, acc_delta, table, step, lr_scale, rho, e
     lr32 = np.float32(lr)
     if parallel:
         for i in prange(params.shape[0]):
-            adadelta_element(i, params, grads, square_avg, acc_delta, grad_sign, weight_decay32,
+            adadelta_element(i, params, grads, square_avg, acc_delta, grad_factor, weight_decay32,
                              rho32, one_minus_rho, eps32, lr32)
     else:
         for i in range(params.shape[0]):
-            adadelta_element(i, params, grads, square_avg, acc_delta, grad_sign, weight_decay32,
+            adadelta_element(i, params, grads, square_avg, acc_delta, grad_factor, weight_decay32,
                              rho32, one_minus_rho, eps32, lr32)
     return lr

@@ -1,8 +1,9 @@
 """Adagrad update kernel (mirrors kernels/adagrad.cu).
 
-Per element, with grad_sign = -1 if maximize::
+Per element, with grad_factor = grad_mult (1/loss scale x clip coefficient), negated if
+maximize::
 
-    grad = grad_sign * g + weight_decay * p
+    grad = grad_factor * g + weight_decay * p
     sum  = sum + grad^2
     p    = p - clr * grad / (sqrt(sum) + eps)
 
@@ -17,27 +18,27 @@ from .schedule import lr_at
 
 
 @helper
-def adagrad_element(i, params, grads, state_sum, grad_sign, weight_decay, clr, eps):
+def adagrad_element(i, params, grads, state_sum, grad_factor, weight_decay, clr, eps):
     """The per-element Adagrad math at index i; every scalar is float32."""
-    grad = grad_sign * grads[i] + weight_decay * params[i]
+    grad = grad_factor * grads[i] + weight_decay * params[i]
     s = state_sum[i] + grad * grad
     state_sum[i] = s
     params[i] = params[i] - clr * (grad / (np.sqrt(s) + eps))
 
 
 @kernel
-def adagrad(params, grads, state_sum, table, step, lr_scale, lr_decay, eps, weight_decay,
-            maximize, parallel):
+def adagrad(params, grads, state_sum, table, step, lr_scale, grad_mult, lr_decay, eps,
+            weight_decay, maximize, parallel):
     """One Adagrad step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     clr = np.float32(lr / (1.0 + (step - 1.0) * lr_decay))
-    grad_sign = np.float32(-1.0 if maximize else 1.0)
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
     weight_decay32 = np.float32(weight_decay)
     eps32 = np.float32(eps)
     if parallel:
         for i in prange(params.shape[0]):
-            adagrad_element(i, params, grads, state_sum, grad_sign, weight_decay32, clr, eps32)
+            adagrad_element(i, params, grads, state_sum, grad_factor, weight_decay32, clr, eps32)
     else:
         for i in range(params.shape[0]):
-            adagrad_element(i, params, grads, state_sum, grad_sign, weight_decay32, clr, eps32)
+            adagrad_element(i, params, grads, state_sum, grad_factor, weight_decay32, clr, eps32)
     return lr

@@ -1,9 +1,10 @@
 """Adam / AdamW update kernel (mirrors kernels/adam.cu).
 
-Per element, with grad_sign = -1 if maximize, l2 = weight_decay for Adam (0 for AdamW) and
+Per element, with grad_factor = grad_mult (1/loss scale x clip coefficient), negated if
+maximize, l2 = weight_decay for Adam (0 for AdamW) and
 decay = 1 - lr * weight_decay for AdamW (1 for Adam)::
 
-    grad  = grad_sign * g + l2 * p
+    grad  = grad_factor * g + l2 * p
     m     = m + (1 - beta1) * (grad - m)
     v     = beta2 * v + (1 - beta2) * grad^2
     vmax  = max(vmax, v)                      (amsgrad; v := vmax below)
@@ -22,10 +23,10 @@ from .schedule import lr_at
 
 
 @helper
-def adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_sign, l2,
+def adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_factor, l2,
                  decay, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps):
     """The per-element Adam math at index i; every scalar is float32."""
-    grad = grad_sign * grads[i] + l2 * params[i]
+    grad = grad_factor * grads[i] + l2 * params[i]
     m = exp_avg[i] + one_minus_beta1 * (grad - exp_avg[i])
     v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (grad * grad)
     exp_avg[i] = m
@@ -38,15 +39,15 @@ def adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
 
 
 @kernel
-def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, table, step, lr_scale, beta1,
-         beta2, eps, weight_decay, decoupled, amsgrad, maximize, parallel):
+def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, table, step, lr_scale, grad_mult,
+         beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, parallel):
     """One Adam(W) step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     bias_correction1 = 1.0 - beta1**step
     bias_correction2 = 1.0 - beta2**step
     step_size = np.float32(lr / bias_correction1)
     inv_bc2_sqrt = np.float32(1.0 / math.sqrt(bias_correction2))
-    grad_sign = np.float32(-1.0 if maximize else 1.0)
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
     l2 = np.float32(0.0 if decoupled else weight_decay)
     decay = np.float32(1.0 - lr * weight_decay if decoupled else 1.0)
     one_minus_beta1 = np.float32(1.0 - beta1)
@@ -55,12 +56,12 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, table, step, lr_sca
     eps32 = np.float32(eps)
     if parallel:
         for i in prange(params.shape[0]):
-            adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_sign,
-                         l2, decay, one_minus_beta1, beta2_32, one_minus_beta2, step_size,
-                         inv_bc2_sqrt, eps32)
+            adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
+                         grad_factor, l2, decay, one_minus_beta1, beta2_32, one_minus_beta2,
+                         step_size, inv_bc2_sqrt, eps32)
     else:
         for i in range(params.shape[0]):
-            adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_sign,
-                         l2, decay, one_minus_beta1, beta2_32, one_minus_beta2, step_size,
-                         inv_bc2_sqrt, eps32)
+            adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
+                         grad_factor, l2, decay, one_minus_beta1, beta2_32, one_minus_beta2,
+                         step_size, inv_bc2_sqrt, eps32)
     return lr
