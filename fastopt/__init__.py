@@ -2,6 +2,7 @@
 
 from . import functional, schedules
 from ._checks import ArrayArgumentError
+from .checkpoint import CheckpointError, load, save
 from .flat import FlatBuffer
 from .optimizers import Adadelta, Adagrad, Adam, AdamW
 from .schedules import ReduceOnPlateau, Schedule
@@ -14,10 +15,13 @@ __all__ = [
     "Adagrad",
     "Adadelta",
     "ArrayArgumentError",
+    "CheckpointError",
     "FlatBuffer",
     "ReduceOnPlateau",
     "Schedule",
     "functional",
+    "load",
+    "save",
     "schedules",
     "__version__",
 ]
