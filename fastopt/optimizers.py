@@ -120,6 +120,15 @@ class _FlatOptimizer:
         return self._step
 
     @property
+    def lr_scale(self) -> float:
+        """A multiplier on the scheduled lr (ReduceOnPlateau sets it); >= 0."""
+        return self._lr_scale
+
+    @lr_scale.setter
+    def lr_scale(self, value) -> None:
+        self._lr_scale = check_lr_scale(value)
+
+    @property
     def current_lr(self) -> float:
         """The learning rate the next step will use: schedule.at(step_count) * lr_scale."""
         return self._schedule.at(self._step) * self.lr_scale
