@@ -33,7 +33,29 @@ def array_module(array) -> str:
 
 
 #: element types each backend's kernels take for params and grads (state is always float32)
-PARAM_DTYPES = {"numpy": ("float32",), "cupy": ("float32", "float16", "bfloat16")}
+PARAM_DTYPES = {"numpy": ("float32", "float16", "bfloat16"),
+                "cupy": ("float32", "float16", "bfloat16")}
+#: 16-bit formats as the CPU kernels number them (fastopt/cpu/convert.py)
+FORMATS = {"float16": 0, "bfloat16": 1}
+
+
+def param_dtype(array, dtype=None) -> str:
+    """The element type a buffer holds: its own, or ``dtype`` for raw uint16 bits."""
+    if dtype is None:
+        return array.dtype.name
+    name = getattr(dtype, "name", None) or str(dtype)
+    if name not in FORMATS:
+        raise ValueError(f"dtype must be 'float16' or 'bfloat16' for uint16 buffers, got "
+                         f"{dtype!r}")
+    if array.dtype.name not in ("uint16", name):
+        raise ArrayArgumentError(f"dtype={name!r} describes uint16 bits, but the buffer has "
+                                 f"dtype {array.dtype}")
+    return name
+
+
+def kernel_view(array):
+    """The buffer as the CPU kernels take it: float32 as is, 16-bit formats as uint16 bits."""
+    return array if array.dtype == np.float32 else array.view(np.uint16)
 
 
 def xp_of(array):
@@ -50,7 +72,8 @@ def check_buffer(name: str, array, size: int | None = None, *, writable: bool = 
     """A 1-D C-contiguous array of ``size`` elements (writable if asked) of a kernel dtype.
 
     ``like``: the params array; the buffer must then be of the same kind (numpy/cupy) and,
-    for cupy, on the same device. ``dtype``: the exact dtype wanted (default: a param dtype).
+    for cupy, on the same device. ``dtype``: the dtype (or tuple of dtypes) wanted (default:
+    any param dtype).
     """
     module = array_module(array)
     if like is not None:
@@ -61,7 +84,8 @@ def check_buffer(name: str, array, size: int | None = None, *, writable: bool = 
         if module == "cupy" and array.device.id != like.device.id:
             raise ArrayArgumentError(f"{name} is on GPU {array.device.id} but params is on GPU "
                                      f"{like.device.id}")
-    allowed = (np.dtype(dtype).name,) if dtype is not None else PARAM_DTYPES[module]
+    allowed = PARAM_DTYPES[module] if dtype is None else tuple(
+        np.dtype(d).name for d in (dtype if isinstance(dtype, (tuple, list)) else (dtype,)))
     if array.dtype.name not in allowed:
         raise ArrayArgumentError(f"{name} must have dtype {' or '.join(allowed)}, "
                                  f"got {array.dtype}")

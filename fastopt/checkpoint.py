@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import optimizers
-from ._checks import check_buffer
+from ._checks import check_buffer, kernel_view, param_dtype
 
 FORMAT = "fastopt-checkpoint"
 VERSION = 1
@@ -32,11 +32,11 @@ def save(opt, path) -> None:
     """Write ``opt`` (params, state, step, schedule, hyperparameters) to ``path`` atomically."""
     path = Path(path)
     d = opt.state_dict()
-    params = opt._host_copy(opt.params)
+    params = opt._host_copy(kernel_view(opt.params))  # 16-bit params as their uint16 bits
     meta = {"format": FORMAT, "version": VERSION, "optimizer": d["optimizer"],
             "step": int(d["step"]), "lr_scale": float(d["lr_scale"]),
             "max_grad_norm": opt.max_grad_norm, "size": int(params.size),
-            "dtype": str(params.dtype),
+            "dtype": opt.dtype,
             "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in opt.defaults.items()}}
     arrays = {name: d[name] for name in opt.state}
@@ -79,11 +79,12 @@ def _read(path: Path) -> tuple[dict, dict]:
     return meta, arrays
 
 
-def load(path, params, *, optimizer=None, restore_params: bool = True):
+def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=None):
     """A new optimizer over ``params`` in the saved state; ``params`` get the saved values.
 
     ``optimizer``: the expected class or class name (a different one raises). With
     ``restore_params=False`` the params are left as they are (e.g. restored elsewhere).
+    ``dtype``: for raw uint16 params, their 16-bit format (as for the optimizers).
     """
     path = Path(path)
     meta, arrays = _read(path)
@@ -93,16 +94,19 @@ def load(path, params, *, optimizer=None, restore_params: bool = True):
     expected = getattr(optimizer, "__name__", optimizer)
     if expected is not None and expected != name:
         raise CheckpointError(f"{path} holds a {name} checkpoint, not {expected}")
-    params = check_buffer("params", params.buffer if hasattr(params, "views") else params)
-    if params.shape[0] != meta.get("size") or str(params.dtype) != meta.get("dtype"):
+    params = params.buffer if hasattr(params, "views") else params
+    allowed = None if dtype is None else ("uint16", getattr(dtype, "name", str(dtype)))
+    params = check_buffer("params", params, dtype=allowed)
+    kind = param_dtype(params, dtype)
+    if params.shape[0] != meta.get("size") or kind != meta.get("dtype"):
         raise CheckpointError(f"{path}: saved for {meta.get('size')} {meta.get('dtype')} params, "
-                              f"got {params.shape[0]} {params.dtype}")
+                              f"got {params.shape[0]} {kind}")
     saved = arrays.get("params")
     if saved is None or saved.shape != params.shape:
         raise CheckpointError(f"{path}: the saved params are missing or of the wrong size")
     cls = getattr(optimizers, name)
     try:
-        opt = cls(params, **meta["hyperparameters"])
+        opt = cls(params, **meta["hyperparameters"], dtype=dtype)
         state = {**arrays, **meta["hyperparameters"], "optimizer": name, "step": meta["step"],
                  "lr_scale": meta["lr_scale"]}
         opt.load_state_dict(state)
@@ -110,5 +114,5 @@ def load(path, params, *, optimizer=None, restore_params: bool = True):
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: inconsistent checkpoint ({exc})") from exc
     if restore_params:
-        opt.params[...] = opt._xp.asarray(saved)
+        kernel_view(opt.params)[...] = opt._xp.asarray(saved)
     return opt

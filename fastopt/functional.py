@@ -14,6 +14,7 @@ import numpy as np
 
 from . import cpu
 from ._checks import (
+    FORMATS,
     check_betas,
     check_buffer,
     check_disjoint,
@@ -25,6 +26,7 @@ from ._checks import (
     check_weight_decay,
     grad_mult,
     is_cupy,
+    kernel_view,
     xp_of,
 )
 from .schedules import Schedule
@@ -38,15 +40,28 @@ def _schedule(lr, schedule) -> Schedule:
     return check_lr(schedule if schedule is not None else lr)
 
 
-def _buffers(params, grads, **state):
-    """Check params, grads and the state buffers together; return the element count."""
+def _buffers(params, grads, master, **state):
+    """Check params, grads, master and the state buffers together; return (size, dtype name).
+
+    16-bit params need ``master``, their float32 copy, which the kernel reads and writes.
+    """
     n = check_buffer("params", params).shape[0]
     check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
-    for name, array in state.items():
+    name = params.dtype.name
+    if name != "float32" and master is None:
+        raise ValueError(f"master (a float32 copy of the params) is required for {name} params")
+    if name == "float32":
+        master = None  # unused for float32 params
+    for key, array in {"master": master, **state}.items():
         if array is not None:
-            check_buffer(name, array, n, like=params, dtype=np.float32)
-    check_disjoint(params=params, grads=grads, **state)
-    return n
+            check_buffer(key, array, n, like=params, dtype=np.float32)
+    check_disjoint(params=params, grads=grads, master=master, **state)
+    return n, name
+
+
+def _cpu_args(params, grads, master) -> tuple:
+    """params, grads and master as the CPU kernels take them (16-bit as uint16 bits)."""
+    return kernel_view(params), kernel_view(grads), params if master is None else master
 
 
 def _launch_gpu(op: str, sched: Schedule, step: int, lr_scale: float, **args) -> float:
@@ -62,6 +77,7 @@ def _launch_gpu(op: str, sched: Schedule, step: int, lr_scale: float, **args) ->
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
+         master=None,
          schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
          amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
          lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
@@ -76,34 +92,35 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
     max_buffer = max_exp_avg_sq if amsgrad else None
-    n = _buffers(params, grads, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                 max_exp_avg_sq=max_buffer)
+    n, name = _buffers(params, grads, master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                       max_exp_avg_sq=max_buffer)
     if is_cupy(params):
         return _launch_gpu("adam", sched, step, lr_scale, grad_mult=mult, params=params,
-                           grads=grads,
+                           grads=grads, master=params if master is None else master,
                            exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                            max_exp_avg_sq=exp_avg if max_buffer is None else max_buffer,
                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                            decoupled=bool(decoupled_weight_decay), amsgrad=bool(amsgrad),
                            maximize=bool(maximize))
-    return cpu.adam(params, grads, exp_avg, exp_avg_sq, exp_avg if max_buffer is None else
-                    max_buffer, sched.table, step, lr_scale, mult, beta1, beta2, eps,
-                    weight_decay, bool(decoupled_weight_decay), bool(amsgrad), bool(maximize),
-                    cpu.use_parallel(n))
+    return cpu.adam(*_cpu_args(params, grads, master), exp_avg, exp_avg_sq,
+                    exp_avg if max_buffer is None else max_buffer, sched.table, step, lr_scale,
+                    mult, beta1, beta2, eps, weight_decay, bool(decoupled_weight_decay),
+                    bool(amsgrad), bool(maximize), FORMATS.get(name, 0), cpu.use_parallel(n))
 
 
 def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
+          master=None,
           schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
           amsgrad: bool = False, maximize: bool = False, lr_scale: float = 1.0,
           grad_scale: float = 1.0) -> float:
     """AdamW step k in place: Adam with decoupled weight decay p <- p * (1 - lr * wd) first."""
-    return adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr,
+    return adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, master=master,
                 schedule=schedule, betas=betas, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
                 lr_scale=lr_scale, grad_scale=grad_scale)
 
 
-def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None,
+def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None, master=None,
             lr_decay: float = 0.0, eps: float = 1e-10, weight_decay: float = 0.0,
             maximize: bool = False, lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
     """Adagrad step k in place (lr default 1e-2).
@@ -114,17 +131,19 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None,
     lr_decay = check_real("lr_decay", lr_decay)
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
-    n = _buffers(params, grads, state_sum=state_sum)
+    n, name = _buffers(params, grads, master, state_sum=state_sum)
     if is_cupy(params):
         return _launch_gpu("adagrad", sched, step, lr_scale, grad_mult=mult, params=params,
-                           grads=grads,
+                           grads=grads, master=params if master is None else master,
                            state_sum=state_sum, lr_decay=lr_decay, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))
-    return cpu.adagrad(params, grads, state_sum, sched.table, step, lr_scale, mult,
-                       lr_decay, eps, weight_decay, bool(maximize), cpu.use_parallel(n))
+    return cpu.adagrad(*_cpu_args(params, grads, master), state_sum, sched.table, step,
+                       lr_scale, mult, lr_decay, eps, weight_decay, bool(maximize),
+                       FORMATS.get(name, 0), cpu.use_parallel(n))
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedule=None,
+             master=None,
              rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
              maximize: bool = False, lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
     """Adadelta step k in place (lr default 1.0).
@@ -136,11 +155,12 @@ def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedu
     rho = check_real("rho", rho, 0.0, 1.0)
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
-    n = _buffers(params, grads, square_avg=square_avg, acc_delta=acc_delta)
+    n, name = _buffers(params, grads, master, square_avg=square_avg, acc_delta=acc_delta)
     if is_cupy(params):
         return _launch_gpu("adadelta", sched, step, lr_scale, grad_mult=mult, params=params,
-                           grads=grads,
+                           grads=grads, master=params if master is None else master,
                            square_avg=square_avg, acc_delta=acc_delta, rho=rho, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))
-    return cpu.adadelta(params, grads, square_avg, acc_delta, sched.table, step, lr_scale,
-                        mult, rho, eps, weight_decay, bool(maximize), cpu.use_parallel(n))
+    return cpu.adadelta(*_cpu_args(params, grads, master), square_avg, acc_delta,
+                        sched.table, step, lr_scale, mult, rho, eps, weight_decay,
+                        bool(maximize), FORMATS.get(name, 0), cpu.use_parallel(n))

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import cpu
 from ._checks import (
+    FORMATS,
     ArrayArgumentError,
     array_module,
     check_apart,
@@ -27,6 +28,8 @@ from ._checks import (
     check_weight_decay,
     grad_mult,
     is_cupy,
+    kernel_view,
+    param_dtype,
     xp_of,
 )
 from .flat import FlatBuffer
@@ -35,16 +38,25 @@ from .schedules import Schedule
 __all__ = ["Adam", "AdamW", "Adagrad", "Adadelta"]
 
 
+
 class _FlatOptimizer:
     """Shared machinery: params, schedule, step counter, state buffers, state_dict."""
 
     #: state buffer names (torch's) in kernel argument order
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, params, lr, defaults: dict):
+    def __init__(self, params, lr, defaults: dict, dtype=None):
         if isinstance(params, FlatBuffer):
             params = params.buffer
-        self.params = check_buffer("params", params)
+        allowed = None if dtype is None else ("uint16", getattr(dtype, "name", str(dtype)))
+        self.params = check_buffer("params", params, dtype=allowed)
+        #: what the params hold: float32, or float16 / bfloat16 (then with a float32 master)
+        self.dtype = param_dtype(self.params, dtype)
+        self._fmt = FORMATS.get(self.dtype, 0)
+        # 16-bit params take gradients in their own format (or its raw bits) or in float32
+        self._grad_dtypes = ("float32",) if self.dtype == "float32" else tuple(
+            {self.params.dtype.name, "uint16", "float32"}
+            | ({"float16"} if self.dtype == "float16" else set()))
         self._xp = xp_of(self.params)
         self._on_gpu = array_module(self.params) == "cupy"
         self.defaults = defaults
@@ -55,7 +67,7 @@ class _FlatOptimizer:
         self._step = 0
         self._lock = threading.Lock()
         self._parallel = cpu.use_parallel(self.params.shape[0])
-        self.state = {name: self._new_state(name) for name in self.active_state_names()}
+        self.state = {name: self._new_state(name) for name in self._state_keys(defaults)}
         if self._on_gpu:  # the step counter and the lr used live on the device
             self._step_state = self._xp.zeros(2, dtype=np.uint64)
             self._lr_out = self._xp.zeros(1, dtype=np.float64)
@@ -65,12 +77,29 @@ class _FlatOptimizer:
     def _owned_buffers(self) -> list[tuple[str, np.ndarray]]:
         return [("params", self.params), *self.state.items()]
 
+    def _state_keys(self, defaults: dict) -> tuple[str, ...]:
+        """Every float32 state buffer: the optimizer's, plus the master copy of 16-bit params."""
+        master = ("master_params",) if self.dtype != "float32" else ()
+        return self.active_state_names(defaults) + master
+
+    def _kernel_params(self, grads) -> tuple:
+        """params, grads, master as the kernels take them (16-bit as uint16 bits on the CPU)."""
+        master = self.state.get("master_params", self.params)
+        if self._on_gpu:
+            return self.params, grads, master
+        return kernel_view(self.params), kernel_view(grads), master
+
     # ------------------------------------------------------------------ subclass hooks
     def active_state_names(self, defaults: dict | None = None) -> tuple[str, ...]:
         """The state buffers these hyperparameters need (all of state_names by default)."""
         return self.state_names
 
     def _new_state(self, name: str):
+        if name == "master_params":  # the float32 values of the 16-bit params
+            bits = self._xp.asarray(self.params).view(np.uint16).astype(np.uint32)
+            if self.dtype == "bfloat16":
+                return (bits << 16).view(np.float32)
+            return self.params.view(np.float16).astype(np.float32)
         return self._xp.zeros(self.params.shape, dtype=np.float32)
 
     def _launch(self, grads: np.ndarray, step: int, grad_mult: float) -> float:
@@ -84,8 +113,9 @@ class _FlatOptimizer:
     def _launch_gpu(self, grads, grad_mult: float) -> None:
         from .gpu import launch
 
+        params, grads, master = self._kernel_params(grads)
         launch.launch(self.kernel, {
-            **self._device_args(), "params": self.params, "grads": grads,
+            **self._device_args(), "params": params, "grads": grads, "master": master,
             "table": self._device_table, "table_rows": self._device_table.shape[0],
             "step_state": self._step_state, "lr_out": self._lr_out,
             "lr_scale": self.lr_scale, "grad_mult": grad_mult, "n": self.params.shape[0]})
@@ -145,7 +175,7 @@ class _FlatOptimizer:
         Returns True when the step was applied.
         """
         check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
-                     dtype=self.params.dtype)
+                     dtype=self._grad_dtypes)
         check_apart("grads", grads, self._owned_buffers)
         mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
         max_norm = check_max_grad_norm(self.max_grad_norm if max_grad_norm is None
@@ -158,7 +188,8 @@ class _FlatOptimizer:
                 if self._on_gpu:
                     raise NotImplementedError("max_grad_norm / skip_if_nonfinite are not yet "
                                               "available on the GPU backend")
-                norm = math.sqrt(cpu.grad_sq_norm(grads, self._parallel)) * mult
+                grad_bits = kernel_view(grads)
+                norm = math.sqrt(cpu.grad_sq_norm(grad_bits, self._fmt, self._parallel)) * mult
                 self.last_grad_norm = norm
                 if skip_if_nonfinite and not math.isfinite(norm):
                     return False
@@ -205,7 +236,9 @@ class _FlatOptimizer:
             if "schedule" in d else self._schedule
         lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
         arrays = {}
-        for key in self.active_state_names(defaults):
+        for key in self._state_keys(defaults):
+            if key == "master_params" and key not in d:
+                continue  # e.g. from a float32 run: the master is taken from the params
             if key not in d:
                 raise KeyError(f"state_dict has no {key!r}")
             value = self._host_copy(d[key])
@@ -225,7 +258,7 @@ class _FlatOptimizer:
                 self.state[key] = self._new_state(key)
             self.state[key][...] = self._xp.asarray(value, dtype=np.float32)
         for key in list(self.state):
-            if key not in arrays:
+            if key not in self._state_keys(defaults):
                 del self.state[key]
 
     @staticmethod
@@ -255,10 +288,10 @@ class Adam(_FlatOptimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False):
+                 amsgrad=False, maximize=False, *, dtype=None):
         defaults = self._check_defaults(dict(betas=betas, eps=eps, weight_decay=weight_decay,
                                              amsgrad=amsgrad, maximize=maximize))
-        super().__init__(params, lr, defaults)
+        super().__init__(params, lr, defaults, dtype)
         self._apply_defaults()
 
     def _check_defaults(self, d: dict) -> dict:
@@ -279,11 +312,11 @@ class Adam(_FlatOptimizer):
     def _launch(self, grads, step, grad_mult):
         s = self.state
         exp_avg = s["exp_avg"]
-        return cpu.adam(self.params, grads, exp_avg, s["exp_avg_sq"],
+        return cpu.adam(*self._kernel_params(grads), exp_avg, s["exp_avg_sq"],
                         s.get("max_exp_avg_sq", exp_avg), self._schedule.table, step,
                         self.lr_scale, grad_mult, self._beta1, self._beta2, self._eps,
                         self._weight_decay, self._decoupled, self._amsgrad, self._maximize,
-                        self._parallel)
+                        self._fmt, self._parallel)
 
     def _device_args(self):
         s = self.state
@@ -299,9 +332,9 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False):
+                 amsgrad=False, maximize=False, *, dtype=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize)
+                         amsgrad=amsgrad, maximize=maximize, dtype=dtype)
 
 
 class Adagrad(_FlatOptimizer):
@@ -311,11 +344,11 @@ class Adagrad(_FlatOptimizer):
     kernel = "adagrad"
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, maximize=False):
+                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *, dtype=None):
         defaults = self._check_defaults(dict(
             lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize))
-        super().__init__(params, lr, defaults)
+        super().__init__(params, lr, defaults, dtype)
         self._apply_defaults()
 
     def _check_defaults(self, d: dict) -> dict:
@@ -326,6 +359,8 @@ class Adagrad(_FlatOptimizer):
                     eps=check_eps(d["eps"]), maximize=bool(d["maximize"]))
 
     def _new_state(self, name):
+        if name != "sum":
+            return super()._new_state(name)
         init = self.defaults["initial_accumulator_value"]
         return self._xp.full(self.params.shape, init, dtype=np.float32)
 
@@ -335,9 +370,9 @@ class Adagrad(_FlatOptimizer):
         self._eps, self._maximize = d["eps"], d["maximize"]
 
     def _launch(self, grads, step, grad_mult):
-        return cpu.adagrad(self.params, grads, self.state["sum"], self._schedule.table, step,
-                           self.lr_scale, grad_mult, self._lr_decay, self._eps,
-                           self._weight_decay, self._maximize, self._parallel)
+        return cpu.adagrad(*self._kernel_params(grads), self.state["sum"], self._schedule.table,
+                           step, self.lr_scale, grad_mult, self._lr_decay, self._eps,
+                           self._weight_decay, self._maximize, self._fmt, self._parallel)
 
     def _device_args(self):
         return dict(state_sum=self.state["sum"], lr_decay=self._lr_decay, eps=self._eps,
@@ -350,10 +385,11 @@ class Adadelta(_FlatOptimizer):
     state_names = ("square_avg", "acc_delta")
     kernel = "adadelta"
 
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False):
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False, *,
+                 dtype=None):
         defaults = self._check_defaults(dict(rho=rho, eps=eps, weight_decay=weight_decay,
                                              maximize=maximize))
-        super().__init__(params, lr, defaults)
+        super().__init__(params, lr, defaults, dtype)
         self._apply_defaults()
 
     def _check_defaults(self, d: dict) -> dict:
@@ -367,9 +403,10 @@ class Adadelta(_FlatOptimizer):
         self._weight_decay, self._maximize = d["weight_decay"], d["maximize"]
 
     def _launch(self, grads, step, grad_mult):
-        return cpu.adadelta(self.params, grads, self.state["square_avg"], self.state["acc_delta"],
-                            self._schedule.table, step, self.lr_scale, grad_mult, self._rho,
-                            self._eps, self._weight_decay, self._maximize, self._parallel)
+        return cpu.adadelta(*self._kernel_params(grads), self.state["square_avg"],
+                            self.state["acc_delta"], self._schedule.table, step, self.lr_scale,
+                            grad_mult, self._rho, self._eps, self._weight_decay, self._maximize,
+                            self._fmt, self._parallel)
 
     def _device_args(self):
         return dict(square_avg=self.state["square_avg"], acc_delta=self.state["acc_delta"],

@@ -25,7 +25,7 @@ FO_HD void adadelta_element(float& param, float g, float& square_avg, float& acc
 
 // One Adadelta step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T>
-FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delta,
+FO_D void adadelta(T* params, const T* grads, float* master, float* square_avg, float* acc_delta,
                    const double* table, int table_rows, unsigned long long* step_state,
                    double* lr_out, double lr_scale, double grad_mult, double rho, double eps,
                    double weight_decay, int maximize, long long n) {
@@ -39,11 +39,12 @@ FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delt
     const float lr32 = (float)lr;
     constexpr int N = VecWidth<T>::value;
     const bool vector_ok = aligned_for<N>(params) && aligned_for<N>(grads) &&
+                           (IsFloat<T>::value || aligned_for<N>(master)) &&
                            aligned_for<N>(square_avg) && aligned_for<N>(acc_delta);
     grid_stride<N>(n, vector_ok, [&](auto width, long long i) {
         constexpr int W = decltype(width)::value;
         float p[W], g[W], sq[W], acc[W];
-        load<W>(params + i, p);
+        load_param<W>(params + i, master + i, p);
         load<W>(grads + i, g);
         load<W>(square_avg + i, sq);
         load<W>(acc_delta + i, acc);
@@ -52,7 +53,7 @@ FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delt
             adadelta_element(p[j], g[j], sq[j], acc[j], grad_factor, weight_decay32, rho32,
                              one_minus_rho, eps32, lr32);
         }
-        store<W>(params + i, p);
+        store_param<W>(params + i, master + i, p);
         store<W>(square_avg + i, sq);
         store<W>(acc_delta + i, acc);
     });
@@ -60,14 +61,16 @@ FO_D void adadelta(T* params, const T* grads, float* square_avg, float* acc_delt
 }
 
 #define FO_ADADELTA_KERNEL(NAME, T)                                                           \
-    extern "C" __global__ void NAME(T* params, const T* grads, float* square_avg,             \
+    extern "C" __global__ void NAME(T* params, const T* grads, float* master,                 \
+                                    float* square_avg,                                        \
                                     float* acc_delta, const double* table, int table_rows,    \
                                     unsigned long long* step_state, double* lr_out,           \
                                     double lr_scale, double grad_mult, double rho,            \
                                     double eps, double weight_decay, int maximize,            \
                                     long long n) {                                            \
-        adadelta<T>(params, grads, square_avg, acc_delta, table, table_rows, step_state,      \
-                    lr_out, lr_scale, grad_mult, rho, eps, weight_decay, maximize, n);        \
+        adadelta<T>(params, grads, master, square_avg, acc_delta, table, table_rows,          \
+                    step_state, lr_out, lr_scale, grad_mult, rho, eps, weight_decay,          \
+                    maximize, n);                                                             \
     }
 
 FO_ADADELTA_KERNEL(adadelta_f32, float)

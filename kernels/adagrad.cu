@@ -20,7 +20,7 @@ FO_HD void adagrad_element(float& param, float g, float& state_sum, float grad_f
 
 // One Adagrad step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T>
-FO_D void adagrad(T* params, const T* grads, float* state_sum, const double* table,
+FO_D void adagrad(T* params, const T* grads, float* master, float* state_sum, const double* table,
                   int table_rows, unsigned long long* step_state, double* lr_out,
                   double lr_scale, double grad_mult, double lr_decay, double eps,
                   double weight_decay, int maximize, long long n) {
@@ -32,32 +32,34 @@ FO_D void adagrad(T* params, const T* grads, float* state_sum, const double* tab
     const float eps32 = (float)eps;
     constexpr int N = VecWidth<T>::value;
     const bool vector_ok = aligned_for<N>(params) && aligned_for<N>(grads) &&
+                           (IsFloat<T>::value || aligned_for<N>(master)) &&
                            aligned_for<N>(state_sum);
     grid_stride<N>(n, vector_ok, [&](auto width, long long i) {
         constexpr int W = decltype(width)::value;
         float p[W], g[W], s[W];
-        load<W>(params + i, p);
+        load_param<W>(params + i, master + i, p);
         load<W>(grads + i, g);
         load<W>(state_sum + i, s);
 #pragma unroll
         for (int j = 0; j < W; ++j) {
             adagrad_element(p[j], g[j], s[j], grad_factor, weight_decay32, clr, eps32);
         }
-        store<W>(params + i, p);
+        store_param<W>(params + i, master + i, p);
         store<W>(state_sum + i, s);
     });
     finish_step(step_state, lr_out, lr);
 }
 
 #define FO_ADAGRAD_KERNEL(NAME, T)                                                            \
-    extern "C" __global__ void NAME(T* params, const T* grads, float* state_sum,              \
+    extern "C" __global__ void NAME(T* params, const T* grads, float* master,                 \
+                                    float* state_sum,                                         \
                                     const double* table, int table_rows,                      \
                                     unsigned long long* step_state, double* lr_out,           \
                                     double lr_scale, double grad_mult, double lr_decay,       \
                                     double eps, double weight_decay, int maximize,            \
                                     long long n) {                                            \
-        adagrad<T>(params, grads, state_sum, table, table_rows, step_state, lr_out, lr_scale, \
-                   grad_mult, lr_decay, eps, weight_decay, maximize, n);                      \
+        adagrad<T>(params, grads, master, state_sum, table, table_rows, step_state, lr_out,   \
+                   lr_scale, grad_mult, lr_decay, eps, weight_decay, maximize, n);            \
     }
 
 FO_ADAGRAD_KERNEL(adagrad_f32, float)

@@ -32,7 +32,7 @@ FO_HD void adam_element(float& param, float g, float& exp_avg, float& exp_avg_sq
 
 // One Adam(W) step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T>
-FO_D void adam(T* params, const T* grads, float* exp_avg, float* exp_avg_sq,
+FO_D void adam(T* params, const T* grads, float* master, float* exp_avg, float* exp_avg_sq,
                float* max_exp_avg_sq, const double* table, int table_rows,
                unsigned long long* step_state, double* lr_out, double lr_scale,
                double grad_mult, double beta1, double beta2, double eps, double weight_decay,
@@ -52,12 +52,13 @@ FO_D void adam(T* params, const T* grads, float* exp_avg, float* exp_avg_sq,
     const float eps32 = (float)eps;
     constexpr int N = VecWidth<T>::value;
     const bool vector_ok = aligned_for<N>(params) && aligned_for<N>(grads) &&
+                           (IsFloat<T>::value || aligned_for<N>(master)) &&
                            aligned_for<N>(exp_avg) && aligned_for<N>(exp_avg_sq) &&
                            (!amsgrad || aligned_for<N>(max_exp_avg_sq));
     grid_stride<N>(n, vector_ok, [&](auto width, long long i) {
         constexpr int W = decltype(width)::value;
         float p[W], g[W], m[W], v[W], vmax[W] = {};  // vmax is only read with amsgrad
-        load<W>(params + i, p);
+        load_param<W>(params + i, master + i, p);
         load<W>(grads + i, g);
         load<W>(exp_avg + i, m);
         load<W>(exp_avg_sq + i, v);
@@ -68,7 +69,7 @@ FO_D void adam(T* params, const T* grads, float* exp_avg, float* exp_avg_sq,
                          one_minus_beta1, beta2_32, one_minus_beta2, step_size, inv_bc2_sqrt,
                          eps32);
         }
-        store<W>(params + i, p);
+        store_param<W>(params + i, master + i, p);
         store<W>(exp_avg + i, m);
         store<W>(exp_avg_sq + i, v);
         if (amsgrad) store<W>(max_exp_avg_sq + i, vmax);
@@ -77,16 +78,17 @@ FO_D void adam(T* params, const T* grads, float* exp_avg, float* exp_avg_sq,
 }
 
 #define FO_ADAM_KERNEL(NAME, T)                                                               \
-    extern "C" __global__ void NAME(T* params, const T* grads, float* exp_avg,                \
-                                    float* exp_avg_sq, float* max_exp_avg_sq,                 \
+    extern "C" __global__ void NAME(T* params, const T* grads, float* master,                 \
+                                    float* exp_avg, float* exp_avg_sq,                        \
+                                    float* max_exp_avg_sq,                                    \
                                     const double* table, int table_rows,                      \
                                     unsigned long long* step_state, double* lr_out,           \
                                     double lr_scale, double grad_mult, double beta1,          \
                                     double beta2, double eps, double weight_decay,            \
                                     int decoupled, int amsgrad, int maximize, long long n) {  \
-        adam<T>(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, table, table_rows,       \
-                step_state, lr_out, lr_scale, grad_mult, beta1, beta2, eps, weight_decay,     \
-                decoupled, amsgrad, maximize, n);                                             \
+        adam<T>(params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, table,            \
+                table_rows, step_state, lr_out, lr_scale, grad_mult, beta1, beta2, eps,       \
+                weight_decay, decoupled, amsgrad, maximize, n);                               \
     }
 
 FO_ADAM_KERNEL(adam_f32, float)

@@ -86,6 +86,33 @@ FO_HD void store(T* ptr, const float (&in)[N]) {
     }
 }
 
+// Params: float32 params are updated in place; 16-bit params come with a float32 master copy
+// that the math reads and writes, and get the master rounded to nearest even in the same pass
+// (mirrors fastopt/cpu/access.py).
+template <typename T>
+struct IsFloat {
+    static constexpr bool value = false;
+};
+template <>
+struct IsFloat<float> {
+    static constexpr bool value = true;
+};
+
+template <int N, typename T>
+FO_HD void load_param(const T* params, const float* master, float (&out)[N]) {
+    if constexpr (IsFloat<T>::value) {
+        load<N>(params, out);
+    } else {
+        load<N>(master, out);
+    }
+}
+
+template <int N, typename T>
+FO_HD void store_param(T* params, float* master, const float (&in)[N]) {
+    if constexpr (!IsFloat<T>::value) store<N>(master, in);
+    store<N>(params, in);
+}
+
 // Grid-stride loop: group(Width<N>{}, i) on N-element groups while every buffer is aligned
 // for N-wide access (vector_ok), then group(Width<1>{}, i) on the tail. 64-bit indices.
 template <int N, typename Group>

@@ -18,11 +18,14 @@ from fastopt import schedules as S
     lambda p: fastopt.Adagrad(p, lr=S.one_cycle(0.1, 50)),
     lambda p: fastopt.Adadelta(p, lr=S.cyclic(0.1, 1.0, 5)),
 ], ids=["adam", "adamw", "adagrad", "adadelta"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("n", [1000, 100_000])
-def test_step_allocates_nothing(make, n):
+def test_step_allocates_nothing(make, n, dtype):
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
     rng = np.random.default_rng(0)
-    p = rng.standard_normal(n).astype(np.float32)
-    g = rng.standard_normal(n).astype(np.float32)
+    p = rng.standard_normal(n).astype(dtype)
+    g = rng.standard_normal(n).astype(dtype)
     opt = make(p)
     for _ in range(3):
         opt.step(g)  # compile, warm up
@@ -30,7 +33,7 @@ def test_step_allocates_nothing(make, n):
     try:
         before = tracemalloc.take_snapshot()
         for _ in range(20):
-            opt.step(g)
+            opt.step(g, max_grad_norm=10.0, grad_scale=2.0)
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()

@@ -10,3 +10,4 @@ HELPER_OPTIONS = dict(cache=True, error_model="numpy", fastmath={"contract"}, in
 
 kernel = njit(**KERNEL_OPTIONS)
 helper = njit(**HELPER_OPTIONS)
+scalar = njit(cache=True, error_model="numpy", fastmath={"contract"})

@@ -16,24 +16,26 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
+from .access import load_grad, load_param, store_param
 from .schedule import lr_at
 
 
 @helper
-def adadelta_element(i, params, grads, square_avg, acc_delta, grad_factor, weight_decay, rho,
-                     one_minus_rho, eps, lr):
+def adadelta_element(i, params, grads, master, square_avg, acc_delta, grad_factor, weight_decay,
+                     rho, one_minus_rho, eps, lr, fmt):
     """The per-element Adadelta math at index i; every scalar is float32."""
-    grad = grad_factor * grads[i] + weight_decay * params[i]
+    param = load_param(params, master, i)
+    grad = grad_factor * load_grad(grads, i, fmt) + weight_decay * param
     sq = rho * square_avg[i] + one_minus_rho * (grad * grad)
     square_avg[i] = sq
     delta = np.sqrt(acc_delta[i] + eps) / np.sqrt(sq + eps) * grad
     acc_delta[i] = rho * acc_delta[i] + one_minus_rho * (delta * delta)
-    params[i] = params[i] - lr * delta
+    store_param(params, master, i, param - lr * delta, fmt)
 
 
 @kernel
-def adadelta(params, grads, square_avg, acc_delta, table, step, lr_scale, grad_mult, rho, eps,
-             weight_decay, maximize, parallel):
+def adadelta(params, grads, master, square_avg, acc_delta, table, step, lr_scale, grad_mult,
+             rho, eps, weight_decay, maximize, fmt, parallel):
     """One Adadelta step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
@@ -44,10 +46,10 @@ def adadelta(params, grads, square_avg, acc_delta, table, step, lr_scale, grad_m
     lr32 = np.float32(lr)
     if parallel:
         for i in prange(params.shape[0]):
-            adadelta_element(i, params, grads, square_avg, acc_delta, grad_factor, weight_decay32,
-                             rho32, one_minus_rho, eps32, lr32)
+            adadelta_element(i, params, grads, master, square_avg, acc_delta, grad_factor,
+                             weight_decay32, rho32, one_minus_rho, eps32, lr32, fmt)
     else:
         for i in range(params.shape[0]):
-            adadelta_element(i, params, grads, square_avg, acc_delta, grad_factor, weight_decay32,
-                             rho32, one_minus_rho, eps32, lr32)
+            adadelta_element(i, params, grads, master, square_avg, acc_delta, grad_factor,
+                             weight_decay32, rho32, one_minus_rho, eps32, lr32, fmt)
     return lr

@@ -14,21 +14,24 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
+from .access import load_grad, load_param, store_param
 from .schedule import lr_at
 
 
 @helper
-def adagrad_element(i, params, grads, state_sum, grad_factor, weight_decay, clr, eps):
+def adagrad_element(i, params, grads, master, state_sum, grad_factor, weight_decay, clr, eps,
+                    fmt):
     """The per-element Adagrad math at index i; every scalar is float32."""
-    grad = grad_factor * grads[i] + weight_decay * params[i]
+    param = load_param(params, master, i)
+    grad = grad_factor * load_grad(grads, i, fmt) + weight_decay * param
     s = state_sum[i] + grad * grad
     state_sum[i] = s
-    params[i] = params[i] - clr * (grad / (np.sqrt(s) + eps))
+    store_param(params, master, i, param - clr * (grad / (np.sqrt(s) + eps)), fmt)
 
 
 @kernel
-def adagrad(params, grads, state_sum, table, step, lr_scale, grad_mult, lr_decay, eps,
-            weight_decay, maximize, parallel):
+def adagrad(params, grads, master, state_sum, table, step, lr_scale, grad_mult, lr_decay, eps,
+            weight_decay, maximize, fmt, parallel):
     """One Adagrad step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     clr = np.float32(lr / (1.0 + (step - 1.0) * lr_decay))
@@ -37,8 +40,10 @@ def adagrad(params, grads, state_sum, table, step, lr_scale, grad_mult, lr_decay
     eps32 = np.float32(eps)
     if parallel:
         for i in prange(params.shape[0]):
-            adagrad_element(i, params, grads, state_sum, grad_factor, weight_decay32, clr, eps32)
+            adagrad_element(i, params, grads, master, state_sum, grad_factor, weight_decay32, clr,
+                            eps32, fmt)
     else:
         for i in range(params.shape[0]):
-            adagrad_element(i, params, grads, state_sum, grad_factor, weight_decay32, clr, eps32)
+            adagrad_element(i, params, grads, master, state_sum, grad_factor, weight_decay32, clr,
+                            eps32, fmt)
     return lr

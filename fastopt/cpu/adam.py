@@ -19,14 +19,17 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
+from .access import load_grad, load_param, store_param
 from .schedule import lr_at
 
 
 @helper
-def adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad, grad_factor, l2,
-                 decay, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bc2_sqrt, eps):
+def adam_element(i, params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
+                 grad_factor, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
+                 inv_bc2_sqrt, eps, fmt):
     """The per-element Adam math at index i; every scalar is float32."""
-    grad = grad_factor * grads[i] + l2 * params[i]
+    param = load_param(params, master, i)
+    grad = grad_factor * load_grad(grads, i, fmt) + l2 * param
     m = exp_avg[i] + one_minus_beta1 * (grad - exp_avg[i])
     v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (grad * grad)
     exp_avg[i] = m
@@ -35,12 +38,13 @@ def adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
         v = max(max_exp_avg_sq[i], v)
         max_exp_avg_sq[i] = v
     denom = np.sqrt(v) * inv_bc2_sqrt + eps
-    params[i] = decay * params[i] - step_size * (m / denom)
+    store_param(params, master, i, decay * param - step_size * (m / denom), fmt)
 
 
 @kernel
-def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, table, step, lr_scale, grad_mult,
-         beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, parallel):
+def adam(params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, table, step, lr_scale,
+         grad_mult, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize, fmt,
+         parallel):
     """One Adam(W) step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     bias_correction1 = 1.0 - beta1**step
@@ -56,12 +60,12 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, table, step, lr_sca
     eps32 = np.float32(eps)
     if parallel:
         for i in prange(params.shape[0]):
-            adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
+            adam_element(i, params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
                          grad_factor, l2, decay, one_minus_beta1, beta2_32, one_minus_beta2,
-                         step_size, inv_bc2_sqrt, eps32)
+                         step_size, inv_bc2_sqrt, eps32, fmt)
     else:
         for i in range(params.shape[0]):
-            adam_element(i, params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
+            adam_element(i, params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
                          grad_factor, l2, decay, one_minus_beta1, beta2_32, one_minus_beta2,
-                         step_size, inv_bc2_sqrt, eps32)
+                         step_size, inv_bc2_sqrt, eps32, fmt)
     return lr

@@ -17,20 +17,19 @@ _STATE = ("step_state", "unsigned long long*"), ("lr_out", "double*")
 _SCHEDULE = ("table", "const double*"), ("table_rows", "int")
 
 _STEP = ("lr_scale", "double"), ("grad_mult", "double")
+_BUFFERS = ("params", "T*"), ("grads", "const T*"), ("master", "float*")
 
 KERNEL_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
-    "adam": (("params", "T*"), ("grads", "const T*"), ("exp_avg", "float*"),
-             ("exp_avg_sq", "float*"), ("max_exp_avg_sq", "float*"), *_SCHEDULE, *_STATE, *_STEP,
-             ("beta1", "double"), ("beta2", "double"), ("eps", "double"),
-             ("weight_decay", "double"), ("decoupled", "int"), ("amsgrad", "int"),
-             ("maximize", "int"), ("n", "long long")),
-    "adagrad": (("params", "T*"), ("grads", "const T*"), ("state_sum", "float*"), *_SCHEDULE,
-                *_STATE, *_STEP, ("lr_decay", "double"), ("eps", "double"),
-                ("weight_decay", "double"), ("maximize", "int"), ("n", "long long")),
-    "adadelta": (("params", "T*"), ("grads", "const T*"), ("square_avg", "float*"),
-                 ("acc_delta", "float*"), *_SCHEDULE, *_STATE, *_STEP, ("rho", "double"),
-                 ("eps", "double"), ("weight_decay", "double"), ("maximize", "int"),
-                 ("n", "long long")),
+    "adam": (*_BUFFERS, ("exp_avg", "float*"), ("exp_avg_sq", "float*"),
+             ("max_exp_avg_sq", "float*"), *_SCHEDULE, *_STATE, *_STEP, ("beta1", "double"),
+             ("beta2", "double"), ("eps", "double"), ("weight_decay", "double"),
+             ("decoupled", "int"), ("amsgrad", "int"), ("maximize", "int"), ("n", "long long")),
+    "adagrad": (*_BUFFERS, ("state_sum", "float*"), *_SCHEDULE, *_STATE, *_STEP,
+                ("lr_decay", "double"), ("eps", "double"), ("weight_decay", "double"),
+                ("maximize", "int"), ("n", "long long")),
+    "adadelta": (*_BUFFERS, ("square_avg", "float*"), ("acc_delta", "float*"), *_SCHEDULE,
+                 *_STATE, *_STEP, ("rho", "double"), ("eps", "double"),
+                 ("weight_decay", "double"), ("maximize", "int"), ("n", "long long")),
 }
 
 #: numpy scalar type for each by-value C type

@@ -1,0 +1,67 @@
+"""16-bit <-> float32 conversions on raw uint16 values (mirrors to_float/from_float in
+kernels/common.cuh). Numba has no float16/bfloat16 arithmetic, so 16-bit buffers reach the
+kernels as uint16 and are converted with integer operations; float32 -> 16-bit rounds to
+nearest even, NaN stays NaN, overflow goes to inf — the same results as numpy's float16 and
+ml_dtypes' bfloat16 casts (tested on every 16-bit pattern)."""
+
+import numpy as np
+
+from ._jit import scalar as helper  # LLVM inlines these; IR inlining of branches only warns
+
+FP16, BF16 = 0, 1
+_U = np.uint32
+
+
+@helper
+def bf16_to_float(h):
+    return _U(_U(h) << _U(16)).view(np.float32)
+
+
+@helper
+def float_to_bf16(f):
+    u = np.float32(f).view(np.uint32)
+    if _U(u & _U(0x7FFFFFFF)) > _U(0x7F800000):  # NaN: keep it quiet
+        return np.uint16(_U(u >> _U(16)) | _U(0x40))
+    return np.uint16(_U(_U(u + _U(0x7FFF)) + _U(_U(u >> _U(16)) & _U(1))) >> _U(16))
+
+
+@helper
+def fp16_to_float(h):
+    o = _U(_U(h) & _U(0x7FFF)) << _U(13)
+    exponent = o & _U(0x0F800000)
+    o = _U(o + _U(112 << 23))  # rebias 15 -> 127
+    if exponent == _U(0x0F800000):  # inf / NaN
+        o = _U(o + _U(112 << 23))
+    elif exponent == 0:  # zero / subnormal: renormalise through a float subtraction
+        o = _U(o + _U(1 << 23))
+        o = np.float32(o.view(np.float32) - np.float32(6.103515625e-05)).view(np.uint32)
+    return _U(o | _U(_U(_U(h) & _U(0x8000)) << _U(16))).view(np.float32)
+
+
+@helper
+def float_to_fp16(f):
+    u = np.float32(f).view(np.uint32)
+    sign = _U(u & _U(0x80000000))
+    u = _U(u ^ sign)
+    if u >= _U(143 << 23):  # too big for fp16, inf or NaN
+        o = _U(0x7E00) if u > _U(0x7F800000) else _U(0x7C00)
+    elif u < _U(113 << 23):  # fp16 subnormal or zero: round through a float addition
+        rounded = np.float32(u.view(np.float32) + np.float32(0.5))  # 0.5 has the bits 126 << 23
+        o = _U(rounded.view(np.uint32) - _U(126 << 23))
+    else:
+        mant_odd = _U(_U(u >> _U(13)) & _U(1))
+        u = _U(u + _U(0xC8000FFF))  # rebias 127 -> 15 (mod 2^32) plus the rounding bias
+        o = _U(_U(u + mant_odd) >> _U(13))
+    return np.uint16(o | _U(sign >> _U(16)))
+
+
+@helper
+def to_float(h, fmt):
+    """A 16-bit value (uint16 bits) of format fmt (FP16 or BF16) as float32."""
+    return bf16_to_float(h) if fmt == BF16 else fp16_to_float(h)
+
+
+@helper
+def from_float(f, fmt):
+    """float32 -> uint16 bits of format fmt, round to nearest even."""
+    return float_to_bf16(f) if fmt == BF16 else float_to_fp16(f)
