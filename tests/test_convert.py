@@ -1,0 +1,52 @@
+"""16-bit <-> float32 conversions of the CPU kernels against numpy / ml_dtypes, every pattern."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fastopt.cpu.convert import BF16, FP16, from_float, to_float
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+FORMATS = [(FP16, np.float16), (BF16, ml_dtypes.bfloat16)]
+
+
+@njit(error_model="numpy")
+def _to(bits, fmt, out):
+    for i in range(bits.shape[0]):
+        out[i] = to_float(bits[i], fmt)
+
+
+@njit(error_model="numpy")
+def _from(values, fmt, out):
+    for i in range(values.shape[0]):
+        out[i] = from_float(values[i], fmt)
+
+
+@pytest.mark.parametrize("fmt,dtype", FORMATS)
+def test_every_16_bit_pattern_to_float(fmt, dtype):
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(65536, np.float32)
+    _to(bits, fmt, out)
+    ref = bits.view(dtype).astype(np.float32)
+    same = (out.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(out) & np.isnan(ref))
+    assert same.all(), bits[~same][:10]
+
+
+@pytest.mark.parametrize("fmt,dtype", FORMATS)
+def test_float_to_16_bit_rounds_to_nearest_even(fmt, dtype):
+    rng = np.random.default_rng(0)
+    scale = np.float32(10.0) ** rng.integers(-12, 8, 300_000).astype(np.float32)
+    halfway = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(dtype).astype(np.float32)
+    values = np.concatenate([
+        rng.standard_normal(300_000).astype(np.float32) * scale,
+        halfway,  # exact 16-bit values
+        np.nextafter(halfway, np.float32(np.inf)), np.nextafter(halfway, np.float32(-np.inf)),
+        np.array([np.inf, -np.inf, 65504, 65520, 65519.99, 6e-8, 3e-8, 2.98e-8, 1e-45, 0.0,
+                  -0.0, 3.4e38, -3.4e38], np.float32)]).astype(np.float32)
+    out = np.empty(values.size, np.uint16)
+    _from(values, fmt, out)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = values.astype(dtype).view(np.uint16)
+    nan = np.isnan(values)
+    assert np.array_equal(out[~nan], ref[~nan])
+    assert np.isnan(out[nan].view(dtype).astype(np.float32)).all()
