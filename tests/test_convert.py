@@ -38,7 +38,10 @@ def test_float_to_16_bit_rounds_to_nearest_even(fmt, dtype):
     scale = np.float32(10.0) ** rng.integers(-12, 8, 300_000).astype(np.float32)
     exact = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(dtype).astype(np.float32)
     exact = exact[np.isfinite(exact)]
+    ladder = np.unique(exact.astype(np.float64))
+    ties = ((ladder[:-1] + ladder[1:]) / 2).astype(np.float32)  # exactly halfway: to even
     values = np.concatenate([
+        ties,
         rng.standard_normal(300_000).astype(np.float32) * scale,
         exact,  # every finite 16-bit value, and its float32 neighbours
         np.nextafter(exact, np.float32(np.inf)), np.nextafter(exact, np.float32(-np.inf)),
