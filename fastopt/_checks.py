@@ -39,6 +39,23 @@ PARAM_DTYPES = {"numpy": ("float32", "float16", "bfloat16"),
 FORMATS = {"float16": 0, "bfloat16": 1}
 
 
+def dtypes(spec) -> tuple:
+    """numpy dtype objects from a dtype, a name or a tuple of them ('bfloat16' needs
+    ml_dtypes; without it that name is skipped)."""
+    if isinstance(spec, tuple) and all(isinstance(d, np.dtype) for d in spec):
+        return spec
+    out = []
+    for d in spec if isinstance(spec, (tuple, list)) else (spec,):
+        if d == "bfloat16":
+            try:
+                import ml_dtypes
+            except ImportError:
+                continue
+            d = ml_dtypes.bfloat16
+        out.append(np.dtype(d))
+    return tuple(out)
+
+
 def param_dtype(array, dtype=None) -> str:
     """The element type a buffer holds: its own, or ``dtype`` for raw uint16 bits."""
     if dtype is None:
@@ -84,11 +101,10 @@ def check_buffer(name: str, array, size: int | None = None, *, writable: bool = 
         if module == "cupy" and array.device.id != like.device.id:
             raise ArrayArgumentError(f"{name} is on GPU {array.device.id} but params is on GPU "
                                      f"{like.device.id}")
-    allowed = PARAM_DTYPES[module] if dtype is None else tuple(
-        np.dtype(d).name for d in (dtype if isinstance(dtype, (tuple, list)) else (dtype,)))
-    if array.dtype.name not in allowed:
-        raise ArrayArgumentError(f"{name} must have dtype {' or '.join(allowed)}, "
-                                 f"got {array.dtype}")
+    allowed = dtypes(PARAM_DTYPES[module] if dtype is None else dtype)
+    if array.dtype not in allowed:  # dtype objects: a C-level comparison on the step path
+        names = " or ".join(d.name for d in allowed)
+        raise ArrayArgumentError(f"{name} must have dtype {names}, got {array.dtype}")
     if array.ndim != 1:
         raise ArrayArgumentError(f"{name} must be 1-D, got shape {array.shape}")
     if not array.flags.c_contiguous:

@@ -26,6 +26,7 @@ from ._checks import (
     check_max_grad_norm,
     check_real,
     check_weight_decay,
+    dtypes,
     grad_mult,
     is_cupy,
     kernel_view,
@@ -54,9 +55,9 @@ class _FlatOptimizer:
         self.dtype = param_dtype(self.params, dtype)
         self._fmt = FORMATS.get(self.dtype, 0)
         # 16-bit params take gradients in their own format (or its raw bits) or in float32
-        self._grad_dtypes = ("float32",) if self.dtype == "float32" else tuple(
+        self._grad_dtypes = dtypes(("float32",) if self.dtype == "float32" else tuple(
             {self.params.dtype.name, "uint16", "float32"}
-            | ({"float16"} if self.dtype == "float16" else set()))
+            | ({"float16"} if self.dtype == "float16" else set())))
         self._xp = xp_of(self.params)
         self._on_gpu = array_module(self.params) == "cupy"
         self.defaults = defaults
