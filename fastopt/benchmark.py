@@ -118,9 +118,9 @@ class Problem:
             p[...] = rng.standard_normal(p.shape, dtype=np.float32)
             g[...] = rng.standard_normal(g.shape, dtype=np.float32)
 
-    def fastopt(self, name: str, schedule):
+    def fastopt(self, name: str, schedule, **options):
         buf = self.params.buffer.copy()
-        return OPTIMIZERS[name](buf, lr=schedule), buf
+        return OPTIMIZERS[name](buf, lr=schedule, **options), buf
 
     def torch(self, name: str, mode: str, steps: int, lr: float = 1e-3):
         return torch_setup(name, self.params.views, self.grads.views, mode, steps, lr)
@@ -171,13 +171,17 @@ def _median_times(impls: dict[str, Callable[[], None]], budget_s: float,
 
 
 def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: float,
-               with_torch: bool = True) -> Row:
-    """Time fastopt (one packed buffer), torch's paths (these tensors) and the roofline."""
+               with_torch: bool = True, bf16_state: bool = False) -> Row:
+    """Time fastopt (one packed buffer), torch's paths (these tensors) and the roofline;
+    with bf16_state also fastopt with bfloat16 optimizer state."""
     problem = Problem(shapes, seed=len(shapes))
     sched = schedules.cosine(1e-3, 10_000, end_lr=1e-5)
     opt, _ = problem.fastopt(name, sched)
     grads = problem.grads.buffer
     impls: dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(grads)}
+    if bf16_state:
+        half, _ = problem.fastopt(name, sched, state_dtype="bfloat16")
+        impls["fastopt-bf16-state"] = lambda: half.step(grads)
     n = problem.params.buffer.size
     if with_torch:
         for mode in torch_modes(name):
@@ -341,7 +345,8 @@ def estimate_seconds(work, budget_s: float) -> float:
 def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str | None,
         plot_path: str | None, with_torch: bool = True, out=print,
         markdown_path: str | None = None, command: str = "fastopt bench",
-        models: tuple[str, ...] = (), progress: bool = True) -> list[Row]:
+        models: tuple[str, ...] = (), progress: bool = True,
+        bf16_state: bool = False) -> list[Row]:
     work = plan(optimizers, sizes, list(models))
     out(f"{len(work)} cases; about {estimate_seconds(work, budget_s) / 60:.1f} min")
     if with_torch:
@@ -360,7 +365,7 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     rows = []
     bar = _progress(len(work)) if progress else None
     for name, label, shapes in work:
-        rows.append(bench_case(name, label, shapes, budget_s, with_torch))
+        rows.append(bench_case(name, label, shapes, budget_s, with_torch, bf16_state))
         if bar is not None:
             bar.set_postfix_str(f"{name} {label}")
             bar.update()

@@ -36,7 +36,7 @@ def save(opt, path) -> None:
     meta = {"format": FORMAT, "version": VERSION, "optimizer": d["optimizer"],
             "step": int(d["step"]), "lr_scale": float(d["lr_scale"]),
             "max_grad_norm": opt.max_grad_norm, "size": int(params.size),
-            "dtype": opt.dtype,
+            "dtype": opt.dtype, "state_dtype": opt.state_dtype,
             "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in opt.defaults.items()}}
     arrays = {name: d[name] for name in opt.state}
@@ -106,7 +106,8 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
         raise CheckpointError(f"{path}: the saved params are missing or of the wrong size")
     cls = getattr(optimizers, name)
     try:
-        opt = cls(params, **meta["hyperparameters"], dtype=dtype)
+        opt = cls(params, **meta["hyperparameters"], dtype=dtype,
+                  state_dtype=meta.get("state_dtype", "float32"))
         state = {**arrays, **meta["hyperparameters"], "optimizer": name, "step": meta["step"],
                  "lr_scale": meta["lr_scale"]}
         opt.load_state_dict(state)

@@ -64,7 +64,7 @@ def cmd_bench(args) -> int:
     command = "fastopt " + " ".join(sys.argv[1:]) if args.markdown else ""
     benchmark.run(optimizers, sizes, budget, args.json, args.plot, with_torch=not args.no_torch,
                   markdown_path=args.markdown, command=command, models=models,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, bf16_state=args.bf16_state)
     return 0
 
 
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--markdown", help="write a results page (machine, date, table, plot)")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--bf16-state", action="store_true",
+                       help="also time fastopt with bfloat16 optimizer state")
     bench.set_defaults(func=cmd_bench)
 
     sched = sub.add_parser("schedule", help="print (and plot) a schedule's learning rates")

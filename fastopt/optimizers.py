@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from . import cpu
+from . import _bf16, cpu
 from ._checks import (
     FORMATS,
     ArrayArgumentError,
@@ -46,7 +46,7 @@ class _FlatOptimizer:
     #: state buffer names (torch's) in kernel argument order
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, params, lr, defaults: dict, dtype=None):
+    def __init__(self, params, lr, defaults: dict, dtype=None, state_dtype="float32"):
         if isinstance(params, FlatBuffer):
             params = params.buffer
         allowed = None if dtype is None else ("uint16", getattr(dtype, "name", str(dtype)))
@@ -60,6 +60,12 @@ class _FlatOptimizer:
             | ({"float16"} if self.dtype == "float16" else set())))
         self._xp = xp_of(self.params)
         self._on_gpu = array_module(self.params) == "cupy"
+        if state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+        if state_dtype == "bfloat16" and self._on_gpu:
+            raise NotImplementedError("bfloat16 state is not yet available on the GPU backend")
+        #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
+        self.state_dtype = state_dtype
         self.defaults = defaults
         self.lr_scale = 1.0
         self.max_grad_norm: float | None = None  # clip to this global norm in every step
@@ -95,13 +101,19 @@ class _FlatOptimizer:
         """The state buffers these hyperparameters need (all of state_names by default)."""
         return self.state_names
 
-    def _new_state(self, name: str):
+    def _new_state(self, name: str, value: float = 0.0):
         if name == "master_params":  # the float32 values of the 16-bit params
-            bits = self._xp.asarray(self.params).view(np.uint16).astype(np.uint32)
             if self.dtype == "bfloat16":
-                return (bits << 16).view(np.float32)
+                return _bf16.decode(self.params.view(np.uint16))
             return self.params.view(np.float16).astype(np.float32)
-        return self._xp.zeros(self.params.shape, dtype=np.float32)
+        if self.state_dtype == "bfloat16":
+            return self._xp.full(self.params.shape, _bf16.encode(value), dtype=np.uint16)
+        return self._xp.full(self.params.shape, value, dtype=np.float32)
+
+    def _state_as_float(self, name: str):
+        """A float32 numpy copy of a state buffer (bfloat16 state decoded)."""
+        array = self._host_copy(self.state[name])
+        return _bf16.decode(array) if array.dtype == np.uint16 else array
 
     def _launch(self, grads: np.ndarray, step: int, grad_mult: float) -> float:
         """Run the CPU kernel for step ``step``; return the lr it used."""
@@ -211,7 +223,7 @@ class _FlatOptimizer:
     def state_dict(self) -> dict:
         """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters."""
         d = {"optimizer": type(self).__name__, "step": self._step}
-        d.update({name: self._host_copy(array) for name, array in self.state.items()})
+        d.update({name: self._state_as_float(name) for name in self.state})
         d.update(self.defaults)
         d["schedule"] = self._schedule.table.copy()
         d["lr_scale"] = self.lr_scale
@@ -257,7 +269,10 @@ class _FlatOptimizer:
         for key, value in arrays.items():
             if key not in self.state:
                 self.state[key] = self._new_state(key)
-            self.state[key][...] = self._xp.asarray(value, dtype=np.float32)
+            if self.state[key].dtype == np.uint16:
+                self.state[key][...] = self._xp.asarray(_bf16.encode(value))
+            else:
+                self.state[key][...] = self._xp.asarray(value, dtype=np.float32)
         for key in list(self.state):
             if key not in self._state_keys(defaults):
                 del self.state[key]
@@ -289,10 +304,10 @@ class Adam(_FlatOptimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, maximize=False, *, dtype=None):
+                 amsgrad=False, maximize=False, *, dtype=None, state_dtype="float32"):
         defaults = self._check_defaults(dict(betas=betas, eps=eps, weight_decay=weight_decay,
                                              amsgrad=amsgrad, maximize=maximize))
-        super().__init__(params, lr, defaults, dtype)
+        super().__init__(params, lr, defaults, dtype, state_dtype)
         self._apply_defaults()
 
     def _check_defaults(self, d: dict) -> dict:
@@ -333,9 +348,9 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, *, dtype=None):
+                 amsgrad=False, maximize=False, *, dtype=None, state_dtype="float32"):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, dtype=dtype)
+                         amsgrad=amsgrad, maximize=maximize, dtype=dtype, state_dtype=state_dtype)
 
 
 class Adagrad(_FlatOptimizer):
@@ -345,11 +360,12 @@ class Adagrad(_FlatOptimizer):
     kernel = "adagrad"
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *, dtype=None):
+                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *, dtype=None,
+                 state_dtype="float32"):
         defaults = self._check_defaults(dict(
             lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize))
-        super().__init__(params, lr, defaults, dtype)
+        super().__init__(params, lr, defaults, dtype, state_dtype)
         self._apply_defaults()
 
     def _check_defaults(self, d: dict) -> dict:
@@ -359,11 +375,10 @@ class Adagrad(_FlatOptimizer):
                         "initial_accumulator_value", d["initial_accumulator_value"]),
                     eps=check_eps(d["eps"]), maximize=bool(d["maximize"]))
 
-    def _new_state(self, name):
-        if name != "sum":
-            return super()._new_state(name)
-        init = self.defaults["initial_accumulator_value"]
-        return self._xp.full(self.params.shape, init, dtype=np.float32)
+    def _new_state(self, name, value=0.0):
+        if name == "sum":
+            value = self.defaults["initial_accumulator_value"]
+        return super()._new_state(name, value)
 
     def _apply_defaults(self) -> None:
         d = self.defaults
@@ -387,10 +402,10 @@ class Adadelta(_FlatOptimizer):
     kernel = "adadelta"
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False, *,
-                 dtype=None):
+                 dtype=None, state_dtype="float32"):
         defaults = self._check_defaults(dict(rho=rho, eps=eps, weight_decay=weight_decay,
                                              maximize=maximize))
-        super().__init__(params, lr, defaults, dtype)
+        super().__init__(params, lr, defaults, dtype, state_dtype)
         self._apply_defaults()
 
     def _check_defaults(self, d: dict) -> dict:

@@ -1,5 +1,8 @@
 """Element access by buffer type, resolved at compile time (one specialisation per dtype).
 
+State buffers are float32, or bfloat16 bits (``state_dtype="bfloat16"``) read exactly and
+written with stochastic rounding seeded by the step and the buffer.
+
 float32 params are updated in place. 16-bit params arrive as uint16 bits (format ``fmt``:
 FP16 or BF16) with a float32 ``master`` copy: the math reads and writes the master, and the
 16-bit params get the master rounded to nearest even in the same pass (mirrors the
@@ -9,7 +12,7 @@ load/store of kernels/common.cuh).
 from numba import types
 from numba.extending import overload
 
-from .convert import from_float, to_float
+from .convert import bf16_to_float, float_to_bf16_stochastic, from_float, to_float
 
 
 def load_param(params, master, i):
@@ -24,31 +27,60 @@ def store_param(params, master, i, value, fmt):
     """Write param i (and its master copy for 16-bit params)."""
 
 
+def load_state(state, i):
+    """The float32 value of state element i (float32, or bfloat16 bits)."""
+
+
+def store_state(state, i, value, rand16):
+    """Write state element i: float32 as is, bfloat16 rounded stochastically with these 16
+    random bits."""
+
+
+# (the implementations name the index j: an inlined parameter called i would overwrite the
+# caller's prange index)
 def _is_f32(array) -> bool:
     return array.dtype == types.float32
 
 
 @overload(load_param, inline="always")
-def _load_param(params, master, i):
+def _load_param(params, master, j):
     if _is_f32(params):
-        return lambda params, master, i: params[i]
-    return lambda params, master, i: master[i]
+        return lambda params, master, j: params[j]
+    return lambda params, master, j: master[j]
 
 
 @overload(load_grad, inline="always")
-def _load_grad(grads, i, fmt):
+def _load_grad(grads, j, fmt):
     if _is_f32(grads):
-        return lambda grads, i, fmt: grads[i]
-    return lambda grads, i, fmt: to_float(grads[i], fmt)
+        return lambda grads, j, fmt: grads[j]
+    return lambda grads, j, fmt: to_float(grads[j], fmt)
 
 
 @overload(store_param, inline="always")
-def _store_param(params, master, i, value, fmt):
+def _store_param(params, master, j, value, fmt):
     if _is_f32(params):
-        def store(params, master, i, value, fmt):
-            params[i] = value
+        def store(params, master, j, value, fmt):
+            params[j] = value
     else:
-        def store(params, master, i, value, fmt):
-            master[i] = value
-            params[i] = from_float(value, fmt)
+        def store(params, master, j, value, fmt):
+            master[j] = value
+            params[j] = from_float(value, fmt)
+    return store
+
+
+@overload(load_state)
+def _load_state(state, j):
+    if _is_f32(state):
+        return lambda state, j: state[j]
+    return lambda state, j: bf16_to_float(state[j])
+
+
+@overload(store_state)
+def _store_state(state, j, value, rand16):
+    if _is_f32(state):
+        def store(state, j, value, rand16):
+            state[j] = value
+    else:
+        def store(state, j, value, rand16):
+            state[j] = float_to_bf16_stochastic(value, rand16)
     return store

@@ -16,20 +16,23 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
-from .access import load_grad, load_param, store_param
+from .access import load_grad, load_param, load_state, store_param, store_state
+from .convert import LOW16, SHIFT16, random32, step_seed
 from .schedule import lr_at
 
 
 @helper
 def adadelta_element(i, params, grads, master, square_avg, acc_delta, grad_factor, weight_decay,
-                     rho, one_minus_rho, eps, lr, fmt):
+                     rho, one_minus_rho, eps, lr, fmt, seed):
     """The per-element Adadelta math at index i; every scalar is float32."""
     param = load_param(params, master, i)
     grad = grad_factor * load_grad(grads, i, fmt) + weight_decay * param
-    sq = rho * square_avg[i] + one_minus_rho * (grad * grad)
-    square_avg[i] = sq
-    delta = np.sqrt(acc_delta[i] + eps) / np.sqrt(sq + eps) * grad
-    acc_delta[i] = rho * acc_delta[i] + one_minus_rho * (delta * delta)
+    sq = rho * load_state(square_avg, i) + one_minus_rho * (grad * grad)
+    rand = random32(i, seed)  # stochastic rounding bits for bf16 state (unused for float32)
+    store_state(square_avg, i, sq, rand & LOW16)
+    acc = load_state(acc_delta, i)
+    delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * grad
+    store_state(acc_delta, i, rho * acc + one_minus_rho * (delta * delta), rand >> SHIFT16)
     store_param(params, master, i, param - lr * delta, fmt)
 
 
@@ -44,12 +47,13 @@ def adadelta(params, grads, master, square_avg, acc_delta, table, step, lr_scale
     one_minus_rho = np.float32(1.0 - rho)
     eps32 = np.float32(eps)
     lr32 = np.float32(lr)
+    seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
             adadelta_element(i, params, grads, master, square_avg, acc_delta, grad_factor,
-                             weight_decay32, rho32, one_minus_rho, eps32, lr32, fmt)
+                             weight_decay32, rho32, one_minus_rho, eps32, lr32, fmt, seed)
     else:
         for i in range(params.shape[0]):
             adadelta_element(i, params, grads, master, square_avg, acc_delta, grad_factor,
-                             weight_decay32, rho32, one_minus_rho, eps32, lr32, fmt)
+                             weight_decay32, rho32, one_minus_rho, eps32, lr32, fmt, seed)
     return lr

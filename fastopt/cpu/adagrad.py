@@ -14,18 +14,19 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
-from .access import load_grad, load_param, store_param
+from .access import load_grad, load_param, load_state, store_param, store_state
+from .convert import LOW16, random32, step_seed
 from .schedule import lr_at
 
 
 @helper
 def adagrad_element(i, params, grads, master, state_sum, grad_factor, weight_decay, clr, eps,
-                    fmt):
+                    fmt, seed):
     """The per-element Adagrad math at index i; every scalar is float32."""
     param = load_param(params, master, i)
     grad = grad_factor * load_grad(grads, i, fmt) + weight_decay * param
-    s = state_sum[i] + grad * grad
-    state_sum[i] = s
+    s = load_state(state_sum, i) + grad * grad
+    store_state(state_sum, i, s, random32(i, seed) & LOW16)
     store_param(params, master, i, param - clr * (grad / (np.sqrt(s) + eps)), fmt)
 
 
@@ -38,12 +39,13 @@ def adagrad(params, grads, master, state_sum, table, step, lr_scale, grad_mult, 
     grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
     weight_decay32 = np.float32(weight_decay)
     eps32 = np.float32(eps)
+    seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
             adagrad_element(i, params, grads, master, state_sum, grad_factor, weight_decay32, clr,
-                            eps32, fmt)
+                            eps32, fmt, seed)
     else:
         for i in range(params.shape[0]):
             adagrad_element(i, params, grads, master, state_sum, grad_factor, weight_decay32, clr,
-                            eps32, fmt)
+                            eps32, fmt, seed)
     return lr

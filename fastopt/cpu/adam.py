@@ -19,24 +19,27 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
-from .access import load_grad, load_param, store_param
+from .access import load_grad, load_param, load_state, store_param, store_state
+from .convert import LOW16, SHIFT8, SHIFT16, random32, step_seed
 from .schedule import lr_at
 
 
 @helper
 def adam_element(i, params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
                  grad_factor, l2, decay, one_minus_beta1, beta2, one_minus_beta2, step_size,
-                 inv_bc2_sqrt, eps, fmt):
+                 inv_bc2_sqrt, eps, fmt, seed):
     """The per-element Adam math at index i; every scalar is float32."""
     param = load_param(params, master, i)
     grad = grad_factor * load_grad(grads, i, fmt) + l2 * param
-    m = exp_avg[i] + one_minus_beta1 * (grad - exp_avg[i])
-    v = beta2 * exp_avg_sq[i] + one_minus_beta2 * (grad * grad)
-    exp_avg[i] = m
-    exp_avg_sq[i] = v
+    m = load_state(exp_avg, i)
+    m = m + one_minus_beta1 * (grad - m)
+    v = beta2 * load_state(exp_avg_sq, i) + one_minus_beta2 * (grad * grad)
+    rand = random32(i, seed)  # stochastic rounding bits for bf16 state (unused for float32)
+    store_state(exp_avg, i, m, rand & LOW16)
+    store_state(exp_avg_sq, i, v, rand >> SHIFT16)
     if amsgrad:
-        v = max(max_exp_avg_sq[i], v)
-        max_exp_avg_sq[i] = v
+        v = max(load_state(max_exp_avg_sq, i), v)
+        store_state(max_exp_avg_sq, i, v, (rand >> SHIFT8) & LOW16)
     denom = np.sqrt(v) * inv_bc2_sqrt + eps
     store_param(params, master, i, decay * param - step_size * (m / denom), fmt)
 
@@ -58,14 +61,15 @@ def adam(params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, table, step
     one_minus_beta2 = np.float32(1.0 - beta2)
     beta2_32 = np.float32(beta2)
     eps32 = np.float32(eps)
+    seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
             adam_element(i, params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
                          grad_factor, l2, decay, one_minus_beta1, beta2_32, one_minus_beta2,
-                         step_size, inv_bc2_sqrt, eps32, fmt)
+                         step_size, inv_bc2_sqrt, eps32, fmt, seed)
     else:
         for i in range(params.shape[0]):
             adam_element(i, params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, amsgrad,
                          grad_factor, l2, decay, one_minus_beta1, beta2_32, one_minus_beta2,
-                         step_size, inv_bc2_sqrt, eps32, fmt)
+                         step_size, inv_bc2_sqrt, eps32, fmt, seed)
     return lr

@@ -10,6 +10,7 @@ from ._jit import scalar as helper  # LLVM inlines these; IR inlining of branche
 
 FP16, BF16 = 0, 1
 _U = np.uint32
+LOW16, SHIFT8, SHIFT16 = _U(0xFFFF), _U(8), _U(16)  # slicing 16 random bits out of 32
 
 
 @helper
@@ -65,3 +66,35 @@ def to_float(h, fmt):
 def from_float(f, fmt):
     """float32 -> uint16 bits of format fmt, round to nearest even."""
     return float_to_bf16(f) if fmt == BF16 else float_to_fp16(f)
+
+
+@helper
+def random32(i, seed):
+    """32 pseudo-random bits for element i and the step's seed (a multiply-xorshift hash);
+    each state buffer of the element takes its own 16 of them."""
+    h = _U(_U(_U(i) * _U(0x9E3779B1)) + _U(seed))
+    h = _U(h ^ _U(h >> _U(15)))
+    h = _U(h * _U(0x2C1B3C6D))
+    return _U(h ^ _U(h >> _U(12)))
+
+
+@helper
+def random16(i, seed):
+    """16 pseudo-random bits for element i (tests use this)."""
+    return _U(random32(i, seed) & _U(0xFFFF))
+
+
+@helper
+def float_to_bf16_stochastic(f, rand):
+    """float32 -> bfloat16 bits, rounded up with probability (dropped bits) / 2^16: unbiased,
+    so small updates to a bf16 state survive on average. NaN stays NaN."""
+    u = np.float32(f).view(np.uint32)
+    if _U(u & _U(0x7FFFFFFF)) > _U(0x7F800000):
+        return np.uint16(_U(u >> _U(16)) | _U(0x40))
+    return np.uint16(_U(u + rand) >> _U(16))
+
+
+@helper
+def step_seed(step):
+    """The stochastic-rounding seed of step k: deterministic, so a resumed run is identical."""
+    return _U(np.uint64(step) * np.uint64(0x9E3779B9))
