@@ -15,6 +15,7 @@ import numpy as np
 from . import cpu
 from ._checks import (
     FORMATS,
+    ArrayArgumentError,
     check_betas,
     check_buffer,
     check_disjoint,
@@ -44,6 +45,7 @@ def _buffers(params, grads, master, **state):
     """Check params, grads, master and the state buffers together; return (size, dtype name).
 
     16-bit params need ``master``, their float32 copy, which the kernel reads and writes.
+    State buffers are float32, or uint16 holding bfloat16 bits (stochastically rounded).
     """
     n = check_buffer("params", params).shape[0]
     check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
@@ -52,9 +54,15 @@ def _buffers(params, grads, master, **state):
         raise ValueError(f"master (a float32 copy of the params) is required for {name} params")
     if name == "float32":
         master = None  # unused for float32 params
-    for key, array in {"master": master, **state}.items():
-        if array is not None:
-            check_buffer(key, array, n, like=params, dtype=np.float32)
+    if master is not None:
+        check_buffer("master", master, n, like=params, dtype=np.float32)
+    state_dtypes = {array.dtype for array in state.values() if array is not None}
+    if len(state_dtypes) > 1:
+        raise ArrayArgumentError("the state buffers must share one dtype (float32, or uint16 "
+                                 "bfloat16 bits)")
+    for key, array in state.items():
+        if array is not None:  # float32, or bfloat16 bits (stochastically rounded state)
+            check_buffer(key, array, n, like=params, dtype=("float32", "uint16"))
     check_disjoint(params=params, grads=grads, master=master, **state)
     return n, name
 

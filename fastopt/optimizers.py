@@ -62,8 +62,6 @@ class _FlatOptimizer:
         self._on_gpu = array_module(self.params) == "cupy"
         if state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
-        if state_dtype == "bfloat16" and self._on_gpu:
-            raise NotImplementedError("bfloat16 state is not yet available on the GPU backend")
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
         self.state_dtype = state_dtype
         self.defaults = defaults

@@ -24,13 +24,14 @@ FO_HD void adadelta_element(float& param, float g, float& square_avg, float& acc
 }
 
 // One Adadelta step k = step_state[0] + 1 over the whole buffer; the last block advances k.
-template <typename T>
-FO_D void adadelta(T* params, const T* grads, float* master, float* square_avg, float* acc_delta,
+template <typename T, typename S>
+FO_D void adadelta(T* params, const T* grads, float* master, S* square_avg, S* acc_delta,
                    const double* table, int table_rows, unsigned long long* step_state,
                    double* lr_out, double lr_scale, double grad_mult, double rho, double eps,
                    double weight_decay, int maximize, long long n) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const unsigned seed = step_seed(step_state[0] + 1);  // stochastic rounding of bf16 state
     const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
     const float weight_decay32 = (float)weight_decay;
     const float rho32 = (float)rho;
@@ -54,27 +55,33 @@ FO_D void adadelta(T* params, const T* grads, float* master, float* square_avg, 
                              one_minus_rho, eps32, lr32);
         }
         store_param<W>(params + i, master + i, p);
-        store<W>(square_avg + i, sq);
-        store<W>(acc_delta + i, acc);
+        unsigned rnd[W];  // stochastic rounding bits for bf16 state (unused for float32)
+#pragma unroll
+        for (int j = 0; j < W; ++j) rnd[j] = random32(i + j, seed);
+        store_state<W>(square_avg + i, sq, rnd, 0);
+        store_state<W>(acc_delta + i, acc, rnd, 16);
     });
     finish_step(step_state, lr_out, lr);
 }
 
-#define FO_ADADELTA_KERNEL(NAME, T)                                                           \
+#define FO_ADADELTA_KERNEL(NAME, T, S)                                                        \
     extern "C" __global__ void NAME(T* params, const T* grads, float* master,                 \
-                                    float* square_avg,                                        \
-                                    float* acc_delta, const double* table, int table_rows,    \
+                                    S* square_avg,                                            \
+                                    S* acc_delta, const double* table, int table_rows,        \
                                     unsigned long long* step_state, double* lr_out,           \
                                     double lr_scale, double grad_mult, double rho,            \
                                     double eps, double weight_decay, int maximize,            \
                                     long long n) {                                            \
-        adadelta<T>(params, grads, master, square_avg, acc_delta, table, table_rows,          \
+        adadelta<T, S>(params, grads, master, square_avg, acc_delta, table, table_rows,       \
                     step_state, lr_out, lr_scale, grad_mult, rho, eps, weight_decay,          \
                     maximize, n);                                                             \
     }
 
-FO_ADADELTA_KERNEL(adadelta_f32, float)
+FO_ADADELTA_KERNEL(adadelta_f32, float, float)
+FO_ADADELTA_KERNEL(adadelta_f32_sbf16, float, bf16_bits)
 #if defined(__CUDACC__)
-FO_ADADELTA_KERNEL(adadelta_f16, __half)
-FO_ADADELTA_KERNEL(adadelta_bf16, __nv_bfloat16)
+FO_ADADELTA_KERNEL(adadelta_f16, __half, float)
+FO_ADADELTA_KERNEL(adadelta_bf16, __nv_bfloat16, float)
+FO_ADADELTA_KERNEL(adadelta_f16_sbf16, __half, bf16_bits)
+FO_ADADELTA_KERNEL(adadelta_bf16_sbf16, __nv_bfloat16, bf16_bits)
 #endif

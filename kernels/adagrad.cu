@@ -19,13 +19,14 @@ FO_HD void adagrad_element(float& param, float g, float& state_sum, float grad_f
 }
 
 // One Adagrad step k = step_state[0] + 1 over the whole buffer; the last block advances k.
-template <typename T>
-FO_D void adagrad(T* params, const T* grads, float* master, float* state_sum, const double* table,
+template <typename T, typename S>
+FO_D void adagrad(T* params, const T* grads, float* master, S* state_sum, const double* table,
                   int table_rows, unsigned long long* step_state, double* lr_out,
                   double lr_scale, double grad_mult, double lr_decay, double eps,
                   double weight_decay, int maximize, long long n) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const unsigned seed = step_seed(step_state[0] + 1);  // stochastic rounding of bf16 state
     const float clr = (float)(lr / (1.0 + (step - 1.0) * lr_decay));
     const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
     const float weight_decay32 = (float)weight_decay;
@@ -45,25 +46,31 @@ FO_D void adagrad(T* params, const T* grads, float* master, float* state_sum, co
             adagrad_element(p[j], g[j], s[j], grad_factor, weight_decay32, clr, eps32);
         }
         store_param<W>(params + i, master + i, p);
-        store<W>(state_sum + i, s);
+        unsigned rnd[W];  // stochastic rounding bits for bf16 state (unused for float32)
+#pragma unroll
+        for (int j = 0; j < W; ++j) rnd[j] = random32(i + j, seed);
+        store_state<W>(state_sum + i, s, rnd, 0);
     });
     finish_step(step_state, lr_out, lr);
 }
 
-#define FO_ADAGRAD_KERNEL(NAME, T)                                                            \
+#define FO_ADAGRAD_KERNEL(NAME, T, S)                                                         \
     extern "C" __global__ void NAME(T* params, const T* grads, float* master,                 \
-                                    float* state_sum,                                         \
+                                    S* state_sum,                                             \
                                     const double* table, int table_rows,                      \
                                     unsigned long long* step_state, double* lr_out,           \
                                     double lr_scale, double grad_mult, double lr_decay,       \
                                     double eps, double weight_decay, int maximize,            \
                                     long long n) {                                            \
-        adagrad<T>(params, grads, master, state_sum, table, table_rows, step_state, lr_out,   \
+        adagrad<T, S>(params, grads, master, state_sum, table, table_rows, step_state, lr_out, \
                    lr_scale, grad_mult, lr_decay, eps, weight_decay, maximize, n);            \
     }
 
-FO_ADAGRAD_KERNEL(adagrad_f32, float)
+FO_ADAGRAD_KERNEL(adagrad_f32, float, float)
+FO_ADAGRAD_KERNEL(adagrad_f32_sbf16, float, bf16_bits)
 #if defined(__CUDACC__)
-FO_ADAGRAD_KERNEL(adagrad_f16, __half)
-FO_ADAGRAD_KERNEL(adagrad_bf16, __nv_bfloat16)
+FO_ADAGRAD_KERNEL(adagrad_f16, __half, float)
+FO_ADAGRAD_KERNEL(adagrad_bf16, __nv_bfloat16, float)
+FO_ADAGRAD_KERNEL(adagrad_f16_sbf16, __half, bf16_bits)
+FO_ADAGRAD_KERNEL(adagrad_bf16_sbf16, __nv_bfloat16, bf16_bits)
 #endif

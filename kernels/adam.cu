@@ -31,14 +31,15 @@ FO_HD void adam_element(float& param, float g, float& exp_avg, float& exp_avg_sq
 }
 
 // One Adam(W) step k = step_state[0] + 1 over the whole buffer; the last block advances k.
-template <typename T>
-FO_D void adam(T* params, const T* grads, float* master, float* exp_avg, float* exp_avg_sq,
-               float* max_exp_avg_sq, const double* table, int table_rows,
+template <typename T, typename S>
+FO_D void adam(T* params, const T* grads, float* master, S* exp_avg, S* exp_avg_sq,
+               S* max_exp_avg_sq, const double* table, int table_rows,
                unsigned long long* step_state, double* lr_out, double lr_scale,
                double grad_mult, double beta1, double beta2, double eps, double weight_decay,
                int decoupled, int amsgrad, int maximize, long long n) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const unsigned seed = step_seed(step_state[0] + 1);  // stochastic rounding of bf16 state
     const double bias_correction1 = 1.0 - pow(beta1, step);
     const double bias_correction2 = 1.0 - pow(beta2, step);
     const float step_size = (float)(lr / bias_correction1);
@@ -70,29 +71,35 @@ FO_D void adam(T* params, const T* grads, float* master, float* exp_avg, float* 
                          eps32);
         }
         store_param<W>(params + i, master + i, p);
-        store<W>(exp_avg + i, m);
-        store<W>(exp_avg_sq + i, v);
-        if (amsgrad) store<W>(max_exp_avg_sq + i, vmax);
+        unsigned rnd[W];  // stochastic rounding bits for bf16 state (unused for float32)
+#pragma unroll
+        for (int j = 0; j < W; ++j) rnd[j] = random32(i + j, seed);
+        store_state<W>(exp_avg + i, m, rnd, 0);
+        store_state<W>(exp_avg_sq + i, v, rnd, 16);
+        if (amsgrad) store_state<W>(max_exp_avg_sq + i, vmax, rnd, 8);
     });
     finish_step(step_state, lr_out, lr);
 }
 
-#define FO_ADAM_KERNEL(NAME, T)                                                               \
+#define FO_ADAM_KERNEL(NAME, T, S)                                                            \
     extern "C" __global__ void NAME(T* params, const T* grads, float* master,                 \
-                                    float* exp_avg, float* exp_avg_sq,                        \
-                                    float* max_exp_avg_sq,                                    \
+                                    S* exp_avg, S* exp_avg_sq,                                \
+                                    S* max_exp_avg_sq,                                        \
                                     const double* table, int table_rows,                      \
                                     unsigned long long* step_state, double* lr_out,           \
                                     double lr_scale, double grad_mult, double beta1,          \
                                     double beta2, double eps, double weight_decay,            \
                                     int decoupled, int amsgrad, int maximize, long long n) {  \
-        adam<T>(params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, table,            \
+        adam<T, S>(params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, table,         \
                 table_rows, step_state, lr_out, lr_scale, grad_mult, beta1, beta2, eps,       \
                 weight_decay, decoupled, amsgrad, maximize, n);                               \
     }
 
-FO_ADAM_KERNEL(adam_f32, float)
+FO_ADAM_KERNEL(adam_f32, float, float)
+FO_ADAM_KERNEL(adam_f32_sbf16, float, bf16_bits)
 #if defined(__CUDACC__)
-FO_ADAM_KERNEL(adam_f16, __half)
-FO_ADAM_KERNEL(adam_bf16, __nv_bfloat16)
+FO_ADAM_KERNEL(adam_f16, __half, float)
+FO_ADAM_KERNEL(adam_bf16, __nv_bfloat16, float)
+FO_ADAM_KERNEL(adam_f16_sbf16, __half, bf16_bits)
+FO_ADAM_KERNEL(adam_bf16_sbf16, __nv_bfloat16, bf16_bits)
 #endif

@@ -9,9 +9,55 @@
 #define FO_D __device__ __forceinline__
 #else  // the g++ host build used by the tests (a shim defines the CUDA built-ins)
 #include <math.h>
+#include <string.h>
 #define FO_HD inline
 #define FO_D inline
 #endif
+
+// Bit casts between float and its 32 bits.
+FO_HD unsigned float_bits(float f) {
+#if defined(__CUDACC__)
+    return __float_as_uint(f);
+#else
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+#endif
+}
+FO_HD float bits_float(unsigned u) {
+#if defined(__CUDACC__)
+    return __uint_as_float(u);
+#else
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+#endif
+}
+
+// bfloat16 optimizer state is stored as raw bits (mirrors fastopt/cpu/convert.py): read
+// exactly, written with stochastic rounding (unbiased) from 16 random bits per buffer.
+typedef unsigned short bf16_bits;
+
+// 32 pseudo-random bits for element i and the step's seed (a multiply-xorshift hash).
+FO_HD unsigned random32(long long i, unsigned seed) {
+    unsigned h = (unsigned)i * 0x9E3779B1u + seed;
+    h ^= h >> 15;
+    h *= 0x2C1B3C6Du;
+    return h ^ (h >> 12);
+}
+
+// The stochastic-rounding seed of step k.
+FO_HD unsigned step_seed(unsigned long long step) {
+    return (unsigned)(step * 0x9E3779B9ull);
+}
+
+FO_HD float bf16_to_float(bf16_bits h) { return bits_float((unsigned)h << 16); }
+
+FO_HD bf16_bits float_to_bf16_stochastic(float f, unsigned rand16) {
+    const unsigned u = float_bits(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (bf16_bits)((u >> 16) | 0x40u);  // NaN
+    return (bf16_bits)((u + rand16) >> 16);
+}
 
 // Elements of T per 16-byte vector access.
 template <typename T>
@@ -26,6 +72,7 @@ struct alignas(sizeof(T) * N) Vec {
 
 FO_HD float to_float(float x) { return x; }
 FO_HD float from_float(float x, float*) { return x; }
+FO_HD float to_float(bf16_bits x) { return bf16_to_float(x); }
 #if defined(__CUDACC__)
 FO_D float to_float(__half x) { return __half2float(x); }
 FO_D __half from_float(float x, __half*) { return __float2half_rn(x); }
@@ -111,6 +158,26 @@ template <int N, typename T>
 FO_HD void store_param(T* params, float* master, const float (&in)[N]) {
     if constexpr (!IsFloat<T>::value) store<N>(master, in);
     store<N>(params, in);
+}
+
+// State buffers: float32 as is, or bfloat16 bits rounded stochastically with the 16 bits of
+// rnd[j] from ``shift`` (each buffer of an element takes different bits).
+template <int N, typename S>
+FO_HD void store_state(S* ptr, const float (&in)[N], const unsigned (&rnd)[N], int shift) {
+    if constexpr (IsFloat<S>::value) {
+        store<N>(ptr, in);
+    } else {
+        Vec<S, N> vec;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            vec.v[j] = float_to_bf16_stochastic(in[j], (rnd[j] >> shift) & 0xFFFFu);
+        }
+        if constexpr (N == 1) {
+            *ptr = vec.v[0];
+        } else {
+            *reinterpret_cast<Vec<S, N>*>(ptr) = vec;
+        }
+    }
 }
 
 // Grid-stride loop: group(Width<N>{}, i) on N-element groups while every buffer is aligned

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt import reference
+from fastopt import _bf16, reference
 from fastopt import schedules as S
 from fastopt.gpu import build
 from fastopt.gpu.launch import KERNEL_ARGS, pack_args
@@ -21,8 +21,11 @@ HERE = Path(__file__).parent / "cuda_host"
 CTYPES = {"double": ctypes.c_double, "int": ctypes.c_int, "long long": ctypes.c_longlong}
 
 
-def _c_type(ctype: str) -> str:
-    return ctype.replace("T*", "float*")
+STATE_C = {"": "float*", "_sbf16": "unsigned short*"}  # kernel suffix -> the state's C type
+
+
+def _c_type(ctype: str, suffix: str) -> str:
+    return ctype.replace("T*", "float*").replace("S*", STATE_C[suffix])
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,12 @@ def lib(tmp_path_factory):
         pytest.skip("g++ is needed to build the kernels for the CPU")
     out = tmp_path_factory.mktemp("cuda_host")
     lines = [f'#include "{name}"' for name in sorted(build.SOURCES)]
-    for op, args in KERNEL_ARGS.items():
-        params = ", ".join(f"{_c_type(t)} {n}" for n, t in args)
+    for (op, args), suffix in itertools.product(KERNEL_ARGS.items(), STATE_C):
+        params = ", ".join(f"{_c_type(t, suffix)} {n}" for n, t in args)
         names = ", ".join(n for n, _ in args)
-        lines.append(f'extern "C" void emulate_{op}(unsigned grid, unsigned block, {params}) '
-                     f'{{ fo_emulate_launch(grid, block, [&] {{ {op}_f32({names}); }}); }}')
+        lines.append(f'extern "C" void emulate_{op}{suffix}(unsigned grid, unsigned block, '
+                     f'{params}) {{ fo_emulate_launch(grid, block, [&] {{ '
+                     f'{op}_f32{suffix}({names}); }}); }}')
     (out / "wrappers.cpp").write_text("\n".join(lines) + "\n")
     so = out / "kernels_host.so"
     cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall",
@@ -44,31 +48,35 @@ def lib(tmp_path_factory):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     library = ctypes.CDLL(str(so))
-    for op, args in KERNEL_ARGS.items():
-        fn = getattr(library, f"emulate_{op}")
+    for (op, args), suffix in itertools.product(KERNEL_ARGS.items(), STATE_C):
+        fn = getattr(library, f"emulate_{op}{suffix}")
         fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [CTYPES.get(t, ctypes.c_void_p)
                                                         for _, t in args]
         fn.restype = None
     return library
 
 
-def emulate(lib, op, grid, block, values):
+def emulate(lib, op, grid, block, values, suffix=""):
     args = pack_args(op, values)
     converted = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
-    getattr(lib, f"emulate_{op}")(grid, block, *converted)
+    getattr(lib, f"emulate_{op}{suffix}")(grid, block, *converted)
 
 
 class HostRun:
     """Device-style state: step counter and lr output live in buffers the kernel updates."""
 
-    def __init__(self, lib, op, n, grid, block, offset, schedule, rng, **hyper):
+    def __init__(self, lib, op, n, grid, block, offset, schedule, rng, state_bf16=False,
+                 **hyper):
         self.lib, self.op, self.grid, self.block = lib, op, grid, block
-        self.base = {name: np.zeros(n + offset, np.float32) for name, t in KERNEL_ARGS[op]
-                     if t in ("T*", "float*")}
+        self.suffix = "_sbf16" if state_bf16 else ""
+        state = np.uint16 if state_bf16 else np.float32
+        self.base = {name: np.zeros(n + offset, state if t == "S*" else np.float32)
+                     for name, t in KERNEL_ARGS[op] if t in ("T*", "float*", "S*")}
         self.values = {name: buf[offset:] for name, buf in self.base.items()}
         self.values["params"][...] = rng.standard_normal(n)
         if "state_sum" in self.values:
-            self.values["state_sum"][...] = hyper.get("initial_accumulator_value", 0.0)
+            init = np.float32(hyper.pop("initial_accumulator_value", 0.0))
+            self.values["state_sum"][...] = _bf16.encode(init) if state_bf16 else init
         self.table = np.ascontiguousarray(schedule.table)
         self.values.update(table=self.table, table_rows=self.table.shape[0],
                            step_state=np.zeros(2, np.uint64), lr_out=np.zeros(1), n=n,
@@ -76,7 +84,7 @@ class HostRun:
 
     def step(self, grads_f32):
         self.values["grads"] = grads_f32
-        emulate(self.lib, self.op, self.grid, self.block, self.values)
+        emulate(self.lib, self.op, self.grid, self.block, self.values, self.suffix)
 
 
 SCHEDULES = [S.constant(0.01), S.warmup(S.cosine(0.02, 40, end_lr=1e-4), 7),
@@ -176,3 +184,38 @@ def test_schedule_header_equals_at(lib):
                 run.step(rng.standard_normal(8).astype(np.float32))
                 np.testing.assert_allclose(run.values["lr_out"][0], schedule.at(k - 1),
                                            rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("op", sorted(KERNEL_ARGS))
+@pytest.mark.parametrize("grid,block,offset", [(1, 1, 0), (3, 4, 1), (2, 32, 0)])
+def test_bf16_state_kernels_match_the_numba_backend(lib, op, grid, block, offset):
+    """bfloat16 state with stochastic rounding: the same seeds and bits as the CPU kernels."""
+    rng = np.random.default_rng(7)
+    n, schedule = 203, SCHEDULES[1]
+    hyper = {"adam": dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, decoupled=1,
+                          amsgrad=1, maximize=0),
+             "adagrad": dict(lr_decay=0.0, eps=1e-10, weight_decay=0.0, maximize=0),
+             "adadelta": dict(rho=0.9, eps=1e-6, weight_decay=0.0, maximize=0)}[op]
+    run = HostRun(lib, op, n, grid, block, offset, schedule, rng, state_bf16=True, **hyper)
+    cls = {"adam": lambda p: fastopt.AdamW(p, lr=schedule, betas=(0.9, 0.99), eps=1e-8,
+                                           weight_decay=0.01, amsgrad=True,
+                                           state_dtype="bfloat16"),
+           "adagrad": lambda p: fastopt.Adagrad(p, lr=schedule, state_dtype="bfloat16"),
+           "adadelta": lambda p: fastopt.Adadelta(p, lr=schedule, state_dtype="bfloat16")}[op]
+    p_cpu = run.values["params"].copy()
+    cpu = cls(p_cpu)
+    for g in _grads(rng, n, 40):
+        run.step(g)
+        cpu.step(g)
+    _close(run.values["params"], p_cpu)
+    names = [name for name, t in KERNEL_ARGS[op] if t == "S*"]
+    cpu_names = {"state_sum": "sum"}
+    for name in names:
+        if op == "adam" and name == "max_exp_avg_sq":
+            continue
+        ours = _bf16.decode(run.values[name])
+        theirs = cpu.state_dict()[cpu_names.get(name, name)]
+        np.testing.assert_allclose(ours, theirs, rtol=2e-2, atol=1e-6 * np.max(np.abs(theirs)))
+        # the same stochastic rounding bits: most elements are bit-identical
+        same = np.mean(run.values[name] == cpu.state[cpu_names.get(name, name)])
+        assert same > 0.9, (name, same)

@@ -8,12 +8,12 @@ import os
 from importlib import resources
 from pathlib import Path
 
-#: CUDA source file -> the extern "C" kernels it defines (suffix = param/grad dtype)
+#: CUDA source file -> the extern "C" kernels it defines: ``<op>_<param dtype>`` with float32
+#: state, ``<op>_<param dtype>_sbf16`` with bfloat16 state
 DTYPE_SUFFIXES = ("f32", "f16", "bf16")
 SOURCES = {
-    "adam.cu": tuple(f"adam_{s}" for s in DTYPE_SUFFIXES),
-    "adagrad.cu": tuple(f"adagrad_{s}" for s in DTYPE_SUFFIXES),
-    "adadelta.cu": tuple(f"adadelta_{s}" for s in DTYPE_SUFFIXES),
+    f"{op}.cu": tuple(f"{op}_{d}{s}" for d in DTYPE_SUFFIXES for s in ("", "_sbf16"))
+    for op in ("adam", "adagrad", "adadelta")
 }
 
 

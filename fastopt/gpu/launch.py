@@ -1,8 +1,9 @@
 """Kernel argument order (the one place it is defined) and CuPy launchers.
 
 ``KERNEL_ARGS[op]`` lists each kernel parameter as ``(name, C type)``; ``T`` stands for the
-param/grad element type. The launchers below and the host-emulation tests build their argument
-lists from it, so a kernel signature and its callers cannot drift apart silently.
+param/grad element type, ``S`` for the state's (float, or bfloat16 bits). The launchers below
+and the host-emulation tests build their argument lists from it, so a kernel signature and its
+callers cannot drift apart silently.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ _STEP = ("lr_scale", "double"), ("grad_mult", "double")
 _BUFFERS = ("params", "T*"), ("grads", "const T*"), ("master", "float*")
 
 KERNEL_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
-    "adam": (*_BUFFERS, ("exp_avg", "float*"), ("exp_avg_sq", "float*"),
-             ("max_exp_avg_sq", "float*"), *_SCHEDULE, *_STATE, *_STEP, ("beta1", "double"),
+    "adam": (*_BUFFERS, ("exp_avg", "S*"), ("exp_avg_sq", "S*"),
+             ("max_exp_avg_sq", "S*"), *_SCHEDULE, *_STATE, *_STEP, ("beta1", "double"),
              ("beta2", "double"), ("eps", "double"), ("weight_decay", "double"),
              ("decoupled", "int"), ("amsgrad", "int"), ("maximize", "int"), ("n", "long long")),
-    "adagrad": (*_BUFFERS, ("state_sum", "float*"), *_SCHEDULE, *_STATE, *_STEP,
+    "adagrad": (*_BUFFERS, ("state_sum", "S*"), *_SCHEDULE, *_STATE, *_STEP,
                 ("lr_decay", "double"), ("eps", "double"), ("weight_decay", "double"),
                 ("maximize", "int"), ("n", "long long")),
-    "adadelta": (*_BUFFERS, ("square_avg", "float*"), ("acc_delta", "float*"), *_SCHEDULE,
+    "adadelta": (*_BUFFERS, ("square_avg", "S*"), ("acc_delta", "S*"), *_SCHEDULE,
                  *_STATE, *_STEP, ("rho", "double"), ("eps", "double"),
                  ("weight_decay", "double"), ("maximize", "int"), ("n", "long long")),
 }
@@ -40,8 +41,8 @@ DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 BLOCK = 256
 
 
-def kernel_name(op: str, dtype) -> str:
-    return f"{op}_{DTYPE_SUFFIX[np.dtype(dtype).name]}"
+def kernel_name(op: str, dtype, state_bf16: bool = False) -> str:
+    return f"{op}_{DTYPE_SUFFIX[np.dtype(dtype).name]}" + ("_sbf16" if state_bf16 else "")
 
 
 def pack_args(op: str, values: dict) -> tuple:
@@ -70,10 +71,13 @@ def _grid(device_id: int) -> int:
 
 
 def launch(op: str, values: dict) -> None:
-    """Run kernel ``op`` for values['params'].dtype on the current stream (no host sync)."""
+    """Run kernel ``op`` for the params' dtype and the state's (float32, or bfloat16 bits as
+    uint16) on the current stream; no host sync."""
     import cupy
 
-    kernel = _module(f"{op}.cu").get_function(kernel_name(op, values["params"].dtype))
+    state = next(values[name] for name, ctype in KERNEL_ARGS[op] if ctype == "S*")
+    name = kernel_name(op, values["params"].dtype, state.dtype == np.uint16)
+    kernel = _module(f"{op}.cu").get_function(name)
     n = int(values["n"])
     grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
     kernel((grid,), (BLOCK,), pack_args(op, values))
