@@ -183,7 +183,8 @@ class _FlatOptimizer:
         the unscaled gradients to this global 2-norm (``torch.nn.utils.clip_grad_norm_``'s
         coefficient, applied inside the update: one extra read pass). skip_if_nonfinite: if
         any gradient is inf/NaN, change nothing (params, state, step count) and return False.
-        Returns True when the step was applied.
+        Returns True when the step was applied. (On the GPU backend these two read the norm
+        back to the host: that step is not graph-capturable.)
         """
         check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
                      dtype=self._grad_dtypes)
@@ -196,11 +197,12 @@ class _FlatOptimizer:
                                "thread; one optimizer must not be stepped concurrently")
         try:
             if max_norm is not None or skip_if_nonfinite:
-                if self._on_gpu:
-                    raise NotImplementedError("max_grad_norm / skip_if_nonfinite are not yet "
-                                              "available on the GPU backend")
-                grad_bits = kernel_view(grads)
-                norm = math.sqrt(cpu.grad_sq_norm(grad_bits, self._fmt, self._parallel)) * mult
+                if self._on_gpu:  # a cupy reduction; reading the norm back syncs the stream
+                    wide = grads.astype(np.float64)
+                    sq = float(self._xp.dot(wide, wide))
+                else:
+                    sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, self._parallel)
+                norm = math.sqrt(sq) * mult
                 self.last_grad_norm = norm
                 if skip_if_nonfinite and not math.isfinite(norm):
                     return False

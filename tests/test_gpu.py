@@ -120,3 +120,32 @@ def test_mixed_devices_refused():
     opt = fastopt.Adam(p)
     with pytest.raises(TypeError, match="numpy"):
         opt.step(np.zeros(16, np.float32))
+
+
+def test_gpu_clipping_and_skip_equal_cpu():
+    n = 5000
+    data = _grads(n, 10, seed=4)
+    p_cpu = np.random.default_rng(5).standard_normal(n).astype(np.float32)
+    p_gpu = cupy.asarray(p_cpu)
+    cpu, gpu = fastopt.AdamW(p_cpu), fastopt.AdamW(p_gpu)
+    for g in data:
+        cpu.step(g * 4, grad_scale=4.0, max_grad_norm=1.0)
+        gpu.step(cupy.asarray(g) * 4, grad_scale=4.0, max_grad_norm=1.0)
+        assert gpu.last_grad_norm == pytest.approx(cpu.last_grad_norm, rel=1e-5)
+    np.testing.assert_allclose(p_gpu.get(), p_cpu, rtol=1e-5, atol=1e-6)
+    bad = cupy.asarray(data[0])
+    bad[3] = cupy.nan
+    assert gpu.step(bad, skip_if_nonfinite=True) is False and gpu.step_count == 10
+
+
+def test_gpu_bf16_state_equals_cpu():
+    n = 4099
+    data = _grads(n, 30, seed=6)
+    p_cpu = np.random.default_rng(7).standard_normal(n).astype(np.float32)
+    p_gpu = cupy.asarray(p_cpu)
+    cpu = fastopt.AdamW(p_cpu, lr=SCHED, state_dtype="bfloat16")
+    gpu = fastopt.AdamW(p_gpu, lr=SCHED, state_dtype="bfloat16")
+    for g in data:
+        cpu.step(g)
+        gpu.step(cupy.asarray(g))
+    np.testing.assert_allclose(p_gpu.get(), p_cpu, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 """Property tests (hypothesis): random lengths, hyperparameters and schedules vs the reference."""
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -106,3 +107,42 @@ def test_schedule_kernel_evaluator_equals_at(schedule, steps):
     for t in steps:
         np.testing.assert_allclose(lr_at(sched.table, float(t)), sched.at(t), rtol=1e-12,
                                    atol=1e-300)
+
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+PARAM_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+# per-step tolerance of the storage formats against the float64 reference (relative to scale)
+TOLERANCE = {("float32", "float32"): 2e-5, ("float16", "float32"): 2e-3,
+             ("bfloat16", "float32"): 1.6e-2, ("float32", "bfloat16"): 3e-2,
+             ("float16", "bfloat16"): 3e-2, ("bfloat16", "bfloat16"): 4e-2}
+
+
+@SETTINGS
+@given(n=LENGTHS, seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from(sorted(PARAM_DTYPES)),
+       state_dtype=st.sampled_from(["float32", "bfloat16"]),
+       name=st.sampled_from(["Adam", "AdamW", "Adagrad", "Adadelta"]), schedule=schedule_st)
+def test_every_dtype_vs_reference(n, seed, dtype, state_dtype, name, schedule):
+    """16-bit params (fp32 master) and bf16 state track the float64 reference within the
+    storage format's precision."""
+    rng = np.random.default_rng(seed)
+    p = (rng.standard_normal(n)).astype(PARAM_DTYPES[dtype])
+    opt = getattr(fastopt, name)(p, lr=schedule, state_dtype=state_dtype)
+    start = p.astype(np.float64)
+    ref_p = start.copy()
+    ref_state = {"Adam": [np.zeros(n), np.zeros(n)], "AdamW": [np.zeros(n), np.zeros(n)],
+                 "Adagrad": [np.zeros(n)], "Adadelta": [np.zeros(n), np.zeros(n)]}[name]
+    fn = {"Adam": reference.adam, "AdamW": reference.adam, "Adagrad": reference.adagrad,
+          "Adadelta": reference.adadelta}[name]
+    extra = {"AdamW": dict(decoupled=True, weight_decay=1e-2)}.get(name, {})
+    for k in range(1, 6):
+        g = (rng.standard_normal(n) * rng.uniform(0.1, 3)).astype(PARAM_DTYPES[dtype])
+        opt.step(g)
+        ref_p, *ref_state = fn(ref_p, g.astype(np.float64), *ref_state, step=k,
+                               lr=opt.schedule.at(k - 1), **extra)
+        ref_state = [s for s in ref_state if s is not None]
+    moved = max(float(np.max(np.abs(ref_p - start))) if n else 0.0, 1e-3)
+    got = p.astype(np.float64)
+    rounding = float(np.max(np.abs(ref_p))) * {"float32": 6 * 2**-23, "float16": 2**-11,
+                                               "bfloat16": 2**-8}[dtype] if n else 0.0
+    tol = TOLERANCE[(dtype, state_dtype)] * moved * 5 + rounding
+    assert np.max(np.abs(got - ref_p), initial=0.0) <= tol

@@ -13,22 +13,23 @@ from fastopt import schedules as S
 
 
 @pytest.mark.parametrize("make", [
-    lambda p: fastopt.Adam(p, amsgrad=True, weight_decay=0.1),
-    lambda p: fastopt.AdamW(p, lr=S.warmup(S.cosine(1e-3, 100), 10)),
-    lambda p: fastopt.Adagrad(p, lr=S.one_cycle(0.1, 50)),
-    lambda p: fastopt.Adadelta(p, lr=S.cyclic(0.1, 1.0, 5)),
+    lambda p, s: fastopt.Adam(p, amsgrad=True, weight_decay=0.1, state_dtype=s),
+    lambda p, s: fastopt.AdamW(p, lr=S.warmup(S.cosine(1e-3, 100), 10), state_dtype=s),
+    lambda p, s: fastopt.Adagrad(p, lr=S.one_cycle(0.1, 50), state_dtype=s),
+    lambda p, s: fastopt.Adadelta(p, lr=S.cyclic(0.1, 1.0, 5), state_dtype=s),
 ], ids=["adam", "adamw", "adagrad", "adadelta"])
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("n", [1000, 100_000])
-def test_step_allocates_nothing(make, n, dtype):
+def test_step_allocates_nothing(make, n, dtype, state_dtype):
     if dtype == "bfloat16":
         dtype = pytest.importorskip("ml_dtypes").bfloat16
     rng = np.random.default_rng(0)
     p = rng.standard_normal(n).astype(dtype)
     g = rng.standard_normal(n).astype(dtype)
-    opt = make(p)
+    opt = make(p, state_dtype)
     for _ in range(3):
-        opt.step(g)  # compile, warm up
+        opt.step(g, max_grad_norm=10.0, grad_scale=2.0)  # compile, warm up
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()

@@ -161,3 +161,22 @@ def test_two_optimizers_in_two_threads_equal_sequential():
         t.join()
     for a, b in zip(seq, par, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-38, 1.0, 1e10])
+@pytest.mark.parametrize("name", ["Adam", "Adagrad", "Adadelta"])
+def test_eps_at_its_limits_equals_torch(name, eps):
+    """eps = 0 with nonzero gradients, subnormal, and huge eps: the same numbers as torch."""
+    g = grads(4, seed=11, n=64)
+    p = np.linspace(-1, 1, 64).astype(np.float32)
+    ours = {"Adam": fastopt.Adam, "Adagrad": fastopt.Adagrad, "Adadelta": fastopt.Adadelta}
+    opt = ours[name](p, eps=eps)
+    tp = torch.nn.Parameter(torch.linspace(-1, 1, 64))
+    topt = getattr(torch.optim, name)([tp], eps=eps)
+    for x in g:
+        opt.step(x)
+        tp.grad = torch.from_numpy(x.copy())
+        topt.step()
+    theirs = tp.detach().numpy()
+    assert np.all(np.isfinite(p)) == np.all(np.isfinite(theirs))
+    np.testing.assert_allclose(p, theirs, rtol=1e-5, atol=1e-6)
