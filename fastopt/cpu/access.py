@@ -9,10 +9,11 @@ FP16 or BF16) with a float32 ``master`` copy: the math reads and writes the mast
 load/store of kernels/common.cuh).
 """
 
+import numpy as np
 from numba import types
 from numba.extending import overload
 
-from .convert import bf16_to_float, float_to_bf16_stochastic, from_float, to_float
+from .convert import bf16_to_float, float_to_bf16_stochastic, from_float, random32, to_float
 
 
 def load_param(params, master, i):
@@ -27,13 +28,18 @@ def store_param(params, master, i, value, fmt):
     """Write param i (and its master copy for 16-bit params)."""
 
 
-def load_state(state, i):
-    """The float32 value of state element i (float32, or bfloat16 bits)."""
+def decode_state(x):
+    """The float32 value of a state element (float32, or bfloat16 bits)."""
 
 
-def store_state(state, i, value, rand16):
-    """Write state element i: float32 as is, bfloat16 rounded stochastically with these 16
-    random bits."""
+def encode_state(state, value, rand16):
+    """The element to store into ``state``: float32 as is, or bfloat16 bits rounded
+    stochastically with these 16 random bits. (No index argument: an index parameter inlined
+    several times into a prange body reads to Numba as overwriting the loop index.)"""
+
+
+def state_random(state, i, seed):
+    """32 random bits for element i's bf16 state rounding (0, and no work, for float32)."""
 
 
 # (the implementations name the index j: an inlined parameter called i would overwrite the
@@ -68,19 +74,22 @@ def _store_param(params, master, j, value, fmt):
     return store
 
 
-@overload(load_state)
-def _load_state(state, j):
-    if _is_f32(state):
-        return lambda state, j: state[j]
-    return lambda state, j: bf16_to_float(state[j])
+@overload(decode_state, inline="always")
+def _decode_state(x):
+    if x == types.float32:
+        return lambda x: x
+    return lambda x: bf16_to_float(x)
 
 
-@overload(store_state)
-def _store_state(state, j, value, rand16):
+@overload(encode_state, inline="always")
+def _encode_state(state, value, rand16):
     if _is_f32(state):
-        def store(state, j, value, rand16):
-            state[j] = value
-    else:
-        def store(state, j, value, rand16):
-            state[j] = float_to_bf16_stochastic(value, rand16)
-    return store
+        return lambda state, value, rand16: value
+    return lambda state, value, rand16: float_to_bf16_stochastic(value, rand16)
+
+
+@overload(state_random, inline="always")
+def _state_random(state, j, seed):
+    if _is_f32(state):
+        return lambda state, j, seed: np.uint32(0)
+    return lambda state, j, seed: random32(j, seed)

@@ -16,8 +16,15 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
-from .access import load_grad, load_param, load_state, store_param, store_state
-from .convert import LOW16, SHIFT16, random32, step_seed
+from .access import (
+    decode_state,
+    encode_state,
+    load_grad,
+    load_param,
+    state_random,
+    store_param,
+)
+from .convert import LOW16, SHIFT16, step_seed
 from .schedule import lr_at
 
 
@@ -27,12 +34,13 @@ def adadelta_element(i, params, grads, master, square_avg, acc_delta, grad_facto
     """The per-element Adadelta math at index i; every scalar is float32."""
     param = load_param(params, master, i)
     grad = grad_factor * load_grad(grads, i, fmt) + weight_decay * param
-    sq = rho * load_state(square_avg, i) + one_minus_rho * (grad * grad)
-    rand = random32(i, seed)  # stochastic rounding bits for bf16 state (unused for float32)
-    store_state(square_avg, i, sq, rand & LOW16)
-    acc = load_state(acc_delta, i)
+    sq = rho * decode_state(square_avg[i]) + one_minus_rho * (grad * grad)
+    rand = state_random(square_avg, i, seed)  # bf16 state rounding bits (none for float32)
+    square_avg[i] = encode_state(square_avg, sq, rand & LOW16)
+    acc = decode_state(acc_delta[i])
     delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * grad
-    store_state(acc_delta, i, rho * acc + one_minus_rho * (delta * delta), rand >> SHIFT16)
+    acc_delta[i] = encode_state(acc_delta, rho * acc + one_minus_rho * (delta * delta),
+                                rand >> SHIFT16)
     store_param(params, master, i, param - lr * delta, fmt)
 
 

@@ -14,8 +14,15 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
-from .access import load_grad, load_param, load_state, store_param, store_state
-from .convert import LOW16, random32, step_seed
+from .access import (
+    decode_state,
+    encode_state,
+    load_grad,
+    load_param,
+    state_random,
+    store_param,
+)
+from .convert import LOW16, step_seed
 from .schedule import lr_at
 
 
@@ -25,8 +32,8 @@ def adagrad_element(i, params, grads, master, state_sum, grad_factor, weight_dec
     """The per-element Adagrad math at index i; every scalar is float32."""
     param = load_param(params, master, i)
     grad = grad_factor * load_grad(grads, i, fmt) + weight_decay * param
-    s = load_state(state_sum, i) + grad * grad
-    store_state(state_sum, i, s, random32(i, seed) & LOW16)
+    s = decode_state(state_sum[i]) + grad * grad
+    state_sum[i] = encode_state(state_sum, s, state_random(state_sum, i, seed) & LOW16)
     store_param(params, master, i, param - clr * (grad / (np.sqrt(s) + eps)), fmt)
 
 

@@ -19,8 +19,15 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel
-from .access import load_grad, load_param, load_state, store_param, store_state
-from .convert import LOW16, SHIFT8, SHIFT16, random32, step_seed
+from .access import (
+    decode_state,
+    encode_state,
+    load_grad,
+    load_param,
+    state_random,
+    store_param,
+)
+from .convert import LOW16, SHIFT8, SHIFT16, step_seed
 from .schedule import lr_at
 
 
@@ -31,15 +38,15 @@ def adam_element(i, params, grads, master, exp_avg, exp_avg_sq, max_exp_avg_sq, 
     """The per-element Adam math at index i; every scalar is float32."""
     param = load_param(params, master, i)
     grad = grad_factor * load_grad(grads, i, fmt) + l2 * param
-    m = load_state(exp_avg, i)
+    m = decode_state(exp_avg[i])
     m = m + one_minus_beta1 * (grad - m)
-    v = beta2 * load_state(exp_avg_sq, i) + one_minus_beta2 * (grad * grad)
-    rand = random32(i, seed)  # stochastic rounding bits for bf16 state (unused for float32)
-    store_state(exp_avg, i, m, rand & LOW16)
-    store_state(exp_avg_sq, i, v, rand >> SHIFT16)
+    v = beta2 * decode_state(exp_avg_sq[i]) + one_minus_beta2 * (grad * grad)
+    rand = state_random(exp_avg, i, seed)  # bf16 state rounding bits (none for float32)
+    exp_avg[i] = encode_state(exp_avg, m, rand & LOW16)
+    exp_avg_sq[i] = encode_state(exp_avg_sq, v, rand >> SHIFT16)
     if amsgrad:
-        v = max(load_state(max_exp_avg_sq, i), v)
-        store_state(max_exp_avg_sq, i, v, (rand >> SHIFT8) & LOW16)
+        v = max(decode_state(max_exp_avg_sq[i]), v)
+        max_exp_avg_sq[i] = encode_state(max_exp_avg_sq, v, (rand >> SHIFT8) & LOW16)
     denom = np.sqrt(v) * inv_bc2_sqrt + eps
     store_param(params, master, i, decay * param - step_size * (m / denom), fmt)
 
