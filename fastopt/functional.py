@@ -67,6 +67,13 @@ def _buffers(params, grads, master, **state):
     return n, name
 
 
+def _parallel(n: int, params, *state) -> bool:
+    """The serial loop vectorises only for float32 params and state."""
+    simd = params.dtype == np.float32 and all(s.dtype == np.float32 for s in state
+                                              if s is not None)
+    return cpu.use_parallel(n, serial_simd=simd)
+
+
 def _cpu_args(params, grads, master) -> tuple:
     """params, grads and master as the CPU kernels take them (16-bit as uint16 bits)."""
     return kernel_view(params), kernel_view(grads), params if master is None else master
@@ -113,7 +120,8 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
     return cpu.adam(*_cpu_args(params, grads, master), exp_avg, exp_avg_sq,
                     exp_avg if max_buffer is None else max_buffer, sched.table, step, lr_scale,
                     mult, beta1, beta2, eps, weight_decay, bool(decoupled_weight_decay),
-                    bool(amsgrad), bool(maximize), FORMATS.get(name, 0), cpu.use_parallel(n))
+                    bool(amsgrad), bool(maximize), FORMATS.get(name, 0),
+                    _parallel(n, params, exp_avg))
 
 
 def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
@@ -147,7 +155,7 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None, mast
                            weight_decay=weight_decay, maximize=bool(maximize))
     return cpu.adagrad(*_cpu_args(params, grads, master), state_sum, sched.table, step,
                        lr_scale, mult, lr_decay, eps, weight_decay, bool(maximize),
-                       FORMATS.get(name, 0), cpu.use_parallel(n))
+                       FORMATS.get(name, 0), _parallel(n, params, state_sum))
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedule=None,
@@ -171,4 +179,4 @@ def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedu
                            weight_decay=weight_decay, maximize=bool(maximize))
     return cpu.adadelta(*_cpu_args(params, grads, master), square_avg, acc_delta,
                         sched.table, step, lr_scale, mult, rho, eps, weight_decay,
-                        bool(maximize), FORMATS.get(name, 0), cpu.use_parallel(n))
+                        bool(maximize), FORMATS.get(name, 0), _parallel(n, params, square_avg))

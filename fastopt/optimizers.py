@@ -71,7 +71,8 @@ class _FlatOptimizer:
         self._last_lr: float | None = None
         self._step = 0
         self._lock = threading.Lock()
-        self._parallel = cpu.use_parallel(self.params.shape[0])
+        self._parallel = cpu.use_parallel(
+            self.params.shape[0], serial_simd=self.dtype == state_dtype == "float32")
         self.state = {name: self._new_state(name) for name in self._state_keys(defaults)}
         if self._on_gpu:  # the step counter and the lr used live on the device
             self._step_state = self._xp.zeros(2, dtype=np.uint64)

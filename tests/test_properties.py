@@ -10,7 +10,7 @@ from fastopt import reference
 from fastopt import schedules as S
 
 LENGTHS = st.one_of(st.sampled_from([0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 127, 129,
-                                     16_383, 16_384, 16_385]), st.integers(0, 3000))
+                                     767, 768, 16_383, 16_384, 16_385]), st.integers(0, 3000))
 SETTINGS = settings(max_examples=40, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
