@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -41,12 +42,17 @@ FORMATS = {"float16": 0, "bfloat16": 1}
 
 def dtypes(spec) -> tuple:
     """numpy dtype objects from a dtype, a name or a tuple of them ('bfloat16' needs
-    ml_dtypes; without it that name is skipped)."""
+    ml_dtypes; without it that name is skipped). Memoised: it runs on every step."""
     if isinstance(spec, tuple) and all(isinstance(d, np.dtype) for d in spec):
         return spec
+    return _dtypes(tuple(spec) if isinstance(spec, list) else spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _dtypes(spec) -> tuple:
     out = []
-    for d in spec if isinstance(spec, (tuple, list)) else (spec,):
-        if d == "bfloat16":
+    for d in spec if isinstance(spec, tuple) else (spec,):
+        if isinstance(d, str) and d == "bfloat16":
             try:
                 import ml_dtypes
             except ImportError:
@@ -54,6 +60,12 @@ def dtypes(spec) -> tuple:
             d = ml_dtypes.bfloat16
         out.append(np.dtype(d))
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=32)
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, memoised (numpy 2's ``.name`` is a Python property costing microseconds)."""
+    return dtype.name
 
 
 def param_dtype(array, dtype=None) -> str:
@@ -152,14 +164,25 @@ def check_lr(lr) -> Schedule:
 
 def check_real(name: str, value, low: float = 0.0, high: float = math.inf,
                high_open: bool = False, message: str | None = None) -> float:
-    """A real in [low, high] (or [low, high)); torch-style ValueError otherwise."""
-    message = message or f"Invalid {name} value: {value}"
+    """A real in [low, high] (or [low, high)); torch-style ValueError otherwise.
+
+    ``message``: a template with ``{value}``, formatted only on error (this runs every step).
+    """
+    number = value if type(value) is float else _as_real(value)
+    if number is None or not (low <= number <= high) or (high_open and number == high):
+        template = message or "Invalid {name} value: {value}"
+        raise ValueError(template.format(name=name, value=value))
+    return number
+
+
+def _as_real(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(message)
-    value = float(value)
-    if not (low <= value <= high) or (high_open and value == high) or math.isnan(value):
-        raise ValueError(message)
-    return value
+        return None
+    return float(value)
+
+
+_BETA_MESSAGES = ("Invalid beta parameter at index 0: {value}",
+                  "Invalid beta parameter at index 1: {value}")
 
 
 def check_betas(betas) -> tuple[float, float]:
@@ -168,14 +191,12 @@ def check_betas(betas) -> tuple[float, float]:
         beta1, beta2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
-    return tuple(
-        check_real("beta", b, 0.0, 1.0, high_open=True,
-                   message=f"Invalid beta parameter at index {i}: {b}")
-        for i, b in enumerate((beta1, beta2)))
+    return (check_real("beta", beta1, 0.0, 1.0, high_open=True, message=_BETA_MESSAGES[0]),
+            check_real("beta", beta2, 0.0, 1.0, high_open=True, message=_BETA_MESSAGES[1]))
 
 
 def check_eps(eps) -> float:
-    return check_real("epsilon", eps, message=f"Invalid epsilon value: {eps}")
+    return check_real("epsilon", eps)
 
 
 def check_weight_decay(weight_decay) -> float:

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import schedules
+from . import schedules, startup
 from .flat import FlatBuffer
 from .optimizers import Adadelta, Adagrad, Adam, AdamW
 
@@ -288,7 +288,8 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(fig)
 
 
-def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: str) -> None:
+def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: str,
+                   starting: list[startup.StartupRow] = ()) -> None:
     """A results page: machine, date, the command that made it, the table and the plot."""
     import os
 
@@ -311,11 +312,18 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
         "(28 B/param for Adam(W) and Adadelta, 20 for Adagrad). The machine is shared: compare "
         "ratios within a row, not absolute times across runs.",
         "",
-        "```",
-        format_table(rows),
-        "```",
-        "",
     ]
+    if rows:
+        lines += ["```", format_table(rows), "```", ""]
+    if starting:
+        lines += [
+            "Start-up, seconds, medians over fresh processes (`fastopt/startup.py`): `import "
+            "fastopt`; the first `step()` (1,000 params, cosine schedule) with an empty Numba "
+            "cache (it compiles) and with a warm one (it loads the kernel from disk). Numba's "
+            "first dispatch of any jitted function imports scipy when scipy is installed; the "
+            "'scipy hidden' column, present only then, shows the step without that import.",
+            "",
+            "```", startup.format_table(starting), "```", ""]
     if plot_path:
         rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(path)))
         lines += [f"![throughput vs size]({rel})", ""]
@@ -346,10 +354,13 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
         plot_path: str | None, with_torch: bool = True, out=print,
         markdown_path: str | None = None, command: str = "fastopt bench",
         models: tuple[str, ...] = (), progress: bool = True,
-        bf16_state: bool = False) -> list[Row]:
+        bf16_state: bool = False, startup_repeats: int = 0) -> list[Row]:
+    """Time every case, print the table, write what was asked; with ``startup_repeats`` > 0
+    also measure start-up (import, cold and warm first step) in that many fresh processes."""
     work = plan(optimizers, sizes, list(models))
-    out(f"{len(work)} cases; about {estimate_seconds(work, budget_s) / 60:.1f} min")
-    if with_torch:
+    minutes = estimate_seconds(work, budget_s) / 60 + startup_repeats * len(optimizers) * 0.1
+    out(f"{len(work)} cases; about {minutes:.1f} min")
+    if with_torch and work:
         import torch
 
         torch.set_num_threads(numba.get_num_threads())
@@ -371,17 +382,24 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
             bar.update()
     if bar is not None:
         bar.close()
-    out(format_table(rows))
+    if rows:
+        out(format_table(rows))
+    starting = []
+    if startup_repeats > 0:
+        starting = startup.measure(optimizers, startup_repeats)
+        out(f"start-up (medians of {startup_repeats} fresh processes):")
+        out(startup.format_table(starting))
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"),
-                       "rows": [asdict(r) | {"ratios": r.ratios()} for r in rows]}, f, indent=1)
+                       "rows": [asdict(r) | {"ratios": r.ratios()} for r in rows],
+                       "startup": [asdict(r) for r in starting]}, f, indent=1)
         out(f"wrote {json_path}")
-    if plot_path:
+    if plot_path and rows:
         plot(rows, plot_path)
         out(f"wrote {plot_path}")
     if markdown_path:
-        write_markdown(rows, markdown_path, plot_path, command)
+        write_markdown(rows, markdown_path, plot_path if rows else None, command, starting)
         out(f"wrote {markdown_path}")
     return rows
 

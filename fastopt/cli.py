@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import shlex
 import sys
 
 import numpy as np
@@ -61,10 +62,11 @@ def cmd_bench(args) -> int:
     budget = args.budget if args.budget else (0.1 if args.quick else 1.0)
     print(f"fastopt bench: {', '.join(optimizers)} at {sizes}"
           + (f" and {', '.join(models)}" if models else ""))
-    command = "fastopt " + " ".join(sys.argv[1:]) if args.markdown else ""
+    command = "fastopt " + shlex.join(sys.argv[1:]) if args.markdown else ""
     benchmark.run(optimizers, sizes, budget, args.json, args.plot, with_torch=not args.no_torch,
                   markdown_path=args.markdown, command=command, models=models,
-                  progress=not args.no_progress, bf16_state=args.bf16_state)
+                  progress=not args.no_progress, bf16_state=args.bf16_state,
+                  startup_repeats=(1 if args.quick else 3) if args.startup or args.full else 0)
     return 0
 
 
@@ -118,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--bf16-state", action="store_true",
                        help="also time fastopt with bfloat16 optimizer state")
+    bench.add_argument("--startup", action="store_true",
+                       help="also measure start-up in fresh processes: import, first step with "
+                            "a cold and a warm Numba cache (always on with --full)")
     bench.set_defaults(func=cmd_bench)
 
     sched = sub.add_parser("schedule", help="print (and plot) a schedule's learning rates")

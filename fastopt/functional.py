@@ -25,6 +25,7 @@ from ._checks import (
     check_real,
     check_step,
     check_weight_decay,
+    dtype_name,
     grad_mult,
     is_cupy,
     kernel_view,
@@ -49,7 +50,7 @@ def _buffers(params, grads, master, **state):
     """
     n = check_buffer("params", params).shape[0]
     check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
-    name = params.dtype.name
+    name = dtype_name(params.dtype)
     if name != "float32" and master is None:
         raise ValueError(f"master (a float32 copy of the params) is required for {name} params")
     if name == "float32":

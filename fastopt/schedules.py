@@ -16,6 +16,7 @@ Step numbering follows torch: the k-th optimizer step (k = 1, 2, ...) uses ``at(
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Sequence
@@ -381,10 +382,16 @@ def warmup(schedule: Schedule | float, warmup_steps: int, start_lr: float = 0.0)
 
 
 def as_schedule(lr) -> Schedule:
-    """A Schedule from a Schedule or a plain learning rate."""
+    """A Schedule from a Schedule or a plain learning rate (constant schedules are memoised:
+    a float lr passed on every step builds its table once)."""
     if isinstance(lr, Schedule):
         return lr
-    return constant(_number("lr", lr, min_value=0.0))
+    return _constant(_number("lr", lr, min_value=0.0))
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(lr: float) -> Schedule:
+    return constant(lr)
 
 
 # --------------------------------------------------------------------------- numpy reference

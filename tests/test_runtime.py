@@ -1,5 +1,6 @@
 """No allocation per step, import without compiling, the command line."""
 
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -87,3 +88,32 @@ def test_cli_bench_tiny(tmp_path, capsys):
     data = json.loads(path.read_text())
     assert {r["optimizer"] for r in data["rows"]} == {"adamw", "adadelta"}
     assert all(r["times"]["fastopt"] > 0 for r in data["rows"])
+
+
+def test_cli_bench_startup(tmp_path, capsys, monkeypatch):
+    """--startup measures in fresh processes with a private Numba cache: the cold run compiles
+    (the cache folder fills), the warm run loads, and the user's cache is left alone."""
+    from fastopt import startup
+
+    caches = []
+    real_child = startup._child
+
+    def spy(name, cache_dir, hide_scipy=False):
+        result = real_child(name, cache_dir, hide_scipy)
+        caches.append((cache_dir, sum(len(f) for _, _, f in os.walk(cache_dir))))
+        return result
+
+    monkeypatch.setattr(startup, "_child", spy)
+    path, page = tmp_path / "s.json", tmp_path / "s.md"
+    assert cli.main(["bench", "--startup", "--quick", "--optimizer", "adagrad", "--sizes", "",
+                     "--models", "--no-torch", "--json", str(path), "--markdown",
+                     str(page)]) == 0
+    import json
+
+    (row,) = json.loads(path.read_text())["startup"]
+    assert row["optimizer"] == "adagrad"
+    assert {"import", "first step, cold cache", "first step, warm cache"} <= set(row["seconds"])
+    assert all(s > 0 for s in row["seconds"].values())
+    assert caches[0][1] > 0 and caches[0][0] != os.environ.get("NUMBA_CACHE_DIR")
+    assert not os.path.exists(caches[0][0])  # a temporary folder, removed afterwards
+    assert "first step, warm cache" in page.read_text() and "start-up" in capsys.readouterr().out

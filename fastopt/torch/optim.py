@@ -36,6 +36,7 @@ class _Bucket:
         self.grad = torch.zeros(total, **kwargs)
         self.state = {name: torch.full((total,), value, **kwargs)
                       for name, value in state_init.items()}
+        self._arrays: dict[tuple, list] = {}  # kernel-argument array views, made once
         self.steps = torch.zeros(len(params), dtype=torch.float32)
         self.step = 0  # the common step count while every param has taken every step
         self.uniform = True
@@ -60,6 +61,15 @@ class _Bucket:
     def add_state(self, name: str, value: float = 0.0) -> None:
         if name not in self.state:
             self.state[name] = torch.full_like(self.flat, value)
+
+    def arrays(self, names: tuple[str, ...]) -> list:
+        """numpy/cupy views of (flat, grad, state[names]...): made on first use, then reused."""
+        views = self._arrays.get(names)
+        if views is None:
+            views = [_as_array(t) for t in (self.flat, self.grad,
+                                             *(self.state[n] for n in names))]
+            self._arrays[names] = views
+        return views
 
 
 def _as_array(t: torch.Tensor):
@@ -184,36 +194,36 @@ class FlatOptimizer(torch.optim.Optimizer):
                 p.grad = view
             have_grad.append(True)
         kwargs = self._kernel_kwargs(group)
-        names = list(self.state_init(group))  # the kernel's state arguments, in order
+        names = tuple(self.state_init(group))  # the kernel's state arguments, in order
         if all(have_grad) and b.uniform:  # the fast path: one kernel over the whole bucket
             k = b.step + 1
-            self._run(b.flat, b.grad, [b.state[n] for n in names], k, schedule, kwargs)
+            self._run(b.flat.device, b.arrays(names), k, schedule, kwargs)
             b.step = k
             b.steps.fill_(k)
             return
+        whole = b.arrays(names)
         for i, has in enumerate(have_grad):  # torch skips params without grad
             if not has:
                 continue
             p, offset = b.params[i], b.offsets[i]
             sl = slice(offset, offset + p.numel())
             k = int(b.steps[i]) + 1
-            self._run(b.flat[sl], b.grad[sl], [b.state[n][sl] for n in names], k, schedule,
-                      kwargs)
+            self._run(b.flat.device, [a[sl] for a in whole], k, schedule, kwargs)
             b.steps[i] = k
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
 
-    def _run(self, flat, grad, state: list, step: int, schedule: Schedule, kwargs: dict):
-        """The functional kernel on zero-copy array views of these tensors."""
-        args = [_as_array(t) for t in (flat, grad, *state)]
+    def _run(self, device: torch.device, arrays: list, step: int, schedule: Schedule,
+             kwargs: dict) -> None:
+        """The functional kernel on zero-copy array views (params, grads, state...)."""
         fn = getattr(F, self.kernel)
-        if flat.device.type == "cuda":
+        if device.type == "cuda":
             import cupy
 
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream(flat.device).cuda_stream):
-                fn(*args, step=step, schedule=schedule, **kwargs)
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+                fn(*arrays, step=step, schedule=schedule, **kwargs)
         else:
-            fn(*args, step=step, schedule=schedule, **kwargs)
+            fn(*arrays, step=step, schedule=schedule, **kwargs)
 
     def _kernel_kwargs(self, group: dict) -> dict:
         raise NotImplementedError
