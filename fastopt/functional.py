@@ -5,7 +5,8 @@ CPU kernels; cupy: the CUDA kernels, on the current stream) and runs one kernel 
 evaluates the schedule for this step, then updates params and state in place. ``step`` is the
 1-based number of the step being taken: the k-th step uses ``schedule.at(k - 1)`` and bias
 corrections with k, exactly like ``torch.optim``. Each returns the learning rate the kernel
-used (schedule value times ``lr_scale``).
+used (schedule value times ``lr_scale``). 16-bit params (float16, bfloat16) come with
+``master=``, their float32 copy; as raw uint16 bits they also need ``dtype=`` naming the format.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ._checks import (
     grad_mult,
     is_cupy,
     kernel_view,
+    param_dtype,
     xp_of,
 )
 from .schedules import Schedule
@@ -42,15 +44,18 @@ def _schedule(lr, schedule) -> Schedule:
     return check_lr(schedule if schedule is not None else lr)
 
 
-def _buffers(params, grads, master, **state):
+def _buffers(params, grads, master, dtype=None, **state):
     """Check params, grads, master and the state buffers together; return (size, dtype name).
 
-    16-bit params need ``master``, their float32 copy, which the kernel reads and writes.
+    16-bit params need ``master``, their float32 copy, which the kernel reads and writes; they
+    may be given as uint16 bits with ``dtype`` ('float16' or 'bfloat16') naming the format
+    (how cupy, which has no bfloat16, carries them). Grads have the params' array dtype.
     State buffers are float32, or uint16 holding bfloat16 bits (stochastically rounded).
     """
-    n = check_buffer("params", params).shape[0]
+    allowed = None if dtype is None else ("uint16", getattr(dtype, "name", str(dtype)))
+    n = check_buffer("params", params, dtype=allowed).shape[0]
     check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
-    name = dtype_name(params.dtype)
+    name = dtype_name(params.dtype) if dtype is None else param_dtype(params, dtype)
     if name != "float32" and master is None:
         raise ValueError(f"master (a float32 copy of the params) is required for {name} params")
     if name == "float32":
@@ -80,20 +85,23 @@ def _cpu_args(params, grads, master) -> tuple:
     return kernel_view(params), kernel_view(grads), params if master is None else master
 
 
-def _launch_gpu(op: str, sched: Schedule, step: int, lr_scale: float, **args) -> float:
-    """One GPU kernel launch for step ``step`` on the current stream; returns the lr (host)."""
+def _launch_gpu(op: str, name: str, sched: Schedule, step: int, lr_scale: float,
+                **args) -> float:
+    """One GPU kernel launch (params of format ``name``) for step ``step`` on the current
+    stream; returns the lr (computed on the host)."""
     from .gpu import launch
 
     xp = xp_of(args["params"])
-    launch.launch(op, dict(args, table=xp.asarray(sched.table), table_rows=sched.table.shape[0],
-                           step_state=xp.asarray([step - 1, 0], dtype=np.uint64),
-                           lr_out=xp.empty(1, dtype=np.float64), lr_scale=lr_scale,
-                           n=args["params"].shape[0]))
+    launch.launch(op, name, dict(args, table=xp.asarray(sched.table),
+                                 table_rows=sched.table.shape[0],
+                                 step_state=xp.asarray([step - 1, 0], dtype=np.uint64),
+                                 lr_out=xp.empty(1, dtype=np.float64), lr_scale=lr_scale,
+                                 n=args["params"].shape[0]))
     return sched.at(step - 1) * lr_scale
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
-         master=None,
+         master=None, dtype=None,
          schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
          amsgrad: bool = False, maximize: bool = False, decoupled_weight_decay: bool = False,
          lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
@@ -108,10 +116,10 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
     max_buffer = max_exp_avg_sq if amsgrad else None
-    n, name = _buffers(params, grads, master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+    n, name = _buffers(params, grads, master, dtype, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                        max_exp_avg_sq=max_buffer)
     if is_cupy(params):
-        return _launch_gpu("adam", sched, step, lr_scale, grad_mult=mult, params=params,
+        return _launch_gpu("adam", name, sched, step, lr_scale, grad_mult=mult, params=params,
                            grads=grads, master=params if master is None else master,
                            exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                            max_exp_avg_sq=exp_avg if max_buffer is None else max_buffer,
@@ -126,18 +134,19 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
 
 
 def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
-          master=None,
+          master=None, dtype=None,
           schedule=None, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
           amsgrad: bool = False, maximize: bool = False, lr_scale: float = 1.0,
           grad_scale: float = 1.0) -> float:
     """AdamW step k in place: Adam with decoupled weight decay p <- p * (1 - lr * wd) first."""
     return adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq, step=step, lr=lr, master=master,
-                schedule=schedule, betas=betas, eps=eps, weight_decay=weight_decay,
+                dtype=dtype, schedule=schedule, betas=betas, eps=eps, weight_decay=weight_decay,
                 amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
                 lr_scale=lr_scale, grad_scale=grad_scale)
 
 
 def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None, master=None,
+            dtype=None,
             lr_decay: float = 0.0, eps: float = 1e-10, weight_decay: float = 0.0,
             maximize: bool = False, lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
     """Adagrad step k in place (lr default 1e-2).
@@ -148,9 +157,9 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None, mast
     lr_decay = check_real("lr_decay", lr_decay)
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
-    n, name = _buffers(params, grads, master, state_sum=state_sum)
+    n, name = _buffers(params, grads, master, dtype, state_sum=state_sum)
     if is_cupy(params):
-        return _launch_gpu("adagrad", sched, step, lr_scale, grad_mult=mult, params=params,
+        return _launch_gpu("adagrad", name, sched, step, lr_scale, grad_mult=mult, params=params,
                            grads=grads, master=params if master is None else master,
                            state_sum=state_sum, lr_decay=lr_decay, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))
@@ -160,7 +169,7 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None, mast
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedule=None,
-             master=None,
+             master=None, dtype=None,
              rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
              maximize: bool = False, lr_scale: float = 1.0, grad_scale: float = 1.0) -> float:
     """Adadelta step k in place (lr default 1.0).
@@ -172,9 +181,9 @@ def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedu
     rho = check_real("rho", rho, 0.0, 1.0)
     eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
-    n, name = _buffers(params, grads, master, square_avg=square_avg, acc_delta=acc_delta)
+    n, name = _buffers(params, grads, master, dtype, square_avg=square_avg, acc_delta=acc_delta)
     if is_cupy(params):
-        return _launch_gpu("adadelta", sched, step, lr_scale, grad_mult=mult, params=params,
+        return _launch_gpu("adadelta", name, sched, step, lr_scale, grad_mult=mult, params=params,
                            grads=grads, master=params if master is None else master,
                            square_avg=square_avg, acc_delta=acc_delta, rho=rho, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))

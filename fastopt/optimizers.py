@@ -54,12 +54,15 @@ class _FlatOptimizer:
         #: what the params hold: float32, or float16 / bfloat16 (then with a float32 master)
         self.dtype = param_dtype(self.params, dtype)
         self._fmt = FORMATS.get(self.dtype, 0)
-        # 16-bit params take gradients in their own format (or its raw bits) or in float32
-        self._grad_dtypes = dtypes(("float32",) if self.dtype == "float32" else tuple(
-            {self.params.dtype.name, "uint16", "float32"}
-            | ({"float16"} if self.dtype == "float16" else set())))
         self._xp = xp_of(self.params)
         self._on_gpu = array_module(self.params) == "cupy"
+        # On the CPU 16-bit params take gradients in their own format (or its raw bits) or in
+        # float32; the CUDA kernels read grads as the params' element type, so only that.
+        self._grad_dtypes = dtypes(
+            ("float32",) if self.dtype == "float32"
+            else (self.params.dtype,) if self._on_gpu
+            else tuple({self.params.dtype.name, "uint16", "float32"}
+                       | ({"float16"} if self.dtype == "float16" else set())))
         if state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
@@ -126,7 +129,7 @@ class _FlatOptimizer:
         from .gpu import launch
 
         params, grads, master = self._kernel_params(grads)
-        launch.launch(self.kernel, {
+        launch.launch(self.kernel, self.dtype, {
             **self._device_args(), "params": params, "grads": grads, "master": master,
             "table": self._device_table, "table_rows": self._device_table.shape[0],
             "step_state": self._step_state, "lr_out": self._lr_out,

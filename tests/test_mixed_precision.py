@@ -80,6 +80,28 @@ def test_functional_with_master():
         F.adam(p16, grads[0], m, v, step=6)
 
 
+@pytest.mark.parametrize("op", ["adamw", "adagrad", "adadelta"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_functional_uint16_bits_with_dtype(op, dtype):
+    """uint16 bits + dtype= (how cupy carries bfloat16) equal the typed 16-bit arrays."""
+    dt = DTYPES[dtype]
+    p16, grads = _data(dt, steps=6)
+    bits = p16.view(np.uint16).copy()
+    states = {"adamw": 2, "adagrad": 1, "adadelta": 2}[op]
+    typed = [p16.astype(np.float32)] + [np.zeros(N, np.float32) for _ in range(states)]
+    raw = [bits.view(dt).astype(np.float32)] + [np.zeros(N, np.float32) for _ in range(states)]
+    for k, g in enumerate(grads, start=1):
+        getattr(F, op)(p16, g, *typed[1:], step=k, master=typed[0])
+        getattr(F, op)(bits, g.view(np.uint16), *raw[1:], step=k, master=raw[0], dtype=dtype)
+    np.testing.assert_array_equal(bits, p16.view(np.uint16))
+    np.testing.assert_array_equal(raw[0], typed[0])
+    with pytest.raises(TypeError, match="grads"):  # grads in the params' array dtype
+        getattr(F, op)(bits, grads[0], *raw[1:], step=7, master=raw[0], dtype=dtype)
+    with pytest.raises(TypeError, match="params"):  # dtype= describes uint16 bits only
+        getattr(F, op)(np.ones(N, np.float32), np.ones(N, np.float32), *raw[1:], step=7,
+                       master=raw[0], dtype=dtype)
+
+
 def test_state_dict_and_checkpoint_keep_the_master(tmp_path):
     p16, grads = _data(ml_dtypes.bfloat16, steps=20)
     opt = fastopt.Adagrad(p16, lr=SCHED)

@@ -41,8 +41,12 @@ DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 BLOCK = 256
 
 
-def kernel_name(op: str, dtype, state_bf16: bool = False) -> str:
-    return f"{op}_{DTYPE_SUFFIX[np.dtype(dtype).name]}" + ("_sbf16" if state_bf16 else "")
+def kernel_name(op: str, dtype: str, state_bf16: bool = False) -> str:
+    """The compiled variant for params/grads of format ``dtype`` ('float32', 'float16',
+    'bfloat16': what the elements hold, so uint16 bits are named by their format)."""
+    if dtype not in DTYPE_SUFFIX:
+        raise ValueError(f"no GPU kernel for {dtype} params (float32, float16, bfloat16)")
+    return f"{op}_{DTYPE_SUFFIX[dtype]}" + ("_sbf16" if state_bf16 else "")
 
 
 def pack_args(op: str, values: dict) -> tuple:
@@ -70,13 +74,13 @@ def _grid(device_id: int) -> int:
     return sms * 8  # enough resident blocks to saturate memory; the loop strides the rest
 
 
-def launch(op: str, values: dict) -> None:
-    """Run kernel ``op`` for the params' dtype and the state's (float32, or bfloat16 bits as
-    uint16) on the current stream; no host sync."""
+def launch(op: str, dtype: str, values: dict) -> None:
+    """Run kernel ``op`` for params of format ``dtype`` and the state's dtype (float32, or
+    bfloat16 bits as uint16) on the current stream; no host sync."""
     import cupy
 
     state = next(values[name] for name, ctype in KERNEL_ARGS[op] if ctype == "S*")
-    name = kernel_name(op, values["params"].dtype, state.dtype == np.uint16)
+    name = kernel_name(op, dtype, state.dtype == np.uint16)
     kernel = _module(f"{op}.cu").get_function(name)
     n = int(values["n"])
     grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))

@@ -15,6 +15,10 @@ from .. import functional as F
 from ..schedules import Schedule, as_schedule
 
 ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
+#: 16-bit parameter dtypes: updated through a float32 master copy, in the same kernel pass
+HALF_FORMATS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+PARAM_DTYPES = (torch.float32, *HALF_FORMATS)
+MASTER = "master_param"  # the per-param state name of a 16-bit param's float32 master copy
 
 
 def _aligned(n: int) -> int:
@@ -22,7 +26,11 @@ def _aligned(n: int) -> int:
 
 
 class _Bucket:
-    """The params of one group on one (device, dtype), packed with their grads and state."""
+    """The params of one group on one (device, dtype), packed with their grads and state.
+
+    State is float32 whatever the params' dtype; 16-bit params also get ``master``, a float32
+    copy the kernel updates and rounds (to nearest even) into the 16-bit params.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float]):
         first = params[0]
@@ -32,11 +40,13 @@ class _Bucket:
             self.offsets.append(total)
             total += _aligned(p.numel())
         kwargs = dict(dtype=first.dtype, device=first.device)
+        self.format = HALF_FORMATS.get(first.dtype)  # None for float32 params
         self.flat = torch.zeros(total, **kwargs)
         self.grad = torch.zeros(total, **kwargs)
-        self.state = {name: torch.full((total,), value, **kwargs)
-                      for name, value in state_init.items()}
-        self._arrays: dict[tuple, list] = {}  # kernel-argument array views, made once
+        self.state = {}
+        for name, value in state_init.items():
+            self.add_state(name, value)
+        self._arrays: dict[tuple, tuple[list, dict]] = {}  # kernel arguments, made once
         self.steps = torch.zeros(len(params), dtype=torch.float32)
         self.step = 0  # the common step count while every param has taken every step
         self.uniform = True
@@ -49,6 +59,7 @@ class _Bucket:
                 if p.grad is not None:
                     grad.copy_(p.grad)
                 p.grad = grad
+        self.master = None if self.format is None else self.flat.float()
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param."""
@@ -56,20 +67,28 @@ class _Bucket:
         return flat[offset:offset + p.numel()].view_as(p)
 
     def view_of(self, name: str, index: int) -> torch.Tensor:
-        return self.slice(self.state[name], index)
+        return self.slice(self.master if name == MASTER else self.state[name], index)
 
     def add_state(self, name: str, value: float = 0.0) -> None:
         if name not in self.state:
-            self.state[name] = torch.full_like(self.flat, value)
+            self.state[name] = torch.full(self.flat.shape, value, dtype=torch.float32,
+                                          device=self.flat.device)
 
-    def arrays(self, names: tuple[str, ...]) -> list:
-        """numpy/cupy views of (flat, grad, state[names]...): made on first use, then reused."""
-        views = self._arrays.get(names)
-        if views is None:
-            views = [_as_array(t) for t in (self.flat, self.grad,
-                                             *(self.state[n] for n in names))]
-            self._arrays[names] = views
-        return views
+    def arrays(self, names: tuple[str, ...]) -> tuple[list, dict]:
+        """The kernel's arguments as zero-copy numpy/cupy views, made on first use: the array
+        list (flat, grad, state[names]...) and the keywords for 16-bit params (master, dtype:
+        their buffers travel as uint16 bits, numpy and cupy having no bfloat16)."""
+        made = self._arrays.get(names)
+        if made is None:
+            if self.format is None:
+                made = [_as_array(t) for t in (self.flat, self.grad)], {}
+            else:
+                made = ([_as_array(t.view(torch.int16)).view("uint16")
+                         for t in (self.flat, self.grad)],
+                        {"master": _as_array(self.master), "dtype": self.format})
+            made[0].extend(_as_array(self.state[n]) for n in names)
+            self._arrays[names] = made
+        return made
 
 
 def _as_array(t: torch.Tensor):
@@ -123,27 +142,29 @@ class FlatOptimizer(torch.optim.Optimizer):
                 raise TypeError("complex parameters are not supported by fastopt's kernels")
             if p.is_sparse or (p.grad is not None and p.grad.is_sparse):
                 raise TypeError("sparse parameters or gradients are not supported")
-            if p.dtype != torch.float32:
-                raise TypeError(f"fastopt.torch supports float32 parameters for now, got "
-                                f"{p.dtype}")
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"fastopt.torch supports float32, float16 and bfloat16 "
+                                f"parameters, got {p.dtype}")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"one parameter group must live on one device, got {devices}; "
                              "put parameters of each device in their own group")
-        if params:
-            if params[0].device.type not in ("cpu", "cuda"):
-                raise TypeError(f"unsupported device {params[0].device}")
-            bucket = _Bucket(params, self.state_init(group))
-            for i, p in enumerate(params):
+        if params and params[0].device.type not in ("cpu", "cuda"):
+            raise TypeError(f"unsupported device {params[0].device}")
+        buckets = []
+        for dtype in dict.fromkeys(p.dtype for p in params):  # one bucket per dtype, in order
+            bucket = _Bucket([p for p in params if p.dtype == dtype], self.state_init(group))
+            for i, p in enumerate(bucket.params):
                 self.state[p] = self._state_views(bucket, i)
-            self._buckets.append([bucket])
-        else:
-            self._buckets.append([])
+            buckets.append(bucket)
+        self._buckets.append(buckets)
 
     def _state_views(self, bucket: _Bucket, i: int) -> dict:
         views = {"step": bucket.steps[i]}
         for name in bucket.state:
             views[name] = bucket.view_of(name, i)
+        if bucket.master is not None:
+            views[MASTER] = bucket.view_of(MASTER, i)
         return views
 
     # ------------------------------------------------------------------ stepping
@@ -195,35 +216,37 @@ class FlatOptimizer(torch.optim.Optimizer):
             have_grad.append(True)
         kwargs = self._kernel_kwargs(group)
         names = tuple(self.state_init(group))  # the kernel's state arguments, in order
+        arrays, half = b.arrays(names)
         if all(have_grad) and b.uniform:  # the fast path: one kernel over the whole bucket
             k = b.step + 1
-            self._run(b.flat.device, b.arrays(names), k, schedule, kwargs)
+            self._run(b.flat.device, arrays, half, k, schedule, kwargs)
             b.step = k
             b.steps.fill_(k)
             return
-        whole = b.arrays(names)
         for i, has in enumerate(have_grad):  # torch skips params without grad
             if not has:
                 continue
             p, offset = b.params[i], b.offsets[i]
             sl = slice(offset, offset + p.numel())
             k = int(b.steps[i]) + 1
-            self._run(b.flat.device, [a[sl] for a in whole], k, schedule, kwargs)
+            part = {key: v[sl] if key == "master" else v for key, v in half.items()}
+            self._run(b.flat.device, [a[sl] for a in arrays], part, k, schedule, kwargs)
             b.steps[i] = k
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
 
-    def _run(self, device: torch.device, arrays: list, step: int, schedule: Schedule,
-             kwargs: dict) -> None:
-        """The functional kernel on zero-copy array views (params, grads, state...)."""
+    def _run(self, device: torch.device, arrays: list, half: dict, step: int,
+             schedule: Schedule, kwargs: dict) -> None:
+        """The functional kernel on zero-copy array views (params, grads, state...); ``half``
+        has master and dtype for 16-bit params."""
         fn = getattr(F, self.kernel)
         if device.type == "cuda":
             import cupy
 
             with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
-                fn(*arrays, step=step, schedule=schedule, **kwargs)
+                fn(*arrays, step=step, schedule=schedule, **half, **kwargs)
         else:
-            fn(*arrays, step=step, schedule=schedule, **kwargs)
+            fn(*arrays, step=step, schedule=schedule, **half, **kwargs)
 
     def _kernel_kwargs(self, group: dict) -> dict:
         raise NotImplementedError
@@ -237,11 +260,19 @@ class FlatOptimizer(torch.optim.Optimizer):
         return d
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict of this class or of the matching torch.optim optimizer."""
+        """Load a state dict of this class or of the matching torch.optim optimizer.
+
+        Values are copied from the dict as given: torch's loader casts state to the params'
+        dtype, which would round the float32 state and master of 16-bit params. A 16-bit
+        param without a saved master (a torch.optim state dict) takes its current value.
+        """
         schedules = [g.get("schedule") for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        loaded = self.state
-        self.state = type(loaded)()
+        super().load_state_dict(state_dict)  # checks the groups, loads hyperparameters
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = {p: state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params,
+                                                                     strict=True)}
+        self.state = type(self.state)()
         for group, buckets, schedule in zip(self.param_groups, self._buckets, schedules,
                                             strict=True):
             if "schedule" not in group and schedule is not None:
@@ -250,7 +281,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 for name, value in self.state_init(group).items():
                     b.add_state(name, value)
                 for i, p in enumerate(b.params):
-                    st = loaded.get(p, {})
+                    st = saved[p]
                     b.steps[i] = float(st.get("step", 0.0))
                     for name in b.state:
                         view = b.view_of(name, i)
@@ -258,6 +289,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                             view.copy_(st[name])
                         else:
                             view.fill_(self.state_init(group)[name])
+                    if b.master is not None:
+                        b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))
                     self.state[p] = self._state_views(b, i)
                 b.uniform = bool((b.steps == b.steps[0]).all())
                 b.step = int(b.steps.max())

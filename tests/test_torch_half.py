@@ -1,0 +1,140 @@
+"""fastopt.torch with float16 / bfloat16 parameters: a float32 master per param, updated in the
+kernel pass, so the 16-bit model follows torch.optim's float32 trajectory (given the same
+gradients) and its params are that trajectory rounded to nearest even."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import fastopt.torch as fot
+from fastopt import schedules as S
+
+OPTIMIZERS = {
+    "Adam": (dict(lr=3e-3, weight_decay=0.01, amsgrad=True), {}),
+    "AdamW": (dict(lr=3e-3, weight_decay=0.1, maximize=True), {}),
+    "Adagrad": (dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1), {}),
+    "Adadelta": (dict(lr=0.5, rho=0.8, weight_decay=0.01), {}),
+}
+SHAPES = [(32, 12), (32,), (5, 32), (5,)]
+
+
+def params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
+
+
+def grads(steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_half_params_follow_torch_float32(name, dtype):
+    kw, _ = OPTIMIZERS[name]
+    ours = params(dtype)
+    ref = [torch.nn.Parameter(p.detach().float()) for p in ours]  # the same starting values
+    opt = getattr(fot, name)(ours, **kw)
+    topt = getattr(torch.optim, name)(ref, **kw)
+    for step_grads in grads(60):
+        for p, r, g in zip(ours, ref, step_grads, strict=True):
+            g16 = g.to(dtype)
+            p.grad = g16  # a new tensor each step, as autograd gives after zero_grad()
+            r.grad = g16.float()
+        opt.step()
+        topt.step()
+    for p, r in zip(ours, ref, strict=True):
+        master = opt.state[p]["master_param"]
+        assert p.dtype == dtype and master.dtype == torch.float32
+        np.testing.assert_allclose(master.numpy(), r.detach().numpy(), rtol=2e-5, atol=2e-6)
+        assert torch.equal(p.detach(), master.to(dtype))  # params = master rounded, exactly
+        assert opt.state[p]["step"] == 60
+
+
+def test_mixed_dtypes_in_one_group():
+    """One bucket per dtype: float32 params equal torch exactly as before, bf16 ones follow."""
+    p32, p16 = params(torch.float32, seed=3)[:2], params(torch.bfloat16, seed=4)[2:]
+    ref = [torch.nn.Parameter(p.detach().float()) for p in p32 + p16]
+    opt = fot.AdamW(p32 + p16, lr=S.cosine(1e-2, 40))
+    topt = torch.optim.AdamW(ref, lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(topt, 40)
+    assert [b.flat.dtype for b in opt._buckets[0]] == [torch.float32, torch.bfloat16]
+    for step_grads in grads(40, seed=5):
+        for p, r, g in zip(p32 + p16, ref, step_grads, strict=True):
+            p.grad = g.to(p.dtype)
+            r.grad = p.grad.float()
+        opt.step()
+        topt.step()
+        sched.step()
+    for p, r in zip(p32 + p16, ref, strict=True):
+        np.testing.assert_allclose(p.detach().float().numpy(), r.detach().numpy(),
+                                   rtol=1e-2 if p.dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+
+
+def _bf16_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 4)).to(torch.bfloat16)
+
+
+def _batches(steps, seed=1):
+    """Labels from a fixed linear teacher, so there is something to learn."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(12, 4, generator=g)
+    xs = [torch.randn(16, 12, generator=g) for _ in range(steps)]
+    return [(x.to(torch.bfloat16), (x @ teacher).argmax(1)) for x in xs]
+
+
+def test_bf16_model_trains_and_resumes_bit_identically():
+    batches = _batches(60)
+    full = _bf16_model()
+    full_opt = fot.AdamW(full.parameters(), lr=S.warmup(S.cosine(1e-2, 50), 10))
+    x, y = batches[0]
+    before = torch.nn.functional.cross_entropy(full(x).float(), y).item()
+    _train(full, full_opt, batches)
+    after = torch.nn.functional.cross_entropy(full(x).float(), y).item()
+    assert after < before * 0.7
+    part = _bf16_model()
+    part_opt = fot.AdamW(part.parameters(), lr=S.warmup(S.cosine(1e-2, 50), 10))
+    _train(part, part_opt, batches[:25])
+    sd = part_opt.state_dict()
+    assert {v.dtype for v in sd["state"][0].values()} == {torch.float32}
+    resumed = copy.deepcopy(part)
+    resumed_opt = fot.AdamW(resumed.parameters(), lr=S.warmup(S.cosine(1e-2, 50), 10))
+    resumed_opt.load_state_dict(sd)  # torch's loader would round master and state to bf16
+    _train(resumed, resumed_opt, batches[25:])
+    for a, b in zip(resumed.parameters(), full.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bf16_state_dicts_load_into_torch_and_back():
+    batches = _batches(20)
+    model = _bf16_model()
+    opt = fot.Adam(model.parameters(), lr=1e-3)
+    _train(model, opt, batches[:10])
+    twin = copy.deepcopy(model)
+    topt = torch.optim.Adam(twin.parameters(), lr=1e-3)
+    topt.load_state_dict(opt.state_dict())  # torch casts our float32 state to bf16
+    assert topt.state[next(twin.parameters())]["exp_avg"].dtype == torch.bfloat16
+    _train(twin, topt, batches[10:])
+    # and a torch bf16 state dict into fastopt: the masters start from the params
+    again = fot.Adam(copy.deepcopy(model).parameters(), lr=1e-3)
+    again.load_state_dict(topt.state_dict())
+    for p in again.param_groups[0]["params"]:
+        st = again.state[p]
+        assert torch.equal(st["master_param"], p.detach().float())
+        assert st["exp_avg"].dtype == torch.float32 and int(st["step"]) == 20
+
+
+def test_unsupported_dtype_is_refused():
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        fot.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
