@@ -7,6 +7,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ._checks import is_cupy, xp_of
+
 #: every view starts on a 64-byte boundary (a cache line; a full AVX-512 / 4 x 16-byte vector)
 ALIGN_BYTES = 64
 
@@ -17,27 +19,30 @@ class FlatBuffer:
     ``FlatBuffer(arrays)`` copies the arrays in; ``FlatBuffer.empty(shapes)`` and
     ``like()`` make buffers of the same layout (e.g. for gradients). Each view starts on a
     64-byte boundary; the gaps between views are zero and stay zero under every optimizer
-    (zero gradient, zero state, zero parameter give a zero update).
+    (zero gradient, zero state, zero parameter give a zero update). The buffer lives where
+    the arrays do: cupy arrays (or ``xp=cupy``) give a GPU buffer for the CUDA kernels.
     """
 
     def __init__(self, arrays: Iterable, dtype=np.float32):
-        arrays = [np.asarray(a) for a in arrays]
-        self._init_layout([a.shape for a in arrays], dtype)
+        arrays = list(arrays)
+        xp = xp_of(arrays[0]) if arrays and is_cupy(arrays[0]) else np
+        arrays = [xp.asarray(a) for a in arrays]
+        self._init_layout([a.shape for a in arrays], dtype, xp)
         for view, array in zip(self.views, arrays, strict=True):
             view[...] = array
 
     @classmethod
-    def empty(cls, shapes: Sequence[Sequence[int]], dtype=np.float32) -> FlatBuffer:
-        """A zero-filled FlatBuffer with views of these shapes."""
+    def empty(cls, shapes: Sequence[Sequence[int]], dtype=np.float32, xp=np) -> FlatBuffer:
+        """A zero-filled FlatBuffer with views of these shapes (``xp``: numpy or cupy)."""
         fb = cls.__new__(cls)
-        fb._init_layout([tuple(s) for s in shapes], dtype)
+        fb._init_layout([tuple(s) for s in shapes], dtype, xp)
         return fb
 
     def like(self) -> FlatBuffer:
-        """A zero-filled FlatBuffer with the same layout (shapes, offsets, dtype)."""
-        return FlatBuffer.empty(self.shapes, self.buffer.dtype)
+        """A zero-filled FlatBuffer with the same layout (shapes, offsets, dtype, device)."""
+        return FlatBuffer.empty(self.shapes, self.buffer.dtype, xp_of(self.buffer))
 
-    def _init_layout(self, shapes: list[tuple[int, ...]], dtype) -> None:
+    def _init_layout(self, shapes: list[tuple[int, ...]], dtype, xp) -> None:
         dtype = np.dtype(dtype)
         if not np.issubdtype(dtype, np.floating):
             raise TypeError(f"dtype must be a floating type, got {dtype}")
@@ -46,8 +51,9 @@ class FlatBuffer:
         for shape in shapes:
             offsets.append(total)
             total += -(-math.prod(shape) // step) * step
-        raw = np.zeros(total * dtype.itemsize + ALIGN_BYTES, dtype=np.uint8)
-        start = -raw.ctypes.data % ALIGN_BYTES
+        raw = xp.zeros(total * dtype.itemsize + ALIGN_BYTES, dtype=np.uint8)
+        address = raw.ctypes.data if xp is np else raw.data.ptr
+        start = -address % ALIGN_BYTES
         self.buffer = raw[start:start + total * dtype.itemsize].view(dtype)
         self.shapes = list(shapes)
         self.offsets = offsets

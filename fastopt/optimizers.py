@@ -202,7 +202,11 @@ class _FlatOptimizer:
         try:
             if max_norm is not None or skip_if_nonfinite:
                 if self._on_gpu:  # a cupy reduction; reading the norm back syncs the stream
-                    wide = grads.astype(np.float64)
+                    values = grads
+                    if grads.dtype == np.uint16:  # raw 16-bit bits: decode before widening
+                        values = (_bf16.decode(grads) if self.dtype == "bfloat16"
+                                  else grads.view(np.float16))
+                    wide = values.astype(np.float64)
                     sq = float(self._xp.dot(wide, wide))
                 else:
                     sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, self._parallel)

@@ -15,11 +15,11 @@ pytestmark = pytest.mark.gpu
 
 SCHED = S.warmup(S.cosine(1e-2, 80, end_lr=1e-4), 10)
 MAKERS = {
-    "adam": lambda p: fastopt.Adam(p, lr=SCHED, weight_decay=0.1, amsgrad=True),
-    "adamw": lambda p: fastopt.AdamW(p, lr=SCHED, maximize=True),
-    "adagrad": lambda p: fastopt.Adagrad(p, lr=SCHED, lr_decay=0.01,
-                                         initial_accumulator_value=0.1),
-    "adadelta": lambda p: fastopt.Adadelta(p, lr=SCHED, weight_decay=0.01),
+    "adam": lambda p, **kw: fastopt.Adam(p, lr=SCHED, weight_decay=0.1, amsgrad=True, **kw),
+    "adamw": lambda p, **kw: fastopt.AdamW(p, lr=SCHED, maximize=True, **kw),
+    "adagrad": lambda p, **kw: fastopt.Adagrad(p, lr=SCHED, lr_decay=0.01,
+                                               initial_accumulator_value=0.1, **kw),
+    "adadelta": lambda p, **kw: fastopt.Adadelta(p, lr=SCHED, weight_decay=0.01, **kw),
 }
 
 
@@ -70,29 +70,6 @@ def test_gpu_half_params(dtype):
     np.testing.assert_allclose(opt.state["master_params"].get(), cpu.state["master_params"],
                                rtol=1e-5, atol=1e-6)
     assert int((p16.get() != cpu.params).sum()) <= n // 100  # rounding of ulp-close masters
-
-
-def test_graph_replay_equals_eager():
-    n = 1 << 16
-    grads = cupy.asarray(_grads(n, 1)[0])
-    p0 = cupy.random.standard_normal(n, dtype=cupy.float32)
-    eager_p, graph_p = p0.copy(), p0.copy()
-    eager = fastopt.AdamW(eager_p, lr=SCHED)
-    replayed = fastopt.AdamW(graph_p, lr=SCHED)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        replayed.step(grads)  # compile and warm up outside the capture
-        eager.step(grads)
-        stream.begin_capture()
-        replayed.step(grads)
-        graph = stream.end_capture()
-        for _ in range(100):
-            graph.launch(stream)
-            eager.step(grads)
-    stream.synchronize()
-    assert replayed.sync_step_count() == 101
-    cupy.testing.assert_array_equal(graph_p, eager_p)
-    assert replayed.last_lr == eager.last_lr == pytest.approx(SCHED.at(100), rel=1e-12)
 
 
 def test_functional_on_gpu():
@@ -158,3 +135,109 @@ def test_gpu_bf16_state_equals_cpu():
         cpu.step(g)
         gpu.step(cupy.asarray(g))
     np.testing.assert_allclose(p_gpu.get(), p_cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_16_bit_clipping_and_skip_equal_cpu(dtype):
+    """The norm of 16-bit grads given as raw bits is taken of their values, not their bits."""
+    from fastopt import _bf16
+
+    n = 3000
+    rng = np.random.default_rng(11)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    bits = (_bf16.encode(p0) if dtype == "bfloat16"
+            else p0.astype(np.float16).view(np.uint16))
+    cpu = fastopt.AdamW(bits.copy(), dtype=dtype)
+    gpu = fastopt.AdamW(cupy.asarray(bits), dtype=dtype)
+    for g in _grads(n, 8, seed=12):
+        g16 = _bf16.encode(g * 3) if dtype == "bfloat16" else (g * 3).astype(np.float16)
+        g16 = g16.view(np.uint16)
+        cpu.step(g16, grad_scale=2.0, max_grad_norm=1.0)
+        gpu.step(cupy.asarray(g16), grad_scale=2.0, max_grad_norm=1.0)
+        assert gpu.last_grad_norm == pytest.approx(cpu.last_grad_norm, rel=1e-5)
+    np.testing.assert_allclose(gpu.state["master_params"].get(), cpu.state["master_params"],
+                               rtol=1e-5, atol=1e-6)
+    bad = cupy.asarray(np.full(n, 0x7FC0 if dtype == "bfloat16" else 0x7E00, np.uint16))
+    assert gpu.step(bad, skip_if_nonfinite=True) is False and gpu.step_count == 8
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+def test_graph_replay_every_optimizer(name, state_dtype):
+    """Each optimizer's step, bf16 state included, is captured once in a CUDA graph; 100
+    replays equal 100 eager steps, the lr following the schedule (read from the device)."""
+    n = 3001
+    p0 = np.random.default_rng(13).standard_normal(n).astype(np.float32)
+    g = cupy.asarray(np.random.default_rng(14).standard_normal(n).astype(np.float32))
+    eager_p, graph_p = cupy.asarray(p0), cupy.asarray(p0)
+    eager = MAKERS[name](eager_p, state_dtype=state_dtype)
+    replayed = MAKERS[name](graph_p, state_dtype=state_dtype)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        replayed.step(g)
+        eager.step(g)
+        stream.begin_capture()
+        replayed.step(g)
+        graph = stream.end_capture()
+        for _ in range(100):
+            graph.launch(stream)
+            eager.step(g)
+    stream.synchronize()
+    assert replayed.sync_step_count() == 101
+    cupy.testing.assert_array_equal(graph_p, eager_p)
+    assert replayed.last_lr == eager.last_lr == pytest.approx(SCHED.at(100), rel=1e-12)
+
+
+def test_checkpoint_round_trip_on_gpu(tmp_path):
+    n = 1500
+    p = cupy.asarray(np.random.default_rng(15).standard_normal(n).astype(np.float32))
+    opt = fastopt.Adagrad(p, lr=SCHED)
+    for g in _grads(n, 4):
+        opt.step(cupy.asarray(g))
+    fastopt.save(opt, tmp_path / "ckpt.npz")
+    q = cupy.zeros(n, cupy.float32)
+    other = fastopt.load(tmp_path / "ckpt.npz", q, optimizer="Adagrad")
+    cupy.testing.assert_array_equal(q, p)
+    for g in _grads(n, 4, seed=3):
+        opt.step(cupy.asarray(g))
+        other.step(cupy.asarray(g))
+    cupy.testing.assert_array_equal(q, p)
+    assert other.sync_step_count() == 8
+
+
+def test_functional_bf16_bits_on_gpu():
+    from fastopt import _bf16
+
+    n = 999
+    p0 = np.random.default_rng(16).standard_normal(n).astype(np.float32)
+    bits = _bf16.encode(p0)
+    host = [bits.copy(), _bf16.decode(bits), np.zeros(n, np.float32), np.zeros(n, np.float32)]
+    dev = [cupy.asarray(a) for a in host]
+    for k, g in enumerate(_grads(n, 6), start=1):
+        gb = _bf16.encode(g)
+        F.adamw(host[0], gb, host[2], host[3], step=k, master=host[1], dtype="bfloat16")
+        F.adamw(dev[0], cupy.asarray(gb), dev[2], dev[3], step=k, master=dev[1],
+                dtype="bfloat16")
+    np.testing.assert_allclose(dev[1].get(), host[1], rtol=1e-5, atol=1e-6)
+
+
+def test_flat_buffer_on_gpu():
+    """FlatBuffer of cupy arrays: a GPU buffer with aligned views; stepping it equals the CPU."""
+    from fastopt import FlatBuffer
+
+    rng = np.random.default_rng(17)
+    host = [rng.standard_normal(s).astype(np.float32) for s in [(7, 5), (13,), (3, 3, 3)]]
+    fb = FlatBuffer([cupy.asarray(a) for a in host])
+    assert fb.buffer.data.ptr % 64 == 0 and all(v.data.ptr % 64 == 0 for v in fb.views)
+    grads = fb.like()
+    assert type(grads.buffer) is type(fb.buffer) and grads.offsets == fb.offsets
+    cpu_fb = FlatBuffer(host)
+    cpu, gpu = fastopt.AdamW(cpu_fb, lr=SCHED), fastopt.AdamW(fb, lr=SCHED)
+    for g in _grads(cpu_fb.buffer.size, 10, seed=18):
+        grads.buffer[...] = cupy.asarray(g)
+        cpu.step(g)
+        gpu.step(grads.buffer)
+    for view, ref in zip(fb.views, cpu_fb.views, strict=True):
+        np.testing.assert_allclose(view.get(), ref, rtol=1e-5, atol=1e-6)
+    empty = FlatBuffer.empty([(4, 4)], xp=cupy)
+    assert type(empty.buffer) is type(fb.buffer) and float(empty.buffer.sum()) == 0.0

@@ -1,0 +1,323 @@
+"""A stand-in for CuPy that runs fastopt's GPU code path on the CPU (tests only).
+
+``tests/test_gpu_emulated.py`` puts this folder first on ``PYTHONPATH`` and runs
+``tests/test_gpu.py`` and ``bench/gpu_check.py`` against it, so the Python side of the GPU
+backend (dispatch, argument packing by ``fastopt.gpu.launch.KERNEL_ARGS``, kernel names, the
+device-resident step counter, graph capture, state dicts) runs on every CI machine. The math
+of the CUDA kernels themselves is checked elsewhere (``tests/test_cuda_host.py`` builds the .cu
+files with g++); here a launched kernel runs the Numba kernel of the same name and arguments.
+
+Stricter than the real thing where that finds bugs: arrays refuse implicit conversion to
+numpy and mixing with numpy arrays (as CuPy does), kernel arguments must have the exact C
+types the kernel declares, and while a stream captures a graph any host read-back, host copy
+or allocation raises (CUDA forbids them in capture; CuPy's pool may allocate, but a step that
+needs memory is not replayable anyway).
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+
+import numpy as np
+
+from . import cuda, random, testing  # noqa: F401  (cupy.cuda, cupy.random, cupy.testing)
+
+float16, float32, float64 = np.float16, np.float32, np.float64
+uint16, uint32, uint64, int32, int64 = np.uint16, np.uint32, np.uint64, np.int32, np.int64
+nan, inf = np.nan, np.inf
+
+
+class CaptureError(RuntimeError):
+    """What CUDA reports for a forbidden operation during stream capture."""
+
+
+def _no_capture(what: str) -> None:
+    stream = cuda.get_current_stream()
+    if stream.capturing:
+        raise CaptureError(f"cudaErrorStreamCaptureUnsupported: {what} while the stream "
+                           "is capturing a graph")
+
+
+class _Flags:
+    def __init__(self, a: np.ndarray):
+        self.c_contiguous = a.flags.c_contiguous
+        self.f_contiguous = a.flags.f_contiguous
+        self.owndata = a.flags.owndata
+
+
+class _Pointer:
+    def __init__(self, a: np.ndarray):
+        self.ptr = a.ctypes.data
+
+
+class ndarray:  # noqa: N801  (CuPy's name)
+    """Device array: a numpy array that stays behind the device boundary."""
+
+    def __init__(self, a: np.ndarray):
+        self._a = a
+
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    itemsize = property(lambda self: self._a.itemsize)
+    flags = property(lambda self: _Flags(self._a))
+    data = property(lambda self: _Pointer(self._a))
+    device = property(lambda self: cuda.Device(0))
+    T = property(lambda self: ndarray(self._a.T))
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed. Please use "
+                        "`.get()` to construct a NumPy array explicitly.")
+
+    def get(self, stream=None) -> np.ndarray:
+        _no_capture("device-to-host copy (.get())")
+        return self._a.copy()
+
+    def __getitem__(self, key):
+        out = self._a[_unwrap(key)]
+        return ndarray(out) if isinstance(out, np.ndarray) else ndarray(np.asarray(out))
+
+    def __setitem__(self, key, value):
+        if isinstance(value, np.ndarray) and value.ndim:
+            _no_capture("host-to-device copy")
+        self._a[_unwrap(key)] = _unwrap(value)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __float__(self):
+        _no_capture("device-to-host read")
+        return float(self._a)
+
+    def __int__(self):
+        _no_capture("device-to-host read")
+        return int(self._a)
+
+    def __bool__(self):
+        _no_capture("device-to-host read")
+        return bool(self._a)
+
+    def item(self):
+        _no_capture("device-to-host read")
+        return self._a.item()
+
+    def astype(self, dtype, copy=True):
+        return ndarray(self._a.astype(dtype, copy=copy))
+
+    def view(self, dtype=None):
+        return ndarray(self._a.view(dtype))
+
+    def copy(self):
+        return ndarray(self._a.copy())
+
+    def reshape(self, *shape):
+        return ndarray(self._a.reshape(*shape))
+
+    def ravel(self):
+        return ndarray(self._a.ravel())
+
+    def fill(self, value):
+        self._a.fill(value)
+
+    def sum(self, *args, **kwargs):
+        return ndarray(np.asarray(self._a.sum(*args, **kwargs)))
+
+    def max(self, *args, **kwargs):
+        return ndarray(np.asarray(self._a.max(*args, **kwargs)))
+
+    def __repr__(self):
+        return f"fake_cupy.array({self._a!r})"
+
+
+def _binary(op, reflected=False):
+    def method(self, other):
+        if isinstance(other, np.ndarray) and other.ndim:
+            raise TypeError("Unsupported type <class 'numpy.ndarray'>")
+        a, b = (_unwrap(other), self._a) if reflected else (self._a, _unwrap(other))
+        return ndarray(np.asarray(op(a, b)))
+
+    return method
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
+              "lshift", "rshift", "lt", "le", "gt", "ge", "eq", "ne"):
+    _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
+    setattr(ndarray, f"__{_name}__", _binary(_op))
+    if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
+        setattr(ndarray, f"__r{_name}__", _binary(_op, reflected=True))
+ndarray.__neg__ = lambda self: ndarray(-self._a)
+ndarray.__abs__ = lambda self: ndarray(np.abs(self._a))
+ndarray.__hash__ = None
+
+
+def _unwrap(x):
+    if isinstance(x, ndarray):
+        return x._a
+    if isinstance(x, tuple):
+        return tuple(_unwrap(e) for e in x)
+    return x
+
+
+def _alloc(a: np.ndarray) -> ndarray:
+    _no_capture("memory allocation")
+    return ndarray(a)
+
+
+def asarray(x, dtype=None):
+    if isinstance(x, ndarray):
+        return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+    _no_capture("host-to-device copy")
+    return ndarray(np.array(x, dtype=dtype))
+
+
+array = asarray
+
+
+def zeros(shape, dtype=float):
+    return _alloc(np.zeros(shape, dtype))
+
+
+def ones(shape, dtype=float):
+    return _alloc(np.ones(shape, dtype))
+
+
+def empty(shape, dtype=float):
+    return _alloc(np.empty(shape, dtype))
+
+
+def full(shape, fill_value, dtype=None):
+    return _alloc(np.full(shape, _unwrap(fill_value), dtype))
+
+
+def zeros_like(a, dtype=None):
+    return _alloc(np.zeros_like(_unwrap(a), dtype))
+
+
+def empty_like(a, dtype=None):
+    return _alloc(np.empty_like(_unwrap(a), dtype))
+
+
+def _device_only(*arrays):
+    for a in arrays:
+        if isinstance(a, np.ndarray) and a.ndim:
+            raise TypeError("Unsupported type <class 'numpy.ndarray'>")
+    return [_unwrap(a) for a in arrays]
+
+
+def where(condition, x, y):
+    return ndarray(np.where(*_device_only(condition, x, y)))
+
+
+def dot(a, b):
+    return ndarray(np.asarray(np.dot(*_device_only(a, b))))
+
+
+def isfinite(a):
+    return ndarray(np.isfinite(*_device_only(a)))
+
+
+def copyto(dst, src):
+    np.copyto(*_device_only(dst, src))
+
+
+def may_share_memory(a, b, max_work=None):
+    if not (isinstance(a, ndarray) and isinstance(b, ndarray)):
+        return False
+    return np.may_share_memory(a._a, b._a)
+
+
+def from_dlpack(x):
+    raise TypeError("this fake CuPy has no DLPack import (there are no CUDA tensors here)")
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+class RawModule:
+    """Holds the CUDA source; ``get_function`` checks the kernel is defined in it."""
+
+    def __init__(self, code: str, options=(), name_expressions=None, **_):
+        if not all(isinstance(o, str) for o in options):
+            raise TypeError(f"NVRTC options must be strings, got {options!r}")
+        self.code, self.options = code, tuple(options)
+
+    def get_function(self, name: str) -> _Kernel:
+        if not re.search(rf"\b{re.escape(name)}\b", self.code):
+            raise RuntimeError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
+        return _Kernel(name)
+
+
+#: C type of a by-value kernel argument -> the numpy scalar type it must be packed as
+_SCALARS = {"double": np.float64, "int": np.int32, "long long": np.int64}
+_POINTERS = {"float*": np.float32, "const double*": np.float64, "double*": np.float64,
+             "unsigned long long*": np.uint64}
+#: what a T* argument may hold: the format's own dtype or its raw bits (CuPy has no bfloat16)
+_PARAM_TYPES = {"f32": (np.float32,), "f16": (np.float16, np.uint16), "bf16": (np.uint16,)}
+_FORMATS = {"f32": 0, "f16": 0, "bf16": 1}
+
+
+class _Kernel:
+    """One variant, e.g. ``adam_bf16_sbf16``: runs the Numba kernel of the same op."""
+
+    def __init__(self, name: str):
+        parts = name.split("_")
+        self.name, self.op, self.suffix = name, parts[0], parts[1]
+        self.state_type = np.uint16 if name.endswith("_sbf16") else np.float32
+
+    def __call__(self, grid, block, args, **_):
+        from fastopt.gpu.launch import KERNEL_ARGS
+
+        if not (len(grid) >= 1 and len(block) >= 1 and grid[0] >= 1 and block[0] >= 1):
+            raise ValueError(f"bad launch shape {grid} x {block}")
+        spec = KERNEL_ARGS[self.op]
+        if len(args) != len(spec):
+            raise TypeError(f"{self.name} takes {len(spec)} arguments, got {len(args)}")
+        values = {}
+        for (name, ctype), value in zip(spec, args, strict=True):
+            values[name] = self._checked(name, ctype, value)
+        stream = cuda.get_current_stream()
+        if stream.capturing:
+            stream.recorded.append((self, values))
+        else:
+            self.run(values)
+
+    def _checked(self, name, ctype, value):
+        if ctype in _SCALARS:
+            if type(value) is not _SCALARS[ctype]:
+                raise TypeError(f"{self.name}: {name} must be packed as {_SCALARS[ctype]}, "
+                                f"got {type(value)}")
+            return value
+        if not isinstance(value, ndarray):
+            raise TypeError(f"{self.name}: {name} must be a device array, got {type(value)}")
+        want = {"T*": _PARAM_TYPES[self.suffix], "const T*": _PARAM_TYPES[self.suffix],
+                "S*": (self.state_type,)}.get(ctype) or (_POINTERS[ctype],)
+        if value.dtype not in want:
+            raise TypeError(f"{self.name}: {name} ({ctype}) must hold "
+                            f"{' or '.join(np.dtype(w).name for w in want)}, got {value.dtype}")
+        return value._a
+
+    def run(self, values: dict) -> None:
+        """What the CUDA kernel does: step k = step_state[0] + 1, lr from the table, the
+        update, lr_out[0] = lr, step_state[0] = k."""
+        from fastopt import cpu
+
+        kernel = getattr(cpu, self.op)
+        n = int(values["n"])
+        k = int(values["step_state"][0]) + 1
+        extra = {"step": k, "fmt": _FORMATS[self.suffix], "parallel": n >= 16384,
+                 "table": values["table"][: int(values["table_rows"])]}
+        args = []
+        for name in inspect.signature(kernel.py_func).parameters:
+            value = extra[name] if name in extra else values[name]
+            if isinstance(value, np.ndarray) and value.dtype == np.float16:
+                value = value.view(np.uint16)
+            if isinstance(value, np.ndarray) and value.ndim == 1 and name != "table":
+                value = value[:n]
+            args.append(value)
+        values["lr_out"][0] = kernel(*args)
+        values["step_state"][0] = k

@@ -1,0 +1,40 @@
+"""The GPU backend's Python path on every CI machine: tests/test_gpu.py and bench/gpu_check.py
+run against the fake CuPy in tests/fake_cupy (Numba kernels behind CuPy's launch interface,
+strict about argument types, host syncs in graph capture and numpy/cupy mixing). On a
+machine with a real GPU, tests/test_gpu.py also runs directly against CuPy."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE = ROOT / "tests" / "fake_cupy"
+
+
+def _run(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FAKE), str(ROOT)]))
+    return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_gpu_tests_pass_on_the_fake_device(tmp_path):
+    done = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+                 str(ROOT / "tests" / "test_gpu.py")], tmp_path)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert "passed" in last and "skipped" not in last and "failed" not in last, last
+
+
+def test_gpu_check_script_runs(tmp_path):
+    shapes = tmp_path / "tiny.json"
+    shapes.write_text(json.dumps({"model": "tiny", "shapes": [{"shape": [64, 33]},
+                                                               {"shape": [33]}]}))
+    report = tmp_path / "report.md"
+    done = _run([str(ROOT / "bench" / "gpu_check.py"), "--size", "3e4", "--model", str(shapes),
+                 "--report", str(report), "--no-tests"], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = report.read_text()
+    for case in ("fp32 3e+04", "fp32 tiny", "bf16 3e+04"):
+        assert f"| {case} | fastopt |" in text and f"| {case} | copy-same-bytes |" in text
