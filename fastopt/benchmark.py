@@ -318,10 +318,11 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
     if starting:
         lines += [
             "Start-up, seconds, medians over fresh processes (`fastopt/startup.py`): `import "
-            "fastopt`; the first `step()` (1,000 params, cosine schedule) with an empty Numba "
-            "cache (it compiles) and with a warm one (it loads the kernel from disk). Numba's "
+            "fastopt`, then the first `step()` (cosine schedule) with an empty Numba cache "
+            "(`cold`: it compiles) and with a warm one (`warm`: it loads the kernel from disk), "
+            "at 1e3 params (the kernel's serial build) and 1e5 (its parallel build). Numba's "
             "first dispatch of any jitted function imports scipy when scipy is installed; the "
-            "'scipy hidden' column, present only then, shows the step without that import.",
+            "'scipy hidden' columns, present only then, show the step without that import.",
             "",
             "```", startup.format_table(starting), "```", ""]
     if plot_path:

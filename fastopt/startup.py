@@ -1,5 +1,6 @@
 """Start-up cost, measured in fresh processes: ``import fastopt``, the first ``step()`` with an
-empty Numba cache (compiles) and with a warm one (loads the compiled kernel from disk).
+empty Numba cache (compiles) and with a warm one (loads the compiled kernel from disk), at
+1,000 params (the serial build of the kernel) and at 100,000 (the parallel build).
 
 Each measurement runs ``python -c`` in a new interpreter with ``NUMBA_CACHE_DIR`` pointing at a
 temporary folder, so the user's own cache is neither used nor touched. When scipy is installed,
@@ -28,8 +29,8 @@ import numpy as np
 import fastopt
 t1 = time.perf_counter()
 rng = np.random.default_rng(0)
-params = rng.standard_normal(1000, dtype=np.float32)
-grads = rng.standard_normal(1000, dtype=np.float32)
+params = rng.standard_normal(int(sys.argv[3]), dtype=np.float32)
+grads = rng.standard_normal(int(sys.argv[3]), dtype=np.float32)
 opt = getattr(fastopt, sys.argv[1])(params, lr=fastopt.schedules.cosine(1e-3, 100))
 t2 = time.perf_counter()
 opt.step(grads)
@@ -39,6 +40,7 @@ print(json.dumps({"import": t1 - t0, "first_step": t3 - t2}))
 """
 
 CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad", "adadelta": "Adadelta"}
+SIZES = {"1e3": 1_000, "1e5": 100_000}  # below and above the serial/parallel switch
 
 
 @dataclass
@@ -47,34 +49,41 @@ class StartupRow:
     seconds: dict = field(default_factory=dict)  # measurement -> median seconds
 
 
-def _child(name: str, cache_dir: str, hide_scipy: bool = False) -> dict:
+def _child(name: str, cache_dir: str, size: int, hide_scipy: bool = False) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
     mode = "hide-scipy" if hide_scipy else "as-is"
-    done = subprocess.run([sys.executable, "-c", _CHILD, CLASS_NAMES[name], mode], env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run([sys.executable, "-c", _CHILD, CLASS_NAMES[name], mode, str(size)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"start-up measurement for {name} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure(optimizers: list[str], repeats: int = 3) -> list[StartupRow]:
-    """Medians over ``repeats`` fresh processes of: import, cold and warm first step."""
+    """Medians over ``repeats`` fresh processes of: import, cold and warm first step at each of
+    SIZES (each size with its own empty cache)."""
     with_scipy = importlib.util.find_spec("scipy") is not None
     rows = []
     for name in optimizers:
         samples: dict[str, list[float]] = {}
+        add = _appender(samples)
         for _ in range(repeats):
-            with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as cache:
-                cold = _child(name, cache)
-                warm = _child(name, cache)
-                samples.setdefault("import", []).append(warm["import"])
-                samples.setdefault("first step, cold cache", []).append(cold["first_step"])
-                samples.setdefault("first step, warm cache", []).append(warm["first_step"])
-                if with_scipy:
-                    bare = _child(name, cache, hide_scipy=True)
-                    samples.setdefault("warm, scipy hidden", []).append(bare["first_step"])
+            for label, size in SIZES.items():
+                with tempfile.TemporaryDirectory(prefix="fastopt-numba-cache-") as cache:
+                    cold = _child(name, cache, size)
+                    warm = _child(name, cache, size)
+                    add("import", warm["import"])
+                    add(f"cold {label}", cold["first_step"])
+                    add(f"warm {label}", warm["first_step"])
+                    if with_scipy:
+                        bare = _child(name, cache, size, hide_scipy=True)
+                        add(f"warm {label}, scipy hidden", bare["first_step"])
         rows.append(StartupRow(name, {k: statistics.median(v) for k, v in samples.items()}))
     return rows
+
+
+def _appender(samples: dict):
+    return lambda key, value: samples.setdefault(key, []).append(value)
 
 
 def format_table(rows: list[StartupRow]) -> str:

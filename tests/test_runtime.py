@@ -98,8 +98,8 @@ def test_cli_bench_startup(tmp_path, capsys, monkeypatch):
     caches = []
     real_child = startup._child
 
-    def spy(name, cache_dir, hide_scipy=False):
-        result = real_child(name, cache_dir, hide_scipy)
+    def spy(name, cache_dir, size, hide_scipy=False):
+        result = real_child(name, cache_dir, size, hide_scipy)
         caches.append((cache_dir, sum(len(f) for _, _, f in os.walk(cache_dir))))
         return result
 
@@ -112,8 +112,8 @@ def test_cli_bench_startup(tmp_path, capsys, monkeypatch):
 
     (row,) = json.loads(path.read_text())["startup"]
     assert row["optimizer"] == "adagrad"
-    assert {"import", "first step, cold cache", "first step, warm cache"} <= set(row["seconds"])
+    assert {"import", "cold 1e3", "warm 1e3", "cold 1e5", "warm 1e5"} <= set(row["seconds"])
     assert all(s > 0 for s in row["seconds"].values())
     assert caches[0][1] > 0 and caches[0][0] != os.environ.get("NUMBA_CACHE_DIR")
     assert not os.path.exists(caches[0][0])  # a temporary folder, removed afterwards
-    assert "first step, warm cache" in page.read_text() and "start-up" in capsys.readouterr().out
+    assert "warm 1e5" in page.read_text() and "start-up" in capsys.readouterr().out
