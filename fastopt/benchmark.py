@@ -359,7 +359,7 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     """Time every case, print the table, write what was asked; with ``startup_repeats`` > 0
     also measure start-up (import, cold and warm first step) in that many fresh processes."""
     work = plan(optimizers, sizes, list(models))
-    minutes = estimate_seconds(work, budget_s) / 60 + startup_repeats * len(optimizers) * 0.1
+    minutes = estimate_seconds(work, budget_s) / 60 + startup_repeats * len(optimizers) * 0.15
     out(f"{len(work)} cases; about {minutes:.1f} min")
     if with_torch and work:
         import torch
