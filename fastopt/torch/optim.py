@@ -19,6 +19,8 @@ ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
 HALF_FORMATS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PARAM_DTYPES = (torch.float32, *HALF_FORMATS)
 MASTER = "master_param"  # the per-param state name of a 16-bit param's float32 master copy
+#: ``state_dtype`` names -> the state buffers' torch dtype (bfloat16: stochastically rounded)
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _aligned(n: int) -> int:
@@ -28,13 +30,16 @@ def _aligned(n: int) -> int:
 class _Bucket:
     """The params of one group on one (device, dtype), packed with their grads and state.
 
-    State is float32 whatever the params' dtype; 16-bit params also get ``master``, a float32
-    copy the kernel updates and rounds (to nearest even) into the 16-bit params.
+    State is float32 (or bfloat16, stochastically rounded, with ``state_dtype``) whatever the
+    params' dtype; 16-bit params also get ``master``, a float32 copy the kernel updates and
+    rounds (to nearest even) into the 16-bit params.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float]):
+    def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
+                 state_dtype: torch.dtype = torch.float32):
         first = params[0]
         self.params = params
+        self.state_dtype = state_dtype
         self.offsets, total = [], 0
         for p in params:
             self.offsets.append(total)
@@ -71,7 +76,7 @@ class _Bucket:
 
     def add_state(self, name: str, value: float = 0.0) -> None:
         if name not in self.state:
-            self.state[name] = torch.full(self.flat.shape, value, dtype=torch.float32,
+            self.state[name] = torch.full(self.flat.shape, value, dtype=self.state_dtype,
                                           device=self.flat.device)
 
     def arrays(self, names: tuple[str, ...]) -> tuple[list, dict]:
@@ -83,12 +88,17 @@ class _Bucket:
             if self.format is None:
                 made = [_as_array(t) for t in (self.flat, self.grad)], {}
             else:
-                made = ([_as_array(t.view(torch.int16)).view("uint16")
-                         for t in (self.flat, self.grad)],
+                made = ([_as_bits(t) for t in (self.flat, self.grad)],
                         {"master": _as_array(self.master), "dtype": self.format})
-            made[0].extend(_as_array(self.state[n]) for n in names)
+            made[0].extend(_as_bits(self.state[n]) if self.state_dtype == torch.bfloat16
+                           else _as_array(self.state[n]) for n in names)
             self._arrays[names] = made
         return made
+
+
+def _as_bits(t: torch.Tensor):
+    """A 16-bit tensor's elements as uint16 bits (numpy and cupy have no bfloat16)."""
+    return _as_array(t.view(torch.int16)).view("uint16")
 
 
 def _as_array(t: torch.Tensor):
@@ -106,9 +116,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     kernel: str = ""
 
-    def __init__(self, params, defaults: dict):
+    def __init__(self, params, defaults: dict, state_dtype: str = "float32"):
         if defaults.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fastopt's fused kernels")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+        #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
+        self.state_dtype = state_dtype
         self._buckets: list[list[_Bucket]] = []
         defaults = self._split_schedule(dict(defaults))
         super().__init__(params, defaults)
@@ -153,7 +167,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise TypeError(f"unsupported device {params[0].device}")
         buckets = []
         for dtype in dict.fromkeys(p.dtype for p in params):  # one bucket per dtype, in order
-            bucket = _Bucket([p for p in params if p.dtype == dtype], self.state_init(group))
+            bucket = _Bucket([p for p in params if p.dtype == dtype], self.state_init(group),
+                             STATE_DTYPES[self.state_dtype])
             for i, p in enumerate(bucket.params):
                 self.state[p] = self._state_views(bucket, i)
             buckets.append(bucket)
@@ -303,7 +318,8 @@ class Adam(FlatOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False):
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 state_dtype="float32"):
         _check_common(lr, eps, weight_decay)
         for i, b in enumerate(betas):
             if not 0.0 <= b < 1.0:
@@ -312,7 +328,7 @@ class Adam(FlatOptimizer):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             foreach=foreach, maximize=maximize, capturable=capturable,
             differentiable=differentiable, fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay))
+            decoupled_weight_decay=decoupled_weight_decay), state_dtype)
 
     def state_init(self, group):
         names = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
@@ -329,11 +345,11 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None):
+                 differentiable=False, fused=None, state_dtype="float32"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, state_dtype=state_dtype)
 
 
 class Adagrad(FlatOptimizer):
@@ -343,7 +359,7 @@ class Adagrad(FlatOptimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, foreach=None, *, maximize=False,
-                 differentiable=False, fused=None):
+                 differentiable=False, fused=None, state_dtype="float32"):
         _check_common(lr, eps, weight_decay)
         if not 0.0 <= lr_decay:
             raise ValueError(f"Invalid lr_decay value: {lr_decay}")
@@ -353,7 +369,7 @@ class Adagrad(FlatOptimizer):
         super().__init__(params, dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
-            maximize=maximize, differentiable=differentiable, fused=fused))
+            maximize=maximize, differentiable=differentiable, fused=fused), state_dtype)
 
     def state_init(self, group):
         return {"sum": float(group["initial_accumulator_value"])}
@@ -369,13 +385,13 @@ class Adadelta(FlatOptimizer):
     kernel = "adadelta"
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False):
+                 capturable=False, maximize=False, differentiable=False, state_dtype="float32"):
         _check_common(lr, eps, weight_decay)
         if not 0.0 <= rho <= 1.0:
             raise ValueError(f"Invalid rho value: {rho}")
         super().__init__(params, dict(
             lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize,
-            capturable=capturable, foreach=foreach, differentiable=differentiable))
+            capturable=capturable, foreach=foreach, differentiable=differentiable), state_dtype)
 
     def state_init(self, group):
         return {"square_avg": 0.0, "acc_delta": 0.0}
