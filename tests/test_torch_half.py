@@ -187,3 +187,31 @@ def test_bf16_state_trains_like_float32_state_and_resumes():
         assert torch.equal(pa, pb)
     with pytest.raises(ValueError, match="state_dtype"):
         fot.Adam(_bf16_model().parameters(), state_dtype="float16")
+
+
+def test_refresh_master_after_loading_weights():
+    """Weights loaded into a bf16 model after the optimizer exists: without refresh_master the
+    next step would overwrite them with the stale master; with it they are kept."""
+    source = _bf16_model(seed=1)
+    batches = _batches(2)
+    runs = []
+    for refresh in (True, False):
+        model = _bf16_model(seed=0)
+        opt = fot.AdamW(model.parameters(), lr=1e-3)
+        _train(model, opt, batches[:1])
+        model.load_state_dict(source.state_dict())  # in place, into the flat buffer's views
+        if refresh:
+            opt.refresh_master()
+            for p, q in zip(model.parameters(), source.parameters(), strict=True):
+                assert torch.equal(opt.state[p]["master_param"], q.detach().float())
+        _train(model, opt, batches[1:])
+        runs.append(max(float((p.detach().float() - q.detach().float()).abs().max())
+                        for p, q in zip(model.parameters(), source.parameters(), strict=True)))
+    assert runs[0] < 0.05  # one small step from the loaded weights
+    assert runs[1] > 0.1  # the stale master undid the load
+
+
+def test_optimizer_copy_is_refused():
+    opt = fot.AdamW(_bf16_model().parameters())
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt)

@@ -182,6 +182,22 @@ class FlatOptimizer(torch.optim.Optimizer):
             views[MASTER] = bucket.view_of(MASTER, i)
         return views
 
+    def __getstate__(self):
+        raise TypeError(f"{type(self).__name__} cannot be pickled or deep-copied: its params, "
+                        "grads and state are views of flat buffers that a copy would not share; "
+                        "use state_dict() / load_state_dict()")
+
+    @torch.no_grad()
+    def refresh_master(self) -> None:
+        """Copy the 16-bit params into their float32 masters. Call it after changing 16-bit
+        params in place (e.g. ``model.load_state_dict`` after building the optimizer): the
+        kernel updates the master and overwrites the params with it, so a stale master would
+        undo the change. Float32 params have no master; nothing to do for them."""
+        for buckets in self._buckets:
+            for b in buckets:
+                if b.master is not None:
+                    b.master.copy_(b.flat)
+
     # ------------------------------------------------------------------ stepping
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With set_to_none=True (torch's default) p.grad becomes None as in
