@@ -11,6 +11,8 @@ used (schedule value times ``lr_scale``). 16-bit params (float16, bfloat16) come
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import cpu
@@ -88,16 +90,29 @@ def _cpu_args(params, grads, master) -> tuple:
 def _launch_gpu(op: str, name: str, sched: Schedule, step: int, lr_scale: float,
                 **args) -> float:
     """One GPU kernel launch (params of format ``name``) for step ``step`` on the current
-    stream; returns the lr (computed on the host)."""
+    stream; returns the lr (computed on the host). No host-to-device copy once the schedule's
+    table is on the device: the step is written by a fill on the stream."""
     from .gpu import launch
 
-    xp = xp_of(args["params"])
-    launch.launch(op, name, dict(args, table=xp.asarray(sched.table),
-                                 table_rows=sched.table.shape[0],
-                                 step_state=xp.asarray([step - 1, 0], dtype=np.uint64),
+    params = args["params"]
+    xp = xp_of(params)
+    step_state = xp.zeros(2, dtype=np.uint64)
+    step_state[0] = step - 1
+    launch.launch(op, name, dict(args, table=_device_table(sched, params.device.id),
+                                 table_rows=sched.table.shape[0], step_state=step_state,
                                  lr_out=xp.empty(1, dtype=np.float64), lr_scale=lr_scale,
-                                 n=args["params"].shape[0]))
+                                 n=params.shape[0]))
     return sched.at(step - 1) * lr_scale
+
+
+@functools.lru_cache(maxsize=64)
+def _device_table(sched: Schedule, device_id: int):
+    """A schedule's table on a GPU, copied once per (schedule, device); schedules are
+    immutable, so the copy stays valid."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(sched.table)
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,

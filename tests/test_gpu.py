@@ -78,10 +78,16 @@ def test_functional_on_gpu():
     p_cpu = p.get()
     m, v = cupy.zeros(n, cupy.float32), cupy.zeros(n, cupy.float32)
     m_cpu, v_cpu = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    for k, g in enumerate(_grads(n, 20), start=1):
-        F.adamw(p, cupy.asarray(g), m, v, step=k, schedule=SCHED)
+    grads = [(g, cupy.asarray(g)) for g in _grads(n, 20)]
+    for k, (g, g_gpu) in enumerate(grads, start=1):
+        F.adamw(p, g_gpu, m, v, step=k, schedule=SCHED)
         F.adamw(p_cpu, g, m_cpu, v_cpu, step=k, schedule=SCHED)
     np.testing.assert_allclose(p.get(), p_cpu, rtol=1e-5, atol=1e-6)
+    counter = getattr(cupy, "transfers", None)  # the fake device counts host-to-device copies
+    if counter is not None:
+        before = counter["host_to_device"]
+        F.adamw(p, grads[0][1], m, v, step=21, schedule=SCHED)
+        assert counter["host_to_device"] == before  # the table stays on the device
 
 
 def test_gpu_state_dict_round_trip():

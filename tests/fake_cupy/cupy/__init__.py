@@ -85,6 +85,7 @@ class ndarray:  # noqa: N801  (CuPy's name)
     def __setitem__(self, key, value):
         if isinstance(value, np.ndarray) and value.ndim:
             _no_capture("host-to-device copy")
+            transfers["host_to_device"] += 1
         self._a[_unwrap(key)] = _unwrap(value)
 
     def __len__(self):
@@ -168,10 +169,15 @@ def _alloc(a: np.ndarray) -> ndarray:
     return ndarray(a)
 
 
+#: host-to-device copies made so far (a test can check a step makes none)
+transfers = {"host_to_device": 0}
+
+
 def asarray(x, dtype=None):
     if isinstance(x, ndarray):
         return x if dtype is None or x.dtype == dtype else x.astype(dtype)
     _no_capture("host-to-device copy")
+    transfers["host_to_device"] += 1
     return ndarray(np.array(x, dtype=dtype))
 
 
