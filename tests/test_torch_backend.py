@@ -219,6 +219,20 @@ def test_errors():
         opt.step()
 
 
+def test_replaced_param_data_is_refused():
+    """model.to()/half() after building the optimizer replaces p.data: stepping would update a
+    buffer the model no longer uses, so the step refuses with a clear error."""
+    model = make_model()
+    opt = fot.AdamW(model.parameters())
+    x, y = data(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    model.double()
+    torch.nn.functional.cross_entropy(model(x.double()), y).backward()
+    with pytest.raises(RuntimeError, match="build the optimizer after"):
+        opt.step()
+
+
 def test_optimizer_hooks_run():
     model = make_model()
     opt = fot.Adadelta(model.parameters())

@@ -65,6 +65,8 @@ class _Bucket:
                     grad.copy_(p.grad)
                 p.grad = grad
         self.master = None if self.format is None else self.flat.float()
+        #: where each param's data must stay: a param whose .data is replaced is detached
+        self.addresses = [p.data_ptr() for p in params]
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param."""
@@ -234,7 +236,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket) -> None:
         have_grad = []
-        for p, view in zip(b.params, b.grad_views, strict=True):
+        for p, view, address in zip(b.params, b.grad_views, b.addresses, strict=True):
+            if p.data_ptr() != address:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} no longer lives in this optimizer's "
+                    "flat buffer (its .data was replaced, e.g. by model.to(), .half() or "
+                    "load_state_dict(assign=True) after the optimizer was built); build the "
+                    "optimizer after moving or casting the model")
             g = p.grad
             if g is None:
                 have_grad.append(False)
