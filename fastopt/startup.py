@@ -1,6 +1,6 @@
 """Start-up cost, measured in fresh processes: ``import fastopt``, the first ``step()`` with an
 empty Numba cache (compiles) and with a warm one (loads the compiled kernel from disk), at
-1,000 params (the serial build of the kernel) and at 100,000 (the parallel build).
+1,000 params (where the kernel runs its serial loop) and at 100,000 (its parallel loop).
 
 Each measurement runs ``python -c`` in a new interpreter with ``NUMBA_CACHE_DIR`` pointing at a
 temporary folder, so the user's own cache is neither used nor touched. When scipy is installed,
