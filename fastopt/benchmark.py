@@ -320,9 +320,10 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
             "Start-up, seconds, medians over fresh processes (`fastopt/startup.py`): `import "
             "fastopt`, then the first `step()` (cosine schedule) with an empty Numba cache "
             "(`cold`: it compiles) and with a warm one (`warm`: it loads the kernel from disk), "
-            "at 1e3 params (the kernel's serial loop runs) and 1e5 (its parallel loop runs). Numba's "
-            "first dispatch of any jitted function imports scipy when scipy is installed; the "
-            "'scipy hidden' columns, present only then, show the step without that import.",
+            "at 1e3 params (the kernel's serial loop runs) and 1e5 (its parallel loop runs). "
+            "Numba's first dispatch of any jitted function imports scipy when scipy is "
+            "installed; the 'scipy hidden' columns, present only then, show the step without "
+            "that import.",
             "",
             "```", startup.format_table(starting), "```", ""]
     if plot_path:
