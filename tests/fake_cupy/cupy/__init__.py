@@ -91,22 +91,6 @@ class ndarray:  # noqa: N801  (CuPy's name)
     def __len__(self):
         return len(self._a)
 
-    def __float__(self):
-        _no_capture("device-to-host read")
-        return float(self._a)
-
-    def __int__(self):
-        _no_capture("device-to-host read")
-        return int(self._a)
-
-    def __bool__(self):
-        _no_capture("device-to-host read")
-        return bool(self._a)
-
-    def item(self):
-        _no_capture("device-to-host read")
-        return self._a.item()
-
     def astype(self, dtype, copy=True):
         return ndarray(self._a.astype(dtype, copy=copy))
 
@@ -151,6 +135,19 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "
     setattr(ndarray, f"__{_name}__", _binary(_op))
     if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
         setattr(ndarray, f"__r{_name}__", _binary(_op, reflected=True))
+def _host_read(convert):
+    """A conversion that reads the device value back to the host (forbidden in capture)."""
+
+    def method(self):
+        _no_capture("device-to-host read")
+        return convert(self._a)
+
+    return method
+
+
+for _name, _convert in (("__float__", float), ("__int__", int), ("__bool__", bool),
+                        ("item", np.ndarray.item)):
+    setattr(ndarray, _name, _host_read(_convert))
 ndarray.__neg__ = lambda self: ndarray(-self._a)
 ndarray.__abs__ = lambda self: ndarray(np.abs(self._a))
 ndarray.__hash__ = None
