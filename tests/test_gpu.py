@@ -247,3 +247,26 @@ def test_flat_buffer_on_gpu():
         np.testing.assert_allclose(view.get(), ref, rtol=1e-5, atol=1e-6)
     empty = FlatBuffer.empty([(4, 4)], xp=cupy)
     assert type(empty.buffer) is type(fb.buffer) and float(empty.buffer.sum()) == 0.0
+
+
+def test_step_returns_before_the_device_finishes():
+    """step() only enqueues: behind a kernel that keeps the stream busy for ~0.5 s, two steps
+    return while the stream is still running (no host sync), and then take effect in order."""
+    if hasattr(cupy, "transfers"):
+        pytest.skip("the fake device runs every kernel synchronously")
+    spin = cupy.RawKernel(r"""extern "C" __global__ void spin(long long cycles) {
+        const long long t0 = clock64();
+        while (clock64() - t0 < cycles) {}
+    }""", "spin")
+    p = cupy.random.standard_normal(1 << 20, dtype=cupy.float32)
+    g = cupy.random.standard_normal(1 << 20, dtype=cupy.float32)
+    opt = fastopt.AdamW(p, lr=SCHED)
+    opt.step(g)  # compiles and loads the kernel
+    stream = cupy.cuda.get_current_stream()
+    stream.synchronize()
+    spin((1,), (1,), (np.int64(1_000_000_000),))
+    opt.step(g)
+    opt.step(g)
+    assert not stream.done
+    stream.synchronize()
+    assert opt.sync_step_count() == 3 and opt.last_lr == pytest.approx(SCHED.at(2), rel=1e-12)
