@@ -9,10 +9,12 @@ Writes a markdown report (card name, date, test summary, ratios measured in this
   does) on one tensor of the same size.
 - ``fp32 <model>``: the model's tensor list (bench/shapes) packed by ``FlatBuffer`` on the GPU,
   vs torch fused AdamW over the same tensors as separate CUDA tensors.
-- ``bf16 <size>``: bfloat16 params (uint16 bits + ``dtype="bfloat16"``) with fastopt's float32
-  master (28 B/param), vs torch fused AdamW on bfloat16 params (bf16 state, no master: 14
-  B/param, and updates below half an ulp are lost) and vs torch fused AdamW on a float32
-  master followed by a cast to bfloat16 (the master-weights recipe: 28 + 6 B/param).
+- ``bf16 <size>``, ``bf16 <model>``: bfloat16 params (uint16 bits + ``dtype="bfloat16"``)
+  with fastopt's float32 master (28 B/param), vs torch fused AdamW on bfloat16 params (bf16
+  state, no master: 14 B/param, and updates below half an ulp are lost) and vs torch fused
+  AdamW on float32 masters followed by a cast to bfloat16 (the master-weights recipe:
+  28 + 6 B/param).
+- each case also times fastopt with ``state_dtype="bfloat16"`` (20 B/param).
 
 With the fake CuPy of tests/fake_cupy on PYTHONPATH this runs on a CPU as a smoke test of the
 script itself; its timings then mean nothing.
@@ -32,10 +34,14 @@ sys.path.insert(0, str(ROOT))
 
 def gpu_time(fn, repeat: int = 50) -> float:
     """Median seconds per call, measured with CUDA events on the current stream."""
-    import cupy
-
     for _ in range(3):
         fn()
+    return _median(_event_times(fn, repeat))
+
+
+def _event_times(fn, repeat: int) -> list[float]:
+    import cupy
+
     times = []
     for _ in range(repeat):
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
@@ -44,8 +50,25 @@ def gpu_time(fn, repeat: int = 50) -> float:
         stop.record()
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-    times.sort()
+    return times
+
+
+def _median(times: list[float]) -> float:
+    times = sorted(times)
     return times[len(times) // 2]
+
+
+def time_interleaved(fns: dict, rounds: int = 5, repeat: int = 20) -> dict:
+    """Median seconds per call of each callable, the callables taking turns ``rounds`` times so
+    that clock and temperature drift falls on all of them alike; strings (errors) pass."""
+    calls = {k: f for k, f in fns.items() if callable(f)}
+    for f in calls.values():
+        f(), f(), f()
+    times = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, f in calls.items():
+            times[k] += _event_times(f, repeat)
+    return {k: _median(times[k]) if k in calls else f for k, f in fns.items()}
 
 
 def _copy(nbytes: int):
@@ -74,13 +97,46 @@ def _torch_adamw(tensors):
     return step, params
 
 
-def _torch_cases(out: dict, cases: dict) -> None:
-    """Time each torch case; record the error instead where torch has no CUDA."""
+BF16_STATE = "fastopt state_dtype=bfloat16"
+
+
+def _bf16_state_step(params, grads, sched, **kwargs):
+    """fastopt AdamW with bfloat16 moments (8 B/param less traffic) on a copy of ``params``."""
+    import fastopt
+
+    opt = fastopt.AdamW(params.copy(), lr=sched, state_dtype="bfloat16", **kwargs)
+    return lambda: opt.step(grads)
+
+
+def grid_sweep(n: int, sched, blocks_per_sm=(1, 2, 4, 8, 16, 32)) -> dict:
+    """fastopt fp32 AdamW at ``n`` params with the grid sized for each blocks-per-SM count."""
+    import cupy
+
+    import fastopt
+    from fastopt.gpu import launch
+
+    p = cupy.random.standard_normal(n, dtype=cupy.float32)
+    g = cupy.random.standard_normal(n, dtype=cupy.float32)
+    opt = fastopt.AdamW(p, lr=sched)
+    default, out = launch.BLOCKS_PER_SM, {}
+    try:
+        for k in blocks_per_sm:
+            launch.BLOCKS_PER_SM = k
+            launch._grid.cache_clear()
+            out[k] = gpu_time(lambda: opt.step(g))
+    finally:
+        launch.BLOCKS_PER_SM = default
+        launch._grid.cache_clear()
+    return out
+
+
+def _torch_steps(fns: dict, cases: dict) -> None:
+    """Add each torch case's step; the error instead where torch has no CUDA."""
     for name, make in cases.items():
         try:
-            out[name] = gpu_time(make())
+            fns[name] = make()
         except Exception as exc:  # noqa: BLE001  (torch without CUDA: report, keep the rest)
-            out[f"{name} error"] = repr(exc)[:200]
+            fns[f"{name} error"] = repr(exc)[:200]
 
 
 def fp32_one_buffer(n: int, sched) -> dict:
@@ -91,15 +147,16 @@ def fp32_one_buffer(n: int, sched) -> dict:
     p = cupy.random.standard_normal(n, dtype=cupy.float32)
     g = cupy.random.standard_normal(n, dtype=cupy.float32)
     opt = fastopt.AdamW(p, lr=sched)
-    out = {"fastopt": gpu_time(lambda: opt.step(g)), "copy-same-bytes": gpu_time(_copy(28 * n))}
+    out = {"fastopt": lambda: opt.step(g), "copy-same-bytes": _copy(28 * n)}
+    out[BF16_STATE] = _bf16_state_step(p, g, sched)
 
     def torch_one():
         import torch
 
         return _torch_adamw([torch.randn(n, device="cuda")])[0]
 
-    _torch_cases(out, {"torch-fused": torch_one})
-    return out
+    _torch_steps(out, {"torch-fused": torch_one})
+    return time_interleaved(out)
 
 
 def fp32_model(shapes: list, sched) -> dict:
@@ -114,63 +171,81 @@ def fp32_model(shapes: list, sched) -> dict:
     grads.buffer[...] = cupy.random.standard_normal(grads.buffer.size, dtype=cupy.float32)
     opt = fastopt.AdamW(params, lr=sched)
     n = params.buffer.size
-    out = {"fastopt": gpu_time(lambda: opt.step(grads.buffer)),
-           "copy-same-bytes": gpu_time(_copy(28 * n))}
+    out = {"fastopt": lambda: opt.step(grads.buffer), "copy-same-bytes": _copy(28 * n)}
+    out[BF16_STATE] = _bf16_state_step(params.buffer, grads.buffer, sched)
 
     def torch_tensors():
         import torch
 
         return _torch_adamw([torch.randn(s, device="cuda") for s in shapes])[0]
 
-    _torch_cases(out, {"torch-fused": torch_tensors})
-    return out
+    _torch_steps(out, {"torch-fused": torch_tensors})
+    return time_interleaved(out)
 
 
-def bf16_one_buffer(n: int, sched) -> dict:
+def bf16_params(shapes: list, sched) -> dict:
+    """bfloat16 params of these shapes packed in one flat buffer (a float16 ``FlatBuffer``'s
+    layout holding bf16 bits: CuPy has no bfloat16) vs torch over the same tensors."""
     import cupy
 
     import fastopt
-    from fastopt import _bf16
+    from fastopt import FlatBuffer, _bf16
 
-    bits = _bf16.encode(cupy.random.standard_normal(n, dtype=cupy.float32), xp=cupy)
+    packed = FlatBuffer.empty(shapes, dtype=cupy.float16, xp=cupy)
+    n = packed.buffer.size
+    bits = packed.buffer.view(cupy.uint16)
+    bits[...] = _bf16.encode(cupy.random.standard_normal(n, dtype=cupy.float32), xp=cupy)
     g = _bf16.encode(cupy.random.standard_normal(n, dtype=cupy.float32), xp=cupy)
     opt = fastopt.AdamW(bits, lr=sched, dtype="bfloat16")
-    out = {"fastopt": gpu_time(lambda: opt.step(g)), "copy-same-bytes": gpu_time(_copy(28 * n))}
+    out = {"fastopt": lambda: opt.step(g), "copy-same-bytes": _copy(28 * n)}
+    out[BF16_STATE] = _bf16_state_step(bits, g, sched, dtype="bfloat16")
 
     def torch_bf16():
         import torch
 
-        return _torch_adamw([torch.randn(n, device="cuda", dtype=torch.bfloat16)])[0]
+        return _torch_adamw([torch.randn(s, device="cuda", dtype=torch.bfloat16)
+                             for s in shapes])[0]
 
     def torch_master():
         import torch
 
-        step, (master,) = _torch_adamw([torch.randn(n, device="cuda")])
-        half = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+        step, masters = _torch_adamw([torch.randn(s, device="cuda") for s in shapes])
+        halves = [torch.empty_like(m, dtype=torch.bfloat16) for m in masters]
+        masters = [m.data for m in masters]
 
         def step_and_cast():
             step()
-            half.copy_(master.data)
+            torch._foreach_copy_(halves, masters)
 
         return step_and_cast
 
-    _torch_cases(out, {"torch-fused-bf16 (14 B)": torch_bf16,
+    _torch_steps(out, {"torch-fused-bf16 (14 B)": torch_bf16,
                        "torch-fused-fp32+cast (34 B)": torch_master})
-    return out
+    return time_interleaved(out)
 
 
-def report(card: str, summary: str, rows: dict) -> list[str]:
+def report(card: str, summary: str, rows: dict, sweep: dict) -> list[str]:
     lines = [f"# GPU check: {card}", "", f"{time.strftime('%Y-%m-%d %H:%M')}; fp32 math, "
-             "AdamW + warmup-cosine", "", f"gpu tests: `{summary}`", "",
-             "| case | implementation | ms | fastopt speedup |", "|---|---|---|---|"]
+             "AdamW + warmup-cosine; CUDA-event medians of 100 calls, the implementations "
+             "of a case taking turns in 5 rounds of 20", "",
+             f"gpu tests: `{summary}`", "",
+             "| case | implementation | ms | fastopt speedup | fastopt bf16-state speedup |",
+             "|---|---|---|---|---|"]
     for case, t in rows.items():
         for k, v in t.items():
             if isinstance(v, float):
-                lines.append(f"| {case} | {k} | {v * 1e3:.3f} | {v / t['fastopt']:.2f}x |")
+                lines.append(f"| {case} | {k} | {v * 1e3:.3f} | {v / t['fastopt']:.2f}x | "
+                             f"{v / t[BF16_STATE]:.2f}x |")
             else:
-                lines.append(f"| {case} | {k} | {v} | |")
+                lines.append(f"| {case} | {k} | {v} | | |")
         lines.append(f"| {case} | fastopt % of same-bytes copy | | "
-                     f"{100 * t['copy-same-bytes'] / t['fastopt']:.0f}% |")
+                     f"{100 * t['copy-same-bytes'] / t['fastopt']:.0f}% | |")
+    if sweep:
+        best = min(sweep.values())
+        lines += ["", "Grid size (fp32 AdamW, first case's size; default "
+                  "`fastopt.gpu.launch.BLOCKS_PER_SM`):", "",
+                  "| blocks per SM | ms | vs best |", "|---|---|---|"]
+        lines += [f"| {k} | {v * 1e3:.3f} | {v / best:.3f} |" for k, v in sweep.items()]
     return lines
 
 
@@ -180,6 +255,7 @@ def main() -> int:
     parser.add_argument("--model", default="gpt2_small", help="a shape list in bench/shapes")
     parser.add_argument("--report", default="gpu_report.md")
     parser.add_argument("--no-tests", action="store_true", help="timings only")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the grid-size sweep")
     args = parser.parse_args()
     import cupy
 
@@ -191,9 +267,11 @@ def main() -> int:
     tests = None
     summary = "not run"
     if not args.no_tests:
-        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu",
-                                str(ROOT / "tests" / "test_gpu.py")], capture_output=True,
-                               text=True, cwd=ROOT)
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-m", "gpu",
+                                str(ROOT / "tests" / "test_gpu.py"),
+                                str(ROOT / "tests" / "test_gpu_torch.py")],
+                               capture_output=True, text=True, cwd=ROOT)
+        Path(args.report).with_suffix(".tests.log").write_text(tests.stdout + tests.stderr)
         summary = (tests.stdout.strip().splitlines()[-1] if tests.stdout.strip()
                    else tests.stderr[-300:])
     n = int(args.size)
@@ -201,8 +279,10 @@ def main() -> int:
     model, shapes = load_shapes(args.model)
     rows = {f"fp32 {n:.3g}": fp32_one_buffer(n, sched),
             f"fp32 {model}": fp32_model(shapes, sched),
-            f"bf16 {n:.3g}": bf16_one_buffer(n, sched)}
-    lines = report(card, summary, rows)
+            f"bf16 {n:.3g}": bf16_params([(n,)], sched),
+            f"bf16 {model}": bf16_params(shapes, sched)}
+    sweep = {} if args.no_sweep else grid_sweep(n, sched)
+    lines = report(card, summary, rows, sweep)
     Path(args.report).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if tests is not None and tests.returncode != 0:

@@ -59,10 +59,12 @@ FO_HD bf16_bits float_to_bf16_stochastic(float f, unsigned rand16) {
     return (bf16_bits)((u + rand16) >> 16);
 }
 
-// Elements of T per 16-byte vector access.
+// Elements per vector group: 4, one 16-byte access per float32 buffer (8 bytes for 16-bit
+// params). Groups of 8 for 16-bit params (16-byte accesses to them, two to each float32
+// buffer) ran at 81 % of a same-bytes copy on an H200, groups of 4 at 90 % (bench/NOTES.md 18).
 template <typename T>
 struct VecWidth {
-    static constexpr int value = 16 / sizeof(T);
+    static constexpr int value = 4;
 };
 
 template <typename T, int N>

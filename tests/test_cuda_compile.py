@@ -13,9 +13,11 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
-def compile_source(name: str, arch: str):
-    """(log, cubin or ptx bytes) for kernels/<name> compiled for arch (sm_XX or compute_XX)."""
-    prog = _check(nvrtc.nvrtcCreateProgram(build.source(name).encode(), name.encode(), 0, [], []))
+def compile_source(name: str, arch: str, code: str | None = None):
+    """(log, cubin or ptx bytes) for kernels/<name> (or ``code`` under that name) compiled for
+    arch (sm_XX or compute_XX)."""
+    code = build.source(name) if code is None else code
+    prog = _check(nvrtc.nvrtcCreateProgram(code.encode(), name.encode(), 0, [], []))
     try:
         options = [o.encode() for o in (*build.nvrtc_options(), f"--gpu-architecture={arch}")]
         err, = nvrtc.nvrtcCompileProgram(prog, len(options), options)

@@ -48,8 +48,12 @@ def cuda_include_dir() -> Path | None:
 
 def nvrtc_options() -> tuple[str, ...]:
     """The options every kernel is compiled with (the architecture is added by the caller)."""
-    # -default-device: the per-group lambdas inside the kernels are device code
-    options = ["--std=c++17", "-default-device", f"-I{kernel_dir()}"]
+    # -default-device: the per-group lambdas inside the kernels are device code.
+    # --fmad=false: no FMA contraction, so an element gets the same IEEE operations in the
+    # vector body and in the scalar tail (NVRTC contracted the two differently: 1 ulp apart on
+    # an H200) and the same as the g++ -ffp-contract=off host build; it costs no time
+    # (bench/NOTES.md 18)
+    options = ["--std=c++17", "-default-device", "--fmad=false", f"-I{kernel_dir()}"]
     include = cuda_include_dir()
     if include is not None:
         options.append(f"-I{include}")

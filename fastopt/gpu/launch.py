@@ -39,6 +39,8 @@ SCALAR_TYPES = {"double": np.float64, "int": np.int32, "long long": np.int64}
 DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 BLOCK = 256
+#: resident blocks per multiprocessor the grid is sized for (the grid-stride loop covers the rest)
+BLOCKS_PER_SM = 8
 
 
 def kernel_name(op: str, dtype: str, state_bf16: bool = False) -> str:
@@ -71,7 +73,7 @@ def _grid(device_id: int) -> int:
     import cupy
 
     sms = cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-    return sms * 8  # enough resident blocks to saturate memory; the loop strides the rest
+    return sms * BLOCKS_PER_SM  # enough blocks in flight to saturate memory
 
 
 def launch(op: str, dtype: str, values: dict) -> None:
