@@ -9,6 +9,9 @@ holds those views under torch's names, so ``state_dict()`` is torch's format.
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 
 from .. import functional as F
@@ -110,6 +113,17 @@ def _as_array(t: torch.Tensor):
     import cupy
 
     return cupy.from_dlpack(t.detach())
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(ptr: int, device_index: int):
+    """CuPy's handle on a torch CUDA stream, made once per stream (CuPy 14 deprecates
+    ExternalStream for Stream.from_external, which older CuPy lacks; the handle is the same)."""
+    import cupy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device_index)
 
 
 class FlatOptimizer(torch.optim.Optimizer):
@@ -280,9 +294,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         has master and dtype for 16-bit params."""
         fn = getattr(F, self.kernel)
         if device.type == "cuda":
-            import cupy
-
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            stream = torch.cuda.current_stream(device)
+            with _cupy_stream(stream.cuda_stream, stream.device_index):
                 fn(*arrays, step=step, schedule=schedule, **half, **kwargs)
         else:
             fn(*arrays, step=step, schedule=schedule, **half, **kwargs)
