@@ -329,8 +329,24 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
     if plot_path:
         rel = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(path)))
         lines += [f"![throughput vs size]({rel})", ""]
+    lines += kept_gpu_section(path)
     with open(path, "w") as f:
         f.write("\n".join(lines))
+
+
+GPU_HEADING = "## GPU"
+
+
+def kept_gpu_section(path: str) -> list[str]:
+    """The lines from the page's ``## GPU`` heading on (results that bench/gpu_check.py
+    recorded on a lent card), so that regenerating the CPU results keeps them."""
+    try:
+        with open(path) as f:
+            old = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    starts = [i for i, line in enumerate(old) if line.startswith(GPU_HEADING)]
+    return old[starts[0]:] + [""] if starts else []
 
 
 def plan(optimizers: list[str], sizes: list[int], models: list[str]):

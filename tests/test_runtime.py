@@ -117,3 +117,17 @@ def test_cli_bench_startup(tmp_path, capsys, monkeypatch):
     assert caches[0][1] > 0 and caches[0][0] != os.environ.get("NUMBA_CACHE_DIR")
     assert not os.path.exists(caches[0][0])  # a temporary folder, removed afterwards
     assert "warm 1e5" in page.read_text() and "start-up" in capsys.readouterr().out
+
+
+def test_results_page_keeps_its_gpu_section(tmp_path):
+    """Regenerating the CPU results page keeps the GPU results recorded below them."""
+    from fastopt import benchmark
+
+    page = tmp_path / "RESULTS.md"
+    page.write_text("# old CPU results\n\nstale table\n\n## GPU: NVIDIA H200\n\n| a | b |\n")
+    benchmark.write_markdown([], str(page), None, "fastopt bench")
+    text = page.read_text()
+    assert "stale table" not in text and text.startswith("# fastopt benchmark results")
+    assert text.count("## GPU: NVIDIA H200") == 1 and "| a | b |" in text
+    benchmark.write_markdown([], str(page), None, "fastopt bench")
+    assert page.read_text() == text  # idempotent
