@@ -35,6 +35,7 @@ from ._checks import (
     param_dtype,
     xp_of,
 )
+from .cpu.schedule import host_lr
 from .schedules import Schedule
 
 __all__ = ["adam", "adamw", "adagrad", "adadelta"]
@@ -102,7 +103,7 @@ def _launch_gpu(op: str, name: str, sched: Schedule, step: int, lr_scale: float,
                                  table_rows=sched.table.shape[0], step_state=step_state,
                                  lr_out=xp.empty(1, dtype=np.float64), lr_scale=lr_scale,
                                  n=params.shape[0]))
-    return sched.at(step - 1) * lr_scale
+    return host_lr(sched, step - 1) * lr_scale
 
 
 @functools.lru_cache(maxsize=64)

@@ -116,6 +116,17 @@ def test_kernel_uses_at(name):
         np.testing.assert_allclose(used, expected, rtol=1e-12, atol=1e-18, err_msg=cls.__name__)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_host_lr_equals_at(name):
+    """host_lr (the kernels' scalar evaluator called from Python, for per-step bookkeeping such
+    as fastopt.torch's group['lr']) equals the numpy reference at every step."""
+    from fastopt.cpu.schedule import host_lr
+
+    schedule, _, _, steps = CASES[name]
+    got = [host_lr(schedule, k) for k in range(steps)]
+    np.testing.assert_allclose(got, schedule.at(np.arange(steps)), rtol=1e-12, atol=1e-18)
+
+
 def test_at_scalar_and_shape():
     s = S.cosine(1.0, 10)
     assert isinstance(s.at(3), float)

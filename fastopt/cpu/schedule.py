@@ -59,3 +59,10 @@ def lr_at(table, t):
             factor = p[5] ** x
         return p[0] + (p[1] - p[0]) * scale * factor
     return math.nan
+
+
+def host_lr(schedule, step) -> float:
+    """``schedule``'s lr at 0-based ``step`` from this evaluator, called from Python: the value
+    a kernel uses, in ~0.3 µs instead of the ~20 µs of ``Schedule.at`` (the numpy reference).
+    For per-step bookkeeping (``group['lr']``, the GPU path's returned lr)."""
+    return float(lr_at(schedule.table, float(step)))

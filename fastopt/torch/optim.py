@@ -15,6 +15,7 @@ import warnings
 import torch
 
 from .. import functional as F
+from ..cpu.schedule import host_lr
 from ..schedules import Schedule, as_schedule
 
 ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
@@ -245,7 +246,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             for b in buckets:
                 self._step_bucket(group, schedule, b)
             if "schedule" in group and buckets:
-                group["lr"] = schedule.at(buckets[0].step)
+                group["lr"] = host_lr(schedule, buckets[0].step)
         return loss
 
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket) -> None:
