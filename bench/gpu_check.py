@@ -14,6 +14,9 @@ Writes a markdown report (card name, date, test summary, ratios measured in this
   state, no master: 14 B/param, and updates below half an ulp are lost) and vs torch fused
   AdamW on float32 masters followed by a cast to bfloat16 (the master-weights recipe:
   28 + 6 B/param).
+- ``fot <model>``, ``fot mlp``: ``fastopt.torch.AdamW`` on CUDA params (the model's list and
+  a small MLP, where host work and launches dominate) vs torch fused AdamW; only where torch
+  has CUDA.
 - each case also times fastopt with ``state_dtype="bfloat16"`` (20 B/param).
 
 With the fake CuPy of tests/fake_cupy on PYTHONPATH this runs on a CPU as a smoke test of the
@@ -23,6 +26,7 @@ script itself; its timings then mean nothing.
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 import time
@@ -224,6 +228,33 @@ def bf16_params(shapes: list, sched) -> dict:
     return time_interleaved(out)
 
 
+#: a small MLP's tensors: a step here is bound by host work and launches, not by memory
+SMALL_MLP = [(256, 64), (256,), (256, 256), (256,), (10, 256), (10,)]
+
+
+def fot_params(shapes: list, sched) -> dict:
+    """``fastopt.torch.AdamW`` over CUDA params of these shapes (grads already in its flat
+    buffer, as after ``zero_grad(set_to_none=False)``) vs torch fused AdamW over the same."""
+    import torch
+
+    import fastopt.torch as fot
+
+    def fot_step(**kwargs):
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        opt = fot.AdamW(params, lr=sched, **kwargs)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()  # takes the grads into the flat buffer; later steps copy nothing
+        return opt.step
+
+    n = sum(math.prod(s) for s in shapes)
+    out = {"fastopt": fot_step(), "copy-same-bytes": _copy(28 * n),
+           BF16_STATE: fot_step(state_dtype="bfloat16")}
+    _torch_steps(out, {"torch-fused": lambda: _torch_adamw(
+        [torch.randn(s, device="cuda") for s in shapes])[0]})
+    return time_interleaved(out)
+
+
 def report(card: str, summary: str, rows: dict, sweep: dict) -> list[str]:
     lines = [f"# GPU check: {card}", "", f"{time.strftime('%Y-%m-%d %H:%M')}; fp32 math, "
              "AdamW + warmup-cosine; CUDA-event medians of 100 calls, the implementations "
@@ -281,6 +312,11 @@ def main() -> int:
             f"fp32 {model}": fp32_model(shapes, sched),
             f"bf16 {n:.3g}": bf16_params([(n,)], sched),
             f"bf16 {model}": bf16_params(shapes, sched)}
+    import torch
+
+    if torch.cuda.is_available():  # fastopt.torch on CUDA params
+        rows[f"fot {model}"] = fot_params(shapes, sched)
+        rows[f"fot mlp {sum(math.prod(s) for s in SMALL_MLP):.3g}"] = fot_params(SMALL_MLP, sched)
     sweep = {} if args.no_sweep else grid_sweep(n, sched)
     lines = report(card, summary, rows, sweep)
     Path(args.report).write_text("\n".join(lines) + "\n")
