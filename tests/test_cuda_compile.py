@@ -63,3 +63,22 @@ def test_launch_names_compiled_kernels(dtype, state_bf16):
         assert kernel_name(op, dtype, state_bf16) in build.SOURCES[f"{op}.cu"]
     with pytest.raises(ValueError, match="no GPU kernel for uint16"):
         kernel_name("adam", "uint16")
+
+
+def test_wheel_ships_the_cuda_sources(tmp_path):
+    """The wheel carries kernels/ as fastopt/_kernels (what build.kernel_dir() loads when
+    installed) with every source the launcher names."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(build.__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                           str(tmp_path), str(root)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fastopt-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for source in (*build.SOURCES, "common.cuh", "schedule.cuh"):
+        assert f"fastopt/_kernels/{source}" in names, source
