@@ -68,11 +68,22 @@ def dtype_name(dtype: np.dtype) -> str:
     return dtype.name
 
 
+def dtype_arg(dtype) -> str | None:
+    """A ``dtype=`` argument's name: 'float16' from "float16", np.float16 or
+    np.dtype('float16'); 'bfloat16' likewise (ml_dtypes.bfloat16); None stays None."""
+    if dtype is None or isinstance(dtype, str):
+        return dtype
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
 def param_dtype(array, dtype=None) -> str:
     """The element type a buffer holds: its own, or ``dtype`` for raw uint16 bits."""
     if dtype is None:
         return array.dtype.name
-    name = getattr(dtype, "name", None) or str(dtype)
+    name = dtype_arg(dtype)
     if name not in FORMATS:
         raise ValueError(f"dtype must be 'float16' or 'bfloat16' for uint16 buffers, got "
                          f"{dtype!r}")
@@ -157,9 +168,10 @@ def check_lr(lr) -> Schedule:
     """A Schedule from a Schedule or a learning rate >= 0 (torch's message)."""
     if isinstance(lr, Schedule):
         return lr
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0.0 <= lr < math.inf:
+    value = _as_real(lr)
+    if value is None or not 0.0 <= value < math.inf:
         raise ValueError(f"Invalid learning rate: {lr}")
-    return as_schedule(float(lr))
+    return as_schedule(value)
 
 
 def check_real(name: str, value, low: float = 0.0, high: float = math.inf,
@@ -178,7 +190,10 @@ def check_real(name: str, value, low: float = 0.0, high: float = math.inf,
 def _as_real(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        return None
 
 
 _BETA_MESSAGES = ("Invalid beta parameter at index 0: {value}",
@@ -199,19 +214,42 @@ def check_eps(eps) -> float:
     return check_real("epsilon", eps)
 
 
+#: The smallest eps the kernels are given (the smallest normal float32). With eps = 0 an
+#: element whose state and gradient are zero (FlatBuffer padding, say) would compute 0/0 = NaN;
+#: with this floor it computes 0. Any nonzero state gives a denominator (sqrt(v) >= 3.7e-23)
+#: that absorbs the floor entirely, so every other result is unchanged.
+EPS_FLOOR = float(np.finfo(np.float32).tiny)
+
+
+def kernel_eps(eps: float) -> float:
+    """The eps the kernels compute with: ``eps``, or EPS_FLOOR where it is smaller."""
+    return eps if eps >= EPS_FLOOR else EPS_FLOOR
+
+
 def check_weight_decay(weight_decay) -> float:
     return check_real("weight_decay", weight_decay)
 
 
 def check_lr_scale(lr_scale) -> float:
-    return check_real("lr_scale", lr_scale)
+    """A finite multiplier >= 0 on the scheduled lr (inf would turn every param into inf)."""
+    return check_real("lr_scale", lr_scale, high_open=True)
+
+
+#: the range of 1 / grad_scale: the kernels multiply each gradient by it as a float32, so it
+#: must be a normal float32 (a smaller one flushes every gradient to 0, a larger one to inf)
+_FLOAT32_NORMAL = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
 
 
 def grad_mult(grad_scale) -> float:
-    """1 / grad_scale (> 0, finite): the kernels multiply every gradient by it in their pass."""
+    """1 / grad_scale: the kernels multiply every gradient by it (as a float32) in their pass.
+
+    grad_scale must be > 0 with 1 / grad_scale a normal float32 (about 2.9e-39 <= grad_scale
+    <= 8.5e37); outside that range the unscaled gradients would be flushed to 0 or inf.
+    """
     scale = check_real("grad_scale", grad_scale)
-    if scale == 0.0 or scale == math.inf:
-        raise ValueError(f"Invalid grad_scale value: {grad_scale}")
+    if scale == 0.0 or not _FLOAT32_NORMAL[0] <= 1.0 / scale <= _FLOAT32_NORMAL[1]:
+        raise ValueError(f"Invalid grad_scale value: {grad_scale} (1 / grad_scale must be a "
+                         "normal float32)")
     return 1.0 / scale
 
 
@@ -219,7 +257,7 @@ def check_max_grad_norm(max_grad_norm) -> float | None:
     """None (no clipping) or a norm > 0."""
     if max_grad_norm is None:
         return None
-    value = check_real("max_grad_norm", max_grad_norm)
+    value = check_real("max_grad_norm", max_grad_norm, high_open=True)
     if value == 0.0:
         raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
     return value

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import optimizers
-from ._checks import check_buffer, kernel_view, param_dtype
+from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
 
 FORMAT = "fastopt-checkpoint"
 VERSION = 1
@@ -31,11 +31,11 @@ class CheckpointError(ValueError):
 def save(opt, path) -> None:
     """Write ``opt`` (params, state, step, schedule, hyperparameters) to ``path`` atomically."""
     path = Path(path)
-    d = opt.state_dict()
-    params = opt._host_copy(kernel_view(opt.params))  # 16-bit params as their uint16 bits
+    # state, params (16-bit as uint16 bits) and max_grad_norm of one moment between two steps
+    d, params, max_grad_norm = opt._checkpoint()
     meta = {"format": FORMAT, "version": VERSION, "optimizer": d["optimizer"],
             "step": int(d["step"]), "lr_scale": float(d["lr_scale"]),
-            "max_grad_norm": opt.max_grad_norm, "size": int(params.size),
+            "max_grad_norm": max_grad_norm, "size": int(params.size),
             "dtype": opt.dtype, "state_dtype": opt.state_dtype,
             "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in opt.defaults.items()}}
@@ -95,12 +95,14 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
     if expected is not None and expected != name:
         raise CheckpointError(f"{path} holds a {name} checkpoint, not {expected}")
     params = params.buffer if hasattr(params, "views") else params
-    allowed = None if dtype is None else ("uint16", getattr(dtype, "name", str(dtype)))
+    allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
     params = check_buffer("params", params, dtype=allowed)
     kind = param_dtype(params, dtype)
     if params.shape[0] != meta.get("size") or kind != meta.get("dtype"):
         raise CheckpointError(f"{path}: saved for {meta.get('size')} {meta.get('dtype')} params, "
                               f"got {params.shape[0]} {kind}")
+    if "schedule" not in arrays:
+        raise CheckpointError(f"{path}: the schedule table is missing")
     saved = arrays.get("params")
     if saved is None or saved.shape != params.shape:
         raise CheckpointError(f"{path}: the saved params are missing or of the wrong size")

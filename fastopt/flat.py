@@ -44,8 +44,9 @@ class FlatBuffer:
 
     def _init_layout(self, shapes: list[tuple[int, ...]], dtype, xp) -> None:
         dtype = np.dtype(dtype)
-        if not np.issubdtype(dtype, np.floating):
-            raise TypeError(f"dtype must be a floating type, got {dtype}")
+        if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
+            raise TypeError(f"dtype must be a floating type (float32, float16, "
+                            f"ml_dtypes.bfloat16, ...), got {dtype}")
         step = max(1, ALIGN_BYTES // dtype.itemsize)
         offsets, total = [], 0
         for shape in shapes:

@@ -28,9 +28,11 @@ from ._checks import (
     check_real,
     check_step,
     check_weight_decay,
+    dtype_arg,
     dtype_name,
     grad_mult,
     is_cupy,
+    kernel_eps,
     kernel_view,
     param_dtype,
     xp_of,
@@ -55,7 +57,7 @@ def _buffers(params, grads, master, dtype=None, **state):
     (how cupy, which has no bfloat16, carries them). Grads have the params' array dtype.
     State buffers are float32, or uint16 holding bfloat16 bits (stochastically rounded).
     """
-    allowed = None if dtype is None else ("uint16", getattr(dtype, "name", str(dtype)))
+    allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
     n = check_buffer("params", params, dtype=allowed).shape[0]
     check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
     name = dtype_name(params.dtype) if dtype is None else param_dtype(params, dtype)
@@ -127,7 +129,7 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
     """
     sched = _schedule(1e-3 if lr is None and schedule is None else lr, schedule)
     beta1, beta2 = check_betas(betas)
-    eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
+    eps, weight_decay = kernel_eps(check_eps(eps)), check_weight_decay(weight_decay)
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     if amsgrad and max_exp_avg_sq is None:
         raise ValueError("max_exp_avg_sq is required when amsgrad=True")
@@ -171,7 +173,7 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None, mast
     """
     sched = _schedule(1e-2 if lr is None and schedule is None else lr, schedule)
     lr_decay = check_real("lr_decay", lr_decay)
-    eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
+    eps, weight_decay = kernel_eps(check_eps(eps)), check_weight_decay(weight_decay)
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     n, name = _buffers(params, grads, master, dtype, state_sum=state_sum)
     if is_cupy(params):
@@ -195,7 +197,7 @@ def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedu
     """
     sched = _schedule(1.0 if lr is None and schedule is None else lr, schedule)
     rho = check_real("rho", rho, 0.0, 1.0)
-    eps, weight_decay = check_eps(eps), check_weight_decay(weight_decay)
+    eps, weight_decay = kernel_eps(check_eps(eps)), check_weight_decay(weight_decay)
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     n, name = _buffers(params, grads, master, dtype, square_avg=square_avg, acc_delta=acc_delta)
     if is_cupy(params):

@@ -1,7 +1,10 @@
-"""Stateful optimizers over one flat float32 buffer: Adam, AdamW, Adagrad, Adadelta.
+"""Stateful optimizers over one flat buffer (float32, or 16-bit with a float32 master):
+Adam, AdamW, Adagrad, Adadelta.
 
 Each checks its hyperparameters once (``torch.optim``'s messages), allocates its state once,
 and runs one fused kernel per ``step(grads)``; the schedule is evaluated inside the kernel.
+``step``, ``state_dict`` and ``load_state_dict`` are atomic with respect to one another: a
+snapshot taken from another thread while training holds the state between two steps.
 """
 
 from __future__ import annotations
@@ -26,18 +29,23 @@ from ._checks import (
     check_max_grad_norm,
     check_real,
     check_weight_decay,
+    dtype_arg,
     dtypes,
     grad_mult,
     is_cupy,
+    kernel_eps,
     kernel_view,
     param_dtype,
     xp_of,
 )
+from .cpu.schedule import host_lr
 from .flat import FlatBuffer
 from .schedules import Schedule
 
 __all__ = ["Adam", "AdamW", "Adagrad", "Adadelta"]
 
+#: step counts are at most this (exclusive): the kernels take the step as a signed 64-bit int
+MAX_STEP = 2**63
 
 
 class _FlatOptimizer:
@@ -49,7 +57,8 @@ class _FlatOptimizer:
     def __init__(self, params, lr, defaults: dict, dtype=None, state_dtype="float32"):
         if isinstance(params, FlatBuffer):
             params = params.buffer
-        allowed = None if dtype is None else ("uint16", getattr(dtype, "name", str(dtype)))
+        dtype = dtype_arg(dtype)
+        allowed = None if dtype is None else ("uint16", dtype)
         self.params = check_buffer("params", params, dtype=allowed)
         #: what the params hold: float32, or float16 / bfloat16 (then with a float32 master)
         self.dtype = param_dtype(self.params, dtype)
@@ -69,11 +78,11 @@ class _FlatOptimizer:
         self.state_dtype = state_dtype
         self.defaults = defaults
         self.lr_scale = 1.0
-        self.max_grad_norm: float | None = None  # clip to this global norm in every step
+        self._max_grad_norm: float | None = None  # clip to this global norm in every step
         self.last_grad_norm: float | None = None  # the (unscaled) norm the last step measured
         self._last_lr: float | None = None
         self._step = 0
-        self._lock = threading.Lock()
+        self._make_locks()
         self._parallel = cpu.use_parallel(
             self.params.shape[0], serial_simd=self.dtype == state_dtype == "float32")
         self.state = {name: self._new_state(name) for name in self._state_keys(defaults)}
@@ -81,6 +90,26 @@ class _FlatOptimizer:
             self._step_state = self._xp.zeros(2, dtype=np.uint64)
             self._lr_out = self._xp.zeros(1, dtype=np.float64)
         self.schedule = lr
+
+    def _make_locks(self) -> None:
+        #: held by step() alone: a second concurrent step() is refused, not queued
+        self._step_lock = threading.Lock()
+        #: held while the state changes or is read whole (step, state_dict, load_state_dict,
+        #: refresh_master): each of them sees or replaces the state between two steps
+        self._state_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` copy the buffers (params included): the copy is an
+        independent optimizer bound to its own copy of the params."""
+        with self._state_lock:
+            state = dict(self.__dict__)
+        del state["_step_lock"], state["_state_lock"], state["_xp"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._xp = xp_of(self.params)
+        self._make_locks()
 
     @property
     def _owned_buffers(self) -> list[tuple[str, np.ndarray]]:
@@ -175,8 +204,26 @@ class _FlatOptimizer:
 
     @property
     def current_lr(self) -> float:
-        """The learning rate the next step will use: schedule.at(step_count) * lr_scale."""
-        return self._schedule.at(self._step) * self.lr_scale
+        """The learning rate the next step will use: schedule.at(step_count) * lr_scale,
+        computed by the kernels' own evaluator, so it equals the next ``last_lr`` exactly."""
+        return host_lr(self._schedule, self._step) * self.lr_scale
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Clip every step's gradients to this global 2-norm (None: no clipping); > 0."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        self._max_grad_norm = check_max_grad_norm(value)
+
+    def refresh_master(self) -> None:
+        """Copy the 16-bit params into their float32 master. Call it after changing 16-bit
+        params in place: the kernel updates the master and overwrites the params with it, so
+        a stale master would undo the change. Float32 params have no master (nothing to do)."""
+        with self._state_lock:
+            if "master_params" in self.state:
+                self.state["master_params"][...] = self._new_state("master_params")
 
     def step(self, grads, *, grad_scale: float | None = None, skip_if_nonfinite: bool = False,
              max_grad_norm: float | None = None) -> bool:
@@ -196,40 +243,57 @@ class _FlatOptimizer:
         mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
         max_norm = check_max_grad_norm(self.max_grad_norm if max_grad_norm is None
                                        else max_grad_norm)
-        if not self._lock.acquire(blocking=False):
+        if not self._step_lock.acquire(blocking=False):
             raise RuntimeError(f"{type(self).__name__}.step() is already running in another "
                                "thread; one optimizer must not be stepped concurrently")
         try:
-            if max_norm is not None or skip_if_nonfinite:
-                if self._on_gpu:  # a cupy reduction; reading the norm back syncs the stream
-                    values = grads
-                    if grads.dtype == np.uint16:  # raw 16-bit bits: decode before widening
-                        values = (_bf16.decode(grads) if self.dtype == "bfloat16"
-                                  else grads.view(np.float16))
-                    wide = values.astype(np.float64)
-                    sq = float(self._xp.dot(wide, wide))
-                else:
-                    sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, self._parallel)
-                norm = math.sqrt(sq) * mult
-                self.last_grad_norm = norm
-                if skip_if_nonfinite and not math.isfinite(norm):
-                    return False
-                if max_norm is not None:
-                    coef = max_norm / (norm + 1e-6)  # torch's clip coefficient, clamped at 1
-                    if not coef >= 1.0:
-                        mult *= coef
-            k = self._step + 1
-            if self._on_gpu:
-                self._launch_gpu(grads, mult)
-            else:
-                self._last_lr = self._launch(grads, k, mult)
-            self._step = k
+            with self._state_lock:  # waits for a state_dict() being taken in another thread
+                return self._step_locked(grads, mult, max_norm, skip_if_nonfinite)
         finally:
-            self._lock.release()
+            self._step_lock.release()
+
+    def _step_locked(self, grads, mult: float, max_norm: float | None,
+                     skip_if_nonfinite: bool) -> bool:
+        if max_norm is not None or skip_if_nonfinite:
+            if self._on_gpu:  # a cupy reduction; reading the norm back syncs the stream
+                values = grads
+                if grads.dtype == np.uint16:  # raw 16-bit bits: decode before widening
+                    values = (_bf16.decode(grads) if self.dtype == "bfloat16"
+                              else grads.view(np.float16))
+                wide = values.astype(np.float64)
+                sq = float(self._xp.dot(wide, wide))
+            else:
+                sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, self._parallel)
+            norm = math.sqrt(sq) * mult
+            self.last_grad_norm = norm
+            if skip_if_nonfinite and not math.isfinite(norm):
+                return False
+            if max_norm is not None:
+                coef = max_norm / (norm + 1e-6)  # torch's clip coefficient, clamped at 1
+                if not coef >= 1.0:
+                    mult *= coef
+        k = self._step + 1
+        if self._on_gpu:
+            self._launch_gpu(grads, mult)
+        else:
+            self._last_lr = self._launch(grads, k, mult)
+        self._step = k
         return True
 
     def state_dict(self) -> dict:
-        """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters."""
+        """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters,
+        all of one moment between two steps (a step running in another thread is waited for)."""
+        with self._state_lock:
+            return self._state_dict_locked()
+
+    def _checkpoint(self) -> tuple[dict, np.ndarray, float | None]:
+        """``state_dict()``, a numpy copy of the params (16-bit as uint16 bits) and
+        max_grad_norm, taken together between two steps: what ``fastopt.save`` writes."""
+        with self._state_lock:
+            return (self._state_dict_locked(), self._host_copy(kernel_view(self.params)),
+                    self.max_grad_norm)
+
+    def _state_dict_locked(self) -> dict:
         d = {"optimizer": type(self).__name__, "step": self._step}
         d.update({name: self._state_as_float(name) for name in self.state})
         d.update(self.defaults)
@@ -238,7 +302,16 @@ class _FlatOptimizer:
         return d
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a ``state_dict()``; checks everything first, so a bad dict changes nothing."""
+        """Restore a ``state_dict()``; checks everything first, so a bad dict changes nothing.
+
+        The schedule table is validated like a constructor's. 16-bit params loading a dict
+        without ``master_params`` (from a float32 run, say) take their master from the
+        params' current values. A step running in another thread is waited for.
+        """
+        with self._state_lock:
+            self._load_state_dict_locked(state_dict)
+
+    def _load_state_dict_locked(self, state_dict: dict) -> None:
         d = dict(state_dict)
         name = d.get("optimizer", type(self).__name__)
         if name != type(self).__name__:
@@ -248,13 +321,16 @@ class _FlatOptimizer:
             step = step.item()
         if isinstance(step, float) and step.is_integer():
             step = int(step)
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"state_dict['step'] must be an integer >= 0, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) \
+                or not 0 <= step < MAX_STEP:
+            raise ValueError(f"state_dict['step'] must be an integer in [0, 2**63), got "
+                             f"{step!r}")
         defaults = dict(self.defaults)
         defaults.update({k: d[k] for k in self.defaults if k in d})
         defaults = self._check_defaults(defaults)
-        schedule = Schedule(self._host_copy(d["schedule"]), "loaded schedule") \
-            if "schedule" in d else self._schedule
+        if "schedule" not in d:
+            raise KeyError("state_dict has no 'schedule' (the schedule table)")
+        schedule = Schedule(self._host_copy(d["schedule"]), "loaded schedule")
         lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
         arrays = {}
         for key in self._state_keys(defaults):
@@ -274,6 +350,8 @@ class _FlatOptimizer:
         self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
         if self._on_gpu:
             self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)
+        if "master_params" in self._state_keys(defaults) and "master_params" not in arrays:
+            arrays["master_params"] = self._new_state("master_params")  # from the params
         for key, value in arrays.items():
             if key not in self.state:
                 self.state[key] = self._new_state(key)
@@ -329,7 +407,7 @@ class Adam(_FlatOptimizer):
 
     def _apply_defaults(self) -> None:
         d = self.defaults
-        (self._beta1, self._beta2), self._eps = d["betas"], d["eps"]
+        (self._beta1, self._beta2), self._eps = d["betas"], kernel_eps(d["eps"])
         self._weight_decay, self._amsgrad, self._maximize = (
             d["weight_decay"], d["amsgrad"], d["maximize"])
 
@@ -391,7 +469,7 @@ class Adagrad(_FlatOptimizer):
     def _apply_defaults(self) -> None:
         d = self.defaults
         self._lr_decay, self._weight_decay = d["lr_decay"], d["weight_decay"]
-        self._eps, self._maximize = d["eps"], d["maximize"]
+        self._eps, self._maximize = kernel_eps(d["eps"]), d["maximize"]
 
     def _launch(self, grads, step, grad_mult):
         return cpu.adagrad(*self._kernel_params(grads), self.state["sum"], self._schedule.table,
@@ -423,7 +501,7 @@ class Adadelta(_FlatOptimizer):
 
     def _apply_defaults(self) -> None:
         d = self.defaults
-        self._rho, self._eps = d["rho"], d["eps"]
+        self._rho, self._eps = d["rho"], kernel_eps(d["eps"])
         self._weight_decay, self._maximize = d["weight_decay"], d["maximize"]
 
     def _launch(self, grads, step, grad_mult):

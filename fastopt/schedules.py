@@ -46,6 +46,36 @@ KIND_NAMES = (
 CYCLIC_MODES = ("triangular", "triangular2", "exp_range")
 TABLE_COLUMNS = 9  # kind, start, origin, p0..p5
 N_PARAMS = TABLE_COLUMNS - 3
+MAX_COUNT = 2**53  # step counts in a table are float64: exact up to here
+
+#: What each kind's parameters p0.. must satisfy: the constructors' rules, checked again on
+#: every table that enters (``Schedule(table)``, ``load_state_dict``, ``fastopt.load``), so
+#: every table the kernels see gives finite lrs >= 0 and bounded loops (cosine_restarts walks
+#: its periods one by one: integer period_mult >= 1 keeps that walk logarithmic).
+ROW_RULES = {
+    CONSTANT: (("lr", "lr"),),
+    POLYNOMIAL: (("lr", "lr"), ("end_lr", "lr"), ("total_steps", "positive"),
+                 ("power", "lr")),
+    INVERSE_TIME: (("lr", "lr"), ("decay_rate", "lr"), ("decay_steps", "count"),
+                   ("staircase", "flag")),
+    EXPONENTIAL: (("lr", "lr"), ("decay_rate", "positive"), ("decay_steps", "count"),
+                  ("staircase", "flag")),
+    LADDER: (("lr", "lr"), ("drop", "lr"), ("every", "count"), ("min_lr", "lr")),
+    COSINE: (("lr", "lr"), ("end_lr", "lr"), ("total_steps", "positive")),
+    COSINE_RESTARTS: (("lr", "lr"), ("end_lr", "lr"), ("first_period", "count"),
+                      ("period_mult", "count")),
+    CYCLIC: (("base_lr", "lr"), ("max_lr", "lr"), ("step_size_up", "count"),
+             ("step_size_down", "count"), ("mode", "mode"), ("gamma", "positive")),
+}
+_RULE_CHECKS = {
+    "lr": lambda v: v >= 0.0,
+    "positive": lambda v: v > 0.0,
+    "count": lambda v: v >= 1.0 and v == math.floor(v),
+    "flag": lambda v: v in (0.0, 1.0),
+    "mode": lambda v: v in (0.0, 1.0, 2.0),
+}
+_RULE_TEXT = {"lr": ">= 0", "positive": "> 0", "count": "an integer >= 1", "flag": "0 or 1",
+              "mode": "0, 1 or 2"}
 
 
 class Schedule:
@@ -92,7 +122,11 @@ class Schedule:
 def _number(name: str, value, *, min_value=None, max_value=None, strict_min=False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name} must be finite, got an integer of {len(str(value))} "
+                         "digits") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if min_value is not None and (value < min_value or (strict_min and value == min_value)):
@@ -112,6 +146,8 @@ def _count(name: str, value, *, min_value: int = 1) -> int:
     value = int(value)
     if value < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {value}")
+    if value > MAX_COUNT:
+        raise ValueError(f"{name} must be <= 2**53, got {value}")
     return value
 
 
@@ -143,6 +179,15 @@ def _check_table(table: np.ndarray) -> None:
         raise ValueError(f"schedule table has an unknown kind in {kinds}")
     if table[0, 1] != 0.0 or np.any(np.diff(table[:, 1]) <= 0):
         raise ValueError("schedule table starts must begin at 0 and strictly increase")
+    if np.any(table[:, 2] > table[:, 1]):
+        raise ValueError("schedule table origins must not lie after their row's start")
+    for index, row in enumerate(table):
+        kind = int(row[0])
+        for column, (name, rule) in enumerate(ROW_RULES[kind]):
+            value = row[3 + column]
+            if not _RULE_CHECKS[rule](value):
+                raise ValueError(f"schedule table row {index} ({KIND_NAMES[kind]}): {name} "
+                                 f"must be {_RULE_TEXT[rule]}, got {value}")
 
 
 # --------------------------------------------------------------------------- constructors

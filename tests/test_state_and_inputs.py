@@ -212,12 +212,12 @@ def test_invalid_hyperparameters(make, match):
 def test_concurrent_step_of_one_optimizer_is_refused():
     p = np.ones(N, np.float32)
     opt = fastopt.Adam(p)
-    opt._lock.acquire()  # as if another thread were inside step()
+    opt._step_lock.acquire()  # as if another thread were inside step()
     try:
         with pytest.raises(RuntimeError, match="another thread"):
             opt.step(grads_for(0, 1)[0])
     finally:
-        opt._lock.release()
+        opt._step_lock.release()
     assert opt.step_count == 0
 
 
