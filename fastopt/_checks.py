@@ -257,7 +257,7 @@ def check_max_grad_norm(max_grad_norm) -> float | None:
     """None (no clipping) or a norm > 0."""
     if max_grad_norm is None:
         return None
-    value = check_real("max_grad_norm", max_grad_norm, high_open=True)
+    value = check_real("max_grad_norm", max_grad_norm)  # inf: never clips
     if value == 0.0:
         raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
     return value

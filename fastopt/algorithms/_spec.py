@@ -1,0 +1,155 @@
+"""The vocabulary of an optimizer definition (one module per optimizer in this package).
+
+A definition declares what is particular to one optimizer and nothing else:
+
+- ``name`` (the kernel's and the functional function's name) and ``classes``: the public class
+  names with their own defaults (``AdamW`` is the ``adam`` definition with decoupled decay);
+- ``hypers``: the hyperparameters in the public argument order, with torch's defaults and
+  validation (each ``check`` raises torch's ``ValueError``);
+- ``state``: torch's state names in kernel order, each buffer's initial value and the condition
+  under which it exists;
+- ``prologue``: a function of ``step`` (the 1-based step, float64), ``lr`` (the scheduled lr
+  times ``lr_scale``) and the kernel hyperparameters, run once per kernel call in float64;
+  every name it assigns is available to ``element``;
+- ``element``: the per-element update. Its positional parameters are ``p``, ``g`` and the state
+  names; it reassigns them (float32 values) and the driver stores what it reassigned.
+
+``prologue`` and ``element`` are written in a small subset of Python (assignments, ``if``,
+arithmetic, comparisons, ``sqrt``/``min``/``max``/``abs``) that ``fastopt.codegen`` turns into
+the Numba kernel (``fastopt/cpu/generated/``) and the CUDA kernel (``kernels/``). What every
+optimizer shares lives in the driver there, written once: gradient sign (``maximize``) and
+multiplier (loss-scale unscaling, clipping), weight decay (L2 into ``g`` or decoupled
+``p *= 1 - lr * wd``), 16-bit params with a float32 master, the state formats, the schedule,
+the step counter, the serial/parallel loops and the GPU's vector access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: the kernels' fixed hyperparameter slots (h0..h7): a definition uses at most this many
+KERNEL_SLOTS = 8
+#: the kernels' fixed state-buffer slots (state0..state3)
+STATE_SLOTS = 4
+#: weight decay forms the driver applies: "l2" (added to the gradient), "decoupled"
+#: (p *= 1 - lr * wd before the update), or "choice" (a ``decoupled_weight_decay`` hyper)
+DECAY_FORMS = ("l2", "decoupled", "choice")
+#: a state buffer's ``init`` that means "the first gradient" (SGD's momentum_buffer)
+FIRST_GRAD = "first_grad"
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """A hyperparameter: its name, torch's default, its check, and how the kernel sees it.
+
+    ``slots``: the kernel's names for its value (``betas`` -> ``beta1``, ``beta2``); empty for
+    the ones the driver consumes (``weight_decay``, ``maximize``, ``decoupled_weight_decay``)
+    or that never reach a kernel. ``flag``: a bool (the kernel gets 0/1, the element a bool).
+    """
+
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    slots: tuple[str, ...] = ()
+    flag: bool = False
+    #: the value the kernel computes with, if it differs (eps: floored, see kernel_eps)
+    to_kernel: Callable[[Any], Any] | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    """A state buffer: torch's name, its initial value (a number, the name of a hyper whose
+    value it starts at, or FIRST_GRAD), and ``when``: None, or a condition on the kernel's
+    hyperparameters (Python and C syntax alike, e.g. ``"amsgrad"``, ``"momentum != 0.0"``)
+    under which the buffer exists."""
+
+    name: str
+    init: float | str = 0.0
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """A public class over a definition: its own defaults and the values it fixes."""
+
+    name: str
+    doc: str
+    defaults: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Definition:
+    name: str
+    doc: str  # the formula, for docstrings
+    classes: tuple[ClassSpec, ...]
+    hypers: tuple[Hyper, ...]
+    state: tuple[State, ...]
+    decay: str
+    prologue: Callable
+    element: Callable
+    lr_default: float
+    #: a check across hyperparameters (torch's messages), after each one's own check
+    validate: Callable[[dict], None] | None = None
+    #: the torch.optim class with the same numbers, if any (tests and bench compare with it)
+    torch_twin: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.decay not in DECAY_FORMS:
+            raise ValueError(f"{self.name}: decay must be one of {DECAY_FORMS}")
+        if len(self.kernel_slots) > KERNEL_SLOTS or len(self.state) > STATE_SLOTS:
+            raise ValueError(f"{self.name}: more than {KERNEL_SLOTS} kernel hyperparameters or "
+                             f"{STATE_SLOTS} state buffers")
+
+    @property
+    def kernel_slots(self) -> tuple[str, ...]:
+        """The kernel's hyperparameter names in slot order (h0, h1, ...)."""
+        return tuple(s for h in self.hypers for s in h.slots)
+
+    @property
+    def flag_slots(self) -> frozenset[str]:
+        return frozenset(s for h in self.hypers if h.flag for s in h.slots)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.state)
+
+    def hyper(self, name: str) -> Hyper:
+        return next(h for h in self.hypers if h.name == name)
+
+    def check(self, values: dict) -> dict:
+        """Every hyperparameter checked (torch's messages), in declaration order."""
+        out = {h.name: h.check(values[h.name]) for h in self.hypers}
+        if self.validate is not None:
+            self.validate(out)
+        return out
+
+    def slot_values(self, hypers: dict) -> tuple[float, ...]:
+        """The kernel's h0..h7 from checked hyperparameters (flags as 0.0/1.0, unused 0.0)."""
+        values = []
+        for h in self.hypers:
+            if not h.slots:
+                continue
+            value = hypers[h.name]
+            if h.to_kernel is not None:
+                value = h.to_kernel(value)
+            values.extend(float(v) for v in (value if len(h.slots) > 1 else (value,)))
+        return tuple(values) + (0.0,) * (KERNEL_SLOTS - len(values))
+
+    def active_state(self, hypers: dict) -> tuple[str, ...]:
+        """The state buffers these hyperparameters need, in kernel order."""
+        scope = dict(zip(self.kernel_slots, self.slot_values(hypers), strict=False))
+        return tuple(s.name for s in self.state
+                     if s.when is None or eval(s.when, {"__builtins__": {}}, scope))  # noqa: S307
+
+    def initial_value(self, state: str, hypers: dict) -> float:
+        init = next(s.init for s in self.state if s.name == state)
+        if init == FIRST_GRAD:
+            return 0.0
+        return float(hypers[init]) if isinstance(init, str) else float(init)
+
+    @property
+    def first_grad_state(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.state if s.init == FIRST_GRAD)

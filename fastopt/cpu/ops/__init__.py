@@ -1,0 +1,1 @@
+"""Generated Numba kernels, one module per optimizer definition (python -m fastopt.codegen)."""
