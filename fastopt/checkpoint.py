@@ -3,14 +3,29 @@
 A checkpoint holds the params, every state buffer, the step count, the schedule table,
 ``lr_scale``, ``max_grad_norm`` and the hyperparameters, plus a JSON header (format name,
 version, optimizer class, size, dtype) stored as bytes. ``load`` checks all of it before it
-touches anything; a truncated, corrupted or mismatched file raises ``CheckpointError``.
+touches anything: any damaged, foreign or mismatched file raises ``CheckpointError`` (never
+another exception type because of what the file holds), and the member list and every
+member's declared size are checked against the params' size before anything is decompressed,
+so a small file cannot make ``load`` decompress or allocate more than the params imply.
+Arrays must be stored exactly as ``save`` writes them (params float32, or 16-bit params as
+uint16 bits; state float32; the schedule float64).
+
+``save`` writes a short-named temporary file (``.fastopt-<pid>-<random>.tmp``) in the
+target's directory, fsyncs it and renames it over the target. An existing file keeps its
+mode, a new one gets the umask's; a symlink's target is written (the link stays); and temporary
+files of saves whose process died (e.g. killed) are removed by the next save there.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
-import tempfile
+import re
+import secrets
+import stat
+import threading
 import zipfile
 from pathlib import Path
 
@@ -18,6 +33,12 @@ import numpy as np
 
 from . import optimizers
 from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
+from .schedules import TABLE_COLUMNS
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 FORMAT = "fastopt-checkpoint"
 VERSION = 1
@@ -29,7 +50,10 @@ class CheckpointError(ValueError):
 
 
 def save(opt, path) -> None:
-    """Write ``opt`` (params, state, step, schedule, hyperparameters) to ``path`` atomically."""
+    """Write ``opt`` (params, state, step, schedule, hyperparameters) to ``path`` atomically.
+
+    Refuses (``ValueError``) what ``load`` would refuse, e.g. an infinite ``lr_scale``.
+    """
     path = Path(path)
     # state, params (16-bit as uint16 bits) and max_grad_norm of one moment between two steps
     d, params, max_grad_norm = opt._checkpoint()
@@ -43,18 +67,55 @@ def save(opt, path) -> None:
     arrays["schedule"] = d["schedule"]
     arrays["params"] = params
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _check_meta(path, meta)  # never write a file that load would refuse (e.g. lr_scale=inf)
+    _write(path, arrays)
+
+
+# --------------------------------------------------------------------------- writing
+
+#: temporary files: ``.fastopt-<pid>-<random>.tmp`` next to the checkpoint (short, so any
+#: valid file name works; the writer's pid lets a later save remove what a killed one left)
+_TMP_PREFIX, _TMP_SUFFIX = ".fastopt-", ".tmp"
+_TMP_NAME = re.compile(r"\.fastopt-([0-9]{1,10})-[0-9a-f]{8}\.tmp")
+_in_flight: set[str] = set()  # names of this process's temp files being written (any thread)
+_in_flight_lock = threading.Lock()
+
+
+def _write(path: Path, arrays: dict) -> None:
+    """Write ``arrays`` as an .npz to ``path``: temp file, fsync, atomic rename, fsync dir."""
+    if arrays["schedule"].shape[0] > MAX_SCHEDULE_ROWS:  # load would refuse the file
+        raise ValueError(f"a checkpoint holds at most {MAX_SCHEDULE_ROWS} schedule rows, "
+                         f"this schedule has {arrays['schedule'].shape[0]}")
+    target = Path(os.path.realpath(path))  # through a symlink: write its target, keep the link
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)  # an existing file keeps its mode
+    except FileNotFoundError:
+        mode = None  # a new file: 0o666 less the umask, as open() would make it
+    _remove_stale_temps(target.parent)
+    tmp, fd = _create_temp(target.parent, 0o666 if mode is None else 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
+            _try_lock(f.fileno())  # held until closed: a live writer's file is never removed
             np.savez(f, **arrays)
             f.flush()
+            if mode is not None:
+                if hasattr(os, "fchmod"):
+                    os.fchmod(f.fileno(), mode)
+                else:
+                    os.chmod(tmp, mode)
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # the old checkpoint stays whole until this instant
+            if os.name == "posix":  # rename while still locked (the file stays open)
+                os.replace(tmp, target)  # the old checkpoint stays whole until this instant
+        if os.name != "posix":
+            os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        with _in_flight_lock:
+            _in_flight.discard(tmp.name)
     try:  # make the rename durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
@@ -63,20 +124,259 @@ def save(opt, path) -> None:
         pass
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+def _create_temp(directory: Path, mode: int) -> tuple[Path, int]:
+    """A new, empty temporary file in ``directory``, registered as in flight, and its fd."""
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+             | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    for _ in range(100):
+        tmp = directory / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}{_TMP_SUFFIX}"
+        with _in_flight_lock:
+            _in_flight.add(tmp.name)  # before it exists: no cleanup in this process takes it
+        try:
+            return tmp, os.open(tmp, flags, mode)
+        except BaseException as exc:
+            with _in_flight_lock:
+                _in_flight.discard(tmp.name)
+            if not isinstance(exc, FileExistsError):
+                raise
+    raise FileExistsError(f"no free temporary file name in {directory}")
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting: False if another open file holds one.
+
+    True also where locks are unsupported (no fcntl, or a file system without flock)."""
+    if fcntl is None:
+        return True
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}  # reading every member checks its CRC
-        meta = json.loads(bytes(arrays.pop("meta")).decode())
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) \
-            as exc:
-        raise CheckpointError(f"{path}: not a readable fastopt checkpoint ({exc})") from exc
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _writer_gone(pid: int, path: Path) -> bool:
+    """True if the process that made temp file ``path`` is no longer alive."""
+    if pid == os.getpid():  # this process (after a pid reuse): its own files are registered
+        with _in_flight_lock:
+            return path.name not in _in_flight
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # e.g. PermissionError: alive, another user's
+        return False
+    return False
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Remove temporary files that killed saves left in ``directory``.
+
+    Only files named like ours, of a writer that no longer exists, and that no open file
+    holds locked (a live writer in another pid namespace sharing the directory keeps its
+    lock). Best effort: anything unexpected leaves the file where it is.
+    """
+    if os.name != "posix":  # os.kill(pid, 0) is no liveness probe on Windows
+        return
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = _TMP_NAME.fullmatch(name)
+        if match is None:
+            continue
+        tmp = directory / name
+        if not _writer_gone(int(match.group(1)), tmp):
+            continue
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode) and _try_lock(fd):
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- reading
+
+#: every member name an .npz checkpoint may hold (``<name>.npy``)
+_STATE_MEMBERS = frozenset(["master_params", *(
+    key for name in OPTIMIZERS for key in getattr(optimizers, name).state_names)])
+MAX_META_BYTES = 1 << 20  # the JSON header
+MAX_SCHEDULE_ROWS = 1 << 16  # schedule table rows (9 float64 each)
+_MAX_NPY_HEADER = 4096  # bytes of a member's .npy header (numpy writes 128)
+_PARAM_DTYPES = ("float32", "float16", "bfloat16")
+_STATE_DTYPES = ("float32", "bfloat16")
+
+
+def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, dict]:
+    """The checked meta and arrays of the checkpoint at ``path`` for ``n`` params of ``kind``.
+
+    The member list and every member's declared (uncompressed) size are checked against what
+    ``n`` implies before anything is decompressed; then the meta is read and checked, then
+    the arrays. Any failure to read or parse raises CheckpointError.
+    """
+    item = 4 if kind == "float32" else 2  # params: float32, or 16-bit as uint16 bits
+    limits = {"meta": MAX_META_BYTES, "params": n * item,
+              "schedule": MAX_SCHEDULE_ROWS * TABLE_COLUMNS * 8}
+    try:
+        with open(path, "rb") as file, zipfile.ZipFile(file) as z:
+            members = _members(path, z)
+            if "meta" not in members:
+                raise CheckpointError(f"{path}: not a fastopt checkpoint (no header)")
+            for key, info in members.items():  # declared sizes, before decompressing anything
+                limit = limits.get(key, n * 4) + _MAX_NPY_HEADER
+                if info.file_size > limit:
+                    raise CheckpointError(f"{path}: the {key!r} member declares "
+                                          f"{info.file_size} bytes, more than {limit}")
+            text = _read_member(path, z, members["meta"], np.uint8, None)
+            meta = _check_meta(path, json.loads(text.tobytes().decode("utf-8")))
+            name = meta["optimizer"]
+            if expected is not None and expected != name:
+                raise CheckpointError(f"{path} holds a {name} checkpoint, not {expected}")
+            if n != meta["size"] or kind != meta["dtype"]:
+                raise CheckpointError(f"{path}: saved for {meta['size']} {meta['dtype']} "
+                                      f"params, got {n} {kind}")
+            for key in ("params", "schedule"):
+                if key not in members:
+                    raise CheckpointError(f"{path}: the checkpoint has no {key!r} array")
+            wanted = {key: (np.float32, n) for key in members if key in _STATE_MEMBERS}
+            wanted["params"] = (np.float32 if kind == "float32" else np.uint16, n)
+            wanted["schedule"] = (np.float64, None)
+            arrays = {key: _read_member(path, z, members[key], dtype, size)
+                      for key, (dtype, size) in wanted.items()}
+    except CheckpointError:
+        raise
+    except MemoryError:  # sizes are checked first: this is the machine, not the file
+        raise
+    except Exception as exc:  # zipfile, zlib, numpy, json: all of them mean a damaged file
+        raise CheckpointError(f"{path}: not a readable fastopt checkpoint "
+                              f"({type(exc).__name__}: {exc})") from exc
+    return meta, arrays
+
+
+def _members(path: Path, z: zipfile.ZipFile) -> dict:
+    """``{key: ZipInfo}`` for the members ``<key>.npy``; a foreign or repeated one raises."""
+    members = {}
+    for info in z.infolist():
+        key = info.filename[:-4] if info.filename.endswith(".npy") else None
+        if key not in _STATE_MEMBERS and key not in ("meta", "params", "schedule"):
+            raise CheckpointError(f"{path}: unexpected member {info.filename!r}")
+        if key in members:
+            raise CheckpointError(f"{path}: member {info.filename!r} appears twice")
+        members[key] = info
+    return members
+
+
+def _read_member(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo, dtype,
+                 size: int | None) -> np.ndarray:
+    """The array in member ``info``: exactly ``dtype``, shape ``(size,)`` (``size=None``:
+    meta, 1-D of at most MAX_META_BYTES; schedule, (1..MAX_SCHEDULE_ROWS, 9)). The .npy header
+    is checked before the data is read; reading to the end checks the member's CRC."""
+    key = info.filename[:-4]
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, descr = np.lib.format.read_array_header_1_0(
+                f, max_header_size=_MAX_NPY_HEADER)
+        elif version == (2, 0):
+            shape, fortran, descr = np.lib.format.read_array_header_2_0(
+                f, max_header_size=_MAX_NPY_HEADER)
+        else:
+            raise CheckpointError(f"{path}: {key!r} has .npy format version {version}")
+        header = f.tell()
+    dtype = np.dtype(dtype)
+    if descr != dtype or fortran:
+        raise CheckpointError(f"{path}: the {key!r} array must be {dtype.name} in C order, "
+                              f"got {descr}{' in Fortran order' if fortran else ''}")
+    if size is not None:
+        ok = shape == (size,)
+    elif key == "meta":
+        ok = len(shape) == 1 and shape[0] <= MAX_META_BYTES
+    else:  # the schedule table
+        ok = len(shape) == 2 and 1 <= shape[0] <= MAX_SCHEDULE_ROWS and shape[1] == TABLE_COLUMNS
+    if not ok:
+        raise CheckpointError(f"{path}: the {key!r} array has the wrong shape {shape}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if info.file_size != header + count * dtype.itemsize:
+        raise CheckpointError(f"{path}: the {key!r} member's size does not match its array")
+    with z.open(info) as f:
+        array = np.lib.format.read_array(f, allow_pickle=False,
+                                         max_header_size=_MAX_NPY_HEADER)
+        if f.read(1):  # at the end: the CRC has been checked
+            raise CheckpointError(f"{path}: trailing data after the {key!r} array")
+    return array
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """A finite int (below 2**63 in magnitude) or float; not a bool."""
+    if _is_int(value):
+        return abs(value) < 2**63
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, bool) or _is_real(value)
+
+
+def _check_meta(path: Path, meta) -> dict:
+    """The JSON header, every field of the expected type and range (else CheckpointError)."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fastopt checkpoint")
     if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')}, this "
-                              f"fastopt reads version {VERSION}")
-    return meta, arrays
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('version')!r}, "
+                              f"this fastopt reads version {VERSION}")
+    if meta.get("optimizer") not in OPTIMIZERS:
+        raise CheckpointError(f"{path}: unknown optimizer {meta.get('optimizer')!r}")
+    meta = {"max_grad_norm": None, "state_dtype": "float32", **meta}
+    hyper = meta.get("hyperparameters")
+    checks = {
+        "size": lambda v: _is_int(v) and v >= 0,
+        "step": lambda v: _is_int(v) and 0 <= v < 2**63,
+        "lr_scale": lambda v: _is_real(v) and v >= 0,
+        # None or > 0; +inf (no clipping) is a setting the optimizers take, NaN is not
+        "max_grad_norm": lambda v: v is None or isinstance(v, (int, float))
+        and not isinstance(v, bool) and v > 0,
+        "dtype": lambda v: v in _PARAM_DTYPES,
+        "state_dtype": lambda v: v in _STATE_DTYPES,
+        "hyperparameters": lambda v: isinstance(v, dict) and all(
+            isinstance(k, str) and (_is_scalar(x) or isinstance(x, list) and len(x) <= 16
+                                    and all(map(_is_scalar, x)))
+            for k, x in v.items()),
+    }
+    for key, ok in checks.items():
+        if key not in meta or not ok(meta[key]):
+            raise CheckpointError(f"{path}: invalid {key!r} in the checkpoint header: "
+                                  f"{_short(meta.get(key))}")
+    allowed = _hyperparameter_names(meta["optimizer"])
+    unknown = sorted(set(hyper) - allowed)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown hyperparameters {unknown} for "
+                              f"{meta['optimizer']}")
+    return meta
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _hyperparameter_names(name: str) -> frozenset:
+    """The constructor's keyword arguments of optimizer ``name`` that a checkpoint sets."""
+    signature = inspect.signature(getattr(optimizers, name))
+    return frozenset(signature.parameters) - {"params", "lr", "dtype", "state_dtype"}
 
 
 def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=None):
@@ -85,36 +385,32 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
     ``optimizer``: the expected class or class name (a different one raises). With
     ``restore_params=False`` the params are left as they are (e.g. restored elsewhere).
     ``dtype``: for raw uint16 params, their 16-bit format (as for the optimizers).
+
+    Any damaged, foreign or mismatched file raises ``CheckpointError`` and changes nothing.
     """
     path = Path(path)
-    meta, arrays = _read(path)
-    name = meta.get("optimizer")
-    if name not in OPTIMIZERS:
-        raise CheckpointError(f"{path}: unknown optimizer {name!r}")
     expected = getattr(optimizer, "__name__", optimizer)
-    if expected is not None and expected != name:
-        raise CheckpointError(f"{path} holds a {name} checkpoint, not {expected}")
     params = params.buffer if hasattr(params, "views") else params
     allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
     params = check_buffer("params", params, dtype=allowed)
     kind = param_dtype(params, dtype)
-    if params.shape[0] != meta.get("size") or kind != meta.get("dtype"):
-        raise CheckpointError(f"{path}: saved for {meta.get('size')} {meta.get('dtype')} params, "
-                              f"got {params.shape[0]} {kind}")
-    if "schedule" not in arrays:
-        raise CheckpointError(f"{path}: the schedule table is missing")
-    saved = arrays.get("params")
-    if saved is None or saved.shape != params.shape:
-        raise CheckpointError(f"{path}: the saved params are missing or of the wrong size")
+    meta, arrays = _read(path, params.shape[0], kind, expected)
+    name = meta["optimizer"]
+    saved = arrays["params"]
     cls = getattr(optimizers, name)
     try:
         opt = cls(params, **meta["hyperparameters"], dtype=dtype,
-                  state_dtype=meta.get("state_dtype", "float32"))
+                  state_dtype=meta["state_dtype"])
+        extra = sorted(set(arrays) - {"params", "schedule"} - set(opt.state))
+        if extra:
+            raise CheckpointError(f"{path}: unexpected state {extra} for these hyperparameters")
         state = {**arrays, **meta["hyperparameters"], "optimizer": name, "step": meta["step"],
                  "lr_scale": meta["lr_scale"]}
         opt.load_state_dict(state)
-        opt.max_grad_norm = meta.get("max_grad_norm")
-    except (KeyError, TypeError, ValueError) as exc:
+        opt.max_grad_norm = meta["max_grad_norm"]
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: inconsistent checkpoint ({exc})") from exc
     if restore_params:
         kernel_view(opt.params)[...] = opt._xp.asarray(saved)

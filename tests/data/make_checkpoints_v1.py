@@ -1,7 +1,8 @@
 """Writes tests/data/checkpoints_v1/: checkpoints saved by fastopt before the optimizer
 definitions (commit af88372), with the params and state 5 steps later, so tests can check
 that files written by that code load and resume identically. Run once with that code:
-``git worktree add /tmp/old af88372 && PYTHONPATH=/tmp/old python tests/data/make_checkpoints_v1.py``.
+``git worktree add /tmp/old af88372``, then
+``PYTHONPATH=/tmp/old python tests/data/make_checkpoints_v1.py``.
 """
 
 from pathlib import Path
