@@ -4,7 +4,7 @@ from . import functional, schedules
 from ._checks import ArrayArgumentError
 from .checkpoint import CheckpointError, load, save
 from .flat import FlatBuffer
-from .optimizers import Adadelta, Adagrad, Adam, AdamW
+from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW
 from .schedules import ReduceOnPlateau, Schedule
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __all__ = [
     "AdamW",
     "Adagrad",
     "Adadelta",
+    "SGD",
     "ArrayArgumentError",
     "CheckpointError",
     "FlatBuffer",

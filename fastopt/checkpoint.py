@@ -33,6 +33,7 @@ import numpy as np
 
 from . import optimizers
 from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
+from .algorithms import CLASSES, REGISTRY
 from .schedules import TABLE_COLUMNS
 
 try:
@@ -42,7 +43,7 @@ except ImportError:  # Windows
 
 FORMAT = "fastopt-checkpoint"
 VERSION = 1
-OPTIMIZERS = ("Adam", "AdamW", "Adagrad", "Adadelta")
+OPTIMIZERS = tuple(CLASSES)  # every public optimizer class, from the registry
 
 
 class CheckpointError(ValueError):
@@ -209,7 +210,7 @@ def _remove_stale_temps(directory: Path) -> None:
 
 #: every member name an .npz checkpoint may hold (``<name>.npy``)
 _STATE_MEMBERS = frozenset(["master_params", *(
-    key for name in OPTIMIZERS for key in getattr(optimizers, name).state_names)])
+    key for d in REGISTRY.values() for key in d.state_names)])
 MAX_META_BYTES = 1 << 20  # the JSON header
 MAX_SCHEDULE_ROWS = 1 << 16  # schedule table rows (9 float64 each)
 _MAX_NPY_HEADER = 4096  # bytes of a member's .npy header (numpy writes 128)

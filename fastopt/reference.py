@@ -58,3 +58,21 @@ def adadelta(params, grads, square_avg, acc_delta, *, step, lr, rho=0.9, eps=1e-
     acc_delta = rho * acc_delta + (1.0 - rho) * delta * delta
     params = params - lr * delta
     return params, square_avg, acc_delta
+
+
+def sgd(params, grads, momentum_buffer=None, *, step, lr, momentum=0.0, dampening=0.0,
+        weight_decay=0.0, nesterov=False, maximize=False):
+    """SGD as torch.optim.SGD: the momentum buffer starts as the first (decayed) gradient
+    (``momentum_buffer=None``), then b <- momentum b + (1 - dampening) g; Nesterov uses
+    g + momentum b. Returns (params, momentum_buffer) (None without momentum)."""
+    del step  # no step-dependent term beyond the schedule
+    params, grads = _f64(params, grads)
+    grad = (-grads if maximize else grads) + weight_decay * params
+    buf = None
+    if momentum != 0.0:
+        if momentum_buffer is None:
+            buf = grad
+        else:
+            buf = momentum * np.asarray(momentum_buffer, np.float64) + (1.0 - dampening) * grad
+        grad = grad + momentum * buf if nesterov else buf
+    return params - lr * grad, buf

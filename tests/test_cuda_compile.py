@@ -57,9 +57,10 @@ def test_compiles_without_warnings(name, arch):
 @pytest.mark.parametrize("state_bf16", [False, True])
 def test_launch_names_compiled_kernels(dtype, state_bf16):
     """The launcher picks kernels by the params' format (uint16 bits are named by theirs)."""
-    from fastopt.gpu.launch import KERNEL_ARGS, kernel_name
+    from fastopt.algorithms import REGISTRY
+    from fastopt.gpu.launch import kernel_name
 
-    for op in KERNEL_ARGS:
+    for op in REGISTRY:
         assert kernel_name(op, dtype, state_bf16) in build.SOURCES[f"{op}.cu"]
     with pytest.raises(ValueError, match="no GPU kernel for uint16"):
         kernel_name("adam", "uint16")

@@ -39,6 +39,29 @@ DECAY_FORMS = ("l2", "decoupled", "choice")
 #: a state buffer's ``init`` that means "the first gradient" (SGD's momentum_buffer)
 FIRST_GRAD = "first_grad"
 
+#: The one kernel signature every optimizer has, CPU and CUDA alike: (name, C type). ``T`` is
+#: the params' element type, ``S`` the state's (float, or bfloat16 bits). Unused state slots
+#: and hyperparameter slots are passed but never read. The CPU kernels take the same names
+#: (scalars as Python numbers) plus ``fmt`` and ``parallel``, with ``step`` in place of
+#: ``table_rows``/``step_state``/``lr_out``.
+KERNEL_SIGNATURE: tuple[tuple[str, str], ...] = (
+    ("params", "T*"), ("grads", "const T*"), ("master", "float*"),
+    *((f"state{i}", "S*") for i in range(STATE_SLOTS)),
+    ("table", "const double*"), ("table_rows", "int"),
+    ("step_state", "unsigned long long*"), ("lr_out", "double*"),
+    ("lr_scale", "double"), ("grad_mult", "double"), ("weight_decay", "double"),
+    ("decoupled", "int"), ("maximize", "int"), ("fresh", "int"),
+    *((f"h{i}", "double") for i in range(KERNEL_SLOTS)),
+    ("n", "long long"),
+)
+#: the CPU kernels' arguments: the uniform names, the step and the CPU-only switches
+CPU_SIGNATURE: tuple[str, ...] = tuple(
+    name for name, _ in KERNEL_SIGNATURE
+    if name not in ("table_rows", "step_state", "lr_out", "n")
+) + ("step", "fmt", "parallel")
+#: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
+STATE_RANDOM_SHIFTS = (0, 16, 8, 4)
+
 
 @dataclass(frozen=True)
 class Hyper:
@@ -68,6 +91,9 @@ class State:
     name: str
     init: float | str = 0.0
     when: str | None = None
+    #: former spellings of the functional layer's argument, accepted with a
+    #: DeprecationWarning for one release (Adagrad's ``state_sum``)
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

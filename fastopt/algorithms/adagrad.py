@@ -31,7 +31,7 @@ DEFINITION = Definition(
         Hyper("eps", 1e-10, check_eps, slots=("eps",), to_kernel=kernel_eps),
         Hyper("maximize", False, bool),
     ),
-    state=(State("sum", init="initial_accumulator_value"),),
+    state=(State("sum", init="initial_accumulator_value", aliases=("state_sum",)),),
     decay="l2",
     prologue=prologue,
     element=element,

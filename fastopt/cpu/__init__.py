@@ -1,10 +1,8 @@
-"""Numba CPU backend: one pure update kernel per optimizer, schedule evaluated inside."""
+"""Numba CPU backend: one update kernel per optimizer definition (``ops/<name>.py``, written
+by ``fastopt.codegen``; reached through ``fastopt.engine``), the schedule evaluated inside."""
 
 import numba
 
-from .adadelta import adadelta
-from .adagrad import adagrad
-from .adam import adam
 from .reduce import grad_sq_norm
 
 # Below this many elements one thread beats waking the pool (measured in bench/NOTES.md).
@@ -21,4 +19,4 @@ def use_parallel(n: int, serial_simd: bool = True) -> bool:
     return n >= limit and numba.get_num_threads() > 1
 
 
-__all__ = ["adam", "adagrad", "adadelta", "grad_sq_norm", "use_parallel", "PARALLEL_MIN_SIZE"]
+__all__ = ["grad_sq_norm", "use_parallel", "PARALLEL_MIN_SIZE"]

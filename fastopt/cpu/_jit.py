@@ -3,11 +3,13 @@
 from numba import njit
 
 # error_model="numpy": no division-by-zero checks in the loop, so LLVM can vectorise it.
-# fastmath "contract" only: FMA contraction; no reassociation, NaN/inf keep propagating.
-KERNEL_OPTIONS = dict(cache=True, parallel=True, nogil=True, error_model="numpy",
-                      fastmath={"contract"})
-HELPER_OPTIONS = dict(cache=True, error_model="numpy", fastmath={"contract"}, inline="always")
+# No fastmath at all, not even FMA contraction: LLVM contracted a * b + c differently in
+# different loop shapes (the serial and the prange loop, the float32 and the 16-bit
+# specialisations: 1 ulp apart, bench/NOTES.md 20), and the CUDA kernels (NVRTC --fmad=false)
+# and their g++ host build (-ffp-contract=off) contract nothing either. NaN/inf propagate.
+KERNEL_OPTIONS = dict(cache=True, parallel=True, nogil=True, error_model="numpy")
+HELPER_OPTIONS = dict(cache=True, error_model="numpy", inline="always")
 
 kernel = njit(**KERNEL_OPTIONS)
 helper = njit(**HELPER_OPTIONS)
-scalar = njit(cache=True, error_model="numpy", fastmath={"contract"})
+scalar = njit(cache=True, error_model="numpy")

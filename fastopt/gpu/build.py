@@ -8,12 +8,14 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from ..algorithms import REGISTRY
+
 #: CUDA source file -> the extern "C" kernels it defines: ``<op>_<param dtype>`` with float32
 #: state, ``<op>_<param dtype>_sbf16`` with bfloat16 state
 DTYPE_SUFFIXES = ("f32", "f16", "bf16")
 SOURCES = {
     f"{op}.cu": tuple(f"{op}_{d}{s}" for d in DTYPE_SUFFIXES for s in ("", "_sbf16"))
-    for op in ("adam", "adagrad", "adadelta")
+    for op in REGISTRY
 }
 
 

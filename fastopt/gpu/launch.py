@@ -1,9 +1,10 @@
-"""Kernel argument order (the one place it is defined) and CuPy launchers.
+"""CuPy launchers for the generated CUDA kernels (``kernels/<name>.cu``).
 
-``KERNEL_ARGS[op]`` lists each kernel parameter as ``(name, C type)``; ``T`` stands for the
-param/grad element type, ``S`` for the state's (float, or bfloat16 bits). The launchers below
-and the host-emulation tests build their argument lists from it, so a kernel signature and its
-callers cannot drift apart silently.
+Every kernel has the one uniform signature ``KERNEL_SIGNATURE`` (``fastopt/algorithms/_spec.py``,
+the one place it is defined; the generator writes it into each .cu file): ``T`` stands for the
+param/grad element type, ``S`` for the state's (float, or bfloat16 bits). The launcher, the fake
+CuPy and the host-emulation tests build their argument lists from it, so no caller has a
+per-optimizer case.
 """
 
 from __future__ import annotations
@@ -12,26 +13,8 @@ import functools
 
 import numpy as np
 
+from ..algorithms._spec import KERNEL_SIGNATURE
 from . import build
-
-_STATE = ("step_state", "unsigned long long*"), ("lr_out", "double*")
-_SCHEDULE = ("table", "const double*"), ("table_rows", "int")
-
-_STEP = ("lr_scale", "double"), ("grad_mult", "double")
-_BUFFERS = ("params", "T*"), ("grads", "const T*"), ("master", "float*")
-
-KERNEL_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
-    "adam": (*_BUFFERS, ("exp_avg", "S*"), ("exp_avg_sq", "S*"),
-             ("max_exp_avg_sq", "S*"), *_SCHEDULE, *_STATE, *_STEP, ("beta1", "double"),
-             ("beta2", "double"), ("eps", "double"), ("weight_decay", "double"),
-             ("decoupled", "int"), ("amsgrad", "int"), ("maximize", "int"), ("n", "long long")),
-    "adagrad": (*_BUFFERS, ("state_sum", "S*"), *_SCHEDULE, *_STATE, *_STEP,
-                ("lr_decay", "double"), ("eps", "double"), ("weight_decay", "double"),
-                ("maximize", "int"), ("n", "long long")),
-    "adadelta": (*_BUFFERS, ("square_avg", "S*"), ("acc_delta", "S*"), *_SCHEDULE,
-                 *_STATE, *_STEP, ("rho", "double"), ("eps", "double"),
-                 ("weight_decay", "double"), ("maximize", "int"), ("n", "long long")),
-}
 
 #: numpy scalar type for each by-value C type
 SCALAR_TYPES = {"double": np.float64, "int": np.int32, "long long": np.int64}
@@ -51,10 +34,10 @@ def kernel_name(op: str, dtype: str, state_bf16: bool = False) -> str:
     return f"{op}_{DTYPE_SUFFIX[dtype]}" + ("_sbf16" if state_bf16 else "")
 
 
-def pack_args(op: str, values: dict) -> tuple:
+def pack_args(values: dict) -> tuple:
     """The kernel's arguments in declaration order; scalars as their exact C types."""
     args = []
-    for name, ctype in KERNEL_ARGS[op]:
+    for name, ctype in KERNEL_SIGNATURE:
         value = values[name]
         args.append(SCALAR_TYPES[ctype](value) if ctype in SCALAR_TYPES else value)
     return tuple(args)
@@ -81,9 +64,8 @@ def launch(op: str, dtype: str, values: dict) -> None:
     bfloat16 bits as uint16) on the current stream; no host sync."""
     import cupy
 
-    state = next(values[name] for name, ctype in KERNEL_ARGS[op] if ctype == "S*")
-    name = kernel_name(op, dtype, state.dtype == np.uint16)
+    name = kernel_name(op, dtype, values["state0"].dtype == np.uint16)
     kernel = _module(f"{op}.cu").get_function(name)
     n = int(values["n"])
     grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
-    kernel((grid,), (BLOCK,), pack_args(op, values))
+    kernel((grid,), (BLOCK,), pack_args(values))

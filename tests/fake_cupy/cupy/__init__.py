@@ -2,7 +2,7 @@
 
 ``tests/test_gpu_emulated.py`` puts this folder first on ``PYTHONPATH`` and runs
 ``tests/test_gpu.py`` and ``bench/gpu_check.py`` against it, so the Python side of the GPU
-backend (dispatch, argument packing by ``fastopt.gpu.launch.KERNEL_ARGS``, kernel names, the
+backend (dispatch, argument packing by ``KERNEL_SIGNATURE``, kernel names, the
 device-resident step counter, graph capture, state dicts) runs on every CI machine. The math
 of the CUDA kernels themselves is checked elsewhere (``tests/test_cuda_host.py`` builds the .cu
 files with g++); here a launched kernel runs the Numba kernel of the same name and arguments.
@@ -273,11 +273,11 @@ class _Kernel:
         self.state_type = np.uint16 if name.endswith("_sbf16") else np.float32
 
     def __call__(self, grid, block, args, **_):
-        from fastopt.gpu.launch import KERNEL_ARGS
+        from fastopt.algorithms._spec import KERNEL_SIGNATURE
 
         if not (len(grid) >= 1 and len(block) >= 1 and grid[0] >= 1 and block[0] >= 1):
             raise ValueError(f"bad launch shape {grid} x {block}")
-        spec = KERNEL_ARGS[self.op]
+        spec = KERNEL_SIGNATURE
         if len(args) != len(spec):
             raise TypeError(f"{self.name} takes {len(spec)} arguments, got {len(args)}")
         values = {}
@@ -307,9 +307,9 @@ class _Kernel:
     def run(self, values: dict) -> None:
         """What the CUDA kernel does: step k = step_state[0] + 1, lr from the table, the
         update, lr_out[0] = lr, step_state[0] = k."""
-        from fastopt import cpu
+        from fastopt.engine import cpu_kernel
 
-        kernel = getattr(cpu, self.op)
+        kernel = cpu_kernel(self.op)
         n = int(values["n"])
         k = int(values["step_state"][0]) + 1
         extra = {"step": k, "fmt": _FORMATS[self.suffix], "parallel": n >= 16384,

@@ -1,0 +1,377 @@
+"""The machinery every stateful optimizer shares (``fastopt.<Name>``, generated per definition
+in ``fastopt/optimizers.py``): one flat buffer of params (float32, or 16-bit with a float32
+master), the schedule, the step counter, the state buffers and ``state_dict``.
+
+Hyperparameters are checked once, at construction (and on ``load_state_dict``), with the
+definition's checks (torch's messages); each step then goes to ``fastopt.engine`` with the
+call prepared then. ``step``, ``state_dict`` and ``load_state_dict`` are atomic with respect to
+one another: a snapshot taken from another thread while training holds the state between two
+steps.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+
+import numpy as np
+
+from . import _bf16, cpu
+from ._checks import (
+    FORMATS,
+    ArrayArgumentError,
+    array_module,
+    check_apart,
+    check_buffer,
+    check_lr,
+    check_lr_scale,
+    check_max_grad_norm,
+    dtype_arg,
+    dtypes,
+    grad_mult,
+    is_cupy,
+    kernel_view,
+    param_dtype,
+    xp_of,
+)
+from .algorithms import Definition
+from .cpu.schedule import host_lr
+from .engine import Prepared
+from .flat import FlatBuffer
+from .schedules import Schedule
+
+#: step counts are at most this (exclusive): the kernels take the step as a signed 64-bit int
+MAX_STEP = 2**63
+
+
+class FlatOptimizer:
+    """Shared machinery: params, schedule, step counter, state buffers, state_dict.
+
+    A subclass sets ``definition`` (its entry in ``fastopt.algorithms.REGISTRY``) and
+    ``fixed`` (the hyperparameters the class fixes, e.g. AdamW's decoupled decay).
+    """
+
+    definition: Definition
+    fixed: dict = {}
+
+    def __init__(self, params, lr, hypers: dict, dtype=None, state_dtype="float32"):
+        if isinstance(params, FlatBuffer):
+            params = params.buffer
+        dtype = dtype_arg(dtype)
+        allowed = None if dtype is None else ("uint16", dtype)
+        self.params = check_buffer("params", params, dtype=allowed)
+        #: what the params hold: float32, or float16 / bfloat16 (then with a float32 master)
+        self.dtype = param_dtype(self.params, dtype)
+        self._fmt = FORMATS.get(self.dtype, 0)
+        self._xp = xp_of(self.params)
+        self._on_gpu = array_module(self.params) == "cupy"
+        # On the CPU 16-bit params take gradients in their own format (or its raw bits) or in
+        # float32; the CUDA kernels read grads as the params' element type, so only that.
+        self._grad_dtypes = dtypes(
+            ("float32",) if self.dtype == "float32"
+            else (self.params.dtype,) if self._on_gpu
+            else tuple({self.params.dtype.name, "uint16", "float32"}
+                       | ({"float16"} if self.dtype == "float16" else set())))
+        if state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+        #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
+        self.state_dtype = state_dtype
+        #: the public hyperparameters (checked); the class's fixed ones are not among them
+        self.defaults = self._check_defaults(hypers)
+        self.lr_scale = 1.0
+        self._max_grad_norm: float | None = None  # clip to this global norm in every step
+        self.last_grad_norm: float | None = None  # the (unscaled) norm the last step measured
+        self._last_lr: float | None = None
+        self._step = 0
+        self._make_locks()
+        self._parallel = cpu.use_parallel(
+            self.params.shape[0], serial_simd=self.dtype == state_dtype == "float32")
+        self.state = {name: self._new_state(name) for name in self._state_keys(self.defaults)}
+        if self._on_gpu:  # the step counter and the lr used live on the device
+            self._step_state = self._xp.zeros(2, dtype=np.uint64)
+            self._lr_out = self._xp.zeros(1, dtype=np.float64)
+        self.schedule = lr
+        self._prepare()
+
+    def _make_locks(self) -> None:
+        #: held by step() alone: a second concurrent step() is refused, not queued
+        self._step_lock = threading.Lock()
+        #: held while the state changes or is read whole (step, state_dict, load_state_dict,
+        #: refresh_master): each of them sees or replaces the state between two steps
+        self._state_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` copy the buffers (params included): the copy is an
+        independent optimizer bound to its own copy of the params."""
+        with self._state_lock:
+            state = dict(self.__dict__)
+        del state["_step_lock"], state["_state_lock"], state["_xp"], state["_prepared"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._xp = xp_of(self.params)
+        self._make_locks()
+        self._prepare()
+
+    @property
+    def _owned_buffers(self) -> list[tuple[str, np.ndarray]]:
+        return [("params", self.params), *self.state.items()]
+
+    def _state_keys(self, defaults: dict) -> tuple[str, ...]:
+        """Every float32 state buffer: the optimizer's, plus the master copy of 16-bit params."""
+        master = ("master_params",) if self.dtype != "float32" else ()
+        return self.active_state_names(defaults) + master
+
+    def _hypers(self, defaults: dict | None = None) -> dict:
+        """Every hyperparameter the kernel needs: the public ones and the class's fixed ones."""
+        return {**(self.defaults if defaults is None else defaults), **self.fixed}
+
+    def _check_defaults(self, defaults: dict) -> dict:
+        """The definition's checks (torch's messages) on the public hyperparameters."""
+        checked = self.definition.check({**defaults, **self.fixed})
+        return {k: v for k, v in checked.items() if k not in self.fixed}
+
+    def active_state_names(self, defaults: dict | None = None) -> tuple[str, ...]:
+        """The definition's state buffers these hyperparameters need, in kernel order."""
+        return self.definition.active_state(self._hypers(defaults))
+
+    def _prepare(self) -> None:
+        """Pack the kernel call for the current buffers and hyperparameters (fastopt.engine)."""
+        params = self.params if self._on_gpu else kernel_view(self.params)
+        states = {name: self.state[name] for name in self.active_state_names()}
+        self._prepared = Prepared(self.definition, params, self.state.get("master_params"),
+                                  states, self._hypers(), self.dtype, self._on_gpu,
+                                  self._parallel)
+
+    def _new_state(self, name: str, value: float | None = None):
+        if name == "master_params":  # the float32 values of the 16-bit params
+            if self.dtype == "bfloat16":
+                return _bf16.decode(self.params.view(np.uint16))
+            return self.params.view(np.float16).astype(np.float32)
+        if value is None:
+            value = self.definition.initial_value(name, self._hypers())
+        if self.state_dtype == "bfloat16":
+            return self._xp.full(self.params.shape, _bf16.encode(value), dtype=np.uint16)
+        return self._xp.full(self.params.shape, value, dtype=np.float32)
+
+    def _state_as_float(self, name: str):
+        """A float32 numpy copy of a state buffer (bfloat16 state decoded)."""
+        array = self._host_copy(self.state[name])
+        return _bf16.decode(array) if array.dtype == np.uint16 else array
+
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def step_count(self) -> int:
+        """Number of steps taken."""
+        return self._step
+
+    @property
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, lr) -> None:
+        self._schedule = check_lr(lr)
+        if self._on_gpu:
+            self._device_table = self._xp.asarray(self._schedule.table)
+
+    @property
+    def last_lr(self) -> float | None:
+        """The lr the kernel used in the last step (on a GPU: read back, which syncs)."""
+        if self._on_gpu and self._step:
+            return float(self._lr_out.get()[0])
+        return self._last_lr
+
+    def sync_step_count(self) -> int:
+        """GPU: take step_count from the device counter (after replaying a captured graph)."""
+        if self._on_gpu:
+            self._step = int(self._step_state.get()[0])
+        return self._step
+
+    @property
+    def lr_scale(self) -> float:
+        """A multiplier on the scheduled lr (ReduceOnPlateau sets it); >= 0."""
+        return self._lr_scale
+
+    @lr_scale.setter
+    def lr_scale(self, value) -> None:
+        self._lr_scale = check_lr_scale(value)
+
+    @property
+    def current_lr(self) -> float:
+        """The learning rate the next step will use: schedule.at(step_count) * lr_scale,
+        computed by the kernels' own evaluator, so it equals the next ``last_lr`` exactly."""
+        return host_lr(self._schedule, self._step) * self.lr_scale
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Clip every step's gradients to this global 2-norm (None: no clipping); > 0."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        self._max_grad_norm = check_max_grad_norm(value)
+
+    def refresh_master(self) -> None:
+        """Copy the 16-bit params into their float32 master. Call it after changing 16-bit
+        params in place: the kernel updates the master and overwrites the params with it, so
+        a stale master would undo the change. Float32 params have no master (nothing to do)."""
+        with self._state_lock:
+            if "master_params" in self.state:
+                self.state["master_params"][...] = self._new_state("master_params")
+
+    def step(self, grads, *, grad_scale: float | None = None, skip_if_nonfinite: bool = False,
+             max_grad_norm: float | None = None) -> bool:
+        """One fused update with these gradients (same length as params).
+
+        grad_scale: the gradients are ``grad_scale`` times the true ones (a loss scale); the
+        kernel divides by it in its pass. max_grad_norm (default ``self.max_grad_norm``): clip
+        the unscaled gradients to this global 2-norm (``torch.nn.utils.clip_grad_norm_``'s
+        coefficient, applied inside the update: one extra read pass). skip_if_nonfinite: if
+        any gradient is inf/NaN, change nothing (params, state, step count) and return False.
+        Returns True when the step was applied. (On the GPU backend these two read the norm
+        back to the host: that step is not graph-capturable.)
+        """
+        check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
+                     dtype=self._grad_dtypes)
+        check_apart("grads", grads, self._owned_buffers)
+        mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
+        max_norm = check_max_grad_norm(self.max_grad_norm if max_grad_norm is None
+                                       else max_grad_norm)
+        if not self._step_lock.acquire(blocking=False):
+            raise RuntimeError(f"{type(self).__name__}.step() is already running in another "
+                               "thread; one optimizer must not be stepped concurrently")
+        try:
+            with self._state_lock:  # waits for a state_dict() being taken in another thread
+                return self._step_locked(grads, mult, max_norm, skip_if_nonfinite)
+        finally:
+            self._step_lock.release()
+
+    def _step_locked(self, grads, mult: float, max_norm: float | None,
+                     skip_if_nonfinite: bool) -> bool:
+        if max_norm is not None or skip_if_nonfinite:
+            if self._on_gpu:  # a cupy reduction; reading the norm back syncs the stream
+                values = grads
+                if grads.dtype == np.uint16:  # raw 16-bit bits: decode before widening
+                    values = (_bf16.decode(grads) if self.dtype == "bfloat16"
+                              else grads.view(np.float16))
+                wide = values.astype(np.float64)
+                sq = float(self._xp.dot(wide, wide))
+            else:
+                sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, self._parallel)
+            norm = math.sqrt(sq) * mult
+            self.last_grad_norm = norm
+            if skip_if_nonfinite and not math.isfinite(norm):
+                return False
+            if max_norm is not None:
+                coef = max_norm / (norm + 1e-6)  # torch's clip coefficient, clamped at 1
+                if not coef >= 1.0:
+                    mult *= coef
+        k = self._step + 1
+        fresh = self._step == 0  # state that starts as the first gradient (SGD's momentum)
+        if self._on_gpu:
+            self._prepared.gpu(grads, self._device_table, self._device_table.shape[0],
+                               self._step_state, self._lr_out, self.lr_scale, mult, fresh)
+        else:
+            self._last_lr = self._prepared.cpu(kernel_view(grads), self._schedule.table, k,
+                                               self.lr_scale, mult, fresh)
+        self._step = k
+        return True
+
+    def state_dict(self) -> dict:
+        """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters,
+        all of one moment between two steps (a step running in another thread is waited for)."""
+        with self._state_lock:
+            return self._state_dict_locked()
+
+    def _checkpoint(self) -> tuple[dict, np.ndarray, float | None]:
+        """``state_dict()``, a numpy copy of the params (16-bit as uint16 bits) and
+        max_grad_norm, taken together between two steps: what ``fastopt.save`` writes."""
+        with self._state_lock:
+            return (self._state_dict_locked(), self._host_copy(kernel_view(self.params)),
+                    self.max_grad_norm)
+
+    def _state_dict_locked(self) -> dict:
+        d = {"optimizer": type(self).__name__, "step": self._step}
+        d.update({name: self._state_as_float(name) for name in self.state})
+        d.update(self.defaults)
+        d["schedule"] = self._schedule.table.copy()
+        d["lr_scale"] = self.lr_scale
+        return d
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a ``state_dict()``; checks everything first, so a bad dict changes nothing.
+
+        The schedule table is validated like a constructor's. 16-bit params loading a dict
+        without ``master_params`` (from a float32 run, say) take their master from the
+        params' current values. A step running in another thread is waited for.
+        """
+        with self._state_lock:
+            self._load_state_dict_locked(state_dict)
+
+    def _load_state_dict_locked(self, state_dict: dict) -> None:
+        d = dict(state_dict)
+        name = d.get("optimizer", type(self).__name__)
+        if name != type(self).__name__:
+            raise ValueError(f"state_dict is for {name}, not {type(self).__name__}")
+        step = d.get("step")
+        if isinstance(step, np.ndarray) and step.size == 1:
+            step = step.item()
+        if isinstance(step, float) and step.is_integer():
+            step = int(step)
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) \
+                or not 0 <= step < MAX_STEP:
+            raise ValueError(f"state_dict['step'] must be an integer in [0, 2**63), got "
+                             f"{step!r}")
+        defaults = dict(self.defaults)
+        defaults.update({k: d[k] for k in self.defaults if k in d})
+        defaults = self._check_defaults(defaults)
+        if "schedule" not in d:
+            raise KeyError("state_dict has no 'schedule' (the schedule table)")
+        schedule = Schedule(self._host_copy(d["schedule"]), "loaded schedule")
+        lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
+        arrays = {}
+        for key in self._state_keys(defaults):
+            if key == "master_params" and key not in d:
+                continue  # e.g. from a float32 run: the master is taken from the params
+            if key not in d:
+                raise KeyError(f"state_dict has no {key!r}")
+            value = self._host_copy(d[key])
+            if value.shape != self.params.shape or not np.issubdtype(value.dtype, np.floating):
+                raise ArrayArgumentError(
+                    f"state_dict[{key!r}] must be a float array of shape {self.params.shape}, "
+                    f"got {value.dtype} {value.shape}")
+            arrays[key] = value
+        # everything checked: now change state
+        self.defaults = defaults
+        self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
+        if self._on_gpu:
+            self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)
+        if "master_params" in self._state_keys(defaults) and "master_params" not in arrays:
+            arrays["master_params"] = self._new_state("master_params")  # from the params
+        for key, value in arrays.items():
+            if key not in self.state:
+                self.state[key] = self._new_state(key)
+            if self.state[key].dtype == np.uint16:
+                self.state[key][...] = self._xp.asarray(_bf16.encode(value))
+            else:
+                self.state[key][...] = self._xp.asarray(value, dtype=np.float32)
+        for key in list(self.state):
+            if key not in self._state_keys(defaults):
+                del self.state[key]
+        self._prepare()
+
+    @staticmethod
+    def _host_copy(array) -> np.ndarray:
+        """A numpy copy of a numpy or cupy array (or anything array-like)."""
+        if is_cupy(array):
+            return array.get()
+        return np.array(array)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
+        return (f"{type(self).__name__}(n={self.params.shape[0]}, lr={self._schedule!r}, "
+                f"{options}, step_count={self._step})")

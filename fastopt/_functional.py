@@ -1,0 +1,129 @@
+"""The functional layer's machinery: argument checks, then ``fastopt.engine``.
+
+``fastopt/functional.py`` (generated from the definitions) has one function per public
+optimizer name with its explicit signature; each calls ``run`` here. ``run`` checks every
+argument (buffers, hyperparameters with torch's messages, step, schedule), picks the backend
+from the array type (numpy: the Numba kernels; cupy: the CUDA kernels, on the current stream)
+and runs one kernel call. ``step`` is the 1-based number of the step being taken.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+
+from . import cpu
+from ._checks import (
+    ArrayArgumentError,
+    check_buffer,
+    check_disjoint,
+    check_lr,
+    check_lr_scale,
+    check_step,
+    dtype_arg,
+    dtype_name,
+    grad_mult,
+    is_cupy,
+    kernel_view,
+    param_dtype,
+    xp_of,
+)
+from .algorithms import Definition
+from .cpu.schedule import host_lr
+from .engine import Prepared
+from .schedules import Schedule
+
+
+def _schedule(lr, schedule) -> Schedule:
+    if schedule is not None and lr is not None:
+        raise ValueError("give either lr or schedule, not both")
+    return check_lr(schedule if schedule is not None else lr)
+
+
+def _buffers(params, grads, master, dtype=None, **state):
+    """Check params, grads, master and the state buffers together; return (size, dtype name).
+
+    16-bit params need ``master``, their float32 copy, which the kernel reads and writes; they
+    may be given as uint16 bits with ``dtype`` ('float16' or 'bfloat16') naming the format
+    (how cupy, which has no bfloat16, carries them). Grads have the params' array dtype.
+    State buffers are float32, or uint16 holding bfloat16 bits (stochastically rounded).
+    """
+    allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
+    n = check_buffer("params", params, dtype=allowed).shape[0]
+    check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
+    name = dtype_name(params.dtype) if dtype is None else param_dtype(params, dtype)
+    if name != "float32" and master is None:
+        raise ValueError(f"master (a float32 copy of the params) is required for {name} params")
+    if name == "float32":
+        master = None  # unused for float32 params
+    if master is not None:
+        check_buffer("master", master, n, like=params, dtype=np.float32)
+    state_dtypes = {array.dtype for array in state.values() if array is not None}
+    if len(state_dtypes) > 1:
+        raise ArrayArgumentError("the state buffers must share one dtype (float32, or uint16 "
+                                 "bfloat16 bits)")
+    for key, array in state.items():
+        if array is not None:  # float32, or bfloat16 bits (stochastically rounded state)
+            check_buffer(key, array, n, like=params, dtype=("float32", "uint16"))
+    check_disjoint(params=params, grads=grads, master=master, **state)
+    return n, name
+
+
+def _parallel(n: int, params, *state) -> bool:
+    """The serial loop vectorises only for float32 params and state."""
+    simd = params.dtype == np.float32 and all(s.dtype == np.float32 for s in state
+                                              if s is not None)
+    return cpu.use_parallel(n, serial_simd=simd)
+
+
+def take_alias(alias: str, alias_value, name: str, value):
+    """A state buffer given under its deprecated spelling (kept for one release)."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"give {name} or its deprecated spelling {alias}, not both")
+    warnings.warn(f"{alias}= is deprecated, use {name}=", DeprecationWarning, stacklevel=3)
+    return alias_value
+
+
+def run(definition: Definition, fixed: dict, params, grads, states: dict, *, step, lr,
+        schedule, master, dtype, hypers: dict, lr_scale, grad_scale, fresh) -> float:
+    """Check everything, then one kernel call of ``definition`` for step ``step``; returns
+    the lr the kernel used (schedule value times ``lr_scale``)."""
+    sched = _schedule(definition.lr_default if lr is None and schedule is None else lr,
+                      schedule)
+    checked = definition.check({**hypers, **fixed})
+    step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
+    active = definition.active_state(checked)
+    for name in definition.state_names:
+        if name in active and states[name] is None:
+            when = next(s.when for s in definition.state if s.name == name)
+            raise ValueError(f"{name} is required when {when}")
+    buffers = {name: states[name] for name in active}
+    n, name = _buffers(params, grads, master, dtype, **buffers)
+    fresh = step == 1 if fresh is None else bool(fresh)
+    if is_cupy(params):
+        prepared = Prepared(definition, params, master if name != "float32" else None,
+                            buffers, checked, name, on_gpu=True)
+        xp = xp_of(params)
+        step_state = xp.zeros(2, dtype=np.uint64)
+        step_state[0] = step - 1
+        prepared.gpu(grads, _device_table(sched, params.device.id), sched.table.shape[0],
+                     step_state, xp.empty(1, dtype=np.float64), lr_scale, mult, fresh)
+        return host_lr(sched, step - 1) * lr_scale
+    prepared = Prepared(definition, kernel_view(params), master if name != "float32" else None,
+                        buffers, checked, name, on_gpu=False,
+                        parallel=_parallel(n, params, *buffers.values()))
+    return prepared.cpu(kernel_view(grads), sched.table, step, lr_scale, mult, fresh)
+
+
+@functools.lru_cache(maxsize=64)
+def _device_table(sched: Schedule, device_id: int):
+    """A schedule's table on a GPU, copied once per (schedule, device); schedules are
+    immutable, so the copy stays valid."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(sched.table)

@@ -1,0 +1,109 @@
+"""The one route from every API to a kernel: picks the backend, packs the uniform signature.
+
+``Prepared`` holds one optimizer's kernel call with everything that is fixed between steps
+packed once (buffers, hyperparameter slots, weight-decay form, 16-bit format, serial or
+parallel loop); ``cpu(...)``/``gpu(...)`` then add what changes per step. The optimizer classes
+build it at construction (and again when their hyperparameters or state change),
+``fastopt.functional`` per call, ``fastopt.torch`` once per bucket. Nothing here checks user
+input: the callers check at their edge.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from ._checks import FORMATS
+from .algorithms import Definition
+from .algorithms._spec import STATE_SLOTS
+
+#: the CPU's parameters/gradients formats (fastopt/cpu/convert.py): float32 takes 0 (unused)
+_FMT = dict(FORMATS)
+
+
+def cpu_kernel(name: str):
+    """The Numba kernel of definition ``name`` (its module is imported on first use; nothing
+    is compiled until the first call)."""
+    return getattr(importlib.import_module(f"fastopt.cpu.ops.{name}"), name)
+
+
+def _dummy_state(xp):
+    """A stand-in for state slots a definition does not use (never read by the kernel)."""
+    return xp.zeros(1, dtype=np.float32)
+
+
+_CPU_DUMMY = _dummy_state(np)
+
+
+class Prepared:
+    """The fixed part of one optimizer's kernel call.
+
+    ``params``/``grads``: as the kernels take them (16-bit params as uint16 bits on the CPU;
+    cupy arrays of the params' own element type or bits on the GPU). ``master``: the float32
+    master of 16-bit params (None for float32 params). ``states``: the definition's active
+    state buffers in kernel order, by name. ``hypers``: the checked hyperparameters.
+    ``dtype``: what the params hold ('float32', 'float16', 'bfloat16').
+    """
+
+    __slots__ = ("definition", "params", "master", "states", "slots", "weight_decay",
+                 "decoupled", "maximize", "fmt", "parallel", "on_gpu", "dtype", "_cpu", "_fn")
+
+    def __init__(self, definition: Definition, params, master, states: dict, hypers: dict,
+                 dtype: str, on_gpu: bool, parallel: bool = False):
+        d = definition
+        self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
+        self.master = params if master is None else master
+        first = next(iter(states.values()), None)
+        if first is None:
+            first = _dummy_state(_xp(params)) if on_gpu else _CPU_DUMMY
+        self.states = tuple(states.get(name, first) for name in d.state_names) \
+            + (first,) * (STATE_SLOTS - len(d.state))
+        self.slots = d.slot_values(hypers)
+        self.weight_decay = float(hypers.get("weight_decay", 0.0))
+        if d.decay == "choice":
+            self.decoupled = bool(hypers.get("decoupled_weight_decay", False))
+        else:
+            self.decoupled = d.decay == "decoupled"
+        self.maximize = bool(hypers.get("maximize", False))
+        self.fmt = _FMT.get(dtype, 0)
+        self.parallel = parallel
+        self._fn = None if on_gpu else cpu_kernel(d.name)
+        # everything after the buffers and table, up to the per-step scalars, in CPU order
+        self._cpu = (self.weight_decay, self.decoupled, self.maximize)
+
+    def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
+            fresh: bool = False) -> float:
+        """Run the Numba kernel for step ``step`` (1-based); returns the lr it used."""
+        s = self.states
+        return self._fn(self.params, grads, self.master, s[0], s[1], s[2], s[3], table,
+                        lr_scale, grad_mult, *self._cpu, fresh, *self.slots, step, self.fmt,
+                        self.parallel)
+
+    def gpu(self, grads, table, table_rows: int, step_state, lr_out, lr_scale: float,
+            grad_mult: float, fresh: bool = False) -> None:
+        """Launch the CUDA kernel on the current stream: step k = step_state[0] + 1 read on
+        the device; no host sync."""
+        from .gpu import launch
+
+        launch.launch(self.definition.name, self.dtype, self.kernel_values(
+            grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult, fresh))
+
+    def kernel_values(self, grads, table, table_rows: int, step_state, lr_out,
+                      lr_scale: float, grad_mult: float, fresh: bool) -> dict:
+        """The CUDA kernel's arguments by name (``KERNEL_SIGNATURE``)."""
+        s = self.states
+        values = {"params": self.params, "grads": grads, "master": self.master,
+                  "state0": s[0], "state1": s[1], "state2": s[2], "state3": s[3],
+                  "table": table, "table_rows": table_rows, "step_state": step_state,
+                  "lr_out": lr_out, "lr_scale": lr_scale, "grad_mult": grad_mult,
+                  "weight_decay": self.weight_decay, "decoupled": self.decoupled,
+                  "maximize": self.maximize, "fresh": fresh, "n": self.params.shape[0]}
+        values.update((f"h{i}", v) for i, v in enumerate(self.slots))
+        return values
+
+
+def _xp(array):
+    from ._checks import xp_of
+
+    return xp_of(array)
