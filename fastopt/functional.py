@@ -36,6 +36,7 @@ from ._checks import (
     xp_of,
 )
 from .cpu.schedule import host_lr
+from .cpu.threads import kernel_guard, parallel_ok
 from .schedules import Schedule
 
 __all__ = ["adam", "adamw", "adagrad", "adadelta"]
@@ -80,7 +81,7 @@ def _parallel(n: int, params, *state) -> bool:
     """The serial loop vectorises only for float32 params and state."""
     simd = params.dtype == np.float32 and all(s.dtype == np.float32 for s in state
                                               if s is not None)
-    return cpu.use_parallel(n, serial_simd=simd)
+    return parallel_ok(cpu.use_parallel(n, serial_simd=simd))
 
 
 def _cpu_args(params, grads, master) -> tuple:
@@ -142,11 +143,12 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, 
                            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                            decoupled=bool(decoupled_weight_decay), amsgrad=bool(amsgrad),
                            maximize=bool(maximize))
-    return cpu.adam(*_cpu_args(params, grads, master), exp_avg, exp_avg_sq,
-                    exp_avg if max_buffer is None else max_buffer, sched.table, step, lr_scale,
-                    mult, beta1, beta2, eps, weight_decay, bool(decoupled_weight_decay),
-                    bool(amsgrad), bool(maximize), FORMATS.get(name, 0),
-                    _parallel(n, params, exp_avg))
+    parallel = _parallel(n, params, exp_avg)
+    with kernel_guard(parallel):
+        return cpu.adam(*_cpu_args(params, grads, master), exp_avg, exp_avg_sq,
+                        exp_avg if max_buffer is None else max_buffer, sched.table, step, lr_scale,
+                        mult, beta1, beta2, eps, weight_decay, bool(decoupled_weight_decay),
+                        bool(amsgrad), bool(maximize), FORMATS.get(name, 0), parallel)
 
 
 def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step: int, lr=None,
@@ -179,9 +181,11 @@ def adagrad(params, grads, state_sum, *, step: int, lr=None, schedule=None, mast
                            grads=grads, master=params if master is None else master,
                            state_sum=state_sum, lr_decay=lr_decay, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))
-    return cpu.adagrad(*_cpu_args(params, grads, master), state_sum, sched.table, step,
-                       lr_scale, mult, lr_decay, eps, weight_decay, bool(maximize),
-                       FORMATS.get(name, 0), _parallel(n, params, state_sum))
+    parallel = _parallel(n, params, state_sum)
+    with kernel_guard(parallel):
+        return cpu.adagrad(*_cpu_args(params, grads, master), state_sum, sched.table, step,
+                           lr_scale, mult, lr_decay, eps, weight_decay, bool(maximize),
+                           FORMATS.get(name, 0), parallel)
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedule=None,
@@ -203,6 +207,8 @@ def adadelta(params, grads, square_avg, acc_delta, *, step: int, lr=None, schedu
                            grads=grads, master=params if master is None else master,
                            square_avg=square_avg, acc_delta=acc_delta, rho=rho, eps=eps,
                            weight_decay=weight_decay, maximize=bool(maximize))
-    return cpu.adadelta(*_cpu_args(params, grads, master), square_avg, acc_delta,
-                        sched.table, step, lr_scale, mult, rho, eps, weight_decay,
-                        bool(maximize), FORMATS.get(name, 0), _parallel(n, params, square_avg))
+    parallel = _parallel(n, params, square_avg)
+    with kernel_guard(parallel):
+        return cpu.adadelta(*_cpu_args(params, grads, master), square_avg, acc_delta,
+                            sched.table, step, lr_scale, mult, rho, eps, weight_decay,
+                            bool(maximize), FORMATS.get(name, 0), parallel)

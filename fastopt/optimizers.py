@@ -33,6 +33,7 @@ from ._checks import (
     param_dtype,
     xp_of,
 )
+from .cpu.threads import kernel_guard, parallel_ok
 from .flat import FlatBuffer
 from .schedules import Schedule
 
@@ -209,7 +210,9 @@ class _FlatOptimizer:
                     wide = values.astype(np.float64)
                     sq = float(self._xp.dot(wide, wide))
                 else:
-                    sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, self._parallel)
+                    with kernel_guard(self._parallel):
+                        sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt,
+                                              parallel_ok(self._parallel))
                 norm = math.sqrt(sq) * mult
                 self.last_grad_norm = norm
                 if skip_if_nonfinite and not math.isfinite(norm):
@@ -222,7 +225,8 @@ class _FlatOptimizer:
             if self._on_gpu:
                 self._launch_gpu(grads, mult)
             else:
-                self._last_lr = self._launch(grads, k, mult)
+                with kernel_guard(self._parallel):
+                    self._last_lr = self._launch(grads, k, mult)
             self._step = k
         finally:
             self._lock.release()
@@ -340,7 +344,7 @@ class Adam(_FlatOptimizer):
                         s.get("max_exp_avg_sq", exp_avg), self._schedule.table, step,
                         self.lr_scale, grad_mult, self._beta1, self._beta2, self._eps,
                         self._weight_decay, self._decoupled, self._amsgrad, self._maximize,
-                        self._fmt, self._parallel)
+                        self._fmt, parallel_ok(self._parallel))
 
     def _device_args(self):
         s = self.state
@@ -396,7 +400,8 @@ class Adagrad(_FlatOptimizer):
     def _launch(self, grads, step, grad_mult):
         return cpu.adagrad(*self._kernel_params(grads), self.state["sum"], self._schedule.table,
                            step, self.lr_scale, grad_mult, self._lr_decay, self._eps,
-                           self._weight_decay, self._maximize, self._fmt, self._parallel)
+                           self._weight_decay, self._maximize, self._fmt,
+                           parallel_ok(self._parallel))
 
     def _device_args(self):
         return dict(state_sum=self.state["sum"], lr_decay=self._lr_decay, eps=self._eps,
@@ -430,7 +435,7 @@ class Adadelta(_FlatOptimizer):
         return cpu.adadelta(*self._kernel_params(grads), self.state["square_avg"],
                             self.state["acc_delta"], self._schedule.table, step, self.lr_scale,
                             grad_mult, self._rho, self._eps, self._weight_decay, self._maximize,
-                            self._fmt, self._parallel)
+                            self._fmt, parallel_ok(self._parallel))
 
     def _device_args(self):
         return dict(square_avg=self.state["square_avg"], acc_delta=self.state["acc_delta"],
