@@ -37,6 +37,7 @@ from ._checks import (
 )
 from .algorithms import Definition
 from .cpu.schedule import host_lr
+from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
 from .flat import FlatBuffer
 from .schedules import Schedule
@@ -261,7 +262,9 @@ class FlatOptimizer:
                 wide = values.astype(np.float64)
                 sq = float(self._xp.dot(wide, wide))
             else:
-                sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, self._parallel)
+                parallel = parallel_ok(self._parallel)
+                with kernel_guard(parallel):
+                    sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, parallel)
             norm = math.sqrt(sq) * mult
             self.last_grad_norm = norm
             if skip_if_nonfinite and not math.isfinite(norm):

@@ -17,6 +17,7 @@ import numpy as np
 from ._checks import FORMATS
 from .algorithms import Definition
 from .algorithms._spec import STATE_SLOTS
+from .cpu.threads import kernel_guard, parallel_ok
 
 #: the CPU's parameters/gradients formats (fastopt/cpu/convert.py): float32 takes 0 (unused)
 _FMT = dict(FORMATS)
@@ -76,9 +77,11 @@ class Prepared:
             fresh: bool = False) -> float:
         """Run the Numba kernel for step ``step`` (1-based); returns the lr it used."""
         s = self.states
-        return self._fn(self.params, grads, self.master, s[0], s[1], s[2], s[3], table,
-                        lr_scale, grad_mult, *self._cpu, fresh, *self.slots, step, self.fmt,
-                        self.parallel)
+        parallel = parallel_ok(self.parallel)  # serial in a child forked from GNU OpenMP
+        with kernel_guard(parallel):  # one parallel launch at a time under workqueue
+            return self._fn(self.params, grads, self.master, s[0], s[1], s[2], s[3], table,
+                            lr_scale, grad_mult, *self._cpu, fresh, *self.slots, step,
+                            self.fmt, parallel)
 
     def gpu(self, grads, table, table_rows: int, step_state, lr_out, lr_scale: float,
             grad_mult: float, fresh: bool = False) -> None:

@@ -74,8 +74,10 @@ def test_cli_schedule_plot(tmp_path):
 @pytest.mark.parametrize("expr", ["__import__('os')", "cosine(0.1, 0)", "cosine", "1.0",
                                   "open('x')", "cosine(0.1, 10).table"])
 def test_cli_schedule_rejects(expr, capsys):
-    assert cli.main(["schedule", expr]) == 2
-    assert "error" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli.main(["schedule", expr])
+    assert info.value.code == 2
+    assert "fastopt schedule: error: " in capsys.readouterr().err
 
 
 def test_cli_bench_tiny(tmp_path, capsys):
