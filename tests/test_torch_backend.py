@@ -96,6 +96,8 @@ def test_grads_land_in_the_flat_buffer():
     opt = fot.Adam(model.parameters())
     bucket = opt._buckets[0][0]
     x, y = data(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # takes the first grads in: from now on p.grad is a view of the flat buffer
     opt.zero_grad(set_to_none=False)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     for p in model.parameters():
@@ -248,11 +250,14 @@ def test_optimizer_hooks_run():
 
 
 def test_zero_grad_set_to_none_like_torch():
-    model = make_model()
-    opt = fot.Adam(model.parameters())
     x, y = data(1)[0]
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    opt.zero_grad()
-    assert all(p.grad is None for p in model.parameters())
-    opt.zero_grad(set_to_none=False)
-    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    for cls in (torch.optim.Adam, fot.Adam):
+        model = make_model()
+        opt = cls(model.parameters())
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        opt.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+        opt.zero_grad(set_to_none=False)  # a grad that is None stays None, as in torch
+        assert all(p.grad is None for p in model.parameters())

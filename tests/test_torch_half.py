@@ -211,7 +211,22 @@ def test_refresh_master_after_loading_weights():
     assert runs[1] > 0.1  # the stale master undid the load
 
 
-def test_optimizer_copy_is_refused():
-    opt = fot.AdamW(_bf16_model().parameters())
-    with pytest.raises(TypeError, match="state_dict"):
-        copy.deepcopy(opt)
+def test_deepcopy_with_the_model_keeps_masters_and_buffers_apart():
+    """copy.deepcopy((model, opt)): the copy's params are views of the copy's own flat buffer,
+    its float32 masters and state are copies, and both train on bit for bit alike."""
+    batches = _batches(20)
+    model = _bf16_model()
+    opt = fot.AdamW(model.parameters(), lr=S.cosine(1e-2, 20), weight_decay=0.1)
+    _train(model, opt, batches[:5])
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert [id(p) for g in opt2.param_groups for p in g["params"]] == \
+        [id(p) for p in model2.parameters()]
+    flat2 = opt2._buckets[0][0].flat
+    for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        assert p2.untyped_storage().data_ptr() == flat2.untyped_storage().data_ptr()
+        assert torch.equal(opt2.state[p2]["master_param"], opt.state[p]["master_param"])
+        assert opt2.state[p2]["master_param"].data_ptr() != opt.state[p]["master_param"].data_ptr()
+    _train(model, opt, batches[5:])
+    _train(model2, opt2, batches[5:])
+    for p, p2 in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, p2)

@@ -1,22 +1,28 @@
 """torch.optim.Optimizer subclasses over flat buffers: one fused fastopt kernel per bucket.
 
 At construction each param group's parameters are repacked, per (device, dtype), into one flat
-buffer; ``p.data`` becomes a view of it, ``p.grad`` a view of a flat gradient buffer (autograd
-accumulates into it in place) and the state (``exp_avg``, ``sum``, ...) views of flat state
-buffers, so ``step()`` gathers nothing: it is one kernel call per bucket. ``self.state[p]``
-holds those views under torch's names, so ``state_dict()`` is torch's format.
+buffer; ``p.data`` becomes a view of it, ``p.grad`` a view of a flat gradient buffer once the
+param has a gradient (autograd then accumulates into it in place) and the state (``exp_avg``,
+``sum``, ...) views of flat state buffers, so ``step()`` gathers nothing: it is one kernel call
+per bucket. As in torch, ``self.state[p]`` gets an entry when p takes its first step: those
+views under torch's names, so ``state_dict()`` is torch's format.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
+import re
 import warnings
+import weakref
+from collections import defaultdict
 
+import numpy as np
 import torch
 
 from .. import functional as F
 from ..cpu.schedule import host_lr
-from ..schedules import Schedule, as_schedule
+from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule
 
 ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
 #: 16-bit parameter dtypes: updated through a float32 master copy, in the same kernel pass
@@ -27,8 +33,47 @@ MASTER = "master_param"  # the per-param state name of a 16-bit param's float32 
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+#: flat param buffer's storage address -> the live bucket that owns it (two optimizers over one
+#: param would each repack it into their own buffer, detaching it from the other)
+_OWNERS: weakref.WeakValueDictionary[int, _Bucket] = weakref.WeakValueDictionary()
+#: torch.compile: the kernel call runs outside the graph (Numba cannot be traced)
+_no_dynamo = getattr(torch, "_disable_dynamo", lambda fn: fn)
+
+
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def _owner(p: torch.Tensor) -> _Bucket | None:
+    """The live bucket whose flat buffer ``p``'s data is a view of, if any."""
+    ptr = p.untyped_storage().data_ptr()
+    return _OWNERS.get(ptr) if ptr else None
+
+
+def _scalar(value, what: str) -> float:
+    """A hyperparameter as a Python float; a tensor gives its own (e.g. float32) value, the
+    number torch's math uses."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {what} must be 1-element")
+        return float(value)
+    return value
+
+
+def _delayed(schedule: Schedule, n: int) -> Schedule:
+    """``schedule`` n steps later: lr(t) = schedule(t - n) for t >= n, schedule(0) before."""
+    m = re.fullmatch(r"delayed\((.*), (\d+)\)", repr(schedule), flags=re.DOTALL)
+    name, total = (m.group(1), int(m.group(2)) + n) if m else (repr(schedule), n)
+    table = schedule.table.copy()
+    table[:, 1:3] += n
+    first = host_lr(schedule, 0)
+    if table[0, 0] == CONSTANT and table[0, 3] == first:  # already a constant head: extend it
+        table[0, 1:3] = 0.0  # a constant row's clock is unused
+    else:
+        head = np.zeros((1, TABLE_COLUMNS))
+        head[0, 0], head[0, 3] = CONSTANT, first
+        table = np.vstack([head, table])
+    return Schedule(table, f"delayed({name}, {total})")
 
 
 class _Bucket:
@@ -40,8 +85,9 @@ class _Bucket:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
-                 state_dtype: torch.dtype = torch.float32):
+                 state_dtype: torch.dtype = torch.float32, owner: str = ""):
         first = params[0]
+        self.owner = owner  # the optimizer class's name, for the two-optimizers error
         self.params = params
         self.state_dtype = state_dtype
         self.offsets, total = [], 0
@@ -65,12 +111,19 @@ class _Bucket:
                 view = self.slice(self.flat, i)
                 view.copy_(p)
                 p.data = view
-                if p.grad is not None:
-                    grad.copy_(p.grad)
-                p.grad = grad
+                if p.grad is not None:  # a param without grad keeps none, as in torch: the
+                    grad.copy_(p.grad)  # step skips it until backward gives it one
+                    p.grad = grad
         self.master = None if self.format is None else self.flat.float()
         #: where each param's data must stay: a param whose .data is replaced is detached
         self.addresses = [p.data_ptr() for p in params]
+        #: params with an entry in optimizer.state (torch's: those that took a step or had
+        #: state loaded); the flat state exists from the start either way
+        self.started = [False] * len(params)
+        self.all_started = False
+        ptr = self.flat.untyped_storage().data_ptr()
+        if ptr:
+            _OWNERS[ptr] = self
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param."""
@@ -132,6 +185,11 @@ class FlatOptimizer(torch.optim.Optimizer):
     functional kernel's argument order) and ``_kernel_kwargs``."""
 
     kernel: str = ""
+    #: the group keys torch's ``__setstate__`` fills in when a state dict lacks them (older
+    #: torch versions): key -> torch's value
+    group_defaults: dict = {}
+    #: whether torch's capturable check lists XLA among the supported devices
+    _capturable_xla = True
 
     def __init__(self, params, defaults: dict, state_dtype: str = "float32"):
         if defaults.get("differentiable"):
@@ -141,6 +199,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
         self.state_dtype = state_dtype
         self._buckets: list[list[_Bucket]] = []
+        #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
+        #: value for the next step); any other value there was set by someone else and wins
+        self._lr_written: list[float | None] = []
         defaults = self._split_schedule(dict(defaults))
         super().__init__(params, defaults)
 
@@ -152,7 +213,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             group["schedule"] = lr
             group["lr"] = lr.at(0)
         elif isinstance(lr, torch.Tensor):
-            group["lr"] = float(lr)
+            _scalar(lr, "lr")  # kept as a tensor, as torch does; read at every step
         return group
 
     # ------------------------------------------------------------------ construction
@@ -167,6 +228,15 @@ class FlatOptimizer(torch.optim.Optimizer):
             param_group["schedule"] = self.defaults["schedule"]
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        try:
+            buckets = self._make_buckets(group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._buckets.append(buckets)
+        self._lr_written.append(group["lr"] if "schedule" in group else None)
+
+    def _make_buckets(self, group: dict) -> list[_Bucket]:
         params = group["params"]
         for p in params:
             if p.is_complex():
@@ -182,27 +252,48 @@ class FlatOptimizer(torch.optim.Optimizer):
                              "put parameters of each device in their own group")
         if params and params[0].device.type not in ("cpu", "cuda"):
             raise TypeError(f"unsupported device {params[0].device}")
+        owned = [p for p in params if _owner(p) is not None]
+        if owned:
+            gc.collect()  # an optimizer that is gone but not yet collected owns nothing
+            owned = [p for p in owned if _owner(p) is not None]
+        if owned:
+            p = owned[0]
+            raise RuntimeError(
+                f"{len(owned)} of these parameters (e.g. one of shape {tuple(p.shape)}) already "
+                f"belong to another fastopt optimizer ({_owner(p).owner}): their .data is a view "
+                "of that optimizer's flat buffer, and a second fastopt optimizer would repack "
+                "them into its own and detach them from the first. Use one fastopt optimizer "
+                "per parameter (param groups for different hyperparameters), or drop the first "
+                "optimizer before building another")
         buckets = []
         for dtype in dict.fromkeys(p.dtype for p in params):  # one bucket per dtype, in order
-            bucket = _Bucket([p for p in params if p.dtype == dtype], self.state_init(group),
-                             STATE_DTYPES[self.state_dtype])
-            for i, p in enumerate(bucket.params):
-                self.state[p] = self._state_views(bucket, i)
-            buckets.append(bucket)
-        self._buckets.append(buckets)
+            buckets.append(_Bucket([p for p in params if p.dtype == dtype],
+                                   self.state_init(group), STATE_DTYPES[self.state_dtype],
+                                   type(self).__name__))
+        return buckets
 
-    def _state_views(self, bucket: _Bucket, i: int) -> dict:
+    def _state_views(self, group: dict, bucket: _Bucket, i: int) -> dict:
         views = {"step": bucket.steps[i]}
-        for name in bucket.state:
+        for name in self.state_init(group):
             views[name] = bucket.view_of(name, i)
         if bucket.master is not None:
             views[MASTER] = bucket.view_of(MASTER, i)
         return views
 
-    def __getstate__(self):
-        raise TypeError(f"{type(self).__name__} cannot be pickled or deep-copied: its params, "
-                        "grads and state are views of flat buffers that a copy would not share; "
-                        "use state_dict() / load_state_dict()")
+    def _start(self, group: dict, bucket: _Bucket, i: int) -> None:
+        """Give param i its entry in self.state (views of the flat state), as torch does at
+        the param's first step."""
+        self.state[bucket.params[i]].update(self._state_views(group, bucket, i))
+        bucket.started[i] = True
+
+    def _fill_group(self, group: dict) -> None:
+        """Fill the keys a loaded group lacks, as torch's ``__setstate__`` does (then from
+        this optimizer's defaults)."""
+        for key, value in self.group_defaults.items():
+            group.setdefault(key, value)
+        for key, value in self.defaults.items():
+            if key != "schedule":
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def refresh_master(self) -> None:
@@ -219,7 +310,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients. With set_to_none=True (torch's default) p.grad becomes None as in
         torch; the next step copies new gradients into the flat buffer once (one extra pass).
-        set_to_none=False zeroes the flat gradient buffer in place: nothing is ever copied."""
+        set_to_none=False zeroes the flat gradient buffer in place: once every param has had a
+        gradient, nothing is ever copied. A param whose grad is None keeps None (as in torch:
+        the step skips it)."""
         for buckets in self._buckets:
             for b in buckets:
                 if set_to_none:
@@ -228,11 +321,23 @@ class FlatOptimizer(torch.optim.Optimizer):
                 else:
                     b.grad.zero_()
                     for p, view in zip(b.params, b.grad_views, strict=True):
-                        if p.grad is not view:
+                        if p.grad is not None and p.grad is not view:
                             p.grad = view
 
-    def _schedule(self, group: dict) -> Schedule:
-        return group.get("schedule") or as_schedule(group["lr"])
+    def _schedule(self, index: int, group: dict) -> tuple[Schedule, bool]:
+        """The schedule for the group's next step and whether it is the group's own: a
+        group['lr'] other than the one fastopt last wrote there (a torch scheduler's, the 0
+        of torch.distributed.checkpoint's dummy step, the user's) is used instead."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = _scalar(lr, "lr")
+        elif isinstance(lr, Schedule):  # a schedule put into group['lr'] (e.g. ZeRO's sync of
+            group["schedule"] = lr      # its groups, built from our defaults) becomes the
+            return lr, True             # group's schedule
+        schedule = group.get("schedule")
+        if schedule is not None and lr == self._lr_written[index]:
+            return schedule, True
+        return as_schedule(lr), False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -241,13 +346,33 @@ class FlatOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._fused_step()
+        return loss
+
+    @_no_dynamo
+    def _fused_step(self) -> None:
         for group, buckets in zip(self.param_groups, self._buckets, strict=True):
-            schedule = self._schedule(group)
+            if group.get("capturable") and buckets and buckets[0].flat.device.type != "cuda":
+                from torch.optim.optimizer import _get_capturable_supported_devices
+
+                devices = _get_capturable_supported_devices(self._capturable_xla)
+                raise AssertionError("If capturable=True, params and state_steps must be on "
+                                     f"supported devices: {devices}.")
+        for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
+                                                     strict=True)):
+            if not buckets:
+                continue
+            schedule, own = self._schedule(index, group)
+            before = buckets[0].step
             for b in buckets:
                 self._step_bucket(group, schedule, b)
-            if "schedule" in group and buckets:
-                group["lr"] = host_lr(schedule, buckets[0].step)
-        return loss
+            if own:
+                lr = host_lr(schedule, buckets[0].step)
+                group["lr"] = self._lr_written[index] = lr
+            elif "schedule" in group and buckets[0].step > before:
+                # steps taken at someone else's lr do not advance the group's schedule, as
+                # they would not advance a torch scheduler
+                group["schedule"] = _delayed(group["schedule"], buckets[0].step - before)
 
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket) -> None:
         have_grad = []
@@ -276,6 +401,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._run(b.flat.device, arrays, half, k, schedule, kwargs)
             b.step = k
             b.steps.fill_(k)
+            if not b.all_started:
+                for i, started in enumerate(b.started):
+                    if not started:
+                        self._start(group, b, i)
+                b.all_started = True
             return
         for i, has in enumerate(have_grad):  # torch skips params without grad
             if not has:
@@ -286,6 +416,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             part = {key: v[sl] if key == "master" else v for key, v in half.items()}
             self._run(b.flat.device, [a[sl] for a in arrays], part, k, schedule, kwargs)
             b.steps[i] = k
+            if not b.started[i]:
+                self._start(group, b, i)
+        b.all_started = all(b.started)
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
 
@@ -306,64 +439,173 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
-        """torch's format (per-param ``step`` and state under torch's names), as copies."""
-        d = super().state_dict()
-        d["state"] = {k: {name: v.clone() for name, v in st.items()}
+        """torch's format (per-param ``step`` and state under torch's names); tensors are
+        copies (the optimizer's are views of its flat buffers), other values as they are.
+        Post-hooks see the copies."""
+        with _hooks_off(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            d = super().state_dict()
+        d["state"] = {k: {name: v.clone() if isinstance(v, torch.Tensor) else v
+                          for name, v in st.items()}
                       for k, st in d["state"].items()}
+        for hook in post_hooks.values():
+            result = hook(self, d)
+            if result is not None:
+                d = result
         return d
 
+    @_no_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of the matching torch.optim optimizer.
 
         Values are copied from the dict as given: torch's loader casts state to the params'
         dtype, which would round the float32 state and master of 16-bit params. A 16-bit
         param without a saved master (a torch.optim state dict) takes its current value.
+        Groups lacking keys (state dicts of older torch versions) get torch's defaults.
+        Load pre-hooks run first and what they return is what loads; post-hooks run last.
         """
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         schedules = [g.get("schedule") for g in self.param_groups]
-        super().load_state_dict(state_dict)  # checks the groups, loads hyperparameters
+        with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks",
+                        "_optimizer_load_state_dict_post_hooks") as (_, post_hooks):
+            super().load_state_dict(state_dict)  # checks the groups, loads hyperparameters
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         saved = {p: state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params,
                                                                      strict=True)}
-        self.state = type(self.state)()
-        for group, buckets, schedule in zip(self.param_groups, self._buckets, schedules,
-                                            strict=True):
-            if "schedule" not in group and schedule is not None:
+        cast = self.state  # torch's copies; entries fastopt does not keep come from there
+        self.state = defaultdict(dict)
+        for index, (group, buckets, schedule) in enumerate(zip(
+                self.param_groups, self._buckets, schedules, strict=True)):
+            own = "schedule" in group
+            if not own and schedule is not None:  # a dict without it (torch's): ours drives
                 group["schedule"] = schedule
             for b in buckets:
-                for name, value in self.state_init(group).items():
-                    b.add_state(name, value)
-                for i, p in enumerate(b.params):
-                    st = saved[p]
-                    b.steps[i] = float(st.get("step", 0.0))
-                    for name in b.state:
-                        view = b.view_of(name, i)
-                        if name in st:
-                            view.copy_(st[name])
-                        else:
-                            view.fill_(self.state_init(group)[name])
-                    if b.master is not None:
-                        b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))
-                    self.state[p] = self._state_views(b, i)
-                b.uniform = bool((b.steps == b.steps[0]).all())
-                b.step = int(b.steps.max())
+                self._load_bucket(group, b, saved, cast)
+            self._sync_lr(index, group, buckets, keep=own)
+        for k, v in cast.items():  # state not keyed by a param is kept as is, as by torch
+            if not isinstance(k, torch.Tensor):
+                self.state[k] = v
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _sync_lr(self, index: int, group: dict, buckets: list[_Bucket], keep: bool) -> None:
+        """After loading: the schedule's value for the next step is the lr fastopt wrote; with
+        ``keep`` False group['lr'] is set to it, else a different saved lr keeps overriding."""
+        written = None
+        schedule = group.get("schedule")
+        if schedule is not None:
+            written = host_lr(schedule, buckets[0].step) if buckets else group["lr"]
+            if not keep:
+                group["lr"] = written
+        self._lr_written[index] = written
+
+    @torch.no_grad()
+    def _load_bucket(self, group: dict, b: _Bucket, saved: dict, extra: dict) -> None:
+        """Per-param state of ``b`` from ``saved`` (param -> state dict); entries fastopt does
+        not hold in flat buffers are taken from ``extra`` (param -> state dict) as they are."""
+        init = self.state_init(group)
+        for name, value in init.items():
+            b.add_state(name, value)
+        for i, p in enumerate(b.params):
+            st = saved.get(p) or {}
+            b.steps[i] = float(st.get("step", 0.0))
+            for name in b.state:
+                view = b.view_of(name, i)
+                if name in st:
+                    view.copy_(st[name])
+                else:
+                    view.fill_(init.get(name, 0.0))
+            if b.master is not None:
+                b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))
+            b.started[i] = bool(st)
+            if st:
+                views = self._state_views(group, b, i)
+                known = set(views) | set(b.state) | {MASTER}
+                self.state[p] = {k: v for k, v in (extra.get(p) or {}).items()
+                                 if k not in known}
+                self.state[p].update(views)
+        b.all_started = all(b.started)
+        b.uniform = bool((b.steps == b.steps[0]).all())
+        b.step = int(b.steps.max())
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        """torch's attributes, with copies of the state: unpickling (and ``copy.deepcopy``)
+        repacks the params into new flat buffers and loads the state there."""
+        return {
+            "defaults": self.defaults,
+            "state": {p: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                          for k, v in st.items()} for p, st in self.state.items()},
+            "param_groups": self.param_groups,
+            "state_dtype": self.state_dtype,
+            "_fastopt_lr_written": list(self._lr_written),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        if "_fastopt_lr_written" not in state:  # torch's load_state_dict, or an old pickle
+            super().__setstate__(state)
+            for group in self.param_groups:
+                self._fill_group(group)
+            return
+        state = dict(state)
+        written = state.pop("_fastopt_lr_written")
+        groups, saved = state.pop("param_groups"), state.pop("state")
+        super().__setstate__(dict(state, state=defaultdict(dict), param_groups=[]))
+        self._buckets, self._lr_written = [], []
+        for group in groups:
+            self.add_param_group(group)
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            for b in buckets:
+                self._load_bucket(group, b, saved, saved)
+        for k, st in saved.items():  # state not keyed by a param, kept as torch keeps it
+            if k not in self.state and not any(k is p for g in groups for p in g["params"]):
+                self.state[k] = st
+        self._lr_written = written
+
+
+class _hooks_off:
+    """Run torch's base method without the named hook dicts (fastopt runs them itself at
+    the right moment); ``as`` gives the hooks, one dict per name (or the dict for one)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, *names: str):
+        self.opt, self.names = opt, names
+
+    def __enter__(self):
+        self.saved = [getattr(self.opt, n) for n in self.names]
+        for n in self.names:
+            setattr(self.opt, n, type(getattr(self.opt, n))())
+        return self.saved[0] if len(self.saved) == 1 else tuple(self.saved)
+
+    def __exit__(self, *exc):
+        for n, hooks in zip(self.names, self.saved, strict=True):
+            setattr(self.opt, n, hooks)
+        return False
 
 
 class Adam(FlatOptimizer):
     """torch.optim.Adam's interface and numbers; lr may be a fastopt schedule."""
 
     kernel = "adam"
+    group_defaults = dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                          differentiable=False, decoupled_weight_decay=False, fused=None)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  state_dtype="float32"):
         _check_common(lr, eps, weight_decay)
+        betas = tuple(betas)
         for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
+            if not 0.0 <= _scalar(b, f"betas[{i}]") < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        # 1-element tensor betas stay tensors (0-d), as in torch; steps use their value
+        betas = tuple(b.reshape(()) if isinstance(b, torch.Tensor) else b for b in betas)
         super().__init__(params, dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             foreach=foreach, maximize=maximize, capturable=capturable,
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay), state_dtype)
@@ -373,9 +615,12 @@ class Adam(FlatOptimizer):
         return dict.fromkeys(names, 0.0)
 
     def _kernel_kwargs(self, group):
-        return dict(betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+        betas = group["betas"]
+        if any(isinstance(b, torch.Tensor) for b in betas):
+            betas = tuple(_scalar(b, f"betas[{i}]") for i, b in enumerate(betas))
+        return dict(betas=betas, eps=group["eps"], weight_decay=group["weight_decay"],
                     amsgrad=group["amsgrad"], maximize=group["maximize"],
-                    decoupled_weight_decay=group.get("decoupled_weight_decay", False))
+                    decoupled_weight_decay=group["decoupled_weight_decay"])
 
 
 class AdamW(Adam):
@@ -389,11 +634,16 @@ class AdamW(Adam):
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, state_dtype=state_dtype)
 
+    def _fill_group(self, group: dict) -> None:
+        super()._fill_group(group)
+        group["decoupled_weight_decay"] = True  # as torch's AdamW: whatever the dict says
+
 
 class Adagrad(FlatOptimizer):
     """torch.optim.Adagrad's interface and numbers; lr may be a fastopt schedule."""
 
     kernel = "adagrad"
+    group_defaults = dict(foreach=None, maximize=False, differentiable=False, fused=None)
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, foreach=None, *, maximize=False,
@@ -408,6 +658,13 @@ class Adagrad(FlatOptimizer):
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused), state_dtype)
+        # torch's Adagrad gives its initial params their state at construction (later groups
+        # get theirs at their first step)
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            for b in buckets:
+                for i in range(len(b.params)):
+                    self._start(group, b, i)
+                b.all_started = True
 
     def state_init(self, group):
         return {"sum": float(group["initial_accumulator_value"])}
@@ -421,6 +678,8 @@ class Adadelta(FlatOptimizer):
     """torch.optim.Adadelta's interface and numbers; lr may be a fastopt schedule."""
 
     kernel = "adadelta"
+    group_defaults = dict(foreach=None, maximize=False, differentiable=False, capturable=False)
+    _capturable_xla = False
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, foreach=None, *,
                  capturable=False, maximize=False, differentiable=False, state_dtype="float32"):
@@ -440,7 +699,7 @@ class Adadelta(FlatOptimizer):
 
 
 def _check_common(lr, eps, weight_decay) -> None:
-    if not isinstance(lr, Schedule) and not 0.0 <= float(lr):
+    if not isinstance(lr, Schedule) and not 0.0 <= _scalar(lr, "lr"):
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
         raise ValueError(f"Invalid epsilon value: {eps}")

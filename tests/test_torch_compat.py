@@ -1,0 +1,564 @@
+"""fastopt.torch against torch.optim where PyTorch's own optimizer tests probe: state dicts of
+older torch versions, load/state-dict hooks, non-tensor state, tensor lr and betas, two
+optimizers over one param, capturable on CPU, deepcopy and pickle, named parameters, lazy
+state, torch.distributed.checkpoint's dummy step, torch.compile. Every check compares with
+the real torch.optim optimizer."""
+
+import copy
+import gc
+import os
+import pickle
+import socket
+
+import pytest
+import torch
+
+import fastopt.torch as fot
+from fastopt import schedules as S
+
+NAMES = ["Adam", "AdamW", "Adagrad", "Adadelta"]
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def grads(model, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g) for p in model.parameters()]
+            for _ in range(steps)]
+
+
+def run(model, opt, gs):
+    """Steps with the given gradients, set as new tensors (as autograd after zero_grad())."""
+    for step_grads in gs:
+        opt.zero_grad()
+        for p, g in zip(model.parameters(), step_grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+
+
+def batches(steps, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(steps)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def assert_close(a, b, rtol=1e-5, atol=1e-7):
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa.detach(), pb.detach(), rtol=rtol, atol=atol, msg=name)
+
+
+def assert_state_dicts_equal(ours, theirs, rtol=1e-5, atol=1e-7, groups="all"):
+    assert ours["state"].keys() == theirs["state"].keys()
+    for k, st in theirs["state"].items():
+        assert ours["state"][k].keys() == st.keys(), k
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(ours["state"][k][name], v, rtol=rtol, atol=atol,
+                                           msg=f"{k} {name}")
+            else:
+                assert ours["state"][k][name] == v
+    assert len(ours["param_groups"]) == len(theirs["param_groups"])
+    for g, tg in zip(ours["param_groups"], theirs["param_groups"], strict=True):
+        skip = ("schedule", "lr", "initial_lr") if groups == "no lr" else ("schedule",)
+        assert {k: v for k, v in g.items() if k not in skip} == \
+            {k: v for k, v in tg.items() if k not in skip}
+
+
+def pair(name, seed=0, named=False, fot_kw=None, **kw):
+    """The same model twice: one with the torch.optim optimizer, one with fastopt's (given
+    ``fot_kw`` instead of ``kw`` if set)."""
+    ref, ours = make_model(seed), make_model(seed)
+    params = (lambda m: m.named_parameters()) if named else (lambda m: m.parameters())
+    return (ref, getattr(torch.optim, name)(params(ref), **kw),
+            ours, getattr(fot, name)(params(ours), **(kw if fot_kw is None else fot_kw)))
+
+
+# ---------------------------------------------------------------- 1. old state dicts
+
+def _old_dict(source, kw, drop, edit=None, steps=5):
+    """A torch ``source`` state dict after a few steps, made to look like an older torch's:
+    the ``drop`` keys removed from the groups, python-number steps."""
+    model = make_model(3)
+    opt = getattr(torch.optim, source)(model.parameters(), **kw)
+    run(model, opt, grads(model, steps, seed=4))
+    sd = copy.deepcopy(opt.state_dict())
+    for g in sd["param_groups"]:
+        for key in drop:
+            g.pop(key, None)
+        g.update(edit or {})
+    for st in sd["state"].values():
+        st["step"] = int(st["step"])
+    return sd
+
+
+ADAM_KEYS = ["amsgrad", "maximize", "foreach", "capturable", "differentiable", "fused",
+             "decoupled_weight_decay"]
+OLD_CASES = [
+    # AdamW checkpoints from before torch put decoupled_weight_decay into the groups
+    ("AdamW", "AdamW", dict(weight_decay=0.1), ["decoupled_weight_decay"], None, {}),
+    # an Adam dict (decoupled_weight_decay False) loaded into AdamW: AdamW still decouples
+    ("AdamW", "Adam", dict(weight_decay=0.1), [], None, {}),
+    ("AdamW", "Adam", dict(weight_decay=0.1), ADAM_KEYS, None, {}),
+    # the optimizer's own arguments do not fill the holes: torch's class defaults do
+    ("Adam", "Adam", dict(weight_decay=0.05), ADAM_KEYS, None,
+     dict(amsgrad=True, maximize=True)),
+    ("Adam", "Adam", dict(amsgrad=True), ["maximize"], None, dict(amsgrad=True)),
+    ("Adagrad", "Adagrad", dict(lr_decay=0.01, initial_accumulator_value=0.1),
+     ["maximize", "foreach", "differentiable", "fused"], None, dict(maximize=True)),
+    ("Adadelta", "Adadelta", dict(rho=0.8, weight_decay=0.01),
+     ["maximize", "foreach", "differentiable", "capturable"], None, dict(maximize=True)),
+]
+
+
+@pytest.mark.parametrize("name,source,kw,drop,edit,target_kw", OLD_CASES)
+def test_old_state_dicts_load_like_torch(name, source, kw, drop, edit, target_kw):
+    sd = _old_dict(source, kw, drop, edit)
+    ref, topt, ours, opt = pair(name, seed=3, **{**kw, **target_kw})
+    topt.load_state_dict(copy.deepcopy(sd))
+    opt.load_state_dict(copy.deepcopy(sd))
+    assert [dict(g, params=None) for g in opt.param_groups] == \
+        [dict(g, params=None) for g in topt.param_groups]
+    gs = grads(ref, 20, seed=5)
+    run(ref, topt, gs)
+    run(ours, opt, gs)
+    assert_close(ours, ref)
+
+
+# ---------------------------------------------------------------- 2. load_state_dict hooks
+
+def test_load_pre_hook_result_is_what_loads():
+    """A pre-hook's returned dict (here: step 7, other moments, another lr) loads entirely."""
+    def hook(optimizer, sd):
+        new = copy.deepcopy(sd)
+        for st in new["state"].values():
+            st["step"] = torch.tensor(7.0)
+            st["exp_avg"] = st["exp_avg"] * 0.5
+        new["param_groups"][0]["lr"] = 3e-3
+        return new
+
+    src_model = make_model(1)
+    src = torch.optim.Adam(src_model.parameters(), lr=1e-3)
+    run(src_model, src, grads(src_model, 3))
+    sd = src.state_dict()
+    ref, topt, ours, opt = pair("Adam", lr=1e-3)
+    for o in (topt, opt):
+        o.register_load_state_dict_pre_hook(hook)
+        o.load_state_dict(sd)
+    assert float(opt.state_dict()["state"][0]["step"]) == 7
+    assert_state_dicts_equal(opt.state_dict(), topt.state_dict())
+    gs = grads(ref, 10)
+    run(ref, topt, gs)
+    run(ours, opt, gs)
+    assert_close(ours, ref)
+
+
+def test_load_post_hook_sees_and_keeps_the_loaded_state():
+    """Post-hooks run after fastopt's own state rebuild: what they add or change stays."""
+    def hook(optimizer):
+        for st in optimizer.state.values():
+            st["exp_avg_sq"].mul_(4.0)
+            st["note"] = torch.tensor([1.0, 2.0])
+            st["loads"] = st.get("loads", 0) + 1
+
+    src_model = make_model(1)
+    src = torch.optim.AdamW(src_model.parameters())
+    run(src_model, src, grads(src_model, 3))
+    sd = src.state_dict()
+    ref, topt, ours, opt = pair("AdamW")
+    for o in (topt, opt):
+        o.register_load_state_dict_post_hook(hook)
+        o.load_state_dict(copy.deepcopy(sd))  # torch's loaded state aliases the dict's
+    assert opt.state_dict()["state"][0]["loads"] == 1
+    assert_state_dicts_equal(opt.state_dict(), topt.state_dict())
+    gs = grads(ref, 10)
+    run(ref, topt, gs)
+    run(ours, opt, gs)
+    assert_close(ours, ref)
+
+
+# ---------------------------------------------------------------- 3. non-tensor state
+
+def test_state_dict_keeps_non_tensor_state_entries():
+    ref, topt, ours, opt = pair("Adagrad")
+    gs = grads(ref, 3)
+    run(ref, topt, gs)
+    run(ours, opt, gs)
+    for o, model in ((topt, ref), (opt, ours)):
+        first = next(iter(model.parameters()))
+        o.state[first]["count"] = 3
+        o.state[first]["scale"] = 0.5
+        o.state[first]["tags"] = ["a", "b"]
+    sd = opt.state_dict()
+    assert_state_dicts_equal(sd, topt.state_dict())
+    assert sd["state"][0]["count"] == 3 and sd["state"][0]["scale"] == 0.5
+    # and they load: into torch, and back into a fastopt optimizer
+    back_model = make_model()
+    back = fot.Adagrad(back_model.parameters())
+    back.load_state_dict(sd)
+    torch_model = make_model()
+    tback = torch.optim.Adagrad(torch_model.parameters())
+    tback.load_state_dict(sd)
+    assert_state_dicts_equal(back.state_dict(), tback.state_dict())
+
+
+# ---------------------------------------------------------------- 4. tensor lr and betas
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_like_torch(name):
+    lr = 0.05 if name in ("Adagrad", "Adadelta") else 3e-3
+    t_lr, o_lr = torch.tensor(lr), torch.tensor(lr)
+    ref, topt, ours, opt = pair(name, lr=t_lr, fot_kw=dict(lr=o_lr))
+    gs = grads(ref, 24)
+    run(ref, topt, gs[:8])
+    run(ours, opt, gs[:8])
+    t_lr.mul_(0.5)  # changed in place after construction: read at every step
+    o_lr.mul_(0.5)
+    run(ref, topt, gs[8:16])
+    run(ours, opt, gs[8:16])
+    for o in (topt, opt):  # a tensor lr set on the group
+        o.param_groups[0]["lr"] = torch.tensor(lr * 2)
+    run(ref, topt, gs[16:])
+    run(ours, opt, gs[16:])
+    assert_close(ours, ref)
+
+
+def test_tensor_lr_state_dict_from_torch_loads_and_steps():
+    src_model = make_model(1)
+    src = torch.optim.AdamW(src_model.parameters(), lr=torch.tensor(2e-3), weight_decay=0.1)
+    run(src_model, src, grads(src_model, 4))
+    sd = src.state_dict()
+    ref, topt, ours, opt = pair("AdamW", weight_decay=0.1)
+    topt.load_state_dict(sd)
+    opt.load_state_dict(sd)
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    gs = grads(ref, 10)
+    run(ref, topt, gs)
+    run(ours, opt, gs)
+    assert_close(ours, ref)
+
+
+def test_multi_element_tensor_lr_is_refused_like_torch():
+    lr = torch.tensor([1e-3, 2e-3])
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        torch.optim.Adam(make_model().parameters(), lr=lr)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        fot.Adam(make_model().parameters(), lr=lr)
+    model = make_model()
+    opt = fot.Adagrad(model.parameters())
+    opt.param_groups[0]["lr"] = lr
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        run(model, opt, grads(model, 1))
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("shape", [(), (1,)])
+def test_tensor_betas_like_torch(name, shape):
+    betas = (torch.full(shape, 0.8), torch.full(shape, 0.95))
+    ref, topt, ours, opt = pair(name, lr=1e-2, betas=betas, weight_decay=0.01)
+    assert opt.param_groups[0]["betas"][0].shape == topt.param_groups[0]["betas"][0].shape
+    gs = grads(ref, 30)
+    run(ref, topt, gs)
+    run(ours, opt, gs)
+    assert_close(ours, ref)
+    with pytest.raises(ValueError, match=r"Tensor betas\[0\] must be 1-element"):
+        fot.Adam(make_model().parameters(), betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.9)))
+
+
+# ---------------------------------------------------------------- 5. two optimizers
+
+def test_second_optimizer_over_the_same_params_is_refused():
+    ref, topt, ours, opt = pair("AdamW", lr=1e-2)
+    gs = grads(ref, 10)
+    run(ref, topt, gs[:5])
+    run(ours, opt, gs[:5])
+    with pytest.raises(RuntimeError, match="already belong to another fastopt optimizer"):
+        fot.Adam(ours.parameters())
+    with pytest.raises(RuntimeError, match="another fastopt optimizer"):  # a partial overlap
+        fot.Adagrad([torch.nn.Parameter(torch.zeros(2)), ours[0].weight])
+    run(ref, topt, gs[5:])  # the first optimizer is untouched by the refusals
+    run(ours, opt, gs[5:])
+    assert_close(ours, ref)
+    # once the first optimizer is gone, its params may get a new one
+    del opt
+    gc.collect()
+    again = fot.Adam(ours.parameters())
+    run(ours, again, gs[:1])
+
+
+# ---------------------------------------------------------------- 6. capturable on CPU
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "Adadelta"])
+def test_capturable_on_cpu_raises_at_step_like_torch(name):
+    ref, topt, ours, opt = pair(name, capturable=True)
+    gs = grads(ref, 1)
+    with pytest.raises(AssertionError) as theirs:
+        run(ref, topt, gs)
+    with pytest.raises(AssertionError) as mine:
+        run(ours, opt, gs)
+    assert str(mine.value) == str(theirs.value)
+    assert_close(ours, make_model())  # nothing moved
+
+
+# ---------------------------------------------------------------- 7. deepcopy and pickle
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy_copies_public_attributes_and_state(name):
+    ref, topt, ours, opt = pair(name)
+    gs = grads(ref, 3)
+    run(ref, topt, gs)
+    run(ours, opt, gs)
+
+    def public(o):
+        return {k for k in o.__dict__ if not k.startswith("_")}
+
+    for o in (topt, opt):
+        assert public(copy.deepcopy(o)) == public(o)
+    dup = copy.deepcopy(opt)
+    assert_state_dicts_equal(dup.state_dict(), opt.state_dict(), rtol=0, atol=0)
+    # the copy's params are new tensors in a new flat buffer; the original is untouched
+    p, q = opt.param_groups[0]["params"][0], dup.param_groups[0]["params"][0]
+    assert q is not p and q.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+    before = [t.detach().clone() for t in ours.parameters()]
+    for t in dup.param_groups[0]["params"]:
+        t.grad = torch.ones_like(t)
+    dup.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters(), strict=True))
+
+
+def test_deepcopy_of_model_and_optimizer_together_trains_like_torch():
+    ref, topt, ours, opt = pair("Adam", lr=1e-2, amsgrad=True, named=True)
+    opt.add_param_group({"params": [("extra", torch.nn.Parameter(torch.ones(3)))],
+                         "lr": S.cosine(1e-2, 20)})
+    data = batches(20)
+    train(ref, topt, data[:6])
+    train(ours, opt, data[:6])
+    for order in ("model first", "optimizer first"):
+        if order == "model first":
+            model2, opt2 = copy.deepcopy((ours, opt))
+        else:
+            opt2, model2 = copy.deepcopy((opt, ours))
+        assert [id(p) for p in opt2.param_groups[0]["params"]] == \
+            [id(p) for p in model2.parameters()]
+        assert opt2.param_groups[0]["param_names"] == opt.param_groups[0]["param_names"]
+        assert opt2.param_groups[1]["schedule"] == opt.param_groups[1]["schedule"]
+        flat = opt2._buckets[0][0].flat.untyped_storage().data_ptr()
+        assert all(p.untyped_storage().data_ptr() == flat for p in model2.parameters())
+        ref2 = copy.deepcopy(ref)
+        topt2 = torch.optim.Adam(ref2.named_parameters(), lr=1e-2, amsgrad=True)
+        topt2.load_state_dict(copy.deepcopy(topt.state_dict()))  # torch would alias it
+        train(ref2, topt2, data[6:])
+        train(model2, opt2, data[6:])
+        assert_close(model2, ref2)
+    assert_close(ours, ref)  # the originals did not move
+
+
+def test_pickle_round_trip():
+    model = make_model()
+    opt = fot.AdamW(model.named_parameters(), lr=S.cosine(1e-2, 20), weight_decay=0.1)
+    run(model, opt, grads(model, 4))
+    back = pickle.loads(pickle.dumps(opt))
+    assert_state_dicts_equal(back.state_dict(), opt.state_dict(), rtol=0, atol=0)
+    params = back.param_groups[0]["params"]
+    flat = back._buckets[0][0].flat.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == flat for p in params)
+    gs = grads(model, 5, seed=9)
+    run(model, opt, gs)
+    for step_grads in gs:
+        for p, g in zip(params, step_grads, strict=True):
+            p.grad = g.clone()
+        back.step()
+    for p, q in zip(model.parameters(), params, strict=True):
+        assert torch.equal(p, q)
+
+
+# ---------------------------------------------------------------- 8. named parameters
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_parameters_like_torch(name):
+    ref, topt, ours, opt = pair(name, named=True)
+    assert opt.param_groups[0]["param_names"] == topt.param_groups[0]["param_names"]
+    data = batches(12)
+    train(ref, topt, data[:6])
+    train(ours, opt, data[:6])
+    assert_state_dicts_equal(opt.state_dict(), topt.state_dict())
+    # named state dicts both ways, mid-training
+    ref2, ours2 = copy.deepcopy(ref), copy.deepcopy(ours)
+    topt2 = getattr(torch.optim, name)(ref2.named_parameters())
+    opt2 = getattr(fot, name)(ours2.named_parameters())
+    topt2.load_state_dict(opt.state_dict())
+    opt2.load_state_dict(topt.state_dict())
+    train(ref2, topt2, data[6:])
+    train(ours2, opt2, data[6:])
+    train(ref, topt, data[6:])
+    assert_close(ours2, ref)
+    assert_close(ref2, ref)
+    with pytest.raises(ValueError, match="with/without names"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+
+
+# ---------------------------------------------------------------- 9. lazy state
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_appears_when_params_step_like_torch(name):
+    ref, topt, ours, opt = pair(name)
+    # fresh: empty state (but torch's Adagrad makes it at construction)
+    assert_state_dicts_equal(opt.state_dict(), topt.state_dict())
+    assert len(opt.state) == (4 if name == "Adagrad" else 0)
+    for o in (topt, opt):  # no grads at all: a no-op that creates no state
+        o.step()
+    assert_state_dicts_equal(opt.state_dict(), topt.state_dict())
+    # the first layer's params only (the last layer never gets a grad)
+    for model, o in ((ref, topt), (ours, opt)):
+        x, _ = batches(1)[0]
+        model[1](model[0](x)).sum().backward()
+        o.step()
+    assert set(opt.state_dict()["state"]) == ({0, 1, 2, 3} if name == "Adagrad" else {0, 1})
+    assert_state_dicts_equal(opt.state_dict(), topt.state_dict())
+    data = batches(5)
+    train(ref, topt, data)
+    train(ours, opt, data)
+    assert_state_dicts_equal(opt.state_dict(), topt.state_dict())
+    assert_close(ours, ref)
+
+
+def test_params_never_given_a_grad_do_not_move_like_torch():
+    """A param outside the loss keeps grad None, so AdamW does not decay it (as torch)."""
+    ref, topt, ours, opt = pair("AdamW", weight_decay=0.5, lr=0.1)
+    for model, o in ((ref, topt), (ours, opt)):
+        for x, y in batches(5):
+            o.zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(model[1](model[0](x))[:, :3], y).backward()
+            o.step()
+    assert ours[2].weight.grad is None
+    assert torch.equal(ours[2].weight, make_model()[2].weight)
+    assert_close(ours, ref)
+
+
+# ---------------------------------------------------------------- 10. DCP's dummy step
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gloo_world_of_one():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_dcp_state_dict_of_a_fresh_optimizer_moves_nothing(schedule, gloo_world_of_one):
+    """get_optimizer_state_dict steps a fresh optimizer with zero grads at lr 0: params stay,
+    the state is torch's, and an in-kernel schedule is not advanced (a torch scheduler is not)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.optim import lr_scheduler as L
+
+    steps, lr = 30, 1e-2
+    fot_lr = S.warmup(S.cosine(lr, steps - 10), 10, start_lr=lr * 0.1) if schedule else lr
+    ref, topt, ours, opt = pair("AdamW", lr=lr, weight_decay=0.1,
+                                fot_kw=dict(lr=fot_lr, weight_decay=0.1))
+    tsched = None
+    if schedule:
+        tsched = L.SequentialLR(topt, [L.LinearLR(topt, 0.1, 1.0, 10),
+                                       L.CosineAnnealingLR(topt, steps - 10)], [10])
+    start = make_model()
+    theirs = get_optimizer_state_dict(ref, topt)
+    mine = get_optimizer_state_dict(ours, opt)
+    assert_close(ours, start, rtol=0, atol=0)
+    assert_state_dicts_equal(mine, theirs, rtol=0, atol=0,
+                             groups="no lr" if schedule else "all")
+    for x, y in batches(steps):
+        for model, o, sched in ((ref, topt, tsched), (ours, opt, None)):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            o.step()
+            if sched is not None:
+                sched.step()
+    assert_close(ours, ref)
+    assert opt.param_groups[0]["lr"] == pytest.approx(topt.param_groups[0]["lr"], rel=1e-6)
+
+
+def test_lr_set_on_a_scheduled_group_overrides_it_while_it_holds():
+    """group['lr'] written by someone else wins over the in-kernel schedule for those steps,
+    which do not advance it; writing back the value fastopt left resumes the schedule."""
+    ref, topt, ours, opt = pair("Adam", lr=1e-2, fot_kw=dict(lr=S.constant(1e-2)))
+    gs = grads(ref, 12)
+    run(ref, topt, gs[:4])
+    run(ours, opt, gs[:4])
+    saved = opt.param_groups[0]["lr"]
+    for o in (topt, opt):
+        o.param_groups[0]["lr"] = 0.0
+    before = [p.detach().clone() for p in ours.parameters()]
+    run(ref, topt, gs[4:7])
+    run(ours, opt, gs[4:7])
+    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters(), strict=True))
+    for o in (topt, opt):
+        o.param_groups[0]["lr"] = saved
+    run(ref, topt, gs[7:])
+    run(ours, opt, gs[7:])
+    assert_close(ours, ref)
+    # a schedule overridden for 3 steps runs 3 steps later
+    cos = S.cosine(1e-2, 40)
+    model = make_model()
+    opt = fot.Adam(model.parameters(), lr=cos)
+    opt.param_groups[0]["lr"] = 0.0
+    run(model, opt, gs[:3])
+    assert opt.param_groups[0]["lr"] == 0.0  # still the user's
+    opt.param_groups[0]["lr"] = cos.at(0)  # the value fastopt left there: back to the schedule
+    run(model, opt, gs[3:5])
+    assert opt.param_groups[0]["lr"] == pytest.approx(cos.at(2))
+    assert opt.state[model[0].weight]["step"] == 5
+    assert opt.param_groups[0]["schedule"].at(range(3, 40)) == \
+        pytest.approx(cos.at(range(0, 37)))
+
+
+# ---------------------------------------------------------------- 11. torch.compile
+
+def _wide_model(seed=0):
+    """Big enough (> PARALLEL_MIN_SIZE elements) for the parallel Numba kernels."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 200), torch.nn.Tanh(),
+                               torch.nn.Linear(200, 100), torch.nn.Tanh(),
+                               torch.nn.Linear(100, 3))
+
+
+@pytest.mark.parametrize("name,backend", [(n, "eager") for n in NAMES]
+                         + [("Adam", "inductor"), ("AdamW", "inductor")])
+def test_compiled_step_like_torch(name, backend):
+    """torch.compile(opt.step): the fused kernel call runs outside the graph (inductor has
+    nothing left to compile here: 2 s on 2 cores)."""
+    torch._dynamo.reset()
+    kw = dict(lr=0.0123, weight_decay=0.01)
+    ref, ours = _wide_model(), _wide_model()
+    topt = getattr(torch.optim, name)(ref.parameters(), **kw)
+    opt = getattr(fot, name)(ours.parameters(), **kw)
+    step = torch.compile(opt.step, backend=backend)
+    data = batches(4)
+    train(ref, topt, data)
+    for x, y in data:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ours(x), y).backward()
+        step()
+    assert_close(ours, ref)
