@@ -9,7 +9,6 @@ and runs one kernel call. ``step`` is the 1-based number of the step being taken
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import numpy as np
@@ -28,11 +27,9 @@ from ._checks import (
     is_cupy,
     kernel_view,
     param_dtype,
-    xp_of,
 )
 from .algorithms import Definition
-from .cpu.schedule import host_lr
-from .engine import Prepared
+from .engine import Prepared, run_once
 from .schedules import Schedule
 
 
@@ -104,26 +101,11 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     buffers = {name: states[name] for name in active}
     n, name = _buffers(params, grads, master, dtype, **buffers)
     fresh = step == 1 if fresh is None else bool(fresh)
-    if is_cupy(params):
-        prepared = Prepared(definition, params, master if name != "float32" else None,
-                            buffers, checked, name, on_gpu=True)
-        xp = xp_of(params)
-        step_state = xp.zeros(2, dtype=np.uint64)
-        step_state[0] = step - 1
-        prepared.gpu(grads, _device_table(sched, params.device.id), sched.table.shape[0],
-                     step_state, xp.empty(1, dtype=np.float64), lr_scale, mult, fresh)
-        return host_lr(sched, step - 1) * lr_scale
-    prepared = Prepared(definition, kernel_view(params), master if name != "float32" else None,
-                        buffers, checked, name, on_gpu=False,
-                        parallel=_parallel(n, params, *buffers.values()))
-    return prepared.cpu(kernel_view(grads), sched.table, step, lr_scale, mult, fresh)
+    on_gpu = is_cupy(params)
+    prepared = Prepared(definition, params if on_gpu else kernel_view(params),
+                        master if name != "float32" else None, buffers, checked, name, on_gpu,
+                        parallel=not on_gpu and _parallel(n, params, *buffers.values()))
+    return run_once(prepared, kernel_view(grads) if not on_gpu else grads, sched, step,
+                    lr_scale, mult, fresh)
 
 
-@functools.lru_cache(maxsize=64)
-def _device_table(sched: Schedule, device_id: int):
-    """A schedule's table on a GPU, copied once per (schedule, device); schedules are
-    immutable, so the copy stays valid."""
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.asarray(sched.table)

@@ -589,13 +589,74 @@ def functional_source() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _torch_parameters(d: Definition, spec) -> list[str]:
+    """The constructor's parameters: the torch twin's own signature (read from torch, so the
+    names, order, defaults and keyword-only marks are torch's) plus ``state_dtype``; without a
+    twin, the definition's hyperparameters."""
+    twin = d.torch_twin.get(spec.name)
+    if twin is None:
+        return ["self", "params", f"lr={d.lr_default!r}",
+                *(f"{n}={v}" for n, v in _public_hypers(d, spec)), "*", 'state_dtype="float32"']
+    import torch
+
+    signature = inspect.signature(getattr(torch.optim, twin.name))
+    names = set(signature.parameters)
+    missing = [h.name for h in d.hypers if h.name not in spec.fixed and h.name not in names]
+    if missing:
+        raise DefinitionError(f"{spec.name}: torch.optim.{twin.name} has no {missing}")
+    out, star = ["self"], False
+    for p in signature.parameters.values():
+        if p.kind is p.KEYWORD_ONLY and not star:
+            out.append("*")
+            star = True
+        out.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    if not star:
+        out.append("*")
+    return out + ['state_dtype="float32"']
+
+
+def torch_source() -> str:
+    lines = ['"""' + _gen_header("<name>", "").strip().replace(
+        "fastopt/algorithms/<name>.py", "the definitions in fastopt/algorithms"),
+        "",
+        "torch.optim.Optimizer subclasses over flat buffers, one per public name of each",
+        "definition, with the torch twin's exact signature (plus ``state_dtype``); the",
+        "machinery is ``fastopt.torch._base.FlatOptimizer``.",
+        '"""', "", "from ..algorithms import REGISTRY",
+        "from ._base import FlatOptimizer", ""]
+    names = [c.name for d in REGISTRY.values() for c in d.classes]
+    lines += ["__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"]
+    for d in REGISTRY.values():
+        for spec in d.classes:
+            params = _torch_parameters(d, spec)
+            names_ = [p.split("=")[0] for p in params if p not in ("self", "params", "*")
+                      and not p.startswith("state_dtype")]
+            twin = d.torch_twin.get(spec.name)
+            about = (f"torch.optim.{twin.name}'s interface and numbers" if twin
+                     else f"{spec.doc.rstrip('.')}")
+            lines += ["", "", f"class {spec.name}(FlatOptimizer):",
+                      f'    """{about}; lr may be a fastopt schedule.', "",
+                      *_doc(d.doc, "    "), "",
+                      "    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).",
+                      '    """', "",
+                      f'    definition = REGISTRY["{d.name}"]',
+                      f"    fixed = {spec.fixed!r}",
+                      f'    twin = definition.torch_twin.get("{spec.name}")', "",
+                      *_wrap("    def __init__(", params, "):", 0),
+                      *_wrap("        super().__init__(",
+                             ["params", "dict(" + ", ".join(f"{n}={n}" for n in names_) + ")",
+                              "state_dtype"], ")", 0)]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------ files
 
 
 def outputs() -> dict[Path, str]:
     """Every generated file and its content."""
     files: dict[Path, str] = {ROOT / "optimizers.py": optimizers_source(),
-                              ROOT / "functional.py": functional_source()}
+                              ROOT / "functional.py": functional_source(),
+                              ROOT / "torch" / "optim.py": torch_source()}
     for d in REGISTRY.values():
         files[CPU_OPS / f"{d.name}.py"] = numba_source(d)
         files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)

@@ -10,6 +10,7 @@ input: the callers check at their edge.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from ._checks import FORMATS
 from .algorithms import Definition
 from .algorithms._spec import STATE_SLOTS
+from .cpu.schedule import host_lr
 from .cpu.threads import kernel_guard, parallel_ok
 
 #: the CPU's parameters/gradients formats (fastopt/cpu/convert.py): float32 takes 0 (unused)
@@ -104,6 +106,33 @@ class Prepared:
                   "maximize": self.maximize, "fresh": fresh, "n": self.params.shape[0]}
         values.update((f"h{i}", v) for i, v in enumerate(self.slots))
         return values
+
+
+def run_once(prepared: Prepared, grads, schedule, step: int, lr_scale: float,
+             grad_mult: float, fresh: bool) -> float:
+    """One kernel call for step ``step`` (1-based) that keeps no device state between calls
+    (the functional layer, fastopt.torch): on a GPU the step counter is a new device array
+    set by a fill on the stream and the schedule's table is copied once per device. Returns
+    the lr the kernel used (on a GPU computed on the host, the same evaluator)."""
+    if not prepared.on_gpu:
+        return prepared.cpu(grads, schedule.table, step, lr_scale, grad_mult, fresh)
+    params = prepared.params
+    xp = _xp(params)
+    step_state = xp.zeros(2, dtype=np.uint64)
+    step_state[0] = step - 1
+    prepared.gpu(grads, _device_table(schedule, params.device.id), schedule.table.shape[0],
+                 step_state, xp.empty(1, dtype=np.float64), lr_scale, grad_mult, fresh)
+    return host_lr(schedule, step - 1) * lr_scale
+
+
+@functools.lru_cache(maxsize=64)
+def _device_table(schedule, device_id: int):
+    """A schedule's table on a GPU, copied once per (schedule, device); schedules are
+    immutable, so the copy stays valid."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(schedule.table)
 
 
 def _xp(array):

@@ -107,7 +107,7 @@ def test_core_class_equals_its_torch_twin_over_200_steps(option, kind):
     p = p0.copy()
     opt = getattr(fastopt, cls)(p, lr=ours, **hypers)
     t = torch.tensor(p0.copy(), requires_grad=True)
-    twin_cls = getattr(torch.optim, REGISTRY[name].torch_twin[cls])
+    twin_cls = getattr(torch.optim, REGISTRY[name].torch_twin[cls].name)
     twin = twin_cls([t], lr=lr, foreach=False, **hypers)
     sched = _torch_schedule(kind, twin, lr, ours)
     for g in _grads(rng, 301, 200):
@@ -118,3 +118,87 @@ def test_core_class_equals_its_torch_twin_over_200_steps(option, kind):
             sched.step()
     assert _rel(p, t.detach().numpy()) <= 1e-5
     assert full_hypers(cls, hypers)  # the options are valid for the class
+
+
+@pytest.mark.parametrize("option,kind", [(i, k) for i, k in TWINS
+                                         if k in ("constant", "warmup_cosine")],
+                         ids=[f"{IDS[i]}-{k}" for i, k in TWINS
+                              if k in ("constant", "warmup_cosine")])
+def test_torch_layer_equals_its_twin(option, kind):
+    """fastopt.torch.<Name> (param groups of two tensors, in-kernel schedule) against torch's
+    for-loop twin stepped by a torch scheduler: the same criterion over 200 steps."""
+    import fastopt.torch as fot
+
+    name, cls, hypers = OPTIONS[option]
+    lr = 0.01 if name != "adadelta" else 1.0
+    ours_sched = SCHEDULES[kind](lr)
+    torch.manual_seed(option)
+    shapes = [(7, 5), (5,)]
+    init = [torch.randn(s) for s in shapes]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    ours = getattr(fot, cls)(a, lr=ours_sched, **hypers)
+    twin = getattr(torch.optim, REGISTRY[name].torch_twin[cls].name)(b, lr=lr, foreach=False,
+                                                                      **hypers)
+    sched = _torch_schedule(kind, twin, lr, ours_sched)
+    for _ in range(200):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(a, b, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        twin.step()
+        if sched is not None:
+            sched.step()
+    for p, q in zip(a, b, strict=True):
+        assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-5
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_state_dicts_cross_between_torch_and_fastopt(nesterov):
+    """torch's SGD keeps no step: its state dict resumes fastopt's schedule at step 0, and a
+    fastopt dict (with its own 'step') loads into torch, which ignores it."""
+    import fastopt.torch as fot
+
+    torch.manual_seed(0)
+    init = torch.randn(40)
+    grads = [torch.randn(40) for _ in range(12)]
+    hypers = dict(momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+
+    def run(opt, param, gs):
+        for g in gs:
+            param.grad = g.clone()
+            opt.step()
+
+    p_t = torch.nn.Parameter(init.clone())
+    t = torch.optim.SGD([p_t], lr=0.05, foreach=False, **hypers)
+    run(t, p_t, grads[:6])
+    p_f = torch.nn.Parameter(p_t.detach().clone())
+    f = fot.SGD([p_f], lr=0.05, **hypers)
+    f.load_state_dict(t.state_dict())  # the momentum buffer crosses over, no step in it
+    run(t, p_t, grads[6:])
+    run(f, p_f, grads[6:])
+    assert _rel(p_f.detach().numpy(), p_t.detach().numpy()) <= 1e-6
+    back = torch.nn.Parameter(p_f.detach().clone())
+    t2 = torch.optim.SGD([back], lr=0.05, foreach=False, **hypers)
+    t2.load_state_dict(f.state_dict())
+    run(t2, back, grads[:3])
+    run(f, p_f, grads[:3])
+    assert _rel(back.detach().numpy(), p_f.detach().numpy()) <= 1e-6
+    assert "momentum_buffer" in f.state_dict()["state"][0]
+
+
+def test_sgd_without_momentum_keeps_no_state_and_first_step_sets_the_buffer():
+    p = np.ones(64, np.float32)
+    opt = fastopt.SGD(p, lr=0.1)
+    assert opt.state == {}
+    opt.step(np.full(64, 2.0, np.float32))
+    np.testing.assert_array_equal(p, np.float32(1 - 0.1 * 2))
+    q = np.ones(64, np.float32)
+    mom = fastopt.SGD(q, lr=0.1, momentum=0.9, dampening=0.5)
+    mom.step(np.full(64, 2.0, np.float32))  # buffer = g (no dampening on the first step)
+    np.testing.assert_array_equal(mom.state["momentum_buffer"], np.float32(2.0))
+    with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero "
+                                         "dampening"):
+        fastopt.SGD(q, momentum=0.9, dampening=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="Invalid momentum value"):
+        fastopt.SGD(q, momentum=-0.1)

@@ -97,6 +97,19 @@ class State:
 
 
 @dataclass(frozen=True)
+class TorchTwin:
+    """The torch.optim class a public class equals, and what ``fastopt.torch`` copies of its
+    behaviour: the group keys torch's ``__setstate__`` fills in for state dicts of older torch
+    versions, whether torch creates the state at construction (Adagrad) rather than at the
+    first step, and whether its capturable check lists XLA among the supported devices."""
+
+    name: str
+    group_defaults: dict = field(default_factory=dict)
+    state_at_construction: bool = False
+    capturable_xla: bool = True
+
+
+@dataclass(frozen=True)
 class ClassSpec:
     """A public class over a definition: its own defaults and the values it fixes."""
 
@@ -119,8 +132,8 @@ class Definition:
     lr_default: float
     #: a check across hyperparameters (torch's messages), after each one's own check
     validate: Callable[[dict], None] | None = None
-    #: the torch.optim class with the same numbers, if any (tests and bench compare with it)
-    torch_twin: dict = field(default_factory=dict)
+    #: public class name -> its torch.optim twin (tests, bench and fastopt.torch use it)
+    torch_twin: dict[str, TorchTwin] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.decay not in DECAY_FORMS:

@@ -7,7 +7,7 @@
 from math import sqrt
 
 from .._checks import check_eps, check_real, check_weight_decay, kernel_eps
-from ._spec import ClassSpec, Definition, Hyper, State
+from ._spec import ClassSpec, Definition, Hyper, State, TorchTwin
 
 
 def prologue(step, lr, rho):
@@ -36,5 +36,7 @@ DEFINITION = Definition(
     prologue=prologue,
     element=element,
     lr_default=1.0,
-    torch_twin={"Adadelta": "Adadelta"},
+    torch_twin={"Adadelta": TorchTwin("Adadelta", dict(
+        foreach=None, maximize=False, differentiable=False, capturable=False),
+        capturable_xla=False)},
 )

@@ -6,7 +6,7 @@
 from math import sqrt
 
 from .._checks import check_eps, check_real, check_weight_decay, kernel_eps
-from ._spec import ClassSpec, Definition, Hyper, State
+from ._spec import ClassSpec, Definition, Hyper, State, TorchTwin
 
 
 def prologue(step, lr, lr_decay):
@@ -36,5 +36,7 @@ DEFINITION = Definition(
     prologue=prologue,
     element=element,
     lr_default=1e-2,
-    torch_twin={"Adagrad": "Adagrad"},
+    torch_twin={"Adagrad": TorchTwin("Adagrad", dict(foreach=None, maximize=False,
+                                                        differentiable=False, fused=None),
+                                      state_at_construction=True)},
 )

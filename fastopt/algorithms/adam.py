@@ -7,7 +7,7 @@
 from math import sqrt
 
 from .._checks import check_betas, check_eps, check_weight_decay, kernel_eps
-from ._spec import ClassSpec, Definition, Hyper, State
+from ._spec import ClassSpec, Definition, Hyper, State, TorchTwin
 
 
 def prologue(step, lr, beta1, beta2):
@@ -53,5 +53,12 @@ DEFINITION = Definition(
     prologue=prologue,
     element=element,
     lr_default=1e-3,
-    torch_twin={"Adam": "Adam", "AdamW": "AdamW"},
+    torch_twin={
+        "Adam": TorchTwin("Adam", dict(
+            amsgrad=False, maximize=False, foreach=None, capturable=False,
+            differentiable=False, decoupled_weight_decay=False, fused=None)),
+        "AdamW": TorchTwin("AdamW", dict(
+            amsgrad=False, maximize=False, foreach=None, capturable=False,
+            differentiable=False, fused=None)),
+    },
 )

@@ -5,7 +5,7 @@
 """
 
 from .._checks import check_real, check_weight_decay
-from ._spec import FIRST_GRAD, ClassSpec, Definition, Hyper, State
+from ._spec import FIRST_GRAD, ClassSpec, Definition, Hyper, State, TorchTwin
 
 
 def prologue(step, lr, momentum, dampening):
@@ -50,5 +50,6 @@ DEFINITION = Definition(
     element=element,
     lr_default=1e-3,
     validate=_validate,
-    torch_twin={"SGD": "SGD"},
+    torch_twin={"SGD": TorchTwin("SGD", dict(nesterov=False, maximize=False, foreach=None,
+                                                differentiable=False, fused=False))},
 )

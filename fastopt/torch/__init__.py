@@ -4,6 +4,8 @@
     opt = fot.AdamW(model.parameters(), lr=schedules.warmup(schedules.cosine(3e-4, 5000), 200))
 """
 
-from .optim import Adadelta, Adagrad, Adam, AdamW, FlatOptimizer
+from ._base import FlatOptimizer
+from .optim import *  # noqa: F403  (one class per public name, generated)
+from .optim import __all__ as _classes
 
-__all__ = ["Adam", "AdamW", "Adagrad", "Adadelta", "FlatOptimizer"]
+__all__ = [*_classes, "FlatOptimizer"]

@@ -1,0 +1,668 @@
+"""The machinery of fastopt.torch's optimizers (the classes themselves, one per public name
+of each definition, are generated into ``fastopt/torch/optim.py``): torch.optim.Optimizer
+subclasses over flat buffers, one fused fastopt kernel per bucket.
+
+At construction each param group's parameters are repacked, per (device, dtype), into one flat
+buffer; ``p.data`` becomes a view of it, ``p.grad`` a view of a flat gradient buffer once the
+param has a gradient (autograd then accumulates into it in place) and the state (``exp_avg``,
+``sum``, ...) views of flat state buffers, so ``step()`` gathers nothing: it is one kernel call
+per bucket. As in torch, ``self.state[p]`` gets an entry when p takes its first step: those
+views under torch's names, so ``state_dict()`` is torch's format.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import re
+import warnings
+import weakref
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from .. import cpu
+from .._checks import check_lr
+from ..algorithms import Definition
+from ..cpu.schedule import host_lr
+from ..engine import Prepared, run_once
+from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule
+
+ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
+#: 16-bit parameter dtypes: updated through a float32 master copy, in the same kernel pass
+HALF_FORMATS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+PARAM_DTYPES = (torch.float32, *HALF_FORMATS)
+MASTER = "master_param"  # the per-param state name of a 16-bit param's float32 master copy
+#: ``state_dtype`` names -> the state buffers' torch dtype (bfloat16: stochastically rounded)
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+#: flat param buffer's storage address -> the live bucket that owns it (two optimizers over one
+#: param would each repack it into their own buffer, detaching it from the other)
+_OWNERS: weakref.WeakValueDictionary[int, _Bucket] = weakref.WeakValueDictionary()
+#: torch.compile: the kernel call runs outside the graph (Numba cannot be traced)
+_no_dynamo = getattr(torch, "_disable_dynamo", lambda fn: fn)
+
+
+def _hashable(value):
+    """A group value as a cache key: tensors by their value, sequences as tuples."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else id(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _owner(p: torch.Tensor) -> _Bucket | None:
+    """The live bucket whose flat buffer ``p``'s data is a view of, if any."""
+    ptr = p.untyped_storage().data_ptr()
+    return _OWNERS.get(ptr) if ptr else None
+
+
+def _scalar(value, what: str) -> float:
+    """A hyperparameter as a Python float; a tensor gives its own (e.g. float32) value, the
+    number torch's math uses."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {what} must be 1-element")
+        return float(value)
+    return value
+
+
+def _delayed(schedule: Schedule, n: int) -> Schedule:
+    """``schedule`` n steps later: lr(t) = schedule(t - n) for t >= n, schedule(0) before."""
+    m = re.fullmatch(r"delayed\((.*), (\d+)\)", repr(schedule), flags=re.DOTALL)
+    name, total = (m.group(1), int(m.group(2)) + n) if m else (repr(schedule), n)
+    table = schedule.table.copy()
+    table[:, 1:3] += n
+    first = host_lr(schedule, 0)
+    if table[0, 0] == CONSTANT and table[0, 3] == first:  # already a constant head: extend it
+        table[0, 1:3] = 0.0  # a constant row's clock is unused
+    else:
+        head = np.zeros((1, TABLE_COLUMNS))
+        head[0, 0], head[0, 3] = CONSTANT, first
+        table = np.vstack([head, table])
+    return Schedule(table, f"delayed({name}, {total})")
+
+
+class _Bucket:
+    """The params of one group on one (device, dtype), packed with their grads and state.
+
+    State is float32 (or bfloat16, stochastically rounded, with ``state_dtype``) whatever the
+    params' dtype; 16-bit params also get ``master``, a float32 copy the kernel updates and
+    rounds (to nearest even) into the 16-bit params.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
+                 state_dtype: torch.dtype = torch.float32, owner: str = ""):
+        first = params[0]
+        self.owner = owner  # the optimizer class's name, for the two-optimizers error
+        self.params = params
+        self.state_dtype = state_dtype
+        self.offsets, total = [], 0
+        for p in params:
+            self.offsets.append(total)
+            total += _aligned(p.numel())
+        kwargs = dict(dtype=first.dtype, device=first.device)
+        self.format = HALF_FORMATS.get(first.dtype)  # None for float32 params
+        self.flat = torch.zeros(total, **kwargs)
+        self.grad = torch.zeros(total, **kwargs)
+        self.state = {}
+        for name, value in state_init.items():
+            self.add_state(name, value)
+        self._arrays: dict[tuple, tuple[list, dict]] = {}  # kernel arguments, made once
+        self.steps = torch.zeros(len(params), dtype=torch.float32)
+        self.step = 0  # the common step count while every param has taken every step
+        self.uniform = True
+        self.grad_views = [self.slice(self.grad, i) for i in range(len(params))]
+        with torch.no_grad():
+            for i, (p, grad) in enumerate(zip(params, self.grad_views, strict=True)):
+                view = self.slice(self.flat, i)
+                view.copy_(p)
+                p.data = view
+                if p.grad is not None:  # a param without grad keeps none, as in torch: the
+                    grad.copy_(p.grad)  # step skips it until backward gives it one
+                    p.grad = grad
+        self.master = None if self.format is None else self.flat.float()
+        #: where each param's data must stay: a param whose .data is replaced is detached
+        self.addresses = [p.data_ptr() for p in params]
+        #: params with an entry in optimizer.state (torch's: those that took a step or had
+        #: state loaded); the flat state exists from the start either way
+        self.started = [False] * len(params)
+        self.all_started = False
+        #: per param: whether its first-gradient state (SGD's momentum_buffer) is still unset,
+        #: as torch's None buffer
+        self.fresh = [True] * len(params)
+        #: fastopt.engine calls, prepared once per (part, state names, hyperparameters)
+        self.prepared: dict[tuple, Prepared] = {}
+        ptr = self.flat.untyped_storage().data_ptr()
+        if ptr:
+            _OWNERS[ptr] = self
+
+    def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
+        """Param ``index``'s part of a flat buffer, shaped like the param."""
+        p, offset = self.params[index], self.offsets[index]
+        return flat[offset:offset + p.numel()].view_as(p)
+
+    def view_of(self, name: str, index: int) -> torch.Tensor:
+        return self.slice(self.master if name == MASTER else self.state[name], index)
+
+    def add_state(self, name: str, value: float = 0.0) -> None:
+        if name not in self.state:
+            self.state[name] = torch.full(self.flat.shape, value, dtype=self.state_dtype,
+                                          device=self.flat.device)
+
+    def arrays(self, names: tuple[str, ...]) -> tuple[list, dict]:
+        """The kernel's arguments as zero-copy numpy/cupy views, made on first use: the array
+        list (flat, grad, state[names]...) and the keywords for 16-bit params (master, dtype:
+        their buffers travel as uint16 bits, numpy and cupy having no bfloat16)."""
+        made = self._arrays.get(names)
+        if made is None:
+            if self.format is None:
+                made = [_as_array(t) for t in (self.flat, self.grad)], {}
+            else:
+                made = ([_as_bits(t) for t in (self.flat, self.grad)],
+                        {"master": _as_array(self.master), "dtype": self.format})
+            made[0].extend(_as_bits(self.state[n]) if self.state_dtype == torch.bfloat16
+                           else _as_array(self.state[n]) for n in names)
+            self._arrays[names] = made
+        return made
+
+
+def _as_bits(t: torch.Tensor):
+    """A 16-bit tensor's elements as uint16 bits (numpy and cupy have no bfloat16)."""
+    return _as_array(t.view(torch.int16)).view("uint16")
+
+
+def _as_array(t: torch.Tensor):
+    """A zero-copy numpy (CPU) or cupy (CUDA, via DLPack) view of a contiguous 1-D tensor."""
+    if t.device.type == "cpu":
+        return t.numpy()
+    import cupy
+
+    return cupy.from_dlpack(t.detach())
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(ptr: int, device_index: int):
+    """CuPy's handle on a torch CUDA stream, made once per stream (CuPy 14 deprecates
+    ExternalStream for Stream.from_external, which older CuPy lacks; the handle is the same)."""
+    import cupy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(ptr, device_index)
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    """Shared machinery; a subclass sets ``definition`` (its entry in the registry),
+    ``fixed`` (hyperparameters the class fixes, e.g. AdamW's decoupled decay) and ``twin``
+    (its torch.optim twin's behaviour, or None)."""
+
+    definition: Definition
+    fixed: dict = {}
+    twin = None
+
+    @property
+    def group_defaults(self) -> dict:
+        """The group keys torch's ``__setstate__`` fills in when a state dict lacks them
+        (older torch versions): key -> torch's value."""
+        return self.twin.group_defaults if self.twin is not None else {}
+
+    def __init__(self, params, defaults: dict, state_dtype: str = "float32"):
+        defaults = {**defaults, **self.fixed}  # e.g. AdamW's groups hold decoupled=True
+        lr = defaults.get("lr")
+        if not isinstance(lr, Schedule):
+            check_lr(_scalar(lr, "lr"))
+        self._hypers(defaults)  # the definition's checks, torch's messages
+        for h in self.definition.hypers:  # 1-element tensor betas stay tensors, 0-d, as torch's
+            value = defaults.get(h.name)
+            if isinstance(value, (tuple, list)):
+                defaults[h.name] = tuple(v.reshape(()) if isinstance(v, torch.Tensor) else v
+                                         for v in value)
+        if defaults.get("differentiable"):
+            raise ValueError("differentiable=True is not supported by fastopt's fused kernels")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+        #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
+        self.state_dtype = state_dtype
+        self._buckets: list[list[_Bucket]] = []
+        #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
+        #: value for the next step); any other value there was set by someone else and wins
+        self._lr_written: list[float | None] = []
+        #: id(group) -> (the group's hyperparameter values, checked hyperparameters)
+        self._checked: dict[int, tuple] = {}
+        defaults = self._split_schedule(dict(defaults))
+        super().__init__(params, defaults)
+        if self.twin is not None and self.twin.state_at_construction:
+            # as torch's Adagrad: the initial params get their state at construction (later
+            # groups get theirs at their first step)
+            for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+                for b in buckets:
+                    for i in range(len(b.params)):
+                        self._start(group, b, i)
+                    b.all_started = True
+
+    @staticmethod
+    def _split_schedule(group: dict) -> dict:
+        """A Schedule given as lr moves to group['schedule']; group['lr'] holds its value."""
+        lr = group.get("lr")
+        if isinstance(lr, Schedule):
+            group["schedule"] = lr
+            group["lr"] = lr.at(0)
+        elif isinstance(lr, torch.Tensor):
+            _scalar(lr, "lr")  # kept as a tensor, as torch does; read at every step
+        return group
+
+    # ------------------------------------------------------------------ construction
+    def _hypers(self, group: dict) -> dict:
+        """The definition's hyperparameters from a group, checked (tensors -> their value)."""
+        values = {}
+        for h in self.definition.hypers:
+            value = self.fixed.get(h.name, group.get(h.name, h.default))
+            if isinstance(value, (tuple, list)):
+                value = tuple(_scalar(v, f"{h.name}[{i}]") for i, v in enumerate(value))
+            elif isinstance(value, torch.Tensor):
+                value = _scalar(value, h.name)
+            values[h.name] = value
+        return self.definition.check(values)
+
+    def state_init(self, group: dict) -> dict[str, float]:
+        """State buffer name -> initial value, for the buffers this group's hyperparameters
+        need, in the kernel's order."""
+        d, hypers = self.definition, self._hypers(group)
+        return {name: d.initial_value(name, hypers) for name in d.active_state(hypers)}
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group = self._split_schedule(dict(param_group))
+        if "lr" not in param_group and "schedule" in self.defaults \
+                and "schedule" not in param_group:
+            param_group["schedule"] = self.defaults["schedule"]
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            buckets = self._make_buckets(group)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._buckets.append(buckets)
+        self._lr_written.append(group["lr"] if "schedule" in group else None)
+
+    def _make_buckets(self, group: dict) -> list[_Bucket]:
+        params = group["params"]
+        for p in params:
+            if p.is_complex():
+                raise TypeError("complex parameters are not supported by fastopt's kernels")
+            if p.is_sparse or (p.grad is not None and p.grad.is_sparse):
+                raise TypeError("sparse parameters or gradients are not supported")
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(f"fastopt.torch supports float32, float16 and bfloat16 "
+                                f"parameters, got {p.dtype}")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"one parameter group must live on one device, got {devices}; "
+                             "put parameters of each device in their own group")
+        if params and params[0].device.type not in ("cpu", "cuda"):
+            raise TypeError(f"unsupported device {params[0].device}")
+        owned = [p for p in params if _owner(p) is not None]
+        if owned:
+            gc.collect()  # an optimizer that is gone but not yet collected owns nothing
+            owned = [p for p in owned if _owner(p) is not None]
+        if owned:
+            p = owned[0]
+            raise RuntimeError(
+                f"{len(owned)} of these parameters (e.g. one of shape {tuple(p.shape)}) already "
+                f"belong to another fastopt optimizer ({_owner(p).owner}): their .data is a view "
+                "of that optimizer's flat buffer, and a second fastopt optimizer would repack "
+                "them into its own and detach them from the first. Use one fastopt optimizer "
+                "per parameter (param groups for different hyperparameters), or drop the first "
+                "optimizer before building another")
+        buckets = []
+        for dtype in dict.fromkeys(p.dtype for p in params):  # one bucket per dtype, in order
+            buckets.append(_Bucket([p for p in params if p.dtype == dtype],
+                                   self.state_init(group), STATE_DTYPES[self.state_dtype],
+                                   type(self).__name__))
+        return buckets
+
+    def _state_views(self, group: dict, bucket: _Bucket, i: int) -> dict:
+        views = {"step": bucket.steps[i]}
+        for name in self.state_init(group):
+            views[name] = bucket.view_of(name, i)
+        if bucket.master is not None:
+            views[MASTER] = bucket.view_of(MASTER, i)
+        return views
+
+    def _start(self, group: dict, bucket: _Bucket, i: int) -> None:
+        """Give param i its entry in self.state (views of the flat state), as torch does at
+        the param's first step."""
+        self.state[bucket.params[i]].update(self._state_views(group, bucket, i))
+        bucket.started[i] = True
+
+    def _fill_group(self, group: dict) -> None:
+        """Fill the keys a loaded group lacks, as torch's ``__setstate__`` does (then from
+        this optimizer's defaults)."""
+        for key, value in self.group_defaults.items():
+            group.setdefault(key, value)
+        for key, value in self.defaults.items():
+            if key != "schedule":
+                group.setdefault(key, value)
+        group.update(self.fixed)  # as torch's AdamW: decoupled whatever the dict says
+
+    @torch.no_grad()
+    def refresh_master(self) -> None:
+        """Copy the 16-bit params into their float32 masters. Call it after changing 16-bit
+        params in place (e.g. ``model.load_state_dict`` after building the optimizer): the
+        kernel updates the master and overwrites the params with it, so a stale master would
+        undo the change. Float32 params have no master; nothing to do for them."""
+        for buckets in self._buckets:
+            for b in buckets:
+                if b.master is not None:
+                    b.master.copy_(b.flat)
+
+    # ------------------------------------------------------------------ stepping
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients. With set_to_none=True (torch's default) p.grad becomes None as in
+        torch; the next step copies new gradients into the flat buffer once (one extra pass).
+        set_to_none=False zeroes the flat gradient buffer in place: once every param has had a
+        gradient, nothing is ever copied. A param whose grad is None keeps None (as in torch:
+        the step skips it)."""
+        for buckets in self._buckets:
+            for b in buckets:
+                if set_to_none:
+                    for p in b.params:
+                        p.grad = None
+                else:
+                    b.grad.zero_()
+                    for p, view in zip(b.params, b.grad_views, strict=True):
+                        if p.grad is not None and p.grad is not view:
+                            p.grad = view
+
+    def _schedule(self, index: int, group: dict) -> tuple[Schedule, bool]:
+        """The schedule for the group's next step and whether it is the group's own: a
+        group['lr'] other than the one fastopt last wrote there (a torch scheduler's, the 0
+        of torch.distributed.checkpoint's dummy step, the user's) is used instead."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = _scalar(lr, "lr")
+        elif isinstance(lr, Schedule):  # a schedule put into group['lr'] (e.g. ZeRO's sync of
+            group["schedule"] = lr      # its groups, built from our defaults) becomes the
+            return lr, True             # group's schedule
+        schedule = group.get("schedule")
+        if schedule is not None and lr == self._lr_written[index]:
+            return schedule, True
+        return as_schedule(lr), False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One fused update per bucket; returns the closure's loss (None without closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._fused_step()
+        return loss
+
+    @_no_dynamo
+    def _fused_step(self) -> None:
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            if group.get("capturable") and buckets and buckets[0].flat.device.type != "cuda":
+                from torch.optim.optimizer import _get_capturable_supported_devices
+
+                xla = self.twin is None or self.twin.capturable_xla
+                devices = _get_capturable_supported_devices(xla)
+                raise AssertionError("If capturable=True, params and state_steps must be on "
+                                     f"supported devices: {devices}.")
+        for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
+                                                     strict=True)):
+            if not buckets:
+                continue
+            schedule, own = self._schedule(index, group)
+            before = buckets[0].step
+            for b in buckets:
+                self._step_bucket(group, schedule, b)
+            if own:
+                lr = host_lr(schedule, buckets[0].step)
+                group["lr"] = self._lr_written[index] = lr
+            elif "schedule" in group and buckets[0].step > before:
+                # steps taken at someone else's lr do not advance the group's schedule, as
+                # they would not advance a torch scheduler
+                group["schedule"] = _delayed(group["schedule"], buckets[0].step - before)
+
+    def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket) -> None:
+        have_grad = []
+        for p, view, address in zip(b.params, b.grad_views, b.addresses, strict=True):
+            if p.data_ptr() != address:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} no longer lives in this optimizer's "
+                    "flat buffer (its .data was replaced, e.g. by model.to(), .half() or "
+                    "load_state_dict(assign=True) after the optimizer was built); build the "
+                    "optimizer after moving or casting the model")
+            g = p.grad
+            if g is None:
+                have_grad.append(False)
+                continue
+            if g is not view:  # autograd made a new tensor (after set_to_none): take it in
+                if g.is_sparse:
+                    raise RuntimeError("fastopt does not support sparse gradients")
+                view.copy_(g)
+                p.grad = view
+            have_grad.append(True)
+        hypers = self._group_hypers(group)
+        names = self.definition.active_state(hypers)  # the kernel's state buffers, in order
+        arrays, half = b.arrays(names)
+        first_grad = bool(self.definition.first_grad_state)  # SGD's momentum_buffer
+        if all(have_grad) and b.uniform and (not first_grad or len(set(b.fresh)) == 1):
+            # the fast path: one kernel over the whole bucket
+            k = b.step + 1
+            self._run(b, names, hypers, arrays, half, k, schedule, first_grad and b.fresh[0],
+                      None)
+            b.fresh = [False] * len(b.params)
+            b.step = k
+            b.steps.fill_(k)
+            if not b.all_started:
+                for i, started in enumerate(b.started):
+                    if not started:
+                        self._start(group, b, i)
+                b.all_started = True
+            return
+        for i, has in enumerate(have_grad):  # torch skips params without grad
+            if not has:
+                continue
+            p, offset = b.params[i], b.offsets[i]
+            sl = slice(offset, offset + p.numel())
+            k = int(b.steps[i]) + 1
+            part = {key: v[sl] if key == "master" else v for key, v in half.items()}
+            self._run(b, names, hypers, [a[sl] for a in arrays], part, k, schedule,
+                      first_grad and b.fresh[i], i)
+            b.fresh[i] = False
+            b.steps[i] = k
+            if not b.started[i]:
+                self._start(group, b, i)
+        b.all_started = all(b.started)
+        b.uniform = bool((b.steps == b.steps[0]).all())
+        b.step = int(b.steps.max())
+
+    def _group_hypers(self, group: dict) -> dict:
+        """The group's checked hyperparameters, checked again only when they change."""
+        key = tuple(_hashable(group.get(h.name)) for h in self.definition.hypers)
+        cached = self._checked.get(id(group))
+        if cached is None or cached[0] != key:
+            cached = self._checked[id(group)] = (key, self._hypers(group))
+        return cached[1]
+
+    def _run(self, b: _Bucket, names: tuple, hypers: dict, arrays: list, half: dict,
+             step: int, schedule: Schedule, fresh: bool, part: int | None) -> None:
+        """The kernel through fastopt.engine on zero-copy array views (params, grads,
+        state...; ``half`` has master and dtype for 16-bit params). The prepared call is kept
+        per (bucket part, hyperparameters); nothing is re-validated per step."""
+        key = (part, names, tuple(_hashable(v) for v in hypers.values()))
+        prepared = b.prepared.get(key)
+        if prepared is None:
+            on_gpu = b.flat.device.type == "cuda"
+            n = arrays[0].shape[0]
+            simd = b.format is None and self.state_dtype == "float32"
+            prepared = b.prepared[key] = Prepared(
+                self.definition, arrays[0], half.get("master"), dict(zip(names, arrays[2:],
+                                                                         strict=True)),
+                hypers, half.get("dtype", "float32"), on_gpu,
+                parallel=not on_gpu and cpu.use_parallel(n, serial_simd=simd))
+        if prepared.on_gpu:
+            stream = torch.cuda.current_stream(b.flat.device)
+            with _cupy_stream(stream.cuda_stream, stream.device_index):
+                run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
+        else:
+            run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
+
+    # ------------------------------------------------------------------ state dicts
+    def state_dict(self) -> dict:
+        """torch's format (per-param ``step`` and state under torch's names); tensors are
+        copies (the optimizer's are views of its flat buffers), other values as they are.
+        Post-hooks see the copies."""
+        with _hooks_off(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            d = super().state_dict()
+        d["state"] = {k: {name: v.clone() if isinstance(v, torch.Tensor) else v
+                          for name, v in st.items()}
+                      for k, st in d["state"].items()}
+        for hook in post_hooks.values():
+            result = hook(self, d)
+            if result is not None:
+                d = result
+        return d
+
+    @_no_dynamo
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this class or of the matching torch.optim optimizer.
+
+        Values are copied from the dict as given: torch's loader casts state to the params'
+        dtype, which would round the float32 state and master of 16-bit params. A 16-bit
+        param without a saved master (a torch.optim state dict) takes its current value.
+        Groups lacking keys (state dicts of older torch versions) get torch's defaults.
+        Load pre-hooks run first and what they return is what loads; post-hooks run last.
+        """
+        state_dict = state_dict.copy()  # shallow, as torch's
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        schedules = [g.get("schedule") for g in self.param_groups]
+        with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks",
+                        "_optimizer_load_state_dict_post_hooks") as (_, post_hooks):
+            super().load_state_dict(state_dict)  # checks the groups, loads hyperparameters
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved = {p: state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params,
+                                                                     strict=True)}
+        cast = self.state  # torch's copies; entries fastopt does not keep come from there
+        self.state = defaultdict(dict)
+        for index, (group, buckets, schedule) in enumerate(zip(
+                self.param_groups, self._buckets, schedules, strict=True)):
+            own = "schedule" in group
+            if not own and schedule is not None:  # a dict without it (torch's): ours drives
+                group["schedule"] = schedule
+            for b in buckets:
+                self._load_bucket(group, b, saved, cast)
+            self._sync_lr(index, group, buckets, keep=own)
+        for k, v in cast.items():  # state not keyed by a param is kept as is, as by torch
+            if not isinstance(k, torch.Tensor):
+                self.state[k] = v
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _sync_lr(self, index: int, group: dict, buckets: list[_Bucket], keep: bool) -> None:
+        """After loading: the schedule's value for the next step is the lr fastopt wrote; with
+        ``keep`` False group['lr'] is set to it, else a different saved lr keeps overriding."""
+        written = None
+        schedule = group.get("schedule")
+        if schedule is not None:
+            written = host_lr(schedule, buckets[0].step) if buckets else group["lr"]
+            if not keep:
+                group["lr"] = written
+        self._lr_written[index] = written
+
+    @torch.no_grad()
+    def _load_bucket(self, group: dict, b: _Bucket, saved: dict, extra: dict) -> None:
+        """Per-param state of ``b`` from ``saved`` (param -> state dict); entries fastopt does
+        not hold in flat buffers are taken from ``extra`` (param -> state dict) as they are."""
+        init = self.state_init(group)
+        for name, value in init.items():
+            b.add_state(name, value)
+        for i, p in enumerate(b.params):
+            st = saved.get(p) or {}
+            b.steps[i] = float(st.get("step", 0.0))
+            for name in b.state:
+                view = b.view_of(name, i)
+                if name in st:
+                    view.copy_(st[name])
+                else:
+                    view.fill_(init.get(name, 0.0))
+            if b.master is not None:
+                b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))
+            b.started[i] = bool(st)
+            b.fresh[i] = any(st.get(name) is None for name in self.definition.first_grad_state)
+            if st:
+                views = self._state_views(group, b, i)
+                known = set(views) | set(b.state) | {MASTER}
+                self.state[p] = {k: v for k, v in (extra.get(p) or {}).items()
+                                 if k not in known}
+                self.state[p].update(views)
+        b.all_started = all(b.started)
+        b.uniform = bool((b.steps == b.steps[0]).all())
+        b.step = int(b.steps.max())
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        """torch's attributes, with copies of the state: unpickling (and ``copy.deepcopy``)
+        repacks the params into new flat buffers and loads the state there."""
+        return {
+            "defaults": self.defaults,
+            "state": {p: {k: v.clone() if isinstance(v, torch.Tensor) else v
+                          for k, v in st.items()} for p, st in self.state.items()},
+            "param_groups": self.param_groups,
+            "state_dtype": self.state_dtype,
+            "_fastopt_lr_written": list(self._lr_written),
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        if "_fastopt_lr_written" not in state:  # torch's load_state_dict, or an old pickle
+            super().__setstate__(state)
+            for group in self.param_groups:
+                self._fill_group(group)
+            return
+        state = dict(state)
+        written = state.pop("_fastopt_lr_written")
+        groups, saved = state.pop("param_groups"), state.pop("state")
+        super().__setstate__(dict(state, state=defaultdict(dict), param_groups=[]))
+        self._buckets, self._lr_written, self._checked = [], [], {}
+        for group in groups:
+            self.add_param_group(group)
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            for b in buckets:
+                self._load_bucket(group, b, saved, saved)
+        for k, st in saved.items():  # state not keyed by a param, kept as torch keeps it
+            if k not in self.state and not any(k is p for g in groups for p in g["params"]):
+                self.state[k] = st
+        self._lr_written = written
+
+
+class _hooks_off:
+    """Run torch's base method without the named hook dicts (fastopt runs them itself at
+    the right moment); ``as`` gives the hooks, one dict per name (or the dict for one)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, *names: str):
+        self.opt, self.names = opt, names
+
+    def __enter__(self):
+        self.saved = [getattr(self.opt, n) for n in self.names]
+        for n in self.names:
+            setattr(self.opt, n, type(getattr(self.opt, n))())
+        return self.saved[0] if len(self.saved) == 1 else tuple(self.saved)
+
+    def __exit__(self, *exc):
+        for n, hooks in zip(self.names, self.saved, strict=True):
+            setattr(self.opt, n, hooks)
+        return False
