@@ -16,7 +16,7 @@ import pytest
 from fastopt import benchmark as engine
 from fastopt import schedules
 
-OPTIMIZERS = ["adamw", "adam", "adagrad", "adadelta"]
+OPTIMIZERS = list(engine.OPTIMIZERS)  # every public optimizer in the registry
 SIZES = [int(float(s)) for s in
          os.environ.get("FASTOPT_BENCH_SIZES", "1e3,1e4,1e5,1e6,1e7,1e8").split(",") if s]
 MODELS = [m for m in os.environ.get("FASTOPT_BENCH_MODELS", "resnet50,gpt2_small").split(",")
@@ -75,10 +75,4 @@ def test_roofline(benchmark, problem, name):
     """A kernel with the optimizer's memory traffic and no arithmetic: the memory limit."""
     label, prob = problem
     benchmark.group = f"{name}-{label}"
-    n = prob.params.buffer.size
-    if engine.TRAFFIC[name] == 20:
-        bufs = [np.ones(n, np.float32) for _ in range(3)]
-        benchmark(engine.copy_traffic_3r2w, *bufs)
-    else:
-        bufs = [np.ones(n, np.float32) for _ in range(4)]
-        benchmark(engine.copy_traffic_4r3w, *bufs)
+    benchmark(engine.roofline(name, prob.params.buffer.size))

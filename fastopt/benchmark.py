@@ -20,12 +20,36 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import schedules, startup
+from . import optimizers, schedules, startup
+from .algorithms import CLASSES
 from .flat import FlatBuffer
-from .optimizers import Adadelta, Adagrad, Adam, AdamW
 
-#: bytes moved per fp32 parameter by one step: (buffers read + buffers written) * 4
-TRAFFIC = {"adam": 28, "adamw": 28, "adagrad": 20, "adadelta": 28}
+#: the optimizers ``fastopt bench`` knows: the public classes, by lower-case name
+OPTIMIZERS = {name.lower(): getattr(optimizers, name) for name in CLASSES}
+#: the options each is benchmarked with (its class defaults, and the definition's bench ones)
+BENCH_OPTIONS = {name.lower(): spec.bench for name, (_, spec) in CLASSES.items()}
+
+
+def state_count(name: str) -> int:
+    """The state buffers ``name`` keeps with its benchmark options."""
+    cls = OPTIMIZERS[name]
+    d, spec = CLASSES[cls.__name__]
+    hypers = {h.name: h.default for h in d.hypers} | spec.defaults | spec.bench | spec.fixed
+    return len(d.active_state(d.check(hypers)))
+
+
+def traffic(name: str) -> int:
+    """Bytes one step moves per fp32 parameter: read p, g and each state buffer, write p and
+    each state buffer (4 bytes each): 28 for Adam, 20 for Adagrad."""
+    s = state_count(name)
+    return 4 * ((2 + s) + (1 + s))
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_2r1w(a, b):
+    """Same traffic as a stateless step (SGD without momentum): read a, b; write a."""
+    for i in prange(a.shape[0]):
+        a[i] = a[i] + b[i]
 
 
 @njit(cache=True, parallel=True, nogil=True)
@@ -47,6 +71,16 @@ def copy_traffic_3r2w(a, b, c):
         c[i] = x
 
 
+def roofline(name: str, n: int) -> Callable[[], None]:
+    """A call of the copy kernel with ``name``'s traffic over n float32 elements."""
+    kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w}[
+        min(state_count(name), 2)]  # (3 states, amsgrad, is not benchmarked)
+    rng = np.random.default_rng(0)
+    bufs = [rng.standard_normal(n, dtype=np.float32)
+            for _ in range(kernel.py_func.__code__.co_argcount)]
+    return lambda: kernel(*bufs)
+
+
 @dataclass
 class Row:
     optimizer: str
@@ -58,9 +92,6 @@ class Row:
     def ratios(self) -> dict:
         ours = self.times["fastopt"]
         return {k: v / ours for k, v in self.times.items() if k != "fastopt"}
-
-
-OPTIMIZERS = {"adam": Adam, "adamw": AdamW, "adagrad": Adagrad, "adadelta": Adadelta}
 
 
 def load_shapes(model: str) -> tuple[str, list[tuple[int, ...]]]:
@@ -87,11 +118,10 @@ def torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray], mo
         p = torch.nn.Parameter(torch.from_numpy(v.copy()))
         p.grad = torch.from_numpy(g)
         params.append(p)
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-           "adagrad": torch.optim.Adagrad, "adadelta": torch.optim.Adadelta}[name]
+    cls = torch_twin(name)
     kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True},
               "forloop": {"foreach": False}}[mode]
-    opt = cls(params, lr=lr, **kwargs)
+    opt = cls(params, lr=lr, **kwargs, **BENCH_OPTIONS[name])
     sched = lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
     def step():
@@ -101,9 +131,25 @@ def torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray], mo
     return step, params
 
 
+def torch_twin(name: str):
+    """The torch.optim class with ``name``'s numbers (None without a twin)."""
+    import torch
+
+    d, _ = CLASSES[OPTIMIZERS[name].__name__]
+    twin = d.torch_twin.get(OPTIMIZERS[name].__name__)
+    return getattr(torch.optim, twin.name) if twin is not None else None
+
+
 def torch_modes(name: str) -> list[str]:
-    """torch has fused CPU kernels for Adam, AdamW and Adagrad, not for Adadelta."""
-    return ["fused", "foreach", "forloop"] if name != "adadelta" else ["foreach", "forloop"]
+    """torch's implementations of the twin: fused where its constructor takes ``fused`` (Adam,
+    AdamW, Adagrad and SGD have fused CPU kernels; Adadelta has none), foreach, for-loop."""
+    import inspect
+
+    cls = torch_twin(name)
+    if cls is None:
+        return []
+    fused = "fused" in inspect.signature(cls).parameters
+    return (["fused"] if fused else []) + ["foreach", "forloop"]
 
 
 class Problem:
@@ -120,7 +166,7 @@ class Problem:
 
     def fastopt(self, name: str, schedule, **options):
         buf = self.params.buffer.copy()
-        return OPTIMIZERS[name](buf, lr=schedule, **options), buf
+        return OPTIMIZERS[name](buf, lr=schedule, **BENCH_OPTIONS[name], **options), buf
 
     def torch(self, name: str, mode: str, steps: int, lr: float = 1e-3):
         return torch_setup(name, self.params.views, self.grads.views, mode, steps, lr)
@@ -188,12 +234,7 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
             if mode == "forloop" and n > 20_000_000 and len(shapes) == 1:
                 continue  # minutes of rounds for nothing new: foreach shows the same
             impls[f"torch-{mode}"] = problem.torch(name, mode, 10_000)[0]
-    rng = np.random.default_rng(0)
-    bufs = [rng.standard_normal(n, dtype=np.float32) for _ in range(4)]
-    if TRAFFIC[name] == 20:
-        impls["roofline"] = lambda: copy_traffic_3r2w(bufs[0], bufs[1], bufs[2])
-    else:
-        impls["roofline"] = lambda: copy_traffic_4r3w(*bufs)
+    impls["roofline"] = roofline(name, n)
     size = sum(int(np.prod(s)) for s in shapes)
     return Row(name, case, size, len(shapes), _median_times(impls, budget_s))
 
@@ -234,7 +275,7 @@ def format_table(rows: list[Row]) -> str:
         t = r.times
         ours = t["fastopt"]
         line = [r.optimizer, r.case, f"{r.size:.3g}", f"{ours * 1e3:.3f}",
-                f"{TRAFFIC[r.optimizer] * r.size / ours / 1e9:.1f}"]
+                f"{traffic(r.optimizer) * r.size / ours / 1e9:.1f}"]
         line += [f"{t[k] * 1e3:.3f}" if k in t else "-" for k in impls if k != "fastopt"]
         line += [f"{t[k] / ours:.2f}x" if k in t else "-" for k in impls
                  if k not in ("fastopt", "roofline")]
@@ -262,17 +303,17 @@ def plot(rows: list[Row], path: str) -> None:
     for ax, name in zip(axes.flat, names, strict=False):
         sub = [r for r in rows if r.optimizer == name]
         for impl in impls:
-            pts = [(r.size, TRAFFIC[name] * r.size / r.times[impl] / 1e9)
+            pts = [(r.size, traffic(name) * r.size / r.times[impl] / 1e9)
                    for r in sub if impl in r.times and r.tensors == 1]
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", color=colors[impl], label=impl,
                         linestyle="--" if impl == "roofline" else "-")
             for r in sub:  # model shape lists: stars, labelled once
                 if impl in r.times and r.tensors > 1:
-                    ax.plot(r.size, TRAFFIC[name] * r.size / r.times[impl] / 1e9, marker="*",
+                    ax.plot(r.size, traffic(name) * r.size / r.times[impl] / 1e9, marker="*",
                             markersize=11, color=colors[impl], linestyle="none")
                     if impl == "fastopt":
-                        ax.annotate(r.case, (r.size, TRAFFIC[name] * r.size / r.times[impl]
+                        ax.annotate(r.case, (r.size, traffic(name) * r.size / r.times[impl]
                                              / 1e9), fontsize=7, xytext=(4, 4),
                                     textcoords="offset points")
         ax.set_xscale("log")

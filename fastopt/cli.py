@@ -15,6 +15,7 @@ from decimal import Decimal
 import numpy as np
 
 from . import schedules
+from .algorithms import CLASSES
 
 
 class UsageError(Exception):
@@ -67,7 +68,8 @@ def parse_schedule(text: str) -> schedules.Schedule:
     return result
 
 
-ALL_OPTIMIZERS = ["adamw", "adam", "adagrad", "adadelta"]
+#: every public optimizer, AdamW first (the default)
+ALL_OPTIMIZERS = sorted((name.lower() for name in CLASSES), key=lambda n: n != "adamw")
 FULL_SIZES = [1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000]
 #: ``fastopt schedule`` limits: steps are float64 in Schedule.at; the table stays printable
 MAX_STEPS = 2**53
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bench = sub.add_parser("bench", help="time fastopt vs torch.optim vs the memory roofline")
     bench.add_argument("--optimizer", nargs="+", choices=ALL_OPTIMIZERS, type=str.lower,
-                       help="default: adamw (all four with --full)")
+                       help="default: adamw (all with --full)")
     bench.add_argument("--sizes", type=_sizes,
                        help="comma-separated parameter counts, e.g. 1e4,1e6,1.6e7 "
                             "(default 1e4,1e6,1.6e7); '' for none")

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from .algorithms import CLASSES
+
 _CHILD = r"""
 import sys, time
 if sys.argv[2] == "hide-scipy":
@@ -39,7 +41,7 @@ import json
 print(json.dumps({"import": t1 - t0, "first_step": t3 - t2}))
 """
 
-CLASS_NAMES = {"adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad", "adadelta": "Adadelta"}
+CLASS_NAMES = {name.lower(): name for name in CLASSES}  # every public optimizer
 SIZES = {"1e3": 1_000, "1e5": 100_000}  # below and above the serial/parallel switch
 
 

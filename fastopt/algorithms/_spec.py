@@ -117,6 +117,8 @@ class ClassSpec:
     doc: str
     defaults: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
+    #: the options ``fastopt bench`` times it with (beyond the defaults)
+    bench: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def _validate(h: dict) -> None:
 DEFINITION = Definition(
     name="sgd",
     doc=__doc__,
-    classes=(ClassSpec("SGD", "SGD with momentum (torch.optim.SGD's arguments and numbers)."),),
+    classes=(ClassSpec("SGD", "SGD with momentum (torch.optim.SGD's arguments and numbers).",
+                       bench={"momentum": 0.9}),),
     hypers=(
         Hyper("momentum", 0.0, lambda v: check_real("momentum", v), slots=("momentum",)),
         Hyper("dampening", 0.0, lambda v: check_real("dampening", v, -float("inf")),
