@@ -36,6 +36,7 @@ from ._checks import (
     xp_of,
 )
 from .algorithms import Definition
+from .algorithms._spec import FRESH_AT_FIRST_STEP
 from .cpu.schedule import host_lr
 from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
@@ -274,7 +275,7 @@ class FlatOptimizer:
                 if not coef >= 1.0:
                     mult *= coef
         k = self._step + 1
-        fresh = self._step == 0  # state that starts as the first gradient (SGD's momentum)
+        fresh = FRESH_AT_FIRST_STEP  # first-gradient state (SGD's momentum) is set at step 1
         if self._on_gpu:
             self._prepared.gpu(grads, self._device_table, self._device_table.shape[0],
                                self._step_state, self._lr_out, self.lr_scale, mult, fresh)

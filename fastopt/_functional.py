@@ -29,6 +29,7 @@ from ._checks import (
     param_dtype,
 )
 from .algorithms import Definition
+from .algorithms._spec import FRESH_AT_FIRST_STEP
 from .engine import Prepared, run_once
 from .schedules import Schedule
 
@@ -100,7 +101,7 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
             raise ValueError(f"{name} is required when {when}")
     buffers = {name: states[name] for name in active}
     n, name = _buffers(params, grads, master, dtype, **buffers)
-    fresh = step == 1 if fresh is None else bool(fresh)
+    fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))
     on_gpu = is_cupy(params)
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),
                         master if name != "float32" else None, buffers, checked, name, on_gpu,

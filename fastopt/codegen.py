@@ -337,7 +337,7 @@ def numba_source(d: Definition) -> str:
     call_args += list(x.conditional.values())
     for s in scalar_args:
         if s in x.bools:
-            call_args.append("fresh != 0" if s == "fresh" else s)
+            call_args.append("fresh == 1 or (fresh == 2 and step == 1)" if s == "fresh" else s)
         else:
             lines.append(f"    {s}_f32 = np.float32({s})")
             call_args.append(f"{s}_f32")
@@ -419,7 +419,7 @@ def cuda_source(d: Definition) -> str:
     args = []
     for s in x.scalars:
         if s == "fresh":
-            args.append("fresh != 0")
+            args.append("fresh == 1 || (fresh == 2 && step == 1.0)")
         elif s in x.bools:
             args.append(s)
         else:

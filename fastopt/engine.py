@@ -76,17 +76,17 @@ class Prepared:
         self._cpu = (self.weight_decay, self.decoupled, self.maximize)
 
     def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
-            fresh: bool = False) -> float:
+            fresh: int = 0) -> float:
         """Run the Numba kernel for step ``step`` (1-based); returns the lr it used."""
         s = self.states
         parallel = parallel_ok(self.parallel)  # serial in a child forked from GNU OpenMP
         with kernel_guard(parallel):  # one parallel launch at a time under workqueue
             return self._fn(self.params, grads, self.master, s[0], s[1], s[2], s[3], table,
-                            lr_scale, grad_mult, *self._cpu, fresh, *self.slots, step,
+                            lr_scale, grad_mult, *self._cpu, int(fresh), *self.slots, step,
                             self.fmt, parallel)
 
     def gpu(self, grads, table, table_rows: int, step_state, lr_out, lr_scale: float,
-            grad_mult: float, fresh: bool = False) -> None:
+            grad_mult: float, fresh: int = 0) -> None:
         """Launch the CUDA kernel on the current stream: step k = step_state[0] + 1 read on
         the device; no host sync."""
         from .gpu import launch
@@ -95,7 +95,7 @@ class Prepared:
             grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult, fresh))
 
     def kernel_values(self, grads, table, table_rows: int, step_state, lr_out,
-                      lr_scale: float, grad_mult: float, fresh: bool) -> dict:
+                      lr_scale: float, grad_mult: float, fresh: int) -> dict:
         """The CUDA kernel's arguments by name (``KERNEL_SIGNATURE``)."""
         s = self.states
         values = {"params": self.params, "grads": grads, "master": self.master,
@@ -103,13 +103,13 @@ class Prepared:
                   "table": table, "table_rows": table_rows, "step_state": step_state,
                   "lr_out": lr_out, "lr_scale": lr_scale, "grad_mult": grad_mult,
                   "weight_decay": self.weight_decay, "decoupled": self.decoupled,
-                  "maximize": self.maximize, "fresh": fresh, "n": self.params.shape[0]}
+                  "maximize": self.maximize, "fresh": int(fresh), "n": self.params.shape[0]}
         values.update((f"h{i}", v) for i, v in enumerate(self.slots))
         return values
 
 
 def run_once(prepared: Prepared, grads, schedule, step: int, lr_scale: float,
-             grad_mult: float, fresh: bool) -> float:
+             grad_mult: float, fresh: int) -> float:
     """One kernel call for step ``step`` (1-based) that keeps no device state between calls
     (the functional layer, fastopt.torch): on a GPU the step counter is a new device array
     set by a fill on the stream and the schedule's table is copied once per device. Returns

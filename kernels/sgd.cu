@@ -61,7 +61,8 @@ FO_D void sgd(T* params, const T* grads, float* master, S* state0, S* state1, S*
         for (int j = 0; j < W; ++j) {
             g[j] = grad_factor * g[j] + l2 * p[j];
             sgd_element(p[j], g[j], momentum_buffer[j], lr_f32, momentum_f32, nesterov,
-                        has_momentum, fresh != 0, one_minus_dampening_f32);
+                        has_momentum, fresh == 1 || (fresh == 2 && step == 1.0),
+                        one_minus_dampening_f32);
         }
         store_param<W>(params + i, master + i, p);
         unsigned rnd[W];  // stochastic rounding bits for bf16 state (unused for float32)

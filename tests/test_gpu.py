@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from optimizer_cases import CASES
 
 import fastopt
 from fastopt import functional as F
@@ -14,13 +15,15 @@ if not cupy.cuda.is_available():
 pytestmark = pytest.mark.gpu
 
 SCHED = S.warmup(S.cosine(1e-2, 80, end_lr=1e-4), 10)
-MAKERS = {
-    "adam": lambda p, **kw: fastopt.Adam(p, lr=SCHED, weight_decay=0.1, amsgrad=True, **kw),
-    "adamw": lambda p, **kw: fastopt.AdamW(p, lr=SCHED, maximize=True, **kw),
-    "adagrad": lambda p, **kw: fastopt.Adagrad(p, lr=SCHED, lr_decay=0.01,
-                                               initial_accumulator_value=0.1, **kw),
-    "adadelta": lambda p, **kw: fastopt.Adadelta(p, lr=SCHED, weight_decay=0.01, **kw),
-}
+
+
+def _maker(cls: str, hypers: dict):
+    return lambda p, **kw: getattr(fastopt, cls)(p, lr=SCHED, **hypers, **kw)
+
+
+#: every definition in the registry, with the last two options of its test entry
+MAKERS = {f"{cls}-{i}": _maker(cls, hypers) for case in CASES.values()
+          for i, (cls, hypers) in enumerate(case.options[-2:])}
 
 
 def _grads(n, steps, seed=0):

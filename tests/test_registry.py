@@ -202,3 +202,92 @@ def test_sgd_without_momentum_keeps_no_state_and_first_step_sets_the_buffer():
         fastopt.SGD(q, momentum=0.9, dampening=0.1, nesterov=True)
     with pytest.raises(ValueError, match="Invalid momentum value"):
         fastopt.SGD(q, momentum=-0.1)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _last(name):
+    return CASES[name].options[-1]  # the entry's last option uses every state buffer
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_checkpoint_and_state_dict_resume_bit_identically(name, state_dtype, tmp_path):
+    cls, hypers = _last(name)
+    rng = np.random.default_rng(11)
+    grads = _grads(rng, 2000, 12)
+    schedule = SCHEDULES["warmup_cosine"](0.01)
+    p = rng.standard_normal(2000).astype(np.float32)
+    straight = p.copy()
+    a = getattr(fastopt, cls)(straight, lr=schedule, state_dtype=state_dtype, **hypers)
+    for g in grads:
+        a.step(g)
+    b = getattr(fastopt, cls)(p, lr=schedule, state_dtype=state_dtype, **hypers)
+    for g in grads[:5]:
+        b.step(g)
+    fastopt.save(b, tmp_path / "c.npz")
+    d = b.state_dict()
+    q = np.zeros_like(p)
+    c = fastopt.load(tmp_path / "c.npz", q, optimizer=cls)
+    e = getattr(fastopt, cls)(p.copy(), lr=0.5, state_dtype=state_dtype, **hypers)
+    e.load_state_dict(d)
+    pe = e.params
+    pe[...] = p
+    for g in grads[5:]:
+        c.step(g)
+        e.step(g)
+    np.testing.assert_array_equal(q, straight)
+    np.testing.assert_array_equal(pe, straight)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_scaling_skipping_and_clipping(name):
+    cls, hypers = _last(name)
+    rng = np.random.default_rng(12)
+    p0 = rng.standard_normal(3000).astype(np.float32)
+    grads = _grads(rng, 3000, 6)
+    plain, scaled, clipped, manual = (p0.copy() for _ in range(4))
+    a = getattr(fastopt, cls)(plain, **hypers)
+    b = getattr(fastopt, cls)(scaled, **hypers)
+    c = getattr(fastopt, cls)(clipped, **hypers)
+    m = getattr(fastopt, cls)(manual, **hypers)
+    for g in grads:
+        a.step(g)
+        assert b.step(g * np.float32(1024), grad_scale=1024)  # exact powers of two
+        c.step(g, max_grad_norm=1.0)
+        norm = np.sqrt(np.sum(g.astype(np.float64) ** 2))
+        m.step((g * min(1.0, 1.0 / (norm + 1e-6))).astype(np.float32))
+    np.testing.assert_array_equal(scaled, plain)
+    assert _rel(clipped, manual) < 1e-6
+    before = {k: v.copy() for k, v in b.state.items()}
+    bad = grads[0].copy()
+    bad[7] = np.inf
+    assert not b.step(bad, skip_if_nonfinite=True)
+    np.testing.assert_array_equal(scaled, plain)
+    for k, v in b.state.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_functional_equals_the_class(name):
+    """fastopt.functional.<name> on buffers the caller owns, step by step."""
+    cls, hypers = _last(name)
+    d = REGISTRY[name]
+    rng = np.random.default_rng(13)
+    p0 = rng.standard_normal(500).astype(np.float32)
+    schedule = SCHEDULES["cyclic"](0.01)
+    mine = p0.copy()
+    opt = getattr(fastopt, cls)(mine, lr=schedule, **hypers)
+    theirs = p0.copy()
+    full = full_hypers(cls, hypers)
+    state = {s: np.full(500, d.initial_value(s, full), np.float32)
+             for s in d.active_state(full)}
+    fn = getattr(fastopt.functional, cls.lower())
+    for k, g in enumerate(_grads(rng, 500, 8), start=1):
+        opt.step(g)
+        lr = fn(theirs, g, **state, step=k, schedule=schedule, **hypers)
+        assert lr == opt.last_lr
+    np.testing.assert_array_equal(theirs, mine)
+    for key, value in state.items():
+        np.testing.assert_array_equal(value, opt.state[key])

@@ -38,6 +38,10 @@ STATE_SLOTS = 4
 DECAY_FORMS = ("l2", "decoupled", "choice")
 #: a state buffer's ``init`` that means "the first gradient" (SGD's momentum_buffer)
 FIRST_GRAD = "first_grad"
+#: the kernels' ``fresh`` argument: whether FIRST_GRAD state is still unset (0: no, 1: yes,
+#: 2: exactly at step 1, judged by the kernel from its step counter, so a captured CUDA
+#: graph replays it right)
+FRESH_NO, FRESH_YES, FRESH_AT_FIRST_STEP = 0, 1, 2
 
 #: The one kernel signature every optimizer has, CPU and CUDA alike: (name, C type). ``T`` is
 #: the params' element type, ``S`` the state's (float, or bfloat16 bits). Unused state slots

@@ -67,11 +67,11 @@ def sgd(params, grads, master, state0, state1, state2, state3, table, lr_scale, 
     if parallel:
         for i in prange(params.shape[0]):
             sgd_element(i, params, grads, master, state0, grad_factor, l2, active_momentum_buffer,
-                        lr_f32, momentum_f32, nesterov, has_momentum, fresh != 0,
-                        one_minus_dampening_f32, fmt, seed)
+                        lr_f32, momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
+                        step == 1), one_minus_dampening_f32, fmt, seed)
     else:
         for i in range(params.shape[0]):
             sgd_element(i, params, grads, master, state0, grad_factor, l2, active_momentum_buffer,
-                        lr_f32, momentum_f32, nesterov, has_momentum, fresh != 0,
-                        one_minus_dampening_f32, fmt, seed)
+                        lr_f32, momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
+                        step == 1), one_minus_dampening_f32, fmt, seed)
     return lr
