@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import threading
+import warnings
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from ._checks import (
     xp_of,
 )
 from .algorithms import Definition
-from .algorithms._spec import FRESH_AT_FIRST_STEP
+from .algorithms._spec import FRESH_AT_FIRST_STEP, MASTER, MASTER_ALIASES
 from .cpu.schedule import host_lr
 from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
@@ -45,6 +46,17 @@ from .schedules import Schedule
 
 #: step counts are at most this (exclusive): the kernels take the step as a signed 64-bit int
 MAX_STEP = 2**63
+
+
+class _State(dict):
+    """``opt.state``: the live buffers by name; the master's former name still reads."""
+
+    def __missing__(self, key):
+        if key in MASTER_ALIASES and MASTER in self:
+            warnings.warn(f"opt.state[{key!r}] is deprecated, use opt.state[{MASTER!r}]",
+                          DeprecationWarning, stacklevel=2)
+            return self[MASTER]
+        raise KeyError(key)
 
 
 class FlatOptimizer:
@@ -89,7 +101,8 @@ class FlatOptimizer:
         self._make_locks()
         self._parallel = cpu.use_parallel(
             self.params.shape[0], serial_simd=self.dtype == state_dtype == "float32")
-        self.state = {name: self._new_state(name) for name in self._state_keys(self.defaults)}
+        self.state = _State((name, self._new_state(name))
+                            for name in self._state_keys(self.defaults))
         if self._on_gpu:  # the step counter and the lr used live on the device
             self._step_state = self._xp.zeros(2, dtype=np.uint64)
             self._lr_out = self._xp.zeros(1, dtype=np.float64)
@@ -123,7 +136,7 @@ class FlatOptimizer:
 
     def _state_keys(self, defaults: dict) -> tuple[str, ...]:
         """Every float32 state buffer: the optimizer's, plus the master copy of 16-bit params."""
-        master = ("master_params",) if self.dtype != "float32" else ()
+        master = (MASTER,) if self.dtype != "float32" else ()
         return self.active_state_names(defaults) + master
 
     def _hypers(self, defaults: dict | None = None) -> dict:
@@ -143,12 +156,12 @@ class FlatOptimizer:
         """Pack the kernel call for the current buffers and hyperparameters (fastopt.engine)."""
         params = self.params if self._on_gpu else kernel_view(self.params)
         states = {name: self.state[name] for name in self.active_state_names()}
-        self._prepared = Prepared(self.definition, params, self.state.get("master_params"),
+        self._prepared = Prepared(self.definition, params, self.state.get(MASTER),
                                   states, self._hypers(), self.dtype, self._on_gpu,
                                   self._parallel)
 
     def _new_state(self, name: str, value: float | None = None):
-        if name == "master_params":  # the float32 values of the 16-bit params
+        if name == MASTER:  # the float32 values of the 16-bit params
             if self.dtype == "bfloat16":
                 return _bf16.decode(self.params.view(np.uint16))
             return self.params.view(np.float16).astype(np.float32)
@@ -222,8 +235,8 @@ class FlatOptimizer:
         params in place: the kernel updates the master and overwrites the params with it, so
         a stale master would undo the change. Float32 params have no master (nothing to do)."""
         with self._state_lock:
-            if "master_params" in self.state:
-                self.state["master_params"][...] = self._new_state("master_params")
+            if MASTER in self.state:
+                self.state[MASTER][...] = self._new_state(MASTER)
 
     def step(self, grads, *, grad_scale: float | None = None, skip_if_nonfinite: bool = False,
              max_grad_norm: float | None = None) -> bool:
@@ -310,14 +323,18 @@ class FlatOptimizer:
         """Restore a ``state_dict()``; checks everything first, so a bad dict changes nothing.
 
         The schedule table is validated like a constructor's. 16-bit params loading a dict
-        without ``master_params`` (from a float32 run, say) take their master from the
-        params' current values. A step running in another thread is waited for.
+        without ``master_param`` (``master_params`` before the rename; from a float32 run,
+        say) take their master from the params' current values. A step running in another
+        thread is waited for.
         """
         with self._state_lock:
             self._load_state_dict_locked(state_dict)
 
     def _load_state_dict_locked(self, state_dict: dict) -> None:
         d = dict(state_dict)
+        for alias in MASTER_ALIASES:  # dicts saved before the rename
+            if alias in d and MASTER not in d:
+                d[MASTER] = d.pop(alias)
         name = d.get("optimizer", type(self).__name__)
         if name != type(self).__name__:
             raise ValueError(f"state_dict is for {name}, not {type(self).__name__}")
@@ -339,7 +356,7 @@ class FlatOptimizer:
         lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
         arrays = {}
         for key in self._state_keys(defaults):
-            if key == "master_params" and key not in d:
+            if key == MASTER and key not in d:
                 continue  # e.g. from a float32 run: the master is taken from the params
             if key not in d:
                 raise KeyError(f"state_dict has no {key!r}")
@@ -354,8 +371,8 @@ class FlatOptimizer:
         self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
         if self._on_gpu:
             self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)
-        if "master_params" in self._state_keys(defaults) and "master_params" not in arrays:
-            arrays["master_params"] = self._new_state("master_params")  # from the params
+        if MASTER in self._state_keys(defaults) and MASTER not in arrays:
+            arrays[MASTER] = self._new_state(MASTER)  # from the params
         for key, value in arrays.items():
             if key not in self.state:
                 self.state[key] = self._new_state(key)

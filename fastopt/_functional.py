@@ -92,13 +92,14 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     the lr the kernel used (schedule value times ``lr_scale``)."""
     sched = _schedule(definition.lr_default if lr is None and schedule is None else lr,
                       schedule)
-    checked = definition.check({**hypers, **fixed})
+    checked = definition.check({**{h.name: h.default for h in definition.hypers}, **hypers,
+                                **fixed})
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     active = definition.active_state(checked)
     for name in definition.state_names:
         if name in active and states[name] is None:
             when = next(s.when for s in definition.state if s.name == name)
-            raise ValueError(f"{name} is required when {when}")
+            raise ValueError(f"{name} is required" + (f" when {when}" if when else ""))
     buffers = {name: states[name] for name in active}
     n, name = _buffers(params, grads, master, dtype, **buffers)
     fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))

@@ -34,6 +34,7 @@ import numpy as np
 from . import optimizers
 from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
 from .algorithms import CLASSES, REGISTRY
+from .algorithms._spec import MASTER, MASTER_ALIASES
 from .schedules import TABLE_COLUMNS
 
 try:
@@ -209,7 +210,7 @@ def _remove_stale_temps(directory: Path) -> None:
 # --------------------------------------------------------------------------- reading
 
 #: every member name an .npz checkpoint may hold (``<name>.npy``)
-_STATE_MEMBERS = frozenset(["master_params", *(
+_STATE_MEMBERS = frozenset([MASTER, *MASTER_ALIASES, *(
     key for d in REGISTRY.values() for key in d.state_names)])
 MAX_META_BYTES = 1 << 20  # the JSON header
 MAX_SCHEDULE_ROWS = 1 << 16  # schedule table rows (9 float64 each)
@@ -254,6 +255,11 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
             wanted["schedule"] = (np.float64, None)
             arrays = {key: _read_member(path, z, members[key], dtype, size)
                       for key, (dtype, size) in wanted.items()}
+            for alias in MASTER_ALIASES:  # files written before the rename
+                if alias in arrays:
+                    if MASTER in arrays:
+                        raise CheckpointError(f"{path}: both {MASTER!r} and {alias!r}")
+                    arrays[MASTER] = arrays.pop(alias)
     except CheckpointError:
         raise
     except MemoryError:  # sizes are checked first: this is the machine, not the file

@@ -491,6 +491,9 @@ def cuda_source(d: Definition) -> str:
 
 # ------------------------------------------------------------------------------ the API
 
+#: the hyperparameters the driver consumes (every definition may have them)
+DRIVER_HYPERS = ("weight_decay", "maximize", "decoupled_weight_decay")
+
 
 def _public_hypers(d: Definition, spec) -> list[tuple[str, str]]:
     """(name, default as source) of a class's hyperparameters, in the definition's order."""
@@ -544,7 +547,7 @@ def functional_source() -> str:
         "``step`` is the 1-based number of the step being taken: the k-th step uses",
         "``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning rate",
         "the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,",
-        "bfloat16) come with ``master=``, their float32 copy; as raw uint16 bits they also",
+        "bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they also",
         "need ``dtype=`` naming the format. State buffers are float32, or uint16 holding",
         "bfloat16 bits (rounded stochastically).",
         '"""', "", "from ._functional import run, take_alias",
@@ -553,7 +556,10 @@ def functional_source() -> str:
     lines += ["__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"]
     for d in REGISTRY.values():
         for spec in d.classes:
-            hypers = _public_hypers(d, spec)
+            # the kernel's hyperparameters and the driver's; not those only a class uses to
+            # make its state (initial_accumulator_value: the caller owns the buffers here)
+            hypers = [(n, v) for n, v in _public_hypers(d, spec)
+                      if d.hyper(n).slots or n in DRIVER_HYPERS]
             states = []
             for st in d.state:
                 optional = st.when is not None or st.aliases
@@ -561,28 +567,31 @@ def functional_source() -> str:
             aliases = [a for st in d.state for a in st.aliases]
             fresh = ["fresh=None"] if d.first_grad_state else []
             args = ["params", "grads", *states, "*", "step", "lr=None", "schedule=None",
-                    "master=None", "dtype=None", *(f"{n}={v}" for n, v in hypers),
-                    "lr_scale=1.0", "grad_scale=1.0", *fresh, *(f"{a}=None" for a in aliases)]
+                    "master_param=None", "dtype=None", *(f"{n}={v}" for n, v in hypers),
+                    "lr_scale=1.0", "grad_scale=1.0", *fresh, *(f"{a}=None" for a in aliases),
+                    "master=None"]
             doc = [f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
                    "    One step k = ``step`` in place; returns the lr the kernel used."]
             if fresh:
                 doc += ["", f"    fresh: whether {', '.join(d.first_grad_state)} is still "
                             "unset (torch's None), so this step",
                         "    sets it to the gradient; default: ``step == 1``."]
-            if aliases:
-                doc += ["", f"    {', '.join(aliases)}: deprecated spellings of "
-                            f"{', '.join(st.name for st in d.state if st.aliases)} "
-                            "(one release)."]
+            renamed = ", ".join([*(f"{a} ({st.name})" for st in d.state for a in st.aliases),
+                                 "master (master_param)"])
+            doc += ["", f"    Deprecated spellings, for one release: {renamed}."]
             lines += ["", "", *_wrap(f"def {spec.name.lower()}(", args, ") -> float:", 0), *doc,
                       '    """']
             for st in d.state:
                 for alias in st.aliases:
                     lines.append(f'    {st.name} = take_alias("{alias}", {alias}, '
                                  f'"{st.name}", {st.name})')
+            lines.append('    master_param = take_alias("master", master, "master_param", '
+                         'master_param)')
             state_dict = "{" + ", ".join(f'"{st.name}": {st.name}' for st in d.state) + "}"
             hyper_dict = "dict(" + ", ".join(f"{n}={n}" for n, _ in hypers) + ")"
             call = [f'REGISTRY["{d.name}"]', repr(spec.fixed), "params", "grads", state_dict,
-                    "step=step", "lr=lr", "schedule=schedule", "master=master", "dtype=dtype",
+                    "step=step", "lr=lr", "schedule=schedule", "master=master_param",
+                    "dtype=dtype",
                     f"hypers={hyper_dict}", "lr_scale=lr_scale", "grad_scale=grad_scale",
                     f"fresh={'fresh' if fresh else 'None'}"]
             lines += _wrap("    return run(", call, ")", 0)

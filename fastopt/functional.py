@@ -9,7 +9,7 @@ current stream) and runs one kernel call that evaluates the schedule for this st
 ``step`` is the 1-based number of the step being taken: the k-th step uses
 ``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning rate
 the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,
-bfloat16) come with ``master=``, their float32 copy; as raw uint16 bits they also
+bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they also
 need ``dtype=`` naming the format. State buffers are float32, or uint16 holding
 bfloat16 bits (rounded stochastically).
 """
@@ -21,8 +21,9 @@ __all__ = ["adam", "adamw", "adagrad", "adadelta", "sgd"]
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=None, schedule=None,
-         master=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, amsgrad=False,
-         maximize=False, decoupled_weight_decay=False, lr_scale=1.0, grad_scale=1.0) -> float:
+         master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
+         amsgrad=False, maximize=False, decoupled_weight_decay=False, lr_scale=1.0, grad_scale=1.0,
+         master=None) -> float:
     """Adam: L2 weight decay added to the gradient; torch.optim.Adam's defaults.
 
     Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019), as torch.optim.Adam/AdamW.
@@ -31,18 +32,21 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=No
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
     """
+    master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adam"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
                "max_exp_avg_sq": max_exp_avg_sq}, step=step, lr=lr, schedule=schedule,
-               master=master, dtype=dtype, hypers=dict(betas=betas, eps=eps,
+               master=master_param, dtype=dtype, hypers=dict(betas=betas, eps=eps,
                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                decoupled_weight_decay=decoupled_weight_decay), lr_scale=lr_scale,
                grad_scale=grad_scale, fresh=None)
 
 
 def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=None, schedule=None,
-          master=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01, amsgrad=False,
-          maximize=False, lr_scale=1.0, grad_scale=1.0) -> float:
+          master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
+          amsgrad=False, maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """AdamW: decoupled weight decay p <- p * (1 - lr * wd); torch.optim.AdamW's defaults.
 
     Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019), as torch.optim.Adam/AdamW.
@@ -51,17 +55,20 @@ def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=N
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
     """
+    master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adam"], {'decoupled_weight_decay': True}, params, grads, {"exp_avg":
                exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq}, step=step,
-               lr=lr, schedule=schedule, master=master, dtype=dtype, hypers=dict(betas=betas,
+               lr=lr, schedule=schedule, master=master_param, dtype=dtype, hypers=dict(betas=betas,
                eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
 
 
-def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master=None, dtype=None,
-            lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0, eps=1e-10,
-            maximize=False, lr_scale=1.0, grad_scale=1.0, state_sum=None) -> float:
+def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_param=None, dtype=None,
+            lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, lr_scale=1.0, grad_scale=1.0,
+            state_sum=None, master=None) -> float:
     """Adagrad with torch's lr_decay and initial_accumulator_value.
 
     Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
@@ -70,18 +77,19 @@ def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master=Non
 
     One step k = ``step`` in place; returns the lr the kernel used.
 
-    state_sum: deprecated spellings of sum (one release).
+    Deprecated spellings, for one release: state_sum (sum), master (master_param).
     """
     sum = take_alias("state_sum", state_sum, "sum", sum)
+    master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adagrad"], {}, params, grads, {"sum": sum}, step=step, lr=lr,
-               schedule=schedule, master=master, dtype=dtype, hypers=dict(lr_decay=lr_decay,
-               weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value,
-               eps=eps, maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+               schedule=schedule, master=master_param, dtype=dtype, hypers=dict(lr_decay=lr_decay,
+               weight_decay=weight_decay, eps=eps, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
 
 
-def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None, master=None,
-             dtype=None, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False, lr_scale=1.0,
-             grad_scale=1.0) -> float:
+def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
+             master_param=None, dtype=None, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False,
+             lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Adadelta with torch's lr factor on the update.
 
     Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
@@ -90,16 +98,19 @@ def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=No
         acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
 
     One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
     """
+    master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adadelta"], {}, params, grads, {"square_avg": square_avg, "acc_delta":
-               acc_delta}, step=step, lr=lr, schedule=schedule, master=master, dtype=dtype,
+               acc_delta}, step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
                hypers=dict(rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
 
 
-def sgd(params, grads, momentum_buffer=None, *, step, lr=None, schedule=None, master=None,
+def sgd(params, grads, momentum_buffer=None, *, step, lr=None, schedule=None, master_param=None,
         dtype=None, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-        lr_scale=1.0, grad_scale=1.0, fresh=None) -> float:
+        lr_scale=1.0, grad_scale=1.0, fresh=None, master=None) -> float:
     """SGD with momentum (torch.optim.SGD's arguments and numbers).
 
     SGD with momentum, dampening and Nesterov momentum, as torch.optim.SGD.
@@ -111,8 +122,12 @@ def sgd(params, grads, momentum_buffer=None, *, step, lr=None, schedule=None, ma
 
     fresh: whether momentum_buffer is still unset (torch's None), so this step
     sets it to the gradient; default: ``step == 1``.
+
+    Deprecated spellings, for one release: master (master_param).
     """
+    master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["sgd"], {}, params, grads, {"momentum_buffer": momentum_buffer}, step=step,
-               lr=lr, schedule=schedule, master=master, dtype=dtype, hypers=dict(momentum=momentum,
-               dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-               maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=fresh)
+               lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+               nesterov=nesterov, maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale,
+               fresh=fresh)

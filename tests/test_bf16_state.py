@@ -108,7 +108,7 @@ def test_bf16_state_with_16_bit_params_and_errors():
     p = np.random.default_rng(4).standard_normal(N).astype(ml_dtypes.bfloat16)
     opt = fastopt.AdamW(p, state_dtype="bfloat16")
     opt.step(np.ones(N, np.float32))
-    assert opt.state["master_params"].dtype == np.float32  # the master stays float32
+    assert opt.state["master_param"].dtype == np.float32  # the master stays float32
     assert opt.state["exp_avg"].dtype == np.uint16
     with pytest.raises(ValueError, match="state_dtype"):
         fastopt.Adam(np.ones(4, np.float32), state_dtype="float16")

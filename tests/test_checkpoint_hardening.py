@@ -319,7 +319,7 @@ def test_16_bit_params_must_be_stored_as_their_uint16_bits(tmp_path):
                            (np.zeros(N, np.uint16), {"dtype": "float16"})):
         back = fastopt.load(path, target, **kwargs)
         np.testing.assert_array_equal(target.view(np.uint16), p.view(np.uint16))
-        np.testing.assert_array_equal(back.state["master_params"], opt.state["master_params"])
+        np.testing.assert_array_equal(back.state["master_param"], opt.state["master_param"])
     members = _members(path)
     members["params.npy"] = _npy(p)  # float16 values, not uint16 bits: was cast to integers
     _write_zip(tmp_path / "v.npz", members)

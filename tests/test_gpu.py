@@ -70,7 +70,7 @@ def test_gpu_half_params(dtype):
     for g in _grads(n, 50):
         cpu.step(as16(g).get())
         opt.step(as16(g))
-    np.testing.assert_allclose(opt.state["master_params"].get(), cpu.state["master_params"],
+    np.testing.assert_allclose(opt.state["master_param"].get(), cpu.state["master_param"],
                                rtol=1e-5, atol=1e-6)
     assert int((p16.get() != cpu.params).sum()) <= n // 100  # rounding of ulp-close masters
 
@@ -164,7 +164,7 @@ def test_gpu_16_bit_clipping_and_skip_equal_cpu(dtype):
         cpu.step(g16, grad_scale=2.0, max_grad_norm=1.0)
         gpu.step(cupy.asarray(g16), grad_scale=2.0, max_grad_norm=1.0)
         assert gpu.last_grad_norm == pytest.approx(cpu.last_grad_norm, rel=1e-5)
-    np.testing.assert_allclose(gpu.state["master_params"].get(), cpu.state["master_params"],
+    np.testing.assert_allclose(gpu.state["master_param"].get(), cpu.state["master_param"],
                                rtol=1e-5, atol=1e-6)
     bad = cupy.asarray(np.full(n, 0x7FC0 if dtype == "bfloat16" else 0x7E00, np.uint16))
     assert gpu.step(bad, skip_if_nonfinite=True) is False and gpu.step_count == 8
@@ -224,8 +224,8 @@ def test_functional_bf16_bits_on_gpu():
     dev = [cupy.asarray(a) for a in host]
     for k, g in enumerate(_grads(n, 6), start=1):
         gb = _bf16.encode(g)
-        F.adamw(host[0], gb, host[2], host[3], step=k, master=host[1], dtype="bfloat16")
-        F.adamw(dev[0], cupy.asarray(gb), dev[2], dev[3], step=k, master=dev[1],
+        F.adamw(host[0], gb, host[2], host[3], step=k, master_param=host[1], dtype="bfloat16")
+        F.adamw(dev[0], cupy.asarray(gb), dev[2], dev[3], step=k, master_param=dev[1],
                 dtype="bfloat16")
     np.testing.assert_allclose(dev[1].get(), host[1], rtol=1e-5, atol=1e-6)
 

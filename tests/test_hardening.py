@@ -133,7 +133,7 @@ def test_load_without_master_takes_the_params_current_values(dtype):
     float_run = fastopt.AdamW(p32, lr=0.1)
     float_run.step(rng.standard_normal(64).astype(np.float32))
     d = float_run.state_dict()
-    assert "master_params" not in d
+    assert "master_param" not in d
 
     p16 = (-np.ones(64)).astype(dtype)
     opt = fastopt.AdamW(p16, lr=0.1)
@@ -383,7 +383,7 @@ def test_flatbuffer_takes_bfloat16():
     opt.step(grads)
     assert fb.offsets == [0, 32]  # 64-byte alignment: 32 bfloat16 elements
     assert np.all(fb.buffer[5:32].astype(np.float32) == 0.0)  # padding
-    assert np.all(opt.state["master_params"][:5] < a)  # bf16 params round 1 - 1e-3 to 1
+    assert np.all(opt.state["master_param"][:5] < a)  # bf16 params round 1 - 1e-3 to 1
 
 
 @pytest.mark.parametrize("clone", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))])

@@ -37,12 +37,12 @@ def test_master_equals_float32_run_and_params_are_rne(name, dtype, grad_kind):
     p32 = p16.astype(np.float32)
     ref = MAKERS[name](p32)
     opt = MAKERS[name](p16)
-    assert opt.dtype == dtype and "master_params" in opt.state
+    assert opt.dtype == dtype and "master_param" in opt.state
     for g in grads:
         ref.step(g.astype(np.float32))
         given = {"same": g, "float32": g.astype(np.float32), "bits": g.view(np.uint16)}[grad_kind]
         opt.step(given)
-    master = opt.state["master_params"]
+    master = opt.state["master_param"]
     np.testing.assert_array_equal(master, p32)  # the same float32 math, bit for bit
     np.testing.assert_array_equal(p16.view(np.uint16), master.astype(dt).view(np.uint16))
     assert not np.array_equal(p16, _data(dt)[0])  # it moved
@@ -72,7 +72,7 @@ def test_functional_with_master():
     ref = p16.astype(np.float32)
     rm, rv = np.zeros(N, np.float32), np.zeros(N, np.float32)
     for k, g in enumerate(grads, start=1):
-        F.adam(p16, g, m, v, step=k, lr=1e-2, master=master)
+        F.adam(p16, g, m, v, step=k, lr=1e-2, master_param=master)
         F.adam(ref, g.astype(np.float32), rm, rv, step=k, lr=1e-2)
     np.testing.assert_array_equal(master, ref)
     np.testing.assert_array_equal(p16, ref.astype(np.float16))
@@ -91,15 +91,15 @@ def test_functional_uint16_bits_with_dtype(op, dtype):
     typed = [p16.astype(np.float32)] + [np.zeros(N, np.float32) for _ in range(states)]
     raw = [bits.view(dt).astype(np.float32)] + [np.zeros(N, np.float32) for _ in range(states)]
     for k, g in enumerate(grads, start=1):
-        getattr(F, op)(p16, g, *typed[1:], step=k, master=typed[0])
-        getattr(F, op)(bits, g.view(np.uint16), *raw[1:], step=k, master=raw[0], dtype=dtype)
+        getattr(F, op)(p16, g, *typed[1:], step=k, master_param=typed[0])
+        getattr(F, op)(bits, g.view(np.uint16), *raw[1:], step=k, master_param=raw[0], dtype=dtype)
     np.testing.assert_array_equal(bits, p16.view(np.uint16))
     np.testing.assert_array_equal(raw[0], typed[0])
     with pytest.raises(TypeError, match="grads"):  # grads in the params' array dtype
-        getattr(F, op)(bits, grads[0], *raw[1:], step=7, master=raw[0], dtype=dtype)
+        getattr(F, op)(bits, grads[0], *raw[1:], step=7, master_param=raw[0], dtype=dtype)
     with pytest.raises(TypeError, match="params"):  # dtype= describes uint16 bits only
         getattr(F, op)(np.ones(N, np.float32), np.ones(N, np.float32), *raw[1:], step=7,
-                       master=raw[0], dtype=dtype)
+                       master_param=raw[0], dtype=dtype)
 
 
 def test_state_dict_and_checkpoint_keep_the_master(tmp_path):
@@ -107,11 +107,11 @@ def test_state_dict_and_checkpoint_keep_the_master(tmp_path):
     opt = fastopt.Adagrad(p16, lr=SCHED)
     for g in grads[:8]:
         opt.step(g)
-    assert "master_params" in opt.state_dict()
+    assert "master_param" in opt.state_dict()
     fastopt.save(opt, tmp_path / "bf16.npz")
     fresh = np.zeros(N, ml_dtypes.bfloat16)
     back = fastopt.load(tmp_path / "bf16.npz", fresh)
-    np.testing.assert_array_equal(back.state["master_params"], opt.state["master_params"])
+    np.testing.assert_array_equal(back.state["master_param"], opt.state["master_param"])
     for g in grads[8:]:
         opt.step(g)
         back.step(g)

@@ -38,6 +38,11 @@ STATE_SLOTS = 4
 DECAY_FORMS = ("l2", "decoupled", "choice")
 #: a state buffer's ``init`` that means "the first gradient" (SGD's momentum_buffer)
 FIRST_GRAD = "first_grad"
+#: the float32 master copy of 16-bit params: its state name in every layer (core optimizers,
+#: functional keyword, fastopt.torch, checkpoints), and its former spellings, accepted with a
+#: DeprecationWarning for one release
+MASTER = "master_param"
+MASTER_ALIASES = ("master_params", "master")
 #: the kernels' ``fresh`` argument: whether FIRST_GRAD state is still unset (0: no, 1: yes,
 #: 2: exactly at step 1, judged by the kernel from its step counter, so a captured CUDA
 #: graph replays it right)

@@ -25,6 +25,7 @@ import torch
 from .. import cpu
 from .._checks import check_lr
 from ..algorithms import Definition
+from ..algorithms._spec import MASTER
 from ..cpu.schedule import host_lr
 from ..engine import Prepared, run_once
 from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule
@@ -33,7 +34,6 @@ ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
 #: 16-bit parameter dtypes: updated through a float32 master copy, in the same kernel pass
 HALF_FORMATS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PARAM_DTYPES = (torch.float32, *HALF_FORMATS)
-MASTER = "master_param"  # the per-param state name of a 16-bit param's float32 master copy
 #: ``state_dtype`` names -> the state buffers' torch dtype (bfloat16: stochastically rounded)
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
