@@ -33,7 +33,8 @@ def array_module(array) -> str:
         f"expected a numpy.ndarray (or a cupy.ndarray), got {type(array).__name__}")
 
 
-#: element types each backend's kernels take for params and grads (state is always float32)
+#: element types each backend's kernels take for params and grads (state: float32, or uint16
+#: holding bfloat16 bits)
 PARAM_DTYPES = {"numpy": ("float32", "float16", "bfloat16"),
                 "cupy": ("float32", "float16", "bfloat16")}
 #: 16-bit formats as the CPU kernels number them (fastopt/cpu/convert.py)

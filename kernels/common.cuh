@@ -1,5 +1,8 @@
 // fastopt CUDA common header: qualifiers, typed load/store (fp32 math inside), vector access,
-// and the device-resident step counter. Mirrors nothing on the CPU: Numba needs none of it.
+// and the device-resident step counter: the CUDA side of the driver that fastopt/codegen.py
+// writes into every kernels/<name>.cu. Its CPU counterparts are fastopt/cpu/access.py and
+// convert.py (16-bit and bf16 conversions, the random bits of the bf16 rounding); both are
+// checked against each other by tests/test_cuda_host.py.
 #pragma once
 
 #if defined(__CUDACC__)

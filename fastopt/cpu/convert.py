@@ -10,7 +10,7 @@ from ._jit import scalar as helper  # LLVM inlines these; IR inlining of branche
 
 FP16, BF16 = 0, 1
 _U = np.uint32
-LOW16, SHIFT8, SHIFT16 = _U(0xFFFF), _U(8), _U(16)  # slicing 16 random bits out of 32
+LOW16 = _U(0xFFFF)  # 16 random bits out of 32 (which 16: STATE_RANDOM_SHIFTS)
 
 
 @helper
