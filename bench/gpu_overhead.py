@@ -78,12 +78,15 @@ def main() -> int:
     rows = {"fastopt.torch AdamW": fot_step(), "fastopt AdamW (cupy)": core_step(),
             "torch fused AdamW": torch_step()}
     times = {k: per_step(f, args.steps, sync) for k, f in rows.items()}
-    fast_lr = fastopt.torch.optim.host_lr
+    import fastopt.engine
+    import fastopt.torch._base
+
+    fast_lr = fastopt.engine.host_lr
     reference_lr = lambda schedule, step: schedule.at(step)  # noqa: E731
-    fastopt.torch.optim.host_lr = fastopt.functional.host_lr = reference_lr
+    fastopt.torch._base.host_lr = fastopt.engine.host_lr = reference_lr
     for k in ("fastopt.torch AdamW", "fastopt AdamW (cupy)"):
         times[f"{k}, lr from Schedule.at"] = per_step(rows[k], args.steps, sync)
-    fastopt.torch.optim.host_lr = fastopt.functional.host_lr = fast_lr
+    fastopt.torch._base.host_lr = fastopt.engine.host_lr = fast_lr
     print(f"| implementation ({n} params, {len(SHAPES)} tensors) | µs per step |")
     print("|---|---|")
     for k, t in times.items():

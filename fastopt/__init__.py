@@ -4,17 +4,14 @@ from . import functional, schedules
 from ._checks import ArrayArgumentError
 from .checkpoint import CheckpointError, load, save
 from .flat import FlatBuffer
-from .optimizers import SGD, Adadelta, Adagrad, Adam, AdamW
+from .optimizers import *  # noqa: F403  (one class per public optimizer name, generated)
+from .optimizers import __all__ as _optimizers
 from .schedules import ReduceOnPlateau, Schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adam",
-    "AdamW",
-    "Adagrad",
-    "Adadelta",
-    "SGD",
+    *_optimizers,
     "ArrayArgumentError",
     "CheckpointError",
     "FlatBuffer",

@@ -38,11 +38,10 @@ from ._checks import (
 )
 from .algorithms import Definition
 from .algorithms._spec import FRESH_AT_FIRST_STEP, MASTER, MASTER_ALIASES
-from .cpu.schedule import host_lr
 from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
 from .flat import FlatBuffer
-from .schedules import Schedule
+from .schedules import Schedule, host_lr
 
 #: step counts are at most this (exclusive): the kernels take the step as a signed 64-bit int
 MAX_STEP = 2**63
@@ -122,6 +121,7 @@ class FlatOptimizer:
         with self._state_lock:
             state = dict(self.__dict__)
         del state["_step_lock"], state["_state_lock"], state["_xp"], state["_prepared"]
+        state["_grads_apart"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -156,6 +156,9 @@ class FlatOptimizer:
         """Pack the kernel call for the current buffers and hyperparameters (fastopt.engine)."""
         params = self.params if self._on_gpu else kernel_view(self.params)
         states = {name: self.state[name] for name in self.active_state_names()}
+        #: the last grads array checked to share no memory with params and state (an array
+        #: keeps its memory, so the check is not repeated while the same one comes back)
+        self._grads_apart = None
         self._prepared = Prepared(self.definition, params, self.state.get(MASTER),
                                   states, self._hypers(), self.dtype, self._on_gpu,
                                   self._parallel)
@@ -252,7 +255,9 @@ class FlatOptimizer:
         """
         check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
                      dtype=self._grad_dtypes)
-        check_apart("grads", grads, self._owned_buffers)
+        if grads is not self._grads_apart:  # the same array as last step: its memory is too
+            check_apart("grads", grads, self._owned_buffers)
+            self._grads_apart = grads
         mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
         max_norm = check_max_grad_norm(self.max_grad_norm if max_grad_norm is None
                                        else max_grad_norm)

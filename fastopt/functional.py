@@ -17,7 +17,49 @@ bfloat16 bits (rounded stochastically).
 from ._functional import run, take_alias
 from .algorithms import REGISTRY
 
-__all__ = ["adam", "adamw", "adagrad", "adadelta", "sgd"]
+__all__ = ["adadelta", "adagrad", "adam", "adamw", "sgd"]
+
+
+def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
+             master_param=None, dtype=None, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False,
+             lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+    """Adadelta with torch's lr factor on the update.
+
+    Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
+
+        sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
+        acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["adadelta"], {}, params, grads, {"square_avg": square_avg, "acc_delta":
+               acc_delta}, step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
+               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+
+
+def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_param=None, dtype=None,
+            lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, lr_scale=1.0, grad_scale=1.0,
+            state_sum=None, master=None) -> float:
+    """Adagrad with torch's lr_decay and initial_accumulator_value.
+
+    Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
+
+        sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: state_sum (sum), master (master_param).
+    """
+    sum = take_alias("state_sum", state_sum, "sum", sum)
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["adagrad"], {}, params, grads, {"sum": sum}, step=step, lr=lr,
+               schedule=schedule, master=master_param, dtype=dtype, hypers=dict(lr_decay=lr_decay,
+               weight_decay=weight_decay, eps=eps, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=None, schedule=None,
@@ -63,48 +105,6 @@ def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=N
                exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq}, step=step,
                lr=lr, schedule=schedule, master=master_param, dtype=dtype, hypers=dict(betas=betas,
                eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
-               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
-
-
-def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_param=None, dtype=None,
-            lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, lr_scale=1.0, grad_scale=1.0,
-            state_sum=None, master=None) -> float:
-    """Adagrad with torch's lr_decay and initial_accumulator_value.
-
-    Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
-
-        sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
-
-    One step k = ``step`` in place; returns the lr the kernel used.
-
-    Deprecated spellings, for one release: state_sum (sum), master (master_param).
-    """
-    sum = take_alias("state_sum", state_sum, "sum", sum)
-    master_param = take_alias("master", master, "master_param", master_param)
-    return run(REGISTRY["adagrad"], {}, params, grads, {"sum": sum}, step=step, lr=lr,
-               schedule=schedule, master=master_param, dtype=dtype, hypers=dict(lr_decay=lr_decay,
-               weight_decay=weight_decay, eps=eps, maximize=maximize), lr_scale=lr_scale,
-               grad_scale=grad_scale, fresh=None)
-
-
-def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
-             master_param=None, dtype=None, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False,
-             lr_scale=1.0, grad_scale=1.0, master=None) -> float:
-    """Adadelta with torch's lr factor on the update.
-
-    Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
-
-        sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
-        acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
-
-    One step k = ``step`` in place; returns the lr the kernel used.
-
-    Deprecated spellings, for one release: master (master_param).
-    """
-    master_param = take_alias("master", master, "master_param", master_param)
-    return run(REGISTRY["adadelta"], {}, params, grads, {"square_avg": square_avg, "acc_delta":
-               acc_delta}, step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
 
 

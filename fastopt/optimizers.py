@@ -9,7 +9,50 @@ definition; the machinery is ``fastopt._core.FlatOptimizer``.
 from ._core import FlatOptimizer
 from .algorithms import REGISTRY
 
-__all__ = ["Adam", "AdamW", "Adagrad", "Adadelta", "SGD"]
+__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "SGD"]
+
+
+class Adadelta(FlatOptimizer):
+    """Adadelta with torch's lr factor on the update.
+
+    Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
+
+        sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
+        acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    """
+
+    definition = REGISTRY["adadelta"]
+    fixed = {}
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False, *,
+                 dtype=None, state_dtype="float32"):
+        super().__init__(params, lr, dict(rho=rho, eps=eps, weight_decay=weight_decay,
+                         maximize=maximize), dtype, state_dtype)
+
+
+class Adagrad(FlatOptimizer):
+    """Adagrad with torch's lr_decay and initial_accumulator_value.
+
+    Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
+
+        sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    """
+
+    definition = REGISTRY["adagrad"]
+    fixed = {}
+
+    def __init__(self, params, lr=0.01, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *, dtype=None,
+                 state_dtype="float32"):
+        super().__init__(params, lr, dict(lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps,
+                         maximize=maximize), dtype, state_dtype)
 
 
 class Adam(FlatOptimizer):
@@ -54,49 +97,6 @@ class AdamW(FlatOptimizer):
                  amsgrad=False, maximize=False, *, dtype=None, state_dtype="float32"):
         super().__init__(params, lr, dict(betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize), dtype, state_dtype)
-
-
-class Adagrad(FlatOptimizer):
-    """Adagrad with torch's lr_decay and initial_accumulator_value.
-
-    Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
-
-        sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
-
-    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
-    """
-
-    definition = REGISTRY["adagrad"]
-    fixed = {}
-
-    def __init__(self, params, lr=0.01, lr_decay=0.0, weight_decay=0.0,
-                 initial_accumulator_value=0.0, eps=1e-10, maximize=False, *, dtype=None,
-                 state_dtype="float32"):
-        super().__init__(params, lr, dict(lr_decay=lr_decay, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value, eps=eps,
-                         maximize=maximize), dtype, state_dtype)
-
-
-class Adadelta(FlatOptimizer):
-    """Adadelta with torch's lr factor on the update.
-
-    Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
-
-        sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
-        acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
-
-    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
-    """
-
-    definition = REGISTRY["adadelta"]
-    fixed = {}
-
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False, *,
-                 dtype=None, state_dtype="float32"):
-        super().__init__(params, lr, dict(rho=rho, eps=eps, weight_decay=weight_decay,
-                         maximize=maximize), dtype, state_dtype)
 
 
 class SGD(FlatOptimizer):

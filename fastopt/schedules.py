@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .cpu.schedule import lr_at
+
 # Segment kinds (the same numbers in every kernel) and their parameters p0..p5:
 CONSTANT = 0  # lr                                        p: lr
 POLYNOMIAL = 1  # (lr - end) * (1 - min(t, T) / T)^power + end  p: lr, end, T, power
@@ -424,6 +426,14 @@ def warmup(schedule: Schedule | float, warmup_steps: int, start_lr: float = 0.0)
     joined = join([ramp, schedule], [warmup_steps])
     return Schedule(joined.table, f"warmup({schedule!r}, warmup_steps={warmup_steps}, "
                                   f"start_lr={start_lr})")
+
+
+def host_lr(schedule: Schedule, step) -> float:
+    """``schedule``'s lr at 0-based ``step`` from the kernels' own scalar evaluator, called from
+    Python: the value a kernel uses, in ~0.3 µs instead of the ~20 µs of ``Schedule.at`` (the
+    numpy reference). For per-step bookkeeping (``current_lr``, ``group['lr']``, the GPU
+    path's returned lr)."""
+    return float(lr_at(schedule.table, float(step)))
 
 
 def as_schedule(lr) -> Schedule:

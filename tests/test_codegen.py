@@ -51,8 +51,11 @@ def test_a_new_definition_generates_a_working_numba_kernel(tmp_path):
         table = np.array([[0, 0, 0, 0.1, 0, 0, 0, 0, 0]], np.float64)
         for k in range(1, 6):
             g = rng.standard_normal(100).astype(np.float32) * 2
-            lr = module.toyball(p, g, p, v, v, v, v, table, 1.0, 1.0, 0.01, True, False, 0,
-                                0.9, 0.5, 0, 0, 0, 0, 0, 0, k, 0, False)
+            lr = module.toyball(params=p, master=p, state0=v, state1=v, state2=v, state3=v,
+                                weight_decay=0.01, decoupled=True, maximize=False, h0=0.9,
+                                h1=0.5, h2=0.0, h3=0.0, h4=0.0, h5=0.0, h6=0.0, h7=0.0, fmt=0,
+                                grads=g, table=table, step=k, lr_scale=1.0, grad_mult=1.0,
+                                fresh=0, parallel=False)
             assert lr == 0.1
             ref_p = ref_p * (1 - 0.1 * 0.01)
             ref_v = 0.9 * ref_v + 0.1 * np.clip(g, -0.5, 0.5)

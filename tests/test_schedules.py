@@ -120,7 +120,7 @@ def test_kernel_uses_at(name):
 def test_host_lr_equals_at(name):
     """host_lr (the kernels' scalar evaluator called from Python, for per-step bookkeeping such
     as fastopt.torch's group['lr']) equals the numpy reference at every step."""
-    from fastopt.cpu.schedule import host_lr
+    from fastopt.schedules import host_lr
 
     schedule, _, _, steps = CASES[name]
     got = [host_lr(schedule, k) for k in range(steps)]

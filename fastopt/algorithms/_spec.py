@@ -63,11 +63,15 @@ KERNEL_SIGNATURE: tuple[tuple[str, str], ...] = (
     *((f"h{i}", "double") for i in range(KERNEL_SLOTS)),
     ("n", "long long"),
 )
-#: the CPU kernels' arguments: the uniform names, the step and the CPU-only switches
+#: the CPU kernels' arguments that change from step to step (the rest are fixed per optimizer)
+CPU_PER_STEP = ("grads", "table", "step", "lr_scale", "grad_mult", "fresh", "parallel")
+#: the CPU kernels' arguments: the uniform names (no device step counter, lr output or n),
+#: ``fmt`` (the 16-bit format) and the per-step ones last, so a caller packs the fixed part
+#: once (fastopt.engine)
 CPU_SIGNATURE: tuple[str, ...] = tuple(
     name for name, _ in KERNEL_SIGNATURE
-    if name not in ("table_rows", "step_state", "lr_out", "n")
-) + ("step", "fmt", "parallel")
+    if name not in ("table_rows", "step_state", "lr_out", "n", *CPU_PER_STEP)
+) + ("fmt", *CPU_PER_STEP)
 #: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
 STATE_RANDOM_SHIFTS = (0, 16, 8, 4)
 

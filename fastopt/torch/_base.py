@@ -26,9 +26,8 @@ from .. import cpu
 from .._checks import check_lr
 from ..algorithms import Definition
 from ..algorithms._spec import MASTER
-from ..cpu.schedule import host_lr
 from ..engine import Prepared, run_once
-from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule
+from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule, host_lr
 
 ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
 #: 16-bit parameter dtypes: updated through a float32 master copy, in the same kernel pass

@@ -10,7 +10,52 @@ machinery is ``fastopt.torch._base.FlatOptimizer``.
 from ..algorithms import REGISTRY
 from ._base import FlatOptimizer
 
-__all__ = ["Adam", "AdamW", "Adagrad", "Adadelta", "SGD"]
+__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "SGD"]
+
+
+class Adadelta(FlatOptimizer):
+    """torch.optim.Adadelta's interface and numbers; lr may be a fastopt schedule.
+
+    Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
+
+        sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
+        acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["adadelta"]
+    fixed = {}
+    twin = definition.torch_twin.get("Adadelta")
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False, state_dtype="float32"):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                         foreach=foreach, capturable=capturable, maximize=maximize,
+                         differentiable=differentiable), state_dtype)
+
+
+class Adagrad(FlatOptimizer):
+    """torch.optim.Adagrad's interface and numbers; lr may be a fastopt schedule.
+
+    Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
+
+        sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["adagrad"]
+    fixed = {}
+    twin = definition.torch_twin.get("Adagrad")
+
+    def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
+                 state_dtype="float32"):
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps,
+                         foreach=foreach, maximize=maximize, differentiable=differentiable,
+                         fused=fused), state_dtype)
 
 
 class Adam(FlatOptimizer):
@@ -59,51 +104,6 @@ class AdamW(FlatOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                          differentiable=differentiable, fused=fused), state_dtype)
-
-
-class Adagrad(FlatOptimizer):
-    """torch.optim.Adagrad's interface and numbers; lr may be a fastopt schedule.
-
-    Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
-
-        sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
-
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
-    """
-
-    definition = REGISTRY["adagrad"]
-    fixed = {}
-    twin = definition.torch_twin.get("Adagrad")
-
-    def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
-                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 state_dtype="float32"):
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value, eps=eps,
-                         foreach=foreach, maximize=maximize, differentiable=differentiable,
-                         fused=fused), state_dtype)
-
-
-class Adadelta(FlatOptimizer):
-    """torch.optim.Adadelta's interface and numbers; lr may be a fastopt schedule.
-
-    Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
-
-        sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
-        acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
-
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
-    """
-
-    definition = REGISTRY["adadelta"]
-    fixed = {}
-    twin = definition.torch_twin.get("Adadelta")
-
-    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False, state_dtype="float32"):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-                         foreach=foreach, capturable=capturable, maximize=maximize,
-                         differentiable=differentiable), state_dtype)
 
 
 class SGD(FlatOptimizer):

@@ -52,9 +52,8 @@ def adam_element(i, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, ma
 
 
 @kernel
-def adam(params, grads, master, state0, state1, state2, state3, table, lr_scale, grad_mult,
-         weight_decay, decoupled, maximize, fresh, h0, h1, h2, h3, h4, h5, h6, h7, step, fmt,
-         parallel):
+def adam(params, master, state0, state1, state2, state3, weight_decay, decoupled, maximize, h0, h1,
+         h2, h3, h4, h5, h6, h7, fmt, grads, table, step, lr_scale, grad_mult, fresh, parallel):
     """One adam step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     beta1 = h0
