@@ -71,6 +71,16 @@ def copy_traffic_3r2w(a, b, c):
         c[i] = x
 
 
+def traffic_text() -> str:
+    """'28 B/param for adam, adamw, ...; 20 for ...': each optimizer's bytes per fp32 param,
+    with its benchmark options."""
+    by_bytes: dict[int, list[str]] = {}
+    for name in OPTIMIZERS:
+        label = name + "".join(f" ({k}={v})" for k, v in BENCH_OPTIONS[name].items())
+        by_bytes.setdefault(traffic(name), []).append(label)
+    return "; ".join(f"{b} B/param for {', '.join(names)}" for b, names in by_bytes.items())
+
+
 def roofline(name: str, n: int) -> Callable[[], None]:
     """A call of the copy kernel with ``name``'s traffic over n float32 elements."""
     kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w}[
@@ -350,8 +360,8 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
         "`CosineAnnealingLR` too (that is what a torch loop pays). `vs X` = X's time / fastopt's "
         "time (> 1: fastopt faster). `% roofline` = a same-traffic kernel with no arithmetic "
         "(the memory limit here) / fastopt's time. GB/s counts the optimizer's own traffic "
-        "(28 B/param for Adam(W) and Adadelta, 20 for Adagrad). The machine is shared: compare "
-        "ratios within a row, not absolute times across runs.",
+        f"({traffic_text()}). The machine is shared: compare ratios within a row, not "
+        "absolute times across runs.",
         "",
     ]
     if rows:
