@@ -505,16 +505,20 @@ def _doc(text: str, indent: str) -> list[str]:
     return [f"{indent}{line}".rstrip() for line in textwrap.dedent(text).strip().split("\n")]
 
 
+def _api_module(about: list[str], imports: list[str], names: list[str]) -> list[str]:
+    """The head of a generated API module: docstring, imports, ``__all__``."""
+    header = _gen_header("<name>", "").replace("fastopt/algorithms/<name>.py",
+                                              "the definitions in fastopt/algorithms")
+    return ['"""' + header, "", *about, '"""', "", *imports, "",
+            "__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"]
+
+
 def optimizers_source() -> str:
-    lines = ['"""' + _gen_header("<name>", "").strip().replace(
-        "fastopt/algorithms/<name>.py", "the definitions in fastopt/algorithms"),
-        "",
-        "The stateful optimizers over one flat buffer, one class per public name of each",
-        "definition; the machinery is ``fastopt._core.FlatOptimizer``.",
-        '"""', "", "from ._core import FlatOptimizer",
-        "from .algorithms import REGISTRY", ""]
-    names = [c.name for d in REGISTRY.values() for c in d.classes]
-    lines += ["__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"]
+    lines = _api_module(
+        ["The stateful optimizers over one flat buffer, one class per public name of each",
+         "definition; the machinery is ``fastopt._core.FlatOptimizer``."],
+        ["from ._core import FlatOptimizer", "from .algorithms import REGISTRY"],
+        [c.name for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
         for spec in d.classes:
             hypers = _public_hypers(d, spec)
@@ -537,23 +541,19 @@ def optimizers_source() -> str:
 
 
 def functional_source() -> str:
-    lines = ['"""' + _gen_header("<name>", "").strip().replace(
-        "fastopt/algorithms/<name>.py", "the definitions in fastopt/algorithms"),
-        "",
-        "One fused update over buffers the caller owns, one function per public optimizer",
-        "name (the class name in lower case). Each checks its arguments, picks the backend",
-        "from the array type (numpy: the Numba CPU kernels; cupy: the CUDA kernels, on the",
-        "current stream) and runs one kernel call that evaluates the schedule for this step.",
-        "``step`` is the 1-based number of the step being taken: the k-th step uses",
-        "``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning rate",
-        "the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,",
-        "bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they also",
-        "need ``dtype=`` naming the format. State buffers are float32, or uint16 holding",
-        "bfloat16 bits (rounded stochastically).",
-        '"""', "", "from ._functional import run, take_alias",
-        "from .algorithms import REGISTRY", ""]
-    names = [c.name.lower() for d in REGISTRY.values() for c in d.classes]
-    lines += ["__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"]
+    lines = _api_module(
+        ["One fused update over buffers the caller owns, one function per public optimizer",
+         "name (the class name in lower case). Each checks its arguments, picks the backend",
+         "from the array type (numpy: the Numba CPU kernels; cupy: the CUDA kernels, on the",
+         "current stream) and runs one kernel call that evaluates the schedule for this step.",
+         "``step`` is the 1-based number of the step being taken: the k-th step uses",
+         "``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning",
+         "rate the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,",
+         "bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they",
+         "also need ``dtype=`` naming the format. State buffers are float32, or uint16",
+         "holding bfloat16 bits (rounded stochastically)."],
+        ["from ._functional import run, take_alias", "from .algorithms import REGISTRY"],
+        [c.name.lower() for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
         for spec in d.classes:
             # the kernel's hyperparameters and the driver's; not those only a class uses to
@@ -625,16 +625,12 @@ def _torch_parameters(d: Definition, spec) -> list[str]:
 
 
 def torch_source() -> str:
-    lines = ['"""' + _gen_header("<name>", "").strip().replace(
-        "fastopt/algorithms/<name>.py", "the definitions in fastopt/algorithms"),
-        "",
-        "torch.optim.Optimizer subclasses over flat buffers, one per public name of each",
-        "definition, with the torch twin's exact signature (plus ``state_dtype``); the",
-        "machinery is ``fastopt.torch._base.FlatOptimizer``.",
-        '"""', "", "from ..algorithms import REGISTRY",
-        "from ._base import FlatOptimizer", ""]
-    names = [c.name for d in REGISTRY.values() for c in d.classes]
-    lines += ["__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"]
+    lines = _api_module(
+        ["torch.optim.Optimizer subclasses over flat buffers, one per public name of each",
+         "definition, with the torch twin's exact signature (plus ``state_dtype``); the",
+         "machinery is ``fastopt.torch._base.FlatOptimizer``."],
+        ["from ..algorithms import REGISTRY", "from ._base import FlatOptimizer"],
+        [c.name for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
         for spec in d.classes:
             params = _torch_parameters(d, spec)

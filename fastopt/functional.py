@@ -7,11 +7,11 @@ name (the class name in lower case). Each checks its arguments, picks the backen
 from the array type (numpy: the Numba CPU kernels; cupy: the CUDA kernels, on the
 current stream) and runs one kernel call that evaluates the schedule for this step.
 ``step`` is the 1-based number of the step being taken: the k-th step uses
-``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning rate
-the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,
-bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they also
-need ``dtype=`` naming the format. State buffers are float32, or uint16 holding
-bfloat16 bits (rounded stochastically).
+``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning
+rate the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,
+bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they
+also need ``dtype=`` naming the format. State buffers are float32, or uint16
+holding bfloat16 bits (rounded stochastically).
 """
 
 from ._functional import run, take_alias
