@@ -37,7 +37,13 @@ from ._checks import (
     xp_of,
 )
 from .algorithms import Definition
-from .algorithms._spec import FRESH_AT_FIRST_STEP, MASTER, MASTER_ALIASES
+from .algorithms._spec import (
+    FRESH_AT_FIRST_STEP,
+    INIT_LR,
+    INIT_PARAMS,
+    MASTER,
+    MASTER_ALIASES,
+)
 from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
 from .flat import FlatBuffer
@@ -100,12 +106,16 @@ class FlatOptimizer:
         self._make_locks()
         self._parallel = cpu.use_parallel(
             self.params.shape[0], serial_simd=self.dtype == state_dtype == "float32")
-        self.state = _State((name, self._new_state(name))
-                            for name in self._state_keys(self.defaults))
         if self._on_gpu:  # the step counter and the lr used live on the device
             self._step_state = self._xp.zeros(2, dtype=np.uint64)
             self._lr_out = self._xp.zeros(1, dtype=np.float64)
-        self.schedule = lr
+        self.schedule = lr  # (before the state: a buffer may start at the first step's lr)
+        self.state = _State((name, self._new_state(name))
+                            for name in self._state_keys(self.defaults))
+        #: the definition's per-step scalars (NAdam's mu_product, ...): one-element float64
+        #: arrays where the params live, updated by the kernel
+        self._scalars = {s.name: self._xp.full(1, s.init, dtype=np.float64)
+                         for s in self.definition.scalars}
         self._prepare()
 
     def _make_locks(self) -> None:
@@ -161,13 +171,21 @@ class FlatOptimizer:
         self._grads_apart = None
         self._prepared = Prepared(self.definition, params, self.state.get(MASTER),
                                   states, self._hypers(), self.dtype, self._on_gpu,
-                                  self._parallel)
+                                  self._parallel, self._scalars)
 
     def _new_state(self, name: str, value: float | None = None):
         if name == MASTER:  # the float32 values of the 16-bit params
             if self.dtype == "bfloat16":
                 return _bf16.decode(self.params.view(np.uint16))
             return self.params.view(np.float16).astype(np.float32)
+        init = next((s.init for s in self.definition.state if s.name == name), None)
+        if init == INIT_PARAMS and value is None:  # a copy of the params' float32 values
+            values = self.params if self.dtype == "float32" else self._new_state(MASTER)
+            if self.state_dtype == "bfloat16":
+                return self._xp.asarray(_bf16.encode(self._host_copy(values)))
+            return values.astype(np.float32, copy=True)
+        if init == INIT_LR and value is None:  # the lr of the first step
+            value = host_lr(self._schedule, 0) * self.lr_scale
         if value is None:
             value = self.definition.initial_value(name, self._hypers())
         if self.state_dtype == "bfloat16":
@@ -319,6 +337,7 @@ class FlatOptimizer:
     def _state_dict_locked(self) -> dict:
         d = {"optimizer": type(self).__name__, "step": self._step}
         d.update({name: self._state_as_float(name) for name in self.state})
+        d.update({name: float(self._host_copy(v)[0]) for name, v in self._scalars.items()})
         d.update(self.defaults)
         d["schedule"] = self._schedule.table.copy()
         d["lr_scale"] = self.lr_scale
@@ -371,11 +390,21 @@ class FlatOptimizer:
                     f"state_dict[{key!r}] must be a float array of shape {self.params.shape}, "
                     f"got {value.dtype} {value.shape}")
             arrays[key] = value
+        scalars = {}
+        for s in self.definition.scalars:  # a dict without one (older) starts it afresh
+            value = d.get(s.name, s.init)
+            value = np.asarray(self._host_copy(value) if is_cupy(value) else value)
+            if value.size != 1 or not np.issubdtype(value.dtype, np.number) \
+                    or not np.isfinite(value.reshape(-1)[0]):
+                raise ValueError(f"state_dict[{s.name!r}] must be a finite number, got {value}")
+            scalars[s.name] = float(value.reshape(-1)[0])
         # everything checked: now change state
         self.defaults = defaults
         self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
         if self._on_gpu:
             self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)
+        for name, value in scalars.items():
+            self._scalars[name][...] = value
         if MASTER in self._state_keys(defaults) and MASTER not in arrays:
             arrays[MASTER] = self._new_state(MASTER)  # from the params
         for key, value in arrays.items():

@@ -16,6 +16,7 @@ import numpy as np
 from . import cpu
 from ._checks import (
     ArrayArgumentError,
+    check_apart,
     check_buffer,
     check_disjoint,
     check_lr,
@@ -87,7 +88,8 @@ def take_alias(alias: str, alias_value, name: str, value):
 
 
 def run(definition: Definition, fixed: dict, params, grads, states: dict, *, step, lr,
-        schedule, master, dtype, hypers: dict, lr_scale, grad_scale, fresh) -> float:
+        schedule, master, dtype, hypers: dict, lr_scale, grad_scale, fresh,
+        scalars: dict | None = None) -> float:
     """Check everything, then one kernel call of ``definition`` for step ``step``; returns
     the lr the kernel used (schedule value times ``lr_scale``)."""
     sched = _schedule(definition.lr_default if lr is None and schedule is None else lr,
@@ -102,11 +104,16 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
             raise ValueError(f"{name} is required" + (f" when {when}" if when else ""))
     buffers = {name: states[name] for name in active}
     n, name = _buffers(params, grads, master, dtype, **buffers)
+    scalars = scalars or {}
+    for key, value in scalars.items():  # one-element float64 arrays, updated in place
+        check_buffer(key, value, 1, like=params, dtype=np.float64)
+        check_apart(key, value, [("params", params), *buffers.items()])
     fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))
     on_gpu = is_cupy(params)
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),
                         master if name != "float32" else None, buffers, checked, name, on_gpu,
-                        parallel=not on_gpu and _parallel(n, params, *buffers.values()))
+                        parallel=not on_gpu and _parallel(n, params, *buffers.values()),
+                        scalars=scalars)
     return run_once(prepared, kernel_view(grads) if not on_gpu else grads, sched, step,
                     lr_scale, mult, fresh)
 

@@ -62,6 +62,7 @@ def save(opt, path) -> None:
     meta = {"format": FORMAT, "version": VERSION, "optimizer": d["optimizer"],
             "step": int(d["step"]), "lr_scale": float(d["lr_scale"]),
             "max_grad_norm": max_grad_norm, "size": int(params.size),
+            "scalars": {s.name: d[s.name] for s in opt.definition.scalars},
             "dtype": opt.dtype, "state_dtype": opt.state_dtype,
             "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in opt.defaults.items()}}
@@ -347,7 +348,7 @@ def _check_meta(path: Path, meta) -> dict:
                               f"this fastopt reads version {VERSION}")
     if meta.get("optimizer") not in OPTIMIZERS:
         raise CheckpointError(f"{path}: unknown optimizer {meta.get('optimizer')!r}")
-    meta = {"max_grad_norm": None, "state_dtype": "float32", **meta}
+    meta = {"max_grad_norm": None, "state_dtype": "float32", "scalars": {}, **meta}
     hyper = meta.get("hyperparameters")
     checks = {
         "size": lambda v: _is_int(v) and v >= 0,
@@ -358,6 +359,8 @@ def _check_meta(path: Path, meta) -> dict:
         and not isinstance(v, bool) and v > 0,
         "dtype": lambda v: v in _PARAM_DTYPES,
         "state_dtype": lambda v: v in _STATE_DTYPES,
+        "scalars": lambda v: isinstance(v, dict) and len(v) <= 16 and all(
+            isinstance(k, str) and _is_real(x) for k, x in v.items()),
         "hyperparameters": lambda v: isinstance(v, dict) and all(
             isinstance(k, str) and (_is_scalar(x) or isinstance(x, list) and len(x) <= 16
                                     and all(map(_is_scalar, x)))
@@ -411,8 +414,11 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
         extra = sorted(set(arrays) - {"params", "schedule"} - set(opt.state))
         if extra:
             raise CheckpointError(f"{path}: unexpected state {extra} for these hyperparameters")
-        state = {**arrays, **meta["hyperparameters"], "optimizer": name, "step": meta["step"],
-                 "lr_scale": meta["lr_scale"]}
+        unknown = sorted(set(meta["scalars"]) - set(opt.definition.scalar_names))
+        if unknown:
+            raise CheckpointError(f"{path}: unexpected scalars {unknown} for {name}")
+        state = {**arrays, **meta["hyperparameters"], **meta["scalars"], "optimizer": name,
+                 "step": meta["step"], "lr_scale": meta["lr_scale"]}
         opt.load_state_dict(state)
         opt.max_grad_norm = meta["max_grad_norm"]
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:

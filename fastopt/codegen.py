@@ -225,18 +225,25 @@ class _Parts:
         self.slots = d.kernel_slots
         self.flags = set(d.flag_slots)
         pro_args = [a.arg for a in pro.args.args]
-        allowed = {"step", "lr", *self.slots}
+        self.scalar_names = d.scalar_names
+        allowed = {"step", "lr", *self.slots, *self.scalar_names}
         if not set(pro_args) <= allowed:
-            raise DefinitionError(f"{d.name}.prologue takes only step, lr and the kernel "
-                                  f"hyperparameters {self.slots}, got {pro_args}")
-        self.prologue_locals = _assigned(self.prologue_body)
+            raise DefinitionError(f"{d.name}.prologue takes only step, lr, the kernel "
+                                  f"hyperparameters {self.slots} and the scalars "
+                                  f"{self.scalar_names}, got {pro_args}")
+        #: the prologue's own names (the scalars are read before it and stored after it)
+        self.prologue_locals = [n for n in _assigned(self.prologue_body)
+                                if n not in self.scalar_names]
+        #: the scalars the prologue reassigns: the kernel stores their new values
+        self.scalars_stored = [(i, n) for i, n in enumerate(self.scalar_names)
+                               if n in _assigned(self.prologue_body)]
         self.prologue_bools = _bool_locals(self.prologue_body, self.flags)
         positional = [a.arg for a in el.args.args]
         if positional != ["p", "g", *d.state_names]:
             raise DefinitionError(f"{d.name}.element's positional parameters must be p, g, "
                                   f"{', '.join(d.state_names)}; got {positional}")
         self.scalars = [a.arg for a in el.args.kwonlyargs]
-        known = {"lr", "fresh", *self.slots, *self.prologue_locals}
+        known = {"lr", "fresh", *self.slots, *self.prologue_locals, *self.scalar_names}
         unknown = [s for s in self.scalars if s not in known]
         if unknown:
             raise DefinitionError(f"{d.name}.element takes {unknown}: neither hyperparameters, "
@@ -319,6 +326,8 @@ def numba_source(d: Definition) -> str:
               "    lr = lr_at(table, step - 1.0) * lr_scale"]
     for i, slot in enumerate(x.slots):
         lines.append(f"    {slot} = h{i} != 0.0" if slot in x.flags else f"    {slot} = h{i}")
+    for i, scalar in enumerate(x.scalar_names):
+        lines.append(f"    {scalar} = scalar{i}[0]")
     lines += pro.statements(x.prologue_body, "    ")
     lines.append("    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)")
     if x.decay != "decoupled":
@@ -345,8 +354,10 @@ def numba_source(d: Definition) -> str:
     lines.append("    seed = step_seed(step)")
     body = "\n".join(_wrap(f"{name}_element(", call_args, ")", 12))
     lines += ["    if parallel:", "        for i in prange(params.shape[0]):", body,
-              "    else:", "        for i in range(params.shape[0]):", body,
-              "    return lr", ""]
+              "    else:", "        for i in range(params.shape[0]):", body]
+    lines += [f"    scalar{i}[0] = {scalar}  # its value after this step"
+              for i, scalar in x.scalars_stored]
+    lines += ["    return lr", ""]
     return "\n".join(lines)
 
 
@@ -399,6 +410,8 @@ def cuda_source(d: Definition) -> str:
     for i, slot in enumerate(x.slots):
         lines.append(f"    const bool {slot} = h{i} != 0.0;" if slot in x.flags
                      else f"    const double {slot} = h{i};")
+    for i, scalar in enumerate(x.scalar_names):
+        lines.append(f"    double {scalar} = scalar{i}[0];  // every thread, before any store")
     for local in x.prologue_locals:
         ctype, zero = ("bool", "false") if local in x.prologue_bools else ("double", "0.0")
         lines.append(f"    {ctype} {local} = {zero};")
@@ -465,7 +478,15 @@ def cuda_source(d: Definition) -> str:
         store = f"store_state<W>(state{k} + i, {s.name}, rnd, {STATE_RANDOM_SHIFTS[k]});"
         lines.append(f"        if ({x.conditional[s.name]}) {store}" if s.name in x.conditional
                      else f"        {store}")
-    lines += ["    });", "    finish_step(step_state, lr_out, lr);", "}", ""]
+    lines.append("    });")
+    if x.scalars_stored:
+        lines += ["    if (finish_step(step_state, lr_out, lr)) {  // the last block: every block "
+                  "has read",
+                  *(f"        scalar{i}[0] = {scalar};" for i, scalar in x.scalars_stored),
+                  "    }"]
+    else:
+        lines.append("    finish_step(step_state, lr_out, lr);")
+    lines += ["}", ""]
 
     # the extern "C" variants
     names = ", ".join(n for n, _ in KERNEL_SIGNATURE)
@@ -566,12 +587,16 @@ def functional_source() -> str:
                 states.append(f"{st.name}=None" if optional else st.name)
             aliases = [a for st in d.state for a in st.aliases]
             fresh = ["fresh=None"] if d.first_grad_state else []
-            args = ["params", "grads", *states, "*", "step", "lr=None", "schedule=None",
+            args = ["params", "grads", *states, *d.scalar_names, "*", "step", "lr=None",
+                    "schedule=None",
                     "master_param=None", "dtype=None", *(f"{n}={v}" for n, v in hypers),
                     "lr_scale=1.0", "grad_scale=1.0", *fresh, *(f"{a}=None" for a in aliases),
                     "master=None"]
             doc = [f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
                    "    One step k = ``step`` in place; returns the lr the kernel used."]
+            if d.scalars:
+                doc += ["", f"    {', '.join(d.scalar_names)}: one-element float64 arrays "
+                            "(the per-step scalars), read and", "    updated in place."]
             if fresh:
                 doc += ["", f"    fresh: whether {', '.join(d.first_grad_state)} is still "
                             "unset (torch's None), so this step",
@@ -594,6 +619,9 @@ def functional_source() -> str:
                     "dtype=dtype",
                     f"hypers={hyper_dict}", "lr_scale=lr_scale", "grad_scale=grad_scale",
                     f"fresh={'fresh' if fresh else 'None'}"]
+            if d.scalars:
+                call.append("scalars={" + ", ".join(f'"{n}": {n}' for n in d.scalar_names)
+                            + "}")
             lines += _wrap("    return run(", call, ")", 0)
     return "\n".join(lines) + "\n"
 

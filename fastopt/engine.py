@@ -17,7 +17,7 @@ import numpy as np
 
 from ._checks import FORMATS
 from .algorithms import Definition
-from .algorithms._spec import STATE_SLOTS
+from .algorithms._spec import SCALAR_SLOTS, STATE_SLOTS
 from .cpu.threads import kernel_guard, parallel_ok
 from .schedules import host_lr
 
@@ -36,7 +36,13 @@ def _dummy_state(xp):
     return xp.zeros(1, dtype=np.float32)
 
 
+def _dummy_scalar(xp):
+    """A stand-in for scalar slots a definition does not use (never read or written)."""
+    return xp.zeros(1, dtype=np.float64)
+
+
 _CPU_DUMMY = _dummy_state(np)
+_CPU_DUMMY_SCALAR = _dummy_scalar(np)
 
 
 class Prepared:
@@ -46,15 +52,17 @@ class Prepared:
     cupy arrays of the params' own element type or bits on the GPU). ``master``: the float32
     master of 16-bit params (None for float32 params). ``states``: the definition's active
     state buffers in kernel order, by name. ``hypers``: the checked hyperparameters.
+    ``scalars``: the definition's per-step scalars by name, one-element float64 arrays (numpy
+    or cupy) that the kernel reads and updates in place.
     ``dtype``: what the params hold ('float32', 'float16', 'bfloat16').
     """
 
-    __slots__ = ("definition", "params", "master", "states", "slots", "weight_decay",
+    __slots__ = ("definition", "params", "master", "states", "scalars", "slots", "weight_decay",
                  "decoupled", "maximize", "fmt", "parallel", "on_gpu", "dtype", "_fixed", "_fn",
                  "_compiled")
 
     def __init__(self, definition: Definition, params, master, states: dict, hypers: dict,
-                 dtype: str, on_gpu: bool, parallel: bool = False):
+                 dtype: str, on_gpu: bool, parallel: bool = False, scalars: dict | None = None):
         d = definition
         self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
         self.master = params if master is None else master
@@ -63,6 +71,12 @@ class Prepared:
             first = _dummy_state(_xp(params)) if on_gpu else _CPU_DUMMY
         self.states = tuple(states.get(name, first) for name in d.state_names) \
             + (first,) * (STATE_SLOTS - len(d.state))
+        scalars = scalars or {}
+        if set(scalars) != set(d.scalar_names):
+            raise ValueError(f"{d.name} needs the scalars {d.scalar_names}, got {sorted(scalars)}")
+        dummy = _dummy_scalar(_xp(params)) if on_gpu else _CPU_DUMMY_SCALAR
+        self.scalars = tuple(scalars[name] for name in d.scalar_names) \
+            + (dummy,) * (SCALAR_SLOTS - len(d.scalars))
         self.slots = d.slot_values(hypers)
         self.weight_decay = float(hypers.get("weight_decay", 0.0))
         if d.decay == "choice":
@@ -76,7 +90,7 @@ class Prepared:
         self._compiled: dict = {}
         s = self.states
         #: the CPU kernel's fixed arguments, in CPU_SIGNATURE order (the per-step ones follow)
-        self._fixed = (params, self.master, s[0], s[1], s[2], s[3], self.weight_decay,
+        self._fixed = (params, self.master, *s, *self.scalars, self.weight_decay,
                        self.decoupled, self.maximize, *self.slots, self.fmt)
 
     def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
@@ -120,6 +134,7 @@ class Prepared:
                   "weight_decay": self.weight_decay, "decoupled": self.decoupled,
                   "maximize": self.maximize, "fresh": int(fresh), "n": self.params.shape[0]}
         values.update((f"h{i}", v) for i, v in enumerate(self.slots))
+        values.update((f"scalar{i}", v) for i, v in enumerate(self.scalars))
         return values
 
 

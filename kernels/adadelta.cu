@@ -20,7 +20,7 @@ FO_HD void adadelta_element(float& p, float& g, float& square_avg, float& acc_de
 
 // One adadelta step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
-FO_D void adadelta(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) {
+FO_D void adadelta(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -66,8 +66,8 @@ FO_D void adadelta(T* params, const T* grads, float* master, S* state0, S* state
 }
 
 #define FO_ADADELTA_KERNEL(NAME, T, S) \
-    extern "C" __global__ void NAME(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) { \
-        adadelta<T, S>(params, grads, master, state0, state1, state2, state3, table, table_rows, step_state, lr_out, lr_scale, grad_mult, weight_decay, decoupled, maximize, fresh, h0, h1, h2, h3, h4, h5, h6, h7, n); \
+    extern "C" __global__ void NAME(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) { \
+        adadelta<T, S>(params, grads, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3, table, table_rows, step_state, lr_out, lr_scale, grad_mult, weight_decay, decoupled, maximize, fresh, h0, h1, h2, h3, h4, h5, h6, h7, n); \
     }
 
 FO_ADADELTA_KERNEL(adadelta_f32, float, float)

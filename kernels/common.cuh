@@ -95,7 +95,9 @@ FO_HD bool aligned_for(const T* p) {
 // Every thread reads step_state[0] before it does anything else; the last block to finish
 // advances it, so a launch never reads a half-updated counter and a whole step needs no host
 // round trip (graph-capturable).
-FO_D void finish_step(unsigned long long* step_state, double* lr_out, double lr) {
+// Returns true in the one thread that advanced it (thread 0 of the last block): there a kernel
+// stores its per-step scalars, which every block has read by then.
+FO_D bool finish_step(unsigned long long* step_state, double* lr_out, double lr) {
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
@@ -105,8 +107,10 @@ FO_D void finish_step(unsigned long long* step_state, double* lr_out, double lr)
             step_state[1] = 0;
             *lr_out = lr;
             __threadfence();
+            return true;
         }
     }
+    return false;
 }
 
 template <int N>

@@ -51,7 +51,9 @@ def test_a_new_definition_generates_a_working_numba_kernel(tmp_path):
         table = np.array([[0, 0, 0, 0.1, 0, 0, 0, 0, 0]], np.float64)
         for k in range(1, 6):
             g = rng.standard_normal(100).astype(np.float32) * 2
+            one = np.zeros(1)  # the (unused) per-step scalar slots
             lr = module.toyball(params=p, master=p, state0=v, state1=v, state2=v, state3=v,
+                                scalar0=one, scalar1=one, scalar2=one, scalar3=one,
                                 weight_decay=0.01, decoupled=True, maximize=False, h0=0.9,
                                 h1=0.5, h2=0.0, h3=0.0, h4=0.0, h5=0.0, h6=0.0, h7=0.0, fmt=0,
                                 grads=g, table=table, step=k, lr_scale=1.0, grad_mult=1.0,

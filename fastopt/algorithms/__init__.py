@@ -10,7 +10,17 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ._spec import FIRST_GRAD, ClassSpec, Definition, Hyper, State, TorchTwin
+from ._spec import (
+    FIRST_GRAD,
+    INIT_LR,
+    INIT_PARAMS,
+    ClassSpec,
+    Definition,
+    Hyper,
+    Scalar,
+    State,
+    TorchTwin,
+)
 
 
 def _definitions() -> dict[str, Definition]:
@@ -31,5 +41,5 @@ CLASSES: dict[str, tuple[Definition, ClassSpec]] = {
     c.name: (d, c) for d in REGISTRY.values() for c in d.classes
 }
 
-__all__ = ["REGISTRY", "CLASSES", "Definition", "Hyper", "State", "ClassSpec", "TorchTwin",
-           "FIRST_GRAD"]
+__all__ = ["REGISTRY", "CLASSES", "Definition", "Hyper", "State", "Scalar", "ClassSpec",
+           "TorchTwin", "FIRST_GRAD", "INIT_LR", "INIT_PARAMS"]

@@ -33,11 +33,18 @@ from typing import Any
 KERNEL_SLOTS = 8
 #: the kernels' fixed state-buffer slots (state0..state3)
 STATE_SLOTS = 4
+#: the kernels' per-step scalar slots (scalar0..scalar3: one float64 each, on the device)
+SCALAR_SLOTS = 4
 #: weight decay forms the driver applies: "l2" (added to the gradient), "decoupled"
 #: (p *= 1 - lr * wd before the update), or "choice" (a ``decoupled_weight_decay`` hyper)
 DECAY_FORMS = ("l2", "decoupled", "choice")
 #: a state buffer's ``init`` that means "the first gradient" (SGD's momentum_buffer)
 FIRST_GRAD = "first_grad"
+#: ``init`` values that mean "the lr of the first step" (Rprop's step_size) and "a copy of the
+#: params" (Schedule-Free's z); the optimizer classes fill such buffers (fastopt.<Name> at
+#: construction, fastopt.torch.<Name> at the param's first step, as torch does)
+INIT_LR = "lr"
+INIT_PARAMS = "params"
 #: the float32 master copy of 16-bit params: its state name in every layer (core optimizers,
 #: functional keyword, fastopt.torch, checkpoints), and its former spellings, accepted with a
 #: DeprecationWarning for one release
@@ -56,6 +63,7 @@ FRESH_NO, FRESH_YES, FRESH_AT_FIRST_STEP = 0, 1, 2
 KERNEL_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("params", "T*"), ("grads", "const T*"), ("master", "float*"),
     *((f"state{i}", "S*") for i in range(STATE_SLOTS)),
+    *((f"scalar{i}", "double*") for i in range(SCALAR_SLOTS)),
     ("table", "const double*"), ("table_rows", "int"),
     ("step_state", "unsigned long long*"), ("lr_out", "double*"),
     ("lr_scale", "double"), ("grad_mult", "double"), ("weight_decay", "double"),
@@ -97,7 +105,8 @@ class Hyper:
 @dataclass(frozen=True)
 class State:
     """A state buffer: torch's name, its initial value (a number, the name of a hyper whose
-    value it starts at, or FIRST_GRAD), and ``when``: None, or a condition on the kernel's
+    value it starts at, FIRST_GRAD, INIT_LR or INIT_PARAMS), and ``when``: None, or a
+    condition on the kernel's
     hyperparameters (Python and C syntax alike, e.g. ``"amsgrad"``, ``"momentum != 0.0"``)
     under which the buffer exists."""
 
@@ -107,6 +116,18 @@ class State:
     #: former spellings of the functional layer's argument, accepted with a
     #: DeprecationWarning for one release (Adagrad's ``state_sum``)
     aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A per-step scalar the kernel carries from one step to the next (NAdam's
+    ``mu_product``): float64, one value per optimizer, kept where the params are (a one-element
+    device array on a GPU, so a captured graph replays it). The prologue reads it under its
+    name and reassigns it to its value after this step; the kernel stores what it assigned (on
+    a GPU the last block, once every block has read the old value)."""
+
+    name: str
+    init: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,15 +168,18 @@ class Definition:
     lr_default: float
     #: a check across hyperparameters (torch's messages), after each one's own check
     validate: Callable[[dict], None] | None = None
+    #: per-step scalars (see Scalar), in kernel slot order
+    scalars: tuple[Scalar, ...] = ()
     #: public class name -> its torch.optim twin (tests, bench and fastopt.torch use it)
     torch_twin: dict[str, TorchTwin] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.decay not in DECAY_FORMS:
             raise ValueError(f"{self.name}: decay must be one of {DECAY_FORMS}")
-        if len(self.kernel_slots) > KERNEL_SLOTS or len(self.state) > STATE_SLOTS:
-            raise ValueError(f"{self.name}: more than {KERNEL_SLOTS} kernel hyperparameters or "
-                             f"{STATE_SLOTS} state buffers")
+        if len(self.kernel_slots) > KERNEL_SLOTS or len(self.state) > STATE_SLOTS \
+                or len(self.scalars) > SCALAR_SLOTS:
+            raise ValueError(f"{self.name}: more than {KERNEL_SLOTS} kernel hyperparameters, "
+                             f"{STATE_SLOTS} state buffers or {SCALAR_SLOTS} scalars")
 
     @property
     def kernel_slots(self) -> tuple[str, ...]:
@@ -200,9 +224,13 @@ class Definition:
 
     def initial_value(self, state: str, hypers: dict) -> float:
         init = next(s.init for s in self.state if s.name == state)
-        if init == FIRST_GRAD:
+        if init in (FIRST_GRAD, INIT_LR, INIT_PARAMS):  # set by the kernel or the class
             return 0.0
         return float(hypers[init]) if isinstance(init, str) else float(init)
+
+    @property
+    def scalar_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.scalars)
 
     @property
     def first_grad_state(self) -> tuple[str, ...]:

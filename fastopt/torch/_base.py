@@ -25,7 +25,7 @@ import torch
 from .. import cpu
 from .._checks import check_lr
 from ..algorithms import Definition
-from ..algorithms._spec import MASTER
+from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER
 from ..engine import Prepared, run_once
 from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule, host_lr
 
@@ -98,7 +98,8 @@ class _Bucket:
     """
 
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
-                 state_dtype: torch.dtype = torch.float32, owner: str = ""):
+                 state_dtype: torch.dtype = torch.float32, owner: str = "",
+                 scalars: tuple = ()):
         first = params[0]
         self.owner = owner  # the optimizer class's name, for the two-optimizers error
         self.params = params
@@ -114,6 +115,11 @@ class _Bucket:
         self.state = {}
         for name, value in state_init.items():
             self.add_state(name, value)
+        #: the definition's per-step scalars, one float64 per param (torch keeps them per
+        #: param too, e.g. NAdam's mu_product); a whole-bucket step uses element 0 and copies
+        #: it to the others
+        self.scalars = {s.name: torch.full((len(params),), s.init, dtype=torch.float64,
+                                           device=first.device) for s in scalars}
         self._arrays: dict[tuple, tuple[list, dict]] = {}  # kernel arguments, made once
         self.steps = torch.zeros(len(params), dtype=torch.float32)
         self.step = 0  # the common step count while every param has taken every step
@@ -325,13 +331,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         for dtype in dict.fromkeys(p.dtype for p in params):  # one bucket per dtype, in order
             buckets.append(_Bucket([p for p in params if p.dtype == dtype],
                                    self.state_init(group), STATE_DTYPES[self.state_dtype],
-                                   type(self).__name__))
+                                   type(self).__name__, self.definition.scalars))
         return buckets
 
     def _state_views(self, group: dict, bucket: _Bucket, i: int) -> dict:
         views = {"step": bucket.steps[i]}
         for name in self.state_init(group):
             views[name] = bucket.view_of(name, i)
+        for name, values in bucket.scalars.items():
+            views[name] = values[i]  # a 0-d view, as torch's per-param scalar tensors
         if bucket.master is not None:
             views[MASTER] = bucket.view_of(MASTER, i)
         return views
@@ -455,7 +463,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         names = self.definition.active_state(hypers)  # the kernel's state buffers, in order
         arrays, half = b.arrays(names)
         first_grad = bool(self.definition.first_grad_state)  # SGD's momentum_buffer
-        if all(have_grad) and b.uniform and (not first_grad or len(set(b.fresh)) == 1):
+        if not b.all_started:
+            self._init_first_step(b, names, schedule, have_grad)
+        if all(have_grad) and b.uniform and (not first_grad or len(set(b.fresh)) == 1) \
+                and all(bool((v == v[0]).all()) for v in b.scalars.values()):
             # the fast path: one kernel over the whole bucket
             k = b.step + 1
             self._run(b, names, hypers, arrays, half, k, schedule, first_grad and b.fresh[0],
@@ -486,6 +497,24 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
 
+    @torch.no_grad()
+    def _init_first_step(self, b: _Bucket, names: tuple, schedule: Schedule,
+                         have_grad: list) -> None:
+        """State that starts from the params (Schedule-Free's z) or from the lr of the first
+        step (Rprop's step_size), for the params about to take their first step."""
+        special = [s for s in self.definition.state
+                   if s.name in names and s.init in (INIT_LR, INIT_PARAMS)]
+        for i, has in enumerate(have_grad):
+            if not has or b.started[i]:
+                continue
+            for s in special:
+                view = b.view_of(s.name, i)
+                if s.init == INIT_PARAMS:
+                    view.copy_(b.view_of(MASTER, i) if b.master is not None
+                               else b.params[i].detach())
+                else:
+                    view.fill_(host_lr(schedule, int(b.steps[i])))
+
     def _group_hypers(self, group: dict) -> dict:
         """The group's checked hyperparameters, checked again only when they change."""
         key = tuple(_hashable(group.get(h.name)) for h in self.definition.hypers)
@@ -501,6 +530,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         per (bucket part, hyperparameters); nothing is re-validated per step."""
         key = (part, names, tuple(_hashable(v) for v in hypers.values()))
         prepared = b.prepared.get(key)
+        index = 0 if part is None else part
         if prepared is None:
             on_gpu = b.flat.device.type == "cuda"
             n = arrays[0].shape[0]
@@ -509,13 +539,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self.definition, arrays[0], half.get("master"), dict(zip(names, arrays[2:],
                                                                          strict=True)),
                 hypers, half.get("dtype", "float32"), on_gpu,
-                parallel=not on_gpu and cpu.use_parallel(n, serial_simd=simd))
+                parallel=not on_gpu and cpu.use_parallel(n, serial_simd=simd),
+                scalars={name: _as_array(v[index:index + 1]) for name, v in b.scalars.items()})
         if prepared.on_gpu:
             stream = torch.cuda.current_stream(b.flat.device)
             with _cupy_stream(stream.cuda_stream, stream.device_index):
                 run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
         else:
             run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
+        if part is None:  # the whole bucket stepped with element 0's scalars: share them
+            for values in b.scalars.values():
+                values.copy_(values[0].expand_as(values))
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
@@ -603,6 +637,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))
             b.started[i] = bool(st)
             b.fresh[i] = any(st.get(name) is None for name in self.definition.first_grad_state)
+            for s_ in self.definition.scalars:  # per-step scalars (a dict without one: start)
+                value = st.get(s_.name)
+                b.scalars[s_.name][i] = s_.init if value is None else float(value)
             if st:
                 views = self._state_views(group, b, i)
                 known = set(views) | set(b.state) | {MASTER}

@@ -33,9 +33,9 @@ def adagrad_element(i, params, grads, master, sum_buffer, grad_factor, l2, eps, 
 
 
 @kernel
-def adagrad(params, master, state0, state1, state2, state3, weight_decay, decoupled, maximize, h0,
-            h1, h2, h3, h4, h5, h6, h7, fmt, grads, table, step, lr_scale, grad_mult, fresh,
-            parallel):
+def adagrad(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+            weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, grads, table,
+            step, lr_scale, grad_mult, fresh, parallel):
     """One adagrad step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     lr_decay = h0

@@ -47,8 +47,9 @@ def sgd_element(i, params, grads, master, momentum_buffer_buffer, grad_factor, l
 
 
 @kernel
-def sgd(params, master, state0, state1, state2, state3, weight_decay, decoupled, maximize, h0, h1,
-        h2, h3, h4, h5, h6, h7, fmt, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+def sgd(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+        weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, grads, table, step,
+        lr_scale, grad_mult, fresh, parallel):
     """One sgd step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     momentum = h0
