@@ -15,6 +15,7 @@ import math
 import numbers
 import threading
 import warnings
+import weakref
 
 import numpy as np
 
@@ -53,6 +54,10 @@ from .schedules import Schedule, host_lr
 MAX_STEP = 2**63
 
 
+def _NOTHING():  # noqa: N802  (a dead weak reference: nothing checked yet)
+    return None
+
+
 class _State(dict):
     """``opt.state``: the live buffers by name; the master's former name still reads."""
 
@@ -62,6 +67,10 @@ class _State(dict):
                           DeprecationWarning, stacklevel=2)
             return self[MASTER]
         raise KeyError(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self or (key in MASTER_ALIASES and MASTER in self) \
+            else default
 
 
 class FlatOptimizer:
@@ -131,7 +140,7 @@ class FlatOptimizer:
         with self._state_lock:
             state = dict(self.__dict__)
         del state["_step_lock"], state["_state_lock"], state["_xp"], state["_prepared"]
-        state["_grads_apart"] = None
+        state["_grads_apart"] = _NOTHING
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -168,10 +177,12 @@ class FlatOptimizer:
         states = {name: self.state[name] for name in self.active_state_names()}
         #: the last grads array checked to share no memory with params and state (an array
         #: keeps its memory, so the check is not repeated while the same one comes back)
-        self._grads_apart = None
+        self._grads_apart = _NOTHING
+        earlier = getattr(self, "_prepared", None)  # same buffer types: share its cache
         self._prepared = Prepared(self.definition, params, self.state.get(MASTER),
                                   states, self._hypers(), self.dtype, self._on_gpu,
-                                  self._parallel, self._scalars)
+                                  self._parallel, self._scalars,
+                                  compiled=None if earlier is None else earlier._compiled)
 
     def _new_state(self, name: str, value: float | None = None):
         if name == MASTER:  # the float32 values of the 16-bit params
@@ -273,9 +284,12 @@ class FlatOptimizer:
         """
         check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
                      dtype=self._grad_dtypes)
-        if grads is not self._grads_apart:  # the same array as last step: its memory is too
+        if self._grads_apart() is not grads:  # the same array as last step: its memory too
             check_apart("grads", grads, self._owned_buffers)
-            self._grads_apart = grads
+            try:  # a weak reference: the optimizer keeps no user buffer alive
+                self._grads_apart = weakref.ref(grads)
+            except TypeError:  # an array type without weak references: check every step
+                pass
         mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
         max_norm = check_max_grad_norm(self.max_grad_norm if max_grad_norm is None
                                        else max_grad_norm)
@@ -357,7 +371,11 @@ class FlatOptimizer:
     def _load_state_dict_locked(self, state_dict: dict) -> None:
         d = dict(state_dict)
         for alias in MASTER_ALIASES:  # dicts saved before the rename
-            if alias in d and MASTER not in d:
+            if alias in d:
+                if MASTER in d:
+                    raise ValueError(f"state_dict has both {MASTER!r} and {alias!r}")
+                warnings.warn(f"state_dict[{alias!r}] is deprecated, use {MASTER!r}",
+                              DeprecationWarning, stacklevel=3)
                 d[MASTER] = d.pop(alias)
         name = d.get("optimizer", type(self).__name__)
         if name != type(self).__name__:

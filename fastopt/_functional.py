@@ -113,7 +113,7 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),
                         master if name != "float32" else None, buffers, checked, name, on_gpu,
                         parallel=not on_gpu and _parallel(n, params, *buffers.values()),
-                        scalars=scalars)
+                        scalars=scalars, one_shot=True)
     return run_once(prepared, kernel_view(grads) if not on_gpu else grads, sched, step,
                     lr_scale, mult, fresh)
 

@@ -15,8 +15,8 @@ readable source: the element math appears once in each, between the driver's loa
 The driver is this module: what every optimizer shares (gradient sign and multiplier, weight
 decay, 16-bit params with a float32 master, state formats with the bf16 stochastic rounding,
 schedule, step counter, loops, vector access) is written here once. The uniform kernel
-signature ``KERNEL_SIGNATURE`` is defined here and read by the launcher, the fake CuPy and the
-host-emulation tests.
+signature ``KERNEL_SIGNATURE`` (defined in ``fastopt/algorithms/_spec.py``) is written into
+every kernel from here and read by the launcher, the fake CuPy and the host-emulation tests.
 """
 
 from __future__ import annotations
@@ -522,6 +522,12 @@ def _public_hypers(d: Definition, spec) -> list[tuple[str, str]]:
             for h in d.hypers if h.name not in spec.fixed]
 
 
+def _base_class(d: Definition, spec, machinery: str) -> str:
+    """A definition's first class is the base of its others (AdamW is an Adam, as in torch):
+    ``isinstance(opt, Adam)`` holds for both. Each calls the machinery's ``__init__`` itself."""
+    return machinery if spec is d.classes[0] else d.classes[0].name
+
+
 def _doc(text: str, indent: str) -> list[str]:
     return [f"{indent}{line}".rstrip() for line in textwrap.dedent(text).strip().split("\n")]
 
@@ -546,7 +552,8 @@ def optimizers_source() -> str:
             args = ["self", "params", f"lr={d.lr_default!r}",
                     *(f"{n}={v}" for n, v in hypers), "*", "dtype=None",
                     'state_dtype="float32"']
-            lines += ["", "", f"class {spec.name}(FlatOptimizer):",
+            base = _base_class(d, spec, "FlatOptimizer")
+            lines += ["", "", f"class {spec.name}({base}):",
                       f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
                       "    lr: a float or a fastopt schedule (evaluated inside the kernel). "
                       "dtype: the format of",
@@ -555,9 +562,10 @@ def optimizers_source() -> str:
                       f'    definition = REGISTRY["{d.name}"]',
                       f"    fixed = {spec.fixed!r}", "",
                       *_wrap("    def __init__(", args, "):", 0),
-                      *_wrap("        super().__init__(",
-                             ["params", "lr", "dict(" + ", ".join(f"{n}={n}" for n, _ in hypers)
-                              + ")", "dtype", "state_dtype"], ")", 0)]
+                      *_wrap("        FlatOptimizer.__init__(",
+                             ["self", "params", "lr", "dict(" + ", ".join(
+                                 f"{n}={n}" for n, _ in hypers) + ")", "dtype", "state_dtype"],
+                             ")", 0)]
     return "\n".join(lines) + "\n"
 
 
@@ -667,7 +675,8 @@ def torch_source() -> str:
             twin = d.torch_twin.get(spec.name)
             about = (f"torch.optim.{twin.name}'s interface and numbers" if twin
                      else f"{spec.doc.rstrip('.')}")
-            lines += ["", "", f"class {spec.name}(FlatOptimizer):",
+            base = _base_class(d, spec, "FlatOptimizer")
+            lines += ["", "", f"class {spec.name}({base}):",
                       f'    """{about}; lr may be a fastopt schedule.', "",
                       *_doc(d.doc, "    "), "",
                       "    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).",
@@ -676,9 +685,9 @@ def torch_source() -> str:
                       f"    fixed = {spec.fixed!r}",
                       f'    twin = definition.torch_twin.get("{spec.name}")', "",
                       *_wrap("    def __init__(", params, "):", 0),
-                      *_wrap("        super().__init__(",
-                             ["params", "dict(" + ", ".join(f"{n}={n}" for n in names_) + ")",
-                              "state_dtype"], ")", 0)]
+                      *_wrap("        FlatOptimizer.__init__(",
+                             ["self", "params", "dict(" + ", ".join(f"{n}={n}" for n in names_)
+                              + ")", "state_dtype"], ")", 0)]
     return "\n".join(lines) + "\n"
 
 

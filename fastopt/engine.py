@@ -17,7 +17,7 @@ import numpy as np
 
 from ._checks import FORMATS
 from .algorithms import Definition
-from .algorithms._spec import SCALAR_SLOTS, STATE_SLOTS
+from .algorithms._spec import CPU_PER_STEP, CPU_SIGNATURE, SCALAR_SLOTS, STATE_SLOTS
 from .cpu.threads import kernel_guard, parallel_ok
 from .schedules import host_lr
 
@@ -41,6 +41,12 @@ def _dummy_scalar(xp):
     return xp.zeros(1, dtype=np.float64)
 
 
+#: the CPU kernels' fixed arguments (packed once per Prepared); ``Prepared.cpu`` passes the
+#: per-step ones after them in this order
+CPU_FIXED = tuple(name for name in CPU_SIGNATURE if name not in CPU_PER_STEP)
+assert CPU_PER_STEP == ("grads", "table", "step", "lr_scale", "grad_mult", "fresh", "parallel")
+assert CPU_SIGNATURE == (*CPU_FIXED, *CPU_PER_STEP)
+
 _CPU_DUMMY = _dummy_state(np)
 _CPU_DUMMY_SCALAR = _dummy_scalar(np)
 
@@ -55,6 +61,10 @@ class Prepared:
     ``scalars``: the definition's per-step scalars by name, one-element float64 arrays (numpy
     or cupy) that the kernel reads and updates in place.
     ``dtype``: what the params hold ('float32', 'float16', 'bfloat16').
+    ``compiled``: the entry-point cache of an earlier ``Prepared`` over buffers of the same
+    types (the same optimizer with other hyperparameter values, or after a load), shared;
+    None for a new one. ``one_shot``: a call made once (the functional layer): use Numba's
+    dispatcher and skip finding the entry point, which costs more than it saves then.
     """
 
     __slots__ = ("definition", "params", "master", "states", "scalars", "slots", "weight_decay",
@@ -62,7 +72,8 @@ class Prepared:
                  "_compiled")
 
     def __init__(self, definition: Definition, params, master, states: dict, hypers: dict,
-                 dtype: str, on_gpu: bool, parallel: bool = False, scalars: dict | None = None):
+                 dtype: str, on_gpu: bool, parallel: bool = False, scalars: dict | None = None,
+                 compiled: dict | None = None, one_shot: bool = False):
         d = definition
         self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
         self.master = params if master is None else master
@@ -87,31 +98,40 @@ class Prepared:
         self.fmt = _FMT.get(dtype, 0)
         self.parallel = parallel
         self._fn = None if on_gpu else cpu_kernel(d.name)
-        self._compiled: dict = {}
-        s = self.states
+        #: (grads dtype, writeable, parallel) -> the compiled specialisation's entry point;
+        #: None: always through the dispatcher
+        self._compiled: dict | None = None if one_shot else ({} if compiled is None
+                                                              else compiled)
+        named = {"params": params, "master": self.master, "weight_decay": self.weight_decay,
+                 "decoupled": self.decoupled, "maximize": self.maximize, "fmt": self.fmt}
+        named.update((f"state{i}", v) for i, v in enumerate(self.states))
+        named.update((f"scalar{i}", v) for i, v in enumerate(self.scalars))
+        named.update((f"h{i}", v) for i, v in enumerate(self.slots))
         #: the CPU kernel's fixed arguments, in CPU_SIGNATURE order (the per-step ones follow)
-        self._fixed = (params, self.master, *s, *self.scalars, self.weight_decay,
-                       self.decoupled, self.maximize, *self.slots, self.fmt)
+        self._fixed = tuple(named[name] for name in CPU_FIXED)
 
     def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
             fresh: int = 0) -> float:
         """Run the Numba kernel for step ``step`` (1-based); returns the lr it used."""
         parallel = parallel_ok(self.parallel)  # serial in a child forked from GNU OpenMP
+        cache = self._compiled
         key = (grads.dtype, grads.flags.writeable, parallel)
-        compiled = self._compiled.get(key)
+        compiled = None if cache is None else cache.get(key)
         with kernel_guard(parallel):  # one parallel launch at a time under workqueue
-            if compiled is not None:
+            if compiled is not None:  # the arguments in CPU_SIGNATURE order
                 return compiled(*self._fixed, grads, table, step, lr_scale, grad_mult,
                                 int(fresh), parallel)
             args = (*self._fixed, grads, table, step, lr_scale, grad_mult, int(fresh), parallel)
             lr = self._fn(*args)  # Numba's dispatcher: types the arguments, compiles once
+        if cache is None:
+            return lr
         # then the compiled specialisation directly: the same machine code without the
-        # dispatcher typing 26 arguments every step (~0.5 µs, bench/NOTES.md 20). Only the
+        # dispatcher typing 30 arguments every step (~0.5 µs, bench/NOTES.md 20). Only the
         # grads (float32 or 16-bit bits, read-only or not) and the parallel flag (serial in a
         # forked child) change type between steps: they key the cache.
         compiled = self._fn.overloads.get(tuple(self._fn.typeof_pyval(a) for a in args))
         if compiled is not None:
-            self._compiled[key] = compiled.entry_point
+            cache[key] = compiled.entry_point
         return lr
 
     def gpu(self, grads, table, table_rows: int, step_state, lr_out, lr_scale: float,

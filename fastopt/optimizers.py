@@ -29,8 +29,8 @@ class Adadelta(FlatOptimizer):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False, *,
                  dtype=None, state_dtype="float32"):
-        super().__init__(params, lr, dict(rho=rho, eps=eps, weight_decay=weight_decay,
-                         maximize=maximize), dtype, state_dtype)
+        FlatOptimizer.__init__(self, params, lr, dict(rho=rho, eps=eps, weight_decay=weight_decay,
+                               maximize=maximize), dtype, state_dtype)
 
 
 class Adagrad(FlatOptimizer):
@@ -50,9 +50,9 @@ class Adagrad(FlatOptimizer):
     def __init__(self, params, lr=0.01, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False, *, dtype=None,
                  state_dtype="float32"):
-        super().__init__(params, lr, dict(lr_decay=lr_decay, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value, eps=eps,
-                         maximize=maximize), dtype, state_dtype)
+        FlatOptimizer.__init__(self, params, lr, dict(lr_decay=lr_decay, weight_decay=weight_decay,
+                               initial_accumulator_value=initial_accumulator_value, eps=eps,
+                               maximize=maximize), dtype, state_dtype)
 
 
 class Adam(FlatOptimizer):
@@ -73,12 +73,12 @@ class Adam(FlatOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=False, *, dtype=None,
                  state_dtype="float32"):
-        super().__init__(params, lr, dict(betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize,
-                         decoupled_weight_decay=decoupled_weight_decay), dtype, state_dtype)
+        FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
+                               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                               decoupled_weight_decay=decoupled_weight_decay), dtype, state_dtype)
 
 
-class AdamW(FlatOptimizer):
+class AdamW(Adam):
     """AdamW: decoupled weight decay p <- p * (1 - lr * wd); torch.optim.AdamW's defaults.
 
     Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019), as torch.optim.Adam/AdamW.
@@ -95,8 +95,9 @@ class AdamW(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
                  amsgrad=False, maximize=False, *, dtype=None, state_dtype="float32"):
-        super().__init__(params, lr, dict(betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize), dtype, state_dtype)
+        FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
+                               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
+                               dtype, state_dtype)
 
 
 class SGD(FlatOptimizer):
@@ -116,6 +117,6 @@ class SGD(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, maximize=False, *, dtype=None, state_dtype="float32"):
-        super().__init__(params, lr, dict(momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize), dtype,
-                         state_dtype)
+        FlatOptimizer.__init__(self, params, lr, dict(momentum=momentum, dampening=dampening,
+                               weight_decay=weight_decay, nesterov=nesterov, maximize=maximize),
+                               dtype, state_dtype)

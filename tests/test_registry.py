@@ -319,3 +319,80 @@ def test_former_spellings_still_work_with_a_deprecation_warning():
     d = opt.state_dict()
     d["master_params"] = d.pop("master_param")  # a dict saved before the rename
     opt.load_state_dict(d)
+
+
+# ----------------------------------------------------------------------------- review findings
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_torch_sgd_momentum_turned_on_later_like_torch(dampening):
+    import fastopt.torch as fot
+
+    torch.manual_seed(0)
+    init = torch.randn(6)
+    p, q = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours = fot.SGD([p], lr=0.1, momentum=0.0, dampening=dampening)
+    twin = torch.optim.SGD([q], lr=0.1, momentum=0.0, dampening=dampening, foreach=False)
+    for k in range(5):
+        g = torch.randn(6)
+        p.grad, q.grad = g.clone(), g.clone()
+        if k == 2:  # the buffer starts as the next gradient, in torch and here
+            ours.param_groups[0]["momentum"] = twin.param_groups[0]["momentum"] = 0.9
+        ours.step()
+        twin.step()
+    assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-6
+    assert "momentum_buffer" in ours.state_dict()["state"][0]
+
+
+def test_torch_sgd_loads_a_none_momentum_buffer_like_torch():
+    import fastopt.torch as fot
+
+    torch.manual_seed(1)
+    p0 = torch.randn(5)
+    saved = {"state": {0: {"momentum_buffer": None}},
+             "param_groups": [dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0,
+                                   nesterov=False, maximize=False, foreach=None,
+                                   differentiable=False, fused=None, params=[0])]}
+    p, q = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
+    ours, twin = fot.SGD([p], lr=0.5, momentum=0.9), torch.optim.SGD([q], lr=0.5, momentum=0.9)
+    ours.load_state_dict(saved)
+    twin.load_state_dict(saved)
+    for _ in range(3):
+        g = torch.randn(5)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        twin.step()
+    assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-6
+
+
+def test_hyperparameters_changed_every_step_keep_one_prepared_call_per_bucket():
+    import fastopt.torch as fot
+
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = fot.Adam([p], lr=1e-3)
+    for k in range(20):
+        opt.param_groups[0]["betas"] = (0.9 - 0.01 * k, 0.999)  # a OneCycle-like scheduler
+        p.grad = torch.randn(10)
+        opt.step()
+    assert sum(len(b.prepared) for buckets in opt._buckets for b in buckets) == 1
+
+
+def test_adamw_is_an_adam_as_in_torch():
+    import fastopt.torch as fot
+
+    assert issubclass(fastopt.AdamW, fastopt.Adam) and issubclass(fot.AdamW, fot.Adam)
+    assert issubclass(torch.optim.AdamW, torch.optim.Adam)
+
+
+def test_the_master_s_former_name_reads_and_loads_with_a_warning():
+    opt = fastopt.AdamW(np.ones(16, np.float16))
+    with pytest.warns(DeprecationWarning):
+        assert opt.state.get("master_params") is opt.state["master_param"]
+    d = opt.state_dict()
+    old = dict(d)
+    old["master_params"] = old.pop("master_param")
+    with pytest.warns(DeprecationWarning, match="master_params"):
+        opt.load_state_dict(old)
+    both = dict(d, master_params=d["master_param"])
+    with pytest.raises(ValueError, match="both"):
+        opt.load_state_dict(both)

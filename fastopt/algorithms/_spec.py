@@ -16,7 +16,7 @@ A definition declares what is particular to one optimizer and nothing else:
 
 ``prologue`` and ``element`` are written in a small subset of Python (assignments, ``if``,
 arithmetic, comparisons, ``sqrt``/``min``/``max``/``abs``) that ``fastopt.codegen`` turns into
-the Numba kernel (``fastopt/cpu/generated/``) and the CUDA kernel (``kernels/``). What every
+the Numba kernel (``fastopt/cpu/ops/``) and the CUDA kernel (``kernels/``). What every
 optimizer shares lives in the driver there, written once: gradient sign (``maximize``) and
 multiplier (loss-scale unscaling, clipping), weight decay (L2 into ``g`` or decoupled
 ``p *= 1 - lr * wd``), 16-bit params with a float32 master, the state formats, the schedule,

@@ -143,8 +143,9 @@ class _Bucket:
         #: per param: whether its first-gradient state (SGD's momentum_buffer) is still unset,
         #: as torch's None buffer
         self.fresh = [True] * len(params)
-        #: fastopt.engine calls, prepared once per (part, state names, hyperparameters)
-        self.prepared: dict[tuple, Prepared] = {}
+        #: (part, state names) -> (hyperparameter values, the fastopt.engine call prepared
+        #: for them): one per part, replaced when the values change
+        self.prepared: dict[tuple, tuple] = {}
         ptr = self.flat.untyped_storage().data_ptr()
         if ptr:
             _OWNERS[ptr] = self
@@ -461,6 +462,16 @@ class FlatOptimizer(torch.optim.Optimizer):
             have_grad.append(True)
         hypers = self._group_hypers(group)
         names = self.definition.active_state(hypers)  # the kernel's state buffers, in order
+        if not set(names) <= b.state.keys():  # e.g. momentum turned on after construction
+            init = self.state_init(group)
+            for name in names:
+                if name not in b.state:
+                    b.add_state(name, init[name])
+                    if name in self.definition.first_grad_state:  # torch's None buffer
+                        b.fresh = [True] * len(b.params)
+                    for i, started in enumerate(b.started):  # the views, as torch adds them
+                        if started:
+                            self.state[b.params[i]][name] = b.view_of(name, i)
         arrays, half = b.arrays(names)
         first_grad = bool(self.definition.first_grad_state)  # SGD's momentum_buffer
         if not b.all_started:
@@ -528,19 +539,21 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The kernel through fastopt.engine on zero-copy array views (params, grads,
         state...; ``half`` has master and dtype for 16-bit params). The prepared call is kept
         per (bucket part, hyperparameters); nothing is re-validated per step."""
-        key = (part, names, tuple(_hashable(v) for v in hypers.values()))
-        prepared = b.prepared.get(key)
+        values = tuple(_hashable(v) for v in hypers.values())
+        earlier, prepared = b.prepared.get((part, names), (None, None))
         index = 0 if part is None else part
-        if prepared is None:
+        if earlier != values:  # new hyperparameters (a scheduler's momentum, say): repack
             on_gpu = b.flat.device.type == "cuda"
             n = arrays[0].shape[0]
             simd = b.format is None and self.state_dtype == "float32"
-            prepared = b.prepared[key] = Prepared(
+            prepared = Prepared(
                 self.definition, arrays[0], half.get("master"), dict(zip(names, arrays[2:],
                                                                          strict=True)),
                 hypers, half.get("dtype", "float32"), on_gpu,
                 parallel=not on_gpu and cpu.use_parallel(n, serial_simd=simd),
-                scalars={name: _as_array(v[index:index + 1]) for name, v in b.scalars.items()})
+                scalars={name: _as_array(v[index:index + 1]) for name, v in b.scalars.items()},
+                compiled=None if prepared is None else prepared._compiled)
+            b.prepared[(part, names)] = (values, prepared)
         if prepared.on_gpu:
             stream = torch.cuda.current_stream(b.flat.device)
             with _cupy_stream(stream.cuda_stream, stream.device_index):
@@ -548,8 +561,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         else:
             run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
         if part is None:  # the whole bucket stepped with element 0's scalars: share them
-            for values in b.scalars.values():
-                values.copy_(values[0].expand_as(values))
+            for per_param in b.scalars.values():
+                per_param.copy_(per_param[0].expand_as(per_param))
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
@@ -629,9 +642,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.steps[i] = float(st.get("step", 0.0))
             for name in b.state:
                 view = b.view_of(name, i)
-                if name in st:
+                if st.get(name) is not None:
                     view.copy_(st[name])
-                else:
+                else:  # absent, or None (torch 1.x SGD saved momentum_buffer=None)
                     view.fill_(init.get(name, 0.0))
             if b.master is not None:
                 b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))

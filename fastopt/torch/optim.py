@@ -30,9 +30,9 @@ class Adadelta(FlatOptimizer):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0, foreach=None, *,
                  capturable=False, maximize=False, differentiable=False, state_dtype="float32"):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
-                         foreach=foreach, capturable=capturable, maximize=maximize,
-                         differentiable=differentiable), state_dtype)
+        FlatOptimizer.__init__(self, params, dict(lr=lr, rho=rho, eps=eps,
+                               weight_decay=weight_decay, foreach=foreach, capturable=capturable,
+                               maximize=maximize, differentiable=differentiable), state_dtype)
 
 
 class Adagrad(FlatOptimizer):
@@ -52,10 +52,11 @@ class Adagrad(FlatOptimizer):
     def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
                  state_dtype="float32"):
-        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-                         initial_accumulator_value=initial_accumulator_value, eps=eps,
-                         foreach=foreach, maximize=maximize, differentiable=differentiable,
-                         fused=fused), state_dtype)
+        FlatOptimizer.__init__(self, params, dict(lr=lr, lr_decay=lr_decay,
+                               weight_decay=weight_decay,
+                               initial_accumulator_value=initial_accumulator_value, eps=eps,
+                               foreach=foreach, maximize=maximize, differentiable=differentiable,
+                               fused=fused), state_dtype)
 
 
 class Adam(FlatOptimizer):
@@ -77,13 +78,14 @@ class Adam(FlatOptimizer):
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
                  state_dtype="float32"):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, foreach=foreach, maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=decoupled_weight_decay), state_dtype)
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
+                               weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
+                               maximize=maximize, capturable=capturable,
+                               differentiable=differentiable, fused=fused,
+                               decoupled_weight_decay=decoupled_weight_decay), state_dtype)
 
 
-class AdamW(FlatOptimizer):
+class AdamW(Adam):
     """torch.optim.AdamW's interface and numbers; lr may be a fastopt schedule.
 
     Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019), as torch.optim.Adam/AdamW.
@@ -101,9 +103,10 @@ class AdamW(FlatOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, state_dtype="float32"):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
-                         differentiable=differentiable, fused=fused), state_dtype)
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
+                               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                               foreach=foreach, capturable=capturable,
+                               differentiable=differentiable, fused=fused), state_dtype)
 
 
 class SGD(FlatOptimizer):
@@ -124,6 +127,7 @@ class SGD(FlatOptimizer):
     def __init__(self, params, lr=0.001, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
                  state_dtype="float32"):
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                         foreach=foreach, differentiable=differentiable, fused=fused), state_dtype)
+        FlatOptimizer.__init__(self, params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                               weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                               foreach=foreach, differentiable=differentiable, fused=fused),
+                               state_dtype)
