@@ -94,8 +94,7 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     the lr the kernel used (schedule value times ``lr_scale``)."""
     sched = _schedule(definition.lr_default if lr is None and schedule is None else lr,
                       schedule)
-    checked = definition.check({**{h.name: h.default for h in definition.hypers}, **hypers,
-                                **fixed})
+    checked = definition.check({**definition.hyper_defaults, **hypers, **fixed})
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     active = definition.active_state(checked)
     for name in definition.state_names:

@@ -17,7 +17,13 @@ import numpy as np
 
 from ._checks import FORMATS
 from .algorithms import Definition
-from .algorithms._spec import CPU_PER_STEP, CPU_SIGNATURE, SCALAR_SLOTS, STATE_SLOTS
+from .algorithms._spec import (
+    CPU_PER_STEP,
+    CPU_SIGNATURE,
+    KERNEL_SLOTS,
+    SCALAR_SLOTS,
+    STATE_SLOTS,
+)
 from .cpu.threads import kernel_guard, parallel_ok
 from .schedules import host_lr
 
@@ -25,6 +31,7 @@ from .schedules import host_lr
 _FMT = dict(FORMATS)
 
 
+@functools.cache
 def cpu_kernel(name: str):
     """The Numba kernel of definition ``name`` (its module is imported on first use; nothing
     is compiled until the first call)."""
@@ -44,8 +51,13 @@ def _dummy_scalar(xp):
 #: the CPU kernels' fixed arguments (packed once per Prepared); ``Prepared.cpu`` passes the
 #: per-step ones after them in this order
 CPU_FIXED = tuple(name for name in CPU_SIGNATURE if name not in CPU_PER_STEP)
-assert CPU_PER_STEP == ("grads", "table", "step", "lr_scale", "grad_mult", "fresh", "parallel")
-assert CPU_SIGNATURE == (*CPU_FIXED, *CPU_PER_STEP)
+if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
+                 *(f"scalar{i}" for i in range(SCALAR_SLOTS)), "weight_decay", "decoupled",
+                 "maximize", *(f"h{i}" for i in range(KERNEL_SLOTS)), "fmt") \
+        or CPU_PER_STEP != ("grads", "table", "step", "lr_scale", "grad_mult", "fresh",
+                            "parallel"):  # the order Prepared packs and passes them in
+    raise ImportError("fastopt.engine packs the CPU kernel arguments in an order that "
+                      "CPU_SIGNATURE no longer has")
 
 _CPU_DUMMY = _dummy_state(np)
 _CPU_DUMMY_SCALAR = _dummy_scalar(np)
@@ -102,13 +114,9 @@ class Prepared:
         #: None: always through the dispatcher
         self._compiled: dict | None = None if one_shot else ({} if compiled is None
                                                               else compiled)
-        named = {"params": params, "master": self.master, "weight_decay": self.weight_decay,
-                 "decoupled": self.decoupled, "maximize": self.maximize, "fmt": self.fmt}
-        named.update((f"state{i}", v) for i, v in enumerate(self.states))
-        named.update((f"scalar{i}", v) for i, v in enumerate(self.scalars))
-        named.update((f"h{i}", v) for i, v in enumerate(self.slots))
-        #: the CPU kernel's fixed arguments, in CPU_SIGNATURE order (the per-step ones follow)
-        self._fixed = tuple(named[name] for name in CPU_FIXED)
+        #: the CPU kernel's fixed arguments, in CPU_FIXED order (checked at import below)
+        self._fixed = (params, self.master, *self.states, *self.scalars, self.weight_decay,
+                       self.decoupled, self.maximize, *self.slots, self.fmt)
 
     def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
             fresh: int = 0) -> float:

@@ -25,6 +25,7 @@ the step counter, the serial/parallel loops and the GPU's vector access.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,18 +182,23 @@ class Definition:
             raise ValueError(f"{self.name}: more than {KERNEL_SLOTS} kernel hyperparameters, "
                              f"{STATE_SLOTS} state buffers or {SCALAR_SLOTS} scalars")
 
-    @property
+    @functools.cached_property
     def kernel_slots(self) -> tuple[str, ...]:
         """The kernel's hyperparameter names in slot order (h0, h1, ...)."""
         return tuple(s for h in self.hypers for s in h.slots)
 
-    @property
+    @functools.cached_property
     def flag_slots(self) -> frozenset[str]:
         return frozenset(s for h in self.hypers if h.flag for s in h.slots)
 
-    @property
+    @functools.cached_property
     def state_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.state)
+
+    @functools.cached_property
+    def hyper_defaults(self) -> dict:
+        """Each hyperparameter's (torch's) default, by name."""
+        return {h.name: h.default for h in self.hypers}
 
     def hyper(self, name: str) -> Hyper:
         return next(h for h in self.hypers if h.name == name)
@@ -204,23 +210,44 @@ class Definition:
             self.validate(out)
         return out
 
+    @functools.cached_property
+    def _slotted(self) -> tuple[Hyper, ...]:
+        return tuple(h for h in self.hypers if h.slots)
+
+    @functools.cached_property
+    def _conditional(self) -> bool:
+        return any(s.when is not None for s in self.state)
+
     def slot_values(self, hypers: dict) -> tuple[float, ...]:
         """The kernel's h0..h7 from checked hyperparameters (flags as 0.0/1.0, unused 0.0)."""
         values = []
-        for h in self.hypers:
-            if not h.slots:
-                continue
+        for h in self._slotted:
             value = hypers[h.name]
             if h.to_kernel is not None:
                 value = h.to_kernel(value)
-            values.extend(float(v) for v in (value if len(h.slots) > 1 else (value,)))
-        return tuple(values) + (0.0,) * (KERNEL_SLOTS - len(values))
+            if len(h.slots) > 1:
+                values.extend(map(float, value))
+            else:
+                values.append(float(value))
+        return (*values, *(0.0,) * (KERNEL_SLOTS - len(values)))
 
     def active_state(self, hypers: dict) -> tuple[str, ...]:
         """The state buffers these hyperparameters need, in kernel order."""
-        scope = dict(zip(self.kernel_slots, self.slot_values(hypers), strict=False))
-        return tuple(s.name for s in self.state
-                     if s.when is None or eval(s.when, {"__builtins__": {}}, scope))  # noqa: S307
+        if not self._conditional:
+            return self.state_names
+        slots = self.slot_values(hypers)
+        return tuple(s.name for s, when in zip(self.state, self._when, strict=True)
+                     if when is None or when(*slots))
+
+    @functools.cached_property
+    def _when(self) -> tuple:
+        """Each state's ``when`` condition as a function of the kernel's slots (None: always);
+        made once, as it runs on every functional call."""
+        args = ", ".join((*self.kernel_slots, *(f"_h{i}" for i in range(
+            len(self.kernel_slots), KERNEL_SLOTS))))
+        return tuple(None if s.when is None else eval(  # noqa: S307  (the definition's text)
+            f"lambda {args}: bool({s.when})", {"__builtins__": {"bool": bool}})
+            for s in self.state)
 
     def initial_value(self, state: str, hypers: dict) -> float:
         init = next(s.init for s in self.state if s.name == state)
@@ -228,10 +255,10 @@ class Definition:
             return 0.0
         return float(hypers[init]) if isinstance(init, str) else float(init)
 
-    @property
+    @functools.cached_property
     def scalar_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.scalars)
 
-    @property
+    @functools.cached_property
     def first_grad_state(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.state if s.init == FIRST_GRAD)
