@@ -364,9 +364,10 @@ def numba_source(d: Definition) -> str:
 def _wrap(head: str, args, tail: str, indent: int) -> list[str]:
     """``head`` + comma-separated args + ``tail``, wrapped under the open parenthesis at 100
     columns, indented by ``indent`` spaces."""
-    text = textwrap.fill(", ".join(args), width=100 - indent - len(head),
+    glued = tail.replace(" ", "\0")  # the tail stays on the last line, whole
+    text = textwrap.fill(", ".join(args) + glued, width=100 - indent - len(head),
                          break_on_hyphens=False, break_long_words=False)
-    lines = (text + tail).split("\n")
+    lines = text.replace("\0", " ").split("\n")
     pad = " " * (indent + len(head))
     return [" " * indent + head + lines[0], *(pad + line for line in lines[1:])]
 

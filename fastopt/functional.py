@@ -17,7 +17,7 @@ holding bfloat16 bits (rounded stochastically).
 from ._functional import run, take_alias
 from .algorithms import REGISTRY
 
-__all__ = ["adadelta", "adagrad", "adam", "adamw", "sgd"]
+__all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "nadam", "rmsprop", "sgd"]
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
@@ -105,6 +105,81 @@ def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=N
                exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq}, step=step,
                lr=lr, schedule=schedule, master=master_param, dtype=dtype, hypers=dict(betas=betas,
                eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
+               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+
+
+def adamax(params, grads, exp_avg, exp_inf, *, step, lr=None, schedule=None, master_param=None,
+           dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, maximize=False,
+           lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+    """Adamax: Adam with the infinity norm.
+
+    Adamax (Kingma & Ba 2015, section 7.1), as torch.optim.Adamax.
+
+        m <- m + (1 - beta1) (g - m);   u <- max(beta2 u, |g| + eps)
+        p <- p - lr / (1 - beta1^k) * m / u
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["adamax"], {}, params, grads, {"exp_avg": exp_avg, "exp_inf": exp_inf},
+               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize),
+               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+
+
+def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr=None, schedule=None,
+          master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
+          momentum_decay=0.004, decoupled_weight_decay=False, maximize=False, lr_scale=1.0,
+          grad_scale=1.0, master=None) -> float:
+    """NAdam with torch's momentum_decay schedule.
+
+    NAdam (Dozat 2016) with torch's momentum schedule, as torch.optim.NAdam.
+
+        mu_k = beta1 (1 - 0.5 * 0.96^(k psi));   mu_product <- mu_product * mu_k  (a scalar)
+        m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2
+        d = sqrt(v / (1 - beta2^k)) + eps
+        p <- p - lr (1 - mu_k) / (1 - mu_product) g / d
+               - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    mu_product: one-element float64 arrays (the per-step scalars), read and
+    updated in place.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["nadam"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay,
+               momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
+               maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None,
+               scalars={"mu_product": mu_product})
+
+
+def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=None,
+            schedule=None, master_param=None, dtype=None, alpha=0.99, eps=1e-08, weight_decay=0.0,
+            momentum=0.0, centered=False, maximize=False, lr_scale=1.0, grad_scale=1.0,
+            master=None) -> float:
+    """RMSprop with torch's momentum and centered options.
+
+    RMSprop (Tieleman & Hinton 2012) with momentum and the centered form, as torch.optim.RMSprop.
+
+        sq <- alpha sq + (1 - alpha) g^2;   ga <- ga + (1 - alpha) (g - ga)          (centered)
+        avg = sqrt(sq - ga^2) + eps (centered) or sqrt(sq) + eps
+        b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["rmsprop"], {}, params, grads, {"square_avg": square_avg, "momentum_buffer":
+               momentum_buffer, "grad_avg": grad_avg}, step=step, lr=lr, schedule=schedule,
+               master=master_param, dtype=dtype, hypers=dict(alpha=alpha, eps=eps,
+               weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize),
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
 
 

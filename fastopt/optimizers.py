@@ -9,7 +9,7 @@ definition; the machinery is ``fastopt._core.FlatOptimizer``.
 from ._core import FlatOptimizer
 from .algorithms import REGISTRY
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "SGD"]
+__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RMSprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -98,6 +98,77 @@ class AdamW(Adam):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
                                dtype, state_dtype)
+
+
+class Adamax(FlatOptimizer):
+    """Adamax: Adam with the infinity norm.
+
+    Adamax (Kingma & Ba 2015, section 7.1), as torch.optim.Adamax.
+
+        m <- m + (1 - beta1) (g - m);   u <- max(beta2 u, |g| + eps)
+        p <- p - lr / (1 - beta1^k) * m / u
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    """
+
+    definition = REGISTRY["adamax"]
+    fixed = {}
+
+    def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
+                 maximize=False, *, dtype=None, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
+                               weight_decay=weight_decay, maximize=maximize), dtype, state_dtype)
+
+
+class NAdam(FlatOptimizer):
+    """NAdam with torch's momentum_decay schedule.
+
+    NAdam (Dozat 2016) with torch's momentum schedule, as torch.optim.NAdam.
+
+        mu_k = beta1 (1 - 0.5 * 0.96^(k psi));   mu_product <- mu_product * mu_k  (a scalar)
+        m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2
+        d = sqrt(v / (1 - beta2^k)) + eps
+        p <- p - lr (1 - mu_k) / (1 - mu_product) g / d
+               - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    """
+
+    definition = REGISTRY["nadam"]
+    fixed = {}
+
+    def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
+                 momentum_decay=0.004, decoupled_weight_decay=False, maximize=False, *, dtype=None,
+                 state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
+                               weight_decay=weight_decay, momentum_decay=momentum_decay,
+                               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
+                               dtype, state_dtype)
+
+
+class RMSprop(FlatOptimizer):
+    """RMSprop with torch's momentum and centered options.
+
+    RMSprop (Tieleman & Hinton 2012) with momentum and the centered form, as torch.optim.RMSprop.
+
+        sq <- alpha sq + (1 - alpha) g^2;   ga <- ga + (1 - alpha) (g - ga)          (centered)
+        avg = sqrt(sq - ga^2) + eps (centered) or sqrt(sq) + eps
+        b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    """
+
+    definition = REGISTRY["rmsprop"]
+    fixed = {}
+
+    def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-08, weight_decay=0.0, momentum=0.0,
+                 centered=False, maximize=False, *, dtype=None, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, lr, dict(alpha=alpha, eps=eps,
+                               weight_decay=weight_decay, momentum=momentum, centered=centered,
+                               maximize=maximize), dtype, state_dtype)
 
 
 class SGD(FlatOptimizer):

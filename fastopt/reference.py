@@ -76,3 +76,58 @@ def sgd(params, grads, momentum_buffer=None, *, step, lr, momentum=0.0, dampenin
             buf = momentum * np.asarray(momentum_buffer, np.float64) + (1.0 - dampening) * grad
         grad = grad + momentum * buf if nesterov else buf
     return params - lr * grad, buf
+
+
+def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr,
+            alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+            maximize=False):
+    """RMSprop as torch.optim.RMSprop: returns (params, square_avg, momentum_buffer, grad_avg)
+    (None for the buffers the options do not use)."""
+    del step
+    params, grads, square_avg = _f64(params, grads, square_avg)
+    grad = (-grads if maximize else grads) + weight_decay * params
+    square_avg = alpha * square_avg + (1.0 - alpha) * grad * grad
+    if centered:
+        grad_avg = np.asarray(grad_avg, np.float64) + (1.0 - alpha) * (grad - grad_avg)
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = np.sqrt(square_avg) + eps
+    if momentum > 0.0:
+        momentum_buffer = momentum * np.asarray(momentum_buffer, np.float64) + grad / avg
+        params = params - lr * momentum_buffer
+    else:
+        params = params - lr * grad / avg
+    return params, square_avg, momentum_buffer, grad_avg
+
+
+def adamax(params, grads, exp_avg, exp_inf, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+           weight_decay=0.0, maximize=False):
+    """Adamax as torch.optim.Adamax: u <- max(beta2 u, |g| + eps); p -= lr/(1-b1^k) m / u."""
+    params, grads, exp_avg, exp_inf = _f64(params, grads, exp_avg, exp_inf)
+    grad = (-grads if maximize else grads) + weight_decay * params
+    exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
+    exp_inf = np.maximum(beta2 * exp_inf, np.abs(grad) + eps)
+    params = params - lr / (1.0 - beta1**step) * exp_avg / exp_inf
+    return params, exp_avg, exp_inf
+
+
+def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr, beta1=0.9,
+          beta2=0.999, eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+          decoupled_weight_decay=False, maximize=False):
+    """NAdam as torch.optim.NAdam; ``mu_product`` is the product of the mu's before this step.
+    Returns (params, exp_avg, exp_avg_sq, mu_product)."""
+    params, grads, exp_avg, exp_avg_sq = _f64(params, grads, exp_avg, exp_avg_sq)
+    grad = -grads if maximize else grads
+    if decoupled_weight_decay:
+        params = params * (1.0 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * params
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product = mu_product * mu
+    exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
+    denom = np.sqrt(exp_avg_sq / (1.0 - beta2**step)) + eps
+    params = params - lr * (1.0 - mu) / (1.0 - mu_product) * grad / denom
+    params = params - lr * mu_next / (1.0 - mu_product * mu_next) * exp_avg / denom
+    return params, exp_avg, exp_avg_sq, mu_product

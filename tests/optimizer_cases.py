@@ -49,6 +49,27 @@ def _sgd(p, g, s, step, lr, h):
     return out[0], {"momentum_buffer": out[1]}
 
 
+def _rmsprop(p, g, s, step, lr, h):
+    out = reference.rmsprop(p, g, s["square_avg"], s.get("momentum_buffer"), s.get("grad_avg"),
+                            step=step, lr=lr, **h)
+    return out[0], dict(zip(("square_avg", "momentum_buffer", "grad_avg"), out[1:],
+                            strict=True))
+
+
+def _adamax(p, g, s, step, lr, h):
+    out = reference.adamax(p, g, s["exp_avg"], s["exp_inf"], step=step, lr=lr,
+                           beta1=h["betas"][0], beta2=h["betas"][1], eps=h["eps"],
+                           weight_decay=h["weight_decay"], maximize=h["maximize"])
+    return out[0], {"exp_avg": out[1], "exp_inf": out[2]}
+
+
+def _nadam(p, g, s, step, lr, h):
+    out = reference.nadam(p, g, s["exp_avg"], s["exp_avg_sq"], s["mu_product"], step=step,
+                          lr=lr, beta1=h["betas"][0], beta2=h["betas"][1],
+                          **{k: v for k, v in h.items() if k != "betas"})
+    return out[0], {"exp_avg": out[1], "exp_avg_sq": out[2], "mu_product": out[3]}
+
+
 CASES: dict[str, Case] = {
     "adam": Case(
         options=(("Adam", {}), ("AdamW", {}),
@@ -66,6 +87,20 @@ CASES: dict[str, Case] = {
         options=(("Adadelta", {}),
                  ("Adadelta", dict(rho=0.85, eps=1e-5, weight_decay=0.1, maximize=True))),
         reference=_adadelta),
+    "rmsprop": Case(
+        options=(("RMSprop", {}), ("RMSprop", dict(momentum=0.9, weight_decay=0.1)),
+                 ("RMSprop", dict(alpha=0.9, centered=True, maximize=True, eps=1e-6)),
+                 ("RMSprop", dict(momentum=0.5, centered=True, weight_decay=0.05))),
+        reference=_rmsprop),
+    "adamax": Case(
+        options=(("Adamax", {}),
+                 ("Adamax", dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1, maximize=True))),
+        reference=_adamax),
+    "nadam": Case(
+        options=(("NAdam", {}), ("NAdam", dict(momentum_decay=0.01, weight_decay=0.1)),
+                 ("NAdam", dict(betas=(0.8, 0.99), weight_decay=0.05,
+                                decoupled_weight_decay=True, maximize=True))),
+        reference=_nadam),
     "sgd": Case(
         options=(("SGD", {}), ("SGD", dict(momentum=0.9)),
                  ("SGD", dict(momentum=0.8, dampening=0.3, weight_decay=0.1, maximize=True)),
@@ -97,6 +132,7 @@ def reference_run(cls: str, hypers: dict, p0, grads, schedule):
     active = d.active_state(full)
     state = {s.name: np.full(np.shape(p0), d.initial_value(s.name, full))
              if s.name in active and s.init != FIRST_GRAD else None for s in d.state}
+    state.update({s.name: s.init for s in d.scalars})  # per-step scalars (NAdam's)
     p = np.asarray(p0, np.float64)
     for k, g in enumerate(grads, start=1):
         p, state = CASES[d.name].reference(p, g, state, k, schedule.at(k - 1), full)

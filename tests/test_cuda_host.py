@@ -78,8 +78,9 @@ class HostRun:
             buf = np.zeros(n + offset, np.uint16 if state_bf16 else np.float32)[offset:]
             buf[...] = _bf16.encode(np.float32(value)) if state_bf16 else value
             self.states[name] = buf
+        self.scalars = {s.name: np.full(1, s.init) for s in d.scalars}
         self.prepared = Prepared(d, self.params, None, self.states, full, "float32",
-                                 on_gpu=True)
+                                 on_gpu=True, scalars=self.scalars)
         self.table = np.ascontiguousarray(schedule.table)
         self.step_state, self.lr_out = np.zeros(2, np.uint64), np.zeros(1)
 
@@ -139,6 +140,8 @@ def test_kernel_math(lib, option, sched, launch, offset):
     _close(run.params, want_p)
     for key, buf in run.states.items():
         _close(buf, want_state[key])
+    for key, value in run.scalars.items():
+        np.testing.assert_allclose(value[0], want_state[key], rtol=1e-12)
 
 
 def _scaled(schedule, factor):

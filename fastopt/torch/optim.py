@@ -10,7 +10,7 @@ machinery is ``fastopt.torch._base.FlatOptimizer``.
 from ..algorithms import REGISTRY
 from ._base import FlatOptimizer
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "SGD"]
+__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RMSprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -107,6 +107,82 @@ class AdamW(Adam):
                                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                                foreach=foreach, capturable=capturable,
                                differentiable=differentiable, fused=fused), state_dtype)
+
+
+class Adamax(FlatOptimizer):
+    """torch.optim.Adamax's interface and numbers; lr may be a fastopt schedule.
+
+    Adamax (Kingma & Ba 2015, section 7.1), as torch.optim.Adamax.
+
+        m <- m + (1 - beta1) (g - m);   u <- max(beta2 u, |g| + eps)
+        p <- p - lr / (1 - beta1^k) * m / u
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["adamax"]
+    fixed = {}
+    twin = definition.torch_twin.get("Adamax")
+
+    def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
+                 state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
+                               weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+                               differentiable=differentiable, capturable=capturable), state_dtype)
+
+
+class NAdam(FlatOptimizer):
+    """torch.optim.NAdam's interface and numbers; lr may be a fastopt schedule.
+
+    NAdam (Dozat 2016) with torch's momentum schedule, as torch.optim.NAdam.
+
+        mu_k = beta1 (1 - 0.5 * 0.96^(k psi));   mu_product <- mu_product * mu_k  (a scalar)
+        m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2
+        d = sqrt(v / (1 - beta2^k)) + eps
+        p <- p - lr (1 - mu_k) / (1 - mu_product) g / d
+               - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["nadam"]
+    fixed = {}
+    twin = definition.torch_twin.get("NAdam")
+
+    def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
+                 momentum_decay=0.004, decoupled_weight_decay=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
+                               weight_decay=weight_decay, momentum_decay=momentum_decay,
+                               decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
+                               maximize=maximize, capturable=capturable,
+                               differentiable=differentiable), state_dtype)
+
+
+class RMSprop(FlatOptimizer):
+    """torch.optim.RMSprop's interface and numbers; lr may be a fastopt schedule.
+
+    RMSprop (Tieleman & Hinton 2012) with momentum and the centered form, as torch.optim.RMSprop.
+
+        sq <- alpha sq + (1 - alpha) g^2;   ga <- ga + (1 - alpha) (g - ga)          (centered)
+        avg = sqrt(sq - ga^2) + eps (centered) or sqrt(sq) + eps
+        b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["rmsprop"]
+    fixed = {}
+    twin = definition.torch_twin.get("RMSprop")
+
+    def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-08, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, *, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, alpha=alpha, eps=eps,
+                               weight_decay=weight_decay, momentum=momentum, centered=centered,
+                               capturable=capturable, foreach=foreach, maximize=maximize,
+                               differentiable=differentiable), state_dtype)
 
 
 class SGD(FlatOptimizer):
