@@ -375,8 +375,22 @@ def _wrap(head: str, args, tail: str, indent: int) -> list[str]:
 # ------------------------------------------------------------------------------ CUDA
 
 
-def _c_params(types: dict[str, str]) -> str:
-    return ", ".join(f"{types.get(t, t)} {n}" for n, t in KERNEL_SIGNATURE)
+def signature_header() -> str:
+    """``kernels/signature.cuh``: the uniform signature as macros every kernel file uses."""
+    params = ", ".join(f"{t} {n}" for n, t in KERNEL_SIGNATURE)
+    names = ", ".join(n for n, _ in KERNEL_SIGNATURE)
+    return "\n".join([
+        _gen_header("<name>", "//").replace("fastopt/algorithms/<name>.py",
+                                             "fastopt/algorithms/_spec.py (KERNEL_SIGNATURE)"),
+        "//",
+        "// The one kernel signature (T: the params' element type, S: the state's) and the",
+        "// extern \"C\" entry point of one variant: NAME calls the template OP<T, S>.",
+        "#pragma once", "",
+        f"#define FO_KERNEL_PARAMS(T, S) {params}", "",
+        f"#define FO_KERNEL_ARGS {names}", "",
+        "#define FO_KERNEL(NAME, OP, T, S) \\",
+        '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S)) { OP<T, S>(FO_KERNEL_ARGS); }',
+        ""])
 
 
 def cuda_source(d: Definition) -> str:
@@ -387,7 +401,7 @@ def cuda_source(d: Definition) -> str:
     states = d.state_names
     lines = [_gen_header(name, "//"), "//"]
     lines += [f"// {line}".rstrip() for line in textwrap.dedent(d.doc).strip().split("\n")]
-    lines += ['#include "common.cuh"', '#include "schedule.cuh"', ""]
+    lines += ['#include "common.cuh"', '#include "schedule.cuh"', '#include "signature.cuh"', ""]
 
     # the element function
     params = ["float& p", "float& g", *(f"float& {s}" for s in states)]
@@ -403,7 +417,7 @@ def cuda_source(d: Definition) -> str:
     # the kernel template
     lines += [f"// One {name} step k = step_state[0] + 1 over the whole buffer; the last block "
               "advances k.", "template <typename T, typename S>",
-              f"FO_D void {name}({_c_params({})}) {{",
+              f"FO_D void {name}(FO_KERNEL_PARAMS(T, S)) {{",
               "    const double step = (double)(step_state[0] + 1);",
               "    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;",
               *(["    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state "
@@ -490,23 +504,16 @@ def cuda_source(d: Definition) -> str:
     lines += ["}", ""]
 
     # the extern "C" variants
-    names = ", ".join(n for n, _ in KERNEL_SIGNATURE)
     variants = [("f32", "float", "float", False), ("f32_sbf16", "float", "bf16_bits", False),
                 ("f16", "__half", "float", True), ("bf16", "__nv_bfloat16", "float", True),
                 ("f16_sbf16", "__half", "bf16_bits", True),
                 ("bf16_sbf16", "__nv_bfloat16", "bf16_bits", True)]
-    lines.append(f"#define FO_{name.upper()}_KERNEL(NAME, T, S) \\")
-    signature = _c_params({"T*": "T*", "const T*": "const T*", "S*": "S*"})
-    lines.append(f'    extern "C" __global__ void NAME({signature}) {{ \\')
-    lines.append(f"        {name}<T, S>({names}); \\")
-    lines.append("    }")
-    lines.append("")
     in_cuda = False
     for suffix, t, s, cuda_only in variants:
         if cuda_only and not in_cuda:
             lines.append("#if defined(__CUDACC__)")
             in_cuda = True
-        lines.append(f"FO_{name.upper()}_KERNEL({name}_{suffix}, {t}, {s})")
+        lines.append(f"FO_KERNEL({name}_{suffix}, {name}, {t}, {s})")
     lines += ["#endif", ""]
     return "\n".join(lines)
 
@@ -699,7 +706,8 @@ def outputs() -> dict[Path, str]:
     """Every generated file and its content."""
     files: dict[Path, str] = {ROOT / "optimizers.py": optimizers_source(),
                               ROOT / "functional.py": functional_source(),
-                              ROOT / "torch" / "optim.py": torch_source()}
+                              ROOT / "torch" / "optim.py": torch_source(),
+                              CUDA_DIR / "signature.cuh": signature_header()}
     for d in REGISTRY.values():
         files[CPU_OPS / f"{d.name}.py"] = numba_source(d)
         files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)

@@ -8,6 +8,7 @@
 //     acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
 #include "common.cuh"
 #include "schedule.cuh"
+#include "signature.cuh"
 
 // The adadelta update of one element (the definition's math); every scalar is float32.
 FO_HD void adadelta_element(float& p, float& g, float& square_avg, float& acc_delta, float lr, float rho, float eps, float one_minus_rho) {
@@ -20,7 +21,7 @@ FO_HD void adadelta_element(float& p, float& g, float& square_avg, float& acc_de
 
 // One adadelta step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
-FO_D void adadelta(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) {
+FO_D void adadelta(FO_KERNEL_PARAMS(T, S)) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -65,16 +66,11 @@ FO_D void adadelta(T* params, const T* grads, float* master, S* state0, S* state
     finish_step(step_state, lr_out, lr);
 }
 
-#define FO_ADADELTA_KERNEL(NAME, T, S) \
-    extern "C" __global__ void NAME(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) { \
-        adadelta<T, S>(params, grads, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3, table, table_rows, step_state, lr_out, lr_scale, grad_mult, weight_decay, decoupled, maximize, fresh, h0, h1, h2, h3, h4, h5, h6, h7, n); \
-    }
-
-FO_ADADELTA_KERNEL(adadelta_f32, float, float)
-FO_ADADELTA_KERNEL(adadelta_f32_sbf16, float, bf16_bits)
+FO_KERNEL(adadelta_f32, adadelta, float, float)
+FO_KERNEL(adadelta_f32_sbf16, adadelta, float, bf16_bits)
 #if defined(__CUDACC__)
-FO_ADADELTA_KERNEL(adadelta_f16, __half, float)
-FO_ADADELTA_KERNEL(adadelta_bf16, __nv_bfloat16, float)
-FO_ADADELTA_KERNEL(adadelta_f16_sbf16, __half, bf16_bits)
-FO_ADADELTA_KERNEL(adadelta_bf16_sbf16, __nv_bfloat16, bf16_bits)
+FO_KERNEL(adadelta_f16, adadelta, __half, float)
+FO_KERNEL(adadelta_bf16, adadelta, __nv_bfloat16, float)
+FO_KERNEL(adadelta_f16_sbf16, adadelta, __half, bf16_bits)
+FO_KERNEL(adadelta_bf16_sbf16, adadelta, __nv_bfloat16, bf16_bits)
 #endif

@@ -11,6 +11,7 @@
 //            - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
 #include "common.cuh"
 #include "schedule.cuh"
+#include "signature.cuh"
 
 // The nadam update of one element (the definition's math); every scalar is float32.
 FO_HD void nadam_element(float& p, float& g, float& exp_avg, float& exp_avg_sq, float beta2, float eps, float grad_step, float avg_step, float bias_correction2, float one_minus_beta1, float one_minus_beta2) {
@@ -24,7 +25,7 @@ FO_HD void nadam_element(float& p, float& g, float& exp_avg, float& exp_avg_sq, 
 
 // One nadam step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
-FO_D void nadam(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) {
+FO_D void nadam(FO_KERNEL_PARAMS(T, S)) {
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -93,16 +94,11 @@ FO_D void nadam(T* params, const T* grads, float* master, S* state0, S* state1, 
     }
 }
 
-#define FO_NADAM_KERNEL(NAME, T, S) \
-    extern "C" __global__ void NAME(T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n) { \
-        nadam<T, S>(params, grads, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3, table, table_rows, step_state, lr_out, lr_scale, grad_mult, weight_decay, decoupled, maximize, fresh, h0, h1, h2, h3, h4, h5, h6, h7, n); \
-    }
-
-FO_NADAM_KERNEL(nadam_f32, float, float)
-FO_NADAM_KERNEL(nadam_f32_sbf16, float, bf16_bits)
+FO_KERNEL(nadam_f32, nadam, float, float)
+FO_KERNEL(nadam_f32_sbf16, nadam, float, bf16_bits)
 #if defined(__CUDACC__)
-FO_NADAM_KERNEL(nadam_f16, __half, float)
-FO_NADAM_KERNEL(nadam_bf16, __nv_bfloat16, float)
-FO_NADAM_KERNEL(nadam_f16_sbf16, __half, bf16_bits)
-FO_NADAM_KERNEL(nadam_bf16_sbf16, __nv_bfloat16, bf16_bits)
+FO_KERNEL(nadam_f16, nadam, __half, float)
+FO_KERNEL(nadam_bf16, nadam, __nv_bfloat16, float)
+FO_KERNEL(nadam_f16_sbf16, nadam, __half, bf16_bits)
+FO_KERNEL(nadam_bf16_sbf16, nadam, __nv_bfloat16, bf16_bits)
 #endif
