@@ -221,7 +221,7 @@ class FlatOptimizer:
 
     @schedule.setter
     def schedule(self, lr) -> None:
-        self._schedule = check_lr(lr)
+        self._schedule = self.definition.check_schedule(check_lr(lr))
         if self._on_gpu:
             self._device_table = self._xp.asarray(self._schedule.table)
 

@@ -92,8 +92,8 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
         scalars: dict | None = None) -> float:
     """Check everything, then one kernel call of ``definition`` for step ``step``; returns
     the lr the kernel used (schedule value times ``lr_scale``)."""
-    sched = _schedule(definition.lr_default if lr is None and schedule is None else lr,
-                      schedule)
+    sched = definition.check_schedule(_schedule(
+        definition.lr_default if lr is None and schedule is None else lr, schedule))
     checked = definition.check({**definition.hyper_defaults, **hypers, **fixed})
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     active = definition.active_state(checked)

@@ -50,6 +50,9 @@ _FUNCS = {
     "max": ("max", "max", "fmax", "fmaxf"),
     "min": ("min", "min", "fmin", "fminf"),
     "abs": ("abs", "abs", "fabs", "fabsf"),
+    "sign": ("np.sign", "np.sign", "fo_sign", "fo_sign"),  # -1, 0 or 1; NaN stays NaN
+    "log": ("math.log", "np.log", "log", "logf"),
+    "exp": ("math.exp", "np.exp", "exp", "expf"),
 }
 
 
@@ -226,7 +229,9 @@ class _Parts:
         self.flags = set(d.flag_slots)
         pro_args = [a.arg for a in pro.args.args]
         self.scalar_names = d.scalar_names
-        allowed = {"step", "lr", *self.slots, *self.scalar_names}
+        #: the driver's weight_decay, for a definition that applies it itself (decay "own")
+        self.own_decay = ("weight_decay",) if d.decay == "own" else ()
+        allowed = {"step", "lr", *self.slots, *self.scalar_names, *self.own_decay}
         if not set(pro_args) <= allowed:
             raise DefinitionError(f"{d.name}.prologue takes only step, lr, the kernel "
                                   f"hyperparameters {self.slots} and the scalars "
@@ -243,7 +248,8 @@ class _Parts:
             raise DefinitionError(f"{d.name}.element's positional parameters must be p, g, "
                                   f"{', '.join(d.state_names)}; got {positional}")
         self.scalars = [a.arg for a in el.args.kwonlyargs]
-        known = {"lr", "fresh", *self.slots, *self.prologue_locals, *self.scalar_names}
+        known = {"lr", "fresh", *self.slots, *self.prologue_locals, *self.scalar_names,
+                 *self.own_decay}
         unknown = [s for s in self.scalars if s not in known]
         if unknown:
             raise DefinitionError(f"{d.name}.element takes {unknown}: neither hyperparameters, "
@@ -256,6 +262,10 @@ class _Parts:
         self.slot_index = {s.name: i for i, s in enumerate(d.state)}
         self.conditional = {s.name: f"active_{s.name}" for s in d.state if s.when is not None}
         self.decay = d.decay
+        #: the driver's weight decay terms: ``l2`` (added to g) and ``decay`` (p's factor)
+        self.uses_l2 = d.decay in ("l2", "choice")
+        self.uses_decay = d.decay in ("decoupled", "choice")
+        self.decay_args = ["l2"] * self.uses_l2 + ["decay"] * self.uses_decay
 
 
 def _gen_header(name: str, comment: str) -> str:
@@ -274,7 +284,7 @@ def numba_source(d: Definition) -> str:
     buffers = [f"{s.name}_buffer" for s in d.state]
     scalar_args = x.scalars
     element_args = ["i", "params", "grads", "master", *buffers, "grad_factor"]
-    element_args += {"l2": ["l2"], "decoupled": ["decay"], "choice": ["l2", "decay"]}[x.decay]
+    element_args += x.decay_args
     element_args += [*x.conditional.values(), *scalar_args, "fmt", "seed"]
 
     lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
@@ -289,11 +299,11 @@ def numba_source(d: Definition) -> str:
               '    """The update of element i: the driver\'s loads, the definition\'s math, '
               'the driver\'s stores."""',
               "    p = load_param(params, master, i)"]
-    if x.decay == "decoupled":
-        lines.append("    g = grad_factor * load_grad(grads, i, fmt)")
-    else:
+    if x.uses_l2:
         lines.append("    g = grad_factor * load_grad(grads, i, fmt) + l2 * p")
-    if x.decay != "l2":
+    else:
+        lines.append("    g = grad_factor * load_grad(grads, i, fmt)")
+    if x.uses_decay:
         lines.append("    p = decay * p")
     for s, buf in zip(d.state, buffers, strict=True):
         if s.name in x.conditional:
@@ -330,7 +340,7 @@ def numba_source(d: Definition) -> str:
         lines.append(f"    {scalar} = scalar{i}[0]")
     lines += pro.statements(x.prologue_body, "    ")
     lines.append("    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)")
-    if x.decay != "decoupled":
+    if x.uses_l2:
         lines.append("    l2 = np.float32(0.0 if decoupled else weight_decay)"
                      if x.decay == "choice" else "    l2 = np.float32(weight_decay)")
     if x.decay == "choice":
@@ -342,7 +352,7 @@ def numba_source(d: Definition) -> str:
             when = pro.expr(ast.parse(s.when).body[0].value)
             lines.append(f"    {x.conditional[s.name]} = {when}")
     call_args = ["i", "params", "grads", "master", *state_args, "grad_factor"]
-    call_args += {"l2": ["l2"], "decoupled": ["decay"], "choice": ["l2", "decay"]}[x.decay]
+    call_args += x.decay_args
     call_args += list(x.conditional.values())
     for s in scalar_args:
         if s in x.bools:
@@ -432,7 +442,7 @@ def cuda_source(d: Definition) -> str:
         lines.append(f"    {ctype} {local} = {zero};")
     lines += pro.statements(x.prologue_body, "    ")
     lines.append("    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);")
-    if x.decay != "decoupled":
+    if x.uses_l2:
         lines.append("    const float l2 = (float)(decoupled ? 0.0 : weight_decay);"
                      if x.decay == "choice" else "    const float l2 = (float)weight_decay;")
     if x.decay == "choice":
@@ -472,11 +482,11 @@ def cuda_source(d: Definition) -> str:
         lines.append(f"        if ({x.conditional[s]}) {load}" if s in x.conditional
                      else f"        {load}")
     lines += ["#pragma unroll", "        for (int j = 0; j < W; ++j) {"]
-    if x.decay == "decoupled":
-        lines.append("            g[j] = grad_factor * g[j];")
-    else:
+    if x.uses_l2:
         lines.append("            g[j] = grad_factor * g[j] + l2 * p[j];")
-    if x.decay != "l2":
+    else:
+        lines.append("            g[j] = grad_factor * g[j];")
+    if x.uses_decay:
         lines.append("            p[j] = decay * p[j];")
     call = f"{name}_element(" + ", ".join(["p[j]", "g[j]", *(f"{s}[j]" for s in states),
                                            *args]) + ");"
@@ -545,7 +555,7 @@ def _api_module(about: list[str], imports: list[str], names: list[str]) -> list[
     header = _gen_header("<name>", "").replace("fastopt/algorithms/<name>.py",
                                               "the definitions in fastopt/algorithms")
     return ['"""' + header, "", *about, '"""', "", *imports, "",
-            "__all__ = [" + ", ".join(f'"{n}"' for n in names) + "]"]
+            *_wrap("__all__ = [", [f'"{n}"' for n in names], "]", 0)]
 
 
 def optimizers_source() -> str:

@@ -17,7 +17,8 @@ holding bfloat16 bits (rounded stochastically).
 from ._functional import run, take_alias
 from .algorithms import REGISTRY
 
-__all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "nadam", "rmsprop", "sgd"]
+__all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "ademamix", "asgd", "lion", "nadam",
+           "radam", "rmsprop", "rprop", "sgd"]
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
@@ -129,6 +130,84 @@ def adamax(params, grads, exp_avg, exp_inf, *, step, lr=None, schedule=None, mas
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
 
 
+def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr=None, schedule=None,
+             master_param=None, dtype=None, betas=(0.9, 0.999, 0.9999), alpha=5.0,
+             t_alpha_beta3=None, eps=1e-08, weight_decay=0.0, maximize=False, lr_scale=1.0,
+             grad_scale=1.0, master=None) -> float:
+    """AdEMAMix: Adam with a mixture of a fast and a slow EMA.
+
+    AdEMAMix (Pagliardini et al. 2024), the paper's Algorithm 1 with decoupled weight decay.
+
+        m1 <- m1 + (1 - beta1) (g - m1);   v <- beta2 v + (1 - beta2) g^2
+        m2 <- m2 + (1 - beta3_k) (g - m2)                        (the slow EMA, not debiased)
+        d = sqrt(v) / sqrt(1 - beta2^k) + eps
+        p <- p (1 - lr wd) - lr (m1 / (1 - beta1^k) + alpha_k m2) / d
+    With t_alpha_beta3 = T the warm-ups, evaluated at the 1-based step k:
+        alpha_k = min(k alpha / T, alpha)
+        beta3_k = min(exp(ln b1 ln b3 / ((1 - k/T) ln b3 + (k/T) ln b1)), beta3)
+    (T = None: alpha_k = alpha, beta3_k = beta3). As pytorch-optimizer 4.1.0's AdEMAMix with
+    ``weight_decouple=True``.
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["ademamix"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_slow":
+               exp_avg_slow, "exp_avg_sq": exp_avg_sq}, step=step, lr=lr, schedule=schedule,
+               master=master_param, dtype=dtype, hypers=dict(betas=betas, alpha=alpha,
+               t_alpha_beta3=t_alpha_beta3, eps=eps, weight_decay=weight_decay, maximize=maximize),
+               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+
+
+def asgd(params, grads, ax, eta, mu, *, step, lr=None, schedule=None, master_param=None, dtype=None,
+         lambd=0.0001, alpha=0.75, t0=1000000.0, weight_decay=0.0, maximize=False, lr_scale=1.0,
+         grad_scale=1.0, master=None) -> float:
+    """Averaged SGD with torch's step-size schedule.
+
+    ASGD (Polyak & Juditsky 1992, with Bottou's step sizes), as torch.optim.ASGD.
+
+        p <- p (1 - lambd eta) - eta g;   ax <- ax + mu (p - ax)   (ax <- p while mu = 1)
+        then, for the next step:  eta <- lr / (1 + lambd lr k)^alpha;   mu <- 1 / max(1, k - t0)
+    eta and mu are per-step scalars. As in torch, eta starts at the lr of the first step and
+    step k uses the eta computed at the end of step k - 1: a changed lr shows one step late.
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    eta, mu: one-element float64 arrays (the per-step scalars), read and
+    updated in place.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["asgd"], {}, params, grads, {"ax": ax}, step=step, lr=lr, schedule=schedule,
+               master=master_param, dtype=dtype, hypers=dict(lambd=lambd, alpha=alpha, t0=t0,
+               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None, scalars={"eta": eta, "mu": mu})
+
+
+def lion(params, grads, exp_avg, *, step, lr=None, schedule=None, master_param=None, dtype=None,
+         betas=(0.9, 0.99), weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0,
+         master=None) -> float:
+    """Lion (evolved sign momentum), lion-pytorch's formula.
+
+    Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as lion-pytorch.
+
+        p <- p (1 - lr wd);   p <- p - lr sign(beta1 m + (1 - beta1) g)
+        m <- beta2 m + (1 - beta2) g
+    Weight decay is lion-pytorch's default form (``p *= 1 - lr wd``, decoupled, scaled by lr).
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["lion"], {}, params, grads, {"exp_avg": exp_avg}, step=step, lr=lr,
+               schedule=schedule, master=master_param, dtype=dtype, hypers=dict(betas=betas,
+               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
+
+
 def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr=None, schedule=None,
           master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
           momentum_decay=0.004, decoupled_weight_decay=False, maximize=False, lr_scale=1.0,
@@ -159,6 +238,32 @@ def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr=None, sche
                scalars={"mu_product": mu_product})
 
 
+def radam(params, grads, exp_avg, exp_avg_sq, *, step, lr=None, schedule=None, master_param=None,
+          dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, decoupled_weight_decay=False,
+          maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+    """RAdam (rectified Adam) with torch's options.
+
+    RAdam (Liu et al. 2019), the variance-rectified Adam, as torch.optim.RAdam.
+
+        m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2
+        rho_inf = 2 / (1 - beta2) - 1;   rho_k = rho_inf - 2 k beta2^k / (1 - beta2^k)
+        rho_k > 5:  r = sqrt((rho_k - 4)(rho_k - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_k))
+                    p <- p - lr m / (1 - beta1^k) sqrt(1 - beta2^k) / (sqrt(v) + eps) r
+        otherwise:  p <- p - lr m / (1 - beta1^k)
+    The branch is taken once per step (rho_k depends on k alone), never per element.
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["radam"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay,
+               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
+
+
 def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=None,
             schedule=None, master_param=None, dtype=None, alpha=0.99, eps=1e-08, weight_decay=0.0,
             momentum=0.0, centered=False, maximize=False, lr_scale=1.0, grad_scale=1.0,
@@ -181,6 +286,31 @@ def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, s
                master=master_param, dtype=dtype, hypers=dict(alpha=alpha, eps=eps,
                weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize),
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+
+
+def rprop(params, grads, prev, step_size, *, step, lr=None, schedule=None, master_param=None,
+          dtype=None, etas=(0.5, 1.2), step_sizes=(1e-06, 50.0), maximize=False, lr_scale=1.0,
+          grad_scale=1.0, master=None) -> float:
+    """Rprop (resilient backpropagation) with torch's options.
+
+    Rprop (Riedmiller & Braun 1993), as torch.optim.Rprop.
+
+        s = sign(g prev)
+        step_size <- clamp(step_size * (etaplus if s > 0, etaminus if s < 0, 1 if s = 0),
+                           step_size_min, step_size_max)
+        g <- 0 where s < 0;   p <- p - sign(g) step_size;   prev <- g
+    step_size starts at the lr of the first step; the lr plays no other part, so Rprop refuses a
+    schedule (as torch, whose schedulers would change nothing).
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["rprop"], {}, params, grads, {"prev": prev, "step_size": step_size},
+               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(etas=etas, step_sizes=step_sizes, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
 
 
 def sgd(params, grads, momentum_buffer=None, *, step, lr=None, schedule=None, master_param=None,

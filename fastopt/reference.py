@@ -131,3 +131,93 @@ def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr, beta1=0.9
     params = params - lr * (1.0 - mu) / (1.0 - mu_product) * grad / denom
     params = params - lr * mu_next / (1.0 - mu_product * mu_next) * exp_avg / denom
     return params, exp_avg, exp_avg_sq, mu_product
+
+
+def radam(params, grads, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
+          weight_decay=0.0, decoupled_weight_decay=False, maximize=False):
+    """RAdam as torch.optim.RAdam: Adam's moments; the adaptive step, rectified, only once
+    the SMA length rho_k exceeds 5. Returns (params, exp_avg, exp_avg_sq)."""
+    params, grads, exp_avg, exp_avg_sq = _f64(params, grads, exp_avg, exp_avg_sq)
+    grad = -grads if maximize else grads
+    if decoupled_weight_decay:
+        params = params * (1.0 - lr * weight_decay)
+    else:
+        grad = grad + weight_decay * params
+    exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad**2
+    m_hat = exp_avg / (1.0 - beta1**step)
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho = rho_inf - 2.0 * step * beta2**step / (1.0 - beta2**step)
+    if rho > 5.0:
+        rect = np.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        adaptive = np.sqrt(1.0 - beta2**step) / (np.sqrt(exp_avg_sq) + eps)
+        params = params - lr * rect * m_hat * adaptive
+    else:
+        params = params - lr * m_hat
+    return params, exp_avg, exp_avg_sq
+
+
+def rprop(params, grads, prev, step_size, *, step, lr, etas=(0.5, 1.2),
+          step_sizes=(1e-6, 50.0), maximize=False):
+    """Rprop as torch.optim.Rprop (``step_size`` starts at the first lr; ``lr`` and ``step``
+    are not used). Returns (params, prev, step_size)."""
+    params, grads, prev, step_size = _f64(params, grads, prev, step_size)
+    grad = -grads if maximize else grads
+    same = grad * prev
+    factor = np.where(same > 0, etas[1], np.where(same < 0, etas[0], 1.0))
+    step_size = np.clip(step_size * factor, step_sizes[0], step_sizes[1])
+    grad = np.where(same < 0, 0.0, grad)
+    return params - np.sign(grad) * step_size, grad, step_size
+
+
+def asgd(params, grads, ax, eta, mu, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6,
+         weight_decay=0.0, maximize=False):
+    """ASGD as torch.optim.ASGD: this step uses ``eta`` and ``mu`` as the previous step left
+    them (at step 1: eta = lr, mu = 1) and leaves new ones computed from this step's lr.
+    Returns (params, ax, eta, mu)."""
+    params, grads, ax = _f64(params, grads, ax)
+    grad = (-grads if maximize else grads) + weight_decay * params
+    if step == 1:
+        eta, mu = lr, 1.0
+    params = params * (1.0 - lambd * eta) - eta * grad
+    ax = params.copy() if mu == 1.0 else ax + mu * (params - ax)
+    return (params, ax, lr / (1.0 + lambd * lr * step) ** alpha,
+            1.0 / max(1.0, step - t0))
+
+
+def lion(params, grads, exp_avg, *, step, lr, betas=(0.9, 0.99), weight_decay=0.0,
+         maximize=False):
+    """Lion as lion-pytorch: p *= 1 - lr wd; p -= lr sign(interpolated momentum).
+    Returns (params, exp_avg)."""
+    params, grads, exp_avg = _f64(params, grads, exp_avg)
+    grad = -grads if maximize else grads
+    beta1, beta2 = betas
+    params = params * (1.0 - lr * weight_decay)
+    params = params - lr * np.sign(beta1 * exp_avg + (1.0 - beta1) * grad)
+    return params, beta2 * exp_avg + (1.0 - beta2) * grad
+
+
+def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr,
+             betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha_beta3=None, eps=1e-8,
+             weight_decay=0.0, maximize=False):
+    """AdEMAMix, the paper's Algorithm 1 (decoupled decay, warm-ups at the 1-based step).
+    Returns (params, exp_avg, exp_avg_slow, exp_avg_sq)."""
+    params, grads, exp_avg, exp_avg_slow, exp_avg_sq = _f64(params, grads, exp_avg,
+                                                            exp_avg_slow, exp_avg_sq)
+    grad = -grads if maximize else grads
+    beta1, beta2, beta3 = betas
+    if t_alpha_beta3 is None:
+        alpha_k, beta3_k = alpha, beta3
+    else:
+        alpha_k = min(step * alpha / t_alpha_beta3, alpha)
+        f = step / t_alpha_beta3
+        lb1, lb3 = np.log(beta1), np.log(beta3)
+        beta3_k = min(np.exp(lb1 * lb3 / ((1 - f) * lb3 + f * lb1)), beta3)
+    exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad**2
+    exp_avg_slow = beta3_k * exp_avg_slow + (1.0 - beta3_k) * grad
+    m_hat = exp_avg / (1.0 - beta1**step)
+    v_hat = exp_avg_sq / (1.0 - beta2**step)
+    params = params - lr * ((m_hat + alpha_k * exp_avg_slow) / (np.sqrt(v_hat) + eps)
+                            + weight_decay * params)
+    return params, exp_avg, exp_avg_slow, exp_avg_sq

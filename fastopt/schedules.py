@@ -97,6 +97,11 @@ class Schedule:
         """The read-only float64 segment table, shape (segments, 9), handed to the kernels."""
         return self._table
 
+    @property
+    def is_constant(self) -> bool:
+        """Whether the lr is the same at every step (one constant segment)."""
+        return self._table.shape[0] == 1 and self._table[0, 0] == CONSTANT
+
     def at(self, steps):
         """Learning rate used at 0-based step(s) ``steps`` (scalar or array) as float64."""
         t = np.asarray(steps, dtype=np.float64)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastopt import reference
-from fastopt.algorithms import CLASSES, FIRST_GRAD, REGISTRY
+from fastopt.algorithms import CLASSES, FIRST_GRAD, INIT_LR, INIT_PARAMS, REGISTRY
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,34 @@ def _nadam(p, g, s, step, lr, h):
     return out[0], {"exp_avg": out[1], "exp_avg_sq": out[2], "mu_product": out[3]}
 
 
+def _radam(p, g, s, step, lr, h):
+    out = reference.radam(p, g, s["exp_avg"], s["exp_avg_sq"], step=step, lr=lr,
+                          beta1=h["betas"][0], beta2=h["betas"][1],
+                          **{k: v for k, v in h.items() if k != "betas"})
+    return out[0], {"exp_avg": out[1], "exp_avg_sq": out[2]}
+
+
+def _rprop(p, g, s, step, lr, h):
+    out = reference.rprop(p, g, s["prev"], s["step_size"], step=step, lr=lr, **h)
+    return out[0], {"prev": out[1], "step_size": out[2]}
+
+
+def _asgd(p, g, s, step, lr, h):
+    out = reference.asgd(p, g, s["ax"], s["eta"], s["mu"], step=step, lr=lr, **h)
+    return out[0], {"ax": out[1], "eta": out[2], "mu": out[3]}
+
+
+def _lion(p, g, s, step, lr, h):
+    out = reference.lion(p, g, s["exp_avg"], step=step, lr=lr, **h)
+    return out[0], {"exp_avg": out[1]}
+
+
+def _ademamix(p, g, s, step, lr, h):
+    out = reference.ademamix(p, g, s["exp_avg"], s["exp_avg_slow"], s["exp_avg_sq"],
+                             step=step, lr=lr, **h)
+    return out[0], dict(zip(("exp_avg", "exp_avg_slow", "exp_avg_sq"), out[1:], strict=True))
+
+
 CASES: dict[str, Case] = {
     "adam": Case(
         options=(("Adam", {}), ("AdamW", {}),
@@ -101,6 +129,29 @@ CASES: dict[str, Case] = {
                  ("NAdam", dict(betas=(0.8, 0.99), weight_decay=0.05,
                                 decoupled_weight_decay=True, maximize=True))),
         reference=_nadam),
+    "radam": Case(
+        options=(("RAdam", {}), ("RAdam", dict(betas=(0.8, 0.9), weight_decay=0.1)),
+                 ("RAdam", dict(betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05,
+                                decoupled_weight_decay=True, maximize=True))),
+        reference=_radam),
+    "rprop": Case(
+        options=(("Rprop", {}), ("Rprop", dict(etas=(0.3, 1.5), step_sizes=(1e-4, 0.02),
+                                               maximize=True))),
+        reference=_rprop),
+    "asgd": Case(
+        options=(("ASGD", {}), ("ASGD", dict(lambd=1e-2, alpha=0.6, t0=10, weight_decay=0.1)),
+                 ("ASGD", dict(t0=0, maximize=True))),
+        reference=_asgd),
+    "lion": Case(
+        options=(("Lion", {}), ("Lion", dict(betas=(0.8, 0.95), weight_decay=0.5,
+                                             maximize=True))),
+        reference=_lion),
+    "ademamix": Case(
+        options=(("AdEMAMix", {}),
+                 ("AdEMAMix", dict(betas=(0.8, 0.99, 0.999), alpha=3.0, t_alpha_beta3=25,
+                                   eps=1e-6, weight_decay=0.1)),
+                 ("AdEMAMix", dict(t_alpha_beta3=1000, maximize=True))),
+        reference=_ademamix),
     "sgd": Case(
         options=(("SGD", {}), ("SGD", dict(momentum=0.9)),
                  ("SGD", dict(momentum=0.8, dampening=0.3, weight_decay=0.1, maximize=True)),
@@ -109,6 +160,16 @@ CASES: dict[str, Case] = {
 }
 
 assert set(CASES) == set(REGISTRY), "every definition needs its test entry"
+
+
+def schedule_for(name: str, schedule):
+    """``schedule``, or its largest lr over the first 100 steps held constant for an optimizer
+    that takes no schedule (Rprop: the lr only seeds step_size)."""
+    if REGISTRY[name].schedulable:
+        return schedule
+    from fastopt import schedules
+
+    return schedules.constant(float(np.max(schedule.at(np.arange(100)))))
 
 
 def all_options():
@@ -124,15 +185,31 @@ def full_hypers(cls: str, hypers: dict) -> dict:
                     **spec.fixed})
 
 
+def initial_state(d, full: dict, p0, schedule) -> dict:
+    """Each state buffer's starting value as float64 (None where these options do not use it,
+    or where it is set at the first step: SGD's momentum_buffer), and each per-step scalar's
+    (NAdam's mu_product): what a caller of fastopt.functional allocates."""
+    active = d.active_state(full)
+    state = {}
+    for s in d.state:
+        if s.name not in active or s.init == FIRST_GRAD:
+            state[s.name] = None
+        elif s.init == INIT_LR:  # Rprop's step_size: the first step's lr
+            state[s.name] = np.full(np.shape(p0), schedule.at(0))
+        elif s.init == INIT_PARAMS:  # Schedule-Free's z: the params
+            state[s.name] = np.asarray(p0, np.float64).copy()
+        else:
+            state[s.name] = np.full(np.shape(p0), d.initial_value(s.name, full))
+    state.update({s.name: s.init for s in d.scalars})
+    return state
+
+
 def reference_run(cls: str, hypers: dict, p0, grads, schedule):
     """The float64 reference over these gradients (step k uses schedule.at(k - 1)): the final
     params and state (None for a state the options do not use)."""
     d, _ = CLASSES[cls]
     full = full_hypers(cls, hypers)
-    active = d.active_state(full)
-    state = {s.name: np.full(np.shape(p0), d.initial_value(s.name, full))
-             if s.name in active and s.init != FIRST_GRAD else None for s in d.state}
-    state.update({s.name: s.init for s in d.scalars})  # per-step scalars (NAdam's)
+    state = initial_state(d, full, p0, schedule)
     p = np.asarray(p0, np.float64)
     for k, g in enumerate(grads, start=1):
         p, state = CASES[d.name].reference(p, g, state, k, schedule.at(k - 1), full)

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from optimizer_cases import CASES, all_options, full_hypers, reference_run
+from optimizer_cases import (
+    CASES,
+    all_options,
+    full_hypers,
+    initial_state,
+    reference_run,
+    schedule_for,
+)
 
 import fastopt
 from fastopt import _bf16
@@ -73,10 +80,11 @@ class HostRun:
         self.params = base[offset:]
         self.params[...] = rng.standard_normal(n)
         self.states = {}
+        start = initial_state(d, full, self.params, schedule)
         for name in d.active_state(full):
-            value = d.initial_value(name, full)
+            value = np.zeros(n) if start[name] is None else start[name]  # (None: SGD's fresh)
             buf = np.zeros(n + offset, np.uint16 if state_bf16 else np.float32)[offset:]
-            buf[...] = _bf16.encode(np.float32(value)) if state_bf16 else value
+            buf[...] = _bf16.encode(value.astype(np.float32)) if state_bf16 else value
             self.states[name] = buf
         self.scalars = {s.name: np.full(1, s.init) for s in d.scalars}
         self.prepared = Prepared(d, self.params, None, self.states, full, "float32",
@@ -122,7 +130,7 @@ def test_kernel_math(lib, option, sched, launch, offset):
     """The host-built CUDA kernel against the Numba backend and the float64 reference."""
     name, cls, hypers = OPTIONS[option]
     rng = np.random.default_rng(option * 10 + sched + offset)
-    n, steps, schedule = 203, 60, SCHEDULES[sched]
+    n, steps, schedule = 203, 60, schedule_for(name, SCHEDULES[sched])
     if name == "adadelta":  # its lr multiplies a unit-scale update: take lrs near 1
         schedule = _scaled(schedule, 50.0)
     run = HostRun(lib, cls, hypers, n, *launch, offset, schedule, rng)
@@ -178,7 +186,7 @@ def test_bf16_state_kernels_match_the_numba_backend(lib, name, grid, block, offs
     """bfloat16 state with stochastic rounding: the same seeds and bits as the CPU kernels."""
     cls, hypers = CASES[name].options[-1]  # the last option uses every state buffer
     rng = np.random.default_rng(7)
-    n, schedule = 203, SCHEDULES[1]
+    n, schedule = 203, schedule_for(name, SCHEDULES[1])
     run = HostRun(lib, cls, hypers, n, grid, block, offset, schedule, rng, state_bf16=True)
     p_cpu = run.params.copy()
     cpu = getattr(fastopt, cls)(p_cpu, lr=schedule, state_dtype="bfloat16", **hypers)

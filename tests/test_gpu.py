@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from optimizer_cases import CASES
+from optimizer_cases import CASES, schedule_for
 
 import fastopt
 from fastopt import functional as F
@@ -17,12 +17,13 @@ pytestmark = pytest.mark.gpu
 SCHED = S.warmup(S.cosine(1e-2, 80, end_lr=1e-4), 10)
 
 
-def _maker(cls: str, hypers: dict):
-    return lambda p, **kw: getattr(fastopt, cls)(p, lr=SCHED, **hypers, **kw)
+def _maker(name: str, cls: str, hypers: dict):
+    schedule = schedule_for(name, SCHED)  # (Rprop takes a constant lr)
+    return lambda p, **kw: getattr(fastopt, cls)(p, lr=schedule, **hypers, **kw)
 
 
 #: every definition in the registry, with the last two options of its test entry
-MAKERS = {f"{cls}-{i}": _maker(cls, hypers) for case in CASES.values()
+MAKERS = {f"{cls}-{i}": _maker(name, cls, hypers) for name, case in CASES.items()
           for i, (cls, hypers) in enumerate(case.options[-2:])}
 
 
@@ -194,7 +195,8 @@ def test_graph_replay_every_optimizer(name, state_dtype):
     stream.synchronize()
     assert replayed.sync_step_count() == 101
     cupy.testing.assert_array_equal(graph_p, eager_p)
-    assert replayed.last_lr == eager.last_lr == pytest.approx(SCHED.at(100), rel=1e-12)
+    assert replayed.last_lr == eager.last_lr == pytest.approx(replayed.schedule.at(100),
+                                                              rel=1e-12)
 
 
 def test_checkpoint_round_trip_on_gpu(tmp_path):

@@ -15,8 +15,9 @@ A definition declares what is particular to one optimizer and nothing else:
   names; it reassigns them (float32 values) and the driver stores what it reassigned.
 
 ``prologue`` and ``element`` are written in a small subset of Python (assignments, ``if``,
-arithmetic, comparisons, ``sqrt``/``min``/``max``/``abs``) that ``fastopt.codegen`` turns into
-the Numba kernel (``fastopt/cpu/ops/``) and the CUDA kernel (``kernels/``). What every
+arithmetic, comparisons, ``sqrt``/``min``/``max``/``abs``/``sign``/``log``/``exp``) that
+``fastopt.codegen`` turns into the Numba kernel (``fastopt/cpu/ops/``) and the CUDA kernel
+(``kernels/``). What every
 optimizer shares lives in the driver there, written once: gradient sign (``maximize``) and
 multiplier (loss-scale unscaling, clipping), weight decay (L2 into ``g`` or decoupled
 ``p *= 1 - lr * wd``), 16-bit params with a float32 master, the state formats, the schedule,
@@ -37,8 +38,10 @@ STATE_SLOTS = 4
 #: the kernels' per-step scalar slots (scalar0..scalar3: one float64 each, on the device)
 SCALAR_SLOTS = 4
 #: weight decay forms the driver applies: "l2" (added to the gradient), "decoupled"
-#: (p *= 1 - lr * wd before the update), or "choice" (a ``decoupled_weight_decay`` hyper)
-DECAY_FORMS = ("l2", "decoupled", "choice")
+#: (p *= 1 - lr * wd before the update), "choice" (a ``decoupled_weight_decay`` hyper), or
+#: "own": the driver applies none, and the prologue and element read ``weight_decay``
+#: (Schedule-Free's decay at y, neither L2 nor decoupled)
+DECAY_FORMS = ("l2", "decoupled", "choice", "own")
 #: a state buffer's ``init`` that means "the first gradient" (SGD's momentum_buffer)
 FIRST_GRAD = "first_grad"
 #: ``init`` values that mean "the lr of the first step" (Rprop's step_size) and "a copy of the
@@ -83,6 +86,13 @@ CPU_SIGNATURE: tuple[str, ...] = tuple(
 ) + ("fmt", *CPU_PER_STEP)
 #: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
 STATE_RANDOM_SHIFTS = (0, 16, 8, 4)
+
+
+def sign(x: float) -> float:
+    """The definition subset's sign(): -1.0, 0.0 or 1.0 (NaN stays NaN), as numpy's np.sign.
+    Definitions import it so their functions are plain Python; the generator translates the
+    call (Numba ``np.sign``, CUDA ``fo_sign``)."""
+    return 1.0 if x > 0 else -1.0 if x < 0 else 0.0 if x == 0 else x
 
 
 @dataclass(frozen=True)
@@ -173,6 +183,8 @@ class Definition:
     scalars: tuple[Scalar, ...] = ()
     #: public class name -> its torch.optim twin (tests, bench and fastopt.torch use it)
     torch_twin: dict[str, TorchTwin] = field(default_factory=dict)
+    #: False where the lr only seeds the state (Rprop's step_size): a schedule is refused
+    schedulable: bool = True
 
     def __post_init__(self):
         if self.decay not in DECAY_FORMS:
@@ -199,6 +211,15 @@ class Definition:
     def hyper_defaults(self) -> dict:
         """Each hyperparameter's (torch's) default, by name."""
         return {h.name: h.default for h in self.hypers}
+
+    def check_schedule(self, schedule):
+        """The schedule, or a ValueError where this optimizer takes only a constant lr."""
+        if not self.schedulable and not schedule.is_constant:
+            raise ValueError(
+                f"{self.classes[0].name} takes a constant lr, not a schedule: the lr only sets "
+                "the initial step size (torch applies later lr changes to nothing), so a "
+                f"schedule would change nothing; got {schedule!r}")
+        return schedule
 
     def hyper(self, name: str) -> Hyper:
         return next(h for h in self.hypers if h.name == name)

@@ -254,12 +254,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                         self._start(group, b, i)
                     b.all_started = True
 
-    @staticmethod
-    def _split_schedule(group: dict) -> dict:
+    def _split_schedule(self, group: dict) -> dict:
         """A Schedule given as lr moves to group['schedule']; group['lr'] holds its value."""
         lr = group.get("lr")
         if isinstance(lr, Schedule):
-            group["schedule"] = lr
+            group["schedule"] = self.definition.check_schedule(lr)
             group["lr"] = lr.at(0)
         elif isinstance(lr, torch.Tensor):
             _scalar(lr, "lr")  # kept as a tensor, as torch does; read at every step
@@ -398,8 +397,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor):
             lr = _scalar(lr, "lr")
         elif isinstance(lr, Schedule):  # a schedule put into group['lr'] (e.g. ZeRO's sync of
-            group["schedule"] = lr      # its groups, built from our defaults) becomes the
-            return lr, True             # group's schedule
+            # its groups, built from our defaults) becomes the group's schedule
+            group["schedule"] = self.definition.check_schedule(lr)
+            return lr, True
         schedule = group.get("schedule")
         if schedule is not None and lr == self._lr_written[index]:
             return schedule, True

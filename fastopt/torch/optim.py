@@ -10,7 +10,8 @@ machinery is ``fastopt.torch._base.FlatOptimizer``.
 from ..algorithms import REGISTRY
 from ._base import FlatOptimizer
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "NAdam", "RMSprop", "SGD"]
+__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "AdEMAMix", "ASGD", "Lion", "NAdam",
+           "RAdam", "RMSprop", "Rprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -132,6 +133,82 @@ class Adamax(FlatOptimizer):
                                differentiable=differentiable, capturable=capturable), state_dtype)
 
 
+class AdEMAMix(FlatOptimizer):
+    """AdEMAMix: Adam with a mixture of a fast and a slow EMA; lr may be a fastopt schedule.
+
+    AdEMAMix (Pagliardini et al. 2024), the paper's Algorithm 1 with decoupled weight decay.
+
+        m1 <- m1 + (1 - beta1) (g - m1);   v <- beta2 v + (1 - beta2) g^2
+        m2 <- m2 + (1 - beta3_k) (g - m2)                        (the slow EMA, not debiased)
+        d = sqrt(v) / sqrt(1 - beta2^k) + eps
+        p <- p (1 - lr wd) - lr (m1 / (1 - beta1^k) + alpha_k m2) / d
+    With t_alpha_beta3 = T the warm-ups, evaluated at the 1-based step k:
+        alpha_k = min(k alpha / T, alpha)
+        beta3_k = min(exp(ln b1 ln b3 / ((1 - k/T) ln b3 + (k/T) ln b1)), beta3)
+    (T = None: alpha_k = alpha, beta3_k = beta3). As pytorch-optimizer 4.1.0's AdEMAMix with
+    ``weight_decouple=True``.
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["ademamix"]
+    fixed = {}
+    twin = definition.torch_twin.get("AdEMAMix")
+
+    def __init__(self, params, lr=0.001, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha_beta3=None,
+                 eps=1e-08, weight_decay=0.0, maximize=False, *, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, alpha=alpha,
+                               t_alpha_beta3=t_alpha_beta3, eps=eps, weight_decay=weight_decay,
+                               maximize=maximize), state_dtype)
+
+
+class ASGD(FlatOptimizer):
+    """torch.optim.ASGD's interface and numbers; lr may be a fastopt schedule.
+
+    ASGD (Polyak & Juditsky 1992, with Bottou's step sizes), as torch.optim.ASGD.
+
+        p <- p (1 - lambd eta) - eta g;   ax <- ax + mu (p - ax)   (ax <- p while mu = 1)
+        then, for the next step:  eta <- lr / (1 + lambd lr k)^alpha;   mu <- 1 / max(1, k - t0)
+    eta and mu are per-step scalars. As in torch, eta starts at the lr of the first step and
+    step k uses the eta computed at the end of step k - 1: a changed lr shows one step late.
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["asgd"]
+    fixed = {}
+    twin = definition.torch_twin.get("ASGD")
+
+    def __init__(self, params, lr=0.01, lambd=0.0001, alpha=0.75, t0=1000000.0, weight_decay=0,
+                 foreach=None, maximize=False, differentiable=False, capturable=False, *,
+                 state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+                               weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+                               differentiable=differentiable, capturable=capturable), state_dtype)
+
+
+class Lion(FlatOptimizer):
+    """Lion (evolved sign momentum), lion-pytorch's formula; lr may be a fastopt schedule.
+
+    Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as lion-pytorch.
+
+        p <- p (1 - lr wd);   p <- p - lr sign(beta1 m + (1 - beta1) g)
+        m <- beta2 m + (1 - beta2) g
+    Weight decay is lion-pytorch's default form (``p *= 1 - lr wd``, decoupled, scaled by lr).
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["lion"]
+    fixed = {}
+    twin = definition.torch_twin.get("Lion")
+
+    def __init__(self, params, lr=0.0001, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
+                 state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                               maximize=maximize), state_dtype)
+
+
 class NAdam(FlatOptimizer):
     """torch.optim.NAdam's interface and numbers; lr may be a fastopt schedule.
 
@@ -160,6 +237,35 @@ class NAdam(FlatOptimizer):
                                differentiable=differentiable), state_dtype)
 
 
+class RAdam(FlatOptimizer):
+    """torch.optim.RAdam's interface and numbers; lr may be a fastopt schedule.
+
+    RAdam (Liu et al. 2019), the variance-rectified Adam, as torch.optim.RAdam.
+
+        m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2
+        rho_inf = 2 / (1 - beta2) - 1;   rho_k = rho_inf - 2 k beta2^k / (1 - beta2^k)
+        rho_k > 5:  r = sqrt((rho_k - 4)(rho_k - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_k))
+                    p <- p - lr m / (1 - beta1^k) sqrt(1 - beta2^k) / (sqrt(v) + eps) r
+        otherwise:  p <- p - lr m / (1 - beta1^k)
+    The branch is taken once per step (rho_k depends on k alone), never per element.
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["radam"]
+    fixed = {}
+    twin = definition.torch_twin.get("RAdam")
+
+    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
+                               weight_decay=weight_decay,
+                               decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
+                               maximize=maximize, capturable=capturable,
+                               differentiable=differentiable), state_dtype)
+
+
 class RMSprop(FlatOptimizer):
     """torch.optim.RMSprop's interface and numbers; lr may be a fastopt schedule.
 
@@ -181,6 +287,33 @@ class RMSprop(FlatOptimizer):
                  differentiable=False, *, state_dtype="float32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, alpha=alpha, eps=eps,
                                weight_decay=weight_decay, momentum=momentum, centered=centered,
+                               capturable=capturable, foreach=foreach, maximize=maximize,
+                               differentiable=differentiable), state_dtype)
+
+
+class Rprop(FlatOptimizer):
+    """torch.optim.Rprop's interface and numbers; lr may be a fastopt schedule.
+
+    Rprop (Riedmiller & Braun 1993), as torch.optim.Rprop.
+
+        s = sign(g prev)
+        step_size <- clamp(step_size * (etaplus if s > 0, etaminus if s < 0, 1 if s = 0),
+                           step_size_min, step_size_max)
+        g <- 0 where s < 0;   p <- p - sign(g) step_size;   prev <- g
+    step_size starts at the lr of the first step; the lr plays no other part, so Rprop refuses a
+    schedule (as torch, whose schedulers would change nothing).
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["rprop"]
+    fixed = {}
+    twin = definition.torch_twin.get("Rprop")
+
+    def __init__(self, params, lr=0.01, etas=(0.5, 1.2), step_sizes=(1e-06, 50), *,
+                 capturable=False, foreach=None, maximize=False, differentiable=False,
+                 state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
                                capturable=capturable, foreach=foreach, maximize=maximize,
                                differentiable=differentiable), state_dtype)
 
