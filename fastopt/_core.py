@@ -44,6 +44,7 @@ from .algorithms._spec import (
     INIT_PARAMS,
     MASTER,
     MASTER_ALIASES,
+    lerp,
 )
 from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
@@ -112,6 +113,8 @@ class FlatOptimizer:
         self.last_grad_norm: float | None = None  # the (unscaled) norm the last step measured
         self._last_lr: float | None = None
         self._step = 0
+        #: train/eval modes (Schedule-Free): an optimizer with modes starts in eval mode
+        self._train_mode = False
         self._make_locks()
         self._parallel = cpu.use_parallel(
             self.params.shape[0], serial_simd=self.dtype == state_dtype == "float32")
@@ -282,6 +285,9 @@ class FlatOptimizer:
         Returns True when the step was applied. (On the GPU backend these two read the norm
         back to the host: that step is not graph-capturable.)
         """
+        if self.definition.modes is not None and not self._train_mode:
+            raise RuntimeError(f"{type(self).__name__} is in eval mode: call train() before "
+                               "step() (and eval() before evaluating or saving the params)")
         check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
                      dtype=self._grad_dtypes)
         if self._grads_apart() is not grads:  # the same array as last step: its memory too
@@ -355,6 +361,8 @@ class FlatOptimizer:
         d.update(self.defaults)
         d["schedule"] = self._schedule.table.copy()
         d["lr_scale"] = self.lr_scale
+        if self.definition.modes is not None:
+            d["train_mode"] = self._train_mode
         return d
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -416,7 +424,11 @@ class FlatOptimizer:
                     or not np.isfinite(value.reshape(-1)[0]):
                 raise ValueError(f"state_dict[{s.name!r}] must be a finite number, got {value}")
             scalars[s.name] = float(value.reshape(-1)[0])
+        train_mode = d.get("train_mode", False)
+        if self.definition.modes is not None and not isinstance(train_mode, (bool, np.bool_)):
+            raise ValueError(f"state_dict['train_mode'] must be a bool, got {train_mode!r}")
         # everything checked: now change state
+        self._train_mode = bool(train_mode)
         self.defaults = defaults
         self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
         if self._on_gpu:
@@ -448,3 +460,42 @@ class FlatOptimizer:
         options = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         return (f"{type(self).__name__}(n={self.params.shape[0]}, lr={self._schedule!r}, "
                 f"{options}, step_count={self._step})")
+
+
+class TrainEvalModes:
+    """``train()`` and ``eval()`` for an optimizer whose definition has modes (Schedule-Free):
+    while training the params hold the point where gradients are taken, for evaluation the
+    averaged one. It starts in eval mode; ``step()`` in eval mode raises. Save checkpoints in
+    either mode: the mode is saved with the params and restored with them."""
+
+    @property
+    def train_mode(self) -> bool:
+        """Whether the params hold the training point (after ``train()``)."""
+        return self._train_mode
+
+    def train(self) -> None:
+        """Move the params to the training point (a no-op in train mode)."""
+        self._switch_mode(True)
+
+    def eval(self) -> None:
+        """Move the params to the evaluation point (a no-op in eval mode)."""
+        self._switch_mode(False)
+
+    def _switch_mode(self, train: bool) -> None:
+        modes = self.definition.modes
+        with self._state_lock:
+            if self._train_mode == train:
+                return
+            weight = (modes.to_train if train else modes.to_eval)(self._hypers())
+            target = self.state[modes.lerp_to]
+            if target.dtype == np.uint16:  # bfloat16 state
+                target = _bf16.decode(target)
+            if self.dtype == "float32":
+                self.params[...] = lerp(self.params, target, weight)
+            else:  # the float32 master moves; the 16-bit params are its rounding
+                master = self.state[MASTER]
+                master[...] = lerp(master, target, weight)
+                bits = kernel_view(self.params)
+                bits[...] = (_bf16.encode(master, self._xp) if self.dtype == "bfloat16"
+                             else master.astype(np.float16).view(np.uint16))
+            self._train_mode = train

@@ -65,7 +65,9 @@ def save(opt, path) -> None:
             "scalars": {s.name: d[s.name] for s in opt.definition.scalars},
             "dtype": opt.dtype, "state_dtype": opt.state_dtype,
             "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
-                                for k, v in opt.defaults.items()}}
+                                for k, v in opt.defaults.items()},
+            # train/eval modes (Schedule-Free): the mode the saved params are in
+            "train_mode": d.get("train_mode")}
     arrays = {name: d[name] for name in opt.state}
     arrays["schedule"] = d["schedule"]
     arrays["params"] = params
@@ -348,7 +350,8 @@ def _check_meta(path: Path, meta) -> dict:
                               f"this fastopt reads version {VERSION}")
     if meta.get("optimizer") not in OPTIMIZERS:
         raise CheckpointError(f"{path}: unknown optimizer {meta.get('optimizer')!r}")
-    meta = {"max_grad_norm": None, "state_dtype": "float32", "scalars": {}, **meta}
+    meta = {"max_grad_norm": None, "state_dtype": "float32", "scalars": {}, "train_mode": None,
+            **meta}
     hyper = meta.get("hyperparameters")
     checks = {
         "size": lambda v: _is_int(v) and v >= 0,
@@ -359,6 +362,7 @@ def _check_meta(path: Path, meta) -> dict:
         and not isinstance(v, bool) and v > 0,
         "dtype": lambda v: v in _PARAM_DTYPES,
         "state_dtype": lambda v: v in _STATE_DTYPES,
+        "train_mode": lambda v: v is None or isinstance(v, bool),
         "scalars": lambda v: isinstance(v, dict) and len(v) <= 16 and all(
             isinstance(k, str) and _is_real(x) for k, x in v.items()),
         "hyperparameters": lambda v: isinstance(v, dict) and all(
@@ -419,6 +423,10 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
             raise CheckpointError(f"{path}: unexpected scalars {unknown} for {name}")
         state = {**arrays, **meta["hyperparameters"], **meta["scalars"], "optimizer": name,
                  "step": meta["step"], "lr_scale": meta["lr_scale"]}
+        if (meta["train_mode"] is None) != (opt.definition.modes is None):
+            raise CheckpointError(f"{path}: 'train_mode' is {meta['train_mode']!r} for {name}")
+        if meta["train_mode"] is not None:
+            state["train_mode"] = meta["train_mode"]
         opt.load_state_dict(state)
         opt.max_grad_norm = meta["max_grad_norm"]
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:

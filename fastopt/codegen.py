@@ -542,8 +542,17 @@ def _public_hypers(d: Definition, spec) -> list[tuple[str, str]]:
 
 def _base_class(d: Definition, spec, machinery: str) -> str:
     """A definition's first class is the base of its others (AdamW is an Adam, as in torch):
-    ``isinstance(opt, Adam)`` holds for both. Each calls the machinery's ``__init__`` itself."""
-    return machinery if spec is d.classes[0] else d.classes[0].name
+    ``isinstance(opt, Adam)`` holds for both. Each calls the machinery's ``__init__`` itself.
+    A definition with train/eval modes adds the machinery's ``TrainEvalModes``."""
+    if spec is not d.classes[0]:
+        return d.classes[0].name
+    return f"TrainEvalModes, {machinery}" if d.modes is not None else machinery
+
+
+def _machinery() -> str:
+    """The names a generated class module imports from its machinery."""
+    modes = any(d.modes is not None for d in REGISTRY.values())
+    return "FlatOptimizer, TrainEvalModes" if modes else "FlatOptimizer"
 
 
 def _doc(text: str, indent: str) -> list[str]:
@@ -562,7 +571,7 @@ def optimizers_source() -> str:
     lines = _api_module(
         ["The stateful optimizers over one flat buffer, one class per public name of each",
          "definition; the machinery is ``fastopt._core.FlatOptimizer``."],
-        ["from ._core import FlatOptimizer", "from .algorithms import REGISTRY"],
+        [f"from ._core import {_machinery()}", "from .algorithms import REGISTRY"],
         [c.name for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
         for spec in d.classes:
@@ -683,7 +692,7 @@ def torch_source() -> str:
         ["torch.optim.Optimizer subclasses over flat buffers, one per public name of each",
          "definition, with the torch twin's exact signature (plus ``state_dtype``); the",
          "machinery is ``fastopt.torch._base.FlatOptimizer``."],
-        ["from ..algorithms import REGISTRY", "from ._base import FlatOptimizer"],
+        ["from ..algorithms import REGISTRY", f"from ._base import {_machinery()}"],
         [c.name for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
         for spec in d.classes:

@@ -17,8 +17,8 @@ holding bfloat16 bits (rounded stochastically).
 from ._functional import run, take_alias
 from .algorithms import REGISTRY
 
-__all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "ademamix", "asgd", "lion", "nadam",
-           "radam", "rmsprop", "rprop", "sgd"]
+__all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "adamwschedulefree", "ademamix",
+           "asgd", "lion", "nadam", "radam", "rmsprop", "rprop", "sgd"]
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
@@ -128,6 +128,41 @@ def adamax(params, grads, exp_avg, exp_inf, *, step, lr=None, schedule=None, mas
                step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
                hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize),
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+
+
+def adamwschedulefree(params, grads, z, exp_avg_sq, weight_sum, lr_max, *, step, lr=None,
+                      schedule=None, master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08,
+                      weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0, lr_scale=1.0,
+                      grad_scale=1.0, master=None) -> float:
+    """Schedule-Free AdamW (train() before steps).
+
+    Schedule-Free AdamW (Defazio et al. 2024, "The Road Less Scheduled"), as schedulefree's
+    AdamWScheduleFree.
+
+    The params hold y while training (``train()``) and x for evaluation (``eval()``):
+        y = (1 - beta1) z + beta1 x
+        train(): p <- lerp(p, z, 1 - beta1);   eval(): p <- lerp(p, z, 1 - 1/beta1)
+    Step k (lr_k: the schedule's lr times its own linear warm-up min(1, k / warmup_steps)):
+        lr_max <- max(lr_max, lr_k);   w = k^r lr_max^weight_lr_power
+        weight_sum <- weight_sum + w;   c = w / weight_sum;   v <- beta2 v + (1 - beta2) g^2
+        u = g / (sqrt(v / (1 - beta2^k)) + eps) + weight_decay y      (decay taken at y)
+        y <- lerp(y, z, c) + lr_k (beta1 (1 - c) - 1) u;   z <- z - lr_k u
+    weight_sum and lr_max are per-step scalars; z starts as a copy of the params.
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    weight_sum, lr_max: one-element float64 arrays (the per-step scalars), read and
+    updated in place.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["adamwschedulefree"], {}, params, grads, {"z": z, "exp_avg_sq": exp_avg_sq},
+               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay,
+               warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None, scalars={"weight_sum": weight_sum, "lr_max":
+               lr_max})
 
 
 def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr=None, schedule=None,

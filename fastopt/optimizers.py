@@ -6,11 +6,11 @@ The stateful optimizers over one flat buffer, one class per public name of each
 definition; the machinery is ``fastopt._core.FlatOptimizer``.
 """
 
-from ._core import FlatOptimizer
+from ._core import FlatOptimizer, TrainEvalModes
 from .algorithms import REGISTRY
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "AdEMAMix", "ASGD", "Lion", "NAdam",
-           "RAdam", "RMSprop", "Rprop", "SGD"]
+__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "AdamWScheduleFree", "AdEMAMix",
+           "ASGD", "Lion", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -120,6 +120,36 @@ class Adamax(FlatOptimizer):
                  maximize=False, *, dtype=None, state_dtype="float32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay, maximize=maximize), dtype, state_dtype)
+
+
+class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
+    """Schedule-Free AdamW (train() before steps).
+
+    Schedule-Free AdamW (Defazio et al. 2024, "The Road Less Scheduled"), as schedulefree's
+    AdamWScheduleFree.
+
+    The params hold y while training (``train()``) and x for evaluation (``eval()``):
+        y = (1 - beta1) z + beta1 x
+        train(): p <- lerp(p, z, 1 - beta1);   eval(): p <- lerp(p, z, 1 - 1/beta1)
+    Step k (lr_k: the schedule's lr times its own linear warm-up min(1, k / warmup_steps)):
+        lr_max <- max(lr_max, lr_k);   w = k^r lr_max^weight_lr_power
+        weight_sum <- weight_sum + w;   c = w / weight_sum;   v <- beta2 v + (1 - beta2) g^2
+        u = g / (sqrt(v / (1 - beta2^k)) + eps) + weight_decay y      (decay taken at y)
+        y <- lerp(y, z, c) + lr_k (beta1 (1 - c) - 1) u;   z <- z - lr_k u
+    weight_sum and lr_max are per-step scalars; z starts as a copy of the params.
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    """
+
+    definition = REGISTRY["adamwschedulefree"]
+    fixed = {}
+
+    def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *, dtype=None, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
+                               weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+                               weight_lr_power=weight_lr_power), dtype, state_dtype)
 
 
 class AdEMAMix(FlatOptimizer):

@@ -221,3 +221,24 @@ def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr,
     params = params - lr * ((m_hat + alpha_k * exp_avg_slow) / (np.sqrt(v_hat) + eps)
                             + weight_decay * params)
     return params, exp_avg, exp_avg_slow, exp_avg_sq
+
+
+def adamwschedulefree(params, grads, z, exp_avg_sq, weight_sum, lr_max, *, step, lr,
+                      betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, warmup_steps=0, r=0.0,
+                      weight_lr_power=2.0):
+    """Schedule-Free AdamW as schedulefree's, in train mode (``params`` hold y; ``lr`` is
+    the schedule's, before the optimizer's own warm-up). Returns (params, z, exp_avg_sq,
+    weight_sum, lr_max)."""
+    y, grads, z, exp_avg_sq = _f64(params, grads, z, exp_avg_sq)
+    beta1, beta2 = betas
+    lr_k = lr * min(1.0, step / warmup_steps) if warmup_steps else lr
+    lr_max = max(lr_max, lr_k)
+    weight = step**r * lr_max**weight_lr_power
+    weight_sum = weight_sum + weight
+    c = weight / weight_sum if weight_sum else 0.0
+    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grads**2
+    u = grads / (np.sqrt(exp_avg_sq / (1.0 - beta2**step)) + eps) + weight_decay * y
+    x = (y - (1.0 - beta1) * z) / beta1  # the average the params would show in eval mode
+    z = z - lr_k * u
+    x = (1.0 - c) * x + c * z
+    return (1.0 - beta1) * z + beta1 * x, z, exp_avg_sq, weight_sum, lr_max

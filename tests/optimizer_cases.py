@@ -98,6 +98,12 @@ def _ademamix(p, g, s, step, lr, h):
     return out[0], dict(zip(("exp_avg", "exp_avg_slow", "exp_avg_sq"), out[1:], strict=True))
 
 
+def _adamwschedulefree(p, g, s, step, lr, h):
+    out = reference.adamwschedulefree(p, g, s["z"], s["exp_avg_sq"], s["weight_sum"],
+                                      s["lr_max"], step=step, lr=lr, **h)
+    return out[0], dict(zip(("z", "exp_avg_sq", "weight_sum", "lr_max"), out[1:], strict=True))
+
+
 CASES: dict[str, Case] = {
     "adam": Case(
         options=(("Adam", {}), ("AdamW", {}),
@@ -152,6 +158,13 @@ CASES: dict[str, Case] = {
                                    eps=1e-6, weight_decay=0.1)),
                  ("AdEMAMix", dict(t_alpha_beta3=1000, maximize=True))),
         reference=_ademamix),
+    "adamwschedulefree": Case(
+        options=(("AdamWScheduleFree", {}),
+                 ("AdamWScheduleFree", dict(betas=(0.8, 0.99), warmup_steps=10, r=0.5,
+                                            weight_decay=0.1)),
+                 ("AdamWScheduleFree", dict(warmup_steps=5, weight_lr_power=1.0, eps=1e-6,
+                                            weight_decay=0.05))),
+        reference=_adamwschedulefree),
     "sgd": Case(
         options=(("SGD", {}), ("SGD", dict(momentum=0.9)),
                  ("SGD", dict(momentum=0.8, dampening=0.3, weight_decay=0.1, maximize=True)),
@@ -160,6 +173,17 @@ CASES: dict[str, Case] = {
 }
 
 assert set(CASES) == set(REGISTRY), "every definition needs its test entry"
+
+
+def make(cls: str, *args, **kwargs):
+    """``fastopt.<cls>(*args, **kwargs)``, in train mode where the class has modes
+    (Schedule-Free starts in eval mode, where step() raises)."""
+    import fastopt
+
+    opt = getattr(fastopt, cls)(*args, **kwargs)
+    if hasattr(opt, "train"):
+        opt.train()
+    return opt
 
 
 def schedule_for(name: str, schedule):

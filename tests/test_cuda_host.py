@@ -16,11 +16,11 @@ from optimizer_cases import (
     all_options,
     full_hypers,
     initial_state,
+    make,
     reference_run,
     schedule_for,
 )
 
-import fastopt
 from fastopt import _bf16
 from fastopt import schedules as S
 from fastopt.algorithms import CLASSES, REGISTRY
@@ -136,7 +136,7 @@ def test_kernel_math(lib, option, sched, launch, offset):
     run = HostRun(lib, cls, hypers, n, *launch, offset, schedule, rng)
     p0 = run.params.copy()
     p_cpu = p0.copy()
-    cpu = getattr(fastopt, cls)(p_cpu, lr=schedule, **hypers)
+    cpu = make(cls, p_cpu, lr=schedule, **hypers)
     grads = _grads(rng, n, steps)
     for k, g in enumerate(grads, start=1):
         run.step(g)
@@ -189,7 +189,7 @@ def test_bf16_state_kernels_match_the_numba_backend(lib, name, grid, block, offs
     n, schedule = 203, schedule_for(name, SCHEDULES[1])
     run = HostRun(lib, cls, hypers, n, grid, block, offset, schedule, rng, state_bf16=True)
     p_cpu = run.params.copy()
-    cpu = getattr(fastopt, cls)(p_cpu, lr=schedule, state_dtype="bfloat16", **hypers)
+    cpu = make(cls, p_cpu, lr=schedule, state_dtype="bfloat16", **hypers)
     for g in _grads(rng, n, 40):
         run.step(g)
         cpu.step(g)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from optimizer_cases import CASES, schedule_for
+from optimizer_cases import CASES, make, schedule_for
 
 import fastopt
 from fastopt import functional as F
@@ -19,7 +19,7 @@ SCHED = S.warmup(S.cosine(1e-2, 80, end_lr=1e-4), 10)
 
 def _maker(name: str, cls: str, hypers: dict):
     schedule = schedule_for(name, SCHED)  # (Rprop takes a constant lr)
-    return lambda p, **kw: getattr(fastopt, cls)(p, lr=schedule, **hypers, **kw)
+    return lambda p, **kw: make(cls, p, lr=schedule, **hypers, **kw)
 
 
 #: every definition in the registry, with the last two options of its test entry

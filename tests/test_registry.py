@@ -16,6 +16,7 @@ from optimizer_cases import (
     all_options,
     full_hypers,
     initial_state,
+    make,
     reference_run,
     schedule_for,
 )
@@ -54,7 +55,7 @@ def test_core_class_matches_the_float64_reference(option, n):
     p0 = rng.standard_normal(n).astype(np.float32)
     grads = _grads(rng, n, 40)
     p = p0.copy()
-    opt = getattr(fastopt, cls)(p, lr=schedule, **hypers)
+    opt = make(cls, p, lr=schedule, **hypers)
     for g in grads:
         opt.step(g)
     want_p, want_state = reference_run(cls, hypers, p0, grads, schedule)
@@ -74,8 +75,8 @@ def test_16bit_params_follow_the_float32_run_exactly(name, dtype):
     rng = np.random.default_rng(3)
     p16 = rng.standard_normal(3001).astype(dtype)
     p32 = p16.astype(np.float32)
-    a = getattr(fastopt, cls)(p32, **hypers)
-    b = getattr(fastopt, cls)(p16, **hypers)
+    a = make(cls, p32, **hypers)
+    b = make(cls, p16, **hypers)
     for g in _grads(rng, 3001, 10):
         a.step(g)
         b.step(g)
@@ -115,7 +116,7 @@ def test_core_class_equals_its_torch_twin_over_200_steps(option, kind):
     ours = SCHEDULES[kind](lr)
     p0 = rng.standard_normal(301).astype(np.float32)
     p = p0.copy()
-    opt = getattr(fastopt, cls)(p, lr=ours, **hypers)
+    opt = make(cls, p, lr=ours, **hypers)
     t = torch.tensor(p0.copy(), requires_grad=True)
     twin_cls = getattr(torch.optim, REGISTRY[name].torch_twin[cls].name)
     twin = twin_cls([t], lr=lr, foreach=False, **hypers)
@@ -230,17 +231,17 @@ def test_checkpoint_and_state_dict_resume_bit_identically(name, state_dtype, tmp
     schedule = schedule_for(name, SCHEDULES["warmup_cosine"](0.01))
     p = rng.standard_normal(2000).astype(np.float32)
     straight = p.copy()
-    a = getattr(fastopt, cls)(straight, lr=schedule, state_dtype=state_dtype, **hypers)
+    a = make(cls, straight, lr=schedule, state_dtype=state_dtype, **hypers)
     for g in grads:
         a.step(g)
-    b = getattr(fastopt, cls)(p, lr=schedule, state_dtype=state_dtype, **hypers)
+    b = make(cls, p, lr=schedule, state_dtype=state_dtype, **hypers)
     for g in grads[:5]:
         b.step(g)
     fastopt.save(b, tmp_path / "c.npz")
     d = b.state_dict()
     q = np.zeros_like(p)
     c = fastopt.load(tmp_path / "c.npz", q, optimizer=cls)
-    e = getattr(fastopt, cls)(p.copy(), lr=0.5, state_dtype=state_dtype, **hypers)
+    e = make(cls, p.copy(), lr=0.5, state_dtype=state_dtype, **hypers)
     e.load_state_dict(d)
     pe = e.params
     pe[...] = p
@@ -258,10 +259,10 @@ def test_scaling_skipping_and_clipping(name):
     p0 = rng.standard_normal(3000).astype(np.float32)
     grads = _grads(rng, 3000, 6)
     plain, scaled, clipped, manual = (p0.copy() for _ in range(4))
-    a = getattr(fastopt, cls)(plain, **hypers)
-    b = getattr(fastopt, cls)(scaled, **hypers)
-    c = getattr(fastopt, cls)(clipped, **hypers)
-    m = getattr(fastopt, cls)(manual, **hypers)
+    a = make(cls, plain, **hypers)
+    b = make(cls, scaled, **hypers)
+    c = make(cls, clipped, **hypers)
+    m = make(cls, manual, **hypers)
     for g in grads:
         a.step(g)
         assert b.step(g * np.float32(1024), grad_scale=1024)  # exact powers of two
@@ -288,7 +289,7 @@ def test_functional_equals_the_class(name):
     p0 = rng.standard_normal(500).astype(np.float32)
     schedule = schedule_for(name, SCHEDULES["cyclic"](0.01))
     mine = p0.copy()
-    opt = getattr(fastopt, cls)(mine, lr=schedule, **hypers)
+    opt = make(cls, mine, lr=schedule, **hypers)
     theirs = p0.copy()
     full = full_hypers(cls, hypers)
     start = initial_state(d, full, p0, schedule)

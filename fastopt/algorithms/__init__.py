@@ -17,6 +17,7 @@ from ._spec import (
     ClassSpec,
     Definition,
     Hyper,
+    Modes,
     Scalar,
     State,
     TorchTwin,
@@ -41,5 +42,5 @@ CLASSES: dict[str, tuple[Definition, ClassSpec]] = {
     c.name: (d, c) for d in REGISTRY.values() for c in d.classes
 }
 
-__all__ = ["REGISTRY", "CLASSES", "Definition", "Hyper", "State", "Scalar", "ClassSpec",
-           "TorchTwin", "FIRST_GRAD", "INIT_LR", "INIT_PARAMS"]
+__all__ = ["REGISTRY", "CLASSES", "Definition", "Hyper", "State", "Scalar", "Modes",
+           "ClassSpec", "TorchTwin", "FIRST_GRAD", "INIT_LR", "INIT_PARAMS"]

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 #: the kernels' fixed hyperparameter slots (h0..h7): a definition uses at most this many
 KERNEL_SLOTS = 8
 #: the kernels' fixed state-buffer slots (state0..state3)
@@ -139,6 +141,34 @@ class Scalar:
 
     name: str
     init: float = 0.0
+    #: where torch-style implementations keep it: False, per param (torch's NAdam keeps
+    #: mu_product in each param's state); True, in the param group (schedulefree keeps
+    #: weight_sum and lr_max there). fastopt.torch shows it in the same place.
+    group: bool = False
+
+
+@dataclass(frozen=True)
+class Modes:
+    """Train and eval modes (Schedule-Free): while training the params hold the point the
+    gradients are taken at (y), for evaluation another one (x). ``train()`` and ``eval()``
+    move them, ``p <- lerp(p, state[lerp_to], weight)`` in float32 with torch.lerp's
+    formula, the weight a function of the checked hyperparameters. An optimizer starts in
+    eval mode; ``step()`` in eval mode raises ``RuntimeError``. ``group_key``: the param
+    group's key for the mode in fastopt.torch (schedulefree's ``train_mode``)."""
+
+    lerp_to: str
+    to_train: Callable[[dict], float]
+    to_eval: Callable[[dict], float]
+    group_key: str = "train_mode"
+
+
+def lerp(start, end, weight: float):
+    """torch.lerp's formula (float32 arrays, a float weight): ``start + w (end - start)``
+    for |w| < 0.5, else ``end - (end - start)(1 - w)``, so w = 1 gives ``end`` exactly."""
+    # (Python floats are weak scalars: the arithmetic stays in the arrays' float32)
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * float(np.float32(1.0) - np.float32(weight))
 
 
 @dataclass(frozen=True)
@@ -185,6 +215,11 @@ class Definition:
     torch_twin: dict[str, TorchTwin] = field(default_factory=dict)
     #: False where the lr only seeds the state (Rprop's step_size): a schedule is refused
     schedulable: bool = True
+    #: train/eval modes (Schedule-Free), or None
+    modes: Modes | None = None
+    #: the param-group key under which torch-style implementations count the group's steps
+    #: (schedulefree's ``k``), or None (torch's per-param ``step``)
+    group_step: str | None = None
 
     def __post_init__(self):
         if self.decay not in DECAY_FORMS:

@@ -244,6 +244,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         #: id(group) -> (the group's hyperparameter values, checked hyperparameters)
         self._checked: dict[int, tuple] = {}
         defaults = self._split_schedule(dict(defaults))
+        d = self.definition
+        if d.modes is not None:  # schedulefree's group keys: train_mode, k, weight_sum, ...
+            defaults.setdefault(d.modes.group_key, False)
+        if d.group_step is not None:
+            defaults.setdefault(d.group_step, 0)
+        for s_ in d.scalars:
+            if s_.group:
+                defaults.setdefault(s_.name, s_.init)
         super().__init__(params, defaults)
         if self.twin is not None and self.twin.state_at_construction:
             # as torch's Adagrad: the initial params get their state at construction (later
@@ -339,7 +347,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         for name in self.state_init(group):
             views[name] = bucket.view_of(name, i)
         for name, values in bucket.scalars.items():
-            views[name] = values[i]  # a 0-d view, as torch's per-param scalar tensors
+            if name not in self._group_scalars:
+                views[name] = values[i]  # a 0-d view, as torch's per-param scalar tensors
         if bucket.master is not None:
             views[MASTER] = bucket.view_of(MASTER, i)
         return views
@@ -417,6 +426,10 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     @_no_dynamo
     def _fused_step(self) -> None:
+        modes = self.definition.modes
+        if modes is not None and not self.param_groups[0][modes.group_key]:
+            raise RuntimeError(f"{type(self).__name__} is in eval mode: call train() before "
+                               "step() (and eval() before evaluating or saving the model)")
         for group, buckets in zip(self.param_groups, self._buckets, strict=True):
             if group.get("capturable") and buckets and buckets[0].flat.device.type != "cuda":
                 from torch.optim.optimizer import _get_capturable_supported_devices
@@ -433,6 +446,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             before = buckets[0].step
             for b in buckets:
                 self._step_bucket(group, schedule, b)
+            self._publish_group(group, buckets)
             if own:
                 lr = host_lr(schedule, buckets[0].step)
                 group["lr"] = self._lr_written[index] = lr
@@ -440,6 +454,44 @@ class FlatOptimizer(torch.optim.Optimizer):
                 # steps taken at someone else's lr do not advance the group's schedule, as
                 # they would not advance a torch scheduler
                 group["schedule"] = _delayed(group["schedule"], buckets[0].step - before)
+
+    @functools.cached_property
+    def _group_scalars(self) -> frozenset:
+        """The per-step scalars torch-style implementations keep in the param group."""
+        return frozenset(s.name for s in self.definition.scalars if s.group)
+
+    def _publish_group(self, group: dict, buckets: list[_Bucket]) -> None:
+        """The group-wide step count and scalars (schedulefree's ``k``, ``weight_sum``,
+        ``lr_max``) where torch-style code reads them; the scalars as live 0-d views of the
+        kernel's values (no device sync)."""
+        if self.definition.group_step is not None:
+            group[self.definition.group_step] = buckets[0].step
+        for name in self._group_scalars:
+            group[name] = buckets[0].scalars[name][0]
+
+    @torch.no_grad()
+    def _switch_mode(self, train: bool) -> None:
+        """p <- lerp(p, state[lerp_to], weight) for the params that have state, in each group
+        not yet in that mode (schedulefree's train() and eval())."""
+        modes = self.definition.modes
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            if bool(group[modes.group_key]) == train:
+                continue
+            weight = (modes.to_train if train else modes.to_eval)(self._group_hypers(group))
+            for b in buckets:
+                if modes.lerp_to not in b.state:
+                    continue
+                parts = [slice(None)] if b.all_started else [
+                    slice(b.offsets[i], b.offsets[i] + p.numel())
+                    for i, p in enumerate(b.params) if b.started[i]]
+                for part in parts:
+                    target = b.state[modes.lerp_to][part].float()
+                    if b.master is None:
+                        b.flat[part].lerp_(target, weight)
+                    else:  # the master moves; the 16-bit params are its rounding
+                        b.master[part].lerp_(target, weight)
+                        b.flat[part].copy_(b.master[part])
+            group[modes.group_key] = train
 
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket) -> None:
         have_grad = []
@@ -574,6 +626,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         d["state"] = {k: {name: v.clone() if isinstance(v, torch.Tensor) else v
                           for name, v in st.items()}
                       for k, st in d["state"].items()}
+        for group in d["param_groups"]:  # group scalars: numbers, as schedulefree's
+            for name in self._group_scalars:
+                if isinstance(group.get(name), torch.Tensor):
+                    group[name] = float(group[name])
         for hook in post_hooks.values():
             result = hook(self, d)
             if result is not None:
@@ -639,7 +695,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.add_state(name, value)
         for i, p in enumerate(b.params):
             st = saved.get(p) or {}
-            b.steps[i] = float(st.get("step", 0.0))
+            steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k)
+            if st and self.definition.group_step is not None:
+                steps = float(group.get(self.definition.group_step, 0))
+            b.steps[i] = float(st.get("step", steps))
             for name in b.state:
                 view = b.view_of(name, i)
                 if st.get(name) is not None:
@@ -651,7 +710,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.started[i] = bool(st)
             b.fresh[i] = any(st.get(name) is None for name in self.definition.first_grad_state)
             for s_ in self.definition.scalars:  # per-step scalars (a dict without one: start)
-                value = st.get(s_.name)
+                value = group.get(s_.name) if s_.group and st else st.get(s_.name)
                 b.scalars[s_.name][i] = s_.init if value is None else float(value)
             if st:
                 views = self._state_views(group, b, i)
@@ -715,3 +774,17 @@ class _hooks_off:
         for n, hooks in zip(self.names, self.saved, strict=True):
             setattr(self.opt, n, hooks)
         return False
+
+
+class TrainEvalModes:
+    """``train()`` and ``eval()`` for an optimizer whose definition has modes (Schedule-Free),
+    as schedulefree's: each moves the params of every group not yet in that mode and sets the
+    group's ``train_mode``. It starts in eval mode; ``step()`` in eval mode raises."""
+
+    def train(self) -> None:
+        """Move the params to the training point y (a no-op for groups in train mode)."""
+        self._switch_mode(True)
+
+    def eval(self) -> None:
+        """Move the params to the evaluation point x (a no-op for groups in eval mode)."""
+        self._switch_mode(False)
