@@ -1,0 +1,146 @@
+"""Bad inputs and documented behaviours of the optimizers added for breadth (RAdam, Rprop,
+ASGD, Lion, AdEMAMix, AdamWScheduleFree): clear errors that change nothing, and what the
+docstrings promise (Rprop's constant lr, ASGD's one-step-late lr, Schedule-Free's modes in
+checkpoints)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt import functional as F
+from fastopt import schedules as S
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as fot  # noqa: E402
+
+BAD = [
+    ("RAdam", {"betas": (1.0, 0.9)}, "Invalid beta parameter at index 0"),
+    ("RAdam", {"eps": -1.0}, "Invalid epsilon value"),
+    ("Rprop", {"etas": (1.2, 0.5)}, "Invalid eta values"),
+    ("Rprop", {"etas": 0.5}, "etas must be a pair"),
+    ("Rprop", {"step_sizes": (1.0, 0.1)}, "Invalid step sizes"),
+    ("Rprop", {"step_sizes": (-1.0, 0.1)}, "Invalid step size"),
+    ("ASGD", {"weight_decay": -0.1}, "Invalid weight_decay value"),
+    ("ASGD", {"lambd": float("nan")}, "Invalid lambd value"),
+    ("Lion", {"betas": (0.9, 1.5)}, "Invalid beta parameter at index 1"),
+    ("Lion", {"weight_decay": -1.0}, "Invalid weight_decay value"),
+    ("AdEMAMix", {"betas": (0.9, 0.999)}, "betas must be a triple"),
+    ("AdEMAMix", {"betas": (0.9, 0.999, 1.0)}, "Invalid beta parameter at index 2"),
+    ("AdEMAMix", {"t_alpha_beta3": 0}, "Invalid t_alpha_beta3 value"),
+    ("AdEMAMix", {"t_alpha_beta3": -5}, "Invalid t_alpha_beta3 value"),
+    ("AdEMAMix", {"betas": (0.0, 0.999, 0.9999), "t_alpha_beta3": 10}, "needs beta1 > 0"),
+    ("AdEMAMix", {"alpha": -1.0}, "Invalid alpha value"),
+    ("AdamWScheduleFree", {"betas": (0.0, 0.999)}, "eval\\(\\) divides by beta1"),
+    ("AdamWScheduleFree", {"warmup_steps": 2.5}, "Invalid warmup_steps value"),
+    ("AdamWScheduleFree", {"warmup_steps": -1}, "Invalid warmup_steps value"),
+    ("AdamWScheduleFree", {"weight_lr_power": float("inf")}, "Invalid weight_lr_power"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,message", BAD, ids=[f"{c}-{i}" for i, (c, *_) in
+                                                          enumerate(BAD)])
+def test_bad_hyperparameters_raise_in_every_layer(cls, kwargs, message):
+    p = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match=message):
+        getattr(fastopt, cls)(p, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        getattr(fot, cls)([torch.nn.Parameter(torch.zeros(8))], **kwargs)
+    assert not p.any()
+
+
+@pytest.mark.parametrize("twin", [True, False])
+def test_rprop_refuses_a_schedule_everywhere(twin):
+    """torch's Rprop reads lr only to start step_size: a schedule would change nothing."""
+    sched = S.cosine(0.01, 100)
+    p = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="Rprop takes a constant lr"):
+        fastopt.Rprop(p, lr=sched)
+    with pytest.raises(ValueError, match="Rprop takes a constant lr"):
+        F.rprop(p, np.ones(8, np.float32), np.zeros(8, np.float32), np.full(8, 0.01, np.float32),
+                step=1, schedule=sched)
+    with pytest.raises(ValueError, match="Rprop takes a constant lr"):
+        fot.Rprop([torch.nn.Parameter(torch.zeros(8))], lr=sched)
+    assert not p.any()
+    fastopt.Rprop(p, lr=S.constant(0.01))  # a constant schedule is a plain lr
+
+
+def test_rprop_ignores_later_lr_changes_like_torch():
+    """A torch scheduler changing group['lr'] changes nothing in torch's Rprop, nor here."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(50))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours, theirs = fot.Rprop([a], lr=0.01), torch.optim.Rprop([b], lr=0.01, foreach=False)
+    s1 = torch.optim.lr_scheduler.StepLR(ours, 3, 0.1)
+    s2 = torch.optim.lr_scheduler.StepLR(theirs, 3, 0.1)
+    for _ in range(20):
+        g = torch.randn(50)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+        s1.step()
+        s2.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_asgd_applies_a_changed_lr_one_step_late():
+    """torch computes eta at the end of step k from that step's lr and uses it at step k+1;
+    so does fastopt: a jump of the lr at step 6 first moves the params at step 7."""
+    sched = S.multistep(0.01, [5], gamma=10.0)  # step k uses at(k - 1): 0.1 from step 6
+    p, q = np.ones(4, np.float32), np.ones(4, np.float32)
+    a = fastopt.ASGD(p, lr=sched, lambd=0.0)
+    b = fastopt.ASGD(q, lr=0.01, lambd=0.0)
+    g = np.ones(4, np.float32)
+    for k in range(1, 8):
+        before_a, before_b = p.copy(), q.copy()
+        a.step(g)
+        b.step(g)
+        moved_a, moved_b = before_a - p, before_b - q
+        if k <= 6:
+            np.testing.assert_allclose(moved_a, moved_b, rtol=1e-6)
+        else:
+            assert moved_a[0] > 5 * moved_b[0]
+
+
+def test_schedulefree_checkpoint_keeps_the_mode(tmp_path):
+    rng = np.random.default_rng(0)
+    p = rng.standard_normal(100).astype(np.float32)
+    opt = fastopt.AdamWScheduleFree(p, lr=0.01)
+    opt.train()
+    for _ in range(3):
+        opt.step(rng.standard_normal(100).astype(np.float32))
+    for mode in (True, False):
+        if not mode:
+            opt.eval()
+        fastopt.save(opt, tmp_path / "sf.npz")
+        q = np.zeros_like(p)
+        loaded = fastopt.load(tmp_path / "sf.npz", q)
+        assert loaded.train_mode is mode and np.array_equal(q, p)
+        loaded.eval()  # back to x: equal whichever mode it was saved in
+        opt.eval()
+        np.testing.assert_array_equal(q, p)
+        if mode:
+            opt.train()
+    with pytest.raises(ValueError, match="train_mode"):
+        fastopt.AdamWScheduleFree(p).load_state_dict({**opt.state_dict(), "train_mode": 1})
+
+
+def test_schedulefree_16bit_params_switch_through_the_master():
+    """bf16 params: eval() and train() move the float32 master and round it into the params,
+    so a switch there and back returns the master to within float32 rounding."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(1)
+    p16 = rng.standard_normal(64).astype(ml_dtypes.bfloat16)
+    opt = fastopt.AdamWScheduleFree(p16, lr=0.01)
+    opt.train()
+    for _ in range(4):
+        opt.step(rng.standard_normal(64).astype(np.float32))
+    master = opt.state["master_param"].copy()
+    opt.eval()
+    np.testing.assert_array_equal(p16.view(np.uint16),
+                                  opt.state["master_param"].astype(ml_dtypes.bfloat16)
+                                  .view(np.uint16))
+    opt.train()
+    np.testing.assert_allclose(opt.state["master_param"], master, rtol=1e-5, atol=1e-6)
