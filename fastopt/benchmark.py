@@ -1,4 +1,5 @@
-"""The engine behind ``fastopt bench``: fastopt vs torch.optim vs the memory roofline.
+"""The engine behind ``fastopt bench``: fastopt vs torch.optim (or, for an optimizer torch
+does not have, the oracle in ``fastopt.oracles``) vs the memory roofline.
 
 Every implementation runs in this one process on the same inputs, interleaved round by round,
 and only ratios measured together are reported. Before timing, fastopt's and torch's results
@@ -23,6 +24,7 @@ from numba import njit, prange
 from . import optimizers, schedules, startup
 from .algorithms import CLASSES
 from .flat import FlatBuffer
+from .oracles import ORACLES, counterpart
 
 #: the optimizers ``fastopt bench`` knows: the public classes, by lower-case name
 OPTIMIZERS = {name.lower(): getattr(optimizers, name) for name in CLASSES}
@@ -63,6 +65,17 @@ def copy_traffic_4r3w(a, b, c, d):
 
 
 @njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_5r4w(a, b, c, d, e):
+    """Same traffic as an AdEMAMix step: read a, b, c, d, e; write a, c, d, e."""
+    for i in prange(a.shape[0]):
+        x, y, z, w, v = a[i], b[i], c[i], d[i], e[i]
+        a[i] = y
+        c[i] = x
+        d[i] = z + w
+        e[i] = v + x  # (a store of the value just read, e[i] = v, would be optimised away)
+
+
+@njit(cache=True, parallel=True, nogil=True)
 def copy_traffic_3r2w(a, b, c):
     """Same traffic as an Adagrad step: read a, b, c; write a, c."""
     for i in prange(a.shape[0]):
@@ -83,8 +96,8 @@ def traffic_text() -> str:
 
 def roofline(name: str, n: int) -> Callable[[], None]:
     """A call of the copy kernel with ``name``'s traffic over n float32 elements."""
-    kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w}[
-        min(state_count(name), 2)]  # (3 states, amsgrad, is not benchmarked)
+    kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w,
+              3: copy_traffic_5r4w}[state_count(name)]
     rng = np.random.default_rng(0)
     bufs = [rng.standard_normal(n, dtype=np.float32)
             for _ in range(kernel.py_func.__code__.co_argcount)]
@@ -129,9 +142,15 @@ def torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray], mo
         p.grad = torch.from_numpy(g)
         params.append(p)
     cls = torch_twin(name)
-    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True},
-              "forloop": {"foreach": False}}[mode]
-    opt = cls(params, lr=lr, **kwargs, **BENCH_OPTIONS[name])
+    if cls is None:  # the oracle (its own default path: foreach where it has one)
+        opt = counterpart(OPTIMIZERS[name].__name__, params, lr, foreach=_oracle_foreach(name),
+                          **BENCH_OPTIONS[name])
+        if hasattr(opt, "train"):
+            opt.train()
+    else:
+        kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True},
+                  "forloop": {"foreach": False}}[mode]
+        opt = cls(params, lr=lr, **kwargs, **BENCH_OPTIONS[name])
     sched = lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
     def step():
@@ -150,14 +169,21 @@ def torch_twin(name: str):
     return getattr(torch.optim, twin.name) if twin is not None else None
 
 
+def _oracle_foreach(name: str) -> bool:
+    """Whether the oracle's constructor takes ``foreach`` (then it runs its foreach path, its
+    default: pytorch-optimizer, schedulefree; lion-pytorch has only its for-loop)."""
+    return OPTIMIZERS[name].__name__ != "Lion"
+
+
 def torch_modes(name: str) -> list[str]:
     """torch's implementations of the twin: fused where its constructor takes ``fused`` (Adam,
-    AdamW, Adagrad and SGD have fused CPU kernels; Adadelta has none), foreach, for-loop."""
+    AdamW, Adagrad and SGD have fused CPU kernels; Adadelta has none), foreach, for-loop;
+    without a twin, ``oracle`` (where its package is installed)."""
     import inspect
 
     cls = torch_twin(name)
     if cls is None:
-        return []
+        return ["oracle"] if ORACLES[OPTIMIZERS[name].__name__].available() else []
     fused = "fused" in inspect.signature(cls).parameters
     return (["fused"] if fused else []) + ["foreach", "forloop"]
 
@@ -176,7 +202,12 @@ class Problem:
 
     def fastopt(self, name: str, schedule, **options):
         buf = self.params.buffer.copy()
-        return OPTIMIZERS[name](buf, lr=schedule, **BENCH_OPTIONS[name], **options), buf
+        if not CLASSES[OPTIMIZERS[name].__name__][0].schedulable:  # Rprop: a constant lr
+            schedule = schedules.constant(schedule.at(0))
+        opt = OPTIMIZERS[name](buf, lr=schedule, **BENCH_OPTIONS[name], **options)
+        if hasattr(opt, "train"):  # Schedule-Free steps in train mode
+            opt.train()
+        return opt, buf
 
     def torch(self, name: str, mode: str, steps: int, lr: float = 1e-3):
         return torch_setup(name, self.params.views, self.grads.views, mode, steps, lr)
@@ -186,6 +217,8 @@ def check_agreement(name: str, shapes: list[tuple[int, ...]] | int, steps: int =
     """Relative max error of fastopt vs torch (fused where it exists) after a few steps."""
     problem = Problem([(shapes,)] if isinstance(shapes, int) else shapes)
     opt, buf = problem.fastopt(name, schedules.cosine(1e-3, 100))
+    if not torch_modes(name):
+        raise RuntimeError(f"{name} has no torch twin and its oracle is not installed")
     step, params = problem.torch(name, torch_modes(name)[0], 100)
     for _ in range(steps):
         opt.step(problem.grads.buffer)
@@ -243,7 +276,8 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
         for mode in torch_modes(name):
             if mode == "forloop" and n > 20_000_000 and len(shapes) == 1:
                 continue  # minutes of rounds for nothing new: foreach shows the same
-            impls[f"torch-{mode}"] = problem.torch(name, mode, 10_000)[0]
+            impls["oracle" if mode == "oracle" else f"torch-{mode}"] = problem.torch(
+                name, mode, 10_000)[0]
     impls["roofline"] = roofline(name, n)
     size = sum(int(np.prod(s)) for s in shapes)
     return Row(name, case, size, len(shapes), _median_times(impls, budget_s))
@@ -434,6 +468,11 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
 
         torch.set_num_threads(numba.get_num_threads())
         for name in optimizers:
+            if not torch_modes(name):
+                out(f"{name}: no torch twin and "
+                    f"{ORACLES[OPTIMIZERS[name].__name__].requirement} is not installed: "
+                    "timing fastopt and the roofline only")
+                continue
             checks = [("4099 params", 4099)] + [(label, shapes) for n, label, shapes in work
                                                 if n == name and len(shapes) > 1]
             for label, shapes in checks[:2]:
