@@ -18,6 +18,10 @@ Writes a markdown report (card name, date, test summary, ratios measured in this
   a small MLP, where host work and launches dominate) vs torch fused AdamW; only where torch
   has CUDA.
 - each case also times fastopt with ``state_dtype="bfloat16"`` (20 B/param).
+- ``<Optimizer> <size>`` and ``<Optimizer> <model>`` for every other optimizer in the
+  registry (``--optimizers``): fastopt vs a copy moving the optimizer's own bytes per param
+  (``fastopt.benchmark.traffic``) on one buffer, and vs torch's CUDA implementations of its
+  twin (fused where torch has one, and foreach) or its oracle on the model's tensor list.
 
 With the fake CuPy of tests/fake_cupy on PYTHONPATH this runs on a CPU as a smoke test of the
 script itself; its timings then mean nothing.
@@ -255,6 +259,86 @@ def fot_params(shapes: list, sched) -> dict:
     return time_interleaved(out)
 
 
+def _counterpart_steps(cls: str, shapes: list) -> dict:
+    """torch's CUDA implementations of ``cls``'s twin (fused where it has one, foreach) or its
+    oracle (its default path), over CUDA tensors of these shapes, each with
+    CosineAnnealingLR: name -> a function making the step function."""
+    import inspect
+
+    from fastopt.algorithms import CLASSES
+    from fastopt.benchmark import BENCH_OPTIONS
+    from fastopt.oracles import counterpart
+
+    d, _ = CLASSES[cls]
+    twin = d.torch_twin.get(cls)
+
+    def make(**how):
+        def build():
+            import torch
+
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = counterpart(cls, params, 1e-3, **how, **BENCH_OPTIONS[cls.lower()])
+            if hasattr(opt, "train"):
+                opt.train()
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 10_000)
+
+            def step():
+                opt.step()
+                sched.step()
+
+            return step
+        return build
+
+    if twin is None:
+        return {"oracle": make(foreach=cls != "Lion")}
+    import torch
+
+    cases = {"torch-foreach": make(foreach=True)}
+    if "fused" in inspect.signature(getattr(torch.optim, twin.name)).parameters:
+        cases["torch-fused"] = make(fused=True)
+    return cases
+
+
+def every_optimizer(names: list, n: int, model: str, shapes: list, sched) -> dict:
+    """Each optimizer at ``n`` params (vs a copy of its own bytes) and on the model's tensor
+    list (vs torch's CUDA implementations or the oracle)."""
+    import cupy
+
+    import fastopt
+    from fastopt import FlatBuffer, schedules
+    from fastopt.algorithms import CLASSES
+    from fastopt.benchmark import BENCH_OPTIONS, traffic
+
+    rows = {}
+    for cls in names:
+        d, _ = CLASSES[cls]
+        lr = sched if d.schedulable else schedules.constant(1e-3)  # Rprop: a constant lr
+
+        def make(params, cls=cls, lr=lr):
+            opt = getattr(fastopt, cls)(params, lr=lr, **BENCH_OPTIONS[cls.lower()])
+            if hasattr(opt, "train"):
+                opt.train()
+            return opt
+
+        p = cupy.random.standard_normal(n, dtype=cupy.float32)
+        g = cupy.random.standard_normal(n, dtype=cupy.float32)
+        opt = make(p)
+        rows[f"{cls} {n:.3g}"] = time_interleaved(
+            {"fastopt": lambda opt=opt, g=g: opt.step(g),
+             "copy-same-bytes": _copy(traffic(cls.lower()) * n)})
+        del opt, p, g
+        params = FlatBuffer.empty(shapes, xp=cupy)
+        params.buffer[...] = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
+        grads = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
+        model_opt = make(params)
+        out = {"fastopt": lambda o=model_opt, g=grads: o.step(g)}
+        _torch_steps(out, _counterpart_steps(cls, shapes))
+        rows[f"{cls} {model}"] = time_interleaved(out)
+    return rows
+
+
 def report(card: str, summary: str, rows: dict, sweep: dict) -> list[str]:
     lines = [f"# GPU check: {card}", "", f"{time.strftime('%Y-%m-%d %H:%M')}; fp32 math, "
              "AdamW + warmup-cosine; CUDA-event medians of 100 calls, the implementations "
@@ -265,12 +349,14 @@ def report(card: str, summary: str, rows: dict, sweep: dict) -> list[str]:
     for case, t in rows.items():
         for k, v in t.items():
             if isinstance(v, float):
+                half = f"{v / t[BF16_STATE]:.2f}x" if BF16_STATE in t else ""
                 lines.append(f"| {case} | {k} | {v * 1e3:.3f} | {v / t['fastopt']:.2f}x | "
-                             f"{v / t[BF16_STATE]:.2f}x |")
+                             f"{half} |")
             else:
                 lines.append(f"| {case} | {k} | {v} | | |")
-        lines.append(f"| {case} | fastopt % of same-bytes copy | | "
-                     f"{100 * t['copy-same-bytes'] / t['fastopt']:.0f}% | |")
+        if "copy-same-bytes" in t:
+            lines.append(f"| {case} | fastopt % of same-bytes copy | | "
+                         f"{100 * t['copy-same-bytes'] / t['fastopt']:.0f}% | |")
     if sweep:
         best = min(sweep.values())
         lines += ["", "Grid size (fp32 AdamW, first case's size; default "
@@ -287,6 +373,9 @@ def main() -> int:
     parser.add_argument("--report", default="gpu_report.md")
     parser.add_argument("--no-tests", action="store_true", help="timings only")
     parser.add_argument("--no-sweep", action="store_true", help="skip the grid-size sweep")
+    parser.add_argument("--optimizers", default="all",
+                        help="comma-separated classes for the every-optimizer rows (beyond "
+                             "AdamW): 'all' (default) or 'none'")
     args = parser.parse_args()
     import cupy
 
@@ -317,6 +406,12 @@ def main() -> int:
     if torch.cuda.is_available():  # fastopt.torch on CUDA params
         rows[f"fot {model}"] = fot_params(shapes, sched)
         rows[f"fot mlp {sum(math.prod(s) for s in SMALL_MLP):.3g}"] = fot_params(SMALL_MLP, sched)
+    from fastopt.algorithms import CLASSES
+
+    names = ([c for c in CLASSES if c != "AdamW"] if args.optimizers == "all"
+             else [] if args.optimizers == "none" else args.optimizers.split(","))
+    if names:  # (without CUDA torch the torch columns hold the error)
+        rows.update(every_optimizer(names, n, model, shapes, sched))
     sweep = {} if args.no_sweep else grid_sweep(n, sched)
     lines = report(card, summary, rows, sweep)
     Path(args.report).write_text("\n".join(lines) + "\n")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastopt.algorithms import CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
 FAKE = ROOT / "tests" / "fake_cupy"
 
@@ -42,6 +44,10 @@ def test_gpu_check_script_runs(tmp_path):
     text = report.read_text()
     for case in ("fp32 3e+04", "fp32 tiny", "bf16 3e+04", "bf16 tiny"):
         assert f"| {case} | fastopt |" in text and f"| {case} | copy-same-bytes |" in text
+    for cls in CLASSES:  # every optimizer of the registry: its bytes, its counterpart
+        if cls != "AdamW":
+            assert f"| {cls} 3e+04 | copy-same-bytes |" in text, cls
+            assert f"| {cls} tiny | fastopt |" in text, cls
 
 
 def test_gpu_ab_script_runs(tmp_path):
