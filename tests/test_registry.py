@@ -412,3 +412,49 @@ def test_the_master_s_former_name_reads_and_loads_with_a_warning():
     both = dict(d, master_params=d["master_param"])
     with pytest.raises(ValueError, match="both"):
         opt.load_state_dict(both)
+
+
+TWIN_CLASSES = sorted({cls for name, cls, _ in OPTIONS if cls in REGISTRY[name].torch_twin})
+
+
+@pytest.mark.parametrize("cls", TWIN_CLASSES)
+def test_state_dicts_cross_between_torch_and_fastopt_torch(cls):
+    """A torch twin's state dict, taken mid-training, loads into fastopt.torch.<cls> and the
+    two go on equal; fastopt's dict loads back into torch likewise (the entry's last option
+    of this class, two tensors, 3 + 4 + 4 steps)."""
+    import fastopt.torch as fot
+
+    d, _ = CLASSES[cls]
+    hypers = [h for name, c, h in OPTIONS if c == cls][-1]
+    lr = 1.0 if d.name == "adadelta" else 0.01
+    twin_cls = getattr(torch.optim, d.torch_twin[cls].name)
+    torch.manual_seed(7)
+    shapes = [(6, 4), (4,)]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(11)]
+
+    def run(opt, params, steps):
+        for gs in steps:
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+
+    def clone(params):
+        return [torch.nn.Parameter(p.detach().clone()) for p in params]
+
+    a = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    twin = twin_cls(a, lr=lr, foreach=False, **hypers)
+    run(twin, a, grads[:3])
+    b = clone(a)
+    ours = getattr(fot, cls)(b, lr=lr, **hypers)
+    ours.load_state_dict(twin.state_dict())
+    run(twin, a, grads[3:7])
+    run(ours, b, grads[3:7])
+    for p, q in zip(b, a, strict=True):
+        assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-5
+    c = clone(b)
+    back = twin_cls(c, lr=lr, foreach=False, **hypers)
+    back.load_state_dict(ours.state_dict())
+    run(back, c, grads[7:])
+    run(ours, b, grads[7:])
+    for p, q in zip(b, c, strict=True):
+        assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-5

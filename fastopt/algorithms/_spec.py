@@ -176,12 +176,15 @@ class TorchTwin:
     """The torch.optim class a public class equals, and what ``fastopt.torch`` copies of its
     behaviour: the group keys torch's ``__setstate__`` fills in for state dicts of older torch
     versions, whether torch creates the state at construction (Adagrad) rather than at the
-    first step, and whether its capturable check lists XLA among the supported devices."""
+    first step, whether its capturable check lists XLA among the supported devices, and
+    whether it refuses betas mixing floats and tensors."""
 
     name: str
     group_defaults: dict = field(default_factory=dict)
     state_at_construction: bool = False
     capturable_xla: bool = True
+    #: torch's constructor wants ``betas`` both floats or both tensors (Adam, AdamW)
+    betas_same_kind: bool = False
 
 
 @dataclass(frozen=True)

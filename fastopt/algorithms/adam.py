@@ -56,9 +56,10 @@ DEFINITION = Definition(
     torch_twin={
         "Adam": TorchTwin("Adam", dict(
             amsgrad=False, maximize=False, foreach=None, capturable=False,
-            differentiable=False, decoupled_weight_decay=False, fused=None)),
+            differentiable=False, decoupled_weight_decay=False, fused=None),
+            betas_same_kind=True),
         "AdamW": TorchTwin("AdamW", dict(
             amsgrad=False, maximize=False, foreach=None, capturable=False,
-            differentiable=False, fused=None)),
+            differentiable=False, fused=None), betas_same_kind=True),
     },
 )

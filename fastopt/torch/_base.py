@@ -226,6 +226,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not isinstance(lr, Schedule):
             check_lr(_scalar(lr, "lr"))
         self._hypers(defaults)  # the definition's checks, torch's messages
+        betas = defaults.get("betas")
+        if self.twin is not None and self.twin.betas_same_kind and not (
+                all(isinstance(b, float) for b in betas)
+                or all(isinstance(b, torch.Tensor) for b in betas)):
+            raise ValueError("betas must be either both floats or both Tensors")
         for h in self.definition.hypers:  # 1-element tensor betas stay tensors, 0-d, as torch's
             value = defaults.get(h.name)
             if isinstance(value, (tuple, list)):
