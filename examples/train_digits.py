@@ -7,9 +7,9 @@ final loss and step time for both; saves both loss curves as a PNG (they should 
     python examples/train_digits.py [--optimizer AdamW] [--epochs 30] [--plot digits.png]
 
 Every optimizer runs with an lr that suits this task (TASK_LR, else its default; or ``--lr``)
-and the options ``fastopt bench`` uses (SGD with momentum 0.9). Rprop takes no schedule (its lr only starts the step sizes): it runs at a
-constant lr. AdamWScheduleFree is put in train mode before training and in eval mode before
-testing, as its users do.
+and the options ``fastopt bench`` uses (SGD with momentum 0.9). Rprop takes no schedule (its
+lr only starts the step sizes): it runs at a constant lr. AdamWScheduleFree is put in train
+mode before training and in eval mode before testing, as its users do.
 """
 
 from __future__ import annotations

@@ -136,7 +136,8 @@ def check_buffer(name: str, array, size: int | None = None, *, writable: bool = 
     if writable and module == "numpy" and not array.flags.writeable:
         raise ArrayArgumentError(f"{name} must be writable (got a read-only array)")
     if size is not None and array.shape[0] != size:
-        raise ArrayArgumentError(f"{name} must have {size} elements like params, "
+        what = "like params" if like is not None and size != 1 else "(a per-step scalar)"
+        raise ArrayArgumentError(f"{name} must have {size} elements {what}, "
                                  f"got {array.shape[0]}")
     return array
 
@@ -228,7 +229,8 @@ def kernel_eps(eps: float) -> float:
 
 
 def check_weight_decay(weight_decay) -> float:
-    return check_real("weight_decay", weight_decay)
+    """A finite weight decay >= 0 (torch's message; inf would turn every param into inf)."""
+    return check_real("weight_decay", weight_decay, high_open=True)
 
 
 def check_lr_scale(lr_scale) -> float:

@@ -124,11 +124,23 @@ class FlatOptimizer:
         self.schedule = lr  # (before the state: a buffer may start at the first step's lr)
         self.state = _State((name, self._new_state(name))
                             for name in self._state_keys(self.defaults))
+        #: state that starts at the first step (Rprop's step_size at its lr, Schedule-Free's z
+        #: at the params), as in torch: filled again then, from the params and lr of that time
+        self._first_step_state = self._starting_state()
         #: the definition's per-step scalars (NAdam's mu_product, ...): one-element float64
         #: arrays where the params live, updated by the kernel
         self._scalars = {s.name: self._xp.full(1, s.init, dtype=np.float64)
                          for s in self.definition.scalars}
         self._prepare()
+
+    def _starting_state(self) -> set[str]:
+        return {s.name for s in self.definition.state
+                if s.init in (INIT_LR, INIT_PARAMS) and s.name in self.state}
+
+    def _fill_first_step_state(self) -> None:
+        for name in self._first_step_state:
+            self.state[name][...] = self._new_state(name)
+        self._first_step_state = set()
 
     def _make_locks(self) -> None:
         #: held by step() alone: a second concurrent step() is refused, not queued
@@ -330,6 +342,8 @@ class FlatOptimizer:
                 coef = max_norm / (norm + 1e-6)  # torch's clip coefficient, clamped at 1
                 if not coef >= 1.0:
                     mult *= coef
+        if self._first_step_state:
+            self._fill_first_step_state()
         k = self._step + 1
         fresh = FRESH_AT_FIRST_STEP  # first-gradient state (SGD's momentum) is set at step 1
         if self._on_gpu:
@@ -447,6 +461,8 @@ class FlatOptimizer:
         for key in list(self.state):
             if key not in self._state_keys(defaults):
                 del self.state[key]
+        # a dict saved before any step: that state starts at the first step still
+        self._first_step_state = self._starting_state() if self._step == 0 else set()
         self._prepare()
 
     @staticmethod
@@ -485,6 +501,9 @@ class TrainEvalModes:
         modes = self.definition.modes
         with self._state_lock:
             if self._train_mode == train:
+                return
+            if modes.lerp_to in self._first_step_state:  # no z before the first step: the
+                self._train_mode = train                 # params stay (as schedulefree's)
                 return
             weight = (modes.to_train if train else modes.to_eval)(self._hypers())
             target = self.state[modes.lerp_to]

@@ -104,9 +104,11 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     buffers = {name: states[name] for name in active}
     n, name = _buffers(params, grads, master, dtype, **buffers)
     scalars = scalars or {}
+    seen = [("params", params), *buffers.items()]
     for key, value in scalars.items():  # one-element float64 arrays, updated in place
         check_buffer(key, value, 1, like=params, dtype=np.float64)
-        check_apart(key, value, [("params", params), *buffers.items()])
+        check_apart(key, value, seen)
+        seen.append((key, value))
     fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))
     on_gpu = is_cupy(params)
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),

@@ -582,8 +582,10 @@ def optimizers_source() -> str:
             base = _base_class(d, spec, "FlatOptimizer")
             lines += ["", "", f"class {spec.name}({base}):",
                       f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
-                      "    lr: a float or a fastopt schedule (evaluated inside the kernel). "
-                      "dtype: the format of",
+                      *(["    lr: a float or a fastopt schedule (evaluated inside the kernel). "
+                         "dtype: the format of"] if d.schedulable else
+                        ["    lr: a float (or a constant schedule: this optimizer takes no "
+                         "other). dtype: the format of"]),
                       "    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or "
                       "'bfloat16'.", '    """', "",
                       f'    definition = REGISTRY["{d.name}"]',
@@ -703,8 +705,10 @@ def torch_source() -> str:
             about = (f"torch.optim.{twin.name}'s interface and numbers" if twin
                      else f"{spec.doc.rstrip('.')}")
             base = _base_class(d, spec, "FlatOptimizer")
+            lr_note = "lr may be a fastopt schedule" if d.schedulable else \
+                "lr is a float (this optimizer takes no schedule)"
             lines += ["", "", f"class {spec.name}({base}):",
-                      f'    """{about}; lr may be a fastopt schedule.', "",
+                      f'    """{about}; {lr_note}.', "",
                       *_doc(d.doc, "    "), "",
                       "    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).",
                       '    """', "",

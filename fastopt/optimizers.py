@@ -316,7 +316,7 @@ class Rprop(FlatOptimizer):
     step_size starts at the lr of the first step; the lr plays no other part, so Rprop refuses a
     schedule (as torch, whose schedulers would change nothing).
 
-    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    lr: a float (or a constant schedule: this optimizer takes no other). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
     """
 

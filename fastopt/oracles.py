@@ -11,12 +11,18 @@ Documented differences from the oracles:
   its default eps_root = 0; decay ``p -= lr (update + wd p)``, as here) but no built-in
   warm-up: alpha and b3 are constants or schedules the user supplies, evaluated at optax's
   0-based count, while fastopt and pytorch-optimizer evaluate the paper's warm-ups
-  (``t_alpha_beta3``) at the 1-based step.
+  (``t_alpha_beta3``) at the 1-based step. State dicts do not cross between fastopt.torch
+  and pytorch-optimizer (it keeps ``step`` in the group, fastopt per param, as torch.optim),
+  and a param that gets no gradient for some steps falls behind the group's step count
+  there, not here.
 - AdamWScheduleFree (schedulefree 1.4.1): the same formula, train/eval switches and group
   keys. A fastopt schedule multiplies schedulefree's own warm-up, as a torch LR scheduler
   changing ``group['lr']`` does there; ``lr_max`` follows the product. In fastopt.torch the
   group's ``k``/``weight_sum``/``lr_max`` follow the params that take steps (schedulefree
-  advances them once per group step even for params without a gradient).
+  advances them once per group step even for params without a gradient). With
+  ``state_dtype="bfloat16"`` fastopt keeps z, a param-sized iterate, in bfloat16 too: the
+  eval-mode params then drift about 1e-2 relative from float32 state over 100 steps; keep
+  float32 state for Schedule-Free unless the memory matters more.
 """
 
 from __future__ import annotations

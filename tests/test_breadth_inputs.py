@@ -144,3 +144,161 @@ def test_schedulefree_16bit_params_switch_through_the_master():
                                   .view(np.uint16))
     opt.train()
     np.testing.assert_allclose(opt.state["master_param"], master, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- review findings
+
+
+def test_first_step_state_starts_at_the_first_step_in_the_core_classes():
+    """Schedule-Free's z and Rprop's step_size start at the first step, as in torch and
+    schedulefree: params written, or the lr changed, after construction count."""
+    rng = np.random.default_rng(2)
+    x, new = (rng.standard_normal(50).astype(np.float32) for _ in range(2))
+    opt = fastopt.AdamWScheduleFree(x, lr=1e-2)
+    x[...] = new
+    opt.train()  # no z yet: the params stay
+    np.testing.assert_array_equal(x, new)
+    g = rng.standard_normal(50).astype(np.float32)
+    opt.step(g)
+    fresh = new.copy()
+    ref = fastopt.AdamWScheduleFree(fresh, lr=1e-2)
+    ref.train()
+    ref.step(g)
+    np.testing.assert_array_equal(x, fresh)
+    r = fastopt.Rprop(np.zeros(4, np.float32), lr=0.01)
+    r.lr_scale = 0.5
+    r.step(np.ones(4, np.float32))
+    np.testing.assert_allclose(r.state["step_size"], 0.005)
+
+
+def test_torch_single_param_groups_step_for_every_optimizer():
+    """A bucket of one param (per-step scalars copied within it) steps like the core class."""
+    from fastopt.algorithms import CLASSES
+
+    for cls in CLASSES:
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
+        opt = getattr(fot, cls)([p])
+        core = np.linspace(-1, 1, 6).astype(np.float32)
+        ref = getattr(fastopt, cls)(core)
+        for o in (opt, ref):
+            if hasattr(o, "train"):
+                o.train()
+        for k in range(3):
+            g = np.full(6, 0.5 + k, np.float32)
+            p.grad = torch.from_numpy(g.copy())
+            opt.step()
+            ref.step(g)
+        np.testing.assert_allclose(p.detach().numpy(), core, rtol=1e-6, err_msg=cls)
+
+
+def test_schedulefree_group_values_follow_the_params_that_step():
+    """A first param without gradients does not hide the group's weight_sum and lr_max: a
+    state dict taken then resumes exactly."""
+    torch.manual_seed(0)
+    init = [torch.randn(5) for _ in range(3)]
+
+    def run(opt, ps, steps):
+        for g in steps:
+            for p, x in zip(ps[1:], g, strict=True):
+                p.grad = x.clone()
+            opt.step()
+
+    grads = [[torch.randn(5) for _ in range(2)] for _ in range(30)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    straight = fot.AdamWScheduleFree(a, lr=1e-2)
+    straight.train()
+    run(straight, a, grads)
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    first = fot.AdamWScheduleFree(b, lr=1e-2)
+    first.train()
+    run(first, b, grads[:20])
+    sd = first.state_dict()
+    assert sd["param_groups"][0]["weight_sum"] > 0 and sd["param_groups"][0]["k"] == 20
+    c = [torch.nn.Parameter(p.detach().clone()) for p in b]
+    second = fot.AdamWScheduleFree(c, lr=1e-2)
+    second.load_state_dict(sd)
+    run(second, c, grads[20:])
+    for p, q in zip(c, a, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_torch_load_state_dict_of_a_bad_dict_changes_nothing():
+    ps = [torch.nn.Parameter(torch.randn(5)) for _ in range(2)]
+    opt = fot.RAdam(ps, lr=1e-2)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn(5)
+        opt.step()
+    before = opt.state_dict()
+    wrong_shape = {**before, "state": {0: {**before["state"][0], "exp_avg": torch.zeros(7)},
+                                       1: before["state"][1]}}
+    bad_beta = {**before, "param_groups": [{**before["param_groups"][0],
+                                            "betas": (1.5, 0.9)}]}
+    with pytest.raises(RuntimeError):
+        opt.load_state_dict(wrong_shape)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 0"):
+        opt.load_state_dict(bad_beta)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for k, st in before["state"].items():
+        for key, v in st.items():
+            torch.testing.assert_close(after["state"][k][key], v, rtol=0, atol=0)
+    for p in ps:
+        p.grad = torch.randn(5)
+    opt.step()
+    assert float(opt.state_dict()["state"][0]["step"]) == 4
+
+
+def test_schedulefree_state_dict_of_fastopt_steps_in_schedulefree():
+    schedulefree = pytest.importorskip("schedulefree")
+    p = [torch.nn.Parameter(torch.randn(4))]
+    ours = fot.AdamWScheduleFree(p, lr=1e-2)
+    ours.train()
+    p[0].grad = torch.randn(4)
+    ours.step()
+    q = [torch.nn.Parameter(p[0].detach().clone())]
+    theirs = schedulefree.AdamWScheduleFree(q, lr=1e-2)
+    theirs.load_state_dict(ours.state_dict())
+    q[0].grad = torch.ones(4)
+    p[0].grad = torch.ones(4)
+    theirs.step()
+    ours.step()
+    torch.testing.assert_close(q[0], p[0], rtol=1e-6, atol=1e-7)
+
+
+def test_smaller_validation_findings():
+    p = np.zeros(4, np.float32)
+    for cls in ("Lion", "AdEMAMix", "RAdam", "AdamWScheduleFree"):
+        with pytest.raises(ValueError, match="Invalid weight_decay value: inf"):
+            getattr(fastopt, cls)(p, weight_decay=float("inf"))
+    with pytest.raises(ValueError, match="Invalid alpha value: inf"):
+        fastopt.AdEMAMix(p, alpha=float("inf"))
+    fastopt.AdamWScheduleFree(p, warmup_steps=np.int64(3))  # any integer type
+    with pytest.raises(ValueError, match="Invalid t0 value: inf"):
+        fastopt.ASGD(p, t0=float("inf"))
+    eta = np.zeros(1)
+    with pytest.raises(ValueError, match="mu"):  # the same array for both scalars
+        F.asgd(p, np.ones(4, np.float32), np.zeros(4, np.float32), eta, eta, step=1)
+    with pytest.raises(ValueError, match="per-step scalar"):
+        F.asgd(p, np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(2), np.ones(1),
+               step=1)
+    q = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(AssertionError, match="params, mus, etas, and state_steps"):
+        opt = fot.ASGD([q], capturable=True)
+        q.grad = torch.ones(3)
+        opt.step()
+
+
+def test_asgd_takes_negative_t0_and_lambd_like_torch():
+    a = torch.nn.Parameter(torch.linspace(-1, 1, 8))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = fot.ASGD([a], lr=0.05, t0=-3, lambd=-1e-3, alpha=-0.5)
+    theirs = torch.optim.ASGD([b], lr=0.05, t0=-3, lambd=-1e-3, alpha=-0.5, foreach=False)
+    for k in range(10):
+        g = torch.sin(torch.arange(8.0) + k)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.state[a]["ax"], theirs.state[b]["ax"], rtol=1e-5,
+                               atol=1e-6)

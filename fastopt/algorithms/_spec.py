@@ -185,6 +185,8 @@ class TorchTwin:
     capturable_xla: bool = True
     #: torch's constructor wants ``betas`` both floats or both tensors (Adam, AdamW)
     betas_same_kind: bool = False
+    #: what torch's capturable check names (ASGD: "params, mus, etas, and state_steps")
+    capturable_what: str = "params and state_steps"
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,9 @@ class Definition:
     #: the param-group key under which torch-style implementations count the group's steps
     #: (schedulefree's ``k``), or None (torch's per-param ``step``)
     group_step: str | None = None
+    #: other param-group keys the torch-style implementation reads (schedulefree's
+    #: ``foreach``): fastopt.torch's groups carry them, so its state dicts load there
+    group_keys: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.decay not in DECAY_FORMS:

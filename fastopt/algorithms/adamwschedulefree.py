@@ -12,6 +12,7 @@ Step k (lr_k: the schedule's lr times its own linear warm-up min(1, k / warmup_s
 weight_sum and lr_max are per-step scalars; z starts as a copy of the params.
 """
 
+import numbers
 from math import sqrt
 
 from .._checks import check_eps, check_real, check_weight_decay, kernel_eps
@@ -62,10 +63,11 @@ def _check_betas(betas) -> tuple[float, float]:
 
 
 def _check_warmup(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-            isinstance(value, float) and value.is_integer()):
+    """An integer >= 0 (any integral type, or an integral float)."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or (
+            isinstance(value, float) and value.is_integer())):
         raise ValueError(f"Invalid warmup_steps value: {value!r} (an integer >= 0)")
-    return int(check_real("warmup_steps", value, high_open=True))
+    return int(check_real("warmup_steps", float(value), high_open=True))
 
 
 DEFINITION = Definition(
@@ -91,4 +93,5 @@ DEFINITION = Definition(
     modes=Modes("z", to_train=lambda h: 1.0 - h["betas"][0],
                 to_eval=lambda h: 1.0 - 1.0 / h["betas"][0]),
     group_step="k",
+    group_keys={"foreach": None, "scheduled_lr": 0.0},
 )

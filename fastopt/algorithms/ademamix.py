@@ -78,7 +78,8 @@ DEFINITION = Definition(
     classes=(ClassSpec("AdEMAMix", "AdEMAMix: Adam with a mixture of a fast and a slow EMA."),),
     hypers=(
         Hyper("betas", (0.9, 0.999, 0.9999), _check_betas, slots=("beta1", "beta2", "beta3")),
-        Hyper("alpha", 5.0, lambda v: check_real("alpha", v), slots=("alpha",)),
+        Hyper("alpha", 5.0, lambda v: check_real("alpha", v, high_open=True),
+              slots=("alpha",)),
         Hyper("t_alpha_beta3", None, _check_t, slots=("t_alpha_beta3",),
               to_kernel=lambda v: 0.0 if v is None else v),
         Hyper("eps", 1e-8, check_eps, slots=("eps",), to_kernel=kernel_eps),

@@ -6,6 +6,8 @@ eta and mu are per-step scalars. As in torch, eta starts at the lr of the first 
 step k uses the eta computed at the end of step k - 1: a changed lr shows one step late.
 """
 
+import math
+
 from .._checks import check_real, check_weight_decay
 from ._spec import ClassSpec, Definition, Hyper, Scalar, State, TorchTwin
 
@@ -19,6 +21,16 @@ def prologue(step, lr, lambd, alpha, t0, eta, mu):
     shrink = 1.0 - lambd * eta_now
     eta = lr / (1.0 + lambd * lr * step) ** alpha
     mu = 1.0 / max(1.0, step - t0)
+
+
+def _finite(name: str):
+    """Any finite real, as torch takes (a negative t0 averages from the start)."""
+    def check(value):
+        number = check_real(name, value, -math.inf, high_open=True)
+        if not math.isfinite(number):
+            raise ValueError(f"Invalid {name} value: {value}")
+        return number
+    return check
 
 
 def element(p, g, ax, *, eta_now, mu_now, shrink, average):
@@ -35,9 +47,9 @@ DEFINITION = Definition(
     doc=__doc__,
     classes=(ClassSpec("ASGD", "Averaged SGD with torch's step-size schedule."),),
     hypers=(
-        Hyper("lambd", 1e-4, lambda v: check_real("lambd", v), slots=("lambd",)),
-        Hyper("alpha", 0.75, lambda v: check_real("alpha", v), slots=("alpha",)),
-        Hyper("t0", 1e6, lambda v: check_real("t0", v), slots=("t0",)),
+        Hyper("lambd", 1e-4, _finite("lambd"), slots=("lambd",)),
+        Hyper("alpha", 0.75, _finite("alpha"), slots=("alpha",)),
+        Hyper("t0", 1e6, _finite("t0"), slots=("t0",)),
         Hyper("weight_decay", 0.0, check_weight_decay),
         Hyper("maximize", False, bool),
     ),
@@ -48,5 +60,6 @@ DEFINITION = Definition(
     element=element,
     lr_default=1e-2,
     torch_twin={"ASGD": TorchTwin("ASGD", dict(
-        foreach=None, maximize=False, differentiable=False, capturable=False))},
+        foreach=None, maximize=False, differentiable=False, capturable=False),
+        capturable_what="params, mus, etas, and state_steps")},
 )

@@ -4,8 +4,9 @@
     opt = fot.AdamW(model.parameters(), lr=schedules.warmup(schedules.cosine(3e-4, 5000), 200))
 """
 
+from ._backward import step_in_backward
 from ._base import FlatOptimizer
 from .optim import *  # noqa: F403  (one class per public name, generated)
 from .optim import __all__ as _classes
 
-__all__ = [*_classes, "FlatOptimizer"]
+__all__ = [*_classes, "FlatOptimizer", "step_in_backward"]

@@ -150,6 +150,20 @@ class _Bucket:
         if ptr:
             _OWNERS[ptr] = self
 
+    def release_grads(self) -> None:
+        """Drop the flat gradient buffer (step in backward: each chunk's gradients pass
+        through a scratch buffer, and the whole model's never exist at once)."""
+        for p in self.params:
+            p.grad = None
+        self.grad, self.grad_views = None, [None] * len(self.params)
+        self._arrays.clear()
+
+    def restore_grads(self) -> None:
+        """A flat gradient buffer again (after step in backward is removed)."""
+        self.grad = torch.zeros_like(self.flat)
+        self.grad_views = [self.slice(self.grad, i) for i in range(len(self.params))]
+        self._arrays.clear()
+
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param."""
         p, offset = self.params[index], self.offsets[index]
@@ -169,11 +183,11 @@ class _Bucket:
         their buffers travel as uint16 bits, numpy and cupy having no bfloat16)."""
         made = self._arrays.get(names)
         if made is None:
-            if self.format is None:
-                made = [_as_array(t) for t in (self.flat, self.grad)], {}
-            else:
-                made = ([_as_bits(t) for t in (self.flat, self.grad)],
-                        {"master": _as_array(self.master), "dtype": self.format})
+            convert = _as_array if self.format is None else _as_bits
+            # (no gradient buffer while the steps run in backward: its chunks bring theirs)
+            made = [convert(t) if t is not None else None for t in (self.flat, self.grad)], \
+                {} if self.format is None else {"master": _as_array(self.master),
+                                                "dtype": self.format}
             made[0].extend(_as_bits(self.state[n]) if self.state_dtype == torch.bfloat16
                            else _as_array(self.state[n]) for n in names)
             self._arrays[names] = made
@@ -213,6 +227,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     definition: Definition
     fixed: dict = {}
     twin = None
+    #: the step_in_backward handle while the steps run in backward (also after unpickling:
+    #: None)
+    _in_backward = None
 
     @property
     def group_defaults(self) -> dict:
@@ -254,6 +271,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             defaults.setdefault(d.modes.group_key, False)
         if d.group_step is not None:
             defaults.setdefault(d.group_step, 0)
+        for key, value in d.group_keys.items():
+            defaults.setdefault(key, value)
         for s_ in d.scalars:
             if s_.group:
                 defaults.setdefault(s_.name, s_.init)
@@ -297,6 +316,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         return {name: d.initial_value(name, hypers) for name in d.active_state(hypers)}
 
     def add_param_group(self, param_group: dict) -> None:
+        if self._in_backward is not None:
+            raise RuntimeError("add_param_group while the steps run in backward: remove() the "
+                               "step_in_backward handle first, then enable it again")
         param_group = self._split_schedule(dict(param_group))
         if "lr" not in param_group and "schedule" in self.defaults \
                 and "schedule" not in param_group:
@@ -394,7 +416,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         the step skips it)."""
         for buckets in self._buckets:
             for b in buckets:
-                if set_to_none:
+                if set_to_none or b.grad is None:  # (step in backward: no buffer to zero)
                     for p in b.params:
                         p.grad = None
                 else:
@@ -422,6 +444,12 @@ class FlatOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One fused update per bucket; returns the closure's loss (None without closure)."""
+        if self._in_backward is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} steps inside backward() (fastopt.torch."
+                "step_in_backward): do not call step(). Gradient accumulation, clipping "
+                "(clip_grad_norm_) and GradScaler need every gradient before the step and do "
+                "not work in this mode; call .remove() on the handle to step normally again")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -441,8 +469,10 @@ class FlatOptimizer(torch.optim.Optimizer):
 
                 xla = self.twin is None or self.twin.capturable_xla
                 devices = _get_capturable_supported_devices(xla)
-                raise AssertionError("If capturable=True, params and state_steps must be on "
-                                     f"supported devices: {devices}.")
+                what = "params and state_steps" if self.twin is None \
+                    else self.twin.capturable_what
+                raise AssertionError(f"If capturable=True, {what} must be on supported "
+                                     f"devices: {devices}.")
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
                                                      strict=True)):
             if not buckets:
@@ -451,14 +481,19 @@ class FlatOptimizer(torch.optim.Optimizer):
             before = buckets[0].step
             for b in buckets:
                 self._step_bucket(group, schedule, b)
-            self._publish_group(group, buckets)
-            if own:
-                lr = host_lr(schedule, buckets[0].step)
-                group["lr"] = self._lr_written[index] = lr
-            elif "schedule" in group and buckets[0].step > before:
-                # steps taken at someone else's lr do not advance the group's schedule, as
-                # they would not advance a torch scheduler
-                group["schedule"] = _delayed(group["schedule"], buckets[0].step - before)
+            self._finish_group(index, group, buckets, schedule, own, before)
+
+    def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
+                      schedule: Schedule, own: bool, before: int) -> None:
+        """After a group's step: its group-kept values, and group['lr'] for the next step."""
+        self._publish_group(group, buckets)
+        if own:
+            lr = host_lr(schedule, buckets[0].step)
+            group["lr"] = self._lr_written[index] = lr
+        elif "schedule" in group and buckets[0].step > before:
+            # steps taken at someone else's lr do not advance the group's schedule, as
+            # they would not advance a torch scheduler
+            group["schedule"] = _delayed(group["schedule"], buckets[0].step - before)
 
     @functools.cached_property
     def _group_scalars(self) -> frozenset:
@@ -470,9 +505,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         ``lr_max``) where torch-style code reads them; the scalars as live 0-d views of the
         kernel's values (no device sync)."""
         if self.definition.group_step is not None:
-            group[self.definition.group_step] = buckets[0].step
-        for name in self._group_scalars:
-            group[name] = buckets[0].scalars[name][0]
+            group[self.definition.group_step] = max(b.step for b in buckets)
+        if self._group_scalars:  # from the param that took the most steps (one that had a
+            b = max(buckets, key=lambda b: b.step)  # gradient every time, if any did)
+            i = int(b.steps.argmax())
+            for name in self._group_scalars:
+                group[name] = b.scalars[name][i]
 
     @torch.no_grad()
     def _switch_mode(self, train: bool) -> None:
@@ -518,17 +556,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 p.grad = view
             have_grad.append(True)
         hypers = self._group_hypers(group)
-        names = self.definition.active_state(hypers)  # the kernel's state buffers, in order
-        if not set(names) <= b.state.keys():  # e.g. momentum turned on after construction
-            init = self.state_init(group)
-            for name in names:
-                if name not in b.state:
-                    b.add_state(name, init[name])
-                    if name in self.definition.first_grad_state:  # torch's None buffer
-                        b.fresh = [True] * len(b.params)
-                    for i, started in enumerate(b.started):  # the views, as torch adds them
-                        if started:
-                            self.state[b.params[i]][name] = b.view_of(name, i)
+        names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
         first_grad = bool(self.definition.first_grad_state)  # SGD's momentum_buffer
         if not b.all_started:
@@ -565,6 +593,22 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
 
+    def _kernel_state(self, group: dict, b: _Bucket, hypers: dict) -> tuple:
+        """The kernel's state buffers for these hyperparameters, in order, made where missing
+        (e.g. momentum turned on after construction)."""
+        names = self.definition.active_state(hypers)
+        if not set(names) <= b.state.keys():
+            init = self.state_init(group)
+            for name in names:
+                if name not in b.state:
+                    b.add_state(name, init[name])
+                    if name in self.definition.first_grad_state:  # torch's None buffer
+                        b.fresh = [True] * len(b.params)
+                    for i, started in enumerate(b.started):  # the views, as torch adds them
+                        if started:
+                            self.state[b.params[i]][name] = b.view_of(name, i)
+        return names
+
     @torch.no_grad()
     def _init_first_step(self, b: _Bucket, names: tuple, schedule: Schedule,
                          have_grad: list) -> None:
@@ -592,13 +636,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         return cached[1]
 
     def _run(self, b: _Bucket, names: tuple, hypers: dict, arrays: list, half: dict,
-             step: int, schedule: Schedule, fresh: bool, part: int | None) -> None:
+             step: int, schedule: Schedule, fresh: bool,
+             part: int | tuple[int, int] | None) -> None:
         """The kernel through fastopt.engine on zero-copy array views (params, grads,
-        state...; ``half`` has master and dtype for 16-bit params). The prepared call is kept
-        per (bucket part, hyperparameters); nothing is re-validated per step."""
+        state...; ``half`` has master and dtype for 16-bit params). ``part``: None (the whole
+        bucket), param i, or the params [first, stop) (step in backward's chunks). The
+        prepared call is kept per (part, hyperparameters); nothing is re-validated per step."""
         values = tuple(_hashable(v) for v in hypers.values())
         earlier, prepared = b.prepared.get((part, names), (None, None))
-        index = 0 if part is None else part
+        index = 0 if part is None else part[0] if isinstance(part, tuple) else part
         if earlier != values:  # new hyperparameters (a scheduler's momentum, say): repack
             on_gpu = b.flat.device.type == "cuda"
             n = arrays[0].shape[0]
@@ -618,8 +664,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         else:
             run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
         if part is None:  # the whole bucket stepped with element 0's scalars: share them
+            for per_param in b.scalars.values():  # (a copy: source and target overlap)
+                per_param[:] = per_param[0].clone()
+        elif isinstance(part, tuple):  # a chunk stepped with its first param's scalars
             for per_param in b.scalars.values():
-                per_param.copy_(per_param[0].expand_as(per_param))
+                per_param[part[0]:part[1]] = per_param[part[0]].clone()
 
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
@@ -656,10 +705,22 @@ class FlatOptimizer(torch.optim.Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        backup = self._backup()
+        try:
+            post_hooks = self._load_state_dict_unhooked(state_dict)
+        except BaseException:  # a bad dict changes nothing
+            self._restore(backup)
+            raise
+        for hook in post_hooks.values():
+            hook(self)
+
+    def _load_state_dict_unhooked(self, state_dict: dict) -> dict:
         schedules = [g.get("schedule") for g in self.param_groups]
         with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks",
                         "_optimizer_load_state_dict_post_hooks") as (_, post_hooks):
             super().load_state_dict(state_dict)  # checks the groups, loads hyperparameters
+        for group in self.param_groups:  # the definition's checks on the loaded values
+            self._hypers(group)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         saved = {p: state_dict["state"].get(i, {}) for i, p in zip(saved_ids, params,
@@ -677,8 +738,47 @@ class FlatOptimizer(torch.optim.Optimizer):
         for k, v in cast.items():  # state not keyed by a param is kept as is, as by torch
             if not isinstance(k, torch.Tensor):
                 self.state[k] = v
-        for hook in post_hooks.values():
-            hook(self)
+        return post_hooks
+
+    @torch.no_grad()
+    def _backup(self) -> dict:
+        """What load_state_dict changes, copied (to put back if loading fails)."""
+        return {
+            "groups": [dict(g) for g in self.param_groups],
+            "state": {k: dict(v) for k, v in self.state.items()},
+            "lr_written": list(self._lr_written),
+            "buckets": [[({n: t.clone() for n, t in b.state.items()},
+                          None if b.master is None else b.master.clone(),
+                          {n: t.clone() for n, t in b.scalars.items()}, b.steps.clone(),
+                          list(b.started), list(b.fresh), b.step, b.uniform, b.all_started)
+                         for b in buckets] for buckets in self._buckets],
+        }
+
+    @torch.no_grad()
+    def _restore(self, backup: dict) -> None:
+        for group, saved in zip(self.param_groups, backup["groups"], strict=True):
+            group.clear()
+            group.update(saved)
+        self.state = defaultdict(dict, backup["state"])
+        self._lr_written = backup["lr_written"]
+        self._checked.clear()
+        for buckets, saved in zip(self._buckets, backup["buckets"], strict=True):
+            for b, (state, master, scalars, steps, started, fresh, step, uniform,
+                    all_started) in zip(buckets, saved, strict=True):
+                for name in list(b.state):
+                    if name not in state:
+                        del b.state[name]
+                for name, t in state.items():
+                    b.state[name].copy_(t)
+                if master is not None:
+                    b.master.copy_(master)
+                for name, t in scalars.items():
+                    b.scalars[name].copy_(t)
+                b.steps.copy_(steps)
+                b.started, b.fresh = started, fresh
+                b.step, b.uniform, b.all_started = step, uniform, all_started
+                b._arrays.clear()
+                b.prepared.clear()
 
     def _sync_lr(self, index: int, group: dict, buckets: list[_Bucket], keep: bool) -> None:
         """After loading: the schedule's value for the next step is the lr fastopt wrote; with
@@ -731,6 +831,10 @@ class FlatOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         """torch's attributes, with copies of the state: unpickling (and ``copy.deepcopy``)
         repacks the params into new flat buffers and loads the state there."""
+        if self._in_backward is not None:
+            raise RuntimeError("an optimizer stepping in backward holds hooks on its params: "
+                               "remove() the step_in_backward handle before copying or "
+                               "pickling it")
         return {
             "defaults": self.defaults,
             "state": {p: {k: v.clone() if isinstance(v, torch.Tensor) else v

@@ -322,7 +322,7 @@ class RMSprop(FlatOptimizer):
 
 
 class Rprop(FlatOptimizer):
-    """torch.optim.Rprop's interface and numbers; lr may be a fastopt schedule.
+    """torch.optim.Rprop's interface and numbers; lr is a float (this optimizer takes no schedule).
 
     Rprop (Riedmiller & Braun 1993), as torch.optim.Rprop.
 

@@ -1,0 +1,200 @@
+"""Step in backward: the fused update of a chunk of params runs as soon as backward() has
+produced all their gradients, and their gradients are freed right after, so the gradients of
+the whole model never exist at once.
+
+A bucket's params are cut into chunks of consecutive params (about ``chunk_elements``
+elements each, at least one param). Each param gets a post-accumulate-grad hook; when every
+param of a chunk has its gradient, the gradients are copied into a scratch buffer (one per
+device and dtype, the size of the largest chunk) laid out like the chunk's part of the flat
+buffer, one kernel call updates the chunk, and the params' ``.grad`` become None. At the end of
+each backward a callback steps what is left: chunks some of whose params got no gradient
+(those params are skipped, as torch's step skips params without grad), then advances each
+group's lr as ``step()`` does. ``step()`` raises in this mode: gradient accumulation, clipping
+and GradScaler need every gradient before the step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._base import FlatOptimizer, _aligned, _as_array, _as_bits, _Bucket
+
+
+class _Chunk:
+    """The params [first, stop) of one bucket of group ``group``: elements [lo, hi)."""
+
+    __slots__ = ("group", "bucket", "first", "stop", "lo", "hi", "ready")
+
+    def __init__(self, group: int, bucket: _Bucket, first: int, stop: int):
+        self.group, self.bucket, self.first, self.stop = group, bucket, first, stop
+        self.lo = bucket.offsets[first]
+        self.hi = bucket.offsets[stop - 1] + _aligned(bucket.params[stop - 1].numel())
+        self.ready = [False] * (stop - first)
+
+
+class StepInBackward:
+    """What ``step_in_backward`` returns: ``remove()`` goes back to ``step()``."""
+
+    def __init__(self, opt: FlatOptimizer, chunk_elements: int):
+        self.opt = opt
+        self.chunks: list[_Chunk] = []
+        for index, buckets in enumerate(opt._buckets):
+            for b in buckets:
+                first = 0
+                while first < len(b.params):
+                    stop, size = first + 1, b.params[first].numel()
+                    while stop < len(b.params) and \
+                            size + b.params[stop].numel() <= chunk_elements:
+                        size += b.params[stop].numel()
+                        stop += 1
+                    self.chunks.append(_Chunk(index, b, first, stop))
+                    first = stop
+        self.scratch: dict[tuple, torch.Tensor] = {}
+        for c in self.chunks:
+            key = (c.bucket.flat.device, c.bucket.flat.dtype)
+            if key not in self.scratch or self.scratch[key].numel() < c.hi - c.lo:
+                self.scratch[key] = torch.zeros(c.hi - c.lo, dtype=key[1], device=key[0])
+        for buckets in opt._buckets:
+            for b in buckets:
+                b.release_grads()
+        self.hooks = [p.register_post_accumulate_grad_hook(
+            functools.partial(self._ready, c, i - c.first))
+            for c in self.chunks for i, p in enumerate(c.bucket.params[c.first:c.stop],
+                                                      start=c.first)]
+        #: per group touched in this backward: (schedule, own, step before)
+        self._round: dict[int, tuple] | None = None
+
+    def remove(self) -> None:
+        """Stop stepping in backward: hooks removed, flat gradient buffers back."""
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for buckets in self.opt._buckets:
+            for b in buckets:
+                b.restore_grads()
+        self.opt._in_backward = None
+
+    # ------------------------------------------------------------------ during backward
+    @torch.no_grad()
+    def _ready(self, chunk: _Chunk, k: int, param: torch.Tensor) -> None:
+        if self._round is None:  # the first gradient of this backward
+            modes = self.opt.definition.modes
+            if modes is not None and not self.opt.param_groups[0][modes.group_key]:
+                raise RuntimeError(f"{type(self.opt).__name__} is in eval mode: call train() "
+                                   "before training")
+            self._round = {}
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        if param.grad.is_sparse:
+            raise RuntimeError("fastopt does not support sparse gradients")
+        chunk.ready[k] = True
+        if all(chunk.ready):
+            self._step(chunk, list(range(chunk.first, chunk.stop)))
+
+    @torch.no_grad()
+    def _finish(self) -> None:
+        """End of backward: chunks with params that got no gradient step the others; then
+        each touched group's lr moves on, as after step()."""
+        try:
+            for c in self.chunks:
+                if any(c.ready):
+                    self._step(c, [c.first + k for k, r in enumerate(c.ready) if r])
+            opt = self.opt
+            for index, (schedule, own, before) in self._round.items():
+                opt._finish_group(index, opt.param_groups[index], opt._buckets[index],
+                                  schedule, own, before)
+        finally:
+            self._round = None
+
+    def _step(self, c: _Chunk, which: list[int]) -> None:
+        opt, b = self.opt, c.bucket
+        group = opt.param_groups[c.group]
+        for i in which:
+            if b.params[i].data_ptr() != b.addresses[i]:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(b.params[i].shape)} no longer lives in this "
+                    "optimizer's flat buffer (its .data was replaced); build the optimizer "
+                    "after moving or casting the model")
+        if c.group not in self._round:
+            schedule, own = opt._schedule(c.group, group)
+            self._round[c.group] = (schedule, own, opt._buckets[c.group][0].step)
+        schedule = self._round[c.group][0]
+        hypers = opt._group_hypers(group)
+        names = opt._kernel_state(group, b, hypers)
+        arrays, half = b.arrays(names)
+        if not b.all_started:
+            have = [False] * len(b.params)
+            for i in which:
+                have[i] = True
+            opt._init_first_step(b, names, schedule, have)
+        first_grad = bool(opt.definition.first_grad_state)
+        steps = {int(b.steps[i]) for i in which}
+        whole = which == list(range(c.first, c.stop)) and len(steps) == 1 and \
+            (not first_grad or len({b.fresh[i] for i in which}) == 1) and \
+            all(bool((v[c.first:c.stop] == v[c.first]).all()) for v in b.scalars.values())
+        convert = _as_array if b.format is None else _as_bits
+        parts = [(c.first, c.stop)] if whole else [(i, i + 1) for i in which]
+        scratch = self.scratch[(b.flat.device, b.flat.dtype)]
+        for first, stop in parts:
+            lo = b.offsets[first]
+            hi = b.offsets[stop - 1] + (_aligned(b.params[stop - 1].numel()) if whole
+                                        else b.params[stop - 1].numel())
+            grads = scratch[:hi - lo]
+            grads.zero_()  # (alignment gaps between params: no gradient)
+            for i in range(first, stop):
+                start = b.offsets[i] - lo
+                grads[start:start + b.params[i].numel()].copy_(b.params[i].grad.reshape(-1))
+            k = int(b.steps[first]) + 1
+            part = {key: v[lo:hi] if key == "master" else v for key, v in half.items()}
+            sliced = [arrays[0][lo:hi], convert(grads),
+                      *(a[lo:hi] for a in arrays[2:])]
+            opt._run(b, names, hypers, sliced, part, k, schedule,
+                     first_grad and b.fresh[first], (first, stop) if whole else first)
+            for i in range(first, stop):
+                b.fresh[i] = False
+                b.steps[i] = k
+                if not b.started[i]:
+                    opt._start(group, b, i)
+        for i in which:
+            b.params[i].grad = None
+        c.ready = [False] * (c.stop - c.first)
+        b.all_started = all(b.started)
+        b.uniform = bool((b.steps == b.steps[0]).all())
+        b.step = int(b.steps.max())
+
+
+def step_in_backward(params, optimizer: FlatOptimizer, *,
+                     chunk_elements: int = 1 << 22) -> StepInBackward:
+    """Run ``optimizer``'s fused update inside ``loss.backward()``: each chunk of about
+    ``chunk_elements`` elements of consecutive params is updated as soon as all its
+    gradients exist, and those gradients are freed at once, so the whole model's gradients
+    never exist together (peak memory: the params' gradients minus about all but one
+    chunk's). ``params``: the model (or the optimizer's params, all of them). The numbers
+    equal ``backward(); step()`` with the same schedule.
+
+    Then call only ``loss.backward()`` (and ``zero_grad()`` if you like): ``step()`` raises,
+    and so do features that need every gradient first (clip_grad_norm_ would see no
+    gradients, GradScaler and gradient accumulation call ``step()``). A param that gets no
+    gradient in a backward is skipped, as by ``step()``. Use a fastopt schedule as the lr
+    (evaluated in the kernel): torch LR schedulers expect ``step()`` calls. Returns a handle;
+    ``handle.remove()`` goes back to normal stepping.
+    """
+    if not isinstance(optimizer, FlatOptimizer):
+        raise TypeError("step_in_backward needs a fastopt.torch optimizer, got "
+                        f"{type(optimizer).__name__}")
+    if optimizer._in_backward is not None:
+        raise RuntimeError("this optimizer already steps in backward")
+    if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) \
+            or chunk_elements < 1:
+        raise ValueError(f"chunk_elements must be an int >= 1, got {chunk_elements!r}")
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    given = [p[1] if isinstance(p, tuple) else p for p in params]
+    ours = [p for g in optimizer.param_groups for p in g["params"]]
+    if {id(p) for p in given} != {id(p) for p in ours}:
+        raise ValueError("step_in_backward takes the model (or the params) the optimizer "
+                         f"was built over: {len(given)} params given, the optimizer has "
+                         f"{len(ours)}, not the same ones")
+    optimizer._in_backward = StepInBackward(optimizer, chunk_elements)
+    return optimizer._in_backward

@@ -1,0 +1,133 @@
+"""fastopt.torch.step_in_backward: the update runs inside backward() chunk by chunk, and the
+numbers equal a backward(); step() loop with the same schedule."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as fot  # noqa: E402
+from fastopt import schedules as S  # noqa: E402
+
+SCHED = S.warmup(S.cosine(1e-2, 30, end_lr=1e-3), 5)
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.Tanh(), torch.nn.Linear(16, 9),
+                                torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    return model.to(dtype)
+
+
+def _batches(n, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 7, generator=gen).to(dtype), torch.randn(5, 3, generator=gen)
+             .to(dtype)) for _ in range(n)]
+
+
+def _loss(model, x, y):
+    return torch.nn.functional.mse_loss(model(x).float(), y.float())
+
+
+CASES = [("AdamW", {"weight_decay": 0.1}), ("SGD", {"momentum": 0.9, "nesterov": True}),
+         ("NAdam", {}), ("Rprop", {}), ("AdamWScheduleFree", {"warmup_steps": 3})]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 60, 1 << 22])
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_equals_backward_then_step(name, kw, chunk, dtype):
+    lr = 0.01 if name == "Rprop" else SCHED
+    plain, inside = _model(dtype), _model(dtype)
+    a = getattr(fot, name)(plain.parameters(), lr=lr, **kw)
+    b = getattr(fot, name)(inside.parameters(), lr=lr, **kw)
+    handle = fot.step_in_backward(inside, b, chunk_elements=chunk)
+    for opt in (a, b):
+        if hasattr(opt, "train"):
+            opt.train()
+    for x, y in _batches(12, dtype):
+        a.zero_grad()
+        _loss(plain, x, y).backward()
+        a.step()
+        _loss(inside, x, y).backward()
+        assert all(p.grad is None for p in inside.parameters())  # freed in backward
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert b.param_groups[0]["lr"] == a.param_groups[0]["lr"]
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    for k, st in sd_a["state"].items():
+        for key, v in st.items():
+            torch.testing.assert_close(sd_b["state"][k][key], v, rtol=0, atol=0)
+    handle.remove()  # normal stepping again, from where it was
+    for x, y in _batches(3, dtype):
+        for model, opt in ((plain, a), (inside, b)):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_params_without_gradient_are_skipped_like_step():
+    """A layer left out of the loss gets no gradient: it does not move, and its state does not
+    start, as with step(); the others step at the end of backward."""
+    plain, inside = _model(), _model()
+    a = fot.Adam(plain.parameters(), lr=SCHED)
+    b = fot.Adam(inside.parameters(), lr=SCHED)
+    fot.step_in_backward(inside.parameters(), b, chunk_elements=1 << 22)
+    for k, (x, y) in enumerate(_batches(6)):
+        for model, opt in ((plain, a), (inside, b)):
+            head = model[:2] if k % 2 else model  # odd steps: the last layers get no grad
+            out = head(x)
+            loss = out.pow(2).mean() if k % 2 else _loss(model, x, y)
+            opt.zero_grad()
+            loss.backward()
+            if opt is a:
+                opt.step()
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert [len(b.state[p]) for p in inside.parameters()] == \
+        [len(a.state[p]) for p in plain.parameters()]
+
+
+def test_step_and_what_needs_every_gradient_are_refused():
+    model = _model()
+    opt = fot.AdamW(model.parameters(), lr=SCHED)
+    handle = fot.step_in_backward(model, opt)
+    x, y = _batches(1)[0]
+    _loss(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="steps inside backward.*do not call step"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="Gradient accumulation, clipping"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="already steps in backward"):
+        fot.step_in_backward(model, opt)
+    with pytest.raises(RuntimeError, match="remove"):
+        copy.deepcopy(opt)
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    handle.remove()
+    opt.step()  # normal again (no gradients: nothing moves)
+
+
+def test_bad_arguments():
+    model = _model()
+    opt = fot.Adam(model.parameters())
+    with pytest.raises(ValueError, match="chunk_elements"):
+        fot.step_in_backward(model, opt, chunk_elements=0)
+    with pytest.raises(ValueError, match="the optimizer was built over"):
+        fot.step_in_backward(list(model.parameters())[:2], opt)
+    with pytest.raises(TypeError, match="fastopt.torch optimizer"):
+        fot.step_in_backward(model, torch.optim.Adam(model.parameters()))
+    assert opt._in_backward is None
+
+
+def test_eval_mode_is_refused_in_backward():
+    model = _model()
+    opt = fot.AdamWScheduleFree(model.parameters())
+    fot.step_in_backward(model, opt)
+    x, y = _batches(1)[0]
+    with pytest.raises(RuntimeError, match="eval mode"):
+        _loss(model, x, y).backward()
