@@ -83,6 +83,10 @@ class FlatOptimizer:
 
     definition: Definition
     fixed: dict = {}
+    # (defaults for instances unpickled from before these existed)
+    _grad_norm = None
+    _control = None
+    _step_unsynced = False
 
     def __init__(self, params, lr, hypers: dict, dtype=None, state_dtype="float32"):
         if isinstance(params, FlatBuffer):
@@ -110,7 +114,11 @@ class FlatOptimizer:
         self.defaults = self._check_defaults(hypers)
         self.lr_scale = 1.0
         self._max_grad_norm: float | None = None  # clip to this global norm in every step
-        self.last_grad_norm: float | None = None  # the (unscaled) norm the last step measured
+        #: the (unscaled) norm the last clipped/skippable step measured: a float, or a device
+        #: scalar on a GPU (``last_grad_norm`` reads it)
+        self._grad_norm = None
+        self._control = None  # GPU: (clip factor, skip flag) for the kernel, on the device
+        self._step_unsynced = False  # GPU: a skippable step ran; the device has the count
         self._last_lr: float | None = None
         self._step = 0
         #: train/eval modes (Schedule-Free): an optimizer with modes starts in eval mode
@@ -227,7 +235,9 @@ class FlatOptimizer:
     # ------------------------------------------------------------------ public API
     @property
     def step_count(self) -> int:
-        """Number of steps taken."""
+        """Number of steps taken (on a GPU after skippable steps: read from the device)."""
+        if self._step_unsynced:
+            self.sync_step_count()
         return self._step
 
     @property
@@ -251,6 +261,7 @@ class FlatOptimizer:
         """GPU: take step_count from the device counter (after replaying a captured graph)."""
         if self._on_gpu:
             self._step = int(self._step_state.get()[0])
+        self._step_unsynced = False
         return self._step
 
     @property
@@ -266,7 +277,7 @@ class FlatOptimizer:
     def current_lr(self) -> float:
         """The learning rate the next step will use: schedule.at(step_count) * lr_scale,
         computed by the kernels' own evaluator, so it equals the next ``last_lr`` exactly."""
-        return host_lr(self._schedule, self._step) * self.lr_scale
+        return host_lr(self._schedule, self.step_count) * self.lr_scale
 
     @property
     def max_grad_norm(self) -> float | None:
@@ -322,20 +333,14 @@ class FlatOptimizer:
 
     def _step_locked(self, grads, mult: float, max_norm: float | None,
                      skip_if_nonfinite: bool) -> bool:
+        if self._on_gpu and (max_norm is not None or skip_if_nonfinite):
+            return self._gpu_step_on_device(grads, mult, max_norm, skip_if_nonfinite)
         if max_norm is not None or skip_if_nonfinite:
-            if self._on_gpu:  # a cupy reduction; reading the norm back syncs the stream
-                values = grads
-                if grads.dtype == np.uint16:  # raw 16-bit bits: decode before widening
-                    values = (_bf16.decode(grads) if self.dtype == "bfloat16"
-                              else grads.view(np.float16))
-                wide = values.astype(np.float64)
-                sq = float(self._xp.dot(wide, wide))
-            else:
-                parallel = parallel_ok(self._parallel)
-                with kernel_guard(parallel):
-                    sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, parallel)
+            parallel = parallel_ok(self._parallel)
+            with kernel_guard(parallel):
+                sq = cpu.grad_sq_norm(kernel_view(grads), self._fmt, parallel)
             norm = math.sqrt(sq) * mult
-            self.last_grad_norm = norm
+            self._grad_norm = norm
             if skip_if_nonfinite and not math.isfinite(norm):
                 return False
             if max_norm is not None:
@@ -355,6 +360,47 @@ class FlatOptimizer:
         self._step = k
         return True
 
+    def _gpu_step_on_device(self, grads, mult: float, max_norm: float | None,
+                            skip: bool):
+        """A clipped or skippable GPU step without a host sync (so it can be captured in a
+        CUDA graph): the norm, the clip coefficient and the skip flag are computed on the
+        device, and the kernel reads them there (``control``). Returns True, or with
+        ``skip`` a DeviceFlag: whether the step was applied, read on demand."""
+        xp = self._xp
+        values = grads
+        if grads.dtype == np.uint16:  # raw 16-bit bits: decode before widening
+            values = (_bf16.decode(grads) if self.dtype == "bfloat16"
+                      else grads.view(np.float16))
+        wide = values.astype(np.float64)
+        norm = xp.dot(wide, wide) ** 0.5 * mult
+        self._grad_norm = norm  # a device scalar, read by last_grad_norm
+        if self._control is None:
+            self._control = xp.asarray([1.0, 0.0])
+        if max_norm is not None:  # torch's clip coefficient, clamped at 1 (NaN stays NaN)
+            coef = max_norm / (norm + 1e-6)
+            self._control[0] = xp.where(coef >= 1.0, 1.0, coef)
+        else:
+            self._control[0] = 1.0
+        applied = xp.isfinite(norm) if skip else None
+        self._control[1] = xp.where(applied, 0.0, 1.0) if skip else 0.0
+        if self._first_step_state:
+            self._fill_first_step_state()
+        self._prepared.gpu(grads, self._device_table, self._device_table.shape[0],
+                           self._step_state, self._lr_out, self.lr_scale, mult,
+                           FRESH_AT_FIRST_STEP, self._control)
+        self._step += 1
+        if skip:  # the device knows whether it stepped: the host count may be one ahead
+            self._step_unsynced = True
+            return DeviceFlag(applied)
+        return True
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The (unscaled) gradient norm the last clipped or skippable step measured (on a
+        GPU kept on the device until read here: reading syncs)."""
+        norm = self._grad_norm
+        return None if norm is None else float(norm)
+
     def state_dict(self) -> dict:
         """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters,
         all of one moment between two steps (a step running in another thread is waited for)."""
@@ -369,7 +415,7 @@ class FlatOptimizer:
                     self.max_grad_norm)
 
     def _state_dict_locked(self) -> dict:
-        d = {"optimizer": type(self).__name__, "step": self._step}
+        d = {"optimizer": type(self).__name__, "step": self.step_count}
         d.update({name: self._state_as_float(name) for name in self.state})
         d.update({name: float(self._host_copy(v)[0]) for name, v in self._scalars.items()})
         d.update(self.defaults)
@@ -445,6 +491,7 @@ class FlatOptimizer:
         self._train_mode = bool(train_mode)
         self.defaults = defaults
         self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
+        self._step_unsynced = False
         if self._on_gpu:
             self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)
         for name, value in scalars.items():
@@ -475,7 +522,23 @@ class FlatOptimizer:
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         return (f"{type(self).__name__}(n={self.params.shape[0]}, lr={self._schedule!r}, "
-                f"{options}, step_count={self._step})")
+                f"{options}, step_count={self.step_count})")
+
+
+class DeviceFlag:
+    """Whether a GPU step with ``skip_if_nonfinite`` was applied: a device scalar, so the
+    step needs no host sync (as torch's found_inf); ``bool()`` reads it (a sync)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "DeviceFlag(read it with bool())"
 
 
 class TrainEvalModes:

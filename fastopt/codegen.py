@@ -428,6 +428,7 @@ def cuda_source(d: Definition) -> str:
     lines += [f"// One {name} step k = step_state[0] + 1 over the whole buffer; the last block "
               "advances k.", "template <typename T, typename S>",
               f"FO_D void {name}(FO_KERNEL_PARAMS(T, S)) {{",
+              "    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays",
               "    const double step = (double)(step_state[0] + 1);",
               "    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;",
               *(["    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state "
@@ -441,7 +442,8 @@ def cuda_source(d: Definition) -> str:
         ctype, zero = ("bool", "false") if local in x.prologue_bools else ("double", "0.0")
         lines.append(f"    {ctype} {local} = {zero};")
     lines += pro.statements(x.prologue_body, "    ")
-    lines.append("    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);")
+    lines.append("    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * "
+                 "control[0]);")
     if x.uses_l2:
         lines.append("    const float l2 = (float)(decoupled ? 0.0 : weight_decay);"
                      if x.decay == "choice" else "    const float l2 = (float)weight_decay;")

@@ -143,22 +143,28 @@ class Prepared:
         return lr
 
     def gpu(self, grads, table, table_rows: int, step_state, lr_out, lr_scale: float,
-            grad_mult: float, fresh: int = 0) -> None:
+            grad_mult: float, fresh: int = 0, control=None) -> None:
         """Launch the CUDA kernel on the current stream: step k = step_state[0] + 1 read on
-        the device; no host sync."""
+        the device; no host sync. ``control``: a device array (clip factor, skip flag) the
+        kernel reads (None: no clipping, no skip)."""
         from .gpu import launch
 
         launch.launch(self.definition.name, self.dtype, self.kernel_values(
-            grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult, fresh))
+            grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult, fresh,
+            control))
 
     def kernel_values(self, grads, table, table_rows: int, step_state, lr_out,
-                      lr_scale: float, grad_mult: float, fresh: int) -> dict:
+                      lr_scale: float, grad_mult: float, fresh: int, control=None) -> dict:
         """The CUDA kernel's arguments by name (``KERNEL_SIGNATURE``)."""
+        if control is None:  # (numpy arrays: the host-built CUDA kernels of the tests)
+            control = _NO_CONTROL_HOST if isinstance(self.params, np.ndarray) \
+                else _no_control(self.params.device.id)
         s = self.states
         values = {"params": self.params, "grads": grads, "master": self.master,
                   "state0": s[0], "state1": s[1], "state2": s[2], "state3": s[3],
                   "table": table, "table_rows": table_rows, "step_state": step_state,
                   "lr_out": lr_out, "lr_scale": lr_scale, "grad_mult": grad_mult,
+                  "control": control,
                   "weight_decay": self.weight_decay, "decoupled": self.decoupled,
                   "maximize": self.maximize, "fresh": int(fresh), "n": self.params.shape[0]}
         values.update((f"h{i}", v) for i, v in enumerate(self.slots))
@@ -181,6 +187,19 @@ def run_once(prepared: Prepared, grads, schedule, step: int, lr_scale: float,
     prepared.gpu(grads, _device_table(schedule, params.device.id), schedule.table.shape[0],
                  step_state, xp.empty(1, dtype=np.float64), lr_scale, grad_mult, fresh)
     return host_lr(schedule, step - 1) * lr_scale
+
+
+_NO_CONTROL_HOST = np.array([1.0, 0.0])
+
+
+@functools.cache
+def _no_control(device_id: int):
+    """The kernels' ``control`` for a step without clipping or skipping: factor 1, no skip
+    (one per device, never written)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray([1.0, 0.0])
 
 
 @functools.lru_cache(maxsize=64)

@@ -22,6 +22,7 @@ FO_HD void adadelta_element(float& p, float& g, float& square_avg, float& acc_de
 // One adadelta step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void adadelta(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -29,7 +30,7 @@ FO_D void adadelta(FO_KERNEL_PARAMS(T, S)) {
     const double eps = h1;
     double one_minus_rho = 0.0;
     one_minus_rho = 1.0 - rho;
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float l2 = (float)weight_decay;
     const float lr_f32 = (float)lr;
     const float rho_f32 = (float)rho;

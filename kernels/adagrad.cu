@@ -18,6 +18,7 @@ FO_HD void adagrad_element(float& p, float& g, float& sum, float eps, float clr)
 // One adagrad step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void adagrad(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -25,7 +26,7 @@ FO_D void adagrad(FO_KERNEL_PARAMS(T, S)) {
     const double eps = h1;
     double clr = 0.0;
     clr = lr / (1.0 + (step - 1.0) * lr_decay);
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float l2 = (float)weight_decay;
     const float eps_f32 = (float)eps;
     const float clr_f32 = (float)clr;

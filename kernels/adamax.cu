@@ -20,6 +20,7 @@ FO_HD void adamax_element(float& p, float& g, float& exp_avg, float& exp_inf, fl
 // One adamax step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void adamax(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -30,7 +31,7 @@ FO_D void adamax(FO_KERNEL_PARAMS(T, S)) {
     double one_minus_beta1 = 0.0;
     clr = lr / (1.0 - pow(beta1, step));
     one_minus_beta1 = 1.0 - beta1;
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float l2 = (float)weight_decay;
     const float beta2_f32 = (float)beta2;
     const float eps_f32 = (float)eps;

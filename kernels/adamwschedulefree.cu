@@ -34,6 +34,7 @@ FO_HD void adamwschedulefree_element(float& p, float& g, float& z, float& exp_av
 // One adamwschedulefree step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void adamwschedulefree(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -69,7 +70,7 @@ FO_D void adamwschedulefree(FO_KERNEL_PARAMS(T, S)) {
     y_step = scheduled_lr * (beta1 * (1.0 - ckp1) - 1.0);
     bias_correction2 = 1.0 - pow(beta2, step);
     one_minus_beta2 = 1.0 - beta2;
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float beta2_f32 = (float)beta2;
     const float eps_f32 = (float)eps;
     const float weight_decay_f32 = (float)weight_decay;

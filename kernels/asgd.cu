@@ -26,6 +26,7 @@ FO_HD void asgd_element(float& p, float& g, float& ax, float eta_now, float mu_n
 // One asgd step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void asgd(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -47,7 +48,7 @@ FO_D void asgd(FO_KERNEL_PARAMS(T, S)) {
     shrink = 1.0 - lambd * eta_now;
     eta = lr / pow(1.0 + lambd * lr * step, alpha);
     mu = 1.0 / fmax(1.0, step - t0);
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float l2 = (float)weight_decay;
     const float eta_now_f32 = (float)eta_now;
     const float mu_now_f32 = (float)mu_now;

@@ -20,6 +20,7 @@ FO_HD void lion_element(float& p, float& g, float& exp_avg, float lr, float beta
 // One lion step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void lion(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -29,7 +30,7 @@ FO_D void lion(FO_KERNEL_PARAMS(T, S)) {
     double one_minus_beta2 = 0.0;
     one_minus_beta1 = 1.0 - beta1;
     one_minus_beta2 = 1.0 - beta2;
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float decay = (float)(1.0 - lr * weight_decay);
     const float lr_f32 = (float)lr;
     const float beta1_f32 = (float)beta1;

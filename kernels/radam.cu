@@ -30,6 +30,7 @@ FO_HD void radam_element(float& p, float& g, float& exp_avg, float& exp_avg_sq, 
 // One radam step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void radam(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -59,7 +60,7 @@ FO_D void radam(FO_KERNEL_PARAMS(T, S)) {
     }
     one_minus_beta1 = 1.0 - beta1;
     one_minus_beta2 = 1.0 - beta2;
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float l2 = (float)(decoupled ? 0.0 : weight_decay);
     const float decay = (float)(decoupled ? 1.0 - lr * weight_decay : 1.0);
     const float lr_f32 = (float)lr;

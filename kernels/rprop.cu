@@ -35,6 +35,7 @@ FO_HD void rprop_element(float& p, float& g, float& prev, float& step_size, floa
 // One rprop step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void rprop(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -43,7 +44,7 @@ FO_D void rprop(FO_KERNEL_PARAMS(T, S)) {
     const double step_size_min = h2;
     const double step_size_max = h3;
     ;
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float l2 = (float)weight_decay;
     const float etaminus_f32 = (float)etaminus;
     const float etaplus_f32 = (float)etaplus;

@@ -30,6 +30,7 @@ FO_HD void sgd_element(float& p, float& g, float& momentum_buffer, float lr, flo
 // One sgd step k = step_state[0] + 1 over the whole buffer; the last block advances k.
 template <typename T, typename S>
 FO_D void sgd(FO_KERNEL_PARAMS(T, S)) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
@@ -40,7 +41,7 @@ FO_D void sgd(FO_KERNEL_PARAMS(T, S)) {
     double one_minus_dampening = 0.0;
     has_momentum = momentum != 0.0;
     one_minus_dampening = 1.0 - dampening;
-    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult);
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     const float l2 = (float)weight_decay;
     const bool active_momentum_buffer = momentum != 0.0;
     const float lr_f32 = (float)lr;

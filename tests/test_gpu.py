@@ -131,7 +131,43 @@ def test_gpu_clipping_and_skip_equal_cpu():
     np.testing.assert_allclose(p_gpu.get(), p_cpu, rtol=1e-5, atol=1e-6)
     bad = cupy.asarray(data[0])
     bad[3] = cupy.nan
-    assert gpu.step(bad, skip_if_nonfinite=True) is False and gpu.step_count == 10
+    before = p_gpu.copy()
+    assert not gpu.step(bad, skip_if_nonfinite=True) and gpu.step_count == 10
+    cupy.testing.assert_array_equal(p_gpu, before)
+    assert gpu.step(cupy.asarray(data[1]), skip_if_nonfinite=True) and gpu.step_count == 11
+
+
+def test_clipped_and_skippable_steps_capture_in_a_graph():
+    """max_grad_norm and skip_if_nonfinite need no host sync on the GPU: a step with both is
+    captured once; replays with finite gradients equal eager clipped steps (schedule
+    advancing in the kernel), and a replay with a NaN gradient changes nothing and does not
+    advance the step."""
+    n = 3001
+    rng = np.random.default_rng(21)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    eager_p, graph_p = cupy.asarray(p0), cupy.asarray(p0)
+    eager = fastopt.AdamW(eager_p, lr=SCHED)
+    replayed = fastopt.AdamW(graph_p, lr=SCHED)
+    g = cupy.asarray(rng.standard_normal(n).astype(np.float32) * 5)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        replayed.step(g, max_grad_norm=1.0, skip_if_nonfinite=True)
+        eager.step(g, max_grad_norm=1.0, skip_if_nonfinite=True)
+        stream.begin_capture()
+        replayed.step(g, max_grad_norm=1.0, skip_if_nonfinite=True)
+        graph = stream.end_capture()
+        for k in range(30):
+            g[...] = cupy.asarray(rng.standard_normal(n).astype(np.float32) * (1 + k % 5))
+            graph.launch(stream)
+            eager.step(g, max_grad_norm=1.0, skip_if_nonfinite=True)
+        before = graph_p.copy()
+        g[7] = cupy.nan
+        graph.launch(stream)
+    stream.synchronize()
+    cupy.testing.assert_array_equal(graph_p, before)
+    assert replayed.sync_step_count() == 31 == eager.step_count
+    cupy.testing.assert_array_equal(graph_p, eager_p)
+    assert replayed.last_lr == eager.last_lr
 
 
 def test_gpu_bf16_state_equals_cpu():
@@ -168,7 +204,7 @@ def test_gpu_16_bit_clipping_and_skip_equal_cpu(dtype):
     np.testing.assert_allclose(gpu.state["master_param"].get(), cpu.state["master_param"],
                                rtol=1e-5, atol=1e-6)
     bad = cupy.asarray(np.full(n, 0x7FC0 if dtype == "bfloat16" else 0x7E00, np.uint16))
-    assert gpu.step(bad, skip_if_nonfinite=True) is False and gpu.step_count == 8
+    assert not gpu.step(bad, skip_if_nonfinite=True) and gpu.step_count == 8
 
 
 @pytest.mark.parametrize("name", sorted(MAKERS))

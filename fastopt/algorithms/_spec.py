@@ -63,16 +63,20 @@ FRESH_NO, FRESH_YES, FRESH_AT_FIRST_STEP = 0, 1, 2
 
 #: The one kernel signature every optimizer has, CPU and CUDA alike: (name, C type). ``T`` is
 #: the params' element type, ``S`` the state's (float, or bfloat16 bits). Unused state slots
-#: and hyperparameter slots are passed but never read. The CPU kernels take the same names
+#: and hyperparameter slots are passed but never read. ``control`` (CUDA only): two device
+#: doubles, a factor on ``grad_mult`` (the clip coefficient) and a skip flag (non-finite
+#: gradients: the kernel changes nothing, not even the step counter), computed on the device
+#: so a clipped or skippable step needs no host sync. The CPU kernels take the same names
 #: (scalars as Python numbers) plus ``fmt`` and ``parallel``, with ``step`` in place of
-#: ``table_rows``/``step_state``/``lr_out``.
+#: ``table_rows``/``step_state``/``lr_out``/``control``.
 KERNEL_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("params", "T*"), ("grads", "const T*"), ("master", "float*"),
     *((f"state{i}", "S*") for i in range(STATE_SLOTS)),
     *((f"scalar{i}", "double*") for i in range(SCALAR_SLOTS)),
     ("table", "const double*"), ("table_rows", "int"),
     ("step_state", "unsigned long long*"), ("lr_out", "double*"),
-    ("lr_scale", "double"), ("grad_mult", "double"), ("weight_decay", "double"),
+    ("lr_scale", "double"), ("grad_mult", "double"), ("control", "const double*"),
+    ("weight_decay", "double"),
     ("decoupled", "int"), ("maximize", "int"), ("fresh", "int"),
     *((f"h{i}", "double") for i in range(KERNEL_SLOTS)),
     ("n", "long long"),
@@ -84,7 +88,7 @@ CPU_PER_STEP = ("grads", "table", "step", "lr_scale", "grad_mult", "fresh", "par
 #: once (fastopt.engine)
 CPU_SIGNATURE: tuple[str, ...] = tuple(
     name for name, _ in KERNEL_SIGNATURE
-    if name not in ("table_rows", "step_state", "lr_out", "n", *CPU_PER_STEP)
+    if name not in ("table_rows", "step_state", "lr_out", "control", "n", *CPU_PER_STEP)
 ) + ("fmt", *CPU_PER_STEP)
 #: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
 STATE_RANDOM_SHIFTS = (0, 16, 8, 4)

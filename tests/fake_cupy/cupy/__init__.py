@@ -33,6 +33,19 @@ class CaptureError(RuntimeError):
     """What CUDA reports for a forbidden operation during stream capture."""
 
 
+def _device_op(fn, *args) -> ndarray:
+    """``fn`` of the arrays' values as a new device array; in graph capture also recorded,
+    so a replay recomputes it into the same array from the inputs' values then (as CuPy's
+    kernels are captured)."""
+    result = ndarray(np.asarray(fn(*(_unwrap(a) for a in args))))
+    stream = cuda.get_current_stream()
+    if stream.capturing:
+        def replay():
+            np.copyto(result._a, fn(*(_unwrap(a) for a in args)), casting="unsafe")
+        stream.recorded.append((None, replay))
+    return result
+
+
 def _no_capture(what: str) -> None:
     stream = cuda.get_current_stream()
     if stream.capturing:
@@ -87,12 +100,17 @@ class ndarray:  # noqa: N801  (CuPy's name)
             _no_capture("host-to-device copy")
             transfers["host_to_device"] += 1
         self._a[_unwrap(key)] = _unwrap(value)
+        stream = cuda.get_current_stream()
+        if stream.capturing:  # recorded: a replay copies the value it has then
+            def replay(target=self._a, key=_unwrap(key), value=value):
+                target[key] = _unwrap(value)
+            stream.recorded.append((None, replay))
 
     def __len__(self):
         return len(self._a)
 
     def astype(self, dtype, copy=True):
-        return ndarray(self._a.astype(dtype, copy=copy))
+        return _device_op(lambda a: a.astype(dtype), self)
 
     def view(self, dtype=None):
         return ndarray(self._a.view(dtype))
@@ -123,8 +141,7 @@ def _binary(op, reflected=False):
     def method(self, other):
         if isinstance(other, np.ndarray) and other.ndim:
             raise TypeError("Unsupported type <class 'numpy.ndarray'>")
-        a, b = (_unwrap(other), self._a) if reflected else (self._a, _unwrap(other))
-        return ndarray(np.asarray(op(a, b)))
+        return _device_op(lambda a, b: op(b, a) if reflected else op(a, b), self, other)
 
     return method
 
@@ -213,15 +230,18 @@ def _device_only(*arrays):
 
 
 def where(condition, x, y):
-    return ndarray(np.where(*_device_only(condition, x, y)))
+    _device_only(condition, x, y)
+    return _device_op(np.where, condition, x, y)
 
 
 def dot(a, b):
-    return ndarray(np.asarray(np.dot(*_device_only(a, b))))
+    _device_only(a, b)
+    return _device_op(np.dot, a, b)
 
 
 def isfinite(a):
-    return ndarray(np.isfinite(*_device_only(a)))
+    _device_only(a)
+    return _device_op(np.isfinite, a)
 
 
 def copyto(dst, src):
@@ -305,15 +325,20 @@ class _Kernel:
         return value._a
 
     def run(self, values: dict) -> None:
-        """What the CUDA kernel does: step k = step_state[0] + 1, lr from the table, the
-        update, lr_out[0] = lr, step_state[0] = k."""
+        """What the CUDA kernel does: nothing if control[1] (skip) is set; else step
+        k = step_state[0] + 1, lr from the table, the update with grad_mult * control[0],
+        lr_out[0] = lr, step_state[0] = k."""
         from fastopt.engine import cpu_kernel
 
+        control = values["control"]
+        if control[1] != 0.0:  # a skipped step: nothing changes, not even k
+            return
         kernel = cpu_kernel(self.op)
         n = int(values["n"])
         k = int(values["step_state"][0]) + 1
         extra = {"step": k, "fmt": _FORMATS[self.suffix], "parallel": n >= 16384,
-                 "table": values["table"][: int(values["table_rows"])]}
+                 "table": values["table"][: int(values["table_rows"])],
+                 "grad_mult": values["grad_mult"] * control[0]}
         args = []
         for name in inspect.signature(kernel.py_func).parameters:
             value = extra[name] if name in extra else values[name]

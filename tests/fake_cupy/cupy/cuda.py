@@ -29,7 +29,8 @@ class Device:
 
 
 class Stream:
-    """A stream; between begin_capture() and end_capture() kernel launches are recorded."""
+    """A stream; between begin_capture() and end_capture() kernel launches and array
+    operations (as CuPy's elementwise and reduction kernels are captured) are recorded."""
 
     def __init__(self, null: bool = False, non_blocking: bool = False, ptr: int = 0):
         self.capturing = False
@@ -80,7 +81,10 @@ class Graph:
 
     def launch(self, stream=None):
         for kernel, values in self.recorded:
-            kernel.run(values)
+            if kernel is None:  # an array operation recorded in capture: recompute it
+                values()
+            else:
+                kernel.run(values)
 
 
 class _Current(threading.local):
