@@ -85,8 +85,8 @@ class FlatOptimizer:
     fixed: dict = {}
     # (defaults for instances unpickled from before these existed)
     _grad_norm = None
-    _control = None
     _step_unsynced = False
+    _control_buffers = None
 
     def __init__(self, params, lr, hypers: dict, dtype=None, state_dtype="float32"):
         if isinstance(params, FlatBuffer):
@@ -117,7 +117,6 @@ class FlatOptimizer:
         #: the (unscaled) norm the last clipped/skippable step measured: a float, or a device
         #: scalar on a GPU (``last_grad_norm`` reads it)
         self._grad_norm = None
-        self._control = None  # GPU: (clip factor, skip flag) for the kernel, on the device
         self._step_unsynced = False  # GPU: a skippable step ran; the device has the count
         self._last_lr: float | None = None
         self._step = 0
@@ -129,6 +128,11 @@ class FlatOptimizer:
         if self._on_gpu:  # the step counter and the lr used live on the device
             self._step_state = self._xp.zeros(2, dtype=np.uint64)
             self._lr_out = self._xp.zeros(1, dtype=np.float64)
+            # the gradient norm's buffers and the kernel's control (clip factor, skip flag),
+            # made here: allocations and copies to the device cannot be in a captured graph
+            from .gpu import launch
+
+            self._control_buffers = launch.control_buffers(self.params.device.id)
         self.schedule = lr  # (before the state: a buffer may start at the first step's lr)
         self.state = _State((name, self._new_state(name))
                             for name in self._state_keys(self.defaults))
@@ -253,7 +257,7 @@ class FlatOptimizer:
     @property
     def last_lr(self) -> float | None:
         """The lr the kernel used in the last step (on a GPU: read back, which syncs)."""
-        if self._on_gpu and self._step:
+        if self._on_gpu and self.step_count:
             return float(self._lr_out.get()[0])
         return self._last_lr
 
@@ -363,43 +367,41 @@ class FlatOptimizer:
     def _gpu_step_on_device(self, grads, mult: float, max_norm: float | None,
                             skip: bool):
         """A clipped or skippable GPU step without a host sync (so it can be captured in a
-        CUDA graph): the norm, the clip coefficient and the skip flag are computed on the
-        device, and the kernel reads them there (``control``). Returns True, or with
-        ``skip`` a DeviceFlag: whether the step was applied, read on demand."""
-        xp = self._xp
-        values = grads
-        if grads.dtype == np.uint16:  # raw 16-bit bits: decode before widening
-            values = (_bf16.decode(grads) if self.dtype == "bfloat16"
-                      else grads.view(np.float16))
-        wide = values.astype(np.float64)
-        norm = xp.dot(wide, wide) ** 0.5 * mult
-        self._grad_norm = norm  # a device scalar, read by last_grad_norm
-        if self._control is None:
-            self._control = xp.asarray([1.0, 0.0])
-        if max_norm is not None:  # torch's clip coefficient, clamped at 1 (NaN stays NaN)
-            coef = max_norm / (norm + 1e-6)
-            self._control[0] = xp.where(coef >= 1.0, 1.0, coef)
-        else:
-            self._control[0] = 1.0
-        applied = xp.isfinite(norm) if skip else None
-        self._control[1] = xp.where(applied, 0.0, 1.0) if skip else 0.0
+        CUDA graph): kernels/control.cu computes the norm, the clip coefficient and the
+        skip flag into buffers made at construction, and the update kernel reads them
+        (``control``). Returns True, or with ``skip`` a DeviceFlag: whether the step was
+        applied, read on demand."""
+        from .gpu import launch
+
+        buffers = self._control_buffers
+        if buffers is None:  # (an optimizer unpickled from before these existed)
+            buffers = self._control_buffers = launch.control_buffers(self.params.device.id)
+        launch.grad_control(grads, self.dtype, mult, max_norm, skip, buffers)
+        self._grad_norm = buffers["norm"]  # a device scalar, read by last_grad_norm
         if self._first_step_state:
             self._fill_first_step_state()
         self._prepared.gpu(grads, self._device_table, self._device_table.shape[0],
                            self._step_state, self._lr_out, self.lr_scale, mult,
-                           FRESH_AT_FIRST_STEP, self._control)
+                           FRESH_AT_FIRST_STEP, buffers["control"])
         self._step += 1
-        if skip:  # the device knows whether it stepped: the host count may be one ahead
-            self._step_unsynced = True
-            return DeviceFlag(applied)
-        return True
+        if not skip:
+            return True
+        self._step_unsynced = True  # the device knows whether it stepped
+        import cupy
+
+        skipped = buffers["control"][1:]
+        if not cupy.cuda.get_current_stream().is_capturing():
+            skipped = skipped.copy()  # this step's flag (in a graph: the latest replay's)
+        return DeviceFlag(skipped)
 
     @property
     def last_grad_norm(self) -> float | None:
         """The (unscaled) gradient norm the last clipped or skippable step measured (on a
         GPU kept on the device until read here: reading syncs)."""
         norm = self._grad_norm
-        return None if norm is None else float(norm)
+        if norm is None or isinstance(norm, float):
+            return norm
+        return float(norm[0])  # (the device's value)
 
     def state_dict(self) -> dict:
         """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters,
@@ -526,16 +528,22 @@ class FlatOptimizer:
 
 
 class DeviceFlag:
-    """Whether a GPU step with ``skip_if_nonfinite`` was applied: a device scalar, so the
-    step needs no host sync (as torch's found_inf); ``bool()`` reads it (a sync)."""
+    """Whether a GPU step with ``skip_if_nonfinite`` was applied, kept on the device so the
+    step needs no host sync (as torch's found_inf): ``bool(flag)`` and ``flag == False`` read
+    it (a sync). ``flag is False`` is never true: test its truth, not its identity."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_skipped",)
 
-    def __init__(self, value):
-        self._value = value
+    def __init__(self, skipped):
+        self._skipped = skipped  # a one-element device array: 1.0 if the step was skipped
 
     def __bool__(self) -> bool:
-        return bool(self._value)
+        return not bool(self._skipped[0])
+
+    def __eq__(self, other) -> bool:
+        return bool(self) == other if isinstance(other, bool) else NotImplemented
+
+    __hash__ = None
 
     def __repr__(self) -> str:
         return "DeviceFlag(read it with bool())"

@@ -110,6 +110,8 @@ class Prepared:
         self.fmt = _FMT.get(dtype, 0)
         self.parallel = parallel
         self._fn = None if on_gpu else cpu_kernel(d.name)
+        if on_gpu and not isinstance(params, np.ndarray):  # (numpy: the host-built kernels)
+            _no_control(params.device.id)  # made now: a copy to the device is not capturable
         #: (grads dtype, writeable, parallel) -> the compiled specialisation's entry point;
         #: None: always through the dispatcher
         self._compiled: dict | None = None if one_shot else ({} if compiled is None

@@ -50,6 +50,17 @@ def lib(tmp_path_factory):
         lines.append(f'extern "C" void emulate_{op}{suffix}(unsigned grid, unsigned block, '
                      f'{params}) {{ fo_emulate_launch(grid, block, [&] {{ '
                      f'{op}_f32{suffix}({names}); }}); }}')
+    # the driver's gradient-norm kernels (kernels/control.cu)
+    lines += [
+        'extern "C" void emulate_grad_sq(unsigned grid, unsigned block, const float* g, '
+        'long long n, double* partial) { fo_emulate_launch(grid, block, [&] { '
+        'fo_grad_sq_f32(g, n, partial); }); }',
+        'extern "C" void emulate_grad_fold(unsigned block, const double* partial, '
+        'long long parts, double* folded) { fo_emulate_launch(1, block, [&] { '
+        'fo_grad_sq_fold(partial, parts, folded); }); }',
+        'extern "C" void emulate_grad_control(const double* folded, int count, double mult, '
+        'double max_norm, int skip, double* norm, double* control) { fo_emulate_launch(1, 1, '
+        '[&] { fo_grad_control(folded, count, mult, max_norm, skip, norm, control); }); }']
     (out / "wrappers.cpp").write_text("\n".join(lines) + "\n")
     so = out / "kernels_host.so"
     cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall",
@@ -201,3 +212,34 @@ def test_bf16_state_kernels_match_the_numba_backend(lib, name, grid, block, offs
         np.testing.assert_allclose(ours, theirs, rtol=2e-2, atol=1e-6 * np.max(np.abs(theirs)))
         # the same stochastic rounding bits: most elements are bit-identical
         assert np.mean(buf == cpu.state[key]) > 0.9, key
+
+
+@pytest.mark.parametrize("case", ["finite", "clipped", "nan", "inf"])
+def test_gradient_norm_and_control_kernels(lib, case):
+    """kernels/control.cu: the norm of the gradients (times mult), torch's clip coefficient
+    and the skip flag, against numpy in float64."""
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal(5003).astype(np.float32) * (0.01 if case == "finite" else 3.0)
+    if case == "nan":
+        g[17] = np.nan
+    if case == "inf":
+        g[4000] = np.inf
+    grid, block, fold = 3, 32, 16
+    partial, folded = np.zeros(grid * block), np.zeros(fold)
+    norm, control = np.zeros(1), np.zeros(2)
+
+    def ptr(a):
+        return a.ctypes.data_as(ctypes.c_void_p)
+
+    lib.emulate_grad_sq(grid, block, ptr(g), ctypes.c_longlong(g.size), ptr(partial))
+    lib.emulate_grad_fold(fold, ptr(partial), ctypes.c_longlong(partial.size), ptr(folded))
+    lib.emulate_grad_control(ptr(folded), fold, ctypes.c_double(0.5), ctypes.c_double(1.0),
+                             1, ptr(norm), ptr(control))
+    want = np.sqrt(np.sum(g.astype(np.float64) ** 2)) * 0.5
+    if np.isfinite(want):
+        np.testing.assert_allclose(norm[0], want, rtol=1e-12)
+        coef = 1.0 / (want + 1e-6)
+        assert control[0] == pytest.approx(min(coef, 1.0), rel=1e-12)
+        assert control[1] == 0.0
+    else:
+        assert not np.isfinite(norm[0]) and control[1] == 1.0

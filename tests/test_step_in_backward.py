@@ -131,3 +131,56 @@ def test_eval_mode_is_refused_in_backward():
     x, y = _batches(1)[0]
     with pytest.raises(RuntimeError, match="eval mode"):
         _loss(model, x, y).backward()
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom")
+
+
+def test_a_backward_that_raises_does_not_stop_later_steps():
+    """The end-of-backward callback never runs after an exception: the next backward starts
+    afresh (params without gradients skipped, lr advancing)."""
+    plain, inside = _model(), _model()
+    a = fot.Adam(plain.parameters(), lr=SCHED)
+    b = fot.Adam(inside.parameters(), lr=SCHED)
+    fot.step_in_backward(inside, b, chunk_elements=1)  # a chunk per param
+    x, y = _batches(1)[0]
+    with pytest.raises(RuntimeError, match="boom"):  # the last layer steps, then it raises
+        torch.nn.functional.mse_loss(inside[4](_Boom.apply(inside[:4](x))), y).backward()
+    a.zero_grad()
+    torch.nn.functional.mse_loss(plain[4](plain[:4](x)), y).backward()
+    for p in plain[:4].parameters():  # the plain loop: the last layer's step only
+        p.grad = None
+    a.step()
+    for x, y in _batches(4):  # the first two layers get no gradient
+        for model, opt in ((plain, a), (inside, b)):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model[2:](model[:2](x).detach()), y).backward()
+            if opt is a:
+                opt.step()
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert b.param_groups[0]["lr"] == a.param_groups[0]["lr"]
+
+
+def test_frozen_params_are_skipped():
+    plain, inside = _model(), _model()
+    for model in (plain, inside):
+        model[4].bias.requires_grad_(False)
+        model[0].weight.requires_grad_(False)
+    a = fot.AdamW(plain.parameters(), lr=SCHED)
+    b = fot.AdamW(inside.parameters(), lr=SCHED)
+    fot.step_in_backward(inside, b, chunk_elements=1)
+    for x, y in _batches(5):
+        a.zero_grad()
+        _loss(plain, x, y).backward()
+        a.step()
+        _loss(inside, x, y).backward()
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -17,6 +17,9 @@ SOURCES = {
     f"{op}.cu": tuple(f"{op}_{d}{s}" for d in DTYPE_SUFFIXES for s in ("", "_sbf16"))
     for op in REGISTRY
 }
+#: the driver's own kernels: a step's gradient norm, clip coefficient and skip flag
+SOURCES["control.cu"] = (*(f"fo_grad_sq_{d}" for d in DTYPE_SUFFIXES), "fo_grad_sq_fold",
+                         "fo_grad_control")
 
 
 def kernel_dir() -> Path:

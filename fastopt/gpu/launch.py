@@ -69,3 +69,40 @@ def launch(op: str, dtype: str, values: dict) -> None:
     n = int(values["n"])
     grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
     kernel((grid,), (BLOCK,), pack_args(values))
+
+
+#: threads of the fold pass of the gradient norm (one block)
+FOLD = 256
+
+
+def control_buffers(device_id: int) -> dict:
+    """The device buffers of a step's gradient norm (made once per optimizer, outside any
+    graph capture: partial sums for the largest grid, the folds, the norm, the control)."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        return {"partial": cupy.zeros(_grid(device_id) * BLOCK, dtype=np.float64),
+                "folded": cupy.zeros(FOLD, dtype=np.float64),
+                "norm": cupy.zeros(1, dtype=np.float64),
+                "control": cupy.asarray([1.0, 0.0])}
+
+
+def grad_control(grads, dtype: str, mult: float, max_norm: float | None, skip: bool,
+                 buffers: dict) -> None:
+    """The gradient norm (times ``mult``) into buffers['norm'] and the update kernel's
+    control (clip coefficient, skip flag) into buffers['control'], on the current stream
+    (kernels/control.cu): no host sync, capturable."""
+    import cupy
+
+    module = _module("control.cu")
+    n = int(grads.shape[0])
+    grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
+    suffix = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
+    module.get_function(f"fo_grad_sq_{suffix}")((grid,), (BLOCK,), (
+        grads, np.int64(n), buffers["partial"]))
+    module.get_function("fo_grad_sq_fold")((1,), (FOLD,), (
+        buffers["partial"], np.int64(grid * BLOCK), buffers["folded"]))
+    module.get_function("fo_grad_control")((1,), (1,), (
+        buffers["folded"], np.int32(FOLD), np.float64(mult),
+        np.float64(0.0 if max_norm is None else max_norm), np.int32(bool(skip)),
+        buffers["norm"], buffers["control"]))

@@ -25,13 +25,17 @@ from ._base import FlatOptimizer, _aligned, _as_array, _as_bits, _Bucket
 class _Chunk:
     """The params [first, stop) of one bucket of group ``group``: elements [lo, hi)."""
 
-    __slots__ = ("group", "bucket", "first", "stop", "lo", "hi", "ready")
+    __slots__ = ("group", "bucket", "first", "stop", "lo", "hi", "ready", "frozen")
 
     def __init__(self, group: int, bucket: _Bucket, first: int, stop: int):
         self.group, self.bucket, self.first, self.stop = group, bucket, first, stop
         self.lo = bucket.offsets[first]
         self.hi = bucket.offsets[stop - 1] + _aligned(bucket.params[stop - 1].numel())
         self.ready = [False] * (stop - first)
+        self.frozen = [False] * (stop - first)  # params without requires_grad
+
+    def complete(self) -> bool:
+        return all(r or f for r, f in zip(self.ready, self.frozen, strict=True))
 
 
 class StepInBackward:
@@ -56,18 +60,31 @@ class StepInBackward:
             key = (c.bucket.flat.device, c.bucket.flat.dtype)
             if key not in self.scratch or self.scratch[key].numel() < c.hi - c.lo:
                 self.scratch[key] = torch.zeros(c.hi - c.lo, dtype=key[1], device=key[0])
+        #: per group touched in this backward: (schedule, own, step before)
+        self._round: dict[int, tuple] | None = None
+        self._task = None  # the autograd graph task the round belongs to
+        self.hooks = []
+        try:  # (a frozen param gets no hook: it never has a gradient, so never steps)
+            for c in self.chunks:
+                for i in range(c.first, c.stop):
+                    p = c.bucket.params[i]
+                    if p.requires_grad:
+                        self.hooks.append(p.register_post_accumulate_grad_hook(
+                            functools.partial(self._ready, c, i - c.first)))
+                    else:
+                        c.frozen[i - c.first] = True
+        except BaseException:
+            for hook in self.hooks:
+                hook.remove()
+            raise
         for buckets in opt._buckets:
             for b in buckets:
                 b.release_grads()
-        self.hooks = [p.register_post_accumulate_grad_hook(
-            functools.partial(self._ready, c, i - c.first))
-            for c in self.chunks for i, p in enumerate(c.bucket.params[c.first:c.stop],
-                                                      start=c.first)]
-        #: per group touched in this backward: (schedule, own, step before)
-        self._round: dict[int, tuple] | None = None
 
     def remove(self) -> None:
         """Stop stepping in backward: hooks removed, flat gradient buffers back."""
+        if self.opt._in_backward is not self:  # removed already
+            return
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
@@ -79,18 +96,25 @@ class StepInBackward:
     # ------------------------------------------------------------------ during backward
     @torch.no_grad()
     def _ready(self, chunk: _Chunk, k: int, param: torch.Tensor) -> None:
+        task = torch._C._current_graph_task_id()
+        if self._round is not None and task != self._task:
+            # an earlier backward raised before its end-of-backward callback: what it
+            # stepped stays stepped (as after an exception inside step()); start afresh
+            self._round = None
+            for c in self.chunks:
+                c.ready = [False] * (c.stop - c.first)
         if self._round is None:  # the first gradient of this backward
             modes = self.opt.definition.modes
             if modes is not None and not self.opt.param_groups[0][modes.group_key]:
                 raise RuntimeError(f"{type(self.opt).__name__} is in eval mode: call train() "
                                    "before training")
-            self._round = {}
+            self._round, self._task = {}, task
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         if param.grad.is_sparse:
             raise RuntimeError("fastopt does not support sparse gradients")
         chunk.ready[k] = True
-        if all(chunk.ready):
-            self._step(chunk, list(range(chunk.first, chunk.stop)))
+        if chunk.complete():
+            self._step(chunk, [chunk.first + j for j, r in enumerate(chunk.ready) if r])
 
     @torch.no_grad()
     def _finish(self) -> None:
@@ -173,10 +197,15 @@ def step_in_backward(params, optimizer: FlatOptimizer, *,
     chunk's). ``params``: the model (or the optimizer's params, all of them). The numbers
     equal ``backward(); step()`` with the same schedule.
 
-    Then call only ``loss.backward()`` (and ``zero_grad()`` if you like): ``step()`` raises,
-    and so do features that need every gradient first (clip_grad_norm_ would see no
-    gradients, GradScaler and gradient accumulation call ``step()``). A param that gets no
-    gradient in a backward is skipped, as by ``step()``. Use a fastopt schedule as the lr
+    Then call only ``loss.backward()`` (and ``zero_grad()`` if you like): ``step()`` raises.
+    What needs every gradient before the update cannot work, since the update happens in
+    backward: gradient accumulation (each backward is a step; ``step()`` raises),
+    ``clip_grad_norm_`` (it then sees no gradients) and ``GradScaler`` (the update would
+    use the scaled gradients; its ``step()`` fails). A param that gets no gradient in a
+    backward, or has ``requires_grad=False``, is skipped, as by ``step()``. A backward that
+    raises leaves what it already stepped stepped (as an exception inside ``step()``).
+    With ``state_dtype="bfloat16"`` a chunk draws other stochastic-rounding bits than a
+    whole-bucket step: the same distribution, not the same bits. Use a fastopt schedule as the lr
     (evaluated in the kernel): torch LR schedulers expect ``step()`` calls. Returns a handle;
     ``handle.remove()`` goes back to normal stepping.
     """

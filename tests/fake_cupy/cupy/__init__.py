@@ -102,8 +102,10 @@ class ndarray:  # noqa: N801  (CuPy's name)
         self._a[_unwrap(key)] = _unwrap(value)
         stream = cuda.get_current_stream()
         if stream.capturing:  # recorded: a replay copies the value it has then
-            def replay(target=self._a, key=_unwrap(key), value=value):
-                target[key] = _unwrap(value)
+            where = _unwrap(key)
+
+            def replay(target=self._a, where=where, value=value):
+                target[where] = _unwrap(value)
             stream.recorded.append((None, replay))
 
     def __len__(self):
@@ -272,7 +274,63 @@ class RawModule:
     def get_function(self, name: str) -> _Kernel:
         if not re.search(rf"\b{re.escape(name)}\b", self.code):
             raise RuntimeError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
+        if name.startswith("fo_"):  # the driver's own kernels (kernels/control.cu)
+            return _ControlKernel(name)
         return _Kernel(name)
+
+
+class _ControlKernel:
+    """kernels/control.cu's gradient-norm kernels, in numpy with the same summation order
+    (per thread of the grid, then per fold thread, then in order)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, grid, block, args, **_):
+        values = [_unwrap(a) if isinstance(a, ndarray) else a for a in args]
+        if any(isinstance(a, np.ndarray) and not isinstance(a, ndarray) and a.ndim
+               for a in args):
+            raise TypeError(f"{self.name}: host arrays cannot be kernel arguments")
+        stream = cuda.get_current_stream()
+        call = (grid[0], block[0], values)
+        if stream.capturing:
+            stream.recorded.append((self, call))
+        else:
+            self.run(call)
+
+    def run(self, call) -> None:
+        grid, block, v = call
+        if self.name.startswith("fo_grad_sq_") and self.name != "fo_grad_sq_fold":
+            grads, n, partial = v
+            if grads.dtype == np.uint16:  # raw bits: their format's values
+                grads = (_bf16_values(grads) if self.name.endswith("bf16")
+                         else grads.view(np.float16))
+            g = grads[: int(n)].astype(np.float64)
+            threads = grid * block
+            padded = np.zeros(-(-g.size // threads) * threads)
+            padded[: g.size] = g * g
+            partial[:threads] = padded.reshape(-1, threads).sum(axis=0)
+        elif self.name == "fo_grad_sq_fold":
+            partial, parts, folded = v
+            p = partial[: int(parts)]
+            padded = np.zeros(-(-p.size // block) * block)
+            padded[: p.size] = p
+            folded[:block] = padded.reshape(-1, block).sum(axis=0)
+        else:  # fo_grad_control
+            folded, count, mult, max_norm, skip, norm_out, control = v
+            with np.errstate(all="ignore"):
+                norm = float(np.sqrt(folded[: int(count)].sum())) * float(mult)
+                coef = 1.0
+                if max_norm > 0.0:
+                    coef = float(max_norm) / (norm + 1e-6)
+                    coef = 1.0 if coef >= 1.0 else coef
+            norm_out[0] = norm
+            control[0] = coef
+            control[1] = 1.0 if (skip and not np.isfinite(norm)) else 0.0
+
+
+def _bf16_values(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 #: C type of a by-value kernel argument -> the numpy scalar type it must be packed as
