@@ -309,8 +309,10 @@ class FlatOptimizer:
         the unscaled gradients to this global 2-norm (``torch.nn.utils.clip_grad_norm_``'s
         coefficient, applied inside the update: one extra read pass). skip_if_nonfinite: if
         any gradient is inf/NaN, change nothing (params, state, step count) and return False.
-        Returns True when the step was applied. (On the GPU backend these two read the norm
-        back to the host: that step is not graph-capturable.)
+        Returns True when the step was applied. On the GPU backend these two need no host
+        sync (the norm, clip coefficient and skip flag stay on the device; the step can be
+        captured in a CUDA graph), and a skippable step returns a DeviceFlag that ``bool()``
+        reads.
         """
         if self.definition.modes is not None and not self._train_mode:
             raise RuntimeError(f"{type(self).__name__} is in eval mode: call train() before "
