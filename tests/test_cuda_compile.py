@@ -22,19 +22,23 @@ def compile_source(name: str, arch: str, code: str | None = None):
         options = [o.encode() for o in (*build.nvrtc_options(), f"--gpu-architecture={arch}")]
         err, = nvrtc.nvrtcCompileProgram(prog, len(options), options)
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog))
-        log = b" " * size
+        # NVRTC writes into the buffer it is given: a new bytearray, never a bytes object
+        # (b" " * 1 is CPython's shared one-byte b" ", and writing the empty log's "\0"
+        # into it turned every b" " of the process into b"\0": torch.save then wrote the
+        # storage offset 32, chr(32) == " ", as 0)
+        log = bytearray(size)
         _check(nvrtc.nvrtcGetProgramLog(prog, log))
-        log = log.decode(errors="replace").rstrip("\x00").strip()
+        log = bytes(log).decode(errors="replace").rstrip("\x00").strip()
         assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{name} ({arch}) failed:\n{log}"
         if arch.startswith("sm_"):
             size = _check(nvrtc.nvrtcGetCUBINSize(prog))
-            binary = b" " * size
+            binary = bytearray(size)
             _check(nvrtc.nvrtcGetCUBIN(prog, binary))
         else:
             size = _check(nvrtc.nvrtcGetPTXSize(prog))
-            binary = b" " * size
+            binary = bytearray(size)
             _check(nvrtc.nvrtcGetPTX(prog, binary))
-        return log, binary
+        return log, bytes(binary)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 
