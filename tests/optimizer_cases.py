@@ -175,6 +175,20 @@ CASES: dict[str, Case] = {
 assert set(CASES) == set(REGISTRY), "every definition needs its test entry"
 
 
+def random_grads(rng, n: int, steps: int) -> list:
+    """``steps`` float32 gradient vectors of length n, each at its own random scale."""
+    import math
+
+    return [(rng.standard_normal(n) * math.exp(rng.uniform(-2, 1))).astype(np.float32)
+            for _ in range(steps)]
+
+
+def rel_error(a, b) -> float:
+    """max|a - b| / max|b| (the issues' criterion), in float64."""
+    b = np.asarray(b, np.float64)
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+
+
 def make(cls: str, *args, **kwargs):
     """``fastopt.<cls>(*args, **kwargs)``, in train mode where the class has modes
     (Schedule-Free starts in eval mode, where step() raises)."""

@@ -5,10 +5,9 @@ tests skip, with the reason, where its package is missing."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
+from optimizer_cases import random_grads, rel_error
 
 import fastopt
 from fastopt import schedules as S
@@ -32,14 +31,7 @@ SCHEDULES = {
 }
 
 
-def _grads(rng, n, steps):
-    return [(rng.standard_normal(n) * math.exp(rng.uniform(-2, 1))).astype(np.float32)
-            for _ in range(steps)]
-
-
-def _rel(a, b) -> float:
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+_grads, _rel = random_grads, rel_error
 
 
 def _run_pair(cls, hypers, schedule, lr, n=20_011, steps=200, seed=0):

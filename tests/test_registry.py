@@ -6,7 +6,6 @@ over 200 steps with the four schedules the criterion names."""
 from __future__ import annotations
 
 import inspect
-import math
 
 import ml_dtypes
 import numpy as np
@@ -17,7 +16,9 @@ from optimizer_cases import (
     full_hypers,
     initial_state,
     make,
+    random_grads,
     reference_run,
+    rel_error,
     schedule_for,
 )
 
@@ -35,14 +36,7 @@ OPTIONS = all_options()
 IDS = [f"{cls}-{i}" for i, (_, cls, _) in enumerate(OPTIONS)]
 
 
-def _grads(rng, n, steps):
-    return [(rng.standard_normal(n) * math.exp(rng.uniform(-2, 1))).astype(np.float32)
-            for _ in range(steps)]
-
-
-def _rel(a, b) -> float:
-    b = np.asarray(b, np.float64)
-    return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
+_grads, _rel = random_grads, rel_error
 
 
 @pytest.mark.parametrize("n", [257, 20_011])  # the serial and the parallel loop
