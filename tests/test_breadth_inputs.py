@@ -50,8 +50,7 @@ def test_bad_hyperparameters_raise_in_every_layer(cls, kwargs, message):
     assert not p.any()
 
 
-@pytest.mark.parametrize("twin", [True, False])
-def test_rprop_refuses_a_schedule_everywhere(twin):
+def test_rprop_refuses_a_schedule_everywhere():
     """torch's Rprop reads lr only to start step_size: a schedule would change nothing."""
     sched = S.cosine(0.01, 100)
     p = np.zeros(8, np.float32)

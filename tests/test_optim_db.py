@@ -137,7 +137,7 @@ def _main_kwargs(name: str) -> dict:
 def test_state_dict_round_trip_resumes_like_an_uninterrupted_run(name):
     kwargs = _main_kwargs(name)
     batches = _batches(12)
-    straight, opt = _model(), None
+    straight = _model()
     opt = getattr(fot, name)(straight.parameters(), **kwargs)
     for x, y in batches:
         _step(straight, opt, x, y)
