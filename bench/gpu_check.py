@@ -306,21 +306,14 @@ def every_optimizer(names: list, n: int, model: str, shapes: list, sched) -> dic
     list (vs torch's CUDA implementations or the oracle)."""
     import cupy
 
-    import fastopt
-    from fastopt import FlatBuffer, schedules
-    from fastopt.algorithms import CLASSES
+    from fastopt import FlatBuffer
+    from fastopt._core import ready_to_step
     from fastopt.benchmark import BENCH_OPTIONS, traffic
 
     rows = {}
     for cls in names:
-        d, _ = CLASSES[cls]
-        lr = sched if d.schedulable else schedules.constant(1e-3)  # Rprop: a constant lr
-
-        def make(params, cls=cls, lr=lr):
-            opt = getattr(fastopt, cls)(params, lr=lr, **BENCH_OPTIONS[cls.lower()])
-            if hasattr(opt, "train"):
-                opt.train()
-            return opt
+        def make(params, cls=cls):
+            return ready_to_step(cls, params, sched, **BENCH_OPTIONS[cls.lower()])
 
         p = cupy.random.standard_normal(n, dtype=cupy.float32)
         g = cupy.random.standard_normal(n, dtype=cupy.float32)

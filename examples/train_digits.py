@@ -36,7 +36,7 @@ def model_factory(seed: int = 0) -> torch.nn.Module:
 
 #: lrs that train this small MLP in a few epochs (the others run at their own default lr)
 TASK_LR = {"Adam": 1e-2, "AdamW": 1e-2, "Adamax": 1e-2, "AdEMAMix": 5e-3, "ASGD": 0.3,
-           "Lion": 3e-3, "RAdam": 3e-2, "SGD": 0.1}
+           "LAMB": 3e-2, "Lion": 3e-3, "RAdam": 3e-2, "SGD": 0.1}
 
 
 def settings(optimizer: str, total: int, warmup: int,

@@ -50,6 +50,7 @@ from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
 from .flat import FlatBuffer
 from .schedules import Schedule, host_lr
+from .segments import segment_table
 
 #: step counts are at most this (exclusive): the kernels take the step as a signed 64-bit int
 MAX_STEP = 2**63
@@ -88,7 +89,16 @@ class FlatOptimizer:
     _step_unsynced = False
     _control_buffers = None
 
-    def __init__(self, params, lr, hypers: dict, dtype=None, state_dtype="float32"):
+    def __init__(self, params, lr, hypers: dict, dtype=None, state_dtype="float32",
+                 segments=None):
+        if self.definition.segmented and segments is None:
+            if not isinstance(params, FlatBuffer):
+                raise TypeError(f"{type(self).__name__} updates each tensor with its own "
+                                "trust ratio: give params as a FlatBuffer, or segments= (a "
+                                "SegmentTable or the tensors' shapes)")
+            segments = params
+        elif segments is not None and not self.definition.segmented:
+            raise TypeError(f"{type(self).__name__} is elementwise: it takes no segments")
         if isinstance(params, FlatBuffer):
             params = params.buffer
         dtype = dtype_arg(dtype)
@@ -106,6 +116,9 @@ class FlatOptimizer:
             else (self.params.dtype,) if self._on_gpu
             else tuple({self.params.dtype.name, "uint16", "float32"}
                        | ({"float16"} if self.dtype == "float16" else set())))
+        #: the tensors' layout in params (tensor-aware optimizers; None for elementwise ones)
+        self.segments = None if segments is None else segment_table(segments,
+                                                                     self.params.shape[0])
         if state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
@@ -209,7 +222,8 @@ class FlatOptimizer:
         self._prepared = Prepared(self.definition, params, self.state.get(MASTER),
                                   states, self._hypers(), self.dtype, self._on_gpu,
                                   self._parallel, self._scalars,
-                                  compiled=None if earlier is None else earlier._compiled)
+                                  compiled=None if earlier is None else earlier._compiled,
+                                  segments=self.segments)
 
     def _new_state(self, name: str, value: float | None = None):
         if name == MASTER:  # the float32 values of the 16-bit params
@@ -427,6 +441,8 @@ class FlatOptimizer:
         d["lr_scale"] = self.lr_scale
         if self.definition.modes is not None:
             d["train_mode"] = self._train_mode
+        if self.segments is not None:
+            d["segments"] = self.segments.layout()
         return d
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -488,6 +504,12 @@ class FlatOptimizer:
                     or not np.isfinite(value.reshape(-1)[0]):
                 raise ValueError(f"state_dict[{s.name!r}] must be a finite number, got {value}")
             scalars[s.name] = float(value.reshape(-1)[0])
+        layout = d.get("segments")
+        if self.segments is not None and layout is not None \
+                and layout != self.segments.layout():
+            raise ValueError(f"state_dict is for tensors of shapes {layout.get('shapes')} at "
+                             f"offsets {layout.get('offsets')}, not this optimizer's "
+                             f"{self.segments!r}")
         train_mode = d.get("train_mode", False)
         if self.definition.modes is not None and not isinstance(train_mode, (bool, np.bool_)):
             raise ValueError(f"state_dict['train_mode'] must be a bool, got {train_mode!r}")
@@ -591,3 +613,26 @@ class TrainEvalModes:
                 bits[...] = (_bf16.encode(master, self._xp) if self.dtype == "bfloat16"
                              else master.astype(np.float16).view(np.uint16))
             self._train_mode = train
+
+
+def ready_to_step(cls, params, schedule, **options):
+    """``cls(params, lr=schedule, **options)`` (``cls`` a core class or its name) as the
+    tests, the benchmarks and the start-up probe step it: an optimizer that takes a constant
+    lr only (Rprop) gets the schedule's first value, one with train/eval modes
+    (Schedule-Free) is put in train mode, and a tensor-aware one (LAMB) over a plain array
+    without ``segments`` treats the array as one tensor."""
+    if isinstance(cls, str):
+        from . import optimizers
+
+        cls = getattr(optimizers, cls)
+    d = cls.definition
+    if not d.schedulable and isinstance(schedule, Schedule):
+        from .schedules import constant
+
+        schedule = constant(float(schedule.at(0)))
+    if d.segmented and "segments" not in options and not isinstance(params, FlatBuffer):
+        options["segments"] = [(params.shape[0],)]
+    opt = cls(params, lr=schedule, **options)
+    if d.modes is not None:
+        opt.train()
+    return opt

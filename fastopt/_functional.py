@@ -33,6 +33,7 @@ from .algorithms import Definition
 from .algorithms._spec import FRESH_AT_FIRST_STEP
 from .engine import Prepared, run_once
 from .schedules import Schedule
+from .segments import segment_table
 
 
 def _schedule(lr, schedule) -> Schedule:
@@ -89,7 +90,7 @@ def take_alias(alias: str, alias_value, name: str, value):
 
 def run(definition: Definition, fixed: dict, params, grads, states: dict, *, step, lr,
         schedule, master, dtype, hypers: dict, lr_scale, grad_scale, fresh,
-        scalars: dict | None = None) -> float:
+        scalars: dict | None = None, segments=None) -> float:
     """Check everything, then one kernel call of ``definition`` for step ``step``; returns
     the lr the kernel used (schedule value times ``lr_scale``)."""
     sched = definition.check_schedule(_schedule(
@@ -110,11 +111,12 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
         check_apart(key, value, seen)
         seen.append((key, value))
     fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))
+    table = None if segments is None else segment_table(segments, n)
     on_gpu = is_cupy(params)
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),
                         master if name != "float32" else None, buffers, checked, name, on_gpu,
                         parallel=not on_gpu and _parallel(n, params, *buffers.values()),
-                        scalars=scalars, one_shot=True)
+                        scalars=scalars, one_shot=True, segments=table)
     return run_once(prepared, kernel_view(grads) if not on_gpu else grads, sched, step,
                     lr_scale, mult, fresh)
 

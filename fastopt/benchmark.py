@@ -22,9 +22,11 @@ import numpy as np
 from numba import njit, prange
 
 from . import optimizers, schedules, startup
+from ._core import ready_to_step
 from .algorithms import CLASSES
 from .flat import FlatBuffer
 from .oracles import ORACLES, counterpart
+from .segments import SegmentTable
 
 #: the optimizers ``fastopt bench`` knows: the public classes, by lower-case name
 OPTIMIZERS = {name.lower(): getattr(optimizers, name) for name in CLASSES}
@@ -202,12 +204,10 @@ class Problem:
 
     def fastopt(self, name: str, schedule, **options):
         buf = self.params.buffer.copy()
-        if not CLASSES[OPTIMIZERS[name].__name__][0].schedulable:  # Rprop: a constant lr
-            schedule = schedules.constant(schedule.at(0))
-        opt = OPTIMIZERS[name](buf, lr=schedule, **BENCH_OPTIONS[name], **options)
-        if hasattr(opt, "train"):  # Schedule-Free steps in train mode
-            opt.train()
-        return opt, buf
+        if OPTIMIZERS[name].definition.segmented:  # (LAMB: the tensors' layout)
+            options = {"segments": SegmentTable.of(self.params), **options}
+        return ready_to_step(OPTIMIZERS[name], buf, schedule, **BENCH_OPTIONS[name],
+                             **options), buf
 
     def torch(self, name: str, mode: str, steps: int, lr: float = 1e-3):
         return torch_setup(name, self.params.views, self.grads.views, mode, steps, lr)

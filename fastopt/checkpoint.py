@@ -36,6 +36,7 @@ from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
 from .algorithms import CLASSES, REGISTRY
 from .algorithms._spec import MASTER, MASTER_ALIASES
 from .schedules import TABLE_COLUMNS
+from .segments import SegmentTable
 
 try:
     import fcntl
@@ -67,7 +68,9 @@ def save(opt, path) -> None:
             "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in opt.defaults.items()},
             # train/eval modes (Schedule-Free): the mode the saved params are in
-            "train_mode": d.get("train_mode")}
+            "train_mode": d.get("train_mode"),
+            # tensor-aware optimizers (LAMB): the tensors' layout the state belongs to
+            "segments": d.get("segments")}
     arrays = {name: d[name] for name in opt.state}
     arrays["schedule"] = d["schedule"]
     arrays["params"] = params
@@ -351,7 +354,7 @@ def _check_meta(path: Path, meta) -> dict:
     if meta.get("optimizer") not in OPTIMIZERS:
         raise CheckpointError(f"{path}: unknown optimizer {meta.get('optimizer')!r}")
     meta = {"max_grad_norm": None, "state_dtype": "float32", "scalars": {}, "train_mode": None,
-            **meta}
+            "segments": None, **meta}
     hyper = meta.get("hyperparameters")
     checks = {
         "size": lambda v: _is_int(v) and v >= 0,
@@ -363,6 +366,11 @@ def _check_meta(path: Path, meta) -> dict:
         "dtype": lambda v: v in _PARAM_DTYPES,
         "state_dtype": lambda v: v in _STATE_DTYPES,
         "train_mode": lambda v: v is None or isinstance(v, bool),
+        "segments": lambda v: v is None or isinstance(v, dict) and set(v) == {
+            "offsets", "shapes"} and isinstance(v["offsets"], list)
+        and isinstance(v["shapes"], list) and len(v["offsets"]) == len(v["shapes"])
+        and all(map(_is_int, v["offsets"])) and all(
+            isinstance(s, list) and len(s) <= 64 and all(map(_is_int, s)) for s in v["shapes"]),
         "scalars": lambda v: isinstance(v, dict) and len(v) <= 16 and all(
             isinstance(k, str) and _is_real(x) for k, x in v.items()),
         "hyperparameters": lambda v: isinstance(v, dict) and all(
@@ -390,7 +398,8 @@ def _short(value) -> str:
 def _hyperparameter_names(name: str) -> frozenset:
     """The constructor's keyword arguments of optimizer ``name`` that a checkpoint sets."""
     signature = inspect.signature(getattr(optimizers, name))
-    return frozenset(signature.parameters) - {"params", "lr", "dtype", "state_dtype"}
+    return frozenset(signature.parameters) - {"params", "lr", "dtype", "state_dtype",
+                                              "segments"}
 
 
 def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=None):
@@ -404,6 +413,7 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
     """
     path = Path(path)
     expected = getattr(optimizer, "__name__", optimizer)
+    given_layout = SegmentTable.of(params) if hasattr(params, "views") else None
     params = params.buffer if hasattr(params, "views") else params
     allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
     params = check_buffer("params", params, dtype=allowed)
@@ -413,8 +423,17 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
     saved = arrays["params"]
     cls = getattr(optimizers, name)
     try:
+        layout = meta["segments"]
+        if (layout is None) != (not cls.definition.segmented):
+            raise CheckpointError(f"{path}: 'segments' is {_short(layout)} for {name}")
+        segments = {} if layout is None else {"segments": SegmentTable(
+            layout["offsets"], layout["shapes"], params.shape[0])}
+        if segments and given_layout is not None and given_layout != segments["segments"]:
+            raise CheckpointError(f"{path}: saved for tensors of shapes "
+                                  f"{_short(layout['shapes'])} at other offsets than this "
+                                  "FlatBuffer's")
         opt = cls(params, **meta["hyperparameters"], dtype=dtype,
-                  state_dtype=meta["state_dtype"])
+                  state_dtype=meta["state_dtype"], **segments)
         extra = sorted(set(arrays) - {"params", "schedule"} - set(opt.state))
         if extra:
             raise CheckpointError(f"{path}: unexpected state {extra} for these hyperparameters")

@@ -29,7 +29,15 @@ import textwrap
 from pathlib import Path
 
 from .algorithms import REGISTRY, Definition
-from .algorithms._spec import CPU_SIGNATURE, KERNEL_SIGNATURE, STATE_RANDOM_SHIFTS
+from .algorithms._spec import (
+    CPU_SEGMENTED_SIGNATURE,
+    CPU_SIGNATURE,
+    KERNEL_SIGNATURE,
+    REDUCTION_SLOTS,
+    SEGMENT_BLOCK,
+    SEGMENT_SIGNATURE,
+    STATE_RANDOM_SHIFTS,
+)
 
 ROOT = Path(__file__).resolve().parent
 CPU_OPS = ROOT / "cpu" / "ops"
@@ -88,6 +96,12 @@ def _assigned(statements) -> list[str]:
                     if t.id not in names:
                         names.append(t.id)
     return names
+
+
+def _reads(statements, name: str) -> bool:
+    """Whether these statements read ``name``."""
+    return any(isinstance(sub, ast.Name) and sub.id == name and isinstance(sub.ctx, ast.Load)
+               for node in statements for sub in ast.walk(node))
 
 
 def _is_bool(expr: ast.expr, bools: set[str]) -> bool:
@@ -251,10 +265,16 @@ class _Parts:
         known = {"lr", "fresh", *self.slots, *self.prologue_locals, *self.scalar_names,
                  *self.own_decay}
         unknown = [s for s in self.scalars if s not in known]
+        self.bools = self.flags | self.prologue_bools | {"fresh"}
+        self.segmented = d.segmented
+        #: the per-tensor values the segment function computes (read by the element)
+        self.segment_values: list[str] = []
+        if d.segmented:
+            self._parse_segmented(d, known)
+            unknown = [s for s in self.scalars if s not in known and s not in self.segment_values]
         if unknown:
             raise DefinitionError(f"{d.name}.element takes {unknown}: neither hyperparameters, "
-                                  "prologue results, lr nor fresh")
-        self.bools = self.flags | self.prologue_bools | {"fresh"}
+                                  "prologue results, per-tensor values, lr nor fresh")
         assigned = _assigned(self.element_body)
         self.element_locals = [n for n in assigned if n not in ("p", "g", *d.state_names)]
         self.element_bools = _bool_locals(self.element_body, self.bools)
@@ -266,6 +286,48 @@ class _Parts:
         self.uses_l2 = d.decay in ("l2", "choice")
         self.uses_decay = d.decay in ("decoupled", "choice")
         self.decay_args = ["l2"] * self.uses_l2 + ["decay"] * self.uses_decay
+        #: whether the element reads the gradient (a segmented update pass may not)
+        self.element_reads_g = _reads(self.element_body, "g")
+        if self.segmented:
+            both = {s.name for s in self.stored} & {s.name for s in self.reduce_stored}
+            if both or "p" in _assigned(self.reduce_body):
+                raise DefinitionError(f"{d.name}: reduce may store state the element does not "
+                                      f"({sorted(both)}), and never p")
+
+    def _parse_segmented(self, d: Definition, known: set[str]) -> None:
+        """The reduce pass (an element-level function) and the per-tensor segment function."""
+        red, seg = _function_ast(d.reduce), _function_ast(d.segment)
+        self.reduce_body, self.segment_body = _body(red), _body(seg)
+        if [a.arg for a in red.args.args] != ["p", "g", *d.state_names]:
+            raise DefinitionError(f"{d.name}.reduce's positional parameters must be p, g, "
+                                  f"{', '.join(d.state_names)}")
+        self.reduce_scalars = [a.arg for a in red.args.kwonlyargs]
+        unknown = [s for s in self.reduce_scalars if s not in known]
+        assigned = _assigned(self.reduce_body)
+        missing = [r for r in d.reductions if r not in assigned]
+        if unknown or missing:
+            raise DefinitionError(f"{d.name}.reduce takes unknown {unknown} or does not assign "
+                                  f"the reductions {missing}")
+        self.reduce_stored = [s for s in d.state if s.name in assigned]
+        self.reduce_locals = [n for n in assigned if n not in ("p", "g", *d.state_names)]
+        self.reduce_bools = _bool_locals(self.reduce_body, self.bools)
+        inputs = [a.arg for a in seg.args.args]
+        if inputs not in (list(d.reductions), [*d.reductions, "numel"]):
+            raise DefinitionError(f"{d.name}.segment's positional parameters must be the "
+                                  f"reductions {d.reductions} (then optionally numel)")
+        self.segment_inputs = inputs
+        self.segment_scalars = [a.arg for a in seg.args.kwonlyargs]
+        seg_known = {"lr", *self.slots, *self.prologue_locals, *self.own_decay}
+        if not set(self.segment_scalars) <= seg_known:
+            raise DefinitionError(f"{d.name}.segment takes only prologue values and "
+                                  f"hyperparameters, got {self.segment_scalars}")
+        seg_assigned = _assigned(self.segment_body)
+        self.segment_values = [n for n in seg_assigned if n in self.scalars]
+        self.segment_locals = [n for n in seg_assigned if n not in self.segment_values]
+        self.segment_bools = _bool_locals(self.segment_body, self.bools)
+        if not self.segment_values or len(self.segment_values) > REDUCTION_SLOTS:
+            raise DefinitionError(f"{d.name}.segment must assign 1 to {REDUCTION_SLOTS} values "
+                                  "the element takes")
 
 
 def _gen_header(name: str, comment: str) -> str:
@@ -276,30 +338,21 @@ def _gen_header(name: str, comment: str) -> str:
 # ------------------------------------------------------------------------------ Numba
 
 
-def numba_source(d: Definition) -> str:
-    x = _Parts(d)
-    el = _Printer("py", element=True, bools=x.bools | x.element_bools)
-    pro = _Printer("py", element=False, bools=x.bools)
-    name = d.name
+def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
+                  locals_: list[str], bools: set[str], stored, reads_g: bool,
+                  tail: list[str]) -> list[str]:
+    """An element-level Numba helper: the driver's loads, the definition's ``body``, the
+    stores of ``stored`` state, then ``tail`` (the param's store, or the reductions' return)."""
+    el = _Printer("py", element=True, bools=x.bools | bools)
+    d = x.d
     buffers = [f"{s.name}_buffer" for s in d.state]
-    scalar_args = x.scalars
-    element_args = ["i", "params", "grads", "master", *buffers, "grad_factor"]
-    element_args += x.decay_args
-    element_args += [*x.conditional.values(), *scalar_args, "fmt", "seed"]
-
-    lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
-             "import math  # noqa: F401  (a prologue may use it)", "",
-             "import numpy as np", "from numba import prange", "",
-             "from .._jit import helper, kernel",
-             "from ..access import decode_state, encode_state, load_grad, load_param, "
-             "state_random, store_param",
-             "from ..convert import LOW16, step_seed",
-             "from ..schedule import lr_at", "", ""]
-    lines += ["@helper", *_wrap(f"def {name}_element(", element_args, "):", 0),
-              '    """The update of element i: the driver\'s loads, the definition\'s math, '
-              'the driver\'s stores."""',
-              "    p = load_param(params, master, i)"]
-    if x.uses_l2:
+    args = ["i", "params", "grads", "master", *buffers, "grad_factor", *x.decay_args,
+            *x.conditional.values(), *scalar_args, "fmt", "seed"]
+    lines = ["@helper", *_wrap(f"def {fn}(", args, "):", 0), f'    """{doc}"""',
+             "    p = load_param(params, master, i)"]
+    if not reads_g:
+        pass
+    elif x.uses_l2:
         lines.append("    g = grad_factor * load_grad(grads, i, fmt) + l2 * p")
     else:
         lines.append("    g = grad_factor * load_grad(grads, i, fmt)")
@@ -312,14 +365,14 @@ def numba_source(d: Definition) -> str:
                       f"        {s.name} = decode_state({buf}[i])"]
         else:
             lines.append(f"    {s.name} = decode_state({buf}[i])")
-    for local in x.element_locals:
-        if local not in x.element_bools:
+    for local in locals_:
+        if local not in bools:
             lines.append(f"    {local} = np.float32(0.0)")
-    lines += el.statements(x.element_body, "    ")
-    if x.stored:
+    lines += el.statements(body, "    ")
+    if stored:
         lines += ["    # the bf16 state's stochastic rounding bits (none for float32 state)",
                   f"    rand = state_random({buffers[0]}, i, seed)"]
-    for s in x.stored:
+    for s in stored:
         k = x.slot_index[s.name]
         bits = f"bits{k} = (rand >> np.uint32({STATE_RANDOM_SHIFTS[k]})) & LOW16"
         store = f"{buffers[k]}[i] = encode_state({buffers[k]}, {s.name}, bits{k})"
@@ -327,10 +380,53 @@ def numba_source(d: Definition) -> str:
             lines += [f"    if {x.conditional[s.name]}:", f"        {bits}", f"        {store}"]
         else:
             lines += [f"    {bits}", f"    {store}"]
-    lines += ["    store_param(params, master, i, p, fmt)", "", ""]
+    return lines + tail + ["", ""]
+
+
+def _scalar_call_args(x: _Parts, scalars: list[str], lines: list[str], done: set[str]) -> list:
+    """The kernel's arguments for a helper's keyword scalars (float32 copies, made once)."""
+    call_args = []
+    for s in scalars:
+        if s in x.bools:
+            call_args.append("fresh == 1 or (fresh == 2 and step == 1)" if s == "fresh" else s)
+        elif s in x.segment_values:
+            call_args.append(f"{s}_f32")
+        else:
+            if s not in done:
+                lines.append(f"    {s}_f32 = np.float32({s})")
+                done.add(s)
+            call_args.append(f"{s}_f32")
+    return call_args
+
+
+def numba_source(d: Definition) -> str:
+    x = _Parts(d)
+    pro = _Printer("py", element=False, bools=x.bools)
+    name = d.name
+
+    lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
+             "import math  # noqa: F401  (a prologue may use it)", "",
+             "import numpy as np", "from numba import prange", "",
+             "from .._jit import helper, kernel",
+             "from ..access import decode_state, encode_state, load_grad, load_param, "
+             "state_random, store_param",
+             "from ..convert import LOW16, step_seed",
+             "from ..schedule import lr_at", "", ""]
+    if x.segmented:
+        lines += _numba_helper(
+            x, f"{name}_reduce", "Element i's first pass: its state, and its terms of the "
+            "per-tensor sums.", x.reduce_body, x.reduce_scalars, x.reduce_locals,
+            x.reduce_bools, x.reduce_stored, True,
+            ["    return " + ", ".join(f"np.float64({r})" for r in d.reductions)])
+    lines += _numba_helper(
+        x, f"{name}_element", "The update of element i: the driver's loads, the definition's "
+        "math, the driver's stores.", x.element_body, x.scalars, x.element_locals,
+        x.element_bools, x.stored, x.element_reads_g,
+        ["    store_param(params, master, i, p, fmt)"])
 
     state_args = [f"state{i}" for i in range(len(d.state))]
-    lines += ["@kernel", *_wrap(f"def {name}(", CPU_SIGNATURE, "):", 0),
+    signature = CPU_SEGMENTED_SIGNATURE if x.segmented else CPU_SIGNATURE
+    lines += ["@kernel", *_wrap(f"def {name}(", signature, "):", 0),
               f'    """One {name} step k = ``step`` over the whole buffer; returns the lr it '
               'used."""',
               "    lr = lr_at(table, step - 1.0) * lr_scale"]
@@ -351,24 +447,67 @@ def numba_source(d: Definition) -> str:
         if s.name in x.conditional:
             when = pro.expr(ast.parse(s.when).body[0].value)
             lines.append(f"    {x.conditional[s.name]} = {when}")
-    call_args = ["i", "params", "grads", "master", *state_args, "grad_factor"]
-    call_args += x.decay_args
-    call_args += list(x.conditional.values())
-    for s in scalar_args:
-        if s in x.bools:
-            call_args.append("fresh == 1 or (fresh == 2 and step == 1)" if s == "fresh" else s)
-        else:
-            lines.append(f"    {s}_f32 = np.float32({s})")
-            call_args.append(f"{s}_f32")
-    call_args += ["fmt", "seed"]
+    head = ["i", "params", "grads", "master", *state_args, "grad_factor", *x.decay_args,
+            *x.conditional.values()]
+    done: set[str] = set()
+    if x.segmented:
+        reduce_args = [*head, *_scalar_call_args(x, x.reduce_scalars, lines, done), "fmt",
+                       "seed"]
+    call_args = [*head, *_scalar_call_args(x, x.scalars, lines, done), "fmt", "seed"]
     lines.append("    seed = step_seed(step)")
-    body = "\n".join(_wrap(f"{name}_element(", call_args, ")", 12))
-    lines += ["    if parallel:", "        for i in prange(params.shape[0]):", body,
-              "    else:", "        for i in range(params.shape[0]):", body]
+    if not x.segmented:
+        body = "\n".join(_wrap(f"{name}_element(", call_args, ")", 12))
+        lines += ["    if parallel:", "        for i in prange(params.shape[0]):", body,
+                  "    else:", "        for i in range(params.shape[0]):", body]
+    else:
+        lines += _numba_segmented_passes(x, reduce_args, call_args, pro)
     lines += [f"    scalar{i}[0] = {scalar}  # its value after this step"
               for i, scalar in x.scalars_stored]
     lines += ["    return lr", ""]
     return "\n".join(lines)
+
+
+def _numba_segmented_passes(x: _Parts, reduce_args: list[str], call_args: list[str],
+                            pro: _Printer) -> list[str]:
+    """The three phases of a segmented kernel: each chunk's sums (parallel over chunks), each
+    tensor's sums (its chunks' in order) and values, then the update (parallel over chunks)."""
+    d, name = x.d, x.d.name
+    sums = [f"sum{r}" for r in range(len(d.reductions))]
+    terms = [f"term{r}" for r in range(len(d.reductions))]
+
+    def over_chunks(inner: list[str]) -> list[str]:
+        out = []
+        for loop in ("prange", "range"):
+            out += [f"    {'if parallel' if loop == 'prange' else 'else'}:",
+                    f"        for c in {loop}(chunks.shape[0]):",
+                    *(f"            {line}" for line in inner)]
+        return out
+
+    reduce_call = _wrap(f"{', '.join(terms)} = {name}_reduce(", reduce_args, ")", 16)
+    first = [*(f"{s} = 0.0" for s in sums),
+             "for i in range(chunks[c, 0], chunks[c, 1]):",
+             *(line[12:] for line in reduce_call),
+             *(f"    {s} += {t}" for s, t in zip(sums, terms, strict=True)),
+             *(f"partials[c, {r}] = {s}" for r, s in enumerate(sums))]
+    lines = ["    # 1. each chunk's terms of the per-tensor sums (and the state reduce stores)",
+             *over_chunks(first),
+             "    # 2. each tensor's sums, its chunks' in chunk order, and its values",
+             "    for s in range(segments.shape[0]):"]
+    for reduction in d.reductions:
+        lines.append(f"        {reduction} = 0.0")
+    lines.append("        for c in range(segments[s, 4], segments[s, 5]):")
+    for r, reduction in enumerate(d.reductions):
+        lines.append(f"            {reduction} += partials[c, {r}]")
+    if "numel" in x.segment_inputs:
+        lines.append("        numel = float(segments[s, 1] * segments[s, 2] * segments[s, 3])")
+    lines += pro.statements(x.segment_body, "        ")
+    lines += [f"        segvals[s, {j}] = {v}" for j, v in enumerate(x.segment_values)]
+    update = ["segment = chunks[c, 2]",
+              *(f"{v}_f32 = np.float32(segvals[segment, {j}])"
+                for j, v in enumerate(x.segment_values)),
+              "for i in range(chunks[c, 0], chunks[c, 1]):",
+              *(line[12:] for line in _wrap(f"{name}_element(", call_args, ")", 16))]
+    return lines + ["    # 3. the update, with its tensor's values", *over_chunks(update)]
 
 
 def _wrap(head: str, args, tail: str, indent: int) -> list[str]:
@@ -389,6 +528,8 @@ def signature_header() -> str:
     """``kernels/signature.cuh``: the uniform signature as macros every kernel file uses."""
     params = ", ".join(f"{t} {n}" for n, t in KERNEL_SIGNATURE)
     names = ", ".join(n for n, _ in KERNEL_SIGNATURE)
+    seg_params = ", ".join(f"{t} {n}" for n, t in SEGMENT_SIGNATURE)
+    seg_names = ", ".join(n for n, _ in SEGMENT_SIGNATURE)
     return "\n".join([
         _gen_header("<name>", "//").replace("fastopt/algorithms/<name>.py",
                                              "fastopt/algorithms/_spec.py (KERNEL_SIGNATURE)"),
@@ -400,39 +541,47 @@ def signature_header() -> str:
         f"#define FO_KERNEL_ARGS {names}", "",
         "#define FO_KERNEL(NAME, OP, T, S) \\",
         '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S)) { OP<T, S>(FO_KERNEL_ARGS); }',
+        "",
+        "// A tensor-aware kernel takes the segment tables and buffers after them (one block of",
+        "// FO_SEGMENT_BLOCK threads per chunk in its reduce and update passes).",
+        f"#define FO_SEGMENT_BLOCK {SEGMENT_BLOCK}", "",
+        f"#define FO_SEGMENT_PARAMS {seg_params}", "",
+        f"#define FO_SEGMENT_ARGS {seg_names}", "",
+        "#define FO_SEGMENTED_KERNEL(NAME, OP, T, S) \\",
+        '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) { \\',
+        "        OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS); \\",
+        "    }",
         ""])
 
 
-def cuda_source(d: Definition) -> str:
-    x = _Parts(d)
-    el = _Printer("c", element=True, bools=x.bools | x.element_bools)
-    pro = _Printer("c", element=False, bools=x.bools)
-    name = d.name
-    states = d.state_names
-    lines = [_gen_header(name, "//"), "//"]
-    lines += [f"// {line}".rstrip() for line in textwrap.dedent(d.doc).strip().split("\n")]
-    lines += ['#include "common.cuh"', '#include "schedule.cuh"', '#include "signature.cuh"', ""]
-
-    # the element function
-    params = ["float& p", "float& g", *(f"float& {s}" for s in states)]
-    params += [f"{'bool' if s in x.bools else 'float'} {s}" for s in x.scalars]
-    lines += [f"// The {name} update of one element (the definition's math); every scalar "
-              "is float32.", f"FO_HD void {name}_element({', '.join(params)}) {{"]
-    for local in x.element_locals:
-        ctype, zero = ("bool", "false") if local in x.element_bools else ("float", "0.0f")
+def _cuda_element_function(x: _Parts, fn: str, body, scalars: list[str], locals_: list[str],
+                           bools: set[str], outputs: tuple[str, ...] = ()) -> list[str]:
+    """A device function of one element's math (float32): p, g and the state by reference,
+    the scalars by value, ``outputs`` (a reduce's terms) by reference."""
+    el = _Printer("c", element=True, bools=x.bools | bools)
+    params = ["float& p", "float& g", *(f"float& {s}" for s in x.d.state_names)]
+    params += [f"{'bool' if s in x.bools else 'float'} {s}" for s in scalars]
+    params += [f"float& {o}" for o in outputs]
+    lines = [f"FO_HD void {fn}({', '.join(params)}) {{"]
+    for local in locals_:
+        if local in outputs:
+            continue
+        ctype, zero = ("bool", "false") if local in bools else ("float", "0.0f")
         lines.append(f"    {ctype} {local} = {zero};")
-    lines += el.statements(x.element_body, "    ")
-    lines += ["}", ""]
+    return lines + el.statements(body, "    ") + ["}", ""]
 
-    # the kernel template
-    lines += [f"// One {name} step k = step_state[0] + 1 over the whole buffer; the last block "
-              "advances k.", "template <typename T, typename S>",
-              f"FO_D void {name}(FO_KERNEL_PARAMS(T, S)) {{",
-              "    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays",
-              "    const double step = (double)(step_state[0] + 1);",
-              "    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;",
-              *(["    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state "
-                 "rounding"] if x.stored else [])]
+
+def _cuda_preamble(x: _Parts, scalar_lists: list[list[str]], seed: bool,
+                   mark_unused: bool = False) -> tuple[list, list]:
+    """A kernel's per-call part, in float64: step, lr, the hyperparameters, the prologue, the
+    gradient factor and decay, the conditional state, and the float32 copies of the scalars
+    each list of element-level scalars takes. Returns (lines, call arguments per list)."""
+    pro = _Printer("c", element=False, bools=x.bools)
+    lines = ["    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays",
+             "    const double step = (double)(step_state[0] + 1);",
+             "    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;",
+             *(["    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state "
+                "rounding"] if seed else [])]
     for i, slot in enumerate(x.slots):
         lines.append(f"    const bool {slot} = h{i} != 0.0;" if slot in x.flags
                      else f"    const double {slot} = h{i};")
@@ -452,60 +601,119 @@ def cuda_source(d: Definition) -> str:
                      "1.0);")
     elif x.decay == "decoupled":
         lines.append("    const float decay = (float)(1.0 - lr * weight_decay);")
-    for s in d.state:
+    for s in x.d.state:
         if s.name in x.conditional:
             lines.append(f"    const bool {x.conditional[s.name]} = "
                          f"{pro.expr(ast.parse(s.when).body[0].value)};")
-    args = []
-    for s in x.scalars:
-        if s == "fresh":
-            args.append("fresh == 1 || (fresh == 2 && step == 1.0)")
-        elif s in x.bools:
-            args.append(s)
-        else:
-            lines.append(f"    const float {s}_f32 = (float){s};")
-            args.append(f"{s}_f32")
-    checks = ["aligned_for<N>(params)", "aligned_for<N>(grads)",
-              "(IsFloat<T>::value || aligned_for<N>(master))"]
-    for i, s in enumerate(states):
-        check = f"aligned_for<N>(state{i})"
-        checks.append(f"(!{x.conditional[s]} || {check})" if s in x.conditional else check)
-    lines += ["    constexpr int N = VecWidth<T>::value;",
-              "    const bool vector_ok = " + " &&\n                           ".join(checks)
-              + ";",
-              "    grid_stride<N>(n, vector_ok, [&](auto width, long long i) {",
-              "        constexpr int W = decltype(width)::value;",
-              "        float p[W], g[W];"]
-    for s in states:
-        lines.append(f"        float {s}[W] = {{}};")
-    lines += ["        load_param<W>(params + i, master + i, p);", "        load<W>(grads + i, g);"]
+    if mark_unused:  # (a segmented kernel's pass may not read them all)
+        names = ["lr", *x.slots, *x.prologue_locals, "grad_factor"]
+        lines.append("    " + " ".join(f"(void){n};" for n in names) + "  // (unused here)")
+    done: set[str] = set()
+    calls = []
+    for scalars in scalar_lists:
+        args = []
+        for s in scalars:
+            if s == "fresh":
+                args.append("fresh == 1 || (fresh == 2 && step == 1.0)")
+            elif s in x.bools or s in x.segment_values:
+                args.append(s)
+            else:
+                if s not in done:
+                    lines.append(f"    const float {s}_f32 = (float){s};")
+                    done.add(s)
+                args.append(f"{s}_f32")
+        calls.append(args)
+    return lines, calls
+
+
+def _cuda_group(x: _Parts, fn: str, args: list[str], stored, reads_g: bool,
+                store_p: bool, indent: str = "        ", before: list[str] = (),
+                after: list[str] = ()) -> list[str]:
+    """One vector group (W elements at i): the driver's loads, ``fn`` per element (with
+    ``before`` and ``after`` around it), then the stores of ``stored`` state and
+    (``store_p``) of the params."""
+    states = x.d.state_names
+    lines = [f"{indent}constexpr int W = decltype(width)::value;", f"{indent}float p[W], g[W];"]
+    lines += [f"{indent}float {s}[W] = {{}};" for s in states]
+    lines.append(f"{indent}load_param<W>(params + i, master + i, p);")
+    if reads_g:
+        lines.append(f"{indent}load<W>(grads + i, g);")
     for i, s in enumerate(states):
         load = f"load<W>(state{i} + i, {s});"
-        lines.append(f"        if ({x.conditional[s]}) {load}" if s in x.conditional
-                     else f"        {load}")
-    lines += ["#pragma unroll", "        for (int j = 0; j < W; ++j) {"]
-    if x.uses_l2:
-        lines.append("            g[j] = grad_factor * g[j] + l2 * p[j];")
-    else:
-        lines.append("            g[j] = grad_factor * g[j];")
+        lines.append(f"{indent}if ({x.conditional[s]}) {load}" if s in x.conditional
+                     else f"{indent}{load}")
+    lines += ["#pragma unroll", f"{indent}for (int j = 0; j < W; ++j) {{"]
+    inner = indent + "    "
+    if reads_g:
+        lines.append(f"{inner}g[j] = grad_factor * g[j] + l2 * p[j];" if x.uses_l2
+                     else f"{inner}g[j] = grad_factor * g[j];")
     if x.uses_decay:
-        lines.append("            p[j] = decay * p[j];")
-    call = f"{name}_element(" + ", ".join(["p[j]", "g[j]", *(f"{s}[j]" for s in states),
-                                           *args]) + ");"
-    lines += [textwrap.indent(textwrap.fill(call, width=100 - 12,
-                                            subsequent_indent=" " * (len(name) + 9)),
-                              " " * 12), "        }",
-              "        store_param<W>(params + i, master + i, p);"]
-    if x.stored:
-        lines += ["        unsigned rnd[W];  // stochastic rounding bits for bf16 state "
+        lines.append(f"{inner}p[j] = decay * p[j];")
+    call = f"{fn}(" + ", ".join(["p[j]", "g[j]", *(f"{s}[j]" for s in states), *args]) + ");"
+    lines += [*(f"{inner}{line}" for line in before),
+              textwrap.indent(textwrap.fill(call, width=100 - len(inner),
+                                            subsequent_indent=" " * (len(fn) + 1)), inner),
+              *(f"{inner}{line}" for line in after), f"{indent}}}"]
+    if store_p:
+        lines.append(f"{indent}store_param<W>(params + i, master + i, p);")
+    if stored:
+        lines += [f"{indent}unsigned rnd[W];  // stochastic rounding bits for bf16 state "
                   "(unused for float32)", "#pragma unroll",
-                  "        for (int j = 0; j < W; ++j) rnd[j] = random32(i + j, seed);"]
-    for s in x.stored:
+                  f"{indent}for (int j = 0; j < W; ++j) rnd[j] = random32(i + j, seed);"]
+    for s in stored:
         k = x.slot_index[s.name]
         store = f"store_state<W>(state{k} + i, {s.name}, rnd, {STATE_RANDOM_SHIFTS[k]});"
-        lines.append(f"        if ({x.conditional[s.name]}) {store}" if s.name in x.conditional
-                     else f"        {store}")
-    lines.append("    });")
+        lines.append(f"{indent}if ({x.conditional[s.name]}) {store}" if s.name in x.conditional
+                     else f"{indent}{store}")
+    return lines
+
+
+def _vector_ok(x: _Parts, reads_g: bool) -> list[str]:
+    checks = ["aligned_for<N>(params)", *(["aligned_for<N>(grads)"] if reads_g else []),
+              "(IsFloat<T>::value || aligned_for<N>(master))"]
+    for i, s in enumerate(x.d.state_names):
+        check = f"aligned_for<N>(state{i})"
+        checks.append(f"(!{x.conditional[s]} || {check})" if s in x.conditional else check)
+    return ["    constexpr int N = VecWidth<T>::value;",
+            "    const bool vector_ok = " + " &&\n                           ".join(checks) + ";"]
+
+
+_VARIANTS = [("f32", "float", "float", False), ("f32_sbf16", "float", "bf16_bits", False),
+             ("f16", "__half", "float", True), ("bf16", "__nv_bfloat16", "float", True),
+             ("f16_sbf16", "__half", "bf16_bits", True),
+             ("bf16_sbf16", "__nv_bfloat16", "bf16_bits", True)]
+
+
+def _cuda_variants(macro: str, entries: list[tuple[str, str]]) -> list[str]:
+    """The extern "C" variants: (entry name prefix, template) for each (T, S)."""
+    lines, in_cuda = [], False
+    for suffix, t, s, cuda_only in _VARIANTS:
+        if cuda_only and not in_cuda:
+            lines.append("#if defined(__CUDACC__)")
+            in_cuda = True
+        lines += [f"{macro}({prefix}_{suffix}, {op}, {t}, {s})" for prefix, op in entries]
+    return lines + ["#endif", ""]
+
+
+def cuda_source(d: Definition) -> str:
+    x = _Parts(d)
+    name = d.name
+    lines = [_gen_header(name, "//"), "//"]
+    lines += [f"// {line}".rstrip() for line in textwrap.dedent(d.doc).strip().split("\n")]
+    lines += ['#include "common.cuh"', '#include "schedule.cuh"', '#include "signature.cuh"', ""]
+    if x.segmented:
+        return "\n".join(lines + _cuda_segmented(x))
+    lines += [f"// The {name} update of one element (the definition's math); every scalar "
+              "is float32.",
+              *_cuda_element_function(x, f"{name}_element", x.element_body, x.scalars,
+                                      x.element_locals, x.element_bools)]
+    lines += [f"// One {name} step k = step_state[0] + 1 over the whole buffer; the last block "
+              "advances k.", "template <typename T, typename S>",
+              f"FO_D void {name}(FO_KERNEL_PARAMS(T, S)) {{"]
+    preamble, (args,) = _cuda_preamble(x, [x.scalars], bool(x.stored))
+    lines += preamble + _vector_ok(x, True)
+    lines += ["    grid_stride<N>(n, vector_ok, [&](auto width, long long i) {",
+              *_cuda_group(x, f"{name}_element", args, x.stored, True, True), "    });"]
     if x.scalars_stored:
         lines += ["    if (finish_step(step_state, lr_out, lr)) {  // the last block: every block "
                   "has read",
@@ -514,20 +722,94 @@ def cuda_source(d: Definition) -> str:
     else:
         lines.append("    finish_step(step_state, lr_out, lr);")
     lines += ["}", ""]
+    return "\n".join(lines + _cuda_variants("FO_KERNEL", [(name, name)]))
 
-    # the extern "C" variants
-    variants = [("f32", "float", "float", False), ("f32_sbf16", "float", "bf16_bits", False),
-                ("f16", "__half", "float", True), ("bf16", "__nv_bfloat16", "float", True),
-                ("f16_sbf16", "__half", "bf16_bits", True),
-                ("bf16_sbf16", "__nv_bfloat16", "bf16_bits", True)]
-    in_cuda = False
-    for suffix, t, s, cuda_only in variants:
-        if cuda_only and not in_cuda:
-            lines.append("#if defined(__CUDACC__)")
-            in_cuda = True
-        lines.append(f"FO_KERNEL({name}_{suffix}, {name}, {t}, {s})")
-    lines += ["#endif", ""]
-    return "\n".join(lines)
+
+def _cuda_segmented(x: _Parts) -> list[str]:
+    """A tensor-aware definition's three kernels: reduce (a block per chunk: its state and its
+    terms of the per-tensor sums, summed by thread 0 in thread order), segment (a thread per
+    tensor: its chunks' sums in order, then its values) and the update (a block per chunk;
+    the last block advances k). No atomics on floats: the sums are the same from run to run."""
+    d, name = x.d, x.d.name
+    r_count = len(d.reductions)
+    lines = [f"// The {name} math of one element (the definition's), every scalar float32: the "
+             "first pass's", "// (state and terms of the per-tensor sums), then the update's.",
+             *_cuda_element_function(x, f"{name}_reduce_element", x.reduce_body,
+                                     x.reduce_scalars, x.reduce_locals, x.reduce_bools,
+                                     d.reductions),
+             *_cuda_element_function(x, f"{name}_element", x.element_body, x.scalars,
+                                     x.element_locals, x.element_bools)]
+    # 1. reduce
+    lines += [f"// Pass 1 of a {name} step (a block per chunk): each chunk's terms of the "
+              "per-tensor sums.", "template <typename T, typename S>",
+              f"FO_D void {name}_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
+    preamble, (args,) = _cuda_preamble(x, [x.reduce_scalars], bool(x.reduce_stored), True)
+    lines += preamble + _vector_ok(x, True)
+    lines += [f"    __shared__ double part[FO_SEGMENT_BLOCK * {r_count}];",
+              "    const long long c = blockIdx.x;",
+              f"    double sums[{r_count}] = {{}};",
+              "    chunk_stride<N>(chunks[3 * c], chunks[3 * c + 1], vector_ok, "
+              "[&](auto width, long long i) {",
+              *_cuda_group(x, f"{name}_reduce_element",
+                           [*args, *(f"term{r}" for r in range(r_count))], x.reduce_stored,
+                           True, False,
+                           before=["float " + ", ".join(f"term{r} = 0.0f"
+                                                        for r in range(r_count)) + ";"],
+                           after=[f"sums[{r}] += (double)term{r};" for r in range(r_count)]),
+              "    });"]
+    lines += [f"    for (int r = 0; r < {r_count}; ++r) part[threadIdx.x * {r_count} + r] = "
+              "sums[r];",
+              "    __syncthreads();",
+              "    if (threadIdx.x == 0) {  // the block's sum, in thread order",
+              f"        for (int r = 0; r < {r_count}; ++r) {{",
+              "            double total = 0.0;",
+              f"            for (unsigned t = 0; t < blockDim.x; ++t) total += part[t * {r_count} "
+              "+ r];",
+              f"            partials[c * {r_count} + r] = total;",
+              "        }", "    }", "}", ""]
+    # 2. segment
+    seg = _Printer("c", element=False, bools=x.bools | x.segment_bools)
+    lines += [f"// Pass 2 of a {name} step (a thread per tensor): its sums and values.",
+              "template <typename T, typename S>",
+              f"FO_D void {name}_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
+    preamble, _ = _cuda_preamble(x, [], False, True)
+    lines += [preamble[0],
+              "    const long long s = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
+              "    if (s >= n_segments) return;", *preamble[1:]]
+    for reduction in d.reductions:
+        lines.append(f"    double {reduction} = 0.0;")
+    lines.append("    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; ++c) {")
+    lines += [f"        {reduction} += partials[c * {r_count} + {r}];"
+              for r, reduction in enumerate(d.reductions)]
+    lines.append("    }")
+    if "numel" in x.segment_inputs:
+        lines.append("    const double numel = (double)(segments[6 * s + 1] * segments[6 * s + 2]"
+                     " * segments[6 * s + 3]);")
+    for local in [*x.segment_values, *x.segment_locals]:
+        ctype, zero = ("bool", "false") if local in x.segment_bools else ("double", "0.0")
+        lines.append(f"    {ctype} {local} = {zero};")
+    lines += seg.statements(x.segment_body, "    ")
+    lines += [f"    segvals[s * {REDUCTION_SLOTS} + {j}] = {v};"
+              for j, v in enumerate(x.segment_values)]
+    lines += ["}", ""]
+    # 3. update
+    lines += [f"// Pass 3 of a {name} step k = step_state[0] + 1 (a block per chunk); the last "
+              "block advances k.", "template <typename T, typename S>",
+              f"FO_D void {name}(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
+    preamble, (args,) = _cuda_preamble(x, [x.scalars], bool(x.stored), True)
+    lines += preamble + _vector_ok(x, x.element_reads_g)
+    lines += ["    const long long c = blockIdx.x;"]
+    lines += [f"    const float {v} = (float)segvals[chunks[3 * c + 2] * {REDUCTION_SLOTS} + {j}];"
+              for j, v in enumerate(x.segment_values)]
+    lines += ["    chunk_stride<N>(chunks[3 * c], chunks[3 * c + 1], vector_ok, "
+              "[&](auto width, long long i) {",
+              *_cuda_group(x, f"{name}_element", args, x.stored, x.element_reads_g, True),
+              "    });", "    finish_step(step_state, lr_out, lr);", "}", ""]
+    return lines + [
+        "// (the segment pass reads no param or state element: one entry point serves all)",
+        f"FO_SEGMENTED_KERNEL({name}_segment, {name}_segment, float, float)",
+        *_cuda_variants("FO_SEGMENTED_KERNEL", [(f"{name}_reduce", f"{name}_reduce"),
+                                                (name, name)])]
 
 
 # ------------------------------------------------------------------------------ the API
@@ -580,7 +862,7 @@ def optimizers_source() -> str:
             hypers = _public_hypers(d, spec)
             args = ["self", "params", f"lr={d.lr_default!r}",
                     *(f"{n}={v}" for n, v in hypers), "*", "dtype=None",
-                    'state_dtype="float32"']
+                    'state_dtype="float32"', *(["segments=None"] if d.segmented else [])]
             base = _base_class(d, spec, "FlatOptimizer")
             lines += ["", "", f"class {spec.name}({base}):",
                       f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
@@ -589,13 +871,17 @@ def optimizers_source() -> str:
                         ["    lr: a float (or a constant schedule: this optimizer takes no "
                          "other). dtype: the format of"]),
                       "    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or "
-                      "'bfloat16'.", '    """', "",
+                      "'bfloat16'.",
+                      *(["    segments: the tensors' layout in params (a SegmentTable, or a "
+                         "list of shapes packed", "    back to back); taken from params when "
+                         "it is a FlatBuffer."] if d.segmented else []), '    """', "",
                       f'    definition = REGISTRY["{d.name}"]',
                       f"    fixed = {spec.fixed!r}", "",
                       *_wrap("    def __init__(", args, "):", 0),
                       *_wrap("        FlatOptimizer.__init__(",
                              ["self", "params", "lr", "dict(" + ", ".join(
-                                 f"{n}={n}" for n, _ in hypers) + ")", "dtype", "state_dtype"],
+                                 f"{n}={n}" for n, _ in hypers) + ")", "dtype", "state_dtype",
+                              *(["segments=segments"] if d.segmented else [])],
                              ")", 0)]
     return "\n".join(lines) + "\n"
 
@@ -626,13 +912,18 @@ def functional_source() -> str:
                 states.append(f"{st.name}=None" if optional else st.name)
             aliases = [a for st in d.state for a in st.aliases]
             fresh = ["fresh=None"] if d.first_grad_state else []
-            args = ["params", "grads", *states, *d.scalar_names, "*", "step", "lr=None",
+            args = ["params", "grads", *states, *d.scalar_names, "*", "step",
+                    *(["segments"] if d.segmented else []), "lr=None",
                     "schedule=None",
                     "master_param=None", "dtype=None", *(f"{n}={v}" for n, v in hypers),
                     "lr_scale=1.0", "grad_scale=1.0", *fresh, *(f"{a}=None" for a in aliases),
                     "master=None"]
             doc = [f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
                    "    One step k = ``step`` in place; returns the lr the kernel used."]
+            if d.segmented:
+                doc += ["", "    segments: the tensors' layout in params (a SegmentTable, a "
+                            "FlatBuffer, or a list of", "    shapes packed back to back); "
+                            "elements outside every tensor are not touched."]
             if d.scalars:
                 doc += ["", f"    {', '.join(d.scalar_names)}: one-element float64 arrays "
                             "(the per-step scalars), read and", "    updated in place."]
@@ -661,6 +952,8 @@ def functional_source() -> str:
             if d.scalars:
                 call.append("scalars={" + ", ".join(f'"{n}": {n}' for n in d.scalar_names)
                             + "}")
+            if d.segmented:
+                call.append("segments=segments")
             lines += _wrap("    return run(", call, ")", 0)
     return "\n".join(lines) + "\n"
 

@@ -21,11 +21,13 @@ from .algorithms._spec import (
     CPU_PER_STEP,
     CPU_SIGNATURE,
     KERNEL_SLOTS,
+    REDUCTION_SLOTS,
     SCALAR_SLOTS,
     STATE_SLOTS,
 )
 from .cpu.threads import kernel_guard, parallel_ok
 from .schedules import host_lr
+from .segments import SegmentTable
 
 #: the CPU's parameters/gradients formats (fastopt/cpu/convert.py): float32 takes 0 (unused)
 _FMT = dict(FORMATS)
@@ -81,12 +83,19 @@ class Prepared:
 
     __slots__ = ("definition", "params", "master", "states", "scalars", "slots", "weight_decay",
                  "decoupled", "maximize", "fmt", "parallel", "on_gpu", "dtype", "_fixed", "_fn",
-                 "_compiled")
+                 "_compiled", "segments", "_segment_arrays")
 
     def __init__(self, definition: Definition, params, master, states: dict, hypers: dict,
                  dtype: str, on_gpu: bool, parallel: bool = False, scalars: dict | None = None,
-                 compiled: dict | None = None, one_shot: bool = False):
+                 compiled: dict | None = None, one_shot: bool = False,
+                 segments: SegmentTable | None = None):
         d = definition
+        #: the tensors' layout (a tensor-aware definition's; None for elementwise ones)
+        self.segments = segments
+        if d.segmented != (segments is not None):
+            raise ValueError(f"{d.name} {'needs' if d.segmented else 'takes no'} segment table")
+        self._segment_arrays = () if segments is None else segment_arrays(
+            d, segments, params, on_gpu)
         self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
         self.master = params if master is None else master
         first = next(iter(states.values()), None)
@@ -118,7 +127,8 @@ class Prepared:
                                                               else compiled)
         #: the CPU kernel's fixed arguments, in CPU_FIXED order (checked at import below)
         self._fixed = (params, self.master, *self.states, *self.scalars, self.weight_decay,
-                       self.decoupled, self.maximize, *self.slots, self.fmt)
+                       self.decoupled, self.maximize, *self.slots, self.fmt,
+                       *self._segment_arrays)
 
     def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
             fresh: int = 0) -> float:
@@ -169,9 +179,29 @@ class Prepared:
                   "control": control,
                   "weight_decay": self.weight_decay, "decoupled": self.decoupled,
                   "maximize": self.maximize, "fresh": int(fresh), "n": self.params.shape[0]}
+        if self.segments is not None:
+            values.update(zip(("segments", "chunks", "partials", "segvals"),
+                              self._segment_arrays, strict=True))
+            values["n_segments"] = len(self.segments)
         values.update((f"h{i}", v) for i, v in enumerate(self.slots))
         values.update((f"scalar{i}", v) for i, v in enumerate(self.scalars))
         return values
+
+
+def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) -> tuple:
+    """A segmented kernel's tables and buffers (``CPU_SEGMENT_ARGS``): the segment and chunk
+    tables where the params are, and the partial sums and per-tensor values it writes."""
+    if segments.size != params.shape[0]:
+        raise ValueError(f"a segment table for {segments.size} elements, the params have "
+                         f"{params.shape[0]}")
+    if on_gpu and not isinstance(params, np.ndarray):
+        xp = _xp(params)
+        rows, chunks = segments.device(xp, params.device.id)
+    else:  # (numpy: the CPU, or the host-built CUDA kernels of the tests)
+        xp, rows, chunks = np, segments.rows, segments.chunks
+    return (rows, chunks,
+            xp.zeros((chunks.shape[0], len(d.reductions)), dtype=np.float64),
+            xp.zeros((rows.shape[0], REDUCTION_SLOTS), dtype=np.float64))
 
 
 def run_once(prepared: Prepared, grads, schedule, step: int, lr_scale: float,

@@ -18,7 +18,7 @@ from ._functional import run, take_alias
 from .algorithms import REGISTRY
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "adamwschedulefree", "ademamix",
-           "asgd", "lion", "nadam", "radam", "rmsprop", "rprop", "sgd"]
+           "asgd", "lamb", "lion", "nadam", "radam", "rmsprop", "rprop", "sgd"]
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
@@ -219,6 +219,37 @@ def asgd(params, grads, ax, eta, mu, *, step, lr=None, schedule=None, master_par
                master=master_param, dtype=dtype, hypers=dict(lambd=lambd, alpha=alpha, t0=t0,
                weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
                grad_scale=grad_scale, fresh=None, scalars={"eta": eta, "mu": mu})
+
+
+def lamb(params, grads, exp_avg, exp_avg_sq, *, step, segments, lr=None, schedule=None,
+         master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-06, weight_decay=0.0,
+         maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+    """LAMB: Adam scaled per tensor by ||p|| / ||u|| (optax.lamb).
+
+    LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"), as optax.lamb
+    (scale_by_adam, add_decayed_weights, scale_by_trust_ratio, then the lr):
+
+        m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2
+        u = (m / (1 - beta1^k)) / (sqrt(v / (1 - beta2^k)) + eps) + weight_decay p
+        per tensor: r = ||p|| / ||u||, or 1 where either norm is 0
+        p <- p - lr r u
+    Two passes: the first updates m and v and sums p^2 and u^2 per tensor, the second applies u.
+    apex's FusedLAMB differs: it clips the gradients to a global norm first (max_grad_norm=1.0 by
+    default; here ``max_grad_norm`` is off unless set) and, unless ``use_nvlamb=True``, applies
+    no trust ratio to tensors without weight decay.
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    segments: the tensors' layout in params (a SegmentTable, a FlatBuffer, or a list of
+    shapes packed back to back); elements outside every tensor are not touched.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["lamb"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
+               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize),
+               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None, segments=segments)
 
 
 def lion(params, grads, exp_avg, *, step, lr=None, schedule=None, master_param=None, dtype=None,

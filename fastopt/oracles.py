@@ -23,6 +23,15 @@ Documented differences from the oracles:
   ``state_dtype="bfloat16"`` fastopt keeps z, a param-sized iterate, in bfloat16 too: the
   eval-mode params then drift about 1e-2 relative from float32 state over 100 steps; keep
   float32 state for Schedule-Free unless the memory matters more.
+- LAMB (optax 0.2.8 ``optax.lamb``, with jax on the CPU): the same formula (eps outside the
+  square root, optax's ``eps_root`` = 0; the trust ratio 1 where a norm is 0). optax has no
+  ``maximize``. It is driven here as a torch optimizer (``OptaxOptimizer``): each step one
+  jitted update of the group's params as a list, ``group['lr']`` passed as its learning rate.
+  apex's ``FusedLAMB`` differs from both: it clips the gradients to a global norm
+  (``max_grad_norm=1.0``) first, and unless ``use_nvlamb=True`` it gives tensors without
+  weight decay a trust ratio of 1. pytorch-optimizer's ``Lamb`` (the CPU bench's torch
+  comparison) is built with ``grad_averaging`` on and no debiasing by default: its numbers
+  differ, its work per element is the same.
 """
 
 from __future__ import annotations
@@ -66,10 +75,82 @@ def _schedulefree(module, params, lr, h, foreach):
     return module.AdamWScheduleFree(params, lr=lr, foreach=foreach, **h)
 
 
+def _optax_lamb(module, params, lr, h, foreach):
+    if h.get("maximize"):
+        raise ValueError("optax.lamb has no maximize")
+    betas = h.get("betas", (0.9, 0.999))
+
+    def make(learning_rate):
+        return module.lamb(learning_rate, b1=betas[0], b2=betas[1], eps=h.get("eps", 1e-6),
+                           weight_decay=h.get("weight_decay", 0.0))
+
+    return optax_optimizer()(params, lr, make)
+
+
+def optax_optimizer():
+    """``OptaxOptimizer``: an optax transformation driven as a torch optimizer over CPU
+    float32 tensors (made on first use: importing this module imports neither torch nor
+    jax)."""
+    global _OptaxOptimizer
+    if _OptaxOptimizer is not None:
+        return _OptaxOptimizer
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import torch
+
+    class OptaxOptimizer(torch.optim.Optimizer):
+        """``make(learning_rate)`` -> an optax GradientTransformation, with the learning rate
+        injected as a hyperparameter: each ``step()`` runs one jitted update over each
+        group's params (a list pytree) with ``group['lr']``, so torch LR schedulers work."""
+
+        def __init__(self, params, lr, make):
+            super().__init__(params, {"lr": lr})
+            tx = optax.inject_hyperparams(make)(learning_rate=lr)
+
+            def update(grads, state, params, learning_rate):
+                state.hyperparams["learning_rate"] = learning_rate
+                updates, state = tx.update(grads, state, params)
+                return optax.apply_updates(params, updates), state
+
+            self._update = jax.jit(update)
+            self._states = [tx.init(self._arrays(g, "data")) for g in self.param_groups]
+
+        @staticmethod
+        def _arrays(group, what):
+            out = []
+            for p in group["params"]:
+                t = p.detach() if what == "data" else p.grad
+                out.append(jnp.asarray((torch.zeros_like(p) if t is None else t).numpy()))
+            return out
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for i, group in enumerate(self.param_groups):
+                new, self._states[i] = self._update(
+                    self._arrays(group, "grad"), self._states[i], self._arrays(group, "data"),
+                    jnp.float32(group["lr"]))
+                for p, value in zip(group["params"], new, strict=True):
+                    p.copy_(torch.from_numpy(np.array(value)))
+            return loss
+
+    _OptaxOptimizer = OptaxOptimizer
+    return OptaxOptimizer
+
+
+_OptaxOptimizer = None
+
+
 ORACLES: dict[str, Oracle] = {
     "Lion": Oracle("lion-pytorch==0.2.5", "lion_pytorch", _lion),
     "AdEMAMix": Oracle("pytorch-optimizer==4.1.0", "pytorch_optimizer", _ademamix),
     "AdamWScheduleFree": Oracle("schedulefree==1.4.1", "schedulefree", _schedulefree),
+    "LAMB": Oracle("optax==0.2.8", "optax", _optax_lamb),
 }
 
 

@@ -242,3 +242,29 @@ def adamwschedulefree(params, grads, z, exp_avg_sq, weight_sum, lr_max, *, step,
     z = z - lr_k * u
     x = (1.0 - c) * x + c * z
     return (1.0 - beta1) * z + beta1 * x, z, exp_avg_sq, weight_sum, lr_max
+
+
+def lamb(params, grads, exp_avg, exp_avg_sq, *, step, lr, segments, beta1=0.9, beta2=0.999,
+         eps=1e-6, weight_decay=0.0, maximize=False):
+    """LAMB as optax.lamb: Adam's bias-corrected update plus weight_decay * p, scaled per
+    tensor by ||p|| / ||u|` (1 where either norm is 0). ``segments``: (offset, size) of each
+    tensor in the flat buffers; elements outside them do not change."""
+    params, grads, old_m, old_v = _f64(params, grads, exp_avg, exp_avg_sq)
+    grad = -grads if maximize else grads
+    exp_avg = beta1 * old_m + (1.0 - beta1) * grad
+    exp_avg_sq = beta2 * old_v + (1.0 - beta2) * grad * grad
+    m_hat = exp_avg / (1.0 - beta1**step)
+    v_hat = exp_avg_sq / (1.0 - beta2**step)
+    update = m_hat / (np.sqrt(v_hat) + eps) + weight_decay * params
+    new = params.copy()
+    inside = np.zeros(params.shape, dtype=bool)
+    for offset, size in segments:
+        part = slice(offset, offset + size)
+        inside[part] = True
+        p_norm = np.linalg.norm(params[part])
+        u_norm = np.linalg.norm(update[part])
+        ratio = p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
+        new[part] = params[part] - lr * ratio * update[part]
+    exp_avg = np.where(inside, exp_avg, old_m)
+    exp_avg_sq = np.where(inside, exp_avg_sq, old_v)
+    return new, exp_avg, exp_avg_sq

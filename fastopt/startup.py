@@ -33,11 +33,7 @@ t1 = time.perf_counter()
 rng = np.random.default_rng(0)
 params = rng.standard_normal(int(sys.argv[3]), dtype=np.float32)
 grads = rng.standard_normal(int(sys.argv[3]), dtype=np.float32)
-schedulable = fastopt.algorithms.CLASSES[sys.argv[1]][0].schedulable  # (Rprop: a float lr)
-lr = fastopt.schedules.cosine(1e-3, 100) if schedulable else 1e-3
-opt = getattr(fastopt, sys.argv[1])(params, lr=lr)
-if hasattr(opt, "train"):  # Schedule-Free steps in train mode
-    opt.train()
+opt = fastopt._core.ready_to_step(sys.argv[1], params, fastopt.schedules.cosine(1e-3, 100))
 t2 = time.perf_counter()
 opt.step(grads)
 t3 = time.perf_counter()

@@ -205,3 +205,15 @@ FO_D void grid_stride(long long n, bool vector_ok, Group&& group) {
     for (long long gi = first; gi < groups; gi += stride) group(Width<N>{}, gi * N);
     for (long long i = groups * N + first; i < n; i += stride) group(Width<1>{}, i);
 }
+
+// A chunk's loop (a block per chunk, FO_SEGMENT_BLOCK threads): group(Width<N>{}, i) on
+// N-element groups from start while every buffer and start are aligned for N-wide access,
+// then group(Width<1>{}, i) on the rest, up to stop. 64-bit indices.
+template <int N, typename Group>
+FO_D void chunk_stride(long long start, long long stop, bool vector_ok, Group&& group) {
+    const long long groups = (vector_ok && start % N == 0) ? (stop - start) / N : 0;
+    for (long long gi = threadIdx.x; gi < groups; gi += blockDim.x) group(Width<N>{}, start + gi * N);
+    for (long long i = start + groups * N + threadIdx.x; i < stop; i += blockDim.x) {
+        group(Width<1>{}, i);
+    }
+}

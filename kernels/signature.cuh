@@ -12,3 +12,16 @@
 
 #define FO_KERNEL(NAME, OP, T, S) \
     extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S)) { OP<T, S>(FO_KERNEL_ARGS); }
+
+// A tensor-aware kernel takes the segment tables and buffers after them (one block of
+// FO_SEGMENT_BLOCK threads per chunk in its reduce and update passes).
+#define FO_SEGMENT_BLOCK 256
+
+#define FO_SEGMENT_PARAMS const long long* segments, const long long* chunks, long long n_segments, double* partials, double* segvals
+
+#define FO_SEGMENT_ARGS segments, chunks, n_segments, partials, segvals
+
+#define FO_SEGMENTED_KERNEL(NAME, OP, T, S) \
+    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) { \
+        OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS); \
+    }

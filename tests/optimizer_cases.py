@@ -104,6 +104,32 @@ def _adamwschedulefree(p, g, s, step, lr, h):
     return out[0], dict(zip(("z", "exp_avg_sq", "weight_sum", "lr_max"), out[1:], strict=True))
 
 
+def segment_shapes(n: int) -> list[tuple[int, ...]]:
+    """The tensors a test lays out in a flat buffer of n elements for a tensor-aware
+    optimizer (LAMB): a matrix, a vector, a 3-d tensor, a scalar and the rest, packed back to
+    back (shorter buffers: one or two vectors)."""
+    if n < 200:
+        return [(n,)] if n < 4 else [(n // 2,), (n - n // 2,)]
+    return [(7, 9), (20,), (2, 3, 5), (), (n - 114,)]
+
+
+def layout(name: str, n: int) -> dict:
+    """The ``segments=`` keyword a tensor-aware definition's call takes for a test buffer of
+    n elements (``segment_shapes``); nothing for an elementwise one."""
+    return {"segments": segment_shapes(n)} if REGISTRY[name].segmented else {}
+
+
+def _lamb(p, g, s, step, lr, h):
+    from fastopt.segments import SegmentTable
+
+    table = SegmentTable.contiguous(segment_shapes(len(p)))
+    spans = [(o, table.numel(i)) for i, o in enumerate(table.offsets)]
+    out = reference.lamb(p, g, s["exp_avg"], s["exp_avg_sq"], step=step, lr=lr,
+                         segments=spans, beta1=h["betas"][0], beta2=h["betas"][1],
+                         eps=h["eps"], weight_decay=h["weight_decay"], maximize=h["maximize"])
+    return out[0], {"exp_avg": out[1], "exp_avg_sq": out[2]}
+
+
 CASES: dict[str, Case] = {
     "adam": Case(
         options=(("Adam", {}), ("AdamW", {}),
@@ -165,6 +191,10 @@ CASES: dict[str, Case] = {
                  ("AdamWScheduleFree", dict(warmup_steps=5, weight_lr_power=1.0, eps=1e-6,
                                             weight_decay=0.05))),
         reference=_adamwschedulefree),
+    "lamb": Case(
+        options=(("LAMB", {}), ("LAMB", dict(weight_decay=0.1, betas=(0.8, 0.99))),
+                 ("LAMB", dict(eps=1e-8, weight_decay=0.01, maximize=True))),
+        reference=_lamb),
     "sgd": Case(
         options=(("SGD", {}), ("SGD", dict(momentum=0.9)),
                  ("SGD", dict(momentum=0.8, dampening=0.3, weight_decay=0.1, maximize=True)),
@@ -190,14 +220,19 @@ def rel_error(a, b) -> float:
 
 
 def make(cls: str, *args, **kwargs):
-    """``fastopt.<cls>(*args, **kwargs)``, in train mode where the class has modes
-    (Schedule-Free starts in eval mode, where step() raises)."""
+    """``fastopt.<cls>(params, lr, **kwargs)`` ready to step (fastopt._core.ready_to_step:
+    Schedule-Free in train mode, where it steps), a tensor-aware optimizer over a plain array
+    laid out as ``segment_shapes``."""
     import fastopt
+    from fastopt._core import ready_to_step
 
-    opt = getattr(fastopt, cls)(*args, **kwargs)
-    if hasattr(opt, "train"):
-        opt.train()
-    return opt
+    params, *rest = args
+    if CLASSES[cls][0].segmented and "segments" not in kwargs \
+            and not isinstance(params, fastopt.FlatBuffer):
+        kwargs["segments"] = segment_shapes(params.shape[0])
+    if rest:
+        kwargs["lr"] = rest[0]
+    return ready_to_step(cls, params, kwargs.pop("lr", CLASSES[cls][0].lr_default), **kwargs)
 
 
 def schedule_for(name: str, schedule):

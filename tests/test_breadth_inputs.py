@@ -178,7 +178,8 @@ def test_torch_single_param_groups_step_for_every_optimizer():
         p = torch.nn.Parameter(torch.linspace(-1, 1, 6))
         opt = getattr(fot, cls)([p])
         core = np.linspace(-1, 1, 6).astype(np.float32)
-        ref = getattr(fastopt, cls)(core)
+        layout = {"segments": [(6,)]} if CLASSES[cls][0].segmented else {}  # (one tensor)
+        ref = getattr(fastopt, cls)(core, **layout)
         for o in (opt, ref):
             if hasattr(o, "train"):
                 o.train()

@@ -19,15 +19,17 @@ from optimizer_cases import (
     make,
     reference_run,
     schedule_for,
+    segment_shapes,
 )
 
 from fastopt import _bf16
 from fastopt import schedules as S
 from fastopt.algorithms import CLASSES, REGISTRY
-from fastopt.algorithms._spec import KERNEL_SIGNATURE
+from fastopt.algorithms._spec import KERNEL_SIGNATURE, SEGMENT_SIGNATURE
 from fastopt.engine import Prepared
 from fastopt.gpu import build
 from fastopt.gpu.launch import pack_args
+from fastopt.segments import SegmentTable
 
 HERE = Path(__file__).parent / "cuda_host"
 CTYPES = {"double": ctypes.c_double, "int": ctypes.c_int, "long long": ctypes.c_longlong}
@@ -44,12 +46,18 @@ def lib(tmp_path_factory):
         pytest.skip("g++ is needed to build the kernels for the CPU")
     out = tmp_path_factory.mktemp("cuda_host")
     lines = [f'#include "{name}"' for name in sorted(build.SOURCES)]
-    names = ", ".join(n for n, _ in KERNEL_SIGNATURE)
     for op, suffix in itertools.product(REGISTRY, STATE_C):
-        params = ", ".join(f"{_c_type(t, suffix)} {n}" for n, t in KERNEL_SIGNATURE)
-        lines.append(f'extern "C" void emulate_{op}{suffix}(unsigned grid, unsigned block, '
-                     f'{params}) {{ fo_emulate_launch(grid, block, [&] {{ '
-                     f'{op}_f32{suffix}({names}); }}); }}')
+        signature = _signature(op)
+        params = ", ".join(f"{_c_type(t, suffix)} {n}" for n, t in signature)
+        names = ", ".join(n for n, _ in signature)
+        entries = [(op, f"{op}_f32{suffix}")]
+        if REGISTRY[op].segmented:  # its three passes
+            entries += [(f"{op}_reduce", f"{op}_reduce_f32{suffix}"),
+                        (f"{op}_segment", f"{op}_segment")]
+        for wrapper, kernel in entries:
+            lines.append(f'extern "C" void emulate_{wrapper}{suffix}(unsigned grid, '
+                         f'unsigned block, {params}) {{ fo_emulate_launch(grid, block, [&] {{ '
+                         f'{kernel}({names}); }}); }}')
     # the driver's gradient-norm kernels (kernels/control.cu)
     lines += [
         'extern "C" void emulate_grad_sq(unsigned grid, unsigned block, const float* g, '
@@ -70,11 +78,18 @@ def lib(tmp_path_factory):
     assert result.returncode == 0, result.stderr
     library = ctypes.CDLL(str(so))
     for op, suffix in itertools.product(REGISTRY, STATE_C):
-        fn = getattr(library, f"emulate_{op}{suffix}")
-        fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [CTYPES.get(t, ctypes.c_void_p)
-                                                        for _, t in KERNEL_SIGNATURE]
-        fn.restype = None
+        passes = ("", "_reduce", "_segment") if REGISTRY[op].segmented else ("",)
+        for part in passes:
+            fn = getattr(library, f"emulate_{op}{part}{suffix}")
+            fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [CTYPES.get(t, ctypes.c_void_p)
+                                                            for _, t in _signature(op)]
+            fn.restype = None
     return library
+
+
+def _signature(op: str):
+    """The kernel's (name, C type) arguments: a tensor-aware one takes the segment tables."""
+    return KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if REGISTRY[op].segmented else ())
 
 
 class HostRun:
@@ -98,8 +113,9 @@ class HostRun:
             buf[...] = _bf16.encode(value.astype(np.float32)) if state_bf16 else value
             self.states[name] = buf
         self.scalars = {s.name: np.full(1, s.init) for s in d.scalars}
+        self.segments = SegmentTable.contiguous(segment_shapes(n)) if d.segmented else None
         self.prepared = Prepared(d, self.params, None, self.states, full, "float32",
-                                 on_gpu=True, scalars=self.scalars)
+                                 on_gpu=True, scalars=self.scalars, segments=self.segments)
         self.table = np.ascontiguousarray(schedule.table)
         self.step_state, self.lr_out = np.zeros(2, np.uint64), np.zeros(1)
 
@@ -109,7 +125,15 @@ class HostRun:
             fresh=self.step_state[0] == 0)
         args = [a.ctypes.data if isinstance(a, np.ndarray) else a.item()
                 for a in pack_args(values)]
-        getattr(self.lib, f"emulate_{self.op}{self.suffix}")(self.grid, self.block, *args)
+        if self.segments is None:
+            getattr(self.lib, f"emulate_{self.op}{self.suffix}")(self.grid, self.block, *args)
+            return
+        # a block per chunk (the launch's grid), then a thread per tensor, then the update
+        chunks, block = self.segments.chunks.shape[0], self.block
+        getattr(self.lib, f"emulate_{self.op}_reduce{self.suffix}")(chunks, block, *args)
+        getattr(self.lib, f"emulate_{self.op}_segment{self.suffix}")(
+            -(-len(self.segments) // block), block, *args)
+        getattr(self.lib, f"emulate_{self.op}{self.suffix}")(chunks, block, *args)
 
 
 SCHEDULES = [S.constant(0.01), S.warmup(S.cosine(0.02, 40, end_lr=1e-4), 7),

@@ -15,6 +15,7 @@ from optimizer_cases import (
     all_options,
     full_hypers,
     initial_state,
+    layout,
     make,
     random_grads,
     reference_run,
@@ -297,7 +298,8 @@ def test_functional_equals_the_class(name):
                      if k in inspect.signature(fn).parameters}
     for k, g in enumerate(_grads(rng, 500, 8), start=1):
         opt.step(g)
-        lr = fn(theirs, g, **state, step=k, schedule=schedule, **kernel_hypers)
+        lr = fn(theirs, g, **state, step=k, schedule=schedule, **kernel_hypers,
+                **layout(name, 500))
         assert lr == opt.last_lr
     np.testing.assert_array_equal(theirs, mine)
     for key, value in state.items():

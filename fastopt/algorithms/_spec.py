@@ -90,6 +90,26 @@ CPU_SIGNATURE: tuple[str, ...] = tuple(
     name for name, _ in KERNEL_SIGNATURE
     if name not in ("table_rows", "step_state", "lr_out", "control", "n", *CPU_PER_STEP)
 ) + ("fmt", *CPU_PER_STEP)
+#: What a tensor-aware (segmented) kernel takes after the uniform signature, CUDA and CPU
+#: alike (fastopt/segments.py): the segment table (``segments``: offset, batch, rows, cols,
+#: first and end chunk per tensor) and the chunk table (``chunks``: start, stop, segment),
+#: the float64 partial sums of each chunk (``partials``, chunks x reductions) and the values
+#: the ``segment`` function computes per tensor (``segvals``, tensors x values). On the CPU
+#: the table sizes are the arrays' shapes; CUDA takes ``n_segments`` (the chunk count is the
+#: reduce and update launches' grid).
+SEGMENT_SIGNATURE: tuple[tuple[str, str], ...] = (
+    ("segments", "const long long*"), ("chunks", "const long long*"),
+    ("n_segments", "long long"), ("partials", "double*"), ("segvals", "double*"),
+)
+#: the CPU segmented kernels' arguments: CPU_SIGNATURE with the tables and buffers before the
+#: per-step arguments (they are fixed per optimizer)
+CPU_SEGMENT_ARGS = ("segments", "chunks", "partials", "segvals")
+CPU_SEGMENTED_SIGNATURE: tuple[str, ...] = (
+    CPU_SIGNATURE[:-len(CPU_PER_STEP)] + CPU_SEGMENT_ARGS + CPU_PER_STEP)
+#: a segmented definition computes at most this many per-tensor sums and values
+REDUCTION_SLOTS = 4
+#: threads per block of the CUDA reduce and update passes (one block per chunk)
+SEGMENT_BLOCK = 256
 #: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
 STATE_RANDOM_SHIFTS = (0, 16, 8, 4)
 
@@ -232,6 +252,17 @@ class Definition:
     #: other param-group keys the torch-style implementation reads (schedulefree's
     #: ``foreach``): fastopt.torch's groups carry them, so its state dicts load there
     group_keys: dict = field(default_factory=dict)
+    #: Tensor-aware optimizers (LAMB): per-tensor sums over a segment table. ``reductions``
+    #: names the float64 sums; ``reduce`` (parameters as ``element``'s) runs first over every
+    #: element, assigns each reduction name its element's contribution and may reassign
+    #: state (stored then); ``segment`` (in float64, once per tensor) takes the sums
+    #: positionally (and ``numel``, the tensor's size, if it names it) plus keyword-only
+    #: prologue values and hyperparameters, and assigns the per-tensor values the element,
+    #: run second, takes as keywords (LAMB's ``trust_ratio``). Such a definition applies its
+    #: weight decay itself (decay "own").
+    reductions: tuple[str, ...] = ()
+    reduce: Callable | None = None
+    segment: Callable | None = None
 
     def __post_init__(self):
         if self.decay not in DECAY_FORMS:
@@ -240,6 +271,20 @@ class Definition:
                 or len(self.scalars) > SCALAR_SLOTS:
             raise ValueError(f"{self.name}: more than {KERNEL_SLOTS} kernel hyperparameters, "
                              f"{STATE_SLOTS} state buffers or {SCALAR_SLOTS} scalars")
+        if (self.reduce is None) != (not self.reductions) \
+                or (self.reduce is None) != (self.segment is None):
+            raise ValueError(f"{self.name}: a segmented definition has reductions, reduce and "
+                             "segment; an elementwise one none of them")
+        if self.reductions and (self.decay != "own" or len(self.reductions) > REDUCTION_SLOTS
+                                or self.scalars or self.modes is not None):
+            raise ValueError(f"{self.name}: a segmented definition applies its decay itself "
+                             f"(decay 'own'), has at most {REDUCTION_SLOTS} reductions, and "
+                             "no per-step scalars or modes")
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the kernels reduce per tensor over a segment table (LAMB)."""
+        return bool(self.reductions)
 
     @functools.cached_property
     def kernel_slots(self) -> tuple[str, ...]:

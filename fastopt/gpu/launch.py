@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from ..algorithms._spec import KERNEL_SIGNATURE
+from ..algorithms._spec import KERNEL_SIGNATURE, SEGMENT_BLOCK, SEGMENT_SIGNATURE
 from . import build
 
 #: numpy scalar type for each by-value C type
@@ -22,6 +22,8 @@ SCALAR_TYPES = {"double": np.float64, "int": np.int32, "long long": np.int64}
 DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 BLOCK = 256
+#: threads per block of a tensor-aware kernel's segment pass (a thread per tensor)
+SEGMENT_THREADS = 128
 #: resident blocks per multiprocessor the grid is sized for (the grid-stride loop covers the rest)
 BLOCKS_PER_SM = 8
 
@@ -35,9 +37,11 @@ def kernel_name(op: str, dtype: str, state_bf16: bool = False) -> str:
 
 
 def pack_args(values: dict) -> tuple:
-    """The kernel's arguments in declaration order; scalars as their exact C types."""
+    """The kernel's arguments in declaration order (with the segment tables for a
+    tensor-aware kernel); scalars as their exact C types."""
     args = []
-    for name, ctype in KERNEL_SIGNATURE:
+    signature = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if "segments" in values else ())
+    for name, ctype in signature:
         value = values[name]
         args.append(SCALAR_TYPES[ctype](value) if ctype in SCALAR_TYPES else value)
     return tuple(args)
@@ -65,7 +69,18 @@ def launch(op: str, dtype: str, values: dict) -> None:
     import cupy
 
     name = kernel_name(op, dtype, values["state0"].dtype == np.uint16)
-    kernel = _module(f"{op}.cu").get_function(name)
+    module = _module(f"{op}.cu")
+    if "segments" in values:  # a tensor-aware kernel: reduce, segment, update
+        args = pack_args(values)
+        chunks = int(values["chunks"].shape[0])
+        segments = int(values["n_segments"])
+        module.get_function(kernel_name(f"{op}_reduce", dtype, "_sbf16" in name))(
+            (chunks,), (SEGMENT_BLOCK,), args)
+        module.get_function(f"{op}_segment")((-(-segments // SEGMENT_THREADS),),
+                                             (SEGMENT_THREADS,), args)
+        module.get_function(name)((chunks,), (SEGMENT_BLOCK,), args)
+        return
+    kernel = module.get_function(name)
     n = int(values["n"])
     grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
     kernel((grid,), (BLOCK,), pack_args(values))

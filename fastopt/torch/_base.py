@@ -28,6 +28,7 @@ from ..algorithms import Definition
 from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER
 from ..engine import Prepared, run_once
 from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule, host_lr
+from ..segments import SegmentTable
 
 ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
 #: 16-bit parameter dtypes: updated through a float32 master copy, in the same kernel pass
@@ -134,6 +135,7 @@ class _Bucket:
                     grad.copy_(p.grad)  # step skips it until backward gives it one
                     p.grad = grad
         self.master = None if self.format is None else self.flat.float()
+        self._segments: SegmentTable | None = None  # the bucket's layout, made on first use
         #: where each param's data must stay: a param whose .data is replaced is detached
         self.addresses = [p.data_ptr() for p in params]
         #: params with an entry in optimizer.state (torch's: those that took a step or had
@@ -149,6 +151,19 @@ class _Bucket:
         ptr = self.flat.untyped_storage().data_ptr()
         if ptr:
             _OWNERS[ptr] = self
+
+    def segment_table(self, part: int | tuple[int, int] | None, n: int) -> SegmentTable:
+        """The layout of a kernel call's part (None: the bucket; i: param i alone; (first,
+        stop): those params, from param first's offset) over ``n`` elements, for a
+        tensor-aware definition. The bucket's is made once."""
+        if part is None:
+            if self._segments is None:
+                self._segments = SegmentTable(self.offsets, [p.shape for p in self.params], n)
+            return self._segments
+        first, stop = (part, part + 1) if isinstance(part, int) else part
+        base = self.offsets[first]
+        return SegmentTable([o - base for o in self.offsets[first:stop]],
+                            [p.shape for p in self.params[first:stop]], n)
 
     def release_grads(self) -> None:
         """Drop the flat gradient buffer (step in backward: each chunk's gradients pass
@@ -655,7 +670,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 hypers, half.get("dtype", "float32"), on_gpu,
                 parallel=not on_gpu and cpu.use_parallel(n, serial_simd=simd),
                 scalars={name: _as_array(v[index:index + 1]) for name, v in b.scalars.items()},
-                compiled=None if prepared is None else prepared._compiled)
+                compiled=None if prepared is None else prepared._compiled,
+                segments=b.segment_table(part, n) if self.definition.segmented else None)
             b.prepared[(part, names)] = (values, prepared)
         if prepared.on_gpu:
             stream = torch.cuda.current_stream(b.flat.device)

@@ -11,7 +11,7 @@ from ..algorithms import REGISTRY
 from ._base import FlatOptimizer, TrainEvalModes
 
 __all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "AdamWScheduleFree", "AdEMAMix",
-           "ASGD", "Lion", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
+           "ASGD", "LAMB", "Lion", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -215,6 +215,34 @@ class ASGD(FlatOptimizer):
         FlatOptimizer.__init__(self, params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
                                weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                                differentiable=differentiable, capturable=capturable), state_dtype)
+
+
+class LAMB(FlatOptimizer):
+    """LAMB: Adam scaled per tensor by ||p|| / ||u|| (optax.lamb); lr may be a fastopt schedule.
+
+    LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"), as optax.lamb
+    (scale_by_adam, add_decayed_weights, scale_by_trust_ratio, then the lr):
+
+        m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2
+        u = (m / (1 - beta1^k)) / (sqrt(v / (1 - beta2^k)) + eps) + weight_decay p
+        per tensor: r = ||p|| / ||u||, or 1 where either norm is 0
+        p <- p - lr r u
+    Two passes: the first updates m and v and sums p^2 and u^2 per tensor, the second applies u.
+    apex's FusedLAMB differs: it clips the gradients to a global norm first (max_grad_norm=1.0 by
+    default; here ``max_grad_norm`` is off unless set) and, unless ``use_nvlamb=True``, applies
+    no trust ratio to tensors without weight decay.
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["lamb"]
+    fixed = {}
+    twin = definition.torch_twin.get("LAMB")
+
+    def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-06, weight_decay=0.0,
+                 maximize=False, *, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
+                               weight_decay=weight_decay, maximize=maximize), state_dtype)
 
 
 class Lion(FlatOptimizer):

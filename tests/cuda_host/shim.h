@@ -11,6 +11,7 @@ struct fo_dim3 {
 static fo_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 #define __global__
+#define __shared__ static  // one block runs at a time
 inline void __syncthreads() {}
 inline void __threadfence() {}
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {

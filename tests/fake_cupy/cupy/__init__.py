@@ -336,7 +336,7 @@ def _bf16_values(bits: np.ndarray) -> np.ndarray:
 #: C type of a by-value kernel argument -> the numpy scalar type it must be packed as
 _SCALARS = {"double": np.float64, "int": np.int32, "long long": np.int64}
 _POINTERS = {"float*": np.float32, "const double*": np.float64, "double*": np.float64,
-             "unsigned long long*": np.uint64}
+             "unsigned long long*": np.uint64, "const long long*": np.int64}
 #: what a T* argument may hold: the format's own dtype or its raw bits (CuPy has no bfloat16)
 _PARAM_TYPES = {"f32": (np.float32,), "f16": (np.float16, np.uint16), "bf16": (np.uint16,)}
 _FORMATS = {"f32": 0, "f16": 0, "bf16": 1}
@@ -347,20 +347,31 @@ class _Kernel:
 
     def __init__(self, name: str):
         parts = name.split("_")
-        self.name, self.op, self.suffix = name, parts[0], parts[1]
+        self.name, self.op = name, parts[0]
+        #: a tensor-aware kernel's reduce or segment pass (``lamb_reduce_f32``,
+        #: ``lamb_segment``): checked, then nothing, as the Numba kernel the update pass runs
+        #: does all three
+        self.pass_ = parts[1] if parts[1] in ("reduce", "segment") else None
+        self.suffix = "f32" if self.pass_ == "segment" else parts[2 if self.pass_ else 1]
         self.state_type = np.uint16 if name.endswith("_sbf16") else np.float32
 
     def __call__(self, grid, block, args, **_):
-        from fastopt.algorithms._spec import KERNEL_SIGNATURE
+        from fastopt.algorithms import REGISTRY
+        from fastopt.algorithms._spec import KERNEL_SIGNATURE, SEGMENT_SIGNATURE
 
         if not (len(grid) >= 1 and len(block) >= 1 and grid[0] >= 1 and block[0] >= 1):
             raise ValueError(f"bad launch shape {grid} x {block}")
-        spec = KERNEL_SIGNATURE
+        segmented = REGISTRY[self.op].segmented
+        spec = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if segmented else ())
+        if segmented and self.pass_ != "segment" and grid[0] != len(args[-4]):
+            raise ValueError(f"{self.name}: a block per chunk, got a grid of {grid[0]}")
         if len(args) != len(spec):
             raise TypeError(f"{self.name} takes {len(spec)} arguments, got {len(args)}")
         values = {}
         for (name, ctype), value in zip(spec, args, strict=True):
             values[name] = self._checked(name, ctype, value)
+        if self.pass_ is not None:
+            return
         stream = cuda.get_current_stream()
         if stream.capturing:
             stream.recorded.append((self, values))
@@ -375,6 +386,8 @@ class _Kernel:
             return value
         if not isinstance(value, ndarray):
             raise TypeError(f"{self.name}: {name} must be a device array, got {type(value)}")
+        if self.pass_ == "segment" and ctype in ("T*", "const T*", "S*"):
+            return value._a  # (one entry point for every format: it reads no element)
         want = {"T*": _PARAM_TYPES[self.suffix], "const T*": _PARAM_TYPES[self.suffix],
                 "S*": (self.state_type,)}.get(ctype) or (_POINTERS[ctype],)
         if value.dtype not in want:

@@ -1,0 +1,145 @@
+"""The segment table: where each tensor of a flat buffer starts and what shape it has.
+
+Tensor-aware optimizers (LAMB's trust ratio per tensor) reduce over each tensor of a flat
+buffer. The kernels get the tensors' layout as two int64 tables, made once per layout and
+passed like the schedule table:
+
+- ``rows`` (one row per tensor, ``SEGMENT_COLUMNS``): offset, batch, rows, cols,
+  first chunk, end chunk. torch's Adafactor factors the last two dims and keeps the leading
+  ones as a batch, so a tensor of shape (..., r, c) has batch = prod(...), rows = r,
+  cols = c; a vector of n elements is (1, 1, n) and a scalar (1, 1, 1).
+- ``chunks`` (``CHUNK_COLUMNS``): start, stop, segment. Every tensor is cut into chunks of
+  at most ``CHUNK`` elements; a chunk never spans two tensors. A parallel pass runs over
+  chunks (balanced whatever the tensor sizes), each chunk's partial sums go to its own
+  slot, and each tensor's sum adds its chunks' partials in chunk order: the result is the
+  same from run to run and for any thread count, with no atomics.
+
+Elements outside every tensor (a FlatBuffer's alignment gaps) are not touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+#: elements per chunk: large enough that a chunk's loop runs at full speed, small enough that
+#: a model's largest tensor is cut into many (load balance over threads and GPU blocks)
+CHUNK = 1 << 15
+#: the columns of ``SegmentTable.rows`` and ``SegmentTable.chunks``
+SEGMENT_COLUMNS = ("offset", "batch", "rows", "cols", "first_chunk", "end_chunk")
+CHUNK_COLUMNS = ("start", "stop", "segment")
+
+
+def _factored(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(batch, rows, cols) of a tensor: its last two dims, the leading ones as a batch."""
+    if len(shape) == 0:
+        return 1, 1, 1
+    if len(shape) == 1:
+        return 1, 1, shape[0]
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
+class SegmentTable:
+    """The layout of the tensors in a flat buffer of ``size`` elements.
+
+    ``SegmentTable(offsets, shapes, size)``; ``SegmentTable.of(flat)`` for a FlatBuffer.
+    Offsets must increase and tensors must not overlap or run past ``size``.
+    """
+
+    __slots__ = ("offsets", "shapes", "size", "rows", "chunks", "_device")
+
+    def __init__(self, offsets: Sequence[int], shapes: Sequence[Sequence[int]], size: int):
+        shapes = [tuple(int(d) for d in s) for s in shapes]
+        offsets = [int(o) for o in offsets]
+        if len(offsets) != len(shapes):
+            raise ValueError(f"segments: {len(offsets)} offsets for {len(shapes)} shapes")
+        if not shapes:
+            raise ValueError("segments: at least one tensor is needed")
+        end = 0
+        for i, (offset, shape) in enumerate(zip(offsets, shapes, strict=True)):
+            if any(d < 0 for d in shape):
+                raise ValueError(f"segments: tensor {i} has a negative dimension {shape}")
+            if offset < end:
+                raise ValueError(f"segments: tensor {i} starts at {offset}, inside the one "
+                                 f"before it (which ends at {end}); offsets must increase")
+            end = offset + math.prod(shape)
+            if end > size:
+                raise ValueError(f"segments: tensor {i} of shape {shape} at offset {offset} "
+                                 f"ends at {end}, past the buffer's {size} elements")
+        self.offsets, self.shapes, self.size = offsets, shapes, int(size)
+        rows, chunks = [], []
+        for index, (offset, shape) in enumerate(zip(offsets, shapes, strict=True)):
+            numel = math.prod(shape)
+            first = len(chunks)
+            for start in range(offset, offset + max(numel, 1), CHUNK):
+                # (an empty tensor gets one empty chunk: every tensor has a chunk, and a table
+                # at least one, the GPU passes' grid)
+                chunks.append((start, min(start + CHUNK, offset + numel), index))
+            rows.append((offset, *_factored(shape), first, len(chunks)))
+        self.rows = np.array(rows, dtype=np.int64).reshape(-1, len(SEGMENT_COLUMNS))
+        self.chunks = np.array(chunks, dtype=np.int64).reshape(-1, len(CHUNK_COLUMNS))
+        self._device: dict = {}
+
+    @classmethod
+    def of(cls, flat) -> SegmentTable:
+        """The table of a ``FlatBuffer``'s views."""
+        return cls(flat.offsets, flat.shapes, flat.buffer.shape[0])
+
+    @classmethod
+    def contiguous(cls, shapes: Sequence[Sequence[int]]) -> SegmentTable:
+        """Tensors of these shapes packed back to back from offset 0, no gaps."""
+        offsets = np.cumsum([0, *(math.prod(s) for s in shapes)])[:-1]
+        return cls(offsets.tolist(), shapes, int(sum(math.prod(s) for s in shapes)))
+
+    def layout(self) -> dict:
+        """The offsets and shapes as plain lists (state dicts and checkpoints keep them)."""
+        return {"offsets": list(self.offsets), "shapes": [list(s) for s in self.shapes]}
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def numel(self, index: int) -> int:
+        return math.prod(self.shapes[index])
+
+    def device(self, xp, device_id: int):
+        """(rows, chunks) copied to a GPU once per device."""
+        made = self._device.get(device_id)
+        if made is None:
+            with xp.cuda.Device(device_id):
+                made = self._device[device_id] = (xp.asarray(self.rows), xp.asarray(self.chunks))
+        return made
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, SegmentTable) and self.size == other.size \
+            and self.offsets == other.offsets and self.shapes == other.shapes
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"SegmentTable({len(self)} tensors, {self.chunks.shape[0]} chunks, size={self.size})"
+
+
+def segment_table(segments, size: int) -> SegmentTable:
+    """A SegmentTable from what a caller gives: a SegmentTable, a FlatBuffer, or a list of
+    shapes packed back to back (which must fill ``size`` exactly)."""
+    from .flat import FlatBuffer
+
+    if isinstance(segments, SegmentTable):
+        table = segments
+    elif isinstance(segments, FlatBuffer):
+        table = SegmentTable.of(segments)
+    elif isinstance(segments, (list, tuple)) and all(
+            isinstance(s, (list, tuple)) for s in segments):
+        table = SegmentTable.contiguous(segments)
+        if table.size != size:
+            raise ValueError(f"segments: shapes of {table.size} elements in all for a buffer "
+                             f"of {size}")
+    else:
+        raise TypeError("segments must be a SegmentTable, a FlatBuffer or a list of shapes, "
+                        f"got {type(segments).__name__}")
+    if table.size != size:
+        raise ValueError(f"segments: a table for a buffer of {table.size} elements, the "
+                         f"buffer has {size}")
+    return table
