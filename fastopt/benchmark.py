@@ -9,6 +9,7 @@ are checked to agree. The roofline is a kernel with the optimizer's traffic and 
 
 from __future__ import annotations
 
+import importlib
 import json
 import platform
 import statistics
@@ -25,7 +26,7 @@ from . import optimizers, schedules, startup
 from ._core import ready_to_step
 from .algorithms import CLASSES
 from .flat import FlatBuffer
-from .oracles import ORACLES, counterpart
+from .oracles import BENCH_EXTRAS, ORACLES, counterpart
 from .segments import SegmentTable
 
 #: the optimizers ``fastopt bench`` knows: the public classes, by lower-case name
@@ -44,8 +45,12 @@ def state_count(name: str) -> int:
 
 def traffic(name: str) -> int:
     """Bytes one step moves per fp32 parameter: read p, g and each state buffer, write p and
-    each state buffer (4 bytes each): 28 for Adam, 20 for Adagrad."""
+    each state buffer (4 bytes each): 28 for Adam, 20 for Adagrad. A tensor-aware optimizer
+    (LAMB) makes two passes, the least it can: the first reads p, g and the state and writes
+    the state, the second reads p and the state and writes p: 40 for LAMB."""
     s = state_count(name)
+    if OPTIMIZERS[name].definition.segmented:
+        return 4 * ((2 + s) + s + (1 + s) + 1)
     return 4 * ((2 + s) + (1 + s))
 
 
@@ -86,6 +91,18 @@ def copy_traffic_3r2w(a, b, c):
         c[i] = x
 
 
+@njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_two_pass_4r2w_3r1w(a, b, c, d):
+    """Same traffic as a LAMB step (two passes): read a, b, c, d, write c, d; then read a, c,
+    d, write a."""
+    for i in prange(a.shape[0]):
+        x, y, z, w = a[i], b[i], c[i], d[i]
+        c[i] = w + x
+        d[i] = z + y
+    for i in prange(a.shape[0]):
+        a[i] = a[i] + c[i] - d[i]
+
+
 def traffic_text() -> str:
     """'28 B/param for adam, adamw, ...; 20 for ...': each optimizer's bytes per fp32 param,
     with its benchmark options."""
@@ -100,6 +117,10 @@ def roofline(name: str, n: int) -> Callable[[], None]:
     """A call of the copy kernel with ``name``'s traffic over n float32 elements."""
     kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w,
               3: copy_traffic_5r4w}[state_count(name)]
+    if OPTIMIZERS[name].definition.segmented:
+        if state_count(name) != 2:
+            raise NotImplementedError(f"no two-pass copy kernel for {name}'s state")
+        kernel = copy_traffic_two_pass_4r2w_3r1w
     rng = np.random.default_rng(0)
     bufs = [rng.standard_normal(n, dtype=np.float32)
             for _ in range(kernel.py_func.__code__.co_argcount)]
@@ -144,8 +165,16 @@ def torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray], mo
         p.grad = torch.from_numpy(g)
         params.append(p)
     cls = torch_twin(name)
-    if cls is None:  # the oracle (its own default path: foreach where it has one)
-        opt = counterpart(OPTIMIZERS[name].__name__, params, lr, foreach=_oracle_foreach(name),
+    cls_name = OPTIMIZERS[name].__name__
+    extra = BENCH_EXTRAS.get(cls_name)
+    if cls is None and mode == "oracle" and ORACLES[cls_name].native is not None:
+        # an oracle outside torch (optax): its own jitted loop, not through torch tensors
+        return ORACLES[cls_name].run_native(values, grads, lr, steps, BENCH_OPTIONS[name])
+    if cls is None and extra is not None and mode == extra.label:
+        opt = extra.build(importlib.import_module(extra.module), params, lr,
+                          BENCH_OPTIONS[name], True)
+    elif cls is None:  # the oracle (its own default path: foreach where it has one)
+        opt = counterpart(cls_name, params, lr, foreach=_oracle_foreach(name),
                           **BENCH_OPTIONS[name])
         if hasattr(opt, "train"):
             opt.train()
@@ -185,7 +214,9 @@ def torch_modes(name: str) -> list[str]:
 
     cls = torch_twin(name)
     if cls is None:
-        return ["oracle"] if ORACLES[OPTIMIZERS[name].__name__].available() else []
+        extra = BENCH_EXTRAS.get(OPTIMIZERS[name].__name__)
+        return (["oracle"] if ORACLES[OPTIMIZERS[name].__name__].available() else []) + \
+            ([extra.label] if extra is not None and extra.available() else [])
     fused = "fused" in inspect.signature(cls).parameters
     return (["fused"] if fused else []) + ["foreach", "forloop"]
 
@@ -224,8 +255,10 @@ def check_agreement(name: str, shapes: list[tuple[int, ...]] | int, steps: int =
         opt.step(problem.grads.buffer)
         step()
     err = 0.0
+    if callable(params):  # a native oracle's current values (numpy arrays)
+        params = params()
     for offset, p in zip(problem.params.offsets, params, strict=True):
-        theirs = p.detach().numpy().ravel()
+        theirs = np.asarray(p.detach() if hasattr(p, "detach") else p).ravel()
         ours = buf[offset:offset + theirs.size]
         err = max(err, float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30)))
     return err
@@ -276,7 +309,8 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
         for mode in torch_modes(name):
             if mode == "forloop" and n > 20_000_000 and len(shapes) == 1:
                 continue  # minutes of rounds for nothing new: foreach shows the same
-            impls["oracle" if mode == "oracle" else f"torch-{mode}"] = problem.torch(
+            impls[mode if mode == "oracle" or torch_twin(name) is None
+                  else f"torch-{mode}"] = problem.torch(
                 name, mode, 10_000)[0]
     impls["roofline"] = roofline(name, n)
     size = sum(int(np.prod(s)) for s in shapes)

@@ -30,12 +30,14 @@ Documented differences from the oracles:
   apex's ``FusedLAMB`` differs from both: it clips the gradients to a global norm
   (``max_grad_norm=1.0``) first, and unless ``use_nvlamb=True`` it gives tensors without
   weight decay a trust ratio of 1. pytorch-optimizer's ``Lamb`` (the CPU bench's torch
-  comparison) is built with ``grad_averaging`` on and no debiasing by default: its numbers
-  differ, its work per element is the same.
+  comparison, ``BENCH_EXTRAS``) runs with its defaults, which differ (it clips the gradients
+  to ``max_grad_norm=1.0`` and averages them, ``grad_averaging=True``): its numbers are not
+  optax's, its work per element is comparable.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +53,15 @@ class Oracle:
     requirement: str
     module: str
     build: Callable  # (module, params, lr, hypers: dict, foreach: bool) -> torch optimizer
+    #: for an oracle outside torch (optax): (module, values, grads, lr, steps, hypers) ->
+    #: (step closure, () -> the params as numpy arrays), its own loop as its users run it
+    native: Callable | None = None
+    #: the bench's column name where it is not "oracle" (a second comparison)
+    label: str = "oracle"
+
+    def run_native(self, values, grads, lr, steps, hypers):
+        return self.native(importlib.import_module(self.module), values, grads, lr, steps,
+                           hypers)
 
     def available(self) -> bool:
         try:
@@ -85,6 +96,39 @@ def _optax_lamb(module, params, lr, h, foreach):
                            weight_decay=h.get("weight_decay", 0.0))
 
     return optax_optimizer()(params, lr, make)
+
+
+def _optax_lamb_native(module, values, grads, lr, steps, h):
+    """optax.lamb as its users run it: one jitted update + apply over the param list, the
+    params and the state donated (updated in place), a cosine schedule evaluated inside."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    betas = h.get("betas", (0.9, 0.999))
+    tx = module.lamb(module.cosine_decay_schedule(lr, steps), b1=betas[0], b2=betas[1],
+                     eps=h.get("eps", 1e-6), weight_decay=h.get("weight_decay", 0.0))
+    params = [jnp.asarray(v) for v in values]
+    g = [jnp.asarray(x) for x in grads]
+    box = {"params": params, "state": tx.init(params)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def update(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return module.apply_updates(params, updates), state
+
+    def step():
+        box["params"], box["state"] = update(box["params"], box["state"], g)
+        jax.block_until_ready(box["params"])
+
+    return step, lambda: [np.asarray(p) for p in box["params"]]
+
+
+def _pto_lamb(module, params, lr, h, foreach):
+    """pytorch-optimizer's Lamb (the CPU bench's torch-side comparison): its defaults, with
+    these betas, eps and weight decay."""
+    return module.Lamb(params, lr=lr, betas=h.get("betas", (0.9, 0.999)),
+                       eps=h.get("eps", 1e-6), weight_decay=h.get("weight_decay", 0.0))
 
 
 def optax_optimizer():
@@ -150,7 +194,13 @@ ORACLES: dict[str, Oracle] = {
     "Lion": Oracle("lion-pytorch==0.2.5", "lion_pytorch", _lion),
     "AdEMAMix": Oracle("pytorch-optimizer==4.1.0", "pytorch_optimizer", _ademamix),
     "AdamWScheduleFree": Oracle("schedulefree==1.4.1", "schedulefree", _schedulefree),
-    "LAMB": Oracle("optax==0.2.8", "optax", _optax_lamb),
+    "LAMB": Oracle("optax==0.2.8", "optax", _optax_lamb, native=_optax_lamb_native),
+}
+
+#: further comparisons ``fastopt bench`` times (not numerically equal: other defaults)
+BENCH_EXTRAS: dict[str, Oracle] = {
+    "LAMB": Oracle("pytorch-optimizer==4.1.0", "pytorch_optimizer", _pto_lamb,
+                   label="pytorch-optimizer"),
 }
 
 

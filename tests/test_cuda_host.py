@@ -267,3 +267,21 @@ def test_gradient_norm_and_control_kernels(lib, case):
         assert control[1] == 0.0
     else:
         assert not np.isfinite(norm[0]) and control[1] == 1.0
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if REGISTRY[n].segmented])
+@pytest.mark.parametrize("block", [1, 32])
+def test_tensor_aware_kernels_over_many_chunks(lib, name, block):
+    """Tensors of several chunks (the reduce pass's per-chunk sums, the segment pass adding
+    them in order): the host-built CUDA passes equal the Numba backend."""
+    cls, hypers = CASES[name].options[-1]
+    rng = np.random.default_rng(11)
+    n = 70_000  # (segment_shapes: its last tensor spans three chunks)
+    run = HostRun(lib, cls, hypers, n, 1, block, 0, SCHEDULES[1], rng)
+    assert run.segments.chunks.shape[0] > len(run.segments)
+    p_cpu = run.params.copy()
+    cpu = make(cls, p_cpu, lr=SCHEDULES[1], **hypers)
+    for g in _grads(rng, n, 5):
+        run.step(g)
+        cpu.step(g)
+    _close(run.params, p_cpu)

@@ -243,3 +243,68 @@ def test_torch_layer_equals_the_oracle(cls):
 def test_every_class_has_a_counterpart():
     for cls, (d, _) in CLASSES.items():
         assert cls in d.torch_twin or cls in ORACLES, cls
+
+
+# ----------------------------------------------------------------------------- LAMB
+
+LAMB_OPTIONS = [{}, {"weight_decay": 0.1, "betas": (0.8, 0.99)}, {"eps": 1e-8,
+                                                                  "weight_decay": 0.01}]
+#: a scaled-down model's tensors (a matrix, a vector, a 3-d tensor, a scalar, a long vector
+#: of several 32768-element chunks)
+LAMB_SHAPES = [(64, 48), (48,), (4, 5, 6), (), (70_000,)]
+
+
+def _lamb_pair(option, schedule, lr, torch_side: bool, steps=200, seed=0):
+    """fastopt.LAMB (core over a FlatBuffer, or fastopt.torch) and optax.lamb on the same
+    tensors for ``steps`` steps: (ours, theirs) as flat float64 arrays."""
+    rng = np.random.default_rng(seed)
+    values = [np.asarray(rng.standard_normal(s), np.float32) for s in LAMB_SHAPES]
+    hypers = LAMB_OPTIONS[option]
+    theirs_t = [torch.tensor(v.copy(), requires_grad=True) for v in values]
+    theirs = counterpart("LAMB", theirs_t, lr, **hypers)
+    sched = torch.optim.lr_scheduler.LambdaLR(theirs, lambda k: schedule.at(k) / lr)
+    if torch_side:
+        ours_t = [torch.tensor(v.copy(), requires_grad=True) for v in values]
+        ours = fot.LAMB(ours_t, lr=schedule, **hypers)
+    else:
+        fb = fastopt.FlatBuffer(values)
+        ours = fastopt.LAMB(fb, lr=schedule, **hypers)
+        grads = fb.like()
+    for _ in range(steps):
+        scale = np.exp(rng.uniform(-2, 1))
+        gs = [np.asarray(rng.standard_normal(s) * scale, np.float32) for s in LAMB_SHAPES]
+        for t, g in zip(theirs_t, gs, strict=True):
+            t.grad = torch.from_numpy(g.copy())
+        if torch_side:
+            for t, g in zip(ours_t, gs, strict=True):
+                t.grad = torch.from_numpy(g.copy())
+            ours.step()
+        else:
+            for view, g in zip(grads.views, gs, strict=True):
+                view[...] = g
+            ours.step(grads.buffer)
+        theirs.step()
+        sched.step()
+    mine = ours_t if torch_side else fb.views
+    flat = np.concatenate([np.asarray(m.detach() if torch_side else m, np.float64).ravel()
+                           for m in mine])
+    return flat, np.concatenate([t.detach().numpy().ravel() for t in theirs_t])
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEDULES))
+@pytest.mark.parametrize("option", range(len(LAMB_OPTIONS)))
+def test_lamb_equals_optax(option, kind):
+    """The issue's oracle on the same tensor list: 200 steps within 1e-5 relative."""
+    _need("LAMB")
+    lr = 1e-2
+    ours, theirs = _lamb_pair(option, SCHEDULES[kind](lr), lr, torch_side=False)
+    assert _rel(ours, theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("option", range(len(LAMB_OPTIONS)))
+def test_fastopt_torch_lamb_equals_optax(option):
+    _need("LAMB")
+    lr = 1e-2
+    ours, theirs = _lamb_pair(option, SCHEDULES["warmup_cosine"](lr), lr, torch_side=True,
+                              steps=100)
+    assert _rel(ours, theirs) <= 1e-5
