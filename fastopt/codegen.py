@@ -350,12 +350,9 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
             *x.conditional.values(), *scalar_args, "fmt", "seed"]
     lines = ["@helper", *_wrap(f"def {fn}(", args, "):", 0), f'    """{doc}"""',
              "    p = load_param(params, master, i)"]
-    if not reads_g:
-        pass
-    elif x.uses_l2:
-        lines.append("    g = grad_factor * load_grad(grads, i, fmt) + l2 * p")
-    else:
-        lines.append("    g = grad_factor * load_grad(grads, i, fmt)")
+    if reads_g:  # (a segmented update pass may not read the gradient again)
+        lines.append("    g = grad_factor * load_grad(grads, i, fmt)"
+                     + (" + l2 * p" if x.uses_l2 else ""))
     if x.uses_decay:
         lines.append("    p = decay * p")
     for s, buf in zip(d.state, buffers, strict=True):
