@@ -295,6 +295,8 @@ def _counterpart_steps(cls: str, shapes: list) -> dict:
         return {"oracle": make(foreach=cls != "Lion")}
     import torch
 
+    if "foreach" not in inspect.signature(getattr(torch.optim, twin.name)).parameters:
+        return {"torch": make()}  # (Muon: one implementation)
     cases = {"torch-foreach": make(foreach=True)}
     if "fused" in inspect.signature(getattr(torch.optim, twin.name)).parameters:
         cases["torch-fused"] = make(fused=True)
@@ -308,6 +310,7 @@ def every_optimizer(names: list, n: int, model: str, shapes: list, sched) -> dic
 
     from fastopt import FlatBuffer
     from fastopt._core import ready_to_step
+    from fastopt.algorithms import CLASSES
     from fastopt.benchmark import BENCH_OPTIONS, traffic
 
     rows = {}
@@ -315,6 +318,17 @@ def every_optimizer(names: list, n: int, model: str, shapes: list, sched) -> dic
         def make(params, cls=cls):
             return ready_to_step(cls, params, sched, **BENCH_OPTIONS[cls.lower()])
 
+        if CLASSES[cls][0].matrix is not None:  # (Muon: the model's matrices, vs torch's)
+            matrices = [s for s in shapes if len(s) == 2]
+            params = FlatBuffer.empty(matrices, xp=cupy)
+            params.buffer[...] = cupy.random.standard_normal(params.buffer.size,
+                                                             dtype=cupy.float32)
+            grads = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
+            muon_opt = make(params)
+            out = {"fastopt": lambda o=muon_opt, g=grads: o.step(g)}
+            _torch_steps(out, _counterpart_steps(cls, matrices))
+            rows[f"{cls} {model} matrices"] = time_interleaved(out)
+            continue
         p = cupy.random.standard_normal(n, dtype=cupy.float32)
         g = cupy.random.standard_normal(n, dtype=cupy.float32)
         opt = make(p)

@@ -28,15 +28,18 @@ from fastopt.algorithms import CLASSES
 from fastopt.oracles import counterpart, counterpart_name
 
 
-def model_factory(seed: int = 0) -> torch.nn.Module:
+def model_factory(seed: int = 0, bias: bool = True) -> torch.nn.Module:
+    """The MLP; without biases for an optimizer of matrices only (Muon: in a real model
+    fastopt.torch.muon_param_groups gives the rest to AdamW)."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                               torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return torch.nn.Sequential(torch.nn.Linear(64, 128, bias=bias), torch.nn.ReLU(),
+                               torch.nn.Linear(128, 64, bias=bias), torch.nn.ReLU(),
+                               torch.nn.Linear(64, 10, bias=bias))
 
 
 #: lrs that train this small MLP in a few epochs (the others run at their own default lr)
 TASK_LR = {"Adam": 1e-2, "AdamW": 1e-2, "Adamax": 1e-2, "AdEMAMix": 5e-3, "ASGD": 0.3,
-           "LAMB": 3e-2, "Lion": 3e-3, "RAdam": 3e-2, "SGD": 0.1}
+           "LAMB": 3e-2, "Lion": 3e-3, "Muon": 2e-2, "RAdam": 3e-2, "SGD": 0.1}
 
 
 def settings(optimizer: str, total: int, warmup: int,
@@ -74,8 +77,9 @@ def run(epochs: int = 30, batch: int = 64, optimizer: str = "AdamW", lr: float |
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: schedule.at(k) / lr)
 
     results = {"optimizer": optimizer, "counterpart": counterpart_name(optimizer)}
+    matrices_only = CLASSES[optimizer][0].matrix is not None
     for name, make in (("fastopt", make_fastopt), ("reference", make_reference)):
-        model = model_factory()
+        model = model_factory(bias=not matrices_only)
         opt, sched = make(model)
         modes = hasattr(opt, "train") and hasattr(opt, "eval")  # Schedule-Free
         if modes:

@@ -93,9 +93,9 @@ class FlatOptimizer:
                  segments=None):
         if self.definition.segmented and segments is None:
             if not isinstance(params, FlatBuffer):
-                raise TypeError(f"{type(self).__name__} updates each tensor with its own "
-                                "trust ratio: give params as a FlatBuffer, or segments= (a "
-                                "SegmentTable or the tensors' shapes)")
+                raise TypeError(f"{type(self).__name__} updates each tensor as a whole (a "
+                                "trust ratio, a matrix): give params as a FlatBuffer, or "
+                                "segments= (a SegmentTable or the tensors' shapes)")
             segments = params
         elif segments is not None and not self.definition.segmented:
             raise TypeError(f"{type(self).__name__} is elementwise: it takes no segments")
@@ -620,7 +620,7 @@ def ready_to_step(cls, params, schedule, **options):
     tests, the benchmarks and the start-up probe step it: an optimizer that takes a constant
     lr only (Rprop) gets the schedule's first value, one with train/eval modes
     (Schedule-Free) is put in train mode, and a tensor-aware one (LAMB) over a plain array
-    without ``segments`` treats the array as one tensor."""
+    without ``segments`` treats the array as one tensor (Muon: one 1 x n matrix)."""
     if isinstance(cls, str):
         from . import optimizers
 
@@ -631,7 +631,8 @@ def ready_to_step(cls, params, schedule, **options):
 
         schedule = constant(float(schedule.at(0)))
     if d.segmented and "segments" not in options and not isinstance(params, FlatBuffer):
-        options["segments"] = [(params.shape[0],)]
+        n = params.shape[0]
+        options["segments"] = [(1, n) if d.matrix is not None else (n,)]
     opt = cls(params, lr=schedule, **options)
     if d.modes is not None:
         opt.train()

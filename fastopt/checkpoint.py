@@ -341,7 +341,10 @@ def _is_real(value) -> bool:
 
 
 def _is_scalar(value) -> bool:
-    return value is None or isinstance(value, bool) or _is_real(value)
+    """A hyperparameter's value: None, a bool, a real, or a short name (where the
+    hyperparameter takes one: ``_check_meta``)."""
+    return value is None or isinstance(value, bool) or _is_real(value) \
+        or isinstance(value, str) and len(value) <= 64
 
 
 def _check_meta(path: Path, meta) -> dict:
@@ -387,6 +390,12 @@ def _check_meta(path: Path, meta) -> dict:
     if unknown:
         raise CheckpointError(f"{path}: unknown hyperparameters {unknown} for "
                               f"{meta['optimizer']}")
+    signature = inspect.signature(getattr(optimizers, meta["optimizer"])).parameters
+    named = sorted(k for k, v in hyper.items() if isinstance(v, str)
+                   and not isinstance(signature[k].default, (str, type(None))))
+    if named:  # (a name only where the default is a name or None: Muon's adjust_lr_fn)
+        raise CheckpointError(f"{path}: invalid 'hyperparameters' in the checkpoint header: "
+                              f"{named} take no names")
     return meta
 
 

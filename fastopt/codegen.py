@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -32,9 +33,11 @@ from .algorithms import REGISTRY, Definition
 from .algorithms._spec import (
     CPU_SEGMENTED_SIGNATURE,
     CPU_SIGNATURE,
+    DIRECTION,
     KERNEL_SIGNATURE,
     REDUCTION_SLOTS,
     SEGMENT_BLOCK,
+    SEGMENT_SHAPE_INPUTS,
     SEGMENT_SIGNATURE,
     STATE_RANDOM_SHIFTS,
 )
@@ -267,6 +270,9 @@ class _Parts:
         unknown = [s for s in self.scalars if s not in known]
         self.bools = self.flags | self.prologue_bools | {"fresh"}
         self.segmented = d.segmented
+        #: a host stage per matrix between the passes (Muon): the first pass stores
+        #: ``direction``, the update reads the stage's result as g
+        self.matrix = d.matrix is not None
         #: the per-tensor values the segment function computes (read by the element)
         self.segment_values: list[str] = []
         if d.segmented:
@@ -304,17 +310,20 @@ class _Parts:
         self.reduce_scalars = [a.arg for a in red.args.kwonlyargs]
         unknown = [s for s in self.reduce_scalars if s not in known]
         assigned = _assigned(self.reduce_body)
-        missing = [r for r in d.reductions if r not in assigned]
+        missing = [r for r in (*d.reductions, *[DIRECTION] * self.matrix) if r not in assigned]
         if unknown or missing:
             raise DefinitionError(f"{d.name}.reduce takes unknown {unknown} or does not assign "
-                                  f"the reductions {missing}")
+                                  f"the reductions (and direction) {missing}")
         self.reduce_stored = [s for s in d.state if s.name in assigned]
         self.reduce_locals = [n for n in assigned if n not in ("p", "g", *d.state_names)]
         self.reduce_bools = _bool_locals(self.reduce_body, self.bools)
         inputs = [a.arg for a in seg.args.args]
-        if inputs not in (list(d.reductions), [*d.reductions, "numel"]):
+        shape = inputs[len(d.reductions):]
+        if inputs[:len(d.reductions)] != list(d.reductions) \
+                or shape != [n for n in SEGMENT_SHAPE_INPUTS if n in shape]:
             raise DefinitionError(f"{d.name}.segment's positional parameters must be the "
-                                  f"reductions {d.reductions} (then optionally numel)")
+                                  f"reductions {d.reductions}, then any of "
+                                  f"{SEGMENT_SHAPE_INPUTS} in that order")
         self.segment_inputs = inputs
         self.segment_scalars = [a.arg for a in seg.args.kwonlyargs]
         seg_known = {"lr", *self.slots, *self.prologue_locals, *self.own_decay}
@@ -340,9 +349,11 @@ def _gen_header(name: str, comment: str) -> str:
 
 def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
                   locals_: list[str], bools: set[str], stored, reads_g: bool,
-                  tail: list[str]) -> list[str]:
+                  tail: list[str], g_is_stage_output: bool = False) -> list[str]:
     """An element-level Numba helper: the driver's loads, the definition's ``body``, the
-    stores of ``stored`` state, then ``tail`` (the param's store, or the reductions' return)."""
+    stores of ``stored`` state, then ``tail`` (the param's store, or the reductions' return).
+    ``g_is_stage_output``: ``grads`` is the matrix stage's float32 result (Muon's update),
+    read as it is."""
     el = _Printer("py", element=True, bools=x.bools | bools)
     d = x.d
     buffers = [f"{s.name}_buffer" for s in d.state]
@@ -350,12 +361,16 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
             *x.conditional.values(), *scalar_args, "fmt", "seed"]
     lines = ["@helper", *_wrap(f"def {fn}(", args, "):", 0), f'    """{doc}"""',
              "    p = load_param(params, master, i)"]
-    if reads_g:  # (a segmented update pass may not read the gradient again)
+    if reads_g and g_is_stage_output:
+        lines.append("    g = grads[i]")
+    elif reads_g:  # (a segmented update pass may not read the gradient again)
         lines.append("    g = grad_factor * load_grad(grads, i, fmt)"
                      + (" + l2 * p" if x.uses_l2 else ""))
     if x.uses_decay:
         lines.append("    p = decay * p")
     for s, buf in zip(d.state, buffers, strict=True):
+        if not _reads(body, s.name) and s not in stored:
+            continue  # (Muon's update reads no state)
         if s.name in x.conditional:
             lines += [f"    {s.name} = np.float32(0.0)",
                       f"    if {x.conditional[s.name]}:",
@@ -377,7 +392,7 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
             lines += [f"    if {x.conditional[s.name]}:", f"        {bits}", f"        {store}"]
         else:
             lines += [f"    {bits}", f"    {store}"]
-    return lines + tail + ["", ""]
+    return _without_dead_stores(lines + tail) + ["", ""]
 
 
 def _scalar_call_args(x: _Parts, scalars: list[str], lines: list[str], done: set[str]) -> list:
@@ -398,9 +413,7 @@ def _scalar_call_args(x: _Parts, scalars: list[str], lines: list[str], done: set
 
 def numba_source(d: Definition) -> str:
     x = _Parts(d)
-    pro = _Printer("py", element=False, bools=x.bools)
     name = d.name
-
     lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
              "import math  # noqa: F401  (a prologue may use it)", "",
              "import numpy as np", "from numba import prange", "",
@@ -410,23 +423,42 @@ def numba_source(d: Definition) -> str:
              "from ..convert import LOW16, step_seed",
              "from ..schedule import lr_at", "", ""]
     if x.segmented:
+        # (a matrix stage's first pass returns the element's direction, which the kernel
+        # stores, then its terms)
+        returned = [*[DIRECTION] * x.matrix, *(f"np.float64({r})" for r in d.reductions)]
         lines += _numba_helper(
-            x, f"{name}_reduce", "Element i's first pass: its state, and its terms of the "
-            "per-tensor sums.", x.reduce_body, x.reduce_scalars, x.reduce_locals,
-            x.reduce_bools, x.reduce_stored, True,
-            ["    return " + ", ".join(f"np.float64({r})" for r in d.reductions)])
+            x, f"{name}_reduce", "Element i's first pass: its state, and "
+            + ("its direction." if x.matrix and not d.reductions else
+               "its direction and its terms of the per-tensor sums." if x.matrix else
+               "its terms of the per-tensor sums."),
+            x.reduce_body, x.reduce_scalars, x.reduce_locals, x.reduce_bools,
+            x.reduce_stored, True, ["    return " + ", ".join(returned)])
     lines += _numba_helper(
         x, f"{name}_element", "The update of element i: the driver's loads, the definition's "
         "math, the driver's stores.", x.element_body, x.scalars, x.element_locals,
         x.element_bools, x.stored, x.element_reads_g,
-        ["    store_param(params, master, i, p, fmt)"])
+        ["    store_param(params, master, i, p, fmt)"], g_is_stage_output=x.matrix)
 
+    if x.matrix:  # the first pass, then (after the host's matrix stage) the rest
+        lines += _numba_kernel(x, f"{name}_first", f"Pass 1 of {name} step k = ``step`` (state, "
+                               "directions); returns the lr.", (1,)) + [""]
+        return "\n".join(lines + _numba_kernel(
+            x, name, f"The rest of {name} step k = ``step`` (the stage's result in "
+            "``direction``).", (2, 3)))
+    return "\n".join(lines + _numba_kernel(
+        x, name, f"One {name} step k = ``step`` over the whole buffer; returns the lr it "
+        "used.", (1, 2, 3)))
+
+
+def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...]) -> list[str]:
+    """The @kernel function: the per-call part (lr, hyperparameters, prologue, the driver's
+    factors), then the element loop, or a segmented definition's ``phases``."""
+    d = x.d
+    pro = _Printer("py", element=False, bools=x.bools)
     state_args = [f"state{i}" for i in range(len(d.state))]
     signature = CPU_SEGMENTED_SIGNATURE if x.segmented else CPU_SIGNATURE
-    lines += ["@kernel", *_wrap(f"def {name}(", signature, "):", 0),
-              f'    """One {name} step k = ``step`` over the whole buffer; returns the lr it '
-              'used."""',
-              "    lr = lr_at(table, step - 1.0) * lr_scale"]
+    lines = ["@kernel", *_wrap(f"def {name}(", signature, "):", 0), f'    """{doc}"""',
+             "    lr = lr_at(table, step - 1.0) * lr_scale"]
     for i, slot in enumerate(x.slots):
         lines.append(f"    {slot} = h{i} != 0.0" if slot in x.flags else f"    {slot} = h{i}")
     for i, scalar in enumerate(x.scalar_names):
@@ -450,24 +482,26 @@ def numba_source(d: Definition) -> str:
     if x.segmented:
         reduce_args = [*head, *_scalar_call_args(x, x.reduce_scalars, lines, done), "fmt",
                        "seed"]
+    if x.matrix:  # (the update reads the stage's result in place of the gradient)
+        head[2] = "direction"
     call_args = [*head, *_scalar_call_args(x, x.scalars, lines, done), "fmt", "seed"]
     lines.append("    seed = step_seed(step)")
     if not x.segmented:
-        body = "\n".join(_wrap(f"{name}_element(", call_args, ")", 12))
+        body = "\n".join(_wrap(f"{d.name}_element(", call_args, ")", 12))
         lines += ["    if parallel:", "        for i in prange(params.shape[0]):", body,
                   "    else:", "        for i in range(params.shape[0]):", body]
     else:
-        lines += _numba_segmented_passes(x, reduce_args, call_args, pro)
+        lines += _numba_segmented_passes(x, reduce_args, call_args, pro, phases)
     lines += [f"    scalar{i}[0] = {scalar}  # its value after this step"
               for i, scalar in x.scalars_stored]
-    lines += ["    return lr", ""]
-    return "\n".join(lines)
+    return _without_dead_stores(lines + ["    return lr"]) + [""]
 
 
 def _numba_segmented_passes(x: _Parts, reduce_args: list[str], call_args: list[str],
-                            pro: _Printer) -> list[str]:
-    """The three phases of a segmented kernel: each chunk's sums (parallel over chunks), each
-    tensor's sums (its chunks' in order) and values, then the update (parallel over chunks)."""
+                            pro: _Printer, phases: tuple[int, ...]) -> list[str]:
+    """The phases of a segmented kernel: 1, each chunk's sums (parallel over chunks; a matrix
+    stage's first pass also stores each element's direction); 2, each tensor's sums (its
+    chunks' in order) and values; 3, the update (parallel over chunks)."""
     d, name = x.d, x.d.name
     sums = [f"sum{r}" for r in range(len(d.reductions))]
     terms = [f"term{r}" for r in range(len(d.reductions))]
@@ -480,31 +514,58 @@ def _numba_segmented_passes(x: _Parts, reduce_args: list[str], call_args: list[s
                     *(f"            {line}" for line in inner)]
         return out
 
-    reduce_call = _wrap(f"{', '.join(terms)} = {name}_reduce(", reduce_args, ")", 16)
+    outputs = [*["direction_i"] * x.matrix, *terms]
+    reduce_call = _wrap(f"{', '.join(outputs)} = {name}_reduce(", reduce_args, ")", 16) \
+        if outputs else _wrap(f"{name}_reduce(", reduce_args, ")", 16)
     first = [*(f"{s} = 0.0" for s in sums),
              "for i in range(chunks[c, 0], chunks[c, 1]):",
              *(line[12:] for line in reduce_call),
+             *(["    direction[i] = direction_i"] if x.matrix else []),
              *(f"    {s} += {t}" for s, t in zip(sums, terms, strict=True)),
              *(f"partials[c, {r}] = {s}" for r, s in enumerate(sums))]
-    lines = ["    # 1. each chunk's terms of the per-tensor sums (and the state reduce stores)",
-             *over_chunks(first),
-             "    # 2. each tensor's sums, its chunks' in chunk order, and its values",
-             "    for s in range(segments.shape[0]):"]
-    for reduction in d.reductions:
-        lines.append(f"        {reduction} = 0.0")
-    lines.append("        for c in range(segments[s, 4], segments[s, 5]):")
-    for r, reduction in enumerate(d.reductions):
-        lines.append(f"            {reduction} += partials[c, {r}]")
-    if "numel" in x.segment_inputs:
-        lines.append("        numel = float(segments[s, 1] * segments[s, 2] * segments[s, 3])")
-    lines += pro.statements(x.segment_body, "        ")
-    lines += [f"        segvals[s, {j}] = {v}" for j, v in enumerate(x.segment_values)]
-    update = ["segment = chunks[c, 2]",
-              *(f"{v}_f32 = np.float32(segvals[segment, {j}])"
-                for j, v in enumerate(x.segment_values)),
-              "for i in range(chunks[c, 0], chunks[c, 1]):",
-              *(line[12:] for line in _wrap(f"{name}_element(", call_args, ")", 16))]
-    return lines + ["    # 3. the update, with its tensor's values", *over_chunks(update)]
+    lines = []
+    if 1 in phases:
+        lines += ["    # 1. each chunk's terms of the per-tensor sums (and the state reduce "
+                  "stores)", *over_chunks(first)]
+    if 2 in phases:
+        lines += ["    # 2. each tensor's sums, its chunks' in chunk order, and its values",
+                  "    for s in range(segments.shape[0]):"]
+        for reduction in d.reductions:
+            lines.append(f"        {reduction} = 0.0")
+        if d.reductions:
+            lines.append("        for c in range(segments[s, 4], segments[s, 5]):")
+        for r, reduction in enumerate(d.reductions):
+            lines.append(f"            {reduction} += partials[c, {r}]")
+        shape = {"numel": "segments[s, 1] * segments[s, 2] * segments[s, 3]",
+                 "rows": "segments[s, 2]", "cols": "segments[s, 3]"}
+        lines += [f"        {n} = float({shape[n]})" for n in SEGMENT_SHAPE_INPUTS
+                  if n in x.segment_inputs]
+        lines += pro.statements(x.segment_body, "        ")
+        lines += [f"        segvals[s, {j}] = {v}" for j, v in enumerate(x.segment_values)]
+    if 3 in phases:
+        update = ["segment = chunks[c, 2]",
+                  *(f"{v}_f32 = np.float32(segvals[segment, {j}])"
+                    for j, v in enumerate(x.segment_values)),
+                  "for i in range(chunks[c, 0], chunks[c, 1]):",
+                  *(line[12:] for line in _wrap(f"{name}_element(", call_args, ")", 16))]
+        lines += ["    # 3. the update, with its tensor's values", *over_chunks(update)]
+    return lines
+
+
+_TOP_ASSIGN = re.compile(r"^    ([A-Za-z_]\w*) = ")
+
+
+def _without_dead_stores(lines: list[str]) -> list[str]:
+    """One generated Python function without its top-level assignments to names it never
+    reads (a kernel's pass that needs fewer of the per-call values; a first pass that never
+    reads p: no load), until none is left."""
+    while True:
+        text = "\n".join(lines)
+        dead = [i for i, line in enumerate(lines) if (m := _TOP_ASSIGN.match(line))
+                and len(re.findall(rf"\b{m.group(1)}\b", text)) == 1]
+        if not dead:
+            return lines
+        lines = [line for i, line in enumerate(lines) if i not in dead]
 
 
 def _wrap(head: str, args, tail: str, indent: int) -> list[str]:
@@ -625,32 +686,45 @@ def _cuda_preamble(x: _Parts, scalar_lists: list[list[str]], seed: bool,
 
 def _cuda_group(x: _Parts, fn: str, args: list[str], stored, reads_g: bool,
                 store_p: bool, indent: str = "        ", before: list[str] = (),
-                after: list[str] = ()) -> list[str]:
+                after: list[str] = (), body=None, direction: str = "") -> list[str]:
     """One vector group (W elements at i): the driver's loads, ``fn`` per element (with
     ``before`` and ``after`` around it), then the stores of ``stored`` state and
-    (``store_p``) of the params."""
+    (``store_p``) of the params. ``body``: the function's statements, if it may not read
+    every state buffer (only those it reads are loaded). ``direction``: "store" (a matrix
+    stage's first pass: each element's direction to the ``direction`` buffer) or "load"
+    (its update: g is the stage's result, read from there as it is)."""
     states = x.d.state_names
     lines = [f"{indent}constexpr int W = decltype(width)::value;", f"{indent}float p[W], g[W];"]
     lines += [f"{indent}float {s}[W] = {{}};" for s in states]
-    lines.append(f"{indent}load_param<W>(params + i, master + i, p);")
+    if direction == "store":
+        lines.append(f"{indent}float direction_out[W];")
+    if body is None or store_p or _reads(body, "p"):
+        lines.append(f"{indent}load_param<W>(params + i, master + i, p);")
     if reads_g:
-        lines.append(f"{indent}load<W>(grads + i, g);")
+        source = "direction" if direction == "load" else "grads"
+        lines.append(f"{indent}load<W>({source} + i, g);")
     for i, s in enumerate(states):
+        if body is not None and not _reads(body, s) and s not in {t.name for t in stored}:
+            continue
         load = f"load<W>(state{i} + i, {s});"
         lines.append(f"{indent}if ({x.conditional[s]}) {load}" if s in x.conditional
                      else f"{indent}{load}")
     lines += ["#pragma unroll", f"{indent}for (int j = 0; j < W; ++j) {{"]
     inner = indent + "    "
-    if reads_g:
+    if reads_g and direction != "load":
         lines.append(f"{inner}g[j] = grad_factor * g[j] + l2 * p[j];" if x.uses_l2
                      else f"{inner}g[j] = grad_factor * g[j];")
     if x.uses_decay:
         lines.append(f"{inner}p[j] = decay * p[j];")
-    call = f"{fn}(" + ", ".join(["p[j]", "g[j]", *(f"{s}[j]" for s in states), *args]) + ");"
+    outputs = ["direction_out[j]"] if direction == "store" else []
+    call = f"{fn}(" + ", ".join(["p[j]", "g[j]", *(f"{s}[j]" for s in states), *args,
+                                 *outputs]) + ");"
     lines += [*(f"{inner}{line}" for line in before),
               textwrap.indent(textwrap.fill(call, width=100 - len(inner),
                                             subsequent_indent=" " * (len(fn) + 1)), inner),
               *(f"{inner}{line}" for line in after), f"{indent}}}"]
+    if direction == "store":
+        lines.append(f"{indent}store<W>(direction + i, direction_out);")
     if store_p:
         lines.append(f"{indent}store_param<W>(params + i, master + i, p);")
     if stored:
@@ -665,8 +739,9 @@ def _cuda_group(x: _Parts, fn: str, args: list[str], stored, reads_g: bool,
     return lines
 
 
-def _vector_ok(x: _Parts, reads_g: bool) -> list[str]:
+def _vector_ok(x: _Parts, reads_g: bool, direction: bool = False) -> list[str]:
     checks = ["aligned_for<N>(params)", *(["aligned_for<N>(grads)"] if reads_g else []),
+              *(["aligned_for<N>(direction)"] if direction else []),
               "(IsFloat<T>::value || aligned_for<N>(master))"]
     for i, s in enumerate(x.d.state_names):
         check = f"aligned_for<N>(state{i})"
@@ -724,46 +799,58 @@ def cuda_source(d: Definition) -> str:
 
 def _cuda_segmented(x: _Parts) -> list[str]:
     """A tensor-aware definition's three kernels: reduce (a block per chunk: its state and its
-    terms of the per-tensor sums, summed by thread 0 in thread order), segment (a thread per
-    tensor: its chunks' sums in order, then its values) and the update (a block per chunk;
-    the last block advances k). No atomics on floats: the sums are the same from run to run."""
+    terms of the per-tensor sums, summed by thread 0 in thread order; with a matrix stage,
+    each element's direction), segment (a thread per tensor: its chunks' sums in order, then
+    its values) and the update (a block per chunk; the last block advances k). No atomics on
+    floats: the sums are the same from run to run. The host runs a matrix stage between the
+    reduce and segment launches."""
     d, name = x.d, x.d.name
     r_count = len(d.reductions)
+    store_direction = "store" if x.matrix else ""
     lines = [f"// The {name} math of one element (the definition's), every scalar float32: the "
              "first pass's", "// (state and terms of the per-tensor sums), then the update's.",
              *_cuda_element_function(x, f"{name}_reduce_element", x.reduce_body,
                                      x.reduce_scalars, x.reduce_locals, x.reduce_bools,
-                                     d.reductions),
+                                     (*d.reductions, *[DIRECTION] * x.matrix)),
              *_cuda_element_function(x, f"{name}_element", x.element_body, x.scalars,
                                      x.element_locals, x.element_bools)]
     # 1. reduce
-    lines += [f"// Pass 1 of a {name} step (a block per chunk): each chunk's terms of the "
-              "per-tensor sums.", "template <typename T, typename S>",
+    lines += [f"// Pass 1 of a {name} step (a block per chunk): "
+              + ("each element's direction." if not r_count else
+                 "each chunk's terms of the per-tensor sums."),
+              "template <typename T, typename S>",
               f"FO_D void {name}_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
     preamble, (args,) = _cuda_preamble(x, [x.reduce_scalars], bool(x.reduce_stored), True)
-    lines += preamble + _vector_ok(x, True)
-    lines += [f"    __shared__ double part[FO_SEGMENT_BLOCK * {r_count}];",
-              "    const long long c = blockIdx.x;",
-              f"    double sums[{r_count}] = {{}};",
-              "    chunk_stride<N>(chunks[3 * c], chunks[3 * c + 1], vector_ok, "
+    lines += preamble + _vector_ok(x, True, x.matrix)
+    if r_count:
+        lines += [f"    __shared__ double part[FO_SEGMENT_BLOCK * {r_count}];"]
+    lines += ["    const long long c = blockIdx.x;"]
+    if r_count:
+        lines += [f"    double sums[{r_count}] = {{}};"]
+    lines += ["    chunk_stride<N>(chunks[3 * c], chunks[3 * c + 1], vector_ok, "
               "[&](auto width, long long i) {",
               *_cuda_group(x, f"{name}_reduce_element",
                            [*args, *(f"term{r}" for r in range(r_count))], x.reduce_stored,
                            True, False,
                            before=["float " + ", ".join(f"term{r} = 0.0f"
-                                                        for r in range(r_count)) + ";"],
-                           after=[f"sums[{r}] += (double)term{r};" for r in range(r_count)]),
+                                                        for r in range(r_count)) + ";"]
+                           if r_count else [],
+                           after=[f"sums[{r}] += (double)term{r};" for r in range(r_count)],
+                           body=x.reduce_body if x.matrix else None,
+                           direction=store_direction),
               "    });"]
-    lines += [f"    for (int r = 0; r < {r_count}; ++r) part[threadIdx.x * {r_count} + r] = "
-              "sums[r];",
-              "    __syncthreads();",
-              "    if (threadIdx.x == 0) {  // the block's sum, in thread order",
-              f"        for (int r = 0; r < {r_count}; ++r) {{",
-              "            double total = 0.0;",
-              f"            for (unsigned t = 0; t < blockDim.x; ++t) total += part[t * {r_count} "
-              "+ r];",
-              f"            partials[c * {r_count} + r] = total;",
-              "        }", "    }", "}", ""]
+    if r_count:
+        lines += [f"    for (int r = 0; r < {r_count}; ++r) part[threadIdx.x * {r_count} + r] "
+                  "= sums[r];",
+                  "    __syncthreads();",
+                  "    if (threadIdx.x == 0) {  // the block's sum, in thread order",
+                  f"        for (int r = 0; r < {r_count}; ++r) {{",
+                  "            double total = 0.0;",
+                  f"            for (unsigned t = 0; t < blockDim.x; ++t) total += "
+                  f"part[t * {r_count} + r];",
+                  f"            partials[c * {r_count} + r] = total;",
+                  "        }", "    }"]
+    lines += ["}", ""]
     # 2. segment
     seg = _Printer("c", element=False, bools=x.bools | x.segment_bools)
     lines += [f"// Pass 2 of a {name} step (a thread per tensor): its sums and values.",
@@ -775,13 +862,16 @@ def _cuda_segmented(x: _Parts) -> list[str]:
               "    if (s >= n_segments) return;", *preamble[1:]]
     for reduction in d.reductions:
         lines.append(f"    double {reduction} = 0.0;")
-    lines.append("    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; ++c) {")
-    lines += [f"        {reduction} += partials[c * {r_count} + {r}];"
-              for r, reduction in enumerate(d.reductions)]
-    lines.append("    }")
-    if "numel" in x.segment_inputs:
-        lines.append("    const double numel = (double)(segments[6 * s + 1] * segments[6 * s + 2]"
-                     " * segments[6 * s + 3]);")
+    if r_count:
+        lines.append("    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; ++c) "
+                     "{")
+        lines += [f"        {reduction} += partials[c * {r_count} + {r}];"
+                  for r, reduction in enumerate(d.reductions)]
+        lines.append("    }")
+    shape = {"numel": "segments[6 * s + 1] * segments[6 * s + 2] * segments[6 * s + 3]",
+             "rows": "segments[6 * s + 2]", "cols": "segments[6 * s + 3]"}
+    lines += [f"    const double {n} = (double)({shape[n]});" for n in SEGMENT_SHAPE_INPUTS
+              if n in x.segment_inputs]
     for local in [*x.segment_values, *x.segment_locals]:
         ctype, zero = ("bool", "false") if local in x.segment_bools else ("double", "0.0")
         lines.append(f"    {ctype} {local} = {zero};")
@@ -794,13 +884,16 @@ def _cuda_segmented(x: _Parts) -> list[str]:
               "block advances k.", "template <typename T, typename S>",
               f"FO_D void {name}(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
     preamble, (args,) = _cuda_preamble(x, [x.scalars], bool(x.stored), True)
-    lines += preamble + _vector_ok(x, x.element_reads_g)
+    reads_grads = x.element_reads_g and not x.matrix
+    lines += preamble + _vector_ok(x, reads_grads, x.matrix and x.element_reads_g)
     lines += ["    const long long c = blockIdx.x;"]
     lines += [f"    const float {v} = (float)segvals[chunks[3 * c + 2] * {REDUCTION_SLOTS} + {j}];"
               for j, v in enumerate(x.segment_values)]
     lines += ["    chunk_stride<N>(chunks[3 * c], chunks[3 * c + 1], vector_ok, "
               "[&](auto width, long long i) {",
-              *_cuda_group(x, f"{name}_element", args, x.stored, x.element_reads_g, True),
+              *_cuda_group(x, f"{name}_element", args, x.stored, x.element_reads_g, True,
+                           body=x.element_body if x.matrix else None,
+                           direction="load" if x.matrix else ""),
               "    });", "    finish_step(step_state, lr_out, lr);", "}", ""]
     return lines + [
         "// (the segment pass reads no param or state element: one entry point serves all)",
@@ -899,10 +992,11 @@ def functional_source() -> str:
         [c.name.lower() for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
         for spec in d.classes:
-            # the kernel's hyperparameters and the driver's; not those only a class uses to
-            # make its state (initial_accumulator_value: the caller owns the buffers here)
+            # the kernel's hyperparameters, the driver's and a matrix stage's (all of Muon's);
+            # not those only a class uses to make its state (initial_accumulator_value: the
+            # caller owns the buffers here)
             hypers = [(n, v) for n, v in _public_hypers(d, spec)
-                      if d.hyper(n).slots or n in DRIVER_HYPERS]
+                      if d.hyper(n).slots or n in DRIVER_HYPERS or d.matrix is not None]
             states = []
             for st in d.state:
                 optional = st.when is not None or st.aliases

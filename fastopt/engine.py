@@ -34,10 +34,11 @@ _FMT = dict(FORMATS)
 
 
 @functools.cache
-def cpu_kernel(name: str):
+def cpu_kernel(name: str, entry: str = ""):
     """The Numba kernel of definition ``name`` (its module is imported on first use; nothing
-    is compiled until the first call)."""
-    return getattr(importlib.import_module(f"fastopt.cpu.ops.{name}"), name)
+    is compiled until the first call); ``entry``: another kernel of its module (a matrix
+    stage's first pass, ``<name>_first``)."""
+    return getattr(importlib.import_module(f"fastopt.cpu.ops.{name}"), entry or name)
 
 
 def _dummy_state(xp):
@@ -79,21 +80,29 @@ class Prepared:
     types (the same optimizer with other hyperparameter values, or after a load), shared;
     None for a new one. ``one_shot``: a call made once (the functional layer): use Numba's
     dispatcher and skip finding the entry point, which costs more than it saves then.
+    ``stage``: how a definition's matrix stage (Muon's) computes: "numpy" (numpy or cupy
+    arrays, float32: the core optimizers and the functional layer) or "torch" (torch's ops,
+    as its torch twin: fastopt.torch).
     """
 
     __slots__ = ("definition", "params", "master", "states", "scalars", "slots", "weight_decay",
                  "decoupled", "maximize", "fmt", "parallel", "on_gpu", "dtype", "_fixed", "_fn",
-                 "_compiled", "segments", "_segment_arrays")
+                 "_compiled", "segments", "_segment_arrays", "hypers", "stage", "_first")
 
     def __init__(self, definition: Definition, params, master, states: dict, hypers: dict,
                  dtype: str, on_gpu: bool, parallel: bool = False, scalars: dict | None = None,
                  compiled: dict | None = None, one_shot: bool = False,
-                 segments: SegmentTable | None = None):
+                 segments: SegmentTable | None = None, stage: str = "numpy"):
         d = definition
         #: the tensors' layout (a tensor-aware definition's; None for elementwise ones)
         self.segments = segments
         if d.segmented != (segments is not None):
             raise ValueError(f"{d.name} {'needs' if d.segmented else 'takes no'} segment table")
+        if d.matrix is not None:
+            segments.check_matrices(d.matrix.only_2d)
+        self.hypers, self.stage = hypers, stage
+        self._first = None if on_gpu or d.matrix is None else cpu_kernel(d.name,
+                                                                        f"{d.name}_first")
         self._segment_arrays = () if segments is None else segment_arrays(
             d, segments, params, on_gpu)
         self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
@@ -134,6 +143,11 @@ class Prepared:
             fresh: int = 0) -> float:
         """Run the Numba kernel for step ``step`` (1-based); returns the lr it used."""
         parallel = parallel_ok(self.parallel)  # serial in a child forked from GNU OpenMP
+        if self._first is not None:  # a matrix stage: its first pass, then the stage
+            with kernel_guard(parallel):
+                self._first(*self._fixed, grads, table, step, lr_scale, grad_mult, int(fresh),
+                            parallel)
+            self.matrix_stage()
         cache = self._compiled
         key = (grads.dtype, grads.flags.writeable, parallel)
         compiled = None if cache is None else cache.get(key)
@@ -163,7 +177,25 @@ class Prepared:
 
         launch.launch(self.definition.name, self.dtype, self.kernel_values(
             grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult, fresh,
-            control))
+            control), between=None if self.definition.matrix is None else self.matrix_stage)
+
+    def matrix_stage(self) -> None:
+        """The definition's matrix stage (Muon's Newton-Schulz) on each tensor's direction, as
+        a (rows, cols) matrix, in place: after the first pass, before the update. On a GPU
+        it runs on the current stream, between the kernel launches (no host sync; with
+        ``stage="torch"`` on torch's current stream, which fastopt.torch launches on)."""
+        stage, table = self.definition.matrix, self.segments
+        direction = self._segment_arrays[-1]
+        for offset, shape in zip(table.offsets, table.shapes, strict=True):
+            rows, cols = shape
+            view = direction[offset:offset + rows * cols].reshape(rows, cols)
+            if self.stage == "torch":
+                import torch
+
+                matrix = torch.as_tensor(view)  # (the same memory: numpy, or cupy's device)
+                matrix.copy_(stage.torch(matrix, self.hypers))
+            else:
+                view[...] = stage.numpy(view, self.hypers)
 
     def kernel_values(self, grads, table, table_rows: int, step_state, lr_out,
                       lr_scale: float, grad_mult: float, fresh: int, control=None) -> dict:
@@ -180,7 +212,7 @@ class Prepared:
                   "weight_decay": self.weight_decay, "decoupled": self.decoupled,
                   "maximize": self.maximize, "fresh": int(fresh), "n": self.params.shape[0]}
         if self.segments is not None:
-            values.update(zip(("segments", "chunks", "partials", "segvals"),
+            values.update(zip(("segments", "chunks", "partials", "segvals", "direction"),
                               self._segment_arrays, strict=True))
             values["n_segments"] = len(self.segments)
         values.update((f"h{i}", v) for i, v in enumerate(self.slots))
@@ -190,7 +222,8 @@ class Prepared:
 
 def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) -> tuple:
     """A segmented kernel's tables and buffers (``CPU_SEGMENT_ARGS``): the segment and chunk
-    tables where the params are, and the partial sums and per-tensor values it writes."""
+    tables where the params are, the partial sums and per-tensor values it writes, and a
+    matrix stage's float32 directions (n elements; one otherwise)."""
     if segments.size != params.shape[0]:
         raise ValueError(f"a segment table for {segments.size} elements, the params have "
                          f"{params.shape[0]}")
@@ -201,7 +234,8 @@ def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) 
         xp, rows, chunks = np, segments.rows, segments.chunks
     return (rows, chunks,
             xp.zeros((chunks.shape[0], len(d.reductions)), dtype=np.float64),
-            xp.zeros((rows.shape[0], REDUCTION_SLOTS), dtype=np.float64))
+            xp.zeros((rows.shape[0], REDUCTION_SLOTS), dtype=np.float64),
+            xp.zeros(params.shape[0] if d.matrix is not None else 1, dtype=np.float32))
 
 
 def run_once(prepared: Prepared, grads, schedule, step: int, lr_scale: float,

@@ -18,7 +18,7 @@ from ._functional import run, take_alias
 from .algorithms import REGISTRY
 
 __all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "adamwschedulefree", "ademamix",
-           "asgd", "lamb", "lion", "nadam", "radam", "rmsprop", "rprop", "sgd"]
+           "asgd", "lamb", "lion", "muon", "nadam", "radam", "rmsprop", "rprop", "sgd"]
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
@@ -272,6 +272,42 @@ def lion(params, grads, exp_avg, *, step, lr=None, schedule=None, master_param=N
                schedule=schedule, master=master_param, dtype=dtype, hypers=dict(betas=betas,
                weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
                grad_scale=grad_scale, fresh=None)
+
+
+def muon(params, grads, momentum_buffer, *, step, segments, lr=None, schedule=None,
+         master_param=None, dtype=None, weight_decay=0.1, momentum=0.95, nesterov=True,
+         ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn=None,
+         lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+    """Muon: momentum orthogonalised per 2-D matrix by Newton-Schulz steps (torch.optim.Muon).
+
+    Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), as
+    torch.optim.Muon 2.13 computes it (its code, where its docstring differs):
+
+        buf <- lerp(buf, g, 1 - momentum)                  (torch's docstring: mu buf + g)
+        d = lerp(g, buf, momentum) if nesterov else buf    (torch's docstring: g + mu buf)
+        O = NS_k(d): k Newton-Schulz steps on d / max(||d||_F, eps) (transposed if rows > cols):
+            A = X X^T;  B = b A + c A A;  X <- a X + B X
+        p <- p (1 - lr weight_decay);   p <- p - lr r O
+    with r = sqrt(max(1, rows / cols)) ("original", the default) or 0.2 sqrt(max(rows, cols))
+    ("match_rms_adamw"); the decay uses the unadjusted lr. 2-D params only.
+    Two passes around the host stage: the first updates buf and writes d (fused), the stage
+    orthogonalises each matrix (BLAS / cuBLAS; torch's bf16 matmul in fastopt.torch), the second
+    applies the decay and the update (fused).
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    segments: the tensors' layout in params (a SegmentTable, a FlatBuffer, or a list of
+    shapes packed back to back); elements outside every tensor are not touched.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["muon"], {}, params, grads, {"momentum_buffer": momentum_buffer}, step=step,
+               lr=lr, schedule=schedule, master=master_param, dtype=dtype,
+               hypers=dict(weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+               ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+               adjust_lr_fn=adjust_lr_fn), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None,
+               segments=segments)
 
 
 def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr=None, schedule=None,

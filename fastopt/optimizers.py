@@ -10,7 +10,7 @@ from ._core import FlatOptimizer, TrainEvalModes
 from .algorithms import REGISTRY
 
 __all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "AdamWScheduleFree", "AdEMAMix",
-           "ASGD", "LAMB", "Lion", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
+           "ASGD", "LAMB", "Lion", "Muon", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -255,6 +255,41 @@ class Lion(FlatOptimizer):
                  dtype=None, state_dtype="float32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, weight_decay=weight_decay,
                                maximize=maximize), dtype, state_dtype)
+
+
+class Muon(FlatOptimizer):
+    """Muon: momentum orthogonalised per 2-D matrix by Newton-Schulz steps (torch.optim.Muon).
+
+    Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), as
+    torch.optim.Muon 2.13 computes it (its code, where its docstring differs):
+
+        buf <- lerp(buf, g, 1 - momentum)                  (torch's docstring: mu buf + g)
+        d = lerp(g, buf, momentum) if nesterov else buf    (torch's docstring: g + mu buf)
+        O = NS_k(d): k Newton-Schulz steps on d / max(||d||_F, eps) (transposed if rows > cols):
+            A = X X^T;  B = b A + c A A;  X <- a X + B X
+        p <- p (1 - lr weight_decay);   p <- p - lr r O
+    with r = sqrt(max(1, rows / cols)) ("original", the default) or 0.2 sqrt(max(rows, cols))
+    ("match_rms_adamw"); the decay uses the unadjusted lr. 2-D params only.
+    Two passes around the host stage: the first updates buf and writes d (fused), the stage
+    orthogonalises each matrix (BLAS / cuBLAS; torch's bf16 matmul in fastopt.torch), the second
+    applies the decay and the update (fused).
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
+    back to back); taken from params when it is a FlatBuffer.
+    """
+
+    definition = REGISTRY["muon"]
+    fixed = {}
+
+    def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn=None,
+                 *, dtype=None, state_dtype="float32", segments=None):
+        FlatOptimizer.__init__(self, params, lr, dict(weight_decay=weight_decay, momentum=momentum,
+                               nesterov=nesterov, ns_coefficients=ns_coefficients, eps=eps,
+                               ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn), dtype, state_dtype,
+                               segments=segments)
 
 
 class NAdam(FlatOptimizer):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -220,6 +221,9 @@ def counterpart(cls: str, params, lr: float, *, foreach: bool = False, **hypers)
     if twin is not None:
         import torch
 
-        return getattr(torch.optim, twin.name)(params, lr=lr, foreach=foreach, **hypers)
+        twin_cls = getattr(torch.optim, twin.name)
+        if "foreach" in inspect.signature(twin_cls).parameters:  # (Muon has none)
+            hypers["foreach"] = foreach
+        return twin_cls(params, lr=lr, **hypers)
     oracle = ORACLES[cls]
     return oracle.build(importlib.import_module(oracle.module), params, lr, hypers, foreach)

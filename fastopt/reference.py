@@ -268,3 +268,39 @@ def lamb(params, grads, exp_avg, exp_avg_sq, *, step, lr, segments, beta1=0.9, b
     exp_avg = np.where(inside, exp_avg, old_m)
     exp_avg_sq = np.where(inside, exp_avg_sq, old_v)
     return new, exp_avg, exp_avg_sq
+
+
+def muon(params, grads, momentum_buffer, *, step, lr, segments, weight_decay=0.1,
+         momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-7,
+         ns_steps=5, adjust_lr_fn=None):
+    """Muon as torch.optim.Muon's code, in float64 throughout (torch runs Newton-Schulz in
+    bfloat16): buf = momentum buf + (1 - momentum) g; d = (1 - momentum) g + momentum buf
+    with nesterov, else buf; d / max(||d||_F, eps) through ``ns_steps`` quintic steps
+    X <- a X + (b A + c A^2) X, A = X X^T (on the transpose of a tall matrix); then
+    p (1 - lr weight_decay) - lr r O, r = sqrt(max(1, rows / cols)) or, for
+    "match_rms_adamw", 0.2 sqrt(max(rows, cols)). ``segments``: (offset, (rows, cols)) of
+    each matrix; ``step`` is unused (Muon has no step-dependent term)."""
+    del step
+    params, grads, old_buf = _f64(params, grads, momentum_buffer)
+    a, b, c = ns_coefficients
+    buf = momentum * old_buf + (1.0 - momentum) * grads
+    direction = (1.0 - momentum) * grads + momentum * buf if nesterov else buf
+    new, new_buf = params.copy(), old_buf.copy()
+    for offset, (rows, cols) in segments:
+        part = slice(offset, offset + rows * cols)
+        new_buf[part] = buf[part]
+        x = direction[part].reshape(rows, cols)
+        if rows > cols:
+            x = x.T
+        x = x / max(np.sqrt(np.sum(x * x)), eps)
+        for _ in range(ns_steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        if rows > cols:
+            x = x.T
+        if adjust_lr_fn == "match_rms_adamw":
+            ratio = 0.2 * np.sqrt(max(rows, cols))
+        else:
+            ratio = np.sqrt(max(1.0, rows / cols))
+        new[part] = params[part] * (1.0 - lr * weight_decay) - lr * ratio * x.ravel()
+    return new, new_buf

@@ -41,6 +41,11 @@ def _factored(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return math.prod(shape[:-2]), shape[-2], shape[-1]
 
 
+def _torch_size(shape: tuple[int, ...]) -> str:
+    """A shape as torch prints a tensor's size (its messages quote it)."""
+    return f"torch.Size([{', '.join(map(str, shape))}])"
+
+
 class SegmentTable:
     """The layout of the tensors in a flat buffer of ``size`` elements.
 
@@ -92,6 +97,13 @@ class SegmentTable:
         """Tensors of these shapes packed back to back from offset 0, no gaps."""
         offsets = np.cumsum([0, *(math.prod(s) for s in shapes)])[:-1]
         return cls(offsets.tolist(), shapes, int(sum(math.prod(s) for s in shapes)))
+
+    def check_matrices(self, message: str) -> None:
+        """ValueError (``message`` with the ``shape``) unless every tensor is 2-D: a matrix
+        stage (Muon's) works on matrices only, as torch's does."""
+        for shape in self.shapes:
+            if len(shape) != 2:
+                raise ValueError(message.format(shape=_torch_size(shape)))
 
     def layout(self) -> dict:
         """The offsets and shapes as plain lists (state dicts and checkpoints keep them)."""

@@ -17,9 +17,9 @@
 // FO_SEGMENT_BLOCK threads per chunk in its reduce and update passes).
 #define FO_SEGMENT_BLOCK 256
 
-#define FO_SEGMENT_PARAMS const long long* segments, const long long* chunks, long long n_segments, double* partials, double* segvals
+#define FO_SEGMENT_PARAMS const long long* segments, const long long* chunks, long long n_segments, double* partials, double* segvals, float* direction
 
-#define FO_SEGMENT_ARGS segments, chunks, n_segments, partials, segvals
+#define FO_SEGMENT_ARGS segments, chunks, n_segments, partials, segvals, direction
 
 #define FO_SEGMENTED_KERNEL(NAME, OP, T, S) \
     extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) { \

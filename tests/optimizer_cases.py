@@ -104,19 +104,39 @@ def _adamwschedulefree(p, g, s, step, lr, h):
     return out[0], dict(zip(("z", "exp_avg_sq", "weight_sum", "lr_max"), out[1:], strict=True))
 
 
-def segment_shapes(n: int) -> list[tuple[int, ...]]:
+def segment_shapes(n: int, matrices: bool = False) -> list[tuple[int, ...]]:
     """The tensors a test lays out in a flat buffer of n elements for a tensor-aware
     optimizer (LAMB): a matrix, a vector, a 3-d tensor, a scalar and the rest, packed back to
-    back (shorter buffers: one or two vectors)."""
+    back (shorter buffers: one or two vectors). ``matrices`` (Muon, 2-D only): a wide, a
+    tall and a square matrix and the rest as a column (shorter buffers: a row, or a column
+    and a row)."""
+    if matrices:
+        if n < 200:
+            return [(1, n)] if n < 4 else [(n // 2, 1), (1, n - n // 2)]
+        return [(7, 9), (20, 3), (8, 8), (n - 187, 1)]
     if n < 200:
         return [(n,)] if n < 4 else [(n // 2,), (n - n // 2,)]
     return [(7, 9), (20,), (2, 3, 5), (), (n - 114,)]
 
 
+def shapes_for(name: str, n: int) -> list[tuple[int, ...]]:
+    """``segment_shapes`` as definition ``name`` takes them (matrices only for Muon)."""
+    return segment_shapes(n, REGISTRY[name].matrix is not None)
+
+
 def layout(name: str, n: int) -> dict:
     """The ``segments=`` keyword a tensor-aware definition's call takes for a test buffer of
     n elements (``segment_shapes``); nothing for an elementwise one."""
-    return {"segments": segment_shapes(n)} if REGISTRY[name].segmented else {}
+    return {"segments": shapes_for(name, n)} if REGISTRY[name].segmented else {}
+
+
+def _muon(p, g, s, step, lr, h):
+    from fastopt.segments import SegmentTable
+
+    table = SegmentTable.contiguous(segment_shapes(len(p), matrices=True))
+    out = reference.muon(p, g, s["momentum_buffer"], step=step, lr=lr,
+                         segments=list(zip(table.offsets, table.shapes, strict=True)), **h)
+    return out[0], {"momentum_buffer": out[1]}
 
 
 def _lamb(p, g, s, step, lr, h):
@@ -195,6 +215,11 @@ CASES: dict[str, Case] = {
         options=(("LAMB", {}), ("LAMB", dict(weight_decay=0.1, betas=(0.8, 0.99))),
                  ("LAMB", dict(eps=1e-8, weight_decay=0.01, maximize=True))),
         reference=_lamb),
+    "muon": Case(
+        options=(("Muon", {}), ("Muon", dict(nesterov=False, momentum=0.9, weight_decay=0.0)),
+                 ("Muon", dict(adjust_lr_fn="match_rms_adamw", ns_steps=3, momentum=0.3,
+                               ns_coefficients=(2.0, -1.5, 0.5), eps=1e-3))),
+        reference=_muon),
     "sgd": Case(
         options=(("SGD", {}), ("SGD", dict(momentum=0.9)),
                  ("SGD", dict(momentum=0.8, dampening=0.3, weight_decay=0.1, maximize=True)),
@@ -229,7 +254,7 @@ def make(cls: str, *args, **kwargs):
     params, *rest = args
     if CLASSES[cls][0].segmented and "segments" not in kwargs \
             and not isinstance(params, fastopt.FlatBuffer):
-        kwargs["segments"] = segment_shapes(params.shape[0])
+        kwargs["segments"] = shapes_for(CLASSES[cls][0].name, params.shape[0])
     if rest:
         kwargs["lr"] = rest[0]
     return ready_to_step(cls, params, kwargs.pop("lr", CLASSES[cls][0].lr_default), **kwargs)

@@ -19,7 +19,7 @@ from optimizer_cases import (
     make,
     reference_run,
     schedule_for,
-    segment_shapes,
+    shapes_for,
 )
 
 from fastopt import _bf16
@@ -113,7 +113,7 @@ class HostRun:
             buf[...] = _bf16.encode(value.astype(np.float32)) if state_bf16 else value
             self.states[name] = buf
         self.scalars = {s.name: np.full(1, s.init) for s in d.scalars}
-        self.segments = SegmentTable.contiguous(segment_shapes(n)) if d.segmented else None
+        self.segments = SegmentTable.contiguous(shapes_for(d.name, n)) if d.segmented else None
         self.prepared = Prepared(d, self.params, None, self.states, full, "float32",
                                  on_gpu=True, scalars=self.scalars, segments=self.segments)
         self.table = np.ascontiguousarray(schedule.table)
@@ -131,6 +131,8 @@ class HostRun:
         # a block per chunk (the launch's grid), then a thread per tensor, then the update
         chunks, block = self.segments.chunks.shape[0], self.block
         getattr(self.lib, f"emulate_{self.op}_reduce{self.suffix}")(chunks, block, *args)
+        if self.prepared.definition.matrix is not None:  # the host's stage, between launches
+            self.prepared.matrix_stage()
         getattr(self.lib, f"emulate_{self.op}_segment{self.suffix}")(
             -(-len(self.segments) // block), block, *args)
         getattr(self.lib, f"emulate_{self.op}{self.suffix}")(chunks, block, *args)

@@ -93,21 +93,29 @@ CPU_SIGNATURE: tuple[str, ...] = tuple(
 #: What a tensor-aware (segmented) kernel takes after the uniform signature, CUDA and CPU
 #: alike (fastopt/segments.py): the segment table (``segments``: offset, batch, rows, cols,
 #: first and end chunk per tensor) and the chunk table (``chunks``: start, stop, segment),
-#: the float64 partial sums of each chunk (``partials``, chunks x reductions) and the values
-#: the ``segment`` function computes per tensor (``segvals``, tensors x values). On the CPU
+#: the float64 partial sums of each chunk (``partials``, chunks x reductions), the values
+#: the ``segment`` function computes per tensor (``segvals``, tensors x values) and, for a
+#: definition with a matrix stage (Muon), the float32 ``direction`` each tensor's matrix is
+#: made from (n elements; a one-element stand-in for the others). On the CPU
 #: the table sizes are the arrays' shapes; CUDA takes ``n_segments`` (the chunk count is the
 #: reduce and update launches' grid).
 SEGMENT_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("segments", "const long long*"), ("chunks", "const long long*"),
     ("n_segments", "long long"), ("partials", "double*"), ("segvals", "double*"),
+    ("direction", "float*"),
 )
 #: the CPU segmented kernels' arguments: CPU_SIGNATURE with the tables and buffers before the
 #: per-step arguments (they are fixed per optimizer)
-CPU_SEGMENT_ARGS = ("segments", "chunks", "partials", "segvals")
+CPU_SEGMENT_ARGS = ("segments", "chunks", "partials", "segvals", "direction")
 CPU_SEGMENTED_SIGNATURE: tuple[str, ...] = (
     CPU_SIGNATURE[:-len(CPU_PER_STEP)] + CPU_SEGMENT_ARGS + CPU_PER_STEP)
 #: a segmented definition computes at most this many per-tensor sums and values
 REDUCTION_SLOTS = 4
+#: what the first pass of a definition with a matrix stage assigns per element: the stage's
+#: input, stored to the ``direction`` buffer
+DIRECTION = "direction"
+#: the tensor shape values a ``segment`` function may take after its reductions
+SEGMENT_SHAPE_INPUTS = ("numel", "rows", "cols")
 #: threads per block of the CUDA reduce and update passes (one block per chunk)
 SEGMENT_BLOCK = 256
 #: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
@@ -196,6 +204,25 @@ def lerp(start, end, weight: float):
 
 
 @dataclass(frozen=True)
+class MatrixStage:
+    """A host stage per 2-D tensor between a tensor-aware definition's first pass and its
+    update (Muon's Newton-Schulz orthogonalisation): matrix multiplications, which belong to
+    BLAS/cuBLAS, not to an elementwise kernel. The first pass assigns ``direction`` per
+    element (stored as float32); each tensor's direction, as a (rows, cols) matrix, goes
+    through the stage; the update pass reads the stage's result as ``g``.
+
+    ``numpy(matrix, hypers)``: the stage on a float32 numpy or cupy matrix (the core
+    optimizers and the functional layer); ``torch(matrix, hypers)``: on a float32 torch
+    tensor (fastopt.torch, which computes as its torch twin does). Both return a matrix of
+    the same shape; ``hypers`` are the checked hyperparameters. A definition with a matrix
+    stage takes 2-D tensors only; ``only_2d`` is its refusal of others (torch's message)."""
+
+    numpy: Callable
+    torch: Callable
+    only_2d: str
+
+
+@dataclass(frozen=True)
 class TorchTwin:
     """The torch.optim class a public class equals, and what ``fastopt.torch`` copies of its
     behaviour: the group keys torch's ``__setstate__`` fills in for state dicts of older torch
@@ -263,6 +290,13 @@ class Definition:
     reductions: tuple[str, ...] = ()
     reduce: Callable | None = None
     segment: Callable | None = None
+    #: a host stage per 2-D tensor between the first pass and the update (see MatrixStage):
+    #: the first pass (``reduce``) then assigns ``direction``, and may have no reductions
+    matrix: MatrixStage | None = None
+    #: whether torch-style implementations keep a per-param ``step`` in the state. torch's
+    #: Muon keeps none: fastopt.torch then counts the steps (for the in-kernel schedule) out of
+    #: sight and saves the count in its state dicts' param groups, under ``step``
+    per_param_step: bool = True
 
     def __post_init__(self):
         if self.decay not in DECAY_FORMS:
@@ -271,20 +305,20 @@ class Definition:
                 or len(self.scalars) > SCALAR_SLOTS:
             raise ValueError(f"{self.name}: more than {KERNEL_SLOTS} kernel hyperparameters, "
                              f"{STATE_SLOTS} state buffers or {SCALAR_SLOTS} scalars")
-        if (self.reduce is None) != (not self.reductions) \
+        if (self.reduce is None) != (not self.reductions and self.matrix is None) \
                 or (self.reduce is None) != (self.segment is None):
-            raise ValueError(f"{self.name}: a segmented definition has reductions, reduce and "
-                             "segment; an elementwise one none of them")
-        if self.reductions and (self.decay != "own" or len(self.reductions) > REDUCTION_SLOTS
-                                or self.scalars or self.modes is not None):
+            raise ValueError(f"{self.name}: a segmented definition has reduce and segment, and "
+                             "reductions or a matrix stage; an elementwise one none of them")
+        if self.segmented and (self.decay != "own" or len(self.reductions) > REDUCTION_SLOTS
+                               or self.scalars or self.modes is not None):
             raise ValueError(f"{self.name}: a segmented definition applies its decay itself "
                              f"(decay 'own'), has at most {REDUCTION_SLOTS} reductions, and "
                              "no per-step scalars or modes")
 
     @property
     def segmented(self) -> bool:
-        """Whether the kernels reduce per tensor over a segment table (LAMB)."""
-        return bool(self.reductions)
+        """Whether the kernels work per tensor over a segment table (LAMB, Muon)."""
+        return self.reduce is not None
 
     @functools.cached_property
     def kernel_slots(self) -> tuple[str, ...]:

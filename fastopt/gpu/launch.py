@@ -63,9 +63,11 @@ def _grid(device_id: int) -> int:
     return sms * BLOCKS_PER_SM  # enough blocks in flight to saturate memory
 
 
-def launch(op: str, dtype: str, values: dict) -> None:
+def launch(op: str, dtype: str, values: dict, between=None) -> None:
     """Run kernel ``op`` for params of format ``dtype`` and the state's dtype (float32, or
-    bfloat16 bits as uint16) on the current stream; no host sync."""
+    bfloat16 bits as uint16) on the current stream; no host sync. ``between``: a tensor-aware
+    kernel's matrix stage, called after the first pass's launch (it queues its own work on
+    the stream)."""
     import cupy
 
     name = kernel_name(op, dtype, values["state0"].dtype == np.uint16)
@@ -76,6 +78,8 @@ def launch(op: str, dtype: str, values: dict) -> None:
         segments = int(values["n_segments"])
         module.get_function(kernel_name(f"{op}_reduce", dtype, "_sbf16" in name))(
             (chunks,), (SEGMENT_BLOCK,), args)
+        if between is not None:
+            between()
         module.get_function(f"{op}_segment")((-(-segments // SEGMENT_THREADS),),
                                              (SEGMENT_THREADS,), args)
         module.get_function(name)((chunks,), (SEGMENT_BLOCK,), args)

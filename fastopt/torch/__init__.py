@@ -6,7 +6,8 @@
 
 from ._backward import step_in_backward
 from ._base import FlatOptimizer
+from ._groups import muon_param_groups
 from .optim import *  # noqa: F403  (one class per public name, generated)
 from .optim import __all__ as _classes
 
-__all__ = [*_classes, "FlatOptimizer", "step_in_backward"]
+__all__ = [*_classes, "FlatOptimizer", "muon_param_groups", "step_in_backward"]

@@ -36,6 +36,9 @@ HALF_FORMATS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PARAM_DTYPES = (torch.float32, *HALF_FORMATS)
 #: ``state_dtype`` names -> the state buffers' torch dtype (bfloat16: stochastically rounded)
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: where a state dict's param group keeps the step count of an optimizer whose torch twin
+#: keeps no per-param ``step`` (Muon): fastopt's in-kernel schedule resumes from it
+GROUP_STEP = "step"
 
 
 #: flat param buffer's storage address -> the live bucket that owns it (two optimizers over one
@@ -358,6 +361,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             if p.dtype not in PARAM_DTYPES:
                 raise TypeError(f"fastopt.torch supports float32, float16 and bfloat16 "
                                 f"parameters, got {p.dtype}")
+            if self.definition.matrix is not None and p.ndim != 2:  # (torch's message)
+                raise ValueError(self.definition.matrix.only_2d.format(shape=p.size()))
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"one parameter group must live on one device, got {devices}; "
@@ -385,7 +390,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         return buckets
 
     def _state_views(self, group: dict, bucket: _Bucket, i: int) -> dict:
-        views = {"step": bucket.steps[i]}
+        views = {"step": bucket.steps[i]} if self.definition.per_param_step else {}
         for name in self.state_init(group):
             views[name] = bucket.view_of(name, i)
         for name, values in bucket.scalars.items():
@@ -407,7 +412,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         for key, value in self.group_defaults.items():
             group.setdefault(key, value)
         for key, value in self.defaults.items():
-            if key != "schedule":
+            # (torch's base __setstate__ puts differentiable into the defaults only: a twin
+            # whose own __setstate__ does not add it to the groups (Muon) shows none there)
+            if key != "schedule" and not (key == "differentiable" and self.twin is not None
+                                          and key not in self.group_defaults):
                 group.setdefault(key, value)
         group.update(self.fixed)  # as torch's AdamW: decoupled whatever the dict says
 
@@ -671,7 +679,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 parallel=not on_gpu and cpu.use_parallel(n, serial_simd=simd),
                 scalars={name: _as_array(v[index:index + 1]) for name, v in b.scalars.items()},
                 compiled=None if prepared is None else prepared._compiled,
-                segments=b.segment_table(part, n) if self.definition.segmented else None)
+                segments=b.segment_table(part, n) if self.definition.segmented else None,
+                stage="torch")
             b.prepared[(part, names)] = (values, prepared)
         if prepared.on_gpu:
             stream = torch.cuda.current_stream(b.flat.device)
@@ -696,10 +705,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         d["state"] = {k: {name: v.clone() if isinstance(v, torch.Tensor) else v
                           for name, v in st.items()}
                       for k, st in d["state"].items()}
-        for group in d["param_groups"]:  # group scalars: numbers, as schedulefree's
-            for name in self._group_scalars:
+        for group, buckets in zip(d["param_groups"], self._buckets, strict=True):
+            for name in self._group_scalars:  # group scalars: numbers, as schedulefree's
                 if isinstance(group.get(name), torch.Tensor):
                     group[name] = float(group[name])
+            if not self.definition.per_param_step:  # (Muon) the count, for the schedule
+                group[GROUP_STEP] = max((b.step for b in buckets), default=0)
         for hook in post_hooks.values():
             result = hook(self, d)
             if result is not None:
@@ -750,6 +761,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 group["schedule"] = schedule
             for b in buckets:
                 self._load_bucket(group, b, saved, cast)
+            if not self.definition.per_param_step:
+                group.pop(GROUP_STEP, None)  # (read: the live group does not show it)
             self._sync_lr(index, group, buckets, keep=own)
         for k, v in cast.items():  # state not keyed by a param is kept as is, as by torch
             if not isinstance(k, torch.Tensor):
@@ -816,9 +829,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.add_state(name, value)
         for i, p in enumerate(b.params):
             st = saved.get(p) or {}
-            steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k)
-            if st and self.definition.group_step is not None:
-                steps = float(group.get(self.definition.group_step, 0))
+            steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k,
+            key = self.definition.group_step  # or a saved count where torch keeps none)
+            key = GROUP_STEP if not self.definition.per_param_step else key
+            if st and key is not None:
+                steps = float(group.get(key, 0))
             b.steps[i] = float(st.get("step", steps))
             for name in b.state:
                 view = b.view_of(name, i)
@@ -858,6 +873,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             "param_groups": self.param_groups,
             "state_dtype": self.state_dtype,
             "_fastopt_lr_written": list(self._lr_written),
+            # (each param's step count: in the state above, except where torch keeps none)
+            "_fastopt_steps": [[b.steps.clone() for b in buckets] for buckets in self._buckets],
         }
 
     def __setstate__(self, state: dict) -> None:
@@ -868,14 +885,23 @@ class FlatOptimizer(torch.optim.Optimizer):
             return
         state = dict(state)
         written = state.pop("_fastopt_lr_written")
+        steps = state.pop("_fastopt_steps", None)
         groups, saved = state.pop("param_groups"), state.pop("state")
+        had_differentiable = "differentiable" in state["defaults"]
         super().__setstate__(dict(state, state=defaultdict(dict), param_groups=[]))
+        if not had_differentiable:  # (torch's base __setstate__ adds it; the groups had none)
+            self.defaults.pop("differentiable", None)
         self._buckets, self._lr_written, self._checked = [], [], {}
         for group in groups:
             self.add_param_group(group)
-        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
-            for b in buckets:
+        for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
+                                                     strict=True)):
+            for j, b in enumerate(buckets):
                 self._load_bucket(group, b, saved, saved)
+                if steps is not None:
+                    b.steps.copy_(steps[index][j])
+                    b.step = int(b.steps.max()) if len(b.steps) else 0
+                    b.uniform = bool((b.steps == b.steps[0]).all()) if len(b.steps) else True
         for k, st in saved.items():  # state not keyed by a param, kept as torch keeps it
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st

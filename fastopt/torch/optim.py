@@ -11,7 +11,7 @@ from ..algorithms import REGISTRY
 from ._base import FlatOptimizer, TrainEvalModes
 
 __all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "AdamWScheduleFree", "AdEMAMix",
-           "ASGD", "LAMB", "Lion", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
+           "ASGD", "LAMB", "Lion", "Muon", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -265,6 +265,39 @@ class Lion(FlatOptimizer):
                  state_dtype="float32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                maximize=maximize), state_dtype)
+
+
+class Muon(FlatOptimizer):
+    """torch.optim.Muon's interface and numbers; lr may be a fastopt schedule.
+
+    Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), as
+    torch.optim.Muon 2.13 computes it (its code, where its docstring differs):
+
+        buf <- lerp(buf, g, 1 - momentum)                  (torch's docstring: mu buf + g)
+        d = lerp(g, buf, momentum) if nesterov else buf    (torch's docstring: g + mu buf)
+        O = NS_k(d): k Newton-Schulz steps on d / max(||d||_F, eps) (transposed if rows > cols):
+            A = X X^T;  B = b A + c A A;  X <- a X + B X
+        p <- p (1 - lr weight_decay);   p <- p - lr r O
+    with r = sqrt(max(1, rows / cols)) ("original", the default) or 0.2 sqrt(max(rows, cols))
+    ("match_rms_adamw"); the decay uses the unadjusted lr. 2-D params only.
+    Two passes around the host stage: the first updates buf and writes d (fused), the stage
+    orthogonalises each matrix (BLAS / cuBLAS; torch's bf16 matmul in fastopt.torch), the second
+    applies the decay and the update (fused).
+
+    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    """
+
+    definition = REGISTRY["muon"]
+    fixed = {}
+    twin = definition.torch_twin.get("Muon")
+
+    def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
+                 ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn=None,
+                 *, state_dtype="float32"):
+        FlatOptimizer.__init__(self, params, dict(lr=lr, weight_decay=weight_decay,
+                               momentum=momentum, nesterov=nesterov,
+                               ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                               adjust_lr_fn=adjust_lr_fn), state_dtype)
 
 
 class NAdam(FlatOptimizer):

@@ -71,7 +71,7 @@ def lamb_element(i, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, gr
 @kernel
 def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
          weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, segments, chunks,
-         partials, segvals, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+         partials, segvals, direction, grads, table, step, lr_scale, grad_mult, fresh, parallel):
     """One lamb step k = ``step`` over the whole buffer; returns the lr it used."""
     lr = lr_at(table, step - 1.0) * lr_scale
     beta1 = h0

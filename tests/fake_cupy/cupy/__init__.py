@@ -129,11 +129,11 @@ class ndarray:  # noqa: N801  (CuPy's name)
     def fill(self, value):
         self._a.fill(value)
 
-    def sum(self, *args, **kwargs):
-        return ndarray(np.asarray(self._a.sum(*args, **kwargs)))
+    def sum(self, *args, **kwargs):  # (device kernels: recorded in a graph capture)
+        return _device_op(lambda a: a.sum(*args, **kwargs), self)
 
     def max(self, *args, **kwargs):
-        return ndarray(np.asarray(self._a.max(*args, **kwargs)))
+        return _device_op(lambda a: a.max(*args, **kwargs), self)
 
     def __repr__(self):
         return f"fake_cupy.array({self._a!r})"
@@ -149,7 +149,7 @@ def _binary(op, reflected=False):
 
 
 for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor",
-              "lshift", "rshift", "lt", "le", "gt", "ge", "eq", "ne"):
+              "lshift", "rshift", "matmul", "lt", "le", "gt", "ge", "eq", "ne"):
     _op = getattr(operator, _name if _name not in ("and", "or") else _name + "_")
     setattr(ndarray, f"__{_name}__", _binary(_op))
     if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
@@ -239,6 +239,16 @@ def where(condition, x, y):
 def dot(a, b):
     _device_only(a, b)
     return _device_op(np.dot, a, b)
+
+
+def sqrt(a):
+    _device_only(a)
+    return _device_op(np.sqrt, a)
+
+
+def maximum(a, b):
+    _device_only(a, b)
+    return _device_op(np.maximum, a, b)
 
 
 def isfinite(a):
@@ -350,7 +360,8 @@ class _Kernel:
         self.name, self.op = name, parts[0]
         #: a tensor-aware kernel's reduce or segment pass (``lamb_reduce_f32``,
         #: ``lamb_segment``): checked, then nothing, as the Numba kernel the update pass runs
-        #: does all three
+        #: does all three; with a matrix stage (Muon) the reduce pass runs the Numba first
+        #: pass (``muon_first``), the update pass the rest
         self.pass_ = parts[1] if parts[1] in ("reduce", "segment") else None
         self.suffix = "f32" if self.pass_ == "segment" else parts[2 if self.pass_ else 1]
         self.state_type = np.uint16 if name.endswith("_sbf16") else np.float32
@@ -363,14 +374,16 @@ class _Kernel:
             raise ValueError(f"bad launch shape {grid} x {block}")
         segmented = REGISTRY[self.op].segmented
         spec = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if segmented else ())
-        if segmented and self.pass_ != "segment" and grid[0] != len(args[-4]):
+        if segmented and self.pass_ != "segment" \
+                and grid[0] != len(args[[name for name, _ in spec].index("chunks")]):
             raise ValueError(f"{self.name}: a block per chunk, got a grid of {grid[0]}")
         if len(args) != len(spec):
             raise TypeError(f"{self.name} takes {len(spec)} arguments, got {len(args)}")
         values = {}
         for (name, ctype), value in zip(spec, args, strict=True):
             values[name] = self._checked(name, ctype, value)
-        if self.pass_ is not None:
+        first = self.pass_ == "reduce" and REGISTRY[self.op].matrix is not None
+        if self.pass_ is not None and not first:
             return
         stream = cuda.get_current_stream()
         if stream.capturing:
@@ -404,7 +417,8 @@ class _Kernel:
         control = values["control"]
         if control[1] != 0.0:  # a skipped step: nothing changes, not even k
             return
-        kernel = cpu_kernel(self.op)
+        first = self.pass_ == "reduce"  # (a matrix stage's first pass)
+        kernel = cpu_kernel(self.op, f"{self.op}_first" if first else "")
         n = int(values["n"])
         k = int(values["step_state"][0]) + 1
         extra = {"step": k, "fmt": _FORMATS[self.suffix], "parallel": n >= 16384,
@@ -418,5 +432,7 @@ class _Kernel:
             if isinstance(value, np.ndarray) and value.ndim == 1 and name != "table":
                 value = value[:n]
             args.append(value)
-        values["lr_out"][0] = kernel(*args)
-        values["step_state"][0] = k
+        lr = kernel(*args)
+        if not first:
+            values["lr_out"][0] = lr
+            values["step_state"][0] = k
