@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -47,9 +48,15 @@ def traffic(name: str) -> int:
     """Bytes one step moves per fp32 parameter: read p, g and each state buffer, write p and
     each state buffer (4 bytes each): 28 for Adam, 20 for Adagrad. A tensor-aware optimizer
     (LAMB) makes two passes, the least it can: the first reads p, g and the state and writes
-    the state, the second reads p and the state and writes p: 40 for LAMB."""
+    the state, the second reads p and the state and writes p: 40 for LAMB. One with a matrix
+    stage (Muon) counts its two elementwise passes: read g and the state, write the state
+    and the direction; read p and the stage's result, write p: 28 (the stage's matrix
+    products come on top)."""
     s = state_count(name)
-    if OPTIMIZERS[name].definition.segmented:
+    d = OPTIMIZERS[name].definition
+    if d.matrix is not None:
+        return 4 * ((1 + s) + (s + 1) + 2 + 1)
+    if d.segmented:
         return 4 * ((2 + s) + s + (1 + s) + 1)
     return 4 * ((2 + s) + (1 + s))
 
@@ -103,6 +110,18 @@ def copy_traffic_two_pass_4r2w_3r1w(a, b, c, d):
         a[i] = a[i] + c[i] - d[i]
 
 
+@njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_two_pass_2r2w_2r1w(a, b, c, d):
+    """Same traffic as Muon's elementwise passes: read b, c, write c, d; then read a, d,
+    write a."""
+    for i in prange(a.shape[0]):
+        y, z = b[i], c[i]
+        c[i] = y + z
+        d[i] = y - z
+    for i in prange(a.shape[0]):
+        a[i] = a[i] + d[i]
+
+
 def traffic_text() -> str:
     """'28 B/param for adam, adamw, ...; 20 for ...': each optimizer's bytes per fp32 param,
     with its benchmark options."""
@@ -117,7 +136,11 @@ def roofline(name: str, n: int) -> Callable[[], None]:
     """A call of the copy kernel with ``name``'s traffic over n float32 elements."""
     kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w,
               3: copy_traffic_5r4w}[state_count(name)]
-    if OPTIMIZERS[name].definition.segmented:
+    if OPTIMIZERS[name].definition.matrix is not None:
+        if state_count(name) != 1:
+            raise NotImplementedError(f"no two-pass copy kernel for {name}'s state")
+        kernel = copy_traffic_two_pass_2r2w_2r1w
+    elif OPTIMIZERS[name].definition.segmented:
         if state_count(name) != 2:
             raise NotImplementedError(f"no two-pass copy kernel for {name}'s state")
         kernel = copy_traffic_two_pass_4r2w_3r1w
@@ -140,8 +163,13 @@ class Row:
         return {k: v / ours for k, v in self.times.items() if k != "fastopt"}
 
 
-def load_shapes(model: str) -> tuple[str, list[tuple[int, ...]]]:
-    """(name, shapes) from a JSON shape list: a path, or a name in bench/shapes/."""
+def load_shapes(model: str, hidden_matrices: bool = False) -> tuple[str, list[tuple[int, ...]]]:
+    """(name, shapes) from a JSON shape list: a path, or a name in bench/shapes/.
+
+    ``hidden_matrices``: only what Muon takes in that model (``fastopt.torch.
+    muon_param_groups``' rule, read from the names): the 2-D tensors inside its numbered
+    blocks (GPT-2's ``h.N`` weights), not embeddings, the head or other ranks; the label
+    gets " matrices"."""
     candidates = [Path(model)]
     for root in (Path(__file__).resolve().parents[1] / "bench" / "shapes",
                  Path(__file__).resolve().parent / "_shapes"):
@@ -149,7 +177,11 @@ def load_shapes(model: str) -> tuple[str, list[tuple[int, ...]]]:
     for path in candidates:
         if path.is_file():
             data = json.loads(path.read_text())
-            return data["model"], [tuple(s["shape"]) for s in data["shapes"]]
+            if not hidden_matrices:
+                return data["model"], [tuple(s["shape"]) for s in data["shapes"]]
+            return f"{data['model']} matrices", [
+                tuple(s["shape"]) for s in data["shapes"]
+                if len(s["shape"]) == 2 and re.search(r"(^|\.)\d+\.", s.get("name", ""))]
     raise ValueError(f"no shape list {model!r} (give a path or a name in bench/shapes/)")
 
 
@@ -180,7 +212,7 @@ def torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray], mo
             opt.train()
     else:
         kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True},
-                  "forloop": {"foreach": False}}[mode]
+                  "forloop": {"foreach": False}, "plain": {}}[mode]
         opt = cls(params, lr=lr, **kwargs, **BENCH_OPTIONS[name])
     sched = lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
 
@@ -217,8 +249,10 @@ def torch_modes(name: str) -> list[str]:
         extra = BENCH_EXTRAS.get(OPTIMIZERS[name].__name__)
         return (["oracle"] if ORACLES[OPTIMIZERS[name].__name__].available() else []) + \
             ([extra.label] if extra is not None and extra.available() else [])
-    fused = "fused" in inspect.signature(cls).parameters
-    return (["fused"] if fused else []) + ["foreach", "forloop"]
+    parameters = inspect.signature(cls).parameters
+    if "foreach" not in parameters:  # (Muon: one implementation)
+        return ["plain"]
+    return (["fused"] if "fused" in parameters else []) + ["foreach", "forloop"]
 
 
 class Problem:
@@ -244,9 +278,37 @@ class Problem:
         return torch_setup(name, self.params.views, self.grads.views, mode, steps, lr)
 
 
+def fastopt_torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray],
+                        schedule):
+    """fastopt.torch's class of ``name`` over these tensors with the in-kernel schedule:
+    (step closure, params)."""
+    import torch
+
+    import fastopt.torch as fot
+
+    params = []
+    for v, g in zip(values, grads, strict=True):
+        p = torch.nn.Parameter(torch.from_numpy(v.copy()))
+        p.grad = torch.from_numpy(g)
+        params.append(p)
+    opt = getattr(fot, OPTIMIZERS[name].__name__)(params, lr=schedule, **BENCH_OPTIONS[name])
+    return opt.step, params
+
+
 def check_agreement(name: str, shapes: list[tuple[int, ...]] | int, steps: int = 3) -> float:
-    """Relative max error of fastopt vs torch (fused where it exists) after a few steps."""
+    """Relative max error of fastopt vs torch (fused where it exists) after a few steps; for
+    an optimizer with a matrix stage (Muon), of fastopt.torch's class (its stage is torch's)."""
     problem = Problem([(shapes,)] if isinstance(shapes, int) else shapes)
+    if OPTIMIZERS[name].definition.matrix is not None:
+        step_ours, ours = fastopt_torch_setup(name, problem.params.views, problem.grads.views,
+                                              schedules.cosine(1e-3, 100))
+        step, params = problem.torch(name, torch_modes(name)[0], 100)
+        for _ in range(steps):
+            step_ours()
+            step()
+        return max(float((a - b).abs().max() / b.abs().max())
+                   for a, b in zip((p.detach() for p in ours), (p.detach() for p in params),
+                                   strict=True))
     opt, buf = problem.fastopt(name, schedules.cosine(1e-3, 100))
     if not torch_modes(name):
         raise RuntimeError(f"{name} has no torch twin and its oracle is not installed")
@@ -306,12 +368,17 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
         impls["fastopt-bf16-state"] = lambda: half.step(grads)
     n = problem.params.buffer.size
     if with_torch:
+        if OPTIMIZERS[name].definition.matrix is not None:  # the same stage as torch's
+            impls["fastopt.torch"] = fastopt_torch_setup(
+                name, problem.params.views, problem.grads.views, sched)[0]
         for mode in torch_modes(name):
             if mode == "forloop" and n > 20_000_000 and len(shapes) == 1:
                 continue  # minutes of rounds for nothing new: foreach shows the same
             impls[mode if mode == "oracle" or torch_twin(name) is None
-                  else f"torch-{mode}"] = problem.torch(
+                  else "torch" if mode == "plain" else f"torch-{mode}"] = problem.torch(
                 name, mode, 10_000)[0]
+    if OPTIMIZERS[name].definition.matrix is not None:  # the core's stage alone (BLAS)
+        impls["stage"] = opt._prepared.matrix_stage
     impls["roofline"] = roofline(name, n)
     size = sum(int(np.prod(s)) for s in shapes)
     return Row(name, case, size, len(shapes), _median_times(impls, budget_s))
@@ -434,6 +501,11 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
     ]
     if rows:
         lines += ["```", format_table(rows), "```", ""]
+        summary = matrix_summary(rows)
+        if summary:
+            lines += ["Optimizers with a matrix stage (Muon; the `stage` column is the core's "
+                      "float32 Newton-Schulz alone, `roofline` its two elementwise passes' "
+                      "traffic only):", "", *(f"- {line}" for line in summary), ""]
     if starting:
         lines += [
             "Start-up, seconds, medians over fresh processes (`fastopt/startup.py`): `import "
@@ -469,12 +541,37 @@ def kept_gpu_section(path: str) -> list[str]:
 
 
 def plan(optimizers: list[str], sizes: list[int], models: list[str]):
-    """[(optimizer, case label, shapes)] in the order they run."""
+    """[(optimizer, case label, shapes)] in the order they run. An optimizer of matrices
+    (Muon) runs on each model's hidden matrices only (``load_shapes``), not on flat sizes."""
     cases = [(f"{n:.3g}", [(n,)]) for n in sizes]
     for model in models:
         label, shapes = load_shapes(model)
         cases.append((label, shapes))
-    return [(name, label, shapes) for name in optimizers for label, shapes in cases]
+    matrix_cases = [load_shapes(model, hidden_matrices=True) for model in models]
+    return [(name, label, shapes) for name in optimizers
+            for label, shapes in (cases if OPTIMIZERS[name].definition.matrix is None
+                                  else [c for c in matrix_cases if c[1]])]
+
+
+def matrix_summary(rows: list[Row]) -> list[str]:
+    """One line per case of an optimizer with a matrix stage (Muon): fastopt.torch against
+    torch (the same bf16 stage; fastopt fuses the rest), and the core's step with the share
+    its float32 stage (BLAS) takes."""
+    lines = []
+    for r in rows:
+        t = r.times
+        if "stage" not in t:
+            continue
+        line = f"{r.optimizer} on {r.case} ({r.tensors} matrices, {r.size:.3g} params): "
+        if "fastopt.torch" in t and "torch" in t:
+            ratio = t["torch"] / t["fastopt.torch"]
+            line += (f"fastopt.torch {t['fastopt.torch'] * 1e3:.1f} ms vs torch.optim "
+                     f"{t['torch'] * 1e3:.1f} ms per step ({ratio:.2f}x); ")
+        line += (f"core fastopt {t['fastopt'] * 1e3:.1f} ms per step, "
+                 f"{100 * t['stage'] / t['fastopt']:.0f}% of it in the float32 "
+                 "Newton-Schulz stage (BLAS)")
+        lines.append(line)
+    return lines
 
 
 def estimate_seconds(work, budget_s: float) -> float:
@@ -507,8 +604,10 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
                     f"{ORACLES[OPTIMIZERS[name].__name__].requirement} is not installed: "
                     "timing fastopt and the roofline only")
                 continue
-            checks = [("4099 params", 4099)] + [(label, shapes) for n, label, shapes in work
-                                                if n == name and len(shapes) > 1]
+            first = ("4096 params", [(64, 64)]) if OPTIMIZERS[name].definition.matrix \
+                is not None else ("4099 params", 4099)
+            checks = [first] + [(label, shapes) for n, label, shapes in work
+                                if n == name and len(shapes) > 1]
             for label, shapes in checks[:2]:
                 err = check_agreement(name, shapes)
                 if not err <= 1e-5:
@@ -526,6 +625,8 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
         bar.close()
     if rows:
         out(format_table(rows))
+        for line in matrix_summary(rows):
+            out(line)
     starting = []
     if startup_repeats > 0:
         starting = startup.measure(optimizers, startup_repeats)

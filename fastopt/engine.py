@@ -62,6 +62,13 @@ if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
     raise ImportError("fastopt.engine packs the CPU kernel arguments in an order that "
                       "CPU_SIGNATURE no longer has")
 
+#: A matrix stage's definition (Muon) runs its elementwise passes serially below this many
+#: params: its BLAS stage's threads and Numba's parallel threads, alternating within each
+#: step, spin-wait against each other on few cores (2 cores, 49K params: 10.2 ms a step
+#: parallel, 1.6 ms serial), and the passes are a few % of the step at any size
+#: (bench/NOTES.md, "Muon")
+MATRIX_PARALLEL_MIN = 1 << 24
+
 _CPU_DUMMY = _dummy_state(np)
 _CPU_DUMMY_SCALAR = _dummy_scalar(np)
 
@@ -126,7 +133,7 @@ class Prepared:
             self.decoupled = d.decay == "decoupled"
         self.maximize = bool(hypers.get("maximize", False))
         self.fmt = _FMT.get(dtype, 0)
-        self.parallel = parallel
+        self.parallel = parallel and (d.matrix is None or params.shape[0] >= MATRIX_PARALLEL_MIN)
         self._fn = None if on_gpu else cpu_kernel(d.name)
         if on_gpu and not isinstance(params, np.ndarray):  # (numpy: the host-built kernels)
             _no_control(params.device.id)  # made now: a copy to the device is not capturable

@@ -94,30 +94,76 @@ def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
     # 1. each chunk's terms of the per-tensor sums (and the state reduce stores)
     if parallel:
         for c in prange(chunks.shape[0]):
-            sum0 = 0.0
-            sum1 = 0.0
-            for i in range(chunks[c, 0], chunks[c, 1]):
-                term0, term1 = lamb_reduce(i, params, grads, master, state0, state1, grad_factor,
-                                           beta2_f32, eps_f32, weight_decay_f32,
-                                           bias_correction1_f32, bias_correction2_f32,
-                                           one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
-                sum0 += term0
-                sum1 += term1
-            partials[c, 0] = sum0
-            partials[c, 1] = sum1
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            block_terms = np.empty((2, 256), np.float64)
+            lane0_0 = 0.0
+            lane0_1 = 0.0
+            lane0_2 = 0.0
+            lane0_3 = 0.0
+            lane1_0 = 0.0
+            lane1_1 = 0.0
+            lane1_2 = 0.0
+            lane1_3 = 0.0
+            for block in range(start, stop, np.uint64(256)):
+                end = min(block + np.uint64(256), stop)
+                for i in range(block, end):
+                    term0, term1 = lamb_reduce(i, params, grads, master, state0, state1,
+                                               grad_factor, beta2_f32, eps_f32, weight_decay_f32,
+                                               bias_correction1_f32, bias_correction2_f32,
+                                               one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
+                    block_terms[0, i - block] = term0
+                    block_terms[1, i - block] = term1
+                full = (end - block) // np.uint64(4) * np.uint64(4)
+                for j in range(np.uint64(0), full, np.uint64(4)):
+                    lane0_0 += block_terms[0, j + np.uint64(0)]
+                    lane0_1 += block_terms[0, j + np.uint64(1)]
+                    lane0_2 += block_terms[0, j + np.uint64(2)]
+                    lane0_3 += block_terms[0, j + np.uint64(3)]
+                    lane1_0 += block_terms[1, j + np.uint64(0)]
+                    lane1_1 += block_terms[1, j + np.uint64(1)]
+                    lane1_2 += block_terms[1, j + np.uint64(2)]
+                    lane1_3 += block_terms[1, j + np.uint64(3)]
+                for j in range(full, end - block):
+                    lane0_0 += block_terms[0, j]
+                    lane1_0 += block_terms[1, j]
+            partials[c, 0] = (lane0_0 + lane0_1) + (lane0_2 + lane0_3)
+            partials[c, 1] = (lane1_0 + lane1_1) + (lane1_2 + lane1_3)
     else:
         for c in range(chunks.shape[0]):
-            sum0 = 0.0
-            sum1 = 0.0
-            for i in range(chunks[c, 0], chunks[c, 1]):
-                term0, term1 = lamb_reduce(i, params, grads, master, state0, state1, grad_factor,
-                                           beta2_f32, eps_f32, weight_decay_f32,
-                                           bias_correction1_f32, bias_correction2_f32,
-                                           one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
-                sum0 += term0
-                sum1 += term1
-            partials[c, 0] = sum0
-            partials[c, 1] = sum1
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            block_terms = np.empty((2, 256), np.float64)
+            lane0_0 = 0.0
+            lane0_1 = 0.0
+            lane0_2 = 0.0
+            lane0_3 = 0.0
+            lane1_0 = 0.0
+            lane1_1 = 0.0
+            lane1_2 = 0.0
+            lane1_3 = 0.0
+            for block in range(start, stop, np.uint64(256)):
+                end = min(block + np.uint64(256), stop)
+                for i in range(block, end):
+                    term0, term1 = lamb_reduce(i, params, grads, master, state0, state1,
+                                               grad_factor, beta2_f32, eps_f32, weight_decay_f32,
+                                               bias_correction1_f32, bias_correction2_f32,
+                                               one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
+                    block_terms[0, i - block] = term0
+                    block_terms[1, i - block] = term1
+                full = (end - block) // np.uint64(4) * np.uint64(4)
+                for j in range(np.uint64(0), full, np.uint64(4)):
+                    lane0_0 += block_terms[0, j + np.uint64(0)]
+                    lane0_1 += block_terms[0, j + np.uint64(1)]
+                    lane0_2 += block_terms[0, j + np.uint64(2)]
+                    lane0_3 += block_terms[0, j + np.uint64(3)]
+                    lane1_0 += block_terms[1, j + np.uint64(0)]
+                    lane1_1 += block_terms[1, j + np.uint64(1)]
+                    lane1_2 += block_terms[1, j + np.uint64(2)]
+                    lane1_3 += block_terms[1, j + np.uint64(3)]
+                for j in range(full, end - block):
+                    lane0_0 += block_terms[0, j]
+                    lane1_0 += block_terms[1, j]
+            partials[c, 0] = (lane0_0 + lane0_1) + (lane0_2 + lane0_3)
+            partials[c, 1] = (lane1_0 + lane1_1) + (lane1_2 + lane1_3)
     # 2. each tensor's sums, its chunks' in chunk order, and its values
     for s in range(segments.shape[0]):
         param_sq = 0.0
@@ -134,7 +180,7 @@ def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
         for c in prange(chunks.shape[0]):
             segment = chunks[c, 2]
             trust_ratio_f32 = np.float32(segvals[segment, 0])
-            for i in range(chunks[c, 0], chunks[c, 1]):
+            for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 lamb_element(i, params, grads, master, state0, state1, grad_factor, lr_f32, eps_f32,
                              weight_decay_f32, bias_correction1_f32, bias_correction2_f32,
                              trust_ratio_f32, fmt, seed)
@@ -142,7 +188,7 @@ def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
         for c in range(chunks.shape[0]):
             segment = chunks[c, 2]
             trust_ratio_f32 = np.float32(segvals[segment, 0])
-            for i in range(chunks[c, 0], chunks[c, 1]):
+            for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 lamb_element(i, params, grads, master, state0, state1, grad_factor, lr_f32, eps_f32,
                              weight_decay_f32, bias_correction1_f32, bias_correction2_f32,
                              trust_ratio_f32, fmt, seed)

@@ -79,13 +79,13 @@ def muon_first(params, master, state0, state1, state2, state3, scalar0, scalar1,
     # 1. each chunk's terms of the per-tensor sums (and the state reduce stores)
     if parallel:
         for c in prange(chunks.shape[0]):
-            for i in range(chunks[c, 0], chunks[c, 1]):
+            for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 direction_i = muon_reduce(i, params, grads, master, state0, grad_factor,
                                           momentum_f32, nesterov, buffer_weight_f32, fmt, seed)
                 direction[i] = direction_i
     else:
         for c in range(chunks.shape[0]):
-            for i in range(chunks[c, 0], chunks[c, 1]):
+            for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 direction_i = muon_reduce(i, params, grads, master, state0, grad_factor,
                                           momentum_f32, nesterov, buffer_weight_f32, fmt, seed)
                 direction[i] = direction_i
@@ -117,14 +117,14 @@ def muon(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
         for c in prange(chunks.shape[0]):
             segment = chunks[c, 2]
             adjusted_lr_f32 = np.float32(segvals[segment, 0])
-            for i in range(chunks[c, 0], chunks[c, 1]):
+            for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 muon_element(i, params, direction, master, state0, grad_factor, decay_f32,
                              adjusted_lr_f32, fmt, seed)
     else:
         for c in range(chunks.shape[0]):
             segment = chunks[c, 2]
             adjusted_lr_f32 = np.float32(segvals[segment, 0])
-            for i in range(chunks[c, 0], chunks[c, 1]):
+            for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 muon_element(i, params, direction, master, state0, grad_factor, decay_f32,
                              adjusted_lr_f32, fmt, seed)
     return lr
