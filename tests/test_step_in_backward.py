@@ -14,10 +14,11 @@ from fastopt import schedules as S  # noqa: E402
 SCHED = S.warmup(S.cosine(1e-2, 30, end_lr=1e-3), 5)
 
 
-def _model(dtype=torch.float32, seed=0):
+def _model(dtype=torch.float32, seed=0, bias=True):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 16), torch.nn.Tanh(), torch.nn.Linear(16, 9),
-                                torch.nn.Tanh(), torch.nn.Linear(9, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(7, 16, bias=bias), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 9, bias=bias), torch.nn.Tanh(),
+                                torch.nn.Linear(9, 3, bias=bias))
     return model.to(dtype)
 
 
@@ -32,7 +33,8 @@ def _loss(model, x, y):
 
 
 CASES = [("AdamW", {"weight_decay": 0.1}), ("SGD", {"momentum": 0.9, "nesterov": True}),
-         ("NAdam", {}), ("Rprop", {}), ("AdamWScheduleFree", {"warmup_steps": 3})]
+         ("NAdam", {}), ("Rprop", {}), ("AdamWScheduleFree", {"warmup_steps": 3}),
+         ("LAMB", {"weight_decay": 0.01}), ("Muon", {})]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -40,7 +42,8 @@ CASES = [("AdamW", {"weight_decay": 0.1}), ("SGD", {"momentum": 0.9, "nesterov":
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
 def test_equals_backward_then_step(name, kw, chunk, dtype):
     lr = 0.01 if name == "Rprop" else SCHED
-    plain, inside = _model(dtype), _model(dtype)
+    bias = name != "Muon"  # (matrices only)
+    plain, inside = _model(dtype, bias=bias), _model(dtype, bias=bias)
     a = getattr(fot, name)(plain.parameters(), lr=lr, **kw)
     b = getattr(fot, name)(inside.parameters(), lr=lr, **kw)
     handle = fot.step_in_backward(inside, b, chunk_elements=chunk)
