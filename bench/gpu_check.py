@@ -303,9 +303,27 @@ def _counterpart_steps(cls: str, shapes: list) -> dict:
     return cases
 
 
-def every_optimizer(names: list, n: int, model: str, shapes: list, sched) -> dict:
+def _fot_step(cls: str, shapes: list, sched):
+    """fastopt.torch's ``cls`` over CUDA params of these shapes, the schedule in its kernel:
+    a function making the step function."""
+    def build():
+        import torch
+
+        import fastopt.torch as fot
+
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        return getattr(fot, cls)(params, lr=sched).step
+    return build
+
+
+def every_optimizer(names: list, n: int, model: str, shapes: list, sched,
+                    matrices: list = ()) -> dict:
     """Each optimizer at ``n`` params (vs a copy of its own bytes) and on the model's tensor
-    list (vs torch's CUDA implementations or the oracle)."""
+    list (vs torch's CUDA implementations or the oracle); one of matrices only (Muon) on
+    ``matrices``, the model's hidden ones: the core (cupy float32 stage), fastopt.torch and
+    torch (both torch's bf16 stage)."""
     import cupy
 
     from fastopt import FlatBuffer
@@ -319,14 +337,14 @@ def every_optimizer(names: list, n: int, model: str, shapes: list, sched) -> dic
             return ready_to_step(cls, params, sched, **BENCH_OPTIONS[cls.lower()])
 
         if CLASSES[cls][0].matrix is not None:  # (Muon: the model's matrices, vs torch's)
-            matrices = [s for s in shapes if len(s) == 2]
             params = FlatBuffer.empty(matrices, xp=cupy)
             params.buffer[...] = cupy.random.standard_normal(params.buffer.size,
                                                              dtype=cupy.float32)
             grads = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
             muon_opt = make(params)
             out = {"fastopt": lambda o=muon_opt, g=grads: o.step(g)}
-            _torch_steps(out, _counterpart_steps(cls, matrices))
+            _torch_steps(out, {"fastopt.torch": _fot_step(cls, matrices, sched),
+                               **_counterpart_steps(cls, matrices)})
             rows[f"{cls} {model} matrices"] = time_interleaved(out)
             continue
         p = cupy.random.standard_normal(n, dtype=cupy.float32)
@@ -404,6 +422,9 @@ def main() -> int:
     n = int(args.size)
     sched = schedules.warmup(schedules.cosine(1e-3, 10_000), 500)
     model, shapes = load_shapes(args.model)
+    # (Muon's share of the model; a list without names: its 2-D tensors)
+    matrices = load_shapes(args.model, hidden_matrices=True)[1] \
+        or [s for s in shapes if len(s) == 2]
     rows = {f"fp32 {n:.3g}": fp32_one_buffer(n, sched),
             f"fp32 {model}": fp32_model(shapes, sched),
             f"bf16 {n:.3g}": bf16_params([(n,)], sched),
@@ -418,7 +439,7 @@ def main() -> int:
     names = ([c for c in CLASSES if c != "AdamW"] if args.optimizers == "all"
              else [] if args.optimizers == "none" else args.optimizers.split(","))
     if names:  # (without CUDA torch the torch columns hold the error)
-        rows.update(every_optimizer(names, n, model, shapes, sched))
+        rows.update(every_optimizer(names, n, model, shapes, sched, matrices))
     sweep = {} if args.no_sweep else grid_sweep(n, sched)
     lines = report(card, summary, rows, sweep)
     Path(args.report).write_text("\n".join(lines) + "\n")

@@ -9,6 +9,7 @@ are checked to agree. The roofline is a kernel with the optimizer's traffic and 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import platform
@@ -166,10 +167,10 @@ class Row:
 def load_shapes(model: str, hidden_matrices: bool = False) -> tuple[str, list[tuple[int, ...]]]:
     """(name, shapes) from a JSON shape list: a path, or a name in bench/shapes/.
 
-    ``hidden_matrices``: only what Muon takes in that model (``fastopt.torch.
-    muon_param_groups``' rule, read from the names): the 2-D tensors inside its numbered
-    blocks (GPT-2's ``h.N`` weights), not embeddings, the head or other ranks; the label
-    gets " matrices"."""
+    ``hidden_matrices``: the tensors Muon would take in that model, told by name since a
+    shape list has no modules (``fastopt.torch.muon_param_groups`` decides by module type
+    on a real model): the 2-D tensors inside its numbered blocks (GPT-2's ``h.N`` weights),
+    not embeddings, the head or other ranks; the label gets " matrices"."""
     candidates = [Path(model)]
     for root in (Path(__file__).resolve().parents[1] / "bench" / "shapes",
                  Path(__file__).resolve().parent / "_shapes"):
@@ -377,8 +378,11 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
             impls[mode if mode == "oracle" or torch_twin(name) is None
                   else "torch" if mode == "plain" else f"torch-{mode}"] = problem.torch(
                 name, mode, 10_000)[0]
-    if OPTIMIZERS[name].definition.matrix is not None:  # the core's stage alone (BLAS)
+    if OPTIMIZERS[name].definition.matrix is not None:  # the core's stage alone (BLAS),
+        # and its two elementwise passes alone (against the roofline)
         impls["stage"] = opt._prepared.matrix_stage
+        impls["passes"] = functools.partial(opt._prepared.cpu_passes_only, grads,
+                                            sched.table, 1)
     impls["roofline"] = roofline(name, n)
     size = sum(int(np.prod(s)) for s in shapes)
     return Row(name, case, size, len(shapes), _median_times(impls, budget_s))
@@ -504,8 +508,9 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
         summary = matrix_summary(rows)
         if summary:
             lines += ["Optimizers with a matrix stage (Muon; the `stage` column is the core's "
-                      "float32 Newton-Schulz alone, `roofline` its two elementwise passes' "
-                      "traffic only):", "", *(f"- {line}" for line in summary), ""]
+                      "float32 Newton-Schulz alone, `passes` its two fused elementwise passes "
+                      "alone, `roofline` their traffic only):", "",
+                      *(f"- {line}" for line in summary), ""]
     if starting:
         lines += [
             "Start-up, seconds, medians over fresh processes (`fastopt/startup.py`): `import "
@@ -570,6 +575,9 @@ def matrix_summary(rows: list[Row]) -> list[str]:
         line += (f"core fastopt {t['fastopt'] * 1e3:.1f} ms per step, "
                  f"{100 * t['stage'] / t['fastopt']:.0f}% of it in the float32 "
                  "Newton-Schulz stage (BLAS)")
+        if "passes" in t:
+            line += (f"; its two fused passes alone {t['passes'] * 1e3:.2f} ms, "
+                     f"{100 * t['roofline'] / t['passes']:.0f}% of their copy roofline")
         lines.append(line)
     return lines
 

@@ -446,7 +446,7 @@ def numba_source(d: Definition) -> str:
 
     if x.matrix:  # the first pass, then (after the host's matrix stage) the rest
         lines += _numba_kernel(x, f"{name}_first", f"Pass 1 of {name} step k = ``step`` (state, "
-                               "directions); returns the lr.", (1,)) + [""]
+                               "directions); returns the lr, as the rest does.", (1,)) + [""]
         return "\n".join(lines + _numba_kernel(
             x, name, f"The rest of {name} step k = ``step`` (the stage's result in "
             "``direction``).", (2, 3)))
@@ -556,10 +556,12 @@ def _numba_segmented_passes(x: _Parts, reduce_args: list[str], call_args: list[s
                    for r, row in enumerate(lanes))]
     lines = []
     if 1 in phases:
-        lines += ["    # 1. each chunk's terms of the per-tensor sums (and the state reduce "
-                  "stores)", *over_chunks(first)]
+        lines += ["    # 1. " + ("each element's state and direction" if not d.reductions else
+                                 "each chunk's terms of the per-tensor sums (and the state "
+                                 "reduce stores)"), *over_chunks(first)]
     if 2 in phases:
-        lines += ["    # 2. each tensor's sums, its chunks' in chunk order, and its values",
+        lines += ["    # 2. each tensor's values" if not d.reductions else
+                  "    # 2. each tensor's sums, its chunks' in chunk order, and its values",
                   "    for s in range(segments.shape[0]):"]
         for reduction in d.reductions:
             lines.append(f"        {reduction} = 0.0")
@@ -884,7 +886,8 @@ def _cuda_segmented(x: _Parts) -> list[str]:
     lines += ["}", ""]
     # 2. segment
     seg = _Printer("c", element=False, bools=x.bools | x.segment_bools)
-    lines += [f"// Pass 2 of a {name} step (a thread per tensor): its sums and values.",
+    lines += [f"// Pass 2 of a {name} step (a thread per tensor): its "
+              + ("values." if not r_count else "sums and values."),
               "template <typename T, typename S>",
               f"FO_D void {name}_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
     preamble, _ = _cuda_preamble(x, [], False, True)

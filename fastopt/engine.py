@@ -64,9 +64,8 @@ if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
 
 #: A matrix stage's definition (Muon) runs its elementwise passes serially below this many
 #: params: its BLAS stage's threads and Numba's parallel threads, alternating within each
-#: step, spin-wait against each other on few cores (2 cores, 49K params: 10.2 ms a step
-#: parallel, 1.6 ms serial), and the passes are a few % of the step at any size
-#: (bench/NOTES.md, "Muon")
+#: step, spin-wait against each other on few cores, which cost far more than parallel
+#: passes save while the stage dominates the step (measured in bench/NOTES.md, "Muon")
 MATRIX_PARALLEL_MIN = 1 << 24
 
 _CPU_DUMMY = _dummy_state(np)
@@ -185,6 +184,15 @@ class Prepared:
         launch.launch(self.definition.name, self.dtype, self.kernel_values(
             grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult, fresh,
             control), between=None if self.definition.matrix is None else self.matrix_stage)
+
+    def cpu_passes_only(self, grads, table: np.ndarray, step: int) -> None:
+        """A matrix-stage definition's two elementwise passes on the CPU without the stage
+        between them (what the benchmark times against its traffic roofline)."""
+        parallel = parallel_ok(self.parallel)
+        args = (*self._fixed, grads, table, step, 1.0, 1.0, 0, parallel)
+        with kernel_guard(parallel):
+            self._first(*args)
+            self._fn(*args)
 
     def matrix_stage(self) -> None:
         """The definition's matrix stage (Muon's Newton-Schulz) on each tensor's direction, as

@@ -20,6 +20,7 @@ Elements outside every tensor (a FlatBuffer's alignment gaps) are not touched.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,6 +42,14 @@ def _factored(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return math.prod(shape[:-2]), shape[-2], shape[-1]
 
 
+def _integer(value, what: str) -> int:
+    """An int from an int-like value (numpy integers too); a float, a bool or anything else
+    raises TypeError (a truncated dimension would leave elements untouched)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"segments: the {what} must be an integer, got {value!r}")
+    return int(value)
+
+
 def _torch_size(shape: tuple[int, ...]) -> str:
     """A shape as torch prints a tensor's size (its messages quote it)."""
     return f"torch.Size([{', '.join(map(str, shape))}])"
@@ -56,8 +65,9 @@ class SegmentTable:
     __slots__ = ("offsets", "shapes", "size", "rows", "chunks", "_device")
 
     def __init__(self, offsets: Sequence[int], shapes: Sequence[Sequence[int]], size: int):
-        shapes = [tuple(int(d) for d in s) for s in shapes]
-        offsets = [int(o) for o in offsets]
+        shapes = [tuple(_integer(d, f"dimension of tensor {i}") for d in s)
+                  for i, s in enumerate(shapes)]
+        offsets = [_integer(o, f"offset of tensor {i}") for i, o in enumerate(offsets)]
         if len(offsets) != len(shapes):
             raise ValueError(f"segments: {len(offsets)} offsets for {len(shapes)} shapes")
         if not shapes:
@@ -95,8 +105,9 @@ class SegmentTable:
     @classmethod
     def contiguous(cls, shapes: Sequence[Sequence[int]]) -> SegmentTable:
         """Tensors of these shapes packed back to back from offset 0, no gaps."""
-        offsets = np.cumsum([0, *(math.prod(s) for s in shapes)])[:-1]
-        return cls(offsets.tolist(), shapes, int(sum(math.prod(s) for s in shapes)))
+        sizes = [math.prod(_integer(d, "dimension") for d in s) for s in shapes]
+        offsets = np.cumsum([0, *sizes])[:-1]
+        return cls(offsets.tolist(), shapes, int(sum(sizes)))
 
     def check_matrices(self, message: str) -> None:
         """ValueError (``message`` with the ``shape``) unless every tensor is 2-D: a matrix

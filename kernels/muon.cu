@@ -21,15 +21,15 @@
 
 // The muon math of one element (the definition's), every scalar float32: the first pass's
 // (state and terms of the per-tensor sums), then the update's.
-FO_HD void muon_reduce_element(float& p, float& g, float& momentum_buffer, float momentum, bool nesterov, float buffer_weight, float& direction) {
-    if (buffer_weight < 0.5f) {
+FO_HD void muon_reduce_element(float& p, float& g, float& momentum_buffer, float momentum, bool nesterov, float buffer_weight, bool buffer_from_start, bool nesterov_from_start, float& direction) {
+    if (buffer_from_start) {
         momentum_buffer = momentum_buffer + buffer_weight * (g - momentum_buffer);
     } else {
         momentum_buffer = g - (g - momentum_buffer) * (1.0f - buffer_weight);
     }
     direction = momentum_buffer;
     if (nesterov) {
-        if (momentum < 0.5f) {
+        if (nesterov_from_start) {
             direction = g + momentum * (momentum_buffer - g);
         } else {
             direction = momentum_buffer - (momentum_buffer - g) * (1.0f - momentum);
@@ -53,11 +53,15 @@ FO_D void muon_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     const bool nesterov = h1 != 0.0;
     const double adjust_lr = h2;
     double buffer_weight = 0.0;
+    bool buffer_from_start = false;
+    bool nesterov_from_start = false;
     double decay = 0.0;
     buffer_weight = 1.0 - momentum;
+    buffer_from_start = fabs(buffer_weight) < 0.5;
+    nesterov_from_start = fabs(momentum) < 0.5;
     decay = 1.0 - lr * weight_decay;
     const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
-    (void)lr; (void)momentum; (void)nesterov; (void)adjust_lr; (void)buffer_weight; (void)decay; (void)grad_factor;  // (unused here)
+    (void)lr; (void)momentum; (void)nesterov; (void)adjust_lr; (void)buffer_weight; (void)buffer_from_start; (void)nesterov_from_start; (void)decay; (void)grad_factor;  // (unused here)
     const float momentum_f32 = (float)momentum;
     const float buffer_weight_f32 = (float)buffer_weight;
     constexpr int N = VecWidth<T>::value;
@@ -78,7 +82,8 @@ FO_D void muon_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
         for (int j = 0; j < W; ++j) {
             g[j] = grad_factor * g[j];
             muon_reduce_element(p[j], g[j], momentum_buffer[j], momentum_f32, nesterov,
-                                buffer_weight_f32, direction_out[j]);
+                                buffer_weight_f32, buffer_from_start, nesterov_from_start,
+                                direction_out[j]);
         }
         store<W>(direction + i, direction_out);
         unsigned rnd[W];  // stochastic rounding bits for bf16 state (unused for float32)
@@ -88,7 +93,7 @@ FO_D void muon_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     });
 }
 
-// Pass 2 of a muon step (a thread per tensor): its sums and values.
+// Pass 2 of a muon step (a thread per tensor): its values.
 template <typename T, typename S>
 FO_D void muon_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
@@ -100,11 +105,15 @@ FO_D void muon_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     const bool nesterov = h1 != 0.0;
     const double adjust_lr = h2;
     double buffer_weight = 0.0;
+    bool buffer_from_start = false;
+    bool nesterov_from_start = false;
     double decay = 0.0;
     buffer_weight = 1.0 - momentum;
+    buffer_from_start = fabs(buffer_weight) < 0.5;
+    nesterov_from_start = fabs(momentum) < 0.5;
     decay = 1.0 - lr * weight_decay;
     const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
-    (void)lr; (void)momentum; (void)nesterov; (void)adjust_lr; (void)buffer_weight; (void)decay; (void)grad_factor;  // (unused here)
+    (void)lr; (void)momentum; (void)nesterov; (void)adjust_lr; (void)buffer_weight; (void)buffer_from_start; (void)nesterov_from_start; (void)decay; (void)grad_factor;  // (unused here)
     const double rows = (double)(segments[6 * s + 2]);
     const double cols = (double)(segments[6 * s + 3]);
     double adjusted_lr = 0.0;
@@ -127,11 +136,15 @@ FO_D void muon(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     const bool nesterov = h1 != 0.0;
     const double adjust_lr = h2;
     double buffer_weight = 0.0;
+    bool buffer_from_start = false;
+    bool nesterov_from_start = false;
     double decay = 0.0;
     buffer_weight = 1.0 - momentum;
+    buffer_from_start = fabs(buffer_weight) < 0.5;
+    nesterov_from_start = fabs(momentum) < 0.5;
     decay = 1.0 - lr * weight_decay;
     const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
-    (void)lr; (void)momentum; (void)nesterov; (void)adjust_lr; (void)buffer_weight; (void)decay; (void)grad_factor;  // (unused here)
+    (void)lr; (void)momentum; (void)nesterov; (void)adjust_lr; (void)buffer_weight; (void)buffer_from_start; (void)nesterov_from_start; (void)decay; (void)grad_factor;  // (unused here)
     const float decay_f32 = (float)decay;
     constexpr int N = VecWidth<T>::value;
     const bool vector_ok = aligned_for<N>(params) &&

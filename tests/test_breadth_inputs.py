@@ -189,9 +189,11 @@ def test_torch_single_param_groups_step_for_every_optimizer():
             p.grad = torch.from_numpy(g.copy()).reshape(shape)
             opt.step()
             ref.step(g)
-        # (Muon: torch's bf16 Newton-Schulz against the core's float32 one)
-        rtol = 1e-2 if CLASSES[cls][0].matrix is not None else 1e-6
+        # (Muon: torch's bf16 Newton-Schulz against the core's float32 one; the params move
+        # by about 1e-3 here, and the two agree to 1e-4 of that)
+        rtol = 5e-4 if CLASSES[cls][0].matrix is not None else 1e-6
         np.testing.assert_allclose(p.detach().numpy().ravel(), core, rtol=rtol, err_msg=cls)
+        assert not np.allclose(core, np.linspace(-1, 1, 6), rtol=1e-4), cls  # (they moved)
 
 
 def test_schedulefree_group_values_follow_the_params_that_step():

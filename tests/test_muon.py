@@ -72,8 +72,8 @@ def test_torch_layer_equals_torch_muon_over_100_steps(option):
 
 def test_core_float32_stage_differs_from_torch_by_the_documented_amount():
     """fastopt.Muon runs Newton-Schulz in float32 (BLAS), torch in bfloat16: after 100 steps
-    at lr 5e-3 the params differ by 3.6e-4 relative (1.7e-3 at lr 2e-2; README: 'Muon'), the
-    momentum buffers not beyond float32 rounding (the elementwise math is torch's)."""
+    at lr 5e-3 the params differ by the amount the README states ('Muon'), the momentum
+    buffers not beyond float32 rounding (the elementwise math is torch's)."""
     flat = FlatBuffer.empty(SHAPES)
     rng = np.random.default_rng(0)
     for view in flat.views:
@@ -88,7 +88,7 @@ def test_core_float32_stage_differs_from_torch_by_the_documented_amount():
         core.step(grads.buffer)
         _step(theirs, twin, step_grads)
     gap = max(rel_error(v, t.detach().numpy()) for v, t in zip(flat.views, theirs, strict=True))
-    assert 1e-5 < gap < 5e-3, gap  # (not equal: a float32 stage; close: the same method)
+    assert 1e-4 < gap < 1e-3, gap  # (not equal: a float32 stage; close: the same method)
     buffers = flat.like()
     buffers.buffer[...] = core.state["momentum_buffer"]
     for view, t in zip(buffers.views, theirs, strict=True):
@@ -127,6 +127,7 @@ def test_only_matrices_in_every_layer():
     ({"momentum": -0.1}, "momentum should be >= 0 but is: -0.1"),
     ({"weight_decay": -1.0}, "weight decay should be >= 0 but is: -1.0"),
     ({"lr": -1.0}, "Invalid learning rate"),
+    ({"ns_coefficients": (float("inf"), 0.0, 0.0)}, "must be finite reals"),
 ])
 def test_bad_arguments_raise_value_errors(kwargs, match):
     """torch's messages where torch checks (its ns_steps and coefficient checks run at the
@@ -135,6 +136,31 @@ def test_bad_arguments_raise_value_errors(kwargs, match):
         fot.Muon([torch.nn.Parameter(torch.randn(3, 4))], **kwargs)
     with pytest.raises(ValueError, match=match):
         fastopt.Muon(np.zeros(12, np.float32), segments=[(3, 4)], **kwargs)
+
+
+def test_non_integer_arguments_raise_type_errors():
+    """A float ns_steps (torch: TypeError from range) and float or bool dimensions in
+    ``segments=`` (truncated, they would leave elements untouched)."""
+    with pytest.raises(TypeError, match="ns_steps must be an integer"):
+        fot.Muon([torch.nn.Parameter(torch.randn(3, 4))], ns_steps=5.0)
+    for shape in ((2.5, 1.6), (3, True)):
+        with pytest.raises(TypeError, match="must be an integer"):
+            fastopt.Muon(np.ones(4, np.float32), segments=[shape])
+
+
+@pytest.mark.parametrize("bad", [-3, 2.5, None, "abc", float("nan"), 2**70])
+def test_a_loaded_step_count_is_checked(bad):
+    """The saved count must be a count: anything else raises ValueError and changes nothing."""
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    opt = fot.Muon(params, lr=S.cosine(0.02, 10))
+    params[0].grad = torch.randn(4, 3)
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"][0]["fastopt_step"] = bad
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="must be a step count"):
+        opt.load_state_dict(saved)
+    assert opt.state_dict()["param_groups"] == before["param_groups"]
 
 
 def test_state_dict_resumes_the_schedule_and_shows_no_step():
@@ -151,12 +177,12 @@ def test_state_dict_resumes_the_schedule_and_shows_no_step():
     for g in grads[:5]:
         _step(b, first, g)
     saved = first.state_dict()
-    assert saved["param_groups"][0]["step"] == 5
+    assert saved["param_groups"][0]["fastopt_step"] == 5
     assert all("step" not in st for st in saved["state"].values())
     c = [torch.nn.Parameter(p.detach().clone()) for p in b]
     second = fot.Muon(c, lr=schedule)
     second.load_state_dict(saved)
-    assert "step" not in second.param_groups[0]
+    assert "fastopt_step" not in second.param_groups[0]
     for g in grads[5:]:
         _step(c, second, g)
     for p, q in zip(c, a, strict=True):
@@ -202,6 +228,10 @@ def test_muon_param_groups_rule():
     assert id(model.out.weight) in {id(p) for p in muon[0]["params"]}
     with pytest.raises(ValueError, match="no module named"):
         fot.muon_param_groups(model, head="nope")
+    with pytest.raises(ValueError, match=r"\['weight_decy'\] are not arguments of Muon"):
+        fot.muon_param_groups(model, weight_decy=0.1)
+    _, adamw = fot.muon_param_groups(model)  # (AdamW's own defaults where not given)
+    assert set(adamw[0]) == {"params", "lr"}
     # the groups build both optimizers, and a step runs
     muon, adamw = fot.muon_param_groups(model)
     optimizers = [fot.Muon(muon), fot.AdamW(adamw)]

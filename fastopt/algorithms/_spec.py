@@ -295,7 +295,7 @@ class Definition:
     matrix: MatrixStage | None = None
     #: whether torch-style implementations keep a per-param ``step`` in the state. torch's
     #: Muon keeps none: fastopt.torch then counts the steps (for the in-kernel schedule) out of
-    #: sight and saves the count in its state dicts' param groups, under ``step``
+    #: sight and saves the count in its state dicts' param groups (``fastopt_step``)
     per_param_step: bool = True
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ orthogonalises each matrix (BLAS / cuBLAS; torch's bf16 matmul in fastopt.torch)
 applies the decay and the update (fused).
 """
 
+import math
 import numbers
 from math import sqrt
 
@@ -26,18 +27,21 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 def prologue(step, lr, momentum, weight_decay):
     buffer_weight = 1.0 - momentum  # torch.lerp's weight, a float32 in the element
+    # torch.lerp's two forms: from the start where |weight| < 0.5, else from the end
+    buffer_from_start = abs(buffer_weight) < 0.5
+    nesterov_from_start = abs(momentum) < 0.5
     decay = 1.0 - lr * weight_decay
 
 
-def reduce(p, g, momentum_buffer, *, momentum, nesterov, buffer_weight):
-    # torch.lerp's two forms (|weight| < 0.5 from the start, else from the end)
-    if buffer_weight < 0.5:
+def reduce(p, g, momentum_buffer, *, momentum, nesterov, buffer_weight, buffer_from_start,
+           nesterov_from_start):
+    if buffer_from_start:
         momentum_buffer = momentum_buffer + buffer_weight * (g - momentum_buffer)
     else:
         momentum_buffer = g - (g - momentum_buffer) * (1.0 - buffer_weight)
     direction = momentum_buffer
     if nesterov:
-        if momentum < 0.5:
+        if nesterov_from_start:
             direction = g + momentum * (momentum_buffer - g)
         else:
             direction = momentum_buffer - (momentum_buffer - g) * (1.0 - momentum)
@@ -102,9 +106,12 @@ def _check_coefficients(value) -> tuple[float, float, float]:
         values = ()
     if len(values) != 3:
         raise ValueError("Coefficients must be a tuple of exactly 3 values")
-    return tuple(check_real("ns_coefficients", v, -float("inf"),
-                            message="ns_coefficients must be finite reals, got {value}")
-                 for v in values)
+    checked = tuple(check_real("ns_coefficients", v, -math.inf,
+                               message="ns_coefficients must be finite reals, got {value}")
+                    for v in values)
+    if not all(map(math.isfinite, checked)):
+        raise ValueError(f"ns_coefficients must be finite reals, got {value!r}")
+    return checked
 
 
 def _check_eps(value) -> float:
@@ -112,8 +119,10 @@ def _check_eps(value) -> float:
 
 
 def _check_ns_steps(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"ns_steps must be an integer >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ns_steps must be an integer, got {value!r}")  # (as torch's range)
+    if value < 0:
+        raise ValueError(f"ns_steps must be >= 0, got {value!r}")
     if value >= 100:
         raise ValueError("Number of steps must be less than 100 for computational efficiency")
     return int(value)
@@ -145,7 +154,7 @@ DEFINITION = Definition(
     prologue=prologue,
     element=element,
     lr_default=1e-3,
-    torch_twin={"Muon": TorchTwin("Muon", capturable_what="params")},
+    torch_twin={"Muon": TorchTwin("Muon")},
     reduce=reduce,
     segment=segment,
     matrix=MatrixStage(newton_schulz, newton_schulz_torch,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import numbers
 import re
 import warnings
 import weakref
@@ -37,8 +38,9 @@ PARAM_DTYPES = (torch.float32, *HALF_FORMATS)
 #: ``state_dtype`` names -> the state buffers' torch dtype (bfloat16: stochastically rounded)
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: where a state dict's param group keeps the step count of an optimizer whose torch twin
-#: keeps no per-param ``step`` (Muon): fastopt's in-kernel schedule resumes from it
-GROUP_STEP = "step"
+#: keeps no per-param ``step`` (Muon): fastopt's in-kernel schedule resumes from it. torch's
+#: optimizer keeps the key through its own load and save without advancing it.
+GROUP_STEP = "fastopt_step"
 
 
 #: flat param buffer's storage address -> the live bucket that owns it (two optimizers over one
@@ -833,7 +835,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             key = self.definition.group_step  # or a saved count where torch keeps none)
             key = GROUP_STEP if not self.definition.per_param_step else key
             if st and key is not None:
-                steps = float(group.get(key, 0))
+                steps = float(_saved_count(group.get(key, 0), key))
             b.steps[i] = float(st.get("step", steps))
             for name in b.state:
                 view = b.view_of(name, i)
@@ -906,6 +908,21 @@ class FlatOptimizer(torch.optim.Optimizer):
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st
         self._lr_written = written
+
+
+def _saved_count(value, key: str) -> int:
+    """A step count a loaded param group holds (schedulefree's ``k``, fastopt's count for
+    Muon): an integer in [0, 2**63) (a whole float or a one-element tensor too), else
+    ValueError, before any of it is used."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not 0 <= value < 2**63:
+        raise ValueError(f"param group {key!r} must be a step count, an integer in "
+                         f"[0, 2**63), got {value!r}")
+    return int(value)
 
 
 class _hooks_off:

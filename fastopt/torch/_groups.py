@@ -4,6 +4,8 @@ Moonshot's "Muon is Scalable for LLM Training")."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 #: module types whose weights are lookup tables, not linear maps: AdamW's
@@ -11,8 +13,9 @@ EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
 
 def muon_param_groups(model: torch.nn.Module, *, adamw_lr: float = 3e-4,
-                      adamw_betas: tuple[float, float] = (0.9, 0.999),
-                      adamw_weight_decay: float = 0.01, head: str | list[str] | None = None,
+                      adamw_betas: tuple[float, float] | None = None,
+                      adamw_weight_decay: float | None = None,
+                      head: str | list[str] | None = None,
                       **muon_options) -> tuple[list[dict], list[dict]]:
     """Split ``model``'s trainable params into Muon's and AdamW's: ``(muon_groups,
     adamw_groups)``, each a list of at most one param group, for ``fastopt.torch.Muon`` and
@@ -27,17 +30,28 @@ def muon_param_groups(model: torch.nn.Module, *, adamw_lr: float = 3e-4,
     AdamW: biases, norms' weights, embeddings, the head, and tensors of other ranks
     (convolution kernels too: torch's Muon refuses them). The output head is the modules
     named by ``head`` (names as ``model.named_modules()`` gives them), by default the last
-    ``nn.Linear`` registered in ``model`` (GPT-2's ``lm_head``, a classifier's ``fc``).
+    ``nn.Linear`` registered in ``model`` (GPT-2's ``lm_head``, a classifier's ``fc``). A
+    model whose output is computed without a module of its own (nanoGPT's ``F.linear`` on
+    the tied embedding) has none: pass ``head=[]``, or the last Linear (a hidden layer then)
+    goes to AdamW.
     Params that do not require a gradient are left out.
 
-    ``muon_options`` (``lr``, ``weight_decay``, ``momentum``, ...) go into the Muon group,
-    ``adamw_lr``/``adamw_betas``/``adamw_weight_decay`` into the AdamW group's ``lr``,
-    ``betas`` and ``weight_decay``. A side with no params gets an empty list (an optimizer
-    needs at least one param: build only the ones you have).
+    ``muon_options`` (``lr``, ``weight_decay``, ``momentum``, ...: Muon's arguments; others
+    raise ``ValueError``) go into the Muon group, ``adamw_lr`` into the AdamW group's
+    ``lr``, and ``adamw_betas``/``adamw_weight_decay`` into its ``betas``/``weight_decay``
+    where given (else the AdamW optimizer's defaults apply). A side with no params gets an
+    empty list (an optimizer needs at least one param: build only the ones you have).
     """
+    from .optim import Muon
+
+    known = set(inspect.signature(Muon).parameters) - {"params"}
+    unknown = sorted(set(muon_options) - known)
+    if unknown:
+        raise ValueError(f"muon_param_groups: {unknown} are not arguments of Muon "
+                         f"({sorted(known)})")
     modules = dict(model.named_modules())
-    if head is None:
-        linears = [name for name, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    if head is None:  # (exactly nn.Linear: attention's out_proj, a subclass, is no head)
+        linears = [name for name, m in modules.items() if type(m) is torch.nn.Linear]
         heads = linears[-1:]
     else:
         heads = [head] if isinstance(head, str) else list(head)
@@ -54,6 +68,7 @@ def muon_param_groups(model: torch.nn.Module, *, adamw_lr: float = 3e-4,
         seen.add(id(p))
         (muon if p.ndim == 2 and id(p) not in to_adamw else adamw).append(p)
     muon_groups = [{"params": muon, **muon_options}] if muon else []
-    adamw_groups = [{"params": adamw, "lr": adamw_lr, "betas": adamw_betas,
-                     "weight_decay": adamw_weight_decay}] if adamw else []
+    adamw_options = {"lr": adamw_lr, "betas": adamw_betas, "weight_decay": adamw_weight_decay}
+    adamw_groups = [{"params": adamw, **{k: v for k, v in adamw_options.items()
+                                         if v is not None}}] if adamw else []
     return muon_groups, adamw_groups

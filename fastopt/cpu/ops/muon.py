@@ -29,18 +29,18 @@ from ..schedule import lr_at
 
 @helper
 def muon_reduce(i, params, grads, master, momentum_buffer_buffer, grad_factor, momentum, nesterov,
-                buffer_weight, fmt, seed):
+                buffer_weight, buffer_from_start, nesterov_from_start, fmt, seed):
     """Element i's first pass: its state, and its direction."""
     g = grad_factor * load_grad(grads, i, fmt)
     momentum_buffer = decode_state(momentum_buffer_buffer[i])
     direction = np.float32(0.0)
-    if buffer_weight < np.float32(0.5):
+    if buffer_from_start:
         momentum_buffer = momentum_buffer + buffer_weight * (g - momentum_buffer)
     else:
         momentum_buffer = g - (g - momentum_buffer) * (np.float32(1.0) - buffer_weight)
     direction = momentum_buffer
     if nesterov:
-        if momentum < np.float32(0.5):
+        if nesterov_from_start:
             direction = g + momentum * (momentum_buffer - g)
         else:
             direction = momentum_buffer - (momentum_buffer - g) * (np.float32(1.0) - momentum)
@@ -67,27 +67,31 @@ def muon_first(params, master, state0, state1, state2, state3, scalar0, scalar1,
                weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, segments,
                chunks, partials, segvals, direction, grads, table, step, lr_scale, grad_mult, fresh,
                parallel):
-    """Pass 1 of muon step k = ``step`` (state, directions); returns the lr."""
+    """Pass 1 of muon step k = ``step`` (state, directions); returns the lr, as the rest does."""
     lr = lr_at(table, step - 1.0) * lr_scale
     momentum = h0
     nesterov = h1 != 0.0
     buffer_weight = 1.0 - momentum
+    buffer_from_start = abs(buffer_weight) < 0.5
+    nesterov_from_start = abs(momentum) < 0.5
     grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
     momentum_f32 = np.float32(momentum)
     buffer_weight_f32 = np.float32(buffer_weight)
     seed = step_seed(step)
-    # 1. each chunk's terms of the per-tensor sums (and the state reduce stores)
+    # 1. each element's state and direction
     if parallel:
         for c in prange(chunks.shape[0]):
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 direction_i = muon_reduce(i, params, grads, master, state0, grad_factor,
-                                          momentum_f32, nesterov, buffer_weight_f32, fmt, seed)
+                                          momentum_f32, nesterov, buffer_weight_f32,
+                                          buffer_from_start, nesterov_from_start, fmt, seed)
                 direction[i] = direction_i
     else:
         for c in range(chunks.shape[0]):
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
                 direction_i = muon_reduce(i, params, grads, master, state0, grad_factor,
-                                          momentum_f32, nesterov, buffer_weight_f32, fmt, seed)
+                                          momentum_f32, nesterov, buffer_weight_f32,
+                                          buffer_from_start, nesterov_from_start, fmt, seed)
                 direction[i] = direction_i
     return lr
 
@@ -103,7 +107,7 @@ def muon(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
     grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
     decay_f32 = np.float32(decay)
     seed = step_seed(step)
-    # 2. each tensor's sums, its chunks' in chunk order, and its values
+    # 2. each tensor's values
     for s in range(segments.shape[0]):
         rows = float(segments[s, 2])
         cols = float(segments[s, 3])
