@@ -261,3 +261,44 @@ def test_zero_grad_set_to_none_like_torch():
         assert all(p.grad is None for p in model.parameters())
         opt.zero_grad(set_to_none=False)  # a grad that is None stays None, as in torch
         assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_state_dict_with_a_schedule_loads_with_torchs_default_weights_only():
+    """torch.load's default (weights_only=True) unpickles tensors and plain values only: the
+    group's schedule is saved as its table (a tensor) and description, and resumes
+    exactly; a malformed one raises ValueError."""
+    import io
+
+    schedule = S.warmup(S.cosine(1e-2, 20), 3)
+    batches = [torch.randn(2, 4, generator=torch.Generator().manual_seed(k)) for k in range(8)]
+
+    def run(model, opt, xs):
+        for x in xs:
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Linear(4, 3)
+
+    straight = model()
+    run(straight, fot.AdamW(straight.parameters(), lr=schedule), batches)
+    first = model()
+    opt = fot.AdamW(first.parameters(), lr=schedule)
+    run(first, opt, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf)  # (weights_only=True: torch's default)
+    second = model()
+    second.load_state_dict(saved["model"])
+    resumed = fot.AdamW(second.parameters(), lr=1e-3)
+    resumed.load_state_dict(saved["optim"])
+    assert resumed.param_groups[0]["schedule"] == schedule
+    run(second, resumed, batches[3:])
+    for p, q in zip(second.parameters(), straight.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    saved["optim"]["param_groups"][0]["schedule"] = {"table": [1.0]}
+    with pytest.raises(ValueError, match="param group 'schedule' must be"):
+        resumed.load_state_dict(saved["optim"])

@@ -708,6 +708,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                           for name, v in st.items()}
                       for k, st in d["state"].items()}
         for group, buckets in zip(d["param_groups"], self._buckets, strict=True):
+            if isinstance(group.get("schedule"), Schedule):  # (torch.load's weights_only
+                group["schedule"] = _schedule_payload(group["schedule"])  # takes tensors)
             for name in self._group_scalars:  # group scalars: numbers, as schedulefree's
                 if isinstance(group.get(name), torch.Tensor):
                     group[name] = float(group[name])
@@ -749,6 +751,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                         "_optimizer_load_state_dict_post_hooks") as (_, post_hooks):
             super().load_state_dict(state_dict)  # checks the groups, loads hyperparameters
         for group in self.param_groups:  # the definition's checks on the loaded values
+            if "schedule" in group:  # (saved as its table: back to a Schedule, checked)
+                group["schedule"] = self.definition.check_schedule(
+                    _schedule_from_payload(group["schedule"]))
             self._hypers(group)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -908,6 +913,26 @@ class FlatOptimizer(torch.optim.Optimizer):
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st
         self._lr_written = written
+
+
+def _schedule_payload(schedule: Schedule) -> dict:
+    """A schedule as a state dict keeps it: its float64 table as a tensor and its
+    description, which ``torch.load(weights_only=True)`` (torch's default) reads back."""
+    return {"table": torch.from_numpy(schedule.table.copy()), "description": repr(schedule)}
+
+
+def _schedule_from_payload(value) -> Schedule:
+    """A Schedule from what a state dict holds: the payload above, or a Schedule (state
+    dicts of earlier fastopt versions). The table is checked as any schedule's."""
+    if isinstance(value, Schedule):
+        return value
+    if not (isinstance(value, dict) and set(value) == {"table", "description"}
+            and isinstance(value["table"], torch.Tensor)):
+        raise ValueError("param group 'schedule' must be a fastopt Schedule or "
+                         "{'table': tensor, 'description': str}, as state_dict() saves it; "
+                         f"got {type(value).__name__}")
+    table = value["table"].detach().to("cpu", torch.float64).numpy()
+    return Schedule(table, str(value["description"]))
 
 
 def _saved_count(value, key: str) -> int:
