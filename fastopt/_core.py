@@ -114,8 +114,7 @@ class FlatOptimizer:
         self._grad_dtypes = dtypes(
             ("float32",) if self.dtype == "float32"
             else (self.params.dtype,) if self._on_gpu
-            else tuple({self.params.dtype.name, "uint16", "float32"}
-                       | ({"float16"} if self.dtype == "float16" else set())))
+            else tuple({self.params.dtype.name, "uint16", "float32", self.dtype}))
         #: the tensors' layout in params (tensor-aware optimizers; None for elementwise ones)
         self.segments = None if segments is None else segment_table(segments,
                                                                      self.params.shape[0])

@@ -133,3 +133,19 @@ def test_clipping_and_skip_with_16_bit_grads(dtype):
     before = p16.copy()
     assert opt.step(bad, skip_if_nonfinite=True) is False
     np.testing.assert_array_equal(p16.view(np.uint16), before.view(np.uint16))
+
+
+def test_raw_bits_params_take_gradients_in_their_own_format():
+    """16-bit params given as raw uint16 bits (``dtype=`` naming the format) take gradients
+    in that format too, as the README says, and step exactly as params of that dtype."""
+    rng = np.random.default_rng(4)
+    for fmt, dtype in (("bfloat16", ml_dtypes.bfloat16), ("float16", np.float16)):
+        typed = rng.standard_normal(64).astype(dtype)
+        bits = typed.view(np.uint16).copy()
+        a = fastopt.AdamW(bits, lr=1e-2, dtype=fmt)
+        b = fastopt.AdamW(typed, lr=1e-2)
+        for _ in range(3):
+            g = rng.standard_normal(64).astype(dtype)
+            a.step(g)
+            b.step(g)
+        np.testing.assert_array_equal(bits, typed.view(np.uint16))
