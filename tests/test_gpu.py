@@ -42,11 +42,12 @@ def test_gpu_equals_cpu(name, n, offset):
     p_gpu = base[offset:]
     p_gpu[...] = cupy.asarray(p0)
     gpu = MAKERS[name](p_gpu)
-    for g in _grads(n, 100):
+    steps = 100 if n < 1 << 20 else 10  # (the large case checks the launch shapes; on the
+    for g in _grads(n, steps):          # fake device its 100 steps took 40 s of CI)
         cpu.step(g)
         gpu.step(cupy.asarray(g))
     np.testing.assert_allclose(p_gpu.get(), p_cpu, rtol=1e-5, atol=1e-5)
-    assert gpu.step_count == 100 == gpu.sync_step_count()
+    assert gpu.step_count == steps == gpu.sync_step_count()
     assert gpu.last_lr == pytest.approx(cpu.last_lr, rel=1e-12)
 
 
