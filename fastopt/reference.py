@@ -304,3 +304,60 @@ def muon(params, grads, momentum_buffer, *, step, lr, segments, weight_decay=0.1
             ratio = np.sqrt(max(1.0, rows / cols))
         new[part] = params[part] * (1.0 - lr * weight_decay) - lr * ratio * x.ravel()
     return new, new_buf
+
+
+#: finfo(float32).eps: Adafactor's eps1 for float32 params when it is None
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+def adafactor(params, grads, row_var, col_var, variance, *, step, lr, segments,
+              beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0,
+              maximize=False, param_eps=FLOAT32_EPS):
+    """Adafactor as torch.optim.Adafactor 2.13's code, in float64 (the oracle the coming
+    kernels are checked against; fastopt.Adafactor is not built yet, bench/NOTES.md has the
+    plan). Per tensor, step k: w = k^beta2_decay, rho = min(lr, 1/sqrt(k)),
+    alpha = max(eps2, ||p|| / sqrt(numel)) rho (p before the decay), p *= 1 - lr wd.
+    A tensor of 2 or more dims, as (batch, R, C): row_var = lerp(row_var, mean_c g^2, w),
+    col_var = lerp(col_var, mean_r g^2, w), est = row_var col_var / max(mean_r row_var,
+    eps1); others: variance = lerp(variance, g^2, w), est = variance. u = g /
+    sqrt(max(est, eps1^2)); p -= alpha / max(1, ||u|| / (sqrt(numel) d)) u. eps1 None is
+    ``param_eps`` (torch: finfo(param dtype).eps).
+
+    ``segments``: (offset, shape) of each tensor in the flat params. The state is packed
+    in the same order, each tensor taking only what it has: ``row_var`` batch * R values,
+    ``col_var`` batch * C, ``variance`` numel (tensors of fewer than 2 dims).
+    Returns (params, row_var, col_var, variance)."""
+    params, grads = _f64(params, grads)
+    row_var, col_var, variance = (np.array(a, dtype=np.float64)  # (copies: updated in place)
+                                  for a in (row_var, col_var, variance))
+    eps1 = param_eps if eps1 is None else eps1
+    grad = -grads if maximize else grads
+    one_minus_beta2 = step**beta2_decay
+    rho = min(lr, 1.0 / np.sqrt(step))
+    new = params.copy()
+    rows_at = cols_at = var_at = 0
+    for offset, shape in segments:
+        numel = int(np.prod(shape))
+        part = slice(offset, offset + numel)
+        p, g = params[part], grad[part]
+        alpha = max(eps2, np.sqrt(np.sum(p * p)) / np.sqrt(numel)) * rho
+        p = p * (1.0 - lr * weight_decay)
+        if len(shape) >= 2:
+            batch, rows, cols = int(np.prod(shape[:-2])), shape[-2], shape[-1]
+            g3 = g.reshape(batch, rows, cols)
+            r = row_var[rows_at:rows_at + batch * rows].reshape(batch, rows)
+            c = col_var[cols_at:cols_at + batch * cols].reshape(batch, cols)
+            r += one_minus_beta2 * (np.mean(g3 * g3, axis=2) - r)
+            c += one_minus_beta2 * (np.mean(g3 * g3, axis=1) - c)
+            row_mean = np.maximum(np.mean(r, axis=1), eps1)
+            est = (r[:, :, None] * c[:, None, :] / row_mean[:, None, None]).ravel()
+            rows_at, cols_at = rows_at + batch * rows, cols_at + batch * cols
+        else:
+            v = variance[var_at:var_at + numel]
+            v += one_minus_beta2 * (g * g - v)
+            est = v
+            var_at += numel
+        u = g / np.sqrt(np.maximum(est, eps1 * eps1))
+        denom = max(1.0, np.sqrt(np.sum(u * u)) / (np.sqrt(numel) * d))
+        new[part] = p - alpha / denom * u
+    return new, row_var, col_var, variance
