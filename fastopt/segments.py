@@ -109,6 +109,25 @@ class SegmentTable:
         offsets = np.cumsum([0, *sizes])[:-1]
         return cls(offsets.tolist(), shapes, int(sum(sizes)))
 
+    def factored_layout(self) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """Where each tensor's factored second moments go in packed state buffers (the
+        layout ``fastopt.reference.adafactor`` takes, for the coming Adafactor kernels):
+        per tensor (row offset, col offset, variance offset), int64, and the buffers'
+        sizes (rows, cols, variance). A tensor of 2 or more dims takes batch * rows values
+        of the row buffer and batch * cols of the col buffer; any other its numel of the
+        variance buffer; each buffer in tensor order."""
+        at = [0, 0, 0]
+        starts = []
+        for shape in self.shapes:
+            starts.append(tuple(at))
+            batch, rows, cols = _factored(shape)
+            if len(shape) >= 2:
+                at[0] += batch * rows
+                at[1] += batch * cols
+            else:
+                at[2] += math.prod(shape)
+        return np.array(starts, dtype=np.int64).reshape(-1, 3), (at[0], at[1], at[2])
+
     def check_matrices(self, message: str) -> None:
         """ValueError (``message`` with the ``shape``) unless every tensor is 2-D: a matrix
         stage (Muon's) works on matrices only, as torch's does."""

@@ -14,6 +14,7 @@ from optimizer_cases import rel_error
 
 from fastopt import reference
 from fastopt.benchmark import load_shapes
+from fastopt.segments import SegmentTable
 
 torch = pytest.importorskip("torch")
 
@@ -23,17 +24,6 @@ OPTIONS = [{}, {"weight_decay": 0.1, "maximize": True},
 
 def _scaled(model: str) -> list[tuple[int, ...]]:
     return [tuple(max(1, -(-d // 8)) for d in shape) for shape in load_shapes(model)[1]]
-
-
-def _state_sizes(shapes):
-    rows = cols = var = 0
-    for s in shapes:
-        if len(s) >= 2:
-            batch = math.prod(s[:-2])
-            rows, cols = rows + batch * s[-2], cols + batch * s[-1]
-        else:
-            var += math.prod(s)
-    return rows, cols, var
 
 
 @pytest.mark.parametrize("option", range(len(OPTIONS)))
@@ -48,9 +38,10 @@ def test_reference_equals_torch_adafactor(model, option):
     theirs = [torch.nn.Parameter(torch.from_numpy(v.copy())) for v in values]
     twin = torch.optim.Adafactor(theirs, lr=lr, eps=(eps1, eps2), foreach=False, **hypers)
     flat = np.concatenate([v.ravel() for v in values]).astype(np.float64)
-    offsets = np.cumsum([0, *(math.prod(s) for s in shapes)])[:-1]
-    segments = list(zip(offsets.tolist(), shapes, strict=True))
-    rows, cols, var = (np.zeros(k) for k in _state_sizes(shapes))
+    table = SegmentTable.contiguous(shapes)
+    segments = list(zip(table.offsets, table.shapes, strict=True))
+    starts, sizes = table.factored_layout()
+    rows, cols, var = (np.zeros(k) for k in sizes)
     for k in range(1, (51 if model == "gpt2_small" else 101)):
         grads = [(rng.standard_normal(s) * rng.uniform(0.1, 3)).astype(np.float32)
                  for s in shapes]
@@ -63,10 +54,15 @@ def test_reference_equals_torch_adafactor(model, option):
     ours = [flat[o:o + math.prod(s)] for o, s in segments]
     assert max(rel_error(a, b.detach().numpy().ravel())
                for a, b in zip(ours, theirs, strict=True)) <= 1e-5
-    # the factors too, in torch's shapes
-    at = 0
-    for p, s in zip(theirs, shapes, strict=True):
+    # the factors too, where the table's layout says, against torch's per-param state
+    for p, s, (row_at, col_at, var_at) in zip(theirs, shapes, starts, strict=True):
+        state = twin.state[p]
         if len(s) >= 2:
-            n = math.prod(s[:-2]) * s[-2]
-            assert rel_error(rows[at:at + n], twin.state[p]["row_var"].numpy().ravel()) <= 1e-5
-            at += n
+            n_rows, n_cols = state["row_var"].numel(), state["col_var"].numel()
+            assert rel_error(rows[row_at:row_at + n_rows], state["row_var"].numpy().ravel()) \
+                <= 1e-5
+            assert rel_error(cols[col_at:col_at + n_cols], state["col_var"].numpy().ravel()) \
+                <= 1e-5
+        else:
+            n = state["variance"].numel()
+            assert rel_error(var[var_at:var_at + n], state["variance"].numpy().ravel()) <= 1e-5

@@ -147,3 +147,12 @@ def test_state_dicts_and_checkpoints_keep_the_layout(tmp_path):
     np.testing.assert_array_equal(loaded.params, fb.buffer)
     with pytest.raises(CheckpointError, match="other offsets"):
         fastopt.load(tmp_path / "c.npz", _flat(rng, [(42,), (9,)]))
+
+
+def test_factored_layout_packs_each_tensors_factors_in_order():
+    """Adafactor's packed state (reference.adafactor's layout): a (2, 3, 4) tensor takes 2*3
+    row values and 2*4 col values, a vector and a scalar their numel of the variance."""
+    table = SegmentTable.contiguous([(2, 3, 4), (5,), (), (6, 7)])
+    starts, sizes = table.factored_layout()
+    assert starts.tolist() == [[0, 0, 0], [6, 8, 0], [6, 8, 5], [6, 8, 6]]
+    assert sizes == (12, 15, 6)
