@@ -18,6 +18,10 @@ Writes a markdown report (card name, date, test summary, ratios measured in this
   a small MLP, where host work and launches dominate) vs torch fused AdamW; only where torch
   has CUDA.
 - each case also times fastopt with ``state_dtype="bfloat16"`` (20 B/param).
+- ``fp32 <size>`` also times a step with ``max_grad_norm`` and ``skip_if_nonfinite`` (the
+  norm, clip coefficient and skip flag computed on the device: one more read of the grads,
+  32 B/param) vs a copy of 32 B/param.
+- the report is rewritten after each case, so a run cut short keeps the cases it finished.
 - ``<Optimizer> <size>`` and ``<Optimizer> <model>`` for every other optimizer in the
   registry (``--optimizers``): fastopt vs a copy moving the optimizer's own bytes per param
   (``fastopt.benchmark.traffic``) on one buffer, and vs torch's CUDA implementations of its
@@ -106,6 +110,7 @@ def _torch_adamw(tensors):
 
 
 BF16_STATE = "fastopt state_dtype=bfloat16"
+CLIPPED = "fastopt max_grad_norm=1, skip_if_nonfinite"
 
 
 def _bf16_state_step(params, grads, sched, **kwargs):
@@ -157,6 +162,10 @@ def fp32_one_buffer(n: int, sched) -> dict:
     opt = fastopt.AdamW(p, lr=sched)
     out = {"fastopt": lambda: opt.step(g), "copy-same-bytes": _copy(28 * n)}
     out[BF16_STATE] = _bf16_state_step(p, g, sched)
+    # clipping and skipping on the device (kernels/control.cu): one more read of the grads
+    clipped = fastopt.AdamW(p.copy(), lr=sched)
+    out[CLIPPED] = lambda: clipped.step(g, max_grad_norm=1.0, skip_if_nonfinite=True)
+    out["copy-same-bytes + grads (32 B)"] = _copy(32 * n)
 
     def torch_one():
         import torch
@@ -288,6 +297,7 @@ def _counterpart_steps(cls: str, shapes: list) -> dict:
                 opt.step()
                 sched.step()
 
+            step()  # (an implementation torch lacks on CUDA, fused Adagrad, raises here)
             return step
         return build
 
@@ -319,11 +329,12 @@ def _fot_step(cls: str, shapes: list, sched):
 
 
 def every_optimizer(names: list, n: int, model: str, shapes: list, sched,
-                    matrices: list = ()) -> dict:
+                    matrices: list = (), add=None) -> dict:
     """Each optimizer at ``n`` params (vs a copy of its own bytes) and on the model's tensor
     list (vs torch's CUDA implementations or the oracle); one of matrices only (Muon) on
     ``matrices``, the model's hidden ones: the core (cupy float32 stage), fastopt.torch and
-    torch (both torch's bf16 stage)."""
+    torch (both torch's bf16 stage). ``add(case, times)``, if given, takes each case as it is
+    measured."""
     import cupy
 
     from fastopt import FlatBuffer
@@ -332,6 +343,7 @@ def every_optimizer(names: list, n: int, model: str, shapes: list, sched,
     from fastopt.benchmark import BENCH_OPTIONS, traffic
 
     rows = {}
+    add = add or rows.__setitem__
     for cls in names:
         def make(params, cls=cls):
             return ready_to_step(cls, params, sched, **BENCH_OPTIONS[cls.lower()])
@@ -345,14 +357,14 @@ def every_optimizer(names: list, n: int, model: str, shapes: list, sched,
             out = {"fastopt": lambda o=muon_opt, g=grads: o.step(g)}
             _torch_steps(out, {"fastopt.torch": _fot_step(cls, matrices, sched),
                                **_counterpart_steps(cls, matrices)})
-            rows[f"{cls} {model} matrices"] = time_interleaved(out)
+            add(f"{cls} {model} matrices", time_interleaved(out))
             continue
         p = cupy.random.standard_normal(n, dtype=cupy.float32)
         g = cupy.random.standard_normal(n, dtype=cupy.float32)
         opt = make(p)
-        rows[f"{cls} {n:.3g}"] = time_interleaved(
+        add(f"{cls} {n:.3g}", time_interleaved(
             {"fastopt": lambda opt=opt, g=g: opt.step(g),
-             "copy-same-bytes": _copy(traffic(cls.lower()) * n)})
+             "copy-same-bytes": _copy(traffic(cls.lower()) * n)}))
         del opt, p, g
         params = FlatBuffer.empty(shapes, xp=cupy)
         params.buffer[...] = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
@@ -360,7 +372,7 @@ def every_optimizer(names: list, n: int, model: str, shapes: list, sched,
         model_opt = make(params)
         out = {"fastopt": lambda o=model_opt, g=grads: o.step(g)}
         _torch_steps(out, _counterpart_steps(cls, shapes))
-        rows[f"{cls} {model}"] = time_interleaved(out)
+        add(f"{cls} {model}", time_interleaved(out))
     return rows
 
 
@@ -382,6 +394,9 @@ def report(card: str, summary: str, rows: dict, sweep: dict) -> list[str]:
         if "copy-same-bytes" in t:
             lines.append(f"| {case} | fastopt % of same-bytes copy | | "
                          f"{100 * t['copy-same-bytes'] / t['fastopt']:.0f}% | |")
+        if isinstance(t.get(CLIPPED), float):
+            lines.append(f"| {case} | clipped % of a copy of its 32 B/param | | "
+                         f"{100 * t['copy-same-bytes + grads (32 B)'] / t[CLIPPED]:.0f}% | |")
     if sweep:
         best = min(sweep.values())
         lines += ["", "Grid size (fp32 AdamW, first case's size; default "
@@ -425,21 +440,29 @@ def main() -> int:
     # (Muon's share of the model; a list without names: its 2-D tensors)
     matrices = load_shapes(args.model, hidden_matrices=True)[1] \
         or [s for s in shapes if len(s) == 2]
-    rows = {f"fp32 {n:.3g}": fp32_one_buffer(n, sched),
-            f"fp32 {model}": fp32_model(shapes, sched),
-            f"bf16 {n:.3g}": bf16_params([(n,)], sched),
-            f"bf16 {model}": bf16_params(shapes, sched)}
+    rows: dict = {}
+
+    def add(case: str, timed: dict) -> None:
+        """Keep a case's times and rewrite the report, so a run cut short keeps what it has."""
+        rows[case] = timed
+        Path(args.report).write_text("\n".join(report(card, summary, rows, {})) + "\n")
+        print(f"{time.strftime('%H:%M:%S')} {case}", flush=True)
+
+    add(f"fp32 {n:.3g}", fp32_one_buffer(n, sched))
+    add(f"fp32 {model}", fp32_model(shapes, sched))
+    add(f"bf16 {n:.3g}", bf16_params([(n,)], sched))
+    add(f"bf16 {model}", bf16_params(shapes, sched))
     import torch
 
     if torch.cuda.is_available():  # fastopt.torch on CUDA params
-        rows[f"fot {model}"] = fot_params(shapes, sched)
-        rows[f"fot mlp {sum(math.prod(s) for s in SMALL_MLP):.3g}"] = fot_params(SMALL_MLP, sched)
+        add(f"fot {model}", fot_params(shapes, sched))
+        add(f"fot mlp {sum(math.prod(s) for s in SMALL_MLP):.3g}", fot_params(SMALL_MLP, sched))
     from fastopt.algorithms import CLASSES
 
     names = ([c for c in CLASSES if c != "AdamW"] if args.optimizers == "all"
              else [] if args.optimizers == "none" else args.optimizers.split(","))
     if names:  # (without CUDA torch the torch columns hold the error)
-        rows.update(every_optimizer(names, n, model, shapes, sched, matrices))
+        every_optimizer(names, n, model, shapes, sched, matrices, add)
     sweep = {} if args.no_sweep else grid_sweep(n, sched)
     lines = report(card, summary, rows, sweep)
     Path(args.report).write_text("\n".join(lines) + "\n")

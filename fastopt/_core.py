@@ -156,6 +156,8 @@ class FlatOptimizer:
         self._scalars = {s.name: self._xp.full(1, s.init, dtype=np.float64)
                          for s in self.definition.scalars}
         self._prepare()
+        if self._on_gpu:  # the state's fills and copies are done before any stream reads them
+            self._xp.cuda.get_current_stream().synchronize()
 
     def _starting_state(self) -> set[str]:
         return {s.name for s in self.definition.state

@@ -179,11 +179,28 @@ class Prepared:
         """Launch the CUDA kernel on the current stream: step k = step_state[0] + 1 read on
         the device; no host sync. ``control``: a device array (clip factor, skip flag) the
         kernel reads (None: no clipping, no skip)."""
+        self.gpu_launcher(grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult,
+                          fresh, control)()
+
+    def gpu_launcher(self, grads, table, table_rows: int, step_state, lr_out,
+                     lr_scale: float, grad_mult: float, fresh: int = 0, control=None):
+        """``gpu``'s launch with these arguments resolved once: a function of no arguments
+        that launches on the current stream (the arrays' values read when it runs), for a
+        caller that repeats the same call (fastopt.torch's whole-bucket step)."""
         from .gpu import launch
 
-        launch.launch(self.definition.name, self.dtype, self.kernel_values(
+        run = launch.bind(self.definition.name, self.dtype, self.kernel_values(
             grads, table, table_rows, step_state, lr_out, lr_scale, grad_mult, fresh,
             control), between=None if self.definition.matrix is None else self.matrix_stage)
+        if self.definition.matrix is None or self.stage != "numpy":
+            return run
+        name = self.definition.name
+
+        def refusing_capture() -> None:
+            _refuse_cublas_in_capture(name)
+            run()
+
+        return refusing_capture
 
     def cpu_passes_only(self, grads, table: np.ndarray, step: int) -> None:
         """A matrix-stage definition's two elementwise passes on the CPU without the stage
@@ -265,12 +282,25 @@ def run_once(prepared: Prepared, grads, schedule, step: int, lr_scale: float,
     xp = _xp(params)
     step_state = xp.zeros(2, dtype=np.uint64)
     step_state[0] = step - 1
-    prepared.gpu(grads, _device_table(schedule, params.device.id), schedule.table.shape[0],
+    prepared.gpu(grads, device_table(schedule, params.device.id), schedule.table.shape[0],
                  step_state, xp.empty(1, dtype=np.float64), lr_scale, grad_mult, fresh)
     return host_lr(schedule, step - 1) * lr_scale
 
 
 _NO_CONTROL_HOST = np.array([1.0, 0.0])
+
+
+def _refuse_cublas_in_capture(name: str) -> None:
+    """Raise before anything is launched if the current CuPy stream is capturing a graph: a
+    matrix stage on CuPy calls cuBLAS, which CuPy refuses during stream capture (CuPy 14:
+    NotImplementedError, with the first pass already captured)."""
+    import cupy
+
+    if cupy.cuda.get_current_stream().is_capturing():
+        raise RuntimeError(
+            f"{name}'s matrix stage runs on CuPy's cuBLAS matmul, which CuPy refuses while a "
+            "stream captures a CUDA graph: step it eagerly, or capture fastopt.torch's "
+            "optimizer (its stage runs on torch's matmul)")
 
 
 @functools.cache
@@ -284,7 +314,7 @@ def _no_control(device_id: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _device_table(schedule, device_id: int):
+def device_table(schedule, device_id: int):
     """A schedule's table on a GPU, copied once per (schedule, device); schedules are
     immutable, so the copy stays valid."""
     import cupy

@@ -181,3 +181,98 @@ def test_indices_past_2_to_the_31():
     assert float(opt.state["sum"][-1]) > 0.5
     del params, grads, opt
     cupy.get_default_memory_pool().free_all_blocks()
+
+
+@pytest.mark.parametrize("options", [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw",
+                                          "weight_decay": 0.05}])
+def test_fot_muon_on_cuda_matches_torch_muon(options):
+    """fastopt.torch.Muon on CUDA params (its passes generated CUDA, Newton-Schulz on torch's
+    bf16 matmul on torch's current stream) against torch.optim.Muon on the same card: the
+    issue's 1e-4 over 100 steps, a warm-up + cosine schedule in the kernel."""
+    from optimizer_cases import rel_error
+
+    shapes = [(96, 288), (384, 96), (7, 50)]
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    values = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+    ours = [torch.nn.Parameter(v.clone()) for v in values]
+    theirs = [torch.nn.Parameter(v.clone()) for v in values]
+    schedule = S.warmup(S.cosine(5e-3, 90, end_lr=1e-4), 10)
+    opt = fot.Muon(ours, lr=schedule, **options)
+    twin = torch.optim.Muon(theirs, lr=5e-3, **options)
+    sched = torch.optim.lr_scheduler.LambdaLR(twin, lambda k: schedule.at(k) / 5e-3)
+    for _ in range(100):
+        grads = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+        sched.step()
+    for p, q in zip(ours, theirs, strict=True):
+        assert rel_error(p.detach().cpu().numpy(), q.detach().cpu().numpy()) <= 1e-4
+
+
+#: (class, keywords): plain moments, per-step scalars (NAdam's mu_product), a first-gradient
+#: state (SGD's momentum), a matrix stage on torch's matmul (Muon: its 2-D params only)
+CAPTURED = [("AdamW", dict(weight_decay=0.1)), ("NAdam", dict(weight_decay=0.01)),
+            ("SGD", dict(momentum=0.9, nesterov=True)), ("Muon", {})]
+
+
+def _set_grads(params, grads):
+    for p, g in zip(params, grads, strict=True):
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)  # (in place: the flat gradient buffer a captured step reads)
+
+
+@pytest.mark.parametrize("name,kw", CAPTURED)
+def test_fot_step_captured_in_a_cuda_graph(name, kw):
+    """A fastopt.torch step captured in torch.cuda.graph after 3 warm-up steps: 50 replays
+    equal 50 eager steps, the warm-up + cosine schedule advancing in the kernel; afterwards
+    the step counts, the group's lr and further eager steps follow the device's count."""
+    shapes = [s for s in SHAPES if len(s) == 2] if name == "Muon" else SHAPES
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    values = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+    grads = [[torch.randn(s, device="cuda", generator=gen) for s in shapes] for _ in range(56)]
+    schedule = S.warmup(S.cosine(3e-3, 60, end_lr=1e-4), 5)
+    captured = [torch.nn.Parameter(v.clone()) for v in values]
+    eager = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = getattr(fot, name)(captured, lr=schedule, **kw)
+    ref = getattr(fot, name)(eager, lr=schedule, **kw)
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="after an eager step"), torch.cuda.graph(graph):
+        _set_grads(captured, grads[0])
+        opt.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for gs in grads[:3]:
+            _set_grads(captured, gs)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for gs in grads[3:53]:
+        _set_grads(captured, gs)
+        graph.replay()
+    for gs in grads[:53]:
+        _set_grads(eager, gs)
+        ref.step()
+    exact = name != "Muon"  # (cuBLAS may pick other kernels inside a capture)
+    for p, q in zip(captured, eager, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0 if exact else 1e-6,
+                                   atol=0 if exact else 1e-7)
+    assert opt.param_groups[0]["lr"] != ref.param_groups[0]["lr"]  # (the host lags)
+    opt.sync_step_count()
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+    counts = {k: st.get("step") for k, st in opt.state_dict()["state"].items()}
+    assert counts == {k: st.get("step") for k, st in ref.state_dict()["state"].items()}
+    for gs in grads[53:]:  # eager steps after the replays go on from the device's count
+        _set_grads(captured, gs)
+        _set_grads(eager, gs)
+        opt.step()
+        ref.step()
+    for p, q in zip(captured, eager, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0 if exact else 1e-6,
+                                   atol=0 if exact else 1e-7)

@@ -302,3 +302,32 @@ def test_a_state_dict_with_a_schedule_loads_with_torchs_default_weights_only():
     saved["optim"]["param_groups"][0]["schedule"] = {"table": [1.0]}
     with pytest.raises(ValueError, match="param group 'schedule' must be"):
         resumed.load_state_dict(saved["optim"])
+
+
+@pytest.mark.parametrize("change", ["replace", "tensor in place"])
+def test_a_group_value_changed_between_steps_takes_effect(change):
+    """The group's hyperparameters are re-checked only when a value changes: a value replaced
+    by another object and a tensor changed in place both reach the next step, as in torch."""
+    betas = {"replace": (0.9, 0.999), "tensor in place": (torch.tensor(0.9),
+                                                         torch.tensor(0.999))}[change]
+    ours, theirs = make_model(), make_model()
+    opt = fot.Adam(ours.parameters(), lr=1e-2, betas=copy.deepcopy(betas))
+    ref = torch.optim.Adam(theirs.parameters(), lr=1e-2, betas=copy.deepcopy(betas))
+    batches = data(6)
+    train(ours, opt, batches[:3])
+    train(theirs, ref, batches[:3])
+    for o in (opt, ref):
+        group = o.param_groups[0]
+        if change == "replace":
+            group["betas"] = (0.5, 0.9)
+        else:
+            group["betas"][0].fill_(0.5)
+            group["betas"][1].fill_(0.9)
+    train(ours, opt, batches[3:])
+    train(theirs, ref, batches[3:])
+    assert_models_close(ours, theirs)
+    unchanged = make_model()  # (the change matters: without it the params differ)
+    other = fot.Adam(unchanged.parameters(), lr=1e-2, betas=copy.deepcopy(betas))
+    train(unchanged, other, batches)
+    with pytest.raises(AssertionError):
+        assert_models_close(ours, unchanged)

@@ -63,31 +63,41 @@ def _grid(device_id: int) -> int:
     return sms * BLOCKS_PER_SM  # enough blocks in flight to saturate memory
 
 
-def launch(op: str, dtype: str, values: dict, between=None) -> None:
-    """Run kernel ``op`` for params of format ``dtype`` and the state's dtype (float32, or
-    bfloat16 bits as uint16) on the current stream; no host sync. ``between``: a tensor-aware
-    kernel's matrix stage, called after the first pass's launch (it queues its own work on
-    the stream)."""
-    import cupy
-
+def bind(op: str, dtype: str, values: dict, between=None):
+    """Kernel ``op``'s launch for params of format ``dtype`` and the state's dtype (float32,
+    or bfloat16 bits as uint16), resolved once: the functions, the grid and the packed
+    arguments (the arrays by reference, so the launch sees their values at the time it runs).
+    Returns a function of no arguments that launches on the current stream, with no host
+    sync and no allocation (capturable in a CUDA graph). ``between``: a tensor-aware kernel's
+    matrix stage, called after the first pass's launch (it queues its own work on the
+    stream)."""
     name = kernel_name(op, dtype, values["state0"].dtype == np.uint16)
     module = _module(f"{op}.cu")
+    args = pack_args(values)
     if "segments" in values:  # a tensor-aware kernel: reduce, segment, update
-        args = pack_args(values)
-        chunks = int(values["chunks"].shape[0])
-        segments = int(values["n_segments"])
-        module.get_function(kernel_name(f"{op}_reduce", dtype, "_sbf16" in name))(
-            (chunks,), (SEGMENT_BLOCK,), args)
-        if between is not None:
-            between()
-        module.get_function(f"{op}_segment")((-(-segments // SEGMENT_THREADS),),
-                                             (SEGMENT_THREADS,), args)
-        module.get_function(name)((chunks,), (SEGMENT_BLOCK,), args)
-        return
+        chunks = (int(values["chunks"].shape[0]),)
+        segments = (-(-int(values["n_segments"]) // SEGMENT_THREADS),)
+        reduce = module.get_function(kernel_name(f"{op}_reduce", dtype, "_sbf16" in name))
+        segment = module.get_function(f"{op}_segment")
+        update = module.get_function(name)
+
+        def run_segmented() -> None:
+            reduce(chunks, (SEGMENT_BLOCK,), args)
+            if between is not None:
+                between()
+            segment(segments, (SEGMENT_THREADS,), args)
+            update(chunks, (SEGMENT_BLOCK,), args)
+
+        return run_segmented
     kernel = module.get_function(name)
     n = int(values["n"])
-    grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
-    kernel((grid,), (BLOCK,), pack_args(values))
+    grid = (max(1, min(_grid(values["params"].device.id), -(-n // BLOCK))),)
+    return lambda: kernel(grid, (BLOCK,), args)
+
+
+def launch(op: str, dtype: str, values: dict, between=None) -> None:
+    """Run kernel ``op`` once on the current stream (``bind``'s launch, used once)."""
+    bind(op, dtype, values, between)()
 
 
 #: threads of the fold pass of the gradient norm (one block)

@@ -27,7 +27,7 @@ from .. import cpu
 from .._checks import check_lr
 from ..algorithms import Definition
 from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER
-from ..engine import Prepared, run_once
+from ..engine import Prepared, device_table, run_once
 from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule, host_lr
 from ..segments import SegmentTable
 
@@ -43,6 +43,12 @@ STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GROUP_STEP = "fastopt_step"
 
 
+#: why a step cannot be captured in a CUDA graph yet
+CAPTURE_NEEDS_WARM_UP = (
+    "fastopt.torch: capture step() in a CUDA graph only after an eager step of every param "
+    "group on the GPU with the same hyperparameters, schedule and gradient buffers (the step "
+    "counter and the kernel's arguments are made then), as torch's warm-up before capture")
+
 #: flat param buffer's storage address -> the live bucket that owns it (two optimizers over one
 #: param would each repack it into their own buffer, detaching it from the other)
 _OWNERS: weakref.WeakValueDictionary[int, _Bucket] = weakref.WeakValueDictionary()
@@ -57,6 +63,14 @@ def _hashable(value):
     if isinstance(value, (tuple, list)):
         return tuple(_hashable(v) for v in value)
     return value
+
+
+def _immutable(value) -> bool:
+    """Whether a group value cannot change without being replaced (so identity means the
+    same value): numbers, strings, None and tuples of them; not tensors or lists."""
+    if isinstance(value, tuple):
+        return all(map(_immutable, value))
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def _aligned(n: int) -> int:
@@ -153,9 +167,32 @@ class _Bucket:
         #: (part, state names) -> (hyperparameter values, the fastopt.engine call prepared
         #: for them): one per part, replaced when the values change
         self.prepared: dict[tuple, tuple] = {}
+        #: whether the per-step scalars are equal across the params (as after a whole-bucket
+        #: step), known without reading them (a device read would sync, and break capture)
+        self.scalars_shared = True
+        #: GPU whole-bucket steps: the step counter and lr the kernel keeps on the device
+        #: (int64 [count, blocks done] and float64 [lr], made at the first such step), the
+        #: count the host knows the counter holds (None: unknown), the launch bound once
+        #: (prepared call, grads, schedule, fresh, launch), and whether a step was captured
+        #: in a CUDA graph (its replays advance the counter behind the host: the counter is
+        #: then the truth, read before the host uses a step count)
+        self.counter: torch.Tensor | None = None
+        self.lr_out: torch.Tensor | None = None
+        self.device_step: int | None = None
+        self.launch: tuple | None = None
+        self.captured = False
         ptr = self.flat.untyped_storage().data_ptr()
         if ptr:
             _OWNERS[ptr] = self
+
+    def counts_loaded(self) -> None:
+        """The step counts and scalars were set from outside (a state dict, a backup): the
+        scalars may differ across params, and the device counter (if any) takes the count,
+        so that replays of a captured step go on from it."""
+        self.scalars_shared = False
+        if self.counter is not None:
+            self.counter[0] = self.step
+            self.device_step = self.step
 
     def segment_table(self, part: int | tuple[int, int] | None, n: int) -> SegmentTable:
         """The layout of a kernel call's part (None: the bucket; i: param i alone; (first,
@@ -498,6 +535,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                     else self.twin.capturable_what
                 raise AssertionError(f"If capturable=True, {what} must be on supported "
                                      f"devices: {devices}.")
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            if any(b.launch is None for buckets in self._buckets for b in buckets):
+                raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
+        else:
+            self._take_device_counts()
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
                                                      strict=True)):
             if not buckets:
@@ -587,7 +629,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not b.all_started:
             self._init_first_step(b, names, schedule, have_grad)
         if all(have_grad) and b.uniform and (not first_grad or len(set(b.fresh)) == 1) \
-                and all(bool((v == v[0]).all()) for v in b.scalars.values()):
+                and (b.scalars_shared or all(bool((v == v[0]).all())
+                                             for v in b.scalars.values())):
             # the fast path: one kernel over the whole bucket
             k = b.step + 1
             self._run(b, names, hypers, arrays, half, k, schedule, first_grad and b.fresh[0],
@@ -595,6 +638,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.fresh = [False] * len(b.params)
             b.step = k
             b.steps.fill_(k)
+            b.scalars_shared = True
             if not b.all_started:
                 for i, started in enumerate(b.started):
                     if not started:
@@ -621,7 +665,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _kernel_state(self, group: dict, b: _Bucket, hypers: dict) -> tuple:
         """The kernel's state buffers for these hyperparameters, in order, made where missing
         (e.g. momentum turned on after construction)."""
-        names = self.definition.active_state(hypers)
+        names = self._active_state(hypers)
         if not set(names) <= b.state.keys():
             init = self.state_init(group)
             for name in names:
@@ -653,12 +697,36 @@ class FlatOptimizer(torch.optim.Optimizer):
                     view.fill_(host_lr(schedule, int(b.steps[i])))
 
     def _group_hypers(self, group: dict) -> dict:
-        """The group's checked hyperparameters, checked again only when they change."""
-        key = tuple(_hashable(group.get(h.name)) for h in self.definition.hypers)
+        """The group's checked hyperparameters, checked again only when they change: when
+        every value is the same immutable object as last time (numbers, strings, tuples of
+        them) at once, else by value (a tensor's, which can change in place)."""
+        raw = tuple(group.get(h.name) for h in self.definition.hypers)
         cached = self._checked.get(id(group))
-        if cached is None or cached[0] != key:
-            cached = self._checked[id(group)] = (key, self._hypers(group))
-        return cached[1]
+        if cached is not None and cached[1] and all(
+                a is b for a, b in zip(raw, cached[0], strict=True)):
+            return cached[3]
+        key = tuple(_hashable(v) for v in raw)
+        if cached is None or cached[2] != key:
+            hypers = self._hypers(group)
+            cached = (raw, all(map(_immutable, raw)), key, hypers)
+        else:
+            cached = (raw, all(map(_immutable, raw)), key, cached[3])
+        self._checked[id(group)] = cached
+        return cached[3]
+
+    @functools.cached_property
+    def _active_state(self):
+        """The state names a hyperparameter dict needs (the definition's ``active_state``),
+        kept for the last dict asked about (``_group_hypers`` returns the same dict while the
+        values stay)."""
+        last: list = [None, None]
+
+        def names(hypers: dict) -> tuple:
+            if last[0] is not hypers:
+                last[:] = [hypers, self.definition.active_state(hypers)]
+            return last[1]
+
+        return names
 
     def _run(self, b: _Bucket, names: tuple, hypers: dict, arrays: list, half: dict,
              step: int, schedule: Schedule, fresh: bool,
@@ -667,10 +735,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         state...; ``half`` has master and dtype for 16-bit params). ``part``: None (the whole
         bucket), param i, or the params [first, stop) (step in backward's chunks). The
         prepared call is kept per (part, hyperparameters); nothing is re-validated per step."""
-        values = tuple(_hashable(v) for v in hypers.values())
         earlier, prepared = b.prepared.get((part, names), (None, None))
         index = 0 if part is None else part[0] if isinstance(part, tuple) else part
-        if earlier != values:  # new hyperparameters (a scheduler's momentum, say): repack
+        values = None if earlier is not None and earlier[0] is hypers else \
+            (hypers, tuple(_hashable(v) for v in hypers.values()))
+        if values is not None and (earlier is None or earlier[1] != values[1]):
+            # new hyperparameters (a scheduler's momentum, say): repack
             on_gpu = b.flat.device.type == "cuda"
             n = arrays[0].shape[0]
             simd = b.format is None and self.state_dtype == "float32"
@@ -684,12 +754,18 @@ class FlatOptimizer(torch.optim.Optimizer):
                 segments=b.segment_table(part, n) if self.definition.segmented else None,
                 stage="torch")
             b.prepared[(part, names)] = (values, prepared)
-        if prepared.on_gpu:
+        elif values is not None:  # (an equal dict: keep the call, remember this dict)
+            b.prepared[(part, names)] = (values, prepared)
+        if prepared.on_gpu and part is None:
+            self._launch_bucket(b, prepared, arrays[1], schedule, step, fresh)
+        elif prepared.on_gpu:
             stream = torch.cuda.current_stream(b.flat.device)
             with _cupy_stream(stream.cuda_stream, stream.device_index):
                 run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
         else:
             run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
+        if part is not None:
+            b.scalars_shared = False
         if part is None:  # the whole bucket stepped with element 0's scalars: share them
             for per_param in b.scalars.values():  # (a copy: source and target overlap)
                 per_param[:] = per_param[0].clone()
@@ -697,11 +773,68 @@ class FlatOptimizer(torch.optim.Optimizer):
             for per_param in b.scalars.values():
                 per_param[part[0]:part[1]] = per_param[part[0]].clone()
 
+    @staticmethod
+    def _launch_bucket(b: _Bucket, prepared: Prepared, grads, schedule: Schedule, step: int,
+                       fresh: bool) -> None:
+        """A GPU whole-bucket step on torch's current stream through a launch bound once
+        (kernel arguments packed, the step counter kept on the device): no allocation, no
+        host sync, so it can be captured in a CUDA graph (``torch.cuda.graph``) once an
+        eager step has made the counter and the launch."""
+        capturing = torch.cuda.is_current_stream_capturing()
+        last = b.launch
+        bound = last is not None and last[0] is prepared and last[1] is grads \
+            and last[2] is schedule and last[3] == bool(fresh)
+        if capturing and not (bound and b.device_step == step - 1):
+            raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
+        if b.counter is None:
+            b.counter = torch.zeros(2, dtype=torch.int64, device=b.flat.device)
+            b.lr_out = torch.zeros(1, dtype=torch.float64, device=b.flat.device)
+        if b.device_step != step - 1:  # (steps taken another way, a loaded state dict)
+            b.counter[0] = step - 1
+        stream = torch.cuda.current_stream(b.flat.device)
+        with _cupy_stream(stream.cuda_stream, stream.device_index):
+            if not bound:
+                table = device_table(schedule, b.flat.device.index)
+                b.launch = (prepared, grads, schedule, bool(fresh), prepared.gpu_launcher(
+                    grads, table, table.shape[0], _as_array(b.counter).view("uint64"),
+                    _as_array(b.lr_out), 1.0, 1.0, fresh))
+            b.launch[4]()
+        if capturing:
+            b.captured = True
+        b.device_step = step
+
+    def _take_device_counts(self) -> None:
+        """After replays of a captured step: each such bucket's step count from its device
+        counter (a device read), and the group's lr and kept values from it."""
+        for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
+                                                     strict=True)):
+            changed = False
+            for b in buckets:
+                if b.captured and b.counter is not None:
+                    count = b.device_step = int(b.counter[0])
+                    if count != b.step:
+                        b.step = count
+                        b.steps.fill_(count)
+                        changed = True
+            if changed:
+                self._publish_group(group, buckets)
+                schedule = group.get("schedule")
+                if schedule is not None and group["lr"] == self._lr_written[index]:
+                    group["lr"] = self._lr_written[index] = host_lr(schedule, buckets[0].step)
+
+    def sync_step_count(self) -> None:
+        """Take the step counts from the device after replaying a step captured in a CUDA
+        graph: each replay advances the kernel's counter (and the schedule) on the device
+        only, so ``state[p]['step']`` and ``group['lr']`` lag until this is called. Reads
+        the device (a sync); ``step()``, ``state_dict()`` and pickling call it themselves."""
+        self._take_device_counts()
+
     # ------------------------------------------------------------------ state dicts
     def state_dict(self) -> dict:
         """torch's format (per-param ``step`` and state under torch's names); tensors are
         copies (the optimizer's are views of its flat buffers), other values as they are.
         Post-hooks see the copies."""
+        self._take_device_counts()
         with _hooks_off(self, "_optimizer_state_dict_post_hooks") as post_hooks:
             d = super().state_dict()
         d["state"] = {k: {name: v.clone() if isinstance(v, torch.Tensor) else v
@@ -815,6 +948,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.step, b.uniform, b.all_started = step, uniform, all_started
                 b._arrays.clear()
                 b.prepared.clear()
+                b.counts_loaded()
 
     def _sync_lr(self, index: int, group: dict, buckets: list[_Bucket], keep: bool) -> None:
         """After loading: the schedule's value for the next step is the lr fastopt wrote; with
@@ -864,6 +998,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.all_started = all(b.started)
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
+        b.counts_loaded()
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict:
@@ -873,6 +1008,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise RuntimeError("an optimizer stepping in backward holds hooks on its params: "
                                "remove() the step_in_backward handle before copying or "
                                "pickling it")
+        self._take_device_counts()
         return {
             "defaults": self.defaults,
             "state": {p: {k: v.clone() if isinstance(v, torch.Tensor) else v
@@ -909,6 +1045,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     b.steps.copy_(steps[index][j])
                     b.step = int(b.steps.max()) if len(b.steps) else 0
                     b.uniform = bool((b.steps == b.steps[0]).all()) if len(b.steps) else True
+                    b.counts_loaded()
         for k, st in saved.items():  # state not keyed by a param, kept as torch keeps it
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st

@@ -154,6 +154,21 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "
     setattr(ndarray, f"__{_name}__", _binary(_op))
     if _name not in ("lt", "le", "gt", "ge", "eq", "ne"):
         setattr(ndarray, f"__r{_name}__", _binary(_op, reflected=True))
+
+
+def _cublas(method):
+    """A matrix product: cuBLAS, which CuPy 14 refuses during stream capture (as here)."""
+    def checked(self, other):
+        if cuda.get_current_stream().capturing:
+            raise NotImplementedError("calling cuBLAS API during stream capture is currently "
+                                      "unsupported")
+        return method(self, other)
+
+    return checked
+
+
+ndarray.__matmul__ = _cublas(ndarray.__matmul__)
+ndarray.__rmatmul__ = _cublas(ndarray.__rmatmul__)
 def _host_read(convert):
     """A conversion that reads the device value back to the host (forbidden in capture)."""
 
