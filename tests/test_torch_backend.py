@@ -331,3 +331,19 @@ def test_a_group_value_changed_between_steps_takes_effect(change):
     train(unchanged, other, batches)
     with pytest.raises(AssertionError):
         assert_models_close(ours, unchanged)
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    """torch warns and updates it once per listing; fastopt would update it once: refused,
+    saying why, at construction and in add_param_group (nothing is repacked)."""
+    w, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+    with pytest.warns(UserWarning, match="duplicate"), \
+            pytest.raises(ValueError, match=r"shape \(3, 2\) is listed more than once"):
+        fot.Adam([w, b, w], lr=1e-2)
+    opt = fot.Adam([b], lr=1e-2)
+    other = torch.nn.Parameter(torch.randn(4))
+    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="once"):
+        opt.add_param_group({"params": [other, other]})
+    assert len(opt.param_groups) == 1 and other.data_ptr() != 0
+    opt.add_param_group({"params": [other, w]})  # (each once: accepted)
+    assert len(opt.param_groups) == 2

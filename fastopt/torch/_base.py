@@ -402,6 +402,13 @@ class FlatOptimizer(torch.optim.Optimizer):
                                 f"parameters, got {p.dtype}")
             if self.definition.matrix is not None and p.ndim != 2:  # (torch's message)
                 raise ValueError(self.definition.matrix.only_2d.format(shape=p.size()))
+        if len({id(p) for p in params}) != len(params):
+            twice = next(p for i, p in enumerate(params) if any(p is q for q in params[:i]))
+            raise ValueError(
+                f"a parameter of shape {tuple(twice.shape)} is listed more than once in this "
+                "param group: torch.optim warns and updates it once per listing (and says this "
+                "will become an error); fastopt packs each parameter once and would update it "
+                "once, so it refuses. List each parameter once")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"one parameter group must live on one device, got {devices}; "
