@@ -333,17 +333,35 @@ def test_a_group_value_changed_between_steps_takes_effect(change):
         assert_models_close(ours, unchanged)
 
 
-def test_a_parameter_listed_twice_in_a_group_is_refused():
-    """torch warns and updates it once per listing; fastopt would update it once: refused,
-    saying why, at construction and in add_param_group (nothing is repacked)."""
-    w, b = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(2))
+@pytest.mark.parametrize("name", ["Adam", "SGD", "NAdam"])
+def test_a_parameter_listed_twice_is_updated_once_per_listing_like_torch(name):
+    """torch warns and updates such a param once per listing (its step count too), at the
+    group's lr; so does fastopt.torch. With an in-kernel schedule it is refused."""
+    kw = {"SGD": dict(momentum=0.9)}.get(name, {})
+    ref_model, our_model = make_model(), make_model()
+    twice = [*ref_model.parameters(), next(ref_model.parameters())]
+    ours_twice = [*our_model.parameters(), next(our_model.parameters())]
+    twin = getattr(torch.optim, name)
+    with pytest.warns(UserWarning, match="duplicate"):
+        ref = twin(twice, lr=1e-2, **kw)
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = getattr(fot, name)(ours_twice, lr=1e-2, **kw)
+    batches = data(5)
+    train(ref_model, ref, batches)
+    train(our_model, opt, batches)
+    assert_models_close(our_model, ref_model)
+    first, ref_first = next(our_model.parameters()), next(ref_model.parameters())
+    if "step" in ref.state[ref_first]:  # (counted once per listing)
+        assert float(opt.state[first]["step"]) == float(ref.state[ref_first]["step"]) == 10
     with pytest.warns(UserWarning, match="duplicate"), \
-            pytest.raises(ValueError, match=r"shape \(3, 2\) is listed more than once"):
-        fot.Adam([w, b, w], lr=1e-2)
-    opt = fot.Adam([b], lr=1e-2)
-    other = torch.nn.Parameter(torch.randn(4))
-    with pytest.warns(UserWarning, match="duplicate"), pytest.raises(ValueError, match="once"):
-        opt.add_param_group({"params": [other, other]})
-    assert len(opt.param_groups) == 1 and other.data_ptr() != 0
-    opt.add_param_group({"params": [other, w]})  # (each once: accepted)
-    assert len(opt.param_groups) == 2
+            pytest.raises(ValueError, match="listed more than once"):
+        getattr(fot, name)([*make_model().parameters(), *make_model(1).parameters()][:1] * 2,
+                           lr=S.cosine(1e-2, 10))
+
+
+def test_step_in_backward_refuses_a_parameter_listed_twice():
+    model = make_model()
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = fot.Adam([*model.parameters(), next(model.parameters())], lr=1e-2)
+    with pytest.raises(ValueError, match="listed more than once"):
+        fot.step_in_backward(model, opt)

@@ -167,6 +167,9 @@ class _Bucket:
         #: (part, state names) -> (hyperparameter values, the fastopt.engine call prepared
         #: for them): one per part, replaced when the values change
         self.prepared: dict[tuple, tuple] = {}
+        #: per param: how many times more than once its group lists it (torch updates a
+        #: listed-again param once per listing, so does step())
+        self.repeats = [0] * len(params)
         #: whether the per-step scalars are equal across the params (as after a whole-bucket
         #: step), known without reading them (a device read would sync, and break capture)
         self.scalars_shared = True
@@ -402,13 +405,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                                 f"parameters, got {p.dtype}")
             if self.definition.matrix is not None and p.ndim != 2:  # (torch's message)
                 raise ValueError(self.definition.matrix.only_2d.format(shape=p.size()))
-        if len({id(p) for p in params}) != len(params):
-            twice = next(p for i, p in enumerate(params) if any(p is q for q in params[:i]))
-            raise ValueError(
-                f"a parameter of shape {tuple(twice.shape)} is listed more than once in this "
-                "param group: torch.optim warns and updates it once per listing (and says this "
-                "will become an error); fastopt packs each parameter once and would update it "
-                "once, so it refuses. List each parameter once")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"one parameter group must live on one device, got {devices}; "
@@ -428,12 +424,33 @@ class FlatOptimizer(torch.optim.Optimizer):
                 "them into its own and detach them from the first. Use one fastopt optimizer "
                 "per parameter (param groups for different hyperparameters), or drop the first "
                 "optimizer before building another")
+        # a param listed n times in the group (torch warns, and updates it n times a step):
+        # packed once, updated n times a step
+        unique = list({id(p): p for p in params}.values())
+        times = {id(p): 0 for p in unique}
+        for p in params:
+            times[id(p)] += 1
+        if len(unique) != len(params):
+            self._check_repeats(group.get("schedule"))
         buckets = []
-        for dtype in dict.fromkeys(p.dtype for p in params):  # one bucket per dtype, in order
-            buckets.append(_Bucket([p for p in params if p.dtype == dtype],
-                                   self.state_init(group), STATE_DTYPES[self.state_dtype],
-                                   type(self).__name__, self.definition.scalars))
+        for dtype in dict.fromkeys(p.dtype for p in unique):  # one bucket per dtype, in order
+            b = _Bucket([p for p in unique if p.dtype == dtype], self.state_init(group),
+                        STATE_DTYPES[self.state_dtype], type(self).__name__,
+                        self.definition.scalars)
+            b.repeats = [times[id(p)] - 1 for p in b.params]
+            buckets.append(b)
         return buckets
+
+    @staticmethod
+    def _check_repeats(schedule) -> None:
+        """A param listed twice is updated twice a step at the group's lr; with an in-kernel
+        schedule each update would take the lr of its own step count: refused."""
+        if schedule is not None and not schedule.is_constant:
+            raise ValueError(
+                "a parameter listed more than once in a param group is updated once per "
+                "listing (as torch does), each at the group's lr; with a schedule evaluated in "
+                "the kernel its updates would run ahead on the schedule: list each parameter "
+                "once, or give this group a constant lr")
 
     def _state_views(self, group: dict, bucket: _Bucket, i: int) -> dict:
         views = {"step": bucket.steps[i]} if self.definition.per_param_step else {}
@@ -635,6 +652,17 @@ class FlatOptimizer(torch.optim.Optimizer):
         first_grad = bool(self.definition.first_grad_state)  # SGD's momentum_buffer
         if not b.all_started:
             self._init_first_step(b, names, schedule, have_grad)
+        if any(b.repeats):  # each param once, then the listed-again ones again, as torch
+            self._check_repeats(schedule)
+            fresh = list(b.fresh)  # (torch reads each listing's first-gradient state before
+            self._step_params(group, b, names, hypers, arrays, half, schedule, have_grad)
+            for again in range(1, max(b.repeats) + 1):  # the step: unset for each at step 1)
+                which = [has and r >= again for has, r in zip(have_grad, b.repeats,
+                                                              strict=True)]
+                b.fresh = [f0 if w else f for f0, f, w in zip(fresh, b.fresh, which,
+                                                               strict=True)]
+                self._step_params(group, b, names, hypers, arrays, half, schedule, which)
+            return
         if all(have_grad) and b.uniform and (not first_grad or len(set(b.fresh)) == 1) \
                 and (b.scalars_shared or all(bool((v == v[0]).all())
                                              for v in b.scalars.values())):
@@ -652,6 +680,13 @@ class FlatOptimizer(torch.optim.Optimizer):
                         self._start(group, b, i)
                 b.all_started = True
             return
+        self._step_params(group, b, names, hypers, arrays, half, schedule, have_grad)
+
+    def _step_params(self, group: dict, b: _Bucket, names: tuple, hypers: dict, arrays: list,
+                     half: dict, schedule: Schedule, have_grad: list[bool]) -> None:
+        """One kernel call per param that has a gradient (``have_grad``), each at its own
+        step count (params that took different numbers of steps, or none)."""
+        first_grad = bool(self.definition.first_grad_state)
         for i, has in enumerate(have_grad):  # torch skips params without grad
             if not has:
                 continue
