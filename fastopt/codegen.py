@@ -35,6 +35,7 @@ from .algorithms._spec import (
     CPU_SIGNATURE,
     DIRECTION,
     KERNEL_SIGNATURE,
+    REDUCE_THREADS,
     REDUCTION_SLOTS,
     SEGMENT_BLOCK,
     SEGMENT_SHAPE_INPUTS,
@@ -641,7 +642,9 @@ def signature_header() -> str:
         "#define FO_SEGMENTED_KERNEL(NAME, OP, T, S) \\",
         '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) { \\',
         "        OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS); \\",
-        "    }",
+        "    }", "",
+        "// The gradient-norm kernels' most threads per block (kernels/control.cu).",
+        f"#define FO_REDUCE_THREADS {REDUCE_THREADS}",
         ""])
 
 

@@ -1,47 +1,61 @@
 // The global gradient norm of a step, its clip coefficient and its skip flag, computed on the
 // device (part of the driver; not generated): a clipped or skippable step then needs no host
-// sync and can be captured in a CUDA graph. Three launches, no shared memory, no atomics, so
-// the sum's order is fixed and the result is the same from run to run:
-//   fo_grad_sq_<T>:  every thread of the grid sums the squares of its grid-stride elements
-//                    (as float64) into partial[its global index];
-//   fo_grad_sq_fold: one block; thread t sums partial[t], partial[t + blockDim], ...;
-//   fo_grad_control: one thread sums the folds in order: norm = sqrt(sum) * mult, then
-//                    control[0] = the clip coefficient (torch's clip_grad_norm_: max_norm /
-//                    (norm + 1e-6), 1 where that is >= 1, NaN stays NaN; 1 without clipping)
-//                    and control[1] = 1 if the step is skipped (skip set, norm not finite).
-// The update kernels read control (KERNEL_SIGNATURE in fastopt/algorithms/_spec.py).
+// sync and can be captured in a CUDA graph. Two launches, no atomics, every sum in a fixed
+// order, so the result is the same from run to run:
+//   fo_grad_sq_<T>:  every thread sums the squares of its grid-stride elements (as float64);
+//                    thread 0 of each block adds its block's sums in thread order into
+//                    partial[block];
+//   fo_grad_control: one block; thread t sums partial[t], partial[t + blockDim], ...; thread
+//                    0 adds those in thread order: norm = sqrt(sum) * mult, then control[0]
+//                    = the clip coefficient (torch's clip_grad_norm_: max_norm / (norm +
+//                    1e-6), 1 where that is >= 1, NaN stays NaN; 1 without clipping) and
+//                    control[1] = 1 if the step is skipped (skip set, norm not finite).
+// (The sums were once folded by a single block over one value per thread of the grid: on an
+// H200 that chain of dependent global loads took ~200 us a step; bench/NOTES.md.)
+// Blocks have at most FO_REDUCE_THREADS threads (signature.cuh). The update kernels read control
+// (KERNEL_SIGNATURE in fastopt/algorithms/_spec.py).
 #include "common.cuh"
+#include "signature.cuh"
+
+// thread 0, after the block's threads have each stored their sum in `sums`: their total in
+// thread order
+FO_D double fo_block_total(double* sums, double mine) {
+    sums[threadIdx.x] = mine;
+    __syncthreads();
+    double total = 0.0;
+    if (threadIdx.x == 0) {
+        for (unsigned t = 0; t < blockDim.x; ++t) total += sums[t];
+    }
+    return total;
+}
 
 template <typename T>
 FO_D void fo_grad_sq(const T* grads, long long n, double* partial) {
+    __shared__ double sums[FO_REDUCE_THREADS];
     const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     double sum = 0.0;
-    for (long long i = first; i < n; i += stride) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         const double g = (double)to_float(grads[i]);
         sum += g * g;
     }
-    partial[first] = sum;
+    const double total = fo_block_total(sums, sum);
+    if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
 extern "C" __global__ void fo_grad_sq_f32(const float* grads, long long n, double* partial) {
     fo_grad_sq<float>(grads, n, partial);
 }
 
-extern "C" __global__ void fo_grad_sq_fold(const double* partial, long long parts,
-                                           double* folded) {
+extern "C" __global__ void fo_grad_control(const double* partial, long long parts,
+                                           double mult, double max_norm, int skip,
+                                           double* norm_out, double* control) {
+    __shared__ double sums[FO_REDUCE_THREADS];
+    if (blockIdx.x != 0) return;
     double sum = 0.0;
     for (long long i = threadIdx.x; i < parts; i += blockDim.x) sum += partial[i];
-    folded[threadIdx.x] = sum;
-}
-
-extern "C" __global__ void fo_grad_control(const double* folded, int count, double mult,
-                                           double max_norm, int skip, double* norm_out,
-                                           double* control) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    double sum = 0.0;
-    for (int i = 0; i < count; ++i) sum += folded[i];
-    const double norm = sqrt(sum) * mult;
+    const double total = fo_block_total(sums, sum);
+    if (threadIdx.x != 0) return;
+    const double norm = sqrt(total) * mult;
     norm_out[0] = norm;
     double coef = 1.0;
     if (max_norm > 0.0) {

@@ -25,3 +25,6 @@
     extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) { \
         OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS); \
     }
+
+// The gradient-norm kernels' most threads per block (kernels/control.cu).
+#define FO_REDUCE_THREADS 256

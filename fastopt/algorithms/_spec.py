@@ -118,6 +118,9 @@ DIRECTION = "direction"
 SEGMENT_SHAPE_INPUTS = ("numel", "rows", "cols")
 #: threads per block of the CUDA reduce and update passes (one block per chunk)
 SEGMENT_BLOCK = 256
+#: the most threads per block of the gradient-norm kernels (kernels/control.cu): the size of
+#: their shared arrays of per-thread sums
+REDUCE_THREADS = 256
 #: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
 STATE_RANDOM_SHIFTS = (0, 16, 8, 4)
 

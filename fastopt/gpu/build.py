@@ -18,8 +18,7 @@ SOURCES = {
     for op in REGISTRY
 }
 #: the driver's own kernels: a step's gradient norm, clip coefficient and skip flag
-SOURCES["control.cu"] = (*(f"fo_grad_sq_{d}" for d in DTYPE_SUFFIXES), "fo_grad_sq_fold",
-                         "fo_grad_control")
+SOURCES["control.cu"] = (*(f"fo_grad_sq_{d}" for d in DTYPE_SUFFIXES), "fo_grad_control")
 
 
 def kernel_dir() -> Path:

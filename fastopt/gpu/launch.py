@@ -13,7 +13,12 @@ import functools
 
 import numpy as np
 
-from ..algorithms._spec import KERNEL_SIGNATURE, SEGMENT_BLOCK, SEGMENT_SIGNATURE
+from ..algorithms._spec import (
+    KERNEL_SIGNATURE,
+    REDUCE_THREADS,
+    SEGMENT_BLOCK,
+    SEGMENT_SIGNATURE,
+)
 from . import build
 
 #: numpy scalar type for each by-value C type
@@ -100,18 +105,20 @@ def launch(op: str, dtype: str, values: dict, between=None) -> None:
     bind(op, dtype, values, between)()
 
 
-#: threads of the fold pass of the gradient norm (one block)
-FOLD = 256
+#: threads of the gradient norm's last pass (one block); every block of its passes has at most
+#: REDUCE_THREADS (kernels/control.cu's shared arrays)
+FOLD = REDUCE_THREADS
+if BLOCK > REDUCE_THREADS:
+    raise ImportError("fastopt.gpu.launch: BLOCK exceeds REDUCE_THREADS (kernels/control.cu)")
 
 
 def control_buffers(device_id: int) -> dict:
     """The device buffers of a step's gradient norm (made once per optimizer, outside any
-    graph capture: partial sums for the largest grid, the folds, the norm, the control)."""
+    graph capture: one partial sum per block of the largest grid, the norm, the control)."""
     import cupy
 
     with cupy.cuda.Device(device_id):
-        return {"partial": cupy.zeros(_grid(device_id) * BLOCK, dtype=np.float64),
-                "folded": cupy.zeros(FOLD, dtype=np.float64),
+        return {"partial": cupy.zeros(_grid(device_id), dtype=np.float64),
                 "norm": cupy.zeros(1, dtype=np.float64),
                 "control": cupy.asarray([1.0, 0.0])}
 
@@ -120,18 +127,18 @@ def grad_control(grads, dtype: str, mult: float, max_norm: float | None, skip: b
                  buffers: dict) -> None:
     """The gradient norm (times ``mult``) into buffers['norm'] and the update kernel's
     control (clip coefficient, skip flag) into buffers['control'], on the current stream
-    (kernels/control.cu): no host sync, capturable."""
+    (kernels/control.cu: two launches): no host sync, capturable."""
     import cupy
 
     module = _module("control.cu")
     n = int(grads.shape[0])
-    grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK)))
+    partial = buffers["partial"]
+    # (at most one block per partial slot: the grid may have grown since they were made)
+    grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK), partial.shape[0]))
     suffix = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
     module.get_function(f"fo_grad_sq_{suffix}")((grid,), (BLOCK,), (
-        grads, np.int64(n), buffers["partial"]))
-    module.get_function("fo_grad_sq_fold")((1,), (FOLD,), (
-        buffers["partial"], np.int64(grid * BLOCK), buffers["folded"]))
-    module.get_function("fo_grad_control")((1,), (1,), (
-        buffers["folded"], np.int32(FOLD), np.float64(mult),
+        grads, np.int64(n), partial))
+    module.get_function("fo_grad_control")((1,), (FOLD,), (
+        partial, np.int64(grid), np.float64(mult),
         np.float64(0.0 if max_norm is None else max_norm), np.int32(bool(skip)),
         buffers["norm"], buffers["control"]))

@@ -306,7 +306,8 @@ class RawModule:
 
 class _ControlKernel:
     """kernels/control.cu's gradient-norm kernels, in numpy with the same summation order
-    (per thread of the grid, then per fold thread, then in order)."""
+    (per thread of the grid, each block's threads in order, then per thread of the last
+    block, those in order)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -316,6 +317,8 @@ class _ControlKernel:
         if any(isinstance(a, np.ndarray) and not isinstance(a, ndarray) and a.ndim
                for a in args):
             raise TypeError(f"{self.name}: host arrays cannot be kernel arguments")
+        if block[0] > 256:  # (FO_REDUCE_THREADS: the kernels' shared arrays)
+            raise RuntimeError(f"{self.name}: more threads per block than FO_REDUCE_THREADS")
         stream = cuda.get_current_stream()
         call = (grid[0], block[0], values)
         if stream.capturing:
@@ -323,28 +326,35 @@ class _ControlKernel:
         else:
             self.run(call)
 
+    @staticmethod
+    def _strided_then_ordered(values: np.ndarray, threads: int, block: int) -> np.ndarray:
+        """Each thread's strided sum (thread t: values t, t + threads, ...), then each
+        block's sums added in thread order."""
+        padded = np.zeros(-(-values.size // threads) * threads)
+        padded[: values.size] = values
+        per_thread = padded.reshape(-1, threads).sum(axis=0)
+        totals = []
+        for b in range(threads // block):
+            total = 0.0
+            for t in per_thread[b * block:(b + 1) * block]:
+                total += t
+            totals.append(total)
+        return np.array(totals)
+
     def run(self, call) -> None:
         grid, block, v = call
-        if self.name.startswith("fo_grad_sq_") and self.name != "fo_grad_sq_fold":
+        if self.name.startswith("fo_grad_sq_"):
             grads, n, partial = v
             if grads.dtype == np.uint16:  # raw bits: their format's values
                 grads = (_bf16_values(grads) if self.name.endswith("bf16")
                          else grads.view(np.float16))
             g = grads[: int(n)].astype(np.float64)
-            threads = grid * block
-            padded = np.zeros(-(-g.size // threads) * threads)
-            padded[: g.size] = g * g
-            partial[:threads] = padded.reshape(-1, threads).sum(axis=0)
-        elif self.name == "fo_grad_sq_fold":
-            partial, parts, folded = v
-            p = partial[: int(parts)]
-            padded = np.zeros(-(-p.size // block) * block)
-            padded[: p.size] = p
-            folded[:block] = padded.reshape(-1, block).sum(axis=0)
-        else:  # fo_grad_control
-            folded, count, mult, max_norm, skip, norm_out, control = v
+            partial[:grid] = self._strided_then_ordered(g * g, grid * block, block)
+        else:  # fo_grad_control (one block)
+            partial, parts, mult, max_norm, skip, norm_out, control = v
+            total = self._strided_then_ordered(partial[: int(parts)], block, block)[0]
             with np.errstate(all="ignore"):
-                norm = float(np.sqrt(folded[: int(count)].sum())) * float(mult)
+                norm = float(np.sqrt(total)) * float(mult)
                 coef = 1.0
                 if max_norm > 0.0:
                     coef = float(max_norm) / (norm + 1e-6)
