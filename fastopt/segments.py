@@ -31,6 +31,11 @@ CHUNK = 1 << 15
 #: the columns of ``SegmentTable.rows`` and ``SegmentTable.chunks``
 SEGMENT_COLUMNS = ("offset", "batch", "rows", "cols", "first_chunk", "end_chunk")
 CHUNK_COLUMNS = ("start", "stop", "segment")
+#: factored statistics (Adafactor's row and column means of g^2): each matrix of a tensor of
+#: 2 or more dims is cut into at most ROW_BLOCKS blocks of consecutive rows, of at least CHUNK
+#: elements where the matrix has that many; the columns of ``SegmentTable.row_blocks()``
+ROW_BLOCKS = 16
+ROW_BLOCK_COLUMNS = ("segment", "first_row", "stop_row", "col_partial")
 
 
 def _factored(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -127,6 +132,31 @@ class SegmentTable:
             else:
                 at[2] += math.prod(shape)
         return np.array(starts, dtype=np.int64).reshape(-1, 3), (at[0], at[1], at[2])
+
+    def row_blocks(self) -> tuple[np.ndarray, int]:
+        """The blocks a factored-statistics pass runs over (``ROW_BLOCK_COLUMNS``), for the
+        tensors of 2 or more dims, in tensor order: a tensor of shape (..., r, c) is batch * r
+        rows of c elements (row q at offset + q * c, matrix q // r); a block is the rows
+        [first_row, stop_row) of one matrix, and its column sums go to the c values of a
+        partial buffer from ``col_partial`` on. A matrix of n elements gets
+        min(ROW_BLOCKS, rows, ceil(n / CHUNK)) blocks of nearly equal row counts (at least
+        one; an empty matrix none). Returns (the int64 table, the partial buffer's size):
+        the column sums of a matrix add its blocks' partials in block order, so they are
+        the same at any thread count."""
+        blocks, at = [], 0
+        for index, shape in enumerate(self.shapes):
+            if len(shape) < 2:
+                continue
+            batch, rows, cols = _factored(shape)
+            if rows * cols == 0:
+                continue
+            count = max(1, min(ROW_BLOCKS, rows, -(-(rows * cols) // CHUNK)))
+            for b in range(batch):
+                for k in range(count):
+                    first, stop = b * rows + k * rows // count, b * rows + (k + 1) * rows // count
+                    blocks.append((index, first, stop, at))
+                    at += cols
+        return np.array(blocks, dtype=np.int64).reshape(-1, len(ROW_BLOCK_COLUMNS)), at
 
     def check_matrices(self, message: str) -> None:
         """ValueError (``message`` with the ``shape``) unless every tensor is 2-D: a matrix
