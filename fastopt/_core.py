@@ -156,8 +156,7 @@ class FlatOptimizer:
         self._scalars = {s.name: self._xp.full(1, s.init, dtype=np.float64)
                          for s in self.definition.scalars}
         self._prepare()
-        if self._on_gpu:  # the state's fills and copies are done before any stream reads them
-            self._xp.cuda.get_current_stream().synchronize()
+        self._sync_construction()
 
     def _starting_state(self) -> set[str]:
         return {s.name for s in self.definition.state
@@ -189,6 +188,14 @@ class FlatOptimizer:
         self._xp = xp_of(self.params)
         self._make_locks()
         self._prepare()
+        self._sync_construction()
+
+    def _sync_construction(self) -> None:
+        """GPU: wait for the current stream's copies and fills of the state (construction,
+        loading, unpickling): a step on another stream (a non-blocking one does not wait for
+        the null stream) must see them done."""
+        if self._on_gpu:
+            self._xp.cuda.get_current_stream().synchronize()
 
     @property
     def _owned_buffers(self) -> list[tuple[str, np.ndarray]]:
@@ -456,6 +463,7 @@ class FlatOptimizer:
         """
         with self._state_lock:
             self._load_state_dict_locked(state_dict)
+        self._sync_construction()
 
     def _load_state_dict_locked(self, state_dict: dict) -> None:
         d = dict(state_dict)

@@ -291,8 +291,9 @@ _NO_CONTROL_HOST = np.array([1.0, 0.0])
 
 
 def _refuse_cublas_in_capture(name: str) -> None:
-    """Raise before anything is launched if the current CuPy stream is capturing a graph: a
-    matrix stage on CuPy calls cuBLAS, which CuPy refuses during stream capture (CuPy 14:
+    """Raise before the update's launches if the current CuPy stream is capturing a graph
+    (a clipped or skippable step has captured its gradient-norm kernels by then): a matrix
+    stage on CuPy calls cuBLAS, which CuPy refuses during stream capture (CuPy 14:
     NotImplementedError, with the first pass already captured)."""
     import cupy
 

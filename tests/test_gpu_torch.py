@@ -240,7 +240,7 @@ def test_fot_step_captured_in_a_cuda_graph(name, kw):
     opt = getattr(fot, name)(captured, lr=schedule, **kw)
     ref = getattr(fot, name)(eager, lr=schedule, **kw)
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="after an eager step"), torch.cuda.graph(graph):
+    with pytest.raises(RuntimeError, match="after eager steps"), torch.cuda.graph(graph):
         _set_grads(captured, grads[0])
         opt.step()
     side = torch.cuda.Stream()
@@ -273,6 +273,19 @@ def test_fot_step_captured_in_a_cuda_graph(name, kw):
         _set_grads(eager, gs)
         opt.step()
         ref.step()
+    graph.replay()  # (one more replay, then a step where the first param has no gradient)
+    _set_grads(eager, grads[55])
+    ref.step()
+    for params in (captured, eager):
+        params[0].grad = None
+        _set_grads(params[1:], grads[54][1:])
+    opt.step()
+    ref.step()
     for p, q in zip(captured, eager, strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0 if exact else 1e-6,
                                    atol=0 if exact else 1e-7)
+    counts = {k: st.get("step") for k, st in opt.state_dict()["state"].items()}
+    assert counts == {k: st.get("step") for k, st in ref.state_dict()["state"].items()}
+    with pytest.raises(RuntimeError, match="one at a time"), \
+            torch.cuda.graph(torch.cuda.CUDAGraph()):
+        opt.step()  # (params at different step counts: not capturable)

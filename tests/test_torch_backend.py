@@ -365,3 +365,52 @@ def test_step_in_backward_refuses_a_parameter_listed_twice():
         opt = fot.Adam([*model.parameters(), next(model.parameters())], lr=1e-2)
     with pytest.raises(ValueError, match="listed more than once"):
         fot.step_in_backward(model, opt)
+
+
+def test_the_host_counts_follow_replays_of_a_captured_step_simulated():
+    """The GPU bookkeeping of a captured step, played on the CPU (no GPU here; the card runs
+    the real thing in tests/test_gpu_torch.py): the device counter is faked as a CPU tensor
+    holding what the kernel would. Replays advance every param of the bucket by their count,
+    per-param steps after them start from there, and a failed load does not wind them back."""
+    p0, p1 = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    opt = fot.Adam([p0, p1], lr=1e-2)
+    for _ in range(2):
+        p0.grad, p1.grad = torch.randn(4), torch.randn(4)
+        opt.step()
+    b = opt._buckets[0][0]
+    b.counter, b.captured, b.device_step = torch.tensor([2, 0]), True, 2  # eager steps, capture
+    b.counter[0] = 5  # three replays
+    p0.grad, p1.grad = torch.randn(4), None  # an eager step, p1 without a gradient
+    opt.step()
+    assert b.steps.tolist() == [6.0, 5.0] and b.device_step == 5
+    assert {k: float(v["step"]) for k, v in opt.state_dict()["state"].items()} == {0: 6, 1: 5}
+    b.counter[0] = 7  # two more replays of the whole bucket
+    saved = opt.state_dict()
+    saved["param_groups"][0]["betas"] = (2.0, 0.5)  # a bad dict: refused, nothing changes
+    with pytest.raises(ValueError):
+        opt.load_state_dict(saved)
+    assert b.steps.tolist() == [8.0, 7.0] and b.device_step == int(b.counter[0])
+
+
+def test_a_per_param_scalar_changed_in_place_reaches_the_next_step():
+    """NAdam's mu_product is per param, as torch's: an in-place change is honoured (the
+    whole-bucket step is taken only while the params' values agree)."""
+    ours, theirs = make_model(), make_model()
+    opt, ref = fot.NAdam(ours.parameters(), lr=1e-2), torch.optim.NAdam(theirs.parameters(),
+                                                                          lr=1e-2)
+    batches = data(6)
+    train(ours, opt, batches[:3])
+    train(theirs, ref, batches[:3])
+    for o, model in ((opt, ours), (ref, theirs)):
+        o.state[next(model.parameters())]["mu_product"].mul_(0.5)
+    train(ours, opt, batches[3:])
+    train(theirs, ref, batches[3:])
+    assert_models_close(ours, theirs)
+
+
+def test_schedule_free_refuses_a_parameter_listed_twice():
+    """schedulefree counts k once a step per group: once-per-listing updates cannot match."""
+    w = torch.nn.Parameter(torch.randn(3))
+    with pytest.warns(UserWarning, match="duplicate"), \
+            pytest.raises(ValueError, match="counts its steps per param group"):
+        fot.AdamWScheduleFree([w, w])

@@ -133,7 +133,8 @@ def grad_control(grads, dtype: str, mult: float, max_norm: float | None, skip: b
     module = _module("control.cu")
     n = int(grads.shape[0])
     partial = buffers["partial"]
-    # (at most one block per partial slot: the grid may have grown since they were made)
+    # (at most one block per partial slot: buffers made for another device, or by an older
+    # version, may be smaller)
     grid = max(1, min(_grid(cupy.cuda.Device().id), -(-n // BLOCK), partial.shape[0]))
     suffix = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[dtype]
     module.get_function(f"fo_grad_sq_{suffix}")((grid,), (BLOCK,), (

@@ -42,6 +42,7 @@ class StepInBackward:
     """What ``step_in_backward`` returns: ``remove()`` goes back to ``step()``."""
 
     def __init__(self, opt: FlatOptimizer, chunk_elements: int):
+        opt._take_device_counts()  # (replays of a captured step first)
         if any(any(b.repeats) for buckets in opt._buckets for b in buckets):
             raise ValueError("step_in_backward: a parameter is listed more than once in a "
                              "param group (updated once per listing by step()); a hook runs "

@@ -45,9 +45,15 @@ GROUP_STEP = "fastopt_step"
 
 #: why a step cannot be captured in a CUDA graph yet
 CAPTURE_NEEDS_WARM_UP = (
-    "fastopt.torch: capture step() in a CUDA graph only after an eager step of every param "
+    "fastopt.torch: capture step() in a CUDA graph only after eager steps of every param "
     "group on the GPU with the same hyperparameters, schedule and gradient buffers (the step "
-    "counter and the kernel's arguments are made then), as torch's warm-up before capture")
+    "counter and the kernel's arguments are made then; two steps for state that starts at "
+    "the first gradient, as SGD's momentum), as torch's warm-up before capture")
+#: why a step that updates params one at a time cannot be captured
+CAPTURE_NEEDS_WHOLE_BUCKETS = (
+    "fastopt.torch: this step updates params one at a time (some have no gradient, have "
+    "taken a different number of steps, or are listed twice), which cannot be captured in a "
+    "CUDA graph: capture a step where every param has a gradient and the same step count")
 
 #: flat param buffer's storage address -> the live bucket that owns it (two optimizers over one
 #: param would each repack it into their own buffer, detaching it from the other)
@@ -217,12 +223,14 @@ class _Bucket:
             p.grad = None
         self.grad, self.grad_views = None, [None] * len(self.params)
         self._arrays.clear()
+        self.launch = None  # (it holds a view of the old gradient buffer)
 
     def restore_grads(self) -> None:
         """A flat gradient buffer again (after step in backward is removed)."""
         self.grad = torch.zeros_like(self.flat)
         self.grad_views = [self.slice(self.grad, i) for i in range(len(self.params))]
         self._arrays.clear()
+        self.launch = None
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param."""
@@ -431,6 +439,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         for p in params:
             times[id(p)] += 1
         if len(unique) != len(params):
+            if self.definition.group_step is not None:  # (schedulefree: k once a step)
+                raise ValueError(
+                    f"{type(self).__name__} counts its steps per param group "
+                    f"('{self.definition.group_step}'), once a step, and cannot update a "
+                    "parameter listed more than once in a group once per listing: list each "
+                    "parameter once")
             self._check_repeats(group.get("schedule"))
         buckets = []
         for dtype in dict.fromkeys(p.dtype for p in unique):  # one bucket per dtype, in order
@@ -559,6 +573,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                     else self.twin.capturable_what
                 raise AssertionError(f"If capturable=True, {what} must be on supported "
                                      f"devices: {devices}.")
+        for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
+                                                     strict=True)):
+            if any(any(b.repeats) for b in buckets):  # (before any group steps)
+                self._check_repeats(self._schedule(index, group)[0])
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             if any(b.launch is None for buckets in self._buckets for b in buckets):
                 raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
@@ -653,7 +671,6 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not b.all_started:
             self._init_first_step(b, names, schedule, have_grad)
         if any(b.repeats):  # each param once, then the listed-again ones again, as torch
-            self._check_repeats(schedule)
             fresh = list(b.fresh)  # (torch reads each listing's first-gradient state before
             self._step_params(group, b, names, hypers, arrays, half, schedule, have_grad)
             for again in range(1, max(b.repeats) + 1):  # the step: unset for each at step 1)
@@ -663,13 +680,16 @@ class FlatOptimizer(torch.optim.Optimizer):
                                                                strict=True)]
                 self._step_params(group, b, names, hypers, arrays, half, schedule, which)
             return
+        capturing = b.flat.is_cuda and torch.cuda.is_current_stream_capturing()
         if all(have_grad) and b.uniform and (not first_grad or len(set(b.fresh)) == 1) \
-                and (b.scalars_shared or all(bool((v == v[0]).all())
-                                             for v in b.scalars.values())):
+                and ((capturing and b.scalars_shared)  # (a device read would break capture)
+                     or all(bool((v == v[0]).all()) for v in b.scalars.values())):
             # the fast path: one kernel over the whole bucket
             k = b.step + 1
             self._run(b, names, hypers, arrays, half, k, schedule, first_grad and b.fresh[0],
                       None)
+            if capturing:  # (captured, not run: the replays advance the device's count)
+                return
             b.fresh = [False] * len(b.params)
             b.step = k
             b.steps.fill_(k)
@@ -801,6 +821,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         if prepared.on_gpu and part is None:
             self._launch_bucket(b, prepared, arrays[1], schedule, step, fresh)
         elif prepared.on_gpu:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(CAPTURE_NEEDS_WHOLE_BUCKETS)
             stream = torch.cuda.current_stream(b.flat.device)
             with _cupy_stream(stream.cuda_stream, stream.device_index):
                 run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
@@ -841,23 +863,27 @@ class FlatOptimizer(torch.optim.Optimizer):
                     grads, table, table.shape[0], _as_array(b.counter).view("uint64"),
                     _as_array(b.lr_out), 1.0, 1.0, fresh))
             b.launch[4]()
-        if capturing:
+        if capturing:  # (the device holds step - 1 until a replay runs it)
             b.captured = True
-        b.device_step = step
+        else:
+            b.device_step = step
 
     def _take_device_counts(self) -> None:
-        """After replays of a captured step: each such bucket's step count from its device
-        counter (a device read), and the group's lr and kept values from it."""
+        """After replays of a captured step: each such bucket's params advanced by the
+        replays since the host last knew the device counter (a device read), and the group's
+        lr and kept values from them."""
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
                                                      strict=True)):
             changed = False
             for b in buckets:
                 if b.captured and b.counter is not None:
-                    count = b.device_step = int(b.counter[0])
-                    if count != b.step:
-                        b.step = count
-                        b.steps.fill_(count)
+                    count = int(b.counter[0])
+                    if b.device_step is not None and count != b.device_step:
+                        # each replay stepped the whole bucket once
+                        b.steps += count - b.device_step
+                        b.step = int(b.steps.max())
                         changed = True
+                    b.device_step = count
             if changed:
                 self._publish_group(group, buckets)
                 schedule = group.get("schedule")
@@ -907,6 +933,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         Load pre-hooks run first and what they return is what loads; post-hooks run last.
         """
         state_dict = state_dict.copy()  # shallow, as torch's
+        self._take_device_counts()  # (replays first: a failed load restores those counts)
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
