@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .algorithms import REGISTRY, Definition
 from .algorithms._spec import (
+    CPU_PER_STEP,
     CPU_SEGMENTED_SIGNATURE,
     CPU_SIGNATURE,
     DIRECTION,
@@ -1145,6 +1146,190 @@ def torch_source() -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------ factored
+
+
+#: the factored kernels' arguments after the segment ones (fastopt/segments.py): each tensor's
+#: offsets into the packed factors (``factored_layout``), whether it is factored (2 or more
+#: dims), the row blocks of the statistics pass, its row and column sums of g^2 (float64) and
+#: column partials, and each row's clamped row mean (float32)
+FACTORED_ARGS = ("layout", "factored", "blocks", "row_sq", "col_partial", "col_sq", "row_norm")
+
+
+def _small_helper(fn, name: str, params: list[str], returns: list[str], element: bool,
+                  bools: set[str] = frozenset()) -> list[str]:
+    """A definition's small function as a Numba helper: its positional and keyword
+    parameters in order, the body translated, ``returns`` returned."""
+    node = _function_ast(fn)
+    body = _body(node)
+    args = [a.arg for a in node.args.args] + [a.arg for a in node.args.kwonlyargs]
+    if args != params:
+        raise DefinitionError(f"{name} takes {args}, expected {params}")
+    printer = _Printer("py", element=element, bools=set(bools))
+    lines = ["@helper", *_wrap(f"def {name}(", args, "):", 0)]
+    for local in _assigned(body):
+        if local not in args:
+            lines.append(f"    {local} = {'np.float32(0.0)' if element else '0.0'}")
+    lines += printer.statements(body, "    ")
+    return lines + [f"    return {', '.join(returns)}", "", ""]
+
+
+def factored_numba_source(m) -> str:
+    """The Numba kernel of an optimizer with factored second moments (Adafactor) from its
+    math module ``m`` (``prologue``, ``moment``, ``estimate``, ``direction``, ``segment``,
+    ``element``): the driver's passes over the segment table, written once here."""
+    name = m.__name__.rsplit(".", 1)[-1].lstrip("_")
+    slots = list(m.SLOTS)
+    pro = _function_ast(m.prologue)
+    pro_body = _body(pro)
+    pro_args = [a.arg for a in pro.args.args]
+    if pro_args != ["step", "lr", *slots, "weight_decay"]:
+        raise DefinitionError(f"{name}.prologue takes step, lr, {slots}, weight_decay")
+    seg = _function_ast(m.segment)
+    seg_values = [n for n in _assigned(_body(seg))]
+    lines = [_gen_header(name, "#").replace(f"fastopt/algorithms/{name}.py",
+                                            f"fastopt/algorithms/_{name}.py"),
+             '"""' + textwrap.dedent(m.__doc__).strip(), '"""', "",
+             "import math  # noqa: F401  (a prologue may use it)", "",
+             "import numpy as np", "from numba import prange", "",
+             "from .._jit import helper, kernel",
+             "from ..access import load_grad, load_param, store_param",
+             "from ..factored import factored_square_sums",
+             "from ..schedule import lr_at", "", ""]
+    kw = lambda fn: [a.arg for a in _function_ast(fn).args.kwonlyargs]  # noqa: E731
+    lines += _small_helper(m.moment, f"{name}_moment", ["v", "sq", *kw(m.moment)], ["v"], True)
+    lines += _small_helper(m.estimate, f"{name}_estimate",
+                           ["row", "col", "row_mean", *kw(m.estimate)], ["est"], True)
+    lines += _small_helper(m.direction, f"{name}_direction", ["g", "est", *kw(m.direction)],
+                           ["u"], True)
+    lines += _small_helper(m.segment, f"{name}_segment",
+                           ["param_sq", "update_sq", "numel", *kw(m.segment)], seg_values,
+                           False)
+    lines += _small_helper(m.element, f"{name}_element", ["p", "u", *kw(m.element)], ["p"],
+                           True)
+    f32 = lambda args: ", ".join(f"{a}_f32" for a in args)  # noqa: E731
+    element_scalars = sorted({*kw(m.moment), *kw(m.estimate), *kw(m.direction)}
+                             | (set(kw(m.element)) - set(seg_values)))
+    signature = (CPU_SEGMENTED_SIGNATURE[:-len(CPU_PER_STEP)] + FACTORED_ARGS
+                 + CPU_PER_STEP)
+    body = ["@kernel", *_wrap(f"def {name}(", signature, "):", 0),
+            f'    """One {name} step k = ``step`` over the whole buffer; returns the lr."""',
+            "    lr = lr_at(table, step - 1.0) * lr_scale",
+            *(f"    {slot} = h{i}" for i, slot in enumerate(slots)),
+            *_Printer("py", element=False).statements(pro_body, "    "),
+            "    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)",
+            *(f"    {s}_f32 = np.float32({s})" for s in element_scalars),
+            "    row_var, col_var, variance = state0, state1, state2"]
+
+    def over(loop: str, count: str, inner: list[str]) -> list[str]:
+        out = []
+        for kind in ("prange", "range"):
+            out += [f"    {'if parallel' if kind == 'prange' else 'else'}:",
+                    f"        for {loop} in {kind}({count}):",
+                    *(f"            {line}" for line in inner)]
+        return out
+
+    moment = f"{name}_moment(v, sq, {f32(kw(m.moment))})"
+    # an element's second-moment estimate and direction: est from row q's factor and norm
+    # and column c's factor, or the variance
+    u_factored = [f"est = {name}_estimate(rv, col_var[cb + col], rn, {f32(kw(m.estimate))})",
+                  f"u = {name}_direction(g, est, {f32(kw(m.direction))})"]
+    u_plain = ["est = variance[va + j - offset]",
+               f"u = {name}_direction(g, est, {f32(kw(m.direction))})"]
+
+    def chunk_rows(inner_factored: list[str], inner_plain: list[str], head: list[str],
+                   tail: list[str]) -> list[str]:
+        """A chunk's elements: a factored tensor's row by row (its factors read once a row),
+        another's in order."""
+        return [
+            "start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]",
+            "offset, rows, cols = segments[s, 0], segments[s, 2], segments[s, 3]",
+            "ra, ca, va = layout[s, 0], layout[s, 1], layout[s, 2]", *head,
+            "if factored[s] != 0:",
+            "    i = start",
+            "    while i < stop:",
+            "        q = (i - offset) // cols",
+            "        first = (i - offset) - q * cols",
+            "        end = min(stop, i + cols - first)",
+            "        rv = row_var[ra + q]",
+            "        rn = row_norm[ra + q]",
+            "        cb = ca + (q // rows) * cols",
+            "        for j in range(i, end):",
+            "            col = first + (j - i)",
+            *(f"            {line}" for line in inner_factored),
+            "        i = end",
+            "else:",
+            "    for j in range(start, stop):",
+            *(f"        {line}" for line in inner_plain), *tail]
+
+    grad = "g = grad_factor * load_grad(grads, j, fmt)"
+    body += ["    # 1. the statistics: each factored tensor's row and column sums of g^2 (over",
+             "    # its row blocks), each chunk's sum of p^2, the other tensors' variance",
+             "    factored_square_sums(grads, fmt, grad_factor, segments, layout, blocks, "
+             "row_sq,", "                         col_partial, col_sq, parallel)"]
+    body += over("c", "chunks.shape[0]", [
+        "start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]",
+        "offset, va = segments[s, 0], layout[s, 2]",
+        "total = 0.0",
+        "for j in range(start, stop):",
+        "    p = np.float64(load_param(params, master, j))",
+        "    total += p * p",
+        "partials[c, 0] = total",
+        "if factored[s] == 0:",
+        "    for j in range(start, stop):",
+        f"        {grad}",
+        "        v = variance[va + j - offset]",
+        "        sq = g * g",
+        f"        v = {moment}",
+        "        variance[va + j - offset] = v"])
+    body += ["    # 2. the factors: rows and columns from their means of g^2, then each",
+             "    # matrix's row mean (float64 sum, in order), clamped by the estimate"]
+    body += over("s", "segments.shape[0]", [
+        "if factored[s] == 0:", "    continue",
+        "batch, rows, cols = segments[s, 1], segments[s, 2], segments[s, 3]",
+        "ra, ca = layout[s, 0], layout[s, 1]",
+        "for q in range(batch * rows):",
+        "    v = row_var[ra + q]",
+        "    sq = np.float32(row_sq[ra + q] / cols) if cols else np.float32(0.0)",
+        f"    row_var[ra + q] = {moment}",
+        "for k in range(batch * cols):",
+        "    v = col_var[ca + k]",
+        "    sq = np.float32(col_sq[ca + k] / rows) if rows else np.float32(0.0)",
+        f"    col_var[ca + k] = {moment}",
+        "for b in range(batch):",
+        "    mean = 0.0",
+        "    for r in range(rows):",
+        "        mean += row_var[ra + b * rows + r]",
+        "    mean_f32 = np.float32(mean / rows) if rows else np.float32(0.0)",
+        "    for r in range(rows):",
+        "        row_norm[ra + b * rows + r] = mean_f32"])
+    body += ["    # 3. each chunk's sum of u^2"]
+    body += over("c", "chunks.shape[0]", chunk_rows(
+        [grad, *u_factored, "total += np.float64(u) * np.float64(u)"],
+        [grad, *u_plain, "total += np.float64(u) * np.float64(u)"],
+        ["total = 0.0"], ["partials[c, 1] = total"]))
+    seg_kw = ", ".join(kw(m.segment))
+    body += ["    # 4. each tensor's sums, its chunks' in chunk order, and its values",
+             "    for s in range(segments.shape[0]):",
+             "        param_sq = 0.0", "        update_sq = 0.0",
+             "        for c in range(segments[s, 4], segments[s, 5]):",
+             "            param_sq += partials[c, 0]", "            update_sq += partials[c, 1]",
+             "        numel = float(segments[s, 1] * segments[s, 2] * segments[s, 3])",
+             f"        {', '.join(seg_values)} = {name}_segment(param_sq, update_sq, numel, "
+             f"{seg_kw})",
+             *(f"        segvals[s, {k}] = {v}" for k, v in enumerate(seg_values))]
+    element_kw = kw(m.element)
+    args = ", ".join(f"{a}_f32" if a not in seg_values else f"np.float32(segvals[s, "
+                     f"{seg_values.index(a)}])" for a in element_kw)
+    update = [grad, "p = load_param(params, master, j)",
+              f"p = {name}_element(p, u, {args})", "store_param(params, master, j, p, fmt)"]
+    body += ["    # 5. the update, with its tensor's values"]
+    body += over("c", "chunks.shape[0]", chunk_rows(
+        [update[0], *u_factored, *update[1:]], [update[0], *u_plain, *update[1:]], [], []))
+    body += ["    return lr", ""]
+    return "\n".join(lines + body)
+
+
 # ------------------------------------------------------------------------------ files
 
 
@@ -1157,6 +1342,9 @@ def outputs() -> dict[Path, str]:
     for d in REGISTRY.values():
         files[CPU_OPS / f"{d.name}.py"] = numba_source(d)
         files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)
+    from .algorithms import _adafactor  # (in progress: not in the registry yet)
+
+    files[CPU_OPS / "adafactor.py"] = factored_numba_source(_adafactor)
     return files
 
 

@@ -115,3 +115,62 @@ def test_non_finite_gradients_reach_their_row_and_column_only():
     rows, cols = _run(table, g, FP16, 1.0, True)
     assert np.isinf(rows[1]) and np.isfinite(np.delete(rows, 1)).all()
     assert np.isinf(cols[2]) and np.isfinite(np.delete(cols, 2)).all()
+
+
+# ------------------------------------------------------------------ Adafactor's kernel
+
+def _scaled(model: str) -> list[tuple[int, ...]]:
+    from fastopt.benchmark import load_shapes
+
+    return [tuple(max(1, -(-d // 8)) for d in shape) for shape in load_shapes(model)[1]]
+
+
+#: torch.optim.Adafactor's arguments: the defaults, decay with maximize, and the rest
+ADAFACTOR_OPTIONS = [{}, {"weight_decay": 0.1, "maximize": True},
+                     {"d": 2.0, "eps1": 1e-30, "eps2": 1e-2, "beta2_decay": -0.5}]
+
+
+@pytest.mark.parametrize("option", range(len(ADAFACTOR_OPTIONS)))
+@pytest.mark.parametrize("model", ["gpt2_small", "resnet50"])
+def test_generated_adafactor_kernel_equals_the_reference(model, option):
+    """The Numba kernel generated from fastopt/algorithms/_adafactor.py (before its layers
+    exist: called with its arguments directly) against fastopt.reference.adafactor, itself
+    checked against torch.optim.Adafactor: params and every factor within 2e-6 after 10
+    steps on the issue's scaled shape lists, parallel and serial alike."""
+    from optimizer_cases import rel_error
+
+    from fastopt import reference
+    from fastopt.cpu.ops.adafactor import adafactor
+    from fastopt.schedules import constant
+
+    hyp = {"beta2_decay": -0.8, "eps1": None, "eps2": 1e-3, "d": 1.0, "weight_decay": 0.0,
+           "maximize": False, **ADAFACTOR_OPTIONS[option]}
+    table = SegmentTable.contiguous(_scaled(model))
+    layout, (n_rows, n_cols, n_var) = table.factored_layout()
+    blocks, size = table.row_blocks()
+    factored = np.array([len(s) >= 2 for s in table.shapes], np.int64)
+    rng = np.random.default_rng(option)
+    params = rng.standard_normal(table.size).astype(np.float32)
+    want = params.astype(np.float64)
+    state = [np.zeros(k, np.float32) for k in (n_rows, n_cols, n_var)]
+    want_state = [np.zeros(k) for k in (n_rows, n_cols, n_var)]
+    eps1 = float(np.finfo(np.float32).eps) if hyp["eps1"] is None else hyp["eps1"]
+    slots = [hyp["beta2_decay"], eps1, hyp["eps2"], hyp["d"], 0.0, 0.0, 0.0, 0.0]
+    none, scalar = np.zeros(1, np.float32), np.zeros(1)
+    work = (np.zeros((table.chunks.shape[0], 2)), np.zeros((len(table), 4)), none, layout,
+            factored, blocks, np.zeros(n_rows), np.zeros(size), np.zeros(n_cols),
+            np.zeros(n_rows, np.float32))
+    lr, schedule = 1e-2, constant(1e-2).table
+    segments = list(zip(table.offsets, table.shapes, strict=True))
+    for k in range(1, 11):
+        g = (rng.standard_normal(table.size) * rng.uniform(0.1, 3)).astype(np.float32)
+        adafactor(params, none, *state, none, scalar, scalar, scalar, scalar,
+                  hyp["weight_decay"], False, hyp["maximize"], *slots, FP16, table.rows,
+                  table.chunks, *work, g, schedule, float(k), 1.0, 1.0, 0, k % 2 == 0)
+        want, *want_state = reference.adafactor(
+            want, g, *want_state, step=k, lr=lr, segments=segments,
+            beta2_decay=hyp["beta2_decay"], eps1=hyp["eps1"], eps2=hyp["eps2"], d=hyp["d"],
+            weight_decay=hyp["weight_decay"], maximize=hyp["maximize"])
+    assert rel_error(params, want) <= 2e-6
+    for ours, theirs in zip(state, want_state, strict=True):
+        assert rel_error(ours, theirs) <= 2e-6

@@ -18,11 +18,12 @@ from math import sqrt
 SLOTS = ("beta2_decay", "eps1", "eps2", "d")
 
 
-def prologue(step, lr, beta2_decay, eps1, eps2, d):
+def prologue(step, lr, beta2_decay, eps1, eps2, d, weight_decay):
     one_minus_beta2 = step**beta2_decay
     beta2_t = 1.0 - one_minus_beta2
     rho = min(lr, 1.0 / sqrt(step))
     eps1_sq = eps1 * eps1
+    decay = 1.0 - lr * weight_decay
 
 
 def moment(v, sq, *, one_minus_beta2, beta2_t):
@@ -38,14 +39,15 @@ def estimate(row, col, row_mean, *, eps1):
 
 
 def direction(g, est, *, eps1_sq):
-    u = g / sqrt(max(est, eps1_sq))
+    u = 1.0 / sqrt(max(est, eps1_sq)) * g
 
 
 def segment(param_sq, update_sq, numel, *, rho, eps2, d):
     alpha = max(eps2, sqrt(param_sq) / sqrt(numel)) * rho
     denom = max(1.0, sqrt(update_sq) / (sqrt(numel) * d))
+    step_size = alpha / denom
 
 
-def element(p, u, *, lr, weight_decay, alpha, denom):
-    p = p * (1.0 - lr * weight_decay)
-    p = p - alpha / denom * u
+def element(p, u, *, decay, step_size):
+    p = p * decay
+    p = p - step_size * u
