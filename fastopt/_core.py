@@ -120,6 +120,13 @@ class FlatOptimizer:
                                                                      self.params.shape[0])
         if state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+        if self.definition.factored is not None:  # (Adafactor: CPU, float32 state)
+            from ._functional import factored_refusal
+
+            if state_dtype == "bfloat16":
+                raise ValueError(factored_refusal(self.definition, "bfloat16 state"))
+            if self._on_gpu:
+                raise NotImplementedError(factored_refusal(self.definition, "cupy arrays"))
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
         self.state_dtype = state_dtype
         #: the public hyperparameters (checked); the class's fixed ones are not among them
@@ -248,9 +255,10 @@ class FlatOptimizer:
             value = host_lr(self._schedule, 0) * self.lr_scale
         if value is None:
             value = self.definition.initial_value(name, self._hypers())
+        shape = (self.definition.state_size(name, self.params.shape[0], self.segments),)
         if self.state_dtype == "bfloat16":
-            return self._xp.full(self.params.shape, _bf16.encode(value), dtype=np.uint16)
-        return self._xp.full(self.params.shape, value, dtype=np.float32)
+            return self._xp.full(shape, _bf16.encode(value), dtype=np.uint16)
+        return self._xp.full(shape, value, dtype=np.float32)
 
     def _state_as_float(self, name: str):
         """A float32 numpy copy of a state buffer (bfloat16 state decoded)."""
@@ -500,9 +508,11 @@ class FlatOptimizer:
             if key not in d:
                 raise KeyError(f"state_dict has no {key!r}")
             value = self._host_copy(d[key])
-            if value.shape != self.params.shape or not np.issubdtype(value.dtype, np.floating):
+            shape = self.params.shape if key == MASTER else (self.definition.state_size(
+                key, self.params.shape[0], self.segments),)
+            if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
                 raise ArrayArgumentError(
-                    f"state_dict[{key!r}] must be a float array of shape {self.params.shape}, "
+                    f"state_dict[{key!r}] must be a float array of shape {shape}, "
                     f"got {value.dtype} {value.shape}")
             arrays[key] = value
         scalars = {}

@@ -42,13 +42,14 @@ def _schedule(lr, schedule) -> Schedule:
     return check_lr(schedule if schedule is not None else lr)
 
 
-def _buffers(params, grads, master, dtype=None, **state):
+def _buffers(params, grads, master, dtype=None, sizes=None, **state):
     """Check params, grads, master and the state buffers together; return (size, dtype name).
 
     16-bit params need ``master``, their float32 copy, which the kernel reads and writes; they
     may be given as uint16 bits with ``dtype`` ('float16' or 'bfloat16') naming the format
     (how cupy, which has no bfloat16, carries them). Grads have the params' array dtype.
-    State buffers are float32, or uint16 holding bfloat16 bits (stochastically rounded).
+    State buffers are float32, or uint16 holding bfloat16 bits (stochastically rounded);
+    ``sizes``: a function of (name, n) giving a buffer's length (factored state), else n.
     """
     allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
     n = check_buffer("params", params, dtype=allowed).shape[0]
@@ -66,9 +67,30 @@ def _buffers(params, grads, master, dtype=None, **state):
                                  "bfloat16 bits)")
     for key, array in state.items():
         if array is not None:  # float32, or bfloat16 bits (stochastically rounded state)
-            check_buffer(key, array, n, like=params, dtype=("float32", "uint16"))
+            check_buffer(key, array, n if sizes is None else sizes(key, n), like=params,
+                         dtype=("float32", "uint16"))
     check_disjoint(params=params, grads=grads, master=master, **state)
     return n, name
+
+
+def _check_factored(definition: Definition, params, buffers: dict) -> None:
+    """What a definition with factored moments refuses: bfloat16 state (its factors are a
+    value per row and column: bf16 saves almost nothing) and the GPU (no CUDA driver yet)."""
+    if any(b.dtype == np.uint16 for b in buffers.values()):
+        raise ValueError(factored_refusal(definition, "bfloat16 state"))
+    if is_cupy(params):
+        raise NotImplementedError(factored_refusal(definition, "cupy arrays"))
+
+
+def factored_refusal(definition: Definition, what: str) -> str:
+    """Why a definition with factored moments (Adafactor) refuses ``what``."""
+    name = definition.classes[0].name
+    if what == "bfloat16 state":
+        return (f"{name} keeps factored state (a value per row and per column of each "
+                "matrix), a small fraction of the params: it takes float32 state only "
+                "(state_dtype='float32')")
+    return (f"{name} runs on the CPU only for now (its factored kernel is generated for "
+            f"Numba; the CUDA one is not built yet, bench/NOTES.md): got {what}")
 
 
 def _parallel(n: int, params, *state) -> bool:
@@ -103,7 +125,15 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
             when = next(s.when for s in definition.state if s.name == name)
             raise ValueError(f"{name} is required" + (f" when {when}" if when else ""))
     buffers = {name: states[name] for name in active}
-    n, name = _buffers(params, grads, master, dtype, **buffers)
+    table = None
+    if segments is not None:
+        n_params = check_buffer("params", params).shape[0]
+        table = segment_table(segments, n_params)
+    sizes = None if definition.factored is None else (
+        lambda key, n: definition.state_size(key, n, table))
+    n, name = _buffers(params, grads, master, dtype, sizes, **buffers)
+    if definition.factored is not None:
+        _check_factored(definition, params, buffers)
     scalars = scalars or {}
     seen = [("params", params), *buffers.items()]
     for key, value in scalars.items():  # one-element float64 arrays, updated in place
@@ -111,7 +141,6 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
         check_apart(key, value, seen)
         seen.append((key, value))
     fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))
-    table = None if segments is None else segment_table(segments, n)
     on_gpu = is_cupy(params)
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),
                         master if name != "float32" else None, buffers, checked, name, on_gpu,

@@ -256,7 +256,9 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
             for key in ("params", "schedule"):
                 if key not in members:
                     raise CheckpointError(f"{path}: the checkpoint has no {key!r} array")
-            wanted = {key: (np.float32, n) for key in members if key in _STATE_MEMBERS}
+            sizes = _state_sizes(path, meta, n)
+            wanted = {key: (np.float32, sizes(key)) for key in members
+                      if key in _STATE_MEMBERS}
             wanted["params"] = (np.float32 if kind == "float32" else np.uint16, n)
             wanted["schedule"] = (np.float64, None)
             arrays = {key: _read_member(path, z, members[key], dtype, size)
@@ -274,6 +276,29 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
         raise CheckpointError(f"{path}: not a readable fastopt checkpoint "
                               f"({type(exc).__name__}: {exc})") from exc
     return meta, arrays
+
+
+def _state_sizes(path: Path, meta: dict, n: int):
+    """A function of a state member's name giving its length: n, or for factored state
+    (Adafactor's) what the saved layout of the optimizer's tensors implies."""
+    definition = _definition_of(meta["optimizer"])
+    layout = meta["segments"]
+    if definition is None or definition.factored is None or layout is None:
+        return lambda key: n
+    try:
+        table = SegmentTable(layout["offsets"], layout["shapes"], n)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: inconsistent checkpoint ({exc})") from exc
+    return lambda key: (definition.state_size(key, n, table)
+                        if key in definition.state_names else n)
+
+
+def _definition_of(name: str):
+    """The definition of public class ``name`` (None for an unknown name: refused later)."""
+    from .algorithms import CLASSES
+
+    entry = CLASSES.get(name)
+    return None if entry is None else entry[0]
 
 
 def _members(path: Path, z: zipfile.ZipFile) -> dict:

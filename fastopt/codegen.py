@@ -35,6 +35,7 @@ from .algorithms._spec import (
     CPU_SEGMENTED_SIGNATURE,
     CPU_SIGNATURE,
     DIRECTION,
+    FORMAT_EPS,
     KERNEL_SIGNATURE,
     REDUCE_THREADS,
     REDUCTION_SLOTS,
@@ -419,6 +420,8 @@ def _scalar_call_args(x: _Parts, scalars: list[str], lines: list[str], done: set
 
 
 def numba_source(d: Definition) -> str:
+    if d.factored is not None:
+        return factored_numba_source(d)
     x = _Parts(d)
     name = d.name
     lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
@@ -1174,26 +1177,25 @@ def _small_helper(fn, name: str, params: list[str], returns: list[str], element:
     return lines + [f"    return {', '.join(returns)}", "", ""]
 
 
-def factored_numba_source(m) -> str:
-    """The Numba kernel of an optimizer with factored second moments (Adafactor) from its
-    math module ``m`` (``prologue``, ``moment``, ``estimate``, ``direction``, ``segment``,
-    ``element``): the driver's passes over the segment table, written once here."""
-    name = m.__name__.rsplit(".", 1)[-1].lstrip("_")
-    slots = list(m.SLOTS)
-    pro = _function_ast(m.prologue)
+def factored_numba_source(d: Definition) -> str:
+    """The Numba kernel of a definition with factored second moments (Adafactor): the
+    driver's passes over the segment table, written once here, calling the definition's
+    ``prologue``, ``segment`` and ``element`` and its factored math (``moment``,
+    ``estimate``, ``direction``)."""
+    name, m = d.name, d.factored
+    slots = list(d.kernel_slots)
+    pro = _function_ast(d.prologue)
     pro_body = _body(pro)
     pro_args = [a.arg for a in pro.args.args]
     if pro_args != ["step", "lr", *slots, "weight_decay"]:
         raise DefinitionError(f"{name}.prologue takes step, lr, {slots}, weight_decay")
-    seg = _function_ast(m.segment)
+    seg = _function_ast(d.segment)
     seg_values = [n for n in _assigned(_body(seg))]
-    lines = [_gen_header(name, "#").replace(f"fastopt/algorithms/{name}.py",
-                                            f"fastopt/algorithms/_{name}.py"),
-             '"""' + textwrap.dedent(m.__doc__).strip(), '"""', "",
+    lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
              "import math  # noqa: F401  (a prologue may use it)", "",
              "import numpy as np", "from numba import prange", "",
              "from .._jit import helper, kernel",
-             "from ..access import load_grad, load_param, store_param",
+             "from ..access import format_eps, load_grad, load_param, store_param",
              "from ..factored import factored_square_sums",
              "from ..schedule import lr_at", "", ""]
     kw = lambda fn: [a.arg for a in _function_ast(fn).args.kwonlyargs]  # noqa: E731
@@ -1202,20 +1204,23 @@ def factored_numba_source(m) -> str:
                            ["row", "col", "row_mean", *kw(m.estimate)], ["est"], True)
     lines += _small_helper(m.direction, f"{name}_direction", ["g", "est", *kw(m.direction)],
                            ["u"], True)
-    lines += _small_helper(m.segment, f"{name}_segment",
+    lines += _small_helper(d.segment, f"{name}_segment",
                            ["param_sq", "update_sq", "numel", *kw(m.segment)], seg_values,
                            False)
-    lines += _small_helper(m.element, f"{name}_element", ["p", "u", *kw(m.element)], ["p"],
+    lines += _small_helper(d.element, f"{name}_element", ["p", "u", *kw(d.element)], ["p"],
                            True)
     f32 = lambda args: ", ".join(f"{a}_f32" for a in args)  # noqa: E731
     element_scalars = sorted({*kw(m.moment), *kw(m.estimate), *kw(m.direction)}
-                             | (set(kw(m.element)) - set(seg_values)))
+                             | (set(kw(d.element)) - set(seg_values)))
     signature = (CPU_SEGMENTED_SIGNATURE[:-len(CPU_PER_STEP)] + FACTORED_ARGS
                  + CPU_PER_STEP)
     body = ["@kernel", *_wrap(f"def {name}(", signature, "):", 0),
             f'    """One {name} step k = ``step`` over the whole buffer; returns the lr."""',
             "    lr = lr_at(table, step - 1.0) * lr_scale",
             *(f"    {slot} = h{i}" for i, slot in enumerate(slots)),
+            *(line for slot in d.format_eps_slots for line in (
+                f"    if {slot} == {FORMAT_EPS}:  # the params' format's machine epsilon",
+                f"        {slot} = format_eps(params, fmt)")),
             *_Printer("py", element=False).statements(pro_body, "    "),
             "    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)",
             *(f"    {s}_f32 = np.float32({s})" for s in element_scalars),
@@ -1308,7 +1313,7 @@ def factored_numba_source(m) -> str:
         [grad, *u_factored, "total += np.float64(u) * np.float64(u)"],
         [grad, *u_plain, "total += np.float64(u) * np.float64(u)"],
         ["total = 0.0"], ["partials[c, 1] = total"]))
-    seg_kw = ", ".join(kw(m.segment))
+    seg_kw = ", ".join(kw(d.segment))
     body += ["    # 4. each tensor's sums, its chunks' in chunk order, and its values",
              "    for s in range(segments.shape[0]):",
              "        param_sq = 0.0", "        update_sq = 0.0",
@@ -1318,7 +1323,7 @@ def factored_numba_source(m) -> str:
              f"        {', '.join(seg_values)} = {name}_segment(param_sq, update_sq, numel, "
              f"{seg_kw})",
              *(f"        segvals[s, {k}] = {v}" for k, v in enumerate(seg_values))]
-    element_kw = kw(m.element)
+    element_kw = kw(d.element)
     args = ", ".join(f"{a}_f32" if a not in seg_values else f"np.float32(segvals[s, "
                      f"{seg_values.index(a)}])" for a in element_kw)
     update = [grad, "p = load_param(params, master, j)",
@@ -1341,10 +1346,8 @@ def outputs() -> dict[Path, str]:
                               CUDA_DIR / "signature.cuh": signature_header()}
     for d in REGISTRY.values():
         files[CPU_OPS / f"{d.name}.py"] = numba_source(d)
-        files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)
-    from .algorithms import _adafactor  # (in progress: not in the registry yet)
-
-    files[CPU_OPS / "adafactor.py"] = factored_numba_source(_adafactor)
+        if d.cuda:  # (factored moments: no CUDA driver yet, bench/NOTES.md)
+            files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)
     return files
 
 

@@ -252,10 +252,16 @@ class Prepared:
         return values
 
 
+#: the per-chunk sums of a factored definition's kernel (p^2 and u^2 per tensor)
+FACTORED_SUMS = 2
+
+
 def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) -> tuple:
     """A segmented kernel's tables and buffers (``CPU_SEGMENT_ARGS``): the segment and chunk
     tables where the params are, the partial sums and per-tensor values it writes, and a
-    matrix stage's float32 directions (n elements; one otherwise)."""
+    matrix stage's float32 directions (n elements; one otherwise); for factored moments
+    (Adafactor) also ``codegen.FACTORED_ARGS``: the factors' layout, which tensors are
+    factored, the row blocks and the statistics' buffers."""
     if segments.size != params.shape[0]:
         raise ValueError(f"a segment table for {segments.size} elements, the params have "
                          f"{params.shape[0]}")
@@ -264,10 +270,19 @@ def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) 
         rows, chunks = segments.device(xp, params.device.id)
     else:  # (numpy: the CPU, or the host-built CUDA kernels of the tests)
         xp, rows, chunks = np, segments.rows, segments.chunks
-    return (rows, chunks,
-            xp.zeros((chunks.shape[0], len(d.reductions)), dtype=np.float64),
+    base = (rows, chunks,
+            xp.zeros((chunks.shape[0], FACTORED_SUMS if d.factored is not None
+                      else len(d.reductions)), dtype=np.float64),
             xp.zeros((rows.shape[0], REDUCTION_SLOTS), dtype=np.float64),
             xp.zeros(params.shape[0] if d.matrix is not None else 1, dtype=np.float32))
+    if d.factored is None:
+        return base
+    # factored moments (CPU only): codegen.FACTORED_ARGS
+    layout, (n_rows, n_cols, _) = segments.factored_layout()
+    blocks, partial = segments.row_blocks()
+    factored = np.array([len(shape) >= 2 for shape in segments.shapes], dtype=np.int64)
+    return base + (layout, factored, blocks, np.zeros(n_rows), np.zeros(partial),
+                   np.zeros(n_cols), np.zeros(n_rows, dtype=np.float32))
 
 
 def run_once(prepared: Prepared, grads, schedule, step: int, lr_scale: float,

@@ -17,8 +17,8 @@ holding bfloat16 bits (rounded stochastically).
 from ._functional import run, take_alias
 from .algorithms import REGISTRY
 
-__all__ = ["adadelta", "adagrad", "adam", "adamw", "adamax", "adamwschedulefree", "ademamix",
-           "asgd", "lamb", "lion", "muon", "nadam", "radam", "rmsprop", "rprop", "sgd"]
+__all__ = ["adadelta", "adafactor", "adagrad", "adam", "adamw", "adamax", "adamwschedulefree",
+           "ademamix", "asgd", "lamb", "lion", "muon", "nadam", "radam", "rmsprop", "rprop", "sgd"]
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
@@ -40,6 +40,37 @@ def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=No
                acc_delta}, step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
                hypers=dict(rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+
+
+def adafactor(params, grads, row_var, col_var, variance, *, step, segments, lr=None, schedule=None,
+              master_param=None, dtype=None, beta2_decay=-0.8, eps=(None, 0.001), d=1.0,
+              weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+    """Adafactor: factored second moments, a relative step (torch.optim.Adafactor).
+
+    Adafactor, as torch.optim.Adafactor 2.13 (its arguments, defaults, state names and
+    numbers): factored second moments for tensors of 2 or more dims, a full one for the others.
+
+        per tensor, step k: w = k^beta2_decay, rho = min(lr, 1/sqrt(k)),
+        alpha = max(eps2, ||p|| / sqrt(numel)) rho (p before the decay), p *= 1 - lr wd;
+        (..., R, C): row_var = lerp(row_var, mean_c g^2, w), col_var = lerp(col_var, mean_r g^2, w),
+        est = row_var col_var / max(mean_r row_var, eps1); others: variance = lerp(variance, g^2, w)
+        u = g / sqrt(max(est, eps1^2));   p -= alpha / max(1, ||u|| / (sqrt(numel) d)) u
+    eps1 None is the params' machine epsilon (torch's finfo(param.dtype).eps; bfloat16 params
+    with a float32 master: bfloat16's).
+
+    One step k = ``step`` in place; returns the lr the kernel used.
+
+    segments: the tensors' layout in params (a SegmentTable, a FlatBuffer, or a list of
+    shapes packed back to back); elements outside every tensor are not touched.
+
+    Deprecated spellings, for one release: master (master_param).
+    """
+    master_param = take_alias("master", master, "master_param", master_param)
+    return run(REGISTRY["adafactor"], {}, params, grads, {"row_var": row_var, "col_var": col_var,
+               "variance": variance}, step=step, lr=lr, schedule=schedule, master=master_param,
+               dtype=dtype, hypers=dict(beta2_decay=beta2_decay, eps=eps, d=d,
+               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None, segments=segments)
 
 
 def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_param=None, dtype=None,

@@ -9,8 +9,8 @@ definition; the machinery is ``fastopt._core.FlatOptimizer``.
 from ._core import FlatOptimizer, TrainEvalModes
 from .algorithms import REGISTRY
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "AdamWScheduleFree", "AdEMAMix",
-           "ASGD", "LAMB", "Lion", "Muon", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "AdamWScheduleFree",
+           "AdEMAMix", "ASGD", "LAMB", "Lion", "Muon", "NAdam", "RAdam", "RMSprop", "Rprop", "SGD"]
 
 
 class Adadelta(FlatOptimizer):
@@ -32,6 +32,37 @@ class Adadelta(FlatOptimizer):
                  dtype=None, state_dtype="float32"):
         FlatOptimizer.__init__(self, params, lr, dict(rho=rho, eps=eps, weight_decay=weight_decay,
                                maximize=maximize), dtype, state_dtype)
+
+
+class Adafactor(FlatOptimizer):
+    """Adafactor: factored second moments, a relative step (torch.optim.Adafactor).
+
+    Adafactor, as torch.optim.Adafactor 2.13 (its arguments, defaults, state names and
+    numbers): factored second moments for tensors of 2 or more dims, a full one for the others.
+
+        per tensor, step k: w = k^beta2_decay, rho = min(lr, 1/sqrt(k)),
+        alpha = max(eps2, ||p|| / sqrt(numel)) rho (p before the decay), p *= 1 - lr wd;
+        (..., R, C): row_var = lerp(row_var, mean_c g^2, w), col_var = lerp(col_var, mean_r g^2, w),
+        est = row_var col_var / max(mean_r row_var, eps1); others: variance = lerp(variance, g^2, w)
+        u = g / sqrt(max(est, eps1^2));   p -= alpha / max(1, ||u|| / (sqrt(numel) d)) u
+    eps1 None is the params' machine epsilon (torch's finfo(param.dtype).eps; bfloat16 params
+    with a float32 master: bfloat16's).
+
+    lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
+    back to back); taken from params when it is a FlatBuffer.
+    """
+
+    definition = REGISTRY["adafactor"]
+    fixed = {}
+
+    def __init__(self, params, lr=0.01, beta2_decay=-0.8, eps=(None, 0.001), d=1.0,
+                 weight_decay=0.0, maximize=False, *, dtype=None, state_dtype="float32",
+                 segments=None):
+        FlatOptimizer.__init__(self, params, lr, dict(beta2_decay=beta2_decay, eps=eps, d=d,
+                               weight_decay=weight_decay, maximize=maximize), dtype, state_dtype,
+                               segments=segments)
 
 
 class Adagrad(FlatOptimizer):

@@ -150,7 +150,25 @@ def _lamb(p, g, s, step, lr, h):
     return out[0], {"exp_avg": out[1], "exp_avg_sq": out[2]}
 
 
+def _adafactor(p, g, s, step, lr, h):
+    from fastopt.segments import SegmentTable
+
+    table = SegmentTable.contiguous(segment_shapes(len(p)))
+    eps1, eps2 = h["eps"]
+    out = reference.adafactor(p, g, s["row_var"], s["col_var"], s["variance"], step=step,
+                              lr=lr, segments=list(zip(table.offsets, table.shapes,
+                                                       strict=True)),
+                              beta2_decay=h["beta2_decay"], eps1=eps1, eps2=eps2, d=h["d"],
+                              weight_decay=h["weight_decay"], maximize=h["maximize"])
+    return out[0], dict(zip(("row_var", "col_var", "variance"), out[1:], strict=True))
+
+
 CASES: dict[str, Case] = {
+    "adafactor": Case(
+        options=(("Adafactor", {}),
+                 ("Adafactor", dict(weight_decay=0.1, maximize=True, beta2_decay=-0.5)),
+                 ("Adafactor", dict(d=2.0, eps=(1e-30, 1e-2)))),
+        reference=_adafactor),
     "adam": Case(
         options=(("Adam", {}), ("AdamW", {}),
                  ("Adam", dict(amsgrad=True, weight_decay=0.1, maximize=True)),
@@ -296,6 +314,13 @@ def initial_state(d, full: dict, p0, schedule) -> dict:
             state[s.name] = np.full(np.shape(p0), schedule.at(0))
         elif s.init == INIT_PARAMS:  # Schedule-Free's z: the params
             state[s.name] = np.asarray(p0, np.float64).copy()
+        elif s.layout != "elements":  # (factored moments: sized by the layout)
+            from fastopt.segments import SegmentTable
+
+            n = int(np.size(p0))
+            table = SegmentTable.contiguous(shapes_for(d.name, n))
+            state[s.name] = np.full(d.state_size(s.name, n, table),
+                                    d.initial_value(s.name, full))
         else:
             state[s.name] = np.full(np.shape(p0), d.initial_value(s.name, full))
     state.update({s.name: s.init for s in d.scalars})

@@ -7,6 +7,7 @@ from optimizer_cases import CASES, make, schedule_for
 import fastopt
 from fastopt import functional as F
 from fastopt import schedules as S
+from fastopt.algorithms import REGISTRY
 
 cupy = pytest.importorskip("cupy", reason="cupy not installed")
 if not cupy.cuda.is_available():
@@ -24,7 +25,7 @@ def _maker(name: str, cls: str, hypers: dict):
 
 #: every definition in the registry, with the last two options of its test entry
 MAKERS = {f"{cls}-{i}": _maker(name, cls, hypers) for name, case in CASES.items()
-          for i, (cls, hypers) in enumerate(case.options[-2:])}
+          if REGISTRY[name].cuda for i, (cls, hypers) in enumerate(case.options[-2:])}
 
 
 def _grads(n, steps, seed=0):
@@ -325,3 +326,13 @@ def test_step_returns_before_the_device_finishes():
     assert not stream.done
     stream.synchronize()
     assert opt.sync_step_count() == 3 and opt.last_lr == pytest.approx(SCHED.at(2), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if not REGISTRY[n].cuda])
+def test_definitions_without_cuda_kernels_refuse_the_gpu(name):
+    """Factored moments (Adafactor) have no CUDA kernel yet: the class and the functional
+    layer refuse cupy arrays, saying so, before touching anything."""
+    cls, hypers = CASES[name].options[0]
+    p = cupy.asarray(np.random.default_rng(0).standard_normal(300).astype(np.float32))
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        make(cls, p, **hypers)

@@ -1,7 +1,5 @@
-"""Adafactor's math, as torch.optim.Adafactor 2.13's code (not in the registry yet: the
-definition layer's factored state is being built, bench/NOTES.md "Plan - Adafactor"; the
-Numba kernel ``fastopt/cpu/ops/adafactor.py`` is generated from these functions and checked
-against ``fastopt.reference.adafactor``).
+"""Adafactor (Shazeer & Stern 2018), as torch.optim.Adafactor 2.13's code: the math its
+definition (``adafactor.py``) declares; the factored driver of ``fastopt.codegen`` calls it.
 
 Per tensor, step k: w = k^beta2_decay, rho = min(lr, 1/sqrt(k)),
 alpha = max(eps2, ||p|| / sqrt(numel)) rho (p before the decay), p *= 1 - lr wd.
@@ -12,10 +10,6 @@ p -= alpha / max(1, ||u|| / (sqrt(numel) d)) u.
 """
 
 from math import sqrt
-
-#: the kernel's hyperparameter slots, in order (eps1 resolved by the caller: None is the
-#: params' finfo eps, as torch's)
-SLOTS = ("beta2_decay", "eps1", "eps2", "d")
 
 
 def prologue(step, lr, beta2_decay, eps1, eps2, d, weight_decay):

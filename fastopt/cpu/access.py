@@ -13,7 +13,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from .convert import bf16_to_float, float_to_bf16_stochastic, from_float, random32, to_float
+from .convert import BF16, bf16_to_float, float_to_bf16_stochastic, from_float, random32, to_float
 
 
 def load_param(params, master, i):
@@ -26,6 +26,11 @@ def load_grad(grads, i, fmt):
 
 def store_param(params, master, i, value, fmt):
     """Write param i (and its master copy for 16-bit params)."""
+
+
+def format_eps(params, fmt):
+    """The machine epsilon of the params' format (torch's finfo(dtype).eps): float32's for
+    float32 params, else float16's or bfloat16's (``fmt``), as a float64."""
 
 
 def decode_state(x):
@@ -72,6 +77,13 @@ def _store_param(params, master, j, value, fmt):
             master[j] = value
             params[j] = from_float(value, fmt)
     return store
+
+
+@overload(format_eps, inline="always")
+def _format_eps(params, fmt):
+    if _is_f32(params):
+        return lambda params, fmt: 2.0 ** -23
+    return lambda params, fmt: 2.0 ** -7 if fmt == BF16 else 2.0 ** -10
 
 
 @overload(decode_state, inline="always")

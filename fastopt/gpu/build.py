@@ -15,7 +15,7 @@ from ..algorithms import REGISTRY
 DTYPE_SUFFIXES = ("f32", "f16", "bf16")
 SOURCES = {
     f"{op}.cu": tuple(f"{op}_{d}{s}" for d in DTYPE_SUFFIXES for s in ("", "_sbf16"))
-    for op in REGISTRY
+    for op, definition in REGISTRY.items() if definition.cuda
 }
 #: the driver's own kernels: a step's gradient norm, clip coefficient and skip flag
 SOURCES["control.cu"] = (*(f"fo_grad_sq_{d}" for d in DTYPE_SUFFIXES), "fo_grad_control")

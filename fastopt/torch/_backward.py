@@ -177,7 +177,8 @@ class StepInBackward:
             k = int(b.steps[first]) + 1
             part = {key: v[lo:hi] if key == "master" else v for key, v in half.items()}
             sliced = [arrays[0][lo:hi], convert(grads),
-                      *(a[lo:hi] for a in arrays[2:])]
+                      *(a[b.state_part(name, first, stop, slice(lo, hi))]
+                        for name, a in zip(names, arrays[2:], strict=True))]
             opt._run(b, names, hypers, sliced, part, k, schedule,
                      first_grad and b.fresh[first], (first, stop) if whole else first)
             for i in range(first, stop):

@@ -25,6 +25,7 @@ import torch
 
 from .. import cpu
 from .._checks import check_lr
+from .._functional import factored_refusal
 from ..algorithms import Definition
 from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER
 from ..engine import Prepared, device_table, run_once
@@ -125,9 +126,14 @@ class _Bucket:
 
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
                  state_dtype: torch.dtype = torch.float32, owner: str = "",
-                 scalars: tuple = ()):
+                 scalars: tuple = (), layouts: dict | None = None):
         first = params[0]
         self.owner = owner  # the optimizer class's name, for the two-optimizers error
+        #: state name -> its layout (State.layout): a value per element, or factored
+        #: moments' per row, per column or per element of the unfactored tensors
+        self.layouts = layouts or {}
+        self._factors: tuple | None = None  # each param's offsets into factored state
+        self._segments: SegmentTable | None = None  # the bucket's layout, made on first use
         self.params = params
         self.state_dtype = state_dtype
         self.offsets, total = [], 0
@@ -160,7 +166,6 @@ class _Bucket:
                     grad.copy_(p.grad)  # step skips it until backward gives it one
                     p.grad = grad
         self.master = None if self.format is None else self.flat.float()
-        self._segments: SegmentTable | None = None  # the bucket's layout, made on first use
         #: where each param's data must stay: a param whose .data is replaced is detached
         self.addresses = [p.data_ptr() for p in params]
         #: params with an entry in optimizer.state (torch's: those that took a step or had
@@ -238,11 +243,48 @@ class _Bucket:
         return flat[offset:offset + p.numel()].view_as(p)
 
     def view_of(self, name: str, index: int) -> torch.Tensor:
-        return self.slice(self.master if name == MASTER else self.state[name], index)
+        """Param ``index``'s part of a state buffer, shaped as torch keeps it: like the
+        param, or for factored moments (..., R, 1) per row and (..., 1, C) per column."""
+        layout = self.layouts.get(name, "elements")
+        if name == MASTER or layout == "elements":
+            return self.slice(self.master if name == MASTER else self.state[name], index)
+        shape = tuple(self.params[index].shape)
+        part = self.state[name][self.state_part(name, index, index + 1, None)]
+        if layout == "rows":
+            return part.view(*shape[:-1], 1)
+        if layout == "cols":
+            return part.view(*shape[:-2], 1, shape[-1])
+        return part.view(shape)
+
+    def applies(self, name: str, index: int) -> bool:
+        """Whether param ``index`` has state ``name`` (factored moments: row and column
+        factors for 2 or more dims, a full variance for the others)."""
+        layout = self.layouts.get(name, "elements")
+        ndim = self.params[index].dim()
+        return layout == "elements" or (layout == "unfactored") == (ndim < 2)
+
+    def _factor_layout(self) -> tuple:
+        if self._factors is None:
+            self._factors = self.segment_table(None, self.flat.shape[0]).factored_layout()
+        return self._factors
+
+    def state_part(self, name: str, first: int, stop: int, elements: slice | None) -> slice:
+        """The part of state buffer ``name`` holding params [first, stop): ``elements`` (the
+        params' own range) for a per-element buffer, else their factors."""
+        layout = self.layouts.get(name, "elements")
+        if layout == "elements":
+            return elements
+        column = ("rows", "cols", "unfactored").index(layout)
+        starts, sizes = self._factor_layout()
+        end = starts[stop, column] if stop < len(self.params) else sizes[column]
+        return slice(int(starts[first, column]), int(end))
 
     def add_state(self, name: str, value: float = 0.0) -> None:
         if name not in self.state:
-            self.state[name] = torch.full(self.flat.shape, value, dtype=self.state_dtype,
+            layout = self.layouts.get(name, "elements")
+            size = self.flat.shape[0] if layout == "elements" else \
+                self._factor_layout()[1][("rows", "cols", "unfactored").index(layout)]
+            self.state[name] = torch.full((size,), value, dtype=self.state_dtype,
                                           device=self.flat.device)
 
     def arrays(self, names: tuple[str, ...]) -> tuple[list, dict]:
@@ -325,6 +367,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise ValueError("differentiable=True is not supported by fastopt's fused kernels")
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
+        if state_dtype == "bfloat16" and self.definition.factored is not None:
+            raise ValueError(factored_refusal(self.definition, "bfloat16 state"))
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
         self.state_dtype = state_dtype
         self._buckets: list[list[_Bucket]] = []
@@ -419,6 +463,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                              "put parameters of each device in their own group")
         if params and params[0].device.type not in ("cpu", "cuda"):
             raise TypeError(f"unsupported device {params[0].device}")
+        if params and params[0].device.type == "cuda" and self.definition.factored is not None:
+            raise NotImplementedError(factored_refusal(self.definition, "CUDA params"))
         owned = [p for p in params if _owner(p) is not None]
         if owned:
             gc.collect()  # an optimizer that is gone but not yet collected owns nothing
@@ -450,7 +496,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         for dtype in dict.fromkeys(p.dtype for p in unique):  # one bucket per dtype, in order
             b = _Bucket([p for p in unique if p.dtype == dtype], self.state_init(group),
                         STATE_DTYPES[self.state_dtype], type(self).__name__,
-                        self.definition.scalars)
+                        self.definition.scalars,
+                        {st.name: st.layout for st in self.definition.state})
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
         return buckets
@@ -469,7 +516,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _state_views(self, group: dict, bucket: _Bucket, i: int) -> dict:
         views = {"step": bucket.steps[i]} if self.definition.per_param_step else {}
         for name in self.state_init(group):
-            views[name] = bucket.view_of(name, i)
+            if bucket.applies(name, i):
+                views[name] = bucket.view_of(name, i)
         for name, values in bucket.scalars.items():
             if name not in self._group_scalars:
                 views[name] = values[i]  # a 0-d view, as torch's per-param scalar tensors
@@ -714,8 +762,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             sl = slice(offset, offset + p.numel())
             k = int(b.steps[i]) + 1
             part = {key: v[sl] if key == "master" else v for key, v in half.items()}
-            self._run(b, names, hypers, [a[sl] for a in arrays], part, k, schedule,
-                      first_grad and b.fresh[i], i)
+            sliced = [arrays[0][sl], arrays[1][sl],
+                      *(a[b.state_part(name, i, i + 1, sl)]
+                        for name, a in zip(names, arrays[2:], strict=True))]
+            self._run(b, names, hypers, sliced, part, k, schedule, first_grad and b.fresh[i],
+                      i)
             b.fresh[i] = False
             b.steps[i] = k
             if not b.started[i]:
@@ -736,7 +787,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     if name in self.definition.first_grad_state:  # torch's None buffer
                         b.fresh = [True] * len(b.params)
                     for i, started in enumerate(b.started):  # the views, as torch adds them
-                        if started:
+                        if started and b.applies(name, i):
                             self.state[b.params[i]][name] = b.view_of(name, i)
         return names
 
@@ -1046,6 +1097,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 steps = float(_saved_count(group.get(key, 0), key))
             b.steps[i] = float(st.get("step", steps))
             for name in b.state:
+                if not b.applies(name, i):
+                    continue
                 view = b.view_of(name, i)
                 if st.get(name) is not None:
                     view.copy_(st[name])
