@@ -52,9 +52,13 @@ def traffic(name: str) -> int:
     the state, the second reads p and the state and writes p: 40 for LAMB. One with a matrix
     stage (Muon) counts its two elementwise passes: read g and the state, write the state
     and the direction; read p and the stage's result, write p: 28 (the stage's matrix
-    products come on top)."""
+    products come on top). Factored moments (Adafactor) read g for the row and column
+    statistics, p for its norm, g for the update's norm, then p and g and write p: 24 (the
+    factors, a value per row and column, come on top)."""
     s = state_count(name)
     d = OPTIMIZERS[name].definition
+    if d.factored is not None:
+        return 4 * (1 + 1 + 1 + 3)
     if d.matrix is not None:
         return 4 * ((1 + s) + (s + 1) + 2 + 1)
     if d.segmented:
@@ -135,9 +139,14 @@ def traffic_text() -> str:
 
 def roofline(name: str, n: int) -> Callable[[], None]:
     """A call of the copy kernel with ``name``'s traffic over n float32 elements."""
-    kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w,
-              3: copy_traffic_5r4w}[state_count(name)]
-    if OPTIMIZERS[name].definition.matrix is not None:
+    if OPTIMIZERS[name].definition.factored is not None:
+        kernel = copy_traffic_four_pass_1r_1r_1r_2r1w
+    else:
+        kernel = {0: copy_traffic_2r1w, 1: copy_traffic_3r2w, 2: copy_traffic_4r3w,
+                  3: copy_traffic_5r4w}[state_count(name)]
+    if OPTIMIZERS[name].definition.factored is not None:
+        pass
+    elif OPTIMIZERS[name].definition.matrix is not None:
         if state_count(name) != 1:
             raise NotImplementedError(f"no two-pass copy kernel for {name}'s state")
         kernel = copy_traffic_two_pass_2r2w_2r1w
@@ -327,6 +336,24 @@ def check_agreement(name: str, shapes: list[tuple[int, ...]] | int, steps: int =
     return err
 
 
+@njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_four_pass_1r_1r_1r_2r1w(a, b):
+    """Same traffic as an Adafactor step (four passes): read b; read a; read b; read a, b,
+    write a (the sums keep the reads alive)."""
+    s1 = 0.0
+    for i in prange(a.shape[0]):
+        s1 += b[i]
+    s2 = 0.0
+    for i in prange(a.shape[0]):
+        s2 += a[i]
+    s3 = 0.0
+    for i in prange(a.shape[0]):
+        s3 += b[i] * b[i]
+    scale = np.float32((s1 + s2 + s3) * 1e-30)
+    for i in prange(a.shape[0]):
+        a[i] = a[i] + scale * b[i]
+
+
 def _median_times(impls: dict[str, Callable[[], None]], budget_s: float,
                   block_s: float = 2e-3) -> dict[str, float]:
     """Median time per call. Each round runs every implementation once as a block of calls
@@ -364,7 +391,7 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
     opt, _ = problem.fastopt(name, sched)
     grads = problem.grads.buffer
     impls: dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(grads)}
-    if bf16_state:
+    if bf16_state and OPTIMIZERS[name].definition.factored is None:  # (Adafactor: float32)
         half, _ = problem.fastopt(name, sched, state_dtype="bfloat16")
         impls["fastopt-bf16-state"] = lambda: half.step(grads)
     n = problem.params.buffer.size

@@ -1242,15 +1242,59 @@ def factored_numba_source(d: Definition) -> str:
     u_plain = ["est = variance[va + j - offset]",
                f"u = {name}_direction(g, est, {f32(kw(m.direction))})"]
 
-    def chunk_rows(inner_factored: list[str], inner_plain: list[str], head: list[str],
-                   tail: list[str]) -> list[str]:
-        """A chunk's elements: a factored tensor's row by row (its factors read once a row),
-        another's in order."""
+    u64 = "np.uint64"
+
+    def lane_sum(lo: str, hi: str, inner: list[str], term: str,
+                 after: list[str] = ()) -> list[str]:
+        """sum(term for j in [lo, hi)) into lane0..lane3: each block of SUM_BLOCK terms into
+        ``terms`` (a loop without a carried sum: it vectorises), then added in a fixed order
+        (the same at any thread count). Bounds are unsigned: a signed index's wrap-around
+        check keeps LLVM from vectorising (bench/NOTES.md, "LAMB's passes vectorised")."""
         return [
-            "start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]",
-            "offset, rows, cols = segments[s, 0], segments[s, 2], segments[s, 3]",
-            "ra, ca, va = layout[s, 0], layout[s, 1], layout[s, 2]", *head,
-            "if factored[s] != 0:",
+            f"for block in range({lo}, {hi}, {u64}({SUM_BLOCK})):",
+            f"    bend = min(block + {u64}({SUM_BLOCK}), {hi})",
+            "    for j in range(block, bend):",
+            *(f"        {line}" for line in inner),
+            f"        terms[j - block] = {term}",
+            *(f"        {line}" for line in after),
+            f"    full = (bend - block) // {u64}({SUM_LANES}) * {u64}({SUM_LANES})",
+            f"    for t in range({u64}(0), full, {u64}({SUM_LANES})):",
+            *(f"        lane{k} += terms[t + {u64}({k})]" for k in range(SUM_LANES)),
+            "    for t in range(full, bend - block):",
+            "        lane0 += terms[t]"]
+
+    def lanes_total() -> str:
+        return " + ".join(f"(lane{k} + lane{k + 1})" for k in range(0, SUM_LANES, 2))
+
+    def chunk_head() -> list[str]:
+        return [f"start, stop = {u64}(chunks[c, 0]), {u64}(chunks[c, 1])",
+                "s = chunks[c, 2]",
+                f"offset = {u64}(segments[s, 0])",
+                f"rows, cols = {u64}(segments[s, 2]), {u64}(segments[s, 3])",
+                f"ra, ca = {u64}(layout[s, 0]), {u64}(layout[s, 1])",
+                f"va = {u64}(layout[s, 2])"]
+
+    #: a factored tensor whose rows are shorter than this goes element by element, its row and
+    #: column followed incrementally (a row loop's set-up would cost more than the row)
+    short = 32
+    # the element-by-element walk: (q, r, col, cb) at j = start, then advanced after each
+    walk_start = ["q = (start - offset) // cols", "col = (start - offset) - q * cols",
+                  "r = q - (q // rows) * rows", "cb = ca + (q // rows) * cols"]
+    walk_next = [f"col += {u64}(1)", "if col == cols:", f"    col = {u64}(0)",
+                 f"    q += {u64}(1)", f"    r += {u64}(1)", "    if r == rows:",
+                 f"        r = {u64}(0)", "        cb += cols"]
+
+    def chunk_rows(row_part: list[str], plain: list[str], head: list[str],
+                   tail: list[str], walk: list[str]) -> list[str]:
+        """A chunk's elements: a factored tensor's row by row (its factors read once a row;
+        ``row_part`` runs over j in [i, end) with col = first + (j - i)), or element by
+        element where its rows are short (``walk``, over j in [start, stop) with q, col and
+        cb followed), another's in order (``plain``, over j in [start, stop))."""
+        return [
+            *chunk_head(), *head,
+            f"if factored[s] != 0 and cols < {u64}({short}):",
+            *walk_start_lines(walk),
+            "elif factored[s] != 0:",
             "    i = start",
             "    while i < stop:",
             "        q = (i - offset) // cols",
@@ -1259,27 +1303,26 @@ def factored_numba_source(d: Definition) -> str:
             "        rv = row_var[ra + q]",
             "        rn = row_norm[ra + q]",
             "        cb = ca + (q // rows) * cols",
-            "        for j in range(i, end):",
-            "            col = first + (j - i)",
-            *(f"            {line}" for line in inner_factored),
+            *(f"        {line}" for line in row_part),
             "        i = end",
             "else:",
-            "    for j in range(start, stop):",
-            *(f"        {line}" for line in inner_plain), *tail]
+            *(f"    {line}" for line in plain), *tail]
 
+    def walk_start_lines(walk: list[str]) -> list[str]:
+        return [*(f"    {line}" for line in walk_start), *(f"    {line}" for line in walk)]
+
+    lanes = [f"lane{k} = 0.0" for k in range(SUM_LANES)] + [
+        f"terms = np.empty({SUM_BLOCK}, np.float64)"]
     grad = "g = grad_factor * load_grad(grads, j, fmt)"
     body += ["    # 1. the statistics: each factored tensor's row and column sums of g^2 (over",
              "    # its row blocks), each chunk's sum of p^2, the other tensors' variance",
              "    factored_square_sums(grads, fmt, grad_factor, segments, layout, blocks, "
              "row_sq,", "                         col_partial, col_sq, parallel)"]
     body += over("c", "chunks.shape[0]", [
-        "start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]",
-        "offset, va = segments[s, 0], layout[s, 2]",
-        "total = 0.0",
-        "for j in range(start, stop):",
-        "    p = np.float64(load_param(params, master, j))",
-        "    total += p * p",
-        "partials[c, 0] = total",
+        *chunk_head(), *lanes,
+        *lane_sum("start", "stop", ["p = np.float64(load_param(params, master, j))"],
+                  "p * p"),
+        f"partials[c, 0] = {lanes_total()}",
         "if factored[s] == 0:",
         "    for j in range(start, stop):",
         f"        {grad}",
@@ -1309,10 +1352,13 @@ def factored_numba_source(d: Definition) -> str:
         "    for r in range(rows):",
         "        row_norm[ra + b * rows + r] = mean_f32"])
     body += ["    # 3. each chunk's sum of u^2"]
+    square = "np.float64(u) * np.float64(u)"
+    walk_u = [grad, "rv = row_var[ra + q]", "rn = row_norm[ra + q]", *u_factored]
     body += over("c", "chunks.shape[0]", chunk_rows(
-        [grad, *u_factored, "total += np.float64(u) * np.float64(u)"],
-        [grad, *u_plain, "total += np.float64(u) * np.float64(u)"],
-        ["total = 0.0"], ["partials[c, 1] = total"]))
+        lane_sum("i", "end", ["col = first + (j - i)", grad, *u_factored], square),
+        lane_sum("start", "stop", [grad, *u_plain], square),
+        lanes, [f"partials[c, 1] = {lanes_total()}"],
+        lane_sum("start", "stop", walk_u, square, walk_next)))
     seg_kw = ", ".join(kw(d.segment))
     body += ["    # 4. each tensor's sums, its chunks' in chunk order, and its values",
              "    for s in range(segments.shape[0]):",
@@ -1330,7 +1376,12 @@ def factored_numba_source(d: Definition) -> str:
               f"p = {name}_element(p, u, {args})", "store_param(params, master, j, p, fmt)"]
     body += ["    # 5. the update, with its tensor's values"]
     body += over("c", "chunks.shape[0]", chunk_rows(
-        [update[0], *u_factored, *update[1:]], [update[0], *u_plain, *update[1:]], [], []))
+        ["for j in range(i, end):", "    col = first + (j - i)",
+         *(f"    {line}" for line in (update[0], *u_factored, *update[1:]))],
+        ["for j in range(start, stop):",
+         *(f"    {line}" for line in (update[0], *u_plain, *update[1:]))], [], [],
+        ["for j in range(start, stop):",
+         *(f"    {line}" for line in (*walk_u, *update[1:], *walk_next))]))
     body += ["    return lr", ""]
     return "\n".join(lines + body)
 

@@ -31,9 +31,9 @@ CHUNK = 1 << 15
 #: the columns of ``SegmentTable.rows`` and ``SegmentTable.chunks``
 SEGMENT_COLUMNS = ("offset", "batch", "rows", "cols", "first_chunk", "end_chunk")
 CHUNK_COLUMNS = ("start", "stop", "segment")
-#: factored statistics (Adafactor's row and column means of g^2): each matrix of a tensor of
-#: 2 or more dims is cut into at most ROW_BLOCKS blocks of consecutive rows, of at least CHUNK
-#: elements where the matrix has that many; the columns of ``SegmentTable.row_blocks()``
+#: factored statistics (Adafactor's row and column means of g^2): each matrix of CHUNK or more
+#: elements of a tensor of 2 or more dims is cut into at most ROW_BLOCKS blocks of
+#: consecutive rows, smaller ones grouped whole; the columns of ``SegmentTable.row_blocks()``
 ROW_BLOCKS = 16
 ROW_BLOCK_COLUMNS = ("segment", "first_row", "stop_row", "col_partial")
 
@@ -136,19 +136,25 @@ class SegmentTable:
     def row_blocks(self) -> tuple[np.ndarray, int]:
         """The blocks a factored-statistics pass runs over (``ROW_BLOCK_COLUMNS``), for the
         tensors of 2 or more dims, in tensor order: a tensor of shape (..., r, c) is batch * r
-        rows of c elements (row q at offset + q * c, matrix q // r); a block is the rows
-        [first_row, stop_row) of one matrix, and its column sums go to the c values of a
-        partial buffer from ``col_partial`` on. A matrix of n elements gets
-        min(ROW_BLOCKS, rows, ceil(n / CHUNK)) blocks of nearly equal row counts (at least
-        one; an empty matrix none). Returns (the int64 table, the partial buffer's size):
-        the column sums of a matrix add its blocks' partials in block order, so they are
-        the same at any thread count."""
+        rows of c elements (row q at offset + q * c, matrix q // r). A matrix of at least
+        CHUNK elements is cut into min(ROW_BLOCKS, r, ceil(r c / CHUNK)) blocks of nearly
+        equal row counts, each writing its column sums to its own c values of a partial
+        buffer from ``col_partial`` on (the matrix's columns add its blocks' partials in
+        block order, so they are the same at any thread count). Smaller matrices are grouped
+        whole, about CHUNK elements a block, ``col_partial`` -1: their column sums are
+        written directly. Empty matrices get no block. Returns (the int64 table, the partial
+        buffer's size)."""
         blocks, at = [], 0
         for index, shape in enumerate(self.shapes):
             if len(shape) < 2:
                 continue
             batch, rows, cols = _factored(shape)
             if rows * cols == 0:
+                continue
+            if rows * cols < CHUNK:  # whole matrices, grouped
+                per = max(1, CHUNK // (rows * cols))
+                for b in range(0, batch, per):
+                    blocks.append((index, b * rows, min(b + per, batch) * rows, -1))
                 continue
             count = max(1, min(ROW_BLOCKS, rows, -(-(rows * cols) // CHUNK)))
             for b in range(batch):

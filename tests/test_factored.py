@@ -16,7 +16,7 @@ from fastopt.segments import CHUNK, ROW_BLOCKS, SegmentTable
 #: vectors and scalars (not factored), batched matrices, a matrix of several blocks, a wide
 #: single row, an empty matrix, a tall thin one of more rows than ROW_BLOCKS
 SHAPES = [(5,), (7, 3), (), (2, 3, 4), (300, 250), (1, 40_000), (3, 0), (2, 1, 5),
-          (5000, 9)]
+          (5000, 9), (3000, 4, 3)]
 
 
 def _table(shapes):
@@ -29,32 +29,38 @@ def _table(shapes):
 
 
 def test_row_blocks_cover_each_matrix_once_in_order():
-    table = _table(SHAPES)
+    """Every row of every non-empty matrix in exactly one block, in order; a matrix of CHUNK
+    or more elements in its own blocks (at most ROW_BLOCKS, each with a partial), smaller
+    ones whole and grouped (no partial); the partials packed in block order."""
+    table = _table([*SHAPES, (40, 3, 3), (3, 20_000)])
     blocks, size = table.row_blocks()
     seen = {}
     for s, first, stop, at in blocks.tolist():
         shape = table.shapes[s]
         rows, cols = shape[-2], shape[-1]
         assert len(shape) >= 2 and cols > 0 and first < stop
-        assert first // rows == (stop - 1) // rows  # (one matrix per block)
+        if rows * cols >= CHUNK:
+            assert first // rows == (stop - 1) // rows and at >= 0  # (within one matrix)
+        else:
+            assert first % rows == 0 and stop % rows == 0 and at == -1  # (whole matrices)
+            assert (stop - first) * cols <= max(CHUNK, rows * cols)
         seen.setdefault(s, []).append((first, stop, at))
     factored = [i for i, s in enumerate(table.shapes) if len(s) >= 2 and math.prod(s)]
     assert sorted(seen) == factored
     at = 0
     for s in sorted(seen):
         shape = table.shapes[s]
-        rows_total = math.prod(shape[:-1])
-        assert [f for f, _, _ in seen[s]] == sorted(f for f, _, _ in seen[s])
-        assert seen[s][0][0] == 0 and seen[s][-1][1] == rows_total
+        assert seen[s][0][0] == 0 and seen[s][-1][1] == math.prod(shape[:-1])
         assert all(a[1] == b[0] for a, b in zip(seen[s][:-1], seen[s][1:], strict=True))
-        for _, _, offset in seen[s]:
-            assert offset == at
-            at += shape[-1]
-        per_matrix = len(seen[s]) // math.prod(shape[:-2])
-        assert 1 <= per_matrix <= min(ROW_BLOCKS, shape[-2])
-        assert per_matrix == max(1, min(ROW_BLOCKS, shape[-2],
-                                        -(-shape[-2] * shape[-1] // CHUNK)))
+        if shape[-2] * shape[-1] >= CHUNK:
+            for _, _, offset in seen[s]:
+                assert offset == at
+                at += shape[-1]
+            per_matrix = len(seen[s]) // math.prod(shape[:-2])
+            assert per_matrix == max(1, min(ROW_BLOCKS, shape[-2],
+                                            -(-shape[-2] * shape[-1] // CHUNK)))
     assert size == at
+    assert len([b for b in blocks.tolist() if b[0] == len(SHAPES)]) == 1  # (40 3x3s: one)
 
 
 def _reference(table, g, factor):

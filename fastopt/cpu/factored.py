@@ -29,47 +29,66 @@ def factored_square_sums(grads, fmt, grad_factor, segments, layout, blocks, row_
     col_sq[:] = 0.0
     if parallel:
         for k in prange(blocks.shape[0]):
-            _block_sums(grads, fmt, factor, segments, layout, blocks, row_sq, col_partial, k)
+            _block_sums(grads, fmt, factor, segments, layout, blocks, row_sq, col_partial,
+                        col_sq, k)
     else:
         for k in range(blocks.shape[0]):
-            _block_sums(grads, fmt, factor, segments, layout, blocks, row_sq, col_partial, k)
-    # each matrix's column sums: its blocks' partials in block order (blocks of one matrix
-    # are consecutive in the table)
-    k = 0
-    while k < blocks.shape[0]:
+            _block_sums(grads, fmt, factor, segments, layout, blocks, row_sq, col_partial,
+                        col_sq, k)
+    # a split matrix's column sums: its blocks' partials in block order (consecutive in the
+    # table); whole-matrix blocks wrote theirs directly
+    for k in range(blocks.shape[0]):
+        at = blocks[k, 3]
+        if at < 0:
+            continue
         s = blocks[k, 0]
         rows, cols = segments[s, 2], segments[s, 3]
-        matrix = blocks[k, 1] // rows
-        out = layout[s, 1] + matrix * cols
+        out = layout[s, 1] + (blocks[k, 1] // rows) * cols
         for c in range(cols):
-            col_sq[out + c] = 0.0
-        while k < blocks.shape[0] and blocks[k, 0] == s and blocks[k, 1] // rows == matrix:
-            at = blocks[k, 3]
-            for c in range(cols):
-                col_sq[out + c] += col_partial[at + c]
-            k += 1
+            col_sq[out + c] += col_partial[at + c]
 
 
 @helper
-def _block_sums(grads, fmt, factor, segments, layout, blocks, row_sq, col_partial, k):
+def _row_sum(grads, fmt, factor, first, count, into, into_first):
+    """Row [first, first + count)'s sum of squares (four lanes in a fixed order); each square
+    also added to ``into[into_first + c]`` (the column sums). Unsigned indices: a signed
+    one's wrap-around check keeps LLVM from vectorising the loops."""
+    start, cols, at = np.uint64(first), np.uint64(count), np.uint64(into_first)
+    for c in range(np.uint64(0), cols):  # (independent per c: vectorisable)
+        x = factor * np.float64(load_grad(grads, start + c, fmt))
+        into[at + c] += x * x
+    lane0 = 0.0
+    lane1 = 0.0
+    lane2 = 0.0
+    lane3 = 0.0
+    full = cols // np.uint64(4) * np.uint64(4)
+    for c in range(np.uint64(0), full, np.uint64(4)):
+        x0 = factor * np.float64(load_grad(grads, start + c, fmt))
+        x1 = factor * np.float64(load_grad(grads, start + c + np.uint64(1), fmt))
+        x2 = factor * np.float64(load_grad(grads, start + c + np.uint64(2), fmt))
+        x3 = factor * np.float64(load_grad(grads, start + c + np.uint64(3), fmt))
+        lane0 += x0 * x0
+        lane1 += x1 * x1
+        lane2 += x2 * x2
+        lane3 += x3 * x3
+    for c in range(full, cols):
+        x0 = factor * np.float64(load_grad(grads, start + c, fmt))
+        lane0 += x0 * x0
+    return (lane0 + lane1) + (lane2 + lane3)
+
+
+@helper
+def _block_sums(grads, fmt, factor, segments, layout, blocks, row_sq, col_partial, col_sq,
+                k):
     s, first, stop, at = blocks[k, 0], blocks[k, 1], blocks[k, 2], blocks[k, 3]
-    offset, cols = segments[s, 0], segments[s, 3]
-    for c in range(cols):
-        col_partial[at + c] = 0.0
-    for q in range(first, stop):
-        start = offset + q * cols
-        total0 = 0.0
-        total1 = 0.0
-        for c in range(cols):  # (the column partials: independent per c, vectorisable)
-            x = factor * np.float64(load_grad(grads, start + c, fmt))
-            col_partial[at + c] += x * x
-        half = cols // 2
-        for c in range(half):  # (the row sum: two lanes in a fixed order)
-            x0 = factor * np.float64(load_grad(grads, start + 2 * c, fmt))
-            x1 = factor * np.float64(load_grad(grads, start + 2 * c + 1, fmt))
-            total0 += x0 * x0
-            total1 += x1 * x1
-        if cols % 2:
-            x0 = factor * np.float64(load_grad(grads, start + cols - 1, fmt))
-            total0 += x0 * x0
-        row_sq[layout[s, 0] + q] = total0 + total1
+    offset, rows, cols = segments[s, 0], segments[s, 2], segments[s, 3]
+    if at >= 0:  # rows of a split matrix: the columns into the block's partial
+        for c in range(cols):
+            col_partial[at + c] = 0.0
+        for q in range(first, stop):
+            row_sq[layout[s, 0] + q] = _row_sum(grads, fmt, factor, offset + q * cols, cols,
+                                                col_partial, at)
+    else:  # whole matrices: the columns straight into the output
+        for q in range(first, stop):
+            row_sq[layout[s, 0] + q] = _row_sum(grads, fmt, factor, offset + q * cols, cols,
+                                                col_sq, layout[s, 1] + (q // rows) * cols)

@@ -96,13 +96,31 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                          col_partial, col_sq, parallel)
     if parallel:
         for c in prange(chunks.shape[0]):
-            start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            offset, va = segments[s, 0], layout[s, 2]
-            total = 0.0
-            for j in range(start, stop):
-                p = np.float64(load_param(params, master, j))
-                total += p * p
-            partials[c, 0] = total
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            s = chunks[c, 2]
+            offset = np.uint64(segments[s, 0])
+            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
+            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
+            va = np.uint64(layout[s, 2])
+            lane0 = 0.0
+            lane1 = 0.0
+            lane2 = 0.0
+            lane3 = 0.0
+            terms = np.empty(256, np.float64)
+            for block in range(start, stop, np.uint64(256)):
+                bend = min(block + np.uint64(256), stop)
+                for j in range(block, bend):
+                    p = np.float64(load_param(params, master, j))
+                    terms[j - block] = p * p
+                full = (bend - block) // np.uint64(4) * np.uint64(4)
+                for t in range(np.uint64(0), full, np.uint64(4)):
+                    lane0 += terms[t + np.uint64(0)]
+                    lane1 += terms[t + np.uint64(1)]
+                    lane2 += terms[t + np.uint64(2)]
+                    lane3 += terms[t + np.uint64(3)]
+                for t in range(full, bend - block):
+                    lane0 += terms[t]
+            partials[c, 0] = (lane0 + lane1) + (lane2 + lane3)
             if factored[s] == 0:
                 for j in range(start, stop):
                     g = grad_factor * load_grad(grads, j, fmt)
@@ -112,13 +130,31 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                     variance[va + j - offset] = v
     else:
         for c in range(chunks.shape[0]):
-            start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            offset, va = segments[s, 0], layout[s, 2]
-            total = 0.0
-            for j in range(start, stop):
-                p = np.float64(load_param(params, master, j))
-                total += p * p
-            partials[c, 0] = total
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            s = chunks[c, 2]
+            offset = np.uint64(segments[s, 0])
+            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
+            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
+            va = np.uint64(layout[s, 2])
+            lane0 = 0.0
+            lane1 = 0.0
+            lane2 = 0.0
+            lane3 = 0.0
+            terms = np.empty(256, np.float64)
+            for block in range(start, stop, np.uint64(256)):
+                bend = min(block + np.uint64(256), stop)
+                for j in range(block, bend):
+                    p = np.float64(load_param(params, master, j))
+                    terms[j - block] = p * p
+                full = (bend - block) // np.uint64(4) * np.uint64(4)
+                for t in range(np.uint64(0), full, np.uint64(4)):
+                    lane0 += terms[t + np.uint64(0)]
+                    lane1 += terms[t + np.uint64(1)]
+                    lane2 += terms[t + np.uint64(2)]
+                    lane3 += terms[t + np.uint64(3)]
+                for t in range(full, bend - block):
+                    lane0 += terms[t]
+            partials[c, 0] = (lane0 + lane1) + (lane2 + lane3)
             if factored[s] == 0:
                 for j in range(start, stop):
                     g = grad_factor * load_grad(grads, j, fmt)
@@ -173,11 +209,48 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
     # 3. each chunk's sum of u^2
     if parallel:
         for c in prange(chunks.shape[0]):
-            start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            offset, rows, cols = segments[s, 0], segments[s, 2], segments[s, 3]
-            ra, ca, va = layout[s, 0], layout[s, 1], layout[s, 2]
-            total = 0.0
-            if factored[s] != 0:
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            s = chunks[c, 2]
+            offset = np.uint64(segments[s, 0])
+            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
+            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
+            va = np.uint64(layout[s, 2])
+            lane0 = 0.0
+            lane1 = 0.0
+            lane2 = 0.0
+            lane3 = 0.0
+            terms = np.empty(256, np.float64)
+            if factored[s] != 0 and cols < np.uint64(32):
+                q = (start - offset) // cols
+                col = (start - offset) - q * cols
+                r = q - (q // rows) * rows
+                cb = ca + (q // rows) * cols
+                for block in range(start, stop, np.uint64(256)):
+                    bend = min(block + np.uint64(256), stop)
+                    for j in range(block, bend):
+                        g = grad_factor * load_grad(grads, j, fmt)
+                        rv = row_var[ra + q]
+                        rn = row_norm[ra + q]
+                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                        u = adafactor_direction(g, est, eps1_sq_f32)
+                        terms[j - block] = np.float64(u) * np.float64(u)
+                        col += np.uint64(1)
+                        if col == cols:
+                            col = np.uint64(0)
+                            q += np.uint64(1)
+                            r += np.uint64(1)
+                            if r == rows:
+                                r = np.uint64(0)
+                                cb += cols
+                    full = (bend - block) // np.uint64(4) * np.uint64(4)
+                    for t in range(np.uint64(0), full, np.uint64(4)):
+                        lane0 += terms[t + np.uint64(0)]
+                        lane1 += terms[t + np.uint64(1)]
+                        lane2 += terms[t + np.uint64(2)]
+                        lane3 += terms[t + np.uint64(3)]
+                    for t in range(full, bend - block):
+                        lane0 += terms[t]
+            elif factored[s] != 0:
                 i = start
                 while i < stop:
                     q = (i - offset) // cols
@@ -186,27 +259,84 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                     rv = row_var[ra + q]
                     rn = row_norm[ra + q]
                     cb = ca + (q // rows) * cols
-                    for j in range(i, end):
-                        col = first + (j - i)
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        total += np.float64(u) * np.float64(u)
+                    for block in range(i, end, np.uint64(256)):
+                        bend = min(block + np.uint64(256), end)
+                        for j in range(block, bend):
+                            col = first + (j - i)
+                            g = grad_factor * load_grad(grads, j, fmt)
+                            est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                            u = adafactor_direction(g, est, eps1_sq_f32)
+                            terms[j - block] = np.float64(u) * np.float64(u)
+                        full = (bend - block) // np.uint64(4) * np.uint64(4)
+                        for t in range(np.uint64(0), full, np.uint64(4)):
+                            lane0 += terms[t + np.uint64(0)]
+                            lane1 += terms[t + np.uint64(1)]
+                            lane2 += terms[t + np.uint64(2)]
+                            lane3 += terms[t + np.uint64(3)]
+                        for t in range(full, bend - block):
+                            lane0 += terms[t]
                     i = end
             else:
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    est = variance[va + j - offset]
-                    u = adafactor_direction(g, est, eps1_sq_f32)
-                    total += np.float64(u) * np.float64(u)
-            partials[c, 1] = total
+                for block in range(start, stop, np.uint64(256)):
+                    bend = min(block + np.uint64(256), stop)
+                    for j in range(block, bend):
+                        g = grad_factor * load_grad(grads, j, fmt)
+                        est = variance[va + j - offset]
+                        u = adafactor_direction(g, est, eps1_sq_f32)
+                        terms[j - block] = np.float64(u) * np.float64(u)
+                    full = (bend - block) // np.uint64(4) * np.uint64(4)
+                    for t in range(np.uint64(0), full, np.uint64(4)):
+                        lane0 += terms[t + np.uint64(0)]
+                        lane1 += terms[t + np.uint64(1)]
+                        lane2 += terms[t + np.uint64(2)]
+                        lane3 += terms[t + np.uint64(3)]
+                    for t in range(full, bend - block):
+                        lane0 += terms[t]
+            partials[c, 1] = (lane0 + lane1) + (lane2 + lane3)
     else:
         for c in range(chunks.shape[0]):
-            start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            offset, rows, cols = segments[s, 0], segments[s, 2], segments[s, 3]
-            ra, ca, va = layout[s, 0], layout[s, 1], layout[s, 2]
-            total = 0.0
-            if factored[s] != 0:
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            s = chunks[c, 2]
+            offset = np.uint64(segments[s, 0])
+            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
+            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
+            va = np.uint64(layout[s, 2])
+            lane0 = 0.0
+            lane1 = 0.0
+            lane2 = 0.0
+            lane3 = 0.0
+            terms = np.empty(256, np.float64)
+            if factored[s] != 0 and cols < np.uint64(32):
+                q = (start - offset) // cols
+                col = (start - offset) - q * cols
+                r = q - (q // rows) * rows
+                cb = ca + (q // rows) * cols
+                for block in range(start, stop, np.uint64(256)):
+                    bend = min(block + np.uint64(256), stop)
+                    for j in range(block, bend):
+                        g = grad_factor * load_grad(grads, j, fmt)
+                        rv = row_var[ra + q]
+                        rn = row_norm[ra + q]
+                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                        u = adafactor_direction(g, est, eps1_sq_f32)
+                        terms[j - block] = np.float64(u) * np.float64(u)
+                        col += np.uint64(1)
+                        if col == cols:
+                            col = np.uint64(0)
+                            q += np.uint64(1)
+                            r += np.uint64(1)
+                            if r == rows:
+                                r = np.uint64(0)
+                                cb += cols
+                    full = (bend - block) // np.uint64(4) * np.uint64(4)
+                    for t in range(np.uint64(0), full, np.uint64(4)):
+                        lane0 += terms[t + np.uint64(0)]
+                        lane1 += terms[t + np.uint64(1)]
+                        lane2 += terms[t + np.uint64(2)]
+                        lane3 += terms[t + np.uint64(3)]
+                    for t in range(full, bend - block):
+                        lane0 += terms[t]
+            elif factored[s] != 0:
                 i = start
                 while i < stop:
                     q = (i - offset) // cols
@@ -215,20 +345,40 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                     rv = row_var[ra + q]
                     rn = row_norm[ra + q]
                     cb = ca + (q // rows) * cols
-                    for j in range(i, end):
-                        col = first + (j - i)
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        total += np.float64(u) * np.float64(u)
+                    for block in range(i, end, np.uint64(256)):
+                        bend = min(block + np.uint64(256), end)
+                        for j in range(block, bend):
+                            col = first + (j - i)
+                            g = grad_factor * load_grad(grads, j, fmt)
+                            est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                            u = adafactor_direction(g, est, eps1_sq_f32)
+                            terms[j - block] = np.float64(u) * np.float64(u)
+                        full = (bend - block) // np.uint64(4) * np.uint64(4)
+                        for t in range(np.uint64(0), full, np.uint64(4)):
+                            lane0 += terms[t + np.uint64(0)]
+                            lane1 += terms[t + np.uint64(1)]
+                            lane2 += terms[t + np.uint64(2)]
+                            lane3 += terms[t + np.uint64(3)]
+                        for t in range(full, bend - block):
+                            lane0 += terms[t]
                     i = end
             else:
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    est = variance[va + j - offset]
-                    u = adafactor_direction(g, est, eps1_sq_f32)
-                    total += np.float64(u) * np.float64(u)
-            partials[c, 1] = total
+                for block in range(start, stop, np.uint64(256)):
+                    bend = min(block + np.uint64(256), stop)
+                    for j in range(block, bend):
+                        g = grad_factor * load_grad(grads, j, fmt)
+                        est = variance[va + j - offset]
+                        u = adafactor_direction(g, est, eps1_sq_f32)
+                        terms[j - block] = np.float64(u) * np.float64(u)
+                    full = (bend - block) // np.uint64(4) * np.uint64(4)
+                    for t in range(np.uint64(0), full, np.uint64(4)):
+                        lane0 += terms[t + np.uint64(0)]
+                        lane1 += terms[t + np.uint64(1)]
+                        lane2 += terms[t + np.uint64(2)]
+                        lane3 += terms[t + np.uint64(3)]
+                    for t in range(full, bend - block):
+                        lane0 += terms[t]
+            partials[c, 1] = (lane0 + lane1) + (lane2 + lane3)
     # 4. each tensor's sums, its chunks' in chunk order, and its values
     for s in range(segments.shape[0]):
         param_sq = 0.0
@@ -244,10 +394,35 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
     # 5. the update, with its tensor's values
     if parallel:
         for c in prange(chunks.shape[0]):
-            start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            offset, rows, cols = segments[s, 0], segments[s, 2], segments[s, 3]
-            ra, ca, va = layout[s, 0], layout[s, 1], layout[s, 2]
-            if factored[s] != 0:
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            s = chunks[c, 2]
+            offset = np.uint64(segments[s, 0])
+            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
+            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
+            va = np.uint64(layout[s, 2])
+            if factored[s] != 0 and cols < np.uint64(32):
+                q = (start - offset) // cols
+                col = (start - offset) - q * cols
+                r = q - (q // rows) * rows
+                cb = ca + (q // rows) * cols
+                for j in range(start, stop):
+                    g = grad_factor * load_grad(grads, j, fmt)
+                    rv = row_var[ra + q]
+                    rn = row_norm[ra + q]
+                    est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                    u = adafactor_direction(g, est, eps1_sq_f32)
+                    p = load_param(params, master, j)
+                    p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
+                    store_param(params, master, j, p, fmt)
+                    col += np.uint64(1)
+                    if col == cols:
+                        col = np.uint64(0)
+                        q += np.uint64(1)
+                        r += np.uint64(1)
+                        if r == rows:
+                            r = np.uint64(0)
+                            cb += cols
+            elif factored[s] != 0:
                 i = start
                 while i < stop:
                     q = (i - offset) // cols
@@ -275,10 +450,35 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                     store_param(params, master, j, p, fmt)
     else:
         for c in range(chunks.shape[0]):
-            start, stop, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-            offset, rows, cols = segments[s, 0], segments[s, 2], segments[s, 3]
-            ra, ca, va = layout[s, 0], layout[s, 1], layout[s, 2]
-            if factored[s] != 0:
+            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+            s = chunks[c, 2]
+            offset = np.uint64(segments[s, 0])
+            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
+            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
+            va = np.uint64(layout[s, 2])
+            if factored[s] != 0 and cols < np.uint64(32):
+                q = (start - offset) // cols
+                col = (start - offset) - q * cols
+                r = q - (q // rows) * rows
+                cb = ca + (q // rows) * cols
+                for j in range(start, stop):
+                    g = grad_factor * load_grad(grads, j, fmt)
+                    rv = row_var[ra + q]
+                    rn = row_norm[ra + q]
+                    est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                    u = adafactor_direction(g, est, eps1_sq_f32)
+                    p = load_param(params, master, j)
+                    p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
+                    store_param(params, master, j, p, fmt)
+                    col += np.uint64(1)
+                    if col == cols:
+                        col = np.uint64(0)
+                        q += np.uint64(1)
+                        r += np.uint64(1)
+                        if r == rows:
+                            r = np.uint64(0)
+                            cb += cols
+            elif factored[s] != 0:
                 i = start
                 while i < stop:
                     q = (i - offset) // cols
