@@ -109,12 +109,12 @@ def xp_of(array):
 
 
 def check_buffer(name: str, array, size: int | None = None, *, writable: bool = True,
-                 like=None, dtype=None):
+                 like=None, dtype=None, size_of: str | None = None):
     """A 1-D C-contiguous array of ``size`` elements (writable if asked) of a kernel dtype.
 
     ``like``: the params array; the buffer must then be of the same kind (numpy/cupy) and,
     for cupy, on the same device. ``dtype``: the dtype (or tuple of dtypes) wanted (default:
-    any param dtype).
+    any param dtype). ``size_of``: what ``size`` is (default: the params' length).
     """
     module = array_module(array)
     if like is not None:
@@ -136,7 +136,8 @@ def check_buffer(name: str, array, size: int | None = None, *, writable: bool = 
     if writable and module == "numpy" and not array.flags.writeable:
         raise ArrayArgumentError(f"{name} must be writable (got a read-only array)")
     if size is not None and array.shape[0] != size:
-        what = "like params" if like is not None and size != 1 else "(a per-step scalar)"
+        what = size_of or ("like params" if like is not None and size != 1
+                           else "(a per-step scalar)")
         raise ArrayArgumentError(f"{name} must have {size} elements {what}, "
                                  f"got {array.shape[0]}")
     return array

@@ -94,8 +94,9 @@ class FlatOptimizer:
         if self.definition.segmented and segments is None:
             if not isinstance(params, FlatBuffer):
                 raise TypeError(f"{type(self).__name__} updates each tensor as a whole (a "
-                                "trust ratio, a matrix): give params as a FlatBuffer, or "
-                                "segments= (a SegmentTable or the tensors' shapes)")
+                                "trust ratio, a matrix, factored moments): give params as a "
+                                "FlatBuffer, or segments= (a SegmentTable or the tensors' "
+                                "shapes)")
             segments = params
         elif segments is not None and not self.definition.segmented:
             raise TypeError(f"{type(self).__name__} is elementwise: it takes no segments")

@@ -28,6 +28,7 @@ from ._checks import (
     is_cupy,
     kernel_view,
     param_dtype,
+    xp_of,
 )
 from .algorithms import Definition
 from .algorithms._spec import FRESH_AT_FIRST_STEP
@@ -68,9 +69,17 @@ def _buffers(params, grads, master, dtype=None, sizes=None, **state):
     for key, array in state.items():
         if array is not None:  # float32, or bfloat16 bits (stochastically rounded state)
             check_buffer(key, array, n if sizes is None else sizes(key, n), like=params,
-                         dtype=("float32", "uint16"))
+                         dtype=("float32", "uint16"),
+                         size_of=None if sizes is None else "(its layout's share of the "
+                                                            "tensors' rows, columns or "
+                                                            "elements)")
     check_disjoint(params=params, grads=grads, master=master, **state)
     return n, name
+
+
+def _empty_like(params):
+    """A float32 buffer of no elements where the params are (numpy or cupy)."""
+    return xp_of(params).zeros(0, dtype=np.float32)
 
 
 def _check_factored(definition: Definition, params, buffers: dict) -> None:
@@ -120,15 +129,24 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     checked = definition.check({**definition.hyper_defaults, **hypers, **fixed})
     step, lr_scale, mult = check_step(step), check_lr_scale(lr_scale), grad_mult(grad_scale)
     active = definition.active_state(checked)
-    for name in definition.state_names:
-        if name in active and states[name] is None:
-            when = next(s.when for s in definition.state if s.name == name)
-            raise ValueError(f"{name} is required" + (f" when {when}" if when else ""))
-    buffers = {name: states[name] for name in active}
+    if definition.segmented and segments is None:
+        raise TypeError(f"{definition.classes[0].name} updates each tensor as a whole: "
+                        "segments= (a SegmentTable, a FlatBuffer or the tensors' shapes) is "
+                        "required")
     table = None
     if segments is not None:
         n_params = check_buffer("params", params).shape[0]
         table = segment_table(segments, n_params)
+    states = dict(states)
+    for name in definition.state_names:
+        if name in active and states[name] is None:
+            if definition.factored is not None \
+                    and definition.state_size(name, n_params, table) == 0:
+                states[name] = _empty_like(params)  # (no tensor of its layout: nothing)
+                continue
+            when = next(s.when for s in definition.state if s.name == name)
+            raise ValueError(f"{name} is required" + (f" when {when}" if when else ""))
+    buffers = {name: states[name] for name in active}
     sizes = None if definition.factored is None else (
         lambda key, n: definition.state_size(key, n, table))
     n, name = _buffers(params, grads, master, dtype, sizes, **buffers)

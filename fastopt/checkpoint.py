@@ -240,13 +240,20 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
             members = _members(path, z)
             if "meta" not in members:
                 raise CheckpointError(f"{path}: not a fastopt checkpoint (no header)")
-            for key, info in members.items():  # declared sizes, before decompressing anything
-                limit = limits.get(key, n * 4) + _MAX_NPY_HEADER
-                if info.file_size > limit:
+
+            def check_declared(key: str, limit: int) -> None:
+                """A member's declared (uncompressed) size, before it is decompressed."""
+                if members[key].file_size > limit + _MAX_NPY_HEADER:
                     raise CheckpointError(f"{path}: the {key!r} member declares "
-                                          f"{info.file_size} bytes, more than {limit}")
+                                          f"{members[key].file_size} bytes, more than "
+                                          f"{limit + _MAX_NPY_HEADER}")
+
+            check_declared("meta", MAX_META_BYTES)
             text = _read_member(path, z, members["meta"], np.uint8, None)
             meta = _check_meta(path, json.loads(text.tobytes().decode("utf-8")))
+            sizes = _state_sizes(path, meta, n)  # (factored state: its layout's length)
+            for key in members:
+                check_declared(key, limits[key] if key in limits else 4 * sizes(key))
             name = meta["optimizer"]
             if expected is not None and expected != name:
                 raise CheckpointError(f"{path} holds a {name} checkpoint, not {expected}")
@@ -256,7 +263,6 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
             for key in ("params", "schedule"):
                 if key not in members:
                     raise CheckpointError(f"{path}: the checkpoint has no {key!r} array")
-            sizes = _state_sizes(path, meta, n)
             wanted = {key: (np.float32, sizes(key)) for key in members
                       if key in _STATE_MEMBERS}
             wanted["params"] = (np.float32 if kind == "float32" else np.uint16, n)

@@ -1039,8 +1039,8 @@ def functional_source() -> str:
             hypers = [(n, v) for n, v in _public_hypers(d, spec)
                       if d.hyper(n).slots or n in DRIVER_HYPERS or d.matrix is not None]
             states = []
-            for st in d.state:
-                optional = st.when is not None or st.aliases
+            for st in d.state:  # (factored state: None where the layout gives it nothing)
+                optional = st.when is not None or st.aliases or st.layout != "elements"
                 states.append(f"{st.name}=None" if optional else st.name)
             aliases = [a for st in d.state for a in st.aliases]
             fresh = ["fresh=None"] if d.first_grad_state else []
@@ -1056,6 +1056,10 @@ def functional_source() -> str:
                 doc += ["", "    segments: the tensors' layout in params (a SegmentTable, a "
                             "FlatBuffer, or a list of", "    shapes packed back to back); "
                             "elements outside every tensor are not touched."]
+            if d.factored is not None:
+                doc += ["", "    " + ", ".join(st.name for st in d.state) + ": packed as "
+                            "SegmentTable.factored_layout() lays", "    them out (float32); "
+                            "None where the layout gives one no values."]
             if d.scalars:
                 doc += ["", f"    {', '.join(d.scalar_names)}: one-element float64 arrays "
                             "(the per-step scalars), read and", "    updated in place."]

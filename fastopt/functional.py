@@ -42,9 +42,10 @@ def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=No
                lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
 
 
-def adafactor(params, grads, row_var, col_var, variance, *, step, segments, lr=None, schedule=None,
-              master_param=None, dtype=None, beta2_decay=-0.8, eps=(None, 0.001), d=1.0,
-              weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+def adafactor(params, grads, row_var=None, col_var=None, variance=None, *, step, segments, lr=None,
+              schedule=None, master_param=None, dtype=None, beta2_decay=-0.8, eps=(None, 0.001),
+              d=1.0, weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0,
+              master=None) -> float:
     """Adafactor: factored second moments, a relative step (torch.optim.Adafactor).
 
     Adafactor, as torch.optim.Adafactor 2.13 (its arguments, defaults, state names and
@@ -62,6 +63,9 @@ def adafactor(params, grads, row_var, col_var, variance, *, step, segments, lr=N
 
     segments: the tensors' layout in params (a SegmentTable, a FlatBuffer, or a list of
     shapes packed back to back); elements outside every tensor are not touched.
+
+    row_var, col_var, variance: packed as SegmentTable.factored_layout() lays
+    them out (float32); None where the layout gives one no values.
 
     Deprecated spellings, for one release: master (master_param).
     """

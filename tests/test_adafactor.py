@@ -194,3 +194,75 @@ def test_state_dicts_load_both_ways_and_resume_like_torch():
     for p, q, r in zip(a, b, c, strict=True):
         assert rel_error(q.detach().numpy(), p.detach().numpy()) <= 1e-6
         assert rel_error(r.detach().numpy(), p.detach().numpy()) <= 1e-6
+
+
+def test_a_group_of_several_dtypes_takes_eps1_from_its_first_param_like_torch():
+    """torch sets eps1=None's value once a step from the group's first param with a
+    gradient (here bfloat16's 2^-7) and keeps it for the float32 ones too."""
+    torch.manual_seed(4)
+    w = torch.randn(8, 8)
+
+    def params():
+        return [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16)),
+                torch.nn.Parameter(w.clone())]
+
+    ours, theirs = params(), params()
+    opt, twin = fot.Adafactor(ours), torch.optim.Adafactor(theirs, foreach=False)
+    for _ in range(5):
+        g0, g1 = (torch.randn(3) * 1e-3).to(torch.bfloat16), torch.randn(8, 8) * 1e-3
+        ours[0].grad, ours[1].grad = g0.clone(), g1.clone()
+        theirs[0].grad, theirs[1].grad = g0, g1
+        opt.step()
+        twin.step()
+    assert rel_error(ours[1].detach().numpy(), theirs[1].detach().numpy()) <= 1e-6
+
+
+def test_a_checkpoint_of_an_empty_matrix_loads(tmp_path):
+    """A (R, 0) tensor has R row factors and no elements: the checkpoint's size checks
+    follow the saved layout, not the params' length."""
+    shapes = [(20_000, 0), (3,)]
+    opt = fastopt.Adafactor(FlatBuffer.empty(shapes))
+    opt.step(np.ones(opt.params.shape[0], np.float32))
+    fastopt.save(opt, tmp_path / "c.npz")
+    back = fastopt.load(tmp_path / "c.npz", FlatBuffer.empty(shapes))
+    np.testing.assert_array_equal(back.state["row_var"], opt.state["row_var"])
+    np.testing.assert_array_equal(back.params, opt.params)
+
+
+def test_functional_edges():
+    """segments= is required; a state buffer whose layout holds nothing may be None; a wrong
+    length names the layout."""
+    p, g = np.ones(6, np.float32), np.ones(6, np.float32)
+    with pytest.raises(TypeError, match="segments="):
+        F.adafactor(p, g, step=1, segments=None)
+    rows, cols = np.zeros(3, np.float32), np.zeros(2, np.float32)
+    F.adafactor(p, g, rows, cols, step=1, segments=[(3, 2)])  # (no vector: no variance)
+    assert np.all(rows > 0) and np.all(p < 1)
+    with pytest.raises(ValueError, match="variance is required"):
+        F.adafactor(np.ones(7, np.float32), np.ones(7, np.float32), rows, cols, step=1,
+                    segments=[(3, 2), (1,)])
+    with pytest.raises(ValueError, match="layout"):
+        F.adafactor(p, g, np.zeros(4, np.float32), cols, step=1, segments=[(3, 2)])
+
+
+@pytest.mark.parametrize("bad", ["variance only", "short row_var"])
+def test_a_malformed_state_dict_is_refused(bad):
+    """A matrix param's state without its factors, or factors of the wrong shape, would be
+    zero-filled or broadcast: refused at load, before anything changes."""
+    params = [torch.nn.Parameter(torch.randn(5, 6)), torch.nn.Parameter(torch.randn(6))]
+    opt = fot.Adafactor(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = opt.state_dict()
+    state = saved["state"][0]
+    if bad == "variance only":
+        saved["state"][0] = {"step": state["step"], "variance": torch.zeros(5, 6)}
+    else:
+        state["row_var"] = torch.full((1, 1), 7.0)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="row_var"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    for key in before["state"][0]:
+        assert torch.equal(before["state"][0][key], after["state"][0][key])

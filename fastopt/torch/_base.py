@@ -635,9 +635,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             if not buckets:
                 continue
             schedule, own = self._schedule(index, group)
+            eps_rule = self._group_format_eps(group, buckets)
             before = buckets[0].step
             for b in buckets:
-                self._step_bucket(group, schedule, b)
+                self._step_bucket(group, schedule, b, eps_rule)
             self._finish_group(index, group, buckets, schedule, own, before)
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
@@ -693,7 +694,25 @@ class FlatOptimizer(torch.optim.Optimizer):
                         b.flat[part].copy_(b.master[part])
             group[modes.group_key] = train
 
-    def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket) -> None:
+    def _group_format_eps(self, group: dict, buckets: list[_Bucket]) -> dict | None:
+        """torch's eps=None rule (Adafactor's eps1) for a group of several dtypes: the first
+        param with a gradient fixes finfo(dtype).eps for the whole group in this step. None
+        where each bucket's own format gives the same (one dtype), or no value is None."""
+        names = [h.name for h in self.definition.hypers if h.format_eps]
+        if not names or len(buckets) < 2:
+            return None
+        first = next((p for p in group["params"] if p.grad is not None), None)
+        if first is None:
+            return None
+        rule = {}
+        for name in names:
+            value = group.get(name)
+            if isinstance(value, (tuple, list)) and value and value[0] is None:
+                rule[name] = (float(torch.finfo(first.dtype).eps), *value[1:])
+        return rule or None
+
+    def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket,
+                     eps_rule: dict | None = None) -> None:
         have_grad = []
         for p, view, address in zip(b.params, b.grad_views, b.addresses, strict=True):
             if p.data_ptr() != address:
@@ -713,6 +732,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 p.grad = view
             have_grad.append(True)
         hypers = self._group_hypers(group)
+        if eps_rule is not None:  # (a group of several dtypes: torch's eps1)
+            hypers = {**hypers, **eps_rule}
         names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
         first_grad = bool(self.definition.first_grad_state)  # SGD's momentum_buffer
@@ -1100,8 +1121,19 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if not b.applies(name, i):
                     continue
                 view = b.view_of(name, i)
-                if st.get(name) is not None:
-                    view.copy_(st[name])
+                value = st.get(name)
+                if value is not None and isinstance(value, torch.Tensor) \
+                        and tuple(value.shape) != tuple(view.shape):
+                    raise ValueError(f"state_dict: the {name!r} of a parameter of shape "
+                                     f"{tuple(b.params[i].shape)} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(view.shape)}")
+                if value is None and st and b.layouts.get(name, "elements") != "elements":
+                    raise ValueError(f"state_dict: a parameter of shape "
+                                     f"{tuple(b.params[i].shape)} has state but no {name!r} "
+                                     "(torch's Adafactor keeps row_var and col_var for 2 or "
+                                     "more dims, variance for fewer)")
+                if value is not None:
+                    view.copy_(value)
                 else:  # absent, or None (torch 1.x SGD saved momentum_buffer=None)
                     view.fill_(init.get(name, 0.0))
             if b.master is not None:
