@@ -1,8 +1,8 @@
 """The float64 Adafactor reference (fastopt.reference.adafactor, the oracle of the coming
 fastopt.Adafactor) against torch.optim.Adafactor 2.13's for-loop path, on the GPT-2 small
 and ResNet-50 shape lists with every dim divided by 8 (rounded up, at least 1): the issue's
-lists and criterion (1e-5 relative), over 100 steps (50 on GPT-2's larger list) for three
-option sets."""
+lists and criterion (1e-5 relative), over 100 steps (50 on GPT-2's larger list), three
+option sets on ResNet-50's list and the defaults on GPT-2's."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def _scaled(model: str) -> list[tuple[int, ...]]:
     return [tuple(max(1, -(-d // 8)) for d in shape) for shape in load_shapes(model)[1]]
 
 
-@pytest.mark.parametrize("option", range(len(OPTIONS)))
-@pytest.mark.parametrize("model", ["gpt2_small", "resnet50"])
+# (every option set on ResNet-50's list, the defaults on GPT-2's larger one: CI's time)
+@pytest.mark.parametrize("model,option", [("gpt2_small", 0), ("resnet50", 0), ("resnet50", 1),
+                                          ("resnet50", 2)])
 def test_reference_equals_torch_adafactor(model, option):
     shapes = _scaled(model)
     hypers = dict(OPTIONS[option])

@@ -1124,7 +1124,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 value = st.get(name)
                 if value is not None and isinstance(value, torch.Tensor) \
                         and tuple(value.shape) != tuple(view.shape):
-                    raise ValueError(f"state_dict: the {name!r} of a parameter of shape "
+                    raise RuntimeError(f"state_dict: the {name!r} of a parameter of shape "
                                      f"{tuple(b.params[i].shape)} has shape "
                                      f"{tuple(value.shape)}, expected {tuple(view.shape)}")
                 if value is None and st and b.layouts.get(name, "elements") != "elements":
