@@ -313,10 +313,10 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 def adafactor(params, grads, row_var, col_var, variance, *, step, lr, segments,
               beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0,
               maximize=False, param_eps=FLOAT32_EPS):
-    """Adafactor as torch.optim.Adafactor 2.13's code, in float64 (the oracle the coming
-    kernels are checked against; fastopt.Adafactor is not built yet, bench/NOTES.md has the
-    plan). Per tensor, step k: w = k^beta2_decay, rho = min(lr, 1/sqrt(k)),
-    alpha = max(eps2, ||p|| / sqrt(numel)) rho (p before the decay), p *= 1 - lr wd.
+    """Adafactor as torch.optim.Adafactor 2.13's code, in float64 (the oracle fastopt's
+    Adafactor kernel is checked against). Per tensor, step k: w = k^beta2_decay,
+    rho = min(lr, 1/sqrt(k)), alpha = max(eps2, ||p|| / sqrt(numel)) rho (p before the
+    decay), p *= 1 - lr wd.
     A tensor of 2 or more dims, as (batch, R, C): row_var = lerp(row_var, mean_c g^2, w),
     col_var = lerp(col_var, mean_r g^2, w), est = row_var col_var / max(mean_r row_var,
     eps1); others: variance = lerp(variance, g^2, w), est = variance. u = g /

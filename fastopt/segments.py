@@ -116,7 +116,7 @@ class SegmentTable:
 
     def factored_layout(self) -> tuple[np.ndarray, tuple[int, int, int]]:
         """Where each tensor's factored second moments go in packed state buffers (the
-        layout ``fastopt.reference.adafactor`` takes, for the coming Adafactor kernels):
+        layout of Adafactor's state, which ``fastopt.reference.adafactor`` takes too):
         per tensor (row offset, col offset, variance offset), int64, and the buffers'
         sizes (rows, cols, variance). A tensor of 2 or more dims takes batch * rows values
         of the row buffer and batch * cols of the col buffer; any other its numel of the

@@ -1,4 +1,4 @@
-"""The float64 Adafactor reference (fastopt.reference.adafactor, the oracle of the coming
+"""The float64 Adafactor reference (fastopt.reference.adafactor, the oracle of
 fastopt.Adafactor) against torch.optim.Adafactor 2.13's for-loop path, on the GPT-2 small
 and ResNet-50 shape lists with every dim divided by 8 (rounded up, at least 1): the issue's
 lists and criterion (1e-5 relative), over 100 steps (50 on GPT-2's larger list), three
