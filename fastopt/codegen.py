@@ -1198,7 +1198,7 @@ def factored_numba_source(d: Definition) -> str:
     lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
              "import math  # noqa: F401  (a prologue may use it)", "",
              "import numpy as np", "from numba import prange", "",
-             "from .._jit import helper, kernel",
+             "from .._jit import helper, kernel, scalar",
              "from ..access import format_eps, load_grad, load_param, store_param",
              "from ..factored import factored_square_sums",
              "from ..schedule import lr_at", "", ""]
@@ -1238,6 +1238,23 @@ def factored_numba_source(d: Definition) -> str:
                     *(f"            {line}" for line in inner)]
         return out
 
+    #: the chunk passes' bodies are functions of their own (compiled once, not once for the
+    #: parallel and once for the serial loop: half the kernel's compile time), with these
+    #: arguments
+    chunk_args = ["c", "params", "master", "grads", "fmt", "grad_factor", "chunks", "segments",
+                  "layout", "factored", "row_var", "col_var", "variance", "row_norm",
+                  "partials", "segvals", *(f"{a}_f32" for a in element_scalars)]
+    helpers: list[str] = []
+
+    def over_chunks(pass_name: str, inner: list[str]) -> list[str]:
+        fn = f"{name}_{pass_name}"
+        helpers.extend(_without_dead_stores([
+            "@scalar", *_wrap(f"def {fn}(", chunk_args, "):", 0),
+            f'    """One chunk of {name}\'s {pass_name.replace("_", " ")}."""',
+            *(f"    {line}" for line in inner)]) + ["", ""])
+        return over("c", "chunks.shape[0]",
+                    [line[12:] for line in _wrap(f"{fn}(", chunk_args, ")", 12)])
+
     moment = f"{name}_moment(v, sq, {f32(kw(m.moment))})"
     # an element's second-moment estimate and direction: est from row q's factor and norm
     # and column c's factor, or the variance
@@ -1274,8 +1291,10 @@ def factored_numba_source(d: Definition) -> str:
         return [f"start, stop = {u64}(chunks[c, 0]), {u64}(chunks[c, 1])",
                 "s = chunks[c, 2]",
                 f"offset = {u64}(segments[s, 0])",
-                f"rows, cols = {u64}(segments[s, 2]), {u64}(segments[s, 3])",
-                f"ra, ca = {u64}(layout[s, 0]), {u64}(layout[s, 1])",
+                f"rows = {u64}(segments[s, 2])",
+                f"cols = {u64}(segments[s, 3])",
+                f"ra = {u64}(layout[s, 0])",
+                f"ca = {u64}(layout[s, 1])",
                 f"va = {u64}(layout[s, 2])"]
 
     #: a factored tensor whose rows are shorter than this goes element by element, its row and
@@ -1322,7 +1341,7 @@ def factored_numba_source(d: Definition) -> str:
              "    # its row blocks), each chunk's sum of p^2, the other tensors' variance",
              "    factored_square_sums(grads, fmt, grad_factor, segments, layout, blocks, "
              "row_sq,", "                         col_partial, col_sq, parallel)"]
-    body += over("c", "chunks.shape[0]", [
+    body += over_chunks("square_sums", [
         *chunk_head(), *lanes,
         *lane_sum("start", "stop", ["p = np.float64(load_param(params, master, j))"],
                   "p * p"),
@@ -1358,7 +1377,7 @@ def factored_numba_source(d: Definition) -> str:
     body += ["    # 3. each chunk's sum of u^2"]
     square = "np.float64(u) * np.float64(u)"
     walk_u = [grad, "rv = row_var[ra + q]", "rn = row_norm[ra + q]", *u_factored]
-    body += over("c", "chunks.shape[0]", chunk_rows(
+    body += over_chunks("update_sums", chunk_rows(
         lane_sum("i", "end", ["col = first + (j - i)", grad, *u_factored], square),
         lane_sum("start", "stop", [grad, *u_plain], square),
         lanes, [f"partials[c, 1] = {lanes_total()}"],
@@ -1379,7 +1398,7 @@ def factored_numba_source(d: Definition) -> str:
     update = [grad, "p = load_param(params, master, j)",
               f"p = {name}_element(p, u, {args})", "store_param(params, master, j, p, fmt)"]
     body += ["    # 5. the update, with its tensor's values"]
-    body += over("c", "chunks.shape[0]", chunk_rows(
+    body += over_chunks("update", chunk_rows(
         ["for j in range(i, end):", "    col = first + (j - i)",
          *(f"    {line}" for line in (update[0], *u_factored, *update[1:]))],
         ["for j in range(start, stop):",
@@ -1387,7 +1406,7 @@ def factored_numba_source(d: Definition) -> str:
         ["for j in range(start, stop):",
          *(f"    {line}" for line in (*walk_u, *update[1:], *walk_next))]))
     body += ["    return lr", ""]
-    return "\n".join(lines + body)
+    return "\n".join(lines + helpers + body)
 
 
 # ------------------------------------------------------------------------------ files

@@ -18,7 +18,7 @@ import math  # noqa: F401  (a prologue may use it)
 import numpy as np
 from numba import prange
 
-from .._jit import helper, kernel
+from .._jit import helper, kernel, scalar
 from ..access import format_eps, load_grad, load_param, store_param
 from ..factored import factored_square_sums
 from ..schedule import lr_at
@@ -65,6 +65,199 @@ def adafactor_element(p, u, decay, step_size):
     return p
 
 
+@scalar
+def adafactor_square_sums(c, params, master, grads, fmt, grad_factor, chunks, segments, layout,
+                          factored, row_var, col_var, variance, row_norm, partials, segvals,
+                          beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32, one_minus_beta2_f32):
+    """One chunk of adafactor's square sums."""
+    start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+    s = chunks[c, 2]
+    offset = np.uint64(segments[s, 0])
+    va = np.uint64(layout[s, 2])
+    lane0 = 0.0
+    lane1 = 0.0
+    lane2 = 0.0
+    lane3 = 0.0
+    terms = np.empty(256, np.float64)
+    for block in range(start, stop, np.uint64(256)):
+        bend = min(block + np.uint64(256), stop)
+        for j in range(block, bend):
+            p = np.float64(load_param(params, master, j))
+            terms[j - block] = p * p
+        full = (bend - block) // np.uint64(4) * np.uint64(4)
+        for t in range(np.uint64(0), full, np.uint64(4)):
+            lane0 += terms[t + np.uint64(0)]
+            lane1 += terms[t + np.uint64(1)]
+            lane2 += terms[t + np.uint64(2)]
+            lane3 += terms[t + np.uint64(3)]
+        for t in range(full, bend - block):
+            lane0 += terms[t]
+    partials[c, 0] = (lane0 + lane1) + (lane2 + lane3)
+    if factored[s] == 0:
+        for j in range(start, stop):
+            g = grad_factor * load_grad(grads, j, fmt)
+            v = variance[va + j - offset]
+            sq = g * g
+            v = adafactor_moment(v, sq, one_minus_beta2_f32, beta2_t_f32)
+            variance[va + j - offset] = v
+
+
+@scalar
+def adafactor_update_sums(c, params, master, grads, fmt, grad_factor, chunks, segments, layout,
+                          factored, row_var, col_var, variance, row_norm, partials, segvals,
+                          beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32, one_minus_beta2_f32):
+    """One chunk of adafactor's update sums."""
+    start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+    s = chunks[c, 2]
+    offset = np.uint64(segments[s, 0])
+    rows = np.uint64(segments[s, 2])
+    cols = np.uint64(segments[s, 3])
+    ra = np.uint64(layout[s, 0])
+    ca = np.uint64(layout[s, 1])
+    va = np.uint64(layout[s, 2])
+    lane0 = 0.0
+    lane1 = 0.0
+    lane2 = 0.0
+    lane3 = 0.0
+    terms = np.empty(256, np.float64)
+    if factored[s] != 0 and cols < np.uint64(32):
+        q = (start - offset) // cols
+        col = (start - offset) - q * cols
+        r = q - (q // rows) * rows
+        cb = ca + (q // rows) * cols
+        for block in range(start, stop, np.uint64(256)):
+            bend = min(block + np.uint64(256), stop)
+            for j in range(block, bend):
+                g = grad_factor * load_grad(grads, j, fmt)
+                rv = row_var[ra + q]
+                rn = row_norm[ra + q]
+                est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                u = adafactor_direction(g, est, eps1_sq_f32)
+                terms[j - block] = np.float64(u) * np.float64(u)
+                col += np.uint64(1)
+                if col == cols:
+                    col = np.uint64(0)
+                    q += np.uint64(1)
+                    r += np.uint64(1)
+                    if r == rows:
+                        r = np.uint64(0)
+                        cb += cols
+            full = (bend - block) // np.uint64(4) * np.uint64(4)
+            for t in range(np.uint64(0), full, np.uint64(4)):
+                lane0 += terms[t + np.uint64(0)]
+                lane1 += terms[t + np.uint64(1)]
+                lane2 += terms[t + np.uint64(2)]
+                lane3 += terms[t + np.uint64(3)]
+            for t in range(full, bend - block):
+                lane0 += terms[t]
+    elif factored[s] != 0:
+        i = start
+        while i < stop:
+            q = (i - offset) // cols
+            first = (i - offset) - q * cols
+            end = min(stop, i + cols - first)
+            rv = row_var[ra + q]
+            rn = row_norm[ra + q]
+            cb = ca + (q // rows) * cols
+            for block in range(i, end, np.uint64(256)):
+                bend = min(block + np.uint64(256), end)
+                for j in range(block, bend):
+                    col = first + (j - i)
+                    g = grad_factor * load_grad(grads, j, fmt)
+                    est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                    u = adafactor_direction(g, est, eps1_sq_f32)
+                    terms[j - block] = np.float64(u) * np.float64(u)
+                full = (bend - block) // np.uint64(4) * np.uint64(4)
+                for t in range(np.uint64(0), full, np.uint64(4)):
+                    lane0 += terms[t + np.uint64(0)]
+                    lane1 += terms[t + np.uint64(1)]
+                    lane2 += terms[t + np.uint64(2)]
+                    lane3 += terms[t + np.uint64(3)]
+                for t in range(full, bend - block):
+                    lane0 += terms[t]
+            i = end
+    else:
+        for block in range(start, stop, np.uint64(256)):
+            bend = min(block + np.uint64(256), stop)
+            for j in range(block, bend):
+                g = grad_factor * load_grad(grads, j, fmt)
+                est = variance[va + j - offset]
+                u = adafactor_direction(g, est, eps1_sq_f32)
+                terms[j - block] = np.float64(u) * np.float64(u)
+            full = (bend - block) // np.uint64(4) * np.uint64(4)
+            for t in range(np.uint64(0), full, np.uint64(4)):
+                lane0 += terms[t + np.uint64(0)]
+                lane1 += terms[t + np.uint64(1)]
+                lane2 += terms[t + np.uint64(2)]
+                lane3 += terms[t + np.uint64(3)]
+            for t in range(full, bend - block):
+                lane0 += terms[t]
+    partials[c, 1] = (lane0 + lane1) + (lane2 + lane3)
+
+
+@scalar
+def adafactor_update(c, params, master, grads, fmt, grad_factor, chunks, segments, layout, factored,
+                     row_var, col_var, variance, row_norm, partials, segvals, beta2_t_f32,
+                     decay_f32, eps1_f32, eps1_sq_f32, one_minus_beta2_f32):
+    """One chunk of adafactor's update."""
+    start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
+    s = chunks[c, 2]
+    offset = np.uint64(segments[s, 0])
+    rows = np.uint64(segments[s, 2])
+    cols = np.uint64(segments[s, 3])
+    ra = np.uint64(layout[s, 0])
+    ca = np.uint64(layout[s, 1])
+    va = np.uint64(layout[s, 2])
+    if factored[s] != 0 and cols < np.uint64(32):
+        q = (start - offset) // cols
+        col = (start - offset) - q * cols
+        r = q - (q // rows) * rows
+        cb = ca + (q // rows) * cols
+        for j in range(start, stop):
+            g = grad_factor * load_grad(grads, j, fmt)
+            rv = row_var[ra + q]
+            rn = row_norm[ra + q]
+            est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+            u = adafactor_direction(g, est, eps1_sq_f32)
+            p = load_param(params, master, j)
+            p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
+            store_param(params, master, j, p, fmt)
+            col += np.uint64(1)
+            if col == cols:
+                col = np.uint64(0)
+                q += np.uint64(1)
+                r += np.uint64(1)
+                if r == rows:
+                    r = np.uint64(0)
+                    cb += cols
+    elif factored[s] != 0:
+        i = start
+        while i < stop:
+            q = (i - offset) // cols
+            first = (i - offset) - q * cols
+            end = min(stop, i + cols - first)
+            rv = row_var[ra + q]
+            rn = row_norm[ra + q]
+            cb = ca + (q // rows) * cols
+            for j in range(i, end):
+                col = first + (j - i)
+                g = grad_factor * load_grad(grads, j, fmt)
+                est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
+                u = adafactor_direction(g, est, eps1_sq_f32)
+                p = load_param(params, master, j)
+                p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
+                store_param(params, master, j, p, fmt)
+            i = end
+    else:
+        for j in range(start, stop):
+            g = grad_factor * load_grad(grads, j, fmt)
+            est = variance[va + j - offset]
+            u = adafactor_direction(g, est, eps1_sq_f32)
+            p = load_param(params, master, j)
+            p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
+            store_param(params, master, j, p, fmt)
+
+
 @kernel
 def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
               weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, segments,
@@ -96,72 +289,16 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                          col_partial, col_sq, parallel)
     if parallel:
         for c in prange(chunks.shape[0]):
-            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
-            s = chunks[c, 2]
-            offset = np.uint64(segments[s, 0])
-            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
-            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
-            va = np.uint64(layout[s, 2])
-            lane0 = 0.0
-            lane1 = 0.0
-            lane2 = 0.0
-            lane3 = 0.0
-            terms = np.empty(256, np.float64)
-            for block in range(start, stop, np.uint64(256)):
-                bend = min(block + np.uint64(256), stop)
-                for j in range(block, bend):
-                    p = np.float64(load_param(params, master, j))
-                    terms[j - block] = p * p
-                full = (bend - block) // np.uint64(4) * np.uint64(4)
-                for t in range(np.uint64(0), full, np.uint64(4)):
-                    lane0 += terms[t + np.uint64(0)]
-                    lane1 += terms[t + np.uint64(1)]
-                    lane2 += terms[t + np.uint64(2)]
-                    lane3 += terms[t + np.uint64(3)]
-                for t in range(full, bend - block):
-                    lane0 += terms[t]
-            partials[c, 0] = (lane0 + lane1) + (lane2 + lane3)
-            if factored[s] == 0:
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    v = variance[va + j - offset]
-                    sq = g * g
-                    v = adafactor_moment(v, sq, one_minus_beta2_f32, beta2_t_f32)
-                    variance[va + j - offset] = v
+            adafactor_square_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
+                                  layout, factored, row_var, col_var, variance, row_norm, partials,
+                                  segvals, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
+                                  one_minus_beta2_f32)
     else:
         for c in range(chunks.shape[0]):
-            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
-            s = chunks[c, 2]
-            offset = np.uint64(segments[s, 0])
-            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
-            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
-            va = np.uint64(layout[s, 2])
-            lane0 = 0.0
-            lane1 = 0.0
-            lane2 = 0.0
-            lane3 = 0.0
-            terms = np.empty(256, np.float64)
-            for block in range(start, stop, np.uint64(256)):
-                bend = min(block + np.uint64(256), stop)
-                for j in range(block, bend):
-                    p = np.float64(load_param(params, master, j))
-                    terms[j - block] = p * p
-                full = (bend - block) // np.uint64(4) * np.uint64(4)
-                for t in range(np.uint64(0), full, np.uint64(4)):
-                    lane0 += terms[t + np.uint64(0)]
-                    lane1 += terms[t + np.uint64(1)]
-                    lane2 += terms[t + np.uint64(2)]
-                    lane3 += terms[t + np.uint64(3)]
-                for t in range(full, bend - block):
-                    lane0 += terms[t]
-            partials[c, 0] = (lane0 + lane1) + (lane2 + lane3)
-            if factored[s] == 0:
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    v = variance[va + j - offset]
-                    sq = g * g
-                    v = adafactor_moment(v, sq, one_minus_beta2_f32, beta2_t_f32)
-                    variance[va + j - offset] = v
+            adafactor_square_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
+                                  layout, factored, row_var, col_var, variance, row_norm, partials,
+                                  segvals, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
+                                  one_minus_beta2_f32)
     # 2. the factors: rows and columns from their means of g^2, then each
     # matrix's row mean (float64 sum, in order), clamped by the estimate
     if parallel:
@@ -209,176 +346,16 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
     # 3. each chunk's sum of u^2
     if parallel:
         for c in prange(chunks.shape[0]):
-            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
-            s = chunks[c, 2]
-            offset = np.uint64(segments[s, 0])
-            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
-            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
-            va = np.uint64(layout[s, 2])
-            lane0 = 0.0
-            lane1 = 0.0
-            lane2 = 0.0
-            lane3 = 0.0
-            terms = np.empty(256, np.float64)
-            if factored[s] != 0 and cols < np.uint64(32):
-                q = (start - offset) // cols
-                col = (start - offset) - q * cols
-                r = q - (q // rows) * rows
-                cb = ca + (q // rows) * cols
-                for block in range(start, stop, np.uint64(256)):
-                    bend = min(block + np.uint64(256), stop)
-                    for j in range(block, bend):
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        rv = row_var[ra + q]
-                        rn = row_norm[ra + q]
-                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        terms[j - block] = np.float64(u) * np.float64(u)
-                        col += np.uint64(1)
-                        if col == cols:
-                            col = np.uint64(0)
-                            q += np.uint64(1)
-                            r += np.uint64(1)
-                            if r == rows:
-                                r = np.uint64(0)
-                                cb += cols
-                    full = (bend - block) // np.uint64(4) * np.uint64(4)
-                    for t in range(np.uint64(0), full, np.uint64(4)):
-                        lane0 += terms[t + np.uint64(0)]
-                        lane1 += terms[t + np.uint64(1)]
-                        lane2 += terms[t + np.uint64(2)]
-                        lane3 += terms[t + np.uint64(3)]
-                    for t in range(full, bend - block):
-                        lane0 += terms[t]
-            elif factored[s] != 0:
-                i = start
-                while i < stop:
-                    q = (i - offset) // cols
-                    first = (i - offset) - q * cols
-                    end = min(stop, i + cols - first)
-                    rv = row_var[ra + q]
-                    rn = row_norm[ra + q]
-                    cb = ca + (q // rows) * cols
-                    for block in range(i, end, np.uint64(256)):
-                        bend = min(block + np.uint64(256), end)
-                        for j in range(block, bend):
-                            col = first + (j - i)
-                            g = grad_factor * load_grad(grads, j, fmt)
-                            est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                            u = adafactor_direction(g, est, eps1_sq_f32)
-                            terms[j - block] = np.float64(u) * np.float64(u)
-                        full = (bend - block) // np.uint64(4) * np.uint64(4)
-                        for t in range(np.uint64(0), full, np.uint64(4)):
-                            lane0 += terms[t + np.uint64(0)]
-                            lane1 += terms[t + np.uint64(1)]
-                            lane2 += terms[t + np.uint64(2)]
-                            lane3 += terms[t + np.uint64(3)]
-                        for t in range(full, bend - block):
-                            lane0 += terms[t]
-                    i = end
-            else:
-                for block in range(start, stop, np.uint64(256)):
-                    bend = min(block + np.uint64(256), stop)
-                    for j in range(block, bend):
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        est = variance[va + j - offset]
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        terms[j - block] = np.float64(u) * np.float64(u)
-                    full = (bend - block) // np.uint64(4) * np.uint64(4)
-                    for t in range(np.uint64(0), full, np.uint64(4)):
-                        lane0 += terms[t + np.uint64(0)]
-                        lane1 += terms[t + np.uint64(1)]
-                        lane2 += terms[t + np.uint64(2)]
-                        lane3 += terms[t + np.uint64(3)]
-                    for t in range(full, bend - block):
-                        lane0 += terms[t]
-            partials[c, 1] = (lane0 + lane1) + (lane2 + lane3)
+            adafactor_update_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
+                                  layout, factored, row_var, col_var, variance, row_norm, partials,
+                                  segvals, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
+                                  one_minus_beta2_f32)
     else:
         for c in range(chunks.shape[0]):
-            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
-            s = chunks[c, 2]
-            offset = np.uint64(segments[s, 0])
-            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
-            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
-            va = np.uint64(layout[s, 2])
-            lane0 = 0.0
-            lane1 = 0.0
-            lane2 = 0.0
-            lane3 = 0.0
-            terms = np.empty(256, np.float64)
-            if factored[s] != 0 and cols < np.uint64(32):
-                q = (start - offset) // cols
-                col = (start - offset) - q * cols
-                r = q - (q // rows) * rows
-                cb = ca + (q // rows) * cols
-                for block in range(start, stop, np.uint64(256)):
-                    bend = min(block + np.uint64(256), stop)
-                    for j in range(block, bend):
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        rv = row_var[ra + q]
-                        rn = row_norm[ra + q]
-                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        terms[j - block] = np.float64(u) * np.float64(u)
-                        col += np.uint64(1)
-                        if col == cols:
-                            col = np.uint64(0)
-                            q += np.uint64(1)
-                            r += np.uint64(1)
-                            if r == rows:
-                                r = np.uint64(0)
-                                cb += cols
-                    full = (bend - block) // np.uint64(4) * np.uint64(4)
-                    for t in range(np.uint64(0), full, np.uint64(4)):
-                        lane0 += terms[t + np.uint64(0)]
-                        lane1 += terms[t + np.uint64(1)]
-                        lane2 += terms[t + np.uint64(2)]
-                        lane3 += terms[t + np.uint64(3)]
-                    for t in range(full, bend - block):
-                        lane0 += terms[t]
-            elif factored[s] != 0:
-                i = start
-                while i < stop:
-                    q = (i - offset) // cols
-                    first = (i - offset) - q * cols
-                    end = min(stop, i + cols - first)
-                    rv = row_var[ra + q]
-                    rn = row_norm[ra + q]
-                    cb = ca + (q // rows) * cols
-                    for block in range(i, end, np.uint64(256)):
-                        bend = min(block + np.uint64(256), end)
-                        for j in range(block, bend):
-                            col = first + (j - i)
-                            g = grad_factor * load_grad(grads, j, fmt)
-                            est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                            u = adafactor_direction(g, est, eps1_sq_f32)
-                            terms[j - block] = np.float64(u) * np.float64(u)
-                        full = (bend - block) // np.uint64(4) * np.uint64(4)
-                        for t in range(np.uint64(0), full, np.uint64(4)):
-                            lane0 += terms[t + np.uint64(0)]
-                            lane1 += terms[t + np.uint64(1)]
-                            lane2 += terms[t + np.uint64(2)]
-                            lane3 += terms[t + np.uint64(3)]
-                        for t in range(full, bend - block):
-                            lane0 += terms[t]
-                    i = end
-            else:
-                for block in range(start, stop, np.uint64(256)):
-                    bend = min(block + np.uint64(256), stop)
-                    for j in range(block, bend):
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        est = variance[va + j - offset]
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        terms[j - block] = np.float64(u) * np.float64(u)
-                    full = (bend - block) // np.uint64(4) * np.uint64(4)
-                    for t in range(np.uint64(0), full, np.uint64(4)):
-                        lane0 += terms[t + np.uint64(0)]
-                        lane1 += terms[t + np.uint64(1)]
-                        lane2 += terms[t + np.uint64(2)]
-                        lane3 += terms[t + np.uint64(3)]
-                    for t in range(full, bend - block):
-                        lane0 += terms[t]
-            partials[c, 1] = (lane0 + lane1) + (lane2 + lane3)
+            adafactor_update_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
+                                  layout, factored, row_var, col_var, variance, row_norm, partials,
+                                  segvals, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
+                                  one_minus_beta2_f32)
     # 4. each tensor's sums, its chunks' in chunk order, and its values
     for s in range(segments.shape[0]):
         param_sq = 0.0
@@ -394,114 +371,12 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
     # 5. the update, with its tensor's values
     if parallel:
         for c in prange(chunks.shape[0]):
-            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
-            s = chunks[c, 2]
-            offset = np.uint64(segments[s, 0])
-            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
-            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
-            va = np.uint64(layout[s, 2])
-            if factored[s] != 0 and cols < np.uint64(32):
-                q = (start - offset) // cols
-                col = (start - offset) - q * cols
-                r = q - (q // rows) * rows
-                cb = ca + (q // rows) * cols
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    rv = row_var[ra + q]
-                    rn = row_norm[ra + q]
-                    est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                    u = adafactor_direction(g, est, eps1_sq_f32)
-                    p = load_param(params, master, j)
-                    p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
-                    store_param(params, master, j, p, fmt)
-                    col += np.uint64(1)
-                    if col == cols:
-                        col = np.uint64(0)
-                        q += np.uint64(1)
-                        r += np.uint64(1)
-                        if r == rows:
-                            r = np.uint64(0)
-                            cb += cols
-            elif factored[s] != 0:
-                i = start
-                while i < stop:
-                    q = (i - offset) // cols
-                    first = (i - offset) - q * cols
-                    end = min(stop, i + cols - first)
-                    rv = row_var[ra + q]
-                    rn = row_norm[ra + q]
-                    cb = ca + (q // rows) * cols
-                    for j in range(i, end):
-                        col = first + (j - i)
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        p = load_param(params, master, j)
-                        p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
-                        store_param(params, master, j, p, fmt)
-                    i = end
-            else:
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    est = variance[va + j - offset]
-                    u = adafactor_direction(g, est, eps1_sq_f32)
-                    p = load_param(params, master, j)
-                    p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
-                    store_param(params, master, j, p, fmt)
+            adafactor_update(c, params, master, grads, fmt, grad_factor, chunks, segments, layout,
+                             factored, row_var, col_var, variance, row_norm, partials, segvals,
+                             beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32, one_minus_beta2_f32)
     else:
         for c in range(chunks.shape[0]):
-            start, stop = np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])
-            s = chunks[c, 2]
-            offset = np.uint64(segments[s, 0])
-            rows, cols = np.uint64(segments[s, 2]), np.uint64(segments[s, 3])
-            ra, ca = np.uint64(layout[s, 0]), np.uint64(layout[s, 1])
-            va = np.uint64(layout[s, 2])
-            if factored[s] != 0 and cols < np.uint64(32):
-                q = (start - offset) // cols
-                col = (start - offset) - q * cols
-                r = q - (q // rows) * rows
-                cb = ca + (q // rows) * cols
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    rv = row_var[ra + q]
-                    rn = row_norm[ra + q]
-                    est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                    u = adafactor_direction(g, est, eps1_sq_f32)
-                    p = load_param(params, master, j)
-                    p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
-                    store_param(params, master, j, p, fmt)
-                    col += np.uint64(1)
-                    if col == cols:
-                        col = np.uint64(0)
-                        q += np.uint64(1)
-                        r += np.uint64(1)
-                        if r == rows:
-                            r = np.uint64(0)
-                            cb += cols
-            elif factored[s] != 0:
-                i = start
-                while i < stop:
-                    q = (i - offset) // cols
-                    first = (i - offset) - q * cols
-                    end = min(stop, i + cols - first)
-                    rv = row_var[ra + q]
-                    rn = row_norm[ra + q]
-                    cb = ca + (q // rows) * cols
-                    for j in range(i, end):
-                        col = first + (j - i)
-                        g = grad_factor * load_grad(grads, j, fmt)
-                        est = adafactor_estimate(rv, col_var[cb + col], rn, eps1_f32)
-                        u = adafactor_direction(g, est, eps1_sq_f32)
-                        p = load_param(params, master, j)
-                        p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
-                        store_param(params, master, j, p, fmt)
-                    i = end
-            else:
-                for j in range(start, stop):
-                    g = grad_factor * load_grad(grads, j, fmt)
-                    est = variance[va + j - offset]
-                    u = adafactor_direction(g, est, eps1_sq_f32)
-                    p = load_param(params, master, j)
-                    p = adafactor_element(p, u, decay_f32, np.float32(segvals[s, 2]))
-                    store_param(params, master, j, p, fmt)
+            adafactor_update(c, params, master, grads, fmt, grad_factor, chunks, segments, layout,
+                             factored, row_var, col_var, variance, row_norm, partials, segvals,
+                             beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32, one_minus_beta2_f32)
     return lr
