@@ -459,7 +459,7 @@ def main() -> int:
         add(f"fot mlp {sum(math.prod(s) for s in SMALL_MLP):.3g}", fot_params(SMALL_MLP, sched))
     from fastopt.algorithms import CLASSES
 
-    names = ([c for c in CLASSES if c != "AdamW" and CLASSES[c][0].cuda]  # (Adafactor: CPU)
+    names = ([c for c in CLASSES if c != "AdamW"]
              if args.optimizers == "all"
              else [] if args.optimizers == "none" else args.optimizers.split(","))
     if names:  # (without CUDA torch the torch columns hold the error)

@@ -8,7 +8,8 @@
 # each case, so a cut-short run keeps what it measured); 4. bench/gpu_overhead.py (per-step
 # host overhead); 5. bench/step_in_backward_memory.py --cuda. Each part has its own time limit
 # (seconds, from the environment: TESTS_S, CHECK_S, EXTRA_S) so that one slow part cannot
-# starve the others. Oracle wheels (lion-pytorch, pytorch-optimizer, schedulefree) in .whl/
+# starve the others; CHECK_ARGS: more gpu_check.py options (e.g. --optimizers LAMB --no-sweep).
+# Oracle wheels (lion-pytorch, pytorch-optimizer, schedulefree) in .whl/
 # are installed first when present: the machine cannot reach a registry.
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -33,7 +34,7 @@ timeout "${TESTS_S:-200}" python3 -m pytest -q -rfEs -m gpu -p no:cacheprovider 
 echo "tests: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.log"
 start=$(date +%s)
 timeout "${CHECK_S:-200}" python3 bench/gpu_check.py --no-tests --report "$OUT/gpu_report.md" \
-    2>&1 | tee "$OUT/check.log"
+    $CHECK_ARGS 2>&1 | tee "$OUT/check.log"
 echo "gpu_check: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$OUT/check.log"
 timeout "${EXTRA_S:-30}" python3 bench/gpu_overhead.py 2>&1 | tee "$OUT/overhead.log"
 timeout "${EXTRA_S:-30}" python3 bench/step_in_backward_memory.py --cuda 2>&1 \

@@ -121,13 +121,10 @@ class FlatOptimizer:
                                                                      self.params.shape[0])
         if state_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
-        if self.definition.factored is not None:  # (Adafactor: CPU, float32 state)
+        if self.definition.factored is not None and state_dtype == "bfloat16":
             from ._functional import factored_refusal
 
-            if state_dtype == "bfloat16":
-                raise ValueError(factored_refusal(self.definition, "bfloat16 state"))
-            if self._on_gpu:
-                raise NotImplementedError(factored_refusal(self.definition, "cupy arrays"))
+            raise ValueError(factored_refusal(self.definition))
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
         self.state_dtype = state_dtype
         #: the public hyperparameters (checked); the class's fixed ones are not among them

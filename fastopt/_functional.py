@@ -82,24 +82,18 @@ def _empty_like(params):
     return xp_of(params).zeros(0, dtype=np.float32)
 
 
-def _check_factored(definition: Definition, params, buffers: dict) -> None:
+def _check_factored(definition: Definition, buffers: dict) -> None:
     """What a definition with factored moments refuses: bfloat16 state (its factors are a
-    value per row and column: bf16 saves almost nothing) and the GPU (no CUDA driver yet)."""
+    value per row and column: bf16 saves almost nothing)."""
     if any(b.dtype == np.uint16 for b in buffers.values()):
-        raise ValueError(factored_refusal(definition, "bfloat16 state"))
-    if is_cupy(params):
-        raise NotImplementedError(factored_refusal(definition, "cupy arrays"))
+        raise ValueError(factored_refusal(definition))
 
 
-def factored_refusal(definition: Definition, what: str) -> str:
-    """Why a definition with factored moments (Adafactor) refuses ``what``."""
-    name = definition.classes[0].name
-    if what == "bfloat16 state":
-        return (f"{name} keeps factored state (a value per row and per column of each "
-                "matrix), a small fraction of the params: it takes float32 state only "
-                "(state_dtype='float32')")
-    return (f"{name} runs on the CPU only for now (its factored kernel is generated for "
-            f"Numba; the CUDA one is not built yet, bench/NOTES.md): got {what}")
+def factored_refusal(definition: Definition) -> str:
+    """Why a definition with factored moments (Adafactor) refuses bfloat16 state."""
+    return (f"{definition.classes[0].name} keeps factored state (a value per row and per "
+            "column of each matrix), a small fraction of the params: it takes float32 state "
+            "only (state_dtype='float32')")
 
 
 def _parallel(n: int, params, *state) -> bool:
@@ -151,7 +145,7 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
         lambda key, n: definition.state_size(key, n, table))
     n, name = _buffers(params, grads, master, dtype, sizes, **buffers)
     if definition.factored is not None:
-        _check_factored(definition, params, buffers)
+        _check_factored(definition, buffers)
     scalars = scalars or {}
     seen = [("params", params), *buffers.items()]
     for key, value in scalars.items():  # one-element float64 arrays, updated in place

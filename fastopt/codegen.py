@@ -29,12 +29,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+from . import segments as _segments
 from .algorithms import REGISTRY, Definition
 from .algorithms._spec import (
     CPU_PER_STEP,
     CPU_SEGMENTED_SIGNATURE,
     CPU_SIGNATURE,
     DIRECTION,
+    FACTORED_SIGNATURE,
     FORMAT_EPS,
     KERNEL_SIGNATURE,
     REDUCE_THREADS,
@@ -626,6 +628,8 @@ def signature_header() -> str:
     names = ", ".join(n for n, _ in KERNEL_SIGNATURE)
     seg_params = ", ".join(f"{t} {n}" for n, t in SEGMENT_SIGNATURE)
     seg_names = ", ".join(n for n, _ in SEGMENT_SIGNATURE)
+    fac_params = ", ".join(f"{t} {n}" for n, t in FACTORED_SIGNATURE)
+    fac_names = ", ".join(n for n, _ in FACTORED_SIGNATURE)
     return "\n".join([
         _gen_header("<name>", "//").replace("fastopt/algorithms/<name>.py",
                                              "fastopt/algorithms/_spec.py (KERNEL_SIGNATURE)"),
@@ -648,7 +652,18 @@ def signature_header() -> str:
         "        OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS); \\",
         "    }", "",
         "// The gradient-norm kernels' most threads per block (kernels/control.cu).",
-        f"#define FO_REDUCE_THREADS {REDUCE_THREADS}",
+        f"#define FO_REDUCE_THREADS {REDUCE_THREADS}", "",
+        "// A kernel with factored moments (Adafactor) takes the factored tables and buffers",
+        "// after those (kernels/factored.cuh; fastopt/segments.py's constants).",
+        f"#define FO_FACTORED_PARAMS {fac_params}", "",
+        f"#define FO_FACTORED_ARGS {fac_names}", "",
+        "#define FO_FACTORED_KERNEL(NAME, OP, T, S) \\",
+        '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, \\',
+        "                                    FO_FACTORED_PARAMS) { \\",
+        "        OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS, FO_FACTORED_ARGS); \\",
+        "    }", "",
+        f"#define FO_TILE_COLS {_segments.TILE_COLS}",
+        f"#define FO_MEAN_THREAD_ROWS {_segments.MEAN_THREAD_ROWS}",
         ""])
 
 
@@ -808,6 +823,8 @@ def _cuda_variants(macro: str, entries: list[tuple[str, str]]) -> list[str]:
 
 
 def cuda_source(d: Definition) -> str:
+    if d.factored is not None:
+        return factored_cuda_source(d)
     x = _Parts(d)
     name = d.name
     lines = [_gen_header(name, "//"), "//"]
@@ -1409,6 +1426,228 @@ def factored_numba_source(d: Definition) -> str:
     return "\n".join(lines + helpers + body)
 
 
+def _c_helper(fn, name: str, params: list[str], returns: list[str], element: bool) -> list[str]:
+    """A definition's small function as a CUDA device function: float32 (``element``) or
+    float64 values, one value returned or several through references."""
+    node = _function_ast(fn)
+    body = _body(node)
+    args = [a.arg for a in node.args.args] + [a.arg for a in node.args.kwonlyargs]
+    if args != params:
+        raise DefinitionError(f"{name} takes {args}, expected {params}")
+    ctype, zero = ("float", "0.0f") if element else ("double", "0.0")
+    outputs = returns if len(returns) > 1 else []
+    head = [f"{ctype} {a}" for a in args] + [f"{ctype}& {r}" for r in outputs]
+    kind = ctype if not outputs else "void"
+    lines = _wrap(f"FO_HD {kind} {name}(", head, ") {", 0)
+    lines += [f"    {ctype} {local} = {zero};" for local in _assigned(body)
+              if local not in args and local not in outputs]
+    lines += _Printer("c", element=element).statements(body, "    ")
+    if not outputs:
+        lines.append(f"    return {returns[0]};")
+    return lines + ["}", ""]
+
+
+def factored_cuda_source(d: Definition) -> str:
+    """The CUDA kernels of a definition with factored second moments (Adafactor): six
+    launches a step whatever the tensor count, the driver's statistics (kernels/factored.cuh)
+    around the definition's math (``moment``, ``estimate``, ``direction``, ``segment``,
+    ``element``): stats (a block per tile: sums of g^2 by row and by column), fold (a thread
+    per factor: its sums added, its moment), means (each matrix's row-factor mean), reduce (a
+    block per chunk: the unfactored moments, each chunk's sums of p^2 and u^2), segment (a
+    thread per tensor: its values) and the update (a block per chunk; the last block
+    advances k)."""
+    name, m = d.name, d.factored
+    slots = list(d.kernel_slots)
+    kw = lambda fn: [a.arg for a in _function_ast(fn).args.kwonlyargs]  # noqa: E731
+    seg_values = _assigned(_body(_function_ast(d.segment)))
+    states = {s.layout: f"state{i}" for i, s in enumerate(d.state)}
+    rows_var, cols_var, plain_var = states["rows"], states["cols"], states["unfactored"]
+    pro = _function_ast(d.prologue)
+    pro_locals = [n for n in _assigned(_body(pro)) if n not in slots]
+    element_scalars = sorted({*kw(m.moment), *kw(m.estimate), *kw(m.direction)}
+                             | (set(kw(d.element)) - set(seg_values)))
+    f32 = lambda args: ", ".join(f"{a}_f32" for a in args)  # noqa: E731
+    lines = [_gen_header(name, "//"), "//"]
+    lines += [f"// {line}".rstrip() for line in textwrap.dedent(d.doc).strip().split("\n")]
+    lines += ["//", "// Six launches a step, whatever the tensor count (fastopt/codegen.py,",
+              "// factored_cuda_source): stats, fold, means (kernels/factored.cuh), then reduce,",
+              "// segment and the update over the chunks.",
+              '#include "common.cuh"', '#include "factored.cuh"', '#include "schedule.cuh"',
+              '#include "signature.cuh"', "",
+              f"// The {name} math (the definition's): float32 per element, float64 per tensor."]
+    lines += _c_helper(m.moment, f"{name}_moment", ["v", "sq", *kw(m.moment)], ["v"], True)
+    lines += _c_helper(m.estimate, f"{name}_estimate",
+                       ["row", "col", "row_mean", *kw(m.estimate)], ["est"], True)
+    lines += _c_helper(m.direction, f"{name}_direction", ["g", "est", *kw(m.direction)],
+                       ["u"], True)
+    lines += _c_helper(d.segment, f"{name}_segment_values",
+                       ["param_sq", "update_sq", "numel", *kw(d.segment)], seg_values, False)
+    lines += _c_helper(d.element, f"{name}_element", ["p", "u", *kw(d.element)], ["p"], True)
+
+    def preamble() -> list[str]:
+        out = ["    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays",
+               "    const double step = (double)(step_state[0] + 1);",
+               "    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;"]
+        for i, slot in enumerate(slots):
+            if slot in d.format_eps_slots:
+                out += [f"    double {slot} = h{i};",
+                        f"    if ({slot} == {FORMAT_EPS}) {slot} = FormatEps<T>::value;  "
+                        "// the params' format's"]
+            else:
+                out.append(f"    const double {slot} = h{i};")
+        out += [f"    double {local} = 0.0;" for local in pro_locals]
+        out += _Printer("c", element=False).statements(_body(pro), "    ")
+        out.append("    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * "
+                   "control[0]);")
+        out += [f"    const float {a}_f32 = (float){a};" for a in element_scalars]
+        out.append("    " + " ".join(f"(void){n};" for n in ["lr", *slots, *pro_locals,
+                                                              "grad_factor"])
+                   + "  // (unused here)")
+        return out
+
+    def kernel(fn: str, doc: str, body: list[str]) -> list[str]:
+        text = "\n".join(body)  # (the float32 scalars this kernel reads, only)
+        body = [line for line in body if not (m := re.match(r"    const float (\w+_f32) = ",
+                                                            line))
+                or len(re.findall(rf"\b{m.group(1)}\b", text)) > 1]
+        return [f"// {doc}", "template <typename T, typename S>",
+                f"FO_D void {fn}(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, "
+                "FO_FACTORED_PARAMS) {", *body, "}", ""]
+
+    lines += kernel(f"{name}_stats", "Launch 1 (a block per tile): the sums of g^2 by row "
+                    "and by column.", [
+                        "    if (control[1] != 0.0) return;",
+                        "    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * "
+                        "grad_mult * control[0]);",
+                        "    fo_factored_tile_sums<T>(grads, (double)grad_factor, segments, "
+                        "layout, fold, tiles, row_sq,",
+                        "                             col_sq, tile_row_sums, "
+                        "tile_col_sums);"])
+    lines += kernel(f"{name}_fold", "Launch 2 (a thread per row and per column factor): "
+                    "its mean of g^2, its moment.", [
+                        *preamble(),
+                        "    const long long x = (long long)blockIdx.x * blockDim.x + "
+                        "threadIdx.x;",
+                        "    if (x >= n_rows + n_cols) return;",
+                        "    bool is_row = false;", "    long long index = 0;",
+                        "    const float sq = fo_factor_mean_square(segments, layout, "
+                        "n_segments, fold, row_sq, col_sq,",
+                        "                                           tile_row_sums, "
+                        "tile_col_sums, n_rows, x, is_row, index);",
+                        f"    S* factors = is_row ? {rows_var} : {cols_var};",
+                        f"    factors[index] = {name}_moment(factors[index], sq, "
+                        f"{f32(kw(m.moment))});"])
+    lines += kernel(f"{name}_means", "Launch 3 (a block per entry of `means`): each "
+                    "matrix's row-factor mean.", [
+                        "    if (control[1] != 0.0) return;",
+                        f"    fo_factored_row_means(segments, layout, means, {rows_var}, "
+                        "row_norm);"])
+    # an element's direction u from its factors (or its moment, updated in the first pass)
+    walk = ["    const long long c = blockIdx.x;",
+            "    const long long start = chunks[3 * c], stop = chunks[3 * c + 1];",
+            "    const long long s = chunks[3 * c + 2];",
+            "    const bool is_factored = factored[s] != 0;",
+            "    const FoFactorWalk walk{segments[6 * s], segments[6 * s + 2], "
+            "segments[6 * s + 3],",
+            "                            layout[3 * s], layout[3 * s + 1], "
+            "segments[6 * s + 1]};",
+            "    S* moments = "
+            f"{plain_var} + layout[3 * s + 2];  // element j's: moments[j - offset]",
+            "    const long long offset = segments[6 * s];",
+            "    constexpr int N = VecWidth<T>::value;",
+            "    const bool vector_ok = aligned_for<N>(params) && aligned_for<N>(grads) &&",
+            "                           (IsFloat<T>::value || aligned_for<N>(master));"]
+
+    def group(first_pass: bool, tail: list[str]) -> list[str]:
+        u_plain = ([f"float v = {name}_moment(moments[j - offset], g * g, "
+                    f"{f32(kw(m.moment))});", "moments[j - offset] = v;"] if first_pass
+                   else ["const float v = moments[j - offset];"])
+        return [
+            "    chunk_stride<N>(start, stop, vector_ok, [&](auto width, long long i) {",
+            "        constexpr int W = decltype(width)::value;",
+            "        float p[W], gs[W];",
+            "        load_param<W>(params + i, master + i, p);",
+            "        load<W>(grads + i, gs);",
+            "#pragma unroll",
+            "        for (int k = 0; k < W; ++k) {",
+            "            const long long j = i + k;",
+            "            const float g = grad_factor * gs[k];",
+            "            float u = 0.0f;",
+            "            if (is_factored) {",
+            "                float row = 0.0f, col = 0.0f, row_mean = 0.0f;",
+            f"                walk.at(j, {rows_var}, {cols_var}, row_norm, row, col, row_mean);",
+            f"                const float est = {name}_estimate(row, col, row_mean, "
+            f"{f32(kw(m.estimate))});",
+            f"                u = {name}_direction(g, est, {f32(kw(m.direction))});",
+            "            } else {",
+            *(f"                {line}" for line in u_plain),
+            f"                u = {name}_direction(g, v, {f32(kw(m.direction))});",
+            "            }",
+            *(f"            {line}" for line in tail),
+            "        }",
+            *([] if first_pass else ["        store_param<W>(params + i, master + i, p);"]),
+            "    });"]
+
+    lines += kernel(f"{name}_reduce", "Launch 4 (a block per chunk): the unfactored moments; "
+                    "each chunk's sums of p^2 and u^2.", [
+                        *preamble(), *walk,
+                        "    __shared__ double part[FO_SEGMENT_BLOCK * 2];",
+                        "    double param_sq = 0.0, update_sq = 0.0;",
+                        *group(True, ["param_sq += (double)p[k] * (double)p[k];",
+                                      "update_sq += (double)u * (double)u;"]),
+                        "    part[2 * threadIdx.x] = param_sq;",
+                        "    part[2 * threadIdx.x + 1] = update_sq;",
+                        "    __syncthreads();",
+                        "    if (threadIdx.x == 0) {  // the block's sums, in thread order",
+                        "        double total[2] = {0.0, 0.0};",
+                        "        for (unsigned t = 0; t < blockDim.x; ++t) {",
+                        "            total[0] += part[2 * t];",
+                        "            total[1] += part[2 * t + 1];",
+                        "        }",
+                        "        partials[2 * c] = total[0];",
+                        "        partials[2 * c + 1] = total[1];",
+                        "    }"])
+    seg_kw = ", ".join(kw(d.segment))
+    lines += kernel(f"{name}_segment", "Launch 5 (a thread per tensor): its chunks' sums in "
+                    "order, its values.", [
+                        *preamble(),
+                        "    const long long s = (long long)blockIdx.x * blockDim.x + "
+                        "threadIdx.x;",
+                        "    if (s >= n_segments) return;",
+                        "    double param_sq = 0.0, update_sq = 0.0;",
+                        "    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; "
+                        "++c) {",
+                        "        param_sq += partials[2 * c];",
+                        "        update_sq += partials[2 * c + 1];", "    }",
+                        "    const double numel = (double)(segments[6 * s + 1] * "
+                        "segments[6 * s + 2] * segments[6 * s + 3]);",
+                        f"    double {', '.join(f'{v} = 0.0' for v in seg_values)};",
+                        f"    {name}_segment_values(param_sq, update_sq, numel, {seg_kw}, "
+                        f"{', '.join(seg_values)});",
+                        *(f"    segvals[s * {REDUCTION_SLOTS} + {k}] = {v};"
+                          for k, v in enumerate(seg_values))])
+    element_args = ", ".join(f"{a}_f32" for a in kw(d.element))
+    lines += kernel(name, "Launch 6 (a block per chunk): the update of step k = step_state[0] "
+                    "+ 1; the last block advances k.", [
+                        *preamble(), *walk,
+                        *(f"    const float {v}_f32 = (float)segvals[s * {REDUCTION_SLOTS} + {k}];"
+                          for k, v in enumerate(seg_values) if v in kw(d.element)),
+                        *group(False, [f"p[k] = {name}_element(p[k], u, {element_args});"]),
+                        "    finish_step(step_state, lr_out, lr);"])
+    typed = [(f"{name}_stats", f"{name}_stats"), (f"{name}_reduce", f"{name}_reduce"),
+             (name, name)]
+    lines += ["// (fold, means and segment read no param: one entry point serves every format)",
+              *(f"FO_FACTORED_KERNEL({name}_{part}, {name}_{part}, float, float)"
+                for part in ("fold", "means", "segment")),
+              *(f"FO_FACTORED_KERNEL({prefix}_f32, {op}, float, float)" for prefix, op in typed),
+              "#if defined(__CUDACC__)",
+              *(f"FO_FACTORED_KERNEL({prefix}_{suffix}, {op}, {t}, float)"
+                for suffix, t in (("f16", "__half"), ("bf16", "__nv_bfloat16"))
+                for prefix, op in typed),
+              "#endif", ""]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ files
 
 
@@ -1420,8 +1659,7 @@ def outputs() -> dict[Path, str]:
                               CUDA_DIR / "signature.cuh": signature_header()}
     for d in REGISTRY.values():
         files[CPU_OPS / f"{d.name}.py"] = numba_source(d)
-        if d.cuda:  # (factored moments: no CUDA driver yet, bench/NOTES.md)
-            files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)
+        files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)
     return files
 
 

@@ -20,9 +20,11 @@ from .algorithms import Definition
 from .algorithms._spec import (
     CPU_PER_STEP,
     CPU_SIGNATURE,
+    FACTORED_SIGNATURE,
     KERNEL_SLOTS,
     REDUCTION_SLOTS,
     SCALAR_SLOTS,
+    SEGMENT_SIGNATURE,
     STATE_SLOTS,
 )
 from .cpu.threads import kernel_guard, parallel_ok
@@ -244,8 +246,13 @@ class Prepared:
                   "weight_decay": self.weight_decay, "decoupled": self.decoupled,
                   "maximize": self.maximize, "fresh": int(fresh), "n": self.params.shape[0]}
         if self.segments is not None:
-            values.update(zip(("segments", "chunks", "partials", "segvals", "direction"),
-                              self._segment_arrays, strict=True))
+            arrays = self._segment_arrays
+            names = [name for name, ctype in SEGMENT_SIGNATURE if ctype.endswith("*")]
+            if self.definition.factored is not None:  # (the CUDA tables: gpu_factored_arrays)
+                names += [name for name, ctype in FACTORED_SIGNATURE if ctype.endswith("*")]
+                values["n_rows"] = arrays[names.index("row_sq")].shape[0]
+                values["n_cols"] = arrays[names.index("col_sq")].shape[0]
+            values.update(zip(names, arrays, strict=True))
             values["n_segments"] = len(self.segments)
         values.update((f"h{i}", v) for i, v in enumerate(self.slots))
         values.update((f"scalar{i}", v) for i, v in enumerate(self.scalars))
@@ -260,8 +267,9 @@ def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) 
     """A segmented kernel's tables and buffers (``CPU_SEGMENT_ARGS``): the segment and chunk
     tables where the params are, the partial sums and per-tensor values it writes, and a
     matrix stage's float32 directions (n elements; one otherwise); for factored moments
-    (Adafactor) also ``codegen.FACTORED_ARGS``: the factors' layout, which tensors are
-    factored, the row blocks and the statistics' buffers."""
+    (Adafactor) also the factors' layout, which tensors are factored and the statistics'
+    tables and buffers: ``codegen.FACTORED_ARGS`` on the CPU, ``FACTORED_SIGNATURE``'s
+    on a GPU."""
     if segments.size != params.shape[0]:
         raise ValueError(f"a segment table for {segments.size} elements, the params have "
                          f"{params.shape[0]}")
@@ -277,10 +285,15 @@ def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) 
             xp.zeros(params.shape[0] if d.matrix is not None else 1, dtype=np.float32))
     if d.factored is None:
         return base
-    # factored moments (CPU only): codegen.FACTORED_ARGS
     layout, (n_rows, n_cols, _) = segments.factored_layout()
-    blocks, partial = segments.row_blocks()
     factored = np.array([len(shape) >= 2 for shape in segments.shapes], dtype=np.int64)
+    if on_gpu:  # FACTORED_SIGNATURE's tables and buffers (kernels/factored.cuh)
+        fold, tiles, means, row_sums, col_sums = segments.gpu_plan()
+        return base + (*(xp.asarray(t) for t in (layout, factored, fold, tiles, means)),
+                       *(xp.zeros(size) for size in (n_rows, n_cols, row_sums, col_sums)),
+                       xp.zeros(n_rows, dtype=np.float32))
+    # the CPU's: codegen.FACTORED_ARGS
+    blocks, partial = segments.row_blocks()
     return base + (layout, factored, blocks, np.zeros(n_rows), np.zeros(partial),
                    np.zeros(n_cols), np.zeros(n_rows, dtype=np.float32))
 

@@ -36,6 +36,20 @@ CHUNK_COLUMNS = ("start", "stop", "segment")
 #: consecutive rows, smaller ones grouped whole; the columns of ``SegmentTable.row_blocks()``
 ROW_BLOCKS = 16
 ROW_BLOCK_COLUMNS = ("segment", "first_row", "stop_row", "col_partial")
+#: the CUDA factored statistics (kernels/factored.cuh; ``SegmentTable.gpu_plan``): a matrix of
+#: more than SMALL_MATRIX elements is cut into tiles of up to TILE_COLS columns (a strip: a
+#: thread per column) by about TILE_ELEMENTS // min(cols, TILE_COLS) rows, a block each;
+#: smaller matrices go GROUP_MATRICES to a block, a thread each. Row means: a thread per matrix
+#: of at most MEAN_THREAD_ROWS rows (GROUP_MATRICES to a block), a block per larger one. The
+#: columns of the three tables:
+TILE_COLS = 256
+TILE_ELEMENTS = CHUNK
+SMALL_MATRIX = 64
+GROUP_MATRICES = 256
+MEAN_THREAD_ROWS = 64
+FOLD_COLUMNS = ("row_sums_at", "strips", "col_sums_at", "row_tiles")
+TILE_COLUMNS = ("segment", "first", "stop", "first_col", "row_tile")
+MEAN_COLUMNS = ("segment", "first_matrix", "stop_matrix")
 
 
 def _factored(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -163,6 +177,52 @@ class SegmentTable:
                     blocks.append((index, first, stop, at))
                     at += cols
         return np.array(blocks, dtype=np.int64).reshape(-1, len(ROW_BLOCK_COLUMNS)), at
+
+    def gpu_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+        """The CUDA factored statistics' tables (int64; ``FACTORED_SIGNATURE``'s ``fold``,
+        ``tiles`` and ``means``) and the sizes of its two partial buffers.
+
+        ``fold`` (a row per tensor, ``FOLD_COLUMNS``): a tiled matrix's strip sums of row q
+        (q = matrix * rows + row) are at ``row_sums_at + q * strips + strip``, its column
+        sums of row tile t of matrix b at ``col_sums_at + (b * row_tiles + t) * cols``; 0
+        strips and row tiles for the tensors whose sums are written whole (small matrices,
+        empty ones, vectors). ``tiles`` (``TILE_COLUMNS``): rows [first, stop) (of one
+        matrix) by the TILE_COLS columns from ``first_col``, row tile ``row_tile``; or, with
+        ``first_col`` -1, the small matrices [first, stop), a thread each. ``means``
+        (``MEAN_COLUMNS``): the matrices [first_matrix, stop_matrix) of a tensor whose rows'
+        mean a block computes (one matrix per block above MEAN_THREAD_ROWS rows)."""
+        fold, tiles, means = [], [], []
+        row_at = col_at = 0
+        for index, shape in enumerate(self.shapes):
+            batch, rows, cols = _factored(shape)
+            if len(shape) < 2 or rows * cols <= SMALL_MATRIX:
+                fold.append((0, 0, 0, 0))
+                if len(shape) >= 2 and rows * cols:
+                    tiles += [(index, b, min(b + GROUP_MATRICES, batch), -1, 0)
+                              for b in range(0, batch, GROUP_MATRICES)]
+            else:
+                strips = -(-cols // TILE_COLS)
+                tile_rows = max(1, TILE_ELEMENTS // min(cols, TILE_COLS))
+                row_tiles = -(-rows // tile_rows)
+                fold.append((row_at, strips, col_at, row_tiles))
+                row_at += batch * rows * strips
+                col_at += batch * row_tiles * cols
+                tiles += [(index, b * rows + t * tile_rows,
+                           b * rows + min(rows, (t + 1) * tile_rows), k * TILE_COLS, t)
+                          for b in range(batch) for t in range(row_tiles)
+                          for k in range(strips)]
+            if len(shape) >= 2 and rows:
+                if rows <= MEAN_THREAD_ROWS:
+                    means += [(index, b, min(b + GROUP_MATRICES, batch))
+                              for b in range(0, batch, GROUP_MATRICES)]
+                else:
+                    means += [(index, b, b + 1) for b in range(batch)]
+
+        def table(entries, columns):
+            return np.array(entries, dtype=np.int64).reshape(-1, len(columns))
+
+        return (table(fold, FOLD_COLUMNS), table(tiles, TILE_COLUMNS),
+                table(means, MEAN_COLUMNS), row_at, col_at)
 
     def check_matrices(self, message: str) -> None:
         """ValueError (``message`` with the ``shape``) unless every tensor is 2-D: a matrix

@@ -28,3 +28,18 @@
 
 // The gradient-norm kernels' most threads per block (kernels/control.cu).
 #define FO_REDUCE_THREADS 256
+
+// A kernel with factored moments (Adafactor) takes the factored tables and buffers
+// after those (kernels/factored.cuh; fastopt/segments.py's constants).
+#define FO_FACTORED_PARAMS const long long* layout, const long long* factored, const long long* fold, const long long* tiles, const long long* means, double* row_sq, double* col_sq, double* tile_row_sums, double* tile_col_sums, float* row_norm, long long n_rows, long long n_cols
+
+#define FO_FACTORED_ARGS layout, factored, fold, tiles, means, row_sq, col_sq, tile_row_sums, tile_col_sums, row_norm, n_rows, n_cols
+
+#define FO_FACTORED_KERNEL(NAME, OP, T, S) \
+    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, \
+                                    FO_FACTORED_PARAMS) { \
+        OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS, FO_FACTORED_ARGS); \
+    }
+
+#define FO_TILE_COLS 256
+#define FO_MEAN_THREAD_ROWS 64

@@ -150,10 +150,10 @@ def _lamb(p, g, s, step, lr, h):
     return out[0], {"exp_avg": out[1], "exp_avg_sq": out[2]}
 
 
-def _adafactor(p, g, s, step, lr, h):
+def _adafactor(p, g, s, step, lr, h, shapes=None):
     from fastopt.segments import SegmentTable
 
-    table = SegmentTable.contiguous(segment_shapes(len(p)))
+    table = SegmentTable.contiguous(shapes or segment_shapes(len(p)))
     eps1, eps2 = h["eps"]
     out = reference.adafactor(p, g, s["row_var"], s["col_var"], s["variance"], step=step,
                               lr=lr, segments=list(zip(table.offsets, table.shapes,
@@ -301,10 +301,11 @@ def full_hypers(cls: str, hypers: dict) -> dict:
                     **spec.fixed})
 
 
-def initial_state(d, full: dict, p0, schedule) -> dict:
+def initial_state(d, full: dict, p0, schedule, shapes=None) -> dict:
     """Each state buffer's starting value as float64 (None where these options do not use it,
     or where it is set at the first step: SGD's momentum_buffer), and each per-step scalar's
-    (NAdam's mu_product): what a caller of fastopt.functional allocates."""
+    (NAdam's mu_product): what a caller of fastopt.functional allocates. ``shapes``: a
+    tensor-aware definition's layout other than ``shapes_for``'s."""
     active = d.active_state(full)
     state = {}
     for s in d.state:
@@ -318,7 +319,7 @@ def initial_state(d, full: dict, p0, schedule) -> dict:
             from fastopt.segments import SegmentTable
 
             n = int(np.size(p0))
-            table = SegmentTable.contiguous(shapes_for(d.name, n))
+            table = SegmentTable.contiguous(shapes or shapes_for(d.name, n))
             state[s.name] = np.full(d.state_size(s.name, n, table),
                                     d.initial_value(s.name, full))
         else:
@@ -327,13 +328,15 @@ def initial_state(d, full: dict, p0, schedule) -> dict:
     return state
 
 
-def reference_run(cls: str, hypers: dict, p0, grads, schedule):
+def reference_run(cls: str, hypers: dict, p0, grads, schedule, shapes=None):
     """The float64 reference over these gradients (step k uses schedule.at(k - 1)): the final
-    params and state (None for a state the options do not use)."""
+    params and state (None for a state the options do not use). ``shapes``: a factored
+    definition's layout other than ``shapes_for``'s."""
     d, _ = CLASSES[cls]
     full = full_hypers(cls, hypers)
-    state = initial_state(d, full, p0, schedule)
+    state = initial_state(d, full, p0, schedule, shapes)
     p = np.asarray(p0, np.float64)
+    layout = {"shapes": shapes} if shapes else {}
     for k, g in enumerate(grads, start=1):
-        p, state = CASES[d.name].reference(p, g, state, k, schedule.at(k - 1), full)
+        p, state = CASES[d.name].reference(p, g, state, k, schedule.at(k - 1), full, **layout)
     return p, state

@@ -65,10 +65,16 @@ def test_launch_names_compiled_kernels(dtype, state_bf16):
     from fastopt.gpu.launch import kernel_name
 
     for op, definition in REGISTRY.items():
-        if definition.cuda:  # (factored moments, Adafactor: no CUDA kernel yet)
-            assert kernel_name(op, dtype, state_bf16) in build.SOURCES[f"{op}.cu"]
-        else:
-            assert f"{op}.cu" not in build.SOURCES
+        names = build.SOURCES[f"{op}.cu"]
+        if definition.factored is not None and state_bf16:  # (float32 state only)
+            assert kernel_name(op, dtype, state_bf16) not in names
+            continue
+        assert kernel_name(op, dtype, state_bf16) in names
+        if definition.segmented:
+            assert kernel_name(f"{op}_reduce", dtype, state_bf16) in names
+            assert f"{op}_segment" in names
+        if definition.factored is not None:
+            assert {kernel_name(f"{op}_stats", dtype), f"{op}_fold", f"{op}_means"} <= set(names)
     with pytest.raises(ValueError, match="no GPU kernel for uint16"):
         kernel_name("adam", "uint16")
 

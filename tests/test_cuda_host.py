@@ -25,14 +25,11 @@ from optimizer_cases import (
 from fastopt import _bf16
 from fastopt import schedules as S
 from fastopt.algorithms import CLASSES, REGISTRY
-from fastopt.algorithms._spec import KERNEL_SIGNATURE, SEGMENT_SIGNATURE
+from fastopt.algorithms._spec import FACTORED_SIGNATURE, KERNEL_SIGNATURE, SEGMENT_SIGNATURE
 from fastopt.engine import Prepared
 from fastopt.gpu import build
-from fastopt.gpu.launch import pack_args
+from fastopt.gpu.launch import pack_args, segmented_passes
 from fastopt.segments import SegmentTable
-
-#: the definitions with CUDA kernels (factored moments, Adafactor: none yet)
-CUDA_DEFS = {name: d for name, d in REGISTRY.items() if d.cuda}
 
 HERE = Path(__file__).parent / "cuda_host"
 CTYPES = {"double": ctypes.c_double, "int": ctypes.c_int, "long long": ctypes.c_longlong}
@@ -43,24 +40,35 @@ def _c_type(ctype: str, suffix: str) -> str:
     return ctype.replace("T*", "float*").replace("S*", STATE_C[suffix])
 
 
+def _host_kernels():
+    """(op, kernel, state suffix) of every float32 entry point (the host build has no 16-bit
+    types) and every entry point that takes no param format."""
+    for source, kernels in build.SOURCES.items():
+        op = source[:-3]
+        if op not in REGISTRY:
+            continue
+        for kernel in kernels:
+            if kernel.endswith("_f32") or kernel.endswith("_f32_sbf16"):
+                yield op, kernel, "_sbf16" if kernel.endswith("_sbf16") else ""
+            elif not kernel.endswith(("_f16", "_bf16", "_f16_sbf16", "_bf16_sbf16")):
+                yield op, kernel, ""
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ is needed to build the kernels for the CPU")
     out = tmp_path_factory.mktemp("cuda_host")
     lines = [f'#include "{name}"' for name in sorted(build.SOURCES)]
-    for op, suffix in itertools.product(CUDA_DEFS, STATE_C):
+    for op, kernel, suffix in _host_kernels():
         signature = _signature(op)
         params = ", ".join(f"{_c_type(t, suffix)} {n}" for n, t in signature)
         names = ", ".join(n for n, _ in signature)
-        entries = [(op, f"{op}_f32{suffix}")]
-        if REGISTRY[op].segmented:  # its three passes
-            entries += [(f"{op}_reduce", f"{op}_reduce_f32{suffix}"),
-                        (f"{op}_segment", f"{op}_segment")]
-        for wrapper, kernel in entries:
-            lines.append(f'extern "C" void emulate_{wrapper}{suffix}(unsigned grid, '
-                         f'unsigned block, {params}) {{ fo_emulate_launch(grid, block, [&] {{ '
-                         f'{kernel}({names}); }}); }}')
+        # factored moments' passes wait on each other's threads (real threads, barriers)
+        launch = "fo_emulate_launch_threads" if REGISTRY[op].factored is not None \
+            else "fo_emulate_launch"
+        lines.append(f'extern "C" void emulate_{kernel}(unsigned grid, unsigned block, '
+                     f'{params}) {{ {launch}(grid, block, [&] {{ {kernel}({names}); }}); }}')
     # the driver's gradient-norm kernels (kernels/control.cu)
     lines += [
         'extern "C" void emulate_grad_sq(unsigned grid, unsigned block, const float* g, '
@@ -72,25 +80,26 @@ def lib(tmp_path_factory):
         'parts, mult, max_norm, skip, norm, control); }); }']
     (out / "wrappers.cpp").write_text("\n".join(lines) + "\n")
     so = out / "kernels_host.so"
-    cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall",
-           "-Werror", "-Wno-unknown-pragmas", "-include", str(HERE / "shim.h"),
+    cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+           "-Wall", "-Werror", "-Wno-unknown-pragmas", "-include", str(HERE / "shim.h"),
            f"-I{build.kernel_dir()}", str(out / "wrappers.cpp"), "-o", str(so)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     library = ctypes.CDLL(str(so))
-    for op, suffix in itertools.product(CUDA_DEFS, STATE_C):
-        passes = ("", "_reduce", "_segment") if REGISTRY[op].segmented else ("",)
-        for part in passes:
-            fn = getattr(library, f"emulate_{op}{part}{suffix}")
-            fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [CTYPES.get(t, ctypes.c_void_p)
-                                                            for _, t in _signature(op)]
-            fn.restype = None
+    for op, kernel, _ in _host_kernels():
+        fn = getattr(library, f"emulate_{kernel}")
+        fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [CTYPES.get(t, ctypes.c_void_p)
+                                                        for _, t in _signature(op)]
+        fn.restype = None
     return library
 
 
 def _signature(op: str):
-    """The kernel's (name, C type) arguments: a tensor-aware one takes the segment tables."""
-    return KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if REGISTRY[op].segmented else ())
+    """The kernel's (name, C type) arguments: a tensor-aware one takes the segment tables,
+    factored moments their tables too."""
+    d = REGISTRY[op]
+    return (KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if d.segmented else ())
+            + (FACTORED_SIGNATURE if d.factored is not None else ()))
 
 
 class HostRun:
@@ -98,7 +107,7 @@ class HostRun:
     included), stepped by the host-built CUDA kernel; packed by fastopt.engine.Prepared."""
 
     def __init__(self, lib, cls, hypers, n, grid, block, offset, schedule, rng,
-                 state_bf16=False):
+                 state_bf16=False, shapes=None):
         d, _ = CLASSES[cls]
         self.lib, self.op, self.grid, self.block = lib, d.name, grid, block
         self.suffix = "_sbf16" if state_bf16 else ""
@@ -107,14 +116,16 @@ class HostRun:
         self.params = base[offset:]
         self.params[...] = rng.standard_normal(n)
         self.states = {}
-        start = initial_state(d, full, self.params, schedule)
+        self.segments = SegmentTable.contiguous(shapes or shapes_for(d.name, n)) \
+            if d.segmented else None
+        start = initial_state(d, full, self.params, schedule, shapes)
         for name in d.active_state(full):
-            value = np.zeros(n) if start[name] is None else start[name]  # (None: SGD's fresh)
-            buf = np.zeros(n + offset, np.uint16 if state_bf16 else np.float32)[offset:]
+            size = d.state_size(name, n, self.segments)  # (factored: by the layout)
+            value = np.zeros(size) if start.get(name) is None else start[name]  # (None: fresh)
+            buf = np.zeros(size + offset, np.uint16 if state_bf16 else np.float32)[offset:]
             buf[...] = _bf16.encode(value.astype(np.float32)) if state_bf16 else value
             self.states[name] = buf
         self.scalars = {s.name: np.full(1, s.init) for s in d.scalars}
-        self.segments = SegmentTable.contiguous(shapes_for(d.name, n)) if d.segmented else None
         self.prepared = Prepared(d, self.params, None, self.states, full, "float32",
                                  on_gpu=True, scalars=self.scalars, segments=self.segments)
         self.table = np.ascontiguousarray(schedule.table)
@@ -127,16 +138,17 @@ class HostRun:
         args = [a.ctypes.data if isinstance(a, np.ndarray) else a.item()
                 for a in pack_args(values)]
         if self.segments is None:
-            getattr(self.lib, f"emulate_{self.op}{self.suffix}")(self.grid, self.block, *args)
+            getattr(self.lib, f"emulate_{self.op}_f32{self.suffix}")(self.grid, self.block,
+                                                                     *args)
             return
-        # a block per chunk (the launch's grid), then a thread per tensor, then the update
-        chunks, block = self.segments.chunks.shape[0], self.block
-        getattr(self.lib, f"emulate_{self.op}_reduce{self.suffix}")(chunks, block, *args)
-        if self.prepared.definition.matrix is not None:  # the host's stage, between launches
-            self.prepared.matrix_stage()
-        getattr(self.lib, f"emulate_{self.op}_segment{self.suffix}")(
-            -(-len(self.segments) // block), block, *args)
-        getattr(self.lib, f"emulate_{self.op}{self.suffix}")(chunks, block, *args)
+        # the launcher's passes (a block per chunk or tile, a thread per tensor or factor)
+        for stem, typed, grid, block in segmented_passes(self.op, values, self.block):
+            if stem is None:  # the host's matrix stage, between launches
+                if self.prepared.definition.matrix is not None:
+                    self.prepared.matrix_stage()
+                continue
+            kernel = f"{stem}_f32{self.suffix}" if typed else stem
+            getattr(self.lib, f"emulate_{kernel}")(grid, block, *args)
 
 
 SCHEDULES = [S.constant(0.01), S.warmup(S.cosine(0.02, 40, end_lr=1e-4), 7),
@@ -148,7 +160,7 @@ OPTIONS = all_options()
 
 def _cases():
     for i, (name, cls, _) in enumerate(OPTIONS):
-        if name not in CUDA_DEFS:
+        if name not in REGISTRY:
             continue
         for j in range(4):  # 4 of the 24 layouts per option, a different 4 for each
             sched, launch, offset = LAYOUTS[(5 * i + 7 * j) % len(LAYOUTS)]
@@ -220,7 +232,7 @@ def test_schedule_header_equals_at(lib):
                                            rtol=1e-12, atol=1e-300)
 
 
-@pytest.mark.parametrize("name", sorted(CUDA_DEFS))
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if REGISTRY[n].factored is None])
 @pytest.mark.parametrize("grid,block,offset", [(1, 1, 0), (3, 4, 1), (2, 32, 0)])
 def test_bf16_state_kernels_match_the_numba_backend(lib, name, grid, block, offset):
     """bfloat16 state with stochastic rounding: the same seeds and bits as the CPU kernels."""
@@ -274,7 +286,7 @@ def test_gradient_norm_and_control_kernels(lib, case):
         assert not np.isfinite(norm[0]) and control[1] == 1.0
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(CUDA_DEFS) if CUDA_DEFS[n].segmented])
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if REGISTRY[n].segmented])
 @pytest.mark.parametrize("block", [1, 32])
 def test_tensor_aware_kernels_over_many_chunks(lib, name, block):
     """Tensors of several chunks (the reduce pass's per-chunk sums, the segment pass adding
@@ -290,3 +302,47 @@ def test_tensor_aware_kernels_over_many_chunks(lib, name, block):
         run.step(g)
         cpu.step(g)
     _close(run.params, p_cpu)
+
+
+#: tensors that take every path of the factored statistics (SegmentTable.gpu_plan): row tiles
+#: and strips (300 x 260: 3 x 2 tiles), a partial strip (5 x 600), tall and narrow (2000 x 3:
+#: a thread per row of a sub-tile), rows enough for a block's row mean (300 x 70), batched
+#: matrices tiled (3 x 40 x 50) and small (9 x 2 x 3: a thread each), empty ones, a vector
+#: and a scalar
+FACTORED_SHAPES = [(300, 260), (5, 600), (2000, 3), (300, 70), (3, 40, 50), (9, 2, 3), (0, 5),
+                   (4, 0), (50,), ()]
+
+
+@pytest.mark.parametrize("option,block", [(0, 32), (1, 32), (2, 32), (2, 1), (1, 256)])
+def test_factored_kernels_over_tiles(lib, block, option):
+    """Factored moments' six passes (kernels/factored.cuh: tiles, folds, row means; the
+    threads of a block synchronised for real) equal the Numba backend and the float64
+    reference on tensors that take every path."""
+    from fastopt.segments import SegmentTable
+
+    cls, hypers = CASES["adafactor"].options[option]
+    rng = np.random.default_rng(5 + option)
+    table = SegmentTable.contiguous(FACTORED_SHAPES)
+    fold, tiles, means, _, _ = table.gpu_plan()
+    assert (fold[:, 1] > 1).any() and (fold[:, 3] > 1).any()  # strips and row tiles
+    assert (tiles[:, 3] < 0).any() and (means[:, 2] - means[:, 1] > 1).any()
+    n = table.size
+    run = HostRun(lib, cls, hypers, n, 1, block, 0, SCHEDULES[1], rng, shapes=FACTORED_SHAPES)
+    p0 = run.params.copy()
+    p_cpu = p0.copy()
+    cpu = make(cls, p_cpu, lr=SCHEDULES[1], segments=FACTORED_SHAPES, **hypers)
+    grads = _grads(rng, n, 3 if block == 256 else 6)  # (256 threads a block: 5 s a step)
+    for g in grads:
+        run.step(g)
+        cpu.step(g)
+    _close(run.params, p_cpu)
+    want_p, want_state = reference_run(cls, hypers, p0, grads, SCHEDULES[1],
+                                       shapes=FACTORED_SHAPES)
+    _close(run.params, want_p)
+    for key, buf in run.states.items():
+        _close(buf, cpu.state[key])
+        # (an empty matrix's factors: 0 here and on the CPU, the reference's NaN means of
+        # nothing, as torch's)
+        finite = np.isfinite(want_state[key])
+        assert finite.sum() >= buf.size - 5  # ((4, 0)'s rows, (0, 5)'s columns)
+        _close(buf[finite], want_state[key][finite])

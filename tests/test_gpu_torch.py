@@ -26,6 +26,10 @@ CASES = [
     ("Adagrad", dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1, weight_decay=0.01),
      dict(foreach=True)),
     ("Adadelta", dict(lr=0.5, rho=0.8, weight_decay=0.01), dict(foreach=True)),
+    # (factored moments: tiled matrices, batched small ones, vectors; the 1e-5)
+    ("Adafactor", dict(lr=1e-2, weight_decay=0.01), dict(foreach=True)),
+    ("Adafactor", dict(lr=3e-3, beta2_decay=-0.5, eps=(1e-30, 1e-2), d=2.0, maximize=True),
+     dict(foreach=True)),
 ]
 SHAPES = [(257, 129), (129,), (64, 3, 3, 3), (1,), (1031,)]
 
@@ -92,7 +96,8 @@ def test_core_on_cupy_matches_torch_cuda(name, kw, extra):
     kw = dict(kw)
     lr = kw.pop("lr")
     mine = cupy.asarray(p0)
-    opt = getattr(fastopt, name)(mine, lr=lr, **kw)
+    layout = {"segments": [(n,)]} if getattr(fastopt, name).definition.segmented else {}
+    opt = getattr(fastopt, name)(mine, lr=lr, **kw, **layout)
     theirs = torch.nn.Parameter(torch.from_dlpack(cupy.asarray(p0)))
     topt = getattr(torch.optim, name)([theirs], lr=lr, **kw, **extra)
     for g in grads:
@@ -212,9 +217,10 @@ def test_fot_muon_on_cuda_matches_torch_muon(options):
 
 
 #: (class, keywords): plain moments, per-step scalars (NAdam's mu_product), a first-gradient
-#: state (SGD's momentum), a matrix stage on torch's matmul (Muon: its 2-D params only)
+#: state (SGD's momentum), a matrix stage on torch's matmul (Muon: its 2-D params only),
+#: factored moments (Adafactor: six launches)
 CAPTURED = [("AdamW", dict(weight_decay=0.1)), ("NAdam", dict(weight_decay=0.01)),
-            ("SGD", dict(momentum=0.9, nesterov=True)), ("Muon", {})]
+            ("SGD", dict(momentum=0.9, nesterov=True)), ("Muon", {}), ("Adafactor", {})]
 
 
 def _set_grads(params, grads):

@@ -104,6 +104,23 @@ SEGMENT_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("n_segments", "long long"), ("partials", "double*"), ("segvals", "double*"),
     ("direction", "float*"),
 )
+#: What a kernel with factored moments (Adafactor) takes after SEGMENT_SIGNATURE on CUDA
+#: (``SegmentTable.gpu_plan`` in fastopt/segments.py makes the tables, kernels/factored.cuh
+#: reads them): ``layout`` (each tensor's row, col and variance offsets in the packed state,
+#: ``SegmentTable.factored_layout``), ``factored`` (1 for a tensor of 2 or more dims), ``fold``
+#: (per tensor: where its strips' row sums and its row tiles' column sums start, and how many
+#: strips and row tiles it has), ``tiles`` (the statistics pass's work, a block each) and
+#: ``means`` (the row-mean pass's, a block each); the float64 row and column sums of g^2
+#: (``row_sq``, ``col_sq``), the tiles' partial sums of them (``tile_row_sums``,
+#: ``tile_col_sums``), each row's float32 row-factor mean (``row_norm``) and the two factor
+#: counts (``n_rows``, ``n_cols``: the fold pass's thread per row and per column).
+FACTORED_SIGNATURE: tuple[tuple[str, str], ...] = (
+    ("layout", "const long long*"), ("factored", "const long long*"),
+    ("fold", "const long long*"), ("tiles", "const long long*"), ("means", "const long long*"),
+    ("row_sq", "double*"), ("col_sq", "double*"), ("tile_row_sums", "double*"),
+    ("tile_col_sums", "double*"), ("row_norm", "float*"),
+    ("n_rows", "long long"), ("n_cols", "long long"),
+)
 #: the CPU segmented kernels' arguments: CPU_SIGNATURE with the tables and buffers before the
 #: per-step arguments (they are fixed per optimizer)
 CPU_SEGMENT_ARGS = ("segments", "chunks", "partials", "segvals", "direction")
@@ -349,12 +366,6 @@ class Definition:
     def segmented(self) -> bool:
         """Whether the kernels work per tensor over a segment table (LAMB, Muon, Adafactor)."""
         return self.reduce is not None or self.factored is not None
-
-    @property
-    def cuda(self) -> bool:
-        """Whether a CUDA kernel is generated for it (factored moments: not yet; their
-        classes refuse cupy arrays and CUDA params)."""
-        return self.factored is None
 
     def state_size(self, name: str, n: int, segments) -> int:
         """How many values state buffer ``name`` holds for params of ``n`` elements laid out

@@ -10,13 +10,25 @@ from pathlib import Path
 
 from ..algorithms import REGISTRY
 
-#: CUDA source file -> the extern "C" kernels it defines: ``<op>_<param dtype>`` with float32
-#: state, ``<op>_<param dtype>_sbf16`` with bfloat16 state
+
+def _entry_points(op: str, definition) -> tuple[str, ...]:
+    """The extern "C" kernels of ``<op>.cu``: each pass that reads params (the update, a
+    tensor-aware kernel's first pass, factored statistics) per format, ``<pass>_<param
+    dtype>`` with float32 state and ``..._sbf16`` with bfloat16 state (factored moments:
+    float32 state only); the passes that read none once (``<op>_segment``, ``<op>_fold``,
+    ``<op>_means``). fastopt.gpu.launch.segmented_passes launches them in order."""
+    factored = definition.factored is not None
+    typed = [op, *([f"{op}_reduce"] if definition.segmented else []),
+             *([f"{op}_stats"] if factored else [])]
+    untyped = [*([f"{op}_segment"] if definition.segmented else []),
+               *([f"{op}_fold", f"{op}_means"] if factored else [])]
+    states = ("",) if factored else ("", "_sbf16")
+    return (*(f"{t}_{d}{s}" for t in typed for d in DTYPE_SUFFIXES for s in states), *untyped)
+
+
+#: CUDA source file -> the extern "C" kernels it defines (``_entry_points``)
 DTYPE_SUFFIXES = ("f32", "f16", "bf16")
-SOURCES = {
-    f"{op}.cu": tuple(f"{op}_{d}{s}" for d in DTYPE_SUFFIXES for s in ("", "_sbf16"))
-    for op, definition in REGISTRY.items() if definition.cuda
-}
+SOURCES = {f"{op}.cu": _entry_points(op, definition) for op, definition in REGISTRY.items()}
 #: the driver's own kernels: a step's gradient norm, clip coefficient and skip flag
 SOURCES["control.cu"] = (*(f"fo_grad_sq_{d}" for d in DTYPE_SUFFIXES), "fo_grad_control")
 

@@ -14,6 +14,7 @@ import functools
 import numpy as np
 
 from ..algorithms._spec import (
+    FACTORED_SIGNATURE,
     KERNEL_SIGNATURE,
     REDUCE_THREADS,
     SEGMENT_BLOCK,
@@ -41,11 +42,18 @@ def kernel_name(op: str, dtype: str, state_bf16: bool = False) -> str:
     return f"{op}_{DTYPE_SUFFIX[dtype]}" + ("_sbf16" if state_bf16 else "")
 
 
+def signature_of(values: dict) -> tuple:
+    """The kernel signature ``values`` are for: the uniform one, with the segment tables for a
+    tensor-aware kernel and the factored ones for factored moments."""
+    return (KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if "segments" in values else ())
+            + (FACTORED_SIGNATURE if "tiles" in values else ()))
+
+
 def pack_args(values: dict) -> tuple:
-    """The kernel's arguments in declaration order (with the segment tables for a
-    tensor-aware kernel); scalars as their exact C types."""
+    """The kernel's arguments in declaration order (``signature_of``); scalars as their exact
+    C types."""
     args = []
-    signature = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if "segments" in values else ())
+    signature = signature_of(values)
     for name, ctype in signature:
         value = values[name]
         args.append(SCALAR_TYPES[ctype](value) if ctype in SCALAR_TYPES else value)
@@ -76,28 +84,58 @@ def bind(op: str, dtype: str, values: dict, between=None):
     sync and no allocation (capturable in a CUDA graph). ``between``: a tensor-aware kernel's
     matrix stage, called after the first pass's launch (it queues its own work on the
     stream)."""
-    name = kernel_name(op, dtype, values["state0"].dtype == np.uint16)
+    state_bf16 = values["state0"].dtype == np.uint16
+    name = kernel_name(op, dtype, state_bf16)
     module = _module(f"{op}.cu")
     args = pack_args(values)
-    if "segments" in values:  # a tensor-aware kernel: reduce, segment, update
-        chunks = (int(values["chunks"].shape[0]),)
-        segments = (-(-int(values["n_segments"]) // SEGMENT_THREADS),)
-        reduce = module.get_function(kernel_name(f"{op}_reduce", dtype, "_sbf16" in name))
-        segment = module.get_function(f"{op}_segment")
-        update = module.get_function(name)
+    if "segments" in values:  # a tensor-aware kernel: its passes, in order
+        launches = []
+        for stem, typed, grid, block in segmented_passes(op, values):
+            if stem is None:
+                launches.append(between)
+                continue
+            kernel = module.get_function(kernel_name(stem, dtype, state_bf16) if typed
+                                         else stem)
+            launches.append(functools.partial(kernel, (grid,), (block,), args))
+        launches = [launch for launch in launches if launch is not None]
 
         def run_segmented() -> None:
-            reduce(chunks, (SEGMENT_BLOCK,), args)
-            if between is not None:
-                between()
-            segment(segments, (SEGMENT_THREADS,), args)
-            update(chunks, (SEGMENT_BLOCK,), args)
+            for launch in launches:
+                launch()
 
         return run_segmented
     kernel = module.get_function(name)
     n = int(values["n"])
     grid = (max(1, min(_grid(values["params"].device.id), -(-n // BLOCK))),)
     return lambda: kernel(grid, (BLOCK,), args)
+
+
+def segmented_passes(op: str, values: dict, block: int | None = None) -> list[tuple]:
+    """The launches of one step of tensor-aware kernel ``op``, in order: (kernel stem, typed,
+    grid, block); typed: the stem takes the params' format suffix (``kernel_name``), else one
+    entry point serves all. A stem None is the matrix stage's place (between the first pass
+    and the segment pass). ``block``: threads per block for every pass (the host-built tests'
+    small blocks), else SEGMENT_BLOCK for a block-per-item pass and SEGMENT_THREADS for a
+    thread-per-item one. Passes with nothing to do (a model without matrices) are left out."""
+    chunks = int(values["chunks"].shape[0])
+
+    def per_thread(items: int) -> tuple[int, int]:
+        threads = block or SEGMENT_THREADS
+        return -(-items // threads), threads
+
+    per_block = block or SEGMENT_BLOCK
+    segment = (f"{op}_segment", False, *per_thread(int(values["n_segments"])))
+    if "tiles" not in values:  # reduce, [the matrix stage], segment, update
+        return [(f"{op}_reduce", True, chunks, per_block), (None, False, 0, 0), segment,
+                (op, True, chunks, per_block)]
+    # factored moments (kernels/factored.cuh): stats, fold, means, reduce, segment, update
+    factors = int(values["n_rows"]) + int(values["n_cols"])
+    passes = [(f"{op}_stats", True, int(values["tiles"].shape[0]), per_block),
+              (f"{op}_fold", False, *per_thread(factors)),
+              (f"{op}_means", False, int(values["means"].shape[0]), per_block),
+              (f"{op}_reduce", True, chunks, per_block), segment,
+              (op, True, chunks, per_block)]
+    return [p for p in passes if p[2] > 0]
 
 
 def launch(op: str, dtype: str, values: dict, between=None) -> None:

@@ -368,7 +368,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
         if state_dtype == "bfloat16" and self.definition.factored is not None:
-            raise ValueError(factored_refusal(self.definition, "bfloat16 state"))
+            raise ValueError(factored_refusal(self.definition))
         #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
         self.state_dtype = state_dtype
         self._buckets: list[list[_Bucket]] = []
@@ -463,8 +463,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                              "put parameters of each device in their own group")
         if params and params[0].device.type not in ("cpu", "cuda"):
             raise TypeError(f"unsupported device {params[0].device}")
-        if params and params[0].device.type == "cuda" and self.definition.factored is not None:
-            raise NotImplementedError(factored_refusal(self.definition, "CUDA params"))
         owned = [p for p in params if _owner(p) is not None]
         if owned:
             gc.collect()  # an optimizer that is gone but not yet collected owns nothing

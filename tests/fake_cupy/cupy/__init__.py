@@ -368,6 +368,23 @@ def _bf16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+#: a tensor-aware kernel's passes before its update (``<op>_<pass>...``), and those of them
+#: with one entry point for every format
+_PASSES = ("reduce", "segment", "stats", "fold", "means")
+_UNTYPED = ("segment", "fold", "means")
+
+
+def _cpu_row_blocks(segments: np.ndarray, factored: np.ndarray, n: int) -> dict:
+    """The Numba factored kernel's ``blocks`` and ``col_partial`` for the tensors of the
+    segment table (factored ones as (batch, rows, cols), the others flat)."""
+    from fastopt.segments import SegmentTable
+
+    shapes = [(int(b), int(r), int(c)) if f else (int(b * r * c),)
+              for (_, b, r, c, *_), f in zip(segments, factored, strict=True)]
+    blocks, size = SegmentTable([int(o) for o in segments[:, 0]], shapes, n).row_blocks()
+    return {"blocks": blocks, "col_partial": np.zeros(size)}
+
+
 #: C type of a by-value kernel argument -> the numpy scalar type it must be packed as
 _SCALARS = {"double": np.float64, "int": np.int32, "long long": np.int64}
 _POINTERS = {"float*": np.float32, "const double*": np.float64, "double*": np.float64,
@@ -387,19 +404,27 @@ class _Kernel:
         #: ``lamb_segment``): checked, then nothing, as the Numba kernel the update pass runs
         #: does all three; with a matrix stage (Muon) the reduce pass runs the Numba first
         #: pass (``muon_first``), the update pass the rest
-        self.pass_ = parts[1] if parts[1] in ("reduce", "segment") else None
-        self.suffix = "f32" if self.pass_ == "segment" else parts[2 if self.pass_ else 1]
+        #: with factored moments (Adafactor) also its stats, fold and means passes: checked,
+        #: then nothing
+        self.pass_ = parts[1] if parts[1] in _PASSES else None
+        self.suffix = "f32" if self.pass_ in _UNTYPED else parts[2 if self.pass_ else 1]
         self.state_type = np.uint16 if name.endswith("_sbf16") else np.float32
 
     def __call__(self, grid, block, args, **_):
         from fastopt.algorithms import REGISTRY
-        from fastopt.algorithms._spec import KERNEL_SIGNATURE, SEGMENT_SIGNATURE
+        from fastopt.algorithms._spec import (
+            FACTORED_SIGNATURE,
+            KERNEL_SIGNATURE,
+            SEGMENT_SIGNATURE,
+        )
 
         if not (len(grid) >= 1 and len(block) >= 1 and grid[0] >= 1 and block[0] >= 1):
             raise ValueError(f"bad launch shape {grid} x {block}")
-        segmented = REGISTRY[self.op].segmented
-        spec = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if segmented else ())
-        if segmented and self.pass_ != "segment" \
+        d = REGISTRY[self.op]
+        segmented = d.segmented
+        spec = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if segmented else ()) \
+            + (FACTORED_SIGNATURE if d.factored is not None else ())
+        if segmented and self.pass_ in (None, "reduce") \
                 and grid[0] != len(args[[name for name, _ in spec].index("chunks")]):
             raise ValueError(f"{self.name}: a block per chunk, got a grid of {grid[0]}")
         if len(args) != len(spec):
@@ -424,7 +449,7 @@ class _Kernel:
             return value
         if not isinstance(value, ndarray):
             raise TypeError(f"{self.name}: {name} must be a device array, got {type(value)}")
-        if self.pass_ == "segment" and ctype in ("T*", "const T*", "S*"):
+        if self.pass_ in _UNTYPED and ctype in ("T*", "const T*", "S*"):
             return value._a  # (one entry point for every format: it reads no element)
         want = {"T*": _PARAM_TYPES[self.suffix], "const T*": _PARAM_TYPES[self.suffix],
                 "S*": (self.state_type,)}.get(ctype) or (_POINTERS[ctype],)
@@ -449,6 +474,8 @@ class _Kernel:
         extra = {"step": k, "fmt": _FORMATS[self.suffix], "parallel": n >= 16384,
                  "table": values["table"][: int(values["table_rows"])],
                  "grad_mult": values["grad_mult"] * control[0]}
+        if "tiles" in values:  # factored moments: the CPU's row blocks in place of the tiles
+            extra.update(_cpu_row_blocks(values["segments"], values["factored"], n))
         args = []
         for name in inspect.signature(kernel.py_func).parameters:
             value = extra[name] if name in extra else values[name]

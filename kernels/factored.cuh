@@ -1,0 +1,245 @@
+// Factored second-moment statistics on the GPU (driver code, not generated; its CPU
+// counterpart is fastopt/cpu/factored.py). A tensor of shape (..., r, c) is batch matrices of
+// r x c; row q (= matrix * r + row) of tensor s is row_var[layout[3s] + q], column k of matrix
+// b is col_var[layout[3s + 1] + b * c + k]. The tables (fastopt/segments.py,
+// SegmentTable.gpu_plan; FACTORED_SIGNATURE in fastopt/algorithms/_spec.py) cut the work:
+//   fo_factored_tile_sums (a block per tile): each tile's row sums of g^2 over its strip of
+//       columns and column sums over its rows, into tile_row_sums / tile_col_sums; small
+//       matrices a thread each, whole, into row_sq / col_sq;
+//   fo_factor_mean_square (a thread per row or column factor): the tiles' sums added in
+//       strip or row-tile order, divided by the count;
+//   fo_factored_row_means (a block per entry of `means`): each matrix's mean of its new
+//       row factors, stored for each of its rows in row_norm.
+// Everything is summed in float64 in a fixed order: no atomics, the same result every run.
+// Blocks have at most FO_SEGMENT_BLOCK threads (the shared arrays' size).
+#pragma once
+#include "common.cuh"
+#include "signature.cuh"
+
+// g values a strip tile holds in shared memory at a time (16 KB)
+#define FO_TILE_BUFFER 4096
+
+// The machine epsilon of the params' format (torch's finfo(dtype).eps: eps1=None).
+template <typename T>
+struct FormatEps {
+    static constexpr double value = 1.1920928955078125e-07;  // float32
+};
+#if defined(__CUDACC__)
+template <>
+struct FormatEps<__half> {
+    static constexpr double value = 0.0009765625;
+};
+template <>
+struct FormatEps<__nv_bfloat16> {
+    static constexpr double value = 0.0078125;
+};
+#endif
+
+template <typename T>
+FO_D void fo_factored_tile_sums(const T* grads, double factor, const long long* segments,
+                                const long long* layout, const long long* fold,
+                                const long long* tiles, double* row_sq, double* col_sq,
+                                double* tile_row_sums, double* tile_col_sums) {
+    __shared__ float buf[FO_TILE_BUFFER];
+    __shared__ double col_acc[FO_TILE_COLS];
+    __shared__ double row_part[FO_SEGMENT_BLOCK];
+    const long long* tile = tiles + 5 * (long long)blockIdx.x;
+    const long long s = tile[0], first = tile[1], stop = tile[2], col0 = tile[3];
+    const long long offset = segments[6 * s], rows = segments[6 * s + 2];
+    const long long cols = segments[6 * s + 3];
+    const unsigned threads = blockDim.x, tid = threadIdx.x;
+    if (col0 < 0) {  // the small matrices [first, stop), a thread each, whole
+        const long long ra = layout[3 * s], ca = layout[3 * s + 1];
+        for (long long b = first + tid; b < stop; b += threads) {
+            const T* m = grads + offset + b * rows * cols;
+            for (long long r = 0; r < rows; ++r) {
+                double sum = 0.0;
+                for (long long c = 0; c < cols; ++c) {
+                    const double x = factor * (double)to_float(m[r * cols + c]);
+                    sum += x * x;
+                }
+                row_sq[ra + b * rows + r] = sum;
+            }
+            for (long long c = 0; c < cols; ++c) {
+                double sum = 0.0;
+                for (long long r = 0; r < rows; ++r) {
+                    const double x = factor * (double)to_float(m[r * cols + c]);
+                    sum += x * x;
+                }
+                col_sq[ca + b * cols + c] = sum;
+            }
+        }
+        return;
+    }
+    // rows [first, stop) x the strip's w columns from col0, h rows at a time through shared
+    // memory: thread c adds column c down the rows; each row's sum of the strip is split
+    // over per_row threads (in a fixed order), then added by one
+    const long long row_sums_at = fold[4 * s], strips = fold[4 * s + 1];
+    const long long col_sums_at = fold[4 * s + 2], row_tiles = fold[4 * s + 3];
+    const long long strip = col0 / FO_TILE_COLS;
+    const unsigned w = (unsigned)(cols - col0 < FO_TILE_COLS ? cols - col0 : FO_TILE_COLS);
+    const unsigned h = FO_TILE_BUFFER / w;
+    for (unsigned c = tid; c < w; c += threads) col_acc[c] = 0.0;
+    for (long long r0 = first; r0 < stop; r0 += h) {
+        const unsigned hh = (unsigned)(stop - r0 < h ? stop - r0 : h);
+        const T* base = grads + offset + r0 * cols + col0;
+        for (unsigned i = tid; i < hh * w; i += threads) {
+            const unsigned r = i / w;
+            buf[i] = to_float(base[(long long)r * cols + (i - r * w)]);
+        }
+        __syncthreads();
+        for (unsigned c = tid; c < w; c += threads) {
+            double sum = col_acc[c];
+            for (unsigned r = 0; r < hh; ++r) {
+                const double x = factor * (double)buf[r * w + c];
+                sum += x * x;
+            }
+            col_acc[c] = sum;
+        }
+        const unsigned per_row = hh < threads ? threads / hh : 1;
+        if (per_row == 1) {
+            for (unsigned r = tid; r < hh; r += threads) {
+                double sum = 0.0;
+                for (unsigned c = 0; c < w; ++c) {
+                    const double x = factor * (double)buf[r * w + c];
+                    sum += x * x;
+                }
+                tile_row_sums[row_sums_at + (r0 + r) * strips + strip] = sum;
+            }
+        } else {
+            if (tid < hh * per_row) {
+                const unsigned r = tid / per_row, k = tid - r * per_row;
+                double sum = 0.0;
+                for (unsigned c = k; c < w; c += per_row) {
+                    const double x = factor * (double)buf[r * w + c];
+                    sum += x * x;
+                }
+                row_part[tid] = sum;
+            }
+            __syncthreads();
+            if (tid < hh) {
+                double sum = 0.0;
+                for (unsigned k = 0; k < per_row; ++k) sum += row_part[tid * per_row + k];
+                tile_row_sums[row_sums_at + (r0 + tid) * strips + strip] = sum;
+            }
+        }
+        __syncthreads();  // (before the next rows overwrite buf and row_part)
+    }
+    const long long b = first / rows;
+    double* out = tile_col_sums + col_sums_at + (b * row_tiles + tile[4]) * cols + col0;
+    for (unsigned c = tid; c < w; c += threads) out[c] = col_acc[c];
+}
+
+// The tensor whose factor entries hold x: the last s with at[3 s] <= x (`at`: a column of
+// `layout`; the offsets never decrease, and a tensor after the owner starts past x).
+FO_D long long fo_factor_owner(const long long* at, long long n_segments, long long x) {
+    long long lo = 0, hi = n_segments - 1;
+    while (lo < hi) {
+        const long long mid = (lo + hi + 1) / 2;
+        if (at[3 * mid] <= x) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return lo;
+}
+
+// Factor entry x of [0, n_rows + n_cols) (rows first, then columns): its sum of g^2 (the
+// tiles' partial sums added in strip or row-tile order, stored to row_sq / col_sq; small
+// matrices' are there already) divided by the count it averages (0 for an empty one), as
+// float32. Sets is_row and the entry's index in row_var or col_var.
+FO_D float fo_factor_mean_square(const long long* segments, const long long* layout,
+                                 long long n_segments, const long long* fold, double* row_sq,
+                                 double* col_sq, const double* tile_row_sums,
+                                 const double* tile_col_sums, long long n_rows, long long x,
+                                 bool& is_row, long long& index) {
+    is_row = x < n_rows;
+    if (is_row) {
+        const long long s = fo_factor_owner(layout, n_segments, x);
+        const long long q = x - layout[3 * s], strips = fold[4 * s + 1];
+        const long long cols = segments[6 * s + 3];
+        index = x;
+        if (strips > 0) {
+            double sum = 0.0;
+            const double* part = tile_row_sums + fold[4 * s] + q * strips;
+            for (long long k = 0; k < strips; ++k) sum += part[k];
+            row_sq[x] = sum;
+        }
+        return cols ? (float)(row_sq[x] / (double)cols) : 0.0f;
+    }
+    const long long y = x - n_rows;
+    const long long s = fo_factor_owner(layout + 1, n_segments, y);
+    const long long rows = segments[6 * s + 2], cols = segments[6 * s + 3];
+    const long long k = y - layout[3 * s + 1], row_tiles = fold[4 * s + 3];
+    index = y;
+    if (row_tiles > 0) {
+        const long long b = k / cols, c = k - b * cols;
+        const double* part = tile_col_sums + fold[4 * s + 2] + b * row_tiles * cols + c;
+        double sum = 0.0;
+        for (long long t = 0; t < row_tiles; ++t) sum += part[t * cols];
+        col_sq[y] = sum;
+    }
+    return rows ? (float)(col_sq[y] / (double)rows) : 0.0f;
+}
+
+// A block per entry of `means` (segment, first matrix, stop matrix): each matrix's mean of
+// its row factors (float64, then float32) into row_norm for each of its rows; a thread per
+// matrix of at most FO_MEAN_THREAD_ROWS rows (its rows in order), a block per larger one
+// (each thread's rows, then the threads' sums in order).
+FO_D void fo_factored_row_means(const long long* segments, const long long* layout,
+                                const long long* means, const float* row_var,
+                                float* row_norm) {
+    __shared__ double part[FO_SEGMENT_BLOCK];
+    __shared__ float mean;
+    const long long* entry = means + 3 * (long long)blockIdx.x;
+    const long long s = entry[0], first = entry[1], stop = entry[2];
+    const long long rows = segments[6 * s + 2], ra = layout[3 * s];
+    const unsigned threads = blockDim.x, tid = threadIdx.x;
+    if (rows <= FO_MEAN_THREAD_ROWS) {
+        for (long long b = first + tid; b < stop; b += threads) {
+            double sum = 0.0;
+            for (long long r = 0; r < rows; ++r) sum += row_var[ra + b * rows + r];
+            const float m = (float)(sum / (double)rows);
+            for (long long r = 0; r < rows; ++r) row_norm[ra + b * rows + r] = m;
+        }
+        return;
+    }
+    const long long at = ra + first * rows;
+    double sum = 0.0;
+    for (long long r = tid; r < rows; r += threads) sum += row_var[at + r];
+    part[tid] = sum;
+    __syncthreads();
+    if (tid == 0) {
+        double total = 0.0;
+        for (unsigned t = 0; t < threads; ++t) total += part[t];
+        mean = (float)(total / (double)rows);
+    }
+    __syncthreads();
+    for (long long r = tid; r < rows; r += threads) row_norm[at + r] = mean;
+}
+
+// Where element j of a factored tensor finds its factors: its row's value and mean, its
+// column's value (the tensor's offset, shape and layout offsets, read once per chunk).
+struct FoFactorWalk {
+    long long offset, rows, cols, ra, ca, batch;
+    FO_D void at(long long j, const float* row_var, const float* col_var, const float* row_norm,
+                 float& row, float& col, float& row_mean) const {
+        const long long k = j - offset;
+        long long q, c;
+        if (k < 4294967296LL && cols < 4294967296LL) {  // (32-bit division: far cheaper)
+            q = (long long)((unsigned)k / (unsigned)cols);
+        } else {
+            q = k / cols;
+        }
+        c = k - q * cols;
+        row = row_var[ra + q];
+        row_mean = row_norm[ra + q];
+        long long matrix = 0;
+        if (batch > 1) {
+            matrix = q < 4294967296LL && rows < 4294967296LL
+                         ? (long long)((unsigned)q / (unsigned)rows) : q / rows;
+        }
+        col = col_var[ca + matrix * cols + c];
+    }
+};
