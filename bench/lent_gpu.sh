@@ -5,10 +5,12 @@
 #
 # 1. the card and the versions; 2. the GPU tests (tests/test_gpu.py, tests/test_gpu_torch.py,
 # pytest-xdist where installed); 3. bench/gpu_check.py's timings (its report is rewritten after
-# each case, so a cut-short run keeps what it measured); 4. bench/gpu_overhead.py (per-step
-# host overhead); 5. bench/step_in_backward_memory.py --cuda. Each part has its own time limit
+# each case, so a cut-short run keeps what it measured); 4. bench/gpu_passes.py (each launch of
+# the tensor-aware steps), bench/gpu_overhead.py (per-step host overhead) and
+# bench/step_in_backward_memory.py --cuda. Each part has its own time limit
 # (seconds, from the environment: TESTS_S, CHECK_S, EXTRA_S) so that one slow part cannot
-# starve the others; CHECK_ARGS: more gpu_check.py options (e.g. --optimizers LAMB --no-sweep).
+# starve the others; CHECK_ARGS: more gpu_check.py options (e.g. --optimizers LAMB --no-sweep);
+# TESTS_K: a pytest -k expression selecting some of the GPU tests.
 # Oracle wheels (lion-pytorch, pytorch-optimizer, schedulefree) in .whl/
 # are installed first when present: the machine cannot reach a registry.
 set -o pipefail
@@ -30,12 +32,14 @@ workers=""
 python3 -c 'import xdist' 2>/dev/null && workers="-n 8"
 start=$(date +%s)
 timeout "${TESTS_S:-200}" python3 -m pytest -q -rfEs -m gpu -p no:cacheprovider $workers \
-    --durations=12 tests/test_gpu.py tests/test_gpu_torch.py 2>&1 | tee "$OUT/tests.log"
+    --durations=12 tests/test_gpu.py tests/test_gpu_torch.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+    | tee "$OUT/tests.log"
 echo "tests: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.log"
 start=$(date +%s)
 timeout "${CHECK_S:-200}" python3 bench/gpu_check.py --no-tests --report "$OUT/gpu_report.md" \
     $CHECK_ARGS 2>&1 | tee "$OUT/check.log"
 echo "gpu_check: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$OUT/check.log"
+timeout "${EXTRA_S:-30}" python3 bench/gpu_passes.py 2>&1 | tee "$OUT/passes.log"
 timeout "${EXTRA_S:-30}" python3 bench/gpu_overhead.py 2>&1 | tee "$OUT/overhead.log"
 timeout "${EXTRA_S:-30}" python3 bench/step_in_backward_memory.py --cuda 2>&1 \
     | tee "$OUT/memory.log"

@@ -857,10 +857,10 @@ def cuda_source(d: Definition) -> str:
 def _cuda_segmented(x: _Parts) -> list[str]:
     """A tensor-aware definition's three kernels: reduce (a block per chunk: its state and its
     terms of the per-tensor sums, summed by thread 0 in thread order; with a matrix stage,
-    each element's direction), segment (a thread per tensor: its chunks' sums in order, then
-    its values) and the update (a block per chunk; the last block advances k). No atomics on
-    floats: the sums are the same from run to run. The host runs a matrix stage between the
-    reduce and segment launches."""
+    each element's direction), segment (a block per tensor: its chunks' sums, each thread's
+    then the threads' in order; thread 0 its values) and the update (a block per chunk; the
+    last block advances k). No atomics on floats: the sums are the same from run to run. The
+    host runs a matrix stage between the reduce and segment launches."""
     d, name = x.d, x.d.name
     r_count = len(d.reductions)
     store_direction = "store" if x.matrix else ""
@@ -910,22 +910,16 @@ def _cuda_segmented(x: _Parts) -> list[str]:
     lines += ["}", ""]
     # 2. segment
     seg = _Printer("c", element=False, bools=x.bools | x.segment_bools)
-    lines += [f"// Pass 2 of a {name} step (a thread per tensor): its "
-              + ("values." if not r_count else "sums and values."),
+    lines += [f"// Pass 2 of a {name} step (a block per tensor): its "
+              + ("values (thread 0)." if not r_count else "chunks' sums (each thread's "
+                 "chunks, then the threads' in order), its values (thread 0)."),
               "template <typename T, typename S>",
               f"FO_D void {name}_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
     preamble, _ = _cuda_preamble(x, [], False, True)
-    lines += [preamble[0],
-              "    const long long s = (long long)blockIdx.x * blockDim.x + threadIdx.x;",
-              "    if (s >= n_segments) return;", *preamble[1:]]
-    for reduction in d.reductions:
-        lines.append(f"    double {reduction} = 0.0;")
-    if r_count:
-        lines.append("    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; ++c) "
-                     "{")
-        lines += [f"        {reduction} += partials[c * {r_count} + {r}];"
-                  for r, reduction in enumerate(d.reductions)]
-        lines.append("    }")
+    lines += [preamble[0], "    const long long s = blockIdx.x;"]
+    lines += _cuda_segment_sums([f"partials[c * {r_count} + {r}]" for r in range(r_count)],
+                                list(d.reductions))
+    lines += preamble[1:]
     shape = {"numel": "segments[6 * s + 1] * segments[6 * s + 2] * segments[6 * s + 3]",
              "rows": "segments[6 * s + 2]", "cols": "segments[6 * s + 3]"}
     lines += [f"    const double {n} = (double)({shape[n]});" for n in SEGMENT_SHAPE_INPUTS
@@ -958,6 +952,25 @@ def _cuda_segmented(x: _Parts) -> list[str]:
         f"FO_SEGMENTED_KERNEL({name}_segment, {name}_segment, float, float)",
         *_cuda_variants("FO_SEGMENTED_KERNEL", [(f"{name}_reduce", f"{name}_reduce"),
                                                 (name, name)])]
+
+
+def _cuda_segment_sums(terms: list[str], names: list[str]) -> list[str]:
+    """A segment pass's sums (a block per tensor s): each thread adds ``terms`` (of chunk c)
+    over its chunks of the tensor, thread 0 the threads' sums in thread order into ``names``;
+    the other threads return (only thread 0 goes on to the tensor's values)."""
+    r = len(terms)
+    if not r:
+        return ["    if (threadIdx.x != 0) return;"]
+    return ["    __shared__ double part[FO_SEGMENT_BLOCK * " + str(r) + "];",
+            f"    double sums[{r}] = {{}};",
+            "    for (long long c = segments[6 * s + 4] + threadIdx.x; c < segments[6 * s + 5]; "
+            "c += blockDim.x) {",
+            *(f"        sums[{k}] += {t};" for k, t in enumerate(terms)), "    }",
+            *(f"    part[threadIdx.x * {r} + {k}] = sums[{k}];" for k in range(r)),
+            "    __syncthreads();", "    if (threadIdx.x != 0) return;",
+            *(f"    double {n} = 0.0;" for n in names),
+            "    for (unsigned t = 0; t < blockDim.x; ++t) {",
+            *(f"        {n} += part[t * {r} + {k}];" for k, n in enumerate(names)), "    }"]
 
 
 # ------------------------------------------------------------------------------ the API
@@ -1454,7 +1467,7 @@ def factored_cuda_source(d: Definition) -> str:
     ``element``): stats (a block per tile: sums of g^2 by row and by column), fold (a thread
     per factor: its sums added, its moment), means (each matrix's row-factor mean), reduce (a
     block per chunk: the unfactored moments, each chunk's sums of p^2 and u^2), segment (a
-    thread per tensor: its values) and the update (a block per chunk; the last block
+    block per tensor: its values) and the update (a block per chunk; the last block
     advances k)."""
     name, m = d.name, d.factored
     slots = list(d.kernel_slots)
@@ -1568,15 +1581,16 @@ def factored_cuda_source(d: Definition) -> str:
             "        float p[W], gs[W];",
             "        load_param<W>(params + i, master + i, p);",
             "        load<W>(grads + i, gs);",
+            "        float row[W], col[W], row_mean[W];",
+            f"        if (is_factored) walk.factors<W>(i, {rows_var}, {cols_var}, row_norm, row, "
+            "col, row_mean);",
             "#pragma unroll",
             "        for (int k = 0; k < W; ++k) {",
             "            const long long j = i + k;",
             "            const float g = grad_factor * gs[k];",
             "            float u = 0.0f;",
             "            if (is_factored) {",
-            "                float row = 0.0f, col = 0.0f, row_mean = 0.0f;",
-            f"                walk.at(j, {rows_var}, {cols_var}, row_norm, row, col, row_mean);",
-            f"                const float est = {name}_estimate(row, col, row_mean, "
+            f"                const float est = {name}_estimate(row[k], col[k], row_mean[k], "
             f"{f32(kw(m.estimate))});",
             f"                u = {name}_direction(g, est, {f32(kw(m.direction))});",
             "            } else {",
@@ -1608,17 +1622,13 @@ def factored_cuda_source(d: Definition) -> str:
                         "        partials[2 * c + 1] = total[1];",
                         "    }"])
     seg_kw = ", ".join(kw(d.segment))
-    lines += kernel(f"{name}_segment", "Launch 5 (a thread per tensor): its chunks' sums in "
-                    "order, its values.", [
-                        *preamble(),
-                        "    const long long s = (long long)blockIdx.x * blockDim.x + "
-                        "threadIdx.x;",
-                        "    if (s >= n_segments) return;",
-                        "    double param_sq = 0.0, update_sq = 0.0;",
-                        "    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; "
-                        "++c) {",
-                        "        param_sq += partials[2 * c];",
-                        "        update_sq += partials[2 * c + 1];", "    }",
+    lines += kernel(f"{name}_segment", "Launch 5 (a block per tensor): its chunks' sums in "
+                    "a fixed order, its values.", [
+                        "    if (control[1] != 0.0) return;",
+                        "    const long long s = blockIdx.x;",
+                        *_cuda_segment_sums(["partials[2 * c]", "partials[2 * c + 1]"],
+                                            ["param_sq", "update_sq"]),
+                        *preamble()[1:],
                         "    const double numel = (double)(segments[6 * s + 1] * "
                         "segments[6 * s + 2] * segments[6 * s + 3]);",
                         f"    double {', '.join(f'{v} = 0.0' for v in seg_values)};",

@@ -153,15 +153,15 @@ FO_D void adafactor_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, FO_FACTORE
         float p[W], gs[W];
         load_param<W>(params + i, master + i, p);
         load<W>(grads + i, gs);
+        float row[W], col[W], row_mean[W];
+        if (is_factored) walk.factors<W>(i, state0, state1, row_norm, row, col, row_mean);
 #pragma unroll
         for (int k = 0; k < W; ++k) {
             const long long j = i + k;
             const float g = grad_factor * gs[k];
             float u = 0.0f;
             if (is_factored) {
-                float row = 0.0f, col = 0.0f, row_mean = 0.0f;
-                walk.at(j, state0, state1, row_norm, row, col, row_mean);
-                const float est = adafactor_estimate(row, col, row_mean, eps1_f32);
+                const float est = adafactor_estimate(row[k], col[k], row_mean[k], eps1_f32);
                 u = adafactor_direction(g, est, eps1_sq_f32);
             } else {
                 float v = adafactor_moment(moments[j - offset], g * g, one_minus_beta2_f32, beta2_t_f32);
@@ -186,10 +186,27 @@ FO_D void adafactor_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, FO_FACTORE
     }
 }
 
-// Launch 5 (a thread per tensor): its chunks' sums in order, its values.
+// Launch 5 (a block per tensor): its chunks' sums in a fixed order, its values.
 template <typename T, typename S>
 FO_D void adafactor_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, FO_FACTORED_PARAMS) {
-    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
+    if (control[1] != 0.0) return;
+    const long long s = blockIdx.x;
+    __shared__ double part[FO_SEGMENT_BLOCK * 2];
+    double sums[2] = {};
+    for (long long c = segments[6 * s + 4] + threadIdx.x; c < segments[6 * s + 5]; c += blockDim.x) {
+        sums[0] += partials[2 * c];
+        sums[1] += partials[2 * c + 1];
+    }
+    part[threadIdx.x * 2 + 0] = sums[0];
+    part[threadIdx.x * 2 + 1] = sums[1];
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    double param_sq = 0.0;
+    double update_sq = 0.0;
+    for (unsigned t = 0; t < blockDim.x; ++t) {
+        param_sq += part[t * 2 + 0];
+        update_sq += part[t * 2 + 1];
+    }
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const double beta2_decay = h0;
@@ -209,13 +226,6 @@ FO_D void adafactor_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, FO_FACTOR
     decay = 1.0 - lr * weight_decay;
     const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     (void)lr; (void)beta2_decay; (void)eps1; (void)eps2; (void)d; (void)one_minus_beta2; (void)beta2_t; (void)rho; (void)eps1_sq; (void)decay; (void)grad_factor;  // (unused here)
-    const long long s = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= n_segments) return;
-    double param_sq = 0.0, update_sq = 0.0;
-    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; ++c) {
-        param_sq += partials[2 * c];
-        update_sq += partials[2 * c + 1];
-    }
     const double numel = (double)(segments[6 * s + 1] * segments[6 * s + 2] * segments[6 * s + 3]);
     double alpha = 0.0, denom = 0.0, step_size = 0.0;
     adafactor_segment_values(param_sq, update_sq, numel, rho, eps2, d, alpha, denom, step_size);
@@ -267,15 +277,15 @@ FO_D void adafactor(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS, FO_FACTORED_PARAM
         float p[W], gs[W];
         load_param<W>(params + i, master + i, p);
         load<W>(grads + i, gs);
+        float row[W], col[W], row_mean[W];
+        if (is_factored) walk.factors<W>(i, state0, state1, row_norm, row, col, row_mean);
 #pragma unroll
         for (int k = 0; k < W; ++k) {
             const long long j = i + k;
             const float g = grad_factor * gs[k];
             float u = 0.0f;
             if (is_factored) {
-                float row = 0.0f, col = 0.0f, row_mean = 0.0f;
-                walk.at(j, state0, state1, row_norm, row, col, row_mean);
-                const float est = adafactor_estimate(row, col, row_mean, eps1_f32);
+                const float est = adafactor_estimate(row[k], col[k], row_mean[k], eps1_f32);
                 u = adafactor_direction(g, est, eps1_sq_f32);
             } else {
                 const float v = moments[j - offset];

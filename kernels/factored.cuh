@@ -219,27 +219,40 @@ FO_D void fo_factored_row_means(const long long* segments, const long long* layo
     for (long long r = tid; r < rows; r += threads) row_norm[at + r] = mean;
 }
 
-// Where element j of a factored tensor finds its factors: its row's value and mean, its
-// column's value (the tensor's offset, shape and layout offsets, read once per chunk).
+// Where the elements of a factored tensor find their factors: each its row's value and mean,
+// its column's value (the tensor's offset, shape and layout offsets, read once per chunk).
 struct FoFactorWalk {
     long long offset, rows, cols, ra, ca, batch;
-    FO_D void at(long long j, const float* row_var, const float* col_var, const float* row_norm,
-                 float& row, float& col, float& row_mean) const {
-        const long long k = j - offset;
-        long long q, c;
-        if (k < 4294967296LL && cols < 4294967296LL) {  // (32-bit division: far cheaper)
-            q = (long long)((unsigned)k / (unsigned)cols);
-        } else {
-            q = k / cols;
+
+    // a / b for the non-negative indices here: 32-bit when both fit (far cheaper on a GPU)
+    FO_D static long long quotient(long long a, long long b) {
+        if (a < 4294967296LL && b < 4294967296LL) return (long long)((unsigned)a / (unsigned)b);
+        return a / b;
+    }
+
+    // The factors of the W consecutive elements from i (one row and column found by
+    // division, the next by counting: a vector group never leaves its chunk's tensor).
+    template <int W>
+    FO_D void factors(long long i, const float* row_var, const float* col_var,
+                      const float* row_norm, float (&row)[W], float (&col)[W],
+                      float (&row_mean)[W]) const {
+        long long q = quotient(i - offset, cols);
+        long long c = i - offset - q * cols;
+        long long matrix = batch > 1 ? quotient(q, rows) : 0;
+        long long r = q - matrix * rows;
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            if (j > 0 && ++c == cols) {
+                c = 0;
+                ++q;
+                if (++r == rows) {
+                    r = 0;
+                    ++matrix;
+                }
+            }
+            row[j] = row_var[ra + q];
+            row_mean[j] = row_norm[ra + q];
+            col[j] = col_var[ca + matrix * cols + c];
         }
-        c = k - q * cols;
-        row = row_var[ra + q];
-        row_mean = row_norm[ra + q];
-        long long matrix = 0;
-        if (batch > 1) {
-            matrix = q < 4294967296LL && rows < 4294967296LL
-                         ? (long long)((unsigned)q / (unsigned)rows) : q / rows;
-        }
-        col = col_var[ca + matrix * cols + c];
     }
 };

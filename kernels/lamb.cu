@@ -110,12 +110,27 @@ FO_D void lamb_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     }
 }
 
-// Pass 2 of a lamb step (a thread per tensor): its sums and values.
+// Pass 2 of a lamb step (a block per tensor): its chunks' sums (each thread's chunks, then the threads' in order), its values (thread 0).
 template <typename T, typename S>
 FO_D void lamb_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
-    const long long s = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= n_segments) return;
+    const long long s = blockIdx.x;
+    __shared__ double part[FO_SEGMENT_BLOCK * 2];
+    double sums[2] = {};
+    for (long long c = segments[6 * s + 4] + threadIdx.x; c < segments[6 * s + 5]; c += blockDim.x) {
+        sums[0] += partials[c * 2 + 0];
+        sums[1] += partials[c * 2 + 1];
+    }
+    part[threadIdx.x * 2 + 0] = sums[0];
+    part[threadIdx.x * 2 + 1] = sums[1];
+    __syncthreads();
+    if (threadIdx.x != 0) return;
+    double param_sq = 0.0;
+    double update_sq = 0.0;
+    for (unsigned t = 0; t < blockDim.x; ++t) {
+        param_sq += part[t * 2 + 0];
+        update_sq += part[t * 2 + 1];
+    }
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const double beta1 = h0;
@@ -131,12 +146,6 @@ FO_D void lamb_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     one_minus_beta2 = 1.0 - beta2;
     const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
     (void)lr; (void)beta1; (void)beta2; (void)eps; (void)bias_correction1; (void)bias_correction2; (void)one_minus_beta1; (void)one_minus_beta2; (void)grad_factor;  // (unused here)
-    double param_sq = 0.0;
-    double update_sq = 0.0;
-    for (long long c = segments[6 * s + 4]; c < segments[6 * s + 5]; ++c) {
-        param_sq += partials[c * 2 + 0];
-        update_sq += partials[c * 2 + 1];
-    }
     double trust_ratio = 0.0;
     trust_ratio = 1.0;
     if (((param_sq > 0.0) && (update_sq > 0.0))) {

@@ -93,12 +93,12 @@ FO_D void muon_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     });
 }
 
-// Pass 2 of a muon step (a thread per tensor): its values.
+// Pass 2 of a muon step (a block per tensor): its values (thread 0).
 template <typename T, typename S>
 FO_D void muon_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
-    const long long s = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= n_segments) return;
+    const long long s = blockIdx.x;
+    if (threadIdx.x != 0) return;
     const double step = (double)(step_state[0] + 1);
     const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
     const double momentum = h0;

@@ -141,7 +141,7 @@ class HostRun:
             getattr(self.lib, f"emulate_{self.op}_f32{self.suffix}")(self.grid, self.block,
                                                                      *args)
             return
-        # the launcher's passes (a block per chunk or tile, a thread per tensor or factor)
+        # the launcher's passes (a block per chunk, tile or tensor; a thread per factor)
         for stem, typed, grid, block in segmented_passes(self.op, values, self.block):
             if stem is None:  # the host's matrix stage, between launches
                 if self.prepared.definition.matrix is not None:

@@ -292,6 +292,8 @@ def test_fot_step_captured_in_a_cuda_graph(name, kw):
                                    atol=0 if exact else 1e-7)
     counts = {k: st.get("step") for k, st in opt.state_dict()["state"].items()}
     assert counts == {k: st.get("step") for k, st in ref.state_dict()["state"].items()}
+    if all(count is None for count in counts.values()):
+        return  # (Muon keeps no step count: its params never drift apart)
     with pytest.raises(RuntimeError, match="one at a time"), \
             torch.cuda.graph(torch.cuda.CUDAGraph()):
         opt.step()  # (params at different step counts: not capturable)

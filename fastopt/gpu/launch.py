@@ -28,7 +28,8 @@ SCALAR_TYPES = {"double": np.float64, "int": np.int32, "long long": np.int64}
 DTYPE_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 BLOCK = 256
-#: threads per block of a tensor-aware kernel's segment pass (a thread per tensor)
+#: threads per block of a thread-per-item pass of a tensor-aware kernel (factored moments' fold:
+#: a thread per row or column factor)
 SEGMENT_THREADS = 128
 #: resident blocks per multiprocessor the grid is sized for (the grid-stride loop covers the rest)
 BLOCKS_PER_SM = 8
@@ -124,7 +125,7 @@ def segmented_passes(op: str, values: dict, block: int | None = None) -> list[tu
         return -(-items // threads), threads
 
     per_block = block or SEGMENT_BLOCK
-    segment = (f"{op}_segment", False, *per_thread(int(values["n_segments"])))
+    segment = (f"{op}_segment", False, int(values["n_segments"]), per_block)
     if "tiles" not in values:  # reduce, [the matrix stage], segment, update
         return [(f"{op}_reduce", True, chunks, per_block), (None, False, 0, 0), segment,
                 (op, True, chunks, per_block)]
