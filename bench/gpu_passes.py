@@ -1,11 +1,12 @@
 """Each launch of a tensor-aware optimizer's step timed alone on a GPU (CUDA-event medians),
 on a model's shape list: where a multi-pass step spends its time.
 
-    python bench/gpu_passes.py [--model gpt2_small] [--optimizers Adafactor,LAMB]
+    python bench/gpu_passes.py [--model gpt2_small] [--optimizers Adafactor,LAMB] [--variants]
 
 For factored moments (Adafactor) also with the statistics' tiles four times taller
 (``fastopt.segments.TILE_ELEMENTS``), the one layout constant that trades the statistics
-pass's block count against the fold pass's serial sums. Prints a markdown table.
+pass's block count against the fold pass's serial sums; ``--variants``: Adafactor's heavy
+launches under other builds (``VARIANTS``). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import functools
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 
 def time_passes(cls: str, shapes: list, sched) -> dict:
@@ -50,10 +51,74 @@ def time_passes(cls: str, shapes: list, sched) -> dict:
     return time_interleaved(fns)
 
 
+def _factored_source(patch=None) -> str:
+    """adafactor.cu with kernels/factored.cuh inlined and ``patch``ed (NVRTC reads headers
+    from disk)."""
+    from fastopt.gpu import build
+
+    header = build.source("factored.cuh")
+    if patch is not None:
+        header = patch(header)
+    return build.source("adafactor.cu").replace('#include "factored.cuh"', header)
+
+
+def _float_statistics(header: str) -> str:
+    """The statistics' per-element squares and their sums in float32, not float64."""
+    old = "const double x = factor * (double)buf["
+    assert old in header
+    return (header.replace(old, "const float x = (float)factor * (buf[")
+            .replace("buf[r * w + c];", "buf[r * w + c]);")
+            .replace("double sum = col_acc[c];", "float sum = (float)col_acc[c];"))
+
+
+#: Adafactor build variants (source patch, extra NVRTC options) for --variants: what limits
+#: its statistics and reduce passes (bench/NOTES.md)
+VARIANTS = {
+    "as shipped": (None, ()),
+    "statistics through 2048 values a time": (
+        lambda h: h.replace("#define FO_TILE_BUFFER 4096", "#define FO_TILE_BUFFER 2048"), ()),
+    "statistics summed in float32": (_float_statistics, ()),
+    "--use_fast_math": (None, ("--use_fast_math",)),
+}
+
+
+def time_variants(shapes: list, sched) -> dict:
+    """Adafactor's statistics, reduce and update launches under each of VARIANTS."""
+    import cupy
+
+    from fastopt import FlatBuffer
+    from fastopt._core import ready_to_step
+    from fastopt.gpu import build, launch
+    from gpu_check import time_interleaved
+
+    params = FlatBuffer.empty(shapes, xp=cupy)
+    params.buffer[...] = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
+    grads = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
+    opt = ready_to_step("Adafactor", params, sched)
+    opt.step(grads)
+    prepared = opt._prepared
+    values = prepared.kernel_values(grads, opt._device_table, opt._device_table.shape[0],
+                                    opt._step_state, opt._lr_out, 1.0, 1.0, 0)
+    args = launch.pack_args(values)
+    plan = {stem: (grid, block) for stem, _, grid, block in
+            launch.segmented_passes("adafactor", values) if stem is not None}
+    fns = {}
+    for label, (patch, options) in VARIANTS.items():
+        module = cupy.RawModule(code=_factored_source(patch),
+                                options=(*build.nvrtc_options(), *options))
+        for stem in ("adafactor_stats", "adafactor_reduce", "adafactor"):
+            grid, block = plan[stem]
+            kernel = module.get_function(launch.kernel_name(stem, "float32"))
+            fns[f"{label}: {stem}"] = functools.partial(kernel, (grid,), (block,), args)
+    return time_interleaved(fns)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="gpt2_small")
     parser.add_argument("--optimizers", default="Adafactor,LAMB")
+    parser.add_argument("--variants", action="store_true",
+                        help="time Adafactor's launches under each build of VARIANTS instead")
     args = parser.parse_args()
     from fastopt import schedules, segments
     from fastopt.benchmark import load_shapes
@@ -61,6 +126,11 @@ def main() -> int:
     _, shapes = load_shapes(args.model)
     sched = schedules.warmup(schedules.cosine(1e-3, 10_000), 500)
     lines = [f"| {args.model} | launch | ms |", "|---|---|---|"]
+    if args.variants:
+        times = time_variants(shapes, sched)
+        lines += [f"| Adafactor | {k} | {v * 1e3:.3f} |" for k, v in times.items()]
+        print("\n".join(lines))
+        return 0
     for cls in args.optimizers.split(","):
         variants = {"": None}
         if cls == "Adafactor":
