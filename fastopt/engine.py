@@ -248,7 +248,7 @@ class Prepared:
         if self.segments is not None:
             arrays = self._segment_arrays
             names = [name for name, ctype in SEGMENT_SIGNATURE if ctype.endswith("*")]
-            if self.definition.factored is not None:  # (the CUDA tables: gpu_factored_arrays)
+            if self.definition.factored is not None:  # (the CUDA tables: segment_arrays)
                 names += [name for name, ctype in FACTORED_SIGNATURE if ctype.endswith("*")]
                 values["n_rows"] = arrays[names.index("row_sq")].shape[0]
                 values["n_cols"] = arrays[names.index("col_sq")].shape[0]

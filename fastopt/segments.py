@@ -37,8 +37,8 @@ CHUNK_COLUMNS = ("start", "stop", "segment")
 ROW_BLOCKS = 16
 ROW_BLOCK_COLUMNS = ("segment", "first_row", "stop_row", "col_partial")
 #: the CUDA factored statistics (kernels/factored.cuh; ``SegmentTable.gpu_plan``): a matrix of
-#: more than SMALL_MATRIX elements is cut into tiles of up to TILE_COLS columns (a strip: a
-#: thread per column) by about TILE_ELEMENTS // min(cols, TILE_COLS) rows, a block each;
+#: more than SMALL_MATRIX elements is cut into tiles of up to TILE_COLS columns (a strip, a
+#: warp per row) by about TILE_ELEMENTS // min(cols, TILE_COLS) rows, a block each;
 #: smaller matrices go GROUP_MATRICES to a block, a thread each. Row means: a thread per matrix
 #: of at most MEAN_THREAD_ROWS rows (GROUP_MATRICES to a block), a block per larger one. The
 #: columns of the three tables:

@@ -4,8 +4,8 @@
 // b is col_var[layout[3s + 1] + b * c + k]. The tables (fastopt/segments.py,
 // SegmentTable.gpu_plan; FACTORED_SIGNATURE in fastopt/algorithms/_spec.py) cut the work:
 //   fo_factored_tile_sums (a block per tile): each tile's row sums of g^2 over its strip of
-//       columns and column sums over its rows, into tile_row_sums / tile_col_sums; small
-//       matrices a thread each, whole, into row_sq / col_sq;
+//       columns (a warp per row) and column sums over its rows, into tile_row_sums /
+//       tile_col_sums; small matrices a thread each, whole, into row_sq / col_sq;
 //   fo_factor_mean_square (a thread per row or column factor): the tiles' sums added in
 //       strip or row-tile order, divided by the count;
 //   fo_factored_row_means (a block per entry of `means`): each matrix's mean of its new
@@ -16,8 +16,15 @@
 #include "common.cuh"
 #include "signature.cuh"
 
-// g values a strip tile holds in shared memory at a time (16 KB)
-#define FO_TILE_BUFFER 4096
+// v + the v of the lane o away (a butterfly step of a warp's sum; every lane of the warp calls
+// it, the host emulation's threads of the whole block alike)
+FO_D double fo_shfl_xor(double v, unsigned o) {
+#if defined(__CUDACC__)
+    return __shfl_xor_sync(0xffffffffu, v, (int)o);
+#else
+    return fo_emulated_shfl_xor(v, o);
+#endif
+}
 
 // The machine epsilon of the params' format (torch's finfo(dtype).eps: eps1=None).
 template <typename T>
@@ -40,9 +47,7 @@ FO_D void fo_factored_tile_sums(const T* grads, double factor, const long long* 
                                 const long long* layout, const long long* fold,
                                 const long long* tiles, double* row_sq, double* col_sq,
                                 double* tile_row_sums, double* tile_col_sums) {
-    __shared__ float buf[FO_TILE_BUFFER];
-    __shared__ double col_acc[FO_TILE_COLS];
-    __shared__ double row_part[FO_SEGMENT_BLOCK];
+    __shared__ double col_part[FO_SEGMENT_BLOCK / 32 * FO_TILE_COLS];  // per warp (16 KB)
     const long long* tile = tiles + 5 * (long long)blockIdx.x;
     const long long s = tile[0], first = tile[1], stop = tile[2], col0 = tile[3];
     const long long offset = segments[6 * s], rows = segments[6 * s + 2];
@@ -71,63 +76,44 @@ FO_D void fo_factored_tile_sums(const T* grads, double factor, const long long* 
         }
         return;
     }
-    // rows [first, stop) x the strip's w columns from col0, h rows at a time through shared
-    // memory: thread c adds column c down the rows; each row's sum of the strip is split
-    // over per_row threads (in a fixed order), then added by one
+    // rows [first, stop) x the strip's w columns from col0, a warp per row (its lanes along
+    // the row: coalesced): each lane adds its columns' squares into the warp's column sums
+    // (shared, a lane's own columns) and its row sum, which the warp then adds by shuffles.
+    // No barrier inside the loop; every warp takes the same number of rows (rows past the
+    // tile count zero) so that the shuffles line up. Column sums: the warps' in warp order.
     const long long row_sums_at = fold[4 * s], strips = fold[4 * s + 1];
     const long long col_sums_at = fold[4 * s + 2], row_tiles = fold[4 * s + 3];
     const long long strip = col0 / FO_TILE_COLS;
     const unsigned w = (unsigned)(cols - col0 < FO_TILE_COLS ? cols - col0 : FO_TILE_COLS);
-    const unsigned h = FO_TILE_BUFFER / w;
-    for (unsigned c = tid; c < w; c += threads) col_acc[c] = 0.0;
-    for (long long r0 = first; r0 < stop; r0 += h) {
-        const unsigned hh = (unsigned)(stop - r0 < h ? stop - r0 : h);
-        const T* base = grads + offset + r0 * cols + col0;
-        for (unsigned i = tid; i < hh * w; i += threads) {
-            const unsigned r = i / w;
-            buf[i] = to_float(base[(long long)r * cols + (i - r * w)]);
-        }
-        __syncthreads();
-        for (unsigned c = tid; c < w; c += threads) {
-            double sum = col_acc[c];
-            for (unsigned r = 0; r < hh; ++r) {
-                const double x = factor * (double)buf[r * w + c];
+    const unsigned lanes = threads < 32 ? threads : 32;  // (host tests: 1 or a multiple of 32)
+    const unsigned warp = tid / lanes, lane = tid - warp * lanes, warps = threads / lanes;
+    double* mine = col_part + warp * FO_TILE_COLS;
+    for (unsigned c = lane; c < w; c += lanes) mine[c] = 0.0;
+    const long long count = stop - first, trips = (count + warps - 1) / warps;
+    for (long long t = 0; t < trips; ++t) {
+        const long long k = warp + t * warps;
+        double sum = 0.0;
+        if (k < count) {
+            const T* row = grads + offset + (first + k) * cols + col0;
+            for (unsigned c = lane; c < w; c += lanes) {
+                const double x = factor * (double)to_float(row[c]);
                 sum += x * x;
-            }
-            col_acc[c] = sum;
-        }
-        const unsigned per_row = hh < threads ? threads / hh : 1;
-        if (per_row == 1) {
-            for (unsigned r = tid; r < hh; r += threads) {
-                double sum = 0.0;
-                for (unsigned c = 0; c < w; ++c) {
-                    const double x = factor * (double)buf[r * w + c];
-                    sum += x * x;
-                }
-                tile_row_sums[row_sums_at + (r0 + r) * strips + strip] = sum;
-            }
-        } else {
-            if (tid < hh * per_row) {
-                const unsigned r = tid / per_row, k = tid - r * per_row;
-                double sum = 0.0;
-                for (unsigned c = k; c < w; c += per_row) {
-                    const double x = factor * (double)buf[r * w + c];
-                    sum += x * x;
-                }
-                row_part[tid] = sum;
-            }
-            __syncthreads();
-            if (tid < hh) {
-                double sum = 0.0;
-                for (unsigned k = 0; k < per_row; ++k) sum += row_part[tid * per_row + k];
-                tile_row_sums[row_sums_at + (r0 + tid) * strips + strip] = sum;
+                mine[c] += x * x;
             }
         }
-        __syncthreads();  // (before the next rows overwrite buf and row_part)
+        for (unsigned o = lanes / 2; o > 0; o /= 2) sum += fo_shfl_xor(sum, o);
+        if (k < count && lane == 0) {
+            tile_row_sums[row_sums_at + (first + k) * strips + strip] = sum;
+        }
     }
+    __syncthreads();
     const long long b = first / rows;
     double* out = tile_col_sums + col_sums_at + (b * row_tiles + tile[4]) * cols + col0;
-    for (unsigned c = tid; c < w; c += threads) out[c] = col_acc[c];
+    for (unsigned c = tid; c < w; c += threads) {
+        double sum = 0.0;
+        for (unsigned v = 0; v < warps; ++v) sum += col_part[v * FO_TILE_COLS + c];
+        out[c] = sum;
+    }
 }
 
 // The tensor whose factor entries hold x: the last s with at[3 s] <= x (`at`: a column of

@@ -80,7 +80,7 @@ def lib(tmp_path_factory):
         'parts, mult, max_norm, skip, norm, control); }); }']
     (out / "wrappers.cpp").write_text("\n".join(lines) + "\n")
     so = out / "kernels_host.so"
-    cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+    cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared",
            "-Wall", "-Werror", "-Wno-unknown-pragmas", "-include", str(HERE / "shim.h"),
            f"-I{build.kernel_dir()}", str(out / "wrappers.cpp"), "-o", str(so)]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -313,11 +313,11 @@ FACTORED_SHAPES = [(300, 260), (5, 600), (2000, 3), (300, 70), (3, 40, 50), (9, 
                    (4, 0), (50,), ()]
 
 
-@pytest.mark.parametrize("option,block", [(0, 32), (1, 32), (2, 32), (2, 1), (1, 256)])
+@pytest.mark.parametrize("option,block", [(0, 32), (1, 64), (2, 32), (2, 1)])
 def test_factored_kernels_over_tiles(lib, block, option):
     """Factored moments' six passes (kernels/factored.cuh: tiles, folds, row means; the
-    threads of a block synchronised for real) equal the Numba backend and the float64
-    reference on tensors that take every path."""
+    threads of a block synchronised for real, warps of 1 or 32 lanes, one or two warps)
+    equal the Numba backend and the float64 reference on tensors that take every path."""
     from fastopt.segments import SegmentTable
 
     cls, hypers = CASES["adafactor"].options[option]
@@ -331,7 +331,7 @@ def test_factored_kernels_over_tiles(lib, block, option):
     p0 = run.params.copy()
     p_cpu = p0.copy()
     cpu = make(cls, p_cpu, lr=SCHEDULES[1], segments=FACTORED_SHAPES, **hypers)
-    grads = _grads(rng, n, 3 if block == 256 else 6)  # (256 threads a block: 5 s a step)
+    grads = _grads(rng, n, 6)
     for g in grads:
         run.step(g)
         cpu.step(g)

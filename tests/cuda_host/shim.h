@@ -3,51 +3,65 @@
 // thread 0: thread 0 runs after every other thread of its block, which is what
 // __syncthreads() guarantees before a thread-0 section such as finish_step's (enough for
 // kernels whose only barrier precedes such a section). fo_emulate_launch_threads runs each
-// block's threads as real threads, __syncthreads() a barrier among them: for kernels whose
-// threads read what others wrote after a barrier (kernels/factored.cuh).
+// block's threads as cooperative threads, __syncthreads() a barrier among them: for kernels
+// whose threads read what others wrote after a barrier (kernels/factored.cuh).
 #pragma once
 #include <math.h>
 
-#include <condition_variable>
-#include <mutex>
-#include <thread>
+#include <ucontext.h>
+
+#include <functional>
 #include <vector>
 
 struct fo_dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-static thread_local fo_dim3 threadIdx;
+static fo_dim3 threadIdx;
 static fo_dim3 blockIdx, blockDim, gridDim;
 
-// A reusable barrier for the threads of one emulated block.
-struct FoBarrier {
-    std::mutex mutex;
-    std::condition_variable cv;
-    unsigned count = 0, waiting = 0, generation = 0;
-    void wait() {
-        std::unique_lock<std::mutex> lock(mutex);
-        const unsigned gen = generation;
-        if (++waiting == count) {
-            waiting = 0;
-            ++generation;
-            cv.notify_all();
-        } else {
-            cv.wait(lock, [&] { return gen != generation; });
-        }
-    }
+// The cooperative threads of fo_emulate_launch_threads: each a fiber (ucontext) on this
+// one OS thread, run in turn until it reaches a barrier or ends; a barrier releases when
+// every thread of the block has reached it or ended. (Real threads made a barrier cost a
+// round of OS context switches: 75 s for one test.)
+struct FoFibers {
+    std::vector<ucontext_t> context;
+    std::vector<std::vector<char>> stacks;
+    std::vector<int> state;  // 0 ready, 1 at the barrier, 2 ended
+    ucontext_t scheduler;
+    unsigned current = 0;
+    const std::function<void()>* kernel = nullptr;
 };
-static FoBarrier* fo_barrier = nullptr;  // set while a threaded launch runs
+static FoFibers* fo_fibers = nullptr;  // set while a cooperative launch runs
+
+inline void fo_fiber_entry() {
+    (*fo_fibers->kernel)();
+    fo_fibers->state[fo_fibers->current] = 2;  // (then uc_link: back to the scheduler)
+}
 
 #define __global__
 #define __shared__ static  // one block runs at a time
 inline void __syncthreads() {
-    if (fo_barrier != nullptr) fo_barrier->wait();
+    if (fo_fibers == nullptr) return;  // (sequential emulation: thread 0 runs last)
+    FoFibers& f = *fo_fibers;
+    f.state[f.current] = 1;
+    swapcontext(&f.context[f.current], &f.scheduler);
 }
 inline void __threadfence() {}
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     const unsigned long long old = *p;  // (thread 0 only, after a barrier)
     *p += v;
     return old;
+}
+
+// __shfl_xor_sync's value exchange (kernels/factored.cuh's fo_shfl_xor), for
+// fo_emulate_launch_threads only: every thread of the block calls it alike.
+static double fo_shfl_values[1024];
+inline double fo_emulated_shfl_xor(double v, unsigned o) {
+    fo_shfl_values[threadIdx.x] = v;
+    __syncthreads();
+    const double other = fo_shfl_values[threadIdx.x ^ o];
+    __syncthreads();
+    return other;
 }
 
 template <class Kernel>
@@ -67,19 +81,38 @@ template <class Kernel>
 void fo_emulate_launch_threads(unsigned grid, unsigned block, Kernel&& kernel) {
     gridDim.x = grid;
     blockDim.x = block;
-    FoBarrier barrier;
-    barrier.count = block;
-    fo_barrier = &barrier;
+    const std::function<void()> body = kernel;
+    FoFibers fibers;
+    fibers.kernel = &body;
+    fibers.context.resize(block);
+    fibers.stacks.assign(block, std::vector<char>(1 << 16));
+    fo_fibers = &fibers;
     for (unsigned b = 0; b < grid; ++b) {
         blockIdx.x = b;
-        std::vector<std::thread> threads;
+        fibers.state.assign(block, 0);
         for (unsigned t = 0; t < block; ++t) {
-            threads.emplace_back([&kernel, t] {
-                threadIdx.x = t;
-                kernel();
-            });
+            getcontext(&fibers.context[t]);
+            fibers.context[t].uc_stack.ss_sp = fibers.stacks[t].data();
+            fibers.context[t].uc_stack.ss_size = fibers.stacks[t].size();
+            fibers.context[t].uc_link = &fibers.scheduler;
+            makecontext(&fibers.context[t], fo_fiber_entry, 0);
         }
-        for (auto& thread : threads) thread.join();
+        for (;;) {
+            for (unsigned t = 0; t < block; ++t) {
+                if (fibers.state[t] != 0) continue;
+                fibers.current = t;
+                threadIdx.x = t;
+                swapcontext(&fibers.scheduler, &fibers.context[t]);
+            }
+            bool waiting = false;  // every thread is at the barrier or has ended
+            for (unsigned t = 0; t < block; ++t) {
+                if (fibers.state[t] == 1) {
+                    fibers.state[t] = 0;
+                    waiting = true;
+                }
+            }
+            if (!waiting) break;
+        }
     }
-    fo_barrier = nullptr;
+    fo_fibers = nullptr;
 }
