@@ -85,11 +85,11 @@ VARIANTS = {
 def time_variants(shapes: list, sched) -> dict:
     """Adafactor's statistics, reduce and update launches under each of VARIANTS."""
     import cupy
+    from gpu_check import time_interleaved
 
     from fastopt import FlatBuffer
     from fastopt._core import ready_to_step
     from fastopt.gpu import build, launch
-    from gpu_check import time_interleaved
 
     params = FlatBuffer.empty(shapes, xp=cupy)
     params.buffer[...] = cupy.random.standard_normal(params.buffer.size, dtype=cupy.float32)
