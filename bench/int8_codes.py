@@ -214,7 +214,7 @@ def main() -> int:
     k = 1 << 18
     scale = np.repeat(10.0 ** rng.uniform(-6, 2, k // 64), 64).astype(np.float32)
     m, v = np.zeros(k, np.float32), np.zeros(k, np.float32)
-    for step in range(1, 201):
+    for _ in range(200):
         gk = (rng.standard_normal(k) * scale).astype(np.float32)
         m += 0.1 * (gk - m)
         v = 0.999 * v + 0.001 * gk * gk

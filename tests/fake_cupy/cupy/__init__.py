@@ -471,9 +471,13 @@ class _Kernel:
         kernel = cpu_kernel(self.op, f"{self.op}_first" if first else "")
         n = int(values["n"])
         k = int(values["step_state"][0]) + 1
+        table = values["table"][: int(values["table_rows"])].view()
+        table.flags.writeable = False  # (the types fastopt.engine passes on the CPU, so that
+        # the kernel's compiled specialisation is the CPU's, not one more to compile)
         extra = {"step": k, "fmt": _FORMATS[self.suffix], "parallel": n >= 16384,
-                 "table": values["table"][: int(values["table_rows"])],
-                 "grad_mult": values["grad_mult"] * control[0]}
+                 "table": table, "grad_mult": values["grad_mult"] * control[0],
+                 "decoupled": bool(values["decoupled"]), "maximize": bool(values["maximize"]),
+                 "fresh": int(values["fresh"])}
         if "tiles" in values:  # factored moments: the CPU's row blocks in place of the tiles
             extra.update(_cpu_row_blocks(values["segments"], values["factored"], n))
         args = []
