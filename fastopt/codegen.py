@@ -1193,6 +1193,22 @@ def torch_source() -> str:
 FACTORED_ARGS = ("layout", "factored", "blocks", "row_sq", "col_partial", "col_sq", "row_norm")
 
 
+def _factored_math(d: Definition, segment_name: str) -> list[tuple]:
+    """A factored definition's small functions as both generators emit them: (function,
+    helper name, its parameters in order, what it returns, per element (float32) or per
+    tensor (float64)); the segment function's helper is ``<name>_<segment_name>``."""
+    name, m = d.name, d.factored
+    kw = lambda fn: [a.arg for a in _function_ast(fn).args.kwonlyargs]  # noqa: E731
+    return [(m.moment, f"{name}_moment", ["v", "sq", *kw(m.moment)], ["v"], True),
+            (m.estimate, f"{name}_estimate", ["row", "col", "row_mean", *kw(m.estimate)],
+             ["est"], True),
+            (m.direction, f"{name}_direction", ["g", "est", *kw(m.direction)], ["u"], True),
+            (d.segment, f"{name}_{segment_name}", ["param_sq", "update_sq", "numel",
+                                                   *kw(d.segment)],
+             _assigned(_body(_function_ast(d.segment))), False),
+            (d.element, f"{name}_element", ["p", "u", *kw(d.element)], ["p"], True)]
+
+
 def _small_helper(fn, name: str, params: list[str], returns: list[str], element: bool,
                   bools: set[str] = frozenset()) -> list[str]:
     """A definition's small function as a Numba helper: its positional and keyword
@@ -1233,16 +1249,8 @@ def factored_numba_source(d: Definition) -> str:
              "from ..factored import factored_square_sums",
              "from ..schedule import lr_at", "", ""]
     kw = lambda fn: [a.arg for a in _function_ast(fn).args.kwonlyargs]  # noqa: E731
-    lines += _small_helper(m.moment, f"{name}_moment", ["v", "sq", *kw(m.moment)], ["v"], True)
-    lines += _small_helper(m.estimate, f"{name}_estimate",
-                           ["row", "col", "row_mean", *kw(m.estimate)], ["est"], True)
-    lines += _small_helper(m.direction, f"{name}_direction", ["g", "est", *kw(m.direction)],
-                           ["u"], True)
-    lines += _small_helper(d.segment, f"{name}_segment",
-                           ["param_sq", "update_sq", "numel", *kw(m.segment)], seg_values,
-                           False)
-    lines += _small_helper(d.element, f"{name}_element", ["p", "u", *kw(d.element)], ["p"],
-                           True)
+    for fn, helper_name, params, returns, element in _factored_math(d, "segment"):
+        lines += _small_helper(fn, helper_name, params, returns, element)
     f32 = lambda args: ", ".join(f"{a}_f32" for a in args)  # noqa: E731
     element_scalars = sorted({*kw(m.moment), *kw(m.estimate), *kw(m.direction)}
                              | (set(kw(d.element)) - set(seg_values)))
@@ -1488,14 +1496,8 @@ def factored_cuda_source(d: Definition) -> str:
               '#include "common.cuh"', '#include "factored.cuh"', '#include "schedule.cuh"',
               '#include "signature.cuh"', "",
               f"// The {name} math (the definition's): float32 per element, float64 per tensor."]
-    lines += _c_helper(m.moment, f"{name}_moment", ["v", "sq", *kw(m.moment)], ["v"], True)
-    lines += _c_helper(m.estimate, f"{name}_estimate",
-                       ["row", "col", "row_mean", *kw(m.estimate)], ["est"], True)
-    lines += _c_helper(m.direction, f"{name}_direction", ["g", "est", *kw(m.direction)],
-                       ["u"], True)
-    lines += _c_helper(d.segment, f"{name}_segment_values",
-                       ["param_sq", "update_sq", "numel", *kw(d.segment)], seg_values, False)
-    lines += _c_helper(d.element, f"{name}_element", ["p", "u", *kw(d.element)], ["p"], True)
+    for fn, helper_name, params, returns, element in _factored_math(d, "segment_values"):
+        lines += _c_helper(fn, helper_name, params, returns, element)
 
     def preamble() -> list[str]:
         out = ["    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays",
