@@ -1485,6 +1485,18 @@ def factored_cuda_source(d: Definition) -> str:
     rows_var, cols_var, plain_var = states["rows"], states["cols"], states["unfactored"]
     pro = _function_ast(d.prologue)
     pro_locals = [n for n in _assigned(_body(pro)) if n not in slots]
+    # (the fold and segment passes have one entry point for every param format, so their
+    # math may not depend on the format: a format-eps slot, or a value made from one)
+    format_dependent = set(d.format_eps_slots)
+    for statement in _body(pro):
+        if isinstance(statement, ast.Assign) and any(
+                _reads([statement], slot) for slot in format_dependent):
+            format_dependent.add(statement.targets[0].id)
+    untyped_reads = {*kw(m.moment), *kw(d.segment)} & format_dependent
+    if untyped_reads:
+        raise DefinitionError(f"{name}: moment and segment may not read {sorted(untyped_reads)}"
+                              " (the format's machine epsilon: their CUDA passes serve every "
+                              "param format)")
     element_scalars = sorted({*kw(m.moment), *kw(m.estimate), *kw(m.direction)}
                              | (set(kw(d.element)) - set(seg_values)))
     f32 = lambda args: ", ".join(f"{a}_f32" for a in args)  # noqa: E731

@@ -289,9 +289,16 @@ def segment_arrays(d: Definition, segments: SegmentTable, params, on_gpu: bool) 
     factored = np.array([len(shape) >= 2 for shape in segments.shapes], dtype=np.int64)
     if on_gpu:  # FACTORED_SIGNATURE's tables and buffers (kernels/factored.cuh)
         fold, tiles, means, row_sums, col_sums = segments.gpu_plan()
-        return base + (*(xp.asarray(t) for t in (layout, factored, fold, tiles, means)),
-                       *(xp.zeros(size) for size in (n_rows, n_cols, row_sums, col_sums)),
-                       xp.zeros(n_rows, dtype=np.float32))
+
+        def made():
+            return base + (*(xp.asarray(t) for t in (layout, factored, fold, tiles, means)),
+                           *(xp.zeros(size) for size in (n_rows, n_cols, row_sums, col_sums)),
+                           xp.zeros(n_rows, dtype=np.float32))
+
+        if xp is np:  # (the host-built kernels of the tests)
+            return made()
+        with xp.cuda.Device(params.device.id):  # (where the params are, not the current one)
+            return made()
     # the CPU's: codegen.FACTORED_ARGS
     blocks, partial = segments.row_blocks()
     return base + (layout, factored, blocks, np.zeros(n_rows), np.zeros(partial),

@@ -11,8 +11,10 @@ passed like the schedule table:
 - ``chunks`` (``CHUNK_COLUMNS``): start, stop, segment. Every tensor is cut into chunks of
   at most ``CHUNK`` elements; a chunk never spans two tensors. A parallel pass runs over
   chunks (balanced whatever the tensor sizes), each chunk's partial sums go to its own
-  slot, and each tensor's sum adds its chunks' partials in chunk order: the result is the
-  same from run to run and for any thread count, with no atomics.
+  slot, and each tensor's sum adds its chunks' partials in a fixed order (the CPU: chunk
+  order; CUDA: each of a block's threads its strided chunks, then the threads in order): the
+  result is the same from run to run and, on the CPU, for any thread count, with no
+  atomics. (CPU and GPU sums of a tensor of more than 256 chunks differ in the last bits.)
 
 Elements outside every tensor (a FlatBuffer's alignment gaps) are not touched.
 """

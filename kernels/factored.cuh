@@ -85,7 +85,9 @@ FO_D void fo_factored_tile_sums(const T* grads, double factor, const long long* 
     const long long col_sums_at = fold[4 * s + 2], row_tiles = fold[4 * s + 3];
     const long long strip = col0 / FO_TILE_COLS;
     const unsigned w = (unsigned)(cols - col0 < FO_TILE_COLS ? cols - col0 : FO_TILE_COLS);
-    const unsigned lanes = threads < 32 ? threads : 32;  // (host tests: 1 or a multiple of 32)
+    // (blocks of a multiple of 32 threads, or of a power of two below 32 in the host tests:
+    // a warp's shuffles stay inside it)
+    const unsigned lanes = threads < 32 ? threads : 32;
     const unsigned warp = tid / lanes, lane = tid - warp * lanes, warps = threads / lanes;
     double* mine = col_part + warp * FO_TILE_COLS;
     for (unsigned c = lane; c < w; c += lanes) mine[c] = 0.0;

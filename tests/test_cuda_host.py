@@ -131,10 +131,11 @@ class HostRun:
         self.table = np.ascontiguousarray(schedule.table)
         self.step_state, self.lr_out = np.zeros(2, np.uint64), np.zeros(1)
 
-    def step(self, grads_f32):
+    def step(self, grads_f32, control=None):
+        """One step; ``control``: the device's (clip factor, skip flag), else none."""
         values = self.prepared.kernel_values(
             grads_f32, self.table, self.table.shape[0], self.step_state, self.lr_out, 1.0, 1.0,
-            fresh=self.step_state[0] == 0)
+            fresh=self.step_state[0] == 0, control=control)
         args = [a.ctypes.data if isinstance(a, np.ndarray) else a.item()
                 for a in pack_args(values)]
         if self.segments is None:
@@ -306,7 +307,7 @@ def test_tensor_aware_kernels_over_many_chunks(lib, name, block):
 
 #: tensors that take every path of the factored statistics (SegmentTable.gpu_plan): row tiles
 #: and strips (300 x 260: 3 x 2 tiles), a partial strip (5 x 600), tall and narrow (2000 x 3:
-#: a thread per row of a sub-tile), rows enough for a block's row mean (300 x 70), batched
+#: rows of 3 columns, a warp each), rows enough for a block's row mean (300 x 70), batched
 #: matrices tiled (3 x 40 x 50) and small (9 x 2 x 3: a thread each), empty ones, a vector
 #: and a scalar
 FACTORED_SHAPES = [(300, 260), (5, 600), (2000, 3), (300, 70), (3, 40, 50), (9, 2, 3), (0, 5),
@@ -346,3 +347,26 @@ def test_factored_kernels_over_tiles(lib, block, option):
         finite = np.isfinite(want_state[key])
         assert finite.sum() >= buf.size - 5  # ((4, 0)'s rows, (0, 5)'s columns)
         _close(buf[finite], want_state[key][finite])
+
+
+def test_factored_kernels_clip_and_skip(lib):
+    """Every one of the six passes reads the device's control: a clip factor scales the
+    gradient as the CPU's step of the scaled gradient does (exactly: 0.5), a skip flag
+    leaves params, factors, sums and the step counter as they were."""
+    cls, hypers = CASES["adafactor"].options[1]  # (maximize and weight decay: the sign too)
+    rng = np.random.default_rng(17)
+    n = sum(int(np.prod(s)) for s in FACTORED_SHAPES)
+    run = HostRun(lib, cls, hypers, n, 1, 32, 0, SCHEDULES[1], rng, shapes=FACTORED_SHAPES)
+    p_cpu = run.params.copy()
+    cpu = make(cls, p_cpu, lr=SCHEDULES[1], segments=FACTORED_SHAPES, **hypers)
+    clip, skip = np.array([0.5, 0.0]), np.array([1.0, 1.0])
+    for g in _grads(rng, n, 3):
+        run.step(g, control=clip)
+        cpu.step(g * np.float32(0.5))
+    np.testing.assert_array_equal(run.params, p_cpu)
+    before = [run.params.copy(), *(b.copy() for b in run.states.values()),
+              run.step_state.copy(), run.lr_out.copy()]
+    run.step(_grads(rng, n, 1)[0] * np.float32(1e3), control=skip)
+    after = [run.params, *run.states.values(), run.step_state, run.lr_out]
+    for was, now in zip(before, after, strict=True):
+        np.testing.assert_array_equal(now, was)

@@ -31,7 +31,7 @@ CASES = [
     ("Adafactor", dict(lr=3e-3, beta2_decay=-0.5, eps=(1e-30, 1e-2), d=2.0, maximize=True),
      dict(foreach=True)),
 ]
-SHAPES = [(257, 129), (129,), (64, 3, 3, 3), (1,), (1031,)]
+SHAPES = [(257, 129), (129,), (64, 3, 3, 3), (1,), (1031,), (3, 700)]  # ((3, 700): 3 strips)
 
 
 def _grads(steps, seed):

@@ -7,7 +7,8 @@
 // whose threads read what others wrote after a barrier (kernels/factored.cuh).
 #pragma once
 #include <math.h>
-
+#include <stdio.h>
+#include <stdlib.h>
 #include <ucontext.h>
 
 #include <functional>
@@ -22,7 +23,8 @@ static fo_dim3 blockIdx, blockDim, gridDim;
 // The cooperative threads of fo_emulate_launch_threads: each a fiber (ucontext) on this
 // one OS thread, run in turn until it reaches a barrier or ends; a barrier releases when
 // every thread of the block has reached it or ended. (Real threads made a barrier cost a
-// round of OS context switches: 75 s for one test.)
+// round of OS context switches: 75 s for one test.) A barrier that some threads of the
+// block end without reaching aborts: on a GPU it would hang or be undefined.
 struct FoFibers {
     std::vector<ucontext_t> context;
     std::vector<std::vector<char>> stacks;
@@ -104,14 +106,17 @@ void fo_emulate_launch_threads(unsigned grid, unsigned block, Kernel&& kernel) {
                 threadIdx.x = t;
                 swapcontext(&fibers.scheduler, &fibers.context[t]);
             }
-            bool waiting = false;  // every thread is at the barrier or has ended
+            unsigned waiting = 0, ended = 0;  // every thread is at the barrier or has ended
             for (unsigned t = 0; t < block; ++t) {
-                if (fibers.state[t] == 1) {
-                    fibers.state[t] = 0;
-                    waiting = true;
-                }
+                waiting += fibers.state[t] == 1;
+                ended += fibers.state[t] == 2;
+            }
+            if (waiting && ended) {  // a barrier some threads of the block never reach
+                fprintf(stderr, "fo_emulate_launch_threads: a divergent __syncthreads()\n");
+                abort();
             }
             if (!waiting) break;
+            for (unsigned t = 0; t < block; ++t) fibers.state[t] = 0;
         }
     }
     fo_fibers = nullptr;

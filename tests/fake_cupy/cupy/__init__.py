@@ -374,6 +374,24 @@ _PASSES = ("reduce", "segment", "stats", "fold", "means")
 _UNTYPED = ("segment", "fold", "means")
 
 
+#: a factored pass -> its work items, from its arguments: a block each (stats: the tiles;
+#: means: their entries; segment: the tensors) or a thread each (fold: the factors)
+_GRID_OF = {"stats": lambda a: (len(a["tiles"]._a), False),
+            "means": lambda a: (len(a["means"]._a), False),
+            "segment": lambda a: (int(a["n_segments"]), False),
+            "fold": lambda a: (int(a["n_rows"]) + int(a["n_cols"]), True)}
+
+
+def _grid_misses_work(kernel, grid: int, block: int, spec, args) -> bool:
+    """Whether a tensor-aware pass's launch shape misses its work: a block per item exactly,
+    or enough threads for a thread per item."""
+    items, per_thread = _GRID_OF[kernel.pass_](dict(zip((n for n, _ in spec), args,
+                                                         strict=True)))
+    if per_thread:
+        return grid != -(-items // block)
+    return grid != items
+
+
 def _cpu_row_blocks(segments: np.ndarray, factored: np.ndarray, n: int) -> dict:
     """The Numba factored kernel's ``blocks`` and ``col_partial`` for the tensors of the
     segment table (factored ones as (batch, rows, cols), the others flat)."""
@@ -429,6 +447,9 @@ class _Kernel:
             raise ValueError(f"{self.name}: a block per chunk, got a grid of {grid[0]}")
         if len(args) != len(spec):
             raise TypeError(f"{self.name} takes {len(spec)} arguments, got {len(args)}")
+        if self.pass_ in _GRID_OF and _grid_misses_work(self, grid[0], block[0], spec, args):
+            raise ValueError(f"{self.name}: grid {grid[0]} x {block[0]} does not cover its "
+                             "work (fastopt.gpu.launch.segmented_passes)")
         values = {}
         for (name, ctype), value in zip(spec, args, strict=True):
             values[name] = self._checked(name, ctype, value)
