@@ -77,25 +77,17 @@ def nearest(table, y):
     return lo if y - table[lo] <= table[hi] - y else hi
 
 
-@njit(inline="always")
+@njit  # (not inlined: Numba's IR inliner clashes on the loop variable when inlined twice)
 def lane_max(x, count):
-    """max |x[:count]| in 8 independent lanes (a loop without a carried max: vectorisable);
-    NaN propagates as in max()."""
-    l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = np.float32(0.0)
-    count = np.uint64(count)
-    full = count // np.uint64(8) * np.uint64(8)
-    for j in range(np.uint64(0), full, np.uint64(8)):
-        l0 = max(l0, abs(x[j]))
-        l1 = max(l1, abs(x[j + np.uint64(1)]))
-        l2 = max(l2, abs(x[j + np.uint64(2)]))
-        l3 = max(l3, abs(x[j + np.uint64(3)]))
-        l4 = max(l4, abs(x[j + np.uint64(4)]))
-        l5 = max(l5, abs(x[j + np.uint64(5)]))
-        l6 = max(l6, abs(x[j + np.uint64(6)]))
-        l7 = max(l7, abs(x[j + np.uint64(7)]))
-    for j in range(full, count):
-        l0 = max(l0, abs(x[j]))
-    return max(max(max(l0, l1), max(l2, l3)), max(max(l4, l5), max(l6, l7)))
+    """max |x[:count]|, as the largest of the values' bits without the sign: for floats of
+    one sign the bits order as the values do, so this is an integer max reduction, which
+    LLVM vectorises (a float max with NaN semantics it does not); a NaN's bits exceed every
+    number's, so a NaN comes out as the max, as it should."""
+    top = np.uint32(0)
+    for j in range(np.uint64(0), np.uint64(count)):
+        bits = np.uint32(np.float32(x[j]).view(np.uint32) & np.uint32(0x7FFFFFFF))
+        top = np.uint32(bits if bits > top else top)
+    return np.uint32(top).view(np.float32)
 
 
 def make_code(code: int):
