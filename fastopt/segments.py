@@ -46,6 +46,11 @@ ROW_BLOCK_COLUMNS = ("segment", "first_row", "stop_row", "col_partial")
 #: columns of the three tables:
 TILE_COLS = 256
 TILE_ELEMENTS = CHUNK
+#: at most this many row tiles a matrix (taller tiles beyond): the fold pass adds a column's
+#: row tiles one after another, a tail that would grow with the rows (a 1e6-row embedding:
+#: 7 813 tiles of 128 rows). 1024 leaves GPT-2 small's layout as measured (its embedding:
+#: 393) and still gives a 1e6 x 256 matrix 1024 blocks; not measured on a card yet
+MAX_ROW_TILES = 1024
 SMALL_MATRIX = 64
 GROUP_MATRICES = 256
 MEAN_THREAD_ROWS = 64
@@ -204,7 +209,8 @@ class SegmentTable:
                               for b in range(0, batch, GROUP_MATRICES)]
             else:
                 strips = -(-cols // TILE_COLS)
-                tile_rows = max(1, TILE_ELEMENTS // min(cols, TILE_COLS))
+                tile_rows = max(1, TILE_ELEMENTS // min(cols, TILE_COLS),
+                                -(-rows // MAX_ROW_TILES))
                 row_tiles = -(-rows // tile_rows)
                 fold.append((row_at, strips, col_at, row_tiles))
                 row_at += batch * rows * strips

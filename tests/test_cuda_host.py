@@ -314,18 +314,24 @@ FACTORED_SHAPES = [(300, 260), (5, 600), (2000, 3), (300, 70), (3, 40, 50), (9, 
                    (4, 0), (50,), ()]
 
 
-@pytest.mark.parametrize("option,block", [(0, 32), (1, 64), (2, 32), (2, 1)])
-def test_factored_kernels_over_tiles(lib, block, option):
+@pytest.mark.parametrize("option,block,row_tiles", [(0, 32, None), (1, 64, None),
+                                                    (2, 32, None), (2, 1, 2)])
+def test_factored_kernels_over_tiles(lib, block, option, row_tiles, monkeypatch):
     """Factored moments' six passes (kernels/factored.cuh: tiles, folds, row means; the
     threads of a block synchronised for real, warps of 1 or 32 lanes, one or two warps)
     equal the Numba backend and the float64 reference on tensors that take every path."""
     from fastopt.segments import SegmentTable
 
+    from fastopt import segments
+
     cls, hypers = CASES["adafactor"].options[option]
+    if row_tiles is not None:  # (a cap on the row tiles, taller tiles for tall matrices)
+        monkeypatch.setattr(segments, "MAX_ROW_TILES", row_tiles)
     rng = np.random.default_rng(5 + option)
     table = SegmentTable.contiguous(FACTORED_SHAPES)
     fold, tiles, means, _, _ = table.gpu_plan()
     assert (fold[:, 1] > 1).any() and (fold[:, 3] > 1).any()  # strips and row tiles
+    assert row_tiles is None or fold[:, 3].max() == row_tiles
     assert (tiles[:, 3] < 0).any() and (means[:, 2] - means[:, 1] > 1).any()
     n = table.size
     run = HostRun(lib, cls, hypers, n, 1, block, 0, SCHEDULES[1], rng, shapes=FACTORED_SHAPES)
