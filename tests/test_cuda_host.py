@@ -320,9 +320,8 @@ def test_factored_kernels_over_tiles(lib, block, option, row_tiles, monkeypatch)
     """Factored moments' six passes (kernels/factored.cuh: tiles, folds, row means; the
     threads of a block synchronised for real, warps of 1 or 32 lanes, one or two warps)
     equal the Numba backend and the float64 reference on tensors that take every path."""
-    from fastopt.segments import SegmentTable
-
     from fastopt import segments
+    from fastopt.segments import SegmentTable
 
     cls, hypers = CASES["adafactor"].options[option]
     if row_tiles is not None:  # (a cap on the row tiles, taller tiles for tall matrices)
