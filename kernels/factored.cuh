@@ -16,8 +16,8 @@
 #include "common.cuh"
 #include "signature.cuh"
 
-// v + the v of the lane o away (a butterfly step of a warp's sum; every lane of the warp calls
-// it, the host emulation's threads of the whole block alike)
+// The v of lane (this lane ^ o): a butterfly step of a warp's sum adds it to its own. Every
+// lane of the warp calls it (in the host emulation every thread of the block, alike).
 FO_D double fo_shfl_xor(double v, unsigned o) {
 #if defined(__CUDACC__)
     return __shfl_xor_sync(0xffffffffu, v, (int)o);
