@@ -58,7 +58,8 @@ def settings(optimizer: str, total: int, warmup: int,
 
 
 def run(epochs: int = 30, batch: int = 64, optimizer: str = "AdamW", lr: float | None = None,
-        warmup: int = 50, plot: str | None = None, out=print) -> dict:
+        warmup: int = 50, plot: str | None = None, out=print,
+        state_dtype: str = "float32") -> dict:
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
@@ -70,7 +71,8 @@ def run(epochs: int = 30, batch: int = 64, optimizer: str = "AdamW", lr: float |
     lr, options, schedule = settings(optimizer, total, warmup, lr)
 
     def make_fastopt(model):
-        return getattr(fot, optimizer)(model.parameters(), lr=schedule, **options), None
+        return getattr(fot, optimizer)(model.parameters(), lr=schedule, state_dtype=state_dtype,
+                                       **options), None
 
     def make_reference(model):
         opt = counterpart(optimizer, model.parameters(), lr, **options)
@@ -141,5 +143,9 @@ if __name__ == "__main__":
     parser.add_argument("--lr", type=float, default=None, help="default: the optimizer's")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--plot", default="digits_loss.png")
+    parser.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16",
+                                                                      "int8"],
+                        help="fastopt's optimizer-state format (the reference keeps float32)")
     args = parser.parse_args()
-    run(args.epochs, optimizer=args.optimizer, lr=args.lr, plot=args.plot)
+    run(args.epochs, optimizer=args.optimizer, lr=args.lr, plot=args.plot,
+        state_dtype=args.state_dtype)

@@ -2,6 +2,7 @@
 
 from . import functional, schedules
 from ._checks import ArrayArgumentError
+from ._int8 import Int8State
 from .checkpoint import CheckpointError, load, save
 from .flat import FlatBuffer
 from .optimizers import *  # noqa: F403  (one class per public optimizer name, generated)
@@ -15,6 +16,7 @@ __all__ = [
     "ArrayArgumentError",
     "CheckpointError",
     "FlatBuffer",
+    "Int8State",
     "ReduceOnPlateau",
     "Schedule",
     "functional",

@@ -19,7 +19,7 @@ import weakref
 
 import numpy as np
 
-from . import _bf16, cpu
+from . import _bf16, _int8, cpu
 from ._checks import (
     FORMATS,
     ArrayArgumentError,
@@ -37,6 +37,7 @@ from ._checks import (
     param_dtype,
     xp_of,
 )
+from ._int8 import Int8State, check_state_dtype
 from .algorithms import Definition
 from .algorithms._spec import (
     FRESH_AT_FIRST_STEP,
@@ -119,13 +120,9 @@ class FlatOptimizer:
         #: the tensors' layout in params (tensor-aware optimizers; None for elementwise ones)
         self.segments = None if segments is None else segment_table(segments,
                                                                      self.params.shape[0])
-        if state_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
-        if self.definition.factored is not None and state_dtype == "bfloat16":
-            from ._functional import factored_refusal
-
-            raise ValueError(factored_refusal(self.definition))
-        #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
+        check_state_dtype(self.definition, state_dtype)
+        #: the optimizer state's storage: float32, bfloat16 (stochastically rounded) or int8
+        #: (blockwise 8-bit codes with a float32 absmax per block: ``fastopt._int8``)
         self.state_dtype = state_dtype
         #: the public hyperparameters (checked); the class's fixed ones are not among them
         self.defaults = self._check_defaults(hypers)
@@ -169,7 +166,12 @@ class FlatOptimizer:
 
     def _fill_first_step_state(self) -> None:
         for name in self._first_step_state:
-            self.state[name][...] = self._new_state(name)
+            fill = self._new_state(name)
+            if isinstance(fill, Int8State):
+                self.state[name].codes[...] = fill.codes
+                self.state[name].absmax[...] = fill.absmax
+            else:
+                self.state[name][...] = fill
         self._first_step_state = set()
 
     def _make_locks(self) -> None:
@@ -204,7 +206,7 @@ class FlatOptimizer:
 
     @property
     def _owned_buffers(self) -> list[tuple[str, np.ndarray]]:
-        return [("params", self.params), *self.state.items()]
+        return [("params", self.params), *_int8.arrays(self.state)]
 
     def _state_keys(self, defaults: dict) -> tuple[str, ...]:
         """Every float32 state buffer: the optimizer's, plus the master copy of 16-bit params."""
@@ -256,11 +258,20 @@ class FlatOptimizer:
         shape = (self.definition.state_size(name, self.params.shape[0], self.segments),)
         if self.state_dtype == "bfloat16":
             return self._xp.full(shape, _bf16.encode(value), dtype=np.uint16)
+        if self.state_dtype == "int8":
+            return _int8.quantize(self._xp.full(shape, value, dtype=np.float32),
+                                  self._signed(name))
         return self._xp.full(shape, value, dtype=np.float32)
 
+    def _signed(self, name: str) -> bool:
+        return _int8.signed(self.definition, name)
+
     def _state_as_float(self, name: str):
-        """A float32 numpy copy of a state buffer (bfloat16 state decoded)."""
-        array = self._host_copy(self.state[name])
+        """A float32 numpy copy of a state buffer (bfloat16 and int8 state decoded)."""
+        value = self.state[name]
+        if isinstance(value, Int8State):
+            return self._host_copy(value.decode(self._signed(name)))
+        array = self._host_copy(value)
         return _bf16.decode(array) if array.dtype == np.uint16 else array
 
 
@@ -449,6 +460,7 @@ class FlatOptimizer:
     def _state_dict_locked(self) -> dict:
         d = {"optimizer": type(self).__name__, "step": self.step_count}
         d.update({name: self._state_as_float(name) for name in self.state})
+        d.update(_int8.raw_entries(self.state, self._host_copy))
         d.update({name: float(self._host_copy(v)[0]) for name, v in self._scalars.items()})
         d.update(self.defaults)
         d["schedule"] = self._schedule.table.copy()
@@ -503,11 +515,16 @@ class FlatOptimizer:
         for key in self._state_keys(defaults):
             if key == MASTER and key not in d:
                 continue  # e.g. from a float32 run: the master is taken from the params
+            shape = self.params.shape if key == MASTER else (self.definition.state_size(
+                key, self.params.shape[0], self.segments),)
+            raw = _int8.raw_entry(d, key, shape[0], self._host_copy)
+            if raw is not None:  # int8 codes and scales: taken as they are, or decoded
+                arrays[key] = raw if self.state_dtype == "int8" else raw.decode(
+                    self._signed(key))
+                continue
             if key not in d:
                 raise KeyError(f"state_dict has no {key!r}")
             value = self._host_copy(d[key])
-            shape = self.params.shape if key == MASTER else (self.definition.state_size(
-                key, self.params.shape[0], self.segments),)
             if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
                 raise ArrayArgumentError(
                     f"state_dict[{key!r}] must be a float array of shape {shape}, "
@@ -544,7 +561,13 @@ class FlatOptimizer:
         for key, value in arrays.items():
             if key not in self.state:
                 self.state[key] = self._new_state(key)
-            if self.state[key].dtype == np.uint16:
+            target = self.state[key]
+            if isinstance(target, Int8State):
+                if not isinstance(value, Int8State):
+                    value = _int8.quantize(value, self._signed(key))
+                target.codes[...] = self._xp.asarray(value.codes)
+                target.absmax[...] = self._xp.asarray(value.absmax)
+            elif self.state[key].dtype == np.uint16:
                 self.state[key][...] = self._xp.asarray(_bf16.encode(value))
             else:
                 self.state[key][...] = self._xp.asarray(value, dtype=np.float32)

@@ -30,6 +30,8 @@ from ._checks import (
     param_dtype,
     xp_of,
 )
+from ._int8 import INT8_BLOCK, Int8State
+from ._int8 import blocks as int8_blocks
 from .algorithms import Definition
 from .algorithms._spec import FRESH_AT_FIRST_STEP
 from .engine import Prepared, run_once
@@ -49,7 +51,8 @@ def _buffers(params, grads, master, dtype=None, sizes=None, **state):
     16-bit params need ``master``, their float32 copy, which the kernel reads and writes; they
     may be given as uint16 bits with ``dtype`` ('float16' or 'bfloat16') naming the format
     (how cupy, which has no bfloat16, carries them). Grads have the params' array dtype.
-    State buffers are float32, or uint16 holding bfloat16 bits (stochastically rounded);
+    State buffers are float32, uint16 holding bfloat16 bits (stochastically rounded), or
+    ``Int8State`` (codes and block scales, stochastically rounded: ``fastopt._int8``);
     ``sizes``: a function of (name, n) giving a buffer's length (factored state), else n.
     """
     allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
@@ -62,18 +65,26 @@ def _buffers(params, grads, master, dtype=None, sizes=None, **state):
         master = None  # unused for float32 params
     if master is not None:
         check_buffer("master", master, n, like=params, dtype=np.float32)
-    state_dtypes = {array.dtype for array in state.values() if array is not None}
+    given = [array for array in state.values() if array is not None]
+    state_dtypes = {"int8" if isinstance(array, Int8State) else array.dtype for array in given}
     if len(state_dtypes) > 1:
-        raise ArrayArgumentError("the state buffers must share one dtype (float32, or uint16 "
-                                 "bfloat16 bits)")
+        raise ArrayArgumentError("the state buffers must share one format (float32, uint16 "
+                                 "bfloat16 bits, or fastopt.Int8State)")
+    raw = {}
     for key, array in state.items():
-        if array is not None:  # float32, or bfloat16 bits (stochastically rounded state)
+        if isinstance(array, Int8State):  # int8 codes and each block's absmax
+            check_buffer(f"{key}.codes", array.codes, n, like=params, dtype="uint8")
+            check_buffer(f"{key}.absmax", array.absmax, int8_blocks(n), like=params,
+                         dtype=np.float32, size_of=f"(one per {INT8_BLOCK} elements)")
+            raw[f"{key}.codes"], raw[f"{key}.absmax"] = array.codes, array.absmax
+        elif array is not None:  # float32, or bfloat16 bits (stochastically rounded state)
             check_buffer(key, array, n if sizes is None else sizes(key, n), like=params,
                          dtype=("float32", "uint16"),
                          size_of=None if sizes is None else "(its layout's share of the "
                                                             "tensors' rows, columns or "
                                                             "elements)")
-    check_disjoint(params=params, grads=grads, master=master, **state)
+            raw[key] = array
+    check_disjoint(params=params, grads=grads, master=master, **raw)
     return n, name
 
 
@@ -85,12 +96,12 @@ def _empty_like(params):
 def _check_factored(definition: Definition, buffers: dict) -> None:
     """What a definition with factored moments refuses: bfloat16 state (its factors are a
     value per row and column: bf16 saves almost nothing)."""
-    if any(b.dtype == np.uint16 for b in buffers.values()):
+    if any(isinstance(b, Int8State) or b.dtype == np.uint16 for b in buffers.values()):
         raise ValueError(factored_refusal(definition))
 
 
 def factored_refusal(definition: Definition) -> str:
-    """Why a definition with factored moments (Adafactor) refuses bfloat16 state."""
+    """Why a definition with factored moments (Adafactor) refuses 16- and 8-bit state."""
     return (f"{definition.classes[0].name} keeps factored state (a value per row and per "
             "column of each matrix), a small fraction of the params: it takes float32 state "
             "only (state_dtype='float32')")
@@ -98,8 +109,8 @@ def factored_refusal(definition: Definition) -> str:
 
 def _parallel(n: int, params, *state) -> bool:
     """The serial loop vectorises only for float32 params and state."""
-    simd = params.dtype == np.float32 and all(s.dtype == np.float32 for s in state
-                                              if s is not None)
+    simd = params.dtype == np.float32 and all(
+        not isinstance(s, Int8State) and s.dtype == np.float32 for s in state if s is not None)
     return cpu.use_parallel(n, serial_simd=simd)
 
 
@@ -141,6 +152,9 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
             when = next(s.when for s in definition.state if s.name == name)
             raise ValueError(f"{name} is required" + (f" when {when}" if when else ""))
     buffers = {name: states[name] for name in active}
+    if any(isinstance(b, Int8State) for b in buffers.values()) \
+            and definition.int8_refusal is not None:
+        raise ValueError(definition.int8_refusal)
     sizes = None if definition.factored is None else (
         lambda key, n: definition.state_size(key, n, table))
     n, name = _buffers(params, grads, master, dtype, sizes, **buffers)

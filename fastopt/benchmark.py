@@ -137,6 +137,44 @@ def traffic_text() -> str:
     return "; ".join(f"{b} B/param for {', '.join(names)}" for b, names in by_bytes.items())
 
 
+@njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_int8_1(a, b, c):
+    """Same traffic as an int8-state step with one state buffer: read a, b and the codes c;
+    write a and c (the block scales, 4 B per 256 elements, are left out)."""
+    for i in prange(np.uint64(a.shape[0])):
+        x = c[i]
+        a[i] = a[i] + b[i] + np.float32(x)
+        c[i] = np.uint8(x + np.uint8(1))
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_int8_2(a, b, c, d):
+    """Likewise with two state buffers (AdamW): 16 B per element."""
+    for i in prange(np.uint64(a.shape[0])):
+        x, y = c[i], d[i]
+        a[i] = a[i] + b[i] + np.float32(x)
+        c[i], d[i] = y, x
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def copy_traffic_int8_3(a, b, c, d, e):
+    """Likewise with three state buffers."""
+    for i in prange(np.uint64(a.shape[0])):
+        x, y, z = c[i], d[i], e[i]
+        a[i] = a[i] + b[i] + np.float32(x)
+        c[i], d[i], e[i] = y, z, x
+
+
+def roofline_int8(name: str, n: int) -> Callable[[], None]:
+    """A call of the copy kernel with ``name``'s traffic with int8 state over n elements."""
+    rng = np.random.default_rng(0)
+    kernel = (copy_traffic_int8_1, copy_traffic_int8_2, copy_traffic_int8_3)[
+        state_count(name) - 1]
+    bufs = [rng.standard_normal(n, dtype=np.float32) for _ in range(2)] + [
+        np.zeros(n, dtype=np.uint8) for _ in range(state_count(name))]
+    return lambda: kernel(*bufs)
+
+
 def roofline(name: str, n: int) -> Callable[[], None]:
     """A call of the copy kernel with ``name``'s traffic over n float32 elements."""
     if OPTIMIZERS[name].definition.factored is not None:
@@ -383,17 +421,26 @@ def _median_times(impls: dict[str, Callable[[], None]], budget_s: float,
 
 
 def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: float,
-               with_torch: bool = True, bf16_state: bool = False) -> Row:
-    """Time fastopt (one packed buffer), torch's paths (these tensors) and the roofline;
-    with bf16_state also fastopt with bfloat16 optimizer state."""
+               with_torch: bool = True, state_dtypes: tuple[str, ...] = ()) -> Row:
+    """Time fastopt (one packed buffer, float32 state), torch's paths (these tensors) and the
+    roofline; with ``state_dtypes`` also fastopt with those state formats ('bfloat16':
+    ``fastopt-bf16-state``; 'int8': ``fastopt-int8-state`` and its own roofline,
+    ``roofline-int8``), where the optimizer takes them."""
     problem = Problem(shapes, seed=len(shapes))
     sched = schedules.cosine(1e-3, 10_000, end_lr=1e-5)
     opt, _ = problem.fastopt(name, sched)
     grads = problem.grads.buffer
     impls: dict[str, Callable[[], None]] = {"fastopt": lambda: opt.step(grads)}
-    if bf16_state and OPTIMIZERS[name].definition.factored is None:  # (Adafactor: float32)
-        half, _ = problem.fastopt(name, sched, state_dtype="bfloat16")
-        impls["fastopt-bf16-state"] = lambda: half.step(grads)
+    d = OPTIMIZERS[name].definition
+    for state_dtype in state_dtypes:
+        if state_dtype == "float32" or d.factored is not None or (
+                state_dtype == "int8" and d.int8_refusal is not None):
+            continue
+        other, _ = problem.fastopt(name, sched, state_dtype=state_dtype)
+        label = {"bfloat16": "bf16"}.get(state_dtype, state_dtype)
+        impls[f"fastopt-{label}-state"] = functools.partial(other.step, grads)
+        if state_dtype == "int8":
+            impls["roofline-int8"] = roofline_int8(name, problem.params.buffer.size)
     n = problem.params.buffer.size
     if with_torch:
         if OPTIMIZERS[name].definition.matrix is not None:  # the same stage as torch's
@@ -623,7 +670,7 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
         plot_path: str | None, with_torch: bool = True, out=print,
         markdown_path: str | None = None, command: str = "fastopt bench",
         models: tuple[str, ...] = (), progress: bool = True,
-        bf16_state: bool = False, startup_repeats: int = 0) -> list[Row]:
+        state_dtypes: tuple[str, ...] = (), startup_repeats: int = 0) -> list[Row]:
     """Time every case, print the table, write what was asked; with ``startup_repeats`` > 0
     also measure start-up (import, cold and warm first step) in that many fresh processes."""
     work = plan(optimizers, sizes, list(models))
@@ -652,7 +699,7 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     rows = []
     bar = _progress(len(work)) if progress else None
     for name, label, shapes in work:
-        rows.append(bench_case(name, label, shapes, budget_s, with_torch, bf16_state))
+        rows.append(bench_case(name, label, shapes, budget_s, with_torch, state_dtypes))
         if bar is not None:
             bar.set_postfix_str(f"{name} {label}")
             bar.update()

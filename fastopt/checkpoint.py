@@ -8,7 +8,8 @@ another exception type because of what the file holds), and the member list and 
 member's declared size are checked against the params' size before anything is decompressed,
 so a small file cannot make ``load`` decompress or allocate more than the params imply.
 Arrays must be stored exactly as ``save`` writes them (params float32, or 16-bit params as
-uint16 bits; state float32; the schedule float64).
+uint16 bits; state float32, int8 state raw: ``<name>_codes`` uint8 and ``<name>_absmax``
+float32, one per block, with the code's version in the header; the schedule float64).
 
 ``save`` writes a short-named temporary file (``.fastopt-<pid>-<random>.tmp``) in the
 target's directory, fsyncs it and renames it over the target. An existing file keeps its
@@ -33,8 +34,10 @@ import numpy as np
 
 from . import optimizers
 from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
+from ._int8 import ABSMAX_KEY, CODES_KEY, INT8_CODE_VERSION, VERSION_KEY
+from ._int8 import blocks as int8_blocks
 from .algorithms import CLASSES, REGISTRY
-from .algorithms._spec import MASTER, MASTER_ALIASES
+from .algorithms._spec import MASTER, MASTER_ALIASES, STATE_DTYPES
 from .schedules import TABLE_COLUMNS
 from .segments import SegmentTable
 
@@ -71,7 +74,12 @@ def save(opt, path) -> None:
             "train_mode": d.get("train_mode"),
             # tensor-aware optimizers (LAMB): the tensors' layout the state belongs to
             "segments": d.get("segments")}
-    arrays = {name: d[name] for name in opt.state}
+    if opt.state_dtype == "int8":  # the raw codes and scales, and the code's version
+        meta["int8_code_version"] = INT8_CODE_VERSION
+        arrays = {key: d[key] for name in opt.state for key in (
+            (CODES_KEY.format(name), ABSMAX_KEY.format(name)) if name != MASTER else (name,))}
+    else:
+        arrays = {name: d[name] for name in opt.state}
     arrays["schedule"] = d["schedule"]
     arrays["params"] = params
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -218,11 +226,15 @@ def _remove_stale_temps(directory: Path) -> None:
 #: every member name an .npz checkpoint may hold (``<name>.npy``)
 _STATE_MEMBERS = frozenset([MASTER, *MASTER_ALIASES, *(
     key for d in REGISTRY.values() for key in d.state_names)])
+#: int8 state's raw members: ``<name>_codes`` (uint8) and ``<name>_absmax`` (float32, a block)
+_CODES_MEMBERS = frozenset(CODES_KEY.format(k) for d in REGISTRY.values() for k in d.state_names)
+_ABSMAX_MEMBERS = frozenset(ABSMAX_KEY.format(k) for d in REGISTRY.values()
+                            for k in d.state_names)
 MAX_META_BYTES = 1 << 20  # the JSON header
 MAX_SCHEDULE_ROWS = 1 << 16  # schedule table rows (9 float64 each)
 _MAX_NPY_HEADER = 4096  # bytes of a member's .npy header (numpy writes 128)
 _PARAM_DTYPES = ("float32", "float16", "bfloat16")
-_STATE_DTYPES = ("float32", "bfloat16")
+_STATE_DTYPES = STATE_DTYPES
 
 
 def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, dict]:
@@ -253,7 +265,10 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
             meta = _check_meta(path, json.loads(text.tobytes().decode("utf-8")))
             sizes = _state_sizes(path, meta, n)  # (factored state: its layout's length)
             for key in members:
-                check_declared(key, limits[key] if key in limits else 4 * sizes(key))
+                check_declared(key, limits[key] if key in limits else
+                               sizes(key[:-len("_codes")]) if key in _CODES_MEMBERS else
+                               4 * int8_blocks(sizes(key[:-len("_absmax")]))
+                               if key in _ABSMAX_MEMBERS else 4 * sizes(key))
             name = meta["optimizer"]
             if expected is not None and expected != name:
                 raise CheckpointError(f"{path} holds a {name} checkpoint, not {expected}")
@@ -265,6 +280,17 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
                     raise CheckpointError(f"{path}: the checkpoint has no {key!r} array")
             wanted = {key: (np.float32, sizes(key)) for key in members
                       if key in _STATE_MEMBERS}
+            wanted.update({key: (np.uint8, sizes(key[:-len("_codes")])) for key in members
+                           if key in _CODES_MEMBERS})
+            wanted.update({key: (np.float32, int8_blocks(sizes(key[:-len("_absmax")])))
+                           for key in members if key in _ABSMAX_MEMBERS})
+            int8_members = bool(set(members) & (_CODES_MEMBERS | _ABSMAX_MEMBERS))
+            if int8_members != (meta["state_dtype"] == "int8") or (
+                    int8_members and meta.get("int8_code_version") != INT8_CODE_VERSION):
+                raise CheckpointError(
+                    f"{path}: int8 state needs its raw members and code version "
+                    f"{INT8_CODE_VERSION} (state_dtype {meta['state_dtype']!r}, version "
+                    f"{_short(meta.get('int8_code_version'))})")
             wanted["params"] = (np.float32 if kind == "float32" else np.uint16, n)
             wanted["schedule"] = (np.float64, None)
             arrays = {key: _read_member(path, z, members[key], dtype, size)
@@ -312,7 +338,8 @@ def _members(path: Path, z: zipfile.ZipFile) -> dict:
     members = {}
     for info in z.infolist():
         key = info.filename[:-4] if info.filename.endswith(".npy") else None
-        if key not in _STATE_MEMBERS and key not in ("meta", "params", "schedule"):
+        if key not in _STATE_MEMBERS and key not in _CODES_MEMBERS \
+                and key not in _ABSMAX_MEMBERS and key not in ("meta", "params", "schedule"):
             raise CheckpointError(f"{path}: unexpected member {info.filename!r}")
         if key in members:
             raise CheckpointError(f"{path}: member {info.filename!r} appears twice")
@@ -388,6 +415,7 @@ def _check_meta(path: Path, meta) -> dict:
     if meta.get("optimizer") not in OPTIMIZERS:
         raise CheckpointError(f"{path}: unknown optimizer {meta.get('optimizer')!r}")
     meta = {"max_grad_norm": None, "state_dtype": "float32", "scalars": {}, "train_mode": None,
+            "int8_code_version": None,
             "segments": None, **meta}
     hyper = meta.get("hyperparameters")
     checks = {
@@ -399,6 +427,7 @@ def _check_meta(path: Path, meta) -> dict:
         and not isinstance(v, bool) and v > 0,
         "dtype": lambda v: v in _PARAM_DTYPES,
         "state_dtype": lambda v: v in _STATE_DTYPES,
+        "int8_code_version": lambda v: v is None or _is_int(v),
         "train_mode": lambda v: v is None or isinstance(v, bool),
         "segments": lambda v: v is None or isinstance(v, dict) and set(v) == {
             "offsets", "shapes"} and isinstance(v["offsets"], list)
@@ -474,12 +503,17 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
                                   "FlatBuffer's")
         opt = cls(params, **meta["hyperparameters"], dtype=dtype,
                   state_dtype=meta["state_dtype"], **segments)
-        extra = sorted(set(arrays) - {"params", "schedule"} - set(opt.state))
+        expected_members = {key for name in opt.state for key in (
+            (CODES_KEY.format(name), ABSMAX_KEY.format(name))
+            if opt.state_dtype == "int8" and name != MASTER else (name,))}
+        extra = sorted(set(arrays) - {"params", "schedule"} - expected_members)
         if extra:
             raise CheckpointError(f"{path}: unexpected state {extra} for these hyperparameters")
         unknown = sorted(set(meta["scalars"]) - set(opt.definition.scalar_names))
         if unknown:
             raise CheckpointError(f"{path}: unexpected scalars {unknown} for {name}")
+        if opt.state_dtype == "int8":
+            arrays[VERSION_KEY] = meta["int8_code_version"]
         state = {**arrays, **meta["hyperparameters"], **meta["scalars"], "optimizer": name,
                  "step": meta["step"], "lr_scale": meta["lr_scale"]}
         if (meta["train_mode"] is None) != (opt.definition.modes is None):

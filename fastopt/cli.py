@@ -16,6 +16,7 @@ import numpy as np
 
 from . import schedules
 from .algorithms import CLASSES
+from .algorithms._spec import STATE_DTYPES
 
 
 class UsageError(Exception):
@@ -251,7 +252,9 @@ def cmd_bench(args) -> int:
     command = "fastopt " + shlex.join(args.argv) if args.markdown else ""
     benchmark.run(optimizers, sizes, budget, args.json, args.plot, with_torch=not args.no_torch,
                   markdown_path=args.markdown, command=command, models=models,
-                  progress=not args.no_progress, bf16_state=args.bf16_state,
+                  progress=not args.no_progress,
+                  state_dtypes=tuple(dict.fromkeys(
+                      args.state_dtype + ["bfloat16"] * args.bf16_state)),
                   startup_repeats=(1 if args.quick else 3) if args.startup or args.full else 0)
     return 0
 
@@ -316,8 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--markdown", help="write a results page (machine, date, table, plot)")
     bench.add_argument("--no-torch", action="store_true", help="skip the torch comparison")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--state-dtype", action="append", default=[],
+                       choices=list(STATE_DTYPES),
+                       help="also time fastopt with this optimizer-state format (repeatable; "
+                            "int8 with its own same-traffic roofline)")
     bench.add_argument("--bf16-state", action="store_true",
-                       help="also time fastopt with bfloat16 optimizer state")
+                       help="the same as --state-dtype bfloat16")
     bench.add_argument("--startup", action="store_true",
                        help="also measure start-up in fresh processes: import, first step with "
                             "a cold and a warm Numba cache (always on with --full)")

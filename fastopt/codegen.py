@@ -32,12 +32,18 @@ from pathlib import Path
 from . import segments as _segments
 from .algorithms import REGISTRY, Definition
 from .algorithms._spec import (
+    CPU_INT8_SIGNATURE,
     CPU_PER_STEP,
     CPU_SEGMENTED_SIGNATURE,
     CPU_SIGNATURE,
     DIRECTION,
     FACTORED_SIGNATURE,
     FORMAT_EPS,
+    INT8_BLOCK,
+    INT8_EXPONENT_BITS,
+    INT8_MANTISSA_BITS,
+    INT8_SALTS,
+    INT8_SIGNATURE,
     KERNEL_SIGNATURE,
     REDUCE_THREADS,
     REDUCTION_SLOTS,
@@ -367,7 +373,9 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
     el = _Printer("py", element=True, bools=x.bools | bools)
     d = x.d
     buffers = [f"{s.name}_buffer" for s in d.state]
-    args = ["i", "params", "grads", "master", *buffers, "grad_factor", *x.decay_args,
+    # (si: the element's index in the state buffers, i in the flat kernels, its place in the
+    # block in the int8 kernels, whose buffers are then the block's decoded values)
+    args = ["i", "si", "params", "grads", "master", *buffers, "grad_factor", *x.decay_args,
             *x.conditional.values(), *scalar_args, "fmt", "seed"]
     lines = ["@helper", *_wrap(f"def {fn}(", args, "):", 0), f'    """{doc}"""',
              "    p = load_param(params, master, i)"]
@@ -384,9 +392,9 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
         if s.name in x.conditional:
             lines += [f"    {s.name} = np.float32(0.0)",
                       f"    if {x.conditional[s.name]}:",
-                      f"        {s.name} = decode_state({buf}[i])"]
+                      f"        {s.name} = decode_state({buf}[si])"]
         else:
-            lines.append(f"    {s.name} = decode_state({buf}[i])")
+            lines.append(f"    {s.name} = decode_state({buf}[si])")
     for local in locals_:
         if local not in bools:
             lines.append(f"    {local} = np.float32(0.0)")
@@ -397,7 +405,7 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
     for s in stored:
         k = x.slot_index[s.name]
         bits = f"bits{k} = (rand >> np.uint32({STATE_RANDOM_SHIFTS[k]})) & LOW16"
-        store = f"{buffers[k]}[i] = encode_state({buffers[k]}, {s.name}, bits{k})"
+        store = f"{buffers[k]}[si] = encode_state({buffers[k]}, {s.name}, bits{k})"
         if s.name in x.conditional:
             lines += [f"    if {x.conditional[s.name]}:", f"        {bits}", f"        {store}"]
         else:
@@ -434,6 +442,12 @@ def numba_source(d: Definition) -> str:
              "state_random, store_param",
              "from ..convert import LOW16, step_seed",
              "from ..schedule import lr_at", "", ""]
+    if d.int8_refusal is None:  # (the int8 kernel's imports)
+        names = sorted(f"{op}_block_{s.sign}" for s in d.state for op in ("decode", "encode"))
+        lines.insert(lines.index("from ..schedule import lr_at"), "\n".join([
+            "from ..int8 import (", *(f"    {n}," for n in ("INT8_BLOCK", "INT8_GROUP", "SALTS",
+                                                           "block_count", *dict.fromkeys(names))),
+            ")"]))
     if x.segmented:
         # (a matrix stage's first pass returns the element's direction, which the kernel
         # stores, then its terms)
@@ -457,18 +471,56 @@ def numba_source(d: Definition) -> str:
         return "\n".join(lines + _numba_kernel(
             x, name, f"The rest of {name} step k = ``step`` (the stage's result in "
             "``direction``).", (2, 3)))
-    return "\n".join(lines + _numba_kernel(
+    lines += _numba_kernel(
         x, name, f"One {name} step k = ``step`` over the whole buffer; returns the lr it "
-        "used.", (1, 2, 3)))
+        "used.", (1, 2, 3))
+    if d.int8_refusal is None:
+        lines += ["", *_numba_kernel(
+            x, f"{name}_int8", f"One {name} step k = ``step`` with int8 state (codes in "
+            "``state<k>``,\n    each block's absmax in ``scale<k>``), a block of INT8_BLOCK "
+            "elements at a time;\n    returns the lr it used.", (1, 2, 3), int8=True)]
+    return "\n".join(lines)
 
 
-def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...]) -> list[str]:
+def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
+    """The int8 kernel's work on block b (unindented): decode the block's state (what the
+    element reads) into the scratch rows ``values<k>``, run the element over the block with
+    those rows as its state buffers, then encode what it stored against each state's new
+    absmax. (Written into the kernel's loops, not a function of its own: a call per block
+    ran 6x slower when the kernel was compiled in the process, not loaded from the cache.)"""
+    d, name = x.d, x.d.name
+    rows = [f"values{k}" for k in range(len(d.state))]
+    lines = ["lo = np.uint64(b) * np.uint64(INT8_BLOCK)",
+             "count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)"]
+    for k, s in enumerate(d.state):
+        if not _reads(x.element_body, s.name):
+            continue
+        decode = f"decode_block_{s.sign}(state{k}, scale{k}[b], {rows[k]}, lo, count)"
+        lines += ([f"if {x.conditional[s.name]}:", f"    {decode}"]
+                  if s.name in x.conditional else [decode])
+    call = ["i", "i - lo", "params", "grads", "master", *rows, "grad_factor", *x.decay_args,
+            *x.conditional.values(), *call_scalars]
+    lines += ["for i in range(lo, lo + count):",
+              *(line[16:] for line in _wrap(f"{name}_element(", call, ")", 16 + 4))]
+    for s in x.stored:
+        k = x.slot_index[s.name]
+        encode = (f"scale{k}[b] = encode_block_{s.sign}({rows[k]}, state{k}, lo, count, seed, "
+                  f"SALTS[{k}])")
+        lines += ([f"if {x.conditional[s.name]}:", f"    {encode}"]
+                  if s.name in x.conditional else [encode])
+    return lines
+
+
+def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...],
+                  int8: bool = False) -> list[str]:
     """The @kernel function: the per-call part (lr, hyperparameters, prologue, the driver's
-    factors), then the element loop, or a segmented definition's ``phases``."""
+    factors), then the element loop, a segmented definition's ``phases``, or (``int8``) the
+    loop over int8 state's blocks."""
     d = x.d
     pro = _Printer("py", element=False, bools=x.bools)
     state_args = [f"state{i}" for i in range(len(d.state))]
-    signature = CPU_SEGMENTED_SIGNATURE if x.segmented else CPU_SIGNATURE
+    signature = CPU_SEGMENTED_SIGNATURE if x.segmented else \
+        CPU_INT8_SIGNATURE if int8 else CPU_SIGNATURE
     lines = ["@kernel", *_wrap(f"def {name}(", signature, "):", 0), f'    """{doc}"""',
              "    lr = lr_at(table, step - 1.0) * lr_scale"]
     for i, slot in enumerate(x.slots):
@@ -488,17 +540,31 @@ def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...]) -> li
         if s.name in x.conditional:
             when = pro.expr(ast.parse(s.when).body[0].value)
             lines.append(f"    {x.conditional[s.name]} = {when}")
-    head = ["i", "params", "grads", "master", *state_args, "grad_factor", *x.decay_args,
+    head = ["i", "i", "params", "grads", "master", *state_args, "grad_factor", *x.decay_args,
             *x.conditional.values()]
     done: set[str] = set()
     if x.segmented:
         reduce_args = [*head, *_scalar_call_args(x, x.reduce_scalars, lines, done), "fmt",
                        "seed"]
     if x.matrix:  # (the update reads the stage's result in place of the gradient)
-        head[2] = "direction"
+        head[3] = "direction"
     call_args = [*head, *_scalar_call_args(x, x.scalars, lines, done), "fmt", "seed"]
     lines.append("    seed = step_seed(step)")
-    if not x.segmented:
+    if int8:
+        # (the blocks' decoded values go to scratch rows made once per group of
+        # INT8_GROUP blocks: one allocation per block cost more than the block's work when
+        # the threads contend for the allocator, and get_thread_id() would stop the cache)
+        block = _numba_int8_block(x, call_args[len(head):])
+        lines.append("    n_blocks = block_count(params.shape[0])")
+        for loop in ("prange", "range"):
+            lines += ["    if parallel:" if loop == "prange" else "    else:",
+                      f"        for group in {loop}((n_blocks + INT8_GROUP - 1) // INT8_GROUP):",
+                      f"            scratch = np.empty(({len(d.state)}, INT8_BLOCK), np.float32)",
+                      *(f"            values{k} = scratch[{k}]" for k in range(len(d.state))),
+                      "            for b in range(group * INT8_GROUP, min(group * INT8_GROUP "
+                      "+ INT8_GROUP, n_blocks)):",
+                      *(f"                {line}" for line in block)]
+    elif not x.segmented:
         body = "\n".join(_wrap(f"{d.name}_element(", call_args, ")", 12))
         lines += ["    if parallel:", "        for i in prange(params.shape[0]):", body,
                   "    else:", "        for i in range(params.shape[0]):", body]
@@ -630,6 +696,8 @@ def signature_header() -> str:
     seg_names = ", ".join(n for n, _ in SEGMENT_SIGNATURE)
     fac_params = ", ".join(f"{t} {n}" for n, t in FACTORED_SIGNATURE)
     fac_names = ", ".join(n for n, _ in FACTORED_SIGNATURE)
+    int8_params = ", ".join(f"{t} {n}" for n, t in INT8_SIGNATURE)
+    int8_names = ", ".join(n for n, _ in INT8_SIGNATURE)
     return "\n".join([
         _gen_header("<name>", "//").replace("fastopt/algorithms/<name>.py",
                                              "fastopt/algorithms/_spec.py (KERNEL_SIGNATURE)"),
@@ -663,7 +731,21 @@ def signature_header() -> str:
         "        OP<T, S>(FO_KERNEL_ARGS, FO_SEGMENT_ARGS, FO_FACTORED_ARGS); \\",
         "    }", "",
         f"#define FO_TILE_COLS {_segments.TILE_COLS}",
-        f"#define FO_MEAN_THREAD_ROWS {_segments.MEAN_THREAD_ROWS}",
+        f"#define FO_MEAN_THREAD_ROWS {_segments.MEAN_THREAD_ROWS}", "",
+        "// An int8-state kernel (state_dtype='int8') takes each state's block scales after",
+        "// the uniform signature (its state<k> holds the codes); the code's constants",
+        "// (fastopt/algorithms/_spec.py: INT8_BLOCK, INT8_MANTISSA_BITS, INT8_EXPONENT_BITS).",
+        f"#define FO_INT8_PARAMS {int8_params}", "",
+        f"#define FO_INT8_ARGS {int8_names}", "",
+        "#define FO_INT8_KERNEL(NAME, OP, T) \\",
+        '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, unsigned char), FO_INT8_PARAMS) '
+        "{ \\",
+        "        OP<T, unsigned char>(FO_KERNEL_ARGS, FO_INT8_ARGS); \\",
+        "    }", "",
+        f"#define FO_INT8_BLOCK {INT8_BLOCK}",
+        f"#define FO_INT8_MANTISSA_BITS {INT8_MANTISSA_BITS}",
+        f"#define FO_INT8_EXPONENT_BITS_SIGNED {INT8_EXPONENT_BITS['signed']}",
+        f"#define FO_INT8_EXPONENT_BITS_NONNEGATIVE {INT8_EXPONENT_BITS['nonnegative']}",
         ""])
 
 
@@ -851,7 +933,84 @@ def cuda_source(d: Definition) -> str:
     else:
         lines.append("    finish_step(step_state, lr_out, lr);")
     lines += ["}", ""]
-    return "\n".join(lines + _cuda_variants("FO_KERNEL", [(name, name)]))
+    lines += _cuda_variants("FO_KERNEL", [(name, name)])
+    if d.int8_refusal is None:
+        lines += _cuda_int8(x)
+    return "\n".join(lines)
+
+
+def _cuda_int8(x: _Parts) -> list[str]:
+    """The int8-state kernel: a warp per block of FO_INT8_BLOCK elements (lane l takes
+    elements l, l + 32, ...: coalesced), each block's state decoded into registers, the
+    element's math, then each stored state encoded against its new absmax (a warp max by
+    shuffles). The loop over blocks is uniform across a thread block (the host build's
+    shuffles are barriers of the whole block)."""
+    d, name = x.d, x.d.name
+    preamble, (args,) = _cuda_preamble(x, [x.scalars], True)
+    states = d.state_names
+    lines = [f"// One {name} step k = step_state[0] + 1 with int8 state (codes in state<k>, each",
+             "// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.",
+             "template <typename T, typename S>",
+             f"FO_D void {name}_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {{",
+             *preamble,
+             "    constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane",
+             "    const unsigned lane = threadIdx.x % 32u;",
+             "    const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / "
+             "FO_INT8_BLOCK;",
+             "    for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * "
+             "warps) {",
+             "        const long long b = base + threadIdx.x / 32;  // this warp's block",
+             "        float p[K], g[K];",
+             *(f"        float {s}[K] = {{}};" for s in states),
+             "#pragma unroll",
+             "        for (int k = 0; k < K; ++k) {",
+             "            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;",
+             "            if (b >= blocks || i >= n) continue;",
+             "            float one[1];",
+             "            load_param<1>(params + i, master + i, one);",
+             "            p[k] = one[0];",
+             "            load<1>(grads + i, one);",
+             "            g[k] = grad_factor * one[0]" + (" + l2 * p[k];" if x.uses_l2 else ";")]
+    if x.uses_decay:
+        lines.append("            p[k] = decay * p[k];")
+    for k, s in enumerate(d.state):
+        if not _reads(x.element_body, s.name):
+            continue
+        load = f"{s.name}[k] = int8_decode_{s.sign}(state{k}[i]) * scale{k}[b];"
+        lines.append(f"            if ({x.conditional[s.name]}) {load}" if s.name in x.conditional
+                     else f"            {load}")
+    call = f"{name}_element(" + ", ".join(["p[k]", "g[k]", *(f"{s}[k]" for s in states),
+                                             *args]) + ");"
+    lines += [textwrap.indent(textwrap.fill(call, width=88, subsequent_indent=" " * (
+                  len(name) + 9)), "            "),
+              "            one[0] = p[k];",
+              "            store_param<1>(params + i, master + i, one);",
+              "        }"]
+    for s in x.stored:
+        k = x.slot_index[s.name]
+        store = (f"int8_store_block<K, {str(s.sign == 'signed').lower()}>(state{k}, scale{k}, "
+                 f"b, blocks, n, lane, {s.name}, seed ^ {INT8_SALTS[k]:#010x}u);")
+        lines.append(f"        if ({x.conditional[s.name]}) {store}" if s.name in x.conditional
+                     else f"        {store}")
+    lines += ["    }"]
+    if x.scalars_stored:
+        lines += ["    if (finish_step(step_state, lr_out, lr)) {",
+                  *(f"        scalar{i}[0] = {scalar};" for i, scalar in x.scalars_stored),
+                  "    }"]
+    else:
+        lines.append("    finish_step(step_state, lr_out, lr);")
+    lines += ["}", ""]
+    variants = [(suffix, t) for suffix, t, state, _ in _VARIANTS if state == "float"]
+    return lines + _int8_variants(name, variants)
+
+
+def _int8_variants(name: str, variants: list[tuple[str, str]]) -> list[str]:
+    """The int8 kernel's extern "C" variants, one per param format (16-bit: CUDA only)."""
+    lines = [f"FO_INT8_KERNEL({name}_int8_{variants[0][0]}, {name}_int8, {variants[0][1]})",
+             "#if defined(__CUDACC__)"]
+    lines += [f"FO_INT8_KERNEL({name}_int8_{suffix}, {name}_int8, {t})"
+              for suffix, t in variants[1:]]
+    return lines + ["#endif", ""]
 
 
 def _cuda_segmented(x: _Parts) -> list[str]:
@@ -979,6 +1138,13 @@ def _cuda_segment_sums(terms: list[str], names: list[str]) -> list[str]:
 DRIVER_HYPERS = ("weight_decay", "maximize", "decoupled_weight_decay")
 
 
+def _state_dtypes(d: Definition) -> str:
+    """The state formats a definition's classes take, for their docstrings."""
+    if d.int8_refusal is None:
+        return "'float32', 'bfloat16' or 'int8'"
+    return "'float32' or 'bfloat16'"
+
+
 def _public_hypers(d: Definition, spec) -> list[tuple[str, str]]:
     """(name, default as source) of a class's hyperparameters, in the definition's order."""
     return [(h.name, repr(spec.defaults.get(h.name, h.default)))
@@ -1031,8 +1197,8 @@ def optimizers_source() -> str:
                          "dtype: the format of"] if d.schedulable else
                         ["    lr: a float (or a constant schedule: this optimizer takes no "
                          "other). dtype: the format of"]),
-                      "    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or "
-                      "'bfloat16'.",
+                      "    uint16 params ('float16'/'bfloat16'). state_dtype: "
+                      + _state_dtypes(d) + ".",
                       *(["    segments: the tensors' layout in params (a SegmentTable, or a "
                          "list of shapes packed", "    back to back); taken from params when "
                          "it is a FlatBuffer."] if d.segmented else []), '    """', "",
@@ -1057,8 +1223,10 @@ def functional_source() -> str:
          "``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning",
          "rate the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,",
          "bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they",
-         "also need ``dtype=`` naming the format. State buffers are float32, or uint16",
-         "holding bfloat16 bits (rounded stochastically)."],
+         "also need ``dtype=`` naming the format. State buffers are float32, uint16",
+         "holding bfloat16 bits (rounded stochastically), or for the elementwise optimizers",
+         "``fastopt.Int8State`` (uint8 codes plus a float32 absmax per block of 256",
+         "elements; ``Int8State.zeros(n)``; format in ``fastopt/_int8.py``), all of one kind."],
         ["from ._functional import run, take_alias", "from .algorithms import REGISTRY"],
         [c.name.lower() for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
@@ -1171,7 +1339,7 @@ def torch_source() -> str:
             lines += ["", "", f"class {spec.name}({base}):",
                       f'    """{about}; {lr_note}.', "",
                       *_doc(d.doc, "    "), "",
-                      "    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).",
+                      f"    state_dtype: {_state_dtypes(d)} (stochastically rounded).",
                       '    """', "",
                       f'    definition = REGISTRY["{d.name}"]',
                       f"    fixed = {spec.fixed!r}",

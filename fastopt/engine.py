@@ -16,11 +16,14 @@ import importlib
 import numpy as np
 
 from ._checks import FORMATS
+from ._int8 import Int8State
 from .algorithms import Definition
 from .algorithms._spec import (
+    CPU_INT8_SIGNATURE,
     CPU_PER_STEP,
     CPU_SIGNATURE,
     FACTORED_SIGNATURE,
+    INT8_SCALES,
     KERNEL_SLOTS,
     REDUCTION_SLOTS,
     SCALAR_SLOTS,
@@ -60,7 +63,9 @@ if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
                  *(f"scalar{i}" for i in range(SCALAR_SLOTS)), "weight_decay", "decoupled",
                  "maximize", *(f"h{i}" for i in range(KERNEL_SLOTS)), "fmt") \
         or CPU_PER_STEP != ("grads", "table", "step", "lr_scale", "grad_mult", "fresh",
-                            "parallel"):  # the order Prepared packs and passes them in
+                            "parallel") \
+        or CPU_INT8_SIGNATURE != (*CPU_FIXED, *INT8_SCALES, *CPU_PER_STEP):
+    # (the order Prepared packs and passes them in)
     raise ImportError("fastopt.engine packs the CPU kernel arguments in an order that "
                       "CPU_SIGNATURE no longer has")
 
@@ -93,7 +98,8 @@ class Prepared:
     as its torch twin: fastopt.torch).
     """
 
-    __slots__ = ("definition", "params", "master", "states", "scalars", "slots", "weight_decay",
+    __slots__ = ("definition", "params", "master", "states", "scales", "int8", "scalars",
+                 "slots", "weight_decay",
                  "decoupled", "maximize", "fmt", "parallel", "on_gpu", "dtype", "_fixed", "_fn",
                  "_compiled", "segments", "_segment_arrays", "hypers", "stage", "_first")
 
@@ -115,6 +121,19 @@ class Prepared:
             d, segments, params, on_gpu)
         self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
         self.master = params if master is None else master
+        #: int8 state (Int8State buffers): the codes go in the state slots, each block's
+        #: absmax in the scale slots, and the kernel is ``<name>_int8``
+        self.int8 = any(isinstance(v, Int8State) for v in states.values())
+        if self.int8:
+            if d.int8_refusal is not None:
+                raise ValueError(d.int8_refusal)
+            scales = {name: v.absmax for name, v in states.items()}
+            states = {name: v.codes for name, v in states.items()}
+            first_scale = next(iter(scales.values()))
+            self.scales = tuple(scales.get(name, first_scale) for name in d.state_names) \
+                + (first_scale,) * (STATE_SLOTS - len(d.state))
+        else:
+            self.scales = ()
         first = next(iter(states.values()), None)
         if first is None:
             first = _dummy_state(_xp(params)) if on_gpu else _CPU_DUMMY
@@ -135,7 +154,7 @@ class Prepared:
         self.maximize = bool(hypers.get("maximize", False))
         self.fmt = _FMT.get(dtype, 0)
         self.parallel = parallel and (d.matrix is None or params.shape[0] >= MATRIX_PARALLEL_MIN)
-        self._fn = None if on_gpu else cpu_kernel(d.name)
+        self._fn = None if on_gpu else cpu_kernel(d.name, f"{d.name}_int8" * self.int8)
         if on_gpu and not isinstance(params, np.ndarray):  # (numpy: the host-built kernels)
             _no_control(params.device.id)  # made now: a copy to the device is not capturable
         #: (grads dtype, writeable, parallel) -> the compiled specialisation's entry point;
@@ -145,7 +164,7 @@ class Prepared:
         #: the CPU kernel's fixed arguments, in CPU_FIXED order (checked at import below)
         self._fixed = (params, self.master, *self.states, *self.scalars, self.weight_decay,
                        self.decoupled, self.maximize, *self.slots, self.fmt,
-                       *self._segment_arrays)
+                       *self._segment_arrays, *self.scales)
 
     def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
             fresh: int = 0) -> float:
@@ -239,6 +258,7 @@ class Prepared:
                 else _no_control(self.params.device.id)
         s = self.states
         values = {"params": self.params, "grads": grads, "master": self.master,
+                  **dict(zip(INT8_SCALES, self.scales, strict=False)),
                   "state0": s[0], "state1": s[1], "state2": s[2], "state3": s[3],
                   "table": table, "table_rows": table_rows, "step_state": step_state,
                   "lr_out": lr_out, "lr_scale": lr_scale, "grad_mult": grad_mult,

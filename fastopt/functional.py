@@ -10,8 +10,10 @@ current stream) and runs one kernel call that evaluates the schedule for this st
 ``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning
 rate the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,
 bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they
-also need ``dtype=`` naming the format. State buffers are float32, or uint16
-holding bfloat16 bits (rounded stochastically).
+also need ``dtype=`` naming the format. State buffers are float32, uint16
+holding bfloat16 bits (rounded stochastically), or for the elementwise optimizers
+``fastopt.Int8State`` (uint8 codes plus a float32 absmax per block of 256
+elements; ``Int8State.zeros(n)``; format in ``fastopt/_int8.py``), all of one kind.
 """
 
 from ._functional import run, take_alias

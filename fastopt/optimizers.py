@@ -22,7 +22,7 @@ class Adadelta(FlatOptimizer):
         acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["adadelta"]
@@ -73,7 +73,7 @@ class Adagrad(FlatOptimizer):
         sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["adagrad"]
@@ -96,7 +96,7 @@ class Adam(FlatOptimizer):
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["adam"]
@@ -119,7 +119,7 @@ class AdamW(Adam):
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["adam"]
@@ -141,7 +141,7 @@ class Adamax(FlatOptimizer):
         p <- p - lr / (1 - beta1^k) * m / u
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["adamax"]
@@ -199,7 +199,7 @@ class AdEMAMix(FlatOptimizer):
     ``weight_decouple=True``.
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["ademamix"]
@@ -276,7 +276,7 @@ class Lion(FlatOptimizer):
     Weight decay is lion-pytorch's default form (``p *= 1 - lr wd``, decoupled, scaled by lr).
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["lion"]
@@ -335,7 +335,7 @@ class NAdam(FlatOptimizer):
                - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["nadam"]
@@ -363,7 +363,7 @@ class RAdam(FlatOptimizer):
     The branch is taken once per step (rho_k depends on k alone), never per element.
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["radam"]
@@ -388,7 +388,7 @@ class RMSprop(FlatOptimizer):
         b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["rmsprop"]
@@ -414,7 +414,7 @@ class Rprop(FlatOptimizer):
     schedule (as torch, whose schedulers would change nothing).
 
     lr: a float (or a constant schedule: this optimizer takes no other). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["rprop"]
@@ -435,7 +435,7 @@ class SGD(FlatOptimizer):
         g <- g + momentum b (nesterov) or b;   p <- p - lr g
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
-    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
     """
 
     definition = REGISTRY["sgd"]

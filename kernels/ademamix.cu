@@ -123,3 +123,96 @@ FO_KERNEL(ademamix_bf16, ademamix, __nv_bfloat16, float)
 FO_KERNEL(ademamix_f16_sbf16, ademamix, __half, bf16_bits)
 FO_KERNEL(ademamix_bf16_sbf16, ademamix, __nv_bfloat16, bf16_bits)
 #endif
+
+// One ademamix step k = step_state[0] + 1 with int8 state (codes in state<k>, each
+// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.
+template <typename T, typename S>
+FO_D void ademamix_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
+    const double step = (double)(step_state[0] + 1);
+    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
+    const double beta1 = h0;
+    const double beta2 = h1;
+    const double beta3 = h2;
+    const double alpha = h3;
+    const double t_alpha_beta3 = h4;
+    const double eps = h5;
+    double bias_correction1 = 0.0;
+    double root_bias_correction2 = 0.0;
+    double alpha_k = 0.0;
+    double beta3_k = 0.0;
+    double fraction = 0.0;
+    double log_beta1 = 0.0;
+    double log_beta3 = 0.0;
+    double mixed = 0.0;
+    double one_minus_beta1 = 0.0;
+    double one_minus_beta2 = 0.0;
+    double one_minus_beta3 = 0.0;
+    bias_correction1 = 1.0 - pow(beta1, step);
+    root_bias_correction2 = sqrt(1.0 - pow(beta2, step));
+    alpha_k = alpha;
+    beta3_k = beta3;
+    if (t_alpha_beta3 > 0.0) {
+        alpha_k = fmin(step * alpha / t_alpha_beta3, alpha);
+        fraction = step / t_alpha_beta3;
+        log_beta1 = log(beta1);
+        log_beta3 = log(beta3);
+        mixed = (1.0 - fraction) * log_beta3 + fraction * log_beta1;
+        beta3_k = fmin(exp(log_beta1 * log_beta3 / mixed), beta3);
+    }
+    one_minus_beta1 = 1.0 - beta1;
+    one_minus_beta2 = 1.0 - beta2;
+    one_minus_beta3 = 1.0 - beta3_k;
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
+    const float decay = (float)(1.0 - lr * weight_decay);
+    const float lr_f32 = (float)lr;
+    const float beta2_f32 = (float)beta2;
+    const float eps_f32 = (float)eps;
+    const float bias_correction1_f32 = (float)bias_correction1;
+    const float root_bias_correction2_f32 = (float)root_bias_correction2;
+    const float alpha_k_f32 = (float)alpha_k;
+    const float one_minus_beta1_f32 = (float)one_minus_beta1;
+    const float one_minus_beta2_f32 = (float)one_minus_beta2;
+    const float one_minus_beta3_f32 = (float)one_minus_beta3;
+    constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane
+    const unsigned lane = threadIdx.x % 32u;
+    const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / FO_INT8_BLOCK;
+    for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * warps) {
+        const long long b = base + threadIdx.x / 32;  // this warp's block
+        float p[K], g[K];
+        float exp_avg[K] = {};
+        float exp_avg_slow[K] = {};
+        float exp_avg_sq[K] = {};
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
+            if (b >= blocks || i >= n) continue;
+            float one[1];
+            load_param<1>(params + i, master + i, one);
+            p[k] = one[0];
+            load<1>(grads + i, one);
+            g[k] = grad_factor * one[0];
+            p[k] = decay * p[k];
+            exp_avg[k] = int8_decode_signed(state0[i]) * scale0[b];
+            exp_avg_slow[k] = int8_decode_signed(state1[i]) * scale1[b];
+            exp_avg_sq[k] = int8_decode_nonnegative(state2[i]) * scale2[b];
+            ademamix_element(p[k], g[k], exp_avg[k], exp_avg_slow[k], exp_avg_sq[k], lr_f32,
+                             beta2_f32, eps_f32, bias_correction1_f32, root_bias_correction2_f32,
+                             alpha_k_f32, one_minus_beta1_f32, one_minus_beta2_f32,
+                             one_minus_beta3_f32);
+            one[0] = p[k];
+            store_param<1>(params + i, master + i, one);
+        }
+        int8_store_block<K, true>(state0, scale0, b, blocks, n, lane, exp_avg, seed ^ 0x00000000u);
+        int8_store_block<K, true>(state1, scale1, b, blocks, n, lane, exp_avg_slow, seed ^ 0x632be5abu);
+        int8_store_block<K, false>(state2, scale2, b, blocks, n, lane, exp_avg_sq, seed ^ 0x85ebca77u);
+    }
+    finish_step(step_state, lr_out, lr);
+}
+
+FO_INT8_KERNEL(ademamix_int8_f32, ademamix_int8, float)
+#if defined(__CUDACC__)
+FO_INT8_KERNEL(ademamix_int8_f16, ademamix_int8, __half)
+FO_INT8_KERNEL(ademamix_int8_bf16, ademamix_int8, __nv_bfloat16)
+#endif

@@ -5,6 +5,8 @@
 // checked against each other by tests/test_cuda_host.py.
 #pragma once
 
+#include "signature.cuh"  // (the int8 code's constants)
+
 #if defined(__CUDACC__)
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -216,4 +218,88 @@ FO_D void chunk_stride(long long start, long long stop, bool vector_ok, Group&& 
     for (long long i = start + groups * N + threadIdx.x; i < stop; i += blockDim.x) {
         group(Width<1>{}, i);
     }
+}
+
+// The v of lane (this lane ^ o): a butterfly step of a warp's reduction. Every lane of the
+// warp calls it (in the host emulation every thread of the block, alike).
+FO_D double fo_shfl_xor(double v, unsigned o) {
+#if defined(__CUDACC__)
+    return __shfl_xor_sync(0xffffffffu, v, (int)o);
+#else
+    return fo_emulated_shfl_xor(v, o);
+#endif
+}
+
+// int8 state (state_dtype="int8"; mirrors fastopt/cpu/int8.py and fastopt/_int8.py): a
+// block's values x are stored as y = x / absmax in one byte, an 8-bit float with
+// FO_INT8_MANTISSA_BITS mantissa bits (code 0 is 0; a signed state's bit 7 is its sign),
+// rounded stochastically with ``rand`` (the bits below the kept mantissa).
+#define FO_INT8_SHIFT (23 - FO_INT8_MANTISSA_BITS)
+#define FO_INT8_BIAS(E) ((127 - (1 << (E)) + 1) << FO_INT8_MANTISSA_BITS)
+#define FO_INT8_ONE(E) ((127 << FO_INT8_MANTISSA_BITS) - FO_INT8_BIAS(E))
+#define FO_MIN_NORMAL 1.17549435e-38f
+
+template <int E>
+FO_HD unsigned int8_encode_magnitude(float y, unsigned rand) {
+    const unsigned a = float_bits(y) & 0x7FFFFFFFu;
+    int code = (int)((a + rand) >> FO_INT8_SHIFT) - FO_INT8_BIAS(E);
+    code = code >= (1 << FO_INT8_MANTISSA_BITS) ? code : 0;
+    return (unsigned)(code <= FO_INT8_ONE(E) ? code : FO_INT8_ONE(E));
+}
+
+template <int E>
+FO_HD float int8_decode_magnitude(unsigned magnitude) {
+    return magnitude ? bits_float((magnitude + FO_INT8_BIAS(E)) << FO_INT8_SHIFT) : 0.0f;
+}
+
+FO_HD float int8_decode_signed(unsigned char code) {
+    const float v = int8_decode_magnitude<FO_INT8_EXPONENT_BITS_SIGNED>(code & 0x7Fu);
+    return (code & 0x80u) ? -v : v;
+}
+
+FO_HD float int8_decode_nonnegative(unsigned char code) {
+    return int8_decode_magnitude<FO_INT8_EXPONENT_BITS_NONNEGATIVE>(code);
+}
+
+FO_HD unsigned char int8_encode_signed(float y, unsigned rand) {
+    const unsigned sign = (float_bits(y) >> 24) & 0x80u;
+    return (unsigned char)(int8_encode_magnitude<FO_INT8_EXPONENT_BITS_SIGNED>(y, rand) | sign);
+}
+
+FO_HD unsigned char int8_encode_nonnegative(float y, unsigned rand) {
+    return (unsigned char)int8_encode_magnitude<FO_INT8_EXPONENT_BITS_NONNEGATIVE>(y, rand);
+}
+
+// A warp's block b of int8 state: lane ``lane`` holds elements b * FO_INT8_BLOCK + k * 32 +
+// lane (k < K) in x. Stores their codes against the block's new absmax (the largest of
+// their bits without the sign: a NaN is the max) and the absmax (an absmax below float32's
+// smallest normal number stores the block as zeros). Every lane of the warp calls it,
+// b >= blocks included (they store nothing).
+template <int K, bool Signed>
+FO_D void int8_store_block(unsigned char* codes, float* scales, long long b, long long blocks,
+                           long long n, unsigned lane, const float (&x)[K], unsigned seed) {
+    unsigned top = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
+        const unsigned bits = float_bits(x[k]) & 0x7FFFFFFFu;
+        if (b < blocks && i < n && bits > top) top = bits;
+    }
+    for (unsigned o = 16; o > 0; o /= 2) {
+        const unsigned other = (unsigned)fo_shfl_xor((double)top, o);
+        top = other > top ? other : top;
+    }
+    if (b >= blocks) return;
+    const float absmax = bits_float(top);
+    const bool normal = absmax >= FO_MIN_NORMAL;
+    const float inv = normal ? 1.0f / absmax : 0.0f;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
+        if (i >= n) continue;
+        const unsigned rand = random32(i, seed) & ((1u << FO_INT8_SHIFT) - 1u);
+        codes[i] = Signed ? int8_encode_signed(x[k] * inv, rand)
+                          : int8_encode_nonnegative(x[k] * inv, rand);
+    }
+    if (lane == 0) scales[b] = (normal || absmax != absmax) ? absmax : 0.0f;
 }

@@ -16,16 +16,6 @@
 #include "common.cuh"
 #include "signature.cuh"
 
-// The v of lane (this lane ^ o): a butterfly step of a warp's sum adds it to its own. Every
-// lane of the warp calls it (in the host emulation every thread of the block, alike).
-FO_D double fo_shfl_xor(double v, unsigned o) {
-#if defined(__CUDACC__)
-    return __shfl_xor_sync(0xffffffffu, v, (int)o);
-#else
-    return fo_emulated_shfl_xor(v, o);
-#endif
-}
-
 // The machine epsilon of the params' format (torch's finfo(dtype).eps: eps1=None).
 template <typename T>
 struct FormatEps {

@@ -73,3 +73,58 @@ FO_KERNEL(lion_bf16, lion, __nv_bfloat16, float)
 FO_KERNEL(lion_f16_sbf16, lion, __half, bf16_bits)
 FO_KERNEL(lion_bf16_sbf16, lion, __nv_bfloat16, bf16_bits)
 #endif
+
+// One lion step k = step_state[0] + 1 with int8 state (codes in state<k>, each
+// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.
+template <typename T, typename S>
+FO_D void lion_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
+    const double step = (double)(step_state[0] + 1);
+    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
+    const double beta1 = h0;
+    const double beta2 = h1;
+    double one_minus_beta1 = 0.0;
+    double one_minus_beta2 = 0.0;
+    one_minus_beta1 = 1.0 - beta1;
+    one_minus_beta2 = 1.0 - beta2;
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
+    const float decay = (float)(1.0 - lr * weight_decay);
+    const float lr_f32 = (float)lr;
+    const float beta1_f32 = (float)beta1;
+    const float beta2_f32 = (float)beta2;
+    const float one_minus_beta1_f32 = (float)one_minus_beta1;
+    const float one_minus_beta2_f32 = (float)one_minus_beta2;
+    constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane
+    const unsigned lane = threadIdx.x % 32u;
+    const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / FO_INT8_BLOCK;
+    for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * warps) {
+        const long long b = base + threadIdx.x / 32;  // this warp's block
+        float p[K], g[K];
+        float exp_avg[K] = {};
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
+            if (b >= blocks || i >= n) continue;
+            float one[1];
+            load_param<1>(params + i, master + i, one);
+            p[k] = one[0];
+            load<1>(grads + i, one);
+            g[k] = grad_factor * one[0];
+            p[k] = decay * p[k];
+            exp_avg[k] = int8_decode_signed(state0[i]) * scale0[b];
+            lion_element(p[k], g[k], exp_avg[k], lr_f32, beta1_f32, beta2_f32, one_minus_beta1_f32,
+                         one_minus_beta2_f32);
+            one[0] = p[k];
+            store_param<1>(params + i, master + i, one);
+        }
+        int8_store_block<K, true>(state0, scale0, b, blocks, n, lane, exp_avg, seed ^ 0x00000000u);
+    }
+    finish_step(step_state, lr_out, lr);
+}
+
+FO_INT8_KERNEL(lion_int8_f32, lion_int8, float)
+#if defined(__CUDACC__)
+FO_INT8_KERNEL(lion_int8_f16, lion_int8, __half)
+FO_INT8_KERNEL(lion_int8_bf16, lion_int8, __nv_bfloat16)
+#endif

@@ -112,3 +112,86 @@ FO_KERNEL(radam_bf16, radam, __nv_bfloat16, float)
 FO_KERNEL(radam_f16_sbf16, radam, __half, bf16_bits)
 FO_KERNEL(radam_bf16_sbf16, radam, __nv_bfloat16, bf16_bits)
 #endif
+
+// One radam step k = step_state[0] + 1 with int8 state (codes in state<k>, each
+// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.
+template <typename T, typename S>
+FO_D void radam_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
+    const double step = (double)(step_state[0] + 1);
+    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
+    const double beta1 = h0;
+    const double beta2 = h1;
+    const double eps = h2;
+    double bias_correction1 = 0.0;
+    double bias_correction2 = 0.0;
+    double root_bias_correction2 = 0.0;
+    double rho_inf = 0.0;
+    double rho = 0.0;
+    bool rectify = false;
+    double rect = 0.0;
+    double rect_inf = 0.0;
+    double one_minus_beta1 = 0.0;
+    double one_minus_beta2 = 0.0;
+    bias_correction1 = 1.0 - pow(beta1, step);
+    bias_correction2 = 1.0 - pow(beta2, step);
+    root_bias_correction2 = sqrt(bias_correction2);
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+    rho = rho_inf - 2.0 * step * pow(beta2, step) / bias_correction2;
+    rectify = rho > 5.0;
+    rect = 0.0;
+    if (rectify) {
+        rect_inf = (rho_inf - 4.0) * (rho_inf - 2.0) / rho_inf;
+        rect = sqrt((rho - 4.0) * (rho - 2.0) / rho / rect_inf);
+    }
+    one_minus_beta1 = 1.0 - beta1;
+    one_minus_beta2 = 1.0 - beta2;
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
+    const float l2 = (float)(decoupled ? 0.0 : weight_decay);
+    const float decay = (float)(decoupled ? 1.0 - lr * weight_decay : 1.0);
+    const float lr_f32 = (float)lr;
+    const float beta2_f32 = (float)beta2;
+    const float eps_f32 = (float)eps;
+    const float bias_correction1_f32 = (float)bias_correction1;
+    const float root_bias_correction2_f32 = (float)root_bias_correction2;
+    const float rect_f32 = (float)rect;
+    const float one_minus_beta1_f32 = (float)one_minus_beta1;
+    const float one_minus_beta2_f32 = (float)one_minus_beta2;
+    constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane
+    const unsigned lane = threadIdx.x % 32u;
+    const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / FO_INT8_BLOCK;
+    for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * warps) {
+        const long long b = base + threadIdx.x / 32;  // this warp's block
+        float p[K], g[K];
+        float exp_avg[K] = {};
+        float exp_avg_sq[K] = {};
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
+            if (b >= blocks || i >= n) continue;
+            float one[1];
+            load_param<1>(params + i, master + i, one);
+            p[k] = one[0];
+            load<1>(grads + i, one);
+            g[k] = grad_factor * one[0] + l2 * p[k];
+            p[k] = decay * p[k];
+            exp_avg[k] = int8_decode_signed(state0[i]) * scale0[b];
+            exp_avg_sq[k] = int8_decode_nonnegative(state1[i]) * scale1[b];
+            radam_element(p[k], g[k], exp_avg[k], exp_avg_sq[k], lr_f32, beta2_f32, eps_f32,
+                          bias_correction1_f32, root_bias_correction2_f32, rectify, rect_f32,
+                          one_minus_beta1_f32, one_minus_beta2_f32);
+            one[0] = p[k];
+            store_param<1>(params + i, master + i, one);
+        }
+        int8_store_block<K, true>(state0, scale0, b, blocks, n, lane, exp_avg, seed ^ 0x00000000u);
+        int8_store_block<K, false>(state1, scale1, b, blocks, n, lane, exp_avg_sq, seed ^ 0x632be5abu);
+    }
+    finish_step(step_state, lr_out, lr);
+}
+
+FO_INT8_KERNEL(radam_int8_f32, radam_int8, float)
+#if defined(__CUDACC__)
+FO_INT8_KERNEL(radam_int8_f16, radam_int8, __half)
+FO_INT8_KERNEL(radam_int8_bf16, radam_int8, __nv_bfloat16)
+#endif

@@ -89,3 +89,58 @@ FO_KERNEL(rprop_bf16, rprop, __nv_bfloat16, float)
 FO_KERNEL(rprop_f16_sbf16, rprop, __half, bf16_bits)
 FO_KERNEL(rprop_bf16_sbf16, rprop, __nv_bfloat16, bf16_bits)
 #endif
+
+// One rprop step k = step_state[0] + 1 with int8 state (codes in state<k>, each
+// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.
+template <typename T, typename S>
+FO_D void rprop_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
+    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
+    const double step = (double)(step_state[0] + 1);
+    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;
+    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state rounding
+    const double etaminus = h0;
+    const double etaplus = h1;
+    const double step_size_min = h2;
+    const double step_size_max = h3;
+    ;
+    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * control[0]);
+    const float l2 = (float)weight_decay;
+    const float etaminus_f32 = (float)etaminus;
+    const float etaplus_f32 = (float)etaplus;
+    const float step_size_min_f32 = (float)step_size_min;
+    const float step_size_max_f32 = (float)step_size_max;
+    constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane
+    const unsigned lane = threadIdx.x % 32u;
+    const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / FO_INT8_BLOCK;
+    for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * warps) {
+        const long long b = base + threadIdx.x / 32;  // this warp's block
+        float p[K], g[K];
+        float prev[K] = {};
+        float step_size[K] = {};
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
+            if (b >= blocks || i >= n) continue;
+            float one[1];
+            load_param<1>(params + i, master + i, one);
+            p[k] = one[0];
+            load<1>(grads + i, one);
+            g[k] = grad_factor * one[0] + l2 * p[k];
+            prev[k] = int8_decode_signed(state0[i]) * scale0[b];
+            step_size[k] = int8_decode_nonnegative(state1[i]) * scale1[b];
+            rprop_element(p[k], g[k], prev[k], step_size[k], etaminus_f32, etaplus_f32,
+                          step_size_min_f32, step_size_max_f32);
+            one[0] = p[k];
+            store_param<1>(params + i, master + i, one);
+        }
+        int8_store_block<K, true>(state0, scale0, b, blocks, n, lane, prev, seed ^ 0x00000000u);
+        int8_store_block<K, false>(state1, scale1, b, blocks, n, lane, step_size, seed ^ 0x632be5abu);
+    }
+    finish_step(step_state, lr_out, lr);
+}
+
+FO_INT8_KERNEL(rprop_int8_f32, rprop_int8, float)
+#if defined(__CUDACC__)
+FO_INT8_KERNEL(rprop_int8_f16, rprop_int8, __half)
+FO_INT8_KERNEL(rprop_int8_bf16, rprop_int8, __nv_bfloat16)
+#endif

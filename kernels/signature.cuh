@@ -43,3 +43,20 @@
 
 #define FO_TILE_COLS 256
 #define FO_MEAN_THREAD_ROWS 64
+
+// An int8-state kernel (state_dtype='int8') takes each state's block scales after
+// the uniform signature (its state<k> holds the codes); the code's constants
+// (fastopt/algorithms/_spec.py: INT8_BLOCK, INT8_MANTISSA_BITS, INT8_EXPONENT_BITS).
+#define FO_INT8_PARAMS float* scale0, float* scale1, float* scale2, float* scale3
+
+#define FO_INT8_ARGS scale0, scale1, scale2, scale3
+
+#define FO_INT8_KERNEL(NAME, OP, T) \
+    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, unsigned char), FO_INT8_PARAMS) { \
+        OP<T, unsigned char>(FO_KERNEL_ARGS, FO_INT8_ARGS); \
+    }
+
+#define FO_INT8_BLOCK 256
+#define FO_INT8_MANTISSA_BITS 3
+#define FO_INT8_EXPONENT_BITS_SIGNED 4
+#define FO_INT8_EXPONENT_BITS_NONNEGATIVE 5

@@ -22,10 +22,16 @@ from optimizer_cases import (
     shapes_for,
 )
 
-from fastopt import _bf16
+from fastopt import _bf16, _int8
 from fastopt import schedules as S
+from fastopt._int8 import quantize
 from fastopt.algorithms import CLASSES, REGISTRY
-from fastopt.algorithms._spec import FACTORED_SIGNATURE, KERNEL_SIGNATURE, SEGMENT_SIGNATURE
+from fastopt.algorithms._spec import (
+    FACTORED_SIGNATURE,
+    INT8_SIGNATURE,
+    KERNEL_SIGNATURE,
+    SEGMENT_SIGNATURE,
+)
 from fastopt.engine import Prepared
 from fastopt.gpu import build
 from fastopt.gpu.launch import pack_args, segmented_passes
@@ -33,7 +39,8 @@ from fastopt.segments import SegmentTable
 
 HERE = Path(__file__).parent / "cuda_host"
 CTYPES = {"double": ctypes.c_double, "int": ctypes.c_int, "long long": ctypes.c_longlong}
-STATE_C = {"": "float*", "_sbf16": "unsigned short*"}  # kernel suffix -> the state's C type
+#: kernel suffix -> the state's C type
+STATE_C = {"": "float*", "_sbf16": "unsigned short*", "_int8": "unsigned char*"}
 
 
 def _c_type(ctype: str, suffix: str) -> str:
@@ -48,7 +55,9 @@ def _host_kernels():
         if op not in REGISTRY:
             continue
         for kernel in kernels:
-            if kernel.endswith("_f32") or kernel.endswith("_f32_sbf16"):
+            if kernel.endswith("_int8_f32"):
+                yield op, kernel, "_int8"
+            elif kernel.endswith("_f32") or kernel.endswith("_f32_sbf16"):
                 yield op, kernel, "_sbf16" if kernel.endswith("_sbf16") else ""
             elif not kernel.endswith(("_f16", "_bf16", "_f16_sbf16", "_bf16_sbf16")):
                 yield op, kernel, ""
@@ -61,12 +70,13 @@ def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_host")
     lines = [f'#include "{name}"' for name in sorted(build.SOURCES)]
     for op, kernel, suffix in _host_kernels():
-        signature = _signature(op)
+        signature = _signature(op, suffix)
         params = ", ".join(f"{_c_type(t, suffix)} {n}" for n, t in signature)
         names = ", ".join(n for n, _ in signature)
-        # factored moments' passes wait on each other's threads (real threads, barriers)
+        # factored moments' passes wait on each other's threads, int8 state's warps shuffle
+        # (cooperative threads, barriers)
         launch = "fo_emulate_launch_threads" if REGISTRY[op].factored is not None \
-            else "fo_emulate_launch"
+            or suffix == "_int8" else "fo_emulate_launch"
         lines.append(f'extern "C" void emulate_{kernel}(unsigned grid, unsigned block, '
                      f'{params}) {{ {launch}(grid, block, [&] {{ {kernel}({names}); }}); }}')
     # the driver's gradient-norm kernels (kernels/control.cu)
@@ -86,20 +96,21 @@ def lib(tmp_path_factory):
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     library = ctypes.CDLL(str(so))
-    for op, kernel, _ in _host_kernels():
+    for op, kernel, suffix in _host_kernels():
         fn = getattr(library, f"emulate_{kernel}")
         fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [CTYPES.get(t, ctypes.c_void_p)
-                                                        for _, t in _signature(op)]
+                                                        for _, t in _signature(op, suffix)]
         fn.restype = None
     return library
 
 
-def _signature(op: str):
+def _signature(op: str, suffix: str = ""):
     """The kernel's (name, C type) arguments: a tensor-aware one takes the segment tables,
-    factored moments their tables too."""
+    factored moments their tables too, an int8-state one its block scales."""
     d = REGISTRY[op]
     return (KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if d.segmented else ())
-            + (FACTORED_SIGNATURE if d.factored is not None else ()))
+            + (FACTORED_SIGNATURE if d.factored is not None else ())
+            + (INT8_SIGNATURE if suffix == "_int8" else ()))
 
 
 class HostRun:
@@ -107,10 +118,12 @@ class HostRun:
     included), stepped by the host-built CUDA kernel; packed by fastopt.engine.Prepared."""
 
     def __init__(self, lib, cls, hypers, n, grid, block, offset, schedule, rng,
-                 state_bf16=False, shapes=None):
+                 state_bf16=False, shapes=None, int8=False):
         d, _ = CLASSES[cls]
         self.lib, self.op, self.grid, self.block = lib, d.name, grid, block
         self.suffix = "_sbf16" if state_bf16 else ""
+        self.kernel = f"emulate_{d.name}_int8_f32" if int8 else \
+            f"emulate_{d.name}_f32{self.suffix}"
         full = full_hypers(cls, hypers)
         base = np.zeros(n + offset, np.float32)
         self.params = base[offset:]
@@ -122,6 +135,10 @@ class HostRun:
         for name in d.active_state(full):
             size = d.state_size(name, n, self.segments)  # (factored: by the layout)
             value = np.zeros(size) if start.get(name) is None else start[name]  # (None: fresh)
+            if int8:  # (the quantised starting values)
+                self.states[name] = quantize(np.broadcast_to(value, (size,)).astype(
+                    np.float32), _int8.signed(d, name))
+                continue
             buf = np.zeros(size + offset, np.uint16 if state_bf16 else np.float32)[offset:]
             buf[...] = _bf16.encode(value.astype(np.float32)) if state_bf16 else value
             self.states[name] = buf
@@ -139,8 +156,7 @@ class HostRun:
         args = [a.ctypes.data if isinstance(a, np.ndarray) else a.item()
                 for a in pack_args(values)]
         if self.segments is None:
-            getattr(self.lib, f"emulate_{self.op}_f32{self.suffix}")(self.grid, self.block,
-                                                                     *args)
+            getattr(self.lib, self.kernel)(self.grid, self.block, *args)
             return
         # the launcher's passes (a block per chunk, tile or tensor; a thread per factor)
         for stem, typed, grid, block in segmented_passes(self.op, values, self.block):
@@ -254,6 +270,35 @@ def test_bf16_state_kernels_match_the_numba_backend(lib, name, grid, block, offs
         np.testing.assert_allclose(ours, theirs, rtol=2e-2, atol=1e-6 * np.max(np.abs(theirs)))
         # the same stochastic rounding bits: most elements are bit-identical
         assert np.mean(buf == cpu.state[key]) > 0.9, key
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(REGISTRY) if REGISTRY[n].int8_refusal is None])
+@pytest.mark.parametrize("grid,block", [(1, 32), (2, 64)])
+def test_int8_state_kernels_match_the_numba_backend(lib, name, grid, block):
+    """int8 state: the CUDA kernel (a warp per block, absmax by shuffles) decodes, updates
+    and encodes as the Numba kernel does, with the same stochastic-rounding bits: the params
+    agree to float32 rounding, and almost every code is identical (a value an ulp away may
+    round to the next code)."""
+    cls, hypers = CASES[name].options[-1]  # the last option uses every state buffer
+    rng = np.random.default_rng(8)
+    n, schedule = 700, schedule_for(name, SCHEDULES[1])  # (3 blocks, the last partial)
+    run = HostRun(lib, cls, hypers, n, grid, block, 0, schedule, rng, int8=True)
+    p_cpu = run.params.copy()
+    cpu = make(cls, p_cpu, lr=schedule, state_dtype="int8", **hypers)
+    for key, state in run.states.items():
+        cpu.state[key].codes[...] = state.codes
+        cpu.state[key].absmax[...] = state.absmax
+    for g in _grads(rng, n, 30):
+        run.step(g)
+        cpu.step(g)
+    _close(run.params, p_cpu)
+    assert run.states
+    for key, state in run.states.items():
+        ours, theirs = cpu.state[key], state
+        np.testing.assert_allclose(ours.absmax, theirs.absmax, rtol=1e-5)
+        assert np.mean(ours.codes == theirs.codes) > 0.99, key
+        assert np.all(np.abs(ours.codes.astype(int) - theirs.codes) <= 1) or \
+            _int8.signed(REGISTRY[name], key), key
 
 
 @pytest.mark.parametrize("case", ["finite", "clipped", "nan", "inf"])

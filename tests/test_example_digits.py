@@ -38,3 +38,24 @@ def test_every_optimizer_converges_like_its_counterpart(example, optimizer):
     ours, theirs = results["fastopt"]["final_loss"], results["reference"]["final_loss"]
     assert abs(ours - theirs) <= 0.02 * theirs, (ours, theirs)
     assert results["fastopt"]["accuracy"] > 0.5  # it learned (chance: 0.1)
+
+
+#: known gaps of int8 state on this problem (bench/NOTES.md, "8-bit state: convergence")
+INT8_GAPS = {"RMSprop": "int8 RMSprop ends 12 % below (3 epochs) and 23 % above (10 epochs) "
+                        "the float32 loss: its raw gradient over sqrt(square_avg) amplifies the "
+                        "rounding noise of the 3-bit mantissa; not fixed yet"}
+
+
+@pytest.mark.parametrize("optimizer", [
+    pytest.param(name, marks=pytest.mark.xfail(reason=INT8_GAPS[name], strict=True))
+    if name in INT8_GAPS else name
+    for name in sorted(name for name, (d, _) in CLASSES.items() if d.int8_refusal is None)])
+def test_int8_state_converges_like_float32_state(example, optimizer):
+    """fastopt.torch with state_dtype='int8' ends within 1 % of the float32 twin's final loss
+    (the digits MLP: the issue's convergence check)."""
+    if optimizer in ORACLES and not ORACLES[optimizer].available():
+        pytest.skip(f"{ORACLES[optimizer].requirement} is not installed")
+    results = example.run(epochs=3, optimizer=optimizer, out=lambda *_: None,
+                          state_dtype="int8")
+    ours, theirs = results["fastopt"]["final_loss"], results["reference"]["final_loss"]
+    assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)

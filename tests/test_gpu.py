@@ -7,7 +7,7 @@ from optimizer_cases import CASES, make, schedule_for
 import fastopt
 from fastopt import functional as F
 from fastopt import schedules as S
-from fastopt.algorithms import CLASSES
+from fastopt.algorithms import CLASSES, REGISTRY
 
 cupy = pytest.importorskip("cupy", reason="cupy not installed")
 if not cupy.cuda.is_available():
@@ -185,6 +185,56 @@ def test_gpu_bf16_state_equals_cpu():
         cpu.step(g)
         gpu.step(cupy.asarray(g))
     np.testing.assert_allclose(p_gpu.get(), p_cpu, rtol=1e-4, atol=1e-5)
+
+
+INT8_OPTIONS = [(name, cls, hypers) for name, d in sorted(REGISTRY.items())
+                if d.int8_refusal is None for cls, hypers in CASES[name].options[-1:]]
+
+
+@pytest.mark.parametrize("name,cls,hypers", INT8_OPTIONS, ids=[o[1] for o in INT8_OPTIONS])
+def test_gpu_int8_state_equals_cpu(name, cls, hypers):
+    """int8 state on the GPU (a warp per block, the absmax by shuffles): the params follow the
+    CPU's, and the codes are the CPU's (the same stochastic-rounding bits) but where a value
+    an ulp away rounds to the next code; with clipping and a skipped step on the device."""
+    n = 5 * 256 + 77
+    data = _grads(n, 20, seed=21)
+    p_cpu = np.random.default_rng(22).standard_normal(n).astype(np.float32)
+    p_gpu = cupy.asarray(p_cpu)
+    schedule = schedule_for(name, SCHED)
+    cpu = make(cls, p_cpu, lr=schedule, state_dtype="int8", **hypers)
+    gpu = make(cls, p_gpu, lr=schedule, state_dtype="int8", **hypers)
+    for k, g in enumerate(data):
+        if k == 7:  # a skipped step: nothing changes on the device
+            bad = g.copy()
+            bad[3] = np.nan
+            assert not bool(gpu.step(cupy.asarray(bad), skip_if_nonfinite=True))
+        cpu.step(g, max_grad_norm=20.0)
+        gpu.step(cupy.asarray(g), max_grad_norm=20.0)
+    np.testing.assert_allclose(p_gpu.get(), p_cpu, rtol=1e-4, atol=1e-5)
+    for key, state in cpu.state.items():
+        codes = gpu.state[key].codes.get()
+        assert codes.dtype == np.uint8 and np.mean(codes == state.codes) > 0.99, key
+        np.testing.assert_allclose(gpu.state[key].absmax.get(), state.absmax, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_int8_state_with_16_bit_params_equals_cpu(dtype):
+    from fastopt import _bf16
+
+    n = 3 * 256 + 5
+    rng = np.random.default_rng(23)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    bits = (_bf16.encode(p0) if dtype == "bfloat16"
+            else p0.astype(np.float16).view(np.uint16))
+    cpu = fastopt.AdamW(bits.copy(), dtype=dtype, lr=SCHED, state_dtype="int8")
+    gpu = fastopt.AdamW(cupy.asarray(bits), dtype=dtype, lr=SCHED, state_dtype="int8")
+    for g in _grads(n, 10, seed=24):
+        g16 = (_bf16.encode(g) if dtype == "bfloat16" else g.astype(np.float16)).view(np.uint16)
+        cpu.step(g16)
+        gpu.step(cupy.asarray(g16))
+    np.testing.assert_allclose(gpu.state["master_param"].get(), cpu.state["master_param"],
+                               rtol=1e-4, atol=1e-5)
+    assert np.mean(gpu.state["exp_avg"].codes.get() == cpu.state["exp_avg"].codes) > 0.99
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

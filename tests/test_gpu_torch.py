@@ -220,7 +220,33 @@ def test_fot_muon_on_cuda_matches_torch_muon(options):
 #: state (SGD's momentum), a matrix stage on torch's matmul (Muon: its 2-D params only),
 #: factored moments (Adafactor: six launches)
 CAPTURED = [("AdamW", dict(weight_decay=0.1)), ("NAdam", dict(weight_decay=0.01)),
-            ("SGD", dict(momentum=0.9, nesterov=True)), ("Muon", {}), ("Adafactor", {})]
+            ("SGD", dict(momentum=0.9, nesterov=True)), ("Muon", {}), ("Adafactor", {}),
+            ("AdamW", dict(weight_decay=0.1, state_dtype="int8"))]
+
+
+@pytest.mark.parametrize("name,kw", [("AdamW", dict(weight_decay=0.1)),
+                                     ("Adam", dict(amsgrad=True)),
+                                     ("Adagrad", dict(lr_decay=0.01)),
+                                     ("SGD", dict(momentum=0.9))])
+def test_fot_cuda_int8_state_follows_the_cpu(name, kw):
+    """fastopt.torch with int8 state on CUDA (a warp per block) against the same on the CPU:
+    the params agree to float32 rounding, the codes are almost all identical."""
+    grads = _grads(30, seed=31)
+    on_gpu = [torch.nn.Parameter(p) for p in _params(seed=3)]
+    on_cpu = [torch.nn.Parameter(p.cpu()) for p in _params(seed=3)]
+    gpu = getattr(fot, name)(on_gpu, lr=_schedule(3e-3, 30, 5), state_dtype="int8", **kw)
+    cpu = getattr(fot, name)(on_cpu, lr=_schedule(3e-3, 30, 5), state_dtype="int8", **kw)
+    for gs in grads:
+        for p, q, g in zip(on_gpu, on_cpu, gs, strict=True):
+            p.grad, q.grad = g.clone(), g.cpu()
+        gpu.step()
+        cpu.step()
+    for p, q in zip(on_gpu, on_cpu, strict=True):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-4, atol=1e-5)
+        for key, codes in cpu.state[q].items():
+            if codes.dtype == torch.uint8:
+                same = (gpu.state[p][key].cpu() == codes).float().mean().item()
+                assert same > 0.99, (key, same)
 
 
 def _set_grads(params, grads):

@@ -90,6 +90,15 @@ CPU_SIGNATURE: tuple[str, ...] = tuple(
     name for name, _ in KERNEL_SIGNATURE
     if name not in ("table_rows", "step_state", "lr_out", "control", "n", *CPU_PER_STEP)
 ) + ("fmt", *CPU_PER_STEP)
+#: the CPU int8-state kernels' arguments (``<name>_int8``): CPU_SIGNATURE with each state
+#: slot's block scales (float32, one absmax per INT8_BLOCK elements) before the per-step ones;
+#: ``state<k>`` then holds the codes (uint8)
+INT8_SCALES = tuple(f"scale{i}" for i in range(STATE_SLOTS))
+CPU_INT8_SIGNATURE: tuple[str, ...] = CPU_SIGNATURE[:-len(CPU_PER_STEP)] + INT8_SCALES \
+    + CPU_PER_STEP
+#: what an int8-state CUDA kernel (``<name>_int8_<format>``) takes after KERNEL_SIGNATURE:
+#: each state slot's block scales (its ``state<k>`` holds the codes, ``S`` = unsigned char)
+INT8_SIGNATURE: tuple[tuple[str, str], ...] = tuple((name, "float*") for name in INT8_SCALES)
 #: What a tensor-aware (segmented) kernel takes after the uniform signature, CUDA and CPU
 #: alike (fastopt/segments.py): the segment table (``segments``: offset, batch, rows, cols,
 #: first and end chunk per tensor) and the chunk table (``chunks``: start, stop, segment),
@@ -145,6 +154,23 @@ STATE_LAYOUTS = ("elements", "rows", "cols", "unfactored")
 FORMAT_EPS = -1.0
 #: which 16 of each element's 32 random bits the bf16 rounding of state slot k takes
 STATE_RANDOM_SHIFTS = (0, 16, 8, 4)
+#: int8 state (``state_dtype="int8"``): each state buffer is cut into blocks of INT8_BLOCK
+#: elements; a block keeps its float32 absmax and one byte per element, an 8-bit float of
+#: y = x / absmax (|y| <= 1): code 0 is 0, code c > 0 is 2^(e - 2^E + 1) (1 + f / 2^M) with
+#: e = (c >> M) & (2^E - 1) and f = c & (2^M - 1); a signed state's bit 7 is the sign.
+#: Encoded branch-free from the float's bits (bench/NOTES.md, "8-bit state: the codes").
+INT8_BLOCK = 256
+#: the codes' mantissa bits (M), and exponent bits (E) by State.sign: E4M3 for signed states
+#: (values down to 2^-14 of the absmax), E5M3 for non-negative ones (down to 2^-30: second
+#: moments span the squares of the gradients' range)
+INT8_MANTISSA_BITS = 3
+INT8_EXPONENT_BITS = {"signed": 4, "nonnegative": 5}
+#: each state slot's salt of the stochastic rounding's random bits (the step's seed ^ salt)
+INT8_SALTS = (0x00000000, 0x632BE5AB, 0x85EBCA77, 0xC2B2AE3D)
+#: the code's version, recorded in checkpoints and state dicts with the raw codes
+INT8_CODE_VERSION = 1
+#: the state formats every layer takes (``state_dtype=``)
+STATE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def sign(x: float) -> float:
@@ -195,6 +221,12 @@ class State:
     #: more dims ("rows", "cols") or per element of the others ("unfactored"), packed in
     #: tensor order as ``SegmentTable.factored_layout()`` lays them out
     layout: str = "elements"
+    #: the sign of its values: "signed", or "nonnegative" (second moments, accumulators),
+    #: which int8 state encodes with one more exponent bit in place of the sign
+    sign: str = "signed"
+    #: False for a buffer holding param values (Schedule-Free's z, ASGD's average): eight
+    #: bits cannot carry params, so int8 state is refused for its optimizer
+    quantizable: bool = True
 
 
 @dataclass(frozen=True)
@@ -344,6 +376,8 @@ class Definition:
                 or len(self.scalars) > SCALAR_SLOTS:
             raise ValueError(f"{self.name}: more than {KERNEL_SLOTS} kernel hyperparameters, "
                              f"{STATE_SLOTS} state buffers or {SCALAR_SLOTS} scalars")
+        if any(s.sign not in INT8_EXPONENT_BITS for s in self.state):
+            raise ValueError(f"{self.name}: a state's sign is one of {tuple(INT8_EXPONENT_BITS)}")
         if any(s.layout not in STATE_LAYOUTS for s in self.state) or (
                 self.factored is not None) != any(s.layout != "elements" for s in self.state):
             raise ValueError(f"{self.name}: state layouts are {STATE_LAYOUTS}; the factored "
@@ -374,6 +408,21 @@ class Definition:
         if layout == "elements":
             return n
         return segments.factored_layout()[1][STATE_LAYOUTS.index(layout) - 1]
+
+    @property
+    def int8_refusal(self) -> str | None:
+        """Why this definition cannot keep int8 state (None: it can): the tensor-aware ones
+        keep per-tensor state layouts and passes the int8 blocks are not built for yet, and
+        a buffer of param values (Schedule-Free's z) does not survive 8 bits."""
+        name = self.classes[0].name
+        if self.segmented:
+            return (f"{name} updates each tensor as a whole; int8 state is built for the "
+                    "elementwise optimizers only: use state_dtype='float32' or 'bfloat16'")
+        held = [s.name for s in self.state if not s.quantizable]
+        if held:
+            return (f"{name}'s state {held} holds param values, which 8 bits cannot carry: "
+                    "use state_dtype='float32' or 'bfloat16'")
+        return None
 
     @functools.cached_property
     def kernel_slots(self) -> tuple[str, ...]:

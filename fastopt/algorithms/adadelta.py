@@ -31,7 +31,7 @@ DEFINITION = Definition(
         Hyper("weight_decay", 0.0, check_weight_decay),
         Hyper("maximize", False, bool),
     ),
-    state=(State("square_avg"), State("acc_delta")),
+    state=(State("square_avg", sign="nonnegative"), State("acc_delta", sign="nonnegative")),
     decay="l2",
     prologue=prologue,
     element=element,

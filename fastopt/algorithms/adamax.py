@@ -29,7 +29,7 @@ DEFINITION = Definition(
         Hyper("weight_decay", 0.0, check_weight_decay),
         Hyper("maximize", False, bool),
     ),
-    state=(State("exp_avg"), State("exp_inf")),
+    state=(State("exp_avg"), State("exp_inf", sign="nonnegative")),
     decay="l2",
     prologue=prologue,
     element=element,

@@ -86,7 +86,7 @@ DEFINITION = Definition(
         Hyper("weight_decay", 0.0, check_weight_decay),
         Hyper("maximize", False, bool),
     ),
-    state=(State("exp_avg"), State("exp_avg_slow"), State("exp_avg_sq")),
+    state=(State("exp_avg"), State("exp_avg_slow"), State("exp_avg_sq", sign="nonnegative")),
     decay="decoupled",
     prologue=prologue,
     element=element,

@@ -53,7 +53,7 @@ DEFINITION = Definition(
         Hyper("weight_decay", 0.0, check_weight_decay),
         Hyper("maximize", False, bool),
     ),
-    state=(State("ax"),),
+    state=(State("ax", quantizable=False),),
     scalars=(Scalar("eta", 0.0), Scalar("mu", 1.0)),
     decay="l2",
     prologue=prologue,

@@ -46,7 +46,7 @@ DEFINITION = Definition(
         Hyper("decoupled_weight_decay", False, bool),
         Hyper("maximize", False, bool),
     ),
-    state=(State("exp_avg"), State("exp_avg_sq")),
+    state=(State("exp_avg"), State("exp_avg_sq", sign="nonnegative")),
     scalars=(Scalar("mu_product", 1.0),),
     decay="choice",
     prologue=prologue,

@@ -51,7 +51,7 @@ DEFINITION = Definition(
         Hyper("decoupled_weight_decay", False, bool),
         Hyper("maximize", False, bool),
     ),
-    state=(State("exp_avg"), State("exp_avg_sq")),
+    state=(State("exp_avg"), State("exp_avg_sq", sign="nonnegative")),
     decay="choice",
     prologue=prologue,
     element=element,

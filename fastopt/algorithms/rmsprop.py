@@ -43,7 +43,7 @@ DEFINITION = Definition(
         Hyper("centered", False, bool, slots=("centered",), flag=True),
         Hyper("maximize", False, bool),
     ),
-    state=(State("square_avg"), State("momentum_buffer", when="momentum > 0.0"),
+    state=(State("square_avg", sign="nonnegative"), State("momentum_buffer", when="momentum > 0.0"),
            State("grad_avg", when="centered")),
     decay="l2",
     prologue=prologue,

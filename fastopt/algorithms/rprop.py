@@ -63,7 +63,7 @@ DEFINITION = Definition(
               slots=("step_size_min", "step_size_max")),
         Hyper("maximize", False, bool),
     ),
-    state=(State("prev"), State("step_size", init=INIT_LR)),
+    state=(State("prev"), State("step_size", init=INIT_LR, sign="nonnegative")),
     decay="l2",
     prologue=prologue,
     element=element,

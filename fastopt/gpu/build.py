@@ -15,7 +15,8 @@ def _entry_points(op: str, definition) -> tuple[str, ...]:
     """The extern "C" kernels of ``<op>.cu``: each pass that reads params (the update, a
     tensor-aware kernel's first pass, factored statistics) per format, ``<pass>_<param
     dtype>`` with float32 state and ``..._sbf16`` with bfloat16 state (factored moments:
-    float32 state only); the passes that read none once (``<op>_segment``, ``<op>_fold``,
+    float32 state only), ``<op>_int8_<param dtype>`` with int8 state (the elementwise
+    definitions); the passes that read none once (``<op>_segment``, ``<op>_fold``,
     ``<op>_means``). fastopt.gpu.launch.segmented_passes launches them in order."""
     factored = definition.factored is not None
     typed = [op, *([f"{op}_reduce"] if definition.segmented else []),
@@ -23,7 +24,9 @@ def _entry_points(op: str, definition) -> tuple[str, ...]:
     untyped = [*([f"{op}_segment"] if definition.segmented else []),
                *([f"{op}_fold", f"{op}_means"] if factored else [])]
     states = ("",) if factored else ("", "_sbf16")
-    return (*(f"{t}_{d}{s}" for t in typed for d in DTYPE_SUFFIXES for s in states), *untyped)
+    int8 = [f"{op}_int8_{d}" for d in DTYPE_SUFFIXES] if definition.int8_refusal is None else []
+    return (*(f"{t}_{d}{s}" for t in typed for d in DTYPE_SUFFIXES for s in states), *int8,
+            *untyped)
 
 
 #: CUDA source file -> the extern "C" kernels it defines (``_entry_points``)

@@ -15,6 +15,8 @@ import numpy as np
 
 from ..algorithms._spec import (
     FACTORED_SIGNATURE,
+    INT8_BLOCK,
+    INT8_SIGNATURE,
     KERNEL_SIGNATURE,
     REDUCE_THREADS,
     SEGMENT_BLOCK,
@@ -35,11 +37,14 @@ SEGMENT_THREADS = 128
 BLOCKS_PER_SM = 8
 
 
-def kernel_name(op: str, dtype: str, state_bf16: bool = False) -> str:
+def kernel_name(op: str, dtype: str, state_bf16: bool = False, int8: bool = False) -> str:
     """The compiled variant for params/grads of format ``dtype`` ('float32', 'float16',
-    'bfloat16': what the elements hold, so uint16 bits are named by their format)."""
+    'bfloat16': what the elements hold, so uint16 bits are named by their format), with
+    bfloat16 or int8 state."""
     if dtype not in DTYPE_SUFFIX:
         raise ValueError(f"no GPU kernel for {dtype} params (float32, float16, bfloat16)")
+    if int8:
+        return f"{op}_int8_{DTYPE_SUFFIX[dtype]}"
     return f"{op}_{DTYPE_SUFFIX[dtype]}" + ("_sbf16" if state_bf16 else "")
 
 
@@ -47,7 +52,8 @@ def signature_of(values: dict) -> tuple:
     """The kernel signature ``values`` are for: the uniform one, with the segment tables for a
     tensor-aware kernel and the factored ones for factored moments."""
     return (KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if "segments" in values else ())
-            + (FACTORED_SIGNATURE if "tiles" in values else ()))
+            + (FACTORED_SIGNATURE if "tiles" in values else ())
+            + (INT8_SIGNATURE if "scale0" in values else ()))
 
 
 def pack_args(values: dict) -> tuple:
@@ -105,8 +111,13 @@ def bind(op: str, dtype: str, values: dict, between=None):
                 launch()
 
         return run_segmented
-    kernel = module.get_function(name)
     n = int(values["n"])
+    if "scale0" in values:  # int8 state: a warp per block of INT8_BLOCK elements
+        kernel = module.get_function(kernel_name(op, dtype, int8=True))
+        warps = -(-n // INT8_BLOCK)
+        grid = (max(1, min(_grid(values["params"].device.id), -(-warps // (BLOCK // 32)))),)
+        return lambda: kernel(grid, (BLOCK,), args)
+    kernel = module.get_function(name)
     grid = (max(1, min(_grid(values["params"].device.id), -(-n // BLOCK))),)
     return lambda: kernel(grid, (BLOCK,), args)
 

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from ._base import FlatOptimizer, _aligned, _as_array, _as_bits, _Bucket
+from ._base import FlatOptimizer, _as_array, _as_bits, _Bucket
 
 
 class _Chunk:
@@ -30,7 +30,7 @@ class _Chunk:
     def __init__(self, group: int, bucket: _Bucket, first: int, stop: int):
         self.group, self.bucket, self.first, self.stop = group, bucket, first, stop
         self.lo = bucket.offsets[first]
-        self.hi = bucket.offsets[stop - 1] + _aligned(bucket.params[stop - 1].numel())
+        self.hi = bucket.offsets[stop - 1] + bucket.aligned(bucket.params[stop - 1].numel())
         self.ready = [False] * (stop - first)
         self.frozen = [False] * (stop - first)  # params without requires_grad
 
@@ -167,7 +167,7 @@ class StepInBackward:
         scratch = self.scratch[(b.flat.device, b.flat.dtype)]
         for first, stop in parts:
             lo = b.offsets[first]
-            hi = b.offsets[stop - 1] + (_aligned(b.params[stop - 1].numel()) if whole
+            hi = b.offsets[stop - 1] + (b.aligned(b.params[stop - 1].numel()) if whole
                                         else b.params[stop - 1].numel())
             grads = scratch[:hi - lo]
             grads.zero_()  # (alignment gaps between params: no gradient)

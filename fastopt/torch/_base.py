@@ -25,19 +25,29 @@ import torch
 
 from .. import cpu
 from .._checks import check_lr
-from .._functional import factored_refusal
+from .._int8 import (
+    ABSMAX_KEY,
+    CODES_KEY,
+    INT8_BLOCK,
+    INT8_CODE_VERSION,
+    VERSION_KEY,
+    Int8State,
+    check_state_dtype,
+    quantize,
+)
+from .._int8 import blocks as int8_blocks
 from ..algorithms import Definition
 from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER
 from ..engine import Prepared, device_table, run_once
 from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule, host_lr
 from ..segments import SegmentTable
 
-ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32)
+ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32; int8 state: a block)
 #: 16-bit parameter dtypes: updated through a float32 master copy, in the same kernel pass
 HALF_FORMATS = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 PARAM_DTYPES = (torch.float32, *HALF_FORMATS)
 #: ``state_dtype`` names -> the state buffers' torch dtype (bfloat16: stochastically rounded)
-STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.uint8}
 #: where a state dict's param group keeps the step count of an optimizer whose torch twin
 #: keeps no per-param ``step`` (Muon): fastopt's in-kernel schedule resumes from it. torch's
 #: optimizer keeps the key through its own load and save without advancing it.
@@ -78,10 +88,6 @@ def _immutable(value) -> bool:
     if isinstance(value, tuple):
         return all(map(_immutable, value))
     return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def _owner(p: torch.Tensor) -> _Bucket | None:
@@ -126,8 +132,14 @@ class _Bucket:
 
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
                  state_dtype: torch.dtype = torch.float32, owner: str = "",
-                 scalars: tuple = (), layouts: dict | None = None):
+                 scalars: tuple = (), layouts: dict | None = None, signs: dict | None = None):
         first = params[0]
+        #: int8 state (state_dtype uint8): each state's codes in ``state``, its blocks'
+        #: absmax in ``absmax``; every param starts on a block (its own blocks, own scales)
+        self.int8 = state_dtype == torch.uint8
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.signs = signs or {}
+        self.align = INT8_BLOCK if self.int8 else ALIGN
         self.owner = owner  # the optimizer class's name, for the two-optimizers error
         #: state name -> its layout (State.layout): a value per element, or factored
         #: moments' per row, per column or per element of the unfactored tensors
@@ -139,7 +151,7 @@ class _Bucket:
         self.offsets, total = [], 0
         for p in params:
             self.offsets.append(total)
-            total += _aligned(p.numel())
+            total += self.aligned(p.numel())
         kwargs = dict(dtype=first.dtype, device=first.device)
         self.format = HALF_FORMATS.get(first.dtype)  # None for float32 params
         self.flat = torch.zeros(total, **kwargs)
@@ -198,6 +210,42 @@ class _Bucket:
         ptr = self.flat.untyped_storage().data_ptr()
         if ptr:
             _OWNERS[ptr] = self
+
+    def aligned(self, n: int) -> int:
+        """n elements rounded up to where the next param starts."""
+        return -(-n // self.align) * self.align
+
+    def signed(self, name: str) -> bool:
+        return self.signs.get(name, "signed") == "signed"
+
+    def absmax_of(self, name: str, index: int) -> torch.Tensor:
+        """Param ``index``'s blocks' absmax of int8 state ``name`` (a view)."""
+        first = self.offsets[index] // INT8_BLOCK
+        return self.absmax[name][first:first + int8_blocks(self.params[index].numel())]
+
+    @torch.no_grad()
+    def set_state(self, name: str, index: int, value) -> None:
+        """Param ``index``'s part of state ``name`` set to ``value`` (a number or a tensor
+        like the param's view): int8 state quantised (rounded half up) per block."""
+        view = self.view_of(name, index)
+        if not self.int8 or name == MASTER:
+            view.fill_(value) if isinstance(value, numbers.Number) else view.copy_(value)
+            return
+        values = torch.full(view.shape, float(value), dtype=torch.float32) \
+            if isinstance(value, numbers.Number) else value.detach().to("cpu", torch.float32)
+        made = quantize(values.reshape(-1).numpy(), self.signed(name))
+        view.copy_(torch.from_numpy(made.codes).view(view.shape))
+        self.absmax_of(name, index).copy_(torch.from_numpy(made.absmax))
+
+    def state_as_float(self, name: str, index: int) -> torch.Tensor:
+        """Param ``index``'s state ``name`` as float32 values (int8 state decoded), a copy."""
+        view = self.view_of(name, index)
+        if not self.int8 or name == MASTER:
+            return view.clone()
+        made = Int8State(view.reshape(-1).cpu().numpy(), self.absmax_of(name, index).cpu()
+                         .numpy())
+        return torch.from_numpy(made.decode(self.signed(name))).view(view.shape).to(
+            view.device)
 
     def counts_loaded(self) -> None:
         """The step counts and scalars were set from outside (a state dict, a backup): the
@@ -284,6 +332,14 @@ class _Bucket:
             layout = self.layouts.get(name, "elements")
             size = self.flat.shape[0] if layout == "elements" else \
                 self._factor_layout()[1][("rows", "cols", "unfactored").index(layout)]
+            if self.int8:  # every block the constant: its code and |value| as the scale
+                made = quantize(np.full(INT8_BLOCK, value, dtype=np.float32),
+                                self.signed(name))
+                self.state[name] = torch.full((size,), int(made.codes[0]), dtype=torch.uint8,
+                                              device=self.flat.device)
+                self.absmax[name] = torch.full((int8_blocks(size),), float(made.absmax[0]),
+                                               dtype=torch.float32, device=self.flat.device)
+                return
             self.state[name] = torch.full((size,), value, dtype=self.state_dtype,
                                           device=self.flat.device)
 
@@ -299,7 +355,8 @@ class _Bucket:
                 {} if self.format is None else {"master": _as_array(self.master),
                                                 "dtype": self.format}
             made[0].extend(_as_bits(self.state[n]) if self.state_dtype == torch.bfloat16
-                           else _as_array(self.state[n]) for n in names)
+                           else Int8State(_as_array(self.state[n]), _as_array(self.absmax[n]))
+                           if self.int8 else _as_array(self.state[n]) for n in names)
             self._arrays[names] = made
         return made
 
@@ -365,11 +422,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                                          for v in value)
         if defaults.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fastopt's fused kernels")
-        if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be 'float32' or 'bfloat16', got {state_dtype!r}")
-        if state_dtype == "bfloat16" and self.definition.factored is not None:
-            raise ValueError(factored_refusal(self.definition))
-        #: the optimizer state's storage: float32, or bfloat16 (stochastically rounded)
+        check_state_dtype(self.definition, state_dtype)
+        #: the optimizer state's storage: float32, bfloat16 (stochastically rounded) or int8
+        #: (per state: uint8 codes under its name, float32 block scales under
+        #: ``<name>_absmax``; state_dict() adds the float32 values: fastopt._int8)
         self.state_dtype = state_dtype
         self._buckets: list[list[_Bucket]] = []
         #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
@@ -495,7 +551,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             b = _Bucket([p for p in unique if p.dtype == dtype], self.state_init(group),
                         STATE_DTYPES[self.state_dtype], type(self).__name__,
                         self.definition.scalars,
-                        {st.name: st.layout for st in self.definition.state})
+                        {st.name: st.layout for st in self.definition.state},
+                        {st.name: st.sign for st in self.definition.state})
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
         return buckets
@@ -516,6 +573,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         for name in self.state_init(group):
             if bucket.applies(name, i):
                 views[name] = bucket.view_of(name, i)
+                if bucket.int8:
+                    views[ABSMAX_KEY.format(name)] = bucket.absmax_of(name, i)
         for name, values in bucket.scalars.items():
             if name not in self._group_scalars:
                 views[name] = values[i]  # a 0-d view, as torch's per-param scalar tensors
@@ -807,7 +866,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                         b.fresh = [True] * len(b.params)
                     for i, started in enumerate(b.started):  # the views, as torch adds them
                         if started and b.applies(name, i):
-                            self.state[b.params[i]][name] = b.view_of(name, i)
+                            self.state[b.params[i]].update({
+                                k: v for k, v in self._state_views(group, b, i).items()
+                                if k in (name, ABSMAX_KEY.format(name))})
         return names
 
     @torch.no_grad()
@@ -821,12 +882,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             if not has or b.started[i]:
                 continue
             for s in special:
-                view = b.view_of(s.name, i)
                 if s.init == INIT_PARAMS:
-                    view.copy_(b.view_of(MASTER, i) if b.master is not None
-                               else b.params[i].detach())
+                    b.set_state(s.name, i, b.view_of(MASTER, i) if b.master is not None
+                                else b.params[i].detach())
                 else:
-                    view.fill_(host_lr(schedule, int(b.steps[i])))
+                    b.set_state(s.name, i, host_lr(schedule, int(b.steps[i])))
 
     def _group_hypers(self, group: dict) -> dict:
         """The group's checked hyperparameters, checked again only when they change: when
@@ -875,7 +935,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             # new hyperparameters (a scheduler's momentum, say): repack
             on_gpu = b.flat.device.type == "cuda"
             n = arrays[0].shape[0]
-            simd = b.format is None and self.state_dtype == "float32"
+            simd = b.format is None and self.state_dtype == "float32"  # (int8: blocks)
             prepared = Prepared(
                 self.definition, arrays[0], half.get("master"), dict(zip(names, arrays[2:],
                                                                          strict=True)),
@@ -978,6 +1038,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         d["state"] = {k: {name: v.clone() if isinstance(v, torch.Tensor) else v
                           for name, v in st.items()}
                       for k, st in d["state"].items()}
+        if self.state_dtype == "int8":  # the values under torch's names, the raw form beside
+            for st in d["state"].values():
+                self._int8_entries(st)
         for group, buckets in zip(d["param_groups"], self._buckets, strict=True):
             if isinstance(group.get("schedule"), Schedule):  # (torch.load's weights_only
                 group["schedule"] = _schedule_payload(group["schedule"])  # takes tensors)
@@ -991,6 +1054,21 @@ class FlatOptimizer(torch.optim.Optimizer):
             if result is not None:
                 d = result
         return d
+
+    def _int8_entries(self, st: dict) -> None:
+        """One param's state-dict entry of int8 state: each buffer's float32 values under
+        its name, its codes under ``<name>_codes`` and block scales under ``<name>_absmax``,
+        and the code's version (``int8_code_version``)."""
+        for s_ in self.definition.state:
+            codes, absmax = st.get(s_.name), st.get(ABSMAX_KEY.format(s_.name))
+            if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 \
+                    or absmax is None:
+                continue
+            raw = Int8State(codes.reshape(-1).cpu().numpy(), absmax.cpu().numpy())
+            st[s_.name] = torch.from_numpy(raw.decode(s_.sign == "signed")).view(
+                codes.shape).to(codes.device)
+            st[CODES_KEY.format(s_.name)] = codes
+            st[VERSION_KEY] = INT8_CODE_VERSION
 
     @_no_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
@@ -1055,7 +1133,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             "groups": [dict(g) for g in self.param_groups],
             "state": {k: dict(v) for k, v in self.state.items()},
             "lr_written": list(self._lr_written),
-            "buckets": [[({n: t.clone() for n, t in b.state.items()},
+            "buckets": [[({**{n: t.clone() for n, t in b.state.items()},
+                           **{ABSMAX_KEY.format(n): t.clone() for n, t in b.absmax.items()}},
                           None if b.master is None else b.master.clone(),
                           {n: t.clone() for n, t in b.scalars.items()}, b.steps.clone(),
                           list(b.started), list(b.fresh), b.step, b.uniform, b.all_started)
@@ -1076,8 +1155,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                 for name in list(b.state):
                     if name not in state:
                         del b.state[name]
-                for name, t in state.items():
-                    b.state[name].copy_(t)
+                        b.absmax.pop(name, None)
+                for name in b.state:
+                    b.state[name].copy_(state[name])
+                    if name in b.absmax:
+                        b.absmax[name].copy_(state[ABSMAX_KEY.format(name)])
                 if master is not None:
                     b.master.copy_(master)
                 for name, t in scalars.items():
@@ -1119,6 +1201,16 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if not b.applies(name, i):
                     continue
                 view = b.view_of(name, i)
+                raw = _saved_int8(st, name, b.params[i])
+                if raw is not None:  # int8 codes and scales: as they are, or decoded
+                    if b.int8:
+                        view.copy_(raw.codes.view(view.shape))
+                        b.absmax_of(name, i).copy_(raw.absmax)
+                    else:
+                        view.copy_(torch.from_numpy(Int8State(
+                            raw.codes.reshape(-1).cpu().numpy(), raw.absmax.cpu().numpy()).decode(
+                                b.signed(name))).view(view.shape))
+                    continue
                 value = st.get(name)
                 if value is not None and isinstance(value, torch.Tensor) \
                         and tuple(value.shape) != tuple(view.shape):
@@ -1131,9 +1223,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                                      "(torch's Adafactor keeps row_var and col_var for 2 or "
                                      "more dims, variance for fewer)")
                 if value is not None:
-                    view.copy_(value)
+                    b.set_state(name, i, value)
                 else:  # absent, or None (torch 1.x SGD saved momentum_buffer=None)
-                    view.fill_(init.get(name, 0.0))
+                    b.set_state(name, i, init.get(name, 0.0))
             if b.master is not None:
                 b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))
             b.started[i] = bool(st)
@@ -1143,7 +1235,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.scalars[s_.name][i] = s_.init if value is None else float(value)
             if st:
                 views = self._state_views(group, b, i)
-                known = set(views) | set(b.state) | {MASTER}
+                known = set(views) | set(b.state) | {MASTER, VERSION_KEY} \
+                    | {key.format(n) for n in b.state for key in (CODES_KEY, ABSMAX_KEY)}
                 self.state[p] = {k: v for k, v in (extra.get(p) or {}).items()
                                  if k not in known}
                 self.state[p].update(views)
@@ -1202,6 +1295,38 @@ class FlatOptimizer(torch.optim.Optimizer):
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st
         self._lr_written = written
+
+
+def _saved_int8(st: dict, name: str, param: torch.Tensor) -> Int8State | None:
+    """State ``name`` of one param's saved entry in int8 form (torch tensors), checked: from
+    a state dict (``<name>_codes`` and ``<name>_absmax``) or a live optimizer's state
+    (uint8 under the name, ``<name>_absmax``); None if it has none."""
+    absmax = st.get(ABSMAX_KEY.format(name))
+    codes = st.get(CODES_KEY.format(name))
+    if codes is None and isinstance(st.get(name), torch.Tensor) \
+            and st[name].dtype == torch.uint8:
+        codes = st[name]
+    if codes is None and absmax is None:
+        return None
+    version = st.get(VERSION_KEY, INT8_CODE_VERSION)
+    if version != INT8_CODE_VERSION:
+        raise ValueError(f"state_dict holds int8 state of code version {version!r}; this "
+                         f"fastopt reads version {INT8_CODE_VERSION}")
+    n = param.numel()
+    if isinstance(codes, torch.Tensor) and codes.dtype != torch.uint8 \
+            and codes.dtype.is_floating_point:  # (torch's loader casts them to the param's)
+        as_codes = codes.to(torch.uint8)
+        codes = as_codes if torch.equal(as_codes.to(codes.dtype), codes) else codes
+    if isinstance(absmax, torch.Tensor) and absmax.dtype.is_floating_point:
+        absmax = absmax.float()
+    if codes is None or absmax is None or codes.dtype != torch.uint8 \
+            or tuple(codes.shape) != tuple(param.shape) or absmax.dtype != torch.float32 \
+            or tuple(absmax.shape) != (int8_blocks(n),):
+        raise RuntimeError(
+            f"state_dict: the int8 {name!r} of a parameter of shape {tuple(param.shape)} "
+            f"needs uint8 codes of that shape ({CODES_KEY.format(name)!r}) and float32 "
+            f"scales of shape ({int8_blocks(n)},) ({ABSMAX_KEY.format(name)!r})")
+    return Int8State(codes, absmax)
 
 
 def _schedule_payload(schedule: Schedule) -> dict:

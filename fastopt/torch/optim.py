@@ -22,7 +22,7 @@ class Adadelta(FlatOptimizer):
         sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
         acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["adadelta"]
@@ -71,7 +71,7 @@ class Adagrad(FlatOptimizer):
 
         sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["adagrad"]
@@ -96,7 +96,7 @@ class Adam(FlatOptimizer):
         m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2;   vmax <- max(vmax, v)
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["adam"]
@@ -122,7 +122,7 @@ class AdamW(Adam):
         m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2;   vmax <- max(vmax, v)
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["adam"]
@@ -146,7 +146,7 @@ class Adamax(FlatOptimizer):
         m <- m + (1 - beta1) (g - m);   u <- max(beta2 u, |g| + eps)
         p <- p - lr / (1 - beta1^k) * m / u
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["adamax"]
@@ -206,7 +206,7 @@ class AdEMAMix(FlatOptimizer):
     (T = None: alpha_k = alpha, beta3_k = beta3). As pytorch-optimizer 4.1.0's AdEMAMix with
     ``weight_decouple=True``.
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["ademamix"]
@@ -282,7 +282,7 @@ class Lion(FlatOptimizer):
         m <- beta2 m + (1 - beta2) g
     Weight decay is lion-pytorch's default form (``p *= 1 - lr wd``, decoupled, scaled by lr).
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["lion"]
@@ -339,7 +339,7 @@ class NAdam(FlatOptimizer):
         p <- p - lr (1 - mu_k) / (1 - mu_product) g / d
                - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["nadam"]
@@ -368,7 +368,7 @@ class RAdam(FlatOptimizer):
         otherwise:  p <- p - lr m / (1 - beta1^k)
     The branch is taken once per step (rho_k depends on k alone), never per element.
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["radam"]
@@ -394,7 +394,7 @@ class RMSprop(FlatOptimizer):
         avg = sqrt(sq - ga^2) + eps (centered) or sqrt(sq) + eps
         b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["rmsprop"]
@@ -422,7 +422,7 @@ class Rprop(FlatOptimizer):
     step_size starts at the lr of the first step; the lr plays no other part, so Rprop refuses a
     schedule (as torch, whose schedulers would change nothing).
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["rprop"]
@@ -445,7 +445,7 @@ class SGD(FlatOptimizer):
         b <- g on the first step, else b <- momentum b + (1 - dampening) g     (momentum != 0)
         g <- g + momentum b (nesterov) or b;   p <- p - lr g
 
-    state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
     """
 
     definition = REGISTRY["sgd"]

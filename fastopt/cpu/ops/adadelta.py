@@ -15,17 +15,25 @@ from numba import prange
 from .._jit import helper, kernel
 from ..access import decode_state, encode_state, load_grad, load_param, state_random, store_param
 from ..convert import LOW16, step_seed
+from ..int8 import (
+    INT8_BLOCK,
+    INT8_GROUP,
+    SALTS,
+    block_count,
+    decode_block_nonnegative,
+    encode_block_nonnegative,
+)
 from ..schedule import lr_at
 
 
 @helper
-def adadelta_element(i, params, grads, master, square_avg_buffer, acc_delta_buffer, grad_factor, l2,
-                     lr, rho, eps, one_minus_rho, fmt, seed):
+def adadelta_element(i, si, params, grads, master, square_avg_buffer, acc_delta_buffer, grad_factor,
+                     l2, lr, rho, eps, one_minus_rho, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt) + l2 * p
-    square_avg = decode_state(square_avg_buffer[i])
-    acc_delta = decode_state(acc_delta_buffer[i])
+    square_avg = decode_state(square_avg_buffer[si])
+    acc_delta = decode_state(acc_delta_buffer[si])
     delta = np.float32(0.0)
     square_avg = rho * square_avg + one_minus_rho * (g * g)
     delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * g
@@ -34,9 +42,9 @@ def adadelta_element(i, params, grads, master, square_avg_buffer, acc_delta_buff
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(square_avg_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    square_avg_buffer[i] = encode_state(square_avg_buffer, square_avg, bits0)
+    square_avg_buffer[si] = encode_state(square_avg_buffer, square_avg, bits0)
     bits1 = (rand >> np.uint32(16)) & LOW16
-    acc_delta_buffer[i] = encode_state(acc_delta_buffer, acc_delta, bits1)
+    acc_delta_buffer[si] = encode_state(acc_delta_buffer, acc_delta, bits1)
     store_param(params, master, i, p, fmt)
 
 
@@ -58,10 +66,65 @@ def adadelta(params, master, state0, state1, state2, state3, scalar0, scalar1, s
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            adadelta_element(i, params, grads, master, state0, state1, grad_factor, l2, lr_f32,
+            adadelta_element(i, i, params, grads, master, state0, state1, grad_factor, l2, lr_f32,
                              rho_f32, eps_f32, one_minus_rho_f32, fmt, seed)
     else:
         for i in range(params.shape[0]):
-            adadelta_element(i, params, grads, master, state0, state1, grad_factor, l2, lr_f32,
+            adadelta_element(i, i, params, grads, master, state0, state1, grad_factor, l2, lr_f32,
                              rho_f32, eps_f32, one_minus_rho_f32, fmt, seed)
+    return lr
+
+
+@kernel
+def adadelta_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2,
+                  scalar3, weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt,
+                  scale0, scale1, scale2, scale3, grads, table, step, lr_scale, grad_mult, fresh,
+                  parallel):
+    """One adadelta step k = ``step`` with int8 state (codes in ``state<k>``,
+    each block's absmax in ``scale<k>``), a block of INT8_BLOCK elements at a time;
+    returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    rho = h0
+    eps = h1
+    one_minus_rho = 1.0 - rho
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
+    l2 = np.float32(weight_decay)
+    lr_f32 = np.float32(lr)
+    rho_f32 = np.float32(rho)
+    eps_f32 = np.float32(eps)
+    one_minus_rho_f32 = np.float32(one_minus_rho)
+    seed = step_seed(step)
+    n_blocks = block_count(params.shape[0])
+    if parallel:
+        for group in prange((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((2, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_nonnegative(state0, scale0[b], values0, lo, count)
+                decode_block_nonnegative(state1, scale1[b], values1, lo, count)
+                for i in range(lo, lo + count):
+                    adadelta_element(i, i - lo, params, grads, master, values0, values1,
+                                     grad_factor, l2, lr_f32, rho_f32, eps_f32, one_minus_rho_f32,
+                                     fmt, seed)
+                scale0[b] = encode_block_nonnegative(values0, state0, lo, count, seed, SALTS[0])
+                scale1[b] = encode_block_nonnegative(values1, state1, lo, count, seed, SALTS[1])
+    else:
+        for group in range((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((2, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_nonnegative(state0, scale0[b], values0, lo, count)
+                decode_block_nonnegative(state1, scale1[b], values1, lo, count)
+                for i in range(lo, lo + count):
+                    adadelta_element(i, i - lo, params, grads, master, values0, values1,
+                                     grad_factor, l2, lr_f32, rho_f32, eps_f32, one_minus_rho_f32,
+                                     fmt, seed)
+                scale0[b] = encode_block_nonnegative(values0, state0, lo, count, seed, SALTS[0])
+                scale1[b] = encode_block_nonnegative(values1, state1, lo, count, seed, SALTS[1])
     return lr

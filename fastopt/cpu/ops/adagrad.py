@@ -14,21 +14,29 @@ from numba import prange
 from .._jit import helper, kernel
 from ..access import decode_state, encode_state, load_grad, load_param, state_random, store_param
 from ..convert import LOW16, step_seed
+from ..int8 import (
+    INT8_BLOCK,
+    INT8_GROUP,
+    SALTS,
+    block_count,
+    decode_block_nonnegative,
+    encode_block_nonnegative,
+)
 from ..schedule import lr_at
 
 
 @helper
-def adagrad_element(i, params, grads, master, sum_buffer, grad_factor, l2, eps, clr, fmt, seed):
+def adagrad_element(i, si, params, grads, master, sum_buffer, grad_factor, l2, eps, clr, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt) + l2 * p
-    sum = decode_state(sum_buffer[i])
+    sum = decode_state(sum_buffer[si])
     sum = sum + g * g
     p = p - clr * (g / (np.sqrt(sum) + eps))
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(sum_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    sum_buffer[i] = encode_state(sum_buffer, sum, bits0)
+    sum_buffer[si] = encode_state(sum_buffer, sum, bits0)
     store_param(params, master, i, p, fmt)
 
 
@@ -48,10 +56,54 @@ def adagrad(params, master, state0, state1, state2, state3, scalar0, scalar1, sc
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            adagrad_element(i, params, grads, master, state0, grad_factor, l2, eps_f32, clr_f32,
+            adagrad_element(i, i, params, grads, master, state0, grad_factor, l2, eps_f32, clr_f32,
                             fmt, seed)
     else:
         for i in range(params.shape[0]):
-            adagrad_element(i, params, grads, master, state0, grad_factor, l2, eps_f32, clr_f32,
+            adagrad_element(i, i, params, grads, master, state0, grad_factor, l2, eps_f32, clr_f32,
                             fmt, seed)
+    return lr
+
+
+@kernel
+def adagrad_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+                 weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, scale0,
+                 scale1, scale2, scale3, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+    """One adagrad step k = ``step`` with int8 state (codes in ``state<k>``,
+    each block's absmax in ``scale<k>``), a block of INT8_BLOCK elements at a time;
+    returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    lr_decay = h0
+    eps = h1
+    clr = lr / (1.0 + (step - 1.0) * lr_decay)
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
+    l2 = np.float32(weight_decay)
+    eps_f32 = np.float32(eps)
+    clr_f32 = np.float32(clr)
+    seed = step_seed(step)
+    n_blocks = block_count(params.shape[0])
+    if parallel:
+        for group in prange((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((1, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_nonnegative(state0, scale0[b], values0, lo, count)
+                for i in range(lo, lo + count):
+                    adagrad_element(i, i - lo, params, grads, master, values0, grad_factor, l2,
+                                    eps_f32, clr_f32, fmt, seed)
+                scale0[b] = encode_block_nonnegative(values0, state0, lo, count, seed, SALTS[0])
+    else:
+        for group in range((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((1, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_nonnegative(state0, scale0[b], values0, lo, count)
+                for i in range(lo, lo + count):
+                    adagrad_element(i, i - lo, params, grads, master, values0, grad_factor, l2,
+                                    eps_f32, clr_f32, fmt, seed)
+                scale0[b] = encode_block_nonnegative(values0, state0, lo, count, seed, SALTS[0])
     return lr

@@ -15,22 +15,32 @@ from numba import prange
 from .._jit import helper, kernel
 from ..access import decode_state, encode_state, load_grad, load_param, state_random, store_param
 from ..convert import LOW16, step_seed
+from ..int8 import (
+    INT8_BLOCK,
+    INT8_GROUP,
+    SALTS,
+    block_count,
+    decode_block_nonnegative,
+    decode_block_signed,
+    encode_block_nonnegative,
+    encode_block_signed,
+)
 from ..schedule import lr_at
 
 
 @helper
-def adam_element(i, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, max_exp_avg_sq_buffer,
-                 grad_factor, l2, decay, active_max_exp_avg_sq, beta2, eps, amsgrad, step_size,
-                 inv_bc2_sqrt, one_minus_beta1, one_minus_beta2, fmt, seed):
+def adam_element(i, si, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer,
+                 max_exp_avg_sq_buffer, grad_factor, l2, decay, active_max_exp_avg_sq, beta2, eps,
+                 amsgrad, step_size, inv_bc2_sqrt, one_minus_beta1, one_minus_beta2, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt) + l2 * p
     p = decay * p
-    exp_avg = decode_state(exp_avg_buffer[i])
-    exp_avg_sq = decode_state(exp_avg_sq_buffer[i])
+    exp_avg = decode_state(exp_avg_buffer[si])
+    exp_avg_sq = decode_state(exp_avg_sq_buffer[si])
     max_exp_avg_sq = np.float32(0.0)
     if active_max_exp_avg_sq:
-        max_exp_avg_sq = decode_state(max_exp_avg_sq_buffer[i])
+        max_exp_avg_sq = decode_state(max_exp_avg_sq_buffer[si])
     v = np.float32(0.0)
     exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
@@ -42,12 +52,12 @@ def adam_element(i, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, ma
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(exp_avg_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    exp_avg_buffer[i] = encode_state(exp_avg_buffer, exp_avg, bits0)
+    exp_avg_buffer[si] = encode_state(exp_avg_buffer, exp_avg, bits0)
     bits1 = (rand >> np.uint32(16)) & LOW16
-    exp_avg_sq_buffer[i] = encode_state(exp_avg_sq_buffer, exp_avg_sq, bits1)
+    exp_avg_sq_buffer[si] = encode_state(exp_avg_sq_buffer, exp_avg_sq, bits1)
     if active_max_exp_avg_sq:
         bits2 = (rand >> np.uint32(8)) & LOW16
-        max_exp_avg_sq_buffer[i] = encode_state(max_exp_avg_sq_buffer, max_exp_avg_sq, bits2)
+        max_exp_avg_sq_buffer[si] = encode_state(max_exp_avg_sq_buffer, max_exp_avg_sq, bits2)
     store_param(params, master, i, p, fmt)
 
 
@@ -80,12 +90,89 @@ def adam(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            adam_element(i, params, grads, master, state0, state1, state2, grad_factor, l2, decay,
-                         active_max_exp_avg_sq, beta2_f32, eps_f32, amsgrad, step_size_f32,
+            adam_element(i, i, params, grads, master, state0, state1, state2, grad_factor, l2,
+                         decay, active_max_exp_avg_sq, beta2_f32, eps_f32, amsgrad, step_size_f32,
                          inv_bc2_sqrt_f32, one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
     else:
         for i in range(params.shape[0]):
-            adam_element(i, params, grads, master, state0, state1, state2, grad_factor, l2, decay,
-                         active_max_exp_avg_sq, beta2_f32, eps_f32, amsgrad, step_size_f32,
+            adam_element(i, i, params, grads, master, state0, state1, state2, grad_factor, l2,
+                         decay, active_max_exp_avg_sq, beta2_f32, eps_f32, amsgrad, step_size_f32,
                          inv_bc2_sqrt_f32, one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
+    return lr
+
+
+@kernel
+def adam_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+              weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, scale0,
+              scale1, scale2, scale3, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+    """One adam step k = ``step`` with int8 state (codes in ``state<k>``,
+    each block's absmax in ``scale<k>``), a block of INT8_BLOCK elements at a time;
+    returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    beta1 = h0
+    beta2 = h1
+    eps = h2
+    amsgrad = h3 != 0.0
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    step_size = lr / bias_correction1
+    inv_bc2_sqrt = 1.0 / math.sqrt(bias_correction2)
+    one_minus_beta1 = 1.0 - beta1
+    one_minus_beta2 = 1.0 - beta2
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
+    l2 = np.float32(0.0 if decoupled else weight_decay)
+    decay = np.float32(1.0 - lr * weight_decay if decoupled else 1.0)
+    active_max_exp_avg_sq = amsgrad
+    beta2_f32 = np.float32(beta2)
+    eps_f32 = np.float32(eps)
+    step_size_f32 = np.float32(step_size)
+    inv_bc2_sqrt_f32 = np.float32(inv_bc2_sqrt)
+    one_minus_beta1_f32 = np.float32(one_minus_beta1)
+    one_minus_beta2_f32 = np.float32(one_minus_beta2)
+    seed = step_seed(step)
+    n_blocks = block_count(params.shape[0])
+    if parallel:
+        for group in prange((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((3, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            values2 = scratch[2]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_signed(state0, scale0[b], values0, lo, count)
+                decode_block_nonnegative(state1, scale1[b], values1, lo, count)
+                if active_max_exp_avg_sq:
+                    decode_block_nonnegative(state2, scale2[b], values2, lo, count)
+                for i in range(lo, lo + count):
+                    adam_element(i, i - lo, params, grads, master, values0, values1, values2,
+                                 grad_factor, l2, decay, active_max_exp_avg_sq, beta2_f32, eps_f32,
+                                 amsgrad, step_size_f32, inv_bc2_sqrt_f32, one_minus_beta1_f32,
+                                 one_minus_beta2_f32, fmt, seed)
+                scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
+                scale1[b] = encode_block_nonnegative(values1, state1, lo, count, seed, SALTS[1])
+                if active_max_exp_avg_sq:
+                    scale2[b] = encode_block_nonnegative(values2, state2, lo, count, seed, SALTS[2])
+    else:
+        for group in range((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((3, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            values2 = scratch[2]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_signed(state0, scale0[b], values0, lo, count)
+                decode_block_nonnegative(state1, scale1[b], values1, lo, count)
+                if active_max_exp_avg_sq:
+                    decode_block_nonnegative(state2, scale2[b], values2, lo, count)
+                for i in range(lo, lo + count):
+                    adam_element(i, i - lo, params, grads, master, values0, values1, values2,
+                                 grad_factor, l2, decay, active_max_exp_avg_sq, beta2_f32, eps_f32,
+                                 amsgrad, step_size_f32, inv_bc2_sqrt_f32, one_minus_beta1_f32,
+                                 one_minus_beta2_f32, fmt, seed)
+                scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
+                scale1[b] = encode_block_nonnegative(values1, state1, lo, count, seed, SALTS[1])
+                if active_max_exp_avg_sq:
+                    scale2[b] = encode_block_nonnegative(values2, state2, lo, count, seed, SALTS[2])
     return lr

@@ -27,15 +27,15 @@ from ..schedule import lr_at
 
 
 @helper
-def adamwschedulefree_element(i, params, grads, master, z_buffer, exp_avg_sq_buffer, grad_factor,
-                              beta2, eps, weight_decay, scheduled_lr, ckp1, one_minus_ckp1,
-                              lerp_from_start, y_step, bias_correction2, one_minus_beta2, fmt,
-                              seed):
+def adamwschedulefree_element(i, si, params, grads, master, z_buffer, exp_avg_sq_buffer,
+                              grad_factor, beta2, eps, weight_decay, scheduled_lr, ckp1,
+                              one_minus_ckp1, lerp_from_start, y_step, bias_correction2,
+                              one_minus_beta2, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt)
-    z = decode_state(z_buffer[i])
-    exp_avg_sq = decode_state(exp_avg_sq_buffer[i])
+    z = decode_state(z_buffer[si])
+    exp_avg_sq = decode_state(exp_avg_sq_buffer[si])
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
     g = g / (np.sqrt(exp_avg_sq / bias_correction2) + eps) + weight_decay * p
     if lerp_from_start:
@@ -47,9 +47,9 @@ def adamwschedulefree_element(i, params, grads, master, z_buffer, exp_avg_sq_buf
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(z_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    z_buffer[i] = encode_state(z_buffer, z, bits0)
+    z_buffer[si] = encode_state(z_buffer, z, bits0)
     bits1 = (rand >> np.uint32(16)) & LOW16
-    exp_avg_sq_buffer[i] = encode_state(exp_avg_sq_buffer, exp_avg_sq, bits1)
+    exp_avg_sq_buffer[si] = encode_state(exp_avg_sq_buffer, exp_avg_sq, bits1)
     store_param(params, master, i, p, fmt)
 
 
@@ -94,13 +94,13 @@ def adamwschedulefree(params, master, state0, state1, state2, state3, scalar0, s
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            adamwschedulefree_element(i, params, grads, master, state0, state1, grad_factor,
+            adamwschedulefree_element(i, i, params, grads, master, state0, state1, grad_factor,
                                       beta2_f32, eps_f32, weight_decay_f32, scheduled_lr_f32,
                                       ckp1_f32, one_minus_ckp1_f32, lerp_from_start, y_step_f32,
                                       bias_correction2_f32, one_minus_beta2_f32, fmt, seed)
     else:
         for i in range(params.shape[0]):
-            adamwschedulefree_element(i, params, grads, master, state0, state1, grad_factor,
+            adamwschedulefree_element(i, i, params, grads, master, state0, state1, grad_factor,
                                       beta2_f32, eps_f32, weight_decay_f32, scheduled_lr_f32,
                                       ckp1_f32, one_minus_ckp1_f32, lerp_from_start, y_step_f32,
                                       bias_correction2_f32, one_minus_beta2_f32, fmt, seed)

@@ -21,12 +21,12 @@ from ..schedule import lr_at
 
 
 @helper
-def asgd_element(i, params, grads, master, ax_buffer, grad_factor, l2, eta_now, mu_now, shrink,
+def asgd_element(i, si, params, grads, master, ax_buffer, grad_factor, l2, eta_now, mu_now, shrink,
                  average, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt) + l2 * p
-    ax = decode_state(ax_buffer[i])
+    ax = decode_state(ax_buffer[si])
     p = p * shrink
     p = p - eta_now * g
     if average:
@@ -36,7 +36,7 @@ def asgd_element(i, params, grads, master, ax_buffer, grad_factor, l2, eta_now, 
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(ax_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    ax_buffer[i] = encode_state(ax_buffer, ax, bits0)
+    ax_buffer[si] = encode_state(ax_buffer, ax, bits0)
     store_param(params, master, i, p, fmt)
 
 
@@ -67,12 +67,12 @@ def asgd(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            asgd_element(i, params, grads, master, state0, grad_factor, l2, eta_now_f32, mu_now_f32,
-                         shrink_f32, average, fmt, seed)
+            asgd_element(i, i, params, grads, master, state0, grad_factor, l2, eta_now_f32,
+                         mu_now_f32, shrink_f32, average, fmt, seed)
     else:
         for i in range(params.shape[0]):
-            asgd_element(i, params, grads, master, state0, grad_factor, l2, eta_now_f32, mu_now_f32,
-                         shrink_f32, average, fmt, seed)
+            asgd_element(i, i, params, grads, master, state0, grad_factor, l2, eta_now_f32,
+                         mu_now_f32, shrink_f32, average, fmt, seed)
     scalar0[0] = eta  # its value after this step
     scalar1[0] = mu  # its value after this step
     return lr

@@ -26,14 +26,14 @@ from ..schedule import lr_at
 
 
 @helper
-def lamb_reduce(i, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, grad_factor, beta2,
+def lamb_reduce(i, si, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, grad_factor, beta2,
                 eps, weight_decay, bias_correction1, bias_correction2, one_minus_beta1,
                 one_minus_beta2, fmt, seed):
     """Element i's first pass: its state, and its terms of the per-tensor sums."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt)
-    exp_avg = decode_state(exp_avg_buffer[i])
-    exp_avg_sq = decode_state(exp_avg_sq_buffer[i])
+    exp_avg = decode_state(exp_avg_buffer[si])
+    exp_avg_sq = decode_state(exp_avg_sq_buffer[si])
     denom = np.float32(0.0)
     update = np.float32(0.0)
     param_sq = np.float32(0.0)
@@ -47,19 +47,19 @@ def lamb_reduce(i, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, gra
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(exp_avg_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    exp_avg_buffer[i] = encode_state(exp_avg_buffer, exp_avg, bits0)
+    exp_avg_buffer[si] = encode_state(exp_avg_buffer, exp_avg, bits0)
     bits1 = (rand >> np.uint32(16)) & LOW16
-    exp_avg_sq_buffer[i] = encode_state(exp_avg_sq_buffer, exp_avg_sq, bits1)
+    exp_avg_sq_buffer[si] = encode_state(exp_avg_sq_buffer, exp_avg_sq, bits1)
     return np.float64(param_sq), np.float64(update_sq)
 
 
 @helper
-def lamb_element(i, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, grad_factor, lr, eps,
-                 weight_decay, bias_correction1, bias_correction2, trust_ratio, fmt, seed):
+def lamb_element(i, si, params, grads, master, exp_avg_buffer, exp_avg_sq_buffer, grad_factor, lr,
+                 eps, weight_decay, bias_correction1, bias_correction2, trust_ratio, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
-    exp_avg = decode_state(exp_avg_buffer[i])
-    exp_avg_sq = decode_state(exp_avg_sq_buffer[i])
+    exp_avg = decode_state(exp_avg_buffer[si])
+    exp_avg_sq = decode_state(exp_avg_sq_buffer[si])
     denom = np.float32(0.0)
     update = np.float32(0.0)
     denom = np.sqrt(exp_avg_sq / bias_correction2) + eps
@@ -107,7 +107,7 @@ def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
             for block in range(start, stop, np.uint64(256)):
                 end = min(block + np.uint64(256), stop)
                 for i in range(block, end):
-                    term0, term1 = lamb_reduce(i, params, grads, master, state0, state1,
+                    term0, term1 = lamb_reduce(i, i, params, grads, master, state0, state1,
                                                grad_factor, beta2_f32, eps_f32, weight_decay_f32,
                                                bias_correction1_f32, bias_correction2_f32,
                                                one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
@@ -143,7 +143,7 @@ def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
             for block in range(start, stop, np.uint64(256)):
                 end = min(block + np.uint64(256), stop)
                 for i in range(block, end):
-                    term0, term1 = lamb_reduce(i, params, grads, master, state0, state1,
+                    term0, term1 = lamb_reduce(i, i, params, grads, master, state0, state1,
                                                grad_factor, beta2_f32, eps_f32, weight_decay_f32,
                                                bias_correction1_f32, bias_correction2_f32,
                                                one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
@@ -181,15 +181,15 @@ def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
             segment = chunks[c, 2]
             trust_ratio_f32 = np.float32(segvals[segment, 0])
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
-                lamb_element(i, params, grads, master, state0, state1, grad_factor, lr_f32, eps_f32,
-                             weight_decay_f32, bias_correction1_f32, bias_correction2_f32,
+                lamb_element(i, i, params, grads, master, state0, state1, grad_factor, lr_f32,
+                             eps_f32, weight_decay_f32, bias_correction1_f32, bias_correction2_f32,
                              trust_ratio_f32, fmt, seed)
     else:
         for c in range(chunks.shape[0]):
             segment = chunks[c, 2]
             trust_ratio_f32 = np.float32(segvals[segment, 0])
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
-                lamb_element(i, params, grads, master, state0, state1, grad_factor, lr_f32, eps_f32,
-                             weight_decay_f32, bias_correction1_f32, bias_correction2_f32,
+                lamb_element(i, i, params, grads, master, state0, state1, grad_factor, lr_f32,
+                             eps_f32, weight_decay_f32, bias_correction1_f32, bias_correction2_f32,
                              trust_ratio_f32, fmt, seed)
     return lr

@@ -16,23 +16,31 @@ from numba import prange
 from .._jit import helper, kernel
 from ..access import decode_state, encode_state, load_grad, load_param, state_random, store_param
 from ..convert import LOW16, step_seed
+from ..int8 import (
+    INT8_BLOCK,
+    INT8_GROUP,
+    SALTS,
+    block_count,
+    decode_block_signed,
+    encode_block_signed,
+)
 from ..schedule import lr_at
 
 
 @helper
-def lion_element(i, params, grads, master, exp_avg_buffer, grad_factor, decay, lr, beta1, beta2,
+def lion_element(i, si, params, grads, master, exp_avg_buffer, grad_factor, decay, lr, beta1, beta2,
                  one_minus_beta1, one_minus_beta2, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt)
     p = decay * p
-    exp_avg = decode_state(exp_avg_buffer[i])
+    exp_avg = decode_state(exp_avg_buffer[si])
     p = p - lr * np.sign(beta1 * exp_avg + one_minus_beta1 * g)
     exp_avg = beta2 * exp_avg + one_minus_beta2 * g
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(exp_avg_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    exp_avg_buffer[i] = encode_state(exp_avg_buffer, exp_avg, bits0)
+    exp_avg_buffer[si] = encode_state(exp_avg_buffer, exp_avg, bits0)
     store_param(params, master, i, p, fmt)
 
 
@@ -56,10 +64,60 @@ def lion(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            lion_element(i, params, grads, master, state0, grad_factor, decay, lr_f32, beta1_f32,
+            lion_element(i, i, params, grads, master, state0, grad_factor, decay, lr_f32, beta1_f32,
                          beta2_f32, one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
     else:
         for i in range(params.shape[0]):
-            lion_element(i, params, grads, master, state0, grad_factor, decay, lr_f32, beta1_f32,
+            lion_element(i, i, params, grads, master, state0, grad_factor, decay, lr_f32, beta1_f32,
                          beta2_f32, one_minus_beta1_f32, one_minus_beta2_f32, fmt, seed)
+    return lr
+
+
+@kernel
+def lion_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+              weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, scale0,
+              scale1, scale2, scale3, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+    """One lion step k = ``step`` with int8 state (codes in ``state<k>``,
+    each block's absmax in ``scale<k>``), a block of INT8_BLOCK elements at a time;
+    returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    beta1 = h0
+    beta2 = h1
+    one_minus_beta1 = 1.0 - beta1
+    one_minus_beta2 = 1.0 - beta2
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
+    decay = np.float32(1.0 - lr * weight_decay)
+    lr_f32 = np.float32(lr)
+    beta1_f32 = np.float32(beta1)
+    beta2_f32 = np.float32(beta2)
+    one_minus_beta1_f32 = np.float32(one_minus_beta1)
+    one_minus_beta2_f32 = np.float32(one_minus_beta2)
+    seed = step_seed(step)
+    n_blocks = block_count(params.shape[0])
+    if parallel:
+        for group in prange((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((1, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_signed(state0, scale0[b], values0, lo, count)
+                for i in range(lo, lo + count):
+                    lion_element(i, i - lo, params, grads, master, values0, grad_factor, decay,
+                                 lr_f32, beta1_f32, beta2_f32, one_minus_beta1_f32,
+                                 one_minus_beta2_f32, fmt, seed)
+                scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
+    else:
+        for group in range((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((1, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_signed(state0, scale0[b], values0, lo, count)
+                for i in range(lo, lo + count):
+                    lion_element(i, i - lo, params, grads, master, values0, grad_factor, decay,
+                                 lr_f32, beta1_f32, beta2_f32, one_minus_beta1_f32,
+                                 one_minus_beta2_f32, fmt, seed)
+                scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
     return lr

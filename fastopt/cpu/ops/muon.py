@@ -28,11 +28,11 @@ from ..schedule import lr_at
 
 
 @helper
-def muon_reduce(i, params, grads, master, momentum_buffer_buffer, grad_factor, momentum, nesterov,
-                buffer_weight, buffer_from_start, nesterov_from_start, fmt, seed):
+def muon_reduce(i, si, params, grads, master, momentum_buffer_buffer, grad_factor, momentum,
+                nesterov, buffer_weight, buffer_from_start, nesterov_from_start, fmt, seed):
     """Element i's first pass: its state, and its direction."""
     g = grad_factor * load_grad(grads, i, fmt)
-    momentum_buffer = decode_state(momentum_buffer_buffer[i])
+    momentum_buffer = decode_state(momentum_buffer_buffer[si])
     direction = np.float32(0.0)
     if buffer_from_start:
         momentum_buffer = momentum_buffer + buffer_weight * (g - momentum_buffer)
@@ -47,13 +47,13 @@ def muon_reduce(i, params, grads, master, momentum_buffer_buffer, grad_factor, m
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(momentum_buffer_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    momentum_buffer_buffer[i] = encode_state(momentum_buffer_buffer, momentum_buffer, bits0)
+    momentum_buffer_buffer[si] = encode_state(momentum_buffer_buffer, momentum_buffer, bits0)
     return direction
 
 
 @helper
-def muon_element(i, params, grads, master, momentum_buffer_buffer, grad_factor, decay, adjusted_lr,
-                 fmt, seed):
+def muon_element(i, si, params, grads, master, momentum_buffer_buffer, grad_factor, decay,
+                 adjusted_lr, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grads[i]
@@ -82,14 +82,14 @@ def muon_first(params, master, state0, state1, state2, state3, scalar0, scalar1,
     if parallel:
         for c in prange(chunks.shape[0]):
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
-                direction_i = muon_reduce(i, params, grads, master, state0, grad_factor,
+                direction_i = muon_reduce(i, i, params, grads, master, state0, grad_factor,
                                           momentum_f32, nesterov, buffer_weight_f32,
                                           buffer_from_start, nesterov_from_start, fmt, seed)
                 direction[i] = direction_i
     else:
         for c in range(chunks.shape[0]):
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
-                direction_i = muon_reduce(i, params, grads, master, state0, grad_factor,
+                direction_i = muon_reduce(i, i, params, grads, master, state0, grad_factor,
                                           momentum_f32, nesterov, buffer_weight_f32,
                                           buffer_from_start, nesterov_from_start, fmt, seed)
                 direction[i] = direction_i
@@ -122,13 +122,13 @@ def muon(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
             segment = chunks[c, 2]
             adjusted_lr_f32 = np.float32(segvals[segment, 0])
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
-                muon_element(i, params, direction, master, state0, grad_factor, decay_f32,
+                muon_element(i, i, params, direction, master, state0, grad_factor, decay_f32,
                              adjusted_lr_f32, fmt, seed)
     else:
         for c in range(chunks.shape[0]):
             segment = chunks[c, 2]
             adjusted_lr_f32 = np.float32(segvals[segment, 0])
             for i in range(np.uint64(chunks[c, 0]), np.uint64(chunks[c, 1])):
-                muon_element(i, params, direction, master, state0, grad_factor, decay_f32,
+                muon_element(i, i, params, direction, master, state0, grad_factor, decay_f32,
                              adjusted_lr_f32, fmt, seed)
     return lr

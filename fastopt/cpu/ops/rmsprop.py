@@ -16,23 +16,33 @@ from numba import prange
 from .._jit import helper, kernel
 from ..access import decode_state, encode_state, load_grad, load_param, state_random, store_param
 from ..convert import LOW16, step_seed
+from ..int8 import (
+    INT8_BLOCK,
+    INT8_GROUP,
+    SALTS,
+    block_count,
+    decode_block_nonnegative,
+    decode_block_signed,
+    encode_block_nonnegative,
+    encode_block_signed,
+)
 from ..schedule import lr_at
 
 
 @helper
-def rmsprop_element(i, params, grads, master, square_avg_buffer, momentum_buffer_buffer,
+def rmsprop_element(i, si, params, grads, master, square_avg_buffer, momentum_buffer_buffer,
                     grad_avg_buffer, grad_factor, l2, active_momentum_buffer, active_grad_avg, lr,
                     alpha, one_minus_alpha, eps, momentum, centered, has_momentum, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt) + l2 * p
-    square_avg = decode_state(square_avg_buffer[i])
+    square_avg = decode_state(square_avg_buffer[si])
     momentum_buffer = np.float32(0.0)
     if active_momentum_buffer:
-        momentum_buffer = decode_state(momentum_buffer_buffer[i])
+        momentum_buffer = decode_state(momentum_buffer_buffer[si])
     grad_avg = np.float32(0.0)
     if active_grad_avg:
-        grad_avg = decode_state(grad_avg_buffer[i])
+        grad_avg = decode_state(grad_avg_buffer[si])
     avg = np.float32(0.0)
     square_avg = alpha * square_avg + one_minus_alpha * (g * g)
     if centered:
@@ -48,13 +58,13 @@ def rmsprop_element(i, params, grads, master, square_avg_buffer, momentum_buffer
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(square_avg_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    square_avg_buffer[i] = encode_state(square_avg_buffer, square_avg, bits0)
+    square_avg_buffer[si] = encode_state(square_avg_buffer, square_avg, bits0)
     if active_momentum_buffer:
         bits1 = (rand >> np.uint32(16)) & LOW16
-        momentum_buffer_buffer[i] = encode_state(momentum_buffer_buffer, momentum_buffer, bits1)
+        momentum_buffer_buffer[si] = encode_state(momentum_buffer_buffer, momentum_buffer, bits1)
     if active_grad_avg:
         bits2 = (rand >> np.uint32(8)) & LOW16
-        grad_avg_buffer[i] = encode_state(grad_avg_buffer, grad_avg, bits2)
+        grad_avg_buffer[si] = encode_state(grad_avg_buffer, grad_avg, bits2)
     store_param(params, master, i, p, fmt)
 
 
@@ -82,14 +92,90 @@ def rmsprop(params, master, state0, state1, state2, state3, scalar0, scalar1, sc
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            rmsprop_element(i, params, grads, master, state0, state1, state2, grad_factor, l2,
+            rmsprop_element(i, i, params, grads, master, state0, state1, state2, grad_factor, l2,
                             active_momentum_buffer, active_grad_avg, lr_f32, alpha_f32,
                             one_minus_alpha_f32, eps_f32, momentum_f32, centered, has_momentum, fmt,
                             seed)
     else:
         for i in range(params.shape[0]):
-            rmsprop_element(i, params, grads, master, state0, state1, state2, grad_factor, l2,
+            rmsprop_element(i, i, params, grads, master, state0, state1, state2, grad_factor, l2,
                             active_momentum_buffer, active_grad_avg, lr_f32, alpha_f32,
                             one_minus_alpha_f32, eps_f32, momentum_f32, centered, has_momentum, fmt,
                             seed)
+    return lr
+
+
+@kernel
+def rmsprop_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+                 weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, scale0,
+                 scale1, scale2, scale3, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+    """One rmsprop step k = ``step`` with int8 state (codes in ``state<k>``,
+    each block's absmax in ``scale<k>``), a block of INT8_BLOCK elements at a time;
+    returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    alpha = h0
+    eps = h1
+    momentum = h2
+    centered = h3 != 0.0
+    one_minus_alpha = 1.0 - alpha
+    has_momentum = momentum > 0.0
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
+    l2 = np.float32(weight_decay)
+    active_momentum_buffer = momentum > 0.0
+    active_grad_avg = centered
+    lr_f32 = np.float32(lr)
+    alpha_f32 = np.float32(alpha)
+    one_minus_alpha_f32 = np.float32(one_minus_alpha)
+    eps_f32 = np.float32(eps)
+    momentum_f32 = np.float32(momentum)
+    seed = step_seed(step)
+    n_blocks = block_count(params.shape[0])
+    if parallel:
+        for group in prange((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((3, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            values2 = scratch[2]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_nonnegative(state0, scale0[b], values0, lo, count)
+                if active_momentum_buffer:
+                    decode_block_signed(state1, scale1[b], values1, lo, count)
+                if active_grad_avg:
+                    decode_block_signed(state2, scale2[b], values2, lo, count)
+                for i in range(lo, lo + count):
+                    rmsprop_element(i, i - lo, params, grads, master, values0, values1, values2,
+                                    grad_factor, l2, active_momentum_buffer, active_grad_avg,
+                                    lr_f32, alpha_f32, one_minus_alpha_f32, eps_f32, momentum_f32,
+                                    centered, has_momentum, fmt, seed)
+                scale0[b] = encode_block_nonnegative(values0, state0, lo, count, seed, SALTS[0])
+                if active_momentum_buffer:
+                    scale1[b] = encode_block_signed(values1, state1, lo, count, seed, SALTS[1])
+                if active_grad_avg:
+                    scale2[b] = encode_block_signed(values2, state2, lo, count, seed, SALTS[2])
+    else:
+        for group in range((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((3, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            values2 = scratch[2]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_nonnegative(state0, scale0[b], values0, lo, count)
+                if active_momentum_buffer:
+                    decode_block_signed(state1, scale1[b], values1, lo, count)
+                if active_grad_avg:
+                    decode_block_signed(state2, scale2[b], values2, lo, count)
+                for i in range(lo, lo + count):
+                    rmsprop_element(i, i - lo, params, grads, master, values0, values1, values2,
+                                    grad_factor, l2, active_momentum_buffer, active_grad_avg,
+                                    lr_f32, alpha_f32, one_minus_alpha_f32, eps_f32, momentum_f32,
+                                    centered, has_momentum, fmt, seed)
+                scale0[b] = encode_block_nonnegative(values0, state0, lo, count, seed, SALTS[0])
+                if active_momentum_buffer:
+                    scale1[b] = encode_block_signed(values1, state1, lo, count, seed, SALTS[1])
+                if active_grad_avg:
+                    scale2[b] = encode_block_signed(values2, state2, lo, count, seed, SALTS[2])
     return lr

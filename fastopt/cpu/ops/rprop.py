@@ -19,17 +19,27 @@ from numba import prange
 from .._jit import helper, kernel
 from ..access import decode_state, encode_state, load_grad, load_param, state_random, store_param
 from ..convert import LOW16, step_seed
+from ..int8 import (
+    INT8_BLOCK,
+    INT8_GROUP,
+    SALTS,
+    block_count,
+    decode_block_nonnegative,
+    decode_block_signed,
+    encode_block_nonnegative,
+    encode_block_signed,
+)
 from ..schedule import lr_at
 
 
 @helper
-def rprop_element(i, params, grads, master, prev_buffer, step_size_buffer, grad_factor, l2,
+def rprop_element(i, si, params, grads, master, prev_buffer, step_size_buffer, grad_factor, l2,
                   etaminus, etaplus, step_size_min, step_size_max, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
     p = load_param(params, master, i)
     g = grad_factor * load_grad(grads, i, fmt) + l2 * p
-    prev = decode_state(prev_buffer[i])
-    step_size = decode_state(step_size_buffer[i])
+    prev = decode_state(prev_buffer[si])
+    step_size = decode_state(step_size_buffer[si])
     direction = np.float32(0.0)
     factor = np.float32(0.0)
     direction = np.sign(g * prev)
@@ -45,9 +55,9 @@ def rprop_element(i, params, grads, master, prev_buffer, step_size_buffer, grad_
     # the bf16 state's stochastic rounding bits (none for float32 state)
     rand = state_random(prev_buffer, i, seed)
     bits0 = (rand >> np.uint32(0)) & LOW16
-    prev_buffer[i] = encode_state(prev_buffer, prev, bits0)
+    prev_buffer[si] = encode_state(prev_buffer, prev, bits0)
     bits1 = (rand >> np.uint32(16)) & LOW16
-    step_size_buffer[i] = encode_state(step_size_buffer, step_size, bits1)
+    step_size_buffer[si] = encode_state(step_size_buffer, step_size, bits1)
     store_param(params, master, i, p, fmt)
 
 
@@ -71,10 +81,68 @@ def rprop(params, master, state0, state1, state2, state3, scalar0, scalar1, scal
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            rprop_element(i, params, grads, master, state0, state1, grad_factor, l2, etaminus_f32,
-                          etaplus_f32, step_size_min_f32, step_size_max_f32, fmt, seed)
+            rprop_element(i, i, params, grads, master, state0, state1, grad_factor, l2,
+                          etaminus_f32, etaplus_f32, step_size_min_f32, step_size_max_f32, fmt,
+                          seed)
     else:
         for i in range(params.shape[0]):
-            rprop_element(i, params, grads, master, state0, state1, grad_factor, l2, etaminus_f32,
-                          etaplus_f32, step_size_min_f32, step_size_max_f32, fmt, seed)
+            rprop_element(i, i, params, grads, master, state0, state1, grad_factor, l2,
+                          etaminus_f32, etaplus_f32, step_size_min_f32, step_size_max_f32, fmt,
+                          seed)
+    return lr
+
+
+@kernel
+def rprop_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+               weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, scale0,
+               scale1, scale2, scale3, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+    """One rprop step k = ``step`` with int8 state (codes in ``state<k>``,
+    each block's absmax in ``scale<k>``), a block of INT8_BLOCK elements at a time;
+    returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    etaminus = h0
+    etaplus = h1
+    step_size_min = h2
+    step_size_max = h3
+    pass
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
+    l2 = np.float32(weight_decay)
+    etaminus_f32 = np.float32(etaminus)
+    etaplus_f32 = np.float32(etaplus)
+    step_size_min_f32 = np.float32(step_size_min)
+    step_size_max_f32 = np.float32(step_size_max)
+    seed = step_seed(step)
+    n_blocks = block_count(params.shape[0])
+    if parallel:
+        for group in prange((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((2, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_signed(state0, scale0[b], values0, lo, count)
+                decode_block_nonnegative(state1, scale1[b], values1, lo, count)
+                for i in range(lo, lo + count):
+                    rprop_element(i, i - lo, params, grads, master, values0, values1, grad_factor,
+                                  l2, etaminus_f32, etaplus_f32, step_size_min_f32,
+                                  step_size_max_f32, fmt, seed)
+                scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
+                scale1[b] = encode_block_nonnegative(values1, state1, lo, count, seed, SALTS[1])
+    else:
+        for group in range((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((2, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            values1 = scratch[1]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                decode_block_signed(state0, scale0[b], values0, lo, count)
+                decode_block_nonnegative(state1, scale1[b], values1, lo, count)
+                for i in range(lo, lo + count):
+                    rprop_element(i, i - lo, params, grads, master, values0, values1, grad_factor,
+                                  l2, etaminus_f32, etaplus_f32, step_size_min_f32,
+                                  step_size_max_f32, fmt, seed)
+                scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
+                scale1[b] = encode_block_nonnegative(values1, state1, lo, count, seed, SALTS[1])
     return lr

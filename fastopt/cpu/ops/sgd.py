@@ -15,11 +15,19 @@ from numba import prange
 from .._jit import helper, kernel
 from ..access import decode_state, encode_state, load_grad, load_param, state_random, store_param
 from ..convert import LOW16, step_seed
+from ..int8 import (
+    INT8_BLOCK,
+    INT8_GROUP,
+    SALTS,
+    block_count,
+    decode_block_signed,
+    encode_block_signed,
+)
 from ..schedule import lr_at
 
 
 @helper
-def sgd_element(i, params, grads, master, momentum_buffer_buffer, grad_factor, l2,
+def sgd_element(i, si, params, grads, master, momentum_buffer_buffer, grad_factor, l2,
                 active_momentum_buffer, lr, momentum, nesterov, has_momentum, fresh,
                 one_minus_dampening, fmt, seed):
     """The update of element i: the driver's loads, the definition's math, the driver's stores."""
@@ -27,7 +35,7 @@ def sgd_element(i, params, grads, master, momentum_buffer_buffer, grad_factor, l
     g = grad_factor * load_grad(grads, i, fmt) + l2 * p
     momentum_buffer = np.float32(0.0)
     if active_momentum_buffer:
-        momentum_buffer = decode_state(momentum_buffer_buffer[i])
+        momentum_buffer = decode_state(momentum_buffer_buffer[si])
     if has_momentum:
         if fresh:
             momentum_buffer = g
@@ -42,7 +50,7 @@ def sgd_element(i, params, grads, master, momentum_buffer_buffer, grad_factor, l
     rand = state_random(momentum_buffer_buffer, i, seed)
     if active_momentum_buffer:
         bits0 = (rand >> np.uint32(0)) & LOW16
-        momentum_buffer_buffer[i] = encode_state(momentum_buffer_buffer, momentum_buffer, bits0)
+        momentum_buffer_buffer[si] = encode_state(momentum_buffer_buffer, momentum_buffer, bits0)
     store_param(params, master, i, p, fmt)
 
 
@@ -66,12 +74,68 @@ def sgd(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
-            sgd_element(i, params, grads, master, state0, grad_factor, l2, active_momentum_buffer,
-                        lr_f32, momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
-                        step == 1), one_minus_dampening_f32, fmt, seed)
+            sgd_element(i, i, params, grads, master, state0, grad_factor, l2,
+                        active_momentum_buffer, lr_f32, momentum_f32, nesterov, has_momentum, fresh
+                        == 1 or (fresh == 2 and step == 1), one_minus_dampening_f32, fmt, seed)
     else:
         for i in range(params.shape[0]):
-            sgd_element(i, params, grads, master, state0, grad_factor, l2, active_momentum_buffer,
-                        lr_f32, momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
-                        step == 1), one_minus_dampening_f32, fmt, seed)
+            sgd_element(i, i, params, grads, master, state0, grad_factor, l2,
+                        active_momentum_buffer, lr_f32, momentum_f32, nesterov, has_momentum, fresh
+                        == 1 or (fresh == 2 and step == 1), one_minus_dampening_f32, fmt, seed)
+    return lr
+
+
+@kernel
+def sgd_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3,
+             weight_decay, decoupled, maximize, h0, h1, h2, h3, h4, h5, h6, h7, fmt, scale0, scale1,
+             scale2, scale3, grads, table, step, lr_scale, grad_mult, fresh, parallel):
+    """One sgd step k = ``step`` with int8 state (codes in ``state<k>``,
+    each block's absmax in ``scale<k>``), a block of INT8_BLOCK elements at a time;
+    returns the lr it used."""
+    lr = lr_at(table, step - 1.0) * lr_scale
+    momentum = h0
+    dampening = h1
+    nesterov = h2 != 0.0
+    has_momentum = momentum != 0.0
+    one_minus_dampening = 1.0 - dampening
+    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)
+    l2 = np.float32(weight_decay)
+    active_momentum_buffer = momentum != 0.0
+    lr_f32 = np.float32(lr)
+    momentum_f32 = np.float32(momentum)
+    one_minus_dampening_f32 = np.float32(one_minus_dampening)
+    seed = step_seed(step)
+    n_blocks = block_count(params.shape[0])
+    if parallel:
+        for group in prange((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((1, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                if active_momentum_buffer:
+                    decode_block_signed(state0, scale0[b], values0, lo, count)
+                for i in range(lo, lo + count):
+                    sgd_element(i, i - lo, params, grads, master, values0, grad_factor, l2,
+                                active_momentum_buffer, lr_f32, momentum_f32, nesterov,
+                                has_momentum, fresh == 1 or (fresh == 2 and step == 1),
+                                one_minus_dampening_f32, fmt, seed)
+                if active_momentum_buffer:
+                    scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
+    else:
+        for group in range((n_blocks + INT8_GROUP - 1) // INT8_GROUP):
+            scratch = np.empty((1, INT8_BLOCK), np.float32)
+            values0 = scratch[0]
+            for b in range(group * INT8_GROUP, min(group * INT8_GROUP + INT8_GROUP, n_blocks)):
+                lo = np.uint64(b) * np.uint64(INT8_BLOCK)
+                count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)
+                if active_momentum_buffer:
+                    decode_block_signed(state0, scale0[b], values0, lo, count)
+                for i in range(lo, lo + count):
+                    sgd_element(i, i - lo, params, grads, master, values0, grad_factor, l2,
+                                active_momentum_buffer, lr_f32, momentum_f32, nesterov,
+                                has_momentum, fresh == 1 or (fresh == 2 and step == 1),
+                                one_minus_dampening_f32, fmt, seed)
+                if active_momentum_buffer:
+                    scale0[b] = encode_block_signed(values0, state0, lo, count, seed, SALTS[0])
     return lr

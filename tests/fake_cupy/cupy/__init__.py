@@ -418,6 +418,10 @@ class _Kernel:
     def __init__(self, name: str):
         parts = name.split("_")
         self.name, self.op = name, parts[0]
+        #: an int8-state kernel (``adam_int8_f32``): the Numba ``<op>_int8`` kernel
+        self.int8 = parts[1] == "int8"
+        if self.int8:
+            parts = [parts[0], *parts[2:]]
         #: a tensor-aware kernel's reduce or segment pass (``lamb_reduce_f32``,
         #: ``lamb_segment``): checked, then nothing, as the Numba kernel the update pass runs
         #: does all three; with a matrix stage (Muon) the reduce pass runs the Numba first
@@ -426,12 +430,14 @@ class _Kernel:
         #: then nothing
         self.pass_ = parts[1] if parts[1] in _PASSES else None
         self.suffix = "f32" if self.pass_ in _UNTYPED else parts[2 if self.pass_ else 1]
-        self.state_type = np.uint16 if name.endswith("_sbf16") else np.float32
+        self.state_type = np.uint8 if self.int8 else np.uint16 if name.endswith("_sbf16") \
+            else np.float32
 
     def __call__(self, grid, block, args, **_):
         from fastopt.algorithms import REGISTRY
         from fastopt.algorithms._spec import (
             FACTORED_SIGNATURE,
+            INT8_SIGNATURE,
             KERNEL_SIGNATURE,
             SEGMENT_SIGNATURE,
         )
@@ -441,7 +447,8 @@ class _Kernel:
         d = REGISTRY[self.op]
         segmented = d.segmented
         spec = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if segmented else ()) \
-            + (FACTORED_SIGNATURE if d.factored is not None else ())
+            + (FACTORED_SIGNATURE if d.factored is not None else ()) \
+            + (INT8_SIGNATURE if self.int8 else ())
         if segmented and self.pass_ in (None, "reduce") \
                 and grid[0] != len(args[[name for name, _ in spec].index("chunks")]):
             raise ValueError(f"{self.name}: a block per chunk, got a grid of {grid[0]}")
@@ -450,6 +457,8 @@ class _Kernel:
         if self.pass_ in _GRID_OF and _grid_misses_work(self, grid[0], block[0], spec, args):
             raise ValueError(f"{self.name}: grid {grid[0]} x {block[0]} does not cover its "
                              "work (fastopt.gpu.launch.segmented_passes)")
+        if self.int8 and block[0] % 32:  # a warp per block of INT8_BLOCK elements
+            raise ValueError(f"{self.name}: blocks of whole warps, got {block[0]} threads")
         values = {}
         for (name, ctype), value in zip(spec, args, strict=True):
             values[name] = self._checked(name, ctype, value)
@@ -489,7 +498,8 @@ class _Kernel:
         if control[1] != 0.0:  # a skipped step: nothing changes, not even k
             return
         first = self.pass_ == "reduce"  # (a matrix stage's first pass)
-        kernel = cpu_kernel(self.op, f"{self.op}_first" if first else "")
+        kernel = cpu_kernel(self.op, f"{self.op}_first" if first else
+                            f"{self.op}_int8" if self.int8 else "")
         n = int(values["n"])
         k = int(values["step_state"][0]) + 1
         table = values["table"][: int(values["table_rows"])].view()

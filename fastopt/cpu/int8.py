@@ -1,0 +1,134 @@
+"""int8 state on the CPU: the 8-bit codes of ``_spec`` (INT8_BLOCK, INT8_MANTISSA_BITS,
+INT8_EXPONENT_BITS) as integer operations on float32 bits, and the per-block decode and
+encode every ``<name>_int8`` kernel runs (mirrors kernels/common.cuh and the host's
+``fastopt/_int8.py``; tested against both on every code).
+
+A block's values x become y = x / absmax in [-1, 1] (times 1/absmax: a product may land one
+ulp above 1, which the encoder clamps); y's float32 bits, plus ``rand`` below the kept
+mantissa bits, shifted right, less the exponent bias, are the code: round half up with
+rand = half a code step, unbiased stochastic rounding with 20 uniform random bits. Values
+below the code's smallest binade (2^-14 of the absmax signed, 2^-30 non-negative) become 0.
+An absmax below float32's smallest normal number counts as 0 (the block is stored as zeros);
+a NaN or inf in a block makes the whole block NaN.
+"""
+
+import numpy as np
+
+from ..algorithms._spec import INT8_BLOCK, INT8_EXPONENT_BITS, INT8_MANTISSA_BITS, INT8_SALTS
+from ._jit import helper, scalar
+from .convert import random32
+
+_U = np.uint32
+#: right shift from float32 bits to the code (the dropped mantissa bits)
+SHIFT = 23 - INT8_MANTISSA_BITS
+#: the random bits stochastic rounding adds (one code step), and half of it (round half up)
+STEP_MASK = (1 << SHIFT) - 1
+HALF = 1 << (SHIFT - 1)
+#: the codes' exponent bias in code units, and the codes of 1.0 (the largest used)
+SIGNED_BIAS = (127 - (1 << INT8_EXPONENT_BITS["signed"]) + 1) << INT8_MANTISSA_BITS
+NONNEGATIVE_BIAS = (127 - (1 << INT8_EXPONENT_BITS["nonnegative"]) + 1) << INT8_MANTISSA_BITS
+SIGNED_ONE = (127 << INT8_MANTISSA_BITS) - SIGNED_BIAS
+NONNEGATIVE_ONE = (127 << INT8_MANTISSA_BITS) - NONNEGATIVE_BIAS
+#: the smallest code that is not 0 (the smallest binade's first value)
+SMALLEST = 1 << INT8_MANTISSA_BITS
+#: float32's smallest normal number: a smaller absmax stores the block as zeros
+MIN_NORMAL = np.float32(2.0 ** -126)
+#: blocks per parallel work item of the int8 kernels (one scratch allocation each)
+INT8_GROUP = 64
+#: a salt per state slot for the stochastic rounding's random bits
+SALTS = INT8_SALTS
+
+
+@helper
+def encode_magnitude(y, rand, bias, one):
+    """|y| <= 1 as a code magnitude: 0, or SMALLEST..one (see the module's docstring)."""
+    a = _U(np.float32(y).view(_U) & _U(0x7FFFFFFF))
+    code = np.int32(_U(a + rand) >> _U(SHIFT)) - np.int32(bias)
+    code = code if code >= np.int32(SMALLEST) else np.int32(0)
+    return _U(code if code <= np.int32(one) else np.int32(one))
+
+
+@helper
+def decode_magnitude(magnitude, bias):
+    value = _U(_U(magnitude + _U(bias)) << _U(SHIFT)).view(np.float32)
+    return value if magnitude != _U(0) else np.float32(0.0)
+
+
+@helper
+def encode_signed(y, rand):
+    sign = _U(_U(np.float32(y).view(_U) >> _U(24)) & _U(0x80))
+    return np.uint8(encode_magnitude(y, rand, SIGNED_BIAS, SIGNED_ONE) | sign)
+
+
+@helper
+def decode_signed(code):
+    c = _U(code)
+    value = decode_magnitude(_U(c & _U(0x7F)), SIGNED_BIAS)
+    return -value if c & _U(0x80) else value
+
+
+@helper
+def encode_nonnegative(y, rand):
+    return np.uint8(encode_magnitude(y, rand, NONNEGATIVE_BIAS, NONNEGATIVE_ONE))
+
+
+@helper
+def decode_nonnegative(code):
+    return decode_magnitude(_U(code), NONNEGATIVE_BIAS)
+
+
+# The block functions are called, not inlined into the kernels' loops (Numba's IR inliner
+# clashes on loop variables inlined twice); their loops run over unsigned bounds, which LLVM
+# vectorises (a signed index's wrap-around check stops it: bench/NOTES.md).
+
+@scalar
+def decode_block_signed(codes, absmax, out, lo, count):
+    """out[:count] = the values of codes[lo:lo + count] (one block, scale ``absmax``)."""
+    for j in range(np.uint64(0), count):
+        out[j] = decode_signed(codes[lo + j]) * absmax
+
+
+@scalar
+def decode_block_nonnegative(codes, absmax, out, lo, count):
+    for j in range(np.uint64(0), count):
+        out[j] = decode_nonnegative(codes[lo + j]) * absmax
+
+
+@scalar
+def block_absmax(values, count):
+    """max |values[:count]| as the largest of their bits without the sign: an integer max,
+    which LLVM vectorises (a float max with NaN semantics it does not); a NaN's bits exceed
+    every number's, so a NaN comes out as the max."""
+    top = _U(0)
+    for j in range(np.uint64(0), count):
+        bits = _U(np.float32(values[j]).view(_U) & _U(0x7FFFFFFF))
+        top = _U(bits if bits > top else top)
+    return _U(top).view(np.float32)
+
+
+@scalar
+def encode_block_signed(values, codes, lo, count, seed, salt):
+    """codes[lo:lo + count] = values[:count] encoded against their absmax, stochastically
+    rounded (seed: the step's; salt: the state slot's); returns the absmax to store."""
+    absmax = block_absmax(values, count)
+    inv = np.float32(1.0) / absmax if absmax >= MIN_NORMAL else np.float32(0.0)
+    for j in range(np.uint64(0), count):
+        rand = _U(random32(lo + j, _U(seed ^ _U(salt))) & _U(STEP_MASK))
+        codes[lo + j] = encode_signed(values[j] * inv, rand)
+    return absmax if absmax >= MIN_NORMAL or absmax != absmax else np.float32(0.0)
+
+
+@scalar
+def encode_block_nonnegative(values, codes, lo, count, seed, salt):
+    absmax = block_absmax(values, count)
+    inv = np.float32(1.0) / absmax if absmax >= MIN_NORMAL else np.float32(0.0)
+    for j in range(np.uint64(0), count):
+        rand = _U(random32(lo + j, _U(seed ^ _U(salt))) & _U(STEP_MASK))
+        codes[lo + j] = encode_nonnegative(values[j] * inv, rand)
+    return absmax if absmax >= MIN_NORMAL or absmax != absmax else np.float32(0.0)
+
+
+@scalar
+def block_count(n):
+    """How many INT8_BLOCK blocks n elements take."""
+    return (n + INT8_BLOCK - 1) // INT8_BLOCK
