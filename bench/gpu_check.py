@@ -110,6 +110,8 @@ def _torch_adamw(tensors):
 
 
 BF16_STATE = "fastopt state_dtype=bfloat16"
+INT8_STATE = "fastopt state_dtype=int8"
+INT8_COPY = "copy-same-bytes as int8 state (16 B)"
 CLIPPED = "fastopt max_grad_norm=1, skip_if_nonfinite"
 
 
@@ -119,6 +121,36 @@ def _bf16_state_step(params, grads, sched, **kwargs):
 
     opt = fastopt.AdamW(params.copy(), lr=sched, state_dtype="bfloat16", **kwargs)
     return lambda: opt.step(grads)
+
+
+def _int8_state_step(params, grads, sched, **kwargs):
+    """fastopt AdamW with int8 moments (16 B/param for float32 params and grads)."""
+    import fastopt
+
+    opt = fastopt.AdamW(params.copy(), lr=sched, state_dtype="int8", **kwargs)
+    return lambda: opt.step(grads)
+
+
+def _int8_oracles(shapes: list, out: dict) -> None:
+    """bitsandbytes' and torchao's AdamW8bit over the same tensors, where they import."""
+    def made(module: str, attr: str):
+        def make():
+            import importlib
+
+            import torch
+
+            cls = importlib.import_module(module)
+            for part in attr.split("."):
+                cls = getattr(cls, part)
+            params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt = cls(params, lr=1e-3)
+            return opt.step
+        return make
+
+    _torch_steps(out, {"bitsandbytes AdamW8bit": made("bitsandbytes.optim", "AdamW8bit"),
+                       "torchao AdamW8bit": made("torchao.optim", "AdamW8bit")})
 
 
 def grid_sweep(n: int, sched, blocks_per_sm=(1, 2, 4, 8, 16, 32)) -> dict:
@@ -162,6 +194,9 @@ def fp32_one_buffer(n: int, sched) -> dict:
     opt = fastopt.AdamW(p, lr=sched)
     out = {"fastopt": lambda: opt.step(g), "copy-same-bytes": _copy(28 * n)}
     out[BF16_STATE] = _bf16_state_step(p, g, sched)
+    out[INT8_STATE] = _int8_state_step(p, g, sched)
+    out[INT8_COPY] = _copy(16 * n)
+    _int8_oracles([(n,)], out)
     # clipping and skipping on the device (kernels/control.cu): one more read of the grads
     clipped = fastopt.AdamW(p.copy(), lr=sched)
     out[CLIPPED] = lambda: clipped.step(g, max_grad_norm=1.0, skip_if_nonfinite=True)
@@ -190,6 +225,9 @@ def fp32_model(shapes: list, sched) -> dict:
     n = params.buffer.size
     out = {"fastopt": lambda: opt.step(grads.buffer), "copy-same-bytes": _copy(28 * n)}
     out[BF16_STATE] = _bf16_state_step(params.buffer, grads.buffer, sched)
+    out[INT8_STATE] = _int8_state_step(params.buffer, grads.buffer, sched)
+    out[INT8_COPY] = _copy(16 * n)
+    _int8_oracles(shapes, out)
 
     def torch_tensors():
         import torch
@@ -394,6 +432,9 @@ def report(card: str, summary: str, rows: dict, sweep: dict) -> list[str]:
         if "copy-same-bytes" in t:
             lines.append(f"| {case} | fastopt % of same-bytes copy | | "
                          f"{100 * t['copy-same-bytes'] / t['fastopt']:.0f}% | |")
+        if isinstance(t.get(INT8_STATE), float):
+            lines.append(f"| {case} | int8 state % of a copy of its 16 B/param | | "
+                         f"{100 * t[INT8_COPY] / t[INT8_STATE]:.0f}% | |")
         if isinstance(t.get(CLIPPED), float):
             lines.append(f"| {case} | clipped % of a copy of its 32 B/param | | "
                          f"{100 * t['copy-same-bytes + grads (32 B)'] / t[CLIPPED]:.0f}% | |")

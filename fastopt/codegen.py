@@ -948,8 +948,17 @@ def _cuda_int8(x: _Parts) -> list[str]:
     d, name = x.d, x.d.name
     preamble, (args,) = _cuda_preamble(x, [x.scalars], True)
     states = d.state_names
+    read = [(k, s) for k, s in enumerate(d.state) if _reads(x.element_body, s.name)]
+    checks = ["aligned_for<K>(params)", "aligned_for<K>(grads)",
+              "(IsFloat<T>::value || aligned_for<K>(master))"]
+    for k, s in enumerate(d.state):
+        check = f"aligned_for<K>(state{k})"
+        checks.append(f"(!{x.conditional[s.name]} || {check})" if s.name in x.conditional
+                      else check)
     lines = [f"// One {name} step k = step_state[0] + 1 with int8 state (codes in state<k>, each",
-             "// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.",
+             "// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements, a",
+             "// lane's elements consecutive (vector accesses) where the block is whole and the",
+             "// buffers aligned, else strided.",
              "template <typename T, typename S>",
              f"FO_D void {name}_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {{",
              *preamble,
@@ -957,41 +966,80 @@ def _cuda_int8(x: _Parts) -> list[str]:
              "    const unsigned lane = threadIdx.x % 32u;",
              "    const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / "
              "FO_INT8_BLOCK;",
+             "    const bool vector_ok = " + " &&\n                           ".join(checks) + ";",
              "    for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * "
              "warps) {",
              "        const long long b = base + threadIdx.x / 32;  // this warp's block",
-             "        float p[K], g[K];",
-             *(f"        float {s}[K] = {{}};" for s in states),
-             "#pragma unroll",
-             "        for (int k = 0; k < K; ++k) {",
-             "            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;",
-             "            if (b >= blocks || i >= n) continue;",
-             "            float one[1];",
-             "            load_param<1>(params + i, master + i, one);",
-             "            p[k] = one[0];",
-             "            load<1>(grads + i, one);",
-             "            g[k] = grad_factor * one[0]" + (" + l2 * p[k];" if x.uses_l2 else ";")]
+             "        const bool live = b < blocks;",
+             "        auto block = [&](auto vector) {",
+             "            constexpr bool V = decltype(vector)::value;",
+             "            // every load of the block first (the stores after them could alias",
+             "            // the buffers: loads between stores would wait for each other), then",
+             "            // the math, then the stores",
+             "            float p[K] = {}, g[K] = {};",
+             *(f"            float {s}[K] = {{}};" for s in states)]
+    for k, s in read:
+        active = f"live && {x.conditional[s.name]}" if s.name in x.conditional else "live"
+        lines += [f"            unsigned char code{k}[K] = {{}};",
+                  f"            const float absmax{k} = ({active}) ? scale{k}[b] : 0.0f;"]
+    lines += ["            if constexpr (V) {",
+              "                const long long i = int8_index<K, true>(b, lane, 0);",
+              "                load_param<K>(params + i, master + i, p);",
+              "                load<K>(grads + i, g);",
+              "            } else if (live) {",
+              "#pragma unroll",
+              "                for (int k = 0; k < K; ++k) {",
+              "                    const long long i = int8_index<K, false>(b, lane, k);",
+              "                    if (i >= n) continue;",
+              "                    float one[1];",
+              "                    load_param<1>(params + i, master + i, one);",
+              "                    p[k] = one[0];",
+              "                    load<1>(grads + i, one);",
+              "                    g[k] = one[0];",
+              "                }",
+              "            }"]
+    for k, s in read:
+        load = f"load_codes<K, V>(state{k}, b, lane, n, code{k});"
+        lines.append(f"            if ({x.conditional[s.name]} && live) {load}"
+                     if s.name in x.conditional else f"            if (live) {load}")
+    lines += ["#pragma unroll",
+              "            for (int k = 0; k < K; ++k) {",
+              "                g[k] = grad_factor * g[k]" + (" + l2 * p[k];" if x.uses_l2
+                                                          else ";")]
     if x.uses_decay:
-        lines.append("            p[k] = decay * p[k];")
-    for k, s in enumerate(d.state):
-        if not _reads(x.element_body, s.name):
-            continue
-        load = f"{s.name}[k] = int8_decode_{s.sign}(state{k}[i]) * scale{k}[b];"
-        lines.append(f"            if ({x.conditional[s.name]}) {load}" if s.name in x.conditional
-                     else f"            {load}")
+        lines.append("                p[k] = decay * p[k];")
+    for k, s in read:
+        lines.append(f"                {s.name}[k] = int8_decode_{s.sign}(code{k}[k]) * "
+                     f"absmax{k};")
     call = f"{name}_element(" + ", ".join(["p[k]", "g[k]", *(f"{s}[k]" for s in states),
                                              *args]) + ");"
-    lines += [textwrap.indent(textwrap.fill(call, width=88, subsequent_indent=" " * (
-                  len(name) + 9)), "            "),
-              "            one[0] = p[k];",
-              "            store_param<1>(params + i, master + i, one);",
-              "        }"]
+    lines += [textwrap.indent(textwrap.fill(call, width=84, subsequent_indent=" " * (
+                  len(name) + 9)), "                "),
+              "            }",
+              "            if constexpr (V) {",
+              "                const long long i = int8_index<K, true>(b, lane, 0);",
+              "                store_param<K>(params + i, master + i, p);",
+              "            } else if (live) {",
+              "#pragma unroll",
+              "                for (int k = 0; k < K; ++k) {",
+              "                    const long long i = int8_index<K, false>(b, lane, k);",
+              "                    if (i >= n) continue;",
+              "                    float one[1] = {p[k]};",
+              "                    store_param<1>(params + i, master + i, one);",
+              "                }",
+              "            }"]
     for s in x.stored:
         k = x.slot_index[s.name]
-        store = (f"int8_store_block<K, {str(s.sign == 'signed').lower()}>(state{k}, scale{k}, "
-                 f"b, blocks, n, lane, {s.name}, seed ^ {INT8_SALTS[k]:#010x}u);")
-        lines.append(f"        if ({x.conditional[s.name]}) {store}" if s.name in x.conditional
-                     else f"        {store}")
+        store = (f"int8_store_block<K, {str(s.sign == 'signed').lower()}, V>(state{k}, "
+                 f"scale{k}, b, blocks, n, lane, {s.name}, seed ^ {INT8_SALTS[k]:#010x}u);")
+        lines.append(f"            if ({x.conditional[s.name]}) {store}" if s.name in x.conditional
+                     else f"            {store}")
+    lines += ["        };",
+              "        if (vector_ok && (b + 1) * FO_INT8_BLOCK <= n) {",
+              "            block(Flag<true>{});",
+              "        } else {",
+              "            block(Flag<false>{});",
+              "        }"]
     lines += ["    }"]
     if x.scalars_stored:
         lines += ["    if (finish_step(step_state, lr_out, lr)) {",

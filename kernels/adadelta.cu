@@ -77,7 +77,9 @@ FO_KERNEL(adadelta_bf16_sbf16, adadelta, __nv_bfloat16, bf16_bits)
 #endif
 
 // One adadelta step k = step_state[0] + 1 with int8 state (codes in state<k>, each
-// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.
+// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements, a
+// lane's elements consecutive (vector accesses) where the block is whole and the
+// buffers aligned, else strided.
 template <typename T, typename S>
 FO_D void adadelta_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
     if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
@@ -97,29 +99,72 @@ FO_D void adadelta_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
     constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane
     const unsigned lane = threadIdx.x % 32u;
     const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / FO_INT8_BLOCK;
+    const bool vector_ok = aligned_for<K>(params) &&
+                           aligned_for<K>(grads) &&
+                           (IsFloat<T>::value || aligned_for<K>(master)) &&
+                           aligned_for<K>(state0) &&
+                           aligned_for<K>(state1);
     for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * warps) {
         const long long b = base + threadIdx.x / 32;  // this warp's block
-        float p[K], g[K];
-        float square_avg[K] = {};
-        float acc_delta[K] = {};
+        const bool live = b < blocks;
+        auto block = [&](auto vector) {
+            constexpr bool V = decltype(vector)::value;
+            // every load of the block first (the stores after them could alias
+            // the buffers: loads between stores would wait for each other), then
+            // the math, then the stores
+            float p[K] = {}, g[K] = {};
+            float square_avg[K] = {};
+            float acc_delta[K] = {};
+            unsigned char code0[K] = {};
+            const float absmax0 = (live) ? scale0[b] : 0.0f;
+            unsigned char code1[K] = {};
+            const float absmax1 = (live) ? scale1[b] : 0.0f;
+            if constexpr (V) {
+                const long long i = int8_index<K, true>(b, lane, 0);
+                load_param<K>(params + i, master + i, p);
+                load<K>(grads + i, g);
+            } else if (live) {
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
-            if (b >= blocks || i >= n) continue;
-            float one[1];
-            load_param<1>(params + i, master + i, one);
-            p[k] = one[0];
-            load<1>(grads + i, one);
-            g[k] = grad_factor * one[0] + l2 * p[k];
-            square_avg[k] = int8_decode_nonnegative(state0[i]) * scale0[b];
-            acc_delta[k] = int8_decode_nonnegative(state1[i]) * scale1[b];
-            adadelta_element(p[k], g[k], square_avg[k], acc_delta[k], lr_f32, rho_f32, eps_f32,
-                             one_minus_rho_f32);
-            one[0] = p[k];
-            store_param<1>(params + i, master + i, one);
+                for (int k = 0; k < K; ++k) {
+                    const long long i = int8_index<K, false>(b, lane, k);
+                    if (i >= n) continue;
+                    float one[1];
+                    load_param<1>(params + i, master + i, one);
+                    p[k] = one[0];
+                    load<1>(grads + i, one);
+                    g[k] = one[0];
+                }
+            }
+            if (live) load_codes<K, V>(state0, b, lane, n, code0);
+            if (live) load_codes<K, V>(state1, b, lane, n, code1);
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                g[k] = grad_factor * g[k] + l2 * p[k];
+                square_avg[k] = int8_decode_nonnegative(code0[k]) * absmax0;
+                acc_delta[k] = int8_decode_nonnegative(code1[k]) * absmax1;
+                adadelta_element(p[k], g[k], square_avg[k], acc_delta[k], lr_f32, rho_f32, eps_f32,
+                                 one_minus_rho_f32);
+            }
+            if constexpr (V) {
+                const long long i = int8_index<K, true>(b, lane, 0);
+                store_param<K>(params + i, master + i, p);
+            } else if (live) {
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const long long i = int8_index<K, false>(b, lane, k);
+                    if (i >= n) continue;
+                    float one[1] = {p[k]};
+                    store_param<1>(params + i, master + i, one);
+                }
+            }
+            int8_store_block<K, false, V>(state0, scale0, b, blocks, n, lane, square_avg, seed ^ 0x00000000u);
+            int8_store_block<K, false, V>(state1, scale1, b, blocks, n, lane, acc_delta, seed ^ 0x632be5abu);
+        };
+        if (vector_ok && (b + 1) * FO_INT8_BLOCK <= n) {
+            block(Flag<true>{});
+        } else {
+            block(Flag<false>{});
         }
-        int8_store_block<K, false>(state0, scale0, b, blocks, n, lane, square_avg, seed ^ 0x00000000u);
-        int8_store_block<K, false>(state1, scale1, b, blocks, n, lane, acc_delta, seed ^ 0x632be5abu);
     }
     finish_step(step_state, lr_out, lr);
 }

@@ -66,7 +66,9 @@ FO_KERNEL(adagrad_bf16_sbf16, adagrad, __nv_bfloat16, bf16_bits)
 #endif
 
 // One adagrad step k = step_state[0] + 1 with int8 state (codes in state<k>, each
-// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements.
+// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements, a
+// lane's elements consecutive (vector accesses) where the block is whole and the
+// buffers aligned, else strided.
 template <typename T, typename S>
 FO_D void adagrad_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
     if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays
@@ -84,25 +86,64 @@ FO_D void adagrad_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {
     constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane
     const unsigned lane = threadIdx.x % 32u;
     const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / FO_INT8_BLOCK;
+    const bool vector_ok = aligned_for<K>(params) &&
+                           aligned_for<K>(grads) &&
+                           (IsFloat<T>::value || aligned_for<K>(master)) &&
+                           aligned_for<K>(state0);
     for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * warps) {
         const long long b = base + threadIdx.x / 32;  // this warp's block
-        float p[K], g[K];
-        float sum[K] = {};
+        const bool live = b < blocks;
+        auto block = [&](auto vector) {
+            constexpr bool V = decltype(vector)::value;
+            // every load of the block first (the stores after them could alias
+            // the buffers: loads between stores would wait for each other), then
+            // the math, then the stores
+            float p[K] = {}, g[K] = {};
+            float sum[K] = {};
+            unsigned char code0[K] = {};
+            const float absmax0 = (live) ? scale0[b] : 0.0f;
+            if constexpr (V) {
+                const long long i = int8_index<K, true>(b, lane, 0);
+                load_param<K>(params + i, master + i, p);
+                load<K>(grads + i, g);
+            } else if (live) {
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
-            if (b >= blocks || i >= n) continue;
-            float one[1];
-            load_param<1>(params + i, master + i, one);
-            p[k] = one[0];
-            load<1>(grads + i, one);
-            g[k] = grad_factor * one[0] + l2 * p[k];
-            sum[k] = int8_decode_nonnegative(state0[i]) * scale0[b];
-            adagrad_element(p[k], g[k], sum[k], eps_f32, clr_f32);
-            one[0] = p[k];
-            store_param<1>(params + i, master + i, one);
+                for (int k = 0; k < K; ++k) {
+                    const long long i = int8_index<K, false>(b, lane, k);
+                    if (i >= n) continue;
+                    float one[1];
+                    load_param<1>(params + i, master + i, one);
+                    p[k] = one[0];
+                    load<1>(grads + i, one);
+                    g[k] = one[0];
+                }
+            }
+            if (live) load_codes<K, V>(state0, b, lane, n, code0);
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                g[k] = grad_factor * g[k] + l2 * p[k];
+                sum[k] = int8_decode_nonnegative(code0[k]) * absmax0;
+                adagrad_element(p[k], g[k], sum[k], eps_f32, clr_f32);
+            }
+            if constexpr (V) {
+                const long long i = int8_index<K, true>(b, lane, 0);
+                store_param<K>(params + i, master + i, p);
+            } else if (live) {
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const long long i = int8_index<K, false>(b, lane, k);
+                    if (i >= n) continue;
+                    float one[1] = {p[k]};
+                    store_param<1>(params + i, master + i, one);
+                }
+            }
+            int8_store_block<K, false, V>(state0, scale0, b, blocks, n, lane, sum, seed ^ 0x00000000u);
+        };
+        if (vector_ok && (b + 1) * FO_INT8_BLOCK <= n) {
+            block(Flag<true>{});
+        } else {
+            block(Flag<false>{});
         }
-        int8_store_block<K, false>(state0, scale0, b, blocks, n, lane, sum, seed ^ 0x00000000u);
     }
     finish_step(step_state, lr_out, lr);
 }

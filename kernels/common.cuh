@@ -126,6 +126,11 @@ struct Width {
     static constexpr int value = N;
 };
 
+template <bool B>
+struct Flag {
+    static constexpr bool value = B;
+};
+
 // N consecutive elements of T (N > 1: one aligned vector access) into / out of fp32 registers.
 template <int N, typename T>
 FO_HD void load(const T* ptr, float (&out)[N]) {
@@ -270,18 +275,44 @@ FO_HD unsigned char int8_encode_nonnegative(float y, unsigned rand) {
     return (unsigned char)int8_encode_magnitude<FO_INT8_EXPONENT_BITS_NONNEGATIVE>(y, rand);
 }
 
-// A warp's block b of int8 state: lane ``lane`` holds elements b * FO_INT8_BLOCK + k * 32 +
-// lane (k < K) in x. Stores their codes against the block's new absmax (the largest of
-// their bits without the sign: a NaN is the max) and the absmax (an absmax below float32's
-// smallest normal number stores the block as zeros). Every lane of the warp calls it,
-// b >= blocks included (they store nothing).
-template <int K, bool Signed>
+// Element k of lane ``lane`` in a warp's block b of int8 state: strided (k * 32 + lane: a
+// scalar access per element, coalesced across the warp) or, with Vector, consecutive
+// (lane * K + k: one vector access per lane and buffer).
+template <int K, bool Vector>
+FO_HD long long int8_index(long long b, unsigned lane, int k) {
+    return b * FO_INT8_BLOCK + (Vector ? (long long)lane * K + k : (long long)k * 32 + lane);
+}
+
+// K codes at p (Vector: one K-byte access; K * lane bytes from a block's start, aligned).
+template <int K, bool Vector>
+FO_HD void load_codes(const unsigned char* codes, long long b, unsigned lane, long long n,
+                      unsigned char (&out)[K]) {
+    if constexpr (Vector) {
+        const Vec<unsigned char, K> v = *reinterpret_cast<const Vec<unsigned char, K>*>(
+            codes + int8_index<K, true>(b, lane, 0));
+#pragma unroll
+        for (int k = 0; k < K; ++k) out[k] = v.v[k];
+    } else {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const long long i = int8_index<K, false>(b, lane, k);
+            if (i < n) out[k] = codes[i];
+        }
+    }
+}
+
+// A warp's block b of int8 state: lane ``lane`` holds its elements (int8_index) in x. Stores
+// their codes against the block's new absmax (the largest of their bits without the sign: a
+// NaN is the max) and the absmax (an absmax below float32's smallest normal number stores
+// the block as zeros). Every lane of the warp calls it, b >= blocks included (they store
+// nothing); with Vector the block is whole.
+template <int K, bool Signed, bool Vector>
 FO_D void int8_store_block(unsigned char* codes, float* scales, long long b, long long blocks,
                            long long n, unsigned lane, const float (&x)[K], unsigned seed) {
     unsigned top = 0;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-        const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
+        const long long i = int8_index<K, Vector>(b, lane, k);
         const unsigned bits = float_bits(x[k]) & 0x7FFFFFFFu;
         if (b < blocks && i < n && bits > top) top = bits;
     }
@@ -293,13 +324,17 @@ FO_D void int8_store_block(unsigned char* codes, float* scales, long long b, lon
     const float absmax = bits_float(top);
     const bool normal = absmax >= FO_MIN_NORMAL;
     const float inv = normal ? 1.0f / absmax : 0.0f;
+    Vec<unsigned char, K> out;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-        const long long i = b * FO_INT8_BLOCK + k * 32 + lane;
-        if (i >= n) continue;
+        const long long i = int8_index<K, Vector>(b, lane, k);
         const unsigned rand = random32(i, seed) & ((1u << FO_INT8_SHIFT) - 1u);
-        codes[i] = Signed ? int8_encode_signed(x[k] * inv, rand)
+        out.v[k] = Signed ? int8_encode_signed(x[k] * inv, rand)
                           : int8_encode_nonnegative(x[k] * inv, rand);
+        if (!Vector && i < n) codes[i] = out.v[k];
+    }
+    if constexpr (Vector) {
+        *reinterpret_cast<Vec<unsigned char, K>*>(codes + int8_index<K, true>(b, lane, 0)) = out;
     }
     if (lane == 0) scales[b] = (normal || absmax != absmax) ? absmax : 0.0f;
 }

@@ -125,8 +125,10 @@ class HostRun:
         self.kernel = f"emulate_{d.name}_int8_f32" if int8 else \
             f"emulate_{d.name}_f32{self.suffix}"
         full = full_hypers(cls, hypers)
-        base = np.zeros(n + offset, np.float32)
-        self.params = base[offset:]
+        base = np.zeros(n + offset + 16, np.float32)
+        if int8:  # (64-byte aligned: the int8 kernels' vector path for whole blocks)
+            base = base[(-base.ctypes.data % 64) // 4:]
+        self.params = base[offset:offset + n]
         self.params[...] = rng.standard_normal(n)
         self.states = {}
         self.segments = SegmentTable.contiguous(shapes or shapes_for(d.name, n)) \
