@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import inspect
 import re
 import sys
@@ -1891,15 +1892,33 @@ def factored_cuda_source(d: Definition) -> str:
 # ------------------------------------------------------------------------------ files
 
 
+def _digest(texts: list[str]) -> str:
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+
+
+def _with_digest(text: str, comment: str, digest: str, what: str) -> str:
+    """``text`` with a line after its 3-line header naming the digest of the hand-written
+    code it includes: Numba caches a kernel by its own file and CuPy by its source string,
+    neither by what they import or include, so a change there must change this file."""
+    lines = text.split("\n")
+    return "\n".join([*lines[:3], f"{comment} Digest of {what}: {digest}", *lines[3:]])
+
+
 def outputs() -> dict[Path, str]:
     """Every generated file and its content."""
     files: dict[Path, str] = {ROOT / "optimizers.py": optimizers_source(),
                               ROOT / "functional.py": functional_source(),
                               ROOT / "torch" / "optim.py": torch_source(),
                               CUDA_DIR / "signature.cuh": signature_header()}
+    helpers = _digest([path.read_text() for path in sorted((ROOT / "cpu").glob("*.py"))])
+    headers = _digest([files[CUDA_DIR / "signature.cuh"], *(
+        path.read_text() for path in sorted(CUDA_DIR.glob("*.cuh"))
+        if path.name != "signature.cuh")])
     for d in REGISTRY.values():
-        files[CPU_OPS / f"{d.name}.py"] = numba_source(d)
-        files[CUDA_DIR / f"{d.name}.cu"] = cuda_source(d)
+        files[CPU_OPS / f"{d.name}.py"] = _with_digest(
+            numba_source(d), "#", helpers, "fastopt/cpu/*.py")
+        files[CUDA_DIR / f"{d.name}.cu"] = _with_digest(
+            cuda_source(d), "//", headers, "kernels/*.cuh")
     return files
 
 
