@@ -152,12 +152,6 @@ def dequantize(state: Int8State, signed: bool):
         return xp.asarray((values * scale).astype(np.float32))
 
 
-def code_step(signed: bool) -> float:
-    """The codes' largest relative spacing (2^-M): rounding half up errs by at most half of
-    it times |x|, stochastic rounding by less than it, for |x| in the codes' range."""
-    return 2.0 ** -INT8_MANTISSA_BITS
-
-
 def smallest(signed: bool) -> float:
     """The smallest nonzero |y| a code holds (relative to the block's absmax)."""
     return 2.0 ** (2 - (1 << INT8_EXPONENT_BITS["signed" if signed else "nonnegative"]))

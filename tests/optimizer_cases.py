@@ -340,3 +340,20 @@ def reference_run(cls: str, hypers: dict, p0, grads, schedule, shapes=None):
     for k, g in enumerate(grads, start=1):
         p, state = CASES[d.name].reference(p, g, state, k, schedule.at(k - 1), full, **layout)
     return p, state
+
+
+def logistic_problem(seed: int = 2):
+    """A logistic regression (2000 x 50, labels from a noisy linear model): a function of the
+    float32 weights giving (loss, gradient), for convergence checks of the state formats."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((2000, 50)).astype(np.float32)
+    w_true = rng.standard_normal(50).astype(np.float32)
+    y = (x @ w_true + 0.5 * rng.standard_normal(2000) > 0).astype(np.float32)
+
+    def loss_and_grad(w):
+        z = x @ w
+        p = 1 / (1 + np.exp(-z))
+        return (float(np.mean(np.logaddexp(0, z) - y * z)),
+                (x.T @ (p - y) / len(y)).astype(np.float32))
+
+    return loss_and_grad

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from numba import njit
+from optimizer_cases import logistic_problem
 
 import fastopt
 from fastopt import _bf16
@@ -57,17 +58,7 @@ def test_bf16_state_tracks_fp32_state(name):
 
 def test_logistic_regression_converges_like_fp32():
     """A real problem: the final loss with bf16 state is within 1 % of fp32 state's."""
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((2000, 50)).astype(np.float32)
-    w_true = rng.standard_normal(50).astype(np.float32)
-    y = (x @ w_true + 0.5 * rng.standard_normal(2000) > 0).astype(np.float32)
-
-    def loss_and_grad(w):
-        z = x @ w
-        p = 1 / (1 + np.exp(-z))
-        loss = float(np.mean(np.logaddexp(0, z) - y * z))
-        return loss, (x.T @ (p - y) / len(y)).astype(np.float32)
-
+    loss_and_grad = logistic_problem()
     losses = {}
     for state_dtype in ("float32", "bfloat16"):
         w = np.zeros(50, np.float32)

@@ -6,7 +6,7 @@ against float32 state for every optimizer that takes it."""
 import numpy as np
 import pytest
 from numba import njit
-from optimizer_cases import CASES, make, schedule_for
+from optimizer_cases import CASES, logistic_problem, make, schedule_for
 
 import fastopt
 from fastopt import Int8State, _int8
@@ -256,21 +256,6 @@ def test_the_others_refuse_int8_state_saying_why(name):
         fastopt.AdamW(np.zeros(4, np.float32), state_dtype="int4")
 
 
-def _logistic_problem():
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((2000, 50)).astype(np.float32)
-    w_true = rng.standard_normal(50).astype(np.float32)
-    y = (x @ w_true + 0.5 * rng.standard_normal(2000) > 0).astype(np.float32)
-
-    def loss_and_grad(w):
-        z = x @ w
-        p = 1 / (1 + np.exp(-z))
-        return (float(np.mean(np.logaddexp(0, z) - y * z)),
-                (x.T @ (p - y) / len(y)).astype(np.float32))
-
-    return loss_and_grad
-
-
 #: per optimizer: its lr on the logistic regression (a schedule where it takes one)
 LOGISTIC_LR = {"adadelta": 5.0, "adagrad": 0.3, "sgd": 0.5, "rprop": 0.01, "lion": 0.005,
                "nadam": 0.1}
@@ -278,7 +263,7 @@ LOGISTIC_LR = {"adadelta": 5.0, "adagrad": 0.3, "sgd": 0.5, "rprop": 0.01, "lion
 
 @pytest.mark.parametrize("name", INT8)
 def test_logistic_regression_ends_within_1_percent_of_float32_state(name):
-    loss_and_grad = _logistic_problem()
+    loss_and_grad = logistic_problem()
     cls, hypers = CASES[name].options[0]
     lr = LOGISTIC_LR.get(name, 0.05)
     losses = {}

@@ -106,26 +106,34 @@ def block_absmax(values, count):
     return _U(top).view(np.float32)
 
 
+@helper
+def block_inverse(absmax):
+    """The factor a block's values are encoded with (0 for an absmax below float32's smallest
+    normal number), and the absmax to store (0 there; a NaN stays)."""
+    normal = absmax >= MIN_NORMAL
+    return (np.float32(1.0) / absmax if normal else np.float32(0.0),
+            absmax if normal or absmax != absmax else np.float32(0.0))
+
+
 @scalar
 def encode_block_signed(values, codes, lo, count, seed, salt):
     """codes[lo:lo + count] = values[:count] encoded against their absmax, stochastically
     rounded (seed: the step's; salt: the state slot's); returns the absmax to store."""
-    absmax = block_absmax(values, count)
-    inv = np.float32(1.0) / absmax if absmax >= MIN_NORMAL else np.float32(0.0)
+    inv, stored = block_inverse(block_absmax(values, count))
     for j in range(np.uint64(0), count):
         rand = _U(random32(lo + j, _U(seed ^ _U(salt))) & _U(STEP_MASK))
         codes[lo + j] = encode_signed(values[j] * inv, rand)
-    return absmax if absmax >= MIN_NORMAL or absmax != absmax else np.float32(0.0)
+    return stored
 
 
 @scalar
 def encode_block_nonnegative(values, codes, lo, count, seed, salt):
-    absmax = block_absmax(values, count)
-    inv = np.float32(1.0) / absmax if absmax >= MIN_NORMAL else np.float32(0.0)
+    """As encode_block_signed, for a non-negative state."""
+    inv, stored = block_inverse(block_absmax(values, count))
     for j in range(np.uint64(0), count):
         rand = _U(random32(lo + j, _U(seed ^ _U(salt))) & _U(STEP_MASK))
         codes[lo + j] = encode_nonnegative(values[j] * inv, rand)
-    return absmax if absmax >= MIN_NORMAL or absmax != absmax else np.float32(0.0)
+    return stored
 
 
 @scalar

@@ -237,16 +237,6 @@ class _Bucket:
         view.copy_(torch.from_numpy(made.codes).view(view.shape))
         self.absmax_of(name, index).copy_(torch.from_numpy(made.absmax))
 
-    def state_as_float(self, name: str, index: int) -> torch.Tensor:
-        """Param ``index``'s state ``name`` as float32 values (int8 state decoded), a copy."""
-        view = self.view_of(name, index)
-        if not self.int8 or name == MASTER:
-            return view.clone()
-        made = Int8State(view.reshape(-1).cpu().numpy(), self.absmax_of(name, index).cpu()
-                         .numpy())
-        return torch.from_numpy(made.decode(self.signed(name))).view(view.shape).to(
-            view.device)
-
     def counts_loaded(self) -> None:
         """The step counts and scalars were set from outside (a state dict, a backup): the
         scalars may differ across params, and the device counter (if any) takes the count,
