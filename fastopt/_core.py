@@ -517,7 +517,11 @@ class FlatOptimizer:
                 continue  # e.g. from a float32 run: the master is taken from the params
             shape = self.params.shape if key == MASTER else (self.definition.state_size(
                 key, self.params.shape[0], self.segments),)
-            raw = _int8.raw_entry(d, key, shape[0], self._host_copy)
+            raw = None if key == MASTER else _int8.raw_entry(d, key, shape[0],
+                                                               self._host_copy)
+            if raw is not None and key in d and not np.array_equal(
+                    raw.decode(self._signed(key)), self._host_copy(d[key]), equal_nan=True):
+                raw = None  # (the float values were edited since: they win)
             if raw is not None:  # int8 codes and scales: taken as they are, or decoded
                 arrays[key] = raw if self.state_dtype == "int8" else raw.decode(
                     self._signed(key))

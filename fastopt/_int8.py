@@ -129,7 +129,10 @@ def quantize(values, signed: bool) -> Int8State:
     magnitude = (((u & np.uint32(0x7FFFFFFF)) + np.uint32(1 << (_SHIFT - 1))) >> np.uint32(
         _SHIFT)).astype(np.int64) - _bias(signed)
     one = (127 << INT8_MANTISSA_BITS) - _bias(signed)
-    magnitude = np.minimum(np.where(magnitude >= 1 << INT8_MANTISSA_BITS, magnitude, 0), one)
+    # below the smallest code's value: 0 or that code, the nearer (half of it rounds up)
+    above_half = np.abs(y) > np.float32(smallest(signed) / 2)
+    magnitude = np.minimum(np.where(magnitude >= 1 << INT8_MANTISSA_BITS, magnitude,
+                                    np.where(above_half, 1 << INT8_MANTISSA_BITS, 0)), one)
     codes = magnitude.astype(np.uint8)
     if signed:
         codes |= ((u >> np.uint32(24)) & np.uint32(0x80)).astype(np.uint8)

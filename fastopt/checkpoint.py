@@ -284,9 +284,10 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
                            if key in _CODES_MEMBERS})
             wanted.update({key: (np.float32, int8_blocks(sizes(key[:-len("_absmax")])))
                            for key in members if key in _ABSMAX_MEMBERS})
+            # (int8 state of an optimizer with no active state buffer has no members)
             int8_members = bool(set(members) & (_CODES_MEMBERS | _ABSMAX_MEMBERS))
-            if int8_members != (meta["state_dtype"] == "int8") or (
-                    int8_members and meta.get("int8_code_version") != INT8_CODE_VERSION):
+            if int8_members and (meta["state_dtype"] != "int8"
+                                 or meta["int8_code_version"] != INT8_CODE_VERSION):
                 raise CheckpointError(
                     f"{path}: int8 state needs its raw members and code version "
                     f"{INT8_CODE_VERSION} (state_dtype {meta['state_dtype']!r}, version "

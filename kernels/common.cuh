@@ -244,11 +244,15 @@ FO_D double fo_shfl_xor(double v, unsigned o) {
 #define FO_INT8_ONE(E) ((127 << FO_INT8_MANTISSA_BITS) - FO_INT8_BIAS(E))
 #define FO_MIN_NORMAL 1.17549435e-38f
 
+// Below the smallest code's value s = 2^(2 - 2^E): 0 or that code, SMALLEST when |y| > rand
+// * s / 2^SHIFT (unbiased: probability |y| / s).
 template <int E>
 FO_HD unsigned int8_encode_magnitude(float y, unsigned rand) {
     const unsigned a = float_bits(y) & 0x7FFFFFFFu;
     int code = (int)((a + rand) >> FO_INT8_SHIFT) - FO_INT8_BIAS(E);
-    code = code >= (1 << FO_INT8_MANTISSA_BITS) ? code : 0;
+    const float floor_step = bits_float((unsigned)(129 - (1 << E) - FO_INT8_SHIFT) << 23);
+    const int small = fabsf(y) > (float)rand * floor_step ? (1 << FO_INT8_MANTISSA_BITS) : 0;
+    code = code >= (1 << FO_INT8_MANTISSA_BITS) ? code : small;
     return (unsigned)(code <= FO_INT8_ONE(E) ? code : FO_INT8_ONE(E));
 }
 

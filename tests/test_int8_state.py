@@ -333,3 +333,80 @@ def test_fastopt_torch_int8_state_dicts_and_copies():
     assert torch.equal(model[2].bias.detach(), before)
     with pytest.raises(ValueError, match="int8"):
         fot.LAMB(_mlp().parameters(), state_dtype="int8")
+
+
+def test_a_small_state_beside_a_large_one_grows_instead_of_staying_zero():
+    """Values below the smallest code (2^-30 of the block's absmax for a second moment) round
+    stochastically to 0 or that code, so an accumulator fed tiny gradients beside a huge one
+    grows on average: the params follow float32 state's (they moved 20x too far when such
+    values were set to 0)."""
+    moved = {}
+    for state_dtype in ("float32", "int8"):
+        p = np.zeros(INT8_BLOCK, np.float32)
+        opt = fastopt.Adagrad(p, lr=0.01, state_dtype=state_dtype)
+        g = np.full(INT8_BLOCK, 1e-5, np.float32)
+        g[0] = 1.0
+        opt.step(g)
+        g[0] = 0.0
+        for _ in range(1999):
+            opt.step(g)
+        moved[state_dtype] = p[1:]
+    # (5 % more on average: the noisy sum under a square root, Jensen; it was 20x before)
+    assert np.mean(moved["int8"]) == pytest.approx(np.mean(moved["float32"]), rel=0.1)
+    np.testing.assert_allclose(moved["int8"], moved["float32"], rtol=0.6)  # (each: noisy)
+
+
+def test_edited_or_stepped_float_values_win_over_stale_codes():
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    # the core: an edited exp_avg beside the (now stale) raw form; master raw keys ignored
+    p = np.ones(3 * INT8_BLOCK, np.float16)
+    opt = fastopt.AdamW(p, state_dtype="int8")
+    opt.step(np.ones(p.size, np.float16))
+    d = opt.state_dict()
+    d["exp_avg"] = np.zeros(p.size, np.float32)
+    d["master_param_codes"] = np.zeros(p.size, np.uint8)
+    opt.load_state_dict(d)
+    assert np.all(opt.state_dict()["exp_avg"] == 0)
+    # fastopt.torch: a dict stepped by torch.optim after loading ours
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(700))
+    ours = fot.AdamW([w], lr=1e-2, state_dtype="int8")
+    for _ in range(3):
+        w.grad = torch.randn(700)
+        ours.step()
+    w2 = torch.nn.Parameter(w.detach().clone())
+    theirs = torch.optim.AdamW([w2], lr=1e-2)
+    theirs.load_state_dict(ours.state_dict())
+    for _ in range(20):
+        w2.grad = torch.randn(700)
+        theirs.step()
+    w3 = torch.nn.Parameter(w2.detach().clone())
+    back = fot.AdamW([w3], lr=1e-2, state_dtype="int8")
+    back.load_state_dict(theirs.state_dict())
+    want = theirs.state[w2]["exp_avg"]
+    got = back.state_dict()["state"][0]["exp_avg"]
+    assert (got - want).abs().max() <= 2.0 ** -4 * want.abs().max() + 1e-12
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "int8"])
+def test_two_conditional_states_turned_on_at_once(state_dtype):
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    r = torch.nn.Parameter(torch.randn(10))
+    opt = fot.RMSprop([r], lr=0.01, state_dtype=state_dtype)
+    r.grad = torch.randn(10)
+    opt.step()
+    opt.param_groups[0].update(centered=True, momentum=0.5)
+    opt.step()
+    assert {"grad_avg", "momentum_buffer"} <= set(opt.state[r])
+
+
+def test_a_checkpoint_of_int8_state_without_state_buffers_loads(tmp_path):
+    p = np.zeros(10, np.float32)
+    opt = fastopt.SGD(p, lr=0.1, state_dtype="int8")  # (no momentum: no state buffer)
+    opt.step(np.ones(10, np.float32))
+    fastopt.save(opt, tmp_path / "s.npz")
+    assert fastopt.load(tmp_path / "s.npz", p).step_count == 1

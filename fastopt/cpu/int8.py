@@ -7,7 +7,9 @@ A block's values x become y = x / absmax in [-1, 1] (times 1/absmax: a product m
 ulp above 1, which the encoder clamps); y's float32 bits, plus ``rand`` below the kept
 mantissa bits, shifted right, less the exponent bias, are the code: round half up with
 rand = half a code step, unbiased stochastic rounding with 20 uniform random bits. Values
-below the code's smallest binade (2^-14 of the absmax signed, 2^-30 non-negative) become 0.
+below the smallest code's value (2^-14 of the absmax signed, 2^-30 non-negative) become 0 or
+that code, by the same rounding (with rand = half: the nearer one), so a small state next to
+a large one in its block grows on average instead of staying 0.
 An absmax below float32's smallest normal number counts as 0 (the block is stored as zeros);
 a NaN or inf in a block makes the whole block NaN.
 """
@@ -31,6 +33,10 @@ SIGNED_ONE = (127 << INT8_MANTISSA_BITS) - SIGNED_BIAS
 NONNEGATIVE_ONE = (127 << INT8_MANTISSA_BITS) - NONNEGATIVE_BIAS
 #: the smallest code that is not 0 (the smallest binade's first value)
 SMALLEST = 1 << INT8_MANTISSA_BITS
+#: that code's value over 2^SHIFT: below it a value rounds to 0 or to it with probability
+#: value / smallest (2^(2 - 2^E) is the smallest value)
+SIGNED_FLOOR = np.float32(2.0 ** (2 - (1 << INT8_EXPONENT_BITS["signed"]) - SHIFT))
+NONNEGATIVE_FLOOR = np.float32(2.0 ** (2 - (1 << INT8_EXPONENT_BITS["nonnegative"]) - SHIFT))
 #: float32's smallest normal number: a smaller absmax stores the block as zeros
 MIN_NORMAL = np.float32(2.0 ** -126)
 #: blocks per parallel work item of the int8 kernels (one scratch allocation each)
@@ -40,11 +46,15 @@ SALTS = INT8_SALTS
 
 
 @helper
-def encode_magnitude(y, rand, bias, one):
-    """|y| <= 1 as a code magnitude: 0, or SMALLEST..one (see the module's docstring)."""
+def encode_magnitude(y, rand, bias, one, floor_step):
+    """|y| <= 1 as a code magnitude: 0, or SMALLEST..one (see the module's docstring). Below
+    the smallest code's value s, 0 or SMALLEST with the same rounding: SMALLEST when |y| >
+    rand * floor_step (floor_step = s / 2^SHIFT), so P(SMALLEST) = |y| / s, unbiased."""
     a = _U(np.float32(y).view(_U) & _U(0x7FFFFFFF))
     code = np.int32(_U(a + rand) >> _U(SHIFT)) - np.int32(bias)
-    code = code if code >= np.int32(SMALLEST) else np.int32(0)
+    small = np.int32(SMALLEST) if abs(np.float32(y)) > np.float32(rand) * floor_step \
+        else np.int32(0)
+    code = code if code >= np.int32(SMALLEST) else small
     return _U(code if code <= np.int32(one) else np.int32(one))
 
 
@@ -57,7 +67,7 @@ def decode_magnitude(magnitude, bias):
 @helper
 def encode_signed(y, rand):
     sign = _U(_U(np.float32(y).view(_U) >> _U(24)) & _U(0x80))
-    return np.uint8(encode_magnitude(y, rand, SIGNED_BIAS, SIGNED_ONE) | sign)
+    return np.uint8(encode_magnitude(y, rand, SIGNED_BIAS, SIGNED_ONE, SIGNED_FLOOR) | sign)
 
 
 @helper
@@ -69,7 +79,8 @@ def decode_signed(code):
 
 @helper
 def encode_nonnegative(y, rand):
-    return np.uint8(encode_magnitude(y, rand, NONNEGATIVE_BIAS, NONNEGATIVE_ONE))
+    return np.uint8(encode_magnitude(y, rand, NONNEGATIVE_BIAS, NONNEGATIVE_ONE,
+                                     NONNEGATIVE_FLOOR))
 
 
 @helper

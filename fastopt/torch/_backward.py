@@ -210,10 +210,10 @@ def step_in_backward(params, optimizer: FlatOptimizer, *,
     use the scaled gradients; its ``step()`` fails). A param that gets no gradient in a
     backward, or has ``requires_grad=False``, is skipped, as by ``step()``. A backward that
     raises leaves what it already stepped stepped (as an exception inside ``step()``).
-    With ``state_dtype="bfloat16"`` a chunk draws other stochastic-rounding bits than a
-    whole-bucket step: the same distribution, not the same bits. Use a fastopt schedule as the lr
-    (evaluated in the kernel): torch LR schedulers expect ``step()`` calls. Returns a handle;
-    ``handle.remove()`` goes back to normal stepping.
+    With ``state_dtype="bfloat16"`` or ``"int8"`` a chunk draws other stochastic-rounding
+    bits than a whole-bucket step: the same distribution, not the same bits. Use a fastopt
+    schedule as the lr (evaluated in the kernel): torch LR schedulers expect ``step()``
+    calls. Returns a handle; ``handle.remove()`` goes back to normal stepping.
     """
     if not isinstance(optimizer, FlatOptimizer):
         raise TypeError("step_in_backward needs a fastopt.torch optimizer, got "

@@ -856,9 +856,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                         b.fresh = [True] * len(b.params)
                     for i, started in enumerate(b.started):  # the views, as torch adds them
                         if started and b.applies(name, i):
-                            self.state[b.params[i]].update({
-                                k: v for k, v in self._state_views(group, b, i).items()
-                                if k in (name, ABSMAX_KEY.format(name))})
+                            self.state[b.params[i]][name] = b.view_of(name, i)
+                            if b.int8:
+                                self.state[b.params[i]][ABSMAX_KEY.format(name)] = \
+                                    b.absmax_of(name, i)
         return names
 
     @torch.no_grad()
@@ -1192,6 +1193,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                     continue
                 view = b.view_of(name, i)
                 raw = _saved_int8(st, name, b.params[i])
+                if raw is not None and _stale(raw, st.get(name), b.signed(name)):
+                    raw = None  # (float values changed since: torch stepped, or an edit)
                 if raw is not None:  # int8 codes and scales: as they are, or decoded
                     if b.int8:
                         view.copy_(raw.codes.view(view.shape))
@@ -1285,6 +1288,17 @@ class FlatOptimizer(torch.optim.Optimizer):
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st
         self._lr_written = written
+
+
+def _stale(raw: Int8State, values, signed: bool) -> bool:
+    """Whether a saved entry's float32 values (if it has them beside its codes) are not what
+    its codes decode to: values stepped by torch.optim after loading our dict, or edited."""
+    if not isinstance(values, torch.Tensor) or values.dtype == torch.uint8:
+        return False  # (a live optimizer's entry: the codes are the state)
+    decoded = Int8State(raw.codes.reshape(-1).cpu().numpy(), raw.absmax.cpu().numpy()).decode(
+        signed)
+    return not np.array_equal(decoded, values.detach().reshape(-1).cpu().float().numpy(),
+                              equal_nan=True)
 
 
 def _saved_int8(st: dict, name: str, param: torch.Tensor) -> Int8State | None:
