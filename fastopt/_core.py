@@ -589,6 +589,15 @@ class FlatOptimizer:
             return array.get()
         return np.array(array)
 
+    def memory_report(self) -> dict[str, float]:
+        """Bytes per parameter this optimizer keeps, by component: ``params``, the float32
+        master of 16-bit params (``master_param``), each state buffer under its name (int8
+        state: its codes), ``scales`` (int8 state's block absmax values, all buffers) and
+        ``total``. (The gradients are the caller's.)"""
+        return _int8.memory_report(self.params.shape[0], [
+            _int8.parts_of(name, value) for name, value in [("params", self.params),
+                                                            *self.state.items()]])
+
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.defaults.items())
         return (f"{type(self).__name__}(n={self.params.shape[0]}, lr={self._schedule!r}, "

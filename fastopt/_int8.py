@@ -234,3 +234,23 @@ def raw_entry(saved: dict, name: str, n: int, host_copy) -> Int8State | None:
             f"and float32 of shape ({blocks(n)},), got {codes.dtype} {codes.shape} and "
             f"{absmax.dtype} {absmax.shape}")
     return Int8State(codes, absmax)
+
+
+def memory_report(n: int, parts: list[tuple[str, int, int]]) -> dict[str, float]:
+    """Bytes per parameter of n parameters by component, from (name, bytes, scale bytes)
+    triples (an int8 state buffer: its codes' bytes, and its absmax's, which go to
+    ``scales``); with ``total``."""
+    report: dict[str, float] = {}
+    for name, size, scales in parts:
+        report[name] = report.get(name, 0.0) + size / max(n, 1)
+        if scales:
+            report["scales"] = report.get("scales", 0.0) + scales / max(n, 1)
+    report["total"] = sum(report.values())
+    return report
+
+
+def parts_of(name: str, value) -> tuple[str, int, int]:
+    """A buffer's (name, bytes, scale bytes) for ``memory_report``."""
+    if isinstance(value, Int8State):
+        return name, value.codes.nbytes, value.absmax.nbytes
+    return name, value.nbytes, 0

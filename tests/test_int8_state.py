@@ -410,3 +410,23 @@ def test_a_checkpoint_of_int8_state_without_state_buffers_loads(tmp_path):
     opt.step(np.ones(10, np.float32))
     fastopt.save(opt, tmp_path / "s.npz")
     assert fastopt.load(tmp_path / "s.npz", p).step_count == 1
+
+
+def test_memory_report_counts_bytes_per_parameter_by_component():
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    n = 4 * INT8_BLOCK
+    want = {"float32": {"params": 4, "exp_avg": 4, "exp_avg_sq": 4, "total": 12},
+            "bfloat16": {"params": 4, "exp_avg": 2, "exp_avg_sq": 2, "total": 8},
+            "int8": {"params": 4, "exp_avg": 1, "exp_avg_sq": 1, "scales": 8 / INT8_BLOCK,
+                     "total": 6 + 8 / INT8_BLOCK}}
+    for state_dtype, expected in want.items():
+        report = fastopt.AdamW(np.zeros(n, np.float32), state_dtype=state_dtype).memory_report()
+        assert report == pytest.approx(expected), state_dtype
+    half = fastopt.AdamW(np.zeros(n, np.float16), state_dtype="int8").memory_report()
+    assert half["params"] == 2 and half["master_param"] == 4
+    model = torch.nn.Linear(INT8_BLOCK, 4, bias=False)  # (one param of whole blocks)
+    report = fot.AdamW(model.parameters(), state_dtype="int8").memory_report()
+    assert report == pytest.approx({"params": 4, "grads": 4, "exp_avg": 1, "exp_avg_sq": 1,
+                                    "scales": 8 / INT8_BLOCK, "total": 10 + 8 / INT8_BLOCK})

@@ -33,6 +33,7 @@ from .._int8 import (
     VERSION_KEY,
     Int8State,
     check_state_dtype,
+    memory_report,
     quantize,
 )
 from .._int8 import blocks as int8_blocks
@@ -590,6 +591,28 @@ class FlatOptimizer(torch.optim.Optimizer):
                                           and key not in self.group_defaults):
                 group.setdefault(key, value)
         group.update(self.fixed)  # as torch's AdamW: decoupled whatever the dict says
+
+    def memory_report(self) -> dict[str, float]:
+        """Bytes per parameter (elements of the params, padding excluded) this optimizer keeps,
+        by component: ``params`` and ``grads`` (the flat buffers, their padding included),
+        ``master_param`` (16-bit params), each state buffer under its name (int8: its codes),
+        ``scales`` (int8 state's block absmax values) and ``total``."""
+        parts, n = [], 0
+
+        def size(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        for buckets in self._buckets:
+            for b in buckets:
+                n += sum(p.numel() for p in b.params)
+                parts.append(("params", size(b.flat), 0))
+                if b.grad is not None:
+                    parts.append(("grads", size(b.grad), 0))
+                if b.master is not None:
+                    parts.append((MASTER, size(b.master), 0))
+                parts += [(name, size(t), size(b.absmax[name]) if name in b.absmax else 0)
+                          for name, t in b.state.items()]
+        return memory_report(n, parts)
 
     @torch.no_grad()
     def refresh_master(self) -> None:
