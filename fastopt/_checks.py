@@ -265,3 +265,20 @@ def check_max_grad_norm(max_grad_norm) -> float | None:
     if value == 0.0:
         raise ValueError(f"Invalid max_grad_norm value: {max_grad_norm}")
     return value
+
+
+def check_master_weights(master_weights, dtype: str | None = None) -> str:
+    """``master_weights`` checked (ValueError): one of MASTER_WEIGHTS, and "remainder" not for
+    float16 params (``dtype``: the params' format, when known). float32 params need no master
+    whatever the mode."""
+    from .algorithms._spec import MASTER_WEIGHTS
+
+    if not isinstance(master_weights, str) or master_weights not in MASTER_WEIGHTS:
+        raise ValueError(f"master_weights must be one of {', '.join(map(repr, MASTER_WEIGHTS))}"
+                         f", got {master_weights!r}")
+    if master_weights == "remainder" and dtype == "float16":
+        raise ValueError("master_weights='remainder' keeps the float32 master as bfloat16 "
+                         "params plus their 16-bit remainders, which float16 params cannot "
+                         "hold (float16 has 5 exponent bits, not float32's 8): give float16 "
+                         "params master_weights='fp32' or 'none', or use bfloat16 params")
+    return master_weights

@@ -28,6 +28,7 @@ from ._checks import (
     check_buffer,
     check_lr,
     check_lr_scale,
+    check_master_weights,
     check_max_grad_norm,
     dtype_arg,
     dtypes,
@@ -45,6 +46,7 @@ from .algorithms._spec import (
     INIT_PARAMS,
     MASTER,
     MASTER_ALIASES,
+    REMAINDER,
     lerp,
 )
 from .cpu.threads import kernel_guard, parallel_ok
@@ -91,7 +93,7 @@ class FlatOptimizer:
     _control_buffers = None
 
     def __init__(self, params, lr, hypers: dict, dtype=None, state_dtype="float32",
-                 segments=None):
+                 segments=None, master_weights="fp32"):
         if self.definition.segmented and segments is None:
             if not isinstance(params, FlatBuffer):
                 raise TypeError(f"{type(self).__name__} updates each tensor as a whole (a "
@@ -106,8 +108,13 @@ class FlatOptimizer:
         dtype = dtype_arg(dtype)
         allowed = None if dtype is None else ("uint16", dtype)
         self.params = check_buffer("params", params, dtype=allowed)
-        #: what the params hold: float32, or float16 / bfloat16 (then with a float32 master)
+        #: what the params hold: float32, or float16 / bfloat16 (then with a float32 master,
+        #: a remainder or none: ``master_weights``)
         self.dtype = param_dtype(self.params, dtype)
+        #: how 16-bit params keep their float32 values: "fp32" (a float32 master,
+        #: ``state['master_param']``), "remainder" (bfloat16 params: the master's low 16 bits,
+        #: ``state['master_remainder']``, int16) or "none" (stochastic rounding of the params)
+        self.master_weights = check_master_weights(master_weights, self.dtype)
         self._fmt = FORMATS.get(self.dtype, 0)
         self._xp = xp_of(self.params)
         self._on_gpu = array_module(self.params) == "cupy"
@@ -209,9 +216,42 @@ class FlatOptimizer:
         return [("params", self.params), *_int8.arrays(self.state)]
 
     def _state_keys(self, defaults: dict) -> tuple[str, ...]:
-        """Every float32 state buffer: the optimizer's, plus the master copy of 16-bit params."""
-        master = (MASTER,) if self.dtype != "float32" else ()
-        return self.active_state_names(defaults) + master
+        """Every state buffer: the optimizer's, plus the float32 master copy of 16-bit params
+        or their remainders (``master_weights``)."""
+        return self.active_state_names(defaults) + self._master_keys()
+
+    def _master_keys(self) -> tuple[str, ...]:
+        if self.dtype == "float32":
+            return ()
+        return {"fp32": (MASTER,), "remainder": (REMAINDER,), "none": ()}[self.master_weights]
+
+    def _master_values(self):
+        """The float32 values the math runs on (numpy or cupy): float32 params, the master
+        of 16-bit ones (made from the params and remainders with "remainder"), or the
+        16-bit params' own values ("none")."""
+        if self.dtype == "float32":
+            return self.params
+        if "state" not in self.__dict__:  # (constructing: the master is the params' values)
+            return self._new_state(MASTER)
+        if MASTER in self.state:
+            return self.state[MASTER]
+        if REMAINDER in self.state:
+            return _bf16.join_remainder(kernel_view(self.params), self.state[REMAINDER])
+        return self._new_state(MASTER)
+
+    def _set_master_values(self, values) -> None:
+        """Set the float32 values of 16-bit params: the master and its rounding to nearest
+        even ("fp32"), the bfloat16 rounding with ties away from zero and the remainders
+        ("remainder"), or the rounding to nearest even alone ("none")."""
+        bits = kernel_view(self.params)
+        values = self._xp.asarray(values, dtype=np.float32)
+        if REMAINDER in self.state:
+            bits[...], self.state[REMAINDER][...] = _bf16.split_master(values, self._xp)
+            return
+        if MASTER in self.state:
+            self.state[MASTER][...] = values
+        bits[...] = (_bf16.encode(values, self._xp) if self.dtype == "bfloat16"
+                     else values.astype(np.float16).view(np.uint16))
 
     def _hypers(self, defaults: dict | None = None) -> dict:
         """Every hyperparameter the kernel needs: the public ones and the class's fixed ones."""
@@ -234,7 +274,8 @@ class FlatOptimizer:
         #: keeps its memory, so the check is not repeated while the same one comes back)
         self._grads_apart = _NOTHING
         earlier = getattr(self, "_prepared", None)  # same buffer types: share its cache
-        self._prepared = Prepared(self.definition, params, self.state.get(MASTER),
+        master = self.state.get(MASTER, self.state.get(REMAINDER))  # (None: "none")
+        self._prepared = Prepared(self.definition, params, master,
                                   states, self._hypers(), self.dtype, self._on_gpu,
                                   self._parallel, self._scalars,
                                   compiled=None if earlier is None else earlier._compiled,
@@ -245,9 +286,11 @@ class FlatOptimizer:
             if self.dtype == "bfloat16":
                 return _bf16.decode(self.params.view(np.uint16))
             return self.params.view(np.float16).astype(np.float32)
+        if name == REMAINDER:  # the params are the master exactly
+            return self._xp.zeros(self.params.shape, dtype=np.int16)
         init = next((s.init for s in self.definition.state if s.name == name), None)
         if init == INIT_PARAMS and value is None:  # a copy of the params' float32 values
-            values = self.params if self.dtype == "float32" else self._new_state(MASTER)
+            values = self._master_values()
             if self.state_dtype == "bfloat16":
                 return self._xp.asarray(_bf16.encode(self._host_copy(values)))
             return values.astype(np.float32, copy=True)
@@ -332,12 +375,14 @@ class FlatOptimizer:
         self._max_grad_norm = check_max_grad_norm(value)
 
     def refresh_master(self) -> None:
-        """Copy the 16-bit params into their float32 master. Call it after changing 16-bit
+        """Copy the 16-bit params into their float32 master (with "remainder": zero the
+        remainders, so the master is the params exactly). Call it after changing 16-bit
         params in place: the kernel updates the master and overwrites the params with it, so
-        a stale master would undo the change. Float32 params have no master (nothing to do)."""
+        a stale master would undo the change. Float32 params, and 16-bit ones with
+        master_weights="none", have no master (nothing to do)."""
         with self._state_lock:
-            if MASTER in self.state:
-                self.state[MASTER][...] = self._new_state(MASTER)
+            for name in self._master_keys():
+                self.state[name][...] = self._new_state(name)
 
     def step(self, grads, *, grad_scale: float | None = None, skip_if_nonfinite: bool = False,
              max_grad_norm: float | None = None) -> bool:
@@ -459,7 +504,10 @@ class FlatOptimizer:
 
     def _state_dict_locked(self) -> dict:
         d = {"optimizer": type(self).__name__, "step": self.step_count}
-        d.update({name: self._state_as_float(name) for name in self.state})
+        d.update({name: self._state_as_float(name) for name in self.state
+                  if name != REMAINDER})
+        if REMAINDER in self.state:  # the master it makes, as "fp32" gives it
+            d[MASTER] = self._host_copy(self._master_values())
         d.update(_int8.raw_entries(self.state, self._host_copy))
         d.update({name: float(self._host_copy(v)[0]) for name, v in self._scalars.items()})
         d.update(self.defaults)
@@ -512,13 +560,19 @@ class FlatOptimizer:
         schedule = Schedule(self._host_copy(d["schedule"]), "loaded schedule")
         lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
         arrays = {}
+        master = None  # the saved float32 master of 16-bit params, if any
+        if self.dtype != "float32" and MASTER in d:
+            master = self._host_copy(d[MASTER])
+            if master.shape != self.params.shape or not np.issubdtype(master.dtype,
+                                                                      np.floating):
+                raise ArrayArgumentError(
+                    f"state_dict[{MASTER!r}] must be a float array of shape "
+                    f"{self.params.shape}, got {master.dtype} {master.shape}")
         for key in self._state_keys(defaults):
-            if key == MASTER and key not in d:
-                continue  # e.g. from a float32 run: the master is taken from the params
-            shape = self.params.shape if key == MASTER else (self.definition.state_size(
-                key, self.params.shape[0], self.segments),)
-            raw = None if key == MASTER else _int8.raw_entry(d, key, shape[0],
-                                                               self._host_copy)
+            if key in (MASTER, REMAINDER):
+                continue  # (the master: below; without one it is taken from the params)
+            shape = (self.definition.state_size(key, self.params.shape[0], self.segments),)
+            raw = _int8.raw_entry(d, key, shape[0], self._host_copy)
             if raw is not None and key in d and not np.array_equal(
                     raw.decode(self._signed(key)), self._host_copy(d[key]), equal_nan=True):
                 raw = None  # (the float values were edited since: they win)
@@ -560,8 +614,15 @@ class FlatOptimizer:
             self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)
         for name, value in scalars.items():
             self._scalars[name][...] = value
-        if MASTER in self._state_keys(defaults) and MASTER not in arrays:
-            arrays[MASTER] = self._new_state(MASTER)  # from the params
+        for key in self._master_keys():  # from the params, or the saved master below
+            if key in self.state:
+                self.state[key][...] = self._new_state(key)
+            else:
+                self.state[key] = self._new_state(key)
+        if master is not None and self.master_weights == "fp32":
+            self.state[MASTER][...] = self._xp.asarray(master, dtype=np.float32)
+        elif master is not None:  # the params carry it (with the remainders), or its rounding
+            self._set_master_values(master)
         for key, value in arrays.items():
             if key not in self.state:
                 self.state[key] = self._new_state(key)
@@ -660,11 +721,7 @@ class TrainEvalModes:
             if self.dtype == "float32":
                 self.params[...] = lerp(self.params, target, weight)
             else:  # the float32 master moves; the 16-bit params are its rounding
-                master = self.state[MASTER]
-                master[...] = lerp(master, target, weight)
-                bits = kernel_view(self.params)
-                bits[...] = (_bf16.encode(master, self._xp) if self.dtype == "bfloat16"
-                             else master.astype(np.float16).view(np.uint16))
+                self._set_master_values(lerp(self._master_values(), target, weight))
             self._train_mode = train
 
 

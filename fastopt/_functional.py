@@ -21,6 +21,7 @@ from ._checks import (
     check_disjoint,
     check_lr,
     check_lr_scale,
+    check_master_weights,
     check_step,
     dtype_arg,
     dtype_name,
@@ -45,10 +46,45 @@ def _schedule(lr, schedule) -> Schedule:
     return check_lr(schedule if schedule is not None else lr)
 
 
-def _buffers(params, grads, master, dtype=None, sizes=None, **state):
-    """Check params, grads, master and the state buffers together; return (size, dtype name).
+def _master_buffer(name: str, n: int, params, master, remainder, master_weights):
+    """The master buffer of ``name`` params (the kernel's ``master``: a float32 master, int16
+    remainders, or None for none), checked against ``master_weights`` (None: from which of
+    ``master`` and ``remainder`` is given)."""
+    if master_weights is not None:
+        check_master_weights(master_weights, name)
+    if name == "float32":
+        return None  # (float32 params need no master: both are ignored)
+    if master is not None and remainder is not None:
+        raise ValueError("give master_param (master_weights='fp32') or remainder "
+                         "(master_weights='remainder'), not both")
+    mode = master_weights or ("fp32" if master is not None else
+                              "remainder" if remainder is not None else None)
+    if mode is None:
+        raise ValueError(f"{name} params need master_param (their float32 copy), remainder "
+                         "(bfloat16 params: the master's low 16 bits, int16), or "
+                         "master_weights='none' (no master: stochastic rounding)")
+    check_master_weights(mode, name)
+    takes = {"fp32": master, "remainder": remainder, "none": None}[mode]
+    if (mode != "none" and takes is None) or (master is not None and mode != "fp32") \
+            or (remainder is not None and mode != "remainder"):
+        raise ValueError(f"master_weights={mode!r} takes " + {
+            "fp32": "master_param (and no remainder)", "remainder": "remainder (and no "
+            "master_param)", "none": "neither master_param nor remainder"}[mode])
+    if mode == "fp32":
+        check_buffer("master", master, n, like=params, dtype=np.float32)
+    elif mode == "remainder":
+        check_buffer("remainder", remainder, n, like=params, dtype=np.int16)
+    return takes
 
-    16-bit params need ``master``, their float32 copy, which the kernel reads and writes; they
+
+def _buffers(params, grads, master, dtype=None, sizes=None, remainder=None,
+             master_weights=None, **state):
+    """Check params, grads, the master and the state buffers together; return (size, dtype
+    name, the kernel's master buffer).
+
+    16-bit params need ``master``, their float32 copy, which the kernel reads and writes, or
+    for bfloat16 params ``remainder``, the master's low 16 bits (int16), or
+    ``master_weights='none'`` (no master: the kernel rounds the params stochastically); they
     may be given as uint16 bits with ``dtype`` ('float16' or 'bfloat16') naming the format
     (how cupy, which has no bfloat16, carries them). Grads have the params' array dtype.
     State buffers are float32, uint16 holding bfloat16 bits (stochastically rounded), or
@@ -59,12 +95,7 @@ def _buffers(params, grads, master, dtype=None, sizes=None, **state):
     n = check_buffer("params", params, dtype=allowed).shape[0]
     check_buffer("grads", grads, n, writable=False, like=params, dtype=params.dtype)
     name = dtype_name(params.dtype) if dtype is None else param_dtype(params, dtype)
-    if name != "float32" and master is None:
-        raise ValueError(f"master (a float32 copy of the params) is required for {name} params")
-    if name == "float32":
-        master = None  # unused for float32 params
-    if master is not None:
-        check_buffer("master", master, n, like=params, dtype=np.float32)
+    master = _master_buffer(name, n, params, master, remainder, master_weights)
     given = [array for array in state.values() if array is not None]
     state_dtypes = {"int8" if isinstance(array, Int8State) else array.dtype for array in given}
     if len(state_dtypes) > 1:
@@ -85,7 +116,7 @@ def _buffers(params, grads, master, dtype=None, sizes=None, **state):
                                                             "elements)")
             raw[key] = array
     check_disjoint(params=params, grads=grads, master=master, **raw)
-    return n, name
+    return n, name, master
 
 
 def _empty_like(params):
@@ -126,7 +157,8 @@ def take_alias(alias: str, alias_value, name: str, value):
 
 def run(definition: Definition, fixed: dict, params, grads, states: dict, *, step, lr,
         schedule, master, dtype, hypers: dict, lr_scale, grad_scale, fresh,
-        scalars: dict | None = None, segments=None) -> float:
+        scalars: dict | None = None, segments=None, remainder=None,
+        master_weights=None) -> float:
     """Check everything, then one kernel call of ``definition`` for step ``step``; returns
     the lr the kernel used (schedule value times ``lr_scale``)."""
     sched = definition.check_schedule(_schedule(
@@ -157,7 +189,8 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
         raise ValueError(definition.int8_refusal)
     sizes = None if definition.factored is None else (
         lambda key, n: definition.state_size(key, n, table))
-    n, name = _buffers(params, grads, master, dtype, sizes, **buffers)
+    n, name, master = _buffers(params, grads, master, dtype, sizes, remainder, master_weights,
+                               **buffers)
     if definition.factored is not None:
         _check_factored(definition, buffers)
     scalars = scalars or {}
@@ -169,7 +202,7 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))
     on_gpu = is_cupy(params)
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),
-                        master if name != "float32" else None, buffers, checked, name, on_gpu,
+                        master, buffers, checked, name, on_gpu,
                         parallel=not on_gpu and _parallel(n, params, *buffers.values()),
                         scalars=scalars, one_shot=True, segments=table)
     return run_once(prepared, kernel_view(grads) if not on_gpu else grads, sched, step,

@@ -315,8 +315,11 @@ class Problem:
             p[...] = rng.standard_normal(p.shape, dtype=np.float32)
             g[...] = rng.standard_normal(g.shape, dtype=np.float32)
 
-    def fastopt(self, name: str, schedule, **options):
-        buf = self.params.buffer.copy()
+    def fastopt(self, name: str, schedule, dtype: str = "float32", **options):
+        """fastopt's class over a copy of the params (``dtype``: float32, or bfloat16 with
+        ``master_weights=`` in ``options``)."""
+        buf = self.params.buffer.copy() if dtype == "float32" else \
+            self.params.buffer.astype(_bfloat16())
         if OPTIMIZERS[name].definition.segmented:  # (LAMB: the tensors' layout)
             options = {"segments": SegmentTable.of(self.params), **options}
         return ready_to_step(OPTIMIZERS[name], buf, schedule, **BENCH_OPTIONS[name],
@@ -324,6 +327,12 @@ class Problem:
 
     def torch(self, name: str, mode: str, steps: int, lr: float = 1e-3):
         return torch_setup(name, self.params.views, self.grads.views, mode, steps, lr)
+
+
+def _bfloat16():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16
 
 
 def fastopt_torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray],
@@ -421,11 +430,15 @@ def _median_times(impls: dict[str, Callable[[], None]], budget_s: float,
 
 
 def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: float,
-               with_torch: bool = True, state_dtypes: tuple[str, ...] = ()) -> Row:
+               with_torch: bool = True, state_dtypes: tuple[str, ...] = (),
+               master_weights: tuple[str, ...] = ()) -> Row:
     """Time fastopt (one packed buffer, float32 state), torch's paths (these tensors) and the
     roofline; with ``state_dtypes`` also fastopt with those state formats ('bfloat16':
     ``fastopt-bf16-state``; 'int8': ``fastopt-int8-state`` and its own roofline,
-    ``roofline-int8``), where the optimizer takes them."""
+    ``roofline-int8``), where the optimizer takes them; with ``master_weights`` also fastopt
+    over bfloat16 params and grads keeping their float32 values that way
+    (``fastopt-bf16-params-<mode>``), with float32 state and each of ``state_dtypes``
+    (``fastopt-bf16-params-<mode>-<format>-state``)."""
     problem = Problem(shapes, seed=len(shapes))
     sched = schedules.cosine(1e-3, 10_000, end_lr=1e-5)
     opt, _ = problem.fastopt(name, sched)
@@ -441,6 +454,19 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
         impls[f"fastopt-{label}-state"] = functools.partial(other.step, grads)
         if state_dtype == "int8":
             impls["roofline-int8"] = roofline_int8(name, problem.params.buffer.size)
+    if master_weights:
+        bf16_grads = grads.astype(_bfloat16())
+    for mode in master_weights:
+        for state_dtype in dict.fromkeys(("float32", *state_dtypes)):
+            if (d.factored is not None and state_dtype != "float32") or (
+                    state_dtype == "int8" and d.int8_refusal is not None):
+                continue
+            other, _ = problem.fastopt(name, sched, state_dtype=state_dtype,
+                                       master_weights=mode, dtype="bfloat16")
+            label = "" if state_dtype == "float32" else \
+                f"-{ {'bfloat16': 'bf16'}.get(state_dtype, state_dtype)}-state"
+            impls[f"fastopt-bf16-params-{mode}{label}"] = functools.partial(other.step,
+                                                                            bf16_grads)
     n = problem.params.buffer.size
     if with_torch:
         if OPTIMIZERS[name].definition.matrix is not None:  # the same stage as torch's
@@ -670,7 +696,8 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
         plot_path: str | None, with_torch: bool = True, out=print,
         markdown_path: str | None = None, command: str = "fastopt bench",
         models: tuple[str, ...] = (), progress: bool = True,
-        state_dtypes: tuple[str, ...] = (), startup_repeats: int = 0) -> list[Row]:
+        state_dtypes: tuple[str, ...] = (), startup_repeats: int = 0,
+        master_weights: tuple[str, ...] = ()) -> list[Row]:
     """Time every case, print the table, write what was asked; with ``startup_repeats`` > 0
     also measure start-up (import, cold and warm first step) in that many fresh processes."""
     work = plan(optimizers, sizes, list(models))
@@ -699,7 +726,8 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     rows = []
     bar = _progress(len(work)) if progress else None
     for name, label, shapes in work:
-        rows.append(bench_case(name, label, shapes, budget_s, with_torch, state_dtypes))
+        rows.append(bench_case(name, label, shapes, budget_s, with_torch, state_dtypes,
+                               master_weights))
         if bar is not None:
             bar.set_postfix_str(f"{name} {label}")
             bar.update()

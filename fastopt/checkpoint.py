@@ -37,7 +37,7 @@ from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
 from ._int8 import ABSMAX_KEY, CODES_KEY, INT8_CODE_VERSION, VERSION_KEY
 from ._int8 import blocks as int8_blocks
 from .algorithms import CLASSES, REGISTRY
-from .algorithms._spec import MASTER, MASTER_ALIASES, STATE_DTYPES
+from .algorithms._spec import MASTER, MASTER_ALIASES, MASTER_WEIGHTS, REMAINDER, STATE_DTYPES
 from .schedules import TABLE_COLUMNS
 from .segments import SegmentTable
 
@@ -68,6 +68,7 @@ def save(opt, path) -> None:
             "max_grad_norm": max_grad_norm, "size": int(params.size),
             "scalars": {s.name: d[s.name] for s in opt.definition.scalars},
             "dtype": opt.dtype, "state_dtype": opt.state_dtype,
+            "master_weights": opt.master_weights,
             "hyperparameters": {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in opt.defaults.items()},
             # train/eval modes (Schedule-Free): the mode the saved params are in
@@ -76,10 +77,7 @@ def save(opt, path) -> None:
             "segments": d.get("segments")}
     if opt.state_dtype == "int8":  # the raw codes and scales, and the code's version
         meta["int8_code_version"] = INT8_CODE_VERSION
-        arrays = {key: d[key] for name in opt.state for key in (
-            (CODES_KEY.format(name), ABSMAX_KEY.format(name)) if name != MASTER else (name,))}
-    else:
-        arrays = {name: d[name] for name in opt.state}
+    arrays = {key: d[key] for name in opt.state for key in _saved_as(opt, name)}
     arrays["schedule"] = d["schedule"]
     arrays["params"] = params
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
@@ -415,7 +413,8 @@ def _check_meta(path: Path, meta) -> dict:
                               f"this fastopt reads version {VERSION}")
     if meta.get("optimizer") not in OPTIMIZERS:
         raise CheckpointError(f"{path}: unknown optimizer {meta.get('optimizer')!r}")
-    meta = {"max_grad_norm": None, "state_dtype": "float32", "scalars": {}, "train_mode": None,
+    meta = {"max_grad_norm": None, "state_dtype": "float32", "master_weights": "fp32",
+            "scalars": {}, "train_mode": None,
             "int8_code_version": None,
             "segments": None, **meta}
     hyper = meta.get("hyperparameters")
@@ -428,6 +427,7 @@ def _check_meta(path: Path, meta) -> dict:
         and not isinstance(v, bool) and v > 0,
         "dtype": lambda v: v in _PARAM_DTYPES,
         "state_dtype": lambda v: v in _STATE_DTYPES,
+        "master_weights": lambda v: v in MASTER_WEIGHTS,
         "int8_code_version": lambda v: v is None or _is_int(v),
         "train_mode": lambda v: v is None or isinstance(v, bool),
         "segments": lambda v: v is None or isinstance(v, dict) and set(v) == {
@@ -465,19 +465,35 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _saved_as(opt, name: str) -> tuple[str, ...]:
+    """The checkpoint members of state buffer ``name``: int8 state's raw codes and scales, the
+    float32 master that remainders make (as a float32 master is saved: the two modes'
+    checkpoints are interchangeable), else the buffer under its name."""
+    if name in (MASTER, REMAINDER):
+        return (MASTER,)
+    if opt.state_dtype == "int8":
+        return CODES_KEY.format(name), ABSMAX_KEY.format(name)
+    return (name,)
+
+
 def _hyperparameter_names(name: str) -> frozenset:
     """The constructor's keyword arguments of optimizer ``name`` that a checkpoint sets."""
     signature = inspect.signature(getattr(optimizers, name))
     return frozenset(signature.parameters) - {"params", "lr", "dtype", "state_dtype",
-                                              "segments"}
+                                              "master_weights", "segments"}
 
 
-def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=None):
+def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=None,
+         master_weights=None):
     """A new optimizer over ``params`` in the saved state; ``params`` get the saved values.
 
     ``optimizer``: the expected class or class name (a different one raises). With
-    ``restore_params=False`` the params are left as they are (e.g. restored elsewhere).
-    ``dtype``: for raw uint16 params, their 16-bit format (as for the optimizers).
+    ``restore_params=False`` the params are left as they are (e.g. restored elsewhere),
+    except with master_weights='remainder': the params then hold half of the saved master,
+    so they are always restored from it. ``dtype``: for raw uint16 params, their 16-bit
+    format (as for the optimizers). ``master_weights``: how 16-bit params keep their float32
+    values in the new optimizer (None: as saved; a float32 master and remainders are saved
+    alike, as the float32 master, so either loads into either).
 
     Any damaged, foreign or mismatched file raises ``CheckpointError`` and changes nothing.
     """
@@ -503,10 +519,10 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
                                   f"{_short(layout['shapes'])} at other offsets than this "
                                   "FlatBuffer's")
         opt = cls(params, **meta["hyperparameters"], dtype=dtype,
-                  state_dtype=meta["state_dtype"], **segments)
-        expected_members = {key for name in opt.state for key in (
-            (CODES_KEY.format(name), ABSMAX_KEY.format(name))
-            if opt.state_dtype == "int8" and name != MASTER else (name,))}
+                  state_dtype=meta["state_dtype"], **segments,
+                  master_weights=meta["master_weights"] if master_weights is None
+                  else master_weights)
+        expected_members = {key for name in opt.state for key in _saved_as(opt, name)}
         extra = sorted(set(arrays) - {"params", "schedule"} - expected_members)
         if extra:
             raise CheckpointError(f"{path}: unexpected state {extra} for these hyperparameters")
@@ -521,12 +537,20 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
             raise CheckpointError(f"{path}: 'train_mode' is {meta['train_mode']!r} for {name}")
         if meta["train_mode"] is not None:
             state["train_mode"] = meta["train_mode"]
-        opt.load_state_dict(state)
+        before = None
+        if restore_params:  # first: a state without a master takes it from the params
+            view = kernel_view(opt.params)
+            before = opt._host_copy(view)
+            view[...] = opt._xp.asarray(saved)
+        try:
+            opt.load_state_dict(state)
+        except BaseException:
+            if before is not None:  # (a refused file changes nothing)
+                view[...] = opt._xp.asarray(before)
+            raise
         opt.max_grad_norm = meta["max_grad_norm"]
     except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{path}: inconsistent checkpoint ({exc})") from exc
-    if restore_params:
-        kernel_view(opt.params)[...] = opt._xp.asarray(saved)
     return opt

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import schedules
 from .algorithms import CLASSES
-from .algorithms._spec import STATE_DTYPES
+from .algorithms._spec import MASTER_WEIGHTS, STATE_DTYPES
 
 
 class UsageError(Exception):
@@ -255,7 +255,8 @@ def cmd_bench(args) -> int:
                   progress=not args.no_progress,
                   state_dtypes=tuple(dict.fromkeys(
                       args.state_dtype + ["bfloat16"] * args.bf16_state)),
-                  startup_repeats=(1 if args.quick else 3) if args.startup or args.full else 0)
+                  startup_repeats=(1 if args.quick else 3) if args.startup or args.full else 0,
+                  master_weights=tuple(dict.fromkeys(args.master_weights)))
     return 0
 
 
@@ -323,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
                        choices=list(STATE_DTYPES),
                        help="also time fastopt with this optimizer-state format (repeatable; "
                             "int8 with its own same-traffic roofline)")
+    bench.add_argument("--master-weights", action="append", default=[],
+                       choices=list(MASTER_WEIGHTS),
+                       help="also time fastopt over bfloat16 params keeping their float32 "
+                            "values this way (repeatable; with float32 state and each "
+                            "--state-dtype)")
     bench.add_argument("--bf16-state", action="store_true",
                        help="the same as --state-dtype bfloat16")
     bench.add_argument("--startup", action="store_true",

@@ -46,6 +46,8 @@ from .algorithms._spec import (
     INT8_SALTS,
     INT8_SIGNATURE,
     KERNEL_SIGNATURE,
+    MASTER_MODES,
+    PARAM_SALT,
     REDUCE_THREADS,
     REDUCTION_SLOTS,
     SEGMENT_BLOCK,
@@ -379,7 +381,7 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
     args = ["i", "si", "params", "grads", "master", *buffers, "grad_factor", *x.decay_args,
             *x.conditional.values(), *scalar_args, "fmt", "seed"]
     lines = ["@helper", *_wrap(f"def {fn}(", args, "):", 0), f'    """{doc}"""',
-             "    p = load_param(params, master, i)"]
+             "    p = load_param(params, master, i, fmt)"]
     if reads_g and g_is_stage_output:
         lines.append("    g = grads[i]")
     elif reads_g:  # (a segmented update pass may not read the gradient again)
@@ -464,7 +466,7 @@ def numba_source(d: Definition) -> str:
         x, f"{name}_element", "The update of element i: the driver's loads, the definition's "
         "math, the driver's stores.", x.element_body, x.scalars, x.element_locals,
         x.element_bools, x.stored, x.element_reads_g,
-        ["    store_param(params, master, i, p, fmt)"], g_is_stage_output=x.matrix)
+        ["    store_param(params, master, i, p, fmt, seed)"], g_is_stage_output=x.matrix)
 
     if x.matrix:  # the first pass, then (after the host's matrix stage) the rest
         lines += _numba_kernel(x, f"{name}_first", f"Pass 1 of {name} step k = ``step`` (state, "
@@ -746,7 +748,11 @@ def signature_header() -> str:
         f"#define FO_INT8_BLOCK {INT8_BLOCK}",
         f"#define FO_INT8_MANTISSA_BITS {INT8_MANTISSA_BITS}",
         f"#define FO_INT8_EXPONENT_BITS_SIGNED {INT8_EXPONENT_BITS['signed']}",
-        f"#define FO_INT8_EXPONENT_BITS_NONNEGATIVE {INT8_EXPONENT_BITS['nonnegative']}",
+        f"#define FO_INT8_EXPONENT_BITS_NONNEGATIVE {INT8_EXPONENT_BITS['nonnegative']}", "",
+        "// What ``master`` holds for 16-bit params (master_mode; fastopt/algorithms/_spec.py:",
+        "// MASTER_MODES), and the salt of master_weights='none''s random bits (PARAM_SALT).",
+        *(f"#define FO_MASTER_{mode.upper()} {i}" for mode, i in MASTER_MODES.items()),
+        f"#define FO_PARAM_SALT {PARAM_SALT:#010x}u",
         ""])
 
 
@@ -767,7 +773,7 @@ def _cuda_element_function(x: _Parts, fn: str, body, scalars: list[str], locals_
     return lines + el.statements(body, "    ") + ["}", ""]
 
 
-def _cuda_preamble(x: _Parts, scalar_lists: list[list[str]], seed: bool,
+def _cuda_preamble(x: _Parts, scalar_lists: list[list[str]],
                    mark_unused: bool = False) -> tuple[list, list]:
     """A kernel's per-call part, in float64: step, lr, the hyperparameters, the prologue, the
     gradient factor and decay, the conditional state, and the float32 copies of the scalars
@@ -776,8 +782,9 @@ def _cuda_preamble(x: _Parts, scalar_lists: list[list[str]], seed: bool,
     lines = ["    if (control[1] != 0.0) return;  // a skipped step: nothing changes, k stays",
              "    const double step = (double)(step_state[0] + 1);",
              "    const double lr = lr_at(table, table_rows, step - 1.0) * lr_scale;",
-             *(["    const unsigned seed = step_seed(step_state[0] + 1);  // bf16 state "
-                "rounding"] if seed else [])]
+             "    // the stochastic roundings' seed (bf16 and int8 state, master_weights='none')",
+             "    const unsigned seed = step_seed(step_state[0] + 1);",
+             "    (void)seed;  // (a pass may store neither state nor params)"]
     for i, slot in enumerate(x.slots):
         lines.append(f"    const bool {slot} = h{i} != 0.0;" if slot in x.flags
                      else f"    const double {slot} = h{i};")
@@ -837,7 +844,7 @@ def _cuda_group(x: _Parts, fn: str, args: list[str], stored, reads_g: bool,
     if direction == "store":
         lines.append(f"{indent}float direction_out[W];")
     if body is None or store_p or _reads(body, "p"):
-        lines.append(f"{indent}load_param<W>(params + i, master + i, p);")
+        lines.append(f"{indent}load_param<W>(params, master, master_mode, i, p);")
     if reads_g:
         source = "direction" if direction == "load" else "grads"
         lines.append(f"{indent}load<W>({source} + i, g);")
@@ -864,7 +871,7 @@ def _cuda_group(x: _Parts, fn: str, args: list[str], stored, reads_g: bool,
     if direction == "store":
         lines.append(f"{indent}store<W>(direction + i, direction_out);")
     if store_p:
-        lines.append(f"{indent}store_param<W>(params + i, master + i, p);")
+        lines.append(f"{indent}store_param<W>(params, master, master_mode, i, seed, p);")
     if stored:
         lines += [f"{indent}unsigned rnd[W];  // stochastic rounding bits for bf16 state "
                   "(unused for float32)", "#pragma unroll",
@@ -880,7 +887,7 @@ def _cuda_group(x: _Parts, fn: str, args: list[str], stored, reads_g: bool,
 def _vector_ok(x: _Parts, reads_g: bool, direction: bool = False) -> list[str]:
     checks = ["aligned_for<N>(params)", *(["aligned_for<N>(grads)"] if reads_g else []),
               *(["aligned_for<N>(direction)"] if direction else []),
-              "(IsFloat<T>::value || aligned_for<N>(master))"]
+              "master_aligned<N, T>(master, master_mode)"]
     for i, s in enumerate(x.d.state_names):
         check = f"aligned_for<N>(state{i})"
         checks.append(f"(!{x.conditional[s]} || {check})" if s in x.conditional else check)
@@ -894,14 +901,24 @@ _VARIANTS = [("f32", "float", "float", False), ("f32_sbf16", "float", "bf16_bits
              ("bf16_sbf16", "__nv_bfloat16", "bf16_bits", True)]
 
 
-def _cuda_variants(macro: str, entries: list[tuple[str, str]]) -> list[str]:
-    """The extern "C" variants: (entry name prefix, template) for each (T, S)."""
+#: the host build's stand-in for __nv_bfloat16 params (kernels/common.cuh): the tests build
+#: the elementwise kernels' bfloat16 variants with it (their master_weights paths)
+HOST_BF16 = "fo_host_bf16"
+
+
+def _cuda_variants(macro: str, entries: list[tuple[str, str]],
+                   host_bf16: bool = False) -> list[str]:
+    """The extern "C" variants: (entry name prefix, template) for each (T, S); with
+    ``host_bf16`` the host build also gets the bfloat16 one (float state) over HOST_BF16."""
     lines, in_cuda = [], False
     for suffix, t, s, cuda_only in _VARIANTS:
         if cuda_only and not in_cuda:
             lines.append("#if defined(__CUDACC__)")
             in_cuda = True
         lines += [f"{macro}({prefix}_{suffix}, {op}, {t}, {s})" for prefix, op in entries]
+    if host_bf16:
+        lines += ["#else", *(f"{macro}({prefix}_bf16, {op}, {HOST_BF16}, float)"
+                             for prefix, op in entries)]
     return lines + ["#endif", ""]
 
 
@@ -922,7 +939,7 @@ def cuda_source(d: Definition) -> str:
     lines += [f"// One {name} step k = step_state[0] + 1 over the whole buffer; the last block "
               "advances k.", "template <typename T, typename S>",
               f"FO_D void {name}(FO_KERNEL_PARAMS(T, S)) {{"]
-    preamble, (args,) = _cuda_preamble(x, [x.scalars], bool(x.stored))
+    preamble, (args,) = _cuda_preamble(x, [x.scalars])
     lines += preamble + _vector_ok(x, True)
     lines += ["    grid_stride<N>(n, vector_ok, [&](auto width, long long i) {",
               *_cuda_group(x, f"{name}_element", args, x.stored, True, True), "    });"]
@@ -934,7 +951,7 @@ def cuda_source(d: Definition) -> str:
     else:
         lines.append("    finish_step(step_state, lr_out, lr);")
     lines += ["}", ""]
-    lines += _cuda_variants("FO_KERNEL", [(name, name)])
+    lines += _cuda_variants("FO_KERNEL", [(name, name)], host_bf16=True)
     if d.int8_refusal is None:
         lines += _cuda_int8(x)
     return "\n".join(lines)
@@ -947,11 +964,11 @@ def _cuda_int8(x: _Parts) -> list[str]:
     shuffles). The loop over blocks is uniform across a thread block (the host build's
     shuffles are barriers of the whole block)."""
     d, name = x.d, x.d.name
-    preamble, (args,) = _cuda_preamble(x, [x.scalars], True)
+    preamble, (args,) = _cuda_preamble(x, [x.scalars])
     states = d.state_names
     read = [(k, s) for k, s in enumerate(d.state) if _reads(x.element_body, s.name)]
     checks = ["aligned_for<K>(params)", "aligned_for<K>(grads)",
-              "(IsFloat<T>::value || aligned_for<K>(master))"]
+              "master_aligned<K, T>(master, master_mode)"]
     for k, s in enumerate(d.state):
         check = f"aligned_for<K>(state{k})"
         checks.append(f"(!{x.conditional[s.name]} || {check})" if s.name in x.conditional
@@ -985,7 +1002,7 @@ def _cuda_int8(x: _Parts) -> list[str]:
                   f"            const float absmax{k} = ({active}) ? scale{k}[b] : 0.0f;"]
     lines += ["            if constexpr (V) {",
               "                const long long i = int8_index<K, true>(b, lane, 0);",
-              "                load_param<K>(params + i, master + i, p);",
+              "                load_param<K>(params, master, master_mode, i, p);",
               "                load<K>(grads + i, g);",
               "            } else if (live) {",
               "#pragma unroll",
@@ -993,7 +1010,7 @@ def _cuda_int8(x: _Parts) -> list[str]:
               "                    const long long i = int8_index<K, false>(b, lane, k);",
               "                    if (i >= n) continue;",
               "                    float one[1];",
-              "                    load_param<1>(params + i, master + i, one);",
+              "                    load_param<1>(params, master, master_mode, i, one);",
               "                    p[k] = one[0];",
               "                    load<1>(grads + i, one);",
               "                    g[k] = one[0];",
@@ -1019,14 +1036,14 @@ def _cuda_int8(x: _Parts) -> list[str]:
               "            }",
               "            if constexpr (V) {",
               "                const long long i = int8_index<K, true>(b, lane, 0);",
-              "                store_param<K>(params + i, master + i, p);",
+              "                store_param<K>(params, master, master_mode, i, seed, p);",
               "            } else if (live) {",
               "#pragma unroll",
               "                for (int k = 0; k < K; ++k) {",
               "                    const long long i = int8_index<K, false>(b, lane, k);",
               "                    if (i >= n) continue;",
               "                    float one[1] = {p[k]};",
-              "                    store_param<1>(params + i, master + i, one);",
+              "                    store_param<1>(params, master, master_mode, i, seed, one);",
               "                }",
               "            }"]
     for s in x.stored:
@@ -1054,12 +1071,14 @@ def _cuda_int8(x: _Parts) -> list[str]:
 
 
 def _int8_variants(name: str, variants: list[tuple[str, str]]) -> list[str]:
-    """The int8 kernel's extern "C" variants, one per param format (16-bit: CUDA only)."""
+    """The int8 kernel's extern "C" variants, one per param format (16-bit: CUDA only; the
+    host build's bfloat16 one over HOST_BF16)."""
     lines = [f"FO_INT8_KERNEL({name}_int8_{variants[0][0]}, {name}_int8, {variants[0][1]})",
              "#if defined(__CUDACC__)"]
     lines += [f"FO_INT8_KERNEL({name}_int8_{suffix}, {name}_int8, {t})"
               for suffix, t in variants[1:]]
-    return lines + ["#endif", ""]
+    return lines + ["#else", f"FO_INT8_KERNEL({name}_int8_bf16, {name}_int8, {HOST_BF16})",
+                    "#endif", ""]
 
 
 def _cuda_segmented(x: _Parts) -> list[str]:
@@ -1085,7 +1104,7 @@ def _cuda_segmented(x: _Parts) -> list[str]:
                  "each chunk's terms of the per-tensor sums."),
               "template <typename T, typename S>",
               f"FO_D void {name}_reduce(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
-    preamble, (args,) = _cuda_preamble(x, [x.reduce_scalars], bool(x.reduce_stored), True)
+    preamble, (args,) = _cuda_preamble(x, [x.reduce_scalars], True)
     lines += preamble + _vector_ok(x, True, x.matrix)
     if r_count:
         lines += [f"    __shared__ double part[FO_SEGMENT_BLOCK * {r_count}];"]
@@ -1123,7 +1142,7 @@ def _cuda_segmented(x: _Parts) -> list[str]:
                  "chunks, then the threads' in order), its values (thread 0)."),
               "template <typename T, typename S>",
               f"FO_D void {name}_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
-    preamble, _ = _cuda_preamble(x, [], False, True)
+    preamble, _ = _cuda_preamble(x, [], True)
     lines += [preamble[0], "    const long long s = blockIdx.x;"]
     lines += _cuda_segment_sums([f"partials[c * {r_count} + {r}]" for r in range(r_count)],
                                 list(d.reductions))
@@ -1143,7 +1162,7 @@ def _cuda_segmented(x: _Parts) -> list[str]:
     lines += [f"// Pass 3 of a {name} step k = step_state[0] + 1 (a block per chunk); the last "
               "block advances k.", "template <typename T, typename S>",
               f"FO_D void {name}(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {{"]
-    preamble, (args,) = _cuda_preamble(x, [x.scalars], bool(x.stored), True)
+    preamble, (args,) = _cuda_preamble(x, [x.scalars], True)
     reads_grads = x.element_reads_g and not x.matrix
     lines += preamble + _vector_ok(x, reads_grads, x.matrix and x.element_reads_g)
     lines += ["    const long long c = blockIdx.x;"]
@@ -1194,6 +1213,14 @@ def _state_dtypes(d: Definition) -> str:
     return "'float32' or 'bfloat16'"
 
 
+#: the classes' docstring lines on ``master_weights=`` (core and fastopt.torch)
+_MASTER_WEIGHTS_DOC = [
+    "    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'",
+    "    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master",
+    "    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no",
+    "    master: the params are rounded stochastically)."]
+
+
 def _public_hypers(d: Definition, spec) -> list[tuple[str, str]]:
     """(name, default as source) of a class's hyperparameters, in the definition's order."""
     return [(h.name, repr(spec.defaults.get(h.name, h.default)))
@@ -1238,7 +1265,8 @@ def optimizers_source() -> str:
             hypers = _public_hypers(d, spec)
             args = ["self", "params", f"lr={d.lr_default!r}",
                     *(f"{n}={v}" for n, v in hypers), "*", "dtype=None",
-                    'state_dtype="float32"', *(["segments=None"] if d.segmented else [])]
+                    'state_dtype="float32"', 'master_weights="fp32"',
+                    *(["segments=None"] if d.segmented else [])]
             base = _base_class(d, spec, "FlatOptimizer")
             lines += ["", "", f"class {spec.name}({base}):",
                       f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
@@ -1248,6 +1276,7 @@ def optimizers_source() -> str:
                          "other). dtype: the format of"]),
                       "    uint16 params ('float16'/'bfloat16'). state_dtype: "
                       + _state_dtypes(d) + ".",
+                      *_MASTER_WEIGHTS_DOC,
                       *(["    segments: the tensors' layout in params (a SegmentTable, or a "
                          "list of shapes packed", "    back to back); taken from params when "
                          "it is a FlatBuffer."] if d.segmented else []), '    """', "",
@@ -1257,7 +1286,8 @@ def optimizers_source() -> str:
                       *_wrap("        FlatOptimizer.__init__(",
                              ["self", "params", "lr", "dict(" + ", ".join(
                                  f"{n}={n}" for n, _ in hypers) + ")", "dtype", "state_dtype",
-                              *(["segments=segments"] if d.segmented else [])],
+                              *(["segments=segments"] if d.segmented else []),
+                              "master_weights=master_weights"],
                              ")", 0)]
     return "\n".join(lines) + "\n"
 
@@ -1271,8 +1301,12 @@ def functional_source() -> str:
          "``step`` is the 1-based number of the step being taken: the k-th step uses",
          "``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning",
          "rate the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,",
-         "bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they",
-         "also need ``dtype=`` naming the format. State buffers are float32, uint16",
+         "bfloat16) come with ``master_param=``, their float32 copy, or (bfloat16) with",
+         "``remainder=``, the master's low 16 bits as int16 (the params then hold the master",
+         "rounded to nearest, ties away from zero: ``fastopt._bf16.split_master`` makes both",
+         "from a float32 master), or with ``master_weights='none'`` (no master: the params",
+         "are rounded stochastically); as raw uint16 bits they also need ``dtype=`` naming",
+         "the format. State buffers are float32, uint16",
          "holding bfloat16 bits (rounded stochastically), or for the elementwise optimizers",
          "``fastopt.Int8State`` (uint8 codes plus a float32 absmax per block of 256",
          "elements; ``Int8State.zeros(n)``; format in ``fastopt/_int8.py``), all of one kind."],
@@ -1294,7 +1328,8 @@ def functional_source() -> str:
             args = ["params", "grads", *states, *d.scalar_names, "*", "step",
                     *(["segments"] if d.segmented else []), "lr=None",
                     "schedule=None",
-                    "master_param=None", "dtype=None", *(f"{n}={v}" for n, v in hypers),
+                    "master_param=None", "remainder=None", "master_weights=None", "dtype=None",
+                    *(f"{n}={v}" for n, v in hypers),
                     "lr_scale=1.0", "grad_scale=1.0", *fresh, *(f"{a}=None" for a in aliases),
                     "master=None"]
             doc = [f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
@@ -1329,7 +1364,7 @@ def functional_source() -> str:
             hyper_dict = "dict(" + ", ".join(f"{n}={n}" for n, _ in hypers) + ")"
             call = [f'REGISTRY["{d.name}"]', repr(spec.fixed), "params", "grads", state_dict,
                     "step=step", "lr=lr", "schedule=schedule", "master=master_param",
-                    "dtype=dtype",
+                    "remainder=remainder", "master_weights=master_weights", "dtype=dtype",
                     f"hypers={hyper_dict}", "lr_scale=lr_scale", "grad_scale=grad_scale",
                     f"fresh={'fresh' if fresh else 'None'}"]
             if d.scalars:
@@ -1343,12 +1378,14 @@ def functional_source() -> str:
 
 def _torch_parameters(d: Definition, spec) -> list[str]:
     """The constructor's parameters: the torch twin's own signature (read from torch, so the
-    names, order, defaults and keyword-only marks are torch's) plus ``state_dtype``; without a
+    names, order, defaults and keyword-only marks are torch's) plus ``state_dtype`` and
+    ``master_weights``; without a
     twin, the definition's hyperparameters."""
     twin = d.torch_twin.get(spec.name)
     if twin is None:
         return ["self", "params", f"lr={d.lr_default!r}",
-                *(f"{n}={v}" for n, v in _public_hypers(d, spec)), "*", 'state_dtype="float32"']
+                *(f"{n}={v}" for n, v in _public_hypers(d, spec)), "*", 'state_dtype="float32"',
+                'master_weights="fp32"']
     import torch
 
     signature = inspect.signature(getattr(torch.optim, twin.name))
@@ -1364,21 +1401,21 @@ def _torch_parameters(d: Definition, spec) -> list[str]:
         out.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
     if not star:
         out.append("*")
-    return out + ['state_dtype="float32"']
+    return out + ['state_dtype="float32"', 'master_weights="fp32"']
 
 
 def torch_source() -> str:
     lines = _api_module(
         ["torch.optim.Optimizer subclasses over flat buffers, one per public name of each",
-         "definition, with the torch twin's exact signature (plus ``state_dtype``); the",
-         "machinery is ``fastopt.torch._base.FlatOptimizer``."],
+         "definition, with the torch twin's exact signature (plus ``state_dtype`` and",
+         "``master_weights``); the machinery is ``fastopt.torch._base.FlatOptimizer``."],
         ["from ..algorithms import REGISTRY", f"from ._base import {_machinery()}"],
         [c.name for d in REGISTRY.values() for c in d.classes])
     for d in REGISTRY.values():
         for spec in d.classes:
             params = _torch_parameters(d, spec)
             names_ = [p.split("=")[0] for p in params if p not in ("self", "params", "*")
-                      and not p.startswith("state_dtype")]
+                      and not p.startswith(("state_dtype", "master_weights"))]
             twin = d.torch_twin.get(spec.name)
             about = (f"torch.optim.{twin.name}'s interface and numbers" if twin
                      else f"{spec.doc.rstrip('.')}")
@@ -1389,6 +1426,7 @@ def torch_source() -> str:
                       f'    """{about}; {lr_note}.', "",
                       *_doc(d.doc, "    "), "",
                       f"    state_dtype: {_state_dtypes(d)} (stochastically rounded).",
+                      *_MASTER_WEIGHTS_DOC,
                       '    """', "",
                       f'    definition = REGISTRY["{d.name}"]',
                       f"    fixed = {spec.fixed!r}",
@@ -1396,7 +1434,7 @@ def torch_source() -> str:
                       *_wrap("    def __init__(", params, "):", 0),
                       *_wrap("        FlatOptimizer.__init__(",
                              ["self", "params", "dict(" + ", ".join(f"{n}={n}" for n in names_)
-                              + ")", "state_dtype"], ")", 0)]
+                              + ")", "state_dtype", "master_weights"], ")", 0)]
     return "\n".join(lines) + "\n"
 
 
@@ -1463,6 +1501,7 @@ def factored_numba_source(d: Definition) -> str:
              "import numpy as np", "from numba import prange", "",
              "from .._jit import helper, kernel, scalar",
              "from ..access import format_eps, load_grad, load_param, store_param",
+             "from ..convert import step_seed",
              "from ..factored import factored_square_sums",
              "from ..schedule import lr_at", "", ""]
     kw = lambda fn: [a.arg for a in _function_ast(fn).args.kwonlyargs]  # noqa: E731
@@ -1482,6 +1521,7 @@ def factored_numba_source(d: Definition) -> str:
                 f"        {slot} = format_eps(params, fmt)")),
             *_Printer("py", element=False).statements(pro_body, "    "),
             "    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)",
+            "    seed = step_seed(step)  # (master_weights='none': the params' rounding)",
             *(f"    {s}_f32 = np.float32({s})" for s in element_scalars),
             "    row_var, col_var, variance = state0, state1, state2"]
 
@@ -1498,7 +1538,7 @@ def factored_numba_source(d: Definition) -> str:
     #: arguments
     chunk_args = ["c", "params", "master", "grads", "fmt", "grad_factor", "chunks", "segments",
                   "layout", "factored", "row_var", "col_var", "variance", "row_norm",
-                  "partials", "segvals", *(f"{a}_f32" for a in element_scalars)]
+                  "partials", "segvals", "seed", *(f"{a}_f32" for a in element_scalars)]
     helpers: list[str] = []
 
     def over_chunks(pass_name: str, inner: list[str]) -> list[str]:
@@ -1598,7 +1638,7 @@ def factored_numba_source(d: Definition) -> str:
              "row_sq,", "                         col_partial, col_sq, parallel)"]
     body += over_chunks("square_sums", [
         *chunk_head(), *lanes,
-        *lane_sum("start", "stop", ["p = np.float64(load_param(params, master, j))"],
+        *lane_sum("start", "stop", ["p = np.float64(load_param(params, master, j, fmt))"],
                   "p * p"),
         f"partials[c, 0] = {lanes_total()}",
         "if factored[s] == 0:",
@@ -1650,8 +1690,8 @@ def factored_numba_source(d: Definition) -> str:
     element_kw = kw(d.element)
     args = ", ".join(f"{a}_f32" if a not in seg_values else f"np.float32(segvals[s, "
                      f"{seg_values.index(a)}])" for a in element_kw)
-    update = [grad, "p = load_param(params, master, j)",
-              f"p = {name}_element(p, u, {args})", "store_param(params, master, j, p, fmt)"]
+    update = [grad, "p = load_param(params, master, j, fmt)",
+              f"p = {name}_element(p, u, {args})", "store_param(params, master, j, p, fmt, seed)"]
     body += ["    # 5. the update, with its tensor's values"]
     body += over_chunks("update", chunk_rows(
         ["for j in range(i, end):", "    col = first + (j - i)",
@@ -1743,6 +1783,8 @@ def factored_cuda_source(d: Definition) -> str:
         out += _Printer("c", element=False).statements(_body(pro), "    ")
         out.append("    const float grad_factor = (float)((maximize ? -1.0 : 1.0) * grad_mult * "
                    "control[0]);")
+        out += ["    const unsigned seed = step_seed(step_state[0] + 1);  // master_weights="
+                "'none'", "    (void)seed;"]
         out += [f"    const float {a}_f32 = (float){a};" for a in element_scalars]
         out.append("    " + " ".join(f"(void){n};" for n in ["lr", *slots, *pro_locals,
                                                               "grad_factor"])
@@ -1800,7 +1842,7 @@ def factored_cuda_source(d: Definition) -> str:
             "    const long long offset = segments[6 * s];",
             "    constexpr int N = VecWidth<T>::value;",
             "    const bool vector_ok = aligned_for<N>(params) && aligned_for<N>(grads) &&",
-            "                           (IsFloat<T>::value || aligned_for<N>(master));"]
+            "                           master_aligned<N, T>(master, master_mode);"]
 
     def group(first_pass: bool, tail: list[str]) -> list[str]:
         u_plain = ([f"float v = {name}_moment(moments[j - offset], g * g, "
@@ -1810,7 +1852,7 @@ def factored_cuda_source(d: Definition) -> str:
             "    chunk_stride<N>(start, stop, vector_ok, [&](auto width, long long i) {",
             "        constexpr int W = decltype(width)::value;",
             "        float p[W], gs[W];",
-            "        load_param<W>(params + i, master + i, p);",
+            "        load_param<W>(params, master, master_mode, i, p);",
             "        load<W>(grads + i, gs);",
             "        float row[W], col[W], row_mean[W];",
             f"        if (is_factored) walk.factors<W>(i, {rows_var}, {cols_var}, row_norm, row, "
@@ -1830,7 +1872,8 @@ def factored_cuda_source(d: Definition) -> str:
             "            }",
             *(f"            {line}" for line in tail),
             "        }",
-            *([] if first_pass else ["        store_param<W>(params + i, master + i, p);"]),
+            *([] if first_pass else [
+                "        store_param<W>(params, master, master_mode, i, seed, p);"]),
             "    });"]
 
     lines += kernel(f"{name}_reduce", "Launch 4 (a block per chunk): the unfactored moments; "

@@ -25,6 +25,7 @@ from .algorithms._spec import (
     FACTORED_SIGNATURE,
     INT8_SCALES,
     KERNEL_SLOTS,
+    MASTER_MODES,
     REDUCTION_SLOTS,
     SCALAR_SLOTS,
     SEGMENT_SIGNATURE,
@@ -75,6 +76,15 @@ if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
 #: passes save while the stage dominates the step (measured in bench/NOTES.md, "Muon")
 MATRIX_PARALLEL_MIN = 1 << 24
 
+def master_weights_of(dtype: str, master) -> str:
+    """Which of MASTER_WEIGHTS a master buffer means for params of format ``dtype``: a float32
+    master (and every float32 param, which needs none) "fp32", int16 remainders "remainder",
+    none "none"."""
+    if dtype == "float32" or (master is not None and master.dtype == np.float32):
+        return "fp32"
+    return "none" if master is None else "remainder"
+
+
 _CPU_DUMMY = _dummy_state(np)
 _CPU_DUMMY_SCALAR = _dummy_scalar(np)
 
@@ -83,8 +93,10 @@ class Prepared:
     """The fixed part of one optimizer's kernel call.
 
     ``params``/``grads``: as the kernels take them (16-bit params as uint16 bits on the CPU;
-    cupy arrays of the params' own element type or bits on the GPU). ``master``: the float32
-    master of 16-bit params (None for float32 params). ``states``: the definition's active
+    cupy arrays of the params' own element type or bits on the GPU). ``master``: how 16-bit
+    params keep their float32 values (``master_weights=``): their float32 master ("fp32"),
+    the int16 remainders beside bfloat16 params ("remainder"), or None ("none": the params
+    alone, stochastically rounded; None for float32 params too). ``states``: the definition's active
     state buffers in kernel order, by name. ``hypers``: the checked hyperparameters.
     ``scalars``: the definition's per-step scalars by name, one-element float64 arrays (numpy
     or cupy) that the kernel reads and updates in place.
@@ -98,8 +110,8 @@ class Prepared:
     as its torch twin: fastopt.torch).
     """
 
-    __slots__ = ("definition", "params", "master", "states", "scales", "int8", "scalars",
-                 "slots", "weight_decay",
+    __slots__ = ("definition", "params", "master", "master_mode", "states", "scales", "int8",
+                 "scalars", "slots", "weight_decay",
                  "decoupled", "maximize", "fmt", "parallel", "on_gpu", "dtype", "_fixed", "_fn",
                  "_compiled", "segments", "_segment_arrays", "hypers", "stage", "_first")
 
@@ -120,7 +132,9 @@ class Prepared:
         self._segment_arrays = () if segments is None else segment_arrays(
             d, segments, params, on_gpu)
         self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
+        # (no master: the params stand in, so the CPU kernels tell the mode by its dtype)
         self.master = params if master is None else master
+        self.master_mode = MASTER_MODES[master_weights_of(dtype, master)]
         #: int8 state (Int8State buffers): the codes go in the state slots, each block's
         #: absmax in the scale slots, and the kernel is ``<name>_int8``
         self.int8 = any(isinstance(v, Int8State) for v in states.values())
@@ -264,7 +278,8 @@ class Prepared:
                   "lr_out": lr_out, "lr_scale": lr_scale, "grad_mult": grad_mult,
                   "control": control,
                   "weight_decay": self.weight_decay, "decoupled": self.decoupled,
-                  "maximize": self.maximize, "fresh": int(fresh), "n": self.params.shape[0]}
+                  "maximize": self.maximize, "fresh": int(fresh),
+                  "master_mode": self.master_mode, "n": self.params.shape[0]}
         if self.segments is not None:
             arrays = self._segment_arrays
             names = [name for name, ctype in SEGMENT_SIGNATURE if ctype.endswith("*")]

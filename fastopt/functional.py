@@ -9,8 +9,12 @@ current stream) and runs one kernel call that evaluates the schedule for this st
 ``step`` is the 1-based number of the step being taken: the k-th step uses
 ``schedule.at(k - 1)``, exactly like ``torch.optim``. Each returns the learning
 rate the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,
-bfloat16) come with ``master_param=``, their float32 copy; as raw uint16 bits they
-also need ``dtype=`` naming the format. State buffers are float32, uint16
+bfloat16) come with ``master_param=``, their float32 copy, or (bfloat16) with
+``remainder=``, the master's low 16 bits as int16 (the params then hold the master
+rounded to nearest, ties away from zero: ``fastopt._bf16.split_master`` makes both
+from a float32 master), or with ``master_weights='none'`` (no master: the params
+are rounded stochastically); as raw uint16 bits they also need ``dtype=`` naming
+the format. State buffers are float32, uint16
 holding bfloat16 bits (rounded stochastically), or for the elementwise optimizers
 ``fastopt.Int8State`` (uint8 codes plus a float32 absmax per block of 256
 elements; ``Int8State.zeros(n)``; format in ``fastopt/_int8.py``), all of one kind.
@@ -24,8 +28,8 @@ __all__ = ["adadelta", "adafactor", "adagrad", "adam", "adamw", "adamax", "adamw
 
 
 def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=None,
-             master_param=None, dtype=None, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False,
-             lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+             master_param=None, remainder=None, master_weights=None, dtype=None, rho=0.9, eps=1e-06,
+             weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Adadelta with torch's lr factor on the update.
 
     Adadelta (Zeiler 2012) with torch.optim.Adadelta's lr factor on the update.
@@ -39,15 +43,16 @@ def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=No
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adadelta"], {}, params, grads, {"square_avg": square_avg, "acc_delta":
-               acc_delta}, step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize),
-               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+               acc_delta}, step=step, lr=lr, schedule=schedule, master=master_param,
+               remainder=remainder, master_weights=master_weights, dtype=dtype, hypers=dict(rho=rho,
+               eps=eps, weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
 
 
 def adafactor(params, grads, row_var=None, col_var=None, variance=None, *, step, segments, lr=None,
-              schedule=None, master_param=None, dtype=None, beta2_decay=-0.8, eps=(None, 0.001),
-              d=1.0, weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0,
-              master=None) -> float:
+              schedule=None, master_param=None, remainder=None, master_weights=None, dtype=None,
+              beta2_decay=-0.8, eps=(None, 0.001), d=1.0, weight_decay=0.0, maximize=False,
+              lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Adafactor: factored second moments, a relative step (torch.optim.Adafactor).
 
     Adafactor, as torch.optim.Adafactor 2.13 (its arguments, defaults, state names and
@@ -74,14 +79,16 @@ def adafactor(params, grads, row_var=None, col_var=None, variance=None, *, step,
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adafactor"], {}, params, grads, {"row_var": row_var, "col_var": col_var,
                "variance": variance}, step=step, lr=lr, schedule=schedule, master=master_param,
-               dtype=dtype, hypers=dict(beta2_decay=beta2_decay, eps=eps, d=d,
-               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
-               grad_scale=grad_scale, fresh=None, segments=segments)
+               remainder=remainder, master_weights=master_weights, dtype=dtype,
+               hypers=dict(beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+               maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None,
+               segments=segments)
 
 
-def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_param=None, dtype=None,
-            lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False, lr_scale=1.0, grad_scale=1.0,
-            state_sum=None, master=None) -> float:
+def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_param=None,
+            remainder=None, master_weights=None, dtype=None, lr_decay=0.0, weight_decay=0.0,
+            eps=1e-10, maximize=False, lr_scale=1.0, grad_scale=1.0, state_sum=None,
+            master=None) -> float:
     """Adagrad with torch's lr_decay and initial_accumulator_value.
 
     Adagrad (Duchi et al. 2011) with torch.optim.Adagrad's lr_decay and initial accumulator.
@@ -95,15 +102,16 @@ def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_par
     sum = take_alias("state_sum", state_sum, "sum", sum)
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adagrad"], {}, params, grads, {"sum": sum}, step=step, lr=lr,
-               schedule=schedule, master=master_param, dtype=dtype, hypers=dict(lr_decay=lr_decay,
+               schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(lr_decay=lr_decay,
                weight_decay=weight_decay, eps=eps, maximize=maximize), lr_scale=lr_scale,
                grad_scale=grad_scale, fresh=None)
 
 
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=None, schedule=None,
-         master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
-         amsgrad=False, maximize=False, decoupled_weight_decay=False, lr_scale=1.0, grad_scale=1.0,
-         master=None) -> float:
+         master_param=None, remainder=None, master_weights=None, dtype=None, betas=(0.9, 0.999),
+         eps=1e-08, weight_decay=0.0, amsgrad=False, maximize=False, decoupled_weight_decay=False,
+         lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Adam: L2 weight decay added to the gradient; torch.optim.Adam's defaults.
 
     Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019), as torch.optim.Adam/AdamW.
@@ -118,15 +126,16 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=No
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adam"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
                "max_exp_avg_sq": max_exp_avg_sq}, step=step, lr=lr, schedule=schedule,
-               master=master_param, dtype=dtype, hypers=dict(betas=betas, eps=eps,
-               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-               decoupled_weight_decay=decoupled_weight_decay), lr_scale=lr_scale,
+               master=master_param, remainder=remainder, master_weights=master_weights, dtype=dtype,
+               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+               maximize=maximize, decoupled_weight_decay=decoupled_weight_decay), lr_scale=lr_scale,
                grad_scale=grad_scale, fresh=None)
 
 
 def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=None, schedule=None,
-          master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
-          amsgrad=False, maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+          master_param=None, remainder=None, master_weights=None, dtype=None, betas=(0.9, 0.999),
+          eps=1e-08, weight_decay=0.01, amsgrad=False, maximize=False, lr_scale=1.0, grad_scale=1.0,
+          master=None) -> float:
     """AdamW: decoupled weight decay p <- p * (1 - lr * wd); torch.optim.AdamW's defaults.
 
     Adam (Kingma & Ba 2015) and AdamW (Loshchilov & Hutter 2019), as torch.optim.Adam/AdamW.
@@ -141,14 +150,15 @@ def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=N
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adam"], {'decoupled_weight_decay': True}, params, grads, {"exp_avg":
                exp_avg, "exp_avg_sq": exp_avg_sq, "max_exp_avg_sq": max_exp_avg_sq}, step=step,
-               lr=lr, schedule=schedule, master=master_param, dtype=dtype, hypers=dict(betas=betas,
-               eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
-               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+               lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(betas=betas, eps=eps,
+               weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
 
 
 def adamax(params, grads, exp_avg, exp_inf, *, step, lr=None, schedule=None, master_param=None,
-           dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, maximize=False,
-           lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+           remainder=None, master_weights=None, dtype=None, betas=(0.9, 0.999), eps=1e-08,
+           weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Adamax: Adam with the infinity norm.
 
     Adamax (Kingma & Ba 2015, section 7.1), as torch.optim.Adamax.
@@ -162,15 +172,17 @@ def adamax(params, grads, exp_avg, exp_inf, *, step, lr=None, schedule=None, mas
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adamax"], {}, params, grads, {"exp_avg": exp_avg, "exp_inf": exp_inf},
-               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize),
-               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+               step=step, lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(betas=betas, eps=eps,
+               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
 
 
 def adamwschedulefree(params, grads, z, exp_avg_sq, weight_sum, lr_max, *, step, lr=None,
-                      schedule=None, master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08,
-                      weight_decay=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0, lr_scale=1.0,
-                      grad_scale=1.0, master=None) -> float:
+                      schedule=None, master_param=None, remainder=None, master_weights=None,
+                      dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, warmup_steps=0,
+                      r=0.0, weight_lr_power=2.0, lr_scale=1.0, grad_scale=1.0,
+                      master=None) -> float:
     """Schedule-Free AdamW (train() before steps).
 
     Schedule-Free AdamW (Defazio et al. 2024, "The Road Less Scheduled"), as schedulefree's
@@ -195,17 +207,17 @@ def adamwschedulefree(params, grads, z, exp_avg_sq, weight_sum, lr_max, *, step,
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["adamwschedulefree"], {}, params, grads, {"z": z, "exp_avg_sq": exp_avg_sq},
-               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay,
-               warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power), lr_scale=lr_scale,
-               grad_scale=grad_scale, fresh=None, scalars={"weight_sum": weight_sum, "lr_max":
-               lr_max})
+               step=step, lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(betas=betas, eps=eps,
+               weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
+               weight_lr_power=weight_lr_power), lr_scale=lr_scale, grad_scale=grad_scale,
+               fresh=None, scalars={"weight_sum": weight_sum, "lr_max": lr_max})
 
 
 def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr=None, schedule=None,
-             master_param=None, dtype=None, betas=(0.9, 0.999, 0.9999), alpha=5.0,
-             t_alpha_beta3=None, eps=1e-08, weight_decay=0.0, maximize=False, lr_scale=1.0,
-             grad_scale=1.0, master=None) -> float:
+             master_param=None, remainder=None, master_weights=None, dtype=None, betas=(0.9, 0.999,
+             0.9999), alpha=5.0, t_alpha_beta3=None, eps=1e-08, weight_decay=0.0, maximize=False,
+             lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """AdEMAMix: Adam with a mixture of a fast and a slow EMA.
 
     AdEMAMix (Pagliardini et al. 2024), the paper's Algorithm 1 with decoupled weight decay.
@@ -227,14 +239,15 @@ def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr=None,
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["ademamix"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_slow":
                exp_avg_slow, "exp_avg_sq": exp_avg_sq}, step=step, lr=lr, schedule=schedule,
-               master=master_param, dtype=dtype, hypers=dict(betas=betas, alpha=alpha,
-               t_alpha_beta3=t_alpha_beta3, eps=eps, weight_decay=weight_decay, maximize=maximize),
-               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+               master=master_param, remainder=remainder, master_weights=master_weights, dtype=dtype,
+               hypers=dict(betas=betas, alpha=alpha, t_alpha_beta3=t_alpha_beta3, eps=eps,
+               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None)
 
 
-def asgd(params, grads, ax, eta, mu, *, step, lr=None, schedule=None, master_param=None, dtype=None,
-         lambd=0.0001, alpha=0.75, t0=1000000.0, weight_decay=0.0, maximize=False, lr_scale=1.0,
-         grad_scale=1.0, master=None) -> float:
+def asgd(params, grads, ax, eta, mu, *, step, lr=None, schedule=None, master_param=None,
+         remainder=None, master_weights=None, dtype=None, lambd=0.0001, alpha=0.75, t0=1000000.0,
+         weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Averaged SGD with torch's step-size schedule.
 
     ASGD (Polyak & Juditsky 1992, with Bottou's step sizes), as torch.optim.ASGD.
@@ -253,14 +266,16 @@ def asgd(params, grads, ax, eta, mu, *, step, lr=None, schedule=None, master_par
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["asgd"], {}, params, grads, {"ax": ax}, step=step, lr=lr, schedule=schedule,
-               master=master_param, dtype=dtype, hypers=dict(lambd=lambd, alpha=alpha, t0=t0,
-               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
-               grad_scale=grad_scale, fresh=None, scalars={"eta": eta, "mu": mu})
+               master=master_param, remainder=remainder, master_weights=master_weights, dtype=dtype,
+               hypers=dict(lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
+               maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None,
+               scalars={"eta": eta, "mu": mu})
 
 
 def lamb(params, grads, exp_avg, exp_avg_sq, *, step, segments, lr=None, schedule=None,
-         master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-06, weight_decay=0.0,
-         maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+         master_param=None, remainder=None, master_weights=None, dtype=None, betas=(0.9, 0.999),
+         eps=1e-06, weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0,
+         master=None) -> float:
     """LAMB: Adam scaled per tensor by ||p|| / ||u|| (optax.lamb).
 
     LAMB (You et al. 2020, "Large Batch Optimization for Deep Learning"), as optax.lamb
@@ -284,14 +299,15 @@ def lamb(params, grads, exp_avg, exp_avg_sq, *, step, segments, lr=None, schedul
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["lamb"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
-               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize),
-               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None, segments=segments)
+               step=step, lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(betas=betas, eps=eps,
+               weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None, segments=segments)
 
 
-def lion(params, grads, exp_avg, *, step, lr=None, schedule=None, master_param=None, dtype=None,
-         betas=(0.9, 0.99), weight_decay=0.0, maximize=False, lr_scale=1.0, grad_scale=1.0,
-         master=None) -> float:
+def lion(params, grads, exp_avg, *, step, lr=None, schedule=None, master_param=None, remainder=None,
+         master_weights=None, dtype=None, betas=(0.9, 0.99), weight_decay=0.0, maximize=False,
+         lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Lion (evolved sign momentum), lion-pytorch's formula.
 
     Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), as lion-pytorch.
@@ -306,15 +322,16 @@ def lion(params, grads, exp_avg, *, step, lr=None, schedule=None, master_param=N
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["lion"], {}, params, grads, {"exp_avg": exp_avg}, step=step, lr=lr,
-               schedule=schedule, master=master_param, dtype=dtype, hypers=dict(betas=betas,
+               schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(betas=betas,
                weight_decay=weight_decay, maximize=maximize), lr_scale=lr_scale,
                grad_scale=grad_scale, fresh=None)
 
 
 def muon(params, grads, momentum_buffer, *, step, segments, lr=None, schedule=None,
-         master_param=None, dtype=None, weight_decay=0.1, momentum=0.95, nesterov=True,
-         ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn=None,
-         lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+         master_param=None, remainder=None, master_weights=None, dtype=None, weight_decay=0.1,
+         momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07,
+         ns_steps=5, adjust_lr_fn=None, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Muon: momentum orthogonalised per 2-D matrix by Newton-Schulz steps (torch.optim.Muon).
 
     Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks"), as
@@ -340,17 +357,17 @@ def muon(params, grads, momentum_buffer, *, step, segments, lr=None, schedule=No
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["muon"], {}, params, grads, {"momentum_buffer": momentum_buffer}, step=step,
-               lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-               ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
-               adjust_lr_fn=adjust_lr_fn), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None,
-               segments=segments)
+               lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(weight_decay=weight_decay,
+               momentum=momentum, nesterov=nesterov, ns_coefficients=ns_coefficients, eps=eps,
+               ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None, segments=segments)
 
 
 def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr=None, schedule=None,
-          master_param=None, dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
-          momentum_decay=0.004, decoupled_weight_decay=False, maximize=False, lr_scale=1.0,
-          grad_scale=1.0, master=None) -> float:
+          master_param=None, remainder=None, master_weights=None, dtype=None, betas=(0.9, 0.999),
+          eps=1e-08, weight_decay=0.0, momentum_decay=0.004, decoupled_weight_decay=False,
+          maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """NAdam with torch's momentum_decay schedule.
 
     NAdam (Dozat 2016) with torch's momentum schedule, as torch.optim.NAdam.
@@ -370,16 +387,17 @@ def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr=None, sche
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["nadam"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
-               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay,
-               momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
-               maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None,
-               scalars={"mu_product": mu_product})
+               step=step, lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(betas=betas, eps=eps,
+               weight_decay=weight_decay, momentum_decay=momentum_decay,
+               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), lr_scale=lr_scale,
+               grad_scale=grad_scale, fresh=None, scalars={"mu_product": mu_product})
 
 
 def radam(params, grads, exp_avg, exp_avg_sq, *, step, lr=None, schedule=None, master_param=None,
-          dtype=None, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0, decoupled_weight_decay=False,
-          maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
+          remainder=None, master_weights=None, dtype=None, betas=(0.9, 0.999), eps=1e-08,
+          weight_decay=0.0, decoupled_weight_decay=False, maximize=False, lr_scale=1.0,
+          grad_scale=1.0, master=None) -> float:
     """RAdam (rectified Adam) with torch's options.
 
     RAdam (Liu et al. 2019), the variance-rectified Adam, as torch.optim.RAdam.
@@ -397,16 +415,16 @@ def radam(params, grads, exp_avg, exp_avg_sq, *, step, lr=None, schedule=None, m
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["radam"], {}, params, grads, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq},
-               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(betas=betas, eps=eps, weight_decay=weight_decay,
-               decoupled_weight_decay=decoupled_weight_decay, maximize=maximize), lr_scale=lr_scale,
-               grad_scale=grad_scale, fresh=None)
+               step=step, lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(betas=betas, eps=eps,
+               weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+               maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
 
 
 def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, step, lr=None,
-            schedule=None, master_param=None, dtype=None, alpha=0.99, eps=1e-08, weight_decay=0.0,
-            momentum=0.0, centered=False, maximize=False, lr_scale=1.0, grad_scale=1.0,
-            master=None) -> float:
+            schedule=None, master_param=None, remainder=None, master_weights=None, dtype=None,
+            alpha=0.99, eps=1e-08, weight_decay=0.0, momentum=0.0, centered=False, maximize=False,
+            lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """RMSprop with torch's momentum and centered options.
 
     RMSprop (Tieleman & Hinton 2012) with momentum and the centered form, as torch.optim.RMSprop.
@@ -422,14 +440,15 @@ def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, s
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["rmsprop"], {}, params, grads, {"square_avg": square_avg, "momentum_buffer":
                momentum_buffer, "grad_avg": grad_avg}, step=step, lr=lr, schedule=schedule,
-               master=master_param, dtype=dtype, hypers=dict(alpha=alpha, eps=eps,
-               weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize),
-               lr_scale=lr_scale, grad_scale=grad_scale, fresh=None)
+               master=master_param, remainder=remainder, master_weights=master_weights, dtype=dtype,
+               hypers=dict(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+               centered=centered, maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale,
+               fresh=None)
 
 
 def rprop(params, grads, prev, step_size, *, step, lr=None, schedule=None, master_param=None,
-          dtype=None, etas=(0.5, 1.2), step_sizes=(1e-06, 50.0), maximize=False, lr_scale=1.0,
-          grad_scale=1.0, master=None) -> float:
+          remainder=None, master_weights=None, dtype=None, etas=(0.5, 1.2), step_sizes=(1e-06,
+          50.0), maximize=False, lr_scale=1.0, grad_scale=1.0, master=None) -> float:
     """Rprop (resilient backpropagation) with torch's options.
 
     Rprop (Riedmiller & Braun 1993), as torch.optim.Rprop.
@@ -447,14 +466,16 @@ def rprop(params, grads, prev, step_size, *, step, lr=None, schedule=None, maste
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["rprop"], {}, params, grads, {"prev": prev, "step_size": step_size},
-               step=step, lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(etas=etas, step_sizes=step_sizes, maximize=maximize), lr_scale=lr_scale,
-               grad_scale=grad_scale, fresh=None)
+               step=step, lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(etas=etas,
+               step_sizes=step_sizes, maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale,
+               fresh=None)
 
 
 def sgd(params, grads, momentum_buffer=None, *, step, lr=None, schedule=None, master_param=None,
-        dtype=None, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
-        lr_scale=1.0, grad_scale=1.0, fresh=None, master=None) -> float:
+        remainder=None, master_weights=None, dtype=None, momentum=0.0, dampening=0.0,
+        weight_decay=0.0, nesterov=False, maximize=False, lr_scale=1.0, grad_scale=1.0, fresh=None,
+        master=None) -> float:
     """SGD with momentum (torch.optim.SGD's arguments and numbers).
 
     SGD with momentum, dampening and Nesterov momentum, as torch.optim.SGD.
@@ -471,7 +492,7 @@ def sgd(params, grads, momentum_buffer=None, *, step, lr=None, schedule=None, ma
     """
     master_param = take_alias("master", master, "master_param", master_param)
     return run(REGISTRY["sgd"], {}, params, grads, {"momentum_buffer": momentum_buffer}, step=step,
-               lr=lr, schedule=schedule, master=master_param, dtype=dtype,
-               hypers=dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-               nesterov=nesterov, maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale,
-               fresh=fresh)
+               lr=lr, schedule=schedule, master=master_param, remainder=remainder,
+               master_weights=master_weights, dtype=dtype, hypers=dict(momentum=momentum,
+               dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+               maximize=maximize), lr_scale=lr_scale, grad_scale=grad_scale, fresh=fresh)

@@ -23,15 +23,20 @@ class Adadelta(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adadelta"]
     fixed = {}
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0.0, maximize=False, *,
-                 dtype=None, state_dtype="float32"):
+                 dtype=None, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(rho=rho, eps=eps, weight_decay=weight_decay,
-                               maximize=maximize), dtype, state_dtype)
+                               maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class Adafactor(FlatOptimizer):
@@ -50,6 +55,10 @@ class Adafactor(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
     back to back); taken from params when it is a FlatBuffer.
     """
@@ -59,10 +68,10 @@ class Adafactor(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, beta2_decay=-0.8, eps=(None, 0.001), d=1.0,
                  weight_decay=0.0, maximize=False, *, dtype=None, state_dtype="float32",
-                 segments=None):
+                 master_weights="fp32", segments=None):
         FlatOptimizer.__init__(self, params, lr, dict(beta2_decay=beta2_decay, eps=eps, d=d,
                                weight_decay=weight_decay, maximize=maximize), dtype, state_dtype,
-                               segments=segments)
+                               segments=segments, master_weights=master_weights)
 
 
 class Adagrad(FlatOptimizer):
@@ -74,6 +83,10 @@ class Adagrad(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adagrad"]
@@ -81,10 +94,11 @@ class Adagrad(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, lr_decay=0.0, weight_decay=0.0,
                  initial_accumulator_value=0.0, eps=1e-10, maximize=False, *, dtype=None,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(lr_decay=lr_decay, weight_decay=weight_decay,
                                initial_accumulator_value=initial_accumulator_value, eps=eps,
-                               maximize=maximize), dtype, state_dtype)
+                               maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class Adam(FlatOptimizer):
@@ -97,6 +111,10 @@ class Adam(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adam"]
@@ -104,10 +122,11 @@ class Adam(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
                  amsgrad=False, maximize=False, decoupled_weight_decay=False, *, dtype=None,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                               decoupled_weight_decay=decoupled_weight_decay), dtype, state_dtype)
+                               decoupled_weight_decay=decoupled_weight_decay), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class AdamW(Adam):
@@ -120,16 +139,21 @@ class AdamW(Adam):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adam"]
     fixed = {'decoupled_weight_decay': True}
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
-                 amsgrad=False, maximize=False, *, dtype=None, state_dtype="float32"):
+                 amsgrad=False, maximize=False, *, dtype=None, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize),
-                               dtype, state_dtype)
+                               dtype, state_dtype, master_weights=master_weights)
 
 
 class Adamax(FlatOptimizer):
@@ -142,15 +166,20 @@ class Adamax(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adamax"]
     fixed = {}
 
     def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
-                 maximize=False, *, dtype=None, state_dtype="float32"):
+                 maximize=False, *, dtype=None, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
-                               weight_decay=weight_decay, maximize=maximize), dtype, state_dtype)
+                               weight_decay=weight_decay, maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
@@ -171,16 +200,22 @@ class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adamwschedulefree"]
     fixed = {}
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
-                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *, dtype=None, state_dtype="float32"):
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *, dtype=None, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-                               weight_lr_power=weight_lr_power), dtype, state_dtype)
+                               weight_lr_power=weight_lr_power), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class AdEMAMix(FlatOptimizer):
@@ -200,16 +235,22 @@ class AdEMAMix(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["ademamix"]
     fixed = {}
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha_beta3=None,
-                 eps=1e-08, weight_decay=0.0, maximize=False, *, dtype=None, state_dtype="float32"):
+                 eps=1e-08, weight_decay=0.0, maximize=False, *, dtype=None, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, alpha=alpha,
                                t_alpha_beta3=t_alpha_beta3, eps=eps, weight_decay=weight_decay,
-                               maximize=maximize), dtype, state_dtype)
+                               maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class ASGD(FlatOptimizer):
@@ -224,15 +265,20 @@ class ASGD(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["asgd"]
     fixed = {}
 
     def __init__(self, params, lr=0.01, lambd=0.0001, alpha=0.75, t0=1000000.0, weight_decay=0.0,
-                 maximize=False, *, dtype=None, state_dtype="float32"):
+                 maximize=False, *, dtype=None, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(lambd=lambd, alpha=alpha, t0=t0,
-                               weight_decay=weight_decay, maximize=maximize), dtype, state_dtype)
+                               weight_decay=weight_decay, maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class LAMB(FlatOptimizer):
@@ -252,6 +298,10 @@ class LAMB(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
     back to back); taken from params when it is a FlatBuffer.
     """
@@ -260,10 +310,11 @@ class LAMB(FlatOptimizer):
     fixed = {}
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-06, weight_decay=0.0,
-                 maximize=False, *, dtype=None, state_dtype="float32", segments=None):
+                 maximize=False, *, dtype=None, state_dtype="float32", master_weights="fp32",
+                 segments=None):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay, maximize=maximize), dtype, state_dtype,
-                               segments=segments)
+                               segments=segments, master_weights=master_weights)
 
 
 class Lion(FlatOptimizer):
@@ -277,15 +328,20 @@ class Lion(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["lion"]
     fixed = {}
 
     def __init__(self, params, lr=0.0001, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
-                 dtype=None, state_dtype="float32"):
+                 dtype=None, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, weight_decay=weight_decay,
-                               maximize=maximize), dtype, state_dtype)
+                               maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class Muon(FlatOptimizer):
@@ -307,6 +363,10 @@ class Muon(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
     back to back); taken from params when it is a FlatBuffer.
     """
@@ -316,11 +376,11 @@ class Muon(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn=None,
-                 *, dtype=None, state_dtype="float32", segments=None):
+                 *, dtype=None, state_dtype="float32", master_weights="fp32", segments=None):
         FlatOptimizer.__init__(self, params, lr, dict(weight_decay=weight_decay, momentum=momentum,
                                nesterov=nesterov, ns_coefficients=ns_coefficients, eps=eps,
                                ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn), dtype, state_dtype,
-                               segments=segments)
+                               segments=segments, master_weights=master_weights)
 
 
 class NAdam(FlatOptimizer):
@@ -336,6 +396,10 @@ class NAdam(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["nadam"]
@@ -343,11 +407,11 @@ class NAdam(FlatOptimizer):
 
     def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
                  momentum_decay=0.004, decoupled_weight_decay=False, maximize=False, *, dtype=None,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay, momentum_decay=momentum_decay,
                                decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
-                               dtype, state_dtype)
+                               dtype, state_dtype, master_weights=master_weights)
 
 
 class RAdam(FlatOptimizer):
@@ -364,18 +428,22 @@ class RAdam(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["radam"]
     fixed = {}
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
-                 decoupled_weight_decay=False, maximize=False, *, dtype=None,
-                 state_dtype="float32"):
+                 decoupled_weight_decay=False, maximize=False, *, dtype=None, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(betas=betas, eps=eps,
                                weight_decay=weight_decay,
                                decoupled_weight_decay=decoupled_weight_decay, maximize=maximize),
-                               dtype, state_dtype)
+                               dtype, state_dtype, master_weights=master_weights)
 
 
 class RMSprop(FlatOptimizer):
@@ -389,16 +457,22 @@ class RMSprop(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["rmsprop"]
     fixed = {}
 
     def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-08, weight_decay=0.0, momentum=0.0,
-                 centered=False, maximize=False, *, dtype=None, state_dtype="float32"):
+                 centered=False, maximize=False, *, dtype=None, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(alpha=alpha, eps=eps,
                                weight_decay=weight_decay, momentum=momentum, centered=centered,
-                               maximize=maximize), dtype, state_dtype)
+                               maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class Rprop(FlatOptimizer):
@@ -415,15 +489,20 @@ class Rprop(FlatOptimizer):
 
     lr: a float (or a constant schedule: this optimizer takes no other). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["rprop"]
     fixed = {}
 
     def __init__(self, params, lr=0.01, etas=(0.5, 1.2), step_sizes=(1e-06, 50.0), maximize=False,
-                 *, dtype=None, state_dtype="float32"):
+                 *, dtype=None, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(etas=etas, step_sizes=step_sizes,
-                               maximize=maximize), dtype, state_dtype)
+                               maximize=maximize), dtype, state_dtype,
+                               master_weights=master_weights)
 
 
 class SGD(FlatOptimizer):
@@ -436,13 +515,18 @@ class SGD(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["sgd"]
     fixed = {}
 
     def __init__(self, params, lr=0.001, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, maximize=False, *, dtype=None, state_dtype="float32"):
+                 nesterov=False, maximize=False, *, dtype=None, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, lr, dict(momentum=momentum, dampening=dampening,
                                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize),
-                               dtype, state_dtype)
+                               dtype, state_dtype, master_weights=master_weights)

@@ -166,20 +166,147 @@ template <>
 struct IsFloat<float> {
     static constexpr bool value = true;
 };
+template <typename T>
+struct IsBf16 {
+    static constexpr bool value = false;
+};
+#if defined(__CUDACC__)
+template <>
+struct IsBf16<__nv_bfloat16> {
+    static constexpr bool value = true;
+};
+#else
+// The host build's stand-in for __nv_bfloat16 params (the tests build the bf16 variants of
+// the elementwise kernels with it): its bits, read exactly, written rounded to nearest even.
+struct fo_host_bf16 {
+    unsigned short bits;
+};
+FO_HD float to_float(fo_host_bf16 x) { return bf16_to_float(x.bits); }
+FO_HD fo_host_bf16 from_float(float x, fo_host_bf16*) {
+    const unsigned u = float_bits(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return {(unsigned short)((u >> 16) | 0x40u)};
+    return {(unsigned short)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)};
+}
+template <>
+struct IsBf16<fo_host_bf16> {
+    static constexpr bool value = true;
+};
+#endif
 
+// 16-bit param bits <-> float32 master (mirrors fastopt/cpu/convert.py).
+// float32 -> float16 bits rounded stochastically (master_weights="none"): 13 random bits added
+// below the kept mantissa, then truncated; subnormals from their exact fraction of an ulp.
+FO_HD unsigned short float_to_fp16_stochastic(float f, unsigned rand16) {
+    const unsigned u = float_bits(f);
+    const unsigned sign = (u & 0x80000000u) >> 16;
+    const unsigned a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return (unsigned short)(sign | 0x7E00u);
+    if (a >= (143u << 23)) return (unsigned short)(sign | 0x7C00u);
+    if (a < (113u << 23)) {
+        const float scaled = bits_float(a) * 16777216.0f;
+        const float whole = floorf(scaled);
+        const unsigned up = (scaled - whole) * 65536.0f > (float)rand16 ? 1u : 0u;
+        return (unsigned short)(sign | ((unsigned)whole + up));
+    }
+    return (unsigned short)(sign | (((a + (rand16 >> 3)) >> 13) - (112u << 10)));
+}
+
+// The float32 master that bf16 param bits and their int16 remainder make
+// (master_weights="remainder"): a negative remainder means the param was rounded up (its
+// bits one more than the master's high half), unless the param is a NaN.
+FO_HD float join_remainder(unsigned short bits, short remainder) {
+    const unsigned high = bits;
+    const unsigned up = (remainder < 0 && (high & 0x7FFFu) <= 0x7F80u) ? 1u : 0u;
+    return bits_float(((high - up) << 16) | ((unsigned)remainder & 0xFFFFu));
+}
+
+// A float32 master as bf16 param bits (rounded to nearest, ties away from zero; a NaN keeps
+// its high half, made quiet) and the int16 remainder (the master's low half).
+FO_HD void split_master(float f, unsigned short& bits, short& remainder) {
+    const unsigned u = float_bits(f);
+    remainder = (short)(int)(u & 0xFFFFu) - ((u & 0x8000u) ? 65536 : 0);
+    bits = (unsigned short)((u & 0x7FFFFFFFu) > 0x7F800000u ? ((u >> 16) | 0x40u)
+                                                             : ((u + 0x8000u) >> 16));
+}
+
+// N consecutive raw 16-bit values (N > 1: one aligned vector access).
+template <int N, typename U>
+FO_HD void load_raw(const U* ptr, U (&out)[N]) {
+    const Vec<U, N> vec = *reinterpret_cast<const Vec<U, N>*>(ptr);
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = vec.v[j];
+}
+
+template <int N, typename U>
+FO_HD void store_raw(U* ptr, const U (&in)[N]) {
+    Vec<U, N> vec;
+#pragma unroll
+    for (int j = 0; j < N; ++j) vec.v[j] = in[j];
+    *reinterpret_cast<Vec<U, N>*>(ptr) = vec;
+}
+
+// Whether the master buffer of ``master_mode`` is aligned for N-wide access of its elements.
 template <int N, typename T>
-FO_HD void load_param(const T* params, const float* master, float (&out)[N]) {
+FO_HD bool master_aligned(const float* master, int master_mode) {
+    if (IsFloat<T>::value || master_mode == FO_MASTER_NONE) return true;
+    return master_mode == FO_MASTER_FP32 ? aligned_for<N>(master)
+                                         : aligned_for<N>(reinterpret_cast<const short*>(master));
+}
+
+// Params i..i+N-1 as float32. float32 params are read in place. 16-bit params keep their
+// float32 values by ``master_mode`` (FO_MASTER_*, ``master_weights=``): in the float32 master
+// (FP32), in the bf16 params and the int16 remainders ``master`` then points to (REMAINDER),
+// or in the params alone (NONE).
+template <int N, typename T>
+FO_HD void load_param(const T* params, const float* master, int master_mode, long long i,
+                      float (&out)[N]) {
     if constexpr (IsFloat<T>::value) {
-        load<N>(params, out);
+        load<N>(params + i, out);
     } else {
-        load<N>(master, out);
+        if (master_mode == FO_MASTER_FP32) {
+            load<N>(master + i, out);
+        } else if (master_mode == FO_MASTER_REMAINDER) {
+            unsigned short bits[N];
+            short rem[N];
+            load_raw<N>(reinterpret_cast<const unsigned short*>(params) + i, bits);
+            load_raw<N>(reinterpret_cast<const short*>(master) + i, rem);
+#pragma unroll
+            for (int j = 0; j < N; ++j) out[j] = join_remainder(bits[j], rem[j]);
+        } else {
+            load<N>(params + i, out);
+        }
     }
 }
 
+// Params i..i+N-1 from float32 values: in place (float32 params); 16-bit params get the master
+// and its rounding to nearest even (FP32), the rounding to nearest with ties away from zero
+// and the remainder (REMAINDER), or a stochastic rounding by the step's ``seed`` (NONE).
 template <int N, typename T>
-FO_HD void store_param(T* params, float* master, const float (&in)[N]) {
-    if constexpr (!IsFloat<T>::value) store<N>(master, in);
-    store<N>(params, in);
+FO_HD void store_param(T* params, float* master, int master_mode, long long i, unsigned seed,
+                       const float (&in)[N]) {
+    if constexpr (IsFloat<T>::value) {
+        store<N>(params + i, in);
+    } else {
+        unsigned short bits[N];
+        if (master_mode == FO_MASTER_FP32) {
+            store<N>(master + i, in);
+            store<N>(params + i, in);
+            return;
+        } else if (master_mode == FO_MASTER_REMAINDER) {
+            short rem[N];
+#pragma unroll
+            for (int j = 0; j < N; ++j) split_master(in[j], bits[j], rem[j]);
+            store_raw<N>(reinterpret_cast<short*>(master) + i, rem);
+        } else {
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                const unsigned rand16 = random32(i + j, seed ^ FO_PARAM_SALT) & 0xFFFFu;
+                bits[j] = IsBf16<T>::value ? float_to_bf16_stochastic(in[j], rand16)
+                                           : float_to_fp16_stochastic(in[j], rand16);
+            }
+        }
+        store_raw<N>(reinterpret_cast<unsigned short*>(params) + i, bits);
+    }
 }
 
 // State buffers: float32 as is, or bfloat16 bits rounded stochastically with the 16 bits of

@@ -6,9 +6,9 @@
 // extern "C" entry point of one variant: NAME calls the template OP<T, S>.
 #pragma once
 
-#define FO_KERNEL_PARAMS(T, S) T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, const double* control, double weight_decay, int decoupled, int maximize, int fresh, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n
+#define FO_KERNEL_PARAMS(T, S) T* params, const T* grads, float* master, S* state0, S* state1, S* state2, S* state3, double* scalar0, double* scalar1, double* scalar2, double* scalar3, const double* table, int table_rows, unsigned long long* step_state, double* lr_out, double lr_scale, double grad_mult, const double* control, double weight_decay, int decoupled, int maximize, int fresh, int master_mode, double h0, double h1, double h2, double h3, double h4, double h5, double h6, double h7, long long n
 
-#define FO_KERNEL_ARGS params, grads, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3, table, table_rows, step_state, lr_out, lr_scale, grad_mult, control, weight_decay, decoupled, maximize, fresh, h0, h1, h2, h3, h4, h5, h6, h7, n
+#define FO_KERNEL_ARGS params, grads, master, state0, state1, state2, state3, scalar0, scalar1, scalar2, scalar3, table, table_rows, step_state, lr_out, lr_scale, grad_mult, control, weight_decay, decoupled, maximize, fresh, master_mode, h0, h1, h2, h3, h4, h5, h6, h7, n
 
 #define FO_KERNEL(NAME, OP, T, S) \
     extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S)) { OP<T, S>(FO_KERNEL_ARGS); }
@@ -60,3 +60,10 @@
 #define FO_INT8_MANTISSA_BITS 3
 #define FO_INT8_EXPONENT_BITS_SIGNED 4
 #define FO_INT8_EXPONENT_BITS_NONNEGATIVE 5
+
+// What ``master`` holds for 16-bit params (master_mode; fastopt/algorithms/_spec.py:
+// MASTER_MODES), and the salt of master_weights='none''s random bits (PARAM_SALT).
+#define FO_MASTER_FP32 0
+#define FO_MASTER_REMAINDER 1
+#define FO_MASTER_NONE 2
+#define FO_PARAM_SALT 0x27d4eb2fu

@@ -32,6 +32,7 @@ from fastopt.algorithms._spec import (
     KERNEL_SIGNATURE,
     SEGMENT_SIGNATURE,
 )
+from fastopt.codegen import HOST_BF16
 from fastopt.engine import Prepared
 from fastopt.gpu import build
 from fastopt.gpu.launch import pack_args, segmented_passes
@@ -43,20 +44,26 @@ CTYPES = {"double": ctypes.c_double, "int": ctypes.c_int, "long long": ctypes.c_
 STATE_C = {"": "float*", "_sbf16": "unsigned short*", "_int8": "unsigned char*"}
 
 
-def _c_type(ctype: str, suffix: str) -> str:
-    return ctype.replace("T*", "float*").replace("S*", STATE_C[suffix])
+def _c_type(ctype: str, suffix: str, kernel: str = "") -> str:
+    param = HOST_BF16 if kernel.endswith("_bf16") and not kernel.endswith("_sbf16") \
+        else "float"
+    return ctype.replace("T*", f"{param}*").replace("S*", STATE_C[suffix])
 
 
 def _host_kernels():
-    """(op, kernel, state suffix) of every float32 entry point (the host build has no 16-bit
-    types) and every entry point that takes no param format."""
+    """(op, kernel, state suffix) of every float32 entry point, the elementwise kernels'
+    bfloat16 ones (over the host build's stand-in type) and every entry point that takes no
+    param format."""
     for source, kernels in build.SOURCES.items():
         op = source[:-3]
         if op not in REGISTRY:
             continue
         for kernel in kernels:
-            if kernel.endswith("_int8_f32"):
+            elementwise = not REGISTRY[op].segmented
+            if kernel.endswith("_int8_f32") or (elementwise and kernel.endswith("_int8_bf16")):
                 yield op, kernel, "_int8"
+            elif elementwise and kernel == f"{op}_bf16":
+                yield op, kernel, ""
             elif kernel.endswith("_f32") or kernel.endswith("_f32_sbf16"):
                 yield op, kernel, "_sbf16" if kernel.endswith("_sbf16") else ""
             elif not kernel.endswith(("_f16", "_bf16", "_f16_sbf16", "_bf16_sbf16")):
@@ -71,7 +78,7 @@ def lib(tmp_path_factory):
     lines = [f'#include "{name}"' for name in sorted(build.SOURCES)]
     for op, kernel, suffix in _host_kernels():
         signature = _signature(op, suffix)
-        params = ", ".join(f"{_c_type(t, suffix)} {n}" for n, t in signature)
+        params = ", ".join(f"{_c_type(t, suffix, kernel)} {n}" for n, t in signature)
         names = ", ".join(n for n, _ in signature)
         # factored moments' passes wait on each other's threads, int8 state's warps shuffle
         # (cooperative threads, barriers)
@@ -422,3 +429,80 @@ def test_factored_kernels_clip_and_skip(lib):
     after = [run.params, *run.states.values(), run.step_state, run.lr_out]
     for was, now in zip(before, after, strict=True):
         np.testing.assert_array_equal(now, was)
+
+
+MASTER_NAMES = ["adam", "sgd", "lion", "rmsprop"]
+
+
+def _host_bf16_step(lib, name, cls, hypers, params, master, states, grads, k, schedule,
+                    int8=False):
+    """Step k of the host-built CUDA kernel ``<name>[_int8]_bf16`` over bfloat16 bits."""
+    d, _ = CLASSES[cls]
+    prepared = Prepared(d, params, master, states, full_hypers(cls, hypers), "bfloat16",
+                        on_gpu=True)
+    table = np.ascontiguousarray(schedule.table)
+    step_state = np.array([k - 1, 0], np.uint64)
+    values = prepared.kernel_values(grads, table, table.shape[0], step_state, np.zeros(1),
+                                    1.0, 1.0, fresh=k == 1)
+    args = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in pack_args(values)]
+    getattr(lib, f"emulate_{name}{'_int8' * int8}_bf16")(2, 64, *args)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("name", MASTER_NAMES)
+def test_bfloat16_param_kernels_in_every_master_mode(lib, name, int8):
+    """The CUDA kernels over bfloat16 params (the host build's stand-in type): with
+    remainders the master is the float32 master's bit for bit and the params its rounding
+    with ties away from zero; without a master the params are rounded stochastically with
+    the Numba kernel's random bits."""
+    cls, hypers = CASES[name].options[-1]
+    rng = np.random.default_rng(11)
+    n, schedule = 700, S.constant(0.01)
+    start = rng.standard_normal(n).astype(np.float32)
+    bits0 = _bf16.encode(start)
+    grads = [_bf16.encode(rng.standard_normal(n).astype(np.float32)) for _ in range(4)]
+    d, _ = CLASSES[cls]
+    full = full_hypers(cls, hypers)
+    init = initial_state(d, full, _bf16.decode(bits0), schedule)
+
+    def fresh_states():
+        out = {}
+        for key in d.active_state(full):
+            value = np.zeros(n) if init.get(key) is None else init[key]
+            value = np.broadcast_to(value, (n,)).astype(np.float32)
+            out[key] = quantize(value, _int8.signed(d, key)) if int8 else value.copy()
+        return out
+
+    runs = {}
+    for mode in ("fp32", "remainder", "none"):
+        bits = bits0.copy()
+        master = {"fp32": _bf16.decode(bits0).copy(), "remainder": np.zeros(n, np.int16),
+                  "none": None}[mode]
+        states = fresh_states()
+        for k, g in enumerate(grads, start=1):
+            _host_bf16_step(lib, name, cls, hypers, bits, master, states, g, k, schedule, int8)
+        runs[mode] = bits, master
+    master = runs["fp32"][1]
+    bits, remainder = runs["remainder"]
+    np.testing.assert_array_equal(_bf16.join_remainder(bits, remainder).view(np.uint32),
+                                  master.view(np.uint32))
+    np.testing.assert_array_equal(bits, _bf16.split_master(master)[0])
+    np.testing.assert_array_equal(runs["fp32"][0], _bf16.encode(master))
+    # no master: as the Numba kernel, with the same random bits
+    cpu = make(cls, _bf16.decode(bits0).astype(_bf16_dtype()), lr=schedule,
+               master_weights="none", state_dtype="int8" if int8 else "float32", **hypers)
+    if int8:
+        for key, state in fresh_states().items():
+            cpu.state[key].codes[...] = state.codes
+            cpu.state[key].absmax[...] = state.absmax
+    for g in grads:
+        cpu.step(g.view(_bf16_dtype()))
+    ours = cpu.params.view(np.uint16)
+    assert np.mean(ours == runs["none"][0]) > 0.98
+    assert np.all(np.abs(ours.astype(np.int32) - runs["none"][0]) <= 1)
+
+
+def _bf16_dtype():
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16

@@ -84,9 +84,9 @@ class ToyFeatures(FlatOptimizer):
     fixed = {}
 
     def __init__(self, params, lr=0.1, rho=0.9, weight_decay=0.0, maximize=False, *,
-                 dtype=None, state_dtype="float32"):
+                 dtype=None, state_dtype="float32", master_weights="fp32"):
         super().__init__(params, lr, dict(rho=rho, weight_decay=weight_decay, maximize=maximize),
-                         dtype, state_dtype)
+                         dtype, state_dtype, master_weights=master_weights)
 
 
 def _grads(n, steps, seed=0):

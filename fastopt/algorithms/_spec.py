@@ -56,6 +56,21 @@ INIT_PARAMS = "params"
 #: DeprecationWarning for one release
 MASTER = "master_param"
 MASTER_ALIASES = ("master_params", "master")
+#: how 16-bit params keep their float32 values (``master_weights=``): "fp32", a float32
+#: master (MASTER, 4 B/param); "remainder" (bfloat16 params only), the master's low 16 bits
+#: beside the bf16 param (REMAINDER, int16, 2 B/param: param and remainder make the master
+#: exactly, the param being the master rounded to nearest, ties away from zero); "none": no
+#: master, the params written with stochastic rounding (PARAM_SALT). The first is the default.
+MASTER_WEIGHTS = ("fp32", "remainder", "none")
+#: the remainder's live state name (fastopt.<Name>.state, fastopt.torch's state, checkpoints);
+#: state dicts give the float32 master it makes under MASTER instead
+REMAINDER = "master_remainder"
+#: the kernels' ``master_mode`` (CUDA: which of MASTER_WEIGHTS the ``master`` pointer holds:
+#: float32 master, int16 remainders, or nothing; the CPU kernels tell by its dtype)
+MASTER_MODES = {mode: i for i, mode in enumerate(MASTER_WEIGHTS)}
+#: salt of the random bits of master_weights="none"'s param rounding (the step's seed ^ salt),
+#: apart from the state's
+PARAM_SALT = 0x27D4EB2F
 #: the kernels' ``fresh`` argument: whether FIRST_GRAD state is still unset (0: no, 1: yes,
 #: 2: exactly at step 1, judged by the kernel from its step counter, so a captured CUDA
 #: graph replays it right)
@@ -66,9 +81,11 @@ FRESH_NO, FRESH_YES, FRESH_AT_FIRST_STEP = 0, 1, 2
 #: and hyperparameter slots are passed but never read. ``control`` (CUDA only): two device
 #: doubles, a factor on ``grad_mult`` (the clip coefficient) and a skip flag (non-finite
 #: gradients: the kernel changes nothing, not even the step counter), computed on the device
-#: so a clipped or skippable step needs no host sync. The CPU kernels take the same names
+#: so a clipped or skippable step needs no host sync. ``master_mode`` (CUDA only,
+#: MASTER_MODES): what ``master`` holds for 16-bit params (float32 master, int16 remainders,
+#: or nothing); the CPU kernels tell by the array's dtype. The CPU kernels take the same names
 #: (scalars as Python numbers) plus ``fmt`` and ``parallel``, with ``step`` in place of
-#: ``table_rows``/``step_state``/``lr_out``/``control``.
+#: ``table_rows``/``step_state``/``lr_out``/``control``/``master_mode``.
 KERNEL_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("params", "T*"), ("grads", "const T*"), ("master", "float*"),
     *((f"state{i}", "S*") for i in range(STATE_SLOTS)),
@@ -77,7 +94,7 @@ KERNEL_SIGNATURE: tuple[tuple[str, str], ...] = (
     ("step_state", "unsigned long long*"), ("lr_out", "double*"),
     ("lr_scale", "double"), ("grad_mult", "double"), ("control", "const double*"),
     ("weight_decay", "double"),
-    ("decoupled", "int"), ("maximize", "int"), ("fresh", "int"),
+    ("decoupled", "int"), ("maximize", "int"), ("fresh", "int"), ("master_mode", "int"),
     *((f"h{i}", "double") for i in range(KERNEL_SLOTS)),
     ("n", "long long"),
 )
@@ -88,7 +105,8 @@ CPU_PER_STEP = ("grads", "table", "step", "lr_scale", "grad_mult", "fresh", "par
 #: once (fastopt.engine)
 CPU_SIGNATURE: tuple[str, ...] = tuple(
     name for name, _ in KERNEL_SIGNATURE
-    if name not in ("table_rows", "step_state", "lr_out", "control", "n", *CPU_PER_STEP)
+    if name not in ("table_rows", "step_state", "lr_out", "control", "master_mode", "n",
+                    *CPU_PER_STEP)
 ) + ("fmt", *CPU_PER_STEP)
 #: the CPU int8-state kernels' arguments (``<name>_int8``): CPU_SIGNATURE with each state
 #: slot's block scales (float32, one absmax per INT8_BLOCK elements) before the per-step ones;

@@ -4,19 +4,36 @@ State buffers are float32, or bfloat16 bits (``state_dtype="bfloat16"``) read ex
 written with stochastic rounding seeded by the step and the buffer.
 
 float32 params are updated in place. 16-bit params arrive as uint16 bits (format ``fmt``:
-FP16 or BF16) with a float32 ``master`` copy: the math reads and writes the master, and the
-16-bit params get the master rounded to nearest even in the same pass (mirrors the
-load/store of kernels/common.cuh).
+FP16 or BF16); the ``master`` argument's dtype says how they keep their float32 values
+(``master_weights=``, mirrors the load/store of kernels/common.cuh):
+- float32: the master copy; the math reads and writes it, and the params get it rounded to
+  nearest even in the same pass ("fp32");
+- int16: the master's low 16 bits beside bfloat16 params, which hold it rounded to nearest,
+  ties away from zero: the two make the master exactly ("remainder");
+- uint16 (the params themselves): no master; the math reads the params and they get its
+  result rounded stochastically, seeded by the step and the element ("none").
 """
 
 import numpy as np
 from numba import types
 from numba.extending import overload
 
-from .convert import BF16, bf16_to_float, float_to_bf16_stochastic, from_float, random32, to_float
+from ..algorithms._spec import PARAM_SALT
+from .convert import (
+    BF16,
+    LOW16,
+    bf16_to_float,
+    float_to_bf16_stochastic,
+    from_float,
+    join_remainder,
+    random32,
+    split_master,
+    to_float,
+    to_half_stochastic,
+)
 
 
-def load_param(params, master, i):
+def load_param(params, master, i, fmt):
     """The float32 value of param i."""
 
 
@@ -24,8 +41,9 @@ def load_grad(grads, i, fmt):
     """The float32 value of gradient i."""
 
 
-def store_param(params, master, i, value, fmt):
-    """Write param i (and its master copy for 16-bit params)."""
+def store_param(params, master, i, value, fmt, seed):
+    """Write param i (and its master or remainder; ``seed``: the step's, for the rounding of
+    master_weights="none")."""
 
 
 def format_eps(params, fmt):
@@ -53,11 +71,18 @@ def _is_f32(array) -> bool:
     return array.dtype == types.float32
 
 
+_SALT = np.uint32(PARAM_SALT)
+
+
 @overload(load_param, inline="always")
-def _load_param(params, master, j):
+def _load_param(params, master, j, fmt):
     if _is_f32(params):
-        return lambda params, master, j: params[j]
-    return lambda params, master, j: master[j]
+        return lambda params, master, j, fmt: params[j]
+    if _is_f32(master):
+        return lambda params, master, j, fmt: master[j]
+    if master.dtype == types.int16:
+        return lambda params, master, j, fmt: join_remainder(params[j], master[j])
+    return lambda params, master, j, fmt: to_float(params[j], fmt)
 
 
 @overload(load_grad, inline="always")
@@ -68,14 +93,21 @@ def _load_grad(grads, j, fmt):
 
 
 @overload(store_param, inline="always")
-def _store_param(params, master, j, value, fmt):
+def _store_param(params, master, j, value, fmt, seed):
     if _is_f32(params):
-        def store(params, master, j, value, fmt):
+        def store(params, master, j, value, fmt, seed):
             params[j] = value
-    else:
-        def store(params, master, j, value, fmt):
+    elif _is_f32(master):
+        def store(params, master, j, value, fmt, seed):
             master[j] = value
             params[j] = from_float(value, fmt)
+    elif master.dtype == types.int16:
+        def store(params, master, j, value, fmt, seed):
+            params[j], master[j] = split_master(value)
+    else:
+        def store(params, master, j, value, fmt, seed):
+            rand = random32(j, seed ^ _SALT) & LOW16
+            params[j] = to_half_stochastic(value, rand, fmt)
     return store
 
 

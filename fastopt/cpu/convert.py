@@ -4,6 +4,8 @@ kernels as uint16 and are converted with integer operations; float32 -> 16-bit r
 nearest even, NaN stays NaN, overflow goes to inf — the same results as numpy's float16 and
 ml_dtypes' bfloat16 casts (tested on every 16-bit pattern)."""
 
+import math
+
 import numpy as np
 
 from ._jit import scalar as helper  # LLVM inlines these; IR inlining of branches only warns
@@ -92,6 +94,61 @@ def float_to_bf16_stochastic(f, rand):
     if _U(u & _U(0x7FFFFFFF)) > _U(0x7F800000):
         return np.uint16(_U(u >> _U(16)) | _U(0x40))
     return np.uint16(_U(u + rand) >> _U(16))
+
+
+@helper
+def float_to_fp16_stochastic(f, rand):
+    """float32 -> float16 bits, rounded away from zero with probability (dropped part) / ulp
+    (unbiased; subnormals to within 2^-16 of an ulp); past the largest float16 the rounding
+    goes to inf with that probability. NaN stays NaN. ``rand``: 16 random bits."""
+    u = np.float32(f).view(np.uint32)
+    sign = _U(_U(u & _U(0x80000000)) >> _U(16))
+    a = _U(u & _U(0x7FFFFFFF))
+    if a > _U(0x7F800000):
+        return np.uint16(sign | _U(0x7E00))
+    if a >= _U(143 << 23):  # >= 2^16 or inf
+        return np.uint16(sign | _U(0x7C00))
+    if a < _U(113 << 23):  # float16 subnormal: whole ulps of 2^-24 and the exact fraction
+        scaled = np.float32(a.view(np.float32) * np.float32(16777216.0))
+        whole = np.float32(math.floor(scaled))
+        up = _U(1) if np.float32((scaled - whole) * np.float32(65536.0)) > np.float32(rand) \
+            else _U(0)
+        return np.uint16(sign | _U(_U(whole) + up))
+    # normal: add 13 random bits below the kept mantissa, then truncate (a carry moves the
+    # exponent, up to inf); rebias 127 -> 15
+    return np.uint16(sign | _U(_U(_U(a + _U(rand >> _U(3))) >> _U(13)) - _U(112 << 10)))
+
+
+@helper
+def to_half_stochastic(f, rand, fmt):
+    """float32 -> uint16 bits of format fmt, rounded stochastically with 16 random bits
+    (master_weights="none")."""
+    return float_to_bf16_stochastic(f, rand) if fmt == BF16 else float_to_fp16_stochastic(f, rand)
+
+
+@helper
+def join_remainder(bits, remainder):
+    """The float32 master that bfloat16 param bits and their int16 remainder make
+    (master_weights="remainder"): the remainder is the master's low 16 bits; a negative one
+    means the param was rounded up (away from zero), so its bits are one more than the
+    master's high half. A NaN param was not rounded."""
+    high = _U(bits)
+    low = _U(np.int32(remainder)) & _U(0xFFFF)
+    rounded_up = _U(np.int32(remainder) < 0) & _U(_U(high & _U(0x7FFF)) <= _U(0x7F80))
+    return _U(_U(_U(high - rounded_up) << _U(16)) | low).view(np.float32)
+
+
+@helper
+def split_master(f):
+    """A float32 master as (bfloat16 param bits, int16 remainder): the param is the master
+    rounded to nearest with ties away from zero (its high half plus one when the low half is
+    >= 0x8000), the remainder the low half. A NaN keeps its high half, made quiet."""
+    u = np.float32(f).view(np.uint32)
+    low = np.int16(np.int32(_U(u & _U(0xFFFF))) - np.int32(65536) * np.int32(
+        _U(u & _U(0x8000)) != _U(0)))
+    if _U(u & _U(0x7FFFFFFF)) > _U(0x7F800000):
+        return np.uint16(_U(u >> _U(16)) | _U(0x40)), low
+    return np.uint16(_U(u + _U(0x8000)) >> _U(16)), low
 
 
 @helper

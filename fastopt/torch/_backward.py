@@ -175,7 +175,8 @@ class StepInBackward:
                 start = b.offsets[i] - lo
                 grads[start:start + b.params[i].numel()].copy_(b.params[i].grad.reshape(-1))
             k = int(b.steps[first]) + 1
-            part = {key: v[lo:hi] if key == "master" else v for key, v in half.items()}
+            part = {key: v[lo:hi] if key == "master" and v is not None else v
+                    for key, v in half.items()}
             sliced = [arrays[0][lo:hi], convert(grads),
                       *(a[b.state_part(name, first, stop, slice(lo, hi))]
                         for name, a in zip(names, arrays[2:], strict=True))]
@@ -210,10 +211,11 @@ def step_in_backward(params, optimizer: FlatOptimizer, *,
     use the scaled gradients; its ``step()`` fails). A param that gets no gradient in a
     backward, or has ``requires_grad=False``, is skipped, as by ``step()``. A backward that
     raises leaves what it already stepped stepped (as an exception inside ``step()``).
-    With ``state_dtype="bfloat16"`` or ``"int8"`` a chunk draws other stochastic-rounding
-    bits than a whole-bucket step: the same distribution, not the same bits. Use a fastopt
-    schedule as the lr (evaluated in the kernel): torch LR schedulers expect ``step()``
-    calls. Returns a handle; ``handle.remove()`` goes back to normal stepping.
+    With ``state_dtype="bfloat16"`` or ``"int8"``, or ``master_weights="none"``, a chunk
+    draws other stochastic-rounding bits than a whole-bucket step: the same distribution,
+    not the same bits. Use a fastopt schedule as the lr (evaluated in the kernel): torch LR
+    schedulers expect ``step()`` calls. Returns a handle; ``handle.remove()`` goes back to
+    normal stepping.
     """
     if not isinstance(optimizer, FlatOptimizer):
         raise TypeError("step_in_backward needs a fastopt.torch optimizer, got "

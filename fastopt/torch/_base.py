@@ -23,8 +23,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from .. import cpu
-from .._checks import check_lr
+from .. import _bf16, cpu
+from .._checks import check_lr, check_master_weights
 from .._int8 import (
     ABSMAX_KEY,
     CODES_KEY,
@@ -38,7 +38,7 @@ from .._int8 import (
 )
 from .._int8 import blocks as int8_blocks
 from ..algorithms import Definition
-from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER
+from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER, REMAINDER
 from ..engine import Prepared, device_table, run_once
 from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule, host_lr
 from ..segments import SegmentTable
@@ -127,13 +127,16 @@ class _Bucket:
     """The params of one group on one (device, dtype), packed with their grads and state.
 
     State is float32 (or bfloat16, stochastically rounded, with ``state_dtype``) whatever the
-    params' dtype; 16-bit params also get ``master``, a float32 copy the kernel updates and
-    rounds (to nearest even) into the 16-bit params.
+    params' dtype. 16-bit params keep their float32 values by ``master_weights``: "fp32",
+    ``master``, a float32 copy the kernel updates and rounds (to nearest even) into the
+    16-bit params; "remainder" (bfloat16), ``remainder``, the master's low 16 bits (int16)
+    beside the params; "none", nothing (the kernel rounds the params stochastically).
     """
 
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
                  state_dtype: torch.dtype = torch.float32, owner: str = "",
-                 scalars: tuple = (), layouts: dict | None = None, signs: dict | None = None):
+                 scalars: tuple = (), layouts: dict | None = None, signs: dict | None = None,
+                 master_weights: str = "fp32"):
         first = params[0]
         #: int8 state (state_dtype uint8): each state's codes in ``state``, its blocks'
         #: absmax in ``absmax``; every param starts on a block (its own blocks, own scales)
@@ -178,7 +181,11 @@ class _Bucket:
                 if p.grad is not None:  # a param without grad keeps none, as in torch: the
                     grad.copy_(p.grad)  # step skips it until backward gives it one
                     p.grad = grad
-        self.master = None if self.format is None else self.flat.float()
+        half = self.format is not None
+        self.master_weights = master_weights if half else "fp32"
+        self.master = self.flat.float() if half and master_weights == "fp32" else None
+        self.remainder = torch.zeros(total, dtype=torch.int16, device=first.device) \
+            if half and master_weights == "remainder" else None
         #: where each param's data must stay: a param whose .data is replaced is detached
         self.addresses = [p.data_ptr() for p in params]
         #: params with an entry in optimizer.state (torch's: those that took a step or had
@@ -229,7 +236,7 @@ class _Bucket:
         """Param ``index``'s part of state ``name`` set to ``value`` (a number or a tensor
         like the param's view): int8 state quantised (rounded half up) per block."""
         view = self.view_of(name, index)
-        if not self.int8 or name == MASTER:
+        if not self.int8 or name in (MASTER, REMAINDER):
             view.fill_(value) if isinstance(value, numbers.Number) else view.copy_(value)
             return
         values = torch.full(view.shape, float(value), dtype=torch.float32) \
@@ -285,8 +292,9 @@ class _Bucket:
         """Param ``index``'s part of a state buffer, shaped as torch keeps it: like the
         param, or for factored moments (..., R, 1) per row and (..., 1, C) per column."""
         layout = self.layouts.get(name, "elements")
-        if name == MASTER or layout == "elements":
-            return self.slice(self.master if name == MASTER else self.state[name], index)
+        if name in (MASTER, REMAINDER) or layout == "elements":
+            return self.slice({MASTER: self.master, REMAINDER: self.remainder}.get(
+                name, self.state.get(name)), index)
         shape = tuple(self.params[index].shape)
         part = self.state[name][self.state_part(name, index, index + 1, None)]
         if layout == "rows":
@@ -342,14 +350,59 @@ class _Bucket:
         if made is None:
             convert = _as_array if self.format is None else _as_bits
             # (no gradient buffer while the steps run in backward: its chunks bring theirs)
+            master = self.master if self.master is not None else self.remainder
             made = [convert(t) if t is not None else None for t in (self.flat, self.grad)], \
-                {} if self.format is None else {"master": _as_array(self.master),
-                                                "dtype": self.format}
+                {} if self.format is None else {
+                    "master": None if master is None else _as_array(master),
+                    "dtype": self.format}
             made[0].extend(_as_bits(self.state[n]) if self.state_dtype == torch.bfloat16
                            else Int8State(_as_array(self.state[n]), _as_array(self.absmax[n]))
                            if self.int8 else _as_array(self.state[n]) for n in names)
             self._arrays[names] = made
         return made
+
+    def master_values(self, part: slice) -> torch.Tensor:
+        """The float32 values of the params in ``part`` of the flat buffer: float32 params,
+        the master (made from params and remainders with "remainder"), or the 16-bit params'
+        own values ("none"). A copy, except for float32 params and the float32 master."""
+        if self.master is not None:
+            return self.master[part]
+        if self.remainder is not None:
+            return _torch_array(_bf16.join_remainder(_as_bits(self.flat[part]),
+                                                     _as_array(self.remainder[part])),
+                                self.flat.device)
+        return self.flat[part] if self.format is None else self.flat[part].float()
+
+    @torch.no_grad()
+    def set_master_values(self, part: slice, values: torch.Tensor) -> None:
+        """Set the float32 values of the params in ``part``: float32 params as given; 16-bit
+        ones get the master and its rounding to nearest even ("fp32"), the rounding with
+        ties away from zero and the remainders ("remainder"), or the rounding ("none")."""
+        if self.remainder is not None:
+            bits, remainder = _bf16.split_master(_as_array(values.float().contiguous()),
+                                                 _xp_of(self.flat))
+            self.flat[part].view(torch.int16).copy_(_torch_array(bits.view("int16"),
+                                                                 self.flat.device))
+            self.remainder[part].copy_(_torch_array(remainder, self.flat.device))
+            return
+        if self.master is not None:
+            self.master[part].copy_(values)
+        self.flat[part].copy_(values)
+
+
+def _xp_of(t: torch.Tensor):
+    if t.device.type == "cpu":
+        return np
+    import cupy
+
+    return cupy
+
+
+def _torch_array(array, device: torch.device) -> torch.Tensor:
+    """A numpy or cupy array as a torch tensor on ``device`` (zero-copy where it can)."""
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    return torch.from_dlpack(array)
 
 
 def _as_bits(t: torch.Tensor):
@@ -388,6 +441,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: the step_in_backward handle while the steps run in backward (also after unpickling:
     #: None)
     _in_backward = None
+    #: how 16-bit params keep their float32 values (pickles from before it: "fp32")
+    master_weights = "fp32"
 
     @property
     def group_defaults(self) -> dict:
@@ -395,7 +450,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         (older torch versions): key -> torch's value."""
         return self.twin.group_defaults if self.twin is not None else {}
 
-    def __init__(self, params, defaults: dict, state_dtype: str = "float32"):
+    def __init__(self, params, defaults: dict, state_dtype: str = "float32",
+                 master_weights: str = "fp32"):
         defaults = {**defaults, **self.fixed}  # e.g. AdamW's groups hold decoupled=True
         lr = defaults.get("lr")
         if not isinstance(lr, Schedule):
@@ -418,6 +474,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         #: (per state: uint8 codes under its name, float32 block scales under
         #: ``<name>_absmax``; state_dict() adds the float32 values: fastopt._int8)
         self.state_dtype = state_dtype
+        #: how 16-bit params keep their float32 values: "fp32" (a float32 master, torch
+        #: state ``master_param``), "remainder" (bfloat16 params: the master's low 16 bits,
+        #: int16 state ``master_remainder``; state dicts give the master they make) or "none"
+        #: (no master: the params are rounded stochastically); float32 params need none
+        self.master_weights = check_master_weights(master_weights)
         self._buckets: list[list[_Bucket]] = []
         #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
         #: value for the next step); any other value there was set by someone else and wins
@@ -539,11 +600,14 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._check_repeats(group.get("schedule"))
         buckets = []
         for dtype in dict.fromkeys(p.dtype for p in unique):  # one bucket per dtype, in order
+            check_master_weights(self.master_weights, HALF_FORMATS.get(dtype, "float32"))
+        for dtype in dict.fromkeys(p.dtype for p in unique):
             b = _Bucket([p for p in unique if p.dtype == dtype], self.state_init(group),
                         STATE_DTYPES[self.state_dtype], type(self).__name__,
                         self.definition.scalars,
                         {st.name: st.layout for st in self.definition.state},
-                        {st.name: st.sign for st in self.definition.state})
+                        {st.name: st.sign for st in self.definition.state},
+                        self.master_weights)
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
         return buckets
@@ -571,6 +635,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 views[name] = values[i]  # a 0-d view, as torch's per-param scalar tensors
         if bucket.master is not None:
             views[MASTER] = bucket.view_of(MASTER, i)
+        if bucket.remainder is not None:
+            views[REMAINDER] = bucket.view_of(REMAINDER, i)
         return views
 
     def _start(self, group: dict, bucket: _Bucket, i: int) -> None:
@@ -610,20 +676,26 @@ class FlatOptimizer(torch.optim.Optimizer):
                     parts.append(("grads", size(b.grad), 0))
                 if b.master is not None:
                     parts.append((MASTER, size(b.master), 0))
+                if b.remainder is not None:
+                    parts.append((REMAINDER, size(b.remainder), 0))
                 parts += [(name, size(t), size(b.absmax[name]) if name in b.absmax else 0)
                           for name, t in b.state.items()]
         return memory_report(n, parts)
 
     @torch.no_grad()
     def refresh_master(self) -> None:
-        """Copy the 16-bit params into their float32 masters. Call it after changing 16-bit
+        """Copy the 16-bit params into their float32 masters (with "remainder": zero the
+        remainders, so the master is the params exactly). Call it after changing 16-bit
         params in place (e.g. ``model.load_state_dict`` after building the optimizer): the
         kernel updates the master and overwrites the params with it, so a stale master would
-        undo the change. Float32 params have no master; nothing to do for them."""
+        undo the change. Float32 params, and 16-bit ones with master_weights="none", have no
+        master; nothing to do for them."""
         for buckets in self._buckets:
             for b in buckets:
                 if b.master is not None:
                     b.master.copy_(b.flat)
+                if b.remainder is not None:
+                    b.remainder.zero_()
 
     # ------------------------------------------------------------------ stepping
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -755,13 +827,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 parts = [slice(None)] if b.all_started else [
                     slice(b.offsets[i], b.offsets[i] + p.numel())
                     for i, p in enumerate(b.params) if b.started[i]]
-                for part in parts:
+                for part in parts:  # (16-bit params: the master moves, they are its rounding)
                     target = b.state[modes.lerp_to][part].float()
-                    if b.master is None:
-                        b.flat[part].lerp_(target, weight)
-                    else:  # the master moves; the 16-bit params are its rounding
-                        b.master[part].lerp_(target, weight)
-                        b.flat[part].copy_(b.master[part])
+                    b.set_master_values(part, b.master_values(part).lerp(target, weight))
             group[modes.group_key] = train
 
     def _group_format_eps(self, group: dict, buckets: list[_Bucket]) -> dict | None:
@@ -852,7 +920,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             p, offset = b.params[i], b.offsets[i]
             sl = slice(offset, offset + p.numel())
             k = int(b.steps[i]) + 1
-            part = {key: v[sl] if key == "master" else v for key, v in half.items()}
+            part = {key: v[sl] if key == "master" and v is not None else v
+                    for key, v in half.items()}
             sliced = [arrays[0][sl], arrays[1][sl],
                       *(a[b.state_part(name, i, i + 1, sl)]
                         for name, a in zip(names, arrays[2:], strict=True))]
@@ -897,8 +966,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             for s in special:
                 if s.init == INIT_PARAMS:
-                    b.set_state(s.name, i, b.view_of(MASTER, i) if b.master is not None
-                                else b.params[i].detach())
+                    offset = b.offsets[i]
+                    b.set_state(s.name, i, b.master_values(
+                        slice(offset, offset + b.params[i].numel())).view_as(b.params[i]))
                 else:
                     b.set_state(s.name, i, host_lr(schedule, int(b.steps[i])))
 
@@ -1055,6 +1125,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if self.state_dtype == "int8":  # the values under torch's names, the raw form beside
             for st in d["state"].values():
                 self._int8_entries(st)
+        self._master_entries(d)
         for group, buckets in zip(d["param_groups"], self._buckets, strict=True):
             if isinstance(group.get("schedule"), Schedule):  # (torch.load's weights_only
                 group["schedule"] = _schedule_payload(group["schedule"])  # takes tensors)
@@ -1068,6 +1139,25 @@ class FlatOptimizer(torch.optim.Optimizer):
             if result is not None:
                 d = result
         return d
+
+    def _master_entries(self, d: dict) -> None:
+        """The state dict's entries of params with remainders: the float32 master they make
+        under ``master_param`` (as a float32 master is saved: dicts of the two modes are
+        interchangeable) in place of ``master_remainder``."""
+        where = {id(p): (b, i) for buckets in self._buckets for b in buckets
+                 if b.remainder is not None for i, p in enumerate(b.params)}
+        if not where:
+            return
+        for saved, live in zip(d["param_groups"], self.param_groups, strict=True):
+            for index, p in zip(saved["params"], live["params"], strict=True):
+                st = d["state"].get(index)
+                if st is None or REMAINDER not in st or id(p) not in where:
+                    continue
+                b, i = where[id(p)]
+                offset = b.offsets[i]
+                st[MASTER] = b.master_values(slice(offset, offset + p.numel())).view_as(
+                    p).clone()
+                del st[REMAINDER]
 
     def _int8_entries(self, st: dict) -> None:
         """One param's state-dict entry of int8 state: each buffer's float32 values under
@@ -1150,6 +1240,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             "buckets": [[({**{n: t.clone() for n, t in b.state.items()},
                            **{ABSMAX_KEY.format(n): t.clone() for n, t in b.absmax.items()}},
                           None if b.master is None else b.master.clone(),
+                          # (params with remainders or no master: a load writes them too)
+                          None if b.master_weights == "fp32" else (
+                              b.flat.clone(), None if b.remainder is None
+                              else b.remainder.clone()),
                           {n: t.clone() for n, t in b.scalars.items()}, b.steps.clone(),
                           list(b.started), list(b.fresh), b.step, b.uniform, b.all_started)
                          for b in buckets] for buckets in self._buckets],
@@ -1164,7 +1258,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._lr_written = backup["lr_written"]
         self._checked.clear()
         for buckets, saved in zip(self._buckets, backup["buckets"], strict=True):
-            for b, (state, master, scalars, steps, started, fresh, step, uniform,
+            for b, (state, master, half, scalars, steps, started, fresh, step, uniform,
                     all_started) in zip(buckets, saved, strict=True):
                 for name in list(b.state):
                     if name not in state:
@@ -1176,6 +1270,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                         b.absmax[name].copy_(state[ABSMAX_KEY.format(name)])
                 if master is not None:
                     b.master.copy_(master)
+                if half is not None:
+                    b.flat.copy_(half[0])
+                    if half[1] is not None:
+                        b.remainder.copy_(half[1])
                 for name, t in scalars.items():
                     b.scalars[name].copy_(t)
                 b.steps.copy_(steps)
@@ -1242,8 +1340,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     b.set_state(name, i, value)
                 else:  # absent, or None (torch 1.x SGD saved momentum_buffer=None)
                     b.set_state(name, i, init.get(name, 0.0))
-            if b.master is not None:
-                b.view_of(MASTER, i).copy_(st.get(MASTER, p.detach()))
+            self._load_master(b, i, st)
             b.started[i] = bool(st)
             b.fresh[i] = any(st.get(name) is None for name in self.definition.first_grad_state)
             for s_ in self.definition.scalars:  # per-step scalars (a dict without one: start)
@@ -1251,7 +1348,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.scalars[s_.name][i] = s_.init if value is None else float(value)
             if st:
                 views = self._state_views(group, b, i)
-                known = set(views) | set(b.state) | {MASTER, VERSION_KEY} \
+                known = set(views) | set(b.state) | {MASTER, REMAINDER, VERSION_KEY} \
                     | {key.format(n) for n in b.state for key in (CODES_KEY, ABSMAX_KEY)}
                 self.state[p] = {k: v for k, v in (extra.get(p) or {}).items()
                                  if k not in known}
@@ -1260,6 +1357,37 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
         b.counts_loaded()
+
+    @staticmethod
+    def _load_master(b: _Bucket, i: int, st: dict) -> None:
+        """Param i's float32 values from its saved entry: the saved master (``master_param``)
+        into the master ("fp32"), the params and remainders ("remainder") or the params
+        rounded to nearest even ("none"); else a live entry's remainders (a copy of this
+        optimizer), else the params' current values (a torch.optim dict)."""
+        if b.format is None:
+            return
+        p, offset = b.params[i], b.offsets[i]
+        master = st.get(MASTER)
+        if master is not None:
+            if not isinstance(master, torch.Tensor) or master.numel() != p.numel():
+                raise RuntimeError(f"state_dict: the {MASTER!r} of a parameter of shape "
+                                   f"{tuple(p.shape)} must be a tensor of as many elements, "
+                                   f"got {getattr(master, 'shape', type(master).__name__)}")
+            if b.master is not None:
+                b.view_of(MASTER, i).copy_(master.view_as(p))
+                return
+            b.set_master_values(slice(offset, offset + p.numel()),
+                                master.detach().reshape(-1).to(b.flat.device, torch.float32))
+            return
+        if b.master is not None:
+            b.view_of(MASTER, i).copy_(p.detach())
+        elif b.remainder is not None:
+            remainder = st.get(REMAINDER)
+            if isinstance(remainder, torch.Tensor) and remainder.dtype == torch.int16 \
+                    and remainder.numel() == p.numel():
+                b.view_of(REMAINDER, i).copy_(remainder.view_as(p))
+            else:
+                b.view_of(REMAINDER, i).zero_()
 
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict:
@@ -1276,6 +1404,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                           for k, v in st.items()} for p, st in self.state.items()},
             "param_groups": self.param_groups,
             "state_dtype": self.state_dtype,
+            "master_weights": self.master_weights,
             "_fastopt_lr_written": list(self._lr_written),
             # (each param's step count: in the state above, except where torch keeps none)
             "_fastopt_steps": [[b.steps.clone() for b in buckets] for buckets in self._buckets],

@@ -3,8 +3,8 @@ in fastopt/codegen.py. Do not edit: change the definition or the driver, then ru
 `python -m fastopt.codegen`.
 
 torch.optim.Optimizer subclasses over flat buffers, one per public name of each
-definition, with the torch twin's exact signature (plus ``state_dtype``); the
-machinery is ``fastopt.torch._base.FlatOptimizer``.
+definition, with the torch twin's exact signature (plus ``state_dtype`` and
+``master_weights``); the machinery is ``fastopt.torch._base.FlatOptimizer``.
 """
 
 from ..algorithms import REGISTRY
@@ -23,6 +23,10 @@ class Adadelta(FlatOptimizer):
         acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adadelta"]
@@ -30,10 +34,12 @@ class Adadelta(FlatOptimizer):
     twin = definition.torch_twin.get("Adadelta")
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0, foreach=None, *,
-                 capturable=False, maximize=False, differentiable=False, state_dtype="float32"):
+                 capturable=False, maximize=False, differentiable=False, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, rho=rho, eps=eps,
                                weight_decay=weight_decay, foreach=foreach, capturable=capturable,
-                               maximize=maximize, differentiable=differentiable), state_dtype)
+                               maximize=maximize, differentiable=differentiable), state_dtype,
+                               master_weights)
 
 
 class Adafactor(FlatOptimizer):
@@ -51,6 +57,10 @@ class Adafactor(FlatOptimizer):
     with a float32 master: bfloat16's).
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adafactor"]
@@ -58,10 +68,11 @@ class Adafactor(FlatOptimizer):
     twin = definition.torch_twin.get("Adafactor")
 
     def __init__(self, params, lr=0.01, beta2_decay=-0.8, eps=(None, 0.001), d=1.0,
-                 weight_decay=0.0, *, foreach=None, maximize=False, state_dtype="float32"):
+                 weight_decay=0.0, *, foreach=None, maximize=False, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
                                weight_decay=weight_decay, foreach=foreach, maximize=maximize),
-                               state_dtype)
+                               state_dtype, master_weights)
 
 
 class Adagrad(FlatOptimizer):
@@ -72,6 +83,10 @@ class Adagrad(FlatOptimizer):
         sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adagrad"]
@@ -80,12 +95,12 @@ class Adagrad(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, lr_decay=lr_decay,
                                weight_decay=weight_decay,
                                initial_accumulator_value=initial_accumulator_value, eps=eps,
                                foreach=foreach, maximize=maximize, differentiable=differentiable,
-                               fused=fused), state_dtype)
+                               fused=fused), state_dtype, master_weights)
 
 
 class Adam(FlatOptimizer):
@@ -97,6 +112,10 @@ class Adam(FlatOptimizer):
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adam"]
@@ -106,12 +125,13 @@ class Adam(FlatOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
                                maximize=maximize, capturable=capturable,
                                differentiable=differentiable, fused=fused,
-                               decoupled_weight_decay=decoupled_weight_decay), state_dtype)
+                               decoupled_weight_decay=decoupled_weight_decay), state_dtype,
+                               master_weights)
 
 
 class AdamW(Adam):
@@ -123,6 +143,10 @@ class AdamW(Adam):
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adam"]
@@ -131,11 +155,12 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, state_dtype="float32"):
+                 differentiable=False, fused=None, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                                foreach=foreach, capturable=capturable,
-                               differentiable=differentiable, fused=fused), state_dtype)
+                               differentiable=differentiable, fused=fused), state_dtype,
+                               master_weights)
 
 
 class Adamax(FlatOptimizer):
@@ -147,6 +172,10 @@ class Adamax(FlatOptimizer):
         p <- p - lr / (1 - beta1^k) * m / u
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adamax"]
@@ -155,10 +184,11 @@ class Adamax(FlatOptimizer):
 
     def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, foreach=foreach, maximize=maximize,
-                               differentiable=differentiable, capturable=capturable), state_dtype)
+                               differentiable=differentiable, capturable=capturable), state_dtype,
+                               master_weights)
 
 
 class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
@@ -178,6 +208,10 @@ class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
     weight_sum and lr_max are per-step scalars; z starts as a copy of the params.
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["adamwschedulefree"]
@@ -185,10 +219,11 @@ class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
     twin = definition.torch_twin.get("AdamWScheduleFree")
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
-                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *, state_dtype="float32"):
+                 warmup_steps=0, r=0.0, weight_lr_power=2.0, *, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-                               weight_lr_power=weight_lr_power), state_dtype)
+                               weight_lr_power=weight_lr_power), state_dtype, master_weights)
 
 
 class AdEMAMix(FlatOptimizer):
@@ -207,6 +242,10 @@ class AdEMAMix(FlatOptimizer):
     ``weight_decouple=True``.
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["ademamix"]
@@ -214,10 +253,11 @@ class AdEMAMix(FlatOptimizer):
     twin = definition.torch_twin.get("AdEMAMix")
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha_beta3=None,
-                 eps=1e-08, weight_decay=0.0, maximize=False, *, state_dtype="float32"):
+                 eps=1e-08, weight_decay=0.0, maximize=False, *, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, alpha=alpha,
                                t_alpha_beta3=t_alpha_beta3, eps=eps, weight_decay=weight_decay,
-                               maximize=maximize), state_dtype)
+                               maximize=maximize), state_dtype, master_weights)
 
 
 class ASGD(FlatOptimizer):
@@ -231,6 +271,10 @@ class ASGD(FlatOptimizer):
     step k uses the eta computed at the end of step k - 1: a changed lr shows one step late.
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["asgd"]
@@ -239,10 +283,11 @@ class ASGD(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, lambd=0.0001, alpha=0.75, t0=1000000.0, weight_decay=0,
                  foreach=None, maximize=False, differentiable=False, capturable=False, *,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
                                weight_decay=weight_decay, foreach=foreach, maximize=maximize,
-                               differentiable=differentiable, capturable=capturable), state_dtype)
+                               differentiable=differentiable, capturable=capturable), state_dtype,
+                               master_weights)
 
 
 class LAMB(FlatOptimizer):
@@ -261,6 +306,10 @@ class LAMB(FlatOptimizer):
     no trust ratio to tensors without weight decay.
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["lamb"]
@@ -268,9 +317,10 @@ class LAMB(FlatOptimizer):
     twin = definition.torch_twin.get("LAMB")
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-06, weight_decay=0.0,
-                 maximize=False, *, state_dtype="float32"):
+                 maximize=False, *, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
-                               weight_decay=weight_decay, maximize=maximize), state_dtype)
+                               weight_decay=weight_decay, maximize=maximize), state_dtype,
+                               master_weights)
 
 
 class Lion(FlatOptimizer):
@@ -283,6 +333,10 @@ class Lion(FlatOptimizer):
     Weight decay is lion-pytorch's default form (``p *= 1 - lr wd``, decoupled, scaled by lr).
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["lion"]
@@ -290,9 +344,9 @@ class Lion(FlatOptimizer):
     twin = definition.torch_twin.get("Lion")
 
     def __init__(self, params, lr=0.0001, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                               maximize=maximize), state_dtype)
+                               maximize=maximize), state_dtype, master_weights)
 
 
 class Muon(FlatOptimizer):
@@ -313,6 +367,10 @@ class Muon(FlatOptimizer):
     applies the decay and the update (fused).
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["muon"]
@@ -321,11 +379,11 @@ class Muon(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn=None,
-                 *, state_dtype="float32"):
+                 *, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, weight_decay=weight_decay,
                                momentum=momentum, nesterov=nesterov,
                                ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
-                               adjust_lr_fn=adjust_lr_fn), state_dtype)
+                               adjust_lr_fn=adjust_lr_fn), state_dtype, master_weights)
 
 
 class NAdam(FlatOptimizer):
@@ -340,6 +398,10 @@ class NAdam(FlatOptimizer):
                - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["nadam"]
@@ -348,12 +410,13 @@ class NAdam(FlatOptimizer):
 
     def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  momentum_decay=0.004, decoupled_weight_decay=False, *, foreach=None,
-                 maximize=False, capturable=False, differentiable=False, state_dtype="float32"):
+                 maximize=False, capturable=False, differentiable=False, state_dtype="float32",
+                 master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, momentum_decay=momentum_decay,
                                decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
                                maximize=maximize, capturable=capturable,
-                               differentiable=differentiable), state_dtype)
+                               differentiable=differentiable), state_dtype, master_weights)
 
 
 class RAdam(FlatOptimizer):
@@ -369,6 +432,10 @@ class RAdam(FlatOptimizer):
     The branch is taken once per step (rho_k depends on k alone), never per element.
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["radam"]
@@ -377,12 +444,12 @@ class RAdam(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, state_dtype="float32"):
+                 differentiable=False, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay,
                                decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
                                maximize=maximize, capturable=capturable,
-                               differentiable=differentiable), state_dtype)
+                               differentiable=differentiable), state_dtype, master_weights)
 
 
 class RMSprop(FlatOptimizer):
@@ -395,6 +462,10 @@ class RMSprop(FlatOptimizer):
         b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["rmsprop"]
@@ -403,11 +474,11 @@ class RMSprop(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-08, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, state_dtype="float32"):
+                 differentiable=False, *, state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, alpha=alpha, eps=eps,
                                weight_decay=weight_decay, momentum=momentum, centered=centered,
                                capturable=capturable, foreach=foreach, maximize=maximize,
-                               differentiable=differentiable), state_dtype)
+                               differentiable=differentiable), state_dtype, master_weights)
 
 
 class Rprop(FlatOptimizer):
@@ -423,6 +494,10 @@ class Rprop(FlatOptimizer):
     schedule (as torch, whose schedulers would change nothing).
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["rprop"]
@@ -431,10 +506,10 @@ class Rprop(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, etas=(0.5, 1.2), step_sizes=(1e-06, 50), *,
                  capturable=False, foreach=None, maximize=False, differentiable=False,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
                                capturable=capturable, foreach=foreach, maximize=maximize,
-                               differentiable=differentiable), state_dtype)
+                               differentiable=differentiable), state_dtype, master_weights)
 
 
 class SGD(FlatOptimizer):
@@ -446,6 +521,10 @@ class SGD(FlatOptimizer):
         g <- g + momentum b (nesterov) or b;   p <- p - lr g
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
+    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
+    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
+    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition = REGISTRY["sgd"]
@@ -454,8 +533,8 @@ class SGD(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
-                 state_dtype="float32"):
+                 state_dtype="float32", master_weights="fp32"):
         FlatOptimizer.__init__(self, params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                                foreach=foreach, differentiable=differentiable, fused=fused),
-                               state_dtype)
+                               state_dtype, master_weights)
