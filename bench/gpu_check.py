@@ -34,6 +34,7 @@ script itself; its timings then mean nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import subprocess
 import sys
@@ -131,6 +132,31 @@ def _int8_state_step(params, grads, sched, **kwargs):
     return lambda: opt.step(grads)
 
 
+#: bfloat16 params (bf16 grads) with int8 AdamW state, by master_weights: "none" is the
+#: smallest mode (10 B/param moved), "remainder" keeps the exact master in 2 B more
+BF16_MODES = {mode: f"fastopt bf16 params master_weights={mode} int8 state"
+              for mode in ("fp32", "remainder", "none")}
+NONE_COPY = "copy-same-bytes as bf16 params, no master, int8 state (10 B)"
+
+
+def _bf16_param_steps(params, out: dict, sched) -> None:
+    """fastopt AdamW over bfloat16 copies of ``params`` (as uint16 bits: CuPy has no
+    bfloat16) with int8 state, in each master_weights mode, and the copy of the smallest's
+    bytes."""
+    import cupy
+
+    import fastopt
+    from fastopt import _bf16
+
+    bits = _bf16.encode(params, cupy)
+    grads = _bf16.encode(cupy.random.standard_normal(params.size, dtype=cupy.float32), cupy)
+    for mode, label in BF16_MODES.items():
+        opt = fastopt.AdamW(bits.copy(), dtype="bfloat16", lr=sched, state_dtype="int8",
+                            master_weights=mode)
+        out[label] = functools.partial(opt.step, grads)
+    out[NONE_COPY] = _copy(10 * params.size)
+
+
 def _int8_oracles(shapes: list, out: dict) -> None:
     """bitsandbytes' and torchao's AdamW8bit over the same tensors, where they import."""
     def made(module: str, attr: str):
@@ -196,6 +222,7 @@ def fp32_one_buffer(n: int, sched) -> dict:
     out[BF16_STATE] = _bf16_state_step(p, g, sched)
     out[INT8_STATE] = _int8_state_step(p, g, sched)
     out[INT8_COPY] = _copy(16 * n)
+    _bf16_param_steps(p, out, sched)
     _int8_oracles([(n,)], out)
     # clipping and skipping on the device (kernels/control.cu): one more read of the grads
     clipped = fastopt.AdamW(p.copy(), lr=sched)
@@ -227,6 +254,7 @@ def fp32_model(shapes: list, sched) -> dict:
     out[BF16_STATE] = _bf16_state_step(params.buffer, grads.buffer, sched)
     out[INT8_STATE] = _int8_state_step(params.buffer, grads.buffer, sched)
     out[INT8_COPY] = _copy(16 * n)
+    _bf16_param_steps(params.buffer, out, sched)
     _int8_oracles(shapes, out)
 
     def torch_tensors():
@@ -435,6 +463,9 @@ def report(card: str, summary: str, rows: dict, sweep: dict) -> list[str]:
         if isinstance(t.get(INT8_STATE), float):
             lines.append(f"| {case} | int8 state % of a copy of its 16 B/param | | "
                          f"{100 * t[INT8_COPY] / t[INT8_STATE]:.0f}% | |")
+        if isinstance(t.get(BF16_MODES["none"]), float):
+            lines.append(f"| {case} | bf16 params, no master, int8 state % of a copy of its "
+                         f"10 B/param | | {100 * t[NONE_COPY] / t[BF16_MODES['none']]:.0f}% | |")
         if isinstance(t.get(CLIPPED), float):
             lines.append(f"| {case} | clipped % of a copy of its 32 B/param | | "
                          f"{100 * t['copy-same-bytes + grads (32 B)'] / t[CLIPPED]:.0f}% | |")

@@ -217,6 +217,41 @@ def test_gpu_int8_state_equals_cpu(name, cls, hypers):
         np.testing.assert_allclose(gpu.state[key].absmax.get(), state.absmax, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode,dtype,state_dtype", [
+    ("remainder", "bfloat16", "float32"), ("remainder", "bfloat16", "int8"),
+    ("none", "bfloat16", "int8"), ("none", "float16", "float32")])
+def test_gpu_master_weights_equal_cpu(mode, dtype, state_dtype):
+    """master_weights='remainder' and 'none' on the GPU (the kernel's master_mode): with
+    remainders the master is the float32 master's of a GPU 'fp32' run bit for bit; without a
+    master the params follow the CPU kernel's (the same random bits)."""
+    from fastopt import _bf16
+
+    n = 3 * 256 + 5
+    rng = np.random.default_rng(31)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    bits = (_bf16.encode(p0) if dtype == "bfloat16"
+            else p0.astype(np.float16).view(np.uint16))
+    grads = [(_bf16.encode(g) if dtype == "bfloat16" else g.astype(np.float16)).view(np.uint16)
+             for g in _grads(n, 12, seed=32)]
+    kw = dict(dtype=dtype, lr=SCHED, state_dtype=state_dtype)
+    cpu = fastopt.AdamW(bits.copy(), master_weights=mode, **kw)
+    gpu = fastopt.AdamW(cupy.asarray(bits), master_weights=mode, **kw)
+    ref = fastopt.AdamW(cupy.asarray(bits), **kw)  # (the GPU's float32 master)
+    for g in grads:
+        cpu.step(g)
+        gpu.step(cupy.asarray(g))
+        ref.step(cupy.asarray(g))
+    if mode == "remainder":
+        made = _bf16.join_remainder(gpu.params, gpu.state["master_remainder"]).get()
+        master = ref.state["master_param"].get()
+        np.testing.assert_array_equal(made.view(np.uint32), master.view(np.uint32))
+        np.testing.assert_array_equal(gpu.params.get(), _bf16.split_master(master)[0])
+    else:
+        assert "master_param" not in gpu.state
+        close = np.abs(gpu.params.get().astype(np.int32) - cpu.params.astype(np.int32)) <= 1
+        assert close.all() and np.mean(gpu.params.get() == cpu.params) > 0.98
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gpu_int8_state_with_16_bit_params_equals_cpu(dtype):
     from fastopt import _bf16

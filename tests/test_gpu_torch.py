@@ -323,3 +323,46 @@ def test_fot_step_captured_in_a_cuda_graph(name, kw):
     with pytest.raises(RuntimeError, match="one at a time"), \
             torch.cuda.graph(torch.cuda.CUDAGraph()):
         opt.step()  # (params at different step counts: not capturable)
+
+
+@pytest.mark.parametrize("mode", ["remainder", "none"])
+def test_fot_cuda_master_weights_and_capture(mode):
+    """bfloat16 CUDA params with master_weights: with remainders the master equals a float32
+    master run's bit for bit; without a master the params stay within an ulp of it; a
+    captured step replays as eager steps do (the rounding's bits from the device's count)."""
+    gen = torch.Generator(device="cuda").manual_seed(41)
+    shapes = [(64, 33), (257,), (3, 5, 7)]
+    values = [torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+    grads = [[torch.randn(s, device="cuda", generator=gen).to(torch.bfloat16) for s in shapes]
+             for _ in range(24)]
+    runs = {}
+    for name in ("fp32", mode, f"{mode}-captured"):
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        opt = fot.AdamW(params, lr=3e-3, master_weights=name.split("-")[0])
+        if name.endswith("captured"):
+            for gs in grads[:3]:
+                _set_grads(params, gs)
+                opt.step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+            for gs in grads[3:]:
+                _set_grads(params, gs)
+                graph.replay()
+            opt.sync_step_count()
+        else:
+            for gs in grads:
+                _set_grads(params, gs)
+                opt.step()
+        runs[name] = params, opt
+    made = runs[mode][1].state_dict()["state"]  # (one group: indices in param order)
+    for i, (p, q, r) in enumerate(zip(runs[mode][0], runs[f"{mode}-captured"][0],
+                                      runs["fp32"][0], strict=True)):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16))
+        master = runs["fp32"][1].state[r]["master_param"]
+        if mode == "remainder":
+            assert torch.equal(made[i]["master_param"].view(torch.int32),
+                               master.view(torch.int32))
+        else:
+            ulp = torch.finfo(torch.bfloat16).eps * master.abs().clamp_min(1e-30)
+            assert ((p.float() - master).abs() <= 4 * ulp).all()

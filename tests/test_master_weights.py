@@ -135,17 +135,12 @@ def _bf16_problem(n=2048, steps=1000, seed=0):
     return p.astype(BF16), grads.astype(BF16)
 
 
-MASTER_CLASSES = {"AdamW": dict(lr=S.warmup(S.cosine(3e-3, 1000), 20), weight_decay=0.1),
-                  "SGD": dict(lr=0.01, momentum=0.9, nesterov=True),
-                  "Adagrad": dict(lr=0.05)}
-
-
-@pytest.mark.parametrize("cls", sorted(MASTER_CLASSES))
-def test_remainder_master_is_bit_identical_over_1000_steps(cls):
+def test_remainder_master_is_bit_identical_over_1000_steps():
     p0, grads = _bf16_problem()
     a, b = p0.copy(), p0.copy()
-    fp32 = getattr(fastopt, cls)(a, **MASTER_CLASSES[cls])
-    rem = getattr(fastopt, cls)(b, master_weights="remainder", **MASTER_CLASSES[cls])
+    options = dict(lr=S.warmup(S.cosine(3e-3, 1000), 20), weight_decay=0.1, amsgrad=True)
+    fp32 = fastopt.AdamW(a, **options)
+    rem = fastopt.AdamW(b, master_weights="remainder", **options)
     assert "master_param" not in rem.state and rem.state["master_remainder"].dtype == np.int16
     for k, g in enumerate(grads):
         fp32.step(g)
@@ -163,10 +158,12 @@ def test_remainder_master_is_bit_identical_over_1000_steps(cls):
                                   fp32.state["master_param"].view(np.uint32))
 
 
-#: one optimizer per kernel family: elementwise, segmented (LAMB's trust ratio), factored
-#: moments (Adafactor), a matrix stage (Muon), first-step state from the params
-#: (Schedule-Free's z); the rest share these drivers' loads and stores
-FAMILIES = ["lamb", "adafactor", "muon", "adamwschedulefree", "nadam"]
+#: the kernel families besides the elementwise one (AdamW above): segmented with a matrix
+#: stage (Muon; LAMB's passes are written by the same driver) and factored moments
+#: (Adafactor: passes of their own); first-step state from the params (Schedule-Free's z)
+#: is tested with its train() and eval() below. (One optimizer each: every new master mode
+#: is a kernel specialisation to compile, seconds each in CI.)
+FAMILIES = ["adafactor", "muon"]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -205,7 +202,7 @@ def test_master_weights_none_is_unbiased_where_round_to_nearest_would_stall():
         assert "master_param" not in opt.state and opt.memory_report()["total"] == 2.0
 
 
-@pytest.mark.parametrize("name", ["adam", "lion", "adagrad", "lamb", "rmsprop"])
+@pytest.mark.parametrize("name", ["adam", "lion"])
 def test_master_weights_none_converges_like_a_float32_master(name):
     """A logistic regression (300 steps) with bfloat16 params: without a master (stochastic
     rounding) the final loss is within 1 % of the float32 master's with the same state

@@ -460,8 +460,10 @@ class _Kernel:
         if self.int8 and block[0] % 32:  # a warp per block of INT8_BLOCK elements
             raise ValueError(f"{self.name}: blocks of whole warps, got {block[0]} threads")
         values = {}
+        names = [name for name, _ in spec]
+        mode = args[names.index("master_mode")]
         for (name, ctype), value in zip(spec, args, strict=True):
-            values[name] = self._checked(name, ctype, value)
+            values[name] = self._checked(name, ctype, value, mode)
         first = self.pass_ == "reduce" and REGISTRY[self.op].matrix is not None
         if self.pass_ is not None and not first:
             return
@@ -471,7 +473,9 @@ class _Kernel:
         else:
             self.run(values)
 
-    def _checked(self, name, ctype, value):
+    def _checked(self, name, ctype, value, master_mode=0):
+        from fastopt.algorithms._spec import MASTER_MODES
+
         if ctype in _SCALARS:
             if type(value) is not _SCALARS[ctype]:
                 raise TypeError(f"{self.name}: {name} must be packed as {_SCALARS[ctype]}, "
@@ -483,6 +487,13 @@ class _Kernel:
             return value._a  # (one entry point for every format: it reads no element)
         want = {"T*": _PARAM_TYPES[self.suffix], "const T*": _PARAM_TYPES[self.suffix],
                 "S*": (self.state_type,)}.get(ctype) or (_POINTERS[ctype],)
+        if name == "master" and self.suffix != "f32":  # (what it holds: master_mode's)
+            if master_mode not in MASTER_MODES.values() or (
+                    master_mode == MASTER_MODES["remainder"] and self.suffix != "bf16"):
+                raise ValueError(f"{self.name}: master_mode {master_mode} for "
+                                 f"{self.suffix} params")
+            want = {MASTER_MODES["fp32"]: (np.float32,), MASTER_MODES["remainder"]: (np.int16,),
+                    MASTER_MODES["none"]: _PARAM_TYPES[self.suffix]}[int(master_mode)]
         if value.dtype not in want:
             raise TypeError(f"{self.name}: {name} ({ctype}) must hold "
                             f"{' or '.join(np.dtype(w).name for w in want)}, got {value.dtype}")
