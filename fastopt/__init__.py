@@ -1,6 +1,7 @@
 """fastopt: fused optimizer kernels over flat buffers, schedules evaluated inside the kernel."""
 
 from . import functional, schedules
+from ._bf16 import join_remainder, split_master
 from ._checks import ArrayArgumentError
 from ._int8 import Int8State
 from .checkpoint import CheckpointError, load, save
@@ -20,8 +21,10 @@ __all__ = [
     "ReduceOnPlateau",
     "Schedule",
     "functional",
+    "join_remainder",
     "load",
     "save",
     "schedules",
+    "split_master",
     "__version__",
 ]

@@ -31,10 +31,17 @@ def split_master(master, xp=np):
 
 
 def join_remainder(bits, remainder):
-    """The float32 master that bfloat16 bits and their int16 remainders make: a negative
-    remainder means the bits were rounded up (one more than the master's high half), except
-    on a NaN."""
-    high = bits.astype(np.uint32)
+    """The float32 master that bfloat16 params (their uint16 bits, or a bfloat16 array) and
+    their int16 remainders make: a negative remainder means the bits were rounded up (one
+    more than the master's high half), except on a NaN."""
+    if bits.dtype.itemsize != 2 or bits.dtype.kind not in "uV" and bits.dtype.name != \
+            "bfloat16":
+        raise TypeError(f"join_remainder takes bfloat16 params or their uint16 bits, got "
+                        f"{bits.dtype}")
+    if remainder.dtype != np.int16 or remainder.shape != bits.shape:
+        raise TypeError(f"join_remainder takes int16 remainders of the params' shape "
+                        f"{bits.shape}, got {remainder.dtype} {remainder.shape}")
+    high = bits.view(np.uint16).astype(np.uint32)
     up = (remainder < 0) & ((high & np.uint32(0x7FFF)) <= np.uint32(0x7F80))
     low = remainder.view(np.uint16).astype(np.uint32)
     return (((high - up.astype(np.uint32)) << np.uint32(16)) | low).view(np.float32)

@@ -59,6 +59,11 @@ from .segments import segment_table
 MAX_STEP = 2**63
 
 
+def _is_float(dtype) -> bool:
+    """A floating dtype, numpy's or ml_dtypes' (bfloat16): what a saved state may hold."""
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
 def _NOTHING():  # noqa: N802  (a dead weak reference: nothing checked yet)
     return None
 
@@ -563,8 +568,7 @@ class FlatOptimizer:
         master = None  # the saved float32 master of 16-bit params, if any
         if self.dtype != "float32" and MASTER in d:
             master = self._host_copy(d[MASTER])
-            if master.shape != self.params.shape or not np.issubdtype(master.dtype,
-                                                                      np.floating):
+            if master.shape != self.params.shape or not _is_float(master.dtype):
                 raise ArrayArgumentError(
                     f"state_dict[{MASTER!r}] must be a float array of shape "
                     f"{self.params.shape}, got {master.dtype} {master.shape}")
@@ -583,7 +587,7 @@ class FlatOptimizer:
             if key not in d:
                 raise KeyError(f"state_dict has no {key!r}")
             value = self._host_copy(d[key])
-            if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
+            if value.shape != shape or not _is_float(value.dtype):
                 raise ArrayArgumentError(
                     f"state_dict[{key!r}] must be a float array of shape {shape}, "
                     f"got {value.dtype} {value.shape}")

@@ -52,11 +52,14 @@ def _master_buffer(name: str, n: int, params, master, remainder, master_weights)
     ``master`` and ``remainder`` is given)."""
     if master_weights is not None:
         check_master_weights(master_weights, name)
-    if name == "float32":
-        return None  # (float32 params need no master: both are ignored)
     if master is not None and remainder is not None:
         raise ValueError("give master_param (master_weights='fp32') or remainder "
                          "(master_weights='remainder'), not both")
+    if name == "float32":
+        if remainder is not None:
+            raise ValueError("remainder= is for bfloat16 params (the master's low 16 bits); "
+                             "float32 params need no master")
+        return None  # (a master_param is ignored for float32 params, as it always was)
     mode = master_weights or ("fp32" if master is not None else
                               "remainder" if remainder is not None else None)
     if mode is None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from . import optimizers
-from ._checks import check_buffer, dtype_arg, kernel_view, param_dtype
+from ._checks import check_buffer, check_master_weights, dtype_arg, kernel_view, param_dtype
 from ._int8 import ABSMAX_KEY, CODES_KEY, INT8_CODE_VERSION, VERSION_KEY
 from ._int8 import blocks as int8_blocks
 from .algorithms import CLASSES, REGISTRY
@@ -504,6 +504,8 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
     allowed = None if dtype is None else ("uint16", dtype_arg(dtype))
     params = check_buffer("params", params, dtype=allowed)
     kind = param_dtype(params, dtype)
+    if master_weights is not None:  # (the caller's argument: a ValueError, not the file's)
+        check_master_weights(master_weights, kind)
     meta, arrays = _read(path, params.shape[0], kind, expected)
     name = meta["optimizer"]
     saved = arrays["params"]
@@ -523,6 +525,8 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
                   master_weights=meta["master_weights"] if master_weights is None
                   else master_weights)
         expected_members = {key for name in opt.state for key in _saved_as(opt, name)}
+        if opt.dtype != "float32":  # (a saved master loads into every mode: "none" rounds it)
+            expected_members.add(MASTER)
         extra = sorted(set(arrays) - {"params", "schedule"} - expected_members)
         if extra:
             raise CheckpointError(f"{path}: unexpected state {extra} for these hyperparameters")

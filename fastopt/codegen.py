@@ -1303,7 +1303,7 @@ def functional_source() -> str:
          "rate the kernel used (schedule value times ``lr_scale``). 16-bit params (float16,",
          "bfloat16) come with ``master_param=``, their float32 copy, or (bfloat16) with",
          "``remainder=``, the master's low 16 bits as int16 (the params then hold the master",
-         "rounded to nearest, ties away from zero: ``fastopt._bf16.split_master`` makes both",
+         "rounded to nearest, ties away from zero: ``fastopt.split_master`` makes both",
          "from a float32 master), or with ``master_weights='none'`` (no master: the params",
          "are rounded stochastically); as raw uint16 bits they also need ``dtype=`` naming",
          "the format. State buffers are float32, uint16",

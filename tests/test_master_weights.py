@@ -527,8 +527,51 @@ def test_fastopt_torch_master_weights_checks_and_mixed_dtypes():
     opt.step()
     assert "master_remainder" not in opt.state[wide.weight]
     assert opt.state[half.weight]["master_remainder"].dtype == torch.int16
+    # a master that is not a float tensor is refused, and changes nothing
+    saved = opt.state_dict()
+    saved["state"][2]["master_param"] = torch.ones(4, 4, dtype=torch.bool)
+    before = half.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="must be a float tensor"):
+        opt.load_state_dict(saved)
+    assert torch.equal(half.weight.detach().view(torch.int16), before.view(torch.int16))
     # fp16 params with no master
     model = _torch_mlp(torch.float16)
     opt = fot.SGD(model.parameters(), lr=0.1, master_weights="none")
     _train(model, opt, 3)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_review_cases_of_the_master_arguments(tmp_path):
+    """An independent review's cases: a saved master loads into "none" (rounded to nearest
+    even); join_remainder refuses what it cannot read; a bfloat16 master loads; the caller's
+    bad master_weights is a ValueError, not a bad file; remainder= with float32 params."""
+    p = np.linspace(-2, 2, 64).astype(BF16)
+    opt = fastopt.AdamW(p, lr=0.01)
+    opt.step(np.ones(64, BF16))
+    fastopt.save(opt, tmp_path / "c.npz")
+    q = np.zeros(64, BF16)
+    none = fastopt.load(tmp_path / "c.npz", q, master_weights="none")
+    np.testing.assert_array_equal(q.view(np.uint16), _bf16.encode(opt.state["master_param"]))
+    assert none.master_weights == "none" and "master_param" not in none.state
+    with pytest.raises(ValueError, match="master_weights must be one of"):
+        fastopt.load(tmp_path / "c.npz", np.zeros(64, BF16), master_weights="bogus")
+    with pytest.raises(ValueError, match="float16 params cannot"):
+        fastopt.load(tmp_path / "c.npz", np.zeros(64, F16), master_weights="remainder")
+    bits, remainder = fastopt.split_master(np.float32([1.0 + 2.0 ** -8 + 2.0 ** -9, 0.1]))
+    np.testing.assert_array_equal(fastopt.join_remainder(bits.view(BF16), remainder),
+                                  fastopt.join_remainder(bits, remainder))
+    for args in ((bits, remainder.view(np.uint16)), (bits, remainder.astype(np.int32)),
+                 (bits.view(F16), remainder)):
+        with pytest.raises(TypeError):
+            fastopt.join_remainder(*args)
+    rem = fastopt.AdamW(np.zeros(64, BF16), lr=0.01, master_weights="remainder")
+    rem.load_state_dict({**opt.state_dict(),
+                         "master_param": opt.state["master_param"].astype(BF16)})
+    np.testing.assert_array_equal(rem.state_dict()["master_param"],
+                                  opt.state["master_param"].astype(BF16).astype(np.float32))
+    with pytest.raises(ValueError, match="master_param"):
+        rem.load_state_dict({**opt.state_dict(), "master_param": np.ones(64, np.int32)})
+    m, v = np.zeros(64, np.float32), np.zeros(64, np.float32)
+    with pytest.raises(ValueError, match="for bfloat16 params"):
+        F.adamw(np.zeros(64, np.float32), np.zeros(64, np.float32), m, v, step=1,
+                remainder=np.zeros(64, np.int16))

@@ -1369,10 +1369,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         p, offset = b.params[i], b.offsets[i]
         master = st.get(MASTER)
         if master is not None:
-            if not isinstance(master, torch.Tensor) or master.numel() != p.numel():
+            if not isinstance(master, torch.Tensor) or master.numel() != p.numel() \
+                    or not master.is_floating_point():
                 raise RuntimeError(f"state_dict: the {MASTER!r} of a parameter of shape "
-                                   f"{tuple(p.shape)} must be a tensor of as many elements, "
-                                   f"got {getattr(master, 'shape', type(master).__name__)}")
+                                   f"{tuple(p.shape)} must be a float tensor of as many "
+                                   f"elements, got {getattr(master, 'dtype', '')} "
+                                   f"{getattr(master, 'shape', type(master).__name__)}")
             if b.master is not None:
                 b.view_of(MASTER, i).copy_(master.view_as(p))
                 return
