@@ -93,6 +93,18 @@ def test_cli_bench_tiny(tmp_path, capsys):
     assert all(r["times"]["fastopt"] > 0 for r in data["rows"])
 
 
+def test_cli_bench_master_weights(tmp_path):
+    """--master-weights times bfloat16 params in that mode (each --state-dtype too)."""
+    path = tmp_path / "b.json"
+    assert cli.main(["bench", "--optimizer", "adamw", "--sizes", "2000", "--budget", "0.02",
+                     "--no-torch", "--no-progress", "--master-weights", "remainder",
+                     "--json", str(path)]) == 0
+    import json
+
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["times"]["fastopt-bf16-params-remainder"] > 0
+
+
 def test_cli_bench_startup(tmp_path, capsys, monkeypatch):
     """--startup measures in fresh processes with a private Numba cache: the cold run compiles
     (the cache folder fills), the warm run loads, and the user's cache is left alone."""
