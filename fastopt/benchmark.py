@@ -336,9 +336,10 @@ def _bfloat16():
 
 
 def fastopt_torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndarray],
-                        schedule):
-    """fastopt.torch's class of ``name`` over these tensors with the in-kernel schedule:
-    (step closure, params)."""
+                        schedule, multi_tensor: bool = False):
+    """fastopt.torch's class of ``name`` over these tensors with the in-kernel schedule
+    (``multi_tensor``: its multi-tensor mode, a kernel call per tensor): (step closure,
+    params)."""
     import torch
 
     import fastopt.torch as fot
@@ -348,7 +349,8 @@ def fastopt_torch_setup(name: str, values: list[np.ndarray], grads: list[np.ndar
         p = torch.nn.Parameter(torch.from_numpy(v.copy()))
         p.grad = torch.from_numpy(g)
         params.append(p)
-    opt = getattr(fot, OPTIMIZERS[name].__name__)(params, lr=schedule, **BENCH_OPTIONS[name])
+    opt = getattr(fot, OPTIMIZERS[name].__name__)(params, lr=schedule, **BENCH_OPTIONS[name],
+                                                  multi_tensor=multi_tensor)
     return opt.step, params
 
 
@@ -431,14 +433,16 @@ def _median_times(impls: dict[str, Callable[[], None]], budget_s: float,
 
 def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: float,
                with_torch: bool = True, state_dtypes: tuple[str, ...] = (),
-               master_weights: tuple[str, ...] = ()) -> Row:
+               master_weights: tuple[str, ...] = (), multi_tensor: bool = False) -> Row:
     """Time fastopt (one packed buffer, float32 state), torch's paths (these tensors) and the
     roofline; with ``state_dtypes`` also fastopt with those state formats ('bfloat16':
     ``fastopt-bf16-state``; 'int8': ``fastopt-int8-state`` and its own roofline,
     ``roofline-int8``), where the optimizer takes them; with ``master_weights`` also fastopt
     over bfloat16 params and grads keeping their float32 values that way
     (``fastopt-bf16-params-<mode>``), with float32 state and each of ``state_dtypes``
-    (``fastopt-bf16-params-<mode>-<format>-state``)."""
+    (``fastopt-bf16-params-<mode>-<format>-state``); with ``multi_tensor`` also
+    fastopt.torch over these tensors in its flat mode and its multi-tensor mode
+    (``fastopt.torch``, ``fastopt.torch-multi-tensor``)."""
     problem = Problem(shapes, seed=len(shapes))
     sched = schedules.cosine(1e-3, 10_000, end_lr=1e-5)
     opt, _ = problem.fastopt(name, sched)
@@ -468,6 +472,10 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
             impls[f"fastopt-bf16-params-{mode}{label}"] = functools.partial(other.step,
                                                                             bf16_grads)
     n = problem.params.buffer.size
+    if multi_tensor:
+        for label, multi in (("fastopt.torch", False), ("fastopt.torch-multi-tensor", True)):
+            impls[label] = fastopt_torch_setup(name, problem.params.views,
+                                               problem.grads.views, sched, multi)[0]
     if with_torch:
         if OPTIMIZERS[name].definition.matrix is not None:  # the same stage as torch's
             impls["fastopt.torch"] = fastopt_torch_setup(
@@ -697,7 +705,7 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
         markdown_path: str | None = None, command: str = "fastopt bench",
         models: tuple[str, ...] = (), progress: bool = True,
         state_dtypes: tuple[str, ...] = (), startup_repeats: int = 0,
-        master_weights: tuple[str, ...] = ()) -> list[Row]:
+        master_weights: tuple[str, ...] = (), multi_tensor: bool = False) -> list[Row]:
     """Time every case, print the table, write what was asked; with ``startup_repeats`` > 0
     also measure start-up (import, cold and warm first step) in that many fresh processes."""
     work = plan(optimizers, sizes, list(models))
@@ -727,7 +735,7 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     bar = _progress(len(work)) if progress else None
     for name, label, shapes in work:
         rows.append(bench_case(name, label, shapes, budget_s, with_torch, state_dtypes,
-                               master_weights))
+                               master_weights, multi_tensor))
         if bar is not None:
             bar.set_postfix_str(f"{name} {label}")
             bar.update()

@@ -256,7 +256,8 @@ def cmd_bench(args) -> int:
                   state_dtypes=tuple(dict.fromkeys(
                       args.state_dtype + ["bfloat16"] * args.bf16_state)),
                   startup_repeats=(1 if args.quick else 3) if args.startup or args.full else 0,
-                  master_weights=tuple(dict.fromkeys(args.master_weights)))
+                  master_weights=tuple(dict.fromkeys(args.master_weights)),
+                  multi_tensor=args.multi_tensor)
     return 0
 
 
@@ -329,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="also time fastopt over bfloat16 params keeping their float32 "
                             "values this way (repeatable; with float32 state and each "
                             "--state-dtype)")
+    bench.add_argument("--multi-tensor", action="store_true",
+                       help="also time fastopt.torch in its flat mode and its multi-tensor "
+                            "mode (a kernel call per tensor) over the case's tensors")
     bench.add_argument("--bf16-state", action="store_true",
                        help="the same as --state-dtype bfloat16")
     bench.add_argument("--startup", action="store_true",

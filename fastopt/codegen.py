@@ -1385,7 +1385,7 @@ def _torch_parameters(d: Definition, spec) -> list[str]:
     if twin is None:
         return ["self", "params", f"lr={d.lr_default!r}",
                 *(f"{n}={v}" for n, v in _public_hypers(d, spec)), "*", 'state_dtype="float32"',
-                'master_weights="fp32"']
+                'master_weights="fp32"', "multi_tensor=False"]
     import torch
 
     signature = inspect.signature(getattr(torch.optim, twin.name))
@@ -1401,7 +1401,7 @@ def _torch_parameters(d: Definition, spec) -> list[str]:
         out.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
     if not star:
         out.append("*")
-    return out + ['state_dtype="float32"', 'master_weights="fp32"']
+    return out + ['state_dtype="float32"', 'master_weights="fp32"', "multi_tensor=False"]
 
 
 def torch_source() -> str:
@@ -1415,7 +1415,7 @@ def torch_source() -> str:
         for spec in d.classes:
             params = _torch_parameters(d, spec)
             names_ = [p.split("=")[0] for p in params if p not in ("self", "params", "*")
-                      and not p.startswith(("state_dtype", "master_weights"))]
+                      and not p.startswith(("state_dtype", "master_weights", "multi_tensor"))]
             twin = d.torch_twin.get(spec.name)
             about = (f"torch.optim.{twin.name}'s interface and numbers" if twin
                      else f"{spec.doc.rstrip('.')}")
@@ -1427,6 +1427,9 @@ def torch_source() -> str:
                       *_doc(d.doc, "    "), "",
                       f"    state_dtype: {_state_dtypes(d)} (stochastically rounded).",
                       *_MASTER_WEIGHTS_DOC,
+                      "    multi_tensor: step each param in its own storage (a kernel call per "
+                      "param) instead of",
+                      "    packing the params into flat buffers fastopt owns.",
                       '    """', "",
                       f'    definition = REGISTRY["{d.name}"]',
                       f"    fixed = {spec.fixed!r}",
@@ -1434,7 +1437,8 @@ def torch_source() -> str:
                       *_wrap("    def __init__(", params, "):", 0),
                       *_wrap("        FlatOptimizer.__init__(",
                              ["self", "params", "dict(" + ", ".join(f"{n}={n}" for n in names_)
-                              + ")", "state_dtype", "master_weights"], ")", 0)]
+                              + ")", "state_dtype", "master_weights", "multi_tensor"], ")",
+                             0)]
     return "\n".join(lines) + "\n"
 
 

@@ -136,8 +136,13 @@ class _Bucket:
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
                  state_dtype: torch.dtype = torch.float32, owner: str = "",
                  scalars: tuple = (), layouts: dict | None = None, signs: dict | None = None,
-                 master_weights: str = "fp32"):
+                 master_weights: str = "fp32", in_place: bool = False):
         first = params[0]
+        #: the multi-tensor mode: one param whose own storage the kernel updates (not packed
+        #: into a flat buffer of this bucket's: a param fastopt does not own)
+        self.in_place = in_place
+        if in_place and (len(params) != 1 or not first.is_contiguous()):
+            raise ValueError("an in-place bucket holds one contiguous param")
         #: int8 state (state_dtype uint8): each state's codes in ``state``, its blocks'
         #: absmax in ``absmax``; every param starts on a block (its own blocks, own scales)
         self.int8 = state_dtype == torch.uint8
@@ -156,9 +161,11 @@ class _Bucket:
         for p in params:
             self.offsets.append(total)
             total += self.aligned(p.numel())
+        if in_place:
+            total = first.numel()  # (the param's own storage: no padding)
         kwargs = dict(dtype=first.dtype, device=first.device)
         self.format = HALF_FORMATS.get(first.dtype)  # None for float32 params
-        self.flat = torch.zeros(total, **kwargs)
+        self.flat = first.detach().view(-1) if in_place else torch.zeros(total, **kwargs)
         self.grad = torch.zeros(total, **kwargs)
         self.state = {}
         for name, value in state_init.items():
@@ -175,9 +182,10 @@ class _Bucket:
         self.grad_views = [self.slice(self.grad, i) for i in range(len(params))]
         with torch.no_grad():
             for i, (p, grad) in enumerate(zip(params, self.grad_views, strict=True)):
-                view = self.slice(self.flat, i)
-                view.copy_(p)
-                p.data = view
+                if not in_place:
+                    view = self.slice(self.flat, i)
+                    view.copy_(p)
+                    p.data = view
                 if p.grad is not None:  # a param without grad keeps none, as in torch: the
                     grad.copy_(p.grad)  # step skips it until backward gives it one
                     p.grad = grad
@@ -216,7 +224,7 @@ class _Bucket:
         self.launch: tuple | None = None
         self.captured = False
         ptr = self.flat.untyped_storage().data_ptr()
-        if ptr:
+        if ptr and not in_place:  # (an in-place bucket owns nothing: others may step it too)
             _OWNERS[ptr] = self
 
     def aligned(self, n: int) -> int:
@@ -443,6 +451,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     _in_backward = None
     #: how 16-bit params keep their float32 values (pickles from before it: "fp32")
     master_weights = "fp32"
+    #: the multi-tensor mode (pickles from before it: the flat buffers)
+    multi_tensor = False
 
     @property
     def group_defaults(self) -> dict:
@@ -451,7 +461,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         return self.twin.group_defaults if self.twin is not None else {}
 
     def __init__(self, params, defaults: dict, state_dtype: str = "float32",
-                 master_weights: str = "fp32"):
+                 master_weights: str = "fp32", multi_tensor: bool = False):
         defaults = {**defaults, **self.fixed}  # e.g. AdamW's groups hold decoupled=True
         lr = defaults.get("lr")
         if not isinstance(lr, Schedule):
@@ -479,6 +489,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         #: int16 state ``master_remainder``; state dicts give the master they make) or "none"
         #: (no master: the params are rounded stochastically); float32 params need none
         self.master_weights = check_master_weights(master_weights)
+        if not isinstance(multi_tensor, bool):
+            raise TypeError(f"multi_tensor must be a bool, got {multi_tensor!r}")
+        #: the multi-tensor mode: each param stepped where it lives (its own storage, a kernel
+        #: call per param), not packed into flat buffers fastopt owns: for params shared with
+        #: another optimizer, or whose storage is someone else's
+        self.multi_tensor = multi_tensor
         self._buckets: list[list[_Bucket]] = []
         #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
         #: value for the next step); any other value there was set by someone else and wins
@@ -571,7 +587,13 @@ class FlatOptimizer(torch.optim.Optimizer):
                              "put parameters of each device in their own group")
         if params and params[0].device.type not in ("cpu", "cuda"):
             raise TypeError(f"unsupported device {params[0].device}")
-        owned = [p for p in params if _owner(p) is not None]
+        if self.multi_tensor:
+            loose = [p for p in params if not p.is_contiguous()]
+            if loose:
+                raise ValueError(f"multi_tensor=True steps each param in its own storage, "
+                                 f"which must be contiguous; a param of shape "
+                                 f"{tuple(loose[0].shape)} is not (make it contiguous first)")
+        owned = [] if self.multi_tensor else [p for p in params if _owner(p) is not None]
         if owned:
             gc.collect()  # an optimizer that is gone but not yet collected owns nothing
             owned = [p for p in owned if _owner(p) is not None]
@@ -601,13 +623,17 @@ class FlatOptimizer(torch.optim.Optimizer):
         buckets = []
         for dtype in dict.fromkeys(p.dtype for p in unique):  # one bucket per dtype, in order
             check_master_weights(self.master_weights, HALF_FORMATS.get(dtype, "float32"))
-        for dtype in dict.fromkeys(p.dtype for p in unique):
-            b = _Bucket([p for p in unique if p.dtype == dtype], self.state_init(group),
+        # (the multi-tensor mode: a bucket per param, over the param's own storage)
+        parts = [[p] for p in unique] if self.multi_tensor else [
+            [p for p in unique if p.dtype == dtype]
+            for dtype in dict.fromkeys(p.dtype for p in unique)]
+        for part in parts:
+            b = _Bucket(part, self.state_init(group),
                         STATE_DTYPES[self.state_dtype], type(self).__name__,
                         self.definition.scalars,
                         {st.name: st.layout for st in self.definition.state},
                         {st.name: st.sign for st in self.definition.state},
-                        self.master_weights)
+                        self.master_weights, in_place=self.multi_tensor)
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
         return buckets
@@ -855,8 +881,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         for p, view, address in zip(b.params, b.grad_views, b.addresses, strict=True):
             if p.data_ptr() != address:
                 raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} no longer lives in this optimizer's "
-                    "flat buffer (its .data was replaced, e.g. by model.to(), .half() or "
+                    f"a parameter of shape {tuple(p.shape)} no longer lives "
+                    + ("where this optimizer steps it" if b.in_place else
+                       "in this optimizer's flat buffer")
+                    + " (its .data was replaced, e.g. by model.to(), .half() or "
                     "load_state_dict(assign=True) after the optimizer was built); build the "
                     "optimizer after moving or casting the model")
             g = p.grad
@@ -1407,6 +1435,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             "param_groups": self.param_groups,
             "state_dtype": self.state_dtype,
             "master_weights": self.master_weights,
+            "multi_tensor": self.multi_tensor,
             "_fastopt_lr_written": list(self._lr_written),
             # (each param's step count: in the state above, except where torch keeps none)
             "_fastopt_steps": [[b.steps.clone() for b in buckets] for buckets in self._buckets],

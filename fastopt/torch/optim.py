@@ -27,6 +27,8 @@ class Adadelta(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["adadelta"]
@@ -35,11 +37,11 @@ class Adadelta(FlatOptimizer):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-06, weight_decay=0, foreach=None, *,
                  capturable=False, maximize=False, differentiable=False, state_dtype="float32",
-                 master_weights="fp32"):
+                 master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, rho=rho, eps=eps,
                                weight_decay=weight_decay, foreach=foreach, capturable=capturable,
                                maximize=maximize, differentiable=differentiable), state_dtype,
-                               master_weights)
+                               master_weights, multi_tensor)
 
 
 class Adafactor(FlatOptimizer):
@@ -61,6 +63,8 @@ class Adafactor(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["adafactor"]
@@ -69,10 +73,10 @@ class Adafactor(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, beta2_decay=-0.8, eps=(None, 0.001), d=1.0,
                  weight_decay=0.0, *, foreach=None, maximize=False, state_dtype="float32",
-                 master_weights="fp32"):
+                 master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
                                weight_decay=weight_decay, foreach=foreach, maximize=maximize),
-                               state_dtype, master_weights)
+                               state_dtype, master_weights, multi_tensor)
 
 
 class Adagrad(FlatOptimizer):
@@ -87,6 +91,8 @@ class Adagrad(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["adagrad"]
@@ -95,12 +101,12 @@ class Adagrad(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 state_dtype="float32", master_weights="fp32"):
+                 state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, lr_decay=lr_decay,
                                weight_decay=weight_decay,
                                initial_accumulator_value=initial_accumulator_value, eps=eps,
                                foreach=foreach, maximize=maximize, differentiable=differentiable,
-                               fused=fused), state_dtype, master_weights)
+                               fused=fused), state_dtype, master_weights, multi_tensor)
 
 
 class Adam(FlatOptimizer):
@@ -116,6 +122,8 @@ class Adam(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["adam"]
@@ -125,13 +133,13 @@ class Adam(FlatOptimizer):
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 state_dtype="float32", master_weights="fp32"):
+                 state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
                                maximize=maximize, capturable=capturable,
                                differentiable=differentiable, fused=fused,
                                decoupled_weight_decay=decoupled_weight_decay), state_dtype,
-                               master_weights)
+                               master_weights, multi_tensor)
 
 
 class AdamW(Adam):
@@ -147,6 +155,8 @@ class AdamW(Adam):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["adam"]
@@ -155,12 +165,13 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.01,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None, state_dtype="float32", master_weights="fp32"):
+                 differentiable=False, fused=None, state_dtype="float32", master_weights="fp32",
+                 multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                                foreach=foreach, capturable=capturable,
                                differentiable=differentiable, fused=fused), state_dtype,
-                               master_weights)
+                               master_weights, multi_tensor)
 
 
 class Adamax(FlatOptimizer):
@@ -176,6 +187,8 @@ class Adamax(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["adamax"]
@@ -184,11 +197,11 @@ class Adamax(FlatOptimizer):
 
     def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 state_dtype="float32", master_weights="fp32"):
+                 state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                                differentiable=differentiable, capturable=capturable), state_dtype,
-                               master_weights)
+                               master_weights, multi_tensor)
 
 
 class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
@@ -212,6 +225,8 @@ class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["adamwschedulefree"]
@@ -220,10 +235,11 @@ class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
 
     def __init__(self, params, lr=0.0025, betas=(0.9, 0.999), eps=1e-08, weight_decay=0.0,
                  warmup_steps=0, r=0.0, weight_lr_power=2.0, *, state_dtype="float32",
-                 master_weights="fp32"):
+                 master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-                               weight_lr_power=weight_lr_power), state_dtype, master_weights)
+                               weight_lr_power=weight_lr_power), state_dtype, master_weights,
+                               multi_tensor)
 
 
 class AdEMAMix(FlatOptimizer):
@@ -246,6 +262,8 @@ class AdEMAMix(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["ademamix"]
@@ -254,10 +272,10 @@ class AdEMAMix(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999, 0.9999), alpha=5.0, t_alpha_beta3=None,
                  eps=1e-08, weight_decay=0.0, maximize=False, *, state_dtype="float32",
-                 master_weights="fp32"):
+                 master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, alpha=alpha,
                                t_alpha_beta3=t_alpha_beta3, eps=eps, weight_decay=weight_decay,
-                               maximize=maximize), state_dtype, master_weights)
+                               maximize=maximize), state_dtype, master_weights, multi_tensor)
 
 
 class ASGD(FlatOptimizer):
@@ -275,6 +293,8 @@ class ASGD(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["asgd"]
@@ -283,11 +303,11 @@ class ASGD(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, lambd=0.0001, alpha=0.75, t0=1000000.0, weight_decay=0,
                  foreach=None, maximize=False, differentiable=False, capturable=False, *,
-                 state_dtype="float32", master_weights="fp32"):
+                 state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
                                weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                                differentiable=differentiable, capturable=capturable), state_dtype,
-                               master_weights)
+                               master_weights, multi_tensor)
 
 
 class LAMB(FlatOptimizer):
@@ -310,6 +330,8 @@ class LAMB(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["lamb"]
@@ -317,10 +339,11 @@ class LAMB(FlatOptimizer):
     twin = definition.torch_twin.get("LAMB")
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-06, weight_decay=0.0,
-                 maximize=False, *, state_dtype="float32", master_weights="fp32"):
+                 maximize=False, *, state_dtype="float32", master_weights="fp32",
+                 multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, maximize=maximize), state_dtype,
-                               master_weights)
+                               master_weights, multi_tensor)
 
 
 class Lion(FlatOptimizer):
@@ -337,6 +360,8 @@ class Lion(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["lion"]
@@ -344,9 +369,9 @@ class Lion(FlatOptimizer):
     twin = definition.torch_twin.get("Lion")
 
     def __init__(self, params, lr=0.0001, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, *,
-                 state_dtype="float32", master_weights="fp32"):
+                 state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                               maximize=maximize), state_dtype, master_weights)
+                               maximize=maximize), state_dtype, master_weights, multi_tensor)
 
 
 class Muon(FlatOptimizer):
@@ -371,6 +396,8 @@ class Muon(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["muon"]
@@ -379,11 +406,12 @@ class Muon(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, weight_decay=0.1, momentum=0.95, nesterov=True,
                  ns_coefficients=(3.4445, -4.775, 2.0315), eps=1e-07, ns_steps=5, adjust_lr_fn=None,
-                 *, state_dtype="float32", master_weights="fp32"):
+                 *, state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, weight_decay=weight_decay,
                                momentum=momentum, nesterov=nesterov,
                                ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
-                               adjust_lr_fn=adjust_lr_fn), state_dtype, master_weights)
+                               adjust_lr_fn=adjust_lr_fn), state_dtype, master_weights,
+                               multi_tensor)
 
 
 class NAdam(FlatOptimizer):
@@ -402,6 +430,8 @@ class NAdam(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["nadam"]
@@ -411,12 +441,13 @@ class NAdam(FlatOptimizer):
     def __init__(self, params, lr=0.002, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  momentum_decay=0.004, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, state_dtype="float32",
-                 master_weights="fp32"):
+                 master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay, momentum_decay=momentum_decay,
                                decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
                                maximize=maximize, capturable=capturable,
-                               differentiable=differentiable), state_dtype, master_weights)
+                               differentiable=differentiable), state_dtype, master_weights,
+                               multi_tensor)
 
 
 class RAdam(FlatOptimizer):
@@ -436,6 +467,8 @@ class RAdam(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["radam"]
@@ -444,12 +477,14 @@ class RAdam(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, betas=(0.9, 0.999), eps=1e-08, weight_decay=0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, state_dtype="float32", master_weights="fp32"):
+                 differentiable=False, state_dtype="float32", master_weights="fp32",
+                 multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, betas=betas, eps=eps,
                                weight_decay=weight_decay,
                                decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
                                maximize=maximize, capturable=capturable,
-                               differentiable=differentiable), state_dtype, master_weights)
+                               differentiable=differentiable), state_dtype, master_weights,
+                               multi_tensor)
 
 
 class RMSprop(FlatOptimizer):
@@ -466,6 +501,8 @@ class RMSprop(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["rmsprop"]
@@ -474,11 +511,13 @@ class RMSprop(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-08, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, state_dtype="float32", master_weights="fp32"):
+                 differentiable=False, *, state_dtype="float32", master_weights="fp32",
+                 multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, alpha=alpha, eps=eps,
                                weight_decay=weight_decay, momentum=momentum, centered=centered,
                                capturable=capturable, foreach=foreach, maximize=maximize,
-                               differentiable=differentiable), state_dtype, master_weights)
+                               differentiable=differentiable), state_dtype, master_weights,
+                               multi_tensor)
 
 
 class Rprop(FlatOptimizer):
@@ -498,6 +537,8 @@ class Rprop(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["rprop"]
@@ -506,10 +547,11 @@ class Rprop(FlatOptimizer):
 
     def __init__(self, params, lr=0.01, etas=(0.5, 1.2), step_sizes=(1e-06, 50), *,
                  capturable=False, foreach=None, maximize=False, differentiable=False,
-                 state_dtype="float32", master_weights="fp32"):
+                 state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
                                capturable=capturable, foreach=foreach, maximize=maximize,
-                               differentiable=differentiable), state_dtype, master_weights)
+                               differentiable=differentiable), state_dtype, master_weights,
+                               multi_tensor)
 
 
 class SGD(FlatOptimizer):
@@ -525,6 +567,8 @@ class SGD(FlatOptimizer):
     (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
     bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically).
+    multi_tensor: step each param in its own storage (a kernel call per param) instead of
+    packing the params into flat buffers fastopt owns.
     """
 
     definition = REGISTRY["sgd"]
@@ -533,8 +577,8 @@ class SGD(FlatOptimizer):
 
     def __init__(self, params, lr=0.001, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
-                 state_dtype="float32", master_weights="fp32"):
+                 state_dtype="float32", master_weights="fp32", multi_tensor=False):
         FlatOptimizer.__init__(self, params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                                foreach=foreach, differentiable=differentiable, fused=fused),
-                               state_dtype, master_weights)
+                               state_dtype, master_weights, multi_tensor)

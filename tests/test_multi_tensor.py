@@ -1,0 +1,141 @@
+"""fastopt.torch's multi-tensor mode (``multi_tensor=True``): each param stepped in its own
+storage, a kernel call per param, not packed into flat buffers fastopt owns; for params it
+cannot own (shared with another optimizer; later: FSDP2's local shards)."""
+
+import copy
+
+import pytest
+from optimizer_cases import CASES
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as fot  # noqa: E402
+from fastopt.algorithms import REGISTRY  # noqa: E402
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(),
+                               torch.nn.Linear(24, 3)).to(dtype)
+
+
+def _params(model, name):
+    """Muon takes the matrices only."""
+    return [p for p in model.parameters() if p.ndim == 2 or REGISTRY[name].matrix is None]
+
+
+def _steps(params, opt, steps, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+        opt.step()
+
+
+def _bits(t):
+    return t.detach().view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) \
+        else t.detach()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_multi_tensor_mode_equals_the_flat_mode(name):
+    """Every optimizer, its last test option: the same params and state bit for bit."""
+    cls, hypers = CASES[name].options[-1]
+    runs = []
+    for multi in (False, True):
+        model = _model()
+        params = _params(model, name)
+        opt = getattr(fot, cls)(params, multi_tensor=multi,
+                                **{k: v for k, v in hypers.items() if k != "segments"})
+        if REGISTRY[name].modes is not None:
+            opt.train()
+        _steps(params, opt, 4)
+        runs.append((params, opt))
+    (flat_params, flat), (multi_params, multi) = runs
+    assert multi.multi_tensor and not flat.multi_tensor
+    for p, q in zip(flat_params, multi_params, strict=True):
+        assert torch.equal(_bits(p), _bits(q))
+        assert q.data_ptr() == q.untyped_storage().data_ptr()  # (its own storage, not a view)
+    a, b = flat.state_dict()["state"], multi.state_dict()["state"]
+    assert a.keys() == b.keys()
+    for i in a:
+        assert a[i].keys() == b[i].keys()
+        for key, value in a[i].items():
+            assert torch.equal(value, b[i][key]) if isinstance(value, torch.Tensor) \
+                else value == b[i][key]
+
+
+def test_multi_tensor_mode_with_16_bit_params_state_dicts_and_copies():
+    """bfloat16 params with remainders (bit for bit as the flat mode) and with int8 state
+    (its stochastic rounding draws other bits: each param's elements are numbered from 0);
+    state dicts load across the modes and into torch.optim; deepcopy; step in backward."""
+    runs = {}
+    for multi in (False, True):
+        model = _model(torch.bfloat16)
+        params = list(model.parameters())
+        opt = fot.AdamW(params, lr=1e-2, master_weights="remainder", multi_tensor=multi)
+        _steps(params, opt, 3)
+        runs[multi] = params, opt
+    for p, q in zip(runs[False][0], runs[True][0], strict=True):
+        assert torch.equal(_bits(p), _bits(q))
+    int8 = fot.AdamW(_model(torch.bfloat16).parameters(), lr=1e-2, state_dtype="int8",
+                     master_weights="none", multi_tensor=True)
+    _steps(list(int8.param_groups[0]["params"]), int8, 3)
+    fot.AdamW(_model(torch.bfloat16).parameters(), lr=1e-2, state_dtype="int8",
+              master_weights="none").load_state_dict(int8.state_dict())
+    saved = runs[True][1].state_dict()
+    model = _model(torch.bfloat16)
+    flat = fot.AdamW(model.parameters(), lr=1e-2, master_weights="remainder")
+    flat.load_state_dict(saved)
+    into = fot.AdamW(_model(torch.bfloat16).parameters(), lr=1e-2, master_weights="remainder",
+                     multi_tensor=True)
+    into.load_state_dict(runs[False][1].state_dict())
+    for x, y in zip(flat.state_dict()["state"].values(), into.state_dict()["state"].values(),
+                    strict=True):
+        assert torch.equal(x["master_param"], y["master_param"])
+    torch.optim.AdamW(_model(torch.bfloat16).parameters()).load_state_dict(saved)
+    copied = copy.deepcopy(runs[True][1])
+    assert copied.multi_tensor
+    # step in backward: the same numbers as step()
+    a, b = _model(), _model()
+    opt_a = fot.Adam(a.parameters(), lr=1e-2, multi_tensor=True)
+    opt_b = fot.Adam(b.parameters(), lr=1e-2, multi_tensor=True)
+    handle = fot.step_in_backward(b, opt_b)
+    x = torch.randn(8, 12)
+    for _ in range(3):
+        opt_a.zero_grad()
+        a(x).square().mean().backward()
+        opt_a.step()
+        b(x).square().mean().backward()
+    handle.remove()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_params_shared_with_another_optimizer():
+    """A flat-mode optimizer owns the params' storage; a multi-tensor one steps them where they
+    live: each step is what the two optimizers' steps give one after the other."""
+    model, reference = _model(), _model()
+    owner = fot.AdamW(model.parameters(), lr=1e-2)
+    second = fot.SGD(model.parameters(), lr=0.1, momentum=0.9, multi_tensor=True)
+    ref_owner = fot.AdamW(reference.parameters(), lr=1e-2)
+    ref_second = fot.SGD(reference.parameters(), lr=0.1, momentum=0.9, multi_tensor=True)
+    with pytest.raises(RuntimeError, match="already belong to another fastopt optimizer"):
+        fot.Adagrad(model.parameters())  # (the flat mode still refuses them)
+    for seed in range(3):
+        for opt, params in ((owner, model), (second, model), (ref_owner, reference),
+                            (ref_second, reference)):
+            _steps(list(params.parameters()), opt, 1, seed=seed)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(),
+                                                 strict=True))
+
+
+def test_multi_tensor_mode_refusals():
+    weight = torch.nn.Parameter(torch.randn(6, 4).t())  # (a transposed view)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        fot.AdamW([weight], multi_tensor=True)
+    with pytest.raises(TypeError, match="multi_tensor must be a bool"):
+        fot.AdamW(_model().parameters(), multi_tensor="yes")
+    model = _model()
+    opt = fot.AdamW(model.parameters(), multi_tensor=True)
+    model.to(torch.float64)  # (new storage for every param)
+    with pytest.raises(RuntimeError, match="no longer lives where this optimizer steps it"):
+        _steps(list(model.parameters()), opt, 1)
