@@ -88,6 +88,11 @@ class FlatOptimizer:
 
     A subclass sets ``definition`` (its entry in ``fastopt.algorithms.REGISTRY``) and
     ``fixed`` (the hyperparameters the class fixes, e.g. AdamW's decoupled decay).
+
+    Every class's ``master_weights`` (16-bit params): 'fp32' (a float32 master, 4 B/param),
+    'remainder' (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same
+    master bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically).
     """
 
     definition: Definition

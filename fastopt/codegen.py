@@ -1213,12 +1213,10 @@ def _state_dtypes(d: Definition) -> str:
     return "'float32' or 'bfloat16'"
 
 
-#: the classes' docstring lines on ``master_weights=`` (core and fastopt.torch)
+#: the classes' docstring line on ``master_weights=`` (core and fastopt.torch; the whole
+#: story in the machinery's docstring, ``MASTER_WEIGHTS_HELP``)
 _MASTER_WEIGHTS_DOC = [
-    "    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'",
-    "    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master",
-    "    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no",
-    "    master: the params are rounded stochastically)."]
+    "    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer)."]
 
 
 def _public_hypers(d: Definition, spec) -> list[tuple[str, str]]:
@@ -1427,9 +1425,7 @@ def torch_source() -> str:
                       *_doc(d.doc, "    "), "",
                       f"    state_dtype: {_state_dtypes(d)} (stochastically rounded).",
                       *_MASTER_WEIGHTS_DOC,
-                      "    multi_tensor: step each param in its own storage (a kernel call per "
-                      "param) instead of",
-                      "    packing the params into flat buffers fastopt owns.",
+                      "    multi_tensor: each param stepped in its own storage (FlatOptimizer).",
                       '    """', "",
                       f'    definition = REGISTRY["{d.name}"]',
                       f"    fixed = {spec.fixed!r}",

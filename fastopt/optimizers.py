@@ -23,10 +23,7 @@ class Adadelta(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["adadelta"]
@@ -55,10 +52,7 @@ class Adafactor(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
     back to back); taken from params when it is a FlatBuffer.
     """
@@ -83,10 +77,7 @@ class Adagrad(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["adagrad"]
@@ -111,10 +102,7 @@ class Adam(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["adam"]
@@ -139,10 +127,7 @@ class AdamW(Adam):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["adam"]
@@ -166,10 +151,7 @@ class Adamax(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["adamax"]
@@ -200,10 +182,7 @@ class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["adamwschedulefree"]
@@ -235,10 +214,7 @@ class AdEMAMix(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["ademamix"]
@@ -265,10 +241,7 @@ class ASGD(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["asgd"]
@@ -298,10 +271,7 @@ class LAMB(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
     back to back); taken from params when it is a FlatBuffer.
     """
@@ -328,10 +298,7 @@ class Lion(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["lion"]
@@ -363,10 +330,7 @@ class Muon(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32' or 'bfloat16'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     segments: the tensors' layout in params (a SegmentTable, or a list of shapes packed
     back to back); taken from params when it is a FlatBuffer.
     """
@@ -396,10 +360,7 @@ class NAdam(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["nadam"]
@@ -428,10 +389,7 @@ class RAdam(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["radam"]
@@ -457,10 +415,7 @@ class RMSprop(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["rmsprop"]
@@ -489,10 +444,7 @@ class Rprop(FlatOptimizer):
 
     lr: a float (or a constant schedule: this optimizer takes no other). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["rprop"]
@@ -515,10 +467,7 @@ class SGD(FlatOptimizer):
 
     lr: a float or a fastopt schedule (evaluated inside the kernel). dtype: the format of
     uint16 params ('float16'/'bfloat16'). state_dtype: 'float32', 'bfloat16' or 'int8'.
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
     """
 
     definition = REGISTRY["sgd"]

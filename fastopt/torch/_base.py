@@ -441,7 +441,16 @@ def _cupy_stream(ptr: int, device_index: int):
 class FlatOptimizer(torch.optim.Optimizer):
     """Shared machinery; a subclass sets ``definition`` (its entry in the registry),
     ``fixed`` (hyperparameters the class fixes, e.g. AdamW's decoupled decay) and ``twin``
-    (its torch.optim twin's behaviour, or None)."""
+    (its torch.optim twin's behaviour, or None).
+
+    Every class takes, besides its torch twin's arguments: ``state_dtype`` ('float32',
+    'bfloat16', or 'int8' for the elementwise optimizers: stochastically rounded);
+    ``master_weights`` for 16-bit params: 'fp32' (a float32 master, 4 B/param),
+    'remainder' (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same
+    master bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
+    master: the params are rounded stochastically); ``multi_tensor``: step each param in
+    its own storage (a kernel call per param) instead of packing the params into flat
+    buffers fastopt owns."""
 
     definition: Definition
     fixed: dict = {}

@@ -23,12 +23,8 @@ class Adadelta(FlatOptimizer):
         acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["adadelta"]
@@ -59,12 +55,8 @@ class Adafactor(FlatOptimizer):
     with a float32 master: bfloat16's).
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["adafactor"]
@@ -87,12 +79,8 @@ class Adagrad(FlatOptimizer):
         sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["adagrad"]
@@ -118,12 +106,8 @@ class Adam(FlatOptimizer):
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["adam"]
@@ -151,12 +135,8 @@ class AdamW(Adam):
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["adam"]
@@ -183,12 +163,8 @@ class Adamax(FlatOptimizer):
         p <- p - lr / (1 - beta1^k) * m / u
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["adamax"]
@@ -221,12 +197,8 @@ class AdamWScheduleFree(TrainEvalModes, FlatOptimizer):
     weight_sum and lr_max are per-step scalars; z starts as a copy of the params.
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["adamwschedulefree"]
@@ -258,12 +230,8 @@ class AdEMAMix(FlatOptimizer):
     ``weight_decouple=True``.
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["ademamix"]
@@ -289,12 +257,8 @@ class ASGD(FlatOptimizer):
     step k uses the eta computed at the end of step k - 1: a changed lr shows one step late.
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["asgd"]
@@ -326,12 +290,8 @@ class LAMB(FlatOptimizer):
     no trust ratio to tensors without weight decay.
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["lamb"]
@@ -356,12 +316,8 @@ class Lion(FlatOptimizer):
     Weight decay is lion-pytorch's default form (``p *= 1 - lr wd``, decoupled, scaled by lr).
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["lion"]
@@ -392,12 +348,8 @@ class Muon(FlatOptimizer):
     applies the decay and the update (fused).
 
     state_dtype: 'float32' or 'bfloat16' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["muon"]
@@ -426,12 +378,8 @@ class NAdam(FlatOptimizer):
                - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["nadam"]
@@ -463,12 +411,8 @@ class RAdam(FlatOptimizer):
     The branch is taken once per step (rho_k depends on k alone), never per element.
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["radam"]
@@ -497,12 +441,8 @@ class RMSprop(FlatOptimizer):
         b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["rmsprop"]
@@ -533,12 +473,8 @@ class Rprop(FlatOptimizer):
     schedule (as torch, whose schedulers would change nothing).
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["rprop"]
@@ -563,12 +499,8 @@ class SGD(FlatOptimizer):
         g <- g + momentum b (nesterov) or b;   p <- p - lr g
 
     state_dtype: 'float32', 'bfloat16' or 'int8' (stochastically rounded).
-    master_weights (16-bit params): 'fp32' (a float32 master, 4 B/param), 'remainder'
-    (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same master
-    bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
-    master: the params are rounded stochastically).
-    multi_tensor: step each param in its own storage (a kernel call per param) instead of
-    packing the params into flat buffers fastopt owns.
+    master_weights (16-bit params): 'fp32', 'remainder' or 'none' (FlatOptimizer).
+    multi_tensor: each param stepped in its own storage (FlatOptimizer).
     """
 
     definition = REGISTRY["sgd"]
