@@ -118,14 +118,36 @@ def test_params_shared_with_another_optimizer():
     second = fot.SGD(model.parameters(), lr=0.1, momentum=0.9, multi_tensor=True)
     ref_owner = fot.AdamW(reference.parameters(), lr=1e-2)
     ref_second = fot.SGD(reference.parameters(), lr=0.1, momentum=0.9, multi_tensor=True)
-    with pytest.raises(RuntimeError, match="already belong to another fastopt optimizer"):
-        fot.Adagrad(model.parameters())  # (the flat mode still refuses them)
+    with pytest.raises(RuntimeError, match="stepped in place by a fastopt optimizer"):
+        fot.Adagrad(model.parameters())  # (the flat mode refuses them)
     for seed in range(3):
         for opt, params in ((owner, model), (second, model), (ref_owner, reference),
                             (ref_second, reference)):
             _steps(list(params.parameters()), opt, 1, seed=seed)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(),
                                                  strict=True))
+
+
+def test_the_group_schedule_follows_the_params_that_step():
+    """A frozen first layer: the group's lr (a fastopt schedule, and a torch scheduler on
+    top) follows the params that do step, in both modes alike."""
+    from fastopt import schedules as S
+
+    runs = []
+    for multi in (False, True):
+        model = _model()
+        for p in model[0].parameters():
+            p.requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = fot.SGD(model.parameters(), lr=S.cosine(1.0, 10), multi_tensor=multi)
+        lrs = []
+        for _ in range(4):
+            _steps(params, opt, 1)
+            lrs.append(opt.param_groups[0]["lr"])
+        runs.append((lrs, [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0] == pytest.approx([S.cosine(1.0, 10).at(k)
+                                                      for k in range(1, 5)])
+    assert all(torch.equal(p, q) for p, q in zip(runs[0][1], runs[1][1], strict=True))
 
 
 def test_multi_tensor_mode_refusals():
@@ -136,6 +158,8 @@ def test_multi_tensor_mode_refusals():
         fot.AdamW(_model().parameters(), multi_tensor="yes")
     model = _model()
     opt = fot.AdamW(model.parameters(), multi_tensor=True)
+    with pytest.raises(RuntimeError, match="stepped in place by a fastopt optimizer"):
+        fot.Adagrad(model.parameters())  # (it would move them away from where opt steps)
     model.to(torch.float64)  # (new storage for every param)
     with pytest.raises(RuntimeError, match="no longer lives where this optimizer steps it"):
         _steps(list(model.parameters()), opt, 1)

@@ -19,7 +19,14 @@ import functools
 
 import torch
 
-from ._base import FlatOptimizer, _as_array, _as_bits, _Bucket
+from ._base import (
+    FlatOptimizer,
+    _as_array,
+    _as_bits,
+    _Bucket,
+    _group_step,
+    moved_param_error,
+)
 
 
 class _Chunk:
@@ -141,13 +148,10 @@ class StepInBackward:
         group = opt.param_groups[c.group]
         for i in which:
             if b.params[i].data_ptr() != b.addresses[i]:
-                raise RuntimeError(
-                    f"a parameter of shape {tuple(b.params[i].shape)} no longer lives in this "
-                    "optimizer's flat buffer (its .data was replaced); build the optimizer "
-                    "after moving or casting the model")
+                raise moved_param_error(b.params[i], b.in_place)
         if c.group not in self._round:
             schedule, own = opt._schedule(c.group, group)
-            self._round[c.group] = (schedule, own, opt._buckets[c.group][0].step)
+            self._round[c.group] = (schedule, own, _group_step(opt._buckets[c.group]))
         schedule = self._round[c.group][0]
         hypers = opt._group_hypers(group)
         names = opt._kernel_state(group, b, hypers)

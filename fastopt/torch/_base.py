@@ -91,6 +91,27 @@ def _immutable(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+#: the live in-place buckets (multi_tensor=True) by their param's address: a flat-mode
+#: optimizer would move such a param into its own buffer, away from where they step it
+_IN_PLACE: weakref.WeakValueDictionary[int, _Bucket] = weakref.WeakValueDictionary()
+
+
+def moved_param_error(p: torch.Tensor, in_place: bool) -> RuntimeError:
+    """The error of a step over a param whose storage was replaced since construction."""
+    return RuntimeError(
+        f"a parameter of shape {tuple(p.shape)} no longer lives "
+        + ("where this optimizer steps it" if in_place else "in this optimizer's flat buffer")
+        + " (its .data was replaced, e.g. by model.to(), .half() or "
+        "load_state_dict(assign=True) after the optimizer was built); build the optimizer "
+        "after moving or casting the model")
+
+
+def _group_step(buckets: list) -> int:
+    """A group's step count, for its schedule: the most any of its buckets took (a bucket of
+    params that get no gradient, frozen or unused, stays behind)."""
+    return max(b.step for b in buckets)
+
+
 def _owner(p: torch.Tensor) -> _Bucket | None:
     """The live bucket whose flat buffer ``p``'s data is a view of, if any."""
     ptr = p.untyped_storage().data_ptr()
@@ -226,6 +247,8 @@ class _Bucket:
         ptr = self.flat.untyped_storage().data_ptr()
         if ptr and not in_place:  # (an in-place bucket owns nothing: others may step it too)
             _OWNERS[ptr] = self
+        elif in_place and first.numel():
+            _IN_PLACE[first.data_ptr()] = self
 
     def aligned(self, n: int) -> int:
         """n elements rounded up to where the next param starts."""
@@ -601,7 +624,17 @@ class FlatOptimizer(torch.optim.Optimizer):
             if loose:
                 raise ValueError(f"multi_tensor=True steps each param in its own storage, "
                                  f"which must be contiguous; a param of shape "
-                                 f"{tuple(loose[0].shape)} is not (make it contiguous first)")
+                                 f"{tuple(loose[0].shape)} is not (e.g. channels_last: make "
+                                 "it contiguous first, or use the flat mode)")
+        stepped = [] if self.multi_tensor else [p for p in params
+                                                if _IN_PLACE.get(p.data_ptr()) is not None]
+        if stepped:
+            raise RuntimeError(
+                f"{len(stepped)} of these parameters (e.g. one of shape "
+                f"{tuple(stepped[0].shape)}) are stepped in place by a fastopt optimizer with "
+                "multi_tensor=True: this one would move them into its flat buffer, away from "
+                "where that one steps them. Build this optimizer with multi_tensor=True too, "
+                "or first")
         owned = [] if self.multi_tensor else [p for p in params if _owner(p) is not None]
         if owned:
             gc.collect()  # an optimizer that is gone but not yet collected owns nothing
@@ -813,7 +846,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             schedule, own = self._schedule(index, group)
             eps_rule = self._group_format_eps(group, buckets)
-            before = buckets[0].step
+            before = _group_step(buckets)
             for b in buckets:
                 self._step_bucket(group, schedule, b, eps_rule)
             self._finish_group(index, group, buckets, schedule, own, before)
@@ -823,12 +856,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         """After a group's step: its group-kept values, and group['lr'] for the next step."""
         self._publish_group(group, buckets)
         if own:
-            lr = host_lr(schedule, buckets[0].step)
+            lr = host_lr(schedule, _group_step(buckets))
             group["lr"] = self._lr_written[index] = lr
-        elif "schedule" in group and buckets[0].step > before:
+        elif "schedule" in group and _group_step(buckets) > before:
             # steps taken at someone else's lr do not advance the group's schedule, as
             # they would not advance a torch scheduler
-            group["schedule"] = _delayed(group["schedule"], buckets[0].step - before)
+            group["schedule"] = _delayed(group["schedule"], _group_step(buckets) - before)
 
     @functools.cached_property
     def _group_scalars(self) -> frozenset:
@@ -889,13 +922,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         have_grad = []
         for p, view, address in zip(b.params, b.grad_views, b.addresses, strict=True):
             if p.data_ptr() != address:
-                raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} no longer lives "
-                    + ("where this optimizer steps it" if b.in_place else
-                       "in this optimizer's flat buffer")
-                    + " (its .data was replaced, e.g. by model.to(), .half() or "
-                    "load_state_dict(assign=True) after the optimizer was built); build the "
-                    "optimizer after moving or casting the model")
+                raise moved_param_error(p, b.in_place)
             g = p.grad
             if g is None:
                 have_grad.append(False)
@@ -1139,7 +1166,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self._publish_group(group, buckets)
                 schedule = group.get("schedule")
                 if schedule is not None and group["lr"] == self._lr_written[index]:
-                    group["lr"] = self._lr_written[index] = host_lr(schedule, buckets[0].step)
+                    group["lr"] = self._lr_written[index] = host_lr(schedule,
+                                                                    _group_step(buckets))
 
     def sync_step_count(self) -> None:
         """Take the step counts from the device after replaying a step captured in a CUDA
@@ -1326,7 +1354,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         written = None
         schedule = group.get("schedule")
         if schedule is not None:
-            written = host_lr(schedule, buckets[0].step) if buckets else group["lr"]
+            written = host_lr(schedule, _group_step(buckets)) if buckets else group["lr"]
             if not keep:
                 group["lr"] = written
         self._lr_written[index] = written
