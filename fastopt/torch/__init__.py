@@ -7,7 +7,8 @@
 from ._backward import step_in_backward
 from ._base import FlatOptimizer
 from ._groups import muon_param_groups
+from ._offload import CPUOffload
 from .optim import *  # noqa: F403  (one class per public name, generated)
 from .optim import __all__ as _classes
 
-__all__ = [*_classes, "FlatOptimizer", "muon_param_groups", "step_in_backward"]
+__all__ = [*_classes, "CPUOffload", "FlatOptimizer", "muon_param_groups", "step_in_backward"]

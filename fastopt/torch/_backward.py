@@ -237,5 +237,9 @@ def step_in_backward(params, optimizer: FlatOptimizer, *,
         raise ValueError("step_in_backward takes the model (or the params) the optimizer "
                          f"was built over: {len(given)} params given, the optimizer has "
                          f"{len(ours)}, not the same ones")
+    if any(b.sharded for buckets in optimizer._buckets for b in buckets):
+        raise ValueError("step_in_backward does not support DTensor params (FSDP2's "
+                         "fully_shard reduces their gradients after the hooks it would step "
+                         "in): call step() after backward")
     optimizer._in_backward = StepInBackward(optimizer, chunk_elements)
     return optimizer._in_backward

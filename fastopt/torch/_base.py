@@ -16,6 +16,7 @@ import functools
 import gc
 import numbers
 import re
+import sys
 import warnings
 import weakref
 from collections import defaultdict
@@ -112,6 +113,19 @@ def _group_step(buckets: list) -> int:
     return max(b.step for b in buckets)
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (FSDP2's params; none exist unless torch.distributed.tensor
+    was imported, so importing fastopt.torch imports nothing of torch.distributed)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this process's elements: a DTensor's local shard (a plain tensor
+    sharing its storage), any other tensor itself."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
 def _owner(p: torch.Tensor) -> _Bucket | None:
     """The live bucket whose flat buffer ``p``'s data is a view of, if any."""
     ptr = p.untyped_storage().data_ptr()
@@ -152,18 +166,31 @@ class _Bucket:
     ``master``, a float32 copy the kernel updates and rounds (to nearest even) into the
     16-bit params; "remainder" (bfloat16), ``remainder``, the master's low 16 bits (int16)
     beside the params; "none", nothing (the kernel rounds the params stochastically).
+
+    A DTensor param (FSDP2's ``fully_shard``) gets an in-place bucket over its local shard:
+    sizes and views are the shard's (``tensors``), its gradient is read from the grad's local
+    shard at each step, and the state that ``optimizer.state`` shows is DTensors placed as the
+    param (``shown``), so that torch.distributed.checkpoint saves and loads it sharded.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], state_init: dict[str, float],
                  state_dtype: torch.dtype = torch.float32, owner: str = "",
                  scalars: tuple = (), layouts: dict | None = None, signs: dict | None = None,
-                 master_weights: str = "fp32", in_place: bool = False):
-        first = params[0]
+                 master_weights: str = "fp32", in_place: bool = False,
+                 pin_memory: bool = False):
+        #: whether the param is a DTensor: this process steps its local shard
+        self.sharded = is_dtensor(params[0])
+        #: the tensors whose elements this bucket steps: the params, or the DTensor param's
+        #: local shard (its sizes and shapes are the bucket's)
+        self.tensors = [local_tensor(p).detach() for p in params]
+        first = self.tensors[0]
         #: the multi-tensor mode: one param whose own storage the kernel updates (not packed
         #: into a flat buffer of this bucket's: a param fastopt does not own)
         self.in_place = in_place
-        if in_place and (len(params) != 1 or not first.is_contiguous()):
-            raise ValueError("an in-place bucket holds one contiguous param")
+        if (in_place or self.sharded) and (len(params) != 1 or not first.is_contiguous()
+                                           or not in_place):
+            raise ValueError("an in-place bucket holds one contiguous param (a DTensor param "
+                             "needs one)")
         #: int8 state (state_dtype uint8): each state's codes in ``state``, its blocks'
         #: absmax in ``absmax``; every param starts on a block (its own blocks, own scales)
         self.int8 = state_dtype == torch.uint8
@@ -179,15 +206,18 @@ class _Bucket:
         self.params = params
         self.state_dtype = state_dtype
         self.offsets, total = [], 0
-        for p in params:
+        for t in self.tensors:
             self.offsets.append(total)
-            total += self.aligned(p.numel())
+            total += self.aligned(t.numel())
         if in_place:
             total = first.numel()  # (the param's own storage: no padding)
         kwargs = dict(dtype=first.dtype, device=first.device)
         self.format = HALF_FORMATS.get(first.dtype)  # None for float32 params
-        self.flat = first.detach().view(-1) if in_place else torch.zeros(total, **kwargs)
-        self.grad = torch.zeros(total, **kwargs)
+        # (pin_memory: CPU buffers a GPU copies to and from, fastopt.torch.CPUOffload's)
+        pinned = dict(pin_memory=True) if pin_memory else {}
+        self.flat = first.detach().view(-1) if in_place else torch.zeros(total, **kwargs,
+                                                                         **pinned)
+        self.grad = torch.zeros(total, **kwargs, **pinned)
         self.state = {}
         for name, value in state_init.items():
             self.add_state(name, value)
@@ -207,16 +237,19 @@ class _Bucket:
                     view = self.slice(self.flat, i)
                     view.copy_(p)
                     p.data = view
-                if p.grad is not None:  # a param without grad keeps none, as in torch: the
-                    grad.copy_(p.grad)  # step skips it until backward gives it one
+                # a param without grad keeps none, as in torch: the step skips it until
+                # backward gives it one (a DTensor's grad stays its own: read at each step)
+                if p.grad is not None and not self.sharded:
+                    grad.copy_(p.grad)
                     p.grad = grad
+        self.tensors = [local_tensor(p).detach() for p in params]  # (packed: the views)
         half = self.format is not None
         self.master_weights = master_weights if half else "fp32"
         self.master = self.flat.float() if half and master_weights == "fp32" else None
         self.remainder = torch.zeros(total, dtype=torch.int16, device=first.device) \
             if half and master_weights == "remainder" else None
         #: where each param's data must stay: a param whose .data is replaced is detached
-        self.addresses = [p.data_ptr() for p in params]
+        self.addresses = [t.data_ptr() for t in self.tensors]
         #: params with an entry in optimizer.state (torch's: those that took a step or had
         #: state loaded); the flat state exists from the start either way
         self.started = [False] * len(params)
@@ -260,7 +293,7 @@ class _Bucket:
     def absmax_of(self, name: str, index: int) -> torch.Tensor:
         """Param ``index``'s blocks' absmax of int8 state ``name`` (a view)."""
         first = self.offsets[index] // INT8_BLOCK
-        return self.absmax[name][first:first + int8_blocks(self.params[index].numel())]
+        return self.absmax[name][first:first + int8_blocks(self.tensors[index].numel())]
 
     @torch.no_grad()
     def set_state(self, name: str, index: int, value) -> None:
@@ -291,12 +324,12 @@ class _Bucket:
         tensor-aware definition. The bucket's is made once."""
         if part is None:
             if self._segments is None:
-                self._segments = SegmentTable(self.offsets, [p.shape for p in self.params], n)
+                self._segments = SegmentTable(self.offsets, [t.shape for t in self.tensors], n)
             return self._segments
         first, stop = (part, part + 1) if isinstance(part, int) else part
         base = self.offsets[first]
         return SegmentTable([o - base for o in self.offsets[first:stop]],
-                            [p.shape for p in self.params[first:stop]], n)
+                            [t.shape for t in self.tensors[first:stop]], n)
 
     def release_grads(self) -> None:
         """Drop the flat gradient buffer (step in backward: each chunk's gradients pass
@@ -315,9 +348,26 @@ class _Bucket:
         self.launch = None
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
-        """Param ``index``'s part of a flat buffer, shaped like the param."""
-        p, offset = self.params[index], self.offsets[index]
-        return flat[offset:offset + p.numel()].view_as(p)
+        """Param ``index``'s part of a flat buffer, shaped like the param (a DTensor's: like
+        its local shard)."""
+        t, offset = self.tensors[index], self.offsets[index]
+        return flat[offset:offset + t.numel()].view_as(t)
+
+    def shown(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (shaped like param ``index``'s local elements) as torch shows state: a
+        DTensor placed as the param when the param is one (sharing ``t``'s storage), else
+        ``t`` itself."""
+        if not self.sharded:
+            return t
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[index]
+        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
+    def local_address(self, index: int) -> int:
+        """Where param ``index``'s elements live now (a DTensor's: its local shard's)."""
+        return local_tensor(self.params[index]).data_ptr()
 
     def view_of(self, name: str, index: int) -> torch.Tensor:
         """Param ``index``'s part of a state buffer, shaped as torch keeps it: like the
@@ -326,7 +376,7 @@ class _Bucket:
         if name in (MASTER, REMAINDER) or layout == "elements":
             return self.slice({MASTER: self.master, REMAINDER: self.remainder}.get(
                 name, self.state.get(name)), index)
-        shape = tuple(self.params[index].shape)
+        shape = tuple(self.tensors[index].shape)
         part = self.state[name][self.state_part(name, index, index + 1, None)]
         if layout == "rows":
             return part.view(*shape[:-1], 1)
@@ -338,7 +388,7 @@ class _Bucket:
         """Whether param ``index`` has state ``name`` (factored moments: row and column
         factors for 2 or more dims, a full variance for the others)."""
         layout = self.layouts.get(name, "elements")
-        ndim = self.params[index].dim()
+        ndim = self.tensors[index].dim()
         return layout == "elements" or (layout == "unfactored") == (ndim < 2)
 
     def _factor_layout(self) -> tuple:
@@ -354,7 +404,7 @@ class _Bucket:
             return elements
         column = ("rows", "cols", "unfactored").index(layout)
         starts, sizes = self._factor_layout()
-        end = starts[stop, column] if stop < len(self.params) else sizes[column]
+        end = starts[stop, column] if stop < len(self.tensors) else sizes[column]
         return slice(int(starts[first, column]), int(end))
 
     def add_state(self, name: str, value: float = 0.0) -> None:
@@ -485,6 +535,10 @@ class FlatOptimizer(torch.optim.Optimizer):
     master_weights = "fp32"
     #: the multi-tensor mode (pickles from before it: the flat buffers)
     multi_tensor = False
+    #: params and gradients in pinned memory (CPUOffload's host optimizers)
+    _pin_memory = False
+    #: what the CPU kernels multiply the gradients by (CPUOffload's clipping and grad_scale)
+    _grad_mult = 1.0
 
     @property
     def group_defaults(self) -> dict:
@@ -619,15 +673,19 @@ class FlatOptimizer(torch.optim.Optimizer):
                              "put parameters of each device in their own group")
         if params and params[0].device.type not in ("cpu", "cuda"):
             raise TypeError(f"unsupported device {params[0].device}")
-        if self.multi_tensor:
-            loose = [p for p in params if not p.is_contiguous()]
-            if loose:
-                raise ValueError(f"multi_tensor=True steps each param in its own storage, "
-                                 f"which must be contiguous; a param of shape "
-                                 f"{tuple(loose[0].shape)} is not (e.g. channels_last: make "
-                                 "it contiguous first, or use the flat mode)")
-        stepped = [] if self.multi_tensor else [p for p in params
-                                                if _IN_PLACE.get(p.data_ptr()) is not None]
+        sharded = [p for p in params if is_dtensor(p)]
+        if sharded:
+            self._check_sharded(sharded[0])
+        loose = [p for p in params if (self.multi_tensor or is_dtensor(p))
+                 and not local_tensor(p).is_contiguous()]
+        if loose:
+            raise ValueError(f"multi_tensor=True and DTensor params are stepped in their own "
+                             f"storage, which must be contiguous; a param of shape "
+                             f"{tuple(loose[0].shape)} is not (e.g. channels_last: make it "
+                             "contiguous first, or use the flat mode)")
+        # (the flat mode packs plain params into its buffers; DTensors it steps in place)
+        packed = [] if self.multi_tensor else [p for p in params if not is_dtensor(p)]
+        stepped = [p for p in packed if _IN_PLACE.get(p.data_ptr()) is not None]
         if stepped:
             raise RuntimeError(
                 f"{len(stepped)} of these parameters (e.g. one of shape "
@@ -635,7 +693,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 "multi_tensor=True: this one would move them into its flat buffer, away from "
                 "where that one steps them. Build this optimizer with multi_tensor=True too, "
                 "or first")
-        owned = [] if self.multi_tensor else [p for p in params if _owner(p) is not None]
+        owned = [p for p in packed if _owner(p) is not None]
         if owned:
             gc.collect()  # an optimizer that is gone but not yet collected owns nothing
             owned = [p for p in owned if _owner(p) is not None]
@@ -665,20 +723,40 @@ class FlatOptimizer(torch.optim.Optimizer):
         buckets = []
         for dtype in dict.fromkeys(p.dtype for p in unique):  # one bucket per dtype, in order
             check_master_weights(self.master_weights, HALF_FORMATS.get(dtype, "float32"))
-        # (the multi-tensor mode: a bucket per param, over the param's own storage)
-        parts = [[p] for p in unique] if self.multi_tensor else [
-            [p for p in unique if p.dtype == dtype]
-            for dtype in dict.fromkeys(p.dtype for p in unique)]
+        # (the multi-tensor mode, and DTensor params in either mode: a bucket per param, over
+        # the param's own storage or local shard)
+        flat = [] if self.multi_tensor else [p for p in unique if not is_dtensor(p)]
+        parts = [[p for p in flat if p.dtype == dtype]
+                 for dtype in dict.fromkeys(p.dtype for p in flat)]
+        parts += [[p] for p in unique if self.multi_tensor or is_dtensor(p)]
         for part in parts:
             b = _Bucket(part, self.state_init(group),
                         STATE_DTYPES[self.state_dtype], type(self).__name__,
                         self.definition.scalars,
                         {st.name: st.layout for st in self.definition.state},
                         {st.name: st.sign for st in self.definition.state},
-                        self.master_weights, in_place=self.multi_tensor)
+                        self.master_weights,
+                        in_place=self.multi_tensor or is_dtensor(part[0]),
+                        pin_memory=self._pin_memory)
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
         return buckets
+
+    def _check_sharded(self, p) -> None:
+        """What DTensor params (FSDP2) can have: an elementwise optimizer (each process steps
+        its shard alone), state that shards as the param does (not int8's per-block scales)."""
+        name = type(self).__name__
+        if self.definition.segmented or self.definition.matrix is not None:
+            raise ValueError(
+                f"{name} is tensor-aware (per-tensor norms, factored moments or a "
+                "matrix step) and would need the whole tensor or reductions across shards; it "
+                f"does not support DTensor params (FSDP2's fully_shard) yet: use an elementwise "
+                f"optimizer, or {name} without FSDP2")
+        if self.state_dtype == "int8":
+            raise ValueError(
+                "state_dtype='int8' keeps a scale per 256-element block of each process's "
+                "shard, which torch.distributed.checkpoint cannot save as a DTensor; with "
+                "DTensor params (FSDP2) use state_dtype='float32' or 'bfloat16'")
 
     @staticmethod
     def _check_repeats(schedule) -> None:
@@ -705,6 +783,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             views[MASTER] = bucket.view_of(MASTER, i)
         if bucket.remainder is not None:
             views[REMAINDER] = bucket.view_of(REMAINDER, i)
+        if bucket.sharded:  # the per-element state of a DTensor param: DTensors like it
+            views = {k: v if k == "step" or k in bucket.scalars else bucket.shown(i, v)
+                     for k, v in views.items()}
         return views
 
     def _start(self, group: dict, bucket: _Bucket, i: int) -> None:
@@ -738,7 +819,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
         for buckets in self._buckets:
             for b in buckets:
-                n += sum(p.numel() for p in b.params)
+                n += sum(t.numel() for t in b.tensors)
                 parts.append(("params", size(b.flat), 0))
                 if b.grad is not None:
                     parts.append(("grads", size(b.grad), 0))
@@ -777,6 +858,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if set_to_none or b.grad is None:  # (step in backward: no buffer to zero)
                     for p in b.params:
                         p.grad = None
+                elif b.sharded:  # (a DTensor's grad is its own)
+                    for p in b.params:
+                        if p.grad is not None:
+                            p.grad.zero_()
                 else:
                     b.grad.zero_()
                     for p, view in zip(b.params, b.grad_views, strict=True):
@@ -893,8 +978,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if modes.lerp_to not in b.state:
                     continue
                 parts = [slice(None)] if b.all_started else [
-                    slice(b.offsets[i], b.offsets[i] + p.numel())
-                    for i, p in enumerate(b.params) if b.started[i]]
+                    slice(b.offsets[i], b.offsets[i] + t.numel())
+                    for i, t in enumerate(b.tensors) if b.started[i]]
                 for part in parts:  # (16-bit params: the master moves, they are its rounding)
                     target = b.state[modes.lerp_to][part].float()
                     b.set_master_values(part, b.master_values(part).lerp(target, weight))
@@ -919,15 +1004,18 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket,
                      eps_rule: dict | None = None) -> None:
-        have_grad = []
-        for p, view, address in zip(b.params, b.grad_views, b.addresses, strict=True):
-            if p.data_ptr() != address:
+        have_grad, grads = [], None
+        for i, (p, view, address) in enumerate(zip(b.params, b.grad_views, b.addresses,
+                                                   strict=True)):
+            if b.local_address(i) != address:
                 raise moved_param_error(p, b.in_place)
             g = p.grad
             if g is None:
                 have_grad.append(False)
                 continue
-            if g is not view:  # autograd made a new tensor (after set_to_none): take it in
+            if b.sharded:  # a DTensor's gradient: its local shard, read where it is
+                grads = self._shard_grad(b, local_tensor(g), view)
+            elif g is not view:  # autograd made a new tensor (after set_to_none): take it in
                 if g.is_sparse:
                     raise RuntimeError("fastopt does not support sparse gradients")
                 view.copy_(g)
@@ -938,6 +1026,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             hypers = {**hypers, **eps_rule}
         names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
+        if grads is not None:
+            arrays = [arrays[0], grads, *arrays[2:]]
         first_grad = bool(self.definition.first_grad_state)  # SGD's momentum_buffer
         if not b.all_started:
             self._init_first_step(b, names, schedule, have_grad)
@@ -973,6 +1063,21 @@ class FlatOptimizer(torch.optim.Optimizer):
             return
         self._step_params(group, b, names, hypers, arrays, half, schedule, have_grad)
 
+    @staticmethod
+    def _shard_grad(b: _Bucket, g: torch.Tensor, view: torch.Tensor):
+        """The kernel's gradient array for a DTensor param's gradient's local shard ``g``:
+        a view of it where it has the param's dtype and layout, else (another dtype, e.g.
+        FSDP2's reduce_dtype) converted into the bucket's buffer."""
+        if g.shape != view.shape:
+            raise RuntimeError(f"the gradient's local shard has shape {tuple(g.shape)}, the "
+                               f"param's {tuple(view.shape)}: the grad is not sharded as "
+                               "the param")
+        if g.dtype == view.dtype and g.is_contiguous() and g.device == view.device:
+            convert = _as_array if b.format is None else _as_bits
+            return convert(g.detach().reshape(-1))
+        view.copy_(g)
+        return None
+
     def _step_params(self, group: dict, b: _Bucket, names: tuple, hypers: dict, arrays: list,
                      half: dict, schedule: Schedule, have_grad: list[bool]) -> None:
         """One kernel call per param that has a gradient (``have_grad``), each at its own
@@ -981,8 +1086,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for i, has in enumerate(have_grad):  # torch skips params without grad
             if not has:
                 continue
-            p, offset = b.params[i], b.offsets[i]
-            sl = slice(offset, offset + p.numel())
+            sl = slice(b.offsets[i], b.offsets[i] + b.tensors[i].numel())
             k = int(b.steps[i]) + 1
             part = {key: v[sl] if key == "master" and v is not None else v
                     for key, v in half.items()}
@@ -1030,9 +1134,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             for s in special:
                 if s.init == INIT_PARAMS:
-                    offset = b.offsets[i]
+                    offset, t = b.offsets[i], b.tensors[i]
                     b.set_state(s.name, i, b.master_values(
-                        slice(offset, offset + b.params[i].numel())).view_as(b.params[i]))
+                        slice(offset, offset + t.numel())).view_as(t))
                 else:
                     b.set_state(s.name, i, host_lr(schedule, int(b.steps[i])))
 
@@ -1105,7 +1209,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             with _cupy_stream(stream.cuda_stream, stream.device_index):
                 run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
         else:
-            run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
+            run_once(prepared, arrays[1], schedule, step, 1.0, self._grad_mult, fresh)
         if part is not None:
             b.scalars_shared = False
         if part is None:  # the whole bucket stepped with element 0's scalars: share them
@@ -1219,9 +1323,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if st is None or REMAINDER not in st or id(p) not in where:
                     continue
                 b, i = where[id(p)]
-                offset = b.offsets[i]
-                st[MASTER] = b.master_values(slice(offset, offset + p.numel())).view_as(
-                    p).clone()
+                offset, t = b.offsets[i], b.tensors[i]
+                st[MASTER] = b.shown(i, b.master_values(slice(offset, offset + t.numel()))
+                                     .view_as(t).clone())
                 del st[REMAINDER]
 
     def _int8_entries(self, st: dict) -> None:
@@ -1368,6 +1472,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.add_state(name, value)
         for i, p in enumerate(b.params):
             st = saved.get(p) or {}
+            if b.sharded:  # (DTensor state, e.g. from torch.distributed.checkpoint: its shard)
+                st = {k: local_tensor(v) for k, v in st.items()}
             steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k,
             key = self.definition.group_step  # or a saved count where torch keeps none)
             key = GROUP_STEP if not self.definition.per_param_step else key
@@ -1378,7 +1484,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if not b.applies(name, i):
                     continue
                 view = b.view_of(name, i)
-                raw = _saved_int8(st, name, b.params[i])
+                raw = _saved_int8(st, name, b.tensors[i])
                 if raw is not None and _stale(raw, st.get(name), b.signed(name)):
                     raw = None  # (float values changed since: torch stepped, or an edit)
                 if raw is not None:  # int8 codes and scales: as they are, or decoded
@@ -1394,8 +1500,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if value is not None and isinstance(value, torch.Tensor) \
                         and tuple(value.shape) != tuple(view.shape):
                     raise RuntimeError(f"state_dict: the {name!r} of a parameter of shape "
-                                     f"{tuple(b.params[i].shape)} has shape "
-                                     f"{tuple(value.shape)}, expected {tuple(view.shape)}")
+                                     f"{tuple(b.tensors[i].shape)} has shape "
+                                     f"{tuple(value.shape)}, expected {tuple(view.shape)}"
+                                     + (" (this process's shard of a DTensor param)"
+                                        if b.sharded else ""))
                 if value is None and st and b.layouts.get(name, "elements") != "elements":
                     raise ValueError(f"state_dict: a parameter of shape "
                                      f"{tuple(b.params[i].shape)} has state but no {name!r} "
@@ -1431,7 +1539,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         optimizer), else the params' current values (a torch.optim dict)."""
         if b.format is None:
             return
-        p, offset = b.params[i], b.offsets[i]
+        p, offset = b.tensors[i], b.offsets[i]
         master = st.get(MASTER)
         if master is not None:
             if not isinstance(master, torch.Tensor) or master.numel() != p.numel() \

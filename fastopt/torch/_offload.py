@@ -1,0 +1,458 @@
+"""``fastopt.torch.CPUOffload``: the optimizer step of CUDA params on the CPU (ZeRO-Offload's
+idea), with fastopt's CPU kernels.
+
+The params are split into buckets of consecutive params (``bucket_elements``). Each bucket has
+a host optimizer, a fastopt.torch optimizer over CPU copies of its params: its flat param and
+gradient buffers are in pinned memory, and its master (16-bit params) and state in ordinary
+memory, in every ``state_dtype`` and ``master_weights`` mode. The flow of one step:
+
+1. backward: a post-accumulate-grad hook counts each bucket's gradients; when all of a bucket's
+   params have theirs, its gradients are copied device->host on a side stream (``d2h``),
+   while backward goes on with the rest;
+2. ``step()``: a bucket whose device gradients changed since that copy (``clip_grad_norm_``,
+   GradScaler's ``unscale_``, another backward: torch's version counter tells) or that was
+   never copied is copied now. With ``max_grad_norm`` or ``skip_if_nonfinite`` the global norm
+   is taken first, on the device (one read of the gradients there, ``torch._foreach_norm``),
+   and the host kernels take the clip coefficient as their gradient multiplier;
+3. a worker thread takes the buckets in the order their copies were issued: it waits for a
+   bucket's copy, runs the fastopt CPU kernel on it (the kernels release the GIL; one bucket at
+   a time, each kernel parallel over the cores) and issues the copy of its updated params
+   host->device on another side stream (``h2d``); 16-bit params are rounded from the master
+   inside the kernel (the host buffer is already the model's dtype);
+4. ``step()`` returns when every bucket's kernel has run; the current stream waits for the
+   host->device copies (a wait on the device, not on the host), so the next forward runs after
+   them and nothing else waits.
+
+The device's memory keeps the params and gradients only; the host keeps the params (pinned),
+gradients (pinned), master and state. ``Transfers`` is the device interface the steps use;
+tests drive the same code with CPU "device" tensors and deferred fake streams.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .._checks import check_max_grad_norm, grad_mult
+from . import optim as _optim
+from ._base import FlatOptimizer
+
+#: the default bucket size in elements (16 MiB of float32 gradients per copy)
+BUCKET_ELEMENTS = 1 << 22
+
+
+class Transfers:
+    """The device side of CPUOffload: two side streams (device->host gradients, host->device
+    params), their events, and the current stream's waits. CUDA's."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.d2h = torch.cuda.Stream(device)
+        self.h2d = torch.cuda.Stream(device)
+
+    def pinned(self) -> bool:
+        return True
+
+    def after_current(self, stream) -> None:
+        """``stream``'s next work waits for what the current stream issued so far."""
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def copy(self, stream, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        if src.is_cuda:  # (the source's memory must not be reused before the copy ran)
+            src.record_stream(stream)
+
+    def record(self, stream):
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def synchronize(self, event) -> None:
+        event.synchronize()
+
+    def current_waits(self, event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+
+def _resolve(optimizer) -> type[FlatOptimizer]:
+    if isinstance(optimizer, str):
+        if optimizer not in _optim.__all__:
+            raise ValueError(f"unknown optimizer {optimizer!r}: one of "
+                             f"{', '.join(_optim.__all__)}")
+        cls = getattr(_optim, optimizer)
+    elif isinstance(optimizer, type) and issubclass(optimizer, FlatOptimizer):
+        cls = optimizer
+    else:
+        raise TypeError("optimizer must be a fastopt.torch optimizer class or its name, got "
+                        f"{optimizer!r}")
+    if cls.definition.modes is not None:
+        raise ValueError(f"CPUOffload does not run {cls.__name__} (its train()/eval() modes "
+                         "move the params on the host); use an optimizer without modes")
+    return cls
+
+
+_PINNED: dict[type, type] = {}
+
+
+def _pinned_class(cls: type[FlatOptimizer]) -> type[FlatOptimizer]:
+    """``cls`` with its flat param and gradient buffers in pinned memory."""
+    if cls not in _PINNED:
+        _PINNED[cls] = type(cls.__name__, (cls,), {"_pin_memory": True,
+                                                   "__module__": __name__})
+    return _PINNED[cls]
+
+
+class _Bucket:
+    """Consecutive params of one group: their host optimizer and copies in flight."""
+
+    def __init__(self, params: list[torch.Tensor], host: FlatOptimizer):
+        self.params = params
+        self.host = host
+        self.host_params = host.param_groups[0]["params"]
+        views = {id(p): view for hb in host._buckets[0]
+                 for p, view in zip(hb.params, hb.grad_views, strict=True)}
+        #: where each param's gradient is copied to: its view of the host's flat gradients
+        self.grad_views = [views[id(hp)] for hp in self.host_params]
+        self.pending = 0  # gradients still to come in this backward (hooks)
+        #: the gradients the last device->host copy took: (tensor, version) per param
+        self.copied: list | None = None
+        self.copy_done = None  # the event after that copy
+        self.h2d_done = None  # the event after the last host->device copy of the params
+        #: the device params' versions when the host last had their values: a param changed
+        #: in place since (model.load_state_dict, an init) is copied to the host first
+        self.versions = [p._version for p in params]
+
+    def remember_versions(self) -> None:
+        self.versions = [p._version for p in self.params]
+
+    def changed_on_device(self) -> bool:
+        return any(p._version != v for p, v in zip(self.params, self.versions, strict=True))
+
+    @torch.no_grad()
+    def take_device_params(self) -> None:
+        """The host params (and master) from the device params, as they are now."""
+        for p, hp in zip(self.params, self.host_params, strict=True):
+            hp.copy_(p)
+        self.host.refresh_master()
+        self.remember_versions()
+
+    def stale(self) -> bool:
+        """Whether the host gradients differ from the device's (changed or never copied)."""
+        if self.copied is None:
+            return True
+        return any((p.grad is not None) != (g is not None)
+                   or (g is not None and (p.grad is not g or g._version != v))
+                   for p, (g, v) in zip(self.params, self.copied, strict=True))
+
+
+class CPUOffload(torch.optim.Optimizer):
+    """The optimizer step of CUDA params on the CPU, overlapped with backward and transfers.
+
+        opt = fastopt.torch.CPUOffload(model.parameters(), "AdamW", lr=schedule,
+                                       weight_decay=0.1, state_dtype="bfloat16")
+        loss.backward(); opt.step(); opt.zero_grad()
+
+    ``optimizer``: a fastopt.torch class or its name; the other keywords are its arguments
+    (``state_dtype``, ``master_weights``: every mode). ``bucket_elements``: the size of each
+    copy and CPU step. ``max_grad_norm``: clip the gradients to this global norm (taken on
+    the device first: torch's ``clip_grad_norm_`` coefficient, applied in the CPU kernels).
+    ``skip_if_nonfinite``: a step whose gradients hold inf or NaN changes nothing (step()
+    returns False). ``step(grad_scale=s)``: the gradients are s times the true ones (a loss
+    scale), divided in the kernels. ``torch.nn.utils.clip_grad_norm_`` and GradScaler work
+    too: gradients changed after backward are copied again at ``step()`` (slower than the
+    two options above, whose copies overlap backward).
+
+    The device keeps only params and gradients; the host keeps the float32 master, state and
+    pinned copies of params and gradients. ``state_dict()`` is the format of the
+    ``optimizer`` class (a dict of one loads into the other). The schedule (a fastopt
+    schedule as lr, or torch LR schedulers on this optimizer's param groups) works as in
+    the ``optimizer`` class.
+    """
+
+    def __init__(self, params, optimizer="AdamW", *, bucket_elements: int = BUCKET_ELEMENTS,
+                 max_grad_norm: float | None = None, skip_if_nonfinite: bool = False,
+                 _transfers: Transfers | None = None, **kwargs):
+        self.optimizer_class = _resolve(optimizer)
+        if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) \
+                or bucket_elements < 1:
+            raise ValueError(f"bucket_elements must be an int >= 1, got {bucket_elements!r}")
+        self.bucket_elements = bucket_elements
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if not isinstance(skip_if_nonfinite, bool):
+            raise TypeError(f"skip_if_nonfinite must be a bool, got {skip_if_nonfinite!r}")
+        self.skip_if_nonfinite = skip_if_nonfinite
+        self._kwargs = kwargs
+        self._transfers = _transfers
+        self._buckets: list[list[_Bucket]] = []
+        self._hooks = []
+        self._order: list[_Bucket] = []  # buckets whose copy was issued, in that order
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="fastopt-offload")
+        #: whether the last step() was skipped (skip_if_nonfinite and a non-finite gradient)
+        self.last_step_skipped = False
+        # (the host class's group defaults, checked by it: kwargs it does not take raise)
+        probe = torch.nn.Parameter(torch.zeros(2, 2))
+        defaults = dict(self.optimizer_class([probe], **kwargs).param_groups[0])
+        del defaults["params"]
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ construction
+    def add_param_group(self, param_group: dict) -> None:
+        given = {k: v for k, v in param_group.items() if k not in _NOT_HYPERS} \
+            if isinstance(param_group, dict) else {}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        params = group["params"]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"one param group must live on one device, got {devices}")
+        device = next(iter(devices)) if devices else torch.device("cuda")
+        if self._transfers is None:
+            if device.type != "cuda":
+                self.param_groups.pop()
+                raise ValueError(f"CPUOffload offloads the step of CUDA params; these are on "
+                                 f"{device}: use fastopt.torch.{self.optimizer_class.__name__}"
+                                 " directly")
+            self._transfers = Transfers(device)
+        cls = _pinned_class(self.optimizer_class) if self._transfers.pinned() \
+            else self.optimizer_class
+        buckets, part, size = [], [], 0
+        for p in params:
+            if part and size + p.numel() > self.bucket_elements:
+                buckets.append(part)
+                part, size = [], 0
+            part.append(p)
+            size += p.numel()
+        if part:
+            buckets.append(part)
+        made = []
+        for part in buckets:
+            host_params = [torch.nn.Parameter(p.detach().to("cpu", copy=True),
+                                              requires_grad=p.requires_grad) for p in part]
+            try:
+                host = cls([{"params": host_params, **given}], **self._kwargs)
+            except BaseException:
+                self.param_groups.pop()
+                raise
+            made.append(_Bucket(part, host))
+        self._buckets.append(made)
+        if made:  # (the group shows the host's values: lr a number, the schedule apart)
+            group.update({k: v for k, v in made[0].host.param_groups[0].items()
+                          if k not in _NOT_HYPERS})
+        me = weakref.ref(self)  # (the hooks must not keep the optimizer alive)
+        where = len(self._buckets) - 1
+        for j, b in enumerate(made):
+            b.pending = sum(p.requires_grad for p in b.params)
+            for p in b.params:
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(
+                        lambda _p, j=j: _on_grad(me, where, j)))
+
+    # ------------------------------------------------------------------ copies
+    def _copy_grads(self, b: _Bucket) -> None:
+        """Issue the device->host copy of ``b``'s gradients (after the current stream's work
+        so far: the backward that made them)."""
+        t = self._transfers
+        t.after_current(t.d2h)
+        for p, hp, view in zip(b.params, b.host_params, b.grad_views, strict=True):
+            if p.grad is None:
+                hp.grad = None
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("CPUOffload does not support sparse gradients")
+            t.copy(t.d2h, view, p.grad.detach())
+            hp.grad = view
+        b.copied = [(p.grad, p.grad._version if p.grad is not None else 0) for p in b.params]
+        b.copy_done = t.record(t.d2h)
+        b.pending = sum(p.requires_grad for p in b.params)
+        with self._lock:
+            if b in self._order:
+                self._order.remove(b)
+            self._order.append(b)
+
+    # ------------------------------------------------------------------ the step
+    def _device_norm(self) -> float:
+        grads = [p.grad.detach() for buckets in self._buckets for b in buckets
+                 for p in b.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch._foreach_norm(grads, 2.0)
+        return float(torch.linalg.vector_norm(torch.stack(norms), 2.0))
+
+    def _push_groups(self) -> None:
+        """The param groups' values (a torch scheduler's lr, a changed weight decay) into
+        the host optimizers' groups."""
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            values = {k: v for k, v in group.items() if k not in _NOT_HYPERS}
+            for b in buckets:
+                b.host.param_groups[0].update(values)
+
+    def _pull_groups(self) -> None:
+        """The host optimizers' group values after a step (the schedule's next lr)."""
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            if buckets:
+                group.update({k: v for k, v in buckets[0].host.param_groups[0].items()
+                              if k not in _NOT_HYPERS})
+        self.state = defaultdict(dict, {
+            p: b.host.state[hp] for buckets in self._buckets for b in buckets
+            for p, hp in zip(b.params, b.host_params, strict=True) if hp in b.host.state})
+
+    def _host_step(self, b: _Bucket, mult: float):
+        """The worker's part of a bucket: its gradients on the host, the CPU kernel, the
+        copy of its params to the device issued. Returns the event after that copy."""
+        t = self._transfers
+        t.synchronize(b.copy_done)
+        if b.h2d_done is not None:  # (the last copy out read the host params)
+            t.synchronize(b.h2d_done)
+        b.host._grad_mult = mult
+        try:
+            b.host.step()
+        finally:
+            b.host._grad_mult = 1.0
+        for p, hp in zip(b.params, b.host_params, strict=True):
+            if hp.grad is not None:
+                t.copy(t.h2d, p.detach(), hp.detach())
+        b.h2d_done = t.record(t.h2d)
+        return b.h2d_done
+
+    def _reset(self) -> None:
+        """The next backward copies afresh."""
+        for buckets in self._buckets:
+            for b in buckets:
+                b.copied, b.pending = None, sum(p.requires_grad for p in b.params)
+
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: float | None = None):
+        """Finish the gradients' copies, run the CPU steps and issue the params' copies; the
+        current stream waits for those. Returns the closure's loss (None without one);
+        ``last_step_skipped`` says whether ``skip_if_nonfinite`` skipped it."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
+        self.last_step_skipped = False
+        if self.max_grad_norm is not None or self.skip_if_nonfinite:
+            norm = self._device_norm() * mult
+            if self.skip_if_nonfinite and not math.isfinite(norm):
+                self.last_step_skipped = True
+                self._reset()
+                return loss
+            if self.max_grad_norm is not None:
+                coef = self.max_grad_norm / (norm + 1e-6)  # torch's coefficient, at most 1
+                if not coef >= 1.0:
+                    mult *= coef
+        everything = [b for buckets in self._buckets for b in buckets]
+        for b in everything:
+            if b.changed_on_device():
+                b.take_device_params()
+        for b in reversed(everything):  # (backward's order: the last params first)
+            if b.stale():
+                self._copy_grads(b)
+        self._push_groups()
+        with self._lock:
+            order, self._order = self._order, []
+        t = self._transfers
+        t.after_current(t.h2d)  # (the params' copies after the backward that read them)
+        done = [self._worker.submit(self._host_step, b, mult) for b in order]
+        try:
+            for future in done:
+                t.current_waits(future.result())
+        finally:
+            self._reset()
+            self._pull_groups()
+            for b in order:  # (the params' copies to the device are issued)
+                b.remember_versions()
+        return loss
+
+    def refresh_master(self) -> None:
+        """Copy the device params to the host now. ``step()`` does it itself for params
+        changed in place since the last step (torch's version counter: ``copy_``,
+        ``model.load_state_dict``, ``torch.nn.init``); a change it cannot see (through
+        ``p.data``) needs this call, or the next step overwrites it."""
+        for buckets in self._buckets:
+            for b in buckets:
+                b.take_device_params()
+
+    # ------------------------------------------------------------------ state dicts
+    def _host_indices(self):
+        """(bucket, global index of each of its params) in order."""
+        index = 0
+        for buckets in self._buckets:
+            for b in buckets:
+                yield b, list(range(index, index + len(b.params)))
+                index += len(b.params)
+
+    def state_dict(self) -> dict:
+        """The ``optimizer`` class's format over this optimizer's params."""
+        self._push_groups()  # (changes since the last step: a scheduler's lr)
+        state = {}
+        groups = [{**{k: v for k, v in group.items() if k not in _NOT_HYPERS}, "params": [],
+                   **({"param_names": group["param_names"]} if "param_names" in group else {})}
+                  for group in self.param_groups]
+        where = {id(b): i for i, buckets in enumerate(self._buckets) for b in buckets}
+        for b, indices in self._host_indices():
+            d = b.host.state_dict()
+            for local, index in enumerate(indices):
+                if local in d["state"]:
+                    state[index] = d["state"][local]
+            group = groups[where[id(b)]]
+            if not group["params"]:  # (the host's group values: its schedule saved as such)
+                group.update({k: v for k, v in d["param_groups"][0].items() if k != "params"})
+            group["params"].extend(indices)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A dict of this class or of the ``optimizer`` class (the same params, in order)."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("loaded state dict contains a parameter group that doesn't "
+                                 "match the size of optimizer's group")
+        ids = [i for g in saved_groups for i in g["params"]]
+        where = {id(b): i for i, buckets in enumerate(self._buckets) for b in buckets}
+        for b, indices in self._host_indices():
+            saved = saved_groups[where[id(b)]]
+            part = {"state": {local: state_dict["state"][ids[index]]
+                              for local, index in enumerate(indices)
+                              if ids[index] in state_dict["state"]},
+                    "param_groups": [{**{k: v for k, v in saved.items() if k != "params"},
+                                      "params": list(range(len(indices)))}]}
+            b.host.load_state_dict(part)
+            if b.host.master_weights != "fp32":  # (16-bit params written from the master)
+                with torch.no_grad():
+                    for p, hp in zip(b.params, b.host_params, strict=True):
+                        p.copy_(hp)
+            b.remember_versions()
+        self._pull_groups()
+
+    def __del__(self):
+        for hook in getattr(self, "_hooks", ()):
+            hook.remove()
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.shutdown(wait=False)
+
+
+#: a param group's keys that are not hyperparameters
+_NOT_HYPERS = ("params", "param_names")
+
+
+def _on_grad(ref: weakref.ref, group: int, index: int) -> None:
+    """A param of bucket ``index`` of ``group`` has its gradient of this backward: copy the
+    bucket's gradients once all its params have theirs."""
+    opt = ref()
+    if opt is None:
+        return
+    b = opt._buckets[group][index]
+    b.pending -= 1
+    if b.pending <= 0:
+        opt._copy_grads(b)

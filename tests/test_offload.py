@@ -1,0 +1,291 @@
+"""fastopt.torch.CPUOffload without a GPU: the same orchestration (hooks, copies on side
+streams, the worker thread, the waits) over CPU "device" tensors and fake streams whose
+copies run only when something waits for them, as a GPU's would. A missing wait leaves a
+copy undone and the numbers wrong; every case compares with the fastopt.torch optimizer
+stepping the same model without offload."""
+
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+
+import fastopt.torch as fot
+from fastopt import schedules
+
+STEPS = 6
+
+
+class FakeStream:
+    def __init__(self):
+        self.pending: list = []
+        self.issued = 0  # copies issued so far
+        self.done = 0
+
+
+class FakeEvent:
+    def __init__(self, stream: FakeStream, count: int):
+        self.stream, self.count = stream, count
+
+
+class FakeTransfers:
+    """Copies are queued per stream and run when an event after them is waited for."""
+
+    def __init__(self):
+        self.d2h, self.h2d = FakeStream(), FakeStream()
+        self.lock = threading.Lock()
+
+    def pinned(self) -> bool:
+        return False
+
+    def after_current(self, stream) -> None:
+        pass  # (the host is the "current stream": what it issued has run)
+
+    def copy(self, stream, dst, src) -> None:
+        with self.lock:
+            stream.pending.append((dst, src))
+            stream.issued += 1
+
+    def record(self, stream):
+        with self.lock:
+            return FakeEvent(stream, stream.issued)
+
+    def synchronize(self, event) -> None:
+        with self.lock:
+            s = event.stream
+            while s.done < event.count:
+                dst, src = s.pending.pop(0)
+                dst.copy_(src)  # (reads the source now, as a stream runs it late)
+                s.done += 1
+
+    def current_waits(self, event) -> None:
+        self.synchronize(event)
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 24),
+                            torch.nn.Tanh(), torch.nn.Linear(24, 3))
+    m.unused = torch.nn.Parameter(torch.randn(5))  # gets no gradient: skipped, as by torch
+    return m.to(dtype)
+
+
+def _loss(m, step, scale=1.0):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 12, generator=g).to(next(m.parameters()).dtype)
+    return m(x).float().square().mean() * scale
+
+
+def _offload(m, name="AdamW", bucket_elements=400, **kwargs):
+    return fot.CPUOffload(m.parameters(), name, bucket_elements=bucket_elements,
+                          _transfers=FakeTransfers(), **kwargs)
+
+
+def _run(m, opt, steps=STEPS, *, clip=None, accumulate=1, scheduler=None, grad_scale=None):
+    for step in range(steps):
+        for micro in range(accumulate):
+            _loss(m, 10 * step + micro, grad_scale or 1.0).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+        if grad_scale is not None:
+            opt.step(grad_scale=grad_scale)
+        else:
+            opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _equal(a, b, rtol=0.0):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        if rtol:
+            torch.testing.assert_close(p, q, rtol=rtol, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(p, q), f"{name} differs by {float((p - q).abs().max()):.3g}"
+
+
+CASES = {
+    "AdamW": dict(lr=schedules.warmup(schedules.cosine(1e-2, STEPS), 2), weight_decay=0.1),
+    "SGD": dict(lr=0.05, momentum=0.9, nesterov=True),
+    "Adagrad": dict(lr=0.05),
+    "LAMB": dict(lr=1e-2, weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_equals_the_optimizer_without_offload(name):
+    """Several buckets (400 elements each: some hold one param, the 576-element weight is
+    one alone), a param without gradient, each bucket's copies issued in backward."""
+    m, ref = _model(), _model()
+    opt = _offload(m, name, **CASES[name])
+    assert len(opt._buckets[0]) > 2
+    twin = getattr(fot, name)(ref.parameters(), **CASES[name])
+    _loss(m, 0).backward()
+    # every bucket with a gradient had its copy issued during backward (the hooks)
+    assert len(opt._order) == len(opt._buckets[0]) - 1  # (the unused param's bucket: none)
+    opt.zero_grad()
+    _run(m, opt)
+    _run(ref, twin)
+    _equal(m, ref)
+    p = next(m.parameters())
+    assert opt.state[p].keys() == twin.state[next(ref.parameters())].keys()
+    assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("master_weights", ["fp32", "remainder", "none"])
+@pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "int8"])
+def test_bf16_params_every_format(master_weights, state_dtype):
+    """bfloat16 model params: the host kernel rounds them from the master (or
+    stochastically) and the device gets the bfloat16 values. One bucket, so the stochastic
+    modes draw the same bits as the optimizer without offload."""
+    m, ref = _model(torch.bfloat16), _model(torch.bfloat16)
+    kwargs = dict(lr=1e-2, state_dtype=state_dtype, master_weights=master_weights)
+    opt = _offload(m, bucket_elements=1 << 20, **kwargs)
+    _run(m, opt)
+    _run(ref, fot.AdamW(ref.parameters(), **kwargs))
+    _equal(m, ref)
+    assert next(m.parameters()).dtype == torch.bfloat16
+
+
+def test_max_grad_norm_equals_clip_grad_norm():
+    m, ref = _model(), _model()
+    opt = _offload(m, lr=1e-2, max_grad_norm=0.05)
+    _run(m, opt)
+    _run(ref, fot.AdamW(ref.parameters(), lr=1e-2), clip=0.05)
+    _equal(m, ref, rtol=1e-6)
+
+
+def test_gradients_changed_after_backward_are_copied_again():
+    """clip_grad_norm_ after backward (in place: torch's version counter moves) and gradient
+    accumulation over two backwards (the first backward's copies are stale)."""
+    m, ref = _model(), _model()
+    _run(m, _offload(m, lr=1e-2), clip=0.05, accumulate=2)
+    _run(ref, fot.AdamW(ref.parameters(), lr=1e-2), clip=0.05, accumulate=2)
+    _equal(m, ref)
+
+
+def test_grad_scale_and_skip_if_nonfinite():
+    m, ref = _model(), _model()
+    opt = _offload(m, lr=1e-2, skip_if_nonfinite=True)
+    _run(m, opt, grad_scale=1024.0)
+    _run(ref, fot.AdamW(ref.parameters(), lr=1e-2))
+    _equal(m, ref, rtol=1e-6)
+    before = [p.detach().clone() for p in m.parameters()]
+    _loss(m, 99).backward()
+    m[0].weight.grad[0, 0] = float("inf")
+    opt.step()
+    assert opt.last_step_skipped
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+    assert float(opt.state[m[0].weight]["step"]) == STEPS  # (no count moved)
+    opt.zero_grad()
+    _loss(m, 100).backward()
+    opt.step()
+    assert not opt.last_step_skipped and float(opt.state[m[0].weight]["step"]) == STEPS + 1
+
+
+def test_torch_scheduler_and_state_dicts_interchange():
+    """A torch LR scheduler on CPUOffload's groups; its state dict loads into the optimizer
+    without offload and the other way round, and both go on equally."""
+    m, ref = _model(), _model()
+    opt = _offload(m, lr=1e-2, weight_decay=0.1)
+    twin = fot.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    _run(m, opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 2, gamma=0.5))
+    _run(ref, twin, scheduler=torch.optim.lr_scheduler.StepLR(twin, 2, gamma=0.5))
+    _equal(m, ref)
+    assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
+    saved = opt.state_dict()
+    theirs = twin.state_dict()
+    assert saved["state"].keys() == theirs["state"].keys()
+    for k, st in theirs["state"].items():
+        for key, value in st.items():
+            assert torch.equal(saved["state"][k][key], value), key
+    # crossed: each loads the other's dict into a fresh copy of the model
+    m2, ref2 = _model(), _model()
+    m2.load_state_dict(m.state_dict())
+    ref2.load_state_dict(ref.state_dict())
+    opt2 = _offload(m2, lr=1.0, weight_decay=0.1)
+    twin2 = fot.AdamW(ref2.parameters(), lr=1.0, weight_decay=0.1)
+    opt2.load_state_dict(theirs)
+    twin2.load_state_dict(saved)
+    assert opt2.param_groups[0]["lr"] == 1e-2 * 0.5 ** 3
+    _run(m2, opt2, 3)
+    _run(ref2, twin2, 3)
+    _equal(m2, ref2)
+
+
+def test_a_missing_wait_is_caught():
+    """The fake streams are strict: without the current stream's wait for the params'
+    copies, the device params are not updated (so the tests above would fail)."""
+    m = _model()
+    opt = _offload(m, lr=1e-2)
+    opt._transfers.current_waits = lambda event: None
+    before = [p.detach().clone() for p in m.parameters()]
+    _loss(m, 0).backward()
+    opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+
+
+def test_errors_and_release():
+    m = _model()
+    with pytest.raises(ValueError, match="CUDA params"):
+        fot.CPUOffload(m.parameters(), "AdamW")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        _offload(m, "Adamw")
+    with pytest.raises(ValueError, match="modes"):
+        _offload(m, "AdamWScheduleFree")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        _offload(m, lr=1e-2, momentum=0.9)
+    with pytest.raises(ValueError, match="bucket_elements"):
+        _offload(m, bucket_elements=0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        _offload(m, max_grad_norm=-1.0)
+    opt = _offload(m, lr=1e-2)
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None  # (the gradient hooks hold no reference to it)
+    _loss(m, 0).backward()  # (and do nothing once it is gone)
+
+
+def test_params_changed_on_the_device_are_taken():
+    """model.load_state_dict after the optimizer was built (an in-place copy: torch's version
+    counter moves): the next step starts from the new values, as without offload."""
+    m, ref = _model(), _model()
+    opt = _offload(m, lr=1e-2)
+    twin = fot.AdamW(ref.parameters(), lr=1e-2)
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    other = _model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    m.load_state_dict(other.state_dict())
+    ref.load_state_dict(other.state_dict())
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    _equal(m, ref)
+
+
+def test_named_params_and_a_remainder_load():
+    """Named params (torch 2.13): the state dict keeps the names. A bfloat16 run with
+    remainders loads a state dict and writes the params from its master, as without
+    offload."""
+    m, ref = _model(torch.bfloat16), _model(torch.bfloat16)
+    kwargs = dict(lr=1e-2, master_weights="remainder")
+    opt = fot.CPUOffload(m.named_parameters(), "AdamW", bucket_elements=400,
+                         _transfers=FakeTransfers(), **kwargs)
+    twin = fot.AdamW(ref.named_parameters(), **kwargs)
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    saved = twin.state_dict()
+    assert opt.state_dict()["param_groups"][0]["param_names"] == \
+        saved["param_groups"][0]["param_names"]
+    _run(m, opt, 2)  # (both move on, then load the dict taken at step 2)
+    _run(ref, twin, 2)
+    twin.load_state_dict(saved)
+    opt.load_state_dict(saved)
+    _equal(m, ref)
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    _equal(m, ref)
