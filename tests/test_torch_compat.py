@@ -563,3 +563,24 @@ def test_compiled_step_like_torch(name, backend):
         torch.nn.functional.cross_entropy(ours(x), y).backward()
         step()
     assert_close(ours, ref)
+
+
+def test_replaced_param_groups_are_refused_not_silently_ignored():
+    """DeepSpeed's ZeRO hands a client optimizer its own flat partitions by replacing
+    param_groups[i]['params'] (or narrows param_groups around step()): fastopt.torch steps
+    the params it was built over, so it must say so rather than train nothing."""
+    m = torch.nn.Linear(4, 3)
+    opt = fot.AdamW(m.parameters(), lr=1e-2)
+    m(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    partition = torch.nn.Parameter(torch.zeros(15))
+    partition.grad = torch.ones(15)
+    saved = opt.param_groups[0]["params"]
+    opt.param_groups[0]["params"] = [partition]
+    with pytest.raises(RuntimeError, match="param group 0 were replaced"):
+        opt.step()
+    opt.param_groups[0]["params"] = list(saved)  # (a new list of the same params: fine)
+    opt.step()
+    opt.param_groups = []
+    with pytest.raises(RuntimeError, match="param_groups was replaced"):
+        opt.step()

@@ -900,8 +900,33 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._fused_step()
         return loss
 
+    def _check_groups(self) -> None:
+        """The param groups still hold the params the buckets step: a replaced list (as
+        DeepSpeed's ZeRO gives a client optimizer its own flat partitions) or a replaced
+        ``param_groups`` would otherwise step the old params, silently."""
+        known = self.__dict__.setdefault("_group_lists", {})
+        if len(self.param_groups) != len(self._buckets):
+            raise RuntimeError(
+                f"{type(self).__name__}: param_groups was replaced after construction "
+                f"({len(self.param_groups)} groups, {len(self._buckets)} built); add params "
+                "with add_param_group. (DeepSpeed's ZeRO does this to a client optimizer, "
+                "which fastopt.torch cannot be: README, 'Scaling out')")
+        for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
+                                                     strict=True)):
+            params = group["params"]
+            if known.get(index) == (id(params), len(params)):
+                continue
+            if {id(p) for p in params} != {id(p) for b in buckets for p in b.params}:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the params of param group {index} were replaced "
+                    "after construction; this optimizer steps the params it was built over "
+                    "(add params with add_param_group). DeepSpeed's ZeRO does this to a "
+                    "client optimizer, which fastopt.torch cannot be: README, 'Scaling out'")
+            known[index] = (id(params), len(params))
+
     @_no_dynamo
     def _fused_step(self) -> None:
+        self._check_groups()
         modes = self.definition.modes
         if modes is not None and not self.param_groups[0][modes.group_key]:
             raise RuntimeError(f"{type(self).__name__} is in eval mode: call train() before "
