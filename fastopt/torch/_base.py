@@ -955,10 +955,13 @@ class FlatOptimizer(torch.optim.Optimizer):
             if not buckets:
                 continue
             schedule, own = self._schedule(index, group)
+            hypers = self._group_hypers(group)  # (once for the group's buckets)
             eps_rule = self._group_format_eps(group, buckets)
+            if eps_rule is not None:  # (a group of several dtypes: torch's eps1)
+                hypers = {**hypers, **eps_rule}
             before = _group_step(buckets)
             for b in buckets:
-                self._step_bucket(group, schedule, b, eps_rule)
+                self._step_bucket(group, schedule, b, hypers)
             self._finish_group(index, group, buckets, schedule, own, before)
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
@@ -1028,7 +1031,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         return rule or None
 
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket,
-                     eps_rule: dict | None = None) -> None:
+                     hypers: dict) -> None:
         have_grad, grads = [], None
         for i, (p, view, address) in enumerate(zip(b.params, b.grad_views, b.addresses,
                                                    strict=True)):
@@ -1046,9 +1049,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                 view.copy_(g)
                 p.grad = view
             have_grad.append(True)
-        hypers = self._group_hypers(group)
-        if eps_rule is not None:  # (a group of several dtypes: torch's eps1)
-            hypers = {**hypers, **eps_rule}
         names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
         if grads is not None:
