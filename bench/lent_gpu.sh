@@ -7,8 +7,9 @@
 # pytest-xdist where installed); 3. bench/gpu_check.py's timings (its report is rewritten after
 # each case, so a cut-short run keeps what it measured); 4. bench/gpu_passes.py (each launch of
 # the tensor-aware steps), bench/gpu_overhead.py (per-step host overhead) and
-# bench/step_in_backward_memory.py --cuda. Each part has its own time limit
-# (seconds, from the environment: TESTS_S, CHECK_S, EXTRA_S) so that one slow part cannot
+# bench/step_in_backward_memory.py --cuda; 5. bench/offload_gpt2.py (CPUOffload vs torch fused
+# AdamW, torchao's and DeepSpeed's offload on GPT-2 small). Each part has its own time limit
+# (seconds, from the environment: TESTS_S, CHECK_S, EXTRA_S, OFFLOAD_S) so that one slow part cannot
 # starve the others; CHECK_ARGS: more gpu_check.py options (e.g. --optimizers LAMB --no-sweep);
 # TESTS_K: a pytest -k expression selecting some of the GPU tests.
 # Oracle wheels (lion-pytorch, pytorch-optimizer, schedulefree) in .whl/
@@ -32,7 +33,8 @@ workers=""
 python3 -c 'import xdist' 2>/dev/null && workers="-n 8"
 start=$(date +%s)
 timeout "${TESTS_S:-200}" python3 -m pytest -q -rfEs -m gpu -p no:cacheprovider $workers \
-    --durations=12 tests/test_gpu.py tests/test_gpu_torch.py ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+    --durations=12 tests/test_gpu.py tests/test_gpu_torch.py tests/test_gpu_offload.py \
+    ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
     | tee "$OUT/tests.log"
 echo "tests: rc ${PIPESTATUS[0]}, $(( $(date +%s) - start )) s" | tee -a "$OUT/tests.log"
 start=$(date +%s)
@@ -43,4 +45,6 @@ timeout "${EXTRA_S:-30}" python3 bench/gpu_passes.py 2>&1 | tee "$OUT/passes.log
 timeout "${EXTRA_S:-30}" python3 bench/gpu_overhead.py 2>&1 | tee "$OUT/overhead.log"
 timeout "${EXTRA_S:-30}" python3 bench/step_in_backward_memory.py --cuda 2>&1 \
     | tee "$OUT/memory.log"
+timeout "${OFFLOAD_S:-120}" python3 bench/offload_gpt2.py --json "$OUT/offload.json" 2>&1 \
+    | tee "$OUT/offload.log"
 exit 0
