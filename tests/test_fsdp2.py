@@ -64,7 +64,7 @@ def _batch(step, rank):
 SCHEDULE = fastopt.schedules.warmup(fastopt.schedules.cosine(LR, STEPS), 5)
 
 
-def _train(m, opt, first, stop, *, scheduled_lr=False, dtype=None):
+def _train(m, opt, first, stop, *, scheduled_lr=False, dtype=None, set_to_none=True):
     """Steps [first, stop): a batch per process, clip_grad_norm_, step. ``scheduled_lr``:
     torch.optim, given the schedule's lr for each step."""
     rank = dist.get_rank()
@@ -78,7 +78,7 @@ def _train(m, opt, first, stop, *, scheduled_lr=False, dtype=None):
             for group in opt.param_groups:
                 group["lr"] = host_lr(SCHEDULE, step)
         opt.step()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=set_to_none)
 
 
 def _full(m):
@@ -119,6 +119,8 @@ def _check_against_torch(out):
             flat = opt._buckets[0][0].state["exp_avg"]
             assert local.data_ptr() == flat.data_ptr(), "state DTensor is a copy"
             assert abs(opt.param_groups[0]["lr"] - host_lr(SCHEDULE, STEPS)) < 1e-12
+            # the gradients are read from their shards: no buffer of fastopt's for them
+            assert "grads" not in opt.memory_report()
     _close(runs["fastopt"][0], runs["torch"][0], 1e-5, "params vs torch.optim")
     ours, theirs = runs["fastopt"][1], runs["torch"][1]
     assert ours["state"].keys() == theirs["state"].keys()
@@ -164,7 +166,8 @@ def _check_resume(out, tmp):
 
 
 def _check_mixed_precision(out):
-    """Case 4: MixedPrecisionPolicy(param_dtype=bfloat16): fastopt equals torch.optim."""
+    """Case 4: MixedPrecisionPolicy(param_dtype=bfloat16): fastopt equals torch.optim
+    (gradients zeroed in place between steps: zero_grad(set_to_none=False))."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
@@ -174,7 +177,7 @@ def _check_mixed_precision(out):
         assert next(m.parameters()).dtype == torch.float32
         opt = torch.optim.AdamW(m.parameters(), lr=LR) if kind == "torch" \
             else fot.AdamW(m.parameters(), lr=LR)
-        _train(m, opt, 0, 10)
+        _train(m, opt, 0, 10, set_to_none=False)
         runs[kind] = _full(m)
     _close(runs["fastopt"], runs["torch"], 1e-5, "mixed precision vs torch.optim")
     out["mixed"] = True

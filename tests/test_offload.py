@@ -4,6 +4,7 @@ copies run only when something waits for them, as a GPU's would. A missing wait 
 copy undone and the numbers wrong; every case compares with the fastopt.torch optimizer
 stepping the same model without offload."""
 
+import copy
 import gc
 import threading
 import weakref
@@ -286,6 +287,94 @@ def test_named_params_and_a_remainder_load():
     twin.load_state_dict(saved)
     opt.load_state_dict(saved)
     _equal(m, ref)
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    _equal(m, ref)
+
+
+class EagerTransfers(FakeTransfers):
+    """Copies run when issued: the gradients' copies from backward are done before anything
+    after backward (GradScaler's unscale_, clipping) touches the device gradients, as on a
+    GPU where they usually finish first."""
+
+    def copy(self, stream, dst, src) -> None:
+        dst.copy_(src)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler(unscale_first):
+    """torch.amp.GradScaler: CPUOffload takes its scale and inf flag (it changes the device
+    gradients in place without a version bump, so the copies made in backward would be
+    stale); with unscale_ called first (to clip), every gradient is copied again. A step
+    with an inf is skipped, as GradScaler skips it."""
+    m, ref = _model(), _model()
+    opt = fot.CPUOffload(m.parameters(), "SGD", lr=0.05, momentum=0.9, bucket_elements=400,
+                         _transfers=EagerTransfers())
+    twin = fot.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    for step in range(STEPS):
+        for model, o, scaler in ((m, opt, scalers[0]), (ref, twin, scalers[1])):
+            scaler.scale(_loss(model, step)).backward()
+            if step == 3:
+                model[0].weight.grad[0, 0] = float("inf")
+            if unscale_first:
+                scaler.unscale_(o)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # (no clipping)
+            scaler.step(o)
+            scaler.update()
+            o.zero_grad()
+        assert opt.last_step_skipped == (step == 3)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+    _equal(m, ref, rtol=1e-6)
+
+
+def test_refusals_after_review():
+    """A param listed twice (torch steps it once per listing), a param whose .data was
+    replaced (model.to()), copying or pickling: clear errors, not silent results."""
+    m = _model()
+    with pytest.raises(ValueError, match="each param once"):
+        fot.CPUOffload([m[0].weight, m[0].weight], "AdamW", _transfers=FakeTransfers())
+    with pytest.raises(ValueError, match="more than one parameter group"):  # (torch's)
+        fot.CPUOffload([{"params": [m[0].weight]}, {"params": [m[0].weight]}], "AdamW",
+                       _transfers=FakeTransfers())
+    opt = _offload(m, lr=1e-2)
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt)
+    m[0].weight.data = torch.zeros(24, 12)
+    _loss(m, 0).backward()
+    with pytest.raises(RuntimeError, match="no longer lives"):
+        opt.step()
+
+
+def test_a_failed_step_or_load_leaves_it_consistent():
+    """A bad hyperparameter in one group raises before any bucket steps; a state dict that
+    fails to load part way leaves every bucket as it was."""
+    m, ref = _model(), _model()
+    groups = lambda model: [{"params": list(model[0].parameters())},  # noqa: E731
+                            {"params": list(model[2].parameters()) + list(model[4].parameters()),
+                             "lr": 5e-3}]
+    opt = fot.CPUOffload(groups(m), "AdamW", lr=1e-2, bucket_elements=400,
+                         _transfers=FakeTransfers())
+    twin = fot.AdamW(groups(ref), lr=1e-2)
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.param_groups[1]["lr"] = -1.0
+    _loss(m, 50).backward()
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, m.parameters(), strict=True))
+    opt.param_groups[1]["lr"] = 5e-3
+    opt.zero_grad()
+    bad = twin.state_dict()
+    bad["state"][3] = bad["state"][2]  # (a state of the wrong shape for the last buckets)
+    saved = opt.state_dict()
+    with pytest.raises(RuntimeError, match="shape"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    for k, st in saved["state"].items():
+        for key, value in st.items():
+            assert torch.equal(after["state"][k][key], value), (k, key)
     _run(m, opt, 2)
     _run(ref, twin, 2)
     _equal(m, ref)

@@ -584,3 +584,18 @@ def test_replaced_param_groups_are_refused_not_silently_ignored():
     opt.param_groups = []
     with pytest.raises(RuntimeError, match="param_groups was replaced"):
         opt.step()
+
+
+def test_a_bad_value_in_a_later_group_steps_no_group():
+    """Every group's lr and hyperparameters are checked before any group steps (torch.optim
+    checks inside its per-group loop; fastopt steps none of them: nothing half-stepped)."""
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    opt = fot.AdamW([{"params": a.parameters()}, {"params": b.parameters()}], lr=1e-2)
+    b(a(torch.randn(4, 3))).sum().backward()
+    before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    after = [p.detach() for p in (*a.parameters(), *b.parameters())]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+    assert not opt.state

@@ -217,7 +217,9 @@ class _Bucket:
         pinned = dict(pin_memory=True) if pin_memory else {}
         self.flat = first.detach().view(-1) if in_place else torch.zeros(total, **kwargs,
                                                                          **pinned)
-        self.grad = torch.zeros(total, **kwargs, **pinned)
+        # (a DTensor's gradient is read from its own shard: a buffer only if it must be
+        # converted, made then)
+        self.grad = None if self.sharded else torch.zeros(total, **kwargs, **pinned)
         self.state = {}
         for name, value in state_init.items():
             self.add_state(name, value)
@@ -230,7 +232,8 @@ class _Bucket:
         self.steps = torch.zeros(len(params), dtype=torch.float32)
         self.step = 0  # the common step count while every param has taken every step
         self.uniform = True
-        self.grad_views = [self.slice(self.grad, i) for i in range(len(params))]
+        self.grad_views = [None if self.grad is None else self.slice(self.grad, i)
+                           for i in range(len(params))]
         with torch.no_grad():
             for i, (p, grad) in enumerate(zip(params, self.grad_views, strict=True)):
                 if not in_place:
@@ -855,13 +858,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         the step skips it)."""
         for buckets in self._buckets:
             for b in buckets:
-                if set_to_none or b.grad is None:  # (step in backward: no buffer to zero)
-                    for p in b.params:
-                        p.grad = None
-                elif b.sharded:  # (a DTensor's grad is its own)
+                if b.sharded and not set_to_none:  # (a DTensor's grad is its own)
                     for p in b.params:
                         if p.grad is not None:
                             p.grad.zero_()
+                elif set_to_none or b.grad is None:  # (step in backward: no buffer to zero)
+                    for p in b.params:
+                        p.grad = None
                 else:
                     b.grad.zero_()
                     for p, view in zip(b.params, b.grad_views, strict=True):
@@ -950,15 +953,25 @@ class FlatOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
         else:
             self._take_device_counts()
+        # every group's lr and hyperparameters checked before any group steps (a bad value
+        # in a later group must not leave the earlier ones stepped); looked up once a group
+        plans = []
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
                                                      strict=True)):
             if not buckets:
+                plans.append(None)
                 continue
             schedule, own = self._schedule(index, group)
-            hypers = self._group_hypers(group)  # (once for the group's buckets)
+            hypers = self._group_hypers(group)
             eps_rule = self._group_format_eps(group, buckets)
             if eps_rule is not None:  # (a group of several dtypes: torch's eps1)
                 hypers = {**hypers, **eps_rule}
+            plans.append((schedule, own, hypers))
+        for index, (group, buckets, plan) in enumerate(zip(self.param_groups, self._buckets,
+                                                           plans, strict=True)):
+            if plan is None:
+                continue
+            schedule, own, hypers = plan
             before = _group_step(buckets)
             for b in buckets:
                 self._step_bucket(group, schedule, b, hypers)
@@ -1042,7 +1055,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 have_grad.append(False)
                 continue
             if b.sharded:  # a DTensor's gradient: its local shard, read where it is
-                grads = self._shard_grad(b, local_tensor(g), view)
+                grads = self._shard_grad(b, local_tensor(g))
             elif g is not view:  # autograd made a new tensor (after set_to_none): take it in
                 if g.is_sparse:
                     raise RuntimeError("fastopt does not support sparse gradients")
@@ -1089,19 +1102,22 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._step_params(group, b, names, hypers, arrays, half, schedule, have_grad)
 
     @staticmethod
-    def _shard_grad(b: _Bucket, g: torch.Tensor, view: torch.Tensor):
+    def _shard_grad(b: _Bucket, g: torch.Tensor):
         """The kernel's gradient array for a DTensor param's gradient's local shard ``g``:
         a view of it where it has the param's dtype and layout, else (another dtype, e.g.
-        FSDP2's reduce_dtype) converted into the bucket's buffer."""
-        if g.shape != view.shape:
+        FSDP2's reduce_dtype) converted into the bucket's buffer (made at first need)."""
+        local = b.tensors[0]
+        if g.shape != local.shape:
             raise RuntimeError(f"the gradient's local shard has shape {tuple(g.shape)}, the "
-                               f"param's {tuple(view.shape)}: the grad is not sharded as "
+                               f"param's {tuple(local.shape)}: the grad is not sharded as "
                                "the param")
-        if g.dtype == view.dtype and g.is_contiguous() and g.device == view.device:
-            convert = _as_array if b.format is None else _as_bits
+        convert = _as_array if b.format is None else _as_bits
+        if g.dtype == local.dtype and g.is_contiguous() and g.device == local.device:
             return convert(g.detach().reshape(-1))
-        view.copy_(g)
-        return None
+        if b.grad is None:
+            b.grad = torch.zeros_like(b.flat)
+        b.grad.view_as(local).copy_(g)
+        return convert(b.grad)
 
     def _step_params(self, group: dict, b: _Bucket, names: tuple, hypers: dict, arrays: list,
                      half: dict, schedule: Schedule, have_grad: list[bool]) -> None:

@@ -40,7 +40,7 @@ import torch
 
 from .._checks import check_max_grad_norm, grad_mult
 from . import optim as _optim
-from ._base import FlatOptimizer
+from ._base import FlatOptimizer, moved_param_error
 
 #: the default bucket size in elements (16 MiB of float32 gradients per copy)
 BUCKET_ELEMENTS = 1 << 22
@@ -127,9 +127,17 @@ class _Bucket:
         #: the device params' versions when the host last had their values: a param changed
         #: in place since (model.load_state_dict, an init) is copied to the host first
         self.versions = [p._version for p in params]
+        #: where each device param's data lives: a param whose .data is replaced (model.to(),
+        #: ``p.data = ...``) is refused at the next step, as by the optimizer without offload
+        self.addresses = [p.data_ptr() for p in params]
 
     def remember_versions(self) -> None:
         self.versions = [p._version for p in self.params]
+
+    def check_addresses(self) -> None:
+        for p, address in zip(self.params, self.addresses, strict=True):
+            if p.data_ptr() != address:
+                raise moved_param_error(p, True)
 
     def changed_on_device(self) -> bool:
         return any(p._version != v for p, v in zip(self.params, self.versions, strict=True))
@@ -209,6 +217,11 @@ class CPUOffload(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         params = group["params"]
+        if len({id(p) for p in params}) != len(params):  # (torch refuses one in two groups)
+            self.param_groups.pop()
+            raise ValueError("CPUOffload takes each param once (torch steps a param listed "
+                             "twice once per listing; its host copies would each step from "
+                             "the same value): list each param once")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"one param group must live on one device, got {devices}")
@@ -327,17 +340,48 @@ class CPUOffload(torch.optim.Optimizer):
             for b in buckets:
                 b.copied, b.pending = None, sum(p.requires_grad for p in b.params)
 
+    #: torch.amp.GradScaler hands this optimizer its scale and inf flag (``grad_scale``,
+    #: ``found_inf`` attributes) instead of unscaling the gradients in place, which torch's
+    #: version counter would not show (the copies made in backward would be stale)
+    _step_supports_amp_scaling = True
+
+    def _amp_scaling(self) -> tuple[float, bool]:
+        """(gradient multiplier, skip) from GradScaler's attributes, if it set them. A
+        scaler whose ``unscale_`` already ran (for clipping) changed the device gradients
+        without a version bump: all are copied again."""
+        if "found_inf" not in self.__dict__:
+            return 1.0, False
+        if float(self.found_inf) != 0.0:
+            return 1.0, True
+        scale = self.__dict__.get("grad_scale")
+        if scale is None:  # (unscale_ ran: the device gradients are unscaled in place)
+            for buckets in self._buckets:
+                for b in buckets:
+                    b.copied = None
+            return 1.0, False
+        return 1.0 / float(scale), False
+
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: float | None = None):
         """Finish the gradients' copies, run the CPU steps and issue the params' copies; the
         current stream waits for those. Returns the closure's loss (None without one);
-        ``last_step_skipped`` says whether ``skip_if_nonfinite`` skipped it."""
+        ``last_step_skipped`` says whether ``skip_if_nonfinite`` (or GradScaler) skipped it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if isinstance(grad_scale, torch.Tensor) and grad_scale.numel() == 1:
+            grad_scale = float(grad_scale)
         mult = 1.0 if grad_scale is None else grad_mult(grad_scale)
-        self.last_step_skipped = False
+        everything = [b for buckets in self._buckets for b in buckets]
+        for b in everything:
+            b.check_addresses()
+        amp_mult, found_inf = self._amp_scaling()
+        self.last_step_skipped = found_inf
+        if found_inf:  # (GradScaler skips the step; its update() lowers the scale)
+            self._reset()
+            return loss
+        mult *= amp_mult
         if self.max_grad_norm is not None or self.skip_if_nonfinite:
             norm = self._device_norm() * mult
             if self.skip_if_nonfinite and not math.isfinite(norm):
@@ -348,7 +392,6 @@ class CPUOffload(torch.optim.Optimizer):
                 coef = self.max_grad_norm / (norm + 1e-6)  # torch's coefficient, at most 1
                 if not coef >= 1.0:
                     mult *= coef
-        everything = [b for buckets in self._buckets for b in buckets]
         for b in everything:
             if b.changed_on_device():
                 b.take_device_params()
@@ -356,19 +399,26 @@ class CPUOffload(torch.optim.Optimizer):
             if b.stale():
                 self._copy_grads(b)
         self._push_groups()
+        for b in everything:  # (a bad lr or hyperparameter raises here, before any bucket
+            b.host._schedule(0, b.host.param_groups[0])  # steps)
+            b.host._group_hypers(b.host.param_groups[0])
         with self._lock:
             order, self._order = self._order, []
         t = self._transfers
         t.after_current(t.h2d)  # (the params' copies after the backward that read them)
         done = [self._worker.submit(self._host_step, b, mult) for b in order]
-        try:
-            for future in done:
+        failed = None
+        for future in done:  # (every bucket that stepped has its copy waited for, even
+            try:  # when another failed: the device must not keep stale params)
                 t.current_waits(future.result())
-        finally:
-            self._reset()
-            self._pull_groups()
-            for b in order:  # (the params' copies to the device are issued)
-                b.remember_versions()
+            except BaseException as e:
+                failed = failed or e
+        self._reset()
+        self._pull_groups()
+        for b in order:  # (the params' copies to the device are issued)
+            b.remember_versions()
+        if failed is not None:
+            raise failed
         return loss
 
     def refresh_master(self) -> None:
@@ -419,20 +469,40 @@ class CPUOffload(torch.optim.Optimizer):
                                  "match the size of optimizer's group")
         ids = [i for g in saved_groups for i in g["params"]]
         where = {id(b): i for i, buckets in enumerate(self._buckets) for b in buckets}
-        for b, indices in self._host_indices():
-            saved = saved_groups[where[id(b)]]
-            part = {"state": {local: state_dict["state"][ids[index]]
-                              for local, index in enumerate(indices)
-                              if ids[index] in state_dict["state"]},
-                    "param_groups": [{**{k: v for k, v in saved.items() if k != "params"},
-                                      "params": list(range(len(indices)))}]}
-            b.host.load_state_dict(part)
-            if b.host.master_weights != "fp32":  # (16-bit params written from the master)
-                with torch.no_grad():
-                    for p, hp in zip(b.params, b.host_params, strict=True):
-                        p.copy_(hp)
-            b.remember_versions()
+        backups = []  # (a failed load puts back the buckets already loaded)
+        try:
+            for b, indices in self._host_indices():
+                saved = saved_groups[where[id(b)]]
+                part = {"state": {local: state_dict["state"][ids[index]]
+                                  for local, index in enumerate(indices)
+                                  if ids[index] in state_dict["state"]},
+                        "param_groups": [{**{k: v for k, v in saved.items()
+                                             if k not in _NOT_HYPERS},
+                                          "params": list(range(len(indices)))}]}
+                backup = (b, b.host.state_dict(), [hp.detach().clone()
+                                                   for hp in b.host_params])
+                b.host.load_state_dict(part)
+                backups.append(backup)
+        except BaseException:
+            with torch.no_grad():
+                for b, d, values in backups:  # (the params first: a saved master, if
+                    for hp, v in zip(b.host_params, values, strict=True):  # any, then
+                        hp.copy_(v)  # writes them exactly, remainders included)
+                    b.host.load_state_dict(d)
+            raise
+        for buckets in self._buckets:
+            for b in buckets:
+                if b.host.master_weights != "fp32":  # (16-bit params written from the master)
+                    with torch.no_grad():
+                        for p, hp in zip(b.params, b.host_params, strict=True):
+                            p.copy_(hp)
+                b.remember_versions()
         self._pull_groups()
+
+    def __getstate__(self):
+        raise TypeError("CPUOffload cannot be copied or pickled (hooks on the model's params, "
+                        "a worker thread, pinned host buffers): save and load its "
+                        "state_dict() instead")
 
     def __del__(self):
         for hook in getattr(self, "_hooks", ()):
