@@ -2,7 +2,9 @@
 part 3): training step time (forward, backward, step) and peak GPU memory, in one run, for
 
 - ``torch``: no offload, torch.optim.AdamW(fused=True);
-- ``fastopt``: fastopt.torch.CPUOffload(..., "AdamW") (bfloat16 state too, ``--state-dtype``);
+- ``fastopt``: fastopt.torch.CPUOffload(..., "AdamW") (``--state-dtype`` for its state);
+- ``fastopt-sib``: the same with ``step_in_backward=True`` (each bucket's CPU step overlaps
+  the rest of backward);
 - ``torchao``: torchao.optim.CPUOffloadOptimizer(params, torch.optim.AdamW, fused=True), if
   torchao imports;
 - ``deepspeed``: DeepSpeedCPUAdam used the same way (pinned CPU master and state, grads copied
@@ -80,10 +82,11 @@ def make(kind: str, model: nn.Module, lr: float, state_dtype: str):
     if kind == "torch":
         opt = torch.optim.AdamW(params, lr=lr, fused=True)
         return opt.step, opt.zero_grad
-    if kind == "fastopt":
+    if kind in ("fastopt", "fastopt-sib"):
         import fastopt.torch as fot
 
-        opt = fot.CPUOffload(params, "AdamW", lr=lr, state_dtype=state_dtype)
+        opt = fot.CPUOffload(params, "AdamW", lr=lr, state_dtype=state_dtype,
+                             step_in_backward=kind == "fastopt-sib")
         return opt.step, opt.zero_grad
     if kind == "torchao":
         from torchao.optim import CPUOffloadOptimizer
@@ -133,7 +136,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--state-dtype", default="float32")
-    ap.add_argument("--only", default="torch,fastopt,torchao,deepspeed")
+    ap.add_argument("--only", default="torch,fastopt,fastopt-sib,torchao,deepspeed")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)

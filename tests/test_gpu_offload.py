@@ -33,14 +33,15 @@ def _train(m, opt, steps, clip=None):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("dtype,master_weights", [(torch.float32, "fp32"),
-                                                  (torch.bfloat16, "fp32"),
-                                                  (torch.bfloat16, "remainder")])
-def test_offload_equals_the_cuda_optimizer(dtype, master_weights):
+@pytest.mark.parametrize("dtype,master_weights,in_backward", [
+    (torch.float32, "fp32", False), (torch.float32, "fp32", True),
+    (torch.bfloat16, "fp32", False), (torch.bfloat16, "remainder", True)])
+def test_offload_equals_the_cuda_optimizer(dtype, master_weights, in_backward):
     kwargs = dict(lr=schedules.warmup(schedules.cosine(1e-2, 20), 3), weight_decay=0.1,
                   master_weights=master_weights)
     m, ref = _model(dtype), _model(dtype)
-    opt = fot.CPUOffload(m.parameters(), "AdamW", bucket_elements=20000, **kwargs)
+    opt = fot.CPUOffload(m.parameters(), "AdamW", bucket_elements=20000,
+                         step_in_backward=in_backward, **kwargs)
     assert opt._buckets[0][0].host._buckets[0][0].flat.is_pinned()
     _train(m, opt, 20)
     _train(ref, fot.AdamW(ref.parameters(), **kwargs), 20)

@@ -378,3 +378,38 @@ def test_a_failed_step_or_load_leaves_it_consistent():
     _run(m, opt, 2)
     _run(ref, twin, 2)
     _equal(m, ref)
+
+
+def test_step_in_backward():
+    """step_in_backward=True: each bucket's CPU step starts in backward as soon as its
+    gradients are copied (before step() is called); step() waits for them. The numbers equal
+    the optimizer without offload; what needs the gradients first is refused."""
+    m, ref = _model(), _model()
+    kwargs = dict(lr=schedules.warmup(schedules.cosine(1e-2, STEPS), 2), weight_decay=0.1)
+    opt = _offload(m, step_in_backward=True, **kwargs)
+    twin = fot.AdamW(ref.parameters(), **kwargs)
+    _loss(m, 0).backward()
+    assert len(opt._inflight) == len(opt._buckets[0]) - 1  # (all but the unused param's)
+    for _, future in opt._inflight:
+        future.result()
+    hosts = [b.host for b, _ in opt._inflight]
+    assert all(float(next(iter(h.state.values()))["step"]) == 1 for h in hosts)
+    opt.step()
+    opt.zero_grad()
+    for step in range(1, STEPS):
+        _loss(m, 10 * step).backward()  # (_run's batches)
+        opt.step()
+        opt.zero_grad()
+    _run(ref, twin, STEPS)
+    _equal(m, ref)
+    assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
+    _loss(m, 99).backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+    with pytest.raises(RuntimeError, match="changed after it"):
+        opt.step()
+    opt.zero_grad()
+    _loss(m, 100).backward()
+    with pytest.raises(RuntimeError, match="second backward"):
+        _loss(m, 101).backward()
+    with pytest.raises(ValueError, match="global norm"):
+        _offload(_model(), step_in_backward=True, max_grad_norm=1.0)

@@ -23,6 +23,10 @@ memory, in every ``state_dtype`` and ``master_weights`` mode. The flow of one st
    host->device copies (a wait on the device, not on the host), so the next forward runs after
    them and nothing else waits.
 
+With ``step_in_backward=True`` the hook of step 1 also hands the bucket to the worker at once
+(step 3 overlaps the rest of backward) and ``step()`` only waits; the global norm that
+clipping and skipping need first is then not available, so those are refused.
+
 The device's memory keeps the params and gradients only; the host keeps the params (pinned),
 gradients (pinned), master and state. ``Transfers`` is the device interface the steps use;
 tests drive the same code with CPU "device" tensors and deferred fake streams.
@@ -170,11 +174,14 @@ class CPUOffload(torch.optim.Optimizer):
     (``state_dtype``, ``master_weights``: every mode). ``bucket_elements``: the size of each
     copy and CPU step. ``max_grad_norm``: clip the gradients to this global norm (taken on
     the device first: torch's ``clip_grad_norm_`` coefficient, applied in the CPU kernels).
-    ``skip_if_nonfinite``: a step whose gradients hold inf or NaN changes nothing (step()
-    returns False). ``step(grad_scale=s)``: the gradients are s times the true ones (a loss
-    scale), divided in the kernels. ``torch.nn.utils.clip_grad_norm_`` and GradScaler work
-    too: gradients changed after backward are copied again at ``step()`` (slower than the
-    two options above, whose copies overlap backward).
+    ``skip_if_nonfinite``: a step whose gradients hold inf or NaN changes nothing
+    (``last_step_skipped``). ``step(grad_scale=s)``: the gradients are s times the true ones
+    (a loss scale), divided in the kernels. ``torch.nn.utils.clip_grad_norm_`` and
+    GradScaler work too: gradients changed after backward are copied again at ``step()``
+    (slower than the two options above, whose copies overlap backward).
+    ``step_in_backward=True``: each bucket's CPU step starts in backward as soon as its
+    gradients are copied, and ``step()`` only waits for them (call it after each backward);
+    what needs every gradient first (clipping, GradScaler, accumulation) is refused.
 
     The device keeps only params and gradients; the host keeps the float32 master, state and
     pinned copies of params and gradients. ``state_dict()`` is the format of the
@@ -185,8 +192,18 @@ class CPUOffload(torch.optim.Optimizer):
 
     def __init__(self, params, optimizer="AdamW", *, bucket_elements: int = BUCKET_ELEMENTS,
                  max_grad_norm: float | None = None, skip_if_nonfinite: bool = False,
-                 _transfers: Transfers | None = None, **kwargs):
+                 step_in_backward: bool = False, _transfers: Transfers | None = None,
+                 **kwargs):
         self.optimizer_class = _resolve(optimizer)
+        if not isinstance(step_in_backward, bool):
+            raise TypeError(f"step_in_backward must be a bool, got {step_in_backward!r}")
+        if step_in_backward and (max_grad_norm is not None or skip_if_nonfinite):
+            raise ValueError("step_in_backward=True steps each bucket as soon as its "
+                             "gradients exist; max_grad_norm and skip_if_nonfinite need the "
+                             "global norm of all of them first: use one or the other")
+        #: each bucket's CPU step starts in backward, as soon as its gradients are copied
+        self.step_in_backward = step_in_backward
+        self._inflight: list = []  # (step in backward: the buckets' steps submitted)
         if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) \
                 or bucket_elements < 1:
             raise ValueError(f"bucket_elements must be an int >= 1, got {bucket_elements!r}")
@@ -334,6 +351,30 @@ class CPUOffload(torch.optim.Optimizer):
         b.h2d_done = t.record(t.h2d)
         return b.h2d_done
 
+    def _step_now(self, b: _Bucket) -> None:
+        """Step in backward: submit ``b``'s CPU step now (its gradients' copy is issued).
+        The first bucket of a backward brings the groups' values to the host optimizers
+        and checks them (an error then stops backward, before anything stepped)."""
+        if not self._inflight:
+            self._push_groups()
+            self._check_hosts()
+        elif any(x is b for x, _ in self._inflight):
+            raise RuntimeError(
+                "CPUOffload(step_in_backward=True): a second backward before step(); each "
+                "backward steps the buckets (gradient accumulation needs "
+                "step_in_backward=False): call step() after every backward")
+        t = self._transfers
+        t.after_current(t.h2d)  # (the params' copy after backward's last use of them)
+        with self._lock:
+            self._order.remove(b)
+        self._inflight.append((b, self._worker.submit(self._host_step, b, 1.0)))
+
+    def _check_hosts(self) -> None:
+        for buckets in self._buckets:  # (a bad lr or hyperparameter raises here, before
+            for b in buckets:  # any bucket steps)
+                b.host._schedule(0, b.host.param_groups[0])
+                b.host._group_hypers(b.host.param_groups[0])
+
     def _reset(self) -> None:
         """The next backward copies afresh."""
         for buckets in self._buckets:
@@ -376,6 +417,8 @@ class CPUOffload(torch.optim.Optimizer):
         everything = [b for buckets in self._buckets for b in buckets]
         for b in everything:
             b.check_addresses()
+        if self._inflight:  # (step in backward: the buckets stepped there)
+            self._finish_inflight(grad_scale)
         amp_mult, found_inf = self._amp_scaling()
         self.last_step_skipped = found_inf
         if found_inf:  # (GradScaler skips the step; its update() lowers the scale)
@@ -399,9 +442,7 @@ class CPUOffload(torch.optim.Optimizer):
             if b.stale():
                 self._copy_grads(b)
         self._push_groups()
-        for b in everything:  # (a bad lr or hyperparameter raises here, before any bucket
-            b.host._schedule(0, b.host.param_groups[0])  # steps)
-            b.host._group_hypers(b.host.param_groups[0])
+        self._check_hosts()
         with self._lock:
             order, self._order = self._order, []
         t = self._transfers
@@ -420,6 +461,31 @@ class CPUOffload(torch.optim.Optimizer):
         if failed is not None:
             raise failed
         return loss
+
+    def _finish_inflight(self, grad_scale) -> None:
+        """Step in backward: wait for the steps submitted there (the current stream waits
+        for their params' copies); refuse what needed the gradients before them."""
+        t = self._transfers
+        inflight, self._inflight = self._inflight, []
+        failed = None
+        for b, future in inflight:
+            try:
+                t.current_waits(future.result())
+            except BaseException as e:
+                failed = failed or e
+            b.remember_versions()
+        if failed is not None:
+            self._reset()
+            raise failed
+        changed = [b for b, _ in inflight if b.stale()]
+        if changed or grad_scale is not None or "found_inf" in self.__dict__:
+            self._reset()
+            raise RuntimeError(
+                "CPUOffload(step_in_backward=True) stepped the buckets in backward, with the "
+                "gradients backward made; they were changed after it (clip_grad_norm_, "
+                "GradScaler, gradient accumulation) or a loss scale was given: those need "
+                "step_in_backward=False (max_grad_norm= then clips on the device)")
+        self._pull_groups()
 
     def refresh_master(self) -> None:
         """Copy the device params to the host now. ``step()`` does it itself for params
@@ -518,7 +584,8 @@ _NOT_HYPERS = ("params", "param_names")
 
 def _on_grad(ref: weakref.ref, group: int, index: int) -> None:
     """A param of bucket ``index`` of ``group`` has its gradient of this backward: copy the
-    bucket's gradients once all its params have theirs."""
+    bucket's gradients once all its params have theirs (and with step_in_backward, submit
+    its CPU step)."""
     opt = ref()
     if opt is None:
         return
@@ -526,3 +593,5 @@ def _on_grad(ref: weakref.ref, group: int, index: int) -> None:
     b.pending -= 1
     if b.pending <= 0:
         opt._copy_grads(b)
+        if opt.step_in_backward:
+            opt._step_now(b)
