@@ -413,3 +413,30 @@ def test_step_in_backward():
         _loss(m, 101).backward()
     with pytest.raises(ValueError, match="global norm"):
         _offload(_model(), step_in_backward=True, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_tied_weights(in_backward):
+    """A weight used twice (GPT-2's embedding and head): its hook fires once a backward,
+    after both uses' gradients are summed, and its bucket steps once."""
+    def model():
+        torch.manual_seed(1)
+        m = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16),
+                                torch.nn.Tanh())
+        return m
+
+    def loss(m, step):
+        g = torch.Generator().manual_seed(step)
+        idx = torch.randint(0, 50, (4, 7), generator=g)
+        return (m(idx) @ m[0].weight.t()).logsumexp(-1).mean()
+
+    m, ref = model(), model()
+    opt = fot.CPUOffload(m.parameters(), "AdamW", lr=1e-2, bucket_elements=300,
+                         step_in_backward=in_backward, _transfers=FakeTransfers())
+    twin = fot.AdamW(ref.parameters(), lr=1e-2)
+    for step in range(4):
+        for mm, o in ((m, opt), (ref, twin)):
+            loss(mm, step).backward()
+            o.step()
+            o.zero_grad()
+    _equal(m, ref)
