@@ -134,6 +134,18 @@ def test_equals_the_optimizer_without_offload(name):
     assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
 
 
+def test_memory_report():
+    """AdamW over bfloat16 params with bfloat16 state: 4 B/param on the device (params and
+    gradients), the host's params, gradients, master and two states."""
+    m = _model(torch.bfloat16)
+    report = _offload(m, lr=1e-2, state_dtype="bfloat16").memory_report()
+    assert report["device"] == {"params": 2.0, "grads": 2.0, "total": 4.0}
+    host = report["host"]
+    assert host["master_param"] == pytest.approx(4.0, rel=0.1)  # (the flat buffers' padding)
+    assert host["exp_avg"] == pytest.approx(2.0, rel=0.1)
+    assert host["total"] == pytest.approx(2 + 2 + 4 + 2 + 2, rel=0.1)
+
+
 @pytest.mark.parametrize("master_weights", ["fp32", "remainder", "none"])
 @pytest.mark.parametrize("state_dtype", ["float32", "bfloat16", "int8"])
 def test_bf16_params_every_format(master_weights, state_dtype):

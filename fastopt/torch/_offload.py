@@ -487,6 +487,24 @@ class CPUOffload(torch.optim.Optimizer):
                 "step_in_backward=False (max_grad_norm= then clips on the device)")
         self._pull_groups()
 
+    def memory_report(self) -> dict[str, dict[str, float]]:
+        """Bytes per parameter by component: ``device`` (the model's params and gradients,
+        where the step no longer keeps anything) and ``host`` (the host optimizers'
+        ``memory_report``: pinned params and gradients, master, state, scales), each with
+        its ``total``."""
+        n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        device = {"params": sum(p.numel() * p.element_size()
+                                for g in self.param_groups for p in g["params"]) / max(n, 1)}
+        device["grads"] = device["params"]  # (as backward makes them)
+        device["total"] = device["params"] + device["grads"]
+        host: dict[str, float] = {}
+        for buckets in self._buckets:
+            for b in buckets:
+                size = sum(p.numel() for p in b.params)
+                for name, value in b.host.memory_report().items():
+                    host[name] = host.get(name, 0.0) + value * size / max(n, 1)
+        return {"device": device, "host": host}
+
     def refresh_master(self) -> None:
         """Copy the device params to the host now. ``step()`` does it itself for params
         changed in place since the last step (torch's version counter: ``copy_``,
