@@ -8,11 +8,14 @@ The cases, each compared across the two processes' gathered (full) tensors:
   empty);
 - the full optimizer state dict (``get_optimizer_state_dict(full_state_dict=True)``) holds
   torch's values under torch's names;
-- a DCP save after 10 steps, loaded into a fresh model and optimizer, resumes bit for bit;
+- a DCP save after 10 steps, loaded into a fresh model and optimizer, resumes bit for bit,
+  and so does a resume through full (unsharded) state dicts;
 - ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``: fastopt equals torch.optim;
 - bfloat16 sharded params with each ``master_weights``: the master is a DTensor where there is
-  one, and the run equals the same optimizer without FSDP on the same gradients;
-- tensor-aware optimizers and int8 state refuse DTensor params with a clear error.
+  one, and the run equals the same optimizer without FSDP on the same gradients ("none":
+  close to it, its rounding bits being numbered per shard);
+- tensor-aware optimizers (Adafactor, LAMB, Muon), int8 state, CPUOffload and
+  step_in_backward refuse DTensor params with a clear error.
 """
 
 import os
@@ -162,6 +165,18 @@ def _check_resume(out, tmp):
     resumed = _full(m)
     for a, b in zip(resumed, straight, strict=True):
         assert torch.equal(a, b), f"resumed run differs by {float((a - b).abs().max()):.3g}"
+    # the same through full (unsharded) state dicts, without DCP's files
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    full = StateDictOptions(full_state_dict=True)
+    m, opt = make()
+    _train(m, opt, 0, STEPS // 2)
+    model_sd, optim_sd = get_state_dict(m, opt, options=full)
+    m, opt = make()
+    set_state_dict(m, opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=full)
+    _train(m, opt, STEPS // 2, STEPS)
+    for a, b in zip(_full(m), straight, strict=True):
+        assert torch.equal(a, b), f"full-dict resume differs by {float((a - b).abs().max()):.3g}"
     out["resume"] = True
 
 
@@ -190,7 +205,7 @@ def _check_half_params(out):
     bits drawn per element index, which differ between a shard and the whole)."""
     from torch.distributed.tensor import DTensor
 
-    for mode in ("fp32", "remainder"):
+    for mode in ("fp32", "remainder", "none"):
         m = _sharded(dtype=torch.bfloat16)
         params = list(m.parameters())
         opt = fot.AdamW(params, lr=LR, master_weights=mode)
@@ -205,6 +220,12 @@ def _check_half_params(out):
             twin.step()
             opt.zero_grad()
             twin.zero_grad()
+        if mode == "none":  # (its bits are numbered per shard: close, not equal)
+            for p, q in zip(params, twin_params, strict=True):
+                torch.testing.assert_close(p.full_tensor().float(), q.detach().float(),
+                                           rtol=0.02, atol=1e-3)
+            assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+            continue
         key = "master_param" if mode == "fp32" else "master_remainder"
         assert isinstance(opt.state[params[0]][key], DTensor)
         for p, q in zip(params, twin_params, strict=True):
@@ -219,8 +240,12 @@ def _check_half_params(out):
 
 def _check_refusals(out):
     m = _sharded()
+    weights = [layer.weight for layer in m if isinstance(layer, torch.nn.Linear)]
     for make, words in ((lambda: fot.Adafactor(m.parameters()), "tensor-aware"),
-                        (lambda: fot.AdamW(m.parameters(), state_dtype="int8"), "int8")):
+                        (lambda: fot.LAMB(m.parameters()), "tensor-aware"),
+                        (lambda: fot.Muon(weights), "tensor-aware"),
+                        (lambda: fot.AdamW(m.parameters(), state_dtype="int8"), "int8"),
+                        (lambda: fot.CPUOffload(m.parameters(), "AdamW"), "DTensor")):
         try:
             make()
         except ValueError as e:

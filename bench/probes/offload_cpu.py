@@ -73,17 +73,19 @@ def main():
                 opt.step()
         else:
             opt = fot.AdamW(params, lr=1e-4)
-            host = [torch.empty_like(p) for p in params]
+            host_grads = [torch.empty_like(p) for p in params]
+            device = [torch.empty_like(p) for p in params]
 
-            def step(opt=opt, params=params, host=host, copies=kind == "flat+copies"):
-                if copies:  # (the gradients down and the params up, as CPUOffload does)
-                    for p, h in zip(params, host, strict=True):
+            def step(opt=opt, params=params, host_grads=host_grads, device=device,
+                     copies=kind == "flat+copies"):
+                if copies:  # (the gradients down, as CPUOffload copies them)
+                    for p, h in zip(params, host_grads, strict=True):
                         h.copy_(p.grad)
                 opt.step()
-                if copies:
+                if copies:  # (the params up: into a "device" copy of each)
                     with torch.no_grad():
-                        for p, h in zip(params, host, strict=True):
-                            p.copy_(h)
+                        for p, d in zip(params, device, strict=True):
+                            d.copy_(p)
         step()  # (compiles, warms)
         results[kind] = best(step, args.rounds)
         print(f"{kind:>12}: {results[kind]:.1f} ms", flush=True)

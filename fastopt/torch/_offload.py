@@ -44,7 +44,7 @@ import torch
 
 from .._checks import check_max_grad_norm, grad_mult
 from . import optim as _optim
-from ._base import FlatOptimizer, moved_param_error
+from ._base import FlatOptimizer, is_dtensor, moved_param_error
 
 #: the default bucket size in elements (16 MiB of float32 gradients per copy)
 BUCKET_ELEMENTS = 1 << 22
@@ -204,6 +204,7 @@ class CPUOffload(torch.optim.Optimizer):
         #: each bucket's CPU step starts in backward, as soon as its gradients are copied
         self.step_in_backward = step_in_backward
         self._inflight: list = []  # (step in backward: the buckets' steps submitted)
+        self._second_backward = False  # (step in backward: one ran before step())
         if isinstance(bucket_elements, bool) or not isinstance(bucket_elements, int) \
                 or bucket_elements < 1:
             raise ValueError(f"bucket_elements must be an int >= 1, got {bucket_elements!r}")
@@ -239,9 +240,18 @@ class CPUOffload(torch.optim.Optimizer):
             raise ValueError("CPUOffload takes each param once (torch steps a param listed "
                              "twice once per listing; its host copies would each step from "
                              "the same value): list each param once")
+        if any(is_dtensor(p) for p in params):
+            self.param_groups.pop()
+            raise ValueError("CPUOffload does not take DTensor params (FSDP2): step them with "
+                             "fastopt.torch's classes directly (FSDP2's own CPUOffloadPolicy "
+                             "puts the shards on the CPU, where those classes step them)")
         devices = {p.device for p in params}
+        if self._transfers is not None and devices and \
+                getattr(self._transfers, "device", None) not in (None, *devices):
+            devices.add(self._transfers.device)
         if len(devices) > 1:
-            raise ValueError(f"one param group must live on one device, got {devices}")
+            self.param_groups.pop()
+            raise ValueError(f"CPUOffload's params must live on one device, got {devices}")
         device = next(iter(devices)) if devices else torch.device("cuda")
         if self._transfers is None:
             if device.type != "cuda":
@@ -285,9 +295,11 @@ class CPUOffload(torch.optim.Optimizer):
                         lambda _p, j=j: _on_grad(me, where, j)))
 
     # ------------------------------------------------------------------ copies
-    def _copy_grads(self, b: _Bucket) -> None:
+    def _copy_grads(self, b: _Bucket, release: bool = False) -> None:
         """Issue the device->host copy of ``b``'s gradients (after the current stream's work
-        so far: the backward that made them)."""
+        so far: the backward that made them). ``release`` (step in backward): the device
+        gradients are dropped once the copy is issued (their memory is reused only after it
+        ran: record_stream), so the whole model's gradients never exist at once."""
         t = self._transfers
         t.after_current(t.d2h)
         for p, hp, view in zip(b.params, b.host_params, b.grad_views, strict=True):
@@ -298,8 +310,11 @@ class CPUOffload(torch.optim.Optimizer):
                 raise RuntimeError("CPUOffload does not support sparse gradients")
             t.copy(t.d2h, view, p.grad.detach())
             hp.grad = view
-        b.copied = [(p.grad, p.grad._version if p.grad is not None else 0) for p in b.params]
         b.copy_done = t.record(t.d2h)
+        if release:
+            for p in b.params:
+                p.grad = None
+        b.copied = [(p.grad, p.grad._version if p.grad is not None else 0) for p in b.params]
         b.pending = sum(p.requires_grad for p in b.params)
         with self._lock:
             if b in self._order:
@@ -358,16 +373,19 @@ class CPUOffload(torch.optim.Optimizer):
         if not self._inflight:
             self._push_groups()
             self._check_hosts()
-        elif any(x is b for x, _ in self._inflight):
-            raise RuntimeError(
-                "CPUOffload(step_in_backward=True): a second backward before step(); each "
-                "backward steps the buckets (gradient accumulation needs "
-                "step_in_backward=False): call step() after every backward")
         t = self._transfers
         t.after_current(t.h2d)  # (the params' copy after backward's last use of them)
         with self._lock:
             self._order.remove(b)
         self._inflight.append((b, self._worker.submit(self._host_step, b, 1.0)))
+
+    def _refuse_second_backward(self, b: _Bucket) -> None:
+        if any(x is b for x, _ in self._inflight):
+            self._second_backward = True  # (step() raises too: the steps are not complete)
+            raise RuntimeError(
+                "CPUOffload(step_in_backward=True): a second backward before step(); each "
+                "backward steps the buckets (gradient accumulation needs "
+                "step_in_backward=False): call step() after every backward")
 
     def _check_hosts(self) -> None:
         for buckets in self._buckets:  # (a bad lr or hyperparameter raises here, before
@@ -402,11 +420,20 @@ class CPUOffload(torch.optim.Optimizer):
             return 1.0, False
         return 1.0 / float(scale), False
 
-    @torch.no_grad()
     def step(self, closure=None, *, grad_scale: float | None = None):
         """Finish the gradients' copies, run the CPU steps and issue the params' copies; the
         current stream waits for those. Returns the closure's loss (None without one);
-        ``last_step_skipped`` says whether ``skip_if_nonfinite`` (or GradScaler) skipped it."""
+        ``last_step_skipped`` says whether ``skip_if_nonfinite`` (or GradScaler) skipped it.
+        With step_in_backward, waits for the steps that backward started."""
+        try:
+            return self._step(closure, grad_scale)
+        except BaseException:  # (GradScaler removes its attributes only after a step that
+            self.__dict__.pop("grad_scale", None)  # returns: a later step must not read them)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    @torch.no_grad()
+    def _step(self, closure, grad_scale):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -478,6 +505,12 @@ class CPUOffload(torch.optim.Optimizer):
             self._reset()
             raise failed
         changed = [b for b, _ in inflight if b.stale()]
+        second, self._second_backward = self._second_backward, False
+        if second:
+            self._reset()
+            raise RuntimeError("CPUOffload(step_in_backward=True): a second backward ran "
+                               "before this step() (it raised then); the first one's steps "
+                               "are done, the second's gradients are dropped")
         if changed or grad_scale is not None or "found_inf" in self.__dict__:
             self._reset()
             raise RuntimeError(
@@ -544,6 +577,13 @@ class CPUOffload(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A dict of this class or of the ``optimizer`` class (the same params, in order)."""
+        if self._inflight:
+            raise RuntimeError("CPUOffload(step_in_backward=True): call step() after "
+                               "backward before loading a state dict")
+        for buckets in self._buckets:  # (the host params are read by copies in flight)
+            for b in buckets:
+                if b.h2d_done is not None:
+                    self._transfers.synchronize(b.h2d_done)
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError("loaded state dict has a different number of parameter groups")
@@ -610,6 +650,9 @@ def _on_grad(ref: weakref.ref, group: int, index: int) -> None:
     b = opt._buckets[group][index]
     b.pending -= 1
     if b.pending <= 0:
-        opt._copy_grads(b)
-        if opt.step_in_backward:
+        if opt.step_in_backward:  # (refused before its gradients are copied over the ones
+            opt._refuse_second_backward(b)  # its running step reads)
+            opt._copy_grads(b, release=True)
             opt._step_now(b)
+        else:
+            opt._copy_grads(b)
