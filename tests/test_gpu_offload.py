@@ -64,3 +64,35 @@ def test_offload_clipping_on_the_device_and_a_side_stream_model():
     _train(ref, fot.AdamW(ref.parameters(), lr=1e-2), 10, clip=0.1)
     for p, q in zip(m.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_offload_keeps_the_state_off_the_device_and_drops_gradients_in_backward():
+    """Peak GPU memory of a step: the optimizer without offload keeps AdamW's 8 B/param of
+    state on the device; CPUOffload none, and with step_in_backward the gradients do not all
+    exist at once either."""
+    def peak(make):
+        torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(8)]).cuda()
+        opt = make(m)
+        x = torch.randn(16, 1024, device="cuda")
+        for _ in range(2):
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        m(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated(), sum(p.numel() for p in m.parameters())
+
+    plain, n = peak(lambda m: fot.AdamW(m.parameters(), lr=1e-3))
+    offload, _ = peak(lambda m: fot.CPUOffload(m.parameters(), "AdamW", lr=1e-3,
+                                                bucket_elements=1 << 20))
+    in_backward, _ = peak(lambda m: fot.CPUOffload(m.parameters(), "AdamW", lr=1e-3,
+                                                    bucket_elements=1 << 20,
+                                                    step_in_backward=True))
+    assert plain - offload >= 7 * n  # (the 8 B/param of state, less allocator slack)
+    assert offload - in_backward >= 2 * n  # (most of the 4 B/param of gradients)

@@ -678,7 +678,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise TypeError(f"unsupported device {params[0].device}")
         sharded = [p for p in params if is_dtensor(p)]
         if sharded:
-            self._check_sharded(sharded[0])
+            self._check_sharded()
         loose = [p for p in params if (self.multi_tensor or is_dtensor(p))
                  and not local_tensor(p).is_contiguous()]
         if loose:
@@ -745,7 +745,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             buckets.append(b)
         return buckets
 
-    def _check_sharded(self, p) -> None:
+    def _check_sharded(self) -> None:
         """What DTensor params (FSDP2) can have: an elementwise optimizer (each process steps
         its shard alone), state that shards as the param does (not int8's per-block scales)."""
         name = type(self).__name__
