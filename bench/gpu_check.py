@@ -16,7 +16,8 @@ Writes a markdown report (card name, date, test summary, ratios measured in this
   28 + 6 B/param).
 - ``fot <model>``, ``fot mlp``: ``fastopt.torch.AdamW`` on CUDA params (the model's list and
   a small MLP, where host work and launches dominate) vs torch fused AdamW; only where torch
-  has CUDA.
+  has CUDA. Also its multi-tensor mode (``multi_tensor=True``: each param stepped in its own
+  storage, a launch per param) against its flat mode.
 - each case also times fastopt with ``state_dtype="bfloat16"`` (20 B/param).
 - ``fp32 <size>`` also times a step with ``max_grad_norm`` and ``skip_if_nonfinite`` (the
   norm, clip coefficient and skip flag computed on the device: one more read of the grads,
@@ -328,7 +329,8 @@ def fot_params(shapes: list, sched) -> dict:
 
     n = sum(math.prod(s) for s in shapes)
     out = {"fastopt": fot_step(), "copy-same-bytes": _copy(28 * n),
-           BF16_STATE: fot_step(state_dtype="bfloat16")}
+           BF16_STATE: fot_step(state_dtype="bfloat16"),
+           "fastopt-multi-tensor": fot_step(multi_tensor=True)}
     _torch_steps(out, {"torch-fused": lambda: _torch_adamw(
         [torch.randn(s, device="cuda") for s in shapes])[0]})
     return time_interleaved(out)
