@@ -160,6 +160,65 @@ def test_multi_tensor_mode_refusals():
     opt = fot.AdamW(model.parameters(), multi_tensor=True)
     with pytest.raises(RuntimeError, match="stepped in place by a fastopt optimizer"):
         fot.Adagrad(model.parameters())  # (it would move them away from where opt steps)
-    model.to(torch.float64)  # (new storage for every param)
-    with pytest.raises(RuntimeError, match="no longer lives where this optimizer steps it"):
+    model.to(torch.float64)  # (new storage of another dtype for every param)
+    with pytest.raises(RuntimeError, match="replaced by a tensor of another dtype"):
         _steps(list(model.parameters()), opt, 1)
+
+
+def test_a_replaced_storage_is_followed():
+    """load_state_dict(assign=True) with torch's swap_module_params_on_conversion (the same
+    Parameter objects over new storage with new values): the multi-tensor mode steps the new
+    storage with the state it has, as torch.optim does; the flat mode refuses (its buffer
+    was the params' storage). (Without that flag assign=True makes new Parameter objects,
+    which no optimizer built before holds, torch's included.)"""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model, ref = _model(), _model()
+        opt = fot.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, multi_tensor=True)
+        twin = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        _steps(list(model.parameters()), opt, 3)
+        _steps(list(ref.parameters()), twin, 3)
+        new = {k: v * 0.5 for k, v in _model().state_dict().items()}
+        weight, address = model[0].weight, model[0].weight.data_ptr()
+        model.load_state_dict({k: v.clone() for k, v in new.items()}, assign=True)
+        ref.load_state_dict({k: v.clone() for k, v in new.items()}, assign=True)
+        assert model[0].weight is weight and weight.data_ptr() != address
+        _steps(list(model.parameters()), opt, 3, seed=6)
+        _steps(list(ref.parameters()), twin, 3, seed=6)
+        for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert float(opt.state[weight]["step"]) == 6
+        flat = _model()
+        flat_opt = fot.AdamW(flat.parameters(), lr=1e-2)
+        flat.load_state_dict(new, assign=True)
+        with pytest.raises(RuntimeError, match="use multi_tensor=True"):
+            _steps(list(flat.parameters()), flat_opt, 1)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+@pytest.mark.parametrize("master_weights", ["fp32", "remainder"])
+def test_a_moved_16_bit_param_keeps_its_master(master_weights):
+    """A bfloat16 param moved to new storage with the same values keeps its float32 master
+    (bit for bit the run without the move); new values replace it (as refresh_master())."""
+    runs = []
+    for move in (False, True):
+        model = _model(torch.bfloat16)
+        opt = fot.AdamW(model.parameters(), lr=1e-2, master_weights=master_weights,
+                        multi_tensor=True)
+        _steps(list(model.parameters()), opt, 3)
+        if move:
+            for p in model.parameters():
+                p.data = p.data.clone()
+        _steps(list(model.parameters()), opt, 3, seed=6)
+        runs.append([_bits(p).clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    model = _model(torch.bfloat16)
+    opt = fot.AdamW(model.parameters(), lr=1e-2, master_weights=master_weights,
+                    multi_tensor=True)
+    _steps(list(model.parameters()), opt, 2)
+    p = model[0].weight
+    p.data = torch.full_like(p, 0.5)
+    _steps([p], opt, 1)  # (one more step from 0.5, not from the old master)
+    assert float((p.float() - 0.5).abs().max()) < 0.05

@@ -343,8 +343,8 @@ def test_grad_scaler(unscale_first):
 
 
 def test_refusals_after_review():
-    """A param listed twice (torch steps it once per listing), a param whose .data was
-    replaced (model.to()), copying or pickling: clear errors, not silent results."""
+    """A param listed twice (torch steps it once per listing), a param replaced by one of
+    another dtype (model.to()), copying or pickling: clear errors, not silent results."""
     m = _model()
     with pytest.raises(ValueError, match="each param once"):
         fot.CPUOffload([m[0].weight, m[0].weight], "AdamW", _transfers=FakeTransfers())
@@ -354,10 +354,26 @@ def test_refusals_after_review():
     opt = _offload(m, lr=1e-2)
     with pytest.raises(TypeError, match="state_dict"):
         copy.deepcopy(opt)
-    m[0].weight.data = torch.zeros(24, 12)
-    _loss(m, 0).backward()
-    with pytest.raises(RuntimeError, match="no longer lives"):
+    m[0].weight.data = torch.zeros(24, 12, dtype=torch.float64)
+    _loss(m.double(), 0).backward()
+    with pytest.raises(RuntimeError, match="another dtype"):
         opt.step()
+
+
+def test_a_replaced_storage_is_followed():
+    """p.data = ... (same dtype, device and shape; new values) after some steps: the next
+    step starts from the new values with the state it has, as torch.optim's would."""
+    m, ref = _model(), _model()
+    opt = _offload(m, lr=1e-2)
+    twin = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    for model in (m, ref):
+        model[2].weight.data = torch.full((24, 24), 0.01)
+        model[0].bias.data = model[0].bias.data.clone()  # (moved, values unchanged)
+    _run(m, opt, 3)
+    _run(ref, twin, 3)
+    _equal(m, ref, rtol=1e-6)
 
 
 def test_a_failed_step_or_load_leaves_it_consistent():

@@ -25,7 +25,6 @@ from ._base import (
     _as_bits,
     _Bucket,
     _group_step,
-    moved_param_error,
 )
 
 
@@ -147,8 +146,7 @@ class StepInBackward:
         opt, b = self.opt, c.bucket
         group = opt.param_groups[c.group]
         for i in which:
-            if b.params[i].data_ptr() != b.addresses[i]:
-                raise moved_param_error(b.params[i], b.in_place)
+            b.check_address(i)
         if c.group not in self._round:
             schedule, own = opt._schedule(c.group, group)
             self._round[c.group] = (schedule, own, _group_step(opt._buckets[c.group]))

@@ -98,13 +98,20 @@ _IN_PLACE: weakref.WeakValueDictionary[int, _Bucket] = weakref.WeakValueDictiona
 
 
 def moved_param_error(p: torch.Tensor, in_place: bool) -> RuntimeError:
-    """The error of a step over a param whose storage was replaced since construction."""
+    """The error of a step over a param whose storage was replaced since construction (the
+    flat mode), or replaced by one of another dtype, device or shape (in place)."""
+    if in_place:
+        return RuntimeError(
+            f"a parameter of shape {tuple(p.shape)} was replaced by a tensor of another dtype, "
+            "device or shape, or a non-contiguous one (e.g. by model.to(), .half()) after the "
+            "optimizer was built; its state cannot follow: build the optimizer after moving "
+            "or casting the model")
     return RuntimeError(
-        f"a parameter of shape {tuple(p.shape)} no longer lives "
-        + ("where this optimizer steps it" if in_place else "in this optimizer's flat buffer")
-        + " (its .data was replaced, e.g. by model.to(), .half() or "
+        f"a parameter of shape {tuple(p.shape)} no longer lives in this optimizer's flat "
+        "buffer (its .data was replaced, e.g. by model.to(), .half() or "
         "load_state_dict(assign=True) after the optimizer was built); build the optimizer "
-        "after moving or casting the model")
+        "after moving or casting the model, or use multi_tensor=True, which follows a "
+        "replaced storage of the same dtype, device and shape")
 
 
 def _group_step(buckets: list) -> int:
@@ -371,6 +378,38 @@ class _Bucket:
     def local_address(self, index: int) -> int:
         """Where param ``index``'s elements live now (a DTensor's: its local shard's)."""
         return local_tensor(self.params[index]).data_ptr()
+
+    def check_address(self, index: int) -> None:
+        """Param ``index`` still lives where this bucket steps it. An in-place bucket follows
+        a param whose storage was replaced by one of the same shape, dtype and device
+        (``load_state_dict(assign=True)``, ``p.data = ...``, FSDP2 re-padding its shards):
+        its state stays; a 16-bit param's master (or remainders) is kept if the values are
+        the same, else taken from the new values (as after ``refresh_master()``). Anything
+        else (a flat-mode bucket, another dtype or device) raises."""
+        if self.local_address(index) == self.addresses[index]:
+            return
+        p, old = self.params[index], self.tensors[index]
+        new = local_tensor(p).detach()
+        if not self.in_place or new.shape != old.shape or new.dtype != old.dtype \
+                or new.device != old.device or not new.is_contiguous():
+            raise moved_param_error(p, self.in_place)
+        with torch.no_grad():
+            same = bool(torch.equal(new, old))  # (the old storage: alive through self.flat)
+        if _IN_PLACE.get(self.addresses[index]) is self:
+            del _IN_PLACE[self.addresses[index]]
+        self.flat, self.tensors[index] = new.view(-1), new
+        self.addresses[index] = new.data_ptr()
+        if new.numel():
+            _IN_PLACE[new.data_ptr()] = self
+        self._arrays.clear()
+        self.prepared.clear()
+        self.launch = None
+        if not same:
+            with torch.no_grad():
+                if self.master is not None:
+                    self.master.copy_(self.flat)
+                if self.remainder is not None:
+                    self.remainder.zero_()
 
     def view_of(self, name: str, index: int) -> torch.Tensor:
         """Param ``index``'s part of a state buffer, shaped as torch keeps it: like the
@@ -1046,10 +1085,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket,
                      hypers: dict) -> None:
         have_grad, grads = [], None
-        for i, (p, view, address) in enumerate(zip(b.params, b.grad_views, b.addresses,
-                                                   strict=True)):
-            if b.local_address(i) != address:
-                raise moved_param_error(p, b.in_place)
+        for i, (p, view) in enumerate(zip(b.params, b.grad_views, strict=True)):
+            b.check_address(i)  # (an in-place bucket follows a replaced storage)
             g = p.grad
             if g is None:
                 have_grad.append(False)

@@ -134,14 +134,26 @@ class _Bucket:
         #: where each device param's data lives: a param whose .data is replaced (model.to(),
         #: ``p.data = ...``) is refused at the next step, as by the optimizer without offload
         self.addresses = [p.data_ptr() for p in params]
+        self.device = params[0].device
 
     def remember_versions(self) -> None:
         self.versions = [p._version for p in self.params]
 
     def check_addresses(self) -> None:
-        for p, address in zip(self.params, self.addresses, strict=True):
-            if p.data_ptr() != address:
+        """Device params whose storage was replaced (``p.data = ...``, swap_tensors) by one of
+        the same dtype, device and shape are followed: their values go to the host if they
+        changed (as a change in place would); another dtype, device or shape raises."""
+        moved = False
+        for i, (p, hp) in enumerate(zip(self.params, self.host_params, strict=True)):
+            if p.data_ptr() == self.addresses[i]:
+                continue
+            if p.dtype != hp.dtype or p.shape != hp.shape or p.device != self.device:
                 raise moved_param_error(p, True)
+            self.addresses[i] = p.data_ptr()
+            with torch.no_grad():
+                moved = moved or not torch.equal(p.detach().to("cpu"), hp.detach())
+        if moved:
+            self.take_device_params()
 
     def changed_on_device(self) -> bool:
         return any(p._version != v for p, v in zip(self.params, self.versions, strict=True))
