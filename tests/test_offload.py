@@ -478,3 +478,25 @@ def test_tied_weights(in_backward):
             o.step()
             o.zero_grad()
     _equal(m, ref)
+
+
+def test_a_param_changed_on_the_device_leaves_the_others_masters():
+    """bfloat16 params: one changed in place on the device gets its master from the new
+    values; the others keep their float32 masters (not reset to their bfloat16 rounding)."""
+    m = _model(torch.bfloat16)
+    opt = _offload(m, lr=1e-2, bucket_elements=1 << 20)
+    _run(m, opt, 2)
+    (b,) = opt._buckets[0]
+    masters = [opt.state[p]["master_param"].clone() for p in m.parameters() if p in opt.state]
+    with torch.no_grad():
+        m[0].bias.mul_(0.5)
+    changed = b.changed_on_device()
+    assert [b.params[i] for i in changed] == [m[0].bias]
+    b.take_device_params(changed)
+    for p, before in zip([p for p in m.parameters() if p in opt.state], masters, strict=True):
+        now = opt.state[p]["master_param"]
+        if p is m[0].bias:
+            assert torch.equal(now, p.detach().float())
+        else:
+            assert torch.equal(now, before)
+    assert not b.changed_on_device()

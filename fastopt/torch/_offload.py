@@ -131,8 +131,8 @@ class _Bucket:
         #: the device params' versions when the host last had their values: a param changed
         #: in place since (model.load_state_dict, an init) is copied to the host first
         self.versions = [p._version for p in params]
-        #: where each device param's data lives: a param whose .data is replaced (model.to(),
-        #: ``p.data = ...``) is refused at the next step, as by the optimizer without offload
+        #: where each device param's data lives: one whose storage is replaced is followed
+        #: (same dtype, device and shape) or refused (``check_addresses``)
         self.addresses = [p.data_ptr() for p in params]
         self.device = params[0].device
 
@@ -143,7 +143,7 @@ class _Bucket:
         """Device params whose storage was replaced (``p.data = ...``, swap_tensors) by one of
         the same dtype, device and shape are followed: their values go to the host if they
         changed (as a change in place would); another dtype, device or shape raises."""
-        moved = False
+        moved = []
         for i, (p, hp) in enumerate(zip(self.params, self.host_params, strict=True)):
             if p.data_ptr() == self.addresses[i]:
                 continue
@@ -151,19 +151,31 @@ class _Bucket:
                 raise moved_param_error(p, True)
             self.addresses[i] = p.data_ptr()
             with torch.no_grad():
-                moved = moved or not torch.equal(p.detach().to("cpu"), hp.detach())
+                if not torch.equal(p.detach().to("cpu"), hp.detach()):
+                    moved.append(i)
         if moved:
-            self.take_device_params()
+            self.take_device_params(moved)
 
-    def changed_on_device(self) -> bool:
-        return any(p._version != v for p, v in zip(self.params, self.versions, strict=True))
+    def changed_on_device(self) -> list[int]:
+        """The params changed in place on the device since the host had their values."""
+        return [i for i, (p, v) in enumerate(zip(self.params, self.versions, strict=True))
+                if p._version != v]
 
     @torch.no_grad()
-    def take_device_params(self) -> None:
-        """The host params (and master) from the device params, as they are now."""
-        for p, hp in zip(self.params, self.host_params, strict=True):
-            hp.copy_(p)
-        self.host.refresh_master()
+    def take_device_params(self, which: list[int] | None = None) -> None:
+        """The host params ``which`` (default all) from the device params as they are now,
+        their masters (16-bit params) from those values; the others' masters stay."""
+        where = {id(p): (hb, j) for hb in self.host._buckets[0]
+                 for j, p in enumerate(hb.params)}
+        for i in range(len(self.params)) if which is None else which:
+            hp = self.host_params[i]
+            hp.copy_(self.params[i])
+            hb, j = where[id(hp)]
+            part = slice(hb.offsets[j], hb.offsets[j] + hp.numel())
+            if hb.master is not None:
+                hb.master[part].copy_(hb.flat[part])
+            if hb.remainder is not None:
+                hb.remainder[part].zero_()
         self.remember_versions()
 
     def stale(self) -> bool:
@@ -475,8 +487,9 @@ class CPUOffload(torch.optim.Optimizer):
                 if not coef >= 1.0:
                     mult *= coef
         for b in everything:
-            if b.changed_on_device():
-                b.take_device_params()
+            changed = b.changed_on_device()
+            if changed:
+                b.take_device_params(changed)
         for b in reversed(everything):  # (backward's order: the last params first)
             if b.stale():
                 self._copy_grads(b)
