@@ -47,6 +47,9 @@ from .algorithms._spec import (
     INT8_SIGNATURE,
     KERNEL_SIGNATURE,
     MASTER_MODES,
+    MULTI_CHUNK_ROW,
+    MULTI_SIGNATURE,
+    MULTI_TABLE,
     PARAM_SALT,
     REDUCE_THREADS,
     REDUCTION_SLOTS,
@@ -749,11 +752,57 @@ def signature_header() -> str:
         f"#define FO_INT8_MANTISSA_BITS {INT8_MANTISSA_BITS}",
         f"#define FO_INT8_EXPONENT_BITS_SIGNED {INT8_EXPONENT_BITS['signed']}",
         f"#define FO_INT8_EXPONENT_BITS_NONNEGATIVE {INT8_EXPONENT_BITS['nonnegative']}", "",
+        *_multi_macros(),
         "// What ``master`` holds for 16-bit params (master_mode; fastopt/algorithms/_spec.py:",
         "// MASTER_MODES), and the salt of master_weights='none''s random bits (PARAM_SALT).",
         *(f"#define FO_MASTER_{mode.upper()} {i}" for mode, i in MASTER_MODES.items()),
         f"#define FO_PARAM_SALT {PARAM_SALT:#010x}u",
         ""])
+
+
+def _multi_macros() -> list[str]:
+    """signature.cuh's multi-tensor entry points (MULTI_SIGNATURE): the uniform arguments with
+    the buffers and length taken from the block's tensor's row of the table."""
+    multi_params = ", ".join(f"{t} {n}" for n, t in MULTI_SIGNATURE)
+
+    def from_row(signature, state_type: str) -> str:
+        args = []
+        for name, ctype in signature:
+            if name not in MULTI_TABLE:
+                args.append(name)
+                continue
+            slot = MULTI_TABLE.index(name)
+            ctype = ctype.replace("S*", f"{state_type}*")
+            args.append(f"row[{slot}]" if "*" not in ctype else f"({ctype})row[{slot}]")
+        return ", ".join(args)
+
+    head = ["        const long long* chunk = chunks + "
+            f"{len(MULTI_CHUNK_ROW)} * (long long)blockIdx.x; \\",
+            "        const long long* row = tensors + "
+            f"{len(MULTI_TABLE)} * chunk[{MULTI_CHUNK_ROW.index('tensor')}]; \\",
+            f"        const FoSpan span{{chunk[{MULTI_CHUNK_ROW.index('first')}], "
+            f"chunk[{MULTI_CHUNK_ROW.index('stop')}]}}; \\"]
+    return [
+        "// A multi-tensor launch (fastopt/algorithms/_spec.py: MULTI_SIGNATURE): the uniform",
+        "// arguments (their buffers and n unread) and the tensor and chunk tables; each block",
+        "// steps its chunk of its tensor: the template's arguments from the tensor's row.",
+        f"#define FO_MULTI_PARAMS {multi_params}", "",
+        f"#define FO_MULTI_ARGS(T, S) {from_row(KERNEL_SIGNATURE, 'S')}", "",
+        f"#define FO_MULTI_INT8_ARGS {from_row(INT8_SIGNATURE, 'S')}", "",
+        "#define FO_MULTI_KERNEL(NAME, OP, T, S) \\",
+        '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_MULTI_PARAMS) { \\',
+        *head,
+        "        OP<T, S, true>(FO_MULTI_ARGS(T, S), span); \\",
+        "    }", "",
+        "#define FO_MULTI_INT8_KERNEL(NAME, OP, T) \\",
+        '    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, unsigned char), '
+        "FO_INT8_PARAMS, \\",
+        "                                    FO_MULTI_PARAMS) { \\",
+        *head,
+        "        OP<T, unsigned char, true>(FO_MULTI_ARGS(T, unsigned char), "
+        "FO_MULTI_INT8_ARGS, \\",
+        "                                   span); \\",
+        "    }", ""]
 
 
 def _cuda_element_function(x: _Parts, fn: str, body, scalars: list[str], locals_: list[str],
@@ -936,12 +985,13 @@ def cuda_source(d: Definition) -> str:
               "is float32.",
               *_cuda_element_function(x, f"{name}_element", x.element_body, x.scalars,
                                       x.element_locals, x.element_bools)]
-    lines += [f"// One {name} step k = step_state[0] + 1 over the whole buffer; the last block "
-              "advances k.", "template <typename T, typename S>",
-              f"FO_D void {name}(FO_KERNEL_PARAMS(T, S)) {{"]
+    lines += [f"// One {name} step k = step_state[0] + 1 over the whole buffer (Chunked: over "
+              "the block's", "// chunk of a multi-tensor launch, span); the last block "
+              "advances k.", "template <typename T, typename S, bool Chunked = false>",
+              f"FO_D void {name}(FO_KERNEL_PARAMS(T, S), FoSpan span = FoSpan()) {{"]
     preamble, (args,) = _cuda_preamble(x, [x.scalars])
     lines += preamble + _vector_ok(x, True)
-    lines += ["    grid_stride<N>(n, vector_ok, [&](auto width, long long i) {",
+    lines += ["    span_stride<N, Chunked>(span, n, vector_ok, [&](auto width, long long i) {",
               *_cuda_group(x, f"{name}_element", args, x.stored, True, True), "    });"]
     if x.scalars_stored:
         lines += ["    if (finish_step(step_state, lr_out, lr)) {  // the last block: every block "
@@ -952,6 +1002,8 @@ def cuda_source(d: Definition) -> str:
         lines.append("    finish_step(step_state, lr_out, lr);")
     lines += ["}", ""]
     lines += _cuda_variants("FO_KERNEL", [(name, name)], host_bf16=True)
+    if d.multi_launch:
+        lines += _cuda_variants("FO_MULTI_KERNEL", [(f"{name}_multi", name)], host_bf16=True)
     if d.int8_refusal is None:
         lines += _cuda_int8(x)
     return "\n".join(lines)
@@ -977,18 +1029,26 @@ def _cuda_int8(x: _Parts) -> list[str]:
              "// block's absmax in scale<k>): a warp per block of FO_INT8_BLOCK elements, a",
              "// lane's elements consecutive (vector accesses) where the block is whole and the",
              "// buffers aligned, else strided.",
-             "template <typename T, typename S>",
-             f"FO_D void {name}_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS) {{",
+             "// (Chunked: the blocks of the block's chunk of a multi-tensor launch, span.)",
+             "template <typename T, typename S, bool Chunked = false>",
+             f"FO_D void {name}_int8(FO_KERNEL_PARAMS(T, S), FO_INT8_PARAMS, "
+             "FoSpan span = FoSpan()) {",
              *preamble,
              "    constexpr int K = FO_INT8_BLOCK / 32;  // elements per lane",
              "    const unsigned lane = threadIdx.x % 32u;",
              "    const long long warps = blockDim.x / 32, blocks = (n + FO_INT8_BLOCK - 1) / "
              "FO_INT8_BLOCK;",
              "    const bool vector_ok = " + " &&\n                           ".join(checks) + ";",
-             "    for (long long base = blockIdx.x * warps; base < blocks; base += gridDim.x * "
-             "warps) {",
+             "    // the int8 blocks this thread block steps: the grid's share of [0, blocks), or",
+             "    // its chunk's [start_block, stop_block) (chunks are whole blocks but the last)",
+             "    const long long start_block = Chunked ? span.first / FO_INT8_BLOCK : 0;",
+             "    const long long stop_block = Chunked ? (span.stop + FO_INT8_BLOCK - 1) / "
+             "FO_INT8_BLOCK : blocks;",
+             "    const long long first_base = Chunked ? start_block : blockIdx.x * warps;",
+             "    const long long base_stride = Chunked ? warps : gridDim.x * warps;",
+             "    for (long long base = first_base; base < stop_block; base += base_stride) {",
              "        const long long b = base + threadIdx.x / 32;  // this warp's block",
-             "        const bool live = b < blocks;",
+             "        const bool live = b < stop_block;",
              "        auto block = [&](auto vector) {",
              "            constexpr bool V = decltype(vector)::value;",
              "            // every load of the block first (the stores after them could alias",
@@ -1049,7 +1109,7 @@ def _cuda_int8(x: _Parts) -> list[str]:
     for s in x.stored:
         k = x.slot_index[s.name]
         store = (f"int8_store_block<K, {str(s.sign == 'signed').lower()}, V>(state{k}, "
-                 f"scale{k}, b, blocks, n, lane, {s.name}, seed ^ {INT8_SALTS[k]:#010x}u);")
+                 f"scale{k}, b, stop_block, n, lane, {s.name}, seed ^ {INT8_SALTS[k]:#010x}u);")
         lines.append(f"            if ({x.conditional[s.name]}) {store}" if s.name in x.conditional
                      else f"            {store}")
     lines += ["        };",
@@ -1067,17 +1127,21 @@ def _cuda_int8(x: _Parts) -> list[str]:
         lines.append("    finish_step(step_state, lr_out, lr);")
     lines += ["}", ""]
     variants = [(suffix, t) for suffix, t, state, _ in _VARIANTS if state == "float"]
-    return lines + _int8_variants(name, variants)
+    lines += _int8_variants("FO_INT8_KERNEL", f"{name}_int8", name, variants)
+    if d.multi_launch:
+        lines += _int8_variants("FO_MULTI_INT8_KERNEL", f"{name}_int8_multi", name, variants)
+    return lines
 
 
-def _int8_variants(name: str, variants: list[tuple[str, str]]) -> list[str]:
-    """The int8 kernel's extern "C" variants, one per param format (16-bit: CUDA only; the
-    host build's bfloat16 one over HOST_BF16)."""
-    lines = [f"FO_INT8_KERNEL({name}_int8_{variants[0][0]}, {name}_int8, {variants[0][1]})",
+def _int8_variants(macro: str, prefix: str, name: str,
+                   variants: list[tuple[str, str]]) -> list[str]:
+    """The int8 kernel's extern "C" variants (``macro``: FO_INT8_KERNEL, or
+    FO_MULTI_INT8_KERNEL for its multi-tensor launch), one per param format (16-bit: CUDA
+    only; the host build's bfloat16 one over HOST_BF16)."""
+    lines = [f"{macro}({prefix}_{variants[0][0]}, {name}_int8, {variants[0][1]})",
              "#if defined(__CUDACC__)"]
-    lines += [f"FO_INT8_KERNEL({name}_int8_{suffix}, {name}_int8, {t})"
-              for suffix, t in variants[1:]]
-    return lines + ["#else", f"FO_INT8_KERNEL({name}_int8_bf16, {name}_int8, {HOST_BF16})",
+    lines += [f"{macro}({prefix}_{suffix}, {name}_int8, {t})" for suffix, t in variants[1:]]
+    return lines + ["#else", f"{macro}({prefix}_bf16, {name}_int8, {HOST_BF16})",
                     "#endif", ""]
 
 

@@ -352,6 +352,23 @@ FO_D void chunk_stride(long long start, long long stop, bool vector_ok, Group&& 
     }
 }
 
+// Which elements an elementwise kernel's threads step: with Chunked false the whole buffer,
+// [0, n), over the whole grid (a grid-stride loop); with Chunked true this block's chunk
+// [span.first, span.stop) of one tensor (a multi-tensor launch's FO_MULTI_KERNEL entry
+// points: a block per chunk). The element index i is the tensor's own either way.
+struct FoSpan {
+    long long first = 0, stop = 0;
+};
+
+template <int N, bool Chunked, typename Group>
+FO_D void span_stride(const FoSpan& span, long long n, bool vector_ok, Group&& group) {
+    if constexpr (Chunked) {
+        chunk_stride<N>(span.first, span.stop, vector_ok, group);
+    } else {
+        grid_stride<N>(n, vector_ok, group);
+    }
+}
+
 // The v of lane (this lane ^ o): a butterfly step of a warp's reduction. Every lane of the
 // warp calls it (in the host emulation every thread of the block, alike).
 FO_D double fo_shfl_xor(double v, unsigned o) {

@@ -61,6 +61,33 @@
 #define FO_INT8_EXPONENT_BITS_SIGNED 4
 #define FO_INT8_EXPONENT_BITS_NONNEGATIVE 5
 
+// A multi-tensor launch (fastopt/algorithms/_spec.py: MULTI_SIGNATURE): the uniform
+// arguments (their buffers and n unread) and the tensor and chunk tables; each block
+// steps its chunk of its tensor: the template's arguments from the tensor's row.
+#define FO_MULTI_PARAMS const long long* tensors, const long long* chunks
+
+#define FO_MULTI_ARGS(T, S) (T*)row[0], (const T*)row[1], (float*)row[2], (S*)row[3], (S*)row[4], (S*)row[5], (S*)row[6], scalar0, scalar1, scalar2, scalar3, table, table_rows, step_state, lr_out, lr_scale, grad_mult, control, weight_decay, decoupled, maximize, fresh, master_mode, h0, h1, h2, h3, h4, h5, h6, h7, row[11]
+
+#define FO_MULTI_INT8_ARGS (float*)row[7], (float*)row[8], (float*)row[9], (float*)row[10]
+
+#define FO_MULTI_KERNEL(NAME, OP, T, S) \
+    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, S), FO_MULTI_PARAMS) { \
+        const long long* chunk = chunks + 3 * (long long)blockIdx.x; \
+        const long long* row = tensors + 12 * chunk[0]; \
+        const FoSpan span{chunk[1], chunk[2]}; \
+        OP<T, S, true>(FO_MULTI_ARGS(T, S), span); \
+    }
+
+#define FO_MULTI_INT8_KERNEL(NAME, OP, T) \
+    extern "C" __global__ void NAME(FO_KERNEL_PARAMS(T, unsigned char), FO_INT8_PARAMS, \
+                                    FO_MULTI_PARAMS) { \
+        const long long* chunk = chunks + 3 * (long long)blockIdx.x; \
+        const long long* row = tensors + 12 * chunk[0]; \
+        const FoSpan span{chunk[1], chunk[2]}; \
+        OP<T, unsigned char, true>(FO_MULTI_ARGS(T, unsigned char), FO_MULTI_INT8_ARGS, \
+                                   span); \
+    }
+
 // What ``master`` holds for 16-bit params (master_mode; fastopt/algorithms/_spec.py:
 // MASTER_MODES), and the salt of master_weights='none''s random bits (PARAM_SALT).
 #define FO_MASTER_FP32 0

@@ -71,12 +71,14 @@ def test_a_new_definition_generates_cuda_that_nvrtc_compiles():
     from test_cuda_compile import compile_source
 
     source = codegen.cuda_source(TOY)
-    assert "FO_D void toyball(FO_KERNEL_PARAMS(T, S))" in source  # the uniform signature
+    # the uniform signature (and a chunk of a multi-tensor launch's table)
+    assert "FO_D void toyball(FO_KERNEL_PARAMS(T, S), FoSpan span = FoSpan())" in source
     header = codegen.signature_header()
     assert all(f"{ctype} {name}" in header for name, ctype in KERNEL_SIGNATURE)
     log, binary = compile_source("toyball.cu", "sm_90", code=source)
     assert "warning" not in log.lower(), log
     assert b"toyball_bf16_sbf16" in binary
+    assert TOY.multi_launch and b"toyball_multi_bf16_sbf16" in binary
 
 
 def _no_prologue(step, lr):

@@ -28,14 +28,17 @@ from fastopt._int8 import quantize
 from fastopt.algorithms import CLASSES, REGISTRY
 from fastopt.algorithms._spec import (
     FACTORED_SIGNATURE,
+    INT8_BLOCK,
     INT8_SIGNATURE,
     KERNEL_SIGNATURE,
+    MULTI_SIGNATURE,
+    MULTI_TABLE,
     SEGMENT_SIGNATURE,
 )
 from fastopt.codegen import HOST_BF16
 from fastopt.engine import Prepared
 from fastopt.gpu import build
-from fastopt.gpu.launch import pack_args, segmented_passes
+from fastopt.gpu.launch import multi_tables, pack_args, segmented_passes
 from fastopt.segments import SegmentTable
 
 HERE = Path(__file__).parent / "cuda_host"
@@ -53,20 +56,21 @@ def _c_type(ctype: str, suffix: str, kernel: str = "") -> str:
 def _host_kernels():
     """(op, kernel, state suffix) of every float32 entry point, the elementwise kernels'
     bfloat16 ones (over the host build's stand-in type) and every entry point that takes no
-    param format."""
+    param format; multi-tensor launches (``_multi_``) as their single-tensor kernels."""
     for source, kernels in build.SOURCES.items():
         op = source[:-3]
         if op not in REGISTRY:
             continue
         for kernel in kernels:
             elementwise = not REGISTRY[op].segmented
-            if kernel.endswith("_int8_f32") or (elementwise and kernel.endswith("_int8_bf16")):
+            single = kernel.replace("_multi", "")
+            if single.endswith("_int8_f32") or (elementwise and single.endswith("_int8_bf16")):
                 yield op, kernel, "_int8"
-            elif elementwise and kernel == f"{op}_bf16":
+            elif elementwise and single == f"{op}_bf16":
                 yield op, kernel, ""
-            elif kernel.endswith("_f32") or kernel.endswith("_f32_sbf16"):
-                yield op, kernel, "_sbf16" if kernel.endswith("_sbf16") else ""
-            elif not kernel.endswith(("_f16", "_bf16", "_f16_sbf16", "_bf16_sbf16")):
+            elif single.endswith("_f32") or single.endswith("_f32_sbf16"):
+                yield op, kernel, "_sbf16" if single.endswith("_sbf16") else ""
+            elif not single.endswith(("_f16", "_bf16", "_f16_sbf16", "_bf16_sbf16")):
                 yield op, kernel, ""
 
 
@@ -77,7 +81,7 @@ def lib(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_host")
     lines = [f'#include "{name}"' for name in sorted(build.SOURCES)]
     for op, kernel, suffix in _host_kernels():
-        signature = _signature(op, suffix)
+        signature = _signature(op, suffix, kernel)
         params = ", ".join(f"{_c_type(t, suffix, kernel)} {n}" for n, t in signature)
         names = ", ".join(n for n, _ in signature)
         # factored moments' passes wait on each other's threads, int8 state's warps shuffle
@@ -106,18 +110,21 @@ def lib(tmp_path_factory):
     for op, kernel, suffix in _host_kernels():
         fn = getattr(library, f"emulate_{kernel}")
         fn.argtypes = [ctypes.c_uint, ctypes.c_uint] + [CTYPES.get(t, ctypes.c_void_p)
-                                                        for _, t in _signature(op, suffix)]
+                                                        for _, t in _signature(op, suffix,
+                                                                               kernel)]
         fn.restype = None
     return library
 
 
-def _signature(op: str, suffix: str = ""):
+def _signature(op: str, suffix: str = "", kernel: str = ""):
     """The kernel's (name, C type) arguments: a tensor-aware one takes the segment tables,
-    factored moments their tables too, an int8-state one its block scales."""
+    factored moments their tables too, an int8-state one its block scales, a multi-tensor
+    launch its tables."""
     d = REGISTRY[op]
     return (KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if d.segmented else ())
             + (FACTORED_SIGNATURE if d.factored is not None else ())
-            + (INT8_SIGNATURE if suffix == "_int8" else ()))
+            + (INT8_SIGNATURE if suffix == "_int8" else ())
+            + (MULTI_SIGNATURE if "_multi_" in kernel else ()))
 
 
 class HostRun:
@@ -502,3 +509,113 @@ def _bf16_dtype():
     import ml_dtypes
 
     return ml_dtypes.bfloat16
+
+
+MULTI_SIZES = [700, 1, 0, 203, 1500]  # (int8: partial blocks; an empty tensor; chunks of 512)
+
+
+def _multi_case(d, cls, hypers, state, params_format, master_weights, seed, steps):
+    """Buffers for MULTI_SIZES tensors (odd ones one element off alignment, but with int8
+    state), as fastopt.engine.Prepared packs them, and each tensor's gradients."""
+    rng = np.random.default_rng(seed)
+    full = full_hypers(cls, hypers)
+    schedule = schedule_for(d.name, SCHEDULES[1])
+    tensors = []
+    for t, n in enumerate(MULTI_SIZES):
+        offset = 0 if state == "int8" else t % 2
+        base = np.zeros(n + 64, np.float32)
+        base = base[(-base.ctypes.data % 64) // 4:]
+        values = rng.standard_normal(n).astype(np.float32)
+        start = initial_state(d, full, values, schedule)
+        states = {}
+        for name in d.active_state(full):
+            value = np.broadcast_to(np.zeros(n) if start.get(name) is None else start[name],
+                                    (n,)).astype(np.float32)
+            if state == "int8":
+                states[name] = quantize(value.copy(), _int8.signed(d, name))
+                continue
+            buf = np.zeros(n + 1, np.uint16 if state == "bfloat16" else np.float32)
+            buf = buf[offset:offset + n]
+            buf[...] = _bf16.encode(value) if state == "bfloat16" else value
+            states[name] = buf
+        master = None
+        if params_format == "bfloat16":
+            params = np.zeros(n + 1, np.uint16)[offset:offset + n]
+            params[...] = _bf16.encode(values)
+            master = {"fp32": _bf16.decode(params).copy(), "remainder": np.zeros(n, np.int16),
+                      "none": None}[master_weights]
+            grads = [_bf16.encode(rng.standard_normal(n).astype(np.float32))
+                     for _ in range(steps)]
+        else:
+            params = base[offset:offset + n]
+            params[...] = values
+            grads = [rng.standard_normal(n).astype(np.float32) for _ in range(steps)]
+        prepared = Prepared(d, params, master, states, full, params_format, on_gpu=True)
+        tensors.append((params, master, states, grads, prepared))
+    return tensors, schedule
+
+
+@pytest.mark.parametrize("name,state,params_format,master_weights", [
+    *((n, s, "float32", "fp32") for n in sorted(REGISTRY) if REGISTRY[n].multi_launch
+      for s in ("float32", "bfloat16", "int8")
+      if s != "int8" or REGISTRY[n].int8_refusal is None),
+    ("adam", "float32", "bfloat16", "fp32"), ("adam", "float32", "bfloat16", "remainder"),
+    ("adam", "int8", "bfloat16", "none"), ("sgd", "float32", "bfloat16", "none")])
+def test_multi_tensor_launch_equals_a_launch_per_tensor(lib, name, state, params_format,
+                                                        master_weights):
+    """One launch over a table of tensors (MULTI_SIGNATURE: a block per chunk of a tensor)
+    steps every tensor bit for bit as a launch over that tensor alone (its own element
+    indices, so the same random bits for bfloat16 and int8 state and master-free params),
+    advances the shared step counter once a step and reports the lr."""
+    d = REGISTRY[name]
+    cls, hypers = CASES[name].options[-1]  # the last option uses every state buffer
+    steps, block, chunk = 5, 32, 2 * INT8_BLOCK
+    suffix = {"float32": "", "bfloat16": "_sbf16", "int8": ""}[state]
+    fmt = "_f32" if params_format == "float32" else "_bf16"
+    int8 = "_int8" if state == "int8" else ""
+    alone, schedule = _multi_case(d, cls, hypers, state, params_format, master_weights, 5,
+                                  steps)
+    together, _ = _multi_case(d, cls, hypers, state, params_format, master_weights, 5, steps)
+    table = np.ascontiguousarray(schedule.table)
+    counters = [np.zeros(2, np.uint64) for _ in alone]
+    shared, lr_out = np.zeros(2, np.uint64), np.zeros(1)
+
+    def address(values):
+        return [a.ctypes.data if isinstance(a, np.ndarray) else a.item()
+                for a in pack_args(values)]
+
+    single = getattr(lib, f"emulate_{name}{int8}{fmt}{suffix}")
+    multi = getattr(lib, f"emulate_{name}{int8}_multi{fmt}{suffix}")
+    for k in range(1, steps + 1):
+        for (_, _, _, grads, prepared), counter in zip(alone, counters, strict=True):
+            values = prepared.kernel_values(grads[k - 1], table, table.shape[0], counter,
+                                            np.zeros(1), 1.0, 1.0, fresh=k == 1)
+            single(3, 64, *address(values))
+        kernel_values = [prepared.kernel_values(grads[k - 1], table, table.shape[0], shared,
+                                                lr_out, 1.0, 1.0, fresh=k == 1)
+                         for _, _, _, grads, prepared in together]
+        rows, chunks = multi_tables(kernel_values, chunk)
+        assert rows.shape == (len(MULTI_SIZES), len(MULTI_TABLE))
+        assert len(chunks) == sum(-(-n // chunk) for n in MULTI_SIZES)
+        multi(len(chunks), block, *address(dict(kernel_values[0], tensors=rows,
+                                                chunks=chunks)))
+        assert list(shared) == [k, 0]
+        assert lr_out[0] == schedule.at(k - 1)
+    for (p, m, st, _, _), (q, m2, st2, _, _) in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(q.view(np.uint8), p.view(np.uint8))
+        if m is not None:
+            np.testing.assert_array_equal(m2.view(np.uint8), m.view(np.uint8))
+        assert st.keys() == st2.keys() and st
+        for key in st:
+            a, b = st[key], st2[key]
+            if state == "int8":
+                np.testing.assert_array_equal(b.codes, a.codes)
+                np.testing.assert_array_equal(b.absmax.view(np.uint32), a.absmax.view(np.uint32))
+            else:
+                np.testing.assert_array_equal(b.view(np.uint8), a.view(np.uint8))
+    assert any(np.any(p != _bf16.encode(np.zeros(1))) for p, *_ in alone)  # (they moved)
+
+
+def test_multi_tables_refuse_a_chunk_that_splits_int8_blocks():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        multi_tables([{"n": 10}], chunk=100)

@@ -257,6 +257,25 @@ def _set_grads(params, grads):
             p.grad.copy_(g)  # (in place: the flat gradient buffer a captured step reads)
 
 
+def _capture_and_replay(opt, params, warm_grads, replay_grads):
+    """Eager steps over ``warm_grads`` on a side stream, one step captured in a CUDA graph,
+    then a replay per gradient of ``replay_grads`` (set in place); returns the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for gs in warm_grads:
+            _set_grads(params, gs)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for gs in replay_grads:
+        _set_grads(params, gs)
+        graph.replay()
+    return graph
+
+
 @pytest.mark.parametrize("name,kw", CAPTURED)
 def test_fot_step_captured_in_a_cuda_graph(name, kw):
     """A fastopt.torch step captured in torch.cuda.graph after 3 warm-up steps: 50 replays
@@ -275,19 +294,7 @@ def test_fot_step_captured_in_a_cuda_graph(name, kw):
     with pytest.raises(RuntimeError, match="after eager steps"), torch.cuda.graph(graph):
         _set_grads(captured, grads[0])
         opt.step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for gs in grads[:3]:
-            _set_grads(captured, gs)
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for gs in grads[3:53]:
-        _set_grads(captured, gs)
-        graph.replay()
+    graph = _capture_and_replay(opt, captured, grads[:3], grads[3:53])
     for gs in grads[:53]:
         _set_grads(eager, gs)
         ref.step()
@@ -366,3 +373,101 @@ def test_fot_cuda_master_weights_and_capture(mode):
         else:
             ulp = torch.finfo(torch.bfloat16).eps * master.abs().clamp_min(1e-30)
             assert ((p.float() - master).abs() <= 4 * ulp).all()
+
+
+#: a multi-tensor launch's tensors: several chunks (MULTI_CHUNK = 65536) with a short last
+#: one, exactly one chunk, and tensors smaller than a vector or an int8 block
+MULTI_SHAPES = [(70001,), (257, 129), (1,), (1031,), (3, 700), (65536,)]
+
+
+def _multi_values(dtype, seed, steps):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    values = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in MULTI_SHAPES]
+    grads = [[torch.randn(s, device="cuda", generator=gen).to(dtype) for s in MULTI_SHAPES]
+             for _ in range(steps)]
+    return values, grads
+
+
+@pytest.mark.parametrize("name,kw,state_dtype,dtype", [
+    ("AdamW", dict(lr=3e-3, weight_decay=0.1), "float32", torch.float32),
+    ("AdamW", dict(lr=3e-3, amsgrad=True), "bfloat16", torch.float32),
+    ("Adam", dict(lr=3e-3, weight_decay=0.01), "int8", torch.float32),
+    ("SGD", dict(lr=0.01, momentum=0.9, nesterov=True), "float32", torch.float32),
+    ("Lion", dict(lr=1e-3, weight_decay=0.1), "float32", torch.bfloat16),
+    ("AdamW", dict(lr=3e-3, master_weights="remainder"), "int8", torch.bfloat16),
+])
+def test_fot_multi_tensor_mode_is_one_launch_per_group(name, kw, state_dtype, dtype,
+                                                       monkeypatch):
+    """multi_tensor=True on CUDA: a group's params step in one multi-tensor launch (bound
+    once, a block per chunk of each param), bit for bit as a launch per param (MULTI_LAUNCH
+    off: the same element indices, so the same rounding bits) and, with float32 state, as the
+    flat mode."""
+    from fastopt.gpu import launch as gpu_launch
+    from fastopt.torch import _base
+
+    binds = []
+    real = gpu_launch.bind_multi
+
+    def counted(op, fmt, tensors, *args, **kwargs):
+        binds.append(len(tensors))
+        return real(op, fmt, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_launch, "bind_multi", counted)
+    values, grads = _multi_values(dtype, 51, 6)
+    runs = {}
+    for mode in ("multi", "alone", "flat"):
+        monkeypatch.setattr(_base, "MULTI_LAUNCH", mode != "alone")
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        opt = getattr(fot, name)(params, multi_tensor=mode != "flat", state_dtype=state_dtype,
+                                 **kw)
+        for gs in grads:
+            _set_grads(params, gs)
+            opt.step()
+        runs[mode] = params, opt
+    assert binds == [len(MULTI_SHAPES)]  # one launch over every param, bound once
+    (multi, opt), (alone, ref) = runs["multi"], runs["alone"]
+    for p, q in zip(multi, alone, strict=True):
+        assert torch.equal(p.view(torch.uint8), q.view(torch.uint8))
+    a, b = opt.state_dict()["state"], ref.state_dict()["state"]
+    assert a.keys() == b.keys() and a
+    for i in a:
+        for key, value in a[i].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value.cpu().view(-1).view(torch.uint8),
+                                   b[i][key].cpu().view(-1).view(torch.uint8)), (i, key)
+    if state_dtype == "float32":
+        for p, q in zip(multi, runs["flat"][0], strict=True):
+            assert torch.equal(p.view(torch.uint8), q.view(torch.uint8))
+
+
+def test_fot_multi_tensor_step_captured_in_a_cuda_graph():
+    """A multi-tensor launch captured in torch.cuda.graph after eager warm-up steps: the
+    replays equal eager flat-mode steps with the schedule advancing on the device; the step
+    counts follow the launch's counter; a step without one param's gradient launches the
+    others together and the lone one alone, both equal to the flat mode's."""
+    values, grads = _multi_values(torch.float32, 52, 30)
+    schedule = S.warmup(S.cosine(3e-3, 40, end_lr=1e-4), 5)
+    captured = [torch.nn.Parameter(v.clone()) for v in values]
+    eager = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = fot.AdamW(captured, lr=schedule, weight_decay=0.1, multi_tensor=True)
+    ref = fot.AdamW(eager, lr=schedule, weight_decay=0.1)
+    _capture_and_replay(opt, captured, grads[:3], grads[3:25])
+    for gs in grads[:25]:
+        _set_grads(eager, gs)
+        ref.step()
+    opt.sync_step_count()
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+    counts = {k: st["step"] for k, st in opt.state_dict()["state"].items()}
+    assert counts == {k: st["step"] for k, st in ref.state_dict()["state"].items()}
+    for params, o in ((captured, opt), (eager, ref)):
+        _set_grads(params, grads[25])
+        o.step()
+        params[0].grad = None
+        _set_grads(params[1:], grads[26][1:])
+        o.step()
+        _set_grads(params, grads[27])
+        o.step()
+    for p, q in zip(captured, eager, strict=True):
+        assert torch.equal(p.detach(), q.detach())
+    counts = {k: st["step"] for k, st in opt.state_dict()["state"].items()}
+    assert counts == {k: st["step"] for k, st in ref.state_dict()["state"].items()}

@@ -187,6 +187,28 @@ INT8_EXPONENT_BITS = {"signed": 4, "nonnegative": 5}
 INT8_SALTS = (0x00000000, 0x632BE5AB, 0x85EBCA77, 0xC2B2AE3D)
 #: the code's version, recorded in checkpoints and state dicts with the raw codes
 INT8_CODE_VERSION = 1
+#: The multi-tensor launch (CUDA entry points ``<name>_multi_<format>[_sbf16]`` and
+#: ``<name>_int8_multi_<format>``): one launch over many tensors that fastopt does not own
+#: (fastopt.torch's ``multi_tensor=True``), as torch's ``multi_tensor_apply``. It takes the
+#: uniform signature (and an int8 kernel's scales), whose buffer pointers and ``n`` it does not
+#: read, then MULTI_SIGNATURE: ``tensors``, a row of MULTI_TABLE per tensor (its buffers'
+#: addresses and its element count, as int64), and ``chunks``, a row of MULTI_CHUNK_ROW per
+#: CUDA block (its tensor's row, the first and the stop element of its chunk). Each block
+#: steps its chunk of its tensor with the tensor's own element indices, so the random bits of
+#: a stochastic rounding are those of a launch over that tensor alone. Every other argument
+#: (step counter, schedule, hyperparameters, ``fresh``, ``master_mode``) is the launch's, shared
+#: by its tensors: they take the same step. Definitions with per-step scalars (kept per
+#: tensor, written by a launch's last block) and tensor-aware ones have no such entry point.
+MULTI_TABLE = ("params", "grads", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
+               *INT8_SCALES, "n")
+MULTI_CHUNK_ROW = ("tensor", "first", "stop")
+MULTI_SIGNATURE: tuple[tuple[str, str], ...] = (("tensors", "const long long*"),
+                                                ("chunks", "const long long*"))
+#: elements per chunk of a multi-tensor launch (torch's multi_tensor_apply takes 65536); a
+#: multiple of INT8_BLOCK and of every vector width, so chunks split no int8 block or vector
+MULTI_CHUNK = 65536
+if MULTI_CHUNK % INT8_BLOCK or MULTI_CHUNK % 8:
+    raise ImportError("MULTI_CHUNK must be a multiple of INT8_BLOCK and of 8")
 #: the state formats every layer takes (``state_dtype=``)
 STATE_DTYPES = ("float32", "bfloat16", "int8")
 
@@ -426,6 +448,13 @@ class Definition:
         if layout == "elements":
             return n
         return segments.factored_layout()[1][STATE_LAYOUTS.index(layout) - 1]
+
+    @property
+    def multi_launch(self) -> bool:
+        """Whether the CUDA kernels have multi-tensor entry points (MULTI_SIGNATURE): the
+        elementwise definitions without per-step scalars (a launch's last block writes
+        those, for one tensor)."""
+        return not self.segmented and not self.scalars
 
     @property
     def int8_refusal(self) -> str | None:

@@ -16,8 +16,10 @@ def _entry_points(op: str, definition) -> tuple[str, ...]:
     tensor-aware kernel's first pass, factored statistics) per format, ``<pass>_<param
     dtype>`` with float32 state and ``..._sbf16`` with bfloat16 state (factored moments:
     float32 state only), ``<op>_int8_<param dtype>`` with int8 state (the elementwise
-    definitions); the passes that read none once (``<op>_segment``, ``<op>_fold``,
-    ``<op>_means``). fastopt.gpu.launch.segmented_passes launches them in order."""
+    definitions), ``<op>_multi_...`` and ``<op>_int8_multi_...`` the multi-tensor launch's (the
+    definitions with one: Definition.multi_launch); the passes that read none once
+    (``<op>_segment``, ``<op>_fold``, ``<op>_means``). fastopt.gpu.launch.segmented_passes
+    launches them in order."""
     factored = definition.factored is not None
     typed = [op, *([f"{op}_reduce"] if definition.segmented else []),
              *([f"{op}_stats"] if factored else [])]
@@ -25,8 +27,12 @@ def _entry_points(op: str, definition) -> tuple[str, ...]:
                *([f"{op}_fold", f"{op}_means"] if factored else [])]
     states = ("",) if factored else ("", "_sbf16")
     int8 = [f"{op}_int8_{d}" for d in DTYPE_SUFFIXES] if definition.int8_refusal is None else []
+    # the multi-tensor launch's (MULTI_SIGNATURE), of the definitions that have one
+    multi = [f"{op}_multi_{d}{s}" for d in DTYPE_SUFFIXES for s in states] \
+        + [f"{op}_int8_multi_{d}" for d in DTYPE_SUFFIXES if int8] \
+        if definition.multi_launch else []
     return (*(f"{t}_{d}{s}" for t in typed for d in DTYPE_SUFFIXES for s in states), *int8,
-            *untyped)
+            *multi, *untyped)
 
 
 #: CUDA source file -> the extern "C" kernels it defines (``_entry_points``)

@@ -18,6 +18,10 @@ from ..algorithms._spec import (
     INT8_BLOCK,
     INT8_SIGNATURE,
     KERNEL_SIGNATURE,
+    MULTI_CHUNK,
+    MULTI_CHUNK_ROW,
+    MULTI_SIGNATURE,
+    MULTI_TABLE,
     REDUCE_THREADS,
     SEGMENT_BLOCK,
     SEGMENT_SIGNATURE,
@@ -37,15 +41,17 @@ SEGMENT_THREADS = 128
 BLOCKS_PER_SM = 8
 
 
-def kernel_name(op: str, dtype: str, state_bf16: bool = False, int8: bool = False) -> str:
+def kernel_name(op: str, dtype: str, state_bf16: bool = False, int8: bool = False,
+                multi: bool = False) -> str:
     """The compiled variant for params/grads of format ``dtype`` ('float32', 'float16',
     'bfloat16': what the elements hold, so uint16 bits are named by their format), with
-    bfloat16 or int8 state."""
+    bfloat16 or int8 state; ``multi``: its multi-tensor launch's (MULTI_SIGNATURE)."""
     if dtype not in DTYPE_SUFFIX:
         raise ValueError(f"no GPU kernel for {dtype} params (float32, float16, bfloat16)")
+    multi_part = "_multi" if multi else ""
     if int8:
-        return f"{op}_int8_{DTYPE_SUFFIX[dtype]}"
-    return f"{op}_{DTYPE_SUFFIX[dtype]}" + ("_sbf16" if state_bf16 else "")
+        return f"{op}_int8{multi_part}_{DTYPE_SUFFIX[dtype]}"
+    return f"{op}{multi_part}_{DTYPE_SUFFIX[dtype]}" + ("_sbf16" if state_bf16 else "")
 
 
 def signature_of(values: dict) -> tuple:
@@ -53,7 +59,35 @@ def signature_of(values: dict) -> tuple:
     tensor-aware kernel and the factored ones for factored moments."""
     return (KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if "segments" in values else ())
             + (FACTORED_SIGNATURE if "tiles" in values else ())
-            + (INT8_SIGNATURE if "scale0" in values else ()))
+            + (INT8_SIGNATURE if "scale0" in values else ())
+            + (MULTI_SIGNATURE if "tensors" in values else ()))
+
+
+def _address(array) -> int:
+    """A numpy array's (the host-built kernels') or a cupy array's data address."""
+    return array.ctypes.data if isinstance(array, np.ndarray) else array.data.ptr
+
+
+def multi_tables(tensors: list[dict], chunk: int = MULTI_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """The tables of a multi-tensor launch (MULTI_SIGNATURE) over tensors whose kernel
+    arguments are ``tensors`` (``Prepared.kernel_values`` each): a row of MULTI_TABLE per
+    tensor (buffer addresses, element count) and a row of MULTI_CHUNK_ROW per chunk of
+    ``chunk`` elements (a multiple of INT8_BLOCK; the last chunk of a tensor may be shorter;
+    an empty tensor has none). At least one chunk, so that a launch over empty tensors still
+    advances the step counter. int64 numpy arrays (host memory)."""
+    if chunk <= 0 or chunk % INT8_BLOCK:
+        raise ValueError(f"a chunk of {chunk} elements: it must be a positive multiple of "
+                         f"{INT8_BLOCK}")
+    rows, chunks = [], []
+    for t, values in enumerate(tensors):
+        n = int(values["n"])
+        rows.append([n if name == "n" else 0 if values.get(name) is None
+                     else _address(values[name]) for name in MULTI_TABLE])
+        chunks += [{"tensor": t, "first": first, "stop": min(first + chunk, n)}
+                   for first in range(0, n, chunk)]
+    chunks = chunks or [{"tensor": 0, "first": 0, "stop": 0}]
+    return (np.array(rows, dtype=np.int64).reshape(len(tensors), len(MULTI_TABLE)),
+            np.array([[c[k] for k in MULTI_CHUNK_ROW] for c in chunks], dtype=np.int64))
 
 
 def pack_args(values: dict) -> tuple:
@@ -90,9 +124,9 @@ def bind(op: str, dtype: str, values: dict, between=None):
     Returns a function of no arguments that launches on the current stream, with no host
     sync and no allocation (capturable in a CUDA graph). ``between``: a tensor-aware kernel's
     matrix stage, called after the first pass's launch (it queues its own work on the
-    stream)."""
+    stream). ``values`` with ``tensors`` and ``chunks`` (``bind_multi``'s): the multi-tensor
+    entry point, a block per chunk."""
     state_bf16 = values["state0"].dtype == np.uint16
-    name = kernel_name(op, dtype, state_bf16)
     module = _module(f"{op}.cu")
     args = pack_args(values)
     if "segments" in values:  # a tensor-aware kernel: its passes, in order
@@ -111,15 +145,38 @@ def bind(op: str, dtype: str, values: dict, between=None):
                 launch()
 
         return run_segmented
-    n = int(values["n"])
-    if "scale0" in values:  # int8 state: a warp per block of INT8_BLOCK elements
-        kernel = module.get_function(kernel_name(op, dtype, int8=True))
+    n, int8, multi = int(values["n"]), "scale0" in values, "tensors" in values
+    kernel = module.get_function(kernel_name(op, dtype, state_bf16, int8, multi))
+    if multi:  # a block per chunk of the tensors (multi_tables)
+        grid = (int(values["chunks"].shape[0]),)
+    elif int8:  # a warp per block of INT8_BLOCK elements
         warps = -(-n // INT8_BLOCK)
         grid = (max(1, min(_grid(values["params"].device.id), -(-warps // (BLOCK // 32)))),)
-        return lambda: kernel(grid, (BLOCK,), args)
-    kernel = module.get_function(name)
-    grid = (max(1, min(_grid(values["params"].device.id), -(-n // BLOCK))),)
+    else:
+        grid = (max(1, min(_grid(values["params"].device.id), -(-n // BLOCK))),)
     return lambda: kernel(grid, (BLOCK,), args)
+
+
+def bind_multi(op: str, dtype: str, tensors: list[dict], chunk: int = MULTI_CHUNK):
+    """``bind`` for one launch of kernel ``op``'s multi-tensor entry point over ``tensors``
+    (``Prepared.kernel_values`` of each: alike in every argument but the buffers and ``n``,
+    the step counter and lr output shared): the tables (``multi_tables``) copied once to the
+    device of the first tensor's params, kept alive by the launch."""
+    import cupy
+
+    first = tensors[0]
+    for values in tensors[1:]:
+        for key, value in first.items():
+            # (the scalar slots: stand-ins, Definition.multi_launch has no per-step scalars)
+            if key in MULTI_TABLE or key.startswith("scalar") or values[key] is value:
+                continue
+            if isinstance(value, (int, float, bool, np.generic)) and values[key] == value:
+                continue
+            raise ValueError(f"a multi-tensor launch's tensors differ in {key!r}")
+    table, chunks = multi_tables(tensors, chunk)
+    with cupy.cuda.Device(first["params"].device.id):
+        values = dict(first, tensors=cupy.asarray(table), chunks=cupy.asarray(chunks))
+    return bind(op, dtype, values)
 
 
 def segmented_passes(op: str, values: dict, block: int | None = None) -> list[tuple]:

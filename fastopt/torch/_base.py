@@ -165,6 +165,33 @@ def _delayed(schedule: Schedule, n: int) -> Schedule:
     return Schedule(table, f"delayed({name}, {total})")
 
 
+#: whether fastopt.torch steps a group's in-place buckets on a GPU (multi_tensor=True) with
+#: multi-tensor launches (a launch per set of buckets alike, fastopt.gpu.launch.bind_multi);
+#: False: a launch per bucket (what the tests compare them with)
+MULTI_LAUNCH = True
+#: how many multi-tensor launches an optimizer keeps bound (one per set of buckets stepped
+#: together; a set changes when some params have no gradient)
+MULTI_LAUNCHES_KEPT = 16
+
+
+class _MultiLaunch:
+    """A multi-tensor launch over some in-place buckets of a group, bound once: its step
+    counter and lr output on the device (as a bucket's own, ``_Bucket.counter``), the count
+    the host knows the counter holds, the objects it was bound for (each bucket's prepared
+    call and gradient array, the schedule, ``fresh``) and whether a CUDA graph captured it."""
+
+    __slots__ = ("buckets", "counter", "lr_out", "device_step", "refs", "launch", "captured")
+
+    def __init__(self, buckets: list, device: torch.device):
+        self.buckets = buckets
+        self.counter = torch.zeros(2, dtype=torch.int64, device=device)
+        self.lr_out = torch.zeros(1, dtype=torch.float64, device=device)
+        self.device_step: int | None = None
+        self.refs: tuple | None = None
+        self.launch = None
+        self.captured = False
+
+
 class _Bucket:
     """The params of one group on one (device, dtype), packed with their grads and state.
 
@@ -287,6 +314,9 @@ class _Bucket:
         self.device_step: int | None = None
         self.launch: tuple | None = None
         self.captured = False
+        #: the multi-tensor launch (_MultiLaunch) that last stepped this in-place bucket with
+        #: others of its group (it keeps its own step counter, apart from ``counter``)
+        self.multi: _MultiLaunch | None = None
         ptr = self.flat.untyped_storage().data_ptr()
         if ptr and not in_place:  # (an in-place bucket owns nothing: others may step it too)
             _OWNERS[ptr] = self
@@ -324,9 +354,10 @@ class _Bucket:
         scalars may differ across params, and the device counter (if any) takes the count,
         so that replays of a captured step go on from it."""
         self.scalars_shared = False
-        if self.counter is not None:
-            self.counter[0] = self.step
-            self.device_step = self.step
+        for keeper in (self, self.multi):
+            if keeper is not None and keeper.counter is not None:
+                keeper.counter[0] = self.step
+                keeper.device_step = self.step
 
     def segment_table(self, part: int | tuple[int, int] | None, n: int) -> SegmentTable:
         """The layout of a kernel call's part (None: the bucket; i: param i alone; (first,
@@ -564,8 +595,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     'remainder' (bfloat16 params: the master's low 16 bits beside them, 2 B/param, the same
     master bit for bit; the params round it to nearest, ties away from zero) or 'none' (no
     master: the params are rounded stochastically); ``multi_tensor``: step each param in
-    its own storage (a kernel call per param) instead of packing the params into flat
-    buffers fastopt owns."""
+    its own storage instead of packing the params into flat buffers fastopt owns (on the
+    CPU a kernel call per param; on a GPU one multi-tensor launch over a group's params of
+    one format, for the optimizers without per-step scalars, else a launch per param)."""
 
     definition: Definition
     fixed: dict = {}
@@ -577,6 +609,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     master_weights = "fp32"
     #: the multi-tensor mode (pickles from before it: the flat buffers)
     multi_tensor = False
+    #: a group's whole-bucket GPU launches of in-place buckets, deferred while it steps
+    #: (``_launch_deferred``); None outside a step
+    _deferred: list | None = None
     #: params and gradients in pinned memory (CPUOffload's host optimizers)
     _pin_memory = False
     #: what the CPU kernels multiply the gradients by (CPUOffload's clipping and grad_scale)
@@ -988,7 +1023,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             if any(any(b.repeats) for b in buckets):  # (before any group steps)
                 self._check_repeats(self._schedule(index, group)[0])
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            if any(b.launch is None for buckets in self._buckets for b in buckets):
+            if any(b.launch is None and b.multi is None for buckets in self._buckets
+                   for b in buckets):
                 raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
         else:
             self._take_device_counts()
@@ -1012,8 +1048,18 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             schedule, own, hypers = plan
             before = _group_step(buckets)
-            for b in buckets:
-                self._step_bucket(group, schedule, b, hypers)
+            # in-place buckets on a GPU: their whole-bucket launches deferred to the group's
+            # end, then made as multi-tensor launches (_launch_deferred)
+            if MULTI_LAUNCH and self.definition.multi_launch and any(
+                    b.in_place and b.flat.is_cuda for b in buckets):
+                self._deferred = []
+            try:
+                for b in buckets:
+                    self._step_bucket(group, schedule, b, hypers)
+            finally:
+                deferred, self._deferred = self._deferred, None
+                if deferred:  # (also after an error: those buckets count the step taken)
+                    self._launch_deferred(deferred)
             self._finish_group(index, group, buckets, schedule, own, before)
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
@@ -1279,7 +1325,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         elif values is not None:  # (an equal dict: keep the call, remember this dict)
             b.prepared[(part, names)] = (values, prepared)
         if prepared.on_gpu and part is None:
-            self._launch_bucket(b, prepared, arrays[1], schedule, step, fresh)
+            if self._deferred is not None and b.in_place:
+                self._deferred.append((b, prepared, arrays[1], schedule, step, fresh))
+            else:
+                self._launch_bucket(b, prepared, arrays[1], schedule, step, fresh)
         elif prepared.on_gpu:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(CAPTURE_NEEDS_WHOLE_BUCKETS)
@@ -1328,22 +1377,93 @@ class FlatOptimizer(torch.optim.Optimizer):
         else:
             b.device_step = step
 
+    def _launch_deferred(self, entries: list[tuple]) -> None:
+        """A group's deferred whole-bucket GPU steps (in-place buckets: ``_run``'s arguments
+        of ``_launch_bucket``): those alike in every kernel argument but their buffers
+        (format, state format, master mode, hyperparameters, step, schedule, device) as one
+        multi-tensor launch each (``_launch_multi``), a lone one as before."""
+        batches: dict[tuple, list] = {}
+        for entry in entries:
+            b, prepared, _, schedule, step, fresh = entry
+            key = (prepared.dtype, prepared.states[0].dtype, prepared.master_mode,
+                   tuple(prepared.slots), prepared.weight_decay, prepared.decoupled,
+                   prepared.maximize, step, bool(fresh), id(schedule), b.flat.device)
+            batches.setdefault(key, []).append(entry)
+        for batch in batches.values():
+            if len(batch) == 1:
+                self._launch_bucket(*batch[0])
+            else:
+                self._launch_multi(batch)
+
+    def _launch_multi(self, batch: list[tuple]) -> None:
+        """One multi-tensor launch (fastopt.gpu.launch.bind_multi: a block per chunk of each
+        param) stepping the in-place buckets of ``batch`` on torch's current stream. Like
+        ``_launch_bucket``'s: bound once per set of buckets (the tables copied to the device
+        then), its own step counter on the device, no allocation or host sync afterwards, so
+        it can be captured in a CUDA graph once an eager step has bound it."""
+        from ..gpu import launch as gpu_launch
+
+        buckets = [entry[0] for entry in batch]
+        _, first, _, schedule, step, fresh = batch[0]
+        # (identity: each bucket's prepared call and gradient array, the schedule, fresh)
+        refs = (*(x for entry in batch for x in entry[1:3]), schedule, bool(fresh))
+        launches = self.__dict__.setdefault("_multi_launches", {})
+        record = launches.get(tuple(map(id, buckets)))
+        bound = record is not None and record.refs is not None \
+            and len(record.refs) == len(refs) \
+            and all(x is y for x, y in zip(record.refs[:-1], refs[:-1], strict=True)) \
+            and record.refs[-1] == refs[-1]
+        capturing = torch.cuda.is_current_stream_capturing()
+        if capturing and not (bound and record.device_step == step - 1):
+            raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
+        device = buckets[0].flat.device
+        if record is None:
+            if len(launches) >= MULTI_LAUNCHES_KEPT:  # (sets of buckets not seen lately)
+                for ident in [i for i, r in launches.items() if not r.captured]:
+                    del launches[ident]
+            record = launches[tuple(map(id, buckets))] = _MultiLaunch(buckets, device)
+        if record.device_step != step - 1:  # (a new record, or steps taken another way)
+            record.counter[0] = step - 1
+        stream = torch.cuda.current_stream(device)
+        with _cupy_stream(stream.cuda_stream, stream.device_index):
+            if not bound:
+                table = device_table(schedule, device.index)
+                counter = _as_array(record.counter).view("uint64")
+                lr_out = _as_array(record.lr_out)
+                values = [prepared.kernel_values(grads, table, table.shape[0], counter, lr_out,
+                                                 1.0, 1.0, fresh)
+                          for _, prepared, grads, *_ in batch]
+                record.launch = gpu_launch.bind_multi(self.definition.name, first.dtype,
+                                                      values)
+                record.refs = refs
+            record.launch()
+        for b in buckets:
+            b.multi = record
+        if capturing:  # (the device holds step - 1 until a replay runs it)
+            record.captured = True
+        else:
+            record.device_step = step
+
     def _take_device_counts(self) -> None:
         """After replays of a captured step: each such bucket's params advanced by the
         replays since the host last knew the device counter (a device read), and the group's
         lr and kept values from them."""
+        advanced = set()  # the buckets a replay advanced
+        keepers = [(b, [b]) for buckets in self._buckets for b in buckets
+                   if b.captured and b.counter is not None]
+        keepers += [(r, r.buckets) for r in self.__dict__.get("_multi_launches", {}).values()
+                    if r.captured]
+        for keeper, stepped in keepers:  # (a bucket's own counter, or a multi-tensor launch's)
+            count = int(keeper.counter[0])
+            if keeper.device_step is not None and count != keeper.device_step:
+                for b in stepped:  # each replay stepped the whole bucket once
+                    b.steps += count - keeper.device_step
+                    b.step = int(b.steps.max())
+                    advanced.add(id(b))
+            keeper.device_step = count
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
                                                      strict=True)):
-            changed = False
-            for b in buckets:
-                if b.captured and b.counter is not None:
-                    count = int(b.counter[0])
-                    if b.device_step is not None and count != b.device_step:
-                        # each replay stepped the whole bucket once
-                        b.steps += count - b.device_step
-                        b.step = int(b.steps.max())
-                        changed = True
-                    b.device_step = count
+            changed = any(id(b) in advanced for b in buckets)
             if changed:
                 self._publish_group(group, buckets)
                 schedule = group.get("schedule")
