@@ -48,7 +48,11 @@ def test_headers_found():
     assert build.cuda_include_dir() is not None, "cuda_bf16.h not found (nvidia-cuda-runtime)"
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "compute_80"])
+# sm_90 machine code (NVRTC's front end and ptxas) and compute_80 PTX (the front end for
+# sm_80's features, which a driver assembles for any later card). sm_80 machine code, also
+# compiled here until the multi-tensor entry points doubled NVRTC's work, repeated the front
+# end and assembled for one more target: dropped for CI's 10 minutes.
+@pytest.mark.parametrize("arch", ["sm_90", "compute_80"])
 @pytest.mark.parametrize("name", sorted(build.SOURCES))
 def test_compiles_without_warnings(name, arch):
     log, binary = compile_source(name, arch)
