@@ -49,13 +49,14 @@ SALTS = INT8_SALTS
 def encode_magnitude(y, rand, bias, one, floor_step):
     """|y| <= 1 as a code magnitude: 0, or SMALLEST..one (see the module's docstring). Below
     the smallest code's value s, 0 or SMALLEST with the same rounding: SMALLEST when |y| >
-    rand * floor_step (floor_step = s / 2^SHIFT), so P(SMALLEST) = |y| / s, unbiased."""
+    rand * floor_step (floor_step = s / 2^SHIFT), so P(SMALLEST) = |y| / s, unbiased.
+    Every step in uint32 (t - bias compared as t against bias + ...): Numba widens int32
+    differences to int64, which split each vector in two (bench/NOTES.md, "int8 encode")."""
     a = _U(np.float32(y).view(_U) & _U(0x7FFFFFFF))
-    code = np.int32(_U(a + rand) >> _U(SHIFT)) - np.int32(bias)
-    small = np.int32(SMALLEST) if abs(np.float32(y)) > np.float32(rand) * floor_step \
-        else np.int32(0)
-    code = code if code >= np.int32(SMALLEST) else small
-    return _U(code if code <= np.int32(one) else np.int32(one))
+    t = _U(_U(a + rand) >> _U(SHIFT))  # (no overflow: a <= 0x7FC00000, rand < 2^SHIFT)
+    small = _U(SMALLEST) if abs(np.float32(y)) > np.float32(rand) * floor_step else _U(0)
+    code = _U(t - _U(bias)) if t >= _U(bias + SMALLEST) else small
+    return _U(one) if t > _U(bias + one) else code
 
 
 @helper
