@@ -414,3 +414,85 @@ def test_step_returns_before_the_device_finishes():
     assert opt.sync_step_count() == 3 and opt.last_lr == pytest.approx(SCHED.at(2), rel=1e-12)
 
 
+
+
+#: a multi-tensor launch's tensors: several chunks with a short last one, one element, one
+#: exactly whole chunk
+MULTI_SIZES = [70001, 1, 1031, 65536, 300]
+
+
+@pytest.mark.parametrize("name,state,dtype", [
+    ("adam", "float32", "float32"), ("adam", "bfloat16", "float32"), ("adam", "int8", "float32"),
+    ("sgd", "float32", "float32"), ("lion", "int8", "bfloat16"), ("adagrad", "float32", "float16")])
+def test_multi_tensor_launch_equals_a_launch_per_tensor(name, state, dtype):
+    """fastopt.gpu.launch.bind_multi: one launch over a table of tensors (a block per chunk of
+    65,536 elements) steps each tensor bit for bit as a launch over it alone, advances the
+    shared step counter once a step and reports the lr (on the fake device: the tables, the
+    argument packing and the chunks' tiling, each tensor run by the Numba kernel)."""
+    from optimizer_cases import full_hypers, initial_state
+
+    from fastopt import _bf16, _int8
+    from fastopt.engine import Prepared, device_table
+    from fastopt.gpu import launch
+
+    d = REGISTRY[name]
+    cls, hypers = CASES[name].options[-1]  # (its state buffers all used)
+    full, schedule = full_hypers(cls, hypers), schedule_for(name, SCHED)
+    table = device_table(schedule, cupy.cuda.Device().id)
+
+    def tensors():
+        rng = np.random.default_rng(31)
+        out = []
+        for n in MULTI_SIZES:
+            values = rng.standard_normal(n).astype(np.float32)
+            start = initial_state(d, full, values, schedule)
+            states = {}
+            for key in d.active_state(full):
+                v = np.broadcast_to(np.zeros(n) if start.get(key) is None else start[key],
+                                    (n,)).astype(np.float32)
+                states[key] = _int8.quantize(cupy.asarray(v), _int8.signed(d, key)) \
+                    if state == "int8" else cupy.asarray(_bf16.encode(v) if state == "bfloat16"
+                                                         else v)
+            grads = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
+            if dtype == "float32":
+                params, master = cupy.asarray(values), None
+            elif dtype == "float16":
+                params = cupy.asarray(values.astype(np.float16))
+                master = cupy.asarray(values.astype(np.float16).astype(np.float32))
+                grads = [g.astype(np.float16) for g in grads]
+            else:
+                params = cupy.asarray(_bf16.encode(values))
+                master = cupy.asarray(_bf16.decode(_bf16.encode(values)))
+                grads = [_bf16.encode(g) for g in grads]
+            out.append((params, master, states, [cupy.asarray(g) for g in grads],
+                        Prepared(d, params, master, states, full, dtype, on_gpu=True)))
+        return out
+
+    alone, together = tensors(), tensors()
+    counters = [cupy.zeros(2, dtype=cupy.uint64) for _ in alone]
+    shared, lr_out = cupy.zeros(2, dtype=cupy.uint64), cupy.zeros(1, dtype=cupy.float64)
+    for k in range(1, 5):
+        for (_, _, _, grads, prepared), counter in zip(alone, counters, strict=True):
+            launch.bind(name, dtype, prepared.kernel_values(
+                grads[k - 1], table, table.shape[0], counter, cupy.zeros(1, dtype=cupy.float64),
+                1.0, 1.0, fresh=k == 1))()
+        launch.bind_multi(name, dtype, [prepared.kernel_values(
+            grads[k - 1], table, table.shape[0], shared, lr_out, 1.0, 1.0, fresh=k == 1)
+            for _, _, _, grads, prepared in together])()
+        assert int(shared[0]) == k and int(shared[1]) == 0
+        assert float(lr_out[0]) == pytest.approx(schedule.at(k - 1), rel=1e-12)
+
+    def bits(a):
+        return a.get().view(np.uint8)
+
+    for (p, m, st, _, _), (q, m2, st2, _, _) in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(bits(q), bits(p))
+        if m is not None:
+            np.testing.assert_array_equal(bits(m2), bits(m))
+        for key in st:
+            if state == "int8":
+                np.testing.assert_array_equal(bits(st2[key].codes), bits(st[key].codes))
+                np.testing.assert_array_equal(bits(st2[key].absmax), bits(st[key].absmax))
+            else:
+                np.testing.assert_array_equal(bits(st2[key]), bits(st[key]))
+    assert not np.array_equal(bits(alone[0][0]), bits(tensors()[0][0]))  # (they moved)

@@ -16,6 +16,7 @@ needs memory is not replayable anyway).
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import operator
 import re
@@ -412,6 +413,15 @@ _PARAM_TYPES = {"f32": (np.float32,), "f16": (np.float16, np.uint16), "bf16": (n
 _FORMATS = {"f32": 0, "f16": 0, "bf16": 1}
 
 
+def _at(address: int, count: int, dtype) -> np.ndarray:
+    """``count`` elements of ``dtype`` at a device (here: host) address."""
+    if count == 0 or address == 0:
+        return np.zeros(count, dtype)
+    dtype = np.dtype(dtype)
+    return np.frombuffer((ctypes.c_char * (count * dtype.itemsize)).from_address(address),
+                         dtype=dtype)
+
+
 class _Kernel:
     """One variant, e.g. ``adam_bf16_sbf16``: runs the Numba kernel of the same op."""
 
@@ -421,6 +431,11 @@ class _Kernel:
         #: an int8-state kernel (``adam_int8_f32``): the Numba ``<op>_int8`` kernel
         self.int8 = parts[1] == "int8"
         if self.int8:
+            parts = [parts[0], *parts[2:]]
+        #: a multi-tensor launch (``adam_multi_f32``, ``adam_int8_multi_f32``): the Numba
+        #: kernel on each tensor of its table, the step counter advanced once
+        self.multi = parts[1] == "multi"
+        if self.multi:
             parts = [parts[0], *parts[2:]]
         #: a tensor-aware kernel's reduce or segment pass (``lamb_reduce_f32``,
         #: ``lamb_segment``): checked, then nothing, as the Numba kernel the update pass runs
@@ -439,6 +454,7 @@ class _Kernel:
             FACTORED_SIGNATURE,
             INT8_SIGNATURE,
             KERNEL_SIGNATURE,
+            MULTI_SIGNATURE,
             SEGMENT_SIGNATURE,
         )
 
@@ -448,7 +464,11 @@ class _Kernel:
         segmented = d.segmented
         spec = KERNEL_SIGNATURE + (SEGMENT_SIGNATURE if segmented else ()) \
             + (FACTORED_SIGNATURE if d.factored is not None else ()) \
-            + (INT8_SIGNATURE if self.int8 else ())
+            + (INT8_SIGNATURE if self.int8 else ()) + (MULTI_SIGNATURE if self.multi else ())
+        if self.multi and not d.multi_launch:
+            raise ValueError(f"{self.name}: {self.op} has no multi-tensor launch")
+        if self.multi and grid[0] != len(args[[name for name, _ in spec].index("chunks")]):
+            raise ValueError(f"{self.name}: a block per chunk, got a grid of {grid[0]}")
         if segmented and self.pass_ in (None, "reduce") \
                 and grid[0] != len(args[[name for name, _ in spec].index("chunks")]):
             raise ValueError(f"{self.name}: a block per chunk, got a grid of {grid[0]}")
@@ -500,6 +520,57 @@ class _Kernel:
         return value._a
 
     def run(self, values: dict) -> None:
+        """The kernel's work (now, or at a replay of a captured graph)."""
+        if self.multi:
+            self._run_multi(values)
+        else:
+            self._run_one(values)
+
+    def _run_multi(self, values: dict) -> None:
+        """A multi-tensor launch: every chunk of the ``chunks`` table within its tensor, the
+        chunks of each tensor tiling it exactly once; then the Numba kernel on each tensor of
+        the ``tensors`` table (its buffers at the addresses the table holds, of the types the
+        uniform arguments have) at the same step, and the shared counter advanced once."""
+        from fastopt.algorithms import REGISTRY
+        from fastopt.algorithms._spec import INT8_BLOCK, MULTI_CHUNK_ROW, MULTI_TABLE
+
+        tensors, chunks = values["tensors"], values["chunks"]
+        size = MULTI_TABLE.index("n")
+        covered = {t: [] for t in range(len(tensors))}
+        for row in chunks:
+            chunk = dict(zip(MULTI_CHUNK_ROW, (int(v) for v in row), strict=True))
+            covered[chunk["tensor"]].append((chunk["first"], chunk["stop"]))
+        for t, spans in covered.items():
+            n, at = int(tensors[t][size]), 0
+            for first, stop in sorted(spans):
+                if (first, stop) == (0, 0) and n == 0:
+                    continue
+                if first != at or not first < stop <= n or first % INT8_BLOCK:
+                    raise ValueError(f"{self.name}: tensor {t}'s chunks {sorted(spans)} do "
+                                     f"not tile its {n} elements")
+                at = stop
+            if at != n:
+                raise ValueError(f"{self.name}: tensor {t}'s chunks stop at {at} of {n}")
+        if values["control"][1] != 0.0:
+            return
+        state_slots = len(REGISTRY[self.op].state)
+        step, lr = values["step_state"][0], None
+        for row in tensors:
+            n = int(row[size])
+            one = dict(values, n=np.int64(n), step_state=np.array([step, 0], np.uint64),
+                       lr_out=np.zeros(1))
+            for slot, name in enumerate(MULTI_TABLE[:size]):
+                if name not in values:  # (a kernel without int8 scales)
+                    continue
+                dummy = name.startswith("state") and int(name[5:]) >= state_slots
+                count = 1 if dummy else -(-n // INT8_BLOCK) if name.startswith("scale") else n
+                one[name] = _at(int(row[slot]), count, values[name].dtype)
+            self._run_one(one)
+            lr = one["lr_out"][0]
+        values["lr_out"][0] = lr
+        values["step_state"][0] = step + 1
+
+    def _run_one(self, values: dict) -> None:
         """What the CUDA kernel does: nothing if control[1] (skip) is set; else step
         k = step_state[0] + 1, lr from the table, the update with grad_mult * control[0],
         lr_out[0] = lr, step_state[0] = k."""
