@@ -496,3 +496,30 @@ def test_multi_tensor_launch_equals_a_launch_per_tensor(name, state, dtype):
             else:
                 np.testing.assert_array_equal(bits(st2[key]), bits(st[key]))
     assert not np.array_equal(bits(alone[0][0]), bits(tensors()[0][0]))  # (they moved)
+
+
+def test_multi_tensor_launch_refuses_tensors_that_differ():
+    """bind_multi takes tensors alike in every kernel argument but their buffers: another
+    state format, kernel or hyperparameter raises before anything is launched."""
+    from optimizer_cases import full_hypers
+
+    from fastopt.engine import Prepared, device_table
+    from fastopt.gpu import launch
+
+    d = REGISTRY["adam"]
+    table = device_table(SCHED, cupy.cuda.Device().id)
+    counter, lr_out = cupy.zeros(2, dtype=cupy.uint64), cupy.zeros(1, dtype=cupy.float64)
+
+    def values(state_dtype=cupy.float32, **changed):
+        params = cupy.zeros(300, dtype=cupy.float32)
+        states = {k: cupy.zeros(300, dtype=state_dtype) for k in ("exp_avg", "exp_avg_sq")}
+        prepared = Prepared(d, params, None, states, full_hypers("Adam", changed), "float32",
+                            on_gpu=True)
+        return prepared.kernel_values(cupy.zeros(300, dtype=cupy.float32), table,
+                                      table.shape[0], counter, lr_out, 1.0, 1.0, 0)
+
+    launch.bind_multi("adam", "float32", [values(), values()])  # (alike: bound)
+    for other, what in ((values(cupy.uint16), "type of 'state0'"),
+                        (values(weight_decay=0.1), "'weight_decay'")):
+        with pytest.raises(ValueError, match=what):
+            launch.bind_multi("adam", "float32", [values(), other])

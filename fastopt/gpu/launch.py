@@ -166,9 +166,16 @@ def bind_multi(op: str, dtype: str, tensors: list[dict], chunk: int = MULTI_CHUN
 
     first = tensors[0]
     for values in tensors[1:]:
+        if values.keys() != first.keys():
+            raise ValueError("a multi-tensor launch's tensors take different kernels")
         for key, value in first.items():
+            if key in MULTI_TABLE:  # (each tensor's own buffers, of the same types)
+                if key != "n" and values[key].dtype != value.dtype:
+                    raise ValueError(f"a multi-tensor launch's tensors differ in the type of "
+                                     f"{key!r}")
+                continue
             # (the scalar slots: stand-ins, Definition.multi_launch has no per-step scalars)
-            if key in MULTI_TABLE or key.startswith("scalar") or values[key] is value:
+            if key.startswith("scalar") or values[key] is value:
                 continue
             if isinstance(value, (int, float, bool, np.generic)) and values[key] == value:
                 continue

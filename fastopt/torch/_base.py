@@ -178,9 +178,12 @@ class _MultiLaunch:
     """A multi-tensor launch over some in-place buckets of a group, bound once: its step
     counter and lr output on the device (as a bucket's own, ``_Bucket.counter``), the count
     the host knows the counter holds, the objects it was bound for (each bucket's prepared
-    call and gradient array, the schedule, ``fresh``) and whether a CUDA graph captured it."""
+    call and gradient array, the schedule, ``fresh``) and whether a CUDA graph captured it.
+    A captured launch keeps every launch it was bound to (``retired``): the graph reads the
+    device tables those own."""
 
-    __slots__ = ("buckets", "counter", "lr_out", "device_step", "refs", "launch", "captured")
+    __slots__ = ("buckets", "counter", "lr_out", "device_step", "refs", "launch", "captured",
+                 "retired")
 
     def __init__(self, buckets: list, device: torch.device):
         self.buckets = buckets
@@ -190,6 +193,16 @@ class _MultiLaunch:
         self.refs: tuple | None = None
         self.launch = None
         self.captured = False
+        self.retired: list = []
+        for b in buckets:
+            b.launches.append(self)
+
+    def unbind(self) -> None:
+        """Drop the bound launch and what it holds (views of gradient buffers that may be
+        freed: step in backward, a replaced storage); a captured one keeps it for the graph."""
+        if self.captured:
+            self.retired.append(self.launch)
+        self.launch = self.refs = None
 
 
 class _Bucket:
@@ -314,9 +327,9 @@ class _Bucket:
         self.device_step: int | None = None
         self.launch: tuple | None = None
         self.captured = False
-        #: the multi-tensor launch (_MultiLaunch) that last stepped this in-place bucket with
-        #: others of its group (it keeps its own step counter, apart from ``counter``)
-        self.multi: _MultiLaunch | None = None
+        #: the multi-tensor launches (_MultiLaunch) that step this in-place bucket with others
+        #: of its group (each with its own step counter, apart from ``counter``)
+        self.launches: list[_MultiLaunch] = []
         ptr = self.flat.untyped_storage().data_ptr()
         if ptr and not in_place:  # (an in-place bucket owns nothing: others may step it too)
             _OWNERS[ptr] = self
@@ -354,10 +367,16 @@ class _Bucket:
         scalars may differ across params, and the device counter (if any) takes the count,
         so that replays of a captured step go on from it."""
         self.scalars_shared = False
-        for keeper in (self, self.multi):
-            if keeper is not None and keeper.counter is not None:
-                keeper.counter[0] = self.step
-                keeper.device_step = self.step
+        if self.counter is not None:
+            self.counter[0] = self.step
+            self.device_step = self.step
+
+    def unbind(self) -> None:
+        """Drop the launches bound to this bucket's buffers (its own and the multi-tensor
+        ones it is in): they hold views of buffers about to change."""
+        self.launch = None
+        for launch in self.launches:
+            launch.unbind()
 
     def segment_table(self, part: int | tuple[int, int] | None, n: int) -> SegmentTable:
         """The layout of a kernel call's part (None: the bucket; i: param i alone; (first,
@@ -379,14 +398,14 @@ class _Bucket:
             p.grad = None
         self.grad, self.grad_views = None, [None] * len(self.params)
         self._arrays.clear()
-        self.launch = None  # (it holds a view of the old gradient buffer)
+        self.unbind()  # (the launches hold views of the old gradient buffer)
 
     def restore_grads(self) -> None:
         """A flat gradient buffer again (after step in backward is removed)."""
         self.grad = torch.zeros_like(self.flat)
         self.grad_views = [self.slice(self.grad, i) for i in range(len(self.params))]
         self._arrays.clear()
-        self.launch = None
+        self.unbind()
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param (a DTensor's: like
@@ -434,7 +453,7 @@ class _Bucket:
             _IN_PLACE[new.data_ptr()] = self
         self._arrays.clear()
         self.prepared.clear()
-        self.launch = None
+        self.unbind()
         if not same:
             with torch.no_grad():
                 if self.master is not None:
@@ -1023,7 +1042,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             if any(any(b.repeats) for b in buckets):  # (before any group steps)
                 self._check_repeats(self._schedule(index, group)[0])
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            if any(b.launch is None and b.multi is None for buckets in self._buckets
+            if any(b.launch is None and not b.launches for buckets in self._buckets
                    for b in buckets):
                 raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
         else:
@@ -1056,11 +1075,20 @@ class FlatOptimizer(torch.optim.Optimizer):
             try:
                 for b in buckets:
                     self._step_bucket(group, schedule, b, hypers)
-            finally:
+            except BaseException:
                 deferred, self._deferred = self._deferred, None
-                if deferred:  # (also after an error: those buckets count the step taken)
+                # (the buckets stepped before the error count the step: launch them, as
+                # without deferral; not in a capture, which the error aborts)
+                if deferred and not torch.cuda.is_current_stream_capturing():
                     self._launch_deferred(deferred)
+                raise
+            deferred, self._deferred = self._deferred, None
+            if deferred:
+                self._launch_deferred(deferred)
             self._finish_group(index, group, buckets, schedule, own, before)
+        if self.__dict__.get("_multi_launches") and \
+                not torch.cuda.is_current_stream_capturing():
+            self._sync_captured_counters()
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
                       schedule: Schedule, own: bool, before: int) -> None:
@@ -1392,8 +1420,18 @@ class FlatOptimizer(torch.optim.Optimizer):
         for batch in batches.values():
             if len(batch) == 1:
                 self._launch_bucket(*batch[0])
-            else:
+                continue
+            try:
                 self._launch_multi(batch)
+            except Exception:
+                # the buckets already count the step: if the launch could not be made
+                # (compiled, bound), a launch each instead; a failure there raises
+                if torch.cuda.is_current_stream_capturing():
+                    raise
+                warnings.warn("fastopt.torch: a multi-tensor launch failed, stepping its "
+                              "params one launch each", RuntimeWarning, stacklevel=4)
+                for entry in batch:
+                    self._launch_bucket(*entry)
 
     def _launch_multi(self, batch: list[tuple]) -> None:
         """One multi-tensor launch (fastopt.gpu.launch.bind_multi: a block per chunk of each
@@ -1418,15 +1456,20 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
         device = buckets[0].flat.device
         if record is None:
-            if len(launches) >= MULTI_LAUNCHES_KEPT:  # (sets of buckets not seen lately)
-                for ident in [i for i, r in launches.items() if not r.captured]:
-                    del launches[ident]
+            if len(launches) >= MULTI_LAUNCHES_KEPT:  # (sets of buckets not seen lately:
+                torch.cuda.synchronize(device)  # their counters and tables freed once
+                for ident in [i for i, r in launches.items() if not r.captured]:  # no
+                    evicted = launches.pop(ident)  # queued kernel can still read them)
+                    for b in evicted.buckets:
+                        b.launches.remove(evicted)
             record = launches[tuple(map(id, buckets))] = _MultiLaunch(buckets, device)
         if record.device_step != step - 1:  # (a new record, or steps taken another way)
             record.counter[0] = step - 1
         stream = torch.cuda.current_stream(device)
         with _cupy_stream(stream.cuda_stream, stream.device_index):
             if not bound:
+                if record.launch is not None:
+                    record.unbind()  # (captured: kept for the graph)
                 table = device_table(schedule, device.index)
                 counter = _as_array(record.counter).view("uint64")
                 lr_out = _as_array(record.lr_out)
@@ -1437,12 +1480,27 @@ class FlatOptimizer(torch.optim.Optimizer):
                                                       values)
                 record.refs = refs
             record.launch()
-        for b in buckets:
-            b.multi = record
         if capturing:  # (the device holds step - 1 until a replay runs it)
             record.captured = True
         else:
             record.device_step = step
+
+    def _sync_captured_counters(self) -> None:
+        """After eager steps taken another way (a lone launch, another set of params, a
+        param at a time) or a load: each captured multi-tensor launch's device counter takes
+        its params' step count, so that its graph's replays go on from it. Where its params'
+        counts differ (some took a step without the others) it keeps its count: a replay
+        steps them all at one count (fastopt's launches keep one counter, torch's capturable
+        optimizers one per param), documented in the README."""
+        for record in self.__dict__.get("_multi_launches", {}).values():
+            if not record.captured:  # (the others: set at their next launch)
+                continue
+            counts = {b.step for b in record.buckets}
+            if len(counts) == 1:
+                count = counts.pop()
+                if record.device_step != count:
+                    record.counter[0] = count
+                    record.device_step = count
 
     def _take_device_counts(self) -> None:
         """After replays of a captured step: each such bucket's params advanced by the
@@ -1595,6 +1653,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for k, v in cast.items():  # state not keyed by a param is kept as is, as by torch
             if not isinstance(k, torch.Tensor):
                 self.state[k] = v
+        self._sync_captured_counters()
         return post_hooks
 
     @torch.no_grad()
@@ -1649,6 +1708,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b._arrays.clear()
                 b.prepared.clear()
                 b.counts_loaded()
+        self._sync_captured_counters()
 
     def _sync_lr(self, index: int, group: dict, buckets: list[_Bucket], keep: bool) -> None:
         """After loading: the schedule's value for the next step is the lr fastopt wrote; with
