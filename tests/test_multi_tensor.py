@@ -222,3 +222,42 @@ def test_a_moved_16_bit_param_keeps_its_master(master_weights):
     p.data = torch.full_like(p, 0.5)
     _steps([p], opt, 1)  # (one more step from 0.5, not from the old master)
     assert float((p.float() - 0.5).abs().max()) < 0.05
+
+
+def test_gpu_launches_are_batched_by_every_kernel_argument(monkeypatch):
+    """The multi-tensor mode's GPU launches (deferred to a group's end, made by
+    ``_launch_deferred``), batched here on CPU buckets: params alike in format, state format,
+    hyperparameters, schedule and step share one launch; another format or step count gets
+    its own; a batch whose launch fails falls back to a launch per param, with a warning."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(7)),
+              torch.nn.Parameter(torch.randn(3).to(torch.bfloat16)),
+              torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(6))]
+    opt = fot.AdamW(params, multi_tensor=True, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    schedule = object()
+    entries = []
+    for b in opt._buckets[0]:
+        ((_, prepared),) = b.prepared.values()
+        entries.append((b, prepared, None, schedule, 2, False))
+    entries[3] = (*entries[3][:4], 3, False)  # (a param one step ahead)
+    seen = []
+
+    def index(b):
+        return next(i for i, p in enumerate(params) if p is b.params[0])
+
+    monkeypatch.setattr(opt, "_launch_multi", lambda batch: seen.append(
+        [index(e[0]) for e in batch]))
+    monkeypatch.setattr(opt, "_launch_bucket", lambda b, *_: seen.append(index(b)))
+    opt._launch_deferred(entries)
+    assert seen == [[0, 1, 4], 2, 3]
+
+    def failing(batch):
+        raise RuntimeError("no kernel")
+
+    seen.clear()
+    monkeypatch.setattr(opt, "_launch_multi", failing)
+    with pytest.warns(RuntimeWarning, match="one launch each"):
+        opt._launch_deferred(entries)
+    assert seen == [0, 1, 4, 2, 3]

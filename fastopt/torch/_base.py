@@ -174,6 +174,11 @@ MULTI_LAUNCH = True
 MULTI_LAUNCHES_KEPT = 16
 
 
+def _capturing() -> bool:
+    """Whether torch's current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class _MultiLaunch:
     """A multi-tensor launch over some in-place buckets of a group, bound once: its step
     counter and lr output on the device (as a bucket's own, ``_Bucket.counter``), the count
@@ -1079,15 +1084,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                 deferred, self._deferred = self._deferred, None
                 # (the buckets stepped before the error count the step: launch them, as
                 # without deferral; not in a capture, which the error aborts)
-                if deferred and not torch.cuda.is_current_stream_capturing():
+                if deferred and not _capturing():
                     self._launch_deferred(deferred)
                 raise
             deferred, self._deferred = self._deferred, None
             if deferred:
                 self._launch_deferred(deferred)
             self._finish_group(index, group, buckets, schedule, own, before)
-        if self.__dict__.get("_multi_launches") and \
-                not torch.cuda.is_current_stream_capturing():
+        if self.__dict__.get("_multi_launches") and not _capturing():
             self._sync_captured_counters()
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
@@ -1426,7 +1430,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             except Exception:
                 # the buckets already count the step: if the launch could not be made
                 # (compiled, bound), a launch each instead; a failure there raises
-                if torch.cuda.is_current_stream_capturing():
+                if _capturing():
                     raise
                 warnings.warn("fastopt.torch: a multi-tensor launch failed, stepping its "
                               "params one launch each", RuntimeWarning, stacklevel=4)
