@@ -245,6 +245,15 @@ def cmd_bench(args) -> int:
         raise UsageError("the comparison needs torch, which is not installed (pip install "
                          "'fastopt[bench]'); or pass --no-torch")
 
+    if args.threads is not None:
+        import numba
+
+        most = numba.config.NUMBA_NUM_THREADS
+        if args.threads > most:
+            raise UsageError(f"--threads {args.threads}: at most {most} (Numba's thread pool, "
+                             "NUMBA_NUM_THREADS; set it before starting for more)")
+        numba.set_num_threads(args.threads)  # (torch follows: benchmark.run)
+
     from . import benchmark
 
     print(f"fastopt bench: {', '.join(optimizers)} at {sizes}"
@@ -332,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                             "--state-dtype)")
     bench.add_argument("--multi-tensor", action="store_true",
                        help="also time fastopt.torch in its flat mode and its multi-tensor "
-                            "mode (a kernel call per tensor) over the case's tensors")
+                            "mode (on the CPU a kernel call per tensor) over the case's "
+                            "tensors")
+    bench.add_argument("--threads", type=_positive_count,
+                       help="threads for fastopt (Numba) and torch alike (default: Numba's, "
+                            "NUMBA_NUM_THREADS, the cores; at most that)")
     bench.add_argument("--bf16-state", action="store_true",
                        help="the same as --state-dtype bfloat16")
     bench.add_argument("--startup", action="store_true",

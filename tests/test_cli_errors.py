@@ -211,6 +211,25 @@ def test_bench_checks_pass_a_good_command_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bench_threads(capsys, monkeypatch):
+    """--threads sets Numba's thread count (torch follows it in benchmark.run), within the
+    pool Numba started with."""
+    import numba
+
+    most = numba.config.NUMBA_NUM_THREADS
+    assert f"--threads {most + 1}: at most {most}" in usage_error(
+        capsys, "bench", "--threads", str(most + 1))
+    assert "must be >= 1" in usage_error(capsys, "bench", "--threads", "0")
+    seen = []
+    monkeypatch.setattr(benchmark, "run", lambda *a, **k: seen.append(numba.get_num_threads()))
+    before = numba.get_num_threads()
+    try:
+        assert cli.main(["bench", "--threads", "1", "--sizes", "1e4", "--no-torch"]) == 0
+    finally:
+        numba.set_num_threads(before)
+    assert seen == [1]
+
+
 def test_bench_interrupted(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
