@@ -500,7 +500,8 @@ def test_multi_tensor_launch_equals_a_launch_per_tensor(name, state, dtype):
 
 def test_multi_tensor_launch_refuses_tensors_that_differ():
     """bind_multi takes tensors alike in every kernel argument but their buffers: another
-    state format, kernel or hyperparameter raises before anything is launched."""
+    state format, hyperparameter or kernel (other arguments) raises before anything is
+    launched."""
     from optimizer_cases import full_hypers
 
     from fastopt.engine import Prepared, device_table
@@ -519,7 +520,9 @@ def test_multi_tensor_launch_refuses_tensors_that_differ():
                                       table.shape[0], counter, lr_out, 1.0, 1.0, 0)
 
     launch.bind_multi("adam", "float32", [values(), values()])  # (alike: bound)
+    another_kernel = {k: v for k, v in values().items() if k != "h0"}  # (fewer slots)
     for other, what in ((values(cupy.uint16), "type of 'state0'"),
-                        (values(weight_decay=0.1), "'weight_decay'")):
+                        (values(weight_decay=0.1), "'weight_decay'"),
+                        (another_kernel, "take different kernels")):
         with pytest.raises(ValueError, match=what):
             launch.bind_multi("adam", "float32", [values(), other])

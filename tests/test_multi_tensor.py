@@ -2,8 +2,11 @@
 storage, a kernel call per param, not packed into flat buffers fastopt owns; for params it
 cannot own (shared with another optimizer; later: FSDP2's local shards)."""
 
+import contextlib
 import copy
+import warnings
 
+import numpy as np
 import pytest
 from optimizer_cases import CASES
 
@@ -227,37 +230,221 @@ def test_a_moved_16_bit_param_keeps_its_master(master_weights):
 def test_gpu_launches_are_batched_by_every_kernel_argument(monkeypatch):
     """The multi-tensor mode's GPU launches (deferred to a group's end, made by
     ``_launch_deferred``), batched here on CPU buckets: params alike in format, state format,
-    hyperparameters, schedule and step share one launch; another format or step count gets
-    its own; a batch whose launch fails falls back to a launch per param, with a warning."""
-    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(7)),
-              torch.nn.Parameter(torch.randn(3).to(torch.bfloat16)),
-              torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(6))]
+    hyperparameters, schedule, ``fresh`` and step share one launch; a difference in any of
+    them gives its own. Every batch is launched before the first error is raised."""
+    params = [torch.nn.Parameter(torch.randn(3 + i)) for i in range(10)]
+    params[2] = torch.nn.Parameter(torch.randn(3).to(torch.bfloat16))
     opt = fot.AdamW(params, multi_tensor=True, weight_decay=0.1)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    schedule = object()
+    schedule, other_schedule = object(), object()
     entries = []
     for b in opt._buckets[0]:
         ((_, prepared),) = b.prepared.values()
-        entries.append((b, prepared, None, schedule, 2, False))
-    entries[3] = (*entries[3][:4], 3, False)  # (a param one step ahead)
+        entries.append([b, prepared, None, schedule, 2, False])
+    entries[3][4] = 3  # (a param one step ahead)
+    for i in (5, 9):  # (another weight decay: the two alike)
+        entries[i][1] = copy.copy(entries[i][1])
+        entries[i][1].weight_decay = 0.2
+    entries[6][1] = copy.copy(entries[6][1])  # (bfloat16 state)
+    entries[6][1].states = [s.view(np.uint16) for s in entries[6][1].states]
+    entries[7][5] = True  # (SGD's first gradient taken as the momentum)
+    entries[8][3] = other_schedule
+    entries = [tuple(e) for e in entries]
     seen = []
 
     def index(b):
         return next(i for i, p in enumerate(params) if p is b.params[0])
 
-    monkeypatch.setattr(opt, "_launch_multi", lambda batch: seen.append(
-        [index(e[0]) for e in batch]))
+    def multi(batch):
+        seen.append([index(e[0]) for e in batch])
+        return True
+
+    monkeypatch.setattr(opt, "_launch_multi", multi)
     monkeypatch.setattr(opt, "_launch_bucket", lambda b, *_: seen.append(index(b)))
     opt._launch_deferred(entries)
-    assert seen == [[0, 1, 4], 2, 3]
+    assert seen == [[0, 1, 4], 2, 3, [5, 9], 6, 7, 8]
 
-    def failing(batch):
-        raise RuntimeError("no kernel")
+    def failing(b, *_):  # (a lone launch that raises: the later ones still made)
+        seen.append(index(b))
+        if index(b) in (3, 7):
+            raise RuntimeError(f"launch {index(b)}")
 
     seen.clear()
-    monkeypatch.setattr(opt, "_launch_multi", failing)
-    with pytest.warns(RuntimeWarning, match="one launch each"):
+    monkeypatch.setattr(opt, "_launch_bucket", failing)
+    with pytest.raises(RuntimeError, match="launch 3"):
         opt._launch_deferred(entries)
-    assert seen == [0, 1, 4, 2, 3]
+    assert seen == [[0, 1, 4], 2, 3, [5, 9], 6, 7, 8]
+
+
+class _FakeDevice:
+    """``_launch_multi`` run on CPU buckets: torch's CUDA stream and capture state, CuPy's
+    stream and the device tables faked; ``bind_multi`` records what it binds and gives a
+    launch that records its calls (or raises, ``fail``)."""
+
+    def __init__(self, monkeypatch):
+        from types import SimpleNamespace
+
+        from fastopt.engine import Prepared
+        from fastopt.gpu import launch as gpu_launch
+        from fastopt.torch import _base
+
+        self.binds, self.calls, self.syncs = [], [], []
+        self.fail = self.fail_launch = self.capturing = False
+        self.stream = 1
+        cuda = _base.torch.cuda
+        monkeypatch.setattr(cuda, "current_stream", lambda device=None: SimpleNamespace(
+            cuda_stream=self.stream, device_index=0))
+        monkeypatch.setattr(cuda, "is_current_stream_capturing", lambda: self.capturing)
+        monkeypatch.setattr(cuda, "synchronize", lambda device=None: self.syncs.append(device))
+        monkeypatch.setattr(_base, "_capturing", lambda: self.capturing)
+        monkeypatch.setattr(_base, "_cupy_stream", lambda *_: contextlib.nullcontext())
+        monkeypatch.setattr(_base, "device_table", lambda schedule, index: np.zeros((2, 4)))
+        monkeypatch.setattr(Prepared, "kernel_values", lambda prep, grads, *_: (prep, grads))
+        monkeypatch.setattr(gpu_launch, "bind_multi", self.bind_multi)
+
+    def bind_multi(self, op, dtype, values):
+        self.binds.append(len(values))
+        if self.fail:
+            raise RuntimeError("no kernel")
+        bound = len(self.binds)
+
+        def launch():
+            if self.fail_launch:
+                raise RuntimeError("launch failed")
+            self.calls.append(bound)
+        return launch
+
+
+def _multi_entries(opt, step, grads=None):
+    """``_launch_deferred``'s entries for each in-place bucket of ``opt``'s first group."""
+    entries = []
+    for b in opt._buckets[0]:
+        ((_, prepared),) = b.prepared.values()
+        entries.append((b, prepared, grads, opt._schedule_for_test, step, False))
+    return entries
+
+
+def test_multi_tensor_launches_bound_once_kept_while_captured_evicted_least_recent(
+        monkeypatch):
+    """``_launch_multi``'s bookkeeping on CPU buckets with a faked device: a launch bound
+    once per set of buckets and objects, bound again when they change (``p.data = ...``
+    unbinds it); a graph's captured launches kept, and only those; a launch that cannot be
+    bound warns once and is not tried again; past MULTI_LAUNCHES_KEPT the least recently
+    used set is dropped, never one of this step's or a captured one; an error in a capture
+    is raised, without a warning or a fallback."""
+    from fastopt.torch import _base
+
+    device = _FakeDevice(monkeypatch)
+    params = [torch.nn.Parameter(torch.randn(4 + i)) for i in range(4)]
+    opt = fot.AdamW(params, multi_tensor=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt._schedule_for_test = object()
+    lone = []
+    monkeypatch.setattr(opt, "_launch_bucket", lambda b, *_: lone.append(b))
+    launches = opt.__dict__.setdefault("_multi_launches", {})
+
+    opt._launch_deferred(_multi_entries(opt, 2))
+    opt._launch_deferred(_multi_entries(opt, 3))
+    ((record),) = launches.values()
+    assert device.binds == [4] and device.calls == [1, 1] and not lone
+    assert record.device_step == 3 and int(record.counter[0]) == 1  # (set at bind: step 1)
+    assert all(b.launches == [record] for b in opt._buckets[0])
+
+    # captured (the device holds step - 1), then bound again eagerly: the captured one kept
+    device.capturing = True
+    opt._launch_deferred(_multi_entries(opt, 4))
+    assert record.captured and record.kept == [record.launch] and record.device_step == 3
+    device.capturing = False
+    opt._launch_deferred(_multi_entries(opt, 4))
+    captured = record.launch
+    params[0].data = params[0].data.clone()  # (a replaced storage unbinds the launch)
+    opt._buckets[0][0].check_address(0)
+    assert record.launch is None and record.kept == [captured]
+    opt.step()  # (the CPU kernels: the bucket's call prepared again)
+    opt._launch_deferred(_multi_entries(opt, 5))
+    grads = object()
+    opt._launch_deferred(_multi_entries(opt, 6, grads))  # (new objects: bound again)
+    assert device.binds == [4, 4, 4] and record.kept == [captured]
+    assert record.device_step == 6
+
+    # a capture needs a bound launch at its step: raised, no warning, nothing launched
+    device.capturing = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="warm"):
+            opt._launch_deferred(_multi_entries(opt, 9))
+        device.fail_launch = True
+        with pytest.raises(RuntimeError, match="launch failed"):
+            opt._launch_deferred(_multi_entries(opt, 7, grads))
+    assert not lone
+    device.capturing = device.fail_launch = False
+
+    # a failing bind: a warning and a launch each, then the same objects not tried again
+    device.fail = True
+    grads = object()
+    with pytest.warns(RuntimeWarning, match="one launch each"):
+        opt._launch_deferred(_multi_entries(opt, 7, grads))
+    assert len(lone) == 4 and record.device_step is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt._launch_deferred(_multi_entries(opt, 8, grads))
+    assert len(lone) == 8 and device.binds == [4, 4, 4, 4]
+    device.fail = False
+    opt._launch_deferred(_multi_entries(opt, 9))  # (other objects: tried, bound)
+    assert len(lone) == 8 and device.binds == [4, 4, 4, 4, 4] and record.device_step == 9
+    assert int(record.counter[0]) == 8
+
+    # eviction: one set kept; a set of another step evicts the least recent uncaptured one
+    monkeypatch.setattr(_base, "MULTI_LAUNCHES_KEPT", 1)
+    record.captured = False
+    entries = _multi_entries(opt, 10)
+    opt._launch_serial += 1
+    opt._launch_deferred(entries[:2])
+    opt._launch_deferred(entries[2:])  # (the same step: both kept)
+    assert len(launches) == 2 and record not in opt._buckets[0][0].launches
+    first_two = launches[tuple(map(id, opt._buckets[0][:2]))]
+    opt._launch_serial += 1
+    device.stream = 2  # (used on another stream: waited for before it is dropped)
+    opt._launch_deferred(entries[:2])
+    opt._launch_serial += 1
+    opt._launch_deferred(entries[1:3])
+    assert list(launches.values())[0] is first_two and len(launches) == 2
+    assert device.syncs == []  # (the evicted ones were used on one stream each)
+    first_two.captured = True  # (a captured one is never evicted)
+    opt._launch_serial += 1
+    opt._launch_deferred(entries[:3])
+    assert first_two in launches.values() and len(launches) == 2
+    first_two.captured = False
+    opt._launch_serial += 1
+    opt._launch_deferred(entries[1:])
+    assert first_two not in launches.values() and len(device.syncs) == 1
+    assert all(first_two not in b.launches for b in opt._buckets[0])
+
+
+def test_captured_counters_follow_eager_steps():
+    """A captured launch's device counter (a bucket's own or a multi-tensor launch's) takes
+    its params' count after eager steps taken another way, where they agree."""
+    from fastopt.torch import _base
+
+    params = [torch.nn.Parameter(torch.randn(4 + i)) for i in range(2)]
+    opt = fot.AdamW(params, multi_tensor=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    b, other = opt._buckets[0]
+    b.counter, b.captured, b.device_step = torch.zeros(2, dtype=torch.int64), True, 0
+    record = _base._MultiLaunch([b, other], torch.device("cpu"))
+    record.captured, record.device_step = True, 1
+    opt.__dict__["_multi_launches"] = {(id(b), id(other)): record}
+    opt._sync_captured_counters()
+    assert int(b.counter[0]) == 2 and b.device_step == 2
+    assert int(record.counter[0]) == 2 and record.device_step == 2
+    other.step = 3  # (counts that differ: the launch keeps its own)
+    record.device_step = 1
+    opt._sync_captured_counters()
+    assert record.device_step == 1

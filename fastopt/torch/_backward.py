@@ -139,6 +139,7 @@ class StepInBackward:
             for index, (schedule, own, before) in self._round.items():
                 opt._finish_group(index, opt.param_groups[index], opt._buckets[index],
                                   schedule, own, before)
+            opt._sync_captured_counters()
         finally:
             self._round = None
 

@@ -183,12 +183,14 @@ class _MultiLaunch:
     """A multi-tensor launch over some in-place buckets of a group, bound once: its step
     counter and lr output on the device (as a bucket's own, ``_Bucket.counter``), the count
     the host knows the counter holds, the objects it was bound for (each bucket's prepared
-    call and gradient array, the schedule, ``fresh``) and whether a CUDA graph captured it.
-    A captured launch keeps every launch it was bound to (``retired``): the graph reads the
-    device tables those own."""
+    call and gradient array, the schedule, ``fresh``), the optimizer step that last used it,
+    the CUDA streams it was bound or launched on, and whether a CUDA graph captured it.
+    ``kept`` holds each bound launch a graph captured (the graph reads the device tables it
+    owns), and only those; ``failed`` the refs for which binding or launching raised (the
+    buckets then take a launch each, without trying again while the refs stay)."""
 
     __slots__ = ("buckets", "counter", "lr_out", "device_step", "refs", "launch", "captured",
-                 "retired")
+                 "kept", "failed", "used", "streams")
 
     def __init__(self, buckets: list, device: torch.device):
         self.buckets = buckets
@@ -198,16 +200,25 @@ class _MultiLaunch:
         self.refs: tuple | None = None
         self.launch = None
         self.captured = False
-        self.retired: list = []
+        self.kept: list = []
+        self.failed: tuple | None = None
+        self.used = -1
+        self.streams: set = set()
         for b in buckets:
             b.launches.append(self)
 
     def unbind(self) -> None:
         """Drop the bound launch and what it holds (views of gradient buffers that may be
-        freed: step in backward, a replaced storage); a captured one keeps it for the graph."""
-        if self.captured:
-            self.retired.append(self.launch)
-        self.launch = self.refs = None
+        freed: step in backward, a replaced storage); one a graph captured stays in
+        ``kept``."""
+        self.launch = self.refs = self.failed = None
+
+    @staticmethod
+    def same_refs(refs: tuple, other: tuple | None) -> bool:
+        """Whether two launches' refs name the same objects (and the same ``fresh``)."""
+        return other is not None and len(other) == len(refs) \
+            and all(x is y for x, y in zip(other[:-1], refs[:-1], strict=True)) \
+            and other[-1] == refs[-1]
 
 
 class _Bucket:
@@ -332,6 +343,8 @@ class _Bucket:
         self.device_step: int | None = None
         self.launch: tuple | None = None
         self.captured = False
+        #: each bound launch a CUDA graph captured (the graph reads the buffers it holds)
+        self.kept: list = []
         #: the multi-tensor launches (_MultiLaunch) that step this in-place bucket with others
         #: of its group (each with its own step counter, apart from ``counter``)
         self.launches: list[_MultiLaunch] = []
@@ -636,6 +649,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: a group's whole-bucket GPU launches of in-place buckets, deferred while it steps
     #: (``_launch_deferred``); None outside a step
     _deferred: list | None = None
+    #: a count of step() calls: which multi-tensor launches the current step used
+    _launch_serial = 0
     #: params and gradients in pinned memory (CPUOffload's host optimizers)
     _pin_memory = False
     #: what the CPU kernels multiply the gradients by (CPUOffload's clipping and grad_scale)
@@ -1052,6 +1067,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
         else:
             self._take_device_counts()
+        self._launch_serial += 1
         # every group's lr and hyperparameters checked before any group steps (a bad value
         # in a later group must not leave the earlier ones stepped); looked up once a group
         plans = []
@@ -1080,18 +1096,22 @@ class FlatOptimizer(torch.optim.Optimizer):
             try:
                 for b in buckets:
                     self._step_bucket(group, schedule, b, hypers)
-            except BaseException:
+            except BaseException as error:
                 deferred, self._deferred = self._deferred, None
                 # (the buckets stepped before the error count the step: launch them, as
                 # without deferral; not in a capture, which the error aborts)
                 if deferred and not _capturing():
-                    self._launch_deferred(deferred)
+                    try:
+                        self._launch_deferred(deferred)
+                    except Exception as also:  # (the first error is the one raised)
+                        error.add_note(f"launching the params stepped before it also "
+                                       f"failed: {also!r}")
                 raise
             deferred, self._deferred = self._deferred, None
             if deferred:
                 self._launch_deferred(deferred)
             self._finish_group(index, group, buckets, schedule, own, before)
-        if self.__dict__.get("_multi_launches") and not _capturing():
+        if not _capturing():
             self._sync_captured_counters()
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
@@ -1406,6 +1426,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.launch[4]()
         if capturing:  # (the device holds step - 1 until a replay runs it)
             b.captured = True
+            if not any(launch is b.launch for launch in b.kept):
+                b.kept.append(b.launch)
         else:
             b.device_step = step
 
@@ -1413,7 +1435,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         """A group's deferred whole-bucket GPU steps (in-place buckets: ``_run``'s arguments
         of ``_launch_bucket``): those alike in every kernel argument but their buffers
         (format, state format, master mode, hyperparameters, step, schedule, device) as one
-        multi-tensor launch each (``_launch_multi``), a lone one as before."""
+        multi-tensor launch each (``_launch_multi``), a lone one as before. Every batch is
+        launched (the buckets already count the step) before the first error is raised."""
         batches: dict[tuple, list] = {}
         for entry in entries:
             b, prepared, _, schedule, step, fresh = entry
@@ -1421,28 +1444,28 @@ class FlatOptimizer(torch.optim.Optimizer):
                    tuple(prepared.slots), prepared.weight_decay, prepared.decoupled,
                    prepared.maximize, step, bool(fresh), id(schedule), b.flat.device)
             batches.setdefault(key, []).append(entry)
+        error = None
         for batch in batches.values():
-            if len(batch) == 1:
-                self._launch_bucket(*batch[0])
-                continue
             try:
-                self._launch_multi(batch)
-            except Exception:
-                # the buckets already count the step: if the launch could not be made
-                # (compiled, bound), a launch each instead; a failure there raises
-                if _capturing():
-                    raise
-                warnings.warn("fastopt.torch: a multi-tensor launch failed, stepping its "
-                              "params one launch each", RuntimeWarning, stacklevel=4)
-                for entry in batch:
-                    self._launch_bucket(*entry)
+                if len(batch) == 1 or not self._launch_multi(batch):
+                    for entry in batch:  # (a lone bucket, or a set whose launch failed)
+                        self._launch_bucket(*entry)
+            except Exception as e:  # (every batch still launched; the first error raised)
+                error = error or e
+        if error is not None:
+            raise error
 
-    def _launch_multi(self, batch: list[tuple]) -> None:
+    def _launch_multi(self, batch: list[tuple]) -> bool:
         """One multi-tensor launch (fastopt.gpu.launch.bind_multi: a block per chunk of each
         param) stepping the in-place buckets of ``batch`` on torch's current stream. Like
         ``_launch_bucket``'s: bound once per set of buckets (the tables copied to the device
         then), its own step counter on the device, no allocation or host sync afterwards, so
-        it can be captured in a CUDA graph once an eager step has bound it."""
+        it can be captured in a CUDA graph once an eager step has bound it.
+
+        False where it cannot be made: binding or launching raised (a warning the first
+        time, and the same refs are not tried again) and the caller steps the buckets a
+        launch each. In a capture the error is raised (a launch each would not be captured
+        as warmed up)."""
         from ..gpu import launch as gpu_launch
 
         buckets = [entry[0] for entry in batch]
@@ -1450,52 +1473,90 @@ class FlatOptimizer(torch.optim.Optimizer):
         # (identity: each bucket's prepared call and gradient array, the schedule, fresh)
         refs = (*(x for entry in batch for x in entry[1:3]), schedule, bool(fresh))
         launches = self.__dict__.setdefault("_multi_launches", {})
-        record = launches.get(tuple(map(id, buckets)))
-        bound = record is not None and record.refs is not None \
-            and len(record.refs) == len(refs) \
-            and all(x is y for x, y in zip(record.refs[:-1], refs[:-1], strict=True)) \
-            and record.refs[-1] == refs[-1]
+        ident = tuple(map(id, buckets))
+        record = launches.get(ident)
         capturing = torch.cuda.is_current_stream_capturing()
+        if record is not None and _MultiLaunch.same_refs(refs, record.failed) \
+                and not capturing:
+            return False
+        bound = record is not None and _MultiLaunch.same_refs(refs, record.refs)
         if capturing and not (bound and record.device_step == step - 1):
             raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
         device = buckets[0].flat.device
-        if record is None:
-            if len(launches) >= MULTI_LAUNCHES_KEPT:  # (sets of buckets not seen lately:
-                torch.cuda.synchronize(device)  # their counters and tables freed once
-                for ident in [i for i, r in launches.items() if not r.captured]:  # no
-                    evicted = launches.pop(ident)  # queued kernel can still read them)
-                    for b in evicted.buckets:
-                        b.launches.remove(evicted)
-            record = launches[tuple(map(id, buckets))] = _MultiLaunch(buckets, device)
-        if record.device_step != step - 1:  # (a new record, or steps taken another way)
-            record.counter[0] = step - 1
         stream = torch.cuda.current_stream(device)
-        with _cupy_stream(stream.cuda_stream, stream.device_index):
-            if not bound:
-                if record.launch is not None:
-                    record.unbind()  # (captured: kept for the graph)
-                table = device_table(schedule, device.index)
-                counter = _as_array(record.counter).view("uint64")
-                lr_out = _as_array(record.lr_out)
-                values = [prepared.kernel_values(grads, table, table.shape[0], counter, lr_out,
-                                                 1.0, 1.0, fresh)
-                          for _, prepared, grads, *_ in batch]
-                record.launch = gpu_launch.bind_multi(self.definition.name, first.dtype,
-                                                      values)
-                record.refs = refs
-            record.launch()
+        try:
+            if record is None:
+                self._evict_multi_launch(launches)
+                record = launches[ident] = _MultiLaunch(buckets, device)
+            else:  # (most recently used last: evicted last)
+                launches[ident] = launches.pop(ident)
+            record.used = self._launch_serial
+            record.streams.add(stream.cuda_stream)
+            if record.device_step != step - 1:  # (a new record, or steps taken another way)
+                record.counter[0] = step - 1
+            with _cupy_stream(stream.cuda_stream, stream.device_index):
+                if not bound:
+                    record.unbind()  # (one a graph captured stays in record.kept)
+                    table = device_table(schedule, device.index)
+                    counter = _as_array(record.counter).view("uint64")
+                    lr_out = _as_array(record.lr_out)
+                    values = [prepared.kernel_values(grads, table, table.shape[0], counter,
+                                                     lr_out, 1.0, 1.0, fresh)
+                              for _, prepared, grads, *_ in batch]
+                    record.launch = gpu_launch.bind_multi(self.definition.name, first.dtype,
+                                                          values)
+                    record.refs = refs
+                record.launch()
+        except Exception as e:
+            if capturing:
+                raise
+            if record is not None:
+                record.unbind()
+                record.failed = refs
+                record.device_step = None  # (the counter unknown: set at the next launch)
+            warnings.warn(f"fastopt.torch: a multi-tensor launch failed ({e!r}); stepping "
+                          "its params one launch each", RuntimeWarning, stacklevel=5)
+            return False
         if capturing:  # (the device holds step - 1 until a replay runs it)
             record.captured = True
+            if not any(launch is record.launch for launch in record.kept):
+                record.kept.append(record.launch)
         else:
             record.device_step = step
+        return True
+
+    def _evict_multi_launch(self, launches: dict) -> None:
+        """Room for one more multi-tensor launch: past ``MULTI_LAUNCHES_KEPT``, the least
+        recently used one dropped, if one is neither captured by a graph nor used in this
+        step (else none: the launches of one step are all kept). Its counter and tables go
+        back to torch's and CuPy's memory pools, which hand memory out again in the order
+        of the stream it was used on, after any kernel queued there that reads it; one used
+        on several streams is first waited for."""
+        if len(launches) < MULTI_LAUNCHES_KEPT:
+            return
+        ident = next((i for i, r in launches.items()  # (least recently used first)
+                      if not r.captured and r.used != self._launch_serial), None)
+        if ident is None:
+            return
+        record = launches.pop(ident)
+        if len(record.streams) > 1:
+            torch.cuda.synchronize(record.counter.device)
+        for b in record.buckets:
+            b.launches.remove(record)
 
     def _sync_captured_counters(self) -> None:
         """After eager steps taken another way (a lone launch, another set of params, a
-        param at a time) or a load: each captured multi-tensor launch's device counter takes
-        its params' step count, so that its graph's replays go on from it. Where its params'
-        counts differ (some took a step without the others) it keeps its count: a replay
-        steps them all at one count (fastopt's launches keep one counter, torch's capturable
-        optimizers one per param), documented in the README."""
+        param at a time) or a load: each captured launch's device counter (a bucket's own,
+        or a multi-tensor launch's) takes its params' step count, so that its graph's
+        replays go on from it. Where its params' counts differ (some took a step without
+        the others) it keeps its count: a replay steps them all at one count (fastopt's
+        launches keep one counter, torch's capturable optimizers one per param), documented
+        in the README."""
+        for buckets in self._buckets:
+            for b in buckets:
+                if b.captured and b.uniform and b.device_step != b.step:
+                    b.counter[0] = b.step
+                    b.device_step = b.step
         for record in self.__dict__.get("_multi_launches", {}).values():
             if not record.captured:  # (the others: set at their next launch)
                 continue
