@@ -366,8 +366,8 @@ def test_multi_tensor_launches_bound_once_kept_while_captured_evicted_least_rece
     assert record.launch is None and record.kept == [captured]
     opt.step()  # (the CPU kernels: the bucket's call prepared again)
     opt._launch_deferred(_multi_entries(opt, 5))
-    grads = object()
-    opt._launch_deferred(_multi_entries(opt, 6, grads))  # (new objects: bound again)
+    grads = np.zeros(8, np.float32)
+    opt._launch_deferred(_multi_entries(opt, 6, grads))  # (gradients elsewhere: bound again)
     assert device.binds == [4, 4, 4] and record.kept == [captured]
     assert record.device_step == 6
 
@@ -385,7 +385,7 @@ def test_multi_tensor_launches_bound_once_kept_while_captured_evicted_least_rece
 
     # a failing bind: a warning and a launch each, then the same objects not tried again
     device.fail = True
-    grads = object()
+    grads = np.zeros(8, np.float32)
     with pytest.warns(RuntimeWarning, match="one launch each"):
         opt._launch_deferred(_multi_entries(opt, 7, grads))
     assert len(lone) == 4 and record.device_step is None
@@ -394,14 +394,35 @@ def test_multi_tensor_launches_bound_once_kept_while_captured_evicted_least_rece
         opt._launch_deferred(_multi_entries(opt, 8, grads))
     assert len(lone) == 8 and device.binds == [4, 4, 4, 4]
     device.fail = False
-    opt._launch_deferred(_multi_entries(opt, 9))  # (other objects: tried, bound)
+    opt._launch_deferred(_multi_entries(opt, 9))  # (gradients elsewhere: tried, bound)
     assert len(lone) == 8 and device.binds == [4, 4, 4, 4, 4] and record.device_step == 9
     assert int(record.counter[0]) == 8
+
+    # gradients made anew where the last ones lay (FSDP2's, each step): the same tables;
+    # elsewhere, or of another length or type: bound again. The launch holds no gradient.
+    memory = np.zeros(64, np.float32)
+    opt._launch_deferred(_multi_entries(opt, 10, memory[:8]))
+    binds = len(device.binds)
+    opt._launch_deferred(_multi_entries(opt, 11, memory[:8]))
+    assert len(device.binds) == binds and record.device_step == 11
+    for step, moved in enumerate((memory[8:16], memory[8:15], memory[8:16].view(np.int32),
+                                  memory[8:16].view(np.int32)), 12):
+        opt._launch_deferred(_multi_entries(opt, step, moved))
+    assert len(device.binds) == binds + 3
+    import gc
+    import weakref
+
+    gone = np.zeros(8, np.float32)
+    alive = weakref.ref(gone)
+    opt._launch_deferred(_multi_entries(opt, 16, gone))
+    del gone
+    gc.collect()
+    assert alive() is None
 
     # eviction: one set kept; a set of another step evicts the least recent uncaptured one
     monkeypatch.setattr(_base, "MULTI_LAUNCHES_KEPT", 1)
     record.captured = False
-    entries = _multi_entries(opt, 10)
+    entries = _multi_entries(opt, 20)
     opt._launch_serial += 1
     opt._launch_deferred(entries[:2])
     opt._launch_deferred(entries[2:])  # (the same step: both kept)

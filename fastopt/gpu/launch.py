@@ -78,16 +78,21 @@ def multi_tables(tensors: list[dict], chunk: int = MULTI_CHUNK) -> tuple[np.ndar
     if chunk <= 0 or chunk % INT8_BLOCK:
         raise ValueError(f"a chunk of {chunk} elements: it must be a positive multiple of "
                          f"{INT8_BLOCK}")
-    rows, chunks = [], []
-    for t, values in enumerate(tensors):
-        n = int(values["n"])
-        rows.append([n if name == "n" else 0 if values.get(name) is None
-                     else _address(values[name]) for name in MULTI_TABLE])
-        chunks += [{"tensor": t, "first": first, "stop": min(first + chunk, n)}
-                   for first in range(0, n, chunk)]
-    chunks = chunks or [{"tensor": 0, "first": 0, "stop": 0}]
-    return (np.array(rows, dtype=np.int64).reshape(len(tensors), len(MULTI_TABLE)),
-            np.array([[c[k] for k in MULTI_CHUNK_ROW] for c in chunks], dtype=np.int64))
+    rows = [[int(values["n"]) if name == "n" else 0 if values.get(name) is None
+             else _address(values[name]) for name in MULTI_TABLE] for values in tensors]
+    rows = np.array(rows, dtype=np.int64).reshape(len(tensors), len(MULTI_TABLE))
+    # (numpy, not a Python loop over the chunks: a table is made again whenever the
+    # gradients move, ~2,000 chunks for GPT-2 small)
+    n = rows[:, MULTI_TABLE.index("n")]
+    per_tensor = -(-n // chunk)
+    tensor = np.repeat(np.arange(len(tensors), dtype=np.int64), per_tensor)
+    first = (np.arange(tensor.shape[0], dtype=np.int64)
+             - np.repeat(np.cumsum(per_tensor) - per_tensor, per_tensor)) * chunk
+    columns = {"tensor": tensor, "first": first, "stop": np.minimum(first + chunk, n[tensor])}
+    chunks = np.stack([columns[k] for k in MULTI_CHUNK_ROW], axis=1)
+    if not chunks.shape[0]:
+        chunks = np.zeros((1, len(MULTI_CHUNK_ROW)), dtype=np.int64)
+    return rows, chunks
 
 
 def pack_args(values: dict) -> tuple:
@@ -161,7 +166,9 @@ def bind_multi(op: str, dtype: str, tensors: list[dict], chunk: int = MULTI_CHUN
     """``bind`` for one launch of kernel ``op``'s multi-tensor entry point over ``tensors``
     (``Prepared.kernel_values`` of each: alike in every argument but the buffers and ``n``,
     the step counter and lr output shared): the tables (``multi_tables``) copied once to the
-    device of the first tensor's params, kept alive by the launch."""
+    device of the first tensor's params, kept alive by the launch. The launch holds no
+    gradient array, only the gradients' addresses in the table: the caller keeps them alive
+    while it may launch, or binds again where they move."""
     import cupy
 
     first = tensors[0]
@@ -182,7 +189,11 @@ def bind_multi(op: str, dtype: str, tensors: list[dict], chunk: int = MULTI_CHUN
             raise ValueError(f"a multi-tensor launch's tensors differ in {key!r}")
     table, chunks = multi_tables(tensors, chunk)
     with cupy.cuda.Device(first["params"].device.id):
-        values = dict(first, tensors=cupy.asarray(table), chunks=cupy.asarray(chunks))
+        # (the entry point reads every buffer from the table: its uniform gradient argument
+        # is unused, and the params stand in for it, so that the launch holds no gradient
+        # array and a gradient made anew can take the same memory)
+        values = dict(first, grads=first["params"], tensors=cupy.asarray(table),
+                      chunks=cupy.asarray(chunks))
     return bind(op, dtype, values)
 
 

@@ -182,8 +182,8 @@ def _capturing() -> bool:
 class _MultiLaunch:
     """A multi-tensor launch over some in-place buckets of a group, bound once: its step
     counter and lr output on the device (as a bucket's own, ``_Bucket.counter``), the count
-    the host knows the counter holds, the objects it was bound for (each bucket's prepared
-    call and gradient array, the schedule, ``fresh``), the optimizer step that last used it,
+    the host knows the counter holds, what it was bound for (``refs_of``), the optimizer
+    step that last used it,
     the CUDA streams it was bound or launched on, and whether a CUDA graph captured it.
     ``kept`` holds each bound launch a graph captured (the graph reads the device tables it
     owns), and only those; ``failed`` the refs for which binding or launching raised (the
@@ -214,11 +214,27 @@ class _MultiLaunch:
         self.launch = self.refs = self.failed = None
 
     @staticmethod
+    def refs_of(batch: list[tuple]) -> tuple:
+        """What a launch over ``batch`` (``_launch_deferred``'s entries) is bound to: each
+        bucket's prepared call, where each gradient array lies (address, length, type: the
+        tables hold addresses, and a gradient made anew at the same place, as FSDP2's are
+        each step, needs no new tables), the schedule and ``fresh``. The gradient arrays
+        themselves are not held, so that their memory can be handed out again."""
+        from ..gpu.launch import _address
+
+        _, _, _, schedule, _, fresh = batch[0]
+        return (tuple(entry[1] for entry in batch),
+                tuple(None if g is None else (_address(g), g.shape[0], g.dtype.str)
+                      for g in (entry[2] for entry in batch)),
+                schedule, bool(fresh))
+
+    @staticmethod
     def same_refs(refs: tuple, other: tuple | None) -> bool:
-        """Whether two launches' refs name the same objects (and the same ``fresh``)."""
-        return other is not None and len(other) == len(refs) \
-            and all(x is y for x, y in zip(other[:-1], refs[:-1], strict=True)) \
-            and other[-1] == refs[-1]
+        """Whether two ``refs_of`` name the same calls and schedule (the objects), and the
+        same gradient places and ``fresh``."""
+        return other is not None and len(other[0]) == len(refs[0]) \
+            and all(x is y for x, y in zip(other[0], refs[0], strict=True)) \
+            and other[1] == refs[1] and other[2] is refs[2] and other[3] == refs[3]
 
 
 class _Bucket:
@@ -1470,8 +1486,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
         buckets = [entry[0] for entry in batch]
         _, first, _, schedule, step, fresh = batch[0]
-        # (identity: each bucket's prepared call and gradient array, the schedule, fresh)
-        refs = (*(x for entry in batch for x in entry[1:3]), schedule, bool(fresh))
+        refs = _MultiLaunch.refs_of(batch)
         launches = self.__dict__.setdefault("_multi_launches", {})
         ident = tuple(map(id, buckets))
         record = launches.get(ident)
