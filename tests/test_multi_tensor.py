@@ -4,6 +4,7 @@ cannot own (shared with another optimizer; later: FSDP2's local shards)."""
 
 import contextlib
 import copy
+import sys
 import warnings
 
 import numpy as np
@@ -268,14 +269,23 @@ def test_gpu_launches_are_batched_by_every_kernel_argument(monkeypatch):
 
     def failing(b, *_):  # (a lone launch that raises: the later ones still made)
         seen.append(index(b))
-        if index(b) in (3, 7):
+        if index(b) in (1, 3, 7):
             raise RuntimeError(f"launch {index(b)}")
 
     seen.clear()
     monkeypatch.setattr(opt, "_launch_bucket", failing)
-    with pytest.raises(RuntimeError, match="launch 3"):
+    with pytest.raises(RuntimeError, match="launch 3") as raised:
         opt._launch_deferred(entries)
     assert seen == [[0, 1, 4], 2, 3, [5, 9], 6, 7, 8]
+    if sys.version_info >= (3, 11):
+        assert "launch 7" in str(raised.value.__notes__)
+
+    # a set whose launch could not be made: a launch each, every one made though one raises
+    seen.clear()
+    monkeypatch.setattr(opt, "_launch_multi", lambda batch: False)
+    with pytest.raises(RuntimeError, match="launch 1"):
+        opt._launch_deferred(entries)
+    assert seen == [0, 1, 4, 2, 3, 5, 9, 6, 7, 8]
 
 
 class _FakeDevice:
@@ -393,9 +403,13 @@ def test_multi_tensor_launches_bound_once_kept_while_captured_evicted_least_rece
         warnings.simplefilter("error")
         opt._launch_deferred(_multi_entries(opt, 8, grads))
     assert len(lone) == 8 and device.binds == [4, 4, 4, 4]
+    device.capturing = True  # (in a capture too: a launch each, as at the warm-up)
+    opt._launch_deferred(_multi_entries(opt, 9, grads))
+    assert len(lone) == 12 and device.binds == [4, 4, 4, 4]
+    device.capturing = False
     device.fail = False
     opt._launch_deferred(_multi_entries(opt, 9))  # (gradients elsewhere: tried, bound)
-    assert len(lone) == 8 and device.binds == [4, 4, 4, 4, 4] and record.device_step == 9
+    assert len(lone) == 12 and device.binds == [4, 4, 4, 4, 4] and record.device_step == 9
     assert int(record.counter[0]) == 8
 
     # gradients made anew where the last ones lay (FSDP2's, each step): the same tables;
@@ -419,8 +433,8 @@ def test_multi_tensor_launches_bound_once_kept_while_captured_evicted_least_rece
     gc.collect()
     assert alive() is None
 
-    # eviction: one set kept; a set of another step evicts the least recent uncaptured one
-    monkeypatch.setattr(_base, "MULTI_LAUNCHES_KEPT", 1)
+    # eviction: two sets kept; a set of another step evicts the least recent uncaptured one
+    monkeypatch.setattr(_base, "MULTI_LAUNCHES_KEPT", 2)
     record.captured = False
     entries = _multi_entries(opt, 20)
     opt._launch_serial += 1
@@ -444,6 +458,19 @@ def test_multi_tensor_launches_bound_once_kept_while_captured_evicted_least_rece
     opt._launch_deferred(entries[1:])
     assert first_two not in launches.values() and len(device.syncs) == 1
     assert all(first_two not in b.launches for b in opt._buckets[0])
+
+    # more sets in one step than kept: all kept that step, then evicted down to the limit
+    opt._launch_serial += 1
+    for first in range(3):
+        opt._launch_deferred(entries[first:first + 2])
+    opt._launch_deferred(entries[::3])
+    assert len(launches) == 4
+    opt._launch_serial += 1
+    opt._launch_deferred(entries[::2])
+    assert len(launches) == 2
+    serial = opt._launch_serial
+    opt.step()  # (each step() counts one)
+    assert opt._launch_serial == serial + 1
 
 
 def test_captured_counters_follow_eager_steps():
@@ -469,3 +496,63 @@ def test_captured_counters_follow_eager_steps():
     record.device_step = 1
     opt._sync_captured_counters()
     assert record.device_step == 1
+
+
+def test_captured_bucket_counters_synced_after_every_step_and_step_in_backward(monkeypatch):
+    """A bucket's own captured launch (its device counter) takes the bucket's count after
+    any eager step (there being no multi-tensor launch), where its params agree; and
+    step in backward ends each backward with the same sync."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    opt = fot.AdamW(params)
+    (b,) = opt._buckets[0]
+    b.counter, b.captured, b.device_step = torch.zeros(2, dtype=torch.int64), True, 0
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    assert b.step == 2 and int(b.counter[0]) == 2 and b.device_step == 2
+    params[1].grad = None  # (a step of one param: counts differ, the counter stays)
+    opt.step()
+    assert not b.uniform and int(b.counter[0]) == 2
+
+    model = torch.nn.Linear(4, 2)
+    opt = fot.AdamW(model.parameters())
+    calls = []
+    monkeypatch.setattr(opt, "_sync_captured_counters", lambda: calls.append(1))
+    handle = fot.step_in_backward(model, opt)
+    model(torch.randn(3, 4)).sum().backward()
+    handle.remove()
+    assert calls == [1]
+
+
+def test_an_error_in_a_group_still_launches_and_syncs_what_stepped(monkeypatch):
+    """A bucket's error while a group's launches are deferred: the buckets stepped before
+    it are launched (a failure there noted on the first error, which is raised), and the
+    captured counters are synced all the same."""
+    params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(3))]
+    opt = fot.AdamW(params, multi_tensor=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    real = opt._step_bucket
+    calls, launched, synced = [], [], []
+
+    def step_bucket(group, schedule, b, hypers):
+        calls.append(b)
+        if len(calls) == 2:
+            raise RuntimeError("the second bucket")
+        real(group, schedule, b, hypers)
+        opt._deferred.append(b)
+
+    def launch_deferred(entries):
+        launched.extend(entries)
+        raise RuntimeError("its launch too")
+
+    monkeypatch.setattr(opt, "_defers_launches", lambda buckets: True)
+    monkeypatch.setattr(opt, "_step_bucket", step_bucket)
+    monkeypatch.setattr(opt, "_launch_deferred", launch_deferred)
+    monkeypatch.setattr(opt, "_sync_captured_counters", lambda: synced.append(1))
+    with pytest.raises(RuntimeError, match="the second bucket") as raised:
+        opt.step()
+    assert launched == calls[:1] and synced == [1] and opt._deferred is None
+    if sys.version_info >= (3, 11):
+        assert "its launch too" in str(raised.value.__notes__)

@@ -174,6 +174,13 @@ MULTI_LAUNCH = True
 MULTI_LAUNCHES_KEPT = 16
 
 
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` where Python has it (3.11 and newer; 3.10: nothing)."""
+    add = getattr(error, "add_note", None)
+    if add is not None:
+        add(note)
+
+
 def _capturing() -> bool:
     """Whether torch's current CUDA stream is capturing a graph (False without CUDA)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -1098,37 +1105,46 @@ class FlatOptimizer(torch.optim.Optimizer):
             if eps_rule is not None:  # (a group of several dtypes: torch's eps1)
                 hypers = {**hypers, **eps_rule}
             plans.append((schedule, own, hypers))
-        for index, (group, buckets, plan) in enumerate(zip(self.param_groups, self._buckets,
-                                                           plans, strict=True)):
-            if plan is None:
-                continue
-            schedule, own, hypers = plan
-            before = _group_step(buckets)
-            # in-place buckets on a GPU: their whole-bucket launches deferred to the group's
-            # end, then made as multi-tensor launches (_launch_deferred)
-            if MULTI_LAUNCH and self.definition.multi_launch and any(
-                    b.in_place and b.flat.is_cuda for b in buckets):
-                self._deferred = []
-            try:
-                for b in buckets:
-                    self._step_bucket(group, schedule, b, hypers)
-            except BaseException as error:
-                deferred, self._deferred = self._deferred, None
-                # (the buckets stepped before the error count the step: launch them, as
-                # without deferral; not in a capture, which the error aborts)
-                if deferred and not _capturing():
-                    try:
-                        self._launch_deferred(deferred)
-                    except Exception as also:  # (the first error is the one raised)
-                        error.add_note(f"launching the params stepped before it also "
-                                       f"failed: {also!r}")
-                raise
+        try:
+            for index, (group, buckets, plan) in enumerate(zip(
+                    self.param_groups, self._buckets, plans, strict=True)):
+                if plan is not None:
+                    self._step_group(index, group, buckets, *plan)
+        finally:  # (also after an error: the groups stepped before it count their step)
+            if not _capturing():
+                self._sync_captured_counters()
+
+    def _defers_launches(self, buckets: list[_Bucket]) -> bool:
+        """Whether a group's whole-bucket launches wait for the group's end, to be made as
+        multi-tensor launches (``_launch_deferred``): in-place buckets on a GPU."""
+        return MULTI_LAUNCH and self.definition.multi_launch and any(
+            b.in_place and b.flat.is_cuda for b in buckets)
+
+    def _step_group(self, index: int, group: dict, buckets: list[_Bucket], schedule: Schedule,
+                    own: bool, hypers: dict) -> None:
+        """One group's step: each bucket's kernel call (whole-bucket GPU launches of in-place
+        buckets deferred to the group's end, ``_defers_launches``), then the group's lr."""
+        before = _group_step(buckets)
+        if self._defers_launches(buckets):
+            self._deferred = []
+        try:
+            for b in buckets:
+                self._step_bucket(group, schedule, b, hypers)
+        except BaseException as error:
             deferred, self._deferred = self._deferred, None
-            if deferred:
-                self._launch_deferred(deferred)
-            self._finish_group(index, group, buckets, schedule, own, before)
-        if not _capturing():
-            self._sync_captured_counters()
+            # (the buckets stepped before the error count the step: launch them, as
+            # without deferral; not in a capture, which the error aborts)
+            if deferred and not _capturing():
+                try:
+                    self._launch_deferred(deferred)
+                except Exception as also:  # (the first error is the one raised)
+                    _add_note(error, f"launching the params stepped before it also failed: "
+                                     f"{also!r}")
+            raise
+        deferred, self._deferred = self._deferred, None
+        if deferred:
+            self._launch_deferred(deferred)
+        self._finish_group(index, group, buckets, schedule, own, before)
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
                       schedule: Schedule, own: bool, before: int) -> None:
@@ -1460,16 +1476,24 @@ class FlatOptimizer(torch.optim.Optimizer):
                    tuple(prepared.slots), prepared.weight_decay, prepared.decoupled,
                    prepared.maximize, step, bool(fresh), id(schedule), b.flat.device)
             batches.setdefault(key, []).append(entry)
-        error = None
+        errors = []  # (every launch made; the first error raised after)
         for batch in batches.values():
-            try:
-                if len(batch) == 1 or not self._launch_multi(batch):
-                    for entry in batch:  # (a lone bucket, or a set whose launch failed)
-                        self._launch_bucket(*entry)
-            except Exception as e:  # (every batch still launched; the first error raised)
-                error = error or e
-        if error is not None:
-            raise error
+            if len(batch) > 1:
+                try:  # (False: it could not be made, and the buckets take a launch each;
+                    if self._launch_multi(batch):  # an error: in a capture, which it aborts)
+                        continue
+                except Exception as e:
+                    errors.append(e)
+                    continue
+            for entry in batch:
+                try:
+                    self._launch_bucket(*entry)
+                except Exception as e:
+                    errors.append(e)
+        if errors:
+            for later in errors[1:]:
+                _add_note(errors[0], f"another launch of this step also failed: {later!r}")
+            raise errors[0]
 
     def _launch_multi(self, batch: list[tuple]) -> bool:
         """One multi-tensor launch (fastopt.gpu.launch.bind_multi: a block per chunk of each
@@ -1491,8 +1515,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         ident = tuple(map(id, buckets))
         record = launches.get(ident)
         capturing = torch.cuda.is_current_stream_capturing()
-        if record is not None and _MultiLaunch.same_refs(refs, record.failed) \
-                and not capturing:
+        if record is not None and _MultiLaunch.same_refs(refs, record.failed):
+            # (a launch each, as at the warm-up: each checks its own, in a capture too)
+            launches[ident] = launches.pop(ident)
+            record.used = self._launch_serial
             return False
         bound = record is not None and _MultiLaunch.same_refs(refs, record.refs)
         if capturing and not (bound and record.device_step == step - 1):
@@ -1511,6 +1537,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 record.counter[0] = step - 1
             with _cupy_stream(stream.cuda_stream, stream.device_index):
                 if not bound:
+                    if record.launch is not None and len(record.streams) > 1:
+                        torch.cuda.synchronize(device)  # (see _evict_multi_launch)
                     record.unbind()  # (one a graph captured stays in record.kept)
                     table = device_table(schedule, device.index)
                     counter = _as_array(record.counter).view("uint64")
@@ -1541,23 +1569,22 @@ class FlatOptimizer(torch.optim.Optimizer):
         return True
 
     def _evict_multi_launch(self, launches: dict) -> None:
-        """Room for one more multi-tensor launch: past ``MULTI_LAUNCHES_KEPT``, the least
-        recently used one dropped, if one is neither captured by a graph nor used in this
-        step (else none: the launches of one step are all kept). Its counter and tables go
+        """Room for one more multi-tensor launch: while there are ``MULTI_LAUNCHES_KEPT`` or
+        more, the least recently used one dropped, if one is neither captured by a graph nor
+        used in this step (the launches of one step are all kept). Its counter and tables go
         back to torch's and CuPy's memory pools, which hand memory out again in the order
         of the stream it was used on, after any kernel queued there that reads it; one used
         on several streams is first waited for."""
-        if len(launches) < MULTI_LAUNCHES_KEPT:
-            return
-        ident = next((i for i, r in launches.items()  # (least recently used first)
-                      if not r.captured and r.used != self._launch_serial), None)
-        if ident is None:
-            return
-        record = launches.pop(ident)
-        if len(record.streams) > 1:
-            torch.cuda.synchronize(record.counter.device)
-        for b in record.buckets:
-            b.launches.remove(record)
+        while len(launches) >= MULTI_LAUNCHES_KEPT:
+            ident = next((i for i, r in launches.items()  # (least recently used first)
+                          if not r.captured and r.used != self._launch_serial), None)
+            if ident is None:
+                return
+            record = launches.pop(ident)
+            if len(record.streams) > 1:
+                torch.cuda.synchronize(record.counter.device)
+            for b in record.buckets:
+                b.launches.remove(record)
 
     def _sync_captured_counters(self) -> None:
         """After eager steps taken another way (a lone launch, another set of params, a
