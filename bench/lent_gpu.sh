@@ -13,8 +13,9 @@
 # starve the others; CHECK_ARGS: more gpu_check.py options (e.g. --optimizers LAMB --no-sweep);
 # TESTS_K: a pytest -k expression selecting some of the GPU tests.
 # Oracle wheels (lion-pytorch, pytorch-optimizer, schedulefree, torchao) in .whl/
-# are installed first when present: the machine cannot reach a registry. .whl/ is
-# excluded from git: pass it in the device tool's `carry` (["./.whl"]). The default limits
+# are installed first when present: the machine cannot reach a registry. Fill .whl/ here
+# first with bench/fetch_wheels.sh; it is ignored by git: pass it in the device tool's
+# `carry` (["./.whl"]). The default limits
 # add up to 570 s, under the tool's 600 s a command.
 set -o pipefail
 export PYTHONUNBUFFERED=1
