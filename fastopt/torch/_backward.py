@@ -148,6 +148,7 @@ class StepInBackward:
         group = opt.param_groups[c.group]
         for i in which:
             b.check_address(i)
+        opt._adopt_edits(group, b, which)
         if c.group not in self._round:
             schedule, own = opt._schedule(c.group, group)
             self._round[c.group] = (schedule, own, _group_step(opt._buckets[c.group]))
@@ -196,6 +197,7 @@ class StepInBackward:
         b.all_started = all(b.started)
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
+        b.steps_seen = b.steps._version  # (counts fastopt wrote)
 
 
 def step_in_backward(params, optimizer: FlatOptimizer, *,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import gc
 import numbers
+import operator
 import re
 import sys
 import warnings
@@ -181,9 +182,15 @@ def _add_note(error: BaseException, note: str) -> None:
         add(note)
 
 
+@functools.cache
+def _has_cuda() -> bool:
+    """torch.cuda.is_available(), asked once (it costs ~0.5 µs a call, twice a step)."""
+    return torch.cuda.is_available()
+
+
 def _capturing() -> bool:
     """Whether torch's current CUDA stream is capturing a graph (False without CUDA)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _has_cuda() and torch.cuda.is_current_stream_capturing()
 
 
 class _MultiLaunch:
@@ -316,6 +323,12 @@ class _Bucket:
                                            device=first.device) for s in scalars}
         self._arrays: dict[tuple, tuple[list, dict]] = {}  # kernel arguments, made once
         self.steps = torch.zeros(len(params), dtype=torch.float32)
+        #: ``steps``' version counter after fastopt's own last write (``_adopt_edits``: an
+        #: in-place edit of a published ``state[p]['step']`` moves it)
+        self.steps_seen = self.steps._version
+        #: per param: (its ``self.state`` dict, its values, its keys) as fastopt last published
+        #: them, or None (``_adopt_edits``: a dict replaced, emptied or edited since)
+        self.published: list = [None] * len(params)
         self.step = 0  # the common step count while every param has taken every step
         self.uniform = True
         self.grad_views = [None if self.grad is None else self.slice(self.grad, i)
@@ -932,6 +945,72 @@ class FlatOptimizer(torch.optim.Optimizer):
         the param's first step."""
         self.state[bucket.params[i]].update(self._state_views(group, bucket, i))
         bucket.started[i] = True
+        self._published(bucket, i)
+
+    def _published(self, b: _Bucket, i: int) -> None:
+        """Remember param i's ``self.state`` entry as fastopt has just published it."""
+        st = self.state.get(b.params[i])
+        b.published[i] = None if not st else (st, tuple(st.values()), tuple(st))
+
+    def _adopt_edits(self, group: dict, b: _Bucket, which) -> None:
+        """Take in what was done to ``self.state`` since fastopt published it, as torch.optim
+        reads its state at each step: for each param of ``which`` (indices), a state entry
+        deleted or emptied (``del opt.state[p]``, ``opt.state.clear()``, a new
+        ``opt.state``) restarts the param's state as at its first step; a tensor put in
+        place of a published one (a state buffer, ``step``, the master) is copied into the
+        kernel's buffers; state given to a param before its first step is its state. An
+        in-place edit of ``state[p]['step']`` (a view of the bucket's counts) sets the
+        count. Other edits in place need nothing (the state is views of the buffers)."""
+        if b.steps._version != b.steps_seen:  # (the counts were written in place)
+            step, uniform = int(b.steps.max()), bool((b.steps == b.steps[0]).all())
+            if (step, uniform) != (b.step, b.uniform):
+                b.step, b.uniform = step, uniform
+                b.counts_loaded()
+            b.steps_seen = b.steps._version
+        get, is_ = self.state.get, operator.is_
+        for i in which:
+            st, shown = get(b.params[i]), b.published[i]
+            if shown is None:
+                if not st:
+                    continue
+            elif st is shown[0] and len(st) == len(shown[1]) \
+                    and all(map(is_, st.values(), shown[1])):
+                continue
+            self._reload_param(group, b, i, dict(st or {}))
+
+    @torch.no_grad()
+    def _reload_param(self, group: dict, b: _Bucket, i: int, st: dict) -> None:
+        """Param i's state set from ``st`` (its edited ``self.state`` entry) as a load
+        would; one holding none of the param's state (deleted, emptied, or only entries of
+        the user's) restarts it as before its first step. Its float32 values (a 16-bit
+        param's master) are kept unless ``st`` gives new ones."""
+        p = b.params[i]
+        if b.int8 and b.published[i] is not None:
+            # new values under a name whose published scales are untouched: the values are
+            # quantised, the old scales not read as theirs
+            before = dict(zip(b.published[i][2], b.published[i][1], strict=True))
+            for name in b.state:
+                scale = ABSMAX_KEY.format(name)
+                if st.get(name) is not before.get(name) and scale in st \
+                        and st[scale] is before.get(scale):
+                    del st[scale]
+        master = st
+        if b.format is not None and MASTER not in st and REMAINDER not in st:
+            offset, t = b.offsets[i], b.tensors[i]
+            master = {MASTER: b.master_values(slice(offset, offset + t.numel())).view_as(t)}
+        given = any(k in st for k in ("step", *b.state, *b.scalars))
+        self.state.pop(p, None)
+        self._load_param(group, b, i, st if given else {}, {p: st}, master=master)
+        if not given:  # (the user's own entries stay, as torch keeps them)
+            kept = {k: v for k, v in st.items() if k not in (MASTER, REMAINDER, VERSION_KEY)}
+            if kept:
+                self.state[p] = kept
+        b.all_started = all(b.started)
+        b.uniform = bool((b.steps == b.steps[0]).all())
+        b.step = int(b.steps.max())
+        b.counts_loaded()
+        b.steps_seen = b.steps._version
+        self._published(b, i)
 
     def _fill_group(self, group: dict) -> None:
         """Fill the keys a loaded group lacks, as torch's ``__setstate__`` does (then from
@@ -1084,7 +1163,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                                                      strict=True)):
             if any(any(b.repeats) for b in buckets):  # (before any group steps)
                 self._check_repeats(self._schedule(index, group)[0])
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if _capturing():
             if any(b.launch is None and not b.launches for buckets in self._buckets
                    for b in buckets):
                 raise RuntimeError(CAPTURE_NEEDS_WARM_UP)
@@ -1130,6 +1209,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         try:
             for b in buckets:
                 self._step_bucket(group, schedule, b, hypers)
+                b.steps_seen = b.steps._version  # (counts fastopt wrote)
         except BaseException as error:
             deferred, self._deferred = self._deferred, None
             # (the buckets stepped before the error count the step: launch them, as
@@ -1229,6 +1309,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 view.copy_(g)
                 p.grad = view
             have_grad.append(True)
+        if not (b.flat.is_cuda and _capturing()):  # (in a capture: at the next eager step)
+            self._adopt_edits(group, b, range(len(b.params)))
         names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
         if grads is not None:
@@ -1328,6 +1410,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                             if b.int8:
                                 self.state[b.params[i]][ABSMAX_KEY.format(name)] = \
                                     b.absmax_of(name, i)
+                            self._published(b, i)
         return names
 
     @torch.no_grad()
@@ -1624,6 +1707,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 for b in stepped:  # each replay stepped the whole bucket once
                     b.steps += count - keeper.device_step
                     b.step = int(b.steps.max())
+                    b.steps_seen = b.steps._version
                     advanced.add(id(b))
             keeper.device_step = count
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
@@ -1815,6 +1899,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b._arrays.clear()
                 b.prepared.clear()
                 b.counts_loaded()
+                b.steps_seen = b.steps._version
+                for i in range(len(b.params)):
+                    self._published(b, i)
         self._sync_captured_counters()
 
     def _sync_lr(self, index: int, group: dict, buckets: list[_Bucket], keep: bool) -> None:
@@ -1836,65 +1923,77 @@ class FlatOptimizer(torch.optim.Optimizer):
         for name, value in init.items():
             b.add_state(name, value)
         for i, p in enumerate(b.params):
-            st = saved.get(p) or {}
-            if b.sharded:  # (DTensor state, e.g. from torch.distributed.checkpoint: its shard)
-                st = {k: local_tensor(v) for k, v in st.items()}
-            steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k,
-            key = self.definition.group_step  # or a saved count where torch keeps none)
-            key = GROUP_STEP if not self.definition.per_param_step else key
-            if st and key is not None:
-                steps = float(_saved_count(group.get(key, 0), key))
-            b.steps[i] = float(st.get("step", steps))
-            for name in b.state:
-                if not b.applies(name, i):
-                    continue
-                view = b.view_of(name, i)
-                raw = _saved_int8(st, name, b.tensors[i])
-                if raw is not None and _stale(raw, st.get(name), b.signed(name)):
-                    raw = None  # (float values changed since: torch stepped, or an edit)
-                if raw is not None:  # int8 codes and scales: as they are, or decoded
-                    if b.int8:
-                        view.copy_(raw.codes.view(view.shape))
-                        b.absmax_of(name, i).copy_(raw.absmax)
-                    else:
-                        view.copy_(torch.from_numpy(Int8State(
-                            raw.codes.reshape(-1).cpu().numpy(), raw.absmax.cpu().numpy()).decode(
-                                b.signed(name))).view(view.shape))
-                    continue
-                value = st.get(name)
-                if value is not None and isinstance(value, torch.Tensor) \
-                        and tuple(value.shape) != tuple(view.shape):
-                    raise RuntimeError(f"state_dict: the {name!r} of a parameter of shape "
-                                     f"{tuple(b.tensors[i].shape)} has shape "
-                                     f"{tuple(value.shape)}, expected {tuple(view.shape)}"
-                                     + (" (this process's shard of a DTensor param)"
-                                        if b.sharded else ""))
-                if value is None and st and b.layouts.get(name, "elements") != "elements":
-                    raise ValueError(f"state_dict: a parameter of shape "
-                                     f"{tuple(b.params[i].shape)} has state but no {name!r} "
-                                     "(torch's Adafactor keeps row_var and col_var for 2 or "
-                                     "more dims, variance for fewer)")
-                if value is not None:
-                    b.set_state(name, i, value)
-                else:  # absent, or None (torch 1.x SGD saved momentum_buffer=None)
-                    b.set_state(name, i, init.get(name, 0.0))
-            self._load_master(b, i, st)
-            b.started[i] = bool(st)
-            b.fresh[i] = any(st.get(name) is None for name in self.definition.first_grad_state)
-            for s_ in self.definition.scalars:  # per-step scalars (a dict without one: start)
-                value = group.get(s_.name) if s_.group and st else st.get(s_.name)
-                b.scalars[s_.name][i] = s_.init if value is None else float(value)
-            if st:
-                views = self._state_views(group, b, i)
-                known = set(views) | set(b.state) | {MASTER, REMAINDER, VERSION_KEY} \
-                    | {key.format(n) for n in b.state for key in (CODES_KEY, ABSMAX_KEY)}
-                self.state[p] = {k: v for k, v in (extra.get(p) or {}).items()
-                                 if k not in known}
-                self.state[p].update(views)
+            self._load_param(group, b, i, saved.get(p) or {}, extra, init)
         b.all_started = all(b.started)
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
         b.counts_loaded()
+        b.steps_seen = b.steps._version
+
+    def _load_param(self, group: dict, b: _Bucket, i: int, st: dict, extra: dict,
+                    init: dict | None = None, master: dict | None = None) -> None:
+        """Param i's state from its saved entry ``st`` (empty: as before its first step);
+        ``extra`` as ``_load_bucket``'s; ``master``: the entry its float32 values come from
+        (``st``'s by default)."""
+        init = self.state_init(group) if init is None else init
+        p = b.params[i]
+        master = st if master is None else master
+        if b.sharded:  # (DTensor state, e.g. from torch.distributed.checkpoint: its shard)
+            st = {k: local_tensor(v) for k, v in st.items()}
+            master = {k: local_tensor(v) for k, v in master.items()}
+        steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k,
+        key = self.definition.group_step  # or a saved count where torch keeps none)
+        key = GROUP_STEP if not self.definition.per_param_step else key
+        if st and key is not None:
+            steps = float(_saved_count(group.get(key, 0), key))
+        b.steps[i] = float(st.get("step", steps))
+        for name in b.state:
+            if not b.applies(name, i):
+                continue
+            view = b.view_of(name, i)
+            raw = _saved_int8(st, name, b.tensors[i])
+            if raw is not None and _stale(raw, st.get(name), b.signed(name)):
+                raw = None  # (float values changed since: torch stepped, or an edit)
+            if raw is not None:  # int8 codes and scales: as they are, or decoded
+                if b.int8:
+                    view.copy_(raw.codes.view(view.shape))
+                    b.absmax_of(name, i).copy_(raw.absmax)
+                else:
+                    view.copy_(torch.from_numpy(Int8State(
+                        raw.codes.reshape(-1).cpu().numpy(), raw.absmax.cpu().numpy()).decode(
+                            b.signed(name))).view(view.shape))
+                continue
+            value = st.get(name)
+            if value is not None and isinstance(value, torch.Tensor) \
+                    and tuple(value.shape) != tuple(view.shape):
+                raise RuntimeError(f"state_dict: the {name!r} of a parameter of shape "
+                                 f"{tuple(b.tensors[i].shape)} has shape "
+                                 f"{tuple(value.shape)}, expected {tuple(view.shape)}"
+                                 + (" (this process's shard of a DTensor param)"
+                                    if b.sharded else ""))
+            if value is None and st and b.layouts.get(name, "elements") != "elements":
+                raise ValueError(f"state_dict: a parameter of shape "
+                                 f"{tuple(b.params[i].shape)} has state but no {name!r} "
+                                 "(torch's Adafactor keeps row_var and col_var for 2 or "
+                                 "more dims, variance for fewer)")
+            if value is not None:
+                b.set_state(name, i, value)
+            else:  # absent, or None (torch 1.x SGD saved momentum_buffer=None)
+                b.set_state(name, i, init.get(name, 0.0))
+        self._load_master(b, i, master)
+        b.started[i] = bool(st)
+        b.fresh[i] = any(st.get(name) is None for name in self.definition.first_grad_state)
+        for s_ in self.definition.scalars:  # per-step scalars (a dict without one: start)
+            value = group.get(s_.name) if s_.group and st else st.get(s_.name)
+            b.scalars[s_.name][i] = s_.init if value is None else float(value)
+        if st:
+            views = self._state_views(group, b, i)
+            known = set(views) | set(b.state) | {MASTER, REMAINDER, VERSION_KEY} \
+                | {key.format(n) for n in b.state for key in (CODES_KEY, ABSMAX_KEY)}
+            self.state[p] = {k: v for k, v in (extra.get(p) or {}).items()
+                             if k not in known}
+            self.state[p].update(views)
+        self._published(b, i)
 
     @staticmethod
     def _load_master(b: _Bucket, i: int, st: dict) -> None:
@@ -1977,6 +2076,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     b.step = int(b.steps.max()) if len(b.steps) else 0
                     b.uniform = bool((b.steps == b.steps[0]).all()) if len(b.steps) else True
                     b.counts_loaded()
+                    b.steps_seen = b.steps._version
         for k, st in saved.items():  # state not keyed by a param, kept as torch keeps it
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st

@@ -1,0 +1,122 @@
+"""Edits of ``opt.state`` between steps, as torch.optim reads its state at every step: a
+state tensor replaced, a param's state deleted (``del opt.state[p]``, ``opt.state.clear()``,
+a new ``opt.state``), ``step`` assigned or changed in place. fastopt.torch's state is views of
+its flat buffers; the next step takes such edits in (``_adopt_edits``). Compared with
+torch.optim step by step, in the flat and the multi-tensor mode."""
+
+from collections import defaultdict
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastopt.torch as fot  # noqa: E402
+
+CASES = {
+    "Adam": dict(lr=0.1),
+    "AdamW": dict(lr=0.1, amsgrad=True),
+    "SGD": dict(lr=0.1, momentum=0.9),
+    "Adagrad": dict(lr=0.1),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True),
+    "Rprop": dict(lr=0.1),
+    "NAdam": dict(lr=0.1),
+    "ASGD": dict(lr=0.1),
+}
+
+
+def _replace(opt, params):
+    st = opt.state[params[0]]
+    name = next(k for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor)
+                and v.shape == params[0].shape)
+    st[name] = torch.full_like(st[name], 0.5)
+
+
+def _delete(opt, params):
+    del opt.state[params[0]]
+
+
+def _clear(opt, params):
+    opt.state.clear()
+
+
+def _new_state(opt, params):
+    opt.state = defaultdict(dict)
+
+
+def _assign_step(opt, params):
+    opt.state[params[0]]["step"] = torch.tensor(1.0)
+
+
+def _step_in_place(opt, params):
+    opt.state[params[1]]["step"].fill_(2.0)
+
+
+EDITS = [_replace, _delete, _clear, _new_state, _assign_step, _step_in_place]
+
+
+def _run(make, edit, steps=10, at=5):
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(4, generator=gen), torch.randn(3, generator=gen)]
+             for _ in range(steps)]
+    params = [torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.ones(3))]
+    opt = make(params)
+    for k, gs in enumerate(grads):
+        if k == at:
+            edit(opt, params)
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.clone()
+        opt.step()
+    return params, opt.state_dict()["state"]
+
+
+@pytest.mark.parametrize("edit", EDITS, ids=lambda e: e.__name__.strip("_"))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_state_edits_act_as_in_torch(name, edit):
+    if edit in (_assign_step, _step_in_place) and name == "SGD":
+        pytest.skip("torch's SGD keeps no step")
+    theirs, their_state = _run(lambda ps: getattr(torch.optim, name)(ps, **CASES[name]), edit)
+    for multi in (False, True):
+        ours, our_state = _run(
+            lambda ps, multi=multi: getattr(fot, name)(ps, multi_tensor=multi, **CASES[name]),
+            edit)
+        for p, q in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+        assert our_state.keys() == their_state.keys()
+        for k, st in their_state.items():  # (the state dict holds what the kernel steps)
+            for key, value in st.items():
+                torch.testing.assert_close(our_state[k][key].float(), value.float(),
+                                           rtol=1e-5, atol=1e-6, msg=f"{k} {key}")
+
+
+def test_a_deleted_state_keeps_the_master_and_user_entries_stay():
+    """A bfloat16 param's state deleted: the optimizer state restarts, its float32 master
+    does not (it is the param's value, not torch's state); a user's own entries given to a
+    param stay beside fastopt's."""
+    p = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16))
+    opt = fot.AdamW([p], lr=1e-3)
+    for _ in range(3):
+        p.grad = torch.randn(64).to(torch.bfloat16)
+        opt.step()
+    master = opt.state[p]["master_param"].clone()
+    del opt.state[p]
+    opt.state[p]["note"] = "mine"
+    p.grad = torch.zeros(64, dtype=torch.bfloat16)
+    opt.step()
+    st = opt.state[p]
+    assert float(st["step"]) == 1.0 and st["note"] == "mine"
+    assert float(st["exp_avg"].abs().max()) == 0.0
+    # (a zero gradient from fresh state: AdamW's decay alone moves the master)
+    torch.testing.assert_close(st["master_param"], master * (1 - 1e-3 * 1e-2))
+
+
+def test_int8_state_replaced_by_float_values_is_quantised():
+    """int8 state shows codes; values put in their place (float32) are quantised with new
+    scales at the next step, as a load would."""
+    p = torch.nn.Parameter(torch.zeros(300))
+    opt = fot.Adam([p], lr=0.1, state_dtype="int8")
+    p.grad = torch.ones(300)
+    opt.step()
+    opt.state[p]["exp_avg"] = torch.full((300,), 0.25)
+    p.grad = torch.zeros(300)
+    opt.step()  # (m = 0.9 * 0.25 from the edited value)
+    values = opt.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(values, torch.full((300,), 0.225), rtol=0.07, atol=0)
