@@ -556,3 +556,34 @@ def test_an_error_in_a_group_still_launches_and_syncs_what_stepped(monkeypatch):
     assert launched == calls[:1] and synced == [1] and opt._deferred is None
     if sys.version_info >= (3, 11):
         assert "its launch too" in str(raised.value.__notes__)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "Adagrad"])
+def test_params_sharing_memory_stay_shared_in_the_flat_mode(name):
+    """Separate Parameters over one tensor's memory (views of it): the flat mode steps those
+    in place, as torch steps each where it lies, instead of packing them apart (they drifted
+    apart before); params over disjoint parts of one tensor are packed as any others."""
+    results = {}
+    for kind in ("torch", "flat"):
+        base = torch.randn(12, generator=torch.Generator().manual_seed(0))
+        a, c = torch.nn.Parameter(base.view(4, 3)), torch.nn.Parameter(base.view(3, 4))
+        other = torch.nn.Parameter(torch.ones(5))
+        params = [a, other, c]
+        opt = getattr(torch.optim, name)(params, lr=0.1) if kind == "torch" \
+            else getattr(fot, name)(params, lr=0.1)
+        for k in range(5):
+            a.grad, c.grad = torch.full((4, 3), 1.0 + k), torch.full((3, 4), -0.5)
+            other.grad = torch.ones(5)
+            opt.step()
+        assert a.data_ptr() == c.data_ptr() == base.data_ptr()
+        results[kind] = [p.detach().clone() for p in params]
+    for p, q in zip(results["flat"], results["torch"], strict=True):
+        torch.testing.assert_close(p, q)
+    base = torch.randn(12)
+    parts = [torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[6:])]
+    assert [b.in_place for b in fot.SGD(parts, lr=0.1)._buckets[0]] == [False]
+    base = torch.randn(12)
+    with pytest.raises(ValueError, match="shares memory with another param and is not "
+                                         "contiguous"):
+        fot.SGD([torch.nn.Parameter(base.view(3, 4)),
+                 torch.nn.Parameter(base.view(4, 3).t())], lr=0.1)

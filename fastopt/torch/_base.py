@@ -188,6 +188,17 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _memory_span(t: torch.Tensor) -> tuple[int, int, int]:
+    """Where a tensor's elements lie: its storage's address and the byte range [first, stop)
+    from its first to past its last element (by its strides)."""
+    t = local_tensor(t).detach()
+    size = t.element_size()
+    first = t.storage_offset() * size
+    extent = 1 + sum((n - 1) * abs(stride) for n, stride in zip(t.shape, t.stride(),
+                                                                   strict=True))
+    return t.untyped_storage().data_ptr(), first, first + extent * size
+
+
 def _capturing() -> bool:
     """Whether torch's current CUDA stream is capturing a graph (False without CUDA)."""
     return _has_cuda() and torch.cuda.is_current_stream_capturing()
@@ -807,6 +818,22 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._buckets.append(buckets)
         self._lr_written.append(group["lr"] if "schedule" in group else None)
 
+    @staticmethod
+    def _aliased(params: list) -> set:
+        """The ids of the params (distinct) whose memory overlaps another's: views of one
+        tensor as separate Parameters. The flat mode steps them in place (as the
+        multi-tensor mode), as torch steps each where it lies, instead of packing them
+        apart. (Within one param group: a param an earlier group packed lives in that
+        group's flat buffer already.)"""
+        spans = sorted((_memory_span(p), id(p)) for p in params if p.numel())
+        aliased, end = set(), None
+        for (ptr, first, stop), ident in spans:
+            if end is not None and end[0] == ptr and first < end[1]:
+                aliased |= {ident, end[2]}
+            if end is None or end[0] != ptr or stop > end[1]:
+                end = (ptr, stop, ident)
+        return aliased
+
     def _make_buckets(self, group: dict) -> list[_Bucket]:
         params = group["params"]
         for p in params:
@@ -835,8 +862,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                              f"storage, which must be contiguous; a param of shape "
                              f"{tuple(loose[0].shape)} is not (e.g. channels_last: make it "
                              "contiguous first, or use the flat mode)")
-        # (the flat mode packs plain params into its buffers; DTensors it steps in place)
-        packed = [] if self.multi_tensor else [p for p in params if not is_dtensor(p)]
+        # (the flat mode packs plain params into its buffers; DTensors it steps in place,
+        # and params sharing memory with another: packing would part them)
+        aliased = set() if self.multi_tensor else self._aliased(
+            [p for p in dict.fromkeys(params) if not is_dtensor(p)])
+        loose = [p for p in params if id(p) in aliased and not p.is_contiguous()]
+        if loose:
+            raise ValueError(f"a param of shape {tuple(loose[0].shape)} shares memory with "
+                             "another param and is not contiguous: fastopt steps such params "
+                             "in their own storage, which must be contiguous")
+        packed = [] if self.multi_tensor else [p for p in params if not is_dtensor(p)
+                                               and id(p) not in aliased]
         stepped = [p for p in packed if _IN_PLACE.get(p.data_ptr()) is not None]
         if stepped:
             raise RuntimeError(
@@ -877,10 +913,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             check_master_weights(self.master_weights, HALF_FORMATS.get(dtype, "float32"))
         # (the multi-tensor mode, and DTensor params in either mode: a bucket per param, over
         # the param's own storage or local shard)
-        flat = [] if self.multi_tensor else [p for p in unique if not is_dtensor(p)]
+        flat = [] if self.multi_tensor else [p for p in unique if not is_dtensor(p)
+                                             and id(p) not in aliased]
         parts = [[p for p in flat if p.dtype == dtype]
                  for dtype in dict.fromkeys(p.dtype for p in flat)]
-        parts += [[p] for p in unique if self.multi_tensor or is_dtensor(p)]
+        parts += [[p] for p in unique if self.multi_tensor or is_dtensor(p)
+                  or id(p) in aliased]
         for part in parts:
             b = _Bucket(part, self.state_init(group),
                         STATE_DTYPES[self.state_dtype], type(self).__name__,
@@ -888,7 +926,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                         {st.name: st.layout for st in self.definition.state},
                         {st.name: st.sign for st in self.definition.state},
                         self.master_weights,
-                        in_place=self.multi_tensor or is_dtensor(part[0]),
+                        in_place=self.multi_tensor or is_dtensor(part[0])
+                        or id(part[0]) in aliased,
                         pin_memory=self._pin_memory)
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
