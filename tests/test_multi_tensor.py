@@ -582,8 +582,17 @@ def test_params_sharing_memory_stay_shared_in_the_flat_mode(name):
     base = torch.randn(12)
     parts = [torch.nn.Parameter(base[:6]), torch.nn.Parameter(base[6:])]
     assert [b.in_place for b in fot.SGD(parts, lr=0.1)._buckets[0]] == [False]
-    base = torch.randn(12)
-    with pytest.raises(ValueError, match="shares memory with another param and is not "
-                                         "contiguous"):
-        fot.SGD([torch.nn.Parameter(base.view(3, 4)),
-                 torch.nn.Parameter(base.view(4, 3).t())], lr=0.1)
+    base = torch.randn(12)  # (strided views with no common element: packed, not flagged)
+    strided = [torch.nn.Parameter(base[0::2]), torch.nn.Parameter(base[1::2])]
+    assert [b.in_place for b in fot.SGD(strided, lr=0.1)._buckets[0]] == [False]
+    # 16-bit params sharing memory: a float32 master each would undo the other's update
+    half = torch.zeros(4, dtype=torch.bfloat16)
+    shared = [torch.nn.Parameter(half.view(4)), torch.nn.Parameter(half.view(2, 2))]
+    for multi in (False, True):
+        with pytest.raises(ValueError, match="master_weights='remainder'"):
+            fot.SGD(shared, lr=1.0, multi_tensor=multi)
+    opt = fot.SGD(shared, lr=1.0, master_weights="none")
+    shared[0].grad = torch.ones(4, dtype=torch.bfloat16)
+    shared[1].grad = torch.zeros(2, 2, dtype=torch.bfloat16)
+    opt.step()
+    assert half.tolist() == [-1.0] * 4  # (torch: -1; a master each gave 0)

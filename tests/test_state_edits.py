@@ -120,3 +120,56 @@ def test_int8_state_replaced_by_float_values_is_quantised():
     opt.step()  # (m = 0.9 * 0.25 from the edited value)
     values = opt.state_dict()["state"][0]["exp_avg"]
     torch.testing.assert_close(values, torch.full((300,), 0.225), rtol=0.07, atol=0)
+
+
+def test_a_bad_edit_raises_before_anything_changes_and_can_be_put_right():
+    """An edit of the wrong shape (a state buffer, a per-param scalar) raises at the next
+    step, naming the entry, and changes nothing: put right, training goes on as torch's."""
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = fot.Adam([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(2, 2)
+        opt.step()
+    st = opt.state[p]
+    saved = st["exp_avg"].clone()
+    st["exp_avg"] = torch.zeros(4)
+    p.grad = torch.ones(2, 2)
+    with pytest.raises(RuntimeError, match=r"opt.state\[p\]\['exp_avg'\] .* shape \(4,\)"):
+        opt.step()
+    assert float(opt.state[p]["step"]) == 3.0
+    st["exp_avg"] = saved
+    opt.step()
+    assert float(opt.state[p]["step"]) == 4.0
+    torch.testing.assert_close(opt.state[p]["exp_avg"], torch.full((2, 2), 1 - 0.9 ** 4))
+    q = torch.nn.Parameter(torch.zeros(4))
+    opt = fot.NAdam([q])
+    q.grad = torch.ones(4)
+    opt.step()
+    opt.state[q]["mu_product"] = torch.ones(4)
+    with pytest.raises(RuntimeError, match="'mu_product'.*one element"):
+        opt.step()
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_a_plain_training_loop_never_reloads_state(multi, monkeypatch):
+    """Without edits, no step takes the reload path (it would cost a copy per param)."""
+    from fastopt.torch import _base
+
+    calls = []
+    real = _base.FlatOptimizer._reload_param
+    monkeypatch.setattr(_base.FlatOptimizer, "_reload_param",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    for name, kw in (("AdamW", dict(state_dtype="int8")), ("NAdam", {}),
+                     ("SGD", dict(momentum=0.9)),
+                     ("Adam", dict(master_weights="remainder"))):
+        dtype = torch.bfloat16 if "master_weights" in kw else torch.float32
+        params = [torch.nn.Parameter(torch.randn(300).to(dtype)),
+                  torch.nn.Parameter(torch.randn(5).to(dtype))]
+        opt = getattr(fot, name)(params, multi_tensor=multi, **kw)
+        for k in range(4):
+            for j, p in enumerate(params):
+                p.grad = None if (k == 1 and j == 1) else torch.randn(p.shape).to(dtype)
+            opt.step()
+            opt.state_dict()
+            opt.zero_grad()
+    assert calls == []

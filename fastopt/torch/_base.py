@@ -820,12 +820,14 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _aliased(params: list) -> set:
-        """The ids of the params (distinct) whose memory overlaps another's: views of one
-        tensor as separate Parameters. The flat mode steps them in place (as the
-        multi-tensor mode), as torch steps each where it lies, instead of packing them
-        apart. (Within one param group: a param an earlier group packed lives in that
-        group's flat buffer already.)"""
-        spans = sorted((_memory_span(p), id(p)) for p in params if p.numel())
+        """The ids of the contiguous params (distinct) whose memory overlaps another
+        contiguous one's: views of one tensor as separate Parameters. The flat mode steps
+        them in place (as the multi-tensor mode), as torch steps each where it lies, instead
+        of packing them apart. Strided views (whose byte ranges may interleave without a
+        common element) are packed as before; so is a param an earlier param group packed,
+        which lives in that group's flat buffer already."""
+        spans = sorted((_memory_span(p), id(p)) for p in params
+                       if p.numel() and p.is_contiguous())
         aliased, end = set(), None
         for (ptr, first, stop), ident in spans:
             if end is not None and end[0] == ptr and first < end[1]:
@@ -864,13 +866,15 @@ class FlatOptimizer(torch.optim.Optimizer):
                              "contiguous first, or use the flat mode)")
         # (the flat mode packs plain params into its buffers; DTensors it steps in place,
         # and params sharing memory with another: packing would part them)
-        aliased = set() if self.multi_tensor else self._aliased(
-            [p for p in dict.fromkeys(params) if not is_dtensor(p)])
-        loose = [p for p in params if id(p) in aliased and not p.is_contiguous()]
-        if loose:
-            raise ValueError(f"a param of shape {tuple(loose[0].shape)} shares memory with "
-                             "another param and is not contiguous: fastopt steps such params "
-                             "in their own storage, which must be contiguous")
+        aliased = self._aliased([p for p in dict.fromkeys(params) if not is_dtensor(p)])
+        halves = [p for p in params if id(p) in aliased and p.dtype != torch.float32]
+        if halves and self.master_weights == "fp32":
+            raise ValueError(
+                f"a {halves[0].dtype} param of shape {tuple(halves[0].shape)} shares memory "
+                "with another param: with master_weights='fp32' each would keep a float32 "
+                "master of its own and write the shared memory from it, undoing the other's "
+                "update; use master_weights='remainder' (bfloat16) or 'none'")
+        aliased = set() if self.multi_tensor else aliased
         packed = [] if self.multi_tensor else [p for p in params if not is_dtensor(p)
                                                and id(p) not in aliased]
         stepped = [p for p in packed if _IN_PLACE.get(p.data_ptr()) is not None]
@@ -1024,6 +1028,21 @@ class FlatOptimizer(torch.optim.Optimizer):
         the user's) restarts it as before its first step. Its float32 values (a 16-bit
         param's master) are kept unless ``st`` gives new ones."""
         p = b.params[i]
+        for name, value in st.items():  # (checked before anything changes: a bad edit
+            if not isinstance(value, torch.Tensor):  # raises, and can be put right)
+                continue
+            value = local_tensor(value)
+            if name in b.state and b.applies(name, i):
+                want = tuple(b.view_of(name, i).shape)
+            elif name in b.scalars or name == "step":
+                want = None if value.numel() == 1 else ()
+            else:
+                continue
+            if want is not None and tuple(value.shape) != want or value.is_complex():
+                raise RuntimeError(
+                    f"opt.state[p][{name!r}] of a parameter of shape {tuple(b.tensors[i].shape)}"
+                    f" was set to a {value.dtype} tensor of shape {tuple(value.shape)}; "
+                    f"expected {'one element' if want == () else want} of real values")
         if b.int8 and b.published[i] is not None:
             # new values under a name whose published scales are untouched: the values are
             # quantised, the old scales not read as theirs
