@@ -428,9 +428,14 @@ class _Bucket:
         self.absmax_of(name, index).copy_(torch.from_numpy(made.absmax))
 
     def counts_loaded(self) -> None:
-        """The step counts and scalars were set from outside (a state dict, a backup): the
-        scalars may differ across params, and the device counter (if any) takes the count,
-        so that replays of a captured step go on from it."""
+        """The step counts and scalars were set from outside (a state dict, a backup, an
+        edit of ``opt.state``): the bucket's summary of them taken again, the scalars may
+        differ across params, and the device counter (if any) takes the count, so that
+        replays of a captured step go on from it."""
+        self.all_started = all(self.started)
+        self.uniform = bool((self.steps == self.steps[0]).all())
+        self.step = int(self.steps.max())
+        self.steps_seen = self.steps._version
         self.scalars_shared = False
         if self.counter is not None:
             self.counter[0] = self.step
@@ -1005,9 +1010,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         in-place edit of ``state[p]['step']`` (a view of the bucket's counts) sets the
         count. Other edits in place need nothing (the state is views of the buffers)."""
         if b.steps._version != b.steps_seen:  # (the counts were written in place)
-            step, uniform = int(b.steps.max()), bool((b.steps == b.steps[0]).all())
-            if (step, uniform) != (b.step, b.uniform):
-                b.step, b.uniform = step, uniform
+            if (int(b.steps.max()), bool((b.steps == b.steps[0]).all())) \
+                    != (b.step, b.uniform):
                 b.counts_loaded()
             b.steps_seen = b.steps._version
         get, is_ = self.state.get, operator.is_
@@ -1063,11 +1067,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             kept = {k: v for k, v in st.items() if k not in (MASTER, REMAINDER, VERSION_KEY)}
             if kept:
                 self.state[p] = kept
-        b.all_started = all(b.started)
-        b.uniform = bool((b.steps == b.steps[0]).all())
-        b.step = int(b.steps.max())
         b.counts_loaded()
-        b.steps_seen = b.steps._version
         self._published(b, i)
 
     def _fill_group(self, group: dict) -> None:
@@ -1957,7 +1957,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b._arrays.clear()
                 b.prepared.clear()
                 b.counts_loaded()
-                b.steps_seen = b.steps._version
                 for i in range(len(b.params)):
                     self._published(b, i)
         self._sync_captured_counters()
@@ -1982,11 +1981,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.add_state(name, value)
         for i, p in enumerate(b.params):
             self._load_param(group, b, i, saved.get(p) or {}, extra, init)
-        b.all_started = all(b.started)
-        b.uniform = bool((b.steps == b.steps[0]).all())
-        b.step = int(b.steps.max())
         b.counts_loaded()
-        b.steps_seen = b.steps._version
 
     def _load_param(self, group: dict, b: _Bucket, i: int, st: dict, extra: dict,
                     init: dict | None = None, master: dict | None = None) -> None:
@@ -2134,7 +2129,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                     b.step = int(b.steps.max()) if len(b.steps) else 0
                     b.uniform = bool((b.steps == b.steps[0]).all()) if len(b.steps) else True
                     b.counts_loaded()
-                    b.steps_seen = b.steps._version
         for k, st in saved.items():  # state not keyed by a param, kept as torch keeps it
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st
