@@ -89,21 +89,16 @@ def decode_nonnegative(code):
     return decode_magnitude(_U(code), NONNEGATIVE_BIAS)
 
 
-# The block functions are called, not inlined into the kernels' loops (Numba's IR inliner
-# clashes on loop variables inlined twice); their loops run over unsigned bounds, which LLVM
+# The generated kernels decode and encode a block in loops of their own (codegen's
+# _numba_int8_block); block_absmax is called, not inlined into them (Numba's IR inliner
+# clashes on loop variables inlined twice). Their loops run over unsigned bounds, which LLVM
 # vectorises (a signed index's wrap-around check stops it: bench/NOTES.md).
 
-@scalar
-def decode_block_signed(codes, absmax, out, lo, count):
-    """out[:count] = the values of codes[lo:lo + count] (one block, scale ``absmax``)."""
-    for j in range(np.uint64(0), count):
-        out[j] = decode_signed(codes[lo + j]) * absmax
-
-
-@scalar
-def decode_block_nonnegative(codes, absmax, out, lo, count):
-    for j in range(np.uint64(0), count):
-        out[j] = decode_nonnegative(codes[lo + j]) * absmax
+@helper
+def stochastic_bits(i, seed, salt):
+    """The random bits (below one code step) added to element i's value in the state slot
+    whose salt is ``salt`` before its code is cut: unbiased stochastic rounding."""
+    return _U(random32(i, _U(seed ^ _U(salt))) & _U(STEP_MASK))
 
 
 @scalar
@@ -125,27 +120,6 @@ def block_inverse(absmax):
     normal = absmax >= MIN_NORMAL
     return (np.float32(1.0) / absmax if normal else np.float32(0.0),
             absmax if normal or absmax != absmax else np.float32(0.0))
-
-
-@scalar
-def encode_block_signed(values, codes, lo, count, seed, salt):
-    """codes[lo:lo + count] = values[:count] encoded against their absmax, stochastically
-    rounded (seed: the step's; salt: the state slot's); returns the absmax to store."""
-    inv, stored = block_inverse(block_absmax(values, count))
-    for j in range(np.uint64(0), count):
-        rand = _U(random32(lo + j, _U(seed ^ _U(salt))) & _U(STEP_MASK))
-        codes[lo + j] = encode_signed(values[j] * inv, rand)
-    return stored
-
-
-@scalar
-def encode_block_nonnegative(values, codes, lo, count, seed, salt):
-    """As encode_block_signed, for a non-negative state."""
-    inv, stored = block_inverse(block_absmax(values, count))
-    for j in range(np.uint64(0), count):
-        rand = _U(random32(lo + j, _U(seed ^ _U(salt))) & _U(STEP_MASK))
-        codes[lo + j] = encode_nonnegative(values[j] * inv, rand)
-    return stored
 
 
 @scalar
