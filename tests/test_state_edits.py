@@ -173,3 +173,29 @@ def test_a_plain_training_loop_never_reloads_state(multi, monkeypatch):
             opt.state_dict()
             opt.zero_grad()
     assert calls == []
+
+
+@pytest.mark.parametrize("edit", [_delete, _clear, _replace], ids=lambda e: e.__name__.strip("_"))
+def test_schedule_free_state_edits_act_as_in_schedulefree(edit):
+    """Schedule-Free keeps its step count ``k`` and its averaging weights (``weight_sum``,
+    ``lr_max``) per param group: a param whose state is deleted restarts its ``z`` and
+    ``exp_avg_sq`` while the group's count and weights go on, as in the schedulefree
+    reference (warm-up and weight decay on, so the count shows in the lr and the weights)."""
+    schedulefree = pytest.importorskip("schedulefree", reason="the Schedule-Free oracle")
+    kw = dict(lr=0.05, warmup_steps=3, weight_decay=0.01)
+
+    def make_theirs(ps):
+        opt = schedulefree.AdamWScheduleFree(ps, **kw)
+        opt.train()
+        return opt
+
+    theirs, _ = _run(make_theirs, edit, steps=12, at=6)
+    for multi in (False, True):
+        def make_ours(ps, multi=multi):
+            opt = fot.AdamWScheduleFree(ps, multi_tensor=multi, **kw)
+            opt.train()
+            return opt
+
+        ours, _ = _run(make_ours, edit, steps=12, at=6)
+        for p, q in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)

@@ -187,3 +187,31 @@ def test_frozen_params_are_skipped():
         _loss(inside, x, y).backward()
     for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_state_cleared_between_steps_acts_as_before_step(multi):
+    """``opt.state.clear()`` between steps restarts every param's Schedule-Free state while
+    the group's count and averaging weights go on, in backward as in step(): each chunk
+    takes in the edit before any chunk of the group moves the group's values."""
+    plain, inside = _model(), _model()
+    kw = dict(lr=SCHED, warmup_steps=3, multi_tensor=multi)
+    # (the params listed last layer first: the group shows the first param's values, and
+    # its gradient is the first backward makes)
+    a = fot.AdamWScheduleFree(list(plain.parameters())[::-1], **kw)
+    b = fot.AdamWScheduleFree(list(inside.parameters())[::-1], **kw)
+    a.train()
+    b.train()
+    handle = fot.step_in_backward(inside, b, chunk_elements=60)
+    for k, (x, y) in enumerate(_batches(10)):
+        if k == 5:
+            a.state.clear()
+            b.state.clear()
+        a.zero_grad()
+        _loss(plain, x, y).backward()
+        a.step()
+        _loss(inside, x, y).backward()
+    handle.remove()
+    assert b.param_groups[0]["k"] == a.param_groups[0]["k"] == 10
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

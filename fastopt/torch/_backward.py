@@ -148,8 +148,8 @@ class StepInBackward:
         group = opt.param_groups[c.group]
         for i in which:
             b.check_address(i)
-        opt._adopt_edits(group, b, which)
-        if c.group not in self._round:
+        if c.group not in self._round:  # (the group's first chunk this backward)
+            opt._adopt_group_edits(group, opt._buckets[c.group])
             schedule, own = opt._schedule(c.group, group)
             self._round[c.group] = (schedule, own, _group_step(opt._buckets[c.group]))
         schedule = self._round[c.group][0]

@@ -1025,12 +1025,22 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             self._reload_param(group, b, i, dict(st or {}))
 
+    def _adopt_group_edits(self, group: dict, buckets: list[_Bucket]) -> None:
+        """``_adopt_edits`` for every param of a group, before any of them steps: a param
+        whose state restarts takes the group's count and scalars (Schedule-Free's) as they
+        were after the last step, not as a bucket stepped before it has moved them. (In a
+        CUDA graph capture: at the next eager step.)"""
+        for b in buckets:
+            if not (b.flat.is_cuda and _capturing()):
+                self._adopt_edits(group, b, range(len(b.params)))
+
     @torch.no_grad()
     def _reload_param(self, group: dict, b: _Bucket, i: int, st: dict) -> None:
         """Param i's state set from ``st`` (its edited ``self.state`` entry) as a load
         would; one holding none of the param's state (deleted, emptied, or only entries of
-        the user's) restarts it as before its first step. Its float32 values (a 16-bit
-        param's master) are kept unless ``st`` gives new ones."""
+        the user's) restarts it as before its first step, but for a count and scalars kept
+        per group (Schedule-Free's), which go on. Its float32 values (a 16-bit param's
+        master) are kept unless ``st`` gives new ones."""
         p = b.params[i]
         for name, value in st.items():  # (checked before anything changes: a bad edit
             if not isinstance(value, torch.Tensor):  # raises, and can be put right)
@@ -1062,7 +1072,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             master = {MASTER: b.master_values(slice(offset, offset + t.numel())).view_as(t)}
         given = any(k in st for k in ("step", *b.state, *b.scalars))
         self.state.pop(p, None)
-        self._load_param(group, b, i, st if given else {}, {p: st}, master=master)
+        self._load_param(group, b, i, st if given else {}, {p: st}, master=master,
+                         group_counts=True)
         if not given:  # (the user's own entries stay, as torch keeps them)
             kept = {k: v for k, v in st.items() if k not in (MASTER, REMAINDER, VERSION_KEY)}
             if kept:
@@ -1262,6 +1273,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         """One group's step: each bucket's kernel call (whole-bucket GPU launches of in-place
         buckets deferred to the group's end, ``_defers_launches``), then the group's lr."""
         before = _group_step(buckets)
+        self._adopt_group_edits(group, buckets)
         if self._defers_launches(buckets):
             self._deferred = []
         try:
@@ -1367,8 +1379,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                 view.copy_(g)
                 p.grad = view
             have_grad.append(True)
-        if not (b.flat.is_cuda and _capturing()):  # (in a capture: at the next eager step)
-            self._adopt_edits(group, b, range(len(b.params)))
         names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
         if grads is not None:
@@ -1984,11 +1994,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.counts_loaded()
 
     def _load_param(self, group: dict, b: _Bucket, i: int, st: dict, extra: dict,
-                    init: dict | None = None, master: dict | None = None) -> None:
+                    init: dict | None = None, master: dict | None = None,
+                    group_counts: bool = False) -> None:
         """Param i's state from its saved entry ``st`` (empty: as before its first step);
         ``extra`` as ``_load_bucket``'s; ``master``: the entry its float32 values come from
-        (``st``'s by default)."""
+        (``st``'s by default); ``group_counts``: an empty entry still takes the group's step
+        count and scalars, where the definition keeps them per group (a param whose state
+        was deleted mid-training: schedulefree's ``k``, ``weight_sum`` and ``lr_max`` go on,
+        only its ``z`` and ``exp_avg_sq`` restart)."""
         init = self.state_init(group) if init is None else init
+        of_group = bool(st) or (group_counts and self.definition.group_step is not None)
         p = b.params[i]
         master = st if master is None else master
         if b.sharded:  # (DTensor state, e.g. from torch.distributed.checkpoint: its shard)
@@ -1997,7 +2012,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k,
         key = self.definition.group_step  # or a saved count where torch keeps none)
         key = GROUP_STEP if not self.definition.per_param_step else key
-        if st and key is not None:
+        if of_group and key is not None:
             steps = float(_saved_count(group.get(key, 0), key))
         b.steps[i] = float(st.get("step", steps))
         for name in b.state:
@@ -2037,7 +2052,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.started[i] = bool(st)
         b.fresh[i] = any(st.get(name) is None for name in self.definition.first_grad_state)
         for s_ in self.definition.scalars:  # per-step scalars (a dict without one: start)
-            value = group.get(s_.name) if s_.group and st else st.get(s_.name)
+            value = group.get(s_.name) if s_.group and of_group else st.get(s_.name)
             b.scalars[s_.name][i] = s_.init if value is None else float(value)
         if st:
             views = self._state_views(group, b, i)
