@@ -596,3 +596,36 @@ def test_params_sharing_memory_stay_shared_in_the_flat_mode(name):
     shared[1].grad = torch.zeros(2, 2, dtype=torch.bfloat16)
     opt.step()
     assert half.tolist() == [-1.0] * 4  # (torch: -1; a master each gave 0)
+
+
+def test_params_sharing_memory_across_param_groups_stay_shared():
+    """Views of one tensor in different param groups (each with its lr) and a param added
+    later as a view of a packed param: the flat mode steps each where it lies, in place, as
+    torch does, whichever group comes first; not packed apart (they drifted apart before)."""
+    results = {}
+    for kind in ("torch", "flat", "multi"):
+        base = torch.randn(12, generator=torch.Generator().manual_seed(0))
+        a, c = torch.nn.Parameter(base.view(4, 3)), torch.nn.Parameter(base.view(3, 4))
+        other = torch.nn.Parameter(torch.ones(5))
+        groups = (g for g in [{"params": iter([other, a]), "lr": 0.1},  # (iterators: read
+                              {"params": [c], "lr": 0.05}])            # once, as torch does)
+        opt = torch.optim.Adam(groups) if kind == "torch" \
+            else fot.Adam(groups, multi_tensor=kind == "multi")
+        late = torch.nn.Parameter(other.data[1:3])  # (fastopt: a view of its flat buffer)
+        opt.add_param_group({"params": [late], "lr": 0.2})
+        for k in range(5):
+            a.grad, c.grad = torch.full((4, 3), 1.0 + k), torch.full((3, 4), -0.5)
+            other.grad, late.grad = torch.ones(5), torch.full((2,), 3.0)
+            opt.step()
+        assert a.data_ptr() == c.data_ptr() == base.data_ptr()
+        assert late.data_ptr() == other.data_ptr() + late.element_size()
+        results[kind] = [p.detach().clone() for p in (a, c, other, late)]
+    for kind in ("flat", "multi"):
+        for p, q in zip(results[kind], results["torch"], strict=True):
+            torch.testing.assert_close(p, q)
+    half = torch.zeros(4, dtype=torch.bfloat16)  # (16-bit, a float32 master each: refused)
+    with pytest.raises(ValueError, match="master_weights='remainder'"):
+        fot.SGD([{"params": [torch.nn.Parameter(half.view(4))]},
+                 {"params": [torch.nn.Parameter(half.view(2, 2))]}], lr=1.0)
+    with pytest.raises(TypeError, match="ordered collections"):  # (as torch)
+        fot.SGD([{"params": {torch.nn.Parameter(torch.ones(2))}}], lr=1.0)

@@ -199,6 +199,33 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int, int]:
     return t.untyped_storage().data_ptr(), first, first + extent * size
 
 
+def _listed_once(params) -> list:
+    """The constructor's ``params`` as a list whose groups' ``params`` are lists too (torch
+    makes them lists; a generator would be spent by a first look)."""
+    if isinstance(params, torch.Tensor):
+        return params  # (torch's own error for it)
+    return [dict(g, params=list(g["params"])) if isinstance(g, dict) and "params" in g
+            and not isinstance(g["params"], (torch.Tensor, list, tuple, set)) else g
+            for g in params]  # (a set stays one: torch refuses it, naming the reason)
+
+
+def _listed_tensors(params) -> list:
+    """The tensors a constructor's ``params`` list (plain, named pairs, or groups of
+    either)."""
+    if isinstance(params, torch.Tensor):
+        return []
+    found = []
+    for g in params:
+        items = g.get("params", ()) if isinstance(g, dict) else [g]
+        items = [items] if isinstance(items, torch.Tensor) else items
+        for item in items:
+            if isinstance(item, tuple) and len(item) == 2:  # (name, tensor)
+                item = item[1]
+            if isinstance(item, torch.Tensor):
+                found.append(item)
+    return found
+
+
 def _capturing() -> bool:
     """Whether torch's current CUDA stream is capturing a graph (False without CUDA)."""
     return _has_cuda() and torch.cuda.is_current_stream_capturing()
@@ -707,6 +734,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     _pin_memory = False
     #: what the CPU kernels multiply the gradients by (CPUOffload's clipping and grad_scale)
     _grad_mult = 1.0
+    #: while the constructor builds its param groups: those sharing memory (__init__)
+    _listed_aliased: set | None = None
 
     @property
     def group_defaults(self) -> dict:
@@ -766,7 +795,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         for s_ in d.scalars:
             if s_.group:
                 defaults.setdefault(s_.name, s_.init)
-        super().__init__(params, defaults)
+        params = _listed_once(params)
+        #: while the constructor builds its groups: the params of any of them whose memory
+        #: overlaps another's (_aliased), found before the first group packs its params
+        self._listed_aliased = self._aliased(list(dict.fromkeys(
+            p for p in _listed_tensors(params) if not is_dtensor(p))))
+        try:
+            super().__init__(params, defaults)
+        finally:
+            self._listed_aliased = None
         if self.twin is not None and self.twin.state_at_construction:
             # as torch's Adagrad: the initial params get their state at construction (later
             # groups get theirs at their first step)
@@ -829,8 +866,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         contiguous one's: views of one tensor as separate Parameters. The flat mode steps
         them in place (as the multi-tensor mode), as torch steps each where it lies, instead
         of packing them apart. Strided views (whose byte ranges may interleave without a
-        common element) are packed as before; so is a param an earlier param group packed,
-        which lives in that group's flat buffer already."""
+        common element) are packed as before."""
         spans = sorted((_memory_span(p), id(p)) for p in params
                        if p.numel() and p.is_contiguous())
         aliased, end = set(), None
@@ -870,8 +906,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                              f"{tuple(loose[0].shape)} is not (e.g. channels_last: make it "
                              "contiguous first, or use the flat mode)")
         # (the flat mode packs plain params into its buffers; DTensors it steps in place,
-        # and params sharing memory with another: packing would part them)
-        aliased = self._aliased([p for p in dict.fromkeys(params) if not is_dtensor(p)])
+        # and params sharing memory with another, in this group or another: packing would
+        # part them. In the constructor, its groups' params as they lay before any was
+        # packed; in a later add_param_group, the groups before it show theirs where they
+        # step them, in their flat buffers or in place)
+        ours = {id(p) for p in params}
+        if self._listed_aliased is not None:
+            aliased = self._listed_aliased & ours
+        else:
+            earlier = [p for g in self.param_groups[:-1] for p in g["params"]]
+            aliased = self._aliased([p for p in dict.fromkeys([*params, *earlier])
+                                     if not is_dtensor(p)]) & ours
         halves = [p for p in params if id(p) in aliased and p.dtype != torch.float32]
         if halves and self.master_weights == "fp32":
             raise ValueError(
