@@ -249,6 +249,53 @@ def test_optimizer_hooks_run():
     assert calls == ["pre", "post", "state_dict"]
 
 
+def test_step_hooks_and_the_profiler_event_as_torch():
+    """fastopt.torch wraps its step itself (torch's wrapper enters a profiler range at every
+    step, ~10 µs): the same hooks in the same order, a pre-hook's new arguments used, its
+    bad return refused as torch does, and the profiler's "Optimizer.step#<class>.step" range
+    while a profiler records."""
+    from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                       register_optimizer_step_pre_hook)
+
+    x, y = data(1)[0]
+    seen = {}
+    for cls in (torch.optim.Adam, fot.Adam):
+        model = make_model()
+        opt = cls(model.parameters())
+        calls = []
+
+        def closure(model=model, calls=calls):
+            calls.append("closure")
+            with torch.enable_grad():
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+            return loss
+
+        handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global-pre")),
+                   register_optimizer_step_post_hook(lambda o, a, k: calls.append("global-post")),
+                   opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+                   opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+                   opt.register_step_pre_hook(lambda o, a, k, f=closure: ((o, f), {}))]
+        try:
+            loss = opt.step()  # (the last pre-hook passes the closure)
+            assert loss is not None
+            with torch.profiler.profile() as prof:
+                opt.step(closure)
+            names = {e.name for e in prof.events()}
+            assert f"Optimizer.step#{cls.__name__}.step" in names
+            bad = opt.register_step_pre_hook(lambda o, a, k: 1)
+            with pytest.raises(RuntimeError, match="must return None or a tuple"):
+                opt.step(closure)
+            bad.remove()
+        finally:
+            for h in handles:
+                h.remove()
+        seen[cls] = calls
+    assert seen[fot.Adam] == seen[torch.optim.Adam]
+    assert seen[fot.Adam][:6] == ["global-pre", "pre", "closure", "post", "global-post",
+                                  "global-pre"]
+
+
 def test_zero_grad_set_to_none_like_torch():
     x, y = data(1)[0]
     for cls in (torch.optim.Adam, fot.Adam):
