@@ -254,8 +254,10 @@ def test_step_hooks_and_the_profiler_event_as_torch():
     step, ~10 µs): the same hooks in the same order, a pre-hook's new arguments used, its
     bad return refused as torch does, and the profiler's "Optimizer.step#<class>.step" range
     while a profiler records."""
-    from torch.optim.optimizer import (register_optimizer_step_post_hook,
-                                       register_optimizer_step_pre_hook)
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
 
     x, y = data(1)[0]
     seen = {}
@@ -271,10 +273,13 @@ def test_step_hooks_and_the_profiler_event_as_torch():
                 loss.backward()
             return loss
 
-        handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global-pre")),
-                   register_optimizer_step_post_hook(lambda o, a, k: calls.append("global-post")),
-                   opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
-                   opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+        def logger(what, calls=calls):
+            return lambda o, a, k: calls.append(what)
+
+        handles = [register_optimizer_step_pre_hook(logger("global-pre")),
+                   register_optimizer_step_post_hook(logger("global-post")),
+                   opt.register_step_pre_hook(logger("pre")),
+                   opt.register_step_post_hook(logger("post")),
                    opt.register_step_pre_hook(lambda o, a, k, f=closure: ((o, f), {}))]
         try:
             loss = opt.step()  # (the last pre-hook passes the closure)
