@@ -564,7 +564,8 @@ class _Bucket:
 
     def local_address(self, index: int) -> int:
         """Where param ``index``'s elements live now (a DTensor's: its local shard's)."""
-        return local_tensor(self.params[index]).data_ptr()
+        p = self.params[index]
+        return local_tensor(p).data_ptr() if self.sharded else p.data_ptr()
 
     def check_address(self, index: int) -> None:
         """Param ``index`` still lives where this bucket steps it. An in-place bucket follows
