@@ -629,3 +629,26 @@ def test_params_sharing_memory_across_param_groups_stay_shared():
                  {"params": [torch.nn.Parameter(half.view(2, 2))]}], lr=1.0)
     with pytest.raises(TypeError, match="ordered collections"):  # (as torch)
         fot.SGD([{"params": {torch.nn.Parameter(torch.ones(2))}}], lr=1.0)
+
+
+def test_add_param_group_compares_new_params_with_their_storages_only(monkeypatch):
+    """add_param_group looks for shared memory among the earlier params in the new params'
+    storages only (kept by storage between calls): a loop adding groups stays linear, where
+    comparing with every earlier param each time made it quadratic."""
+    from fastopt.torch import _base
+
+    spans = []  # (the byte ranges worked out, and the storages looked up)
+    for name in ("_memory_span", "_storage_of"):
+        real = getattr(_base, name)
+        monkeypatch.setattr(_base, name, lambda t, real=real: spans.append(1) or real(t))
+    groups = [[torch.nn.Parameter(torch.randn(4)) for _ in range(3)] for _ in range(40)]
+    opt = fot.Adam(groups[0], lr=0.1)
+    for g in groups[1:]:
+        opt.add_param_group({"params": g})
+    assert len(spans) <= 8 * 3 * 40  # (quadratic: about 3 * 40 * 41 / 2 earlier ones)
+    # (and still found: a view of a packed param, then a view of that view's memory)
+    late = torch.nn.Parameter(groups[5][1].data[1:3])
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4)), late]})
+    opt.add_param_group({"params": [torch.nn.Parameter(late.data[1:])]})
+    assert [b.in_place for b in opt._buckets[-2]] == [False, True]
+    assert [b.in_place for b in opt._buckets[-1]] == [True]

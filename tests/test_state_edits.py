@@ -175,12 +175,30 @@ def test_a_plain_training_loop_never_reloads_state(multi, monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("edit", [_delete, _clear, _replace], ids=lambda e: e.__name__.strip("_"))
+def _delete_then_reload(opt, params):
+    """A deleted entry saved and loaded again: the dict holds no entry for the param."""
+    import copy
+
+    del opt.state[params[0]]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+def _delete_in_eval_mode(opt, params):
+    """Deleted between eval() and train(): the switch back has no z to move the param to."""
+    opt.eval()
+    del opt.state[params[0]]
+    opt.train()
+
+
+@pytest.mark.parametrize("edit", [_delete, _clear, _replace, _delete_then_reload,
+                                  _delete_in_eval_mode], ids=lambda e: e.__name__.strip("_"))
 def test_schedule_free_state_edits_act_as_in_schedulefree(edit):
     """Schedule-Free keeps its step count ``k`` and its averaging weights (``weight_sum``,
     ``lr_max``) per param group: a param whose state is deleted restarts its ``z`` and
     ``exp_avg_sq`` while the group's count and weights go on, as in the schedulefree
-    reference (warm-up and weight decay on, so the count shows in the lr and the weights)."""
+    reference (warm-up and weight decay on, so the count shows in the lr and the weights);
+    also when the state dict it then gives is loaded (no entry for the param: the group's
+    count), and through a switch of modes (the param stays where it is)."""
     schedulefree = pytest.importorskip("schedulefree", reason="the Schedule-Free oracle")
     kw = dict(lr=0.05, warmup_steps=3, weight_decay=0.01)
 

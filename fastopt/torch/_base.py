@@ -266,6 +266,18 @@ def _listed_tensors(params) -> list:
     return found
 
 
+def _storage_of(t: torch.Tensor) -> int:
+    """The address of the storage a (plain) tensor's elements lie in."""
+    return t.untyped_storage().data_ptr()
+
+
+def _index_params(index: dict, params) -> None:
+    """Add the plain, non-empty ``params`` to ``index`` (storage address -> params)."""
+    for q in params:
+        if not is_dtensor(q) and q.numel():
+            index.setdefault(_storage_of(q), []).append(q)
+
+
 def _capturing() -> bool:
     """Whether torch's current CUDA stream is capturing a graph (False without CUDA)."""
     return _has_cuda() and torch.cuda.is_current_stream_capturing()
@@ -900,6 +912,31 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise
         self._buckets.append(buckets)
         self._lr_written.append(group["lr"] if "schedule" in group else None)
+        self._index_group(group)
+
+    def _earlier_by_storage(self) -> dict:
+        """The params of the groups before the last, by the address of the storage each
+        lies in now (a packed one: its flat buffer's), for ``_make_buckets``' comparison of
+        a new group with them. Kept from one add_param_group to the next (``_index_group``;
+        comparing with every earlier group's params each time made a loop of
+        add_param_group quadratic), made again from the groups when they were replaced
+        (a load, a copy)."""
+        ids = [id(g) for g in self.param_groups[:-1]]
+        kept = self.__dict__.get("_storage_index")
+        if kept is None or kept[0] != ids:
+            index: dict[int, list] = {}
+            for g in self.param_groups[:-1]:
+                _index_params(index, g["params"])
+            kept = self._storage_index = (ids, index)
+        return kept[1]
+
+    def _index_group(self, group: dict) -> None:
+        """A group just built (its params where its buckets step them) into the index of
+        ``_earlier_by_storage``, if that is up to date."""
+        kept = self.__dict__.get("_storage_index")
+        if kept is not None and kept[0] == [id(g) for g in self.param_groups[:-1]]:
+            _index_params(kept[1], group["params"])
+            kept[0].append(id(group))
 
     @staticmethod
     def _aliased(params: list) -> set:
@@ -954,10 +991,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         ours = {id(p) for p in params}
         if self._listed_aliased is not None:
             aliased = self._listed_aliased & ours
-        else:
-            earlier = [p for g in self.param_groups[:-1] for p in g["params"]]
-            aliased = self._aliased([p for p in dict.fromkeys([*params, *earlier])
-                                     if not is_dtensor(p)]) & ours
+        else:  # (the earlier params in the storages of this group's: _earlier_by_storage)
+            mine = [p for p in dict.fromkeys(params) if not is_dtensor(p) and p.numel()]
+            index = self._earlier_by_storage()
+            earlier = [q for ptr in {_storage_of(p) for p in mine}
+                       for q in index.get(ptr, ()) if id(q) not in ours]
+            aliased = self._aliased([*mine, *dict.fromkeys(earlier)]) & ours
         halves = [p for p in params if id(p) in aliased and p.dtype != torch.float32]
         if halves and self.master_weights == "fp32":
             raise ValueError(
@@ -1421,6 +1460,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             if bool(group[modes.group_key]) == train:
                 continue
             weight = (modes.to_train if train else modes.to_eval)(self._group_hypers(group))
+            self._adopt_group_edits(group, buckets)  # (a deleted state: no z to move to)
             for b in buckets:
                 if modes.lerp_to not in b.state:
                     continue
@@ -2076,8 +2116,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         init = self.state_init(group)
         for name, value in init.items():
             b.add_state(name, value)
-        for i, p in enumerate(b.params):
-            self._load_param(group, b, i, saved.get(p) or {}, extra, init)
+        for i, p in enumerate(b.params):  # (a param without an entry: schedulefree's group
+            self._load_param(group, b, i, saved.get(p) or {}, extra, init,  # count goes on)
+                             group_counts=True)
         b.counts_loaded()
 
     def _load_param(self, group: dict, b: _Bucket, i: int, st: dict, extra: dict,
