@@ -2116,9 +2116,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         init = self.state_init(group)
         for name, value in init.items():
             b.add_state(name, value)
-        for i, p in enumerate(b.params):  # (a param without an entry: schedulefree's group
-            self._load_param(group, b, i, saved.get(p) or {}, extra, init,  # count goes on)
-                             group_counts=True)
+        # (a param without an entry takes the group's count where it is kept per group:
+        # schedulefree's k goes on for a param whose state was deleted before the save)
+        for i, p in enumerate(b.params):
+            self._load_param(group, b, i, saved.get(p) or {}, extra, init, group_counts=True)
         b.counts_loaded()
 
     def _load_param(self, group: dict, b: _Bucket, i: int, st: dict, extra: dict,
