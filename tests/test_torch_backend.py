@@ -466,3 +466,21 @@ def test_schedule_free_refuses_a_parameter_listed_twice():
     with pytest.warns(UserWarning, match="duplicate"), \
             pytest.raises(ValueError, match="counts its steps per param group"):
         fot.AdamWScheduleFree([w, w])
+
+
+def test_a_subclass_overriding_step_runs_the_hooks_as_torch():
+    """The hooks wrap the class's step when an optimizer of it is built, as torch's do: a
+    subclass whose step calls super().step() halves the gradient once, not twice."""
+    out = {}
+    for base in (torch.optim.SGD, fot.SGD):
+        class Mine(base):
+            def step(self, closure=None):
+                return super().step(closure)
+
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = Mine([p], lr=1.0)
+        opt.register_step_pre_hook(lambda o, a, k, p=p: p.grad.mul_(0.5))
+        p.grad = torch.ones(3)
+        opt.step()
+        out[base] = p.detach().clone()
+    torch.testing.assert_close(out[fot.SGD], out[torch.optim.SGD])

@@ -1296,7 +1296,15 @@ class FlatOptimizer(torch.optim.Optimizer):
             return schedule, True
         return as_schedule(lr), False
 
-    @_hooked_step
+    def _patch_step_function(self) -> None:
+        """As torch's: the class's step wrapped with the step hooks when an optimizer of it
+        is built, unless already wrapped (``_hooked_step`` in place of torch's wrapper), so
+        a subclass overriding step() runs the hooks as often as torch's would."""
+        self._zero_grad_profile_name = (
+            f"Optimizer.zero_grad#{self.__class__.__name__}.zero_grad")
+        if not getattr(self.__class__.step, "hooked", None):
+            self.__class__.step = _hooked_step(self.__class__.step)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One fused update per bucket; returns the closure's loss (None without closure)."""
