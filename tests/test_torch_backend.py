@@ -479,7 +479,10 @@ def test_a_subclass_overriding_step_runs_the_hooks_as_torch():
 
         p = torch.nn.Parameter(torch.zeros(3))
         opt = Mine([p], lr=1.0)
-        opt.register_step_pre_hook(lambda o, a, k, p=p: p.grad.mul_(0.5) and None)
+        def halve(o, a, k, p=p):
+            p.grad.mul_(0.5)
+
+        opt.register_step_pre_hook(halve)
         p.grad = torch.ones(3)
         opt.step()
         out[base] = p.detach().clone()
