@@ -37,8 +37,13 @@ def array_module(array) -> str:
 #: holding bfloat16 bits)
 PARAM_DTYPES = {"numpy": ("float32", "float16", "bfloat16"),
                 "cupy": ("float32", "float16", "bfloat16")}
-#: 16-bit formats as the CPU kernels number them (fastopt/cpu/convert.py)
-FORMATS = {"float16": 0, "bfloat16": 1}
+#: the params' formats as the CPU kernels take them (their ``fmt`` argument): a numpy dtype,
+#: which Numba types at compile time, so each specialisation holds one format's conversions
+#: (fastopt/cpu/convert.py); uint16 stands for bfloat16 bits, which Numba has no type for
+FORMATS = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+           "bfloat16": np.dtype(np.uint16)}
+#: the 16-bit ones: a raw uint16 buffer holds one of them (``dtype=``)
+HALF_FORMATS = ("float16", "bfloat16")
 
 
 def dtypes(spec) -> tuple:
@@ -85,7 +90,7 @@ def param_dtype(array, dtype=None) -> str:
     if dtype is None:
         return array.dtype.name
     name = dtype_arg(dtype)
-    if name not in FORMATS:
+    if name not in HALF_FORMATS:
         raise ValueError(f"dtype must be 'float16' or 'bfloat16' for uint16 buffers, got "
                          f"{dtype!r}")
     if array.dtype.name not in ("uint16", name):

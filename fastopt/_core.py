@@ -125,7 +125,7 @@ class FlatOptimizer:
         #: ``state['master_param']``), "remainder" (bfloat16 params: the master's low 16 bits,
         #: ``state['master_remainder']``, int16) or "none" (stochastic rounding of the params)
         self.master_weights = check_master_weights(master_weights, self.dtype)
-        self._fmt = FORMATS.get(self.dtype, 0)
+        self._fmt = FORMATS[self.dtype]
         self._xp = xp_of(self.params)
         self._on_gpu = array_module(self.params) == "cupy"
         # On the CPU 16-bit params take gradients in their own format (or its raw bits) or in

@@ -35,9 +35,6 @@ from .cpu.threads import kernel_guard, parallel_ok
 from .schedules import host_lr
 from .segments import SegmentTable
 
-#: the CPU's parameters/gradients formats (fastopt/cpu/convert.py): float32 takes 0 (unused)
-_FMT = dict(FORMATS)
-
 
 @functools.cache
 def cpu_kernel(name: str, entry: str = ""):
@@ -166,7 +163,7 @@ class Prepared:
         else:
             self.decoupled = d.decay == "decoupled"
         self.maximize = bool(hypers.get("maximize", False))
-        self.fmt = _FMT.get(dtype, 0)
+        self.fmt = FORMATS[dtype]
         self.parallel = parallel and (d.matrix is None or params.shape[0] >= MATRIX_PARALLEL_MIN)
         self._fn = None if on_gpu else cpu_kernel(d.name, f"{d.name}_int8" * self.int8)
         if on_gpu and not isinstance(params, np.ndarray):  # (numpy: the host-built kernels)

@@ -54,3 +54,14 @@ def test_float_to_16_bit_rounds_to_nearest_even(fmt, dtype):
     nan = np.isnan(values)
     assert np.array_equal(out[~nan], ref[~nan])
     assert np.isnan(out[nan].view(dtype).astype(np.float32)).all()
+
+
+def test_the_format_is_a_compile_time_marker_not_a_number():
+    """A format given as a number (the kernels' old ``fmt``, tested in the loop at run time)
+    is refused when the kernel is typed."""
+    from numba.core.errors import TypingError
+
+    with pytest.raises(TypingError, match="format marker"):
+        _to(np.zeros(2, np.uint16), BF16 == BF16, np.empty(2, np.float32))
+    with pytest.raises(TypingError, match="format marker"):
+        _from(np.zeros(2, np.float32), 1, np.empty(2, np.uint16))

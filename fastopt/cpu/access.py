@@ -20,11 +20,11 @@ from numba.extending import overload
 
 from ..algorithms._spec import PARAM_SALT
 from .convert import (
-    BF16,
     LOW16,
     bf16_to_float,
     float_to_bf16_stochastic,
     from_float,
+    is_bf16,
     join_remainder,
     random32,
     split_master,
@@ -115,7 +115,9 @@ def _store_param(params, master, j, value, fmt, seed):
 def _format_eps(params, fmt):
     if _is_f32(params):
         return lambda params, fmt: 2.0 ** -23
-    return lambda params, fmt: 2.0 ** -7 if fmt == BF16 else 2.0 ** -10
+    if is_bf16(fmt):
+        return lambda params, fmt: 2.0 ** -7
+    return lambda params, fmt: 2.0 ** -10
 
 
 @overload(decode_state, inline="always")

@@ -2,15 +2,26 @@
 kernels/common.cuh). Numba has no float16/bfloat16 arithmetic, so 16-bit buffers reach the
 kernels as uint16 and are converted with integer operations; float32 -> 16-bit rounds to
 nearest even, NaN stays NaN, overflow goes to inf — the same results as numpy's float16 and
-ml_dtypes' bfloat16 casts (tested on every 16-bit pattern)."""
+ml_dtypes' bfloat16 casts (tested on every 16-bit pattern).
+
+The format is the kernels' ``fmt`` argument: a numpy dtype (FP32, FP16 or BF16 below), so
+Numba types it at compile time and each specialisation holds only its format's conversion.
+A format passed as a number was tested at run time in the loop, which kept both formats'
+code in it: master_weights="none" ran 25-35 % slower (bench/NOTES.md, "the format at
+compile time")."""
 
 import math
 
 import numpy as np
+from numba import types
+from numba.core.errors import TypingError
+from numba.extending import overload
 
+from .._checks import FORMATS
 from ._jit import scalar as helper  # LLVM inlines these; IR inlining of branches only warns
 
-FP16, BF16 = 0, 1
+#: the ``fmt`` markers (uint16 stands for bfloat16 bits; float32 params convert nothing)
+FP32, FP16, BF16 = FORMATS["float32"], FORMATS["float16"], FORMATS["bfloat16"]
 _U = np.uint32
 LOW16 = _U(0xFFFF)  # 16 random bits out of 32 (which 16: STATE_RANDOM_SHIFTS)
 
@@ -58,16 +69,36 @@ def float_to_fp16(f):
     return np.uint16(o | _U(sign >> _U(16)))
 
 
-@helper
+def is_bf16(fmt) -> bool:
+    """Whether the Numba type of a ``fmt`` argument is the bfloat16 marker (at compile time;
+    a TypingError for anything but a format marker)."""
+    if not isinstance(fmt, types.DType) or fmt.dtype not in (types.float32, types.float16,
+                                                             types.uint16):
+        raise TypingError(f"fmt must be a format marker of fastopt.cpu.convert (FP32, FP16, "
+                          f"BF16: a numpy dtype), got {fmt}")
+    return fmt.dtype == types.uint16
+
+
 def to_float(h, fmt):
     """A 16-bit value (uint16 bits) of format fmt (FP16 or BF16) as float32."""
-    return bf16_to_float(h) if fmt == BF16 else fp16_to_float(h)
 
 
-@helper
 def from_float(f, fmt):
     """float32 -> uint16 bits of format fmt, round to nearest even."""
-    return float_to_bf16(f) if fmt == BF16 else float_to_fp16(f)
+
+
+@overload(to_float, inline="always")
+def _to_float(h, fmt):
+    if is_bf16(fmt):
+        return lambda h, fmt: bf16_to_float(h)
+    return lambda h, fmt: fp16_to_float(h)
+
+
+@overload(from_float, inline="always")
+def _from_float(f, fmt):
+    if is_bf16(fmt):
+        return lambda f, fmt: float_to_bf16(f)
+    return lambda f, fmt: float_to_fp16(f)
 
 
 @helper
@@ -119,11 +150,16 @@ def float_to_fp16_stochastic(f, rand):
     return np.uint16(sign | _U(_U(_U(a + _U(rand >> _U(3))) >> _U(13)) - _U(112 << 10)))
 
 
-@helper
 def to_half_stochastic(f, rand, fmt):
     """float32 -> uint16 bits of format fmt, rounded stochastically with 16 random bits
     (master_weights="none")."""
-    return float_to_bf16_stochastic(f, rand) if fmt == BF16 else float_to_fp16_stochastic(f, rand)
+
+
+@overload(to_half_stochastic, inline="always")
+def _to_half_stochastic(f, rand, fmt):
+    if is_bf16(fmt):
+        return lambda f, rand, fmt: float_to_bf16_stochastic(f, rand)
+    return lambda f, rand, fmt: float_to_fp16_stochastic(f, rand)
 
 
 @helper

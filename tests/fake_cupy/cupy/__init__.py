@@ -410,7 +410,8 @@ _POINTERS = {"float*": np.float32, "const double*": np.float64, "double*": np.fl
              "unsigned long long*": np.uint64, "const long long*": np.int64}
 #: what a T* argument may hold: the format's own dtype or its raw bits (CuPy has no bfloat16)
 _PARAM_TYPES = {"f32": (np.float32,), "f16": (np.float16, np.uint16), "bf16": (np.uint16,)}
-_FORMATS = {"f32": 0, "f16": 0, "bf16": 1}
+#: the params' format (fastopt._checks.FORMATS names; the CPU kernels' ``fmt``) by suffix
+_FORMATS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 def _at(address: int, count: int, dtype) -> np.ndarray:
@@ -574,6 +575,7 @@ class _Kernel:
         """What the CUDA kernel does: nothing if control[1] (skip) is set; else step
         k = step_state[0] + 1, lr from the table, the update with grad_mult * control[0],
         lr_out[0] = lr, step_state[0] = k."""
+        from fastopt._checks import FORMATS
         from fastopt.engine import cpu_kernel
 
         control = values["control"]
@@ -587,7 +589,7 @@ class _Kernel:
         table = values["table"][: int(values["table_rows"])].view()
         table.flags.writeable = False  # (the types fastopt.engine passes on the CPU, so that
         # the kernel's compiled specialisation is the CPU's, not one more to compile)
-        extra = {"step": k, "fmt": _FORMATS[self.suffix], "parallel": n >= 16384,
+        extra = {"step": k, "fmt": FORMATS[_FORMATS[self.suffix]], "parallel": n >= 16384,
                  "table": table, "grad_mult": values["grad_mult"] * control[0],
                  "decoupled": bool(values["decoupled"]), "maximize": bool(values["maximize"]),
                  "fresh": int(values["fresh"])}
