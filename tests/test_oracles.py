@@ -213,6 +213,39 @@ def test_schedulefree_torch_layer_equals_schedulefree(dtype):
     assert set(ours.state[a[0]]) >= {"z", "exp_avg_sq"}
 
 
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_schedulefree_param_without_gradient_follows_the_group_count(multi_tensor):
+    """A param with no gradient on some steps (frozen for a while, an unused branch): as in
+    schedulefree, the group's k, weight_sum and lr_max go on for it, so its first update
+    uses the group's k for the warm-up and the bias correction, not its own count. (With
+    its own count it was 4e-4 off schedulefree after 10 steps.)"""
+    _need("AdamWScheduleFree")
+    torch.manual_seed(2)
+    init = [torch.randn(30), torch.randn(6, 5), torch.randn(4)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    hypers = {"lr": 1e-2, "warmup_steps": 6, "weight_decay": 0.1}
+    ours = fot.AdamWScheduleFree(a, multi_tensor=multi_tensor, **hypers)
+    theirs = counterpart("AdamWScheduleFree", b, **hypers)
+    ours.train()
+    theirs.train()
+    for k in range(14):
+        present = [True, k >= 3 and k != 7, k % 4 != 1]
+        for p, q, has in zip(a, b, present, strict=True):
+            g = torch.randn(p.shape)
+            p.grad, q.grad = (g.clone(), g) if has else (None, None)
+        ours.step()
+        theirs.step()
+    g0, t0 = ours.param_groups[0], theirs.param_groups[0]
+    assert g0["k"] == t0["k"] == 14
+    assert float(g0["weight_sum"]) == pytest.approx(t0["weight_sum"], rel=1e-10)
+    assert [int(ours.state[p]["step"]) for p in a] == [14] * 3
+    ours.eval()
+    theirs.eval()
+    for p, q in zip(a, b, strict=True):
+        assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- torch layer
 
 

@@ -73,13 +73,18 @@ def test_equals_backward_then_step(name, kw, chunk, dtype):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-def test_params_without_gradient_are_skipped_like_step():
+@pytest.mark.parametrize("name", ["Adam", "AdamWScheduleFree"])
+def test_params_without_gradient_are_skipped_like_step(name):
     """A layer left out of the loss gets no gradient: it does not move, and its state does not
-    start, as with step(); the others step at the end of backward."""
+    start, as with step(); the others step at the end of backward. (Schedule-Free: its group
+    count goes on for the skipped layers, as in step().)"""
     plain, inside = _model(), _model()
-    a = fot.Adam(plain.parameters(), lr=SCHED)
-    b = fot.Adam(inside.parameters(), lr=SCHED)
+    a = getattr(fot, name)(plain.parameters(), lr=SCHED)
+    b = getattr(fot, name)(inside.parameters(), lr=SCHED)
     fot.step_in_backward(inside.parameters(), b, chunk_elements=1 << 22)
+    for opt in (a, b):
+        if hasattr(opt, "train"):
+            opt.train()
     for k, (x, y) in enumerate(_batches(6)):
         for model, opt in ((plain, a), (inside, b)):
             head = model[:2] if k % 2 else model  # odd steps: the last layers get no grad

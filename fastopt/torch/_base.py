@@ -1433,6 +1433,8 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
                       schedule: Schedule, own: bool, before: int) -> None:
         """After a group's step: its group-kept values, and group['lr'] for the next step."""
+        if self.definition.group_step is not None and not _capturing():
+            self._share_group_counts(buckets)
         self._publish_group(group, buckets)
         if own:
             lr = host_lr(schedule, _group_step(buckets))
@@ -1441,6 +1443,26 @@ class FlatOptimizer(torch.optim.Optimizer):
             # steps taken at someone else's lr do not advance the group's schedule, as
             # they would not advance a torch scheduler
             group["schedule"] = _delayed(group["schedule"], _group_step(buckets) - before)
+
+    @staticmethod
+    def _share_group_counts(buckets: list[_Bucket]) -> None:
+        """Where the definition counts steps per group (schedulefree's ``k``, with its
+        ``weight_sum`` and ``lr_max``), a param that had no gradient this step (or took
+        fewer steps) takes the group's count and scalars, from a param that took the most:
+        its state waits, its schedule goes on. Its next update then uses the group's k for
+        the warm-up, the weight and the bias correction, as schedulefree's does; and the
+        bucket stays uniform, stepped in one call."""
+        top = max(buckets, key=lambda b: b.step)
+        if all(b.uniform and b.scalars_shared and b.step == top.step for b in buckets):
+            return  # (every param took every step: nothing lags)
+        source = int(top.steps.argmax())
+        values = {name: v[source].clone() for name, v in top.scalars.items()}
+        for b in buckets:
+            b.steps.fill_(float(top.step))
+            for name, v in b.scalars.items():
+                v.copy_(values[name].expand_as(v))
+            b.counts_loaded()
+            b.scalars_shared = True  # (all equal now, known without a device read)
 
     @functools.cached_property
     def _group_scalars(self) -> frozenset:
