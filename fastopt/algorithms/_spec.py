@@ -385,6 +385,16 @@ class Definition:
     #: other param-group keys the torch-style implementation reads (schedulefree's
     #: ``foreach``): fastopt.torch's groups carry them, so its state dicts load there
     group_keys: dict = field(default_factory=dict)
+    #: param-group keys of the torch-style implementation that change how weight decay
+    #: applies, with the value fastopt implements (pytorch-optimizer's AdEMAMix
+    #: ``weight_decouple=True``): fastopt.torch's groups carry them, and a group with
+    #: weight_decay != 0 and another value is refused (ValueError) at its next step
+    decay_keys: dict = field(default_factory=dict)
+    #: the param-group key under which the torch-style implementation counts steps for the
+    #: whole group where fastopt counts them per param (pytorch-optimizer's AdEMAMix
+    #: ``step``): fastopt.torch's state dicts save there the most steps a param of the group
+    #: took, and a loaded entry without a ``step`` of its own takes the group's count
+    saved_group_step: str | None = None
     #: Tensor-aware optimizers (LAMB): per-tensor sums over a segment table. ``reductions``
     #: names the float64 sums; ``reduce`` (parameters as ``element``'s) runs first over every
     #: element, assigns each reduction name its element's contribution and may reassign

@@ -92,4 +92,6 @@ DEFINITION = Definition(
     element=element,
     lr_default=1e-3,
     validate=_validate,
+    decay_keys={"weight_decouple": True, "fixed_decay": False},
+    saved_group_step="step",
 )

@@ -843,7 +843,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             defaults.setdefault(d.modes.group_key, False)
         if d.group_step is not None:
             defaults.setdefault(d.group_step, 0)
-        for key, value in d.group_keys.items():
+        for key, value in {**d.group_keys, **d.decay_keys}.items():
             defaults.setdefault(key, value)
         for s_ in d.scalars:
             if s_.group:
@@ -887,7 +887,16 @@ class FlatOptimizer(torch.optim.Optimizer):
             elif isinstance(value, torch.Tensor):
                 value = _scalar(value, h.name)
             values[h.name] = value
-        return self.definition.check(values)
+        checked = self.definition.check(values)
+        if checked.get("weight_decay"):
+            for key, implemented in self.definition.decay_keys.items():
+                if group.get(key, implemented) != implemented:
+                    raise ValueError(
+                        f"{type(self).__name__} implements only {key}={implemented!r} (the "
+                        f"torch-style implementation's key); this param group has "
+                        f"{key}={group[key]!r} with weight_decay="
+                        f"{checked['weight_decay']}, a weight decay it does not apply")
+        return checked
 
     def state_init(self, group: dict) -> dict[str, float]:
         """State buffer name -> initial value, for the buffers this group's hyperparameters
@@ -1660,7 +1669,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The group's checked hyperparameters, checked again only when they change: when
         every value is the same immutable object as last time (numbers, strings, tuples of
         them) at once, else by value (a tensor's, which can change in place)."""
-        raw = tuple(group.get(h.name) for h in self.definition.hypers)
+        raw = tuple(group.get(name) for name in self._hyper_keys)
         cached = self._checked.get(id(group))
         if cached is not None and cached[1] and all(
                 a is b for a, b in zip(raw, cached[0], strict=True)):
@@ -1673,6 +1682,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             cached = (raw, all(map(_immutable, raw)), key, cached[3])
         self._checked[id(group)] = cached
         return cached[3]
+
+    @functools.cached_property
+    def _hyper_keys(self) -> tuple[str, ...]:
+        """The group keys whose values ``_hypers`` reads: the hyperparameters, then the
+        decay keys (``Definition.decay_keys``)."""
+        return (*(h.name for h in self.definition.hypers), *self.definition.decay_keys)
 
     @functools.cached_property
     def _active_state(self):
@@ -1975,6 +1990,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                     group[name] = float(group[name])
             if not self.definition.per_param_step:  # (Muon) the count, for the schedule
                 group[GROUP_STEP] = max((b.step for b in buckets), default=0)
+            if self.definition.saved_group_step is not None:  # (where the oracle reads it)
+                group[self.definition.saved_group_step] = max((b.step for b in buckets),
+                                                              default=0)
         for hook in post_hooks.values():
             result = hook(self, d)
             if result is not None:
@@ -2065,6 +2083,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self._load_bucket(group, b, saved, cast)
             if not self.definition.per_param_step:
                 group.pop(GROUP_STEP, None)  # (read: the live group does not show it)
+            if self.definition.saved_group_step is not None:
+                group.pop(self.definition.saved_group_step, None)  # (as GROUP_STEP)
             self._sync_lr(index, group, buckets, keep=own)
         for k, v in cast.items():  # state not keyed by a param is kept as is, as by torch
             if not isinstance(k, torch.Tensor):
@@ -2171,6 +2191,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         steps = 0.0  # a dict without a per-param step: the group's (schedulefree's k,
         key = self.definition.group_step  # or a saved count where torch keeps none)
         key = GROUP_STEP if not self.definition.per_param_step else key
+        key = self.definition.saved_group_step if key is None else key
         if of_group and key is not None:
             steps = float(_saved_count(group.get(key, 0), key))
         b.steps[i] = float(st.get("step", steps))
