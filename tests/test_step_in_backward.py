@@ -220,3 +220,33 @@ def test_state_cleared_between_steps_acts_as_before_step(multi):
     assert b.param_groups[0]["k"] == a.param_groups[0]["k"] == 10
     for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_channels_last_params_step_in_backward_as_in_step():
+    """A channels_last conv and a transposed param keep their layout in the flat buffers;
+    the steps inside backward read their gradients in that layout (a row-major read
+    mixed the elements up)."""
+    def model():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Tanh(),
+                                torch.nn.Conv2d(6, 2, 3))
+        m.register_parameter("t", torch.nn.Parameter(torch.randn(4, 3).t()))
+        return m.to(memory_format=torch.channels_last)
+
+    plain, inside = model(), model()
+    a = fot.AdamW(plain.parameters(), lr=SCHED, weight_decay=0.1)
+    b = fot.AdamW(inside.parameters(), lr=SCHED, weight_decay=0.1)
+    fot.step_in_backward(inside, b, chunk_elements=50)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(2, 3, 8, 8, generator=gen).to(memory_format=torch.channels_last)
+        for m in (plain, inside):
+            loss = m(x).pow(2).mean() + (m.t * torch.arange(12.).view(3, 4)).sum()
+            if m is plain:
+                a.zero_grad()
+            loss.backward()
+        a.step()
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        assert p.stride() == q.stride()
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert inside[0].weight.stride() == (27, 1, 9, 3)

@@ -487,3 +487,98 @@ def test_a_subclass_overriding_step_runs_the_hooks_as_torch():
         opt.step()
         out[base] = p.detach().clone()
     torch.testing.assert_close(out[fot.SGD], out[torch.optim.SGD])
+
+
+def _layout_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 4, 3)).to(dtype)
+    model = model.to(memory_format=torch.channels_last)
+    model.register_parameter("t", torch.nn.Parameter(torch.randn(5, 7).t().to(dtype)))
+    return model
+
+
+def _layout_loss(model, x):
+    return model(x).float().pow(2).mean() + model.t.float().pow(2).sum()
+
+
+@pytest.mark.parametrize("name,kw", [("AdamW", {"weight_decay": 0.1}),
+                                     ("SGD", {"momentum": 0.9, "nesterov": True}),
+                                     ("RMSprop", {"centered": True, "momentum": 0.5})])
+def test_params_keep_their_memory_layout(name, kw):
+    """The flat mode packs channels_last and transposed params in their own memory order:
+    they stay so, as with torch.optim (they came out row-major before); their state has
+    their strides, as torch's zeros_like(p) gives it; the numbers and the state dicts, both
+    ways, are torch's."""
+    a, b = _layout_model(), _layout_model()
+    strides = [p.stride() for p in a.parameters()]
+    assert (27, 1, 9, 3) in strides and (1, 7) in strides  # (channels_last; transposed)
+    ours = getattr(fot, name)(a.parameters(), lr=1e-2, **kw)
+    theirs = getattr(torch.optim, name)(b.parameters(), lr=1e-2, **kw)
+    assert [p.stride() for p in a.parameters()] == strides
+    x = torch.randn(2, 3, 10, 10).to(memory_format=torch.channels_last)
+    for k in range(6):
+        for model, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad(set_to_none=k % 2 == 0)
+            _layout_loss(model, x).backward()
+            opt.step()
+        assert [p.grad.stride() for p in a.parameters()] == strides
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert [p.stride() for p in a.parameters()] == strides
+    mine, torchs = ours.state_dict(), theirs.state_dict()
+    for i, st in torchs["state"].items():
+        for key, value in st.items():
+            if value.dim() > 1:
+                assert mine["state"][i][key].stride() == value.stride(), key
+            # (centered RMSprop's momentum divides by sqrt(v - avg^2): 1e-5 of its largest
+            # value apart from torch's, in either layout)
+            torch.testing.assert_close(mine["state"][i][key], value, rtol=1e-4, atol=1e-4)
+    c = _layout_model()  # torch's dict into ours (its tensors copied into our layout)
+    with torch.no_grad():
+        for p, q in zip(c.parameters(), b.parameters(), strict=True):
+            p.copy_(q)
+    again = getattr(fot, name)(c.parameters(), lr=1e-2, **kw)
+    again.load_state_dict(torchs)
+    theirs.load_state_dict(mine)  # and ours into torch
+    for model, opt in ((a, ours), (b, theirs), (c, again)):
+        opt.zero_grad()
+        _layout_loss(model, x).backward()
+        opt.step()
+    for p, q, r in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r, p, rtol=1e-5, atol=1e-6)
+        assert r.stride() == p.stride()
+
+
+@pytest.mark.parametrize("master_weights", ["fp32", "remainder"])
+def test_bfloat16_params_keep_their_layout_with_their_master(master_weights):
+    """bfloat16 channels_last params, with a float32 master or remainders: the same numbers
+    as row-major copies of the same params, and state dicts that load across layouts."""
+    a = _layout_model(torch.bfloat16)
+    b = _layout_model(torch.bfloat16)
+    b.t = torch.nn.Parameter(b.t.detach().contiguous())
+    b = b.to(memory_format=torch.contiguous_format)
+    ours = fot.AdamW(a.parameters(), lr=1e-2, master_weights=master_weights)
+    rows = fot.AdamW(b.parameters(), lr=1e-2, master_weights=master_weights)
+    assert a[0].weight.stride() == (27, 1, 9, 3) and b[0].weight.is_contiguous()
+    x = torch.randn(2, 3, 10, 10).to(torch.bfloat16)
+    for _ in range(4):
+        for model, opt in ((a, ours), (b, rows)):
+            opt.zero_grad()
+            _layout_loss(model, x.to(memory_format=torch.channels_last)
+                         if model is a else x).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    sd = ours.state_dict()
+    assert [sd["state"][i]["master_param"].stride() for i in sorted(sd["state"])] == \
+        [p.stride() for p in a.parameters()]
+    rows_sd = rows.state_dict()
+    rows.load_state_dict(sd)  # each layout's dict into the other's
+    ours.load_state_dict(rows_sd)
+    for dest, source in ((rows, sd), (ours, rows_sd)):
+        st = dest.state_dict()["state"]
+        for i in source["state"]:
+            torch.testing.assert_close(st[i]["master_param"], source["state"][i]
+                                       ["master_param"], rtol=0, atol=0)

@@ -177,7 +177,7 @@ class StepInBackward:
             grads.zero_()  # (alignment gaps between params: no gradient)
             for i in range(first, stop):
                 start = b.offsets[i] - lo
-                grads[start:start + b.params[i].numel()].copy_(b.params[i].grad.reshape(-1))
+                b.shaped(grads[start:start + b.params[i].numel()], i).copy_(b.params[i].grad)
             k = int(b.steps[first]) + 1
             part = {key: v[lo:hi] if key == "master" and v is not None else v
                     for key, v in half.items()}

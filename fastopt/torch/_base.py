@@ -155,6 +155,19 @@ def moved_param_error(p: torch.Tensor, in_place: bool) -> RuntimeError:
         "replaced storage of the same dtype, device and shape")
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one stretch of memory, each once, in some order of its
+    dims (contiguous, transposed, channels_last: what torch calls non-overlapping and
+    dense)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride(), strict=True)
+                               if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _group_step(buckets: list) -> int:
     """A group's step count, for its schedule: the most any of its buckets took (a bucket of
     params that get no gradient, frozen or unused, stays behind)."""
@@ -360,7 +373,7 @@ class _Bucket:
                  state_dtype: torch.dtype = torch.float32, owner: str = "",
                  scalars: tuple = (), layouts: dict | None = None, signs: dict | None = None,
                  master_weights: str = "fp32", in_place: bool = False,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, keep_layout: bool = False):
         #: whether the param is a DTensor: this process steps its local shard
         self.sharded = is_dtensor(params[0])
         #: the tensors whose elements this bucket steps: the params, or the DTensor param's
@@ -388,6 +401,12 @@ class _Bucket:
         self._segments: SegmentTable | None = None  # the bucket's layout, made on first use
         self.params = params
         self.state_dtype = state_dtype
+        #: per param: the strides its packed views keep (``keep_layout``: a transposed or
+        #: channels_last param stays so, its elements in the flat buffers in its memory
+        #: order), or None (row-major: contiguous params, and every param without
+        #: ``keep_layout``)
+        self.strides = [t.stride() if keep_layout and not in_place and not t.is_contiguous()
+                        and _dense(t) else None for t in self.tensors]
         self.offsets, total = [], 0
         for t in self.tensors:
             self.offsets.append(total)
@@ -558,9 +577,16 @@ class _Bucket:
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param (a DTensor's: like
-        its local shard)."""
+        its local shard) and laid out as it (``strides``)."""
         t, offset = self.tensors[index], self.offsets[index]
-        return flat[offset:offset + t.numel()].view_as(t)
+        return self.shaped(flat[offset:offset + t.numel()], index)
+
+    def shaped(self, values: torch.Tensor, index: int) -> torch.Tensor:
+        """Param ``index``'s elements in flat-buffer order (its part of a flat buffer, or a
+        1-D tensor of values in that order) as a view shaped and laid out like the param."""
+        stride = self.strides[index]
+        t = self.tensors[index]
+        return values.view_as(t) if stride is None else values.as_strided(t.shape, stride)
 
     def shown(self, index: int, t: torch.Tensor) -> torch.Tensor:
         """``t`` (shaped like param ``index``'s local elements) as torch shows state: a
@@ -1071,7 +1097,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                         self.master_weights,
                         in_place=self.multi_tensor or is_dtensor(part[0])
                         or id(part[0]) in aliased,
-                        pin_memory=self._pin_memory)
+                        pin_memory=self._pin_memory,
+                        keep_layout=not self.definition.segmented
+                        and self.state_dtype != "int8")
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
         return buckets
@@ -1203,7 +1231,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         master = st
         if b.format is not None and MASTER not in st and REMAINDER not in st:
             offset, t = b.offsets[i], b.tensors[i]
-            master = {MASTER: b.master_values(slice(offset, offset + t.numel())).view_as(t)}
+            master = {MASTER: b.shaped(b.master_values(slice(offset, offset + t.numel())),
+                                       i)}
         given = any(k in st for k in ("step", *b.state, *b.scalars))
         self.state.pop(p, None)
         self._load_param(group, b, i, st if given else {}, {p: st}, master=master,
@@ -1660,8 +1689,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             for s in special:
                 if s.init == INIT_PARAMS:
                     offset, t = b.offsets[i], b.tensors[i]
-                    b.set_state(s.name, i, b.master_values(
-                        slice(offset, offset + t.numel())).view_as(t))
+                    b.set_state(s.name, i, b.shaped(b.master_values(
+                        slice(offset, offset + t.numel())), i))
                 else:
                     b.set_state(s.name, i, host_lr(schedule, int(b.steps[i])))
 
@@ -2014,8 +2043,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                     continue
                 b, i = where[id(p)]
                 offset, t = b.offsets[i], b.tensors[i]
-                st[MASTER] = b.shown(i, b.master_values(slice(offset, offset + t.numel()))
-                                     .view_as(t).clone())
+                st[MASTER] = b.shown(i, b.shaped(b.master_values(
+                    slice(offset, offset + t.numel())), i).clone())
                 del st[REMAINDER]
 
     def _int8_entries(self, st: dict) -> None:
@@ -2263,8 +2292,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             if b.master is not None:
                 b.view_of(MASTER, i).copy_(master.view_as(p))
                 return
-            b.set_master_values(slice(offset, offset + p.numel()),
-                                master.detach().reshape(-1).to(b.flat.device, torch.float32))
+            values = torch.empty(p.numel(), dtype=torch.float32, device=b.flat.device)
+            b.shaped(values, i).copy_(master.detach().reshape(p.shape))  # (in p's layout)
+            b.set_master_values(slice(offset, offset + p.numel()), values)
             return
         if b.master is not None:
             b.view_of(MASTER, i).copy_(p.detach())
