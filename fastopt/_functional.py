@@ -59,7 +59,11 @@ def _master_buffer(name: str, n: int, params, master, remainder, master_weights)
         if remainder is not None:
             raise ValueError("remainder= is for bfloat16 params (the master's low 16 bits); "
                              "float32 params need no master")
-        return None  # (a master_param is ignored for float32 params, as it always was)
+        if master is not None:  # (it was ignored: a caller would keep a stale master)
+            raise ValueError("master_param= is for 16-bit params (their float32 copy); "
+                             "float32 params need no master, and the kernel would not "
+                             "update it")
+        return None
     mode = master_weights or ("fp32" if master is not None else
                               "remainder" if remainder is not None else None)
     if mode is None:

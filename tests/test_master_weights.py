@@ -287,6 +287,12 @@ def test_functional_master_arguments_are_checked():
     with pytest.raises(ValueError, match="float16 params cannot"):
         F.adamw(np.zeros(8, F16), np.zeros(8, F16), m, v, step=1,
                 remainder=np.zeros(8, np.int16))
+    # float32 params need no master: one given would not be updated (it was ignored)
+    master = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="master_param= is for 16-bit params"):
+        F.adamw(np.ones(8, np.float32), np.ones(8, np.float32), m, v, step=1,
+                master_param=master)
+    assert not master.any() and not m.any()
 
 
 def test_state_dicts_of_fp32_and_remainder_are_interchangeable():

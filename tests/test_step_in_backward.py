@@ -250,3 +250,38 @@ def test_channels_last_params_step_in_backward_as_in_step():
         assert p.stride() == q.stride()
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert inside[0].weight.stride() == (27, 1, 9, 3)
+
+
+def test_a_gradient_hook_registered_after_it_is_refused():
+    """A post-accumulate-grad hook registered before step_in_backward runs before the update
+    (it sees, and may change, the gradient), as with step(); one registered after it would
+    run after the update on a freed gradient, so backward raises instead of stepping on
+    without it. Removing and enabling again puts the step last."""
+    def halve(p):
+        p.grad.mul_(0.5)
+
+    def run(mode):
+        model = _model()
+        opt = fot.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if mode == "after":
+            handle = fot.step_in_backward(model, opt, chunk_elements=1)
+        hooks = [p.register_post_accumulate_grad_hook(halve) for p in model.parameters()]
+        if mode == "after":
+            with pytest.raises(RuntimeError, match="registered on a parameter after"):
+                _loss(model, *_batches(1)[0]).backward()
+            handle.remove()
+        if mode != "step":
+            fot.step_in_backward(model, opt, chunk_elements=1)
+        for x, y in _batches(3):
+            _loss(model, x, y).backward()
+            if mode == "step":
+                opt.step()
+                opt.zero_grad()
+        for hook in hooks:
+            hook.remove()
+        return model
+
+    reference = run("step")
+    for mode in ("before", "after"):
+        for p, q in zip(run(mode).parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -75,6 +75,7 @@ class StepInBackward:
         self._round: dict[int, tuple] | None = None
         self._task = None  # the autograd graph task the round belongs to
         self.hooks = []
+        self._hook_ids: dict[int, int] = {}  # id(param) -> its hook's handle id
         try:  # (a frozen param gets no hook: it never has a gradient, so never steps)
             for c in self.chunks:
                 for i in range(c.first, c.stop):
@@ -82,6 +83,7 @@ class StepInBackward:
                     if p.requires_grad:
                         self.hooks.append(p.register_post_accumulate_grad_hook(
                             functools.partial(self._ready, c, i - c.first)))
+                        self._hook_ids[id(p)] = self.hooks[-1].id  # (it must run last)
                     else:
                         c.frozen[i - c.first] = True
         except BaseException:
@@ -107,6 +109,13 @@ class StepInBackward:
     # ------------------------------------------------------------------ during backward
     @torch.no_grad()
     def _ready(self, chunk: _Chunk, k: int, param: torch.Tensor) -> None:
+        hooks = getattr(param, "_post_accumulate_grad_hooks", None)  # (torch's, in order)
+        if hooks and next(reversed(hooks)) != self._hook_ids[id(param)]:
+            raise RuntimeError(
+                "a post-accumulate-grad hook was registered on a parameter after "
+                "step_in_backward: it would run after the update, on a freed gradient. "
+                "Register it before: handle.remove(), add the hook, then call "
+                "fot.step_in_backward again")
         task = torch._C._current_graph_task_id()
         if self._round is not None and task != self._task:
             # an earlier backward raised before its end-of-backward callback: what it
