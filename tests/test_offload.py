@@ -453,6 +453,29 @@ def test_step_in_backward():
         _offload(_model(), step_in_backward=True, max_grad_norm=1.0)
 
 
+def test_step_in_backward_refuses_a_gradient_hook_registered_after_it():
+    """step_in_backward=True frees each bucket's gradients once they are copied: a
+    post-accumulate-grad hook registered after the optimizer would run on a freed gradient,
+    so backward raises; one registered before sees the gradient before it is copied."""
+    m = _model()
+    opt = _offload(m, step_in_backward=True, lr=1e-2)
+    handle = m[0].weight.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(0.5))
+    with pytest.raises(RuntimeError, match="registered on a parameter after"):
+        _loss(m, 0).backward()
+    handle.remove()
+    before, ref = _model(), _model()
+    seen = []
+    before[0].weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.sum()))
+    opt = _offload(before, step_in_backward=True, lr=1e-2)
+    twin = fot.AdamW(ref.parameters(), lr=1e-2)
+    _loss(before, 0).backward()
+    opt.step()
+    _loss(ref, 0).backward()
+    twin.step()
+    assert len(seen) == 1
+    _equal(before, ref)
+
+
 @pytest.mark.parametrize("in_backward", [False, True])
 def test_tied_weights(in_backward):
     """A weight used twice (GPT-2's embedding and head): its hook fires once a backward,

@@ -25,6 +25,7 @@ from ._base import (
     _as_bits,
     _Bucket,
     _group_step,
+    check_hook_last,
 )
 
 
@@ -109,13 +110,7 @@ class StepInBackward:
     # ------------------------------------------------------------------ during backward
     @torch.no_grad()
     def _ready(self, chunk: _Chunk, k: int, param: torch.Tensor) -> None:
-        hooks = getattr(param, "_post_accumulate_grad_hooks", None)  # (torch's, in order)
-        if hooks and next(reversed(hooks)) != self._hook_ids[id(param)]:
-            raise RuntimeError(
-                "a post-accumulate-grad hook was registered on a parameter after "
-                "step_in_backward: it would run after the update, on a freed gradient. "
-                "Register it before: handle.remove(), add the hook, then call "
-                "fot.step_in_backward again")
+        check_hook_last(param, self._hook_ids[id(param)])
         task = torch._C._current_graph_task_id()
         if self._round is not None and task != self._task:
             # an earlier backward raised before its end-of-backward callback: what it

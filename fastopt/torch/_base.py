@@ -168,6 +168,19 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def check_hook_last(param: torch.Tensor, handle_id: int) -> None:
+    """Raise if a post-accumulate-grad hook was registered on ``param`` after the one with
+    ``handle_id`` (a step in backward's, which frees the gradient): it would run after the
+    update, on a freed gradient."""
+    hooks = getattr(param, "_post_accumulate_grad_hooks", None)  # (torch's, in order)
+    if hooks and next(reversed(hooks)) != handle_id:
+        raise RuntimeError(
+            "a post-accumulate-grad hook was registered on a parameter after the optimizer "
+            "started stepping in backward: it would run after the update, on a freed "
+            "gradient. Register it before: remove the step in backward (handle.remove(), or "
+            "a new CPUOffload), add the hook, then enable it again")
+
+
 def _group_step(buckets: list) -> int:
     """A group's step count, for its schedule: the most any of its buckets took (a bucket of
     params that get no gradient, frozen or unused, stays behind)."""

@@ -44,7 +44,7 @@ import torch
 
 from .._checks import check_max_grad_norm, grad_mult
 from . import optim as _optim
-from ._base import FlatOptimizer, is_dtensor, moved_param_error
+from ._base import FlatOptimizer, check_hook_last, is_dtensor, moved_param_error
 
 #: the default bucket size in elements (16 MiB of float32 gradients per copy)
 BUCKET_ELEMENTS = 1 << 22
@@ -241,6 +241,7 @@ class CPUOffload(torch.optim.Optimizer):
         self._transfers = _transfers
         self._buckets: list[list[_Bucket]] = []
         self._hooks = []
+        self._hook_ids: dict[int, int] = {}  # id(param) -> its hook's handle id
         self._order: list[_Bucket] = []  # buckets whose copy was issued, in that order
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="fastopt-offload")
@@ -316,7 +317,8 @@ class CPUOffload(torch.optim.Optimizer):
             for p in b.params:
                 if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(
-                        lambda _p, j=j: _on_grad(me, where, j)))
+                        lambda p, j=j: _on_grad(me, where, j, p)))
+                    self._hook_ids[id(p)] = self._hooks[-1].id
 
     # ------------------------------------------------------------------ copies
     def _copy_grads(self, b: _Bucket, release: bool = False) -> None:
@@ -665,13 +667,15 @@ class CPUOffload(torch.optim.Optimizer):
 _NOT_HYPERS = ("params", "param_names")
 
 
-def _on_grad(ref: weakref.ref, group: int, index: int) -> None:
-    """A param of bucket ``index`` of ``group`` has its gradient of this backward: copy the
+def _on_grad(ref: weakref.ref, group: int, index: int, param: torch.Tensor) -> None:
+    """``param`` of bucket ``index`` of ``group`` has its gradient of this backward: copy the
     bucket's gradients once all its params have theirs (and with step_in_backward, submit
-    its CPU step)."""
+    its CPU step, which frees them: no hook may come after this one)."""
     opt = ref()
     if opt is None:
         return
+    if opt.step_in_backward:
+        check_hook_last(param, opt._hook_ids[id(param)])
     b = opt._buckets[group][index]
     b.pending -= 1
     if b.pending <= 0:
