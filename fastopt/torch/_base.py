@@ -168,6 +168,15 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _row_major(shape) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape`` (as ``torch.empty(shape)`` has)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def check_hook_last(param: torch.Tensor, handle_id: int) -> None:
     """Raise if a post-accumulate-grad hook was registered on ``param`` after the one with
     ``handle_id`` (a step in backward's, which frees the gradient): it would run after the
@@ -416,10 +425,10 @@ class _Bucket:
         self.state_dtype = state_dtype
         #: per param: the strides its packed views keep (``keep_layout``: a transposed or
         #: channels_last param stays so, its elements in the flat buffers in its memory
-        #: order), or None (row-major: contiguous params, and every param without
-        #: ``keep_layout``)
-        self.strides = [t.stride() if keep_layout and not in_place and not t.is_contiguous()
-                        and _dense(t) else None for t in self.tensors]
+        #: order; exactly its strides, also those of its size-1 dims, which torch keeps),
+        #: or None (row-major params, and every param without ``keep_layout``)
+        self.strides = [t.stride() if keep_layout and not in_place and _dense(t)
+                        and t.stride() != _row_major(t.shape) else None for t in self.tensors]
         self.offsets, total = [], 0
         for t in self.tensors:
             self.offsets.append(total)
@@ -988,13 +997,15 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _aliased(params: list) -> set:
-        """The ids of the contiguous params (distinct) whose memory overlaps another
-        contiguous one's: views of one tensor as separate Parameters. The flat mode steps
-        them in place (as the multi-tensor mode), as torch steps each where it lies, instead
-        of packing them apart. Strided views (whose byte ranges may interleave without a
-        common element) are packed as before."""
+        """The ids of the dense params (distinct; contiguous, or a permutation of contiguous:
+        transposed, channels_last) whose memory overlaps another dense one's: views of one
+        tensor as separate Parameters (tied weights as w and w.t()). A dense tensor fills its
+        byte range, so two that overlap share elements. The flat mode steps them in place
+        (as the multi-tensor mode), as torch steps each where it lies, instead of packing
+        them apart (a non-contiguous one is refused: ``_make_buckets``). Other strided views
+        (whose byte ranges may interleave without a common element) are packed as before."""
         spans = sorted((_memory_span(p), id(p)) for p in params
-                       if p.numel() and p.is_contiguous())
+                       if p.numel() and (p.is_contiguous() or _dense(local_tensor(p))))
         aliased, end = set(), None
         for (ptr, first, stop), ident in spans:
             if end is not None and end[0] == ptr and first < end[1]:
@@ -1045,6 +1056,14 @@ class FlatOptimizer(torch.optim.Optimizer):
             earlier = [q for ptr in {_storage_of(p) for p in mine}
                        for q in index.get(ptr, ()) if id(q) not in ours]
             aliased = self._aliased([*mine, *dict.fromkeys(earlier)]) & ours
+        strided = [p for p in params if id(p) in aliased and not p.is_contiguous()]
+        if strided and not self.multi_tensor:
+            raise ValueError(
+                f"a param of shape {tuple(strided[0].shape)} with strides "
+                f"{strided[0].stride()} shares memory with another param (e.g. tied weights "
+                "as w and w.t()): fastopt steps params that share memory where they lie, "
+                "which needs contiguous ones; tie them as one Parameter used twice, or make "
+                "this one contiguous")
         halves = [p for p in params if id(p) in aliased and p.dtype != torch.float32]
         if halves and self.master_weights == "fp32":
             raise ValueError(
