@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -52,8 +52,10 @@ MAX_COUNT = 2**53  # step counts in a table are float64: exact up to here
 
 #: What each kind's parameters p0.. must satisfy: the constructors' rules, checked again on
 #: every table that enters (``Schedule(table)``, ``load_state_dict``, ``fastopt.load``), so
-#: every table the kernels see gives finite lrs >= 0 and bounded loops (cosine_restarts walks
-#: its periods one by one: integer period_mult >= 1 keeps that walk logarithmic).
+#: every table the kernels see gives lrs >= 0 and bounded loops (cosine_restarts walks its
+#: periods one by one: integer period_mult >= 1 keeps that walk logarithmic). A growing
+#: schedule (an exponential or step decay with a rate above 1, cyclic's exp_range with gamma
+#: above 1) overflows to inf after enough steps, as torch's schedulers do.
 ROW_RULES = {
     CONSTANT: (("lr", "lr"),),
     POLYNOMIAL: (("lr", "lr"), ("end_lr", "lr"), ("total_steps", "positive"),
@@ -142,6 +144,22 @@ def _number(name: str, value, *, min_value=None, max_value=None, strict_min=Fals
     if max_value is not None and value > max_value:
         raise ValueError(f"{name} must be <= {max_value}, got {value}")
     return value
+
+
+def _flag(name: str, value) -> bool:
+    """A bool (or the integer 0 or 1); anything else is refused, not read by its truth
+    (the string "False" is true)."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
+                                                and value in (0, 1)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _ints(name: str, values) -> list:
+    """A sequence of step counts, as a list (each checked by the caller)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
+    return list(values)
 
 
 def _count(name: str, value, *, min_value: int = 1) -> int:
@@ -248,8 +266,9 @@ def inverse_time(lr: float, decay_steps: int, decay_rate: float,
     lr = _lr("lr", lr)
     decay_steps = _count("decay_steps", decay_steps)
     decay_rate = _number("decay_rate", decay_rate, min_value=0.0)
+    staircase = _flag("staircase", staircase)
     return Schedule(
-        [_row(INVERSE_TIME, lr, decay_rate, decay_steps, float(bool(staircase)))],
+        [_row(INVERSE_TIME, lr, decay_rate, decay_steps, float(staircase))],
         f"inverse_time(lr={lr}, decay_steps={decay_steps}, decay_rate={decay_rate}, "
         f"staircase={bool(staircase)})",
     )
@@ -261,8 +280,9 @@ def exponential(lr: float, decay_rate: float, decay_steps: int = 1,
     lr = _lr("lr", lr)
     decay_rate = _number("decay_rate", decay_rate, min_value=0.0, strict_min=True)
     decay_steps = _count("decay_steps", decay_steps)
+    staircase = _flag("staircase", staircase)
     return Schedule(
-        [_row(EXPONENTIAL, lr, decay_rate, decay_steps, float(bool(staircase)))],
+        [_row(EXPONENTIAL, lr, decay_rate, decay_steps, float(staircase))],
         f"exponential(lr={lr}, decay_rate={decay_rate}, decay_steps={decay_steps}, "
         f"staircase={bool(staircase)})",
     )
@@ -283,7 +303,8 @@ def multistep(lr: float, milestones: Sequence[int], gamma: float = 0.1) -> Sched
     """lr(t) = lr * gamma ** (number of milestones <= t)  (torch ``MultiStepLR``)."""
     lr = _lr("lr", lr)
     gamma = _number("gamma", gamma, min_value=0.0, strict_min=True)
-    milestones = sorted(_count("milestones", m, min_value=0) for m in milestones)
+    milestones = sorted(_count("milestones", m, min_value=0)
+                        for m in _ints("milestones", milestones))
     rows, value = [_row(CONSTANT, lr)], lr
     for m in milestones:
         value *= gamma  # repeated milestones multiply repeatedly, like torch
@@ -360,6 +381,7 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: s
     pct_start = _number("pct_start", pct_start, min_value=0.0, max_value=1.0)
     if anneal not in ("cos", "linear"):
         raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}")
+    three_phase = _flag("three_phase", three_phase)
     div_factor = _number("div_factor", div_factor, min_value=0.0, strict_min=True)
     final_div_factor = _number("final_div_factor", final_div_factor, min_value=0.0,
                                strict_min=True)
@@ -399,7 +421,7 @@ def join(schedules: Sequence[Schedule | float], boundaries: Sequence[int]) -> Sc
     schedules = [s if isinstance(s, Schedule) else constant(s) for s in schedules]
     if not schedules:
         raise ValueError("schedules must not be empty")
-    boundaries = [_count("boundaries", b, min_value=1) for b in boundaries]
+    boundaries = [_count("boundaries", b, min_value=1) for b in _ints("boundaries", boundaries)]
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(
             f"boundaries must have len(schedules) - 1 = {len(schedules) - 1} entries, "

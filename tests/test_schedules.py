@@ -207,6 +207,12 @@ BAD = [
     (lambda: S.join([S.constant(1), S.constant(2)], []), "boundaries"),
     (lambda: S.warmup(S.constant(1), -3), "warmup_steps"),
     (lambda: S.warmup(S.constant(1), 3, start_lr=-1), "start_lr"),
+    # flags are bools, not read by their truth ("False" is true); lists are lists
+    (lambda: S.inverse_time(0.1, 10, 0.5, staircase="False"), "staircase"),
+    (lambda: S.exponential(0.1, 0.9, staircase=float("nan")), "staircase"),
+    (lambda: S.one_cycle(0.1, 100, three_phase="no"), "three_phase"),
+    (lambda: S.multistep(0.1, 5), "milestones"),
+    (lambda: S.join([0.1, 0.2], 5), "boundaries"),
 ]
 
 
