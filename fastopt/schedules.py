@@ -375,7 +375,15 @@ def cyclic(base_lr: float, max_lr: float, step_size_up: int = 2000,
 def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: str = "cos",
               div_factor: float = 25.0, final_div_factor: float = 1e4,
               three_phase: bool = False) -> Schedule:
-    """torch ``OneCycleLR`` (cycle_momentum=False); holds the final lr after total_steps."""
+    """torch ``OneCycleLR`` (cycle_momentum=False); holds the lr of step total_steps - 1 after it.
+
+    Phases (torch's end steps): warm-up from max_lr / div_factor to max_lr until step
+    pct_start * total_steps - 1, then annealing to max_lr / (div_factor * final_div_factor) at
+    total_steps - 1; with ``three_phase`` the annealing goes back to max_lr / div_factor at
+    2 * pct_start * total_steps - 2 before the last phase. A phase that would start at or after
+    the last step (pct_start near 1, or above 0.5 with three_phase) is never reached, as in
+    torch, and a phase running past the last step is cut there.
+    """
     max_lr = _lr("max_lr", max_lr)
     total_steps = _count("total_steps", total_steps)
     pct_start = _number("pct_start", pct_start, min_value=0.0, max_value=1.0)
@@ -394,6 +402,15 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: s
                   (total_steps - 1.0, initial_lr, min_lr)]
     else:
         phases = [(first, initial_lr, max_lr), (total_steps - 1.0, max_lr, min_lr)]
+    # torch's steps 0..total_steps-1 lie in the phases up to the first one ending at or past
+    # the last step: with a large pct_start the final phase is empty (or ends before the one
+    # ahead of it) and torch never reaches it
+    last = total_steps - 1.0
+    while len(phases) > 1 and phases[-2][0] >= last:
+        phases.pop()
+    if len(phases) == 1 and phases[0][0] <= 0.0:  # total_steps=1, pct_start=1: torch divides by 0
+        raise ValueError(f"total_steps={total_steps} with pct_start={pct_start} leaves the "
+                         "warm-up no step to run over")
     rows, start = [], 0.0
     for end, lr_from, lr_to in phases:
         kind_params = (COSINE, lr_from, lr_to, end - start) if anneal == "cos" else \
@@ -402,11 +419,13 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: s
         row[1] = row[2] = start  # torch: a phase holds the steps <= its end_step
         rows.append(row)
         start = end
-    if phases[-1][0] <= phases[-2][0]:
-        raise ValueError(
-            f"total_steps={total_steps} with pct_start={pct_start} leaves an empty final phase")
+    table = _compact(rows)
+    if phases[-1][0] > last:  # cut short by total_steps: hold the lr of the last step
+        table = _compact([*table.tolist(), [float(CONSTANT), last, last,
+                                            float(_evaluate_table(table, np.array([last]))[0]),
+                                            *[0.0] * (N_PARAMS - 1)]])
     return Schedule(
-        _compact(rows),
+        table,
         f"one_cycle(max_lr={max_lr}, total_steps={total_steps}, pct_start={pct_start}, "
         f"anneal={anneal!r}, div_factor={div_factor}, final_div_factor={final_div_factor}, "
         f"three_phase={bool(three_phase)})",

@@ -17,10 +17,11 @@ def torch_lrs(base_lr, make_scheduler, steps):
     opt = torch.optim.SGD([p], lr=base_lr)
     sched = make_scheduler(opt)
     lrs = []
-    for _ in range(steps):
+    for step in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        sched.step()
+        if step < steps - 1:  # (OneCycleLR with pct_start=1 divides by zero after the last)
+            sched.step()
     return np.array(lrs, dtype=np.float64)
 
 
@@ -79,6 +80,10 @@ CASES = {
         S.one_cycle(0.1, 10, pct_start=0.05), 0.1,
         lambda o: L.OneCycleLR(o, 0.1, total_steps=10, pct_start=0.05, cycle_momentum=False),
         10),
+    "one_cycle_three_phase_late": (  # pct_start > 0.5: torch never reaches the third phase
+        S.one_cycle(0.1, 300, pct_start=0.8, three_phase=True), 0.1,
+        lambda o: L.OneCycleLR(o, 0.1, total_steps=300, pct_start=0.8, three_phase=True,
+                               cycle_momentum=False), 300),
     "join": (S.join([S.exponential(0.1, 0.99), S.cosine(0.1, 500), S.constant(0.01)],
                     [300, 700]), 0.1,
              lambda o: L.SequentialLR(o, [L.ExponentialLR(o, 0.99),
@@ -125,6 +130,26 @@ def test_host_lr_equals_at(name):
     schedule, _, _, steps = CASES[name]
     got = [host_lr(schedule, k) for k in range(steps)]
     np.testing.assert_allclose(got, schedule.at(np.arange(steps)), rtol=1e-12, atol=1e-18)
+
+
+@pytest.mark.parametrize("three_phase", [False, True])
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+def test_one_cycle_every_pct_start_matches_torch(anneal, three_phase):
+    """Every pct_start torch takes gives torch's lrs over its total_steps steps, the large ones
+    included (torch never reaches a phase that starts at or after the last step; fastopt used
+    to refuse them), and holds the last step's lr after them."""
+    for total in (2, 3, 10, 101):
+        for pct in (0.0, 0.05, 0.3, 0.5, 0.51, 0.75, 0.9, 0.99, 1.0):
+            if total == 2 and pct == 0.5:
+                continue  # torch's constructor divides by zero (a first phase of 0 steps)
+            expected = torch_lrs(0.1, lambda o, total=total, pct=pct: L.OneCycleLR(
+                o, 0.1, total_steps=total, pct_start=pct, anneal_strategy=anneal,
+                three_phase=three_phase, cycle_momentum=False), total)
+            schedule = S.one_cycle(0.1, total, pct, anneal, three_phase=three_phase)
+            got = schedule.at(np.arange(total + 5))
+            np.testing.assert_allclose(got[:total], expected, rtol=1e-9, atol=1e-13,
+                                       err_msg=f"total_steps={total}, pct_start={pct}")
+            assert np.all(got[total:] == got[total - 1])
 
 
 def test_at_scalar_and_shape():
@@ -200,6 +225,7 @@ BAD = [
     (lambda: S.cyclic(0.1, 0.2, 5, mode="sawtooth"), "mode"),
     (lambda: S.one_cycle(0.1, 0), "total_steps"),
     (lambda: S.one_cycle(0.1, 100, pct_start=1.5), "pct_start"),
+    (lambda: S.one_cycle(0.1, 1, pct_start=1.0), "pct_start=1.0"),
     (lambda: S.one_cycle(0.1, 100, anneal="exp"), "anneal"),
     (lambda: S.join([S.constant(1), S.constant(2), S.constant(3)], [5, 5]), "boundaries"),
     (lambda: S.join([S.constant(1), S.constant(2), S.constant(3)], [9, 5]), "boundaries"),

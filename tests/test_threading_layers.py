@@ -169,3 +169,51 @@ def test_children_forked_after_a_parallel_step_can_step(layer):
     if layer is not None and not layer_available(layer):
         pytest.skip(f"no {layer} layer")
     run_script(FORK, layer)
+
+
+OPENMP_COUNT = r"""
+import os, sys
+import numpy as np
+import numba
+order = os.environ["ORDER"]
+if order == "torch_first":
+    import torch
+    torch.set_num_threads(1)
+    import fastopt.torch as ft
+    p = torch.nn.Parameter(torch.zeros(100_000))
+    opt = ft.AdamW([p])
+    p.grad = torch.ones_like(p)
+    opt.step()
+else:  # fastopt's numpy API steps first; torch (and its OpenMP) comes later
+    import fastopt
+    p = np.zeros(100_000, np.float32)
+    fastopt.AdamW(p).step(np.ones_like(p))
+    import torch
+assert numba.threading_layer() == sys.argv[1], numba.threading_layer()
+assert torch.get_num_threads() == 1, torch.get_num_threads()
+
+@numba.njit(parallel=True)
+def thread_ids(out):
+    for i in numba.prange(out.size):
+        out[i] = numba.get_thread_id()
+
+ids = np.zeros(1_000_000, np.int64)
+thread_ids(ids)
+used = np.unique(ids)
+assert len(used) == numba.get_num_threads() == 2, (used, numba.get_num_threads())
+assert torch.get_num_threads() == 1, torch.get_num_threads()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not layer_available("omp"), reason="no omp layer")
+@pytest.mark.parametrize("order", ["torch_first", "numba_first"])
+def test_starting_the_omp_layer_keeps_torchs_thread_count(order, monkeypatch):
+    """Numba's omp layer sets the OpenMP thread count when it starts, and torch reads it:
+    torch.set_num_threads(1) (or OMP_NUM_THREADS=1) came back as 2 after fastopt's first
+    parallel step. The count stays torch's; Numba's loops still use Numba's 2 threads."""
+    pytest.importorskip("torch")
+    monkeypatch.setenv("ORDER", order)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    run_script(OPENMP_COUNT, "omp")

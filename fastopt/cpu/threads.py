@@ -15,6 +15,13 @@ workqueue), and two of the three have a hazard:
   serial loop. Only Intel OpenMP is taken as fork-safe; an unknown vendor is treated as GNU.
 * ``tbb`` is thread- and fork-safe: nothing to do.
 
+Starting the ``omp`` layer sets the calling thread's OpenMP thread count to Numba's, and torch
+(whose CPU ops run on the same GNU OpenMP runtime when torch is imported first) reads that
+count: ``torch.set_num_threads(1)`` came back as 2 on a 2-core host after the first parallel
+step. fastopt starts the layer itself (``num_threads``) and puts the count back, both torch's
+and the runtime's (for a torch imported later, or ``OMP_NUM_THREADS``); Numba's own loops
+keep Numba's count, which they pass to each parallel region.
+
 Launch sites ask ``parallel_ok(requested)`` for the flag to pass and hold
 ``kernel_guard(parallel)`` around the call: 0.1-0.2 µs per launch together (measured on a
 shared 2-core box, where a step at 1e3 parameters takes ~5 µs).
@@ -22,6 +29,8 @@ shared 2-core box, where a step at 1e3 parameters takes ~5 µs).
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import os
 import sys
 import threading
@@ -47,15 +56,48 @@ _NO_GUARD = _NoGuard()
 _launch_lock = threading.Lock()  # serialises parallel launches under a non-thread-safe layer
 _guard = None  # what kernel_guard(True) returns once the layer is known
 _serial_only = False  # forked from a process whose (fork-unsafe) OpenMP runtime was started
+_layer_started = False  # set once fastopt has started Numba's layer (and kept the OpenMP count)
+
+
+def num_threads() -> int:
+    """Numba's thread count, starting its threading layer first if it has not started, with
+    the OpenMP thread count of the calling thread kept as it was (see the module's notes)."""
+    if not _layer_started:
+        _start_layer()
+    return numba.get_num_threads()
 
 
 def active_layer() -> str:
     """The threading layer Numba uses in this process (starting it if it has not started)."""
+    num_threads()
+    return numba.threading_layer()
+
+
+def _openmp_library():
+    """A handle whose ``omp_*`` symbols are those Numba's OpenMP pool links (its own library's
+    dependencies), or None where that pool cannot be Numba's layer or does not load."""
+    if numba.config.THREADING_LAYER in ("tbb", "workqueue"):
+        return None
     try:
-        return numba.threading_layer()
-    except ValueError:  # not started yet: starting it loads the layer and its threads
-        numba.get_num_threads()
-        return numba.threading_layer()
+        spec = importlib.util.find_spec("numba.np.ufunc.omppool")
+        return ctypes.CDLL(spec.origin) if spec is not None and spec.origin else None
+    except (ImportError, OSError):
+        return None
+
+
+def _start_layer() -> None:
+    global _layer_started
+    torch = sys.modules.get("torch")
+    torch_before = torch.get_num_threads() if torch is not None else None
+    omp = _openmp_library()
+    omp_before = omp.omp_get_max_threads() if omp is not None else None
+    numba.get_num_threads()  # loads the layer and starts its threads
+    if numba.threading_layer() == "omp":
+        if omp_before is not None:
+            omp.omp_set_num_threads(omp_before)
+        if torch_before is not None and torch.get_num_threads() != torch_before:
+            torch.set_num_threads(torch_before)
+    _layer_started = True
 
 
 def parallel_ok(requested: bool) -> bool:
