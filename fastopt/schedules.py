@@ -588,6 +588,12 @@ class ReduceOnPlateau:
         self.factor = _number("factor", factor, min_value=0.0, strict_min=True)
         if self.factor >= 1.0:
             raise ValueError(f"factor must be < 1.0, got {factor}")
+        if not all(hasattr(optimizer, a) for a in ("schedule", "lr_scale", "step_count")):
+            raise TypeError(
+                f"ReduceOnPlateau scales a fastopt.<Name> optimizer's in-kernel lr; "
+                f"{type(optimizer).__module__}.{type(optimizer).__name__} has none: for a "
+                "fastopt.torch optimizer use torch.optim.lr_scheduler.ReduceLROnPlateau, "
+                "which sets group['lr'] as for any torch optimizer")
         self.optimizer = optimizer
         self.mode, self.threshold_mode = mode, threshold_mode
         self.patience = _count("patience", patience, min_value=0)

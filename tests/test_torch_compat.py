@@ -599,3 +599,126 @@ def test_a_bad_value_in_a_later_group_steps_no_group():
     after = [p.detach() for p in (*a.parameters(), *b.parameters())]
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
     assert not opt.state
+
+
+def test_adagrad_sum_starts_at_the_constructors_value_in_every_group():
+    """torch's Adagrad fills every group's ``sum`` with the constructor's
+    initial_accumulator_value (a group's own value is kept but not read), in later groups
+    too; fastopt used each group's value."""
+    def run(make, **kw):
+        a, b, c = (torch.nn.Parameter(torch.ones(2)) for _ in range(3))
+        opt = make([dict(params=[a], initial_accumulator_value=0.5), dict(params=[b])],
+                   lr=0.1, initial_accumulator_value=0.3, **kw)
+        opt.add_param_group(dict(params=[c], initial_accumulator_value=0.7))
+        for p in (a, b, c):
+            p.grad = torch.ones(2)
+        opt.step()
+        return [p.detach().clone() for p in (a, b, c)], [opt.state[p]["sum"].clone()
+                                                         for p in (a, b, c)]
+    want = run(torch.optim.Adagrad)
+    for multi in (False, True):
+        torch.testing.assert_close(run(fot.Adagrad, multi_tensor=multi), want)
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_grad_data_replaced_is_read(multi):
+    """``p.grad.data = x`` (what Module._apply does to existing grads, e.g. a
+    model.to(float64).to(float32) round trip) left fastopt's gradient buffer behind: every
+    later step reused the last gradient it held (the multi-tensor mode follows the params
+    that round trip moves)."""
+    results = []
+    for make in (torch.optim.Adam, lambda ps, **kw: fot.Adam(ps, multi_tensor=multi, **kw)):
+        model = make_model()
+        opt = make(model.parameters(), lr=0.1)
+        for s in range(5):
+            if s == 2 and multi:  # (the flat mode refuses params moved by model.to())
+                model.to(torch.float64)
+                model.to(torch.float32)
+            if s == 3:
+                p = next(model.parameters())
+                p.grad.data = p.grad.data.clone()
+            torch.manual_seed(10 + s)
+            model(torch.randn(4, 6)).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        results.append([p.detach().clone() for p in model.parameters()])
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("key,value", [("state_dtype", "int8"), ("master_weights", "none"),
+                                       ("multi_tensor", True)])
+def test_optimizer_wide_keywords_in_a_param_group_are_refused(key, value):
+    """They hold for the whole optimizer; in a group they were kept and never read (the group
+    said int8, the state was float32)."""
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match=key):
+        fot.AdamW([{"params": [a], key: value}])
+    opt = fot.AdamW([a])
+    with pytest.raises(ValueError, match=key):
+        opt.add_param_group({"params": [b], key: value})
+    assert len(opt.param_groups) == 1
+
+
+def test_reduce_on_plateau_refuses_a_fastopt_torch_optimizer():
+    """fastopt.ReduceOnPlateau scales the core classes' in-kernel lr; a fastopt.torch
+    optimizer has none (it raised AttributeError at the first reduction), and torch's
+    ReduceLROnPlateau works on it as on torch's."""
+    import fastopt
+
+    with pytest.raises(TypeError, match="ReduceLROnPlateau"):
+        fastopt.ReduceOnPlateau(fot.Adam([torch.nn.Parameter(torch.zeros(2))]))
+    results = []
+    for make in (torch.optim.Adam, fot.Adam):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = make([p], lr=0.1)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0)
+        for s in range(4):
+            p.grad = torch.full((3,), float(s + 1))
+            opt.step()
+            plateau.step(1.0)
+        results.append((p.detach().clone(), opt.param_groups[0]["lr"]))
+    torch.testing.assert_close(results[1], results[0])
+
+
+HOGWILD = r"""
+import sys, torch, torch.multiprocessing as mp
+import fastopt.torch as fot
+
+def train(model, kind):
+    make = torch.optim.SGD if kind == "torch" else fot.SGD
+    opt = make(model.parameters(), lr=0.1, momentum=0.9)
+    for s in range(5):
+        opt.zero_grad()
+        model(torch.full((1, 4), float(s + 1))).sum().backward()
+        opt.step()
+
+moved = {}
+for kind in ("torch", "fastopt"):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    model.share_memory()
+    before = [p.detach().clone() for p in model.parameters()]
+    worker = mp.get_context("fork").Process(target=train, args=(model, kind))
+    worker.start()
+    worker.join(120)
+    assert worker.exitcode == 0, worker.exitcode
+    moved[kind] = [p.detach() - b for p, b in zip(model.parameters(), before)]
+for a, b in zip(moved["torch"], moved["fastopt"]):
+    torch.testing.assert_close(b, a)
+assert float(moved["torch"][0].abs().max()) > 0.1
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork()")
+def test_a_shared_memory_model_is_stepped_where_it_lies():
+    """torch's Hogwild recipe: model.share_memory(), then worker processes build their
+    optimizers and step the shared params. The flat mode packed them into the worker's own
+    memory, so the parent's model never moved; params in shared memory are now stepped in
+    place."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", HOGWILD], capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -462,8 +462,7 @@ class _Bucket:
         self.published: list = [None] * len(params)
         self.step = 0  # the common step count while every param has taken every step
         self.uniform = True
-        self.grad_views = [None if self.grad is None else self.slice(self.grad, i)
-                           for i in range(len(params))]
+        self._make_grad_views()
         with torch.no_grad():
             for i, (p, grad) in enumerate(zip(params, self.grad_views, strict=True)):
                 if not in_place:
@@ -586,16 +585,33 @@ class _Bucket:
         through a scratch buffer, and the whole model's never exist at once)."""
         for p in self.params:
             p.grad = None
-        self.grad, self.grad_views = None, [None] * len(self.params)
+        self.grad = None
+        self._make_grad_views()
         self._arrays.clear()
         self.unbind()  # (the launches hold views of the old gradient buffer)
 
     def restore_grads(self) -> None:
         """A flat gradient buffer again (after step in backward is removed)."""
         self.grad = torch.zeros_like(self.flat)
-        self.grad_views = [self.slice(self.grad, i) for i in range(len(self.params))]
+        self._make_grad_views()
         self._arrays.clear()
         self.unbind()
+
+    def _make_grad_views(self) -> None:
+        """Each param's view of the flat gradient buffer (None without one), and where each
+        view's data starts (``grad_view``)."""
+        self.grad_views = [None if self.grad is None else self.slice(self.grad, i)
+                           for i in range(len(self.tensors))]
+        self.grad_addresses = [None if v is None else v.data_ptr() for v in self.grad_views]
+
+    def grad_view(self, index: int) -> torch.Tensor:
+        """Param ``index``'s gradient view: a new view of the buffer if the old one had its
+        ``.data`` replaced (``p.grad.data = x``, as ``Module._apply`` does to existing grads
+        in ``model.to()``), which would otherwise leave a stale gradient in the buffer."""
+        view = self.grad_views[index]
+        if view.data_ptr() != self.grad_addresses[index]:
+            view = self.grad_views[index] = self.slice(self.grad, index)
+        return view
 
     def slice(self, flat: torch.Tensor, index: int) -> torch.Tensor:
         """Param ``index``'s part of a flat buffer, shaped like the param (a DTensor's: like
@@ -950,6 +966,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         """State buffer name -> initial value, for the buffers this group's hyperparameters
         need, in the kernel's order."""
         d, hypers = self.definition, self._hypers(group)
+        # a state started from a hyperparameter (Adagrad's sum) takes the constructor's value
+        # in every group, as torch's does (a group's own value is kept but never read)
+        hypers = {**hypers, **{s.init: self.defaults[s.init] for s in d.state
+                               if isinstance(s.init, str) and s.init in hypers
+                               and s.init in self.defaults}}
         return {name: d.initial_value(name, hypers) for name in d.active_state(hypers)}
 
     def add_param_group(self, param_group: dict) -> None:
@@ -1014,8 +1035,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                 end = (ptr, stop, ident)
         return aliased
 
+    #: keywords that hold for the whole optimizer, refused in a param group (where they
+    #: would be kept and never read)
+    OPTIMIZER_WIDE = ("state_dtype", "master_weights", "multi_tensor")
+
     def _make_buckets(self, group: dict) -> list[_Bucket]:
         params = group["params"]
+        wide = [key for key in self.OPTIMIZER_WIDE if key in group]
+        if wide:
+            raise ValueError(f"{wide[0]} holds for the whole optimizer: pass it to "
+                             f"{type(self).__name__}(..., {wide[0]}=...), not in a param group "
+                             "(for another format, build a second optimizer)")
         for p in params:
             if p.is_complex():
                 raise TypeError("complex parameters are not supported by fastopt's kernels")
@@ -1072,6 +1102,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                 "master of its own and write the shared memory from it, undoing the other's "
                 "update; use master_weights='remainder' (bfloat16) or 'none'")
         aliased = set() if self.multi_tensor else aliased
+        if not self.multi_tensor:  # params in shared memory (model.share_memory(): torch's
+            # Hogwild, processes stepping one model) are stepped where they lie too: packing
+            # would move them into this process's own memory, away from the others'
+            aliased |= {id(p) for p in params if not is_dtensor(p) and p.numel()
+                        and p.is_contiguous() and p.is_shared()}
         packed = [] if self.multi_tensor else [p for p in params if not is_dtensor(p)
                                                and id(p) not in aliased]
         stepped = [p for p in packed if _IN_PLACE.get(p.data_ptr()) is not None]
@@ -1257,9 +1292,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             before = dict(zip(b.published[i][2], b.published[i][1], strict=True))
             for name in b.state:
                 scale = ABSMAX_KEY.format(name)
-                if st.get(name) is not before.get(name) and scale in st \
-                        and st[scale] is before.get(scale):
-                    del st[scale]
+                value = st.get(name)
+                if value is not before.get(name) and scale in st \
+                        and st[scale] is before.get(scale) \
+                        and not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8):
+                    del st[scale]  # (new codes, though, are read with the scales)
         master = st
         if b.format is not None and MASTER not in st and REMAINDER not in st:
             offset, t = b.offsets[i], b.tensors[i]
@@ -1346,9 +1383,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                         p.grad = None
                 else:
                     b.grad.zero_()
-                    for p, view in zip(b.params, b.grad_views, strict=True):
-                        if p.grad is not None and p.grad is not view:
-                            p.grad = view
+                    for i, p in enumerate(b.params):
+                        g = p.grad
+                        if g is not None and g is not b.grad_view(i):
+                            p.grad = b.grad_views[i]
 
     def _schedule(self, index: int, group: dict) -> tuple[Schedule, bool]:
         """The schedule for the group's next step and whether it is the group's own: a
@@ -1592,7 +1630,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket,
                      hypers: dict) -> None:
         have_grad, grads = [], None
-        for i, (p, view) in enumerate(zip(b.params, b.grad_views, strict=True)):
+        for i, p in enumerate(b.params):
             b.check_address(i)  # (an in-place bucket follows a replaced storage)
             g = p.grad
             if g is None:
@@ -1600,7 +1638,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             if b.sharded:  # a DTensor's gradient: its local shard, read where it is
                 grads = self._shard_grad(b, local_tensor(g))
-            elif g is not view:  # autograd made a new tensor (after set_to_none): take it in
+            elif g is not b.grad_view(i):  # autograd made a new tensor (after
+                view = b.grad_views[i]  # set_to_none), or its .data was replaced: take it in
                 if g.is_sparse:
                     raise RuntimeError("fastopt does not support sparse gradients")
                 view.copy_(g)
@@ -2032,8 +2071,12 @@ class FlatOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's format (per-param ``step`` and state under torch's names); tensors are
         copies (the optimizer's are views of its flat buffers), other values as they are.
-        Post-hooks see the copies."""
+        Post-hooks see the copies. Edits of ``self.state`` not yet taken in are taken in
+        first, as the next step would (a new master, new int8 values or codes), so the dict
+        holds them."""
         self._take_device_counts()
+        for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            self._adopt_group_edits(group, buckets)
         with _hooks_off(self, "_optimizer_state_dict_post_hooks") as post_hooks:
             d = super().state_dict()
         d["state"] = {k: {name: v.clone() if isinstance(v, torch.Tensor) else v
