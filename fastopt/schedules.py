@@ -193,6 +193,17 @@ def _compact(rows: list) -> np.ndarray:
     return table
 
 
+def advanced(schedule: Schedule, n: int) -> Schedule:
+    """``schedule`` n steps on: lr(t) = schedule(t + n) (the rows' starts and clocks moved
+    back n steps; those that end before step 0 dropped)."""
+    table = schedule.table.copy()
+    table[:, 1:3] -= float(n)
+    keep = [i for i in range(len(table)) if i == len(table) - 1 or table[i + 1, 1] > 0.0]
+    table = table[keep]
+    table[0, 1] = 0.0  # (the row in force at the new step 0; its clock keeps its origin)
+    return Schedule(table, f"advanced({schedule!r}, {n})")
+
+
 def _check_table(table: np.ndarray) -> None:
     if table.ndim != 2 or table.shape[1] != TABLE_COLUMNS or table.shape[0] < 1:
         raise ValueError(

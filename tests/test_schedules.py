@@ -278,3 +278,15 @@ def test_reduce_on_plateau_matches_torch():
         opt.step(g)
         assert math.isclose(opt.last_lr, topt.param_groups[0]["lr"], rel_tol=1e-12)
     assert opt.lr_scale < 1.0  # it did reduce
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_advanced_is_the_schedule_later(name):
+    """advanced(s, n) (the schedule of a param n steps behind its group) at t is s at t + n."""
+    from fastopt.schedules import advanced
+
+    schedule = CASES[name][0]
+    t = np.arange(600)
+    for n in (1, 7, 300, 5000):
+        np.testing.assert_allclose(advanced(schedule, n).at(t), schedule.at(t + n),
+                                   rtol=1e-12, atol=1e-18, err_msg=f"n={n}")

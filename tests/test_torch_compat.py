@@ -722,3 +722,49 @@ def test_a_shared_memory_model_is_stepped_where_it_lies():
     out = subprocess.run([sys.executable, "-c", HOGWILD], capture_output=True, text=True,
                          timeout=240)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["flat", "multi_tensor", "step_in_backward", "offload"])
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_a_param_without_gradient_on_some_steps_takes_the_groups_lr(name, mode):
+    """An in-kernel schedule gives every param its group's lr, as a torch scheduler does: a
+    layer frozen for its first steps (or unused on some) used to restart the schedule at
+    its own count when it came back (warm-up again: 0.06 off torch after 12 steps). Its
+    bias corrections still count its own steps, as in torch."""
+    import sys
+
+    from fastopt.schedules import host_lr
+
+    schedule = S.warmup(S.cosine(1e-2, 20), 5)
+    kw = dict(momentum=0.9) if name == "SGD" else {}
+    results = []
+    for kind in ("torch", mode):
+        model = make_model()
+        params = list(model.parameters())
+        handle = None
+        if kind == "torch":
+            opt = getattr(torch.optim, name)(params, lr=1.0, **kw)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: host_lr(schedule, t))
+        elif kind == "offload":
+            sys.path.insert(0, os.path.dirname(__file__))
+            from test_offload import FakeTransfers
+
+            opt = fot.CPUOffload(params, name, lr=schedule, bucket_elements=30,
+                                 _transfers=FakeTransfers(), **kw)
+        else:
+            opt = getattr(fot, name)(params, lr=schedule, multi_tensor=kind == "multi_tensor",
+                                     **kw)
+            if kind == "step_in_backward":
+                handle = fot.step_in_backward(model, opt)
+        for s in range(12):
+            for p in model[0].parameters():  # frozen for 6 steps, then on odd steps only
+                p.requires_grad_(s >= 6 and s % 2 == 1)
+            torch.manual_seed(100 + s)
+            model(torch.randn(5, 6)).square().mean().backward()
+            if handle is None:
+                opt.step()
+                opt.zero_grad()
+            if kind == "torch":
+                scheduler.step()
+        results.append([p.detach().clone() for p in params])
+    torch.testing.assert_close(results[1], results[0])

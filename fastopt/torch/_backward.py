@@ -157,6 +157,7 @@ class StepInBackward:
             schedule, own = opt._schedule(c.group, group)
             self._round[c.group] = (schedule, own, _group_step(opt._buckets[c.group]))
         schedule = self._round[c.group][0]
+        opt._group_count = self._round[c.group][2]  # (the group's lr for lagging params)
         hypers = opt._group_hypers(group)
         names = opt._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
@@ -195,6 +196,7 @@ class StepInBackward:
                 b.steps[i] = k
                 if not b.started[i]:
                     opt._start(group, b, i)
+        opt._group_count = None
         for i in which:
             b.params[i].grad = None
         c.ready = [False] * (c.stop - c.first)

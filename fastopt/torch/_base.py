@@ -42,7 +42,7 @@ from .._int8 import blocks as int8_blocks
 from ..algorithms import Definition
 from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER, REMAINDER
 from ..engine import Prepared, device_table, run_once
-from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, as_schedule, host_lr
+from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, advanced, as_schedule, host_lr
 from ..segments import SegmentTable
 
 ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32; int8 state: a block)
@@ -853,6 +853,13 @@ class FlatOptimizer(torch.optim.Optimizer):
     _grad_mult = 1.0
     #: while the constructor builds its param groups: those sharing memory (__init__)
     _listed_aliased: set | None = None
+    #: the step count of the group being stepped (``_group_step``): its lr is the schedule's
+    #: at that count for every param, as a torch group's lr is (``_lr_schedule``)
+    _group_count: int | None = None
+    #: a count the group's is at least (CPUOffload: its group's, over the host optimizers
+    #: of its buckets, one group each)
+    _group_count_floor: int | None = None
+    _advanced_cache: dict | None = None
 
     @property
     def group_defaults(self) -> dict:
@@ -1501,6 +1508,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if plan is not None:
                     self._step_group(index, group, buckets, *plan)
         finally:  # (also after an error: the groups stepped before it count their step)
+            self._group_count = None
             if not _capturing():
                 self._sync_captured_counters()
 
@@ -1516,6 +1524,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         buckets deferred to the group's end, ``_defers_launches``), then the group's lr."""
         before = _group_step(buckets)
         self._adopt_group_edits(group, buckets)
+        self._group_count = max(_group_step(buckets), self._group_count_floor or 0)
         if self._defers_launches(buckets):
             self._deferred = []
         try:
@@ -1763,7 +1772,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                     b.set_state(s.name, i, b.shaped(b.master_values(
                         slice(offset, offset + t.numel())), i))
                 else:
-                    b.set_state(s.name, i, host_lr(schedule, int(b.steps[i])))
+                    count = int(b.steps[i])
+                    b.set_state(s.name, i, host_lr(self._lr_schedule(schedule, count), count))
 
     def _group_hypers(self, group: dict) -> dict:
         """The group's checked hyperparameters, checked again only when they change: when
@@ -1810,6 +1820,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         state...; ``half`` has master and dtype for 16-bit params). ``part``: None (the whole
         bucket), param i, or the params [first, stop) (step in backward's chunks). The
         prepared call is kept per (part, hyperparameters); nothing is re-validated per step."""
+        schedule = self._lr_schedule(schedule, step - 1)
         earlier, prepared = b.prepared.get((part, names), (None, None))
         index = 0 if part is None else part[0] if isinstance(part, tuple) else part
         values = None if earlier is not None and earlier[0] is hypers else \
@@ -1852,6 +1863,23 @@ class FlatOptimizer(torch.optim.Optimizer):
         elif isinstance(part, tuple):  # a chunk stepped with its first param's scalars
             for per_param in b.scalars.values():
                 per_param[part[0]:part[1]] = per_param[part[0]].clone()
+
+    def _lr_schedule(self, schedule: Schedule, count: int) -> Schedule:
+        """The schedule for a param's next step, given the steps it took (``count``): its
+        group's lr, evaluated at the group's count, as torch gives every param of a group
+        the group's lr. A param that took fewer steps (no gradient on some: a frozen or
+        unused layer, an expert without tokens) gets the schedule advanced by the
+        difference; its own count still drives its bias corrections, as in torch."""
+        lag = 0 if self._group_count is None else self._group_count - count
+        if lag <= 0:
+            return schedule
+        cache = self._advanced_cache
+        if cache is None or len(cache) > 64:
+            cache = self._advanced_cache = {}
+        key = (schedule, lag)
+        if key not in cache:
+            cache[key] = advanced(schedule, lag)
+        return cache[key]
 
     @staticmethod
     def _launch_bucket(b: _Bucket, prepared: Prepared, grads, schedule: Schedule, step: int,

@@ -43,8 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .._checks import check_max_grad_norm, grad_mult
+from ..schedules import host_lr
 from . import optim as _optim
-from ._base import FlatOptimizer, check_hook_last, is_dtensor, moved_param_error
+from ._base import FlatOptimizer, _group_step, check_hook_last, is_dtensor, moved_param_error
 
 #: the default bucket size in elements (16 MiB of float32 gradients per copy)
 BUCKET_ELEMENTS = 1 << 22
@@ -365,8 +366,18 @@ class CPUOffload(torch.optim.Optimizer):
                 b.host.param_groups[0].update(values)
 
     def _pull_groups(self) -> None:
-        """The host optimizers' group values after a step (the schedule's next lr)."""
+        """The host optimizers' group values after a step (the schedule's next lr). A host
+        whose bucket is behind its group (its params had no gradient on some steps, so it
+        did not step) is given the group's next lr of its own schedule, as its group shows,
+        so that every host keeps its schedule (``_check_hosts`` then advances a lagging
+        one's, ``FlatOptimizer._lr_schedule``)."""
         for group, buckets in zip(self.param_groups, self._buckets, strict=True):
+            count = max((_group_step(b.host._buckets[0]) for b in buckets), default=0)
+            for b in buckets:
+                host, values = b.host, b.host.param_groups[0]
+                schedule, own = host._schedule(0, values)
+                if own and _group_step(host._buckets[0]) < count:
+                    values["lr"] = host._lr_written[0] = host_lr(schedule, count)
             if buckets:
                 group.update({k: v for k, v in buckets[0].host.param_groups[0].items()
                               if k not in _NOT_HYPERS})
@@ -414,10 +425,16 @@ class CPUOffload(torch.optim.Optimizer):
                 "step_in_backward=False): call step() after every backward")
 
     def _check_hosts(self) -> None:
-        for buckets in self._buckets:  # (a bad lr or hyperparameter raises here, before
-            for b in buckets:  # any bucket steps)
+        """Before a step's buckets step: each host's lr and hyperparameters checked (a bad
+        one raises here, before any bucket steps), and each host told its group's step count
+        (the most any of the group's buckets took): a bucket whose params had no gradient on
+        some steps takes the group's lr, as in torch."""
+        for buckets in self._buckets:
+            count = max((_group_step(b.host._buckets[0]) for b in buckets), default=0)
+            for b in buckets:
                 b.host._schedule(0, b.host.param_groups[0])
                 b.host._group_hypers(b.host.param_groups[0])
+                b.host._group_count_floor = count
 
     def _reset(self) -> None:
         """The next backward copies afresh."""
