@@ -424,17 +424,19 @@ class CPUOffload(torch.optim.Optimizer):
                 "backward steps the buckets (gradient accumulation needs "
                 "step_in_backward=False): call step() after every backward")
 
-    def _check_hosts(self) -> None:
+    def _check_hosts(self, counts: bool = True) -> None:
         """Before a step's buckets step: each host's lr and hyperparameters checked (a bad
-        one raises here, before any bucket steps), and each host told its group's step count
-        (the most any of the group's buckets took): a bucket whose params had no gradient on
-        some steps takes the group's lr, as in torch."""
+        one raises here, before any bucket steps), and (``counts``: before any bucket of
+        this step stepped) each host told its group's step count (the most any of the
+        group's buckets took): a bucket whose params had no gradient on some steps takes the
+        group's lr, as in torch."""
         for buckets in self._buckets:
             count = max((_group_step(b.host._buckets[0]) for b in buckets), default=0)
             for b in buckets:
                 b.host._schedule(0, b.host.param_groups[0])
                 b.host._group_hypers(b.host.param_groups[0])
-                b.host._group_count_floor = count
+                if counts:
+                    b.host._group_count_floor = count
 
     def _reset(self) -> None:
         """The next backward copies afresh."""
@@ -487,6 +489,7 @@ class CPUOffload(torch.optim.Optimizer):
         everything = [b for buckets in self._buckets for b in buckets]
         for b in everything:
             b.check_addresses()
+        stepped_in_backward = bool(self._inflight)
         if self._inflight:  # (step in backward: the buckets stepped there)
             self._finish_inflight(grad_scale)
         amp_mult, found_inf = self._amp_scaling()
@@ -513,7 +516,7 @@ class CPUOffload(torch.optim.Optimizer):
             if b.stale():
                 self._copy_grads(b)
         self._push_groups()
-        self._check_hosts()
+        self._check_hosts(counts=not stepped_in_backward)  # (counted as backward began)
         with self._lock:
             order, self._order = self._order, []
         t = self._transfers
