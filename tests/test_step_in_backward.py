@@ -285,3 +285,32 @@ def test_a_gradient_hook_registered_after_it_is_refused():
     for mode in ("before", "after"):
         for p, q in zip(run(mode).parameters(), reference.parameters(), strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_reentrant_checkpointing_is_refused_clearly():
+    """torch.utils.checkpoint(use_reentrant=True) runs an inner backward as a graph task of
+    its own, whose end this mode cannot tell from the outer's: it raised AttributeError from
+    inside autograd; now a RuntimeError naming the way out, and later backwards (here with
+    use_reentrant=False) step as backward(); step() does."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(step_in_backward, reentrant_first):
+        torch.manual_seed(0)
+        a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+        opt = fot.Adam([*a.parameters(), *b.parameters()], lr=1e-2)
+        if step_in_backward:
+            fot.step_in_backward([*a.parameters(), *b.parameters()], opt)
+        if reentrant_first:
+            with pytest.raises(RuntimeError, match="use_reentrant=False"):
+                b(checkpoint(a, torch.randn(3, 4, requires_grad=True),
+                             use_reentrant=True)).sum().backward()
+        for s in range(3):
+            torch.manual_seed(s)
+            b(checkpoint(a, torch.randn(3, 4), use_reentrant=False)).sum().backward()
+            if not step_in_backward:
+                opt.step()
+                opt.zero_grad()
+        return [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
+
+    run(True, True)  # (raises, then goes on)
+    torch.testing.assert_close(run(True, False), run(False, False))

@@ -135,6 +135,19 @@ class StepInBackward:
     def _finish(self) -> None:
         """End of backward: chunks with params that got no gradient step the others; then
         each touched group's lr moves on, as after step()."""
+        if torch._C._current_autograd_node() is not None:
+            # the end of a backward run inside another's node: reentrant activation
+            # checkpointing (torch.utils.checkpoint with use_reentrant=True), whose inner
+            # backward is a graph task of its own; this round's end cannot be told apart
+            self._round = None
+            for c in self.chunks:
+                c.ready = [False] * (c.stop - c.first)
+            raise RuntimeError(
+                "step_in_backward: a backward ran inside another (reentrant activation "
+                "checkpointing, torch.utils.checkpoint(..., use_reentrant=True)), which this "
+                "mode does not support; use use_reentrant=False, or backward(); step()")
+        if self._round is None:  # (ended already: an error reset it)
+            return
         try:
             for c in self.chunks:
                 if any(c.ready):
