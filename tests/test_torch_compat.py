@@ -648,8 +648,8 @@ def test_grad_data_replaced_is_read(multi):
 @pytest.mark.parametrize("key,value", [("state_dtype", "int8"), ("master_weights", "none"),
                                        ("multi_tensor", True)])
 def test_optimizer_wide_keywords_in_a_param_group_are_refused(key, value):
-    """They hold for the whole optimizer; in a group they were kept and never read (the group
-    said int8, the state was float32)."""
+    """They hold for the whole optimizer; in a group another value was kept and never read
+    (the group said int8, the state was float32)."""
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match=key):
         fot.AdamW([{"params": [a], key: value}])
@@ -657,6 +657,10 @@ def test_optimizer_wide_keywords_in_a_param_group_are_refused(key, value):
     with pytest.raises(ValueError, match=key):
         opt.add_param_group({"params": [b], key: value})
     assert len(opt.param_groups) == 1
+    # the optimizer's own value is accepted (ZeroRedundancyOptimizer passes its keywords in
+    # every group it builds)
+    same = fot.AdamW([{"params": [b], key: value}], **{key: value})
+    assert getattr(same, key) == value
 
 
 def test_reduce_on_plateau_refuses_a_fastopt_torch_optimizer():

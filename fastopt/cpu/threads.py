@@ -80,8 +80,11 @@ def _openmp_library():
         return None
     try:
         spec = importlib.util.find_spec("numba.np.ufunc.omppool")
-        return ctypes.CDLL(spec.origin) if spec is not None and spec.origin else None
-    except (ImportError, OSError):
+        library = ctypes.CDLL(spec.origin) if spec is not None and spec.origin else None
+        if library is not None:  # (both symbols resolve, or the restore is skipped)
+            library.omp_get_max_threads, library.omp_set_num_threads  # noqa: B018
+        return library
+    except (ImportError, OSError, AttributeError):
         return None
 
 

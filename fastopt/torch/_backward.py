@@ -171,6 +171,17 @@ class StepInBackward:
             self._round[c.group] = (schedule, own, _group_step(opt._buckets[c.group]))
         schedule = self._round[c.group][0]
         opt._group_count = self._round[c.group][2]  # (the group's lr for lagging params)
+        try:
+            self._step_chunk(c, which, group, schedule)
+        finally:
+            opt._group_count = None
+        for i in which:
+            b.params[i].grad = None
+        c.ready = [False] * (c.stop - c.first)
+
+    def _step_chunk(self, c: _Chunk, which: list[int], group: dict, schedule) -> None:
+        """The kernel calls of a chunk's params ``which``, at the group's lr."""
+        opt, b = self.opt, c.bucket
         hypers = opt._group_hypers(group)
         names = opt._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
@@ -209,10 +220,6 @@ class StepInBackward:
                 b.steps[i] = k
                 if not b.started[i]:
                     opt._start(group, b, i)
-        opt._group_count = None
-        for i in which:
-            b.params[i].grad = None
-        c.ready = [False] * (c.stop - c.first)
         b.all_started = all(b.started)
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())

@@ -1048,11 +1048,15 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _make_buckets(self, group: dict) -> list[_Bucket]:
         params = group["params"]
-        wide = [key for key in self.OPTIMIZER_WIDE if key in group]
+        # (the optimizer's own value is accepted: ZeroRedundancyOptimizer passes its
+        # keywords in every group it builds)
+        wide = [key for key in self.OPTIMIZER_WIDE
+                if key in group and group[key] != getattr(self, key)]
         if wide:
-            raise ValueError(f"{wide[0]} holds for the whole optimizer: pass it to "
-                             f"{type(self).__name__}(..., {wide[0]}=...), not in a param group "
-                             "(for another format, build a second optimizer)")
+            raise ValueError(f"{wide[0]}={group[wide[0]]!r} in a param group: it holds for the "
+                             f"whole optimizer ({type(self).__name__}(..., {wide[0]}=...) is "
+                             f"{getattr(self, wide[0])!r}); for another, build a second "
+                             "optimizer")
         for p in params:
             if p.is_complex():
                 raise TypeError("complex parameters are not supported by fastopt's kernels")
@@ -1522,9 +1526,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                     own: bool, hypers: dict) -> None:
         """One group's step: each bucket's kernel call (whole-bucket GPU launches of in-place
         buckets deferred to the group's end, ``_defers_launches``), then the group's lr."""
+        self._adopt_group_edits(group, buckets)  # (first: an edited count counts)
         before = _group_step(buckets)
-        self._adopt_group_edits(group, buckets)
-        self._group_count = max(_group_step(buckets), self._group_count_floor or 0)
+        floor = self._group_count_floor
+        self._group_count = before if floor is None or floor < before else floor
         if self._defers_launches(buckets):
             self._deferred = []
         try:
@@ -1639,6 +1644,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket,
                      hypers: dict) -> None:
         have_grad, grads = [], None
+        views, addresses = b.grad_views, b.grad_addresses
         for i, p in enumerate(b.params):
             b.check_address(i)  # (an in-place bucket follows a replaced storage)
             g = p.grad
@@ -1647,8 +1653,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             if b.sharded:  # a DTensor's gradient: its local shard, read where it is
                 grads = self._shard_grad(b, local_tensor(g))
-            elif g is not b.grad_view(i):  # autograd made a new tensor (after
-                view = b.grad_views[i]  # set_to_none), or its .data was replaced: take it in
+            elif g is not views[i] or g.data_ptr() != addresses[i]:  # autograd made a new
+                view = b.grad_view(i)  # tensor (after set_to_none), or its .data was
+                # replaced (then the view is made anew): take it in
                 if g.is_sparse:
                     raise RuntimeError("fastopt does not support sparse gradients")
                 view.copy_(g)
@@ -1820,7 +1827,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         state...; ``half`` has master and dtype for 16-bit params). ``part``: None (the whole
         bucket), param i, or the params [first, stop) (step in backward's chunks). The
         prepared call is kept per (part, hyperparameters); nothing is re-validated per step."""
-        schedule = self._lr_schedule(schedule, step - 1)
+        if self._group_count is not None and self._group_count >= step:  # (a lagging param)
+            schedule = self._lr_schedule(schedule, step - 1)
         earlier, prepared = b.prepared.get((part, names), (None, None))
         index = 0 if part is None else part[0] if isinstance(part, tuple) else part
         values = None if earlier is not None and earlier[0] is hypers else \
@@ -1871,7 +1879,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         unused layer, an expert without tokens) gets the schedule advanced by the
         difference; its own count still drives its bias corrections, as in torch."""
         lag = 0 if self._group_count is None else self._group_count - count
-        if lag <= 0:
+        if lag <= 0 or schedule.is_constant:
             return schedule
         cache = self._advanced_cache
         if cache is None or len(cache) > 64:

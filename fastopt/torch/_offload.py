@@ -605,6 +605,8 @@ class CPUOffload(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The ``optimizer`` class's format over this optimizer's params."""
+        for _, future in self._inflight:  # (step in backward: the hosts' steps end first;
+            future.exception()  # an error of theirs is raised by step())
         self._push_groups()  # (changes since the last step: a scheduler's lr)
         state = {}
         groups = [{**{k: v for k, v in group.items() if k not in _NOT_HYPERS}, "params": [],
