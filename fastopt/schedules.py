@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -196,12 +197,16 @@ def _compact(rows: list) -> np.ndarray:
 def advanced(schedule: Schedule, n: int) -> Schedule:
     """``schedule`` n steps on: lr(t) = schedule(t + n) (the rows' starts and clocks moved
     back n steps; those that end before step 0 dropped)."""
+    if n == 0 or schedule.is_constant:
+        return schedule
+    m = re.fullmatch(r"advanced\((.*), (\d+)\)", repr(schedule), flags=re.DOTALL)
+    name, total = (m.group(1), int(m.group(2)) + n) if m else (repr(schedule), n)
     table = schedule.table.copy()
     table[:, 1:3] -= float(n)
     keep = [i for i in range(len(table)) if i == len(table) - 1 or table[i + 1, 1] > 0.0]
     table = table[keep]
     table[0, 1] = 0.0  # (the row in force at the new step 0; its clock keeps its origin)
-    return Schedule(table, f"advanced({schedule!r}, {n})")
+    return Schedule(table, f"advanced({name}, {total})")
 
 
 def _check_table(table: np.ndarray) -> None:

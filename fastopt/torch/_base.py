@@ -859,6 +859,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: a count the group's is at least (CPUOffload: its group's, over the host optimizers
     #: of its buckets, one group each)
     _group_count_floor: int | None = None
+    #: whether a step where no param of a group had a gradient advances the group's
+    #: schedule (``_finish_group``; CPUOffload's hosts count by their group instead)
+    _advance_idle_groups = True
     _advanced_cache: dict | None = None
 
     @property
@@ -1558,6 +1561,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         if self.definition.group_step is not None and not _capturing():
             self._share_group_counts(buckets)
         self._publish_group(group, buckets)
+        if own and self._advance_idle_groups and _group_step(buckets) == before \
+                and not _capturing():
+            # no param of the group had a gradient: its lr moves on all the same, as a
+            # torch scheduler's would, so its schedule is advanced by the step
+            group["schedule"] = schedule = advanced(schedule, 1)
         if own:
             lr = host_lr(schedule, _group_step(buckets))
             group["lr"] = self._lr_written[index] = lr

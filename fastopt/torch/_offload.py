@@ -306,6 +306,7 @@ class CPUOffload(torch.optim.Optimizer):
             except BaseException:
                 self.param_groups.pop()
                 raise
+            host._advance_idle_groups = False  # (the group's count: _check_hosts)
             made.append(_Bucket(part, host))
         self._buckets.append(made)
         if made:  # (the group shows the host's values: lr a number, the schedule apart)
