@@ -288,5 +288,8 @@ def test_advanced_is_the_schedule_later(name):
     schedule = CASES[name][0]
     t = np.arange(600)
     for n in (1, 7, 300, 5000):
-        np.testing.assert_allclose(advanced(schedule, n).at(t), schedule.at(t + n),
+        shifted = advanced(schedule, n)
+        np.testing.assert_allclose(shifted.at(t), schedule.at(t + n),
                                    rtol=1e-12, atol=1e-18, err_msg=f"n={n}")
+        S._check_table(shifted.table)  # (built without the checks: it passes them)
+        assert advanced(advanced(schedule, n), 2) == advanced(schedule, n + 2)
