@@ -1561,18 +1561,17 @@ class FlatOptimizer(torch.optim.Optimizer):
         if self.definition.group_step is not None and not _capturing():
             self._share_group_counts(buckets)
         self._publish_group(group, buckets)
-        if own and self._advance_idle_groups and _group_step(buckets) == before \
-                and not _capturing():
+        after = _group_step(buckets)
+        if own and self._advance_idle_groups and after == before and not _capturing():
             # no param of the group had a gradient: its lr moves on all the same, as a
             # torch scheduler's would, so its schedule is advanced by the step
             group["schedule"] = schedule = advanced(schedule, 1)
         if own:
-            lr = host_lr(schedule, _group_step(buckets))
-            group["lr"] = self._lr_written[index] = lr
-        elif "schedule" in group and _group_step(buckets) > before:
+            group["lr"] = self._lr_written[index] = host_lr(schedule, after)
+        elif "schedule" in group and after > before:
             # steps taken at someone else's lr do not advance the group's schedule, as
             # they would not advance a torch scheduler
-            group["schedule"] = _delayed(group["schedule"], _group_step(buckets) - before)
+            group["schedule"] = _delayed(group["schedule"], after - before)
 
     @staticmethod
     def _share_group_counts(buckets: list[_Bucket]) -> None:
