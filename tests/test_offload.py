@@ -477,6 +477,36 @@ def test_step_in_backward_refuses_a_gradient_hook_registered_after_it():
 
 
 @pytest.mark.parametrize("in_backward", [False, True])
+def test_requires_grad_changed_between_steps(in_backward):
+    """A layer frozen for some steps and unfrozen (its bucket gets no gradient, then all of
+    them), and a param frozen when the optimizer was built and unfrozen later (no hook
+    then): equal to the optimizer without offload, with a schedule. A bucket counts the
+    gradients that complete it at each backward (it counted them at the last step, so the
+    unfrozen layer's bucket stepped on its first gradient alone, and step in backward then
+    raised); the late param gets its hook at the step after, and its bucket then steps in
+    backward again."""
+    m, ref = _model(), _model()
+    for mm in (m, ref):
+        mm[4].bias.requires_grad_(False)
+    lr = schedules.warmup(schedules.cosine(1e-2, 10), 3)
+    opt = _offload(m, step_in_backward=in_backward, lr=lr)
+    twin = fot.AdamW(ref.parameters(), lr=lr)
+    for step in range(8):
+        for mm in (m, ref):
+            for p in mm[0].parameters():
+                p.requires_grad_(not 2 <= step < 5)
+            mm[4].bias.requires_grad_(step >= 3)
+        for mm, o in ((m, opt), (ref, twin)):
+            _loss(mm, step).backward()
+            if in_backward and o is opt and step >= 6:
+                # (every bucket but the unused param's completed in backward)
+                assert len(opt._inflight) == len(opt._buckets[0]) - 1
+            o.step()
+            o.zero_grad()
+    _equal(m, ref)
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
 def test_tied_weights(in_backward):
     """A weight used twice (GPT-2's embedding and head): its hook fires once a backward,
     after both uses' gradients are summed, and its bucket steps once."""

@@ -124,7 +124,10 @@ class _Bucket:
                  for p, view in zip(hb.params, hb.grad_views, strict=True)}
         #: where each param's gradient is copied to: its view of the host's flat gradients
         self.grad_views = [views[id(hp)] for hp in self.host_params]
-        self.pending = 0  # gradients still to come in this backward (hooks)
+        #: gradients of this backward so far (hooks), and how many complete the bucket:
+        #: its params that require one, counted at the first (requires_grad may change
+        #: between steps: a layer frozen or unfrozen)
+        self.arrived = self.expected = 0
         #: the gradients the last device->host copy took: (tensor, version) per param
         self.copied: list | None = None
         self.copy_done = None  # the event after that copy
@@ -312,12 +315,16 @@ class CPUOffload(torch.optim.Optimizer):
         if made:  # (the group shows the host's values: lr a number, the schedule apart)
             group.update({k: v for k, v in made[0].host.param_groups[0].items()
                           if k not in _NOT_HYPERS})
+        self._add_hooks(len(self._buckets) - 1)
+
+    def _add_hooks(self, where: int) -> None:
+        """A post-accumulate-grad hook on each param of group ``where`` that requires a
+        gradient and has none yet (torch hooks only those: a param unfrozen later gets
+        its hook at the step after, ``_reset``)."""
         me = weakref.ref(self)  # (the hooks must not keep the optimizer alive)
-        where = len(self._buckets) - 1
-        for j, b in enumerate(made):
-            b.pending = sum(p.requires_grad for p in b.params)
+        for j, b in enumerate(self._buckets[where]):
             for p in b.params:
-                if p.requires_grad:
+                if p.requires_grad and id(p) not in self._hook_ids:
                     self._hooks.append(p.register_post_accumulate_grad_hook(
                         lambda p, j=j: _on_grad(me, where, j, p)))
                     self._hook_ids[id(p)] = self._hooks[-1].id
@@ -343,7 +350,7 @@ class CPUOffload(torch.optim.Optimizer):
             for p in b.params:
                 p.grad = None
         b.copied = [(p.grad, p.grad._version if p.grad is not None else 0) for p in b.params]
-        b.pending = sum(p.requires_grad for p in b.params)
+        b.arrived = 0
         with self._lock:
             if b in self._order:
                 self._order.remove(b)
@@ -441,9 +448,10 @@ class CPUOffload(torch.optim.Optimizer):
 
     def _reset(self) -> None:
         """The next backward copies afresh."""
-        for buckets in self._buckets:
+        for where, buckets in enumerate(self._buckets):
             for b in buckets:
-                b.copied, b.pending = None, sum(p.requires_grad for p in b.params)
+                b.copied, b.arrived = None, 0
+            self._add_hooks(where)
 
     #: torch.amp.GradScaler hands this optimizer its scale and inf flag (``grad_scale``,
     #: ``found_inf`` attributes) instead of unscaling the gradients in place, which torch's
@@ -700,8 +708,10 @@ def _on_grad(ref: weakref.ref, group: int, index: int, param: torch.Tensor) -> N
     if opt.step_in_backward:
         check_hook_last(param, opt._hook_ids[id(param)])
     b = opt._buckets[group][index]
-    b.pending -= 1
-    if b.pending <= 0:
+    if b.arrived == 0:
+        b.expected = sum(p.requires_grad for p in b.params)
+    b.arrived += 1
+    if b.arrived >= b.expected:
         if opt.step_in_backward:  # (refused before its gradients are copied over the ones
             opt._refuse_second_backward(b)  # its running step reads)
             opt._copy_grads(b, release=True)
