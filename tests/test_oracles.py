@@ -246,6 +246,51 @@ def test_schedulefree_param_without_gradient_follows_the_group_count(multi_tenso
         assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-5
 
 
+@pytest.mark.parametrize("mode", ["flat", "multi_tensor", "step_in_backward"])
+def test_schedulefree_group_without_gradients_counts_the_step(mode):
+    """A step where no param of a group has a gradient (a group frozen for the first steps,
+    and again later): schedulefree's k, weight_sum and lr_max go on for the group, so its
+    warm-up and weights continue; the state waits. Before, fastopt counted nothing (the
+    group's first update used the warm-up's first lr: 0.036 relative off schedulefree after
+    16 steps)."""
+    _need("AdamWScheduleFree")
+    torch.manual_seed(3)
+    init = [torch.randn(7, 3), torch.randn(5), torch.randn(9)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    hypers = {"lr": 1e-2, "warmup_steps": 8, "weight_decay": 0.1}
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-2}]  # noqa: E731
+    ours = fot.AdamWScheduleFree(groups(a), multi_tensor=mode == "multi_tensor", **hypers)
+    theirs = counterpart("AdamWScheduleFree", groups(b), **hypers)
+    ours.train()
+    theirs.train()
+    if mode == "step_in_backward":
+        handle = fot.step_in_backward(a, ours)
+    for k in range(16):
+        frozen = k < 4 or 9 <= k < 11  # the second group has no gradient
+        grads = [torch.randn(p.shape) for p in a]
+        for q, g in zip(b, grads, strict=True):
+            q.grad = None if frozen and q is b[2] else g.clone()
+        theirs.step()
+        if mode == "step_in_backward":
+            used = a[:2] if frozen else a
+            sum((p * g).sum() for p, g in zip(used, grads, strict=False)).backward()
+        else:
+            for p, g in zip(a, grads, strict=True):
+                p.grad = None if frozen and p is a[2] else g.clone()
+            ours.step()
+    if mode == "step_in_backward":
+        handle.remove()
+    for g0, t0 in zip(ours.param_groups, theirs.param_groups, strict=True):
+        assert g0["k"] == t0["k"] == 16
+        assert float(g0["weight_sum"]) == pytest.approx(t0["weight_sum"], rel=1e-10)
+        assert float(g0["lr_max"]) == pytest.approx(t0["lr_max"], rel=1e-12)
+    ours.eval()
+    theirs.eval()
+    for p, q in zip(a, b, strict=True):
+        assert _rel(p.detach().numpy(), q.detach().numpy()) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- torch layer
 
 

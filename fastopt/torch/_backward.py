@@ -134,7 +134,8 @@ class StepInBackward:
     @torch.no_grad()
     def _finish(self) -> None:
         """End of backward: chunks with params that got no gradient step the others; then
-        each touched group's lr moves on, as after step()."""
+        every group moves on, as after step() (a group none of whose params got a
+        gradient too, ``_finish_group``)."""
         if torch._C._current_autograd_node() is not None:
             # the end of a backward run inside another's node: reentrant activation
             # checkpointing (torch.utils.checkpoint with use_reentrant=True), whose inner
@@ -153,9 +154,15 @@ class StepInBackward:
                 if any(c.ready):
                     self._step(c, [c.first + k for k, r in enumerate(c.ready) if r])
             opt = self.opt
+            for index, (group, buckets) in enumerate(zip(opt.param_groups, opt._buckets,
+                                                         strict=True)):
+                if buckets and index not in self._round:  # (no gradient in this group:
+                    opt._adopt_group_edits(group, buckets)  # it moves on all the same)
+                    self._round[index] = (*opt._schedule(index, group), _group_step(buckets))
             for index, (schedule, own, before) in self._round.items():
-                opt._finish_group(index, opt.param_groups[index], opt._buckets[index],
-                                  schedule, own, before)
+                group = opt.param_groups[index]
+                opt._finish_group(index, group, opt._buckets[index], schedule, own, before,
+                                  opt._group_hypers(group))
             opt._sync_captured_counters()
         finally:
             self._round = None

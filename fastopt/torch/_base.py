@@ -1553,18 +1553,24 @@ class FlatOptimizer(torch.optim.Optimizer):
         deferred, self._deferred = self._deferred, None
         if deferred:
             self._launch_deferred(deferred)
-        self._finish_group(index, group, buckets, schedule, own, before)
+        self._finish_group(index, group, buckets, schedule, own, before, hypers)
 
     def _finish_group(self, index: int, group: dict, buckets: list[_Bucket],
-                      schedule: Schedule, own: bool, before: int) -> None:
-        """After a group's step: its group-kept values, and group['lr'] for the next step."""
+                      schedule: Schedule, own: bool, before: int, hypers: dict) -> None:
+        """After a group's step: its group-kept values, and group['lr'] for the next step.
+        A step where no param of the group had a gradient moves the group on all the same:
+        a group count (schedulefree's ``k``) takes the step, as schedulefree's does
+        (``_count_idle_step``); otherwise the lr moves on, as a torch scheduler's would,
+        so the group's schedule is advanced by the step."""
+        idle = _group_step(buckets) == before and self._advance_idle_groups \
+            and not _capturing()
+        if idle and self.definition.group_step is not None:
+            self._count_idle_step(group, buckets, schedule, hypers)
         if self.definition.group_step is not None and not _capturing():
             self._share_group_counts(buckets)
         self._publish_group(group, buckets)
         after = _group_step(buckets)
-        if own and self._advance_idle_groups and after == before and not _capturing():
-            # no param of the group had a gradient: its lr moves on all the same, as a
-            # torch scheduler's would, so its schedule is advanced by the step
+        if idle and own and after == before:
             group["schedule"] = schedule = advanced(schedule, 1)
         if own:
             group["lr"] = self._lr_written[index] = host_lr(schedule, after)
@@ -1572,6 +1578,29 @@ class FlatOptimizer(torch.optim.Optimizer):
             # steps taken at someone else's lr do not advance the group's schedule, as
             # they would not advance a torch scheduler
             group["schedule"] = _delayed(group["schedule"], after - before)
+
+    def _count_idle_step(self, group: dict, buckets: list[_Bucket], schedule: Schedule,
+                         hypers: dict) -> None:
+        """A step of a group counted per group (schedulefree's ``k``) where no param had a
+        gradient: the count and the per-step scalars (``weight_sum``, ``lr_max``) move on
+        as schedulefree's do, the state waits. The kernel runs over no element (an empty
+        chunk of the param that took the most steps): its prologue updates the scalars,
+        exactly as in a step; ``_share_group_counts`` then gives every param the count."""
+        b = max(buckets, key=lambda b: b.step)
+        i = int(b.steps.argmax())
+        names = self._kernel_state(group, b, hypers)
+        arrays, half = b.arrays(names)
+        none = slice(b.offsets[i], b.offsets[i])
+        grads = arrays[0] if arrays[1] is None else arrays[1]  # (None: step in backward's)
+        empty = [arrays[0][none], grads[none],
+                 *(a[b.state_part(name, i, i + 1, none)]
+                   for name, a in zip(names, arrays[2:], strict=True))]
+        part = {key: v[none] if key == "master" and v is not None else v
+                for key, v in half.items()}
+        k = int(b.steps[i]) + 1
+        self._run(b, names, hypers, empty, part, k, schedule, False, (i, i))
+        b.steps[i] = k
+        b.counts_loaded()
 
     @staticmethod
     def _share_group_counts(buckets: list[_Bucket]) -> None:

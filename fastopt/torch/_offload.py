@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .._checks import check_max_grad_norm, grad_mult
-from ..schedules import host_lr
+from ..schedules import advanced, host_lr
 from . import optim as _optim
 from ._base import FlatOptimizer, _group_step, check_hook_last, is_dtensor, moved_param_error
 
@@ -393,6 +393,24 @@ class CPUOffload(torch.optim.Optimizer):
             p: b.host.state[hp] for buckets in self._buckets for b in buckets
             for p, hp in zip(b.params, b.host_params, strict=True) if hp in b.host.state})
 
+    def _advance_idle_groups(self, stepped: list[_Bucket]) -> None:
+        """A step where no param of a group had a gradient moves the group's lr on, as a
+        torch scheduler's would (``FlatOptimizer._finish_group``): each of its hosts' own
+        schedule is advanced by the step, and its lr is the group's next one."""
+        for buckets in self._buckets:
+            if not buckets or any(b in stepped and any(hp.grad is not None
+                                                       for hp in b.host_params)
+                                  for b in buckets):
+                continue  # (a bucket whose params got no gradient is stepped, changing
+                # nothing: its gradients' copy is made at step(), from the device's Nones)
+            count = max(_group_step(b.host._buckets[0]) for b in buckets)
+            for b in buckets:
+                values = b.host.param_groups[0]
+                schedule, own = b.host._schedule(0, values)
+                if own:
+                    values["schedule"] = schedule = advanced(schedule, 1)
+                    values["lr"] = b.host._lr_written[0] = host_lr(schedule, count)
+
     def _host_step(self, b: _Bucket, mult: float):
         """The worker's part of a bucket: its gradients on the host, the CPU kernel, the
         copy of its params to the device issued. Returns the event after that copy."""
@@ -499,6 +517,7 @@ class CPUOffload(torch.optim.Optimizer):
         for b in everything:
             b.check_addresses()
         stepped_in_backward = bool(self._inflight)
+        stepped = [b for b, _ in self._inflight]
         if self._inflight:  # (step in backward: the buckets stepped there)
             self._finish_inflight(grad_scale)
         amp_mult, found_inf = self._amp_scaling()
@@ -538,6 +557,7 @@ class CPUOffload(torch.optim.Optimizer):
             except BaseException as e:
                 failed = failed or e
         self._reset()
+        self._advance_idle_groups(stepped + order)
         self._pull_groups()
         for b in order:  # (the params' copies to the device are issued)
             b.remember_versions()
