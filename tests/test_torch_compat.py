@@ -714,6 +714,43 @@ print("ok")
 """
 
 
+@pytest.mark.parametrize("mode", ["flat", "multi_tensor", "step_in_backward", "bfloat16"])
+def test_share_memory_after_the_optimizer_was_built(mode):
+    """model.share_memory() after the flat mode packed the params moves the flat buffers'
+    storage into shared memory in place (every param and gradient view with it) and frees
+    the old memory: the optimizer follows (its kernel arrays are made again), and the
+    params stay in the shared buffer. It raised at the next step before."""
+    results = []
+    for kind in ("torch", mode):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                    torch.nn.Linear(5, 2))
+        if kind == "bfloat16":
+            model = model.bfloat16()
+        if kind == "torch":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        else:
+            opt = fot.AdamW(model.parameters(), lr=1e-2, multi_tensor=kind == "multi_tensor")
+        handle = fot.step_in_backward(model, opt) if kind == "step_in_backward" else None
+        for s in range(6):
+            if s == 2:
+                model.share_memory()
+                assert all(p.is_shared() for p in model.parameters())
+            x = torch.full((3, 4), 0.1 * (s + 1), dtype=next(model.parameters()).dtype)
+            model(x).float().square().sum().backward()
+            if handle is None:
+                opt.step()
+                opt.zero_grad()
+        results.append([p.detach().float() for p in model.parameters()])
+        if kind == "flat":  # (the params are still the flat buffer's views)
+            b = opt._buckets[0][0]
+            assert b.flat.is_shared()
+            assert all(p.data_ptr() == a for p, a in zip(model.parameters(), b.addresses,
+                                                         strict=True))
+    tol = dict(rtol=2e-2, atol=2e-2) if mode == "bfloat16" else {}
+    torch.testing.assert_close(results[1], results[0], **tol)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork()")
 def test_a_shared_memory_model_is_stepped_where_it_lies():
     """torch's Hogwild recipe: model.share_memory(), then worker processes build their

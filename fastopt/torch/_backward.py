@@ -170,6 +170,8 @@ class StepInBackward:
     def _step(self, c: _Chunk, which: list[int]) -> None:
         opt, b = self.opt, c.bucket
         group = opt.param_groups[c.group]
+        if b.buffers_at() != b.buffer_addresses:  # (model.share_memory() after packing)
+            b.follow_moved_buffers()
         for i in which:
             b.check_address(i)
         if c.group not in self._round:  # (the group's first chunk this backward)

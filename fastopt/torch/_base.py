@@ -519,6 +519,41 @@ class _Bucket:
             _OWNERS[ptr] = self
         elif in_place and first.numel():
             _IN_PLACE[first.data_ptr()] = self
+        #: where the flat param and gradient buffers' data were when the kernel arrays were
+        #: made (``follow_moved_buffers``)
+        self.buffer_addresses = self.buffers_at()
+
+    def buffers_at(self) -> tuple[int, int]:
+        """Where the flat param and gradient buffers' data start now (0: no buffer)."""
+        return self.flat.data_ptr(), 0 if self.grad is None else self.grad.data_ptr()
+
+    def follow_moved_buffers(self) -> None:
+        """The flat buffers' storage moved, their views with it: ``Module.share_memory()``
+        moves each storage into shared memory in place, the params' and gradients' (all
+        views of the flat buffers) included, and frees the old memory. The kernel arrays,
+        prepared calls and bound launches hold the old addresses: they are made again. A
+        param still at its place in the flat buffer takes its new address; one that left it
+        (``.data`` replaced) keeps the old one, so ``check_address`` still sees it."""
+        old_flat = self.buffer_addresses[0]
+        new_flat = self.flat.data_ptr()
+        if new_flat != old_flat and not self.in_place:
+            size = self.flat.element_size()
+            for i, offset in enumerate(self.offsets):
+                moved = new_flat + offset * size
+                if self.addresses[i] == old_flat + offset * size \
+                        and self.local_address(i) == moved:
+                    self.addresses[i] = moved
+            for ptr, owner in list(_OWNERS.items()):
+                if owner is self:
+                    del _OWNERS[ptr]
+            ptr = self.flat.untyped_storage().data_ptr()
+            if ptr:
+                _OWNERS[ptr] = self
+        self._arrays.clear()
+        self.prepared.clear()
+        self.unbind()
+        self._make_grad_views()
+        self.buffer_addresses = self.buffers_at()
 
     def aligned(self, n: int) -> int:
         """n elements rounded up to where the next param starts."""
@@ -589,6 +624,7 @@ class _Bucket:
         self._make_grad_views()
         self._arrays.clear()
         self.unbind()  # (the launches hold views of the old gradient buffer)
+        self.buffer_addresses = self.buffers_at()
 
     def restore_grads(self) -> None:
         """A flat gradient buffer again (after step in backward is removed)."""
@@ -596,6 +632,7 @@ class _Bucket:
         self._make_grad_views()
         self._arrays.clear()
         self.unbind()
+        self.buffer_addresses = self.buffers_at()
 
     def _make_grad_views(self) -> None:
         """Each param's view of the flat gradient buffer (None without one), and where each
@@ -668,6 +705,7 @@ class _Bucket:
         self._arrays.clear()
         self.prepared.clear()
         self.unbind()
+        self.buffer_addresses = self.buffers_at()
         if not same:
             with torch.no_grad():
                 if self.master is not None:
@@ -1679,6 +1717,8 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, group: dict, schedule: Schedule, b: _Bucket,
                      hypers: dict) -> None:
+        if b.buffers_at() != b.buffer_addresses:  # (model.share_memory() after packing)
+            b.follow_moved_buffers()
         have_grad, grads = [], None
         views, addresses = b.grad_views, b.grad_addresses
         for i, p in enumerate(b.params):
