@@ -83,7 +83,7 @@ _FUNCS = {
     "max": ("max", "max", "fmax", "fmaxf"),
     "min": ("min", "min", "fmin", "fminf"),
     "abs": ("abs", "abs", "fabs", "fabsf"),
-    "sign": ("np.sign", "np.sign", "fo_sign", "fo_sign"),  # -1, 0 or 1; NaN stays NaN
+    "sign": ("fo_sign", "fo_sign", "fo_sign", "fo_sign"),  # torch.sign: -1, 1 or 0 (NaN: 0)
     "log": ("math.log", "np.log", "log", "logf"),
     "exp": ("math.exp", "np.exp", "exp", "expf"),
 }
@@ -389,7 +389,7 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
         lines.append("    g = grads[i]")
     elif reads_g:  # (a segmented update pass may not read the gradient again)
         lines.append("    g = grad_factor * load_grad(grads, i, fmt)"
-                     + (" + l2 * p" if x.uses_l2 else ""))
+                     + (" + l2_term(l2, p)" if x.uses_l2 else ""))
     if x.uses_decay:
         lines.append("    p = decay * p")
     for s, buf in zip(d.state, buffers, strict=True):
@@ -436,6 +436,16 @@ def _scalar_call_args(x: _Parts, scalars: list[str], lines: list[str], done: set
 
 
 def numba_source(d: Definition) -> str:
+    """The Numba module of ``d``: its kernels and their helpers."""
+    text = _numba_module(d)
+    used = [name for name in ("fo_sign", "l2_term") if f"{name}(" in text]
+    if used:  # (imported where the element calls them)
+        text = text.replace("from ..convert import LOW16, step_seed",
+                            f"from ..convert import LOW16, {', '.join(used)}, step_seed")
+    return text
+
+
+def _numba_module(d: Definition) -> str:
     if d.factored is not None:
         return factored_numba_source(d)
     x = _Parts(d)
@@ -933,8 +943,8 @@ def _cuda_group(x: _Parts, fn: str, args: list[str], stored, reads_g: bool,
     lines += ["#pragma unroll", f"{indent}for (int j = 0; j < W; ++j) {{"]
     inner = indent + "    "
     if reads_g and direction != "load":
-        lines.append(f"{inner}g[j] = grad_factor * g[j] + l2 * p[j];" if x.uses_l2
-                     else f"{inner}g[j] = grad_factor * g[j];")
+        lines.append(f"{inner}g[j] = l2 != 0.0f ? grad_factor * g[j] + l2 * p[j] : "
+                     "grad_factor * g[j];" if x.uses_l2 else f"{inner}g[j] = grad_factor * g[j];")
     if x.uses_decay:
         lines.append(f"{inner}p[j] = decay * p[j];")
     outputs = ["direction_out[j]"] if direction == "store" else []
@@ -1109,8 +1119,9 @@ def _cuda_int8(x: _Parts) -> list[str]:
                      if s.name in x.conditional else f"            if (live) {load}")
     lines += ["#pragma unroll",
               "            for (int k = 0; k < K; ++k) {",
-              "                g[k] = grad_factor * g[k]" + (" + l2 * p[k];" if x.uses_l2
-                                                          else ";")]
+              "                g[k] = " + ("l2 != 0.0f ? grad_factor * g[k] + l2 * p[k] : "
+                                          "grad_factor * g[k];" if x.uses_l2
+                                          else "grad_factor * g[k];")]
     if x.uses_decay:
         lines.append("                p[k] = decay * p[k];")
     for k, s in read:

@@ -13,6 +13,17 @@ def _f64(*arrays):
     return [np.asarray(a, dtype=np.float64) for a in arrays]
 
 
+def _l2(grad, weight_decay, params):
+    """grad + weight_decay * params; as torch, no term at weight_decay 0 (an inf param
+    stays inf rather than 0 * inf = NaN)."""
+    return grad + weight_decay * params if weight_decay != 0.0 else grad
+
+
+def _sign(x):
+    """torch.sign: 1, -1, or 0 for +-0 and NaN (numpy's sign keeps NaN)."""
+    return np.where(x > 0, 1.0, np.where(x < 0, -1.0, 0.0))
+
+
 def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr, beta1=0.9,
          beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=False,
          maximize=False):
@@ -22,7 +33,7 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr, b
     if decoupled:
         params = params * (1.0 - lr * weight_decay)
     else:
-        grad = grad + weight_decay * params
+        grad = _l2(grad, weight_decay, params)
     exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad * grad
     bias_correction1 = 1.0 - beta1**step
@@ -40,7 +51,7 @@ def adagrad(params, grads, state_sum, *, step, lr, lr_decay=0.0, eps=1e-10, weig
             maximize=False):
     """Adagrad with torch's lr_decay: clr = lr / (1 + (step - 1) * lr_decay)."""
     params, grads, state_sum = _f64(params, grads, state_sum)
-    grad = (-grads if maximize else grads) + weight_decay * params
+    grad = _l2(-grads if maximize else grads, weight_decay, params)
     clr = lr / (1.0 + (step - 1) * lr_decay)
     state_sum = state_sum + grad * grad
     params = params - clr * grad / (np.sqrt(state_sum) + eps)
@@ -52,7 +63,7 @@ def adadelta(params, grads, square_avg, acc_delta, *, step, lr, rho=0.9, eps=1e-
     """Adadelta (Zeiler 2012) with torch's lr factor on the update."""
     del step  # Adadelta has no step-dependent term beyond the schedule
     params, grads, square_avg, acc_delta = _f64(params, grads, square_avg, acc_delta)
-    grad = (-grads if maximize else grads) + weight_decay * params
+    grad = _l2(-grads if maximize else grads, weight_decay, params)
     square_avg = rho * square_avg + (1.0 - rho) * grad * grad
     delta = np.sqrt(acc_delta + eps) / np.sqrt(square_avg + eps) * grad
     acc_delta = rho * acc_delta + (1.0 - rho) * delta * delta
@@ -67,7 +78,7 @@ def sgd(params, grads, momentum_buffer=None, *, step, lr, momentum=0.0, dampenin
     g + momentum b. Returns (params, momentum_buffer) (None without momentum)."""
     del step  # no step-dependent term beyond the schedule
     params, grads = _f64(params, grads)
-    grad = (-grads if maximize else grads) + weight_decay * params
+    grad = _l2(-grads if maximize else grads, weight_decay, params)
     buf = None
     if momentum != 0.0:
         if momentum_buffer is None:
@@ -85,7 +96,7 @@ def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, s
     (None for the buffers the options do not use)."""
     del step
     params, grads, square_avg = _f64(params, grads, square_avg)
-    grad = (-grads if maximize else grads) + weight_decay * params
+    grad = _l2(-grads if maximize else grads, weight_decay, params)
     square_avg = alpha * square_avg + (1.0 - alpha) * grad * grad
     if centered:
         grad_avg = np.asarray(grad_avg, np.float64) + (1.0 - alpha) * (grad - grad_avg)
@@ -104,7 +115,7 @@ def adamax(params, grads, exp_avg, exp_inf, *, step, lr, beta1=0.9, beta2=0.999,
            weight_decay=0.0, maximize=False):
     """Adamax as torch.optim.Adamax: u <- max(beta2 u, |g| + eps); p -= lr/(1-b1^k) m / u."""
     params, grads, exp_avg, exp_inf = _f64(params, grads, exp_avg, exp_inf)
-    grad = (-grads if maximize else grads) + weight_decay * params
+    grad = _l2(-grads if maximize else grads, weight_decay, params)
     exp_avg = exp_avg + (1.0 - beta1) * (grad - exp_avg)
     exp_inf = np.maximum(beta2 * exp_inf, np.abs(grad) + eps)
     params = params - lr / (1.0 - beta1**step) * exp_avg / exp_inf
@@ -121,7 +132,7 @@ def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr, beta1=0.9
     if decoupled_weight_decay:
         params = params * (1.0 - lr * weight_decay)
     else:
-        grad = grad + weight_decay * params
+        grad = _l2(grad, weight_decay, params)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     mu_product = mu_product * mu
@@ -142,7 +153,7 @@ def radam(params, grads, exp_avg, exp_avg_sq, *, step, lr, beta1=0.9, beta2=0.99
     if decoupled_weight_decay:
         params = params * (1.0 - lr * weight_decay)
     else:
-        grad = grad + weight_decay * params
+        grad = _l2(grad, weight_decay, params)
     exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
     exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grad**2
     m_hat = exp_avg / (1.0 - beta1**step)
@@ -167,7 +178,7 @@ def rprop(params, grads, prev, step_size, *, step, lr, etas=(0.5, 1.2),
     factor = np.where(same > 0, etas[1], np.where(same < 0, etas[0], 1.0))
     step_size = np.clip(step_size * factor, step_sizes[0], step_sizes[1])
     grad = np.where(same < 0, 0.0, grad)
-    return params - np.sign(grad) * step_size, grad, step_size
+    return params - _sign(grad) * step_size, grad, step_size
 
 
 def asgd(params, grads, ax, eta, mu, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6,
@@ -176,7 +187,7 @@ def asgd(params, grads, ax, eta, mu, *, step, lr, lambd=1e-4, alpha=0.75, t0=1e6
     them (at step 1: eta = lr, mu = 1) and leaves new ones computed from this step's lr.
     Returns (params, ax, eta, mu)."""
     params, grads, ax = _f64(params, grads, ax)
-    grad = (-grads if maximize else grads) + weight_decay * params
+    grad = _l2(-grads if maximize else grads, weight_decay, params)
     if step == 1:
         eta, mu = lr, 1.0
     params = params * (1.0 - lambd * eta) - eta * grad
@@ -193,7 +204,7 @@ def lion(params, grads, exp_avg, *, step, lr, betas=(0.9, 0.99), weight_decay=0.
     grad = -grads if maximize else grads
     beta1, beta2 = betas
     params = params * (1.0 - lr * weight_decay)
-    params = params - lr * np.sign(beta1 * exp_avg + (1.0 - beta1) * grad)
+    params = params - lr * _sign(beta1 * exp_avg + (1.0 - beta1) * grad)
     return params, beta2 * exp_avg + (1.0 - beta2) * grad
 
 
@@ -237,7 +248,7 @@ def adamwschedulefree(params, grads, z, exp_avg_sq, weight_sum, lr_max, *, step,
     weight_sum = weight_sum + weight
     c = weight / weight_sum if weight_sum else 0.0
     exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * grads**2
-    u = grads / (np.sqrt(exp_avg_sq / (1.0 - beta2**step)) + eps) + weight_decay * y
+    u = _l2(grads / (np.sqrt(exp_avg_sq / (1.0 - beta2**step)) + eps), weight_decay, y)
     x = (y - (1.0 - beta1) * z) / beta1  # the average the params would show in eval mode
     z = z - lr_k * u
     x = (1.0 - c) * x + c * z

@@ -39,11 +39,9 @@ FO_HD float bits_float(unsigned u) {
 #endif
 }
 
-// The sign of x as the definitions' sign() (numpy's np.sign): -1, 0 (for +-0) or 1; NaN stays.
-FO_HD float fo_sign(float x) {
-    return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : (x == 0.0f ? 0.0f : x));
-}
-FO_HD double fo_sign(double x) { return x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : (x == 0.0 ? 0.0 : x)); }
+// The sign of x as the definitions' sign() (torch.sign): 1, -1, or 0 for +-0 and NaN.
+FO_HD float fo_sign(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+FO_HD double fo_sign(double x) { return x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0); }
 
 // bfloat16 optimizer state is stored as raw bits (mirrors fastopt/cpu/convert.py): read
 // exactly, written with stochastic rounding (unbiased) from 16 random bits per buffer.

@@ -214,10 +214,10 @@ STATE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def sign(x: float) -> float:
-    """The definition subset's sign(): -1.0, 0.0 or 1.0 (NaN stays NaN), as numpy's np.sign.
+    """The definition subset's sign(), as torch.sign: 1.0, -1.0, or 0.0 for +-0 and NaN.
     Definitions import it so their functions are plain Python; the generator translates the
-    call (Numba ``np.sign``, CUDA ``fo_sign``)."""
-    return 1.0 if x > 0 else -1.0 if x < 0 else 0.0 if x == 0 else x
+    call (``fo_sign``: fastopt.cpu.convert's for Numba, kernels/common.cuh's for CUDA)."""
+    return 1.0 if x > 0 else -1.0 if x < 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ def prologue(step, lr, beta1, beta2, warmup_steps, r, weight_lr_power, weight_su
 def element(p, g, z, exp_avg_sq, *, beta2, eps, weight_decay, scheduled_lr, ckp1,
             one_minus_ckp1, lerp_from_start, y_step, bias_correction2, one_minus_beta2):
     exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * (g * g)
-    g = g / (sqrt(exp_avg_sq / bias_correction2) + eps) + weight_decay * p
+    g = g / (sqrt(exp_avg_sq / bias_correction2) + eps)
+    if weight_decay != 0.0:  # (as schedulefree: no term at 0, an inf param stays inf)
+        g = g + weight_decay * p
     if lerp_from_start:
         p = p + ckp1 * (z - p)
     else:

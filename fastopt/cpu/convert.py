@@ -102,6 +102,40 @@ def _from_float(f, fmt):
 
 
 @helper
+def l2_term(l2, p):
+    """The L2 decay term of ``g + weight_decay * p``, as torch adds it: l2 * p, and at
+    l2 = 0 exactly -0.0 (g + -0.0 is g, bit for bit), where 0 * p would be NaN for an inf
+    param (a learnable mask's -inf turned NaN in one step). Branch-free: p's bits are masked
+    to -0.0 when l2 is 0. An ``if l2 != 0`` in the element, or a select of p, made SGD's
+    momentum loop 15-20 % slower (bench/NOTES.md); the mask costs nothing measurable."""
+    keep = _U(0xFFFFFFFF) if l2 != 0.0 else _U(0)
+    bits = _U(_U(np.float32(p).view(np.uint32) & keep) | _U(~keep & _U(0x80000000)))
+    return l2 * bits.view(np.float32)
+
+
+def fo_sign(x):
+    """The definitions' sign(), as torch.sign: 1 for x > 0, -1 for x < 0, else 0 (for +-0
+    and for NaN, where numpy's gives NaN: torch's Rprop and lion-pytorch then leave the
+    param as it is), in x's type."""
+
+
+@overload(fo_sign, inline="always")
+def _fo_sign(x):
+    if not isinstance(x, types.Float):
+        raise TypingError(f"fo_sign takes a float, got {x}")
+    one = np.dtype(str(x)).type(1.0)
+    minus, zero = -one, one - one
+
+    def impl(x):
+        if x > 0:
+            return one
+        if x < 0:
+            return minus
+        return zero
+    return impl
+
+
+@helper
 def random32(i, seed):
     """32 pseudo-random bits for element i and the step's seed (a multiply-xorshift hash);
     each state buffer of the element takes its own 16 of them."""
