@@ -469,27 +469,31 @@ def gloo_world_of_one():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("schedule", [False, True])
+@pytest.mark.parametrize("schedule", [None, 0.1, 0.0])
 def test_dcp_state_dict_of_a_fresh_optimizer_moves_nothing(schedule, gloo_world_of_one):
     """get_optimizer_state_dict steps a fresh optimizer with zero grads at lr 0: params stay,
-    the state is torch's, and an in-kernel schedule is not advanced (a torch scheduler is not)."""
+    the state is torch's, and an in-kernel schedule is not advanced (a torch scheduler is not).
+    A warm-up from 0 (``schedule`` 0.0: the start lr's factor) used to take DCP's 0 for its
+    own, so the schedule advanced and the restored lr then held at 0 for good."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     from torch.optim import lr_scheduler as L
 
+    from fastopt.schedules import host_lr
+
     steps, lr = 30, 1e-2
-    fot_lr = S.warmup(S.cosine(lr, steps - 10), 10, start_lr=lr * 0.1) if schedule else lr
+    fot_lr = lr if schedule is None else S.warmup(S.cosine(lr, steps - 10), 10,
+                                                  start_lr=lr * schedule)
     ref, topt, ours, opt = pair("AdamW", lr=lr, weight_decay=0.1,
                                 fot_kw=dict(lr=fot_lr, weight_decay=0.1))
     tsched = None
-    if schedule:
-        tsched = L.SequentialLR(topt, [L.LinearLR(topt, 0.1, 1.0, 10),
-                                       L.CosineAnnealingLR(topt, steps - 10)], [10])
+    if schedule is not None:
+        tsched = L.LambdaLR(topt, lambda t: host_lr(fot_lr, t) / lr)
     start = make_model()
     theirs = get_optimizer_state_dict(ref, topt)
     mine = get_optimizer_state_dict(ours, opt)
     assert_close(ours, start, rtol=0, atol=0)
     assert_state_dicts_equal(mine, theirs, rtol=0, atol=0,
-                             groups="no lr" if schedule else "all")
+                             groups="all" if schedule is None else "no lr")
     for x, y in batches(steps):
         for model, o, sched in ((ref, topt, tsched), (ours, opt, None)):
             o.zero_grad()
@@ -499,6 +503,85 @@ def test_dcp_state_dict_of_a_fresh_optimizer_moves_nothing(schedule, gloo_world_
                 sched.step()
     assert_close(ours, ref)
     assert opt.param_groups[0]["lr"] == pytest.approx(topt.param_groups[0]["lr"], rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["full", "dcp"])
+@pytest.mark.parametrize("start", [0.0, 0.1])
+def test_dcp_resume_into_a_fresh_optimizer_keeps_the_schedule(how, start, gloo_world_of_one,
+                                                              tmp_path):
+    """A fresh optimizer loaded through DCP (set_state_dict with a full dict, or dcp.load of
+    a sharded one) resumes bit for bit. DCP first steps the fresh optimizer (a held step:
+    its schedule's table gains a row), and then loaded the saved table into it: a tensor
+    table of the other size failed to load, a table in lists kept the extra row."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    schedule = S.warmup(S.cosine(1e-2, 20), 4, start_lr=1e-2 * start)
+    gs = batches(8)
+
+    def make():
+        model = make_model()
+        return model, fot.AdamW(model.parameters(), lr=schedule, weight_decay=0.1)
+
+    def train(model, opt, part):
+        for x, y in part:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    straight, opt = make()
+    train(straight, opt, gs)
+    model, opt = make()
+    train(model, opt, gs[:4])
+    options = StateDictOptions(full_state_dict=how == "full")
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    if how == "dcp":
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    model, opt = make()
+    if how == "dcp":
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(tmp_path))
+        model_sd, optim_sd = state["model"], state["optim"]
+    set_state_dict(model, opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=options)
+    assert opt.param_groups[0]["schedule"] == schedule
+    train(model, opt, gs[4:])
+    assert_close(model, straight, rtol=0, atol=0)
+
+
+def test_a_hold_at_the_schedules_own_value_is_a_hold():
+    """group['lr'] set to the value fastopt wrote there (0 at a warm-up's start) holds the
+    lr as any other value does: the held steps do not advance the schedule, and writing
+    back the lr read from the group resumes it. fastopt told its own lr by value: the hold
+    was ignored, and the write-back then held the lr at 0 for good (the params never
+    moved again)."""
+    schedule = S.warmup(S.cosine(1e-2, 20), 3)
+    model = make_model()
+    opt = fot.Adam(model.parameters(), lr=schedule)
+    group = opt.param_groups[0]
+    saved = group["lr"]
+    used = []
+    for step, (x, y) in enumerate(batches(8)):
+        if step == 0:
+            group["lr"] = 0.0
+        if step == 2:
+            group["lr"] = saved
+        used.append(group["lr"])
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert used == pytest.approx([0.0, 0.0] + [float(schedule.at(k)) for k in range(6)])
+    # a float equal to the schedule's value, written while a hold lasts, ends it too
+    group["lr"] = 0.5
+    opt.step()
+    group["lr"] = float(schedule.at(6))
+    opt.step()
+    assert group["lr"] == pytest.approx(float(schedule.at(7)))
 
 
 def test_lr_set_on_a_scheduled_group_overrides_it_while_it_holds():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 import numbers
 import operator
 import re
@@ -947,6 +948,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
         #: value for the next step); any other value there was set by someone else and wins
         self._lr_written: list[float | None] = []
+        #: group index -> the lr someone else set that the group's last step used (a hold):
+        #: while it holds, writing back the schedule's value (an equal float) resumes it
+        self._lr_held: dict[int, object] = {}
         #: id(group) -> (the group's hyperparameter values, checked hyperparameters)
         self._checked: dict[int, tuple] = {}
         defaults = self._split_schedule(dict(defaults))
@@ -1442,18 +1446,27 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _schedule(self, index: int, group: dict) -> tuple[Schedule, bool]:
         """The schedule for the group's next step and whether it is the group's own: a
-        group['lr'] other than the one fastopt last wrote there (a torch scheduler's, the 0
-        of torch.distributed.checkpoint's dummy step, the user's) is used instead."""
+        group['lr'] other than the object fastopt last wrote there (a torch scheduler's, the
+        0 of torch.distributed.checkpoint's dummy step, the user's) is used instead. Told by
+        identity, not value: a hold at the value fastopt wrote (0 at a warm-up's start) is a
+        hold. Writing back the object read from group['lr'] resumes the schedule, and so does
+        a float equal to it written while a hold lasts."""
         lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            lr = _scalar(lr, "lr")
-        elif isinstance(lr, Schedule):  # a schedule put into group['lr'] (e.g. ZeRO's sync of
+        if isinstance(lr, Schedule):  # a schedule put into group['lr'] (e.g. ZeRO's sync of
             # its groups, built from our defaults) becomes the group's schedule
             group["schedule"] = self.definition.check_schedule(lr)
             return lr, True
         schedule = group.get("schedule")
-        if schedule is not None and lr == self._lr_written[index]:
-            return schedule, True
+        if schedule is not None:
+            written = self._lr_written[index]
+            if lr is written:
+                return schedule, True
+            held = self._lr_held.get(index)
+            if held is not None and lr is not held and _same_lr(lr, written):
+                group["lr"] = written  # (a hold ended by writing the schedule's value back)
+                return schedule, True
+        if isinstance(lr, torch.Tensor):
+            lr = _scalar(lr, "lr")
         return as_schedule(lr), False
 
     def _patch_step_function(self) -> None:
@@ -1612,7 +1625,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             group["schedule"] = schedule = advanced(schedule, 1)
         if own:
             group["lr"] = self._lr_written[index] = host_lr(schedule, after)
-        elif "schedule" in group and after > before:
+            self._lr_held.pop(index, None)
+        elif "schedule" in group:
+            self._lr_held[index] = group["lr"]
+        if not own and "schedule" in group and after > before:
             # steps taken at someone else's lr do not advance the group's schedule, as
             # they would not advance a torch scheduler
             group["schedule"] = _delayed(group["schedule"], after - before)
@@ -2168,7 +2184,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             if changed:
                 self._publish_group(group, buckets)
                 schedule = group.get("schedule")
-                if schedule is not None and group["lr"] == self._lr_written[index]:
+                if schedule is not None and group["lr"] is self._lr_written[index]:
                     group["lr"] = self._lr_written[index] = host_lr(schedule,
                                                                     _group_step(buckets))
 
@@ -2200,7 +2216,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._master_entries(d)
         for group, buckets in zip(d["param_groups"], self._buckets, strict=True):
             if isinstance(group.get("schedule"), Schedule):  # (torch.load's weights_only
-                group["schedule"] = _schedule_payload(group["schedule"])  # takes tensors)
+                group["schedule"] = _schedule_payload(group["schedule"])  # takes strings)
             for name in self._group_scalars:  # group scalars: numbers, as schedulefree's
                 if isinstance(group.get(name), torch.Tensor):
                     group[name] = float(group[name])
@@ -2315,6 +2331,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             "groups": [dict(g) for g in self.param_groups],
             "state": {k: dict(v) for k, v in self.state.items()},
             "lr_written": list(self._lr_written),
+            "lr_held": dict(self._lr_held),
             "buckets": [[({**{n: t.clone() for n, t in b.state.items()},
                            **{ABSMAX_KEY.format(n): t.clone() for n, t in b.absmax.items()}},
                           None if b.master is None else b.master.clone(),
@@ -2334,6 +2351,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             group.update(saved)
         self.state = defaultdict(dict, backup["state"])
         self._lr_written = backup["lr_written"]
+        self._lr_held = backup["lr_held"]
         self._checked.clear()
         for buckets, saved in zip(self._buckets, backup["buckets"], strict=True):
             for b, (state, master, half, scalars, steps, started, fresh, step, uniform,
@@ -2366,12 +2384,14 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _sync_lr(self, index: int, group: dict, buckets: list[_Bucket], keep: bool) -> None:
         """After loading: the schedule's value for the next step is the lr fastopt wrote; with
-        ``keep`` False group['lr'] is set to it, else a different saved lr keeps overriding."""
+        ``keep`` False group['lr'] is set to it, else a saved lr equal to it is the schedule's
+        (a dict holds copies: ``_schedule`` tells its own lr by identity) and a different
+        one keeps overriding."""
         written = None
         schedule = group.get("schedule")
         if schedule is not None:
             written = host_lr(schedule, _group_step(buckets)) if buckets else group["lr"]
-            if not keep:
+            if not keep or _same_lr(group["lr"], written):
                 group["lr"] = written
         self._lr_written[index] = written
 
@@ -2516,6 +2536,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         }
 
     def __setstate__(self, state: dict) -> None:
+        self._lr_held = {}
         if "_fastopt_lr_written" not in state:  # torch's load_state_dict, or an old pickle
             super().__setstate__(state)
             for group in self.param_groups:
@@ -2544,7 +2565,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         for k, st in saved.items():  # state not keyed by a param, kept as torch keeps it
             if k not in self.state and not any(k is p for g in groups for p in g["params"]):
                 self.state[k] = st
-        self._lr_written = written
+        # (a pickle holds copies: a group's lr equal to the one fastopt wrote is its own,
+        # ``_schedule`` telling them by identity)
+        self._lr_written = [group["lr"] if _same_lr(group["lr"], w) else w
+                            for group, w in zip(self.param_groups, written, strict=True)]
+
+
+def _same_lr(lr, written) -> bool:
+    """Whether a loaded group['lr'] is the value fastopt wrote (a float equal to it)."""
+    return written is not None and isinstance(lr, float) and lr == written
 
 
 def _stale(raw: Int8State, values, signed: bool) -> bool:
@@ -2591,22 +2620,38 @@ def _saved_int8(st: dict, name: str, param: torch.Tensor) -> Int8State | None:
 
 
 def _schedule_payload(schedule: Schedule) -> dict:
-    """A schedule as a state dict keeps it: its float64 table as a tensor and its
-    description, which ``torch.load(weights_only=True)`` (torch's default) reads back."""
-    return {"table": torch.from_numpy(schedule.table.copy()), "description": repr(schedule)}
+    """A schedule as a state dict keeps it: its float64 table as a JSON string (rows of
+    floats, each written exactly) and its description, which ``torch.load(weights_only=
+    True)`` (torch's default) reads back. A string, not a tensor or lists: the table's size
+    changes with the schedule (a held step prepends a row: the dummy step of DCP's
+    ``get_state_dict`` on a fresh optimizer is one), and torch.distributed.checkpoint
+    plans a tensor's load by its saved size (a fresh optimizer's table failed to load) and
+    merges lists element by element (the loaded table kept the fresh one's extra row); a
+    string it replaces whole."""
+    return {"table": json.dumps(schedule.table.tolist()), "description": repr(schedule)}
 
 
 def _schedule_from_payload(value) -> Schedule:
-    """A Schedule from what a state dict holds: the payload above, or a Schedule (state
-    dicts of earlier fastopt versions). The table is checked as any schedule's."""
+    """A Schedule from what a state dict holds: the payload above (its table as a JSON
+    string; a tensor or lists in state dicts of earlier fastopt versions), or a Schedule
+    (earlier still). The table is checked as any schedule's."""
     if isinstance(value, Schedule):
         return value
     if not (isinstance(value, dict) and set(value) == {"table", "description"}
-            and isinstance(value["table"], torch.Tensor)):
+            and isinstance(value["table"], (str, torch.Tensor, list))):
         raise ValueError("param group 'schedule' must be a fastopt Schedule or "
-                         "{'table': tensor, 'description': str}, as state_dict() saves it; "
-                         f"got {type(value).__name__}")
-    table = value["table"].detach().to("cpu", torch.float64).numpy()
+                         "{'table': its rows, 'description': str}, as state_dict() "
+                         f"saves it; got {type(value).__name__}")
+    table = value["table"]
+    try:
+        if isinstance(table, str):
+            table = json.loads(table)
+        elif isinstance(table, torch.Tensor):
+            table = table.detach().to("cpu", torch.float64).numpy()
+        table = np.array(table, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"param group 'schedule': its table is not rows of numbers ({e})") \
+            from None
     return Schedule(table, str(value["description"]))
 
 

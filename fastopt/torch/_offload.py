@@ -370,8 +370,13 @@ class CPUOffload(torch.optim.Optimizer):
         the host optimizers' groups."""
         for group, buckets in zip(self.param_groups, self._buckets, strict=True):
             values = {k: v for k, v in group.items() if k not in _NOT_HYPERS}
+            # the group shows the first host's lr: while it is that (no one changed it), each
+            # host keeps the lr it wrote itself (hosts tell their own by identity)
+            ours = bool(buckets) and values.get("lr") is buckets[0].host._lr_written[0]
             for b in buckets:
                 b.host.param_groups[0].update(values)
+                if ours and b.host._lr_written[0] is not None:
+                    b.host.param_groups[0]["lr"] = b.host._lr_written[0]
 
     def _pull_groups(self) -> None:
         """The host optimizers' group values after a step (the schedule's next lr). A host
