@@ -458,7 +458,7 @@ def rprop(params, grads, prev, step_size, *, step, lr=None, schedule=None, maste
                            step_size_min, step_size_max)
         g <- 0 where s < 0;   p <- p - sign(g) step_size;   prev <- g
     step_size starts at the lr of the first step; the lr plays no other part, so Rprop refuses a
-    schedule (as torch, whose schedulers would change nothing).
+    schedule (in torch a later lr reaches only params that take their first step later).
 
     One step k = ``step`` in place; returns the lr the kernel used.
 

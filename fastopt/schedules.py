@@ -613,10 +613,12 @@ class ReduceOnPlateau:
             raise ValueError(f"factor must be < 1.0, got {factor}")
         if not all(hasattr(optimizer, a) for a in ("schedule", "lr_scale", "step_count")):
             raise TypeError(
-                f"ReduceOnPlateau scales a fastopt.<Name> optimizer's in-kernel lr; "
-                f"{type(optimizer).__module__}.{type(optimizer).__name__} has none: for a "
+                f"ReduceOnPlateau scales the lr of a fastopt.<Name> optimizer (its lr_scale); "
+                f"{type(optimizer).__module__}.{type(optimizer).__name__} is not one: for a "
                 "fastopt.torch optimizer use torch.optim.lr_scheduler.ReduceLROnPlateau, "
-                "which sets group['lr'] as for any torch optimizer")
+                "which sets group['lr'] as for any torch optimizer (a value it sets overrides "
+                "an in-kernel schedule from then on: give the optimizer a float lr, or use "
+                "ReduceOnPlateau with fastopt.<Name>)")
         self.optimizer = optimizer
         self.mode, self.threshold_mode = mode, threshold_mode
         self.patience = _count("patience", patience, min_value=0)

@@ -10,7 +10,7 @@
 //                        step_size_min, step_size_max)
 //     g <- 0 where s < 0;   p <- p - sign(g) step_size;   prev <- g
 // step_size starts at the lr of the first step; the lr plays no other part, so Rprop refuses a
-// schedule (as torch, whose schedulers would change nothing).
+// schedule (in torch a later lr reaches only params that take their first step later).
 #include "common.cuh"
 #include "schedule.cuh"
 #include "signature.cuh"

@@ -509,8 +509,9 @@ class Definition:
         if not self.schedulable and not schedule.is_constant:
             raise ValueError(
                 f"{self.classes[0].name} takes a constant lr, not a schedule: the lr only sets "
-                "the initial step size (torch applies later lr changes to nothing), so a "
-                f"schedule would change nothing; got {schedule!r}")
+                "a param's initial step size, at its first step (as in torch, where a later lr "
+                "reaches only params that start later); set group['lr'] for such params "
+                f"instead; got {schedule!r}")
         return schedule
 
     def hyper(self, name: str) -> Hyper:
