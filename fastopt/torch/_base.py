@@ -275,11 +275,6 @@ def _memory_span(t: torch.Tensor) -> tuple[int, int, int]:
     return t.untyped_storage().data_ptr(), first, first + extent * size
 
 
-def _part_of_larger(p: torch.Tensor) -> bool:
-    """Whether ``p``'s storage holds more than ``p`` (a view of part of a larger tensor)."""
-    return p.untyped_storage().nbytes() > p.numel() * p.element_size()
-
-
 def _listed_once(params) -> list:
     """The constructor's ``params`` as a list whose groups' ``params`` are lists too (torch
     makes them lists; a generator would be spent by a first look)."""
@@ -906,9 +901,6 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: whether a step where no param of a group had a gradient advances the group's
     #: schedule (``_finish_group``; CPUOffload's hosts count by their group instead)
     _advance_idle_groups = True
-    #: while a pickle or deep copy is restored (``__setstate__``): its params are views of
-    #: the copied flat buffer, packed again, not stepped in place as parts of a larger tensor
-    _unpickling = False
     _advanced_cache: dict | None = None
 
     @property
@@ -1167,13 +1159,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                 "update; use master_weights='remainder' (bfloat16) or 'none'")
         aliased = set() if self.multi_tensor else aliased
         if not self.multi_tensor:  # params in shared memory (model.share_memory(): torch's
-            # Hogwild, processes stepping one model), and params that are part of a larger
-            # tensor (views of a flat buffer someone else reads: ZeRO's bucket views, a
-            # contiguous parameter buffer) are stepped where they lie too: packing would move
-            # them away from the memory the others read
+            # Hogwild, processes stepping one model) are stepped where they lie too: packing
+            # would move them into this process's own memory, away from the others'
             aliased |= {id(p) for p in params if not is_dtensor(p) and p.numel()
-                        and p.is_contiguous() and _owner(p) is None
-                        and (p.is_shared() or (_part_of_larger(p) and not self._unpickling))}
+                        and p.is_contiguous() and p.is_shared()}
         packed = [] if self.multi_tensor else [p for p in params if not is_dtensor(p)
                                                and id(p) not in aliased]
         stepped = [p for p in packed if _IN_PLACE.get(p.data_ptr()) is not None]
@@ -2562,12 +2551,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not had_differentiable:  # (torch's base __setstate__ adds it; the groups had none)
             self.defaults.pop("differentiable", None)
         self._buckets, self._lr_written, self._checked = [], [], {}
-        self._unpickling = True  # (the params are views of the pickled flat buffer: packed)
-        try:
-            for group in groups:
-                self.add_param_group(group)
-        finally:
-            del self._unpickling
+        for group in groups:
+            self.add_param_group(group)
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
                                                      strict=True)):
             for j, b in enumerate(buckets):
