@@ -576,12 +576,26 @@ def test_a_hold_at_the_schedules_own_value_is_a_hold():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     assert used == pytest.approx([0.0, 0.0] + [float(schedule.at(k)) for k in range(6)])
-    # a float equal to the schedule's value, written while a hold lasts, ends it too
-    group["lr"] = 0.5
-    opt.step()
-    group["lr"] = float(schedule.at(6))
-    opt.step()
-    assert group["lr"] == pytest.approx(float(schedule.at(7)))
+    # a float equal to the schedule's value, written while a hold lasts, ends it too, also
+    # after the optimizer was copied, pickled or loaded during the hold
+    for how in ("live", "deepcopy", "pickle", "state_dict"):
+        equal = group["lr"] + 0.0  # (the schedule's value, as another float object)
+        group["lr"] = 0.5
+        opt.step()
+        if how == "deepcopy":
+            model, opt = copy.deepcopy((model, opt))
+        elif how == "pickle":
+            model, opt = pickle.loads(pickle.dumps((model, opt)))
+        elif how == "state_dict":
+            saved = opt.state_dict()
+            del opt
+            opt = fot.Adam(model.parameters(), lr=schedule)
+            opt.load_state_dict(saved)
+        group = opt.param_groups[0]
+        assert group["lr"] == 0.5  # (the hold goes on)
+        group["lr"] = equal
+        opt.step()
+        assert group["lr"] is opt._lr_written[0] and group["lr"] != equal, how  # (resumed)
 
 
 def test_lr_set_on_a_scheduled_group_overrides_it_while_it_holds():
@@ -955,6 +969,7 @@ def test_a_group_without_any_gradient_still_moves_its_lr(mode):
 
 
 NONFINITE_CASES = [("Adam", {}), ("Adam", dict(amsgrad=True, weight_decay=0.1)), ("AdamW", {}),
+                   ("SGD", dict(lr=0.1, weight_decay=-0.0)),
                    ("SGD", dict(lr=0.1)), ("SGD", dict(lr=0.1, momentum=0.9)),
                    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
                    ("RMSprop", {}), ("RMSprop", dict(momentum=0.9, centered=True)),
@@ -985,5 +1000,13 @@ def test_nonfinite_params_and_gradients_as_torch(name, kw, multi):
             o.step()
         torch.testing.assert_close(ps[1], ps[0], rtol=1e-5, atol=1e-6, equal_nan=True,
                                    msg=lambda m, s=s: f"step {s}: {m}")
+    # no decay term at weight_decay 0 (nor -0.0): a -0.0 gradient stays -0.0, as in torch
+    zeros = [torch.nn.Parameter(torch.tensor([-0.0, 1.0])) for _ in range(2)]
+    opts = [getattr(torch.optim, name)([zeros[0]], **kw),
+            getattr(fot, name)([zeros[1]], multi_tensor=multi, **kw)]
+    for p, o in zip(zeros, opts, strict=True):
+        p.grad = torch.tensor([-0.0, 0.5])
+        o.step()
+    assert torch.equal(zeros[1].signbit(), zeros[0].signbit()), (zeros[1], zeros[0])
     if not kw.get("weight_decay"):  # (with L2 decay torch's mask turns NaN too)
         assert ps[1][1] == -float("inf") and ps[1][4] == float("inf")

@@ -110,7 +110,8 @@ def l2_term(l2, p):
     momentum loop 15-20 % slower (bench/NOTES.md); the mask costs nothing measurable."""
     keep = _U(0xFFFFFFFF) if l2 != 0.0 else _U(0)
     bits = _U(_U(np.float32(p).view(np.uint32) & keep) | _U(~keep & _U(0x80000000)))
-    return l2 * bits.view(np.float32)
+    factor = l2 if l2 != 0.0 else np.float32(0.0)  # (+0: l2 -0.0 would make +0.0)
+    return factor * bits.view(np.float32)
 
 
 def fo_sign(x):

@@ -2389,10 +2389,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         one keeps overriding."""
         written = None
         schedule = group.get("schedule")
+        self._lr_held.pop(index, None)
         if schedule is not None:
             written = host_lr(schedule, _group_step(buckets)) if buckets else group["lr"]
             if not keep or _same_lr(group["lr"], written):
                 group["lr"] = written
+            else:  # (a hold saved with the dict goes on: an equal float written ends it)
+                self._lr_held[index] = group["lr"]
         self._lr_written[index] = written
 
     @torch.no_grad()
@@ -2569,6 +2572,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         # ``_schedule`` telling them by identity)
         self._lr_written = [group["lr"] if _same_lr(group["lr"], w) else w
                             for group, w in zip(self.param_groups, written, strict=True)]
+        self._lr_held = {i: group["lr"] for i, (group, w) in enumerate(zip(
+            self.param_groups, self._lr_written, strict=True))
+            if w is not None and group["lr"] is not w}  # (a hold pickled goes on)
 
 
 def _same_lr(lr, written) -> bool:
@@ -2633,8 +2639,8 @@ def _schedule_payload(schedule: Schedule) -> dict:
 
 def _schedule_from_payload(value) -> Schedule:
     """A Schedule from what a state dict holds: the payload above (its table as a JSON
-    string; a tensor or lists in state dicts of earlier fastopt versions), or a Schedule
-    (earlier still). The table is checked as any schedule's."""
+    string, or as a tensor in state dicts of earlier fastopt versions; rows given as lists
+    are taken too), or a Schedule (earlier still). The table is checked as any schedule's."""
     if isinstance(value, Schedule):
         return value
     if not (isinstance(value, dict) and set(value) == {"table", "description"}
