@@ -554,12 +554,51 @@ def test_dcp_resume_into_a_fresh_optimizer_keeps_the_schedule(how, start, gloo_w
     assert_close(model, straight, rtol=0, atol=0)
 
 
+def test_zero_resume_keeps_the_in_kernel_schedule(gloo_world_of_one):
+    """ZeroRedundancyOptimizer over a fastopt optimizer with an in-kernel schedule, resumed
+    from its consolidated state dict (through torch.save): ZeRO's load puts the state into
+    its local optimizer's ``state`` and copies the loaded group values (a float lr equal to
+    the schedule's) into its groups, never calling the local load_state_dict. The lr was
+    then a hold for good (5.8e-3 off the uninterrupted run); it is taken as a load takes
+    it now, and the resumed run equals the uninterrupted one bit for bit."""
+    import io
+
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from fastopt.schedules import host_lr
+
+    schedule = S.warmup(S.cosine(1e-2, 20, end_lr=1e-4), 4)
+    data = batches(12)
+
+    def make(model):
+        return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fot.AdamW,
+                                       lr=schedule, weight_decay=0.1)
+
+    straight = make_model()
+    train(straight, make(straight), data)
+    model = make_model()
+    opt = make(model)
+    train(model, opt, data[:6])
+    opt.consolidate_state_dict(to=0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    resumed = make_model()
+    resumed.load_state_dict(saved["model"])
+    opt = make(resumed)
+    opt.load_state_dict(saved["optim"])
+    train(resumed, opt, data[6:])
+    assert_close(resumed, straight, rtol=0, atol=0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(host_lr(schedule, 12))
+
+
 def test_a_hold_at_the_schedules_own_value_is_a_hold():
     """group['lr'] set to the value fastopt wrote there (0 at a warm-up's start) holds the
     lr as any other value does: the held steps do not advance the schedule, and writing
-    back the lr read from the group resumes it. fastopt told its own lr by value: the hold
-    was ignored, and the write-back then held the lr at 0 for good (the params never
-    moved again)."""
+    back the lr read from the group (or the schedule itself) resumes it. fastopt told its
+    own lr by value: the hold was ignored, and the write-back then held the lr at 0 for
+    good (the params never moved again)."""
     schedule = S.warmup(S.cosine(1e-2, 20), 3)
     model = make_model()
     opt = fot.Adam(model.parameters(), lr=schedule)
@@ -576,26 +615,30 @@ def test_a_hold_at_the_schedules_own_value_is_a_hold():
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     assert used == pytest.approx([0.0, 0.0] + [float(schedule.at(k)) for k in range(6)])
-    # a float equal to the schedule's value, written while a hold lasts, ends it too, also
-    # after the optimizer was copied, pickled or loaded during the hold
+    # a hold goes on through a copy, a pickle or a state dict (a hold at the schedule's own
+    # value too, where the dict can: a pickle), and putting the schedule back ends it
     for how in ("live", "deepcopy", "pickle", "state_dict"):
-        equal = group["lr"] + 0.0  # (the schedule's value, as another float object)
-        group["lr"] = 0.5
-        opt.step()
-        if how == "deepcopy":
-            model, opt = copy.deepcopy((model, opt))
-        elif how == "pickle":
-            model, opt = pickle.loads(pickle.dumps((model, opt)))
-        elif how == "state_dict":
-            saved = opt.state_dict()
-            del opt
-            opt = fot.Adam(model.parameters(), lr=schedule)
-            opt.load_state_dict(saved)
-        group = opt.param_groups[0]
-        assert group["lr"] == 0.5  # (the hold goes on)
-        group["lr"] = equal
-        opt.step()
-        assert group["lr"] is opt._lr_written[0] and group["lr"] != equal, how  # (resumed)
+        for hold in (0.5, group["lr"] + 0.0):  # (+ 0.0: an equal float, another object)
+            if how == "state_dict" and hold != 0.5:
+                continue  # (a state dict holds values: one equal to the schedule's is its own)
+            group["lr"] = hold
+            opt.step()
+            if how == "deepcopy":
+                model, opt = copy.deepcopy((model, opt))
+            elif how == "pickle":
+                model, opt = pickle.loads(pickle.dumps((model, opt)))
+            elif how == "state_dict":
+                saved = opt.state_dict()
+                del opt
+                opt = fot.Adam(model.parameters(), lr=schedule)
+                opt.load_state_dict(saved)
+            group = opt.param_groups[0]
+            before = group["lr"]
+            opt.step()
+            assert group["lr"] == before == hold, how  # (the hold goes on)
+            group["lr"] = group["schedule"]
+            opt.step()
+            assert group["lr"] is opt._lr_written[0], how  # (resumed)
 
 
 def test_lr_set_on_a_scheduled_group_overrides_it_while_it_holds():
@@ -624,7 +667,7 @@ def test_lr_set_on_a_scheduled_group_overrides_it_while_it_holds():
     opt.param_groups[0]["lr"] = 0.0
     run(model, opt, gs[:3])
     assert opt.param_groups[0]["lr"] == 0.0  # still the user's
-    opt.param_groups[0]["lr"] = cos.at(0)  # the value fastopt left there: back to the schedule
+    opt.param_groups[0]["lr"] = opt.param_groups[0]["schedule"]  # back to the schedule
     run(model, opt, gs[3:5])
     assert opt.param_groups[0]["lr"] == pytest.approx(cos.at(2))
     assert opt.state[model[0].weight]["step"] == 5

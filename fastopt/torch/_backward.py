@@ -157,7 +157,7 @@ class StepInBackward:
             for index, (group, buckets) in enumerate(zip(opt.param_groups, opt._buckets,
                                                          strict=True)):
                 if buckets and index not in self._round:  # (no gradient in this group:
-                    opt._adopt_group_edits(group, buckets)  # it moves on all the same)
+                    opt._adopt_group_state(index, group, buckets)  # it moves on anyway)
                     self._round[index] = (*opt._schedule(index, group), _group_step(buckets))
             for index, (schedule, own, before) in self._round.items():
                 group = opt.param_groups[index]
@@ -175,7 +175,7 @@ class StepInBackward:
         for i in which:
             b.check_address(i)
         if c.group not in self._round:  # (the group's first chunk this backward)
-            opt._adopt_group_edits(group, opt._buckets[c.group])
+            opt._adopt_group_state(c.group, group, opt._buckets[c.group])
             schedule, own = opt._schedule(c.group, group)
             self._round[c.group] = (schedule, own, _group_step(opt._buckets[c.group]))
         schedule = self._round[c.group][0]

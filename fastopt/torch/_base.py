@@ -948,9 +948,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
         #: value for the next step); any other value there was set by someone else and wins
         self._lr_written: list[float | None] = []
-        #: group index -> the lr someone else set that the group's last step used (a hold):
-        #: while it holds, writing back the schedule's value (an equal float) resumes it
-        self._lr_held: dict[int, object] = {}
+        #: ids of the groups whose state was replaced from outside since their last step
+        #: (``_reload_param``): their lr is then taken as a load takes it (``_sync_lr``)
+        self._reloaded: set[int] = set()
         #: id(group) -> (the group's hyperparameter values, checked hyperparameters)
         self._checked: dict[int, tuple] = {}
         defaults = self._split_schedule(dict(defaults))
@@ -1310,6 +1310,18 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             self._reload_param(group, b, i, dict(st or {}))
 
+    def _adopt_group_state(self, index: int, group: dict, buckets: list[_Bucket]) -> None:
+        """``_adopt_group_edits``, and after state loaded from outside (a step count put into
+        ``opt.state``: ZeroRedundancyOptimizer's ``load_state_dict`` loads its local
+        optimizer so, and copies the loaded group values, lr included, into its groups) the
+        group's lr is taken as ``load_state_dict`` takes it (``_sync_lr``): the schedule's
+        if it equals the schedule's value at the loaded count, else a hold."""
+        self._adopt_group_edits(group, buckets)
+        if self._reloaded and id(group) in self._reloaded:
+            self._reloaded.discard(id(group))
+            if isinstance(group.get("schedule"), Schedule):
+                self._sync_lr(index, group, buckets, keep=True)
+
     def _adopt_group_edits(self, group: dict, buckets: list[_Bucket]) -> None:
         """``_adopt_edits`` for every param of a group, before any of them steps: a param
         whose state restarts takes the group's count and scalars (Schedule-Free's) as they
@@ -1359,6 +1371,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             master = {MASTER: b.shaped(b.master_values(slice(offset, offset + t.numel())),
                                        i)}
         given = any(k in st for k in ("step", *b.state, *b.scalars))
+        if "step" in st:  # (state loaded from outside, as ZeroRedundancyOptimizer's load puts
+            self._reloaded.add(id(group))  # it: the group's lr is then taken as a load would)
         self.state.pop(p, None)
         self._load_param(group, b, i, st if given else {}, {p: st}, master=master,
                          group_counts=True)
@@ -1450,24 +1464,35 @@ class FlatOptimizer(torch.optim.Optimizer):
         0 of torch.distributed.checkpoint's dummy step, the user's) is used instead. Told by
         identity, not value: a hold at the value fastopt wrote (0 at a warm-up's start) is a
         hold. Writing back the object read from group['lr'] resumes the schedule, and so does
-        a float equal to it written while a hold lasts."""
+        putting the schedule back (``group['lr'] = group['schedule']``). A loaded lr equal to
+        the schedule's value is relinked by the load (``_sync_lr``)."""
         lr = group["lr"]
         if isinstance(lr, Schedule):  # a schedule put into group['lr'] (e.g. ZeRO's sync of
             # its groups, built from our defaults) becomes the group's schedule
             group["schedule"] = self.definition.check_schedule(lr)
             return lr, True
         schedule = group.get("schedule")
-        if schedule is not None:
-            written = self._lr_written[index]
-            if lr is written:
-                return schedule, True
-            held = self._lr_held.get(index)
-            if held is not None and lr is not held and _same_lr(lr, written):
-                group["lr"] = written  # (a hold ended by writing the schedule's value back)
-                return schedule, True
+        if schedule is not None and not isinstance(schedule, Schedule):
+            schedule = self._take_loaded_schedule(index, group)
+            lr = group["lr"]
+        if schedule is not None and lr is self._lr_written[index]:
+            return schedule, True
         if isinstance(lr, torch.Tensor):
             lr = _scalar(lr, "lr")
         return as_schedule(lr), False
+
+    def _take_loaded_schedule(self, index: int, group: dict) -> Schedule:
+        """A group whose ``schedule`` is a state dict's payload was loaded around
+        ``load_state_dict`` (ZeroRedundancyOptimizer's load copies the loaded group values
+        into its local optimizer's groups and puts the state into ``opt.state``): the
+        schedule is taken from it, the loaded state first (the count), and the loaded lr as
+        a load takes it (``_sync_lr``: the schedule's if equal to its value, else a hold)."""
+        group["schedule"] = schedule = self.definition.check_schedule(
+            _schedule_from_payload(group["schedule"]))
+        buckets = self._buckets[index]
+        self._adopt_group_state(index, group, buckets)
+        self._sync_lr(index, group, buckets, keep=True)
+        return schedule
 
     def _patch_step_function(self) -> None:
         """As torch's: the class's step wrapped with the step hooks when an optimizer of it
@@ -1554,6 +1579,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             if not buckets:
                 plans.append(None)
                 continue
+            self._adopt_group_state(index, group, buckets)  # (first: an edited count counts)
             schedule, own = self._schedule(index, group)
             hypers = self._group_hypers(group)
             eps_rule = self._group_format_eps(group, buckets)
@@ -1580,7 +1606,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                     own: bool, hypers: dict) -> None:
         """One group's step: each bucket's kernel call (whole-bucket GPU launches of in-place
         buckets deferred to the group's end, ``_defers_launches``), then the group's lr."""
-        self._adopt_group_edits(group, buckets)  # (first: an edited count counts)
         before = _group_step(buckets)
         floor = self._group_count_floor
         self._group_count = before if floor is None or floor < before else floor
@@ -1625,10 +1650,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             group["schedule"] = schedule = advanced(schedule, 1)
         if own:
             group["lr"] = self._lr_written[index] = host_lr(schedule, after)
-            self._lr_held.pop(index, None)
-        elif "schedule" in group:
-            self._lr_held[index] = group["lr"]
-        if not own and "schedule" in group and after > before:
+        elif "schedule" in group and after > before:
             # steps taken at someone else's lr do not advance the group's schedule, as
             # they would not advance a torch scheduler
             group["schedule"] = _delayed(group["schedule"], after - before)
@@ -2331,7 +2353,6 @@ class FlatOptimizer(torch.optim.Optimizer):
             "groups": [dict(g) for g in self.param_groups],
             "state": {k: dict(v) for k, v in self.state.items()},
             "lr_written": list(self._lr_written),
-            "lr_held": dict(self._lr_held),
             "buckets": [[({**{n: t.clone() for n, t in b.state.items()},
                            **{ABSMAX_KEY.format(n): t.clone() for n, t in b.absmax.items()}},
                           None if b.master is None else b.master.clone(),
@@ -2351,7 +2372,6 @@ class FlatOptimizer(torch.optim.Optimizer):
             group.update(saved)
         self.state = defaultdict(dict, backup["state"])
         self._lr_written = backup["lr_written"]
-        self._lr_held = backup["lr_held"]
         self._checked.clear()
         for buckets, saved in zip(self._buckets, backup["buckets"], strict=True):
             for b, (state, master, half, scalars, steps, started, fresh, step, uniform,
@@ -2389,13 +2409,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         one keeps overriding."""
         written = None
         schedule = group.get("schedule")
-        self._lr_held.pop(index, None)
         if schedule is not None:
             written = host_lr(schedule, _group_step(buckets)) if buckets else group["lr"]
             if not keep or _same_lr(group["lr"], written):
                 group["lr"] = written
-            else:  # (a hold saved with the dict goes on: an equal float written ends it)
-                self._lr_held[index] = group["lr"]
         self._lr_written[index] = written
 
     @torch.no_grad()
@@ -2534,12 +2551,15 @@ class FlatOptimizer(torch.optim.Optimizer):
             "master_weights": self.master_weights,
             "multi_tensor": self.multi_tensor,
             "_fastopt_lr_written": list(self._lr_written),
+            # (whether each group's lr is the schedule's: the pickle holds copies of both)
+            "_fastopt_lr_own": [g["lr"] is w for g, w in zip(self.param_groups,
+                                                             self._lr_written, strict=True)],
             # (each param's step count: in the state above, except where torch keeps none)
             "_fastopt_steps": [[b.steps.clone() for b in buckets] for buckets in self._buckets],
         }
 
     def __setstate__(self, state: dict) -> None:
-        self._lr_held = {}
+        self._reloaded = set()
         if "_fastopt_lr_written" not in state:  # torch's load_state_dict, or an old pickle
             super().__setstate__(state)
             for group in self.param_groups:
@@ -2547,6 +2567,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             return
         state = dict(state)
         written = state.pop("_fastopt_lr_written")
+        own = state.pop("_fastopt_lr_own", None) or [True] * len(written)  # (older pickles)
         steps = state.pop("_fastopt_steps", None)
         groups, saved = state.pop("param_groups"), state.pop("state")
         had_differentiable = "differentiable" in state["defaults"]
@@ -2570,11 +2591,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self.state[k] = st
         # (a pickle holds copies: a group's lr equal to the one fastopt wrote is its own,
         # ``_schedule`` telling them by identity)
-        self._lr_written = [group["lr"] if _same_lr(group["lr"], w) else w
-                            for group, w in zip(self.param_groups, written, strict=True)]
-        self._lr_held = {i: group["lr"] for i, (group, w) in enumerate(zip(
-            self.param_groups, self._lr_written, strict=True))
-            if w is not None and group["lr"] is not w}  # (a hold pickled goes on)
+        self._lr_written = [group["lr"] if mine and _same_lr(group["lr"], w) else w
+                            for group, w, mine in zip(self.param_groups, written, own,
+                                                      strict=True)]
 
 
 def _same_lr(lr, written) -> bool:
