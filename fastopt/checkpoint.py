@@ -61,6 +61,11 @@ def save(opt, path) -> None:
     Refuses (``ValueError``) what ``load`` would refuse, e.g. an infinite ``lr_scale``.
     """
     path = Path(path)
+    if not callable(getattr(opt, "_checkpoint", None)):
+        raise TypeError(
+            f"fastopt.save writes a fastopt.<Name> optimizer; got {type(opt).__module__}."
+            f"{type(opt).__name__}: for a torch optimizer (fastopt.torch's included) save its "
+            "state_dict() with torch.save, or with torch.distributed.checkpoint")
     # state, params (16-bit as uint16 bits) and max_grad_norm of one moment between two steps
     d, params, max_grad_norm = opt._checkpoint()
     meta = {"format": FORMAT, "version": VERSION, "optimizer": d["optimizer"],

@@ -375,6 +375,15 @@ def test_save_refuses_what_load_would_refuse(tmp_path):
     opt.lr_scale, opt.max_grad_norm = 1.0, float("inf")  # inf = no clipping: fine
     fastopt.save(opt, tmp_path / "c.npz")
     assert fastopt.load(tmp_path / "c.npz", np.zeros(N, np.float32)).max_grad_norm == np.inf
+    # a torch optimizer (fastopt.torch's too) is refused with the way to save it
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    for other in (fot.AdamW([p]), torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))])):
+        with pytest.raises(TypeError, match="state_dict"):
+            fastopt.save(other, tmp_path / "t.npz")
+    assert not (tmp_path / "t.npz").exists()
 
 
 # ----------------------------------------------------------------- B: files that save writes
