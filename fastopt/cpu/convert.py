@@ -101,19 +101,6 @@ def _from_float(f, fmt):
     return lambda f, fmt: float_to_fp16(f)
 
 
-@helper
-def l2_term(l2, p):
-    """The L2 decay term of ``g + weight_decay * p``, as torch adds it: l2 * p, and at
-    l2 = 0 exactly -0.0 (g + -0.0 is g, bit for bit), where 0 * p would be NaN for an inf
-    param (a learnable mask's -inf turned NaN in one step). Branch-free: p's bits are masked
-    to -0.0 when l2 is 0. An ``if l2 != 0`` in the element, or a select of p, made SGD's
-    momentum loop 15-20 % slower (bench/NOTES.md); the mask costs nothing measurable."""
-    keep = _U(0xFFFFFFFF) if l2 != 0.0 else _U(0)
-    bits = _U(_U(np.float32(p).view(np.uint32) & keep) | _U(~keep & _U(0x80000000)))
-    factor = l2 if l2 != 0.0 else np.float32(0.0)  # (+0: l2 -0.0 would make +0.0)
-    return factor * bits.view(np.float32)
-
-
 def fo_sign(x):
     """The definitions' sign(), as torch.sign: 1 for x > 0, -1 for x < 0, else 0 (for +-0
     and for NaN, where numpy's gives NaN: torch's Rprop and lion-pytorch then leave the
