@@ -1317,7 +1317,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         group's lr is taken as ``load_state_dict`` takes it (``_sync_lr``): the schedule's
         if it equals the schedule's value at the loaded count, else a hold."""
         self._adopt_group_edits(group, buckets)
-        if self._reloaded and id(group) in self._reloaded:
+        if self._reloaded:
+            self._sync_reloaded(index, group, buckets)
+
+    def _sync_reloaded(self, index: int, group: dict, buckets: list[_Bucket]) -> None:
+        """The lr of a group whose state was loaded from outside, as a load takes it."""
+        if id(group) in self._reloaded:
             self._reloaded.discard(id(group))
             if isinstance(group.get("schedule"), Schedule):
                 self._sync_lr(index, group, buckets, keep=True)
@@ -1579,7 +1584,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             if not buckets:
                 plans.append(None)
                 continue
-            self._adopt_group_state(index, group, buckets)  # (first: an edited count counts)
+            self._adopt_group_edits(group, buckets)  # (first: an edited count counts)
+            if self._reloaded:
+                self._sync_reloaded(index, group, buckets)
             schedule, own = self._schedule(index, group)
             hypers = self._group_hypers(group)
             eps_rule = self._group_format_eps(group, buckets)
@@ -1638,14 +1645,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         a group count (schedulefree's ``k``) takes the step, as schedulefree's does
         (``_count_idle_step``); otherwise the lr moves on, as a torch scheduler's would,
         so the group's schedule is advanced by the step."""
-        idle = _group_step(buckets) == before and self._advance_idle_groups \
-            and not _capturing()
-        if idle and self.definition.group_step is not None:
-            self._count_idle_step(group, buckets, schedule, hypers)
-        if self.definition.group_step is not None and not _capturing():
-            self._share_group_counts(buckets)
-        self._publish_group(group, buckets)
         after = _group_step(buckets)
+        idle = after == before and self._advance_idle_groups and not _capturing()
+        if self.definition.group_step is not None:
+            if idle:
+                self._count_idle_step(group, buckets, schedule, hypers)
+            if not _capturing():
+                self._share_group_counts(buckets)
+            after = _group_step(buckets)
+        self._publish_group(group, buckets)
         if idle and own and after == before:
             group["schedule"] = schedule = advanced(schedule, 1)
         if own:
