@@ -441,10 +441,9 @@ def _scalar_call_args(x: _Parts, scalars: list[str], lines: list[str], done: set
 def numba_source(d: Definition) -> str:
     """The Numba module of ``d``: its kernels and their helpers."""
     text = _numba_module(d)
-    used = [name for name in ("fo_sign",) if f"{name}(" in text]
-    if used:  # (imported where the element calls them)
+    if "fo_sign(" in text:  # (imported where a definition calls sign())
         text = text.replace("from ..convert import LOW16, step_seed",
-                            f"from ..convert import LOW16, {', '.join(used)}, step_seed")
+                            "from ..convert import LOW16, fo_sign, step_seed")
     return text
 
 

@@ -787,6 +787,16 @@ class _Bucket:
             self._arrays[names] = made
         return made
 
+    def param_arrays(self, names: tuple, arrays: list, half: dict, i: int,
+                     n: int) -> tuple[list, dict]:
+        """The kernel arguments (``arrays``, ``half``) cut to param i's first n elements
+        (n = its size for a per-param step, 0 for a call over no element)."""
+        sl = slice(self.offsets[i], self.offsets[i] + n)
+        return [arrays[0][sl], arrays[1][sl],
+                *(a[self.state_part(name, i, i + 1, sl)]
+                  for name, a in zip(names, arrays[2:], strict=True))], \
+            {key: v[sl] if key == "master" and v is not None else v for key, v in half.items()}
+
     def master_values(self, part: slice) -> torch.Tensor:
         """The float32 values of the params in ``part`` of the flat buffer: float32 params,
         the master (made from params and remainders with "remainder"), or the 16-bit params'
@@ -1674,13 +1684,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         i = int(b.steps.argmax())
         names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
-        none = slice(b.offsets[i], b.offsets[i])
-        grads = arrays[0] if arrays[1] is None else arrays[1]  # (None: step in backward's)
-        empty = [arrays[0][none], grads[none],
-                 *(a[b.state_part(name, i, i + 1, none)]
-                   for name, a in zip(names, arrays[2:], strict=True))]
-        part = {key: v[none] if key == "master" and v is not None else v
-                for key, v in half.items()}
+        if arrays[1] is None:  # (step in backward: no gradient buffer; none is read)
+            arrays = [arrays[0], arrays[0], *arrays[2:]]
+        empty, part = b.param_arrays(names, arrays, half, i, 0)
         k = int(b.steps[i]) + 1
         self._run(b, names, hypers, empty, part, k, schedule, False, (i, i))
         b.steps[i] = k
@@ -1848,13 +1854,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         for i, has in enumerate(have_grad):  # torch skips params without grad
             if not has:
                 continue
-            sl = slice(b.offsets[i], b.offsets[i] + b.tensors[i].numel())
             k = int(b.steps[i]) + 1
-            part = {key: v[sl] if key == "master" and v is not None else v
-                    for key, v in half.items()}
-            sliced = [arrays[0][sl], arrays[1][sl],
-                      *(a[b.state_part(name, i, i + 1, sl)]
-                        for name, a in zip(names, arrays[2:], strict=True))]
+            sliced, part = b.param_arrays(names, arrays, half, i, b.tensors[i].numel())
             self._run(b, names, hypers, sliced, part, k, schedule, first_grad and b.fresh[i],
                       i)
             b.fresh[i] = False
