@@ -503,6 +503,10 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
     Any damaged, foreign or mismatched file raises ``CheckpointError`` and changes nothing.
     """
     path = Path(path)
+    if optimizer is not None and not isinstance(optimizer, (str, type)):
+        raise TypeError(f"optimizer= takes the expected class or its name, got an instance "
+                        f"of {type(optimizer).__name__}: load makes the optimizer itself "
+                        f"(optimizer=fastopt.{type(optimizer).__name__})")
     expected = getattr(optimizer, "__name__", optimizer)
     given_layout = SegmentTable.of(params) if hasattr(params, "views") else None
     params = params.buffer if hasattr(params, "views") else params

@@ -388,11 +388,11 @@ def _numba_helper(x: _Parts, fn: str, doc: str, body, scalar_args: list[str],
     if reads_g and g_is_stage_output:
         lines.append("    g = grads[i]")
     elif reads_g:  # (a segmented update pass may not read the gradient again)
-        # (the L2 term is added at weight_decay 0 too, where torch adds none: 0 * inf makes an
-        # inf param NaN, as the README says; any guard on it, a branch, a select or a bit mask,
-        # stopped LLVM vectorising Adam's serial loop: 7x slower below the parallel size)
-        lines.append("    g = grad_factor * load_grad(grads, i, fmt)"
-                     + (" + l2 * p" if x.uses_l2 else ""))
+        # (l2 None: no L2 term compiled, as torch adds none at weight decay 0 or with
+        # decoupled decay; a runtime guard on the term stopped LLVM vectorising Adam's serial
+        # loop, bench/NOTES.md)
+        lines.append("    g = add_l2(grad_factor * load_grad(grads, i, fmt), l2, p)"
+                     if x.uses_l2 else "    g = grad_factor * load_grad(grads, i, fmt)")
     if x.uses_decay:
         lines.append("    p = decay * p")
     for s, buf in zip(d.state, buffers, strict=True):
@@ -447,6 +447,15 @@ def numba_source(d: Definition) -> str:
     return text
 
 
+def _import(module: str, names: list[str]) -> str:
+    """``from module import names`` as ruff's isort writes it: one line where it fits in
+    100 characters, else one name per line in parentheses."""
+    line = f"from {module} import {', '.join(names)}"
+    if len(line) <= 100:
+        return line
+    return "\n".join([f"from {module} import (", *(f"    {n}," for n in names), ")"])
+
+
 def _numba_module(d: Definition) -> str:
     if d.factored is not None:
         return factored_numba_source(d)
@@ -456,8 +465,9 @@ def _numba_module(d: Definition) -> str:
              "import math  # noqa: F401  (a prologue may use it)", "",
              "import numpy as np", "from numba import prange", "",
              "from .._jit import helper, kernel",
-             "from ..access import decode_state, encode_state, load_grad, load_param, "
-             "state_random, store_param",
+             _import("..access", ["add_l2"] * x.uses_l2 + [
+                 "decode_state", "encode_state", "load_grad", "load_param", "state_random",
+                 "store_param"]),
              "from ..convert import LOW16, step_seed",
              "from ..schedule import lr_at", "", ""]
     if d.int8_refusal is None:  # (the int8 kernel's imports)
@@ -574,9 +584,7 @@ def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...],
         lines.append(f"    {scalar} = scalar{i}[0]")
     lines += pro.statements(x.prologue_body, "    ")
     lines.append("    grad_factor = np.float32((-1.0 if maximize else 1.0) * grad_mult)")
-    if x.uses_l2:
-        lines.append("    l2 = np.float32(0.0 if decoupled else weight_decay)"
-                     if x.decay == "choice" else "    l2 = np.float32(weight_decay)")
+    # (l2, the L2 term's float32 factor or None, is an argument: fastopt.engine.l2_term)
     if x.decay == "choice":
         lines.append("    decay = np.float32(1.0 - lr * weight_decay if decoupled else 1.0)")
     elif x.decay == "decoupled":

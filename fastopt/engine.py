@@ -59,7 +59,7 @@ def _dummy_scalar(xp):
 CPU_FIXED = tuple(name for name in CPU_SIGNATURE if name not in CPU_PER_STEP)
 if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
                  *(f"scalar{i}" for i in range(SCALAR_SLOTS)), "weight_decay", "decoupled",
-                 "maximize", *(f"h{i}" for i in range(KERNEL_SLOTS)), "fmt") \
+                 "maximize", *(f"h{i}" for i in range(KERNEL_SLOTS)), "fmt", "l2") \
         or CPU_PER_STEP != ("grads", "table", "step", "lr_scale", "grad_mult", "fresh",
                             "parallel") \
         or CPU_INT8_SIGNATURE != (*CPU_FIXED, *INT8_SCALES, *CPU_PER_STEP):
@@ -72,6 +72,16 @@ if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
 #: step, spin-wait against each other on few cores, which cost far more than parallel
 #: passes save while the stage dominates the step (measured in bench/NOTES.md, "Muon")
 MATRIX_PARALLEL_MIN = 1 << 24
+
+def l2_term(definition: Definition, weight_decay: float, decoupled: bool):
+    """The CPU kernels' ``l2`` argument (CPU_SIGNATURE): the L2 weight decay factor added to
+    the gradient, as a float32, or None where the step adds no such term (weight decay 0,
+    decoupled decay, or a definition whose decay is not L2). None compiles the kernel without
+    the term, as torch adds none: ``0 * p`` would make an inf param NaN."""
+    if definition.decay not in ("l2", "choice") or decoupled or weight_decay == 0.0:
+        return None
+    return np.float32(weight_decay)
+
 
 def master_weights_of(dtype: str, master) -> str:
     """Which of MASTER_WEIGHTS a master buffer means for params of format ``dtype``: a float32
@@ -108,9 +118,9 @@ class Prepared:
     """
 
     __slots__ = ("definition", "params", "master", "master_mode", "states", "scales", "int8",
-                 "scalars", "slots", "weight_decay",
-                 "decoupled", "maximize", "fmt", "parallel", "on_gpu", "dtype", "_fixed", "_fn",
-                 "_compiled", "segments", "_segment_arrays", "hypers", "stage", "_first")
+                 "scalars", "slots", "weight_decay", "decoupled", "maximize", "l2", "fmt",
+                 "parallel", "on_gpu", "dtype", "_fixed", "_fn", "_compiled", "segments",
+                 "_segment_arrays", "hypers", "stage", "_first")
 
     def __init__(self, definition: Definition, params, master, states: dict, hypers: dict,
                  dtype: str, on_gpu: bool, parallel: bool = False, scalars: dict | None = None,
@@ -163,6 +173,7 @@ class Prepared:
         else:
             self.decoupled = d.decay == "decoupled"
         self.maximize = bool(hypers.get("maximize", False))
+        self.l2 = l2_term(d, self.weight_decay, self.decoupled)
         self.fmt = FORMATS[dtype]
         self.parallel = parallel and (d.matrix is None or params.shape[0] >= MATRIX_PARALLEL_MIN)
         self._fn = None if on_gpu else cpu_kernel(d.name, f"{d.name}_int8" * self.int8)
@@ -174,7 +185,7 @@ class Prepared:
                                                               else compiled)
         #: the CPU kernel's fixed arguments, in CPU_FIXED order (checked at import below)
         self._fixed = (params, self.master, *self.states, *self.scalars, self.weight_decay,
-                       self.decoupled, self.maximize, *self.slots, self.fmt,
+                       self.decoupled, self.maximize, *self.slots, self.fmt, self.l2,
                        *self._segment_arrays, *self.scales)
 
     def cpu(self, grads, table: np.ndarray, step: int, lr_scale: float, grad_mult: float,
@@ -187,7 +198,7 @@ class Prepared:
                             parallel)
             self.matrix_stage()
         cache = self._compiled
-        key = (grads.dtype, grads.flags.writeable, parallel)
+        key = (grads.dtype, grads.flags.writeable, parallel, self.l2 is None)
         compiled = None if cache is None else cache.get(key)
         with kernel_guard(parallel):  # one parallel launch at a time under workqueue
             if compiled is not None:  # the arguments in CPU_SIGNATURE order
@@ -199,8 +210,9 @@ class Prepared:
             return lr
         # then the compiled specialisation directly: the same machine code without the
         # dispatcher typing 30 arguments every step (~0.5 µs, bench/NOTES.md 20). Only the
-        # grads (float32 or 16-bit bits, read-only or not) and the parallel flag (serial in a
-        # forked child) change type between steps: they key the cache.
+        # grads (float32 or 16-bit bits, read-only or not), the parallel flag (serial in a
+        # forked child) and, in a cache shared with another Prepared (other hyperparameter
+        # values), ``l2`` (None or float32) change type: they key the cache.
         compiled = self._fn.overloads.get(tuple(self._fn.typeof_pyval(a) for a in args))
         if compiled is not None:
             cache[key] = compiled.entry_point

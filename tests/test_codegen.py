@@ -56,7 +56,7 @@ def test_a_new_definition_generates_a_working_numba_kernel(tmp_path):
                                 scalar0=one, scalar1=one, scalar2=one, scalar3=one,
                                 weight_decay=0.01, decoupled=True, maximize=False, h0=0.9,
                                 h1=0.5, h2=0.0, h3=0.0, h4=0.0, h5=0.0, h6=0.0, h7=0.0, fmt=0,
-                                grads=g, table=table, step=k, lr_scale=1.0, grad_mult=1.0,
+                                l2=None, grads=g, table=table, step=k, lr_scale=1.0, grad_mult=1.0,
                                 fresh=0, parallel=False)
             assert lr == 0.1
             ref_p = ref_p * (1 - 0.1 * 0.01)

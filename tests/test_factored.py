@@ -171,7 +171,7 @@ def test_generated_adafactor_kernel_equals_the_reference(model, option):
     for k in range(1, 11):
         g = (rng.standard_normal(table.size) * rng.uniform(0.1, 3)).astype(np.float32)
         adafactor(params, none, *state, none, scalar, scalar, scalar, scalar,
-                  hyp["weight_decay"], False, hyp["maximize"], *slots, FP16, table.rows,
+                  hyp["weight_decay"], False, hyp["maximize"], *slots, FP16, None, table.rows,
                   table.chunks, *work, g, schedule, float(k), 1.0, 1.0, 0, k % 2 == 0)
         want, *want_state = reference.adafactor(
             want, g, *want_state, step=k, lr=lr, segments=segments,

@@ -1023,9 +1023,7 @@ NONFINITE_CASES = [("Adam", {}), ("Adam", dict(amsgrad=True, weight_decay=0.1)),
 @pytest.mark.parametrize("name,kw", NONFINITE_CASES)
 def test_a_nan_gradient_entry_as_torch(name, kw, multi):
     """A NaN gradient entry spreads as in torch. Rprop's sign of it was NaN where torch's
-    sign gives 0, so the param stayed NaN for good where torch leaves it and recovers. (inf
-    params are not compared: the CPU kernels add weight_decay * p at weight decay 0 too,
-    and 0 * inf is NaN, where torch adds no term: README.)"""
+    sign gives 0, so the param stayed NaN for good where torch leaves it and recovers."""
     init = torch.randn(8, generator=torch.Generator().manual_seed(0))
     ps = [torch.nn.Parameter(init.clone()) for _ in range(2)]
     opts = [getattr(torch.optim, name)([ps[0]], **kw),
@@ -1040,3 +1038,30 @@ def test_a_nan_gradient_entry_as_torch(name, kw, multi):
                                    msg=lambda m, s=s: f"step {s}: {m}")
     if name == "Rprop":
         assert bool(ps[1][2].isfinite())
+
+
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("name,kw", [*NONFINITE_CASES, ("AdamW", dict(weight_decay=0.1)),
+                                     ("NAdam", dict(weight_decay=0.1,
+                                                    decoupled_weight_decay=True)),
+                                     ("RAdam", dict(weight_decay=0.1,
+                                                    decoupled_weight_decay=True))])
+def test_an_inf_param_as_torch(name, kw, multi):
+    """An inf param (a learnable mask's -inf) stays as torch leaves it. The CPU kernels
+    added weight_decay * p at weight decay 0 and with decoupled decay too, where torch adds
+    no term, and 0 * inf made the param NaN at its first step (the kernels now compile no
+    term where there is none: fastopt.engine.l2_term)."""
+    init = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    init[3], init[5] = float("-inf"), float("inf")
+    ps = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    opts = [getattr(torch.optim, name)([ps[0]], **kw),
+            getattr(fot, name)([ps[1]], multi_tensor=multi, **kw)]
+    for s in range(4):
+        g = torch.randn(8, generator=torch.Generator().manual_seed(s + 1))
+        for p, o in zip(ps, opts, strict=True):
+            p.grad = g.clone()
+            o.step()
+        torch.testing.assert_close(ps[1], ps[0], rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=lambda m, s=s: f"step {s}: {m}")
+    if not kw.get("weight_decay") or kw.get("decoupled_weight_decay") or name == "AdamW":
+        assert ps[1][3] == float("-inf") or name in ("ASGD",), ps[1]

@@ -101,13 +101,18 @@ KERNEL_SIGNATURE: tuple[tuple[str, str], ...] = (
 #: the CPU kernels' arguments that change from step to step (the rest are fixed per optimizer)
 CPU_PER_STEP = ("grads", "table", "step", "lr_scale", "grad_mult", "fresh", "parallel")
 #: the CPU kernels' arguments: the uniform names (no device step counter, lr output or n),
-#: ``fmt`` (the 16-bit format) and the per-step ones last, so a caller packs the fixed part
-#: once (fastopt.engine)
+#: ``fmt`` (the 16-bit format), ``l2`` and the per-step ones last, so a caller packs the
+#: fixed part once (fastopt.engine). ``l2``: the L2 weight decay factor added to the
+#: gradient as a float32, or None where the step adds no such term (weight decay 0,
+#: decoupled decay, a definition without L2 decay: ``fastopt.engine.l2_term``). None is a
+#: type of its own, so those kernels compile no term at all, as torch adds none (an inf
+#: param then stays inf, where 0 * inf would make it NaN), while the loop stays one LLVM
+#: vectorises (a runtime guard on the term did not, bench/NOTES.md)
 CPU_SIGNATURE: tuple[str, ...] = tuple(
     name for name, _ in KERNEL_SIGNATURE
     if name not in ("table_rows", "step_state", "lr_out", "control", "master_mode", "n",
                     *CPU_PER_STEP)
-) + ("fmt", *CPU_PER_STEP)
+) + ("fmt", "l2", *CPU_PER_STEP)
 #: the CPU int8-state kernels' arguments (``<name>_int8``): CPU_SIGNATURE with each state
 #: slot's block scales (float32, one absmax per INT8_BLOCK elements) before the per-step ones;
 #: ``state<k>`` then holds the codes (uint8)

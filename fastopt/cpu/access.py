@@ -55,6 +55,11 @@ def decode_state(x):
     """The float32 value of a state element (float32, or bfloat16 bits)."""
 
 
+def add_l2(g, l2, p):
+    """The gradient with the L2 weight decay term, g + l2 * p; g itself where ``l2`` is None
+    (chosen at compile time: no term at all, so an inf param stays inf, as in torch)."""
+
+
 def encode_state(state, value, rand16):
     """The element to store into ``state``: float32 as is, or bfloat16 bits rounded
     stochastically with these 16 random bits. (No index argument: an index parameter inlined
@@ -118,6 +123,13 @@ def _format_eps(params, fmt):
     if is_bf16(fmt):
         return lambda params, fmt: 2.0 ** -7
     return lambda params, fmt: 2.0 ** -10
+
+
+@overload(add_l2, inline="always")
+def _add_l2(g, l2, p):
+    if isinstance(l2, types.NoneType):
+        return lambda g, l2, p: g
+    return lambda g, l2, p: g + l2 * p
 
 
 @overload(decode_state, inline="always")

@@ -576,7 +576,8 @@ class _Kernel:
         k = step_state[0] + 1, lr from the table, the update with grad_mult * control[0],
         lr_out[0] = lr, step_state[0] = k."""
         from fastopt._checks import FORMATS
-        from fastopt.engine import cpu_kernel
+        from fastopt.algorithms import REGISTRY
+        from fastopt.engine import cpu_kernel, l2_term
 
         control = values["control"]
         if control[1] != 0.0:  # a skipped step: nothing changes, not even k
@@ -592,7 +593,9 @@ class _Kernel:
         extra = {"step": k, "fmt": FORMATS[_FORMATS[self.suffix]], "parallel": n >= 16384,
                  "table": table, "grad_mult": values["grad_mult"] * control[0],
                  "decoupled": bool(values["decoupled"]), "maximize": bool(values["maximize"]),
-                 "fresh": int(values["fresh"])}
+                 "fresh": int(values["fresh"]),
+                 "l2": l2_term(REGISTRY[self.op], float(values["weight_decay"]),
+                               bool(values["decoupled"]))}
         if "tiles" in values:  # factored moments: the CPU's row blocks in place of the tiles
             extra.update(_cpu_row_blocks(values["segments"], values["factored"], n))
         args = []
