@@ -99,6 +99,10 @@ def test_mismatches_raise_and_change_nothing(tmp_path):
     target = np.full(N, 7.0, np.float32)
     with pytest.raises(fastopt.CheckpointError, match="Adam checkpoint, not Adagrad"):
         fastopt.load(path, target, optimizer="Adagrad")
+    # an optimizer instance for the class: a TypeError saying what to pass (the message was
+    # "holds a Adam checkpoint, not Adam(...)")
+    with pytest.raises(TypeError, match=r"optimizer=fastopt\.Adam\)"):
+        fastopt.load(path, target, optimizer=fastopt.Adam(np.zeros(3, np.float32)))
     assert np.all(target == 7.0)
     # a newer format version
     with np.load(path, allow_pickle=False) as z:
