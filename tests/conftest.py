@@ -1,5 +1,13 @@
 import os
 
+# Two test processes share CI's two cores, each with OpenMP thread pools (Numba's parallel
+# loops on GNU OpenMP, torch's intra-op threads): OpenMP's default waiting policy spins
+# between parallel regions, so the processes' threads spin against each other. Passive
+# waiting (threads sleep) took tests/test_adafactor.py and test_muon.py from 166 to 32 s
+# under -n 2 on a 2-core host (bench/NOTES.md). Set before torch or an OpenMP runtime loads,
+# and inherited by the tests' subprocesses; an explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import numpy as np
 import pytest
 from hypothesis import settings
