@@ -179,7 +179,8 @@ class Prepared:
         self._fn = None if on_gpu else cpu_kernel(d.name, f"{d.name}_int8" * self.int8)
         if on_gpu and not isinstance(params, np.ndarray):  # (numpy: the host-built kernels)
             _no_control(params.device.id)  # made now: a copy to the device is not capturable
-        #: (grads dtype, writeable, parallel) -> the compiled specialisation's entry point;
+        #: (grads dtype, writeable, parallel, l2 is None) -> the compiled specialisation's
+        #: entry point;
         #: None: always through the dispatcher
         self._compiled: dict | None = None if one_shot else ({} if compiled is None
                                                               else compiled)
