@@ -180,8 +180,7 @@ class Prepared:
         if on_gpu and not isinstance(params, np.ndarray):  # (numpy: the host-built kernels)
             _no_control(params.device.id)  # made now: a copy to the device is not capturable
         #: (grads dtype, writeable, parallel, l2 is None) -> the compiled specialisation's
-        #: entry point;
-        #: None: always through the dispatcher
+        #: entry point; None: always through the dispatcher
         self._compiled: dict | None = None if one_shot else ({} if compiled is None
                                                               else compiled)
         #: the CPU kernel's fixed arguments, in CPU_FIXED order (checked at import below)
