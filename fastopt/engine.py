@@ -73,6 +73,7 @@ if CPU_FIXED != ("params", "master", *(f"state{i}" for i in range(STATE_SLOTS)),
 #: passes save while the stage dominates the step (measured in bench/NOTES.md, "Muon")
 MATRIX_PARALLEL_MIN = 1 << 24
 
+
 def l2_term(definition: Definition, weight_decay: float, decoupled: bool):
     """The CPU kernels' ``l2`` argument (CPU_SIGNATURE): the L2 weight decay factor added to
     the gradient, as a float32, or None where the step adds no such term (weight decay 0,
