@@ -54,6 +54,37 @@ def test_import_compiles_nothing():
     assert float(out.stdout) < 5.0  # generous here; bench/NOTES.md has the measured time
 
 
+def test_kernels_alone_ask_for_512_bit_vectors():
+    """The kernel options carry LLVM's prefer-vector-width=512 into the kernel; a plain Numba
+    function compiled next does not get it. On an AVX-512 host the kernel's machine code
+    then uses 512-bit registers, in its parallel loop too (the parfor body, inlined into
+    Numba's gufunc wrapper, was vectorised under the attribute)."""
+    import re
+
+    import llvmlite.binding as llvm
+    from numba import njit, prange
+
+    from fastopt.cpu import _jit
+
+    def body(a, b):
+        for i in prange(a.shape[0]):
+            a[i] = a[i] - np.float32(0.5) * b[i] / (np.sqrt(b[i] * b[i]) + np.float32(1e-8))
+
+    kernel = njit(**{**_jit.KERNEL_OPTIONS, "cache": False})(body)  # (a cached one has no IR)
+    plain = njit(parallel=True)(body)
+    a, b = np.ones(256, np.float32), np.full(256, 2.0, np.float32)
+    kernel(a.copy(), b)
+    plain(a.copy(), b)
+    [kernel_ir] = kernel.inspect_llvm().values()
+    [plain_ir] = plain.inspect_llvm().values()
+    width_group = r"^attributes #\d+ = \{[^}]*" + re.escape(_jit.PREFER_512_BIT)
+    assert re.search(width_group, kernel_ir, re.M)
+    assert "prefer-vector-width" not in plain_ir
+    llvm.initialize_native_target()
+    if "+avx512f" in llvm.get_host_cpu_features().flatten():
+        assert "zmm" in "".join(kernel.inspect_asm().values())
+
+
 def test_cli_schedule_table(capsys):
     assert cli.main(["schedule", "warmup(cosine(1e-3, 100, end_lr=1e-5), 10)", "--steps", "101",
                      "--every", "50"]) == 0

@@ -1,13 +1,58 @@
 """The one set of Numba options every CPU kernel is compiled with."""
 
+from functools import cache
+
 from numba import njit
+from numba.core.compiler import Compiler
+
+#: LLVM's function attribute that sets the vector width its loop vectoriser aims for on this
+#: function. LLVM tunes Intel's AVX-512 CPUs (skylake-avx512 and later) to prefer 256-bit
+#: vectors for all code; fastopt's compute-bound kernels (int8 state, master-free 16-bit
+#: params) ran 1.3-1.5x faster with 512-bit ones on such a host (bench/NOTES.md, nineteenth and
+#: twentieth sessions). Where the CPU has no 512-bit vectors, or LLVM already prefers them
+#: (AMD znver4/5), it changes nothing.
+PREFER_512_BIT = '"prefer-vector-width"="512"'
+
+
+@cache
+def _wide_vector_context(base: type) -> type:
+    """A subclass of Numba's target context class ``base`` that marks every function it lowers
+    (the kernel, its parfor bodies, the overloads compiled into it) with PREFER_512_BIT."""
+
+    class WideVectorContext(base):
+        def post_lowering(self, mod, library):
+            for function in mod.functions:
+                if not function.is_declaration:
+                    # llvmlite accepts only its list of enum attributes through add();
+                    # the set's own add() writes the string attribute into the IR as is.
+                    set.add(function.attributes, PREFER_512_BIT)
+            super().post_lowering(mod, library)
+
+    WideVectorContext.__name__ = WideVectorContext.__qualname__ = "WideVector" + base.__name__
+    return WideVectorContext
+
+
+class WideVectorCompiler(Compiler):
+    """Numba's default pipeline, compiling with a target context that asks LLVM for 512-bit
+    vectors. The context is this compilation's own copy (``_make_subtarget``), and the parfor
+    bodies' compilations copy it in turn, so no other Numba function in the process changes.
+    The choice is not part of Numba's cache key: every fastopt kernel is always compiled this
+    way, so a cached kernel is always a 512-bit-preferring one."""
+
+    def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
+        super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
+        context = self.state.targetctx
+        if not type(context).__name__.startswith("WideVector"):
+            context.__class__ = _wide_vector_context(type(context))
+
 
 # error_model="numpy": no division-by-zero checks in the loop, so LLVM can vectorise it.
 # No fastmath at all, not even FMA contraction: LLVM contracted a * b + c differently in
 # different loop shapes (the serial and the prange loop, the float32 and the 16-bit
 # specialisations: 1 ulp apart, bench/NOTES.md 20), and the CUDA kernels (NVRTC --fmad=false)
 # and their g++ host build (-ffp-contract=off) contract nothing either. NaN/inf propagate.
-KERNEL_OPTIONS = dict(cache=True, parallel=True, nogil=True, error_model="numpy")
+KERNEL_OPTIONS = dict(cache=True, parallel=True, nogil=True, error_model="numpy",
+                      pipeline_class=WideVectorCompiler)
 HELPER_OPTIONS = dict(cache=True, error_model="numpy", inline="always")
 
 kernel = njit(**KERNEL_OPTIONS)
