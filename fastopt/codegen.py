@@ -517,7 +517,11 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
     those rows as its state buffers; a second encodes every state it stored against that
     state's new absmax. A state kept only under a condition (Adam's max_exp_avg_sq) is
     decoded and encoded in loops of its own under that condition: inside the two loops the
-    branch stopped LLVM vectorising them (7x slower). (Written into the kernel's loops, not a
+    branch stopped LLVM vectorising them (7x slower). For the same reason the element's own
+    load and store of such a state are unconditional here (its flag is passed as True): its
+    row holds zeros where the state is inactive, which is what the element reads then, and
+    what the element stores there is never encoded (SGD's int8 step with momentum 25 -> 10
+    ms at 1.6e7, bench/NOTES.md, twentieth session). (Written into the kernel's loops, not a
     function of its own: a call per block ran 6x slower when the kernel was compiled in the
     process, not loaded from the cache; one decode and one encode loop for the states, not
     one each: 10 % faster, bench/NOTES.md "int8 blocks".)"""
@@ -546,10 +550,12 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
     for k, s in read:
         if s.name in x.conditional:
             lines += under(s, [f"absmax{k} = scale{k}[b]", *over_block([decode(k, s)])])
+            lines += ["else:", *(f"    {line}" for line in over_block(
+                [f"{rows[k]}[j] = np.float32(0.0)"]))]
         else:
             lines.append(f"absmax{k} = scale{k}[b]")
     call = ["i", "j", "params", "grads", "master", *rows, "grad_factor", *x.decay_args,
-            *x.conditional.values(), *call_scalars]
+            *(["True"] * len(x.conditional)), *call_scalars]
     lines += over_block([*(decode(k, s) for k, s in read if s.name not in x.conditional),
                          *(line[20:] for line in _wrap(f"{name}_element(", call, ")", 20))])
     always = [(k, s) for k, s in stored if s.name not in x.conditional]

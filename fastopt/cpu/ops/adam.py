@@ -157,13 +157,17 @@ def adam_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values2[j] = decode_nonnegative(state2[i]) * absmax2
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values2[j] = np.float32(0.0)
                 for j in range(np.uint64(0), count):
                     i = lo + j
                     values0[j] = decode_signed(state0[i]) * absmax0
                     values1[j] = decode_nonnegative(state1[i]) * absmax1
                     adam_element(i, j, params, grads, master, values0, values1, values2,
-                                 grad_factor, l2, decay, active_max_exp_avg_sq, beta2_f32, eps_f32,
-                                 amsgrad, step_size_f32, inv_bc2_sqrt_f32, one_minus_beta1_f32,
+                                 grad_factor, l2, decay, True, beta2_f32, eps_f32, amsgrad,
+                                 step_size_f32, inv_bc2_sqrt_f32, one_minus_beta1_f32,
                                  one_minus_beta2_f32, fmt, seed)
                 inverse0, stored0 = block_inverse(block_absmax(values0, count))
                 inverse1, stored1 = block_inverse(block_absmax(values1, count))
@@ -198,13 +202,17 @@ def adam_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values2[j] = decode_nonnegative(state2[i]) * absmax2
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values2[j] = np.float32(0.0)
                 for j in range(np.uint64(0), count):
                     i = lo + j
                     values0[j] = decode_signed(state0[i]) * absmax0
                     values1[j] = decode_nonnegative(state1[i]) * absmax1
                     adam_element(i, j, params, grads, master, values0, values1, values2,
-                                 grad_factor, l2, decay, active_max_exp_avg_sq, beta2_f32, eps_f32,
-                                 amsgrad, step_size_f32, inv_bc2_sqrt_f32, one_minus_beta1_f32,
+                                 grad_factor, l2, decay, True, beta2_f32, eps_f32, amsgrad,
+                                 step_size_f32, inv_bc2_sqrt_f32, one_minus_beta1_f32,
                                  one_minus_beta2_f32, fmt, seed)
                 inverse0, stored0 = block_inverse(block_absmax(values0, count))
                 inverse1, stored1 = block_inverse(block_absmax(values1, count))

@@ -155,18 +155,26 @@ def rmsprop_int8(params, master, state0, state1, state2, state3, scalar0, scalar
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values1[j] = decode_signed(state1[i]) * absmax1
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values1[j] = np.float32(0.0)
                 if active_grad_avg:
                     absmax2 = scale2[b]
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values2[j] = decode_signed(state2[i]) * absmax2
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values2[j] = np.float32(0.0)
                 for j in range(np.uint64(0), count):
                     i = lo + j
                     values0[j] = decode_nonnegative(state0[i]) * absmax0
                     rmsprop_element(i, j, params, grads, master, values0, values1, values2,
-                                    grad_factor, l2, active_momentum_buffer, active_grad_avg,
-                                    lr_f32, alpha_f32, one_minus_alpha_f32, eps_f32, momentum_f32,
-                                    centered, has_momentum, fmt, seed)
+                                    grad_factor, l2, True, True, lr_f32, alpha_f32,
+                                    one_minus_alpha_f32, eps_f32, momentum_f32, centered,
+                                    has_momentum, fmt, seed)
                 inverse0, stored0 = block_inverse(block_absmax(values0, count))
                 for j in range(np.uint64(0), count):
                     i = lo + j
@@ -202,18 +210,26 @@ def rmsprop_int8(params, master, state0, state1, state2, state3, scalar0, scalar
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values1[j] = decode_signed(state1[i]) * absmax1
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values1[j] = np.float32(0.0)
                 if active_grad_avg:
                     absmax2 = scale2[b]
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values2[j] = decode_signed(state2[i]) * absmax2
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values2[j] = np.float32(0.0)
                 for j in range(np.uint64(0), count):
                     i = lo + j
                     values0[j] = decode_nonnegative(state0[i]) * absmax0
                     rmsprop_element(i, j, params, grads, master, values0, values1, values2,
-                                    grad_factor, l2, active_momentum_buffer, active_grad_avg,
-                                    lr_f32, alpha_f32, one_minus_alpha_f32, eps_f32, momentum_f32,
-                                    centered, has_momentum, fmt, seed)
+                                    grad_factor, l2, True, True, lr_f32, alpha_f32,
+                                    one_minus_alpha_f32, eps_f32, momentum_f32, centered,
+                                    has_momentum, fmt, seed)
                 inverse0, stored0 = block_inverse(block_absmax(values0, count))
                 for j in range(np.uint64(0), count):
                     i = lo + j

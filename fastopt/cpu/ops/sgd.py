@@ -128,12 +128,15 @@ def sgd_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, s
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values0[j] = decode_signed(state0[i]) * absmax0
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values0[j] = np.float32(0.0)
                 for j in range(np.uint64(0), count):
                     i = lo + j
-                    sgd_element(i, j, params, grads, master, values0, grad_factor, l2,
-                                active_momentum_buffer, lr_f32, momentum_f32, nesterov,
-                                has_momentum, fresh == 1 or (fresh == 2 and step == 1),
-                                one_minus_dampening_f32, fmt, seed)
+                    sgd_element(i, j, params, grads, master, values0, grad_factor, l2, True, lr_f32,
+                                momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
+                                step == 1), one_minus_dampening_f32, fmt, seed)
                 if active_momentum_buffer:
                     inverse0, stored0 = block_inverse(block_absmax(values0, count))
                     for j in range(np.uint64(0), count):
@@ -153,12 +156,15 @@ def sgd_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, s
                     for j in range(np.uint64(0), count):
                         i = lo + j
                         values0[j] = decode_signed(state0[i]) * absmax0
+                else:
+                    for j in range(np.uint64(0), count):
+                        i = lo + j
+                        values0[j] = np.float32(0.0)
                 for j in range(np.uint64(0), count):
                     i = lo + j
-                    sgd_element(i, j, params, grads, master, values0, grad_factor, l2,
-                                active_momentum_buffer, lr_f32, momentum_f32, nesterov,
-                                has_momentum, fresh == 1 or (fresh == 2 and step == 1),
-                                one_minus_dampening_f32, fmt, seed)
+                    sgd_element(i, j, params, grads, master, values0, grad_factor, l2, True, lr_f32,
+                                momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
+                                step == 1), one_minus_dampening_f32, fmt, seed)
                 if active_momentum_buffer:
                     inverse0, stored0 = block_inverse(block_absmax(values0, count))
                     for j in range(np.uint64(0), count):
