@@ -1665,8 +1665,10 @@ def factored_numba_source(d: Definition) -> str:
             "@scalar", *_wrap(f"def {fn}(", chunk_args, "):", 0),
             f'    """One chunk of {name}\'s {pass_name.replace("_", " ")}."""',
             *(f"    {line}" for line in inner)]) + ["", ""])
-        return over("c", "chunks.shape[0]",
-                    [line[12:] for line in _wrap(f"{fn}(", chunk_args, ")", 12)])
+        # (c as uint64 in both loops: prange's index is unsigned, range's signed, and each
+        # type compiled the function once more)
+        return over("c", "chunks.shape[0]", [line[12:] for line in _wrap(
+            f"{fn}(", ["np.uint64(c)", *chunk_args[1:]], ")", 12)])
 
     moment = f"{name}_moment(v, sq, {f32(kw(m.moment))})"
     # an element's second-moment estimate and direction: est from row q's factor and norm

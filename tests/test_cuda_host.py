@@ -4,7 +4,10 @@ uniform signature of fastopt.algorithms._spec.KERNEL_SIGNATURE, and compared wit
 reference and the Numba backend over many steps, for every definition in the registry."""
 
 import ctypes
+import fcntl
+import hashlib
 import itertools
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -74,6 +77,30 @@ def _host_kernels():
                 yield op, kernel, ""
 
 
+def _built_once(out: Path, cmd: list[str], tmp_path_factory) -> Path:
+    """The library ``cmd`` (g++ without its ``-o``) builds, built once per content: keyed by
+    the command, the wrappers, the shim and every kernel source, in the directory that
+    pytest-xdist's workers share (a lock makes the second worker wait for the first's build
+    instead of repeating its ~15 s)."""
+    digest = hashlib.sha256("\0".join(cmd[:-1]).encode())
+    for path in [Path(cmd[-1]), HERE / "shim.h",
+                 *sorted(Path(build.kernel_dir()).iterdir())]:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' common root (this run's only)
+        shared = shared.parent
+    so = shared / f"cuda_host_{digest.hexdigest()[:16]}.so"
+    with open(f"{so}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not so.exists():
+            partial = out / "kernels_host.so"
+            result = subprocess.run([*cmd, "-o", str(partial)], capture_output=True, text=True)
+            assert result.returncode == 0, result.stderr
+            os.replace(partial, so)
+    return so
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     if shutil.which("g++") is None:
@@ -100,12 +127,10 @@ def lib(tmp_path_factory):
         'double* control) { fo_emulate_launch(1, block, [&] { fo_grad_control(partial, '
         'parts, mult, max_norm, skip, norm, control); }); }']
     (out / "wrappers.cpp").write_text("\n".join(lines) + "\n")
-    so = out / "kernels_host.so"
-    cmd = ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared",
-           "-Wall", "-Werror", "-Wno-unknown-pragmas", "-include", str(HERE / "shim.h"),
-           f"-I{build.kernel_dir()}", str(out / "wrappers.cpp"), "-o", str(so)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    so = _built_once(out, ["g++", "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared",
+                           "-Wall", "-Werror", "-Wno-unknown-pragmas", "-include",
+                           str(HERE / "shim.h"), f"-I{build.kernel_dir()}",
+                           str(out / "wrappers.cpp")], tmp_path_factory)
     library = ctypes.CDLL(str(so))
     for op, kernel, suffix in _host_kernels():
         fn = getattr(library, f"emulate_{kernel}")

@@ -292,16 +292,16 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
                          col_partial, col_sq, parallel)
     if parallel:
         for c in prange(chunks.shape[0]):
-            adafactor_square_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
-                                  layout, factored, row_var, col_var, variance, row_norm, partials,
-                                  segvals, seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
-                                  one_minus_beta2_f32)
+            adafactor_square_sums(np.uint64(c), params, master, grads, fmt, grad_factor, chunks,
+                                  segments, layout, factored, row_var, col_var, variance, row_norm,
+                                  partials, segvals, seed, beta2_t_f32, decay_f32, eps1_f32,
+                                  eps1_sq_f32, one_minus_beta2_f32)
     else:
         for c in range(chunks.shape[0]):
-            adafactor_square_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
-                                  layout, factored, row_var, col_var, variance, row_norm, partials,
-                                  segvals, seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
-                                  one_minus_beta2_f32)
+            adafactor_square_sums(np.uint64(c), params, master, grads, fmt, grad_factor, chunks,
+                                  segments, layout, factored, row_var, col_var, variance, row_norm,
+                                  partials, segvals, seed, beta2_t_f32, decay_f32, eps1_f32,
+                                  eps1_sq_f32, one_minus_beta2_f32)
     # 2. the factors: rows and columns from their means of g^2, then each
     # matrix's row mean (float64 sum, in order), clamped by the estimate
     if parallel:
@@ -349,16 +349,16 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
     # 3. each chunk's sum of u^2
     if parallel:
         for c in prange(chunks.shape[0]):
-            adafactor_update_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
-                                  layout, factored, row_var, col_var, variance, row_norm, partials,
-                                  segvals, seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
-                                  one_minus_beta2_f32)
+            adafactor_update_sums(np.uint64(c), params, master, grads, fmt, grad_factor, chunks,
+                                  segments, layout, factored, row_var, col_var, variance, row_norm,
+                                  partials, segvals, seed, beta2_t_f32, decay_f32, eps1_f32,
+                                  eps1_sq_f32, one_minus_beta2_f32)
     else:
         for c in range(chunks.shape[0]):
-            adafactor_update_sums(c, params, master, grads, fmt, grad_factor, chunks, segments,
-                                  layout, factored, row_var, col_var, variance, row_norm, partials,
-                                  segvals, seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
-                                  one_minus_beta2_f32)
+            adafactor_update_sums(np.uint64(c), params, master, grads, fmt, grad_factor, chunks,
+                                  segments, layout, factored, row_var, col_var, variance, row_norm,
+                                  partials, segvals, seed, beta2_t_f32, decay_f32, eps1_f32,
+                                  eps1_sq_f32, one_minus_beta2_f32)
     # 4. each tensor's sums, its chunks' in chunk order, and its values
     for s in range(segments.shape[0]):
         param_sq = 0.0
@@ -374,14 +374,14 @@ def adafactor(params, master, state0, state1, state2, state3, scalar0, scalar1, 
     # 5. the update, with its tensor's values
     if parallel:
         for c in prange(chunks.shape[0]):
-            adafactor_update(c, params, master, grads, fmt, grad_factor, chunks, segments, layout,
-                             factored, row_var, col_var, variance, row_norm, partials, segvals,
-                             seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
+            adafactor_update(np.uint64(c), params, master, grads, fmt, grad_factor, chunks,
+                             segments, layout, factored, row_var, col_var, variance, row_norm,
+                             partials, segvals, seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
                              one_minus_beta2_f32)
     else:
         for c in range(chunks.shape[0]):
-            adafactor_update(c, params, master, grads, fmt, grad_factor, chunks, segments, layout,
-                             factored, row_var, col_var, variance, row_norm, partials, segvals,
-                             seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
+            adafactor_update(np.uint64(c), params, master, grads, fmt, grad_factor, chunks,
+                             segments, layout, factored, row_var, col_var, variance, row_norm,
+                             partials, segvals, seed, beta2_t_f32, decay_f32, eps1_f32, eps1_sq_f32,
                              one_minus_beta2_f32)
     return lr
