@@ -554,6 +554,10 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
                 [f"{rows[k]}[j] = np.float32(0.0)"]))]
         else:
             lines.append(f"absmax{k} = scale{k}[b]")
+    for k, s in enumerate(d.state):  # (a conditional state stored but not read: zeros too)
+        if s.name in x.conditional and all(s is not r for _, r in read):
+            lines += [f"if not {x.conditional[s.name]}:", *(f"    {line}" for line in over_block(
+                [f"{rows[k]}[j] = np.float32(0.0)"]))]
     call = ["i", "j", "params", "grads", "master", *rows, "grad_factor", *x.decay_args,
             *(["True"] * len(x.conditional)), *call_scalars]
     lines += over_block([*(decode(k, s) for k, s in read if s.name not in x.conditional),

@@ -69,6 +69,7 @@ def test_kernels_alone_ask_for_512_bit_vectors():
     def body(a, b):
         for i in prange(a.shape[0]):
             a[i] = a[i] - np.float32(0.5) * b[i] / (np.sqrt(b[i] * b[i]) + np.float32(1e-8))
+        return a.reshape((2, -1)).sum()  # (Numba compiles internal functions for these)
 
     kernel = njit(**{**_jit.KERNEL_OPTIONS, "cache": False})(body)  # (a cached one has no IR)
     plain = njit(parallel=True)(body)
@@ -80,6 +81,12 @@ def test_kernels_alone_ask_for_512_bit_vectors():
     width_group = r"^attributes #\d+ = \{[^}]*" + re.escape(_jit.PREFER_512_BIT)
     assert re.search(width_group, kernel_ir, re.M)
     assert "prefer-vector-width" not in plain_ir
+    # nor does the process's cache of Numba's internal functions (which the kernel's
+    # compilation would share without a cache of its own) hold a function with it
+    from numba.core.registry import cpu_target
+
+    for compiled in cpu_target.target_context.cached_internal_func.values():
+        assert "prefer-vector-width" not in compiled.library.get_llvm_str()
     llvm.initialize_native_target()
     if "+avx512f" in llvm.get_host_cpu_features().flatten():
         assert "zmm" in "".join(kernel.inspect_asm().values())

@@ -17,7 +17,10 @@ PREFER_512_BIT = '"prefer-vector-width"="512"'
 @cache
 def _wide_vector_context(base: type) -> type:
     """A subclass of Numba's target context class ``base`` that marks every function it lowers
-    (the kernel, its parfor bodies, the overloads compiled into it) with PREFER_512_BIT."""
+    (the kernel, its parfor bodies, the internal functions lowered for them) with
+    PREFER_512_BIT. fastopt's ``scalar`` functions (called by the kernels, not inlined into
+    them by Numba) compile with it too; numpy's overloads, typed at typing time, without.
+    """
 
     class WideVectorContext(base):
         def post_lowering(self, mod, library):
@@ -44,6 +47,10 @@ class WideVectorCompiler(Compiler):
         context = self.state.targetctx
         if not type(context).__name__.startswith("WideVector"):
             context.__class__ = _wide_vector_context(type(context))
+            # Numba's shallow copy shares the process's cache of internal functions (the
+            # allocator call, reductions); a dict of the kernel's own keeps the attribute
+            # out of that cache, and functions compiled for other code out of the kernel.
+            context.cached_internal_func = {}
 
 
 # error_model="numpy": no division-by-zero checks in the loop, so LLVM can vectorise it.
@@ -57,4 +64,5 @@ HELPER_OPTIONS = dict(cache=True, error_model="numpy", inline="always")
 
 kernel = njit(**KERNEL_OPTIONS)
 helper = njit(**HELPER_OPTIONS)
-scalar = njit(cache=True, error_model="numpy")
+# (functions called, not inlined, by the kernels: Adafactor's chunk passes hold loops)
+scalar = njit(cache=True, error_model="numpy", pipeline_class=WideVectorCompiler)
