@@ -13,9 +13,10 @@ code in it: master_weights="none" steps take 23-36 % less time with the format f
 import math
 
 import numpy as np
+from llvmlite import ir
 from numba import types
 from numba.core.errors import TypingError
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from .._checks import FORMATS
 from ._jit import scalar as helper  # LLVM inlines these; IR inlining of branches only warns
@@ -123,14 +124,41 @@ def _fo_sign(x):
     return impl
 
 
+@intrinsic
+def _hash32(typingctx, i, seed):
+    """random32's hash in 32-bit integer arithmetic (i and seed cut to their low 32 bits, as
+    np.uint32(x) does). Written as LLVM IR because Numba types uint32 * uint32 (and +, ^,
+    >>) as uint64: the same bits after the final cut, but LLVM then vectorised 64-bit lanes
+    (vpmullq: half the lanes of vpmulld, and slower), which made the stochastically rounded
+    stores compute-bound (bench/NOTES.md, twentieth session)."""
+    if not (isinstance(i, types.Integer) and isinstance(seed, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        u32 = ir.IntType(32)
+
+        def low32(value, ty):
+            width = value.type.width
+            if width > 32:
+                return builder.trunc(value, u32)
+            if width < 32:
+                return builder.sext(value, u32) if ty.signed else builder.zext(value, u32)
+            return value
+
+        h = builder.add(builder.mul(low32(args[0], i), u32(0x9E3779B1)), low32(args[1], seed))
+        h = builder.xor(h, builder.lshr(h, u32(15)))
+        h = builder.mul(h, u32(0x2C1B3C6D))
+        return builder.xor(h, builder.lshr(h, u32(12)))
+
+    return types.uint32(i, seed), codegen
+
+
 @helper
 def random32(i, seed):
-    """32 pseudo-random bits for element i and the step's seed (a multiply-xorshift hash);
-    each state buffer of the element takes its own 16 of them."""
-    h = _U(_U(_U(i) * _U(0x9E3779B1)) + _U(seed))
-    h = _U(h ^ _U(h >> _U(15)))
-    h = _U(h * _U(0x2C1B3C6D))
-    return _U(h ^ _U(h >> _U(12)))
+    """32 pseudo-random bits for element i and the step's seed (a multiply-xorshift hash,
+    in uint32 arithmetic: h = i * 0x9E3779B1 + seed; h ^= h >> 15; h *= 0x2C1B3C6D;
+    h ^= h >> 12); each state buffer of the element takes its own 16 of them."""
+    return _hash32(i, seed)
 
 
 @helper
