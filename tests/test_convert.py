@@ -65,3 +65,34 @@ def test_the_format_is_a_compile_time_marker_not_a_number():
         _to(np.zeros(2, np.uint16), BF16 == BF16, np.empty(2, np.float32))
     with pytest.raises(TypingError, match="format marker"):
         _from(np.zeros(2, np.float32), 1, np.empty(2, np.uint16))
+
+
+def _hash_reference(i: int, seed: int) -> int:
+    """random32's hash in Python integers (the CUDA kernels' random32 in kernels/common.cuh)."""
+    m = 0xFFFFFFFF
+    h = ((i & m) * 0x9E3779B1 + (seed & m)) & m
+    h ^= h >> 15
+    h = (h * 0x2C1B3C6D) & m
+    return h ^ (h >> 12)
+
+
+def test_random32_is_the_32_bit_hash_for_every_index_and_seed_type():
+    from fastopt.cpu.convert import random32
+
+    @njit
+    def many(index, seeds):  # (in a loop, as the kernels call it: the vectorised form)
+        out = np.empty(index.shape[0], np.uint32)
+        for k in range(index.shape[0]):
+            out[k] = random32(index[k], seeds[k])
+        return out
+
+    rng = np.random.default_rng(0)
+    index = rng.integers(0, 2**63, 4096, dtype=np.int64)
+    index[:4] = [0, 1, 2**32 - 1, 2**32]
+    seeds = rng.integers(0, 2**32, 4096, dtype=np.uint64)
+    expected = [_hash_reference(int(i), int(s)) for i, s in zip(index, seeds, strict=True)]
+    for i_type, s_type in [(np.int64, np.uint32), (np.uint64, np.uint64), (np.int64, np.uint64),
+                           (np.uint64, np.uint32)]:
+        got = many(index.astype(i_type), seeds.astype(s_type))
+        assert got.tolist() == expected, (i_type, s_type)
+    assert random32(np.int64(index[5]), np.uint32(seeds[5])) == expected[5]  # (a scalar call)
