@@ -9,7 +9,6 @@ are checked to agree. The roofline is a kernel with the optimizer's traffic and 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import importlib
 import json
@@ -608,9 +607,8 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
         "`CosineAnnealingLR` too (that is what a torch loop pays). `vs X` = X's time / fastopt's "
         "time (> 1: fastopt faster). `% roofline` = a same-traffic kernel with no arithmetic "
         "(the memory limit here) / fastopt's time. GB/s counts the optimizer's own traffic "
-        f"({traffic_text()}). Buffers from {FRESH_MAPPING_BYTES >> 20} MiB on are fresh "
-        "memory mappings (glibc's mmap threshold fixed: `fix_mmap_threshold`). The machine "
-        "is shared: compare ratios within a row, not absolute times across runs.",
+        f"({traffic_text()}). The machine is shared: compare ratios within a row, not "
+        "absolute times across runs.",
         "",
     ]
     if rows:
@@ -702,27 +700,6 @@ def estimate_seconds(work, budget_s: float) -> float:
     return total
 
 
-#: glibc's mallopt parameter for the size from which malloc maps memory afresh (malloc.h)
-_M_MMAP_THRESHOLD = -3
-#: the size the benchmark fixes it at
-FRESH_MAPPING_BYTES = 1 << 20
-
-
-def fix_mmap_threshold(nbytes: int = FRESH_MAPPING_BYTES) -> bool:
-    """Make glibc serve every allocation of ``nbytes`` or more from a fresh memory mapping for
-    the rest of the process (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc raising
-    the threshold after a free). Without it a case's 32 MB buffers came from heap memory an
-    earlier case had freed, still in 4 KB pages, and a master-free bf16 AdamW step at 1.6e7
-    took 17-19 ms instead of 9-11, in fastopt.torch too (bench/NOTES.md, twentieth session):
-    a case's time depended on the cases before it. Returns whether it took effect (glibc)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # (not glibc: no such call)
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, nbytes) == 1
-
-
 def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str | None,
         plot_path: str | None, with_torch: bool = True, out=print,
         markdown_path: str | None = None, command: str = "fastopt bench",
@@ -732,7 +709,6 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     """Time every case, print the table, write what was asked; with ``startup_repeats`` > 0
     also measure start-up (import, cold and warm first step) in that many fresh processes."""
     work = plan(optimizers, sizes, list(models))
-    fix_mmap_threshold()  # (every case's large buffers on fresh pages, whatever ran before)
     minutes = estimate_seconds(work, budget_s) / 60 + startup_repeats * len(optimizers) * 0.15
     out(f"{len(work)} cases; about {minutes:.1f} min")
     if with_torch and work:

@@ -92,26 +92,6 @@ def test_kernels_alone_ask_for_512_bit_vectors():
         assert "zmm" in "".join(kernel.inspect_asm().values())
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt, /proc")
-def test_bench_fixes_the_mmap_threshold_so_freed_heap_memory_is_not_reused():
-    """After a 32 MB buffer is freed, glibc serves the next one from the heap (4 KB pages,
-    slower: bench/NOTES.md, twentieth session) unless the benchmark fixed the threshold.
-    In a subprocess: the setting is the whole process's."""
-    code = ("import sys, numpy as np; from fastopt.benchmark import fix_mmap_threshold; "
-            "fixed = fix_mmap_threshold() if sys.argv[1] == '1' else None; "
-            "a = np.ones(4_000_000); del a; b = np.ones(4_000_000); "
-            "heap = [line.split()[0] for line in open('/proc/self/maps') if '[heap]' in line]; "
-            "spans = [tuple(int(x, 16) for x in h.split('-')) for h in heap]; "
-            "print(fixed, any(lo <= b.ctypes.data < hi for lo, hi in spans))")
-    runs = [subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True,
-                           check=True).stdout.split() for flag in ("0", "1")]
-    if runs[1][0] != "True":
-        pytest.skip("not glibc: mallopt did not take effect")
-    if runs[0][1] != "True":
-        pytest.skip("this malloc did not reuse the freed heap memory: nothing to fix")
-    assert runs[1][1] == "False"  # a fresh mapping, not the heap
-
-
 def test_cli_schedule_table(capsys):
     assert cli.main(["schedule", "warmup(cosine(1e-3, 100, end_lr=1e-5), 10)", "--steps", "101",
                      "--every", "50"]) == 0
