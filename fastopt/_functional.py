@@ -146,9 +146,11 @@ def factored_refusal(definition: Definition) -> str:
 
 
 def _parallel(n: int, params, *state) -> bool:
-    """The serial loop vectorises only for float32 params and state."""
-    simd = params.dtype == np.float32 and all(
-        not isinstance(s, Int8State) and s.dtype == np.float32 for s in state if s is not None)
+    """Whether to run the parallel loop: by whether the serial one is vectorised for these
+    params and state formats (``cpu.serial_simd``)."""
+    formats = {"int8" if isinstance(s, Int8State) else
+               "float32" if s.dtype == np.float32 else "bfloat16" for s in state if s is not None}
+    simd = all(cpu.serial_simd(params.dtype == np.float32, f) for f in formats or {"float32"})
     return cpu.use_parallel(n, serial_simd=simd)
 
 

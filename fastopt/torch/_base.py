@@ -1960,7 +1960,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             # new hyperparameters (a scheduler's momentum, say): repack
             on_gpu = b.flat.device.type == "cuda"
             n = arrays[0].shape[0]
-            simd = b.format is None and self.state_dtype == "float32"  # (int8: blocks)
+            simd = cpu.serial_simd(b.format is None, self.state_dtype)
             prepared = Prepared(
                 self.definition, arrays[0], half.get("master"), dict(zip(names, arrays[2:],
                                                                          strict=True)),
