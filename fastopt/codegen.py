@@ -426,8 +426,13 @@ def _scalar_call_args(x: _Parts, scalars: list[str], lines: list[str], done: set
     """The kernel's arguments for a helper's keyword scalars (float32 copies, made once)."""
     call_args = []
     for s in scalars:
-        if s in x.bools:
-            call_args.append("fresh == 1 or (fresh == 2 and step == 1)" if s == "fresh" else s)
+        if s in x.bools and s == "fresh":  # (computed once: a branch per element in the
+            if s not in done:                 # serial int8 loop stopped LLVM vectorising it)
+                lines.append("    first_step = fresh == 1 or (fresh == 2 and step == 1)")
+                done.add(s)
+            call_args.append("first_step")
+        elif s in x.bools:
+            call_args.append(s)
         elif s in x.segment_values:
             call_args.append(f"{s}_f32")
         else:

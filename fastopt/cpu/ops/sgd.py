@@ -81,18 +81,19 @@ def sgd(params, master, state0, state1, state2, state3, scalar0, scalar1, scalar
     active_momentum_buffer = momentum != 0.0
     lr_f32 = np.float32(lr)
     momentum_f32 = np.float32(momentum)
+    first_step = fresh == 1 or (fresh == 2 and step == 1)
     one_minus_dampening_f32 = np.float32(one_minus_dampening)
     seed = step_seed(step)
     if parallel:
         for i in prange(params.shape[0]):
             sgd_element(i, i, params, grads, master, state0, grad_factor, l2,
-                        active_momentum_buffer, lr_f32, momentum_f32, nesterov, has_momentum, fresh
-                        == 1 or (fresh == 2 and step == 1), one_minus_dampening_f32, fmt, seed)
+                        active_momentum_buffer, lr_f32, momentum_f32, nesterov, has_momentum,
+                        first_step, one_minus_dampening_f32, fmt, seed)
     else:
         for i in range(params.shape[0]):
             sgd_element(i, i, params, grads, master, state0, grad_factor, l2,
-                        active_momentum_buffer, lr_f32, momentum_f32, nesterov, has_momentum, fresh
-                        == 1 or (fresh == 2 and step == 1), one_minus_dampening_f32, fmt, seed)
+                        active_momentum_buffer, lr_f32, momentum_f32, nesterov, has_momentum,
+                        first_step, one_minus_dampening_f32, fmt, seed)
     return lr
 
 
@@ -113,6 +114,7 @@ def sgd_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, s
     active_momentum_buffer = momentum != 0.0
     lr_f32 = np.float32(lr)
     momentum_f32 = np.float32(momentum)
+    first_step = fresh == 1 or (fresh == 2 and step == 1)
     one_minus_dampening_f32 = np.float32(one_minus_dampening)
     seed = step_seed(step)
     n_blocks = block_count(params.shape[0])
@@ -135,8 +137,8 @@ def sgd_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, s
                 for j in range(np.uint64(0), count):
                     i = lo + j
                     sgd_element(i, j, params, grads, master, values0, grad_factor, l2, True, lr_f32,
-                                momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
-                                step == 1), one_minus_dampening_f32, fmt, seed)
+                                momentum_f32, nesterov, has_momentum, first_step,
+                                one_minus_dampening_f32, fmt, seed)
                 if active_momentum_buffer:
                     inverse0, stored0 = block_inverse(block_absmax(values0, count))
                     for j in range(np.uint64(0), count):
@@ -163,8 +165,8 @@ def sgd_int8(params, master, state0, state1, state2, state3, scalar0, scalar1, s
                 for j in range(np.uint64(0), count):
                     i = lo + j
                     sgd_element(i, j, params, grads, master, values0, grad_factor, l2, True, lr_f32,
-                                momentum_f32, nesterov, has_momentum, fresh == 1 or (fresh == 2 and
-                                step == 1), one_minus_dampening_f32, fmt, seed)
+                                momentum_f32, nesterov, has_momentum, first_step,
+                                one_minus_dampening_f32, fmt, seed)
                 if active_momentum_buffer:
                     inverse0, stored0 = block_inverse(block_absmax(values0, count))
                     for j in range(np.uint64(0), count):
