@@ -184,3 +184,27 @@ def test_results_page_keeps_its_gpu_section(tmp_path):
     assert text.count("## GPU: NVIDIA H200") == 1 and "| a | b |" in text
     benchmark.write_markdown([], str(page), None, "fastopt bench")
     assert page.read_text() == text  # idempotent
+
+
+@pytest.mark.parametrize("params_dtype, state_dtype, serial_below", [
+    ("float32", "float32", 16_384), ("float32", "int8", 16_384),
+    ("float32", "bfloat16", 768), ("bfloat16", "int8", 768), ("bfloat16", "float32", 768)])
+def test_serial_loop_where_it_is_vectorised(params_dtype, state_dtype, serial_below):
+    """Small steps run the serial loop where LLVM vectorises it (float32 params with float32
+    or int8 state: bench/NOTES.md, twentieth session), else the parallel loop from ~1000
+    elements; the class and the functional layer ask the same cpu.serial_simd."""
+    from fastopt import _functional, cpu
+    from fastopt._int8 import Int8State
+
+    if cpu.num_threads() < 2:
+        pytest.skip("one Numba thread: every loop is serial")
+    dtype = np.float32 if params_dtype == "float32" else \
+        pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(3)
+    for n, parallel in [(4000, serial_below < 4000), (20_000, True)]:
+        params = rng.standard_normal(n).astype(dtype)
+        opt = fastopt.AdamW(params, lr=1e-3, state_dtype=state_dtype)
+        assert opt._parallel is parallel, n
+        state = Int8State.zeros(n) if state_dtype == "int8" else np.zeros(
+            n, np.float32 if state_dtype == "float32" else np.uint16)
+        assert _functional._parallel(n, params, state) is parallel, n
