@@ -68,13 +68,24 @@ def test_core_class_matches_the_float64_reference(option, n):
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_16bit_params_follow_the_float32_run_exactly(name, dtype):
+    """The 16-bit run in the serial loop (made with one Numba thread), the float32 one in the
+    parallel loop where this host has two threads: the same float32 values, bit for bit."""
+    import numba
+
     cls, hypers = CASES[name].options[-1]
     rng = np.random.default_rng(3)
-    p16 = rng.standard_normal(3001).astype(dtype)
+    n = 20_011
+    p16 = rng.standard_normal(n).astype(dtype)
     p32 = p16.astype(np.float32)
     a = make(cls, p32, **hypers)
-    b = make(cls, p16, **hypers)
-    for g in _grads(rng, 3001, 10):
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        b = make(cls, p16, **hypers)
+    finally:
+        numba.set_num_threads(threads)
+    assert not b._parallel
+    for g in _grads(rng, n, 10):
         a.step(g)
         b.step(g)
     np.testing.assert_array_equal(b.state["master_param"], p32)

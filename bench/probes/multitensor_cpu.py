@@ -34,7 +34,7 @@ def main() -> None:
         states = {"exp_avg": np.zeros(size, np.float32),
                   "exp_avg_sq": np.zeros(size, np.float32)}
         prepared = Prepared(REGISTRY["adam"], p, None, states, hypers, "float32", False,
-                            parallel=cpu.use_parallel(size, serial_simd=True), scalars={})
+                            parallel=cpu.use_parallel(size), scalars={})
         tensors.append((prepared, rng.standard_normal(size, dtype=np.float32)))
     table = np.ascontiguousarray(opt.schedule.table)
     table.flags.writeable = False

@@ -53,13 +53,31 @@ class WideVectorCompiler(Compiler):
             context.cached_internal_func = {}
 
 
+class KernelCompiler(WideVectorCompiler):
+    """The kernels' pipeline: WideVectorCompiler, and the kernel's array arguments marked
+    ``noalias`` for LLVM, as Numba marks the parfor bodies it compiles (the prange loops).
+
+    Without it, LLVM vectorised a kernel's serial loop (``parallel=False``) only behind a
+    run-time check that no buffer the loop writes overlaps another it reads or writes. The
+    engine passes one real buffer for the state slots a step leaves unused (Adam's
+    ``max_exp_avg_sq`` without amsgrad): the check then always failed and the scalar copy of
+    the loop ran, 13 ns an element instead of ~1 with 16-bit params or state (bench/NOTES.md,
+    twenty-first session). A kernel never accesses a slot it was given a stand-in for, and
+    distinct buffers never overlap, so the assertion holds for every call fastopt makes."""
+
+    def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
+        flags = flags.copy()
+        flags.noalias = True
+        super().__init__(typingctx, targetctx, library, args, return_type, flags, locals)
+
+
 # error_model="numpy": no division-by-zero checks in the loop, so LLVM can vectorise it.
 # No fastmath at all, not even FMA contraction: LLVM contracted a * b + c differently in
 # different loop shapes (the serial and the prange loop, the float32 and the 16-bit
 # specialisations: 1 ulp apart, bench/NOTES.md 20), and the CUDA kernels (NVRTC --fmad=false)
 # and their g++ host build (-ffp-contract=off) contract nothing either. NaN/inf propagate.
 KERNEL_OPTIONS = dict(cache=True, parallel=True, nogil=True, error_model="numpy",
-                      pipeline_class=WideVectorCompiler)
+                      pipeline_class=KernelCompiler)
 HELPER_OPTIONS = dict(cache=True, error_model="numpy", inline="always")
 
 kernel = njit(**KERNEL_OPTIONS)
