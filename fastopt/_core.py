@@ -154,7 +154,8 @@ class FlatOptimizer:
         #: train/eval modes (Schedule-Free): an optimizer with modes starts in eval mode
         self._train_mode = False
         self._make_locks()
-        self._parallel = cpu.use_parallel(self.params.shape[0])
+        self._parallel = cpu.use_parallel(
+            self.params.shape[0], cpu.parallel_min_size(self.dtype == "float32", state_dtype))
         if self._on_gpu:  # the step counter and the lr used live on the device
             self._step_state = self._xp.zeros(2, dtype=np.uint64)
             self._lr_out = self._xp.zeros(1, dtype=np.float64)

@@ -145,6 +145,15 @@ def factored_refusal(definition: Definition) -> str:
             "only (state_dtype='float32')")
 
 
+def _parallel(n: int, params, *state) -> bool:
+    """Whether to run the parallel loop, for these params and state formats
+    (``cpu.parallel_min_size``)."""
+    formats = {"int8" if isinstance(s, Int8State) else
+               "float32" if s.dtype == np.float32 else "bfloat16" for s in state if s is not None}
+    return cpu.use_parallel(n, min(cpu.parallel_min_size(params.dtype == np.float32, f)
+                                   for f in formats or {"float32"}))
+
+
 def take_alias(alias: str, alias_value, name: str, value):
     """A state buffer given under its deprecated spelling (kept for one release)."""
     if alias_value is None:
@@ -203,7 +212,7 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     on_gpu = is_cupy(params)
     prepared = Prepared(definition, params if on_gpu else kernel_view(params),
                         master, buffers, checked, name, on_gpu,
-                        parallel=not on_gpu and cpu.use_parallel(n),
+                        parallel=not on_gpu and _parallel(n, params, *buffers.values()),
                         scalars=scalars, one_shot=True, segments=table)
     return run_once(prepared, kernel_view(grads) if not on_gpu else grads, sched, step,
                     lr_scale, mult, fresh)

@@ -186,6 +186,30 @@ def test_results_page_keeps_its_gpu_section(tmp_path):
     assert page.read_text() == text  # idempotent
 
 
+@pytest.mark.parametrize("params_dtype, state_dtype, serial_below", [
+    ("float32", "float32", 16_384), ("float32", "int8", 16_384), ("bfloat16", "int8", 16_384),
+    ("float32", "bfloat16", 8_192), ("bfloat16", "float32", 8_192)])
+def test_serial_loop_below_each_formats_crossover(params_dtype, state_dtype, serial_below):
+    """Small steps run the serial loop, larger ones the parallel loop, from the size where it
+    pays off for these formats (bench/NOTES.md, twenty-first session); the class and the
+    functional layer ask the same cpu.parallel_min_size."""
+    from fastopt import _functional, cpu
+    from fastopt._int8 import Int8State
+
+    if cpu.num_threads() < 2:
+        pytest.skip("one Numba thread: every loop is serial")
+    dtype = np.float32 if params_dtype == "float32" else \
+        pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(3)
+    for n, parallel in [(serial_below - 1, False), (serial_below, True)]:
+        params = rng.standard_normal(n).astype(dtype)
+        opt = fastopt.AdamW(params, lr=1e-3, state_dtype=state_dtype)
+        assert opt._parallel is parallel, n
+        state = Int8State.zeros(n) if state_dtype == "int8" else np.zeros(
+            n, np.float32 if state_dtype == "float32" else np.uint16)
+        assert _functional._parallel(n, params, state) is parallel, n
+
+
 def test_kernels_serial_loop_is_vectorised_with_a_stand_in_slot():
     """The kernels' array arguments are ``noalias``, so LLVM vectorises their serial loop with
     no run-time overlap check. Without it, a loop that writes a state only under a flag, over

@@ -1960,11 +1960,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             # new hyperparameters (a scheduler's momentum, say): repack
             on_gpu = b.flat.device.type == "cuda"
             n = arrays[0].shape[0]
+            min_size = cpu.parallel_min_size(b.format is None, self.state_dtype)
             prepared = Prepared(
                 self.definition, arrays[0], half.get("master"), dict(zip(names, arrays[2:],
                                                                          strict=True)),
                 hypers, half.get("dtype", "float32"), on_gpu,
-                parallel=not on_gpu and cpu.use_parallel(n),
+                parallel=not on_gpu and cpu.use_parallel(n, min_size),
                 scalars={name: _as_array(v[index:index + 1]) for name, v in b.scalars.items()},
                 compiled=None if prepared is None else prepared._compiled,
                 segments=b.segment_table(part, n) if self.definition.segmented else None,
