@@ -203,7 +203,12 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
     if definition.factored is not None:
         _check_factored(definition, buffers)
     scalars = scalars or {}
-    seen = [("params", params), *buffers.items()]
+    # (every array the kernel reads or writes: the kernels assume no two of them overlap)
+    seen = [(key, value) for key, value in [("params", params), ("grads", grads),
+                                            ("master", master)] if value is not None]
+    for key, value in buffers.items():
+        seen += [(f"{key}.codes", value.codes), (f"{key}.absmax", value.absmax)] \
+            if isinstance(value, Int8State) else [(key, value)]
     for key, value in scalars.items():  # one-element float64 arrays, updated in place
         check_buffer(key, value, 1, like=params, dtype=np.float64)
         check_apart(key, value, seen)

@@ -15,7 +15,9 @@ The cases, each compared across the two processes' gathered (full) tensors:
   one, and the run equals the same optimizer without FSDP on the same gradients ("none":
   close to it, its rounding bits being numbered per shard);
 - tensor-aware optimizers (Adafactor, LAMB, Muon), int8 state, CPUOffload and
-  step_in_backward refuse DTensor params with a clear error.
+  step_in_backward refuse DTensor params with a clear error;
+- a local gradient that shares memory with the local params (read in place otherwise) is
+  copied first: the step uses the gradient as it was, as if it were a separate tensor.
 """
 
 import os
@@ -262,6 +264,31 @@ def _check_refusals(out):
     out["refusals"] = True
 
 
+def _check_grad_sharing_params(out):
+    """The kernels assume their arrays do not overlap (their arguments are noalias): a local
+    gradient that overlaps the params one element apart must not be read in place."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(5)
+    n, lr = 2000, 0.5  # (1000 a shard: the serial loop)
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(n), mesh, [Shard(0)]))
+    opt = fot.SGD([p], lr=lr)
+    p.grad = distribute_tensor(torch.randn(n), mesh, [Shard(0)])
+    opt.step()
+    local = p.to_local().numel()
+    memory = torch.randn(local + 1)
+    before = memory.clone()
+    with torch.no_grad():  # the local params are memory[1:], the local grads memory[:-1]
+        p._local_tensor.set_(memory.untyped_storage(), 1, (local,), (1,))
+    p.grad = DTensor.from_local(memory[:-1], mesh, [Shard(0)], run_check=False)
+    opt.step()
+    want = before[1:] - lr * before[:-1]
+    assert torch.equal(memory[1:], want), (memory[1:6], want[:5])
+    out["grad sharing params"] = True
+
+
 def _worker(rank, world, port, tmp, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
@@ -269,7 +296,8 @@ def _worker(rank, world, port, tmp, out_path):
     out = {}
     try:
         for case in (_check_against_torch, lambda o: _check_resume(o, tmp),
-                     _check_mixed_precision, _check_half_params, _check_refusals):
+                     _check_mixed_precision, _check_half_params, _check_refusals,
+                     _check_grad_sharing_params):
             try:
                 case(out)
             except Exception:
@@ -298,4 +326,4 @@ def test_fsdp2_two_processes(tmp_path):
         out = torch.load(f"{out_path}.{rank}")
         assert not out.get("errors"), f"rank {rank}:\n" + "\n".join(out["errors"])
         assert out == {"torch": True, "resume": True, "mixed": True, "half": True,
-                       "refusals": True}
+                       "refusals": True, "grad sharing params": True}

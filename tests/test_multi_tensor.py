@@ -202,6 +202,24 @@ def test_a_replaced_storage_is_followed():
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
+@pytest.mark.parametrize("onto", ["grad", "exp_avg"])
+def test_a_storage_shared_with_the_optimizers_own_buffers_is_refused(onto):
+    """A param moved onto the optimizer's own gradient or state buffer (``p.data = p.grad``)
+    would be a kernel argument overlapping another (the kernels assume none do): refused
+    at the step, nothing changed."""
+    model = _model()
+    opt = fot.AdamW(model.parameters(), lr=1e-2, multi_tensor=True)
+    params = list(model.parameters())
+    _steps(params, opt, 2)
+    p = params[0]
+    before = p.detach().clone()
+    p.data = p.grad if onto == "grad" else opt.state[p]["exp_avg"]
+    kept = p.detach().clone()
+    with pytest.raises(RuntimeError, match="shares memory with this optimizer's own"):
+        _steps(params, opt, 1)
+    assert torch.equal(p.detach(), kept) and not torch.equal(kept, before)
+
+
 @pytest.mark.parametrize("master_weights", ["fp32", "remainder"])
 def test_a_moved_16_bit_param_keeps_its_master(master_weights):
     """A bfloat16 param moved to new storage with the same values keeps its float32 master

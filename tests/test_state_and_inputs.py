@@ -274,6 +274,14 @@ def test_functional_errors():
         F.adam(p, g, m, v, step=1, amsgrad=True)
     with pytest.raises(ValueError, match="share memory"):
         F.adam(p, g, m, m, step=1)
+    # a per-step scalar inside any buffer the kernel touches: grads, an int8 state's scales
+    from fastopt import Int8State
+
+    m8, v8 = Int8State.zeros(N), Int8State.zeros(N)
+    for states, inside in (((m, v), g[:2].view(np.float64)),
+                           ((m8, v8), v8.absmax[:2].view(np.float64))):
+        with pytest.raises(ValueError, match="share memory"):
+            F.nadam(p, g, *states, inside, step=1)
     with pytest.raises(ValueError, match="exp_avg_sq"):
         F.adam(p, g, m, v[:-1], step=1)
     with pytest.raises(ValueError, match="either lr or schedule"):

@@ -62,8 +62,11 @@ class KernelCompiler(WideVectorCompiler):
     engine passes one real buffer for the state slots a step leaves unused (Adam's
     ``max_exp_avg_sq`` without amsgrad): the check then always failed and the scalar copy of
     the loop ran, 13 ns an element instead of ~1 with 16-bit params or state (bench/NOTES.md,
-    twenty-first session). A kernel never accesses a slot it was given a stand-in for, and
-    distinct buffers never overlap, so the assertion holds for every call fastopt makes."""
+    twenty-first session). The assertion holds for every call fastopt makes: a kernel never
+    accesses a slot it was given a stand-in for (nor the params passed as the master where
+    there is none), the functional layer refuses arrays that overlap (``check_disjoint``,
+    the per-step scalars included), and fastopt.torch copies a DTensor shard's gradient that
+    overlaps its params or state and refuses a param moved onto its own buffers."""
 
     def __init__(self, typingctx, targetctx, library, args, return_type, flags, locals):
         flags = flags.copy()

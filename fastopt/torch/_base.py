@@ -695,6 +695,14 @@ class _Bucket:
         if not self.in_place or new.shape != old.shape or new.dtype != old.dtype \
                 or new.device != old.device or not new.is_contiguous():
             raise moved_param_error(p, self.in_place)
+        owned = [self.grad, self.master, self.remainder, *self.state.values(),
+                 *self.absmax.values()]
+        if any(_overlap(new, t) for t in owned if t is not None):
+            # (the kernels assume their arrays do not overlap)
+            raise RuntimeError(
+                f"a parameter of shape {tuple(p.shape)} was replaced by a tensor that shares "
+                "memory with this optimizer's own gradient or state buffers (e.g. p.data = "
+                "p.grad); give it storage of its own")
         with torch.no_grad():
             same = bool(torch.equal(new, old))  # (the old storage: alive through self.flat)
         if _IN_PLACE.get(self.addresses[index]) is self:
@@ -844,6 +852,15 @@ def _torch_array(array, device: torch.device) -> torch.Tensor:
 def _as_bits(t: torch.Tensor):
     """A 16-bit tensor's elements as uint16 bits (numpy and cupy have no bfloat16)."""
     return _as_array(t.view(torch.int16)).view("uint16")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors' memory overlaps."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    start_a, start_b = a.data_ptr(), b.data_ptr()
+    return start_a < start_b + b.numel() * b.element_size() \
+        and start_b < start_a + a.numel() * a.element_size()
 
 
 def _as_array(t: torch.Tensor):
@@ -1839,8 +1856,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                                f"param's {tuple(local.shape)}: the grad is not sharded as "
                                "the param")
         convert = _as_array if b.format is None else _as_bits
-        if g.dtype == local.dtype and g.is_contiguous() and g.device == local.device:
+        owned = [b.flat, b.master, b.remainder, *b.state.values(), *b.absmax.values()]
+        if g.dtype == local.dtype and g.is_contiguous() and g.device == local.device \
+                and not any(_overlap(g, t) for t in owned if t is not None):
             return convert(g.detach().reshape(-1))
+        # (a gradient sharing memory with the params or the state is copied: the kernels
+        # assume their arrays do not overlap)
         if b.grad is None:
             b.grad = torch.zeros_like(b.flat)
         b.grad.view_as(local).copy_(g)
