@@ -480,7 +480,8 @@ def _numba_module(d: Definition) -> str:
         lines.insert(lines.index("from ..schedule import lr_at"), "\n".join([
             "from ..int8 import (", *(f"    {n}," for n in (
                 "INT8_BLOCK", "INT8_GROUP", "SALTS", "block_absmax", "block_count",
-                "block_inverse", *dict.fromkeys(names), "stochastic_bits")),
+                "block_inverse", *dict.fromkeys(names), "hash_index", "next_hash_index",
+                "stochastic_bits_at")),
             ")"]))
     if x.segmented:
         # (a matrix stage's first pass returns the element's direction, which the kernel
@@ -537,12 +538,18 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
         return f"{rows[k]}[j] = decode_{s.sign}(state{k}[i]) * absmax{k}"
 
     def encode(k: int, s) -> list[str]:
-        return [f"bits{k} = stochastic_bits(i, seed, SALTS[{k}])",
+        return [f"bits{k} = stochastic_bits_at(hash_i, seed, SALTS[{k}])",
                 f"state{k}[i] = encode_{s.sign}({rows[k]}[j] * inverse{k}, bits{k})"]
 
     def over_block(body: list[str]) -> list[str]:
         return ["for j in range(np.uint64(0), count):", "    i = lo + j",
                 *(f"    {line}" for line in body)]
+
+    def encode_loop(states: list) -> list[str]:
+        # (the hash's start for element i carried along as a uint32: int8.hash_index)
+        return ["hash_i = hash_index(lo)",
+                *over_block([*(line for k, s in states for line in encode(k, s)),
+                             "hash_i = next_hash_index(hash_i)"])]
 
     def under(s, body: list[str]) -> list[str]:
         return [f"if {x.conditional[s.name]}:", *(f"    {line}" for line in body)]
@@ -571,12 +578,12 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
     for k, _ in always:
         lines.append(f"inverse{k}, stored{k} = block_inverse(block_absmax({rows[k]}, count))")
     if always:
-        lines += over_block([line for k, s in always for line in encode(k, s)])
+        lines += encode_loop(always)
     for k, s in stored:
         if s.name in x.conditional:
             lines += under(s, [
                 f"inverse{k}, stored{k} = block_inverse(block_absmax({rows[k]}, count))",
-                *over_block(encode(k, s)), f"scale{k}[b] = stored{k}"])
+                *encode_loop([(k, s)]), f"scale{k}[b] = stored{k}"])
     lines += [f"scale{k}[b] = stored{k}" for k, _ in always]
     return lines
 

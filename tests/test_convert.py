@@ -96,3 +96,26 @@ def test_random32_is_the_32_bit_hash_for_every_index_and_seed_type():
         got = many(index.astype(i_type), seeds.astype(s_type))
         assert got.tolist() == expected, (i_type, s_type)
     assert random32(np.int64(index[5]), np.uint32(seeds[5])) == expected[5]  # (a scalar call)
+
+
+def test_the_int8_encode_loops_carried_hash_gives_random32s_bits():
+    """The int8 encode loops carry i * HASH_MULTIPLIER along (hash_index, next_hash_index)
+    and take stochastic_bits_at: the bits of stochastic_bits(i, ...), i.e. of random32, for
+    blocks anywhere in a buffer, past 2^32 elements included."""
+    from fastopt.cpu import int8
+
+    @njit
+    def carried(lo, count, seed, salt):  # (as the generated kernels' loop)
+        out = np.empty(count, np.uint32)
+        h = int8.hash_index(lo)
+        for j in range(np.uint64(0), np.uint64(count)):
+            out[j] = int8.stochastic_bits_at(h, seed, salt)
+            h = int8.next_hash_index(h)
+        return out
+
+    for lo in (0, 256, 2**32 - 128, 2**33 + 512):
+        for seed, salt in [(np.uint32(0), int8.SALTS[0]), (np.uint32(0xDEADBEEF), int8.SALTS[2])]:
+            got = carried(np.uint64(lo), 256, seed, salt)
+            want = [_hash_reference(lo + j, int(seed) ^ salt) & int8.STEP_MASK
+                    for j in range(256)]
+            assert got.tolist() == want, (lo, seed)

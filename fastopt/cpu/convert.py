@@ -124,6 +124,20 @@ def _fo_sign(x):
     return impl
 
 
+#: random32's first multiplier: the hash of index i starts from i * HASH_MULTIPLIER (mod 2^32),
+#: so the hash of i + 1 starts HASH_MULTIPLIER further on
+HASH_MULTIPLIER = 0x9E3779B1
+
+
+def _mix_ir(builder, h):
+    """The hash's last steps on a 32-bit LLVM value h: h ^= h >> 15; h *= 0x2C1B3C6D;
+    h ^= h >> 12."""
+    u32 = ir.IntType(32)
+    h = builder.xor(h, builder.lshr(h, u32(15)))
+    h = builder.mul(h, u32(0x2C1B3C6D))
+    return builder.xor(h, builder.lshr(h, u32(12)))
+
+
 @intrinsic
 def _hash32(typingctx, i, seed):
     """random32's hash in 32-bit integer arithmetic (i and seed cut to their low 32 bits, as
@@ -145,19 +159,27 @@ def _hash32(typingctx, i, seed):
                 return builder.sext(value, u32) if ty.signed else builder.zext(value, u32)
             return value
 
-        h = builder.add(builder.mul(low32(args[0], i), u32(0x9E3779B1)), low32(args[1], seed))
-        h = builder.xor(h, builder.lshr(h, u32(15)))
-        h = builder.mul(h, u32(0x2C1B3C6D))
-        return builder.xor(h, builder.lshr(h, u32(12)))
+        start = builder.mul(low32(args[0], i), u32(HASH_MULTIPLIER))
+        return _mix_ir(builder, builder.add(start, low32(args[1], seed)))
 
     return types.uint32(i, seed), codegen
+
+
+@intrinsic
+def hash_mix(typingctx, h):
+    """random32(i, seed) from h = i * HASH_MULTIPLIER + seed (a uint32, mod 2^32): the hash's
+    last steps, for loops that carry i * HASH_MULTIPLIER along (``fastopt.cpu.int8``)."""
+    if h != types.uint32:
+        return None
+    return types.uint32(h), lambda context, builder, signature, args: _mix_ir(builder, args[0])
 
 
 @helper
 def random32(i, seed):
     """32 pseudo-random bits for element i and the step's seed (a multiply-xorshift hash,
     in uint32 arithmetic: h = i * 0x9E3779B1 + seed; h ^= h >> 15; h *= 0x2C1B3C6D;
-    h ^= h >> 12); each state buffer of the element takes its own 16 of them."""
+    h ^= h >> 12); each state buffer of the element takes its own 16 of them. (=
+    hash_mix(i * HASH_MULTIPLIER + seed), all mod 2^32.)"""
     return _hash32(i, seed)
 
 
