@@ -106,7 +106,7 @@ def hash_index(i):
     """i * HASH_MULTIPLIER (mod 2^32): where random32's hash of index i starts. The encode
     loops carry it along (``next_hash_index``) and take ``stochastic_bits_at``: a uint32 the
     vectoriser makes a vector add, where stochastic_bits(lo + j, ...) widened 64-bit indices,
-    narrowed them and multiplied (the int8 kernel 16 % faster: bench/NOTES.md, twenty-first
+    narrowed them and multiplied (int8 steps 6-15 % faster: bench/NOTES.md, twenty-first
     session). The same bits."""
     return _U(_U(i) * _U(HASH_MULTIPLIER))
 
