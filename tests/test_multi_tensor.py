@@ -681,3 +681,31 @@ def test_add_param_group_compares_new_params_with_their_storages_only(monkeypatc
     opt.add_param_group({"params": [torch.nn.Parameter(late.data[1:])]})
     assert [b.in_place for b in opt._buckets[-2]] == [False, True]
     assert [b.in_place for b in opt._buckets[-1]] == [True]
+
+
+def test_the_flat_modes_large_buffers_ask_for_huge_pages(monkeypatch):
+    """A flat-mode bucket madvises its large CPU buffers (params, grads, master, state) for
+    transparent huge pages, each over the whole pages inside it; the multi-tensor mode, whose
+    state on huge pages stepped slower (bench/NOTES.md, twenty-first session), does not."""
+    from fastopt.torch import _base
+
+    calls = []
+    monkeypatch.setattr(_base, "_madvise", lambda: lambda start, length, advice: calls.append(
+        (start, length, advice)))
+    n = _base.HUGE_PAGE_MIN_BYTES // 2 + 4096  # (bf16: each buffer just above the size)
+    small = torch.nn.Parameter(torch.randn(1000).to(torch.bfloat16))  # (below: none)
+    for multi in (False, True):
+        calls.clear()
+        p = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16))
+        opt = fot.AdamW([p, small] if multi else [p], multi_tensor=multi)
+        if multi:
+            assert calls == []
+            continue
+        [[b]] = opt._buckets
+        buffers = [b.flat, b.grad, b.master, b.state["exp_avg"], b.state["exp_avg_sq"]]
+        assert len(calls) == len(buffers)
+        for t in buffers:
+            low, high = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+            assert any(advice == _base._MADV_HUGEPAGE and start % 4096 == 0
+                       and 0 <= start - low < 4096 and 0 <= high - (start + length) < 4096
+                       for start, length, advice in calls), t.dtype
