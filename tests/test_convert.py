@@ -100,7 +100,7 @@ def test_random32_is_the_32_bit_hash_for_every_index_and_seed_type():
 
 def test_the_int8_encode_loops_carried_hash_gives_random32s_bits():
     """The int8 encode loops carry i * HASH_MULTIPLIER along (hash_index, next_hash_index)
-    and take stochastic_bits_at: the bits of stochastic_bits(i, ...), i.e. of random32, for
+    and take stochastic_bits_at: the bits of random32(i, seed ^ salt) & STEP_MASK, for
     blocks anywhere in a buffer, past 2^32 elements included."""
     from fastopt.cpu import int8
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..algorithms._spec import INT8_BLOCK, INT8_EXPONENT_BITS, INT8_MANTISSA_BITS, INT8_SALTS
 from ._jit import helper, scalar
-from .convert import HASH_MULTIPLIER, hash_mix, random32
+from .convert import HASH_MULTIPLIER, hash_mix
 
 _U = np.uint32
 #: right shift from float32 bits to the code (the dropped mantissa bits)
@@ -95,17 +95,10 @@ def decode_nonnegative(code):
 # vectorises (a signed index's wrap-around check stops it: bench/NOTES.md).
 
 @helper
-def stochastic_bits(i, seed, salt):
-    """The random bits (below one code step) added to element i's value in the state slot
-    whose salt is ``salt`` before its code is cut: unbiased stochastic rounding."""
-    return _U(random32(i, _U(seed ^ _U(salt))) & _U(STEP_MASK))
-
-
-@helper
 def hash_index(i):
     """i * HASH_MULTIPLIER (mod 2^32): where random32's hash of index i starts. The encode
     loops carry it along (``next_hash_index``) and take ``stochastic_bits_at``: a uint32 the
-    vectoriser makes a vector add, where stochastic_bits(lo + j, ...) widened 64-bit indices,
+    vectoriser makes a vector add, where random32(lo + j, ...) widened 64-bit indices,
     narrowed them and multiplied (int8 steps 6-15 % faster: bench/NOTES.md, twenty-first
     session). The same bits."""
     return _U(_U(i) * _U(HASH_MULTIPLIER))
@@ -119,7 +112,9 @@ def next_hash_index(h):
 
 @helper
 def stochastic_bits_at(h, seed, salt):
-    """stochastic_bits(i, seed, salt) from h = hash_index(i)."""
+    """The random bits (below one code step) added to element i's value in the state slot
+    whose salt is ``salt`` before its code is cut (unbiased stochastic rounding), from
+    h = hash_index(i): random32(i, seed ^ salt) & STEP_MASK."""
     return _U(hash_mix(_U(h + _U(seed ^ _U(salt)))) & _U(STEP_MASK))
 
 
