@@ -683,10 +683,10 @@ def test_add_param_group_compares_new_params_with_their_storages_only(monkeypatc
     assert [b.in_place for b in opt._buckets[-1]] == [True]
 
 
-def test_the_flat_modes_large_buffers_ask_for_huge_pages(monkeypatch):
+def test_large_buffers_ask_for_huge_pages(monkeypatch):
     """A flat-mode bucket madvises its large CPU buffers (params, grads, master, state) for
-    transparent huge pages, each over the whole pages inside it; the multi-tensor mode, whose
-    state on huge pages stepped slower (bench/NOTES.md, twenty-first session), does not."""
+    transparent huge pages, each over the whole pages inside it; the multi-tensor mode's
+    buckets take theirs (grads, master, state) as pieces of one madvised chunk."""
     from fastopt.torch import _base
 
     calls = []
@@ -694,18 +694,61 @@ def test_the_flat_modes_large_buffers_ask_for_huge_pages(monkeypatch):
         (start, length, advice)))
     n = _base.HUGE_PAGE_MIN_BYTES // 2 + 4096  # (bf16: each buffer just above the size)
     small = torch.nn.Parameter(torch.randn(1000).to(torch.bfloat16))  # (below: none)
+
+    def inside(t, whole: bool) -> bool:  # (a madvised range over t's pages, or around t)
+        low, high = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        return any(advice == _base._MADV_HUGEPAGE and start % 4096 == 0 and (
+            0 <= start - low < 4096 and 0 <= high - (start + length) < 4096 if whole
+            else start <= low and high <= start + length) for start, length, advice in calls)
+
     for multi in (False, True):
         calls.clear()
         p = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16))
         opt = fot.AdamW([p, small] if multi else [p], multi_tensor=multi)
         if multi:
-            assert calls == []
+            buffers = [t for b in opt._buckets[0] for t in
+                       (b.grad, b.master, b.state["exp_avg"], b.state["exp_avg_sq"])]
+            assert len(calls) == 1 and all(inside(t, whole=False) for t in buffers)
+            assert len({t.untyped_storage().data_ptr() for t in buffers}) == 1
             continue
         [[b]] = opt._buckets
         buffers = [b.flat, b.grad, b.master, b.state["exp_avg"], b.state["exp_avg_sq"]]
         assert len(calls) == len(buffers)
-        for t in buffers:
-            low, high = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
-            assert any(advice == _base._MADV_HUGEPAGE and start % 4096 == 0
-                       and 0 <= start - low < 4096 and 0 <= high - (start + length) < 4096
-                       for start, length, advice in calls), t.dtype
+        assert all(inside(t, whole=True) for t in buffers)
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "int8"])
+def test_multi_tensor_buffers_span_chunks_and_big_ones_stand_alone(monkeypatch, state_dtype):
+    """With chunks of 8 KB: pieces fill a chunk, then a new one; a piece over half a chunk
+    is a buffer of its own; no two buffers overlap, and the steps equal those with the
+    default chunks (and the flat mode's, where no rounding is stochastic: README)."""
+    from fastopt.torch import _base
+
+    rng = torch.Generator().manual_seed(5)
+    shapes = [(300,), (7, 90), (1500,), (5,), (2000,), (600,)]
+    values = [torch.randn(s, generator=rng) for s in shapes]
+    grads = [[torch.randn(s, generator=rng) for s in shapes] for _ in range(4)]
+    runs = []
+    for multi, chunk in ((False, None), (True, None), (True, 8192)):
+        if chunk is not None:
+            monkeypatch.setattr(_base, "ARENA_CHUNK_BYTES", chunk)
+        params = [torch.nn.Parameter(v.clone()) for v in values]
+        opt = fot.AdamW(params, lr=1e-2, weight_decay=0.1, amsgrad=True,
+                        state_dtype=state_dtype, multi_tensor=multi)
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        runs.append(params)
+    owned = [t for b in opt._buckets[0] for t in (b.grad, *b.state.values(),
+                                                  *b.absmax.values())]
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in owned)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+    storages = {t.untyped_storage().data_ptr() for t in owned}
+    assert 2 < len(storages) < len(owned)  # (several chunks, shared)
+    alone = [t for t in owned if t.numel() * t.element_size() > 4096]
+    assert alone and all(t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                         for t in alone)
+    for flat, multi, small in zip(*runs, strict=True):
+        assert torch.equal(multi, small)
+        assert torch.equal(flat, multi) or state_dtype == "int8"

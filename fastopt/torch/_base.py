@@ -43,6 +43,7 @@ from .._int8 import blocks as int8_blocks
 from ..algorithms import Definition
 from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER, REMAINDER
 from ..engine import Prepared, device_table, run_once
+from ..flat import ALIGN_BYTES
 from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, advanced, as_schedule, host_lr
 from ..segments import SegmentTable
 
@@ -396,7 +397,8 @@ class _Bucket:
                  state_dtype: torch.dtype = torch.float32, owner: str = "",
                  scalars: tuple = (), layouts: dict | None = None, signs: dict | None = None,
                  master_weights: str = "fp32", in_place: bool = False,
-                 pin_memory: bool = False, keep_layout: bool = False):
+                 pin_memory: bool = False, keep_layout: bool = False,
+                 arena: _Arena | None = None):
         #: whether the param is a DTensor: this process steps its local shard
         self.sharded = is_dtensor(params[0])
         #: the tensors whose elements this bucket steps: the params, or the DTensor param's
@@ -438,13 +440,16 @@ class _Bucket:
             total = first.numel()  # (the param's own storage: no padding)
         kwargs = dict(dtype=first.dtype, device=first.device)
         self.format = HALF_FORMATS.get(first.dtype)  # None for float32 params
+        #: where an in-place CPU bucket's own buffers come from (``new_buffer``)
+        self.arena = arena if in_place and first.device.type == "cpu" and not pin_memory \
+            else None
         # (pin_memory: CPU buffers a GPU copies to and from, fastopt.torch.CPUOffload's)
         self.flat = first.detach().view(-1) if in_place else _buffer(
             total, 0, **kwargs, pinned=pin_memory, huge=True)
         # (a DTensor's gradient is read from its own shard: a buffer only if it must be
         # converted, made then)
-        self.grad = None if self.sharded else _buffer(total, 0, **kwargs, pinned=pin_memory,
-                                                      huge=not in_place)
+        self.grad = None if self.sharded else self.new_buffer(total, 0, first.dtype,
+                                                              pin_memory)
         self.state = {}
         for name, value in state_init.items():
             self.add_state(name, value)
@@ -478,9 +483,9 @@ class _Bucket:
         self.tensors = [local_tensor(p).detach() for p in params]  # (packed: the views)
         half = self.format is not None
         self.master_weights = master_weights if half else "fp32"
-        self.master = _buffer(total, 0, torch.float32, first.device, huge=not in_place) \
-            .copy_(self.flat) if half and master_weights == "fp32" else None
-        self.remainder = _buffer(total, 0, torch.int16, first.device, huge=not in_place) \
+        self.master = self.new_buffer(total, 0, torch.float32).copy_(self.flat) \
+            if half and master_weights == "fp32" else None
+        self.remainder = self.new_buffer(total, 0, torch.int16) \
             if half and master_weights == "remainder" else None
         #: where each param's data must stay: a param whose .data is replaced is detached
         self.addresses = [t.data_ptr() for t in self.tensors]
@@ -524,6 +529,16 @@ class _Bucket:
         #: where the flat param and gradient buffers' data were when the kernel arrays were
         #: made (``follow_moved_buffers``)
         self.buffer_addresses = self.buffers_at()
+
+    def new_buffer(self, size: int, fill, dtype: torch.dtype,
+                   pinned: bool = False) -> torch.Tensor:
+        """A buffer of this bucket's own (gradient, master, state) on its device: a piece of
+        the optimizer's ``_Arena`` for an in-place CPU bucket, else a buffer of its own
+        (a flat-mode bucket's madvised for huge pages: ``_buffer``)."""
+        if self.arena is not None:
+            return self.arena.take(size, fill, dtype)
+        return _buffer(size, fill, dtype, self.flat.device, pinned=pinned,
+                       huge=not self.in_place)
 
     def buffers_at(self) -> tuple[int, int]:
         """Where the flat param and gradient buffers' data start now (0: no buffer)."""
@@ -630,8 +645,7 @@ class _Bucket:
 
     def restore_grads(self) -> None:
         """A flat gradient buffer again (after step in backward is removed)."""
-        self.grad = _buffer(self.flat.shape[0], 0, self.flat.dtype, self.flat.device,
-                            huge=not self.in_place)
+        self.grad = self.new_buffer(self.flat.shape[0], 0, self.flat.dtype)
         self._make_grad_views()
         self._arrays.clear()
         self.unbind()
@@ -770,14 +784,11 @@ class _Bucket:
             if self.int8:  # every block the constant: its code and |value| as the scale
                 made = quantize(np.full(INT8_BLOCK, value, dtype=np.float32),
                                 self.signed(name))
-                self.state[name] = _buffer(size, int(made.codes[0]), torch.uint8,
-                                           self.flat.device, huge=not self.in_place)
-                self.absmax[name] = _buffer(int8_blocks(size), float(made.absmax[0]),
-                                            torch.float32, self.flat.device,
-                                            huge=not self.in_place)
+                self.state[name] = self.new_buffer(size, int(made.codes[0]), torch.uint8)
+                self.absmax[name] = self.new_buffer(int8_blocks(size), float(made.absmax[0]),
+                                                    torch.float32)
                 return
-            self.state[name] = _buffer(size, value, self.state_dtype, self.flat.device,
-                                       huge=not self.in_place)
+            self.state[name] = self.new_buffer(size, value, self.state_dtype)
 
     def arrays(self, names: tuple[str, ...]) -> tuple[list, dict]:
         """The kernel's arguments as zero-copy numpy/cupy views, made on first use: the array
@@ -879,23 +890,61 @@ def _madvise():
     return function
 
 
-def _buffer(size: int, fill, dtype: torch.dtype, device, pinned: bool = False,
-            huge: bool = False) -> torch.Tensor:
-    """A new buffer of fastopt.torch's own: ``size`` elements, all ``fill``. With ``huge`` (a
-    flat-mode bucket's buffers) a large CPU one, not pinned, is madvised for transparent huge
-    pages before its first touch, as numpy does for its large arrays and torch's allocator
-    only under THP_MEM_ALLOC_ENABLE=1: on 4 KB pages the flat-mode AdamW step over GPT-2
-    small's tensors took 1.06-1.14x the numpy class's, on huge pages 0.97-1.01x. Not for the
-    multi-tensor mode, whose params stay where
-    they were: its state on huge pages made its step 10 % slower there (bench/NOTES.md,
-    twenty-first session). Where the kernel grants none (THP "never"), nothing changes."""
+def _allocate(size: int, dtype: torch.dtype, device, pinned: bool = False,
+              huge: bool = False) -> torch.Tensor:
+    """``size`` uninitialised elements; with ``huge`` a large CPU buffer, not pinned, is
+    madvised for transparent huge pages before its first touch (``_buffer``)."""
     t = torch.empty(size, dtype=dtype, device=device, pin_memory=pinned)
     if huge and not pinned and t.device.type == "cpu" and t.numel() * t.element_size() \
             >= HUGE_PAGE_MIN_BYTES and _madvise() is not None:
         start = -(-t.data_ptr() // _PAGE) * _PAGE
         stop = (t.data_ptr() + t.numel() * t.element_size()) // _PAGE * _PAGE
         _madvise()(start, stop - start, _MADV_HUGEPAGE)  # (advice: a failure changes nothing)
-    return t.fill_(fill)
+    return t
+
+
+def _buffer(size: int, fill, dtype: torch.dtype, device, pinned: bool = False,
+            huge: bool = False) -> torch.Tensor:
+    """A new buffer of fastopt.torch's own: ``size`` elements, all ``fill``. With ``huge`` (a
+    flat-mode bucket's buffers) a large CPU one, not pinned, is madvised for transparent huge
+    pages before its first touch, as numpy does for its large arrays and torch's allocator
+    only under THP_MEM_ALLOC_ENABLE=1: on 4 KB pages the flat-mode AdamW step over GPT-2
+    small's tensors took 1.06-1.14x the numpy class's, on huge pages 0.97-1.01x. (The
+    multi-tensor mode's buffers are pieces of an ``_Arena``'s chunks.) Where the kernel grants
+    none (THP "never"), nothing changes."""
+    return _allocate(size, dtype, device, pinned, huge).fill_(fill)
+
+
+#: the bytes of each chunk an ``_Arena`` carves the multi-tensor mode's CPU buffers from
+ARENA_CHUNK_BYTES = 64 << 20
+
+
+class _Arena:
+    """Where one optimizer's multi-tensor (in-place) CPU buckets take their own buffers
+    (gradient, master or remainders, state): consecutive pieces, 64-byte aligned, of chunks
+    of ``ARENA_CHUNK_BYTES`` (from a page boundary) madvised for transparent huge pages; a
+    piece of more than half a chunk is a buffer of its own, madvised too. The multi-tensor
+    mode's AdamW step over GPT-2 small's tensors went from 0.86-0.87x to 0.93-0.94x the flat
+    mode's speed (buffers of their own on 4 KB pages before; bench/NOTES.md, twenty-second
+    session); separate allocations each madvised did not help. A chunk lives while any
+    piece of it does; its pages untouched by a piece are never faulted in."""
+
+    def __init__(self):
+        self._chunk: torch.Tensor | None = None  # (uint8)
+        self._used = 0
+
+    def take(self, size: int, fill, dtype: torch.dtype) -> torch.Tensor:
+        """A CPU buffer of ``size`` elements of ``dtype``, all ``fill``."""
+        item = torch.empty((), dtype=dtype).element_size()
+        nbytes = size * item
+        if 2 * nbytes > ARENA_CHUNK_BYTES:
+            return _buffer(size, fill, dtype, "cpu", huge=True)
+        if self._chunk is None or self._used + nbytes > self._chunk.numel():
+            self._chunk = _allocate(ARENA_CHUNK_BYTES + _PAGE, torch.uint8, "cpu", huge=True)
+            self._used = -self._chunk.data_ptr() % _PAGE  # (from its first whole page)
+        piece = self._chunk[self._used:self._used + nbytes].view(dtype)
+        self._used += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
+        return piece.fill_(fill)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -1016,6 +1065,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         #: another optimizer, or whose storage is someone else's
         self.multi_tensor = multi_tensor
         self._buckets: list[list[_Bucket]] = []
+        self._arena = _Arena()  # (the multi-tensor mode's CPU buffers)
         #: per group with a schedule: the lr fastopt last wrote to group['lr'] (the schedule's
         #: value for the next step); any other value there was set by someone else and wins
         self._lr_written: list[float | None] = []
@@ -1293,7 +1343,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                         or id(part[0]) in aliased,
                         pin_memory=self._pin_memory,
                         keep_layout=not self.definition.segmented
-                        and self.state_dtype != "int8")
+                        and self.state_dtype != "int8",
+                        arena=getattr(self, "_arena", None))
             b.repeats = [times[id(p)] - 1 for p in b.params]
             buckets.append(b)
         return buckets
@@ -1907,7 +1958,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         # (a gradient sharing memory with the params or the state is copied: the kernels
         # assume their arrays do not overlap)
         if b.grad is None:
-            b.grad = _buffer(b.flat.shape[0], 0, b.flat.dtype, b.flat.device)
+            b.grad = b.new_buffer(b.flat.shape[0], 0, b.flat.dtype)
         b.grad.view_as(local).copy_(g)
         return convert(b.grad)
 
@@ -2649,6 +2700,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if not had_differentiable:  # (torch's base __setstate__ adds it; the groups had none)
             self.defaults.pop("differentiable", None)
         self._buckets, self._lr_written, self._checked = [], [], {}
+        self._arena = _Arena()
         for group in groups:
             self.add_param_group(group)
         for index, (group, buckets) in enumerate(zip(self.param_groups, self._buckets,
