@@ -202,6 +202,42 @@ def test_a_replaced_storage_is_followed():
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
+def test_cpu_kernel_calls_wait_for_the_groups_bookkeeping(monkeypatch):
+    """The multi-tensor mode's CPU kernel calls run back to back once every param of the
+    group has been prepared; a param refused at the step leaves the ones before it stepped
+    (as torch.optim's loop would), itself and the ones after it untouched."""
+    from fastopt.torch import _base
+
+    values = [torch.randn(s, generator=torch.Generator().manual_seed(i))
+              for i, s in enumerate([(40,), (6, 7), (30,)])]
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    twins = [torch.nn.Parameter(v.clone()) for v in values]
+    opt = fot.AdamW(params, lr=1e-2, weight_decay=0.1, multi_tensor=True)
+    twin = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1)
+    seen = []
+    real = _base.run_once
+
+    def spy(*args):  # (the steps every bucket counts when a kernel runs)
+        seen.append([b.step for b in opt._buckets[0]])
+        return real(*args)
+
+    monkeypatch.setattr(_base, "run_once", spy)
+    for p, q, g in zip(params, twins, [torch.randn(v.shape) for v in values], strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt.step()
+    twin.step()
+    assert seen == [[1, 1, 1]] * 3
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in params]
+    params[1].data = params[1].data.double()  # (refused at the step: another dtype)
+    with pytest.raises(RuntimeError):
+        opt.step()
+    twin.step()  # (torch's loop would have stepped params[0] before failing on params[1])
+    torch.testing.assert_close(params[0], twins[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(params[2], before[2])
+
+
 @pytest.mark.parametrize("onto", ["grad", "exp_avg"])
 def test_a_storage_shared_with_the_optimizers_own_buffers_is_refused(onto):
     """A param moved onto the optimizer's own gradient or state buffer (``p.data = p.grad``)

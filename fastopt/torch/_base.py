@@ -923,11 +923,12 @@ class _Arena:
     """Where one optimizer's multi-tensor (in-place) CPU buckets take their own buffers
     (gradient, master or remainders, state): consecutive pieces, 64-byte aligned, of chunks
     of ``ARENA_CHUNK_BYTES`` (from a page boundary) madvised for transparent huge pages; a
-    piece of more than half a chunk is a buffer of its own, madvised too. The multi-tensor
-    mode's AdamW step over GPT-2 small's tensors went from 0.86-0.87x to 0.93-0.94x the flat
-    mode's speed (buffers of their own on 4 KB pages before; bench/NOTES.md, twenty-second
-    session); separate allocations each madvised did not help. A chunk lives while any
-    piece of it does; its pages untouched by a piece are never faulted in."""
+    piece of more than half a chunk is a buffer of its own, madvised too. Against a torch
+    allocation each (4 KB pages) the multi-tensor mode's AdamW step over GPT-2 small's
+    tensors went from 0.90-0.92x to 0.92-0.94x the flat mode's speed
+    (bench/probes/multitensor_torch.py; bench/NOTES.md, twenty-second session). A chunk
+    lives while any piece of it does; its pages untouched by a piece are never faulted
+    in."""
 
     def __init__(self):
         self._chunk: torch.Tensor | None = None  # (uint8)
@@ -1004,6 +1005,9 @@ class FlatOptimizer(torch.optim.Optimizer):
     #: a group's whole-bucket GPU launches of in-place buckets, deferred while it steps
     #: (``_launch_deferred``); None outside a step
     _deferred: list | None = None
+    #: a group's CPU kernel calls of in-place buckets, deferred while it steps and then made
+    #: back to back (``_call_deferred``); None outside a step
+    _deferred_cpu: list | None = None
     #: a count of step() calls: which multi-tensor launches the current step used
     _launch_serial = 0
     #: params and gradients in pinned memory (CPUOffload's host optimizers)
@@ -1740,21 +1744,28 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._group_count = before if floor is None or floor < before else floor
         if self._defers_launches(buckets):
             self._deferred = []
+        if any(b.in_place and b.flat.device.type == "cpu" for b in buckets):
+            self._deferred_cpu = []
         try:
             for b in buckets:
                 self._step_bucket(group, schedule, b, hypers)
                 b.steps_seen = b.steps._version  # (counts fastopt wrote)
         except BaseException as error:
             deferred, self._deferred = self._deferred, None
+            calls, self._deferred_cpu = self._deferred_cpu, None
             # (the buckets stepped before the error count the step: launch them, as
             # without deferral; not in a capture, which the error aborts)
-            if deferred and not _capturing():
+            if (deferred or calls) and not _capturing():
                 try:
-                    self._launch_deferred(deferred)
+                    self._call_deferred(calls or [])
+                    if deferred:
+                        self._launch_deferred(deferred)
                 except Exception as also:  # (the first error is the one raised)
                     _add_note(error, f"launching the params stepped before it also failed: "
                                      f"{also!r}")
             raise
+        calls, self._deferred_cpu = self._deferred_cpu, None
+        self._call_deferred(calls or [])
         deferred, self._deferred = self._deferred, None
         if deferred:
             self._launch_deferred(deferred)
@@ -2100,6 +2111,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             stream = torch.cuda.current_stream(b.flat.device)
             with _cupy_stream(stream.cuda_stream, stream.device_index):
                 run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
+        elif self._deferred_cpu is not None and part is None and b.in_place:
+            self._deferred_cpu.append((prepared, arrays[1], schedule, step, 1.0,
+                                       self._grad_mult, fresh))
         else:
             run_once(prepared, arrays[1], schedule, step, 1.0, self._grad_mult, fresh)
         if part is not None:
@@ -2160,6 +2174,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.kept.append(b.launch)
         else:
             b.device_step = step
+
+    @staticmethod
+    def _call_deferred(calls: list[tuple]) -> None:
+        """A group's deferred CPU kernel calls (``run_once``'s arguments), back to back: the
+        group's Python bookkeeping runs before them all rather than between kernels that
+        have just streamed megabytes through the caches. On GPT-2 small's 148 tensors the
+        time outside the kernels went from 5.0-5.5 to 2.2-2.4 ms a step, the multi-tensor
+        mode from 0.85-0.87x to 0.90-0.92x the flat mode's speed (bench/NOTES.md,
+        twenty-second session)."""
+        for call in calls:
+            run_once(*call)
 
     def _launch_deferred(self, entries: list[tuple]) -> None:
         """A group's deferred whole-bucket GPU steps (in-place buckets: ``_run``'s arguments
