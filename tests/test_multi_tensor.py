@@ -202,10 +202,41 @@ def test_a_replaced_storage_is_followed():
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
+def test_state_moved_with_a_shared_chunk_is_followed(monkeypatch):
+    """Module.share_memory() on a gradient that is a piece of an arena chunk moves the whole
+    chunk, other params' state in it too: the next step follows it (as the flat mode does),
+    here for a param without a gradient at that time, whose state spills into that chunk."""
+    from fastopt.torch import _base
+
+    monkeypatch.setattr(_base, "ARENA_CHUNK_BYTES", 8192)
+    runs = []
+    for multi in (True, False):
+        g = torch.Generator().manual_seed(0)
+        model = torch.nn.Module()
+        model.x = torch.nn.Parameter(torch.randn(1000, generator=g))
+        model.y = torch.nn.Parameter(torch.randn(500, generator=g))
+        x, y = model.x, model.y
+        model.share_memory()
+        opt = fot.AdamW([x, y], lr=1e-2, multi_tensor=multi)
+        x.grad, y.grad = torch.randn(1000, generator=g), torch.randn(500, generator=g)
+        opt.step()
+        x.grad = None
+        model.share_memory()  # (y's gradient, fastopt's, moves: with it x's exp_avg_sq)
+        y.grad.copy_(torch.randn(500, generator=g))
+        opt.step()
+        x.grad, y.grad = torch.randn(1000, generator=g), torch.randn(500, generator=g)
+        opt.step()
+        runs.append([x.detach().clone(), y.detach().clone(),
+                     opt.state[x]["exp_avg_sq"].clone()])
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_cpu_kernel_calls_wait_for_the_groups_bookkeeping(monkeypatch):
     """The multi-tensor mode's CPU kernel calls run back to back once every param of the
-    group has been prepared; a param refused at the step leaves the ones before it stepped
-    (as torch.optim's loop would), itself and the ones after it untouched."""
+    group has been prepared, each param counted after its call; a param refused at the step
+    leaves the ones before it stepped (as torch.optim's loop would), itself and the ones
+    after it untouched; a failing call leaves the params after it unstepped and uncounted."""
     from fastopt.torch import _base
 
     values = [torch.randn(s, generator=torch.Generator().manual_seed(i))
@@ -217,8 +248,12 @@ def test_cpu_kernel_calls_wait_for_the_groups_bookkeeping(monkeypatch):
     seen = []
     real = _base.run_once
 
+    fail = [False]
+
     def spy(*args):  # (the steps every bucket counts when a kernel runs)
         seen.append([b.step for b in opt._buckets[0]])
+        if fail[0] and len(seen) == 2:
+            raise KeyboardInterrupt
         return real(*args)
 
     monkeypatch.setattr(_base, "run_once", spy)
@@ -226,7 +261,7 @@ def test_cpu_kernel_calls_wait_for_the_groups_bookkeeping(monkeypatch):
         p.grad, q.grad = g.clone(), g.clone()
     opt.step()
     twin.step()
-    assert seen == [[1, 1, 1]] * 3
+    assert seen == [[0, 0, 0]] * 3
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     before = [p.detach().clone() for p in params]
@@ -235,6 +270,14 @@ def test_cpu_kernel_calls_wait_for_the_groups_bookkeeping(monkeypatch):
         opt.step()
     twin.step()  # (torch's loop would have stepped params[0] before failing on params[1])
     torch.testing.assert_close(params[0], twins[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(params[2], before[2])
+    assert [float(opt.state[p]["step"]) for p in params] == [2, 1, 1]
+    params[1].data = before[1].clone()  # (back: same dtype and shape, followed)
+    seen.clear()
+    fail[0] = True
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()  # (the second call fails: params[1] and params[2] take no step)
+    assert [float(opt.state[p]["step"]) for p in params] == [3, 1, 1]
     assert torch.equal(params[2], before[2])
 
 

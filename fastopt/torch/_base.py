@@ -540,9 +540,17 @@ class _Bucket:
         return _buffer(size, fill, dtype, self.flat.device, pinned=pinned,
                        huge=not self.in_place)
 
-    def buffers_at(self) -> tuple[int, int]:
-        """Where the flat param and gradient buffers' data start now (0: no buffer)."""
-        return self.flat.data_ptr(), 0 if self.grad is None else self.grad.data_ptr()
+    def buffers_at(self) -> tuple[int, ...]:
+        """Where the flat param and gradient buffers' data start now (0: no buffer); for a
+        bucket whose buffers are pieces of an ``_Arena``'s chunks, every piece's too: a
+        chunk shares storage with other buckets' pieces, so ``share_memory_()`` on one of
+        them (``Module.share_memory()`` on a gradient) moves this bucket's state as well."""
+        at = (self.flat.data_ptr(), 0 if self.grad is None else self.grad.data_ptr())
+        if self.arena is None:
+            return at
+        return at + tuple(t.data_ptr() for t in (self.master, self.remainder,
+                                                 *self.state.values(), *self.absmax.values())
+                          if t is not None)
 
     def follow_moved_buffers(self) -> None:
         """The flat buffers' storage moved, their views with it: ``Module.share_memory()``
@@ -1935,19 +1943,22 @@ class FlatOptimizer(torch.optim.Optimizer):
                      or all(bool((v == v[0]).all()) for v in b.scalars.values())):
             # the fast path: one kernel over the whole bucket
             k = b.step + 1
+
+            def counted() -> None:  # (after the kernel, which a CPU group may defer)
+                b.fresh = [False] * len(b.params)
+                b.step = k
+                b.steps.fill_(k)
+                b.scalars_shared = True
+                if not b.all_started:
+                    for i, started in enumerate(b.started):
+                        if not started:
+                            self._start(group, b, i)
+                    b.all_started = True
+
+            # (a captured step, not run, is not counted: the replays advance the device's
+            # count)
             self._run(b, names, hypers, arrays, half, k, schedule, first_grad and b.fresh[0],
-                      None)
-            if capturing:  # (captured, not run: the replays advance the device's count)
-                return
-            b.fresh = [False] * len(b.params)
-            b.step = k
-            b.steps.fill_(k)
-            b.scalars_shared = True
-            if not b.all_started:
-                for i, started in enumerate(b.started):
-                    if not started:
-                        self._start(group, b, i)
-                b.all_started = True
+                      None, then=None if capturing else counted)
             return
         self._step_params(group, b, names, hypers, arrays, half, schedule, have_grad)
 
@@ -2072,11 +2083,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _run(self, b: _Bucket, names: tuple, hypers: dict, arrays: list, half: dict,
              step: int, schedule: Schedule, fresh: bool,
-             part: int | tuple[int, int] | None) -> None:
+             part: int | tuple[int, int] | None, then=None) -> None:
         """The kernel through fastopt.engine on zero-copy array views (params, grads,
         state...; ``half`` has master and dtype for 16-bit params). ``part``: None (the whole
         bucket), param i, or the params [first, stop) (step in backward's chunks). The
-        prepared call is kept per (part, hyperparameters); nothing is re-validated per step."""
+        prepared call is kept per (part, hyperparameters); nothing is re-validated per step.
+        ``then``: what follows the kernel (the bucket's counts), called after it, also where
+        the call is deferred (``_call_deferred``)."""
         if self._group_count is not None and self._group_count >= step:  # (a lagging param)
             schedule = self._lr_schedule(schedule, step - 1)
         earlier, prepared = b.prepared.get((part, names), (None, None))
@@ -2112,10 +2125,17 @@ class FlatOptimizer(torch.optim.Optimizer):
             with _cupy_stream(stream.cuda_stream, stream.device_index):
                 run_once(prepared, arrays[1], schedule, step, 1.0, 1.0, fresh)
         elif self._deferred_cpu is not None and part is None and b.in_place:
-            self._deferred_cpu.append((prepared, arrays[1], schedule, step, 1.0,
-                                       self._grad_mult, fresh))
+            self._deferred_cpu.append(((prepared, arrays[1], schedule, step, 1.0,
+                                        self._grad_mult, fresh), (b, then)))
+            return
         else:
             run_once(prepared, arrays[1], schedule, step, 1.0, self._grad_mult, fresh)
+        self._after_run(b, part, then)
+
+    @staticmethod
+    def _after_run(b: _Bucket, part: int | tuple[int, int] | None, then=None) -> None:
+        """After a kernel call: the per-step scalars it used, shared as the kernel took
+        them, then ``then``."""
         if part is not None:
             b.scalars_shared = False
         if part is None:  # the whole bucket stepped with element 0's scalars: share them
@@ -2124,6 +2144,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         elif isinstance(part, tuple):  # a chunk stepped with its first param's scalars
             for per_param in b.scalars.values():
                 per_param[part[0]:part[1]] = per_param[part[0]].clone()
+        if then is not None:
+            then()
 
     def _lr_schedule(self, schedule: Schedule, count: int) -> Schedule:
         """The schedule for a param's next step, given the steps it took (``count``): its
@@ -2175,16 +2197,24 @@ class FlatOptimizer(torch.optim.Optimizer):
         else:
             b.device_step = step
 
-    @staticmethod
-    def _call_deferred(calls: list[tuple]) -> None:
-        """A group's deferred CPU kernel calls (``run_once``'s arguments), back to back: the
-        group's Python bookkeeping runs before them all rather than between kernels that
-        have just streamed megabytes through the caches. On GPT-2 small's 148 tensors the
-        time outside the kernels went from 5.0-5.5 to 2.2-2.4 ms a step, the multi-tensor
-        mode from 0.85-0.87x to 0.90-0.92x the flat mode's speed (bench/NOTES.md,
-        twenty-second session)."""
-        for call in calls:
-            run_once(*call)
+    def _call_deferred(self, calls: list[tuple]) -> None:
+        """A group's deferred CPU kernel calls (``run_once``'s arguments, and the bucket
+        and what follows the call: ``_after_run``'s), back to back: the group's Python
+        bookkeeping runs before them all rather than between kernels that have just
+        streamed megabytes through the caches. On GPT-2 small's 148 tensors the time outside
+        the kernels went from 5.0-5.5 to 2.2-2.4 ms a step, the multi-tensor mode from
+        0.85-0.87x to 0.90-0.92x the flat mode's speed (bench/NOTES.md, twenty-second
+        session). What follows each call runs once the calls before it and it have run: a
+        call that fails (or an interrupt) leaves the later buckets uncounted, as unstepped."""
+        done = 0
+        try:
+            for args, _ in calls:
+                run_once(*args)
+                done += 1
+        finally:
+            for _, (b, then) in calls[:done]:
+                self._after_run(b, None, then)
+                b.steps_seen = b.steps._version  # (counts fastopt wrote)
 
     def _launch_deferred(self, entries: list[tuple]) -> None:
         """A group's deferred whole-bucket GPU steps (in-place buckets: ``_run``'s arguments
