@@ -933,7 +933,7 @@ class _Arena:
     of ``ARENA_CHUNK_BYTES`` (from a page boundary) madvised for transparent huge pages; a
     piece of more than half a chunk is a buffer of its own, madvised too. Against a torch
     allocation each (4 KB pages) the multi-tensor mode's AdamW step over GPT-2 small's
-    tensors went from 0.90-0.92x to 0.92-0.94x the flat mode's speed
+    tensors went from 0.90-0.92x to 0.92-0.94x the flat mode's speed on a quiet host
     (bench/probes/multitensor_torch.py; bench/NOTES.md, twenty-second session). A chunk
     lives while any piece of it does; its pages untouched by a piece are never faulted
     in."""
@@ -2202,10 +2202,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         and what follows the call: ``_after_run``'s), back to back: the group's Python
         bookkeeping runs before them all rather than between kernels that have just
         streamed megabytes through the caches. On GPT-2 small's 148 tensors the time outside
-        the kernels went from 5.0-5.5 to 2.2-2.4 ms a step, the multi-tensor mode from
-        0.85-0.87x to 0.90-0.92x the flat mode's speed (bench/NOTES.md, twenty-second
-        session). What follows each call runs once the calls before it and it have run: a
-        call that fails (or an interrupt) leaves the later buckets uncounted, as unstepped."""
+        the kernels went from 5.0-5.5 to 2.2-3.3 ms a step, the multi-tensor mode from
+        0.85-0.87x to 0.90-0.92x the flat mode's speed on a quiet host (bench/NOTES.md,
+        twenty-second session). What follows each call runs once the calls before it and it
+        have run: a call that fails (or an interrupt) leaves the later buckets uncounted, as
+        unstepped."""
         done = 0
         try:
             for args, _ in calls:
