@@ -263,11 +263,14 @@ def test_errors_and_release():
     _loss(m, 0).backward()  # (and do nothing once it is gone)
 
 
-def test_params_changed_on_the_device_are_taken():
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_params_changed_on_the_device_are_taken(in_backward):
     """model.load_state_dict after the optimizer was built (an in-place copy: torch's version
-    counter moves): the next step starts from the new values, as without offload."""
+    counter moves): the next step starts from the new values, as without offload; also
+    where it is taken in backward (a review found the host's stale copies stepped and
+    written over the loaded params there)."""
     m, ref = _model(), _model()
-    opt = _offload(m, lr=1e-2)
+    opt = _offload(m, lr=1e-2, step_in_backward=in_backward)
     twin = fot.AdamW(ref.parameters(), lr=1e-2)
     _run(m, opt, 2)
     _run(ref, twin, 2)
@@ -360,11 +363,13 @@ def test_refusals_after_review():
         opt.step()
 
 
-def test_a_replaced_storage_is_followed():
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_replaced_storage_is_followed(in_backward):
     """p.data = ... (same dtype, device and shape; new values) after some steps: the next
-    step starts from the new values with the state it has, as torch.optim's would."""
+    step starts from the new values with the state it has, as torch.optim's would (also
+    a step taken in backward)."""
     m, ref = _model(), _model()
-    opt = _offload(m, lr=1e-2)
+    opt = _offload(m, lr=1e-2, step_in_backward=in_backward)
     twin = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     _run(m, opt, 2)
     _run(ref, twin, 2)
@@ -553,3 +558,70 @@ def test_a_param_changed_on_the_device_leaves_the_others_masters():
         else:
             assert torch.equal(now, before)
     assert not b.changed_on_device()
+
+
+def _steps(m, opt, first, stop):
+    for step in range(first, stop):
+        _loss(m, 10 * step).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("dtype,master_weights", [
+    (torch.float32, "fp32"), (torch.bfloat16, "fp32"), (torch.bfloat16, "remainder"),
+    (torch.bfloat16, "none")])
+@pytest.mark.parametrize("model_first", [True, False])
+def test_a_resume_into_a_new_model_and_optimizer(dtype, master_weights, model_first):
+    """The usual resume: a new model (another init) and a new CPUOffload, the model's and the
+    optimizer's state dicts loaded in either order, then more steps: the same params as the
+    run that went on, bit for bit. (Found by a review: the model's loaded params were
+    overwritten by the host's stale copies, or the host stepped from them, or a float32
+    master was reset from the params.)"""
+    kwargs = dict(lr=1e-2, weight_decay=0.1, master_weights=master_weights)
+    straight = _model(dtype)
+    _steps(straight, _offload(straight, bucket_elements=1 << 20, **kwargs), 0, 6)
+    m = _model(dtype)
+    opt = _offload(m, bucket_elements=1 << 20, **kwargs)
+    _steps(m, opt, 0, 3)
+    saved = copy.deepcopy((m.state_dict(), opt.state_dict()))
+    fresh = _model(dtype)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.mul_(-0.5)
+    opt2 = _offload(fresh, bucket_elements=1 << 20, **kwargs)
+    if model_first:
+        fresh.load_state_dict(saved[0])
+        opt2.load_state_dict(saved[1])
+    else:
+        opt2.load_state_dict(saved[1])
+        fresh.load_state_dict(saved[0])
+    for (name, p), value in zip(fresh.named_parameters(), saved[0].values(), strict=True):
+        assert torch.equal(p, value), name  # (the load left the model's params alone)
+    _steps(fresh, opt2, 3, 6)
+    _equal(fresh, straight)
+
+
+@pytest.mark.parametrize("option", [dict(skip_if_nonfinite=True), dict(max_grad_norm=1e9)])
+def test_a_loss_scaled_float16_norm_does_not_overflow(option):
+    """float16 params and a loss scale of 2**18 (GradScaler's scale grows so far): every
+    gradient is finite but the scaled gradients' norm is over float16's 65504. The norm is
+    taken in float32: the steps are not skipped nor clipped (a review found every step
+    skipped, or the gradients zeroed by a coefficient of max / inf)."""
+    m, ref = _model(torch.float16), _model(torch.float16)
+    opt = _offload(m, lr=1e-3, **option)
+    twin = fot.AdamW(ref.parameters(), lr=1e-3)
+    scale = 2.0 ** 18
+    for step in range(3):
+        _loss(m, step, scale).backward()
+        _loss(ref, step, scale).backward()
+        assert float(torch.cat([p.grad.float().flatten() for p in m.parameters()
+                                if p.grad is not None]).norm()) > 65504
+        opt.step(grad_scale=scale)
+        for p in ref.parameters():
+            if p.grad is not None:
+                p.grad.div_(scale)
+        twin.step()
+        assert not opt.last_step_skipped
+        opt.zero_grad()
+        twin.zero_grad()
+    _equal(m, ref)

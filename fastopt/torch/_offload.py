@@ -166,14 +166,25 @@ class _Bucket:
                 if p._version != v]
 
     @torch.no_grad()
-    def take_device_params(self, which: list[int] | None = None) -> None:
+    def take_device_params(self, which: list[int] | None = None,
+                           keep_equal: bool = False) -> None:
         """The host params ``which`` (default all) from the device params as they are now,
-        their masters (16-bit params) from those values; the others' masters stay."""
+        their masters (16-bit params) from those values; the others' masters stay. With
+        ``keep_equal`` a param whose device values equal the host's keeps its master (or
+        remainders), as a param's replaced storage with the same values does: the usual
+        resume loads the optimizer's state dict (a float32 master) and then the model's,
+        whose params are that master's rounding."""
         where = {id(p): (hb, j) for hb in self.host._buckets[0]
                  for j, p in enumerate(hb.params)}
         for i in range(len(self.params)) if which is None else which:
             hp = self.host_params[i]
-            hp.copy_(self.params[i])
+            if keep_equal:
+                values = self.params[i].detach().to(hp.device)
+                if torch.equal(values, hp.detach()):
+                    continue
+                hp.copy_(values)
+            else:
+                hp.copy_(self.params[i])
             hb, j = where[id(hp)]
             part = slice(hb.offsets[j], hb.offsets[j] + hp.numel())
             if hb.master is not None:
@@ -362,7 +373,9 @@ class CPUOffload(torch.optim.Optimizer):
                  for p in b.params if p.grad is not None]
         if not grads:
             return 0.0
-        norms = torch._foreach_norm(grads, 2.0)
+        # (in float32: the norm of 16-bit gradients scaled by a loss scale overflows
+        # float16's 65504 where the true norm is small)
+        norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
         return float(torch.linalg.vector_norm(torch.stack(norms), 2.0))
 
     def _push_groups(self) -> None:
@@ -441,6 +454,10 @@ class CPUOffload(torch.optim.Optimizer):
         if not self._inflight:
             self._push_groups()
             self._check_hosts()
+        b.check_addresses()  # (the device params changed since the last step, as step()
+        changed = b.changed_on_device()  # takes them: model.load_state_dict between steps)
+        if changed:
+            b.take_device_params(changed, keep_equal=True)
         t = self._transfers
         t.after_current(t.h2d)  # (the params' copy after backward's last use of them)
         with self._lock:
@@ -544,7 +561,7 @@ class CPUOffload(torch.optim.Optimizer):
         for b in everything:
             changed = b.changed_on_device()
             if changed:
-                b.take_device_params(changed)
+                b.take_device_params(changed, keep_equal=True)
         for b in reversed(everything):  # (backward's order: the last params first)
             if b.stale():
                 self._copy_grads(b)
@@ -659,7 +676,10 @@ class CPUOffload(torch.optim.Optimizer):
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """A dict of this class or of the ``optimizer`` class (the same params, in order)."""
+        """A dict of this class or of the ``optimizer`` class (the same params, in order).
+        The device params are left as they are (with remainders they are written from the
+        loaded master, as without offload); the host first takes those changed on the device
+        since its last step (a model loaded before the optimizer)."""
         if self._inflight:
             raise RuntimeError("CPUOffload(step_in_backward=True): call step() after "
                                "backward before loading a state dict")
@@ -676,6 +696,11 @@ class CPUOffload(torch.optim.Optimizer):
                                  "match the size of optimizer's group")
         ids = [i for g in saved_groups for i in g["params"]]
         where = {id(b): i for i, buckets in enumerate(self._buckets) for b in buckets}
+        for buckets in self._buckets:  # (the model's params loaded first, as a resume does:
+            for b in buckets:  # the host takes their values before its state is loaded)
+                changed = b.changed_on_device()
+                if changed:
+                    b.take_device_params(changed, keep_equal=True)
         backups = []  # (a failed load puts back the buckets already loaded)
         try:
             for b, indices in self._host_indices():
@@ -697,13 +722,21 @@ class CPUOffload(torch.optim.Optimizer):
                         hp.copy_(v)  # writes them exactly, remainders included)
                     b.host.load_state_dict(d)
             raise
-        for buckets in self._buckets:
-            for b in buckets:
-                if b.host.master_weights != "fp32":  # (16-bit params written from the master)
-                    with torch.no_grad():
+        with torch.no_grad():
+            for buckets in self._buckets:
+                for b in buckets:
+                    # with remainders the loaded master writes the params, as without
+                    # offload; otherwise the load leaves the device's params as they are,
+                    # and a float32 master's host params become its rounding, what its
+                    # next step would write: a model loaded after the optimizer (with the
+                    # params saved with that master) then keeps the master (``keep_equal``)
+                    for hb in b.host._buckets[0]:
+                        if hb.master is not None:
+                            hb.flat.copy_(hb.master)
+                    if any(hb.remainder is not None for hb in b.host._buckets[0]):
                         for p, hp in zip(b.params, b.host_params, strict=True):
                             p.copy_(hp)
-                b.remember_versions()
+                    b.remember_versions()
         self._pull_groups()
 
     def __getstate__(self):
