@@ -169,6 +169,9 @@ def check_step(step) -> int:
         raise TypeError(f"step must be an integer (the 1-based step number), got {step!r}")
     if step < 1:
         raise ValueError(f"step must be >= 1 (the k-th step uses schedule.at(k - 1)), got {step}")
+    if step >= 2**63:
+        raise ValueError(f"step must be < 2**63 (the kernels take it as a signed 64-bit "
+                         f"int), got {step}")
     return int(step)
 
 

@@ -411,6 +411,9 @@ class FlatOptimizer:
         if self.definition.modes is not None and not self._train_mode:
             raise RuntimeError(f"{type(self).__name__} is in eval mode: call train() before "
                                "step() (and eval() before evaluating or saving the params)")
+        if self._step >= MAX_STEP - 1:
+            raise ValueError(f"{type(self).__name__} has taken {self._step} steps, the most "
+                             "the kernels' signed 64-bit step number allows")
         check_buffer("grads", grads, self.params.shape[0], writable=False, like=self.params,
                      dtype=self._grad_dtypes)
         if self._grads_apart() is not grads:  # the same array as last step: its memory too
@@ -550,7 +553,11 @@ class FlatOptimizer:
                 warnings.warn(f"state_dict[{alias!r}] is deprecated, use {MASTER!r}",
                               DeprecationWarning, stacklevel=3)
                 d[MASTER] = d.pop(alias)
-        name = d.get("optimizer", type(self).__name__)
+        if "optimizer" not in d:  # (every state_dict() has it: without it another class's
+            # dict would load, its fixed options lost, e.g. AdamW's decoupled decay as Adam's)
+            raise KeyError(f"state_dict has no 'optimizer' (the class it was saved from; "
+                           f"{type(self).__name__}.state_dict() writes it)")
+        name = d["optimizer"]
         if name != type(self).__name__:
             raise ValueError(f"state_dict is for {name}, not {type(self).__name__}")
         step = d.get("step")

@@ -40,6 +40,8 @@ from .algorithms._spec import (
     DIRECTION,
     FACTORED_SIGNATURE,
     FORMAT_EPS,
+    INIT_LR,
+    INIT_PARAMS,
     INT8_BLOCK,
     INT8_EXPONENT_BITS,
     INT8_MANTISSA_BITS,
@@ -1465,7 +1467,13 @@ def functional_source() -> str:
                     "lr_scale=1.0", "grad_scale=1.0", *fresh, *(f"{a}=None" for a in aliases),
                     "master=None"]
             doc = [f'    """{spec.doc}', "", *_doc(d.doc, "    "), "",
-                   "    One step k = ``step`` in place; returns the lr the kernel used."]
+                   "    One step k = ``step`` in place; returns the schedule's lr for step k "
+                   "(times lr_scale)."]
+            starts = [f"``{st.name}`` at the {'lr' if st.init == INIT_LR else 'params'}"
+                      for st in d.state if st.init in (INIT_LR, INIT_PARAMS)]
+            if starts:  # (what the classes do at the first step; the kernel takes the buffers)
+                doc += ["", f"    Before the first step the caller starts {', '.join(starts)}",
+                        "    (the classes do; the kernel takes the buffers as they are)."]
             if d.segmented:
                 doc += ["", "    segments: the tensors' layout in params (a SegmentTable, a "
                             "FlatBuffer, or a list of", "    shapes packed back to back); "

@@ -37,7 +37,7 @@ def adadelta(params, grads, square_avg, acc_delta, *, step, lr=None, schedule=No
         sq <- rho sq + (1 - rho) g^2;   delta = sqrt(acc + eps) / sqrt(sq + eps) * g
         acc <- rho acc + (1 - rho) delta^2;   p <- p - lr * delta
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -66,7 +66,7 @@ def adafactor(params, grads, row_var=None, col_var=None, variance=None, *, step,
     eps1 None is the params' machine epsilon (torch's finfo(param.dtype).eps; bfloat16 params
     with a float32 master: bfloat16's).
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     segments: the tensors' layout in params (a SegmentTable, a FlatBuffer, or a list of
     shapes packed back to back); elements outside every tensor are not touched.
@@ -95,7 +95,7 @@ def adagrad(params, grads, sum=None, *, step, lr=None, schedule=None, master_par
 
         sum <- sum + g^2;   p <- p - lr / (1 + (k - 1) lr_decay) * g / (sqrt(sum) + eps)
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: state_sum (sum), master (master_param).
     """
@@ -119,7 +119,7 @@ def adam(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=No
         m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2;   vmax <- max(vmax, v)
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -143,7 +143,7 @@ def adamw(params, grads, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, step, lr=N
         m <- m + (1 - beta1) (g - m);   v <- beta2 v + (1 - beta2) g^2;   vmax <- max(vmax, v)
         p <- p - lr / (1 - beta1^k) * m / (sqrt(v or vmax) / sqrt(1 - beta2^k) + eps)
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -166,7 +166,7 @@ def adamax(params, grads, exp_avg, exp_inf, *, step, lr=None, schedule=None, mas
         m <- m + (1 - beta1) (g - m);   u <- max(beta2 u, |g| + eps)
         p <- p - lr / (1 - beta1^k) * m / u
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -198,7 +198,10 @@ def adamwschedulefree(params, grads, z, exp_avg_sq, weight_sum, lr_max, *, step,
         y <- lerp(y, z, c) + lr_k (beta1 (1 - c) - 1) u;   z <- z - lr_k u
     weight_sum and lr_max are per-step scalars; z starts as a copy of the params.
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
+
+    Before the first step the caller starts ``z`` at the params
+    (the classes do; the kernel takes the buffers as they are).
 
     weight_sum, lr_max: one-element float64 arrays (the per-step scalars), read and
     updated in place.
@@ -232,7 +235,7 @@ def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr=None,
     (T = None: alpha_k = alpha, beta3_k = beta3). As pytorch-optimizer 4.1.0's AdEMAMix with
     ``weight_decouple=True``.
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -257,7 +260,7 @@ def asgd(params, grads, ax, eta, mu, *, step, lr=None, schedule=None, master_par
     eta and mu are per-step scalars. As in torch, eta starts at the lr of the first step and
     step k uses the eta computed at the end of step k - 1: a changed lr shows one step late.
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     eta, mu: one-element float64 arrays (the per-step scalars), read and
     updated in place.
@@ -290,7 +293,7 @@ def lamb(params, grads, exp_avg, exp_avg_sq, *, step, segments, lr=None, schedul
     default; here ``max_grad_norm`` is off unless set) and, unless ``use_nvlamb=True``, applies
     no trust ratio to tensors without weight decay.
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     segments: the tensors' layout in params (a SegmentTable, a FlatBuffer, or a list of
     shapes packed back to back); elements outside every tensor are not touched.
@@ -316,7 +319,7 @@ def lion(params, grads, exp_avg, *, step, lr=None, schedule=None, master_param=N
         m <- beta2 m + (1 - beta2) g
     Weight decay is lion-pytorch's default form (``p *= 1 - lr wd``, decoupled, scaled by lr).
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -348,7 +351,7 @@ def muon(params, grads, momentum_buffer, *, step, segments, lr=None, schedule=No
     orthogonalises each matrix (BLAS / cuBLAS; torch's bf16 matmul in fastopt.torch), the second
     applies the decay and the update (fused).
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     segments: the tensors' layout in params (a SegmentTable, a FlatBuffer, or a list of
     shapes packed back to back); elements outside every tensor are not touched.
@@ -378,7 +381,7 @@ def nadam(params, grads, exp_avg, exp_avg_sq, mu_product, *, step, lr=None, sche
         p <- p - lr (1 - mu_k) / (1 - mu_product) g / d
                - lr mu_k+1 / (1 - mu_product mu_k+1) m / d
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     mu_product: one-element float64 arrays (the per-step scalars), read and
     updated in place.
@@ -409,7 +412,7 @@ def radam(params, grads, exp_avg, exp_avg_sq, *, step, lr=None, schedule=None, m
         otherwise:  p <- p - lr m / (1 - beta1^k)
     The branch is taken once per step (rho_k depends on k alone), never per element.
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -433,7 +436,7 @@ def rmsprop(params, grads, square_avg, momentum_buffer=None, grad_avg=None, *, s
         avg = sqrt(sq - ga^2) + eps (centered) or sqrt(sq) + eps
         b <- momentum b + g / avg; p <- p - lr b   (momentum > 0), else p <- p - lr g / avg
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -460,7 +463,10 @@ def rprop(params, grads, prev, step_size, *, step, lr=None, schedule=None, maste
     step_size starts at the lr of the first step; the lr plays no other part, so Rprop refuses a
     schedule (in torch a later lr reaches only params that take their first step later).
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
+
+    Before the first step the caller starts ``step_size`` at the lr
+    (the classes do; the kernel takes the buffers as they are).
 
     Deprecated spellings, for one release: master (master_param).
     """
@@ -483,7 +489,7 @@ def sgd(params, grads, momentum_buffer=None, *, step, lr=None, schedule=None, ma
         b <- g on the first step, else b <- momentum b + (1 - dampening) g     (momentum != 0)
         g <- g + momentum b (nesterov) or b;   p <- p - lr g
 
-    One step k = ``step`` in place; returns the lr the kernel used.
+    One step k = ``step`` in place; returns the schedule's lr for step k (times lr_scale).
 
     fresh: whether momentum_buffer is still unset (torch's None), so this step
     sets it to the gradient; default: ``step == 1``.

@@ -403,3 +403,50 @@ def test_copies_of_a_core_optimizer_are_independent_and_resume_identically(clone
     assert twin.step_count == opt.step_count == 6
     for name in opt.state:
         np.testing.assert_array_equal(twin.state[name], opt.state[name])
+
+
+def test_a_state_dict_without_its_class_name_is_refused():
+    """Every state_dict() names its class; one without the name is refused, not taken as
+    this class's (a review found an AdamW dict loaded into Adam, its decoupled decay made
+    L2, and into Lion and SGD, its state taken or dropped)."""
+    p = np.ones(8, np.float32)
+    saved = fastopt.AdamW(p, weight_decay=0.1)
+    saved.step(np.ones(8, np.float32))
+    d = saved.state_dict()
+    del d["optimizer"]
+    for cls in (fastopt.AdamW, fastopt.Adam, fastopt.Lion, fastopt.SGD):
+        other = cls(np.ones(8, np.float32))
+        with pytest.raises(KeyError, match="no 'optimizer'"):
+            other.load_state_dict(d)
+        assert other.step_count == 0
+
+
+def test_the_last_step_count_the_kernels_take_is_refused_clearly():
+    """A step count of 2**63 - 1 (loadable) cannot step again: the kernels' step number is a
+    signed 64-bit int. ValueError, nothing changed (a bare OverflowError before); the
+    functional layer refuses step=2**63, fastopt.torch a param at that count."""
+    p = np.ones(8, np.float32)
+    opt = fastopt.AdamW(p)
+    d = opt.state_dict()
+    d["step"] = 2**63 - 1
+    opt.load_state_dict(d)
+    with pytest.raises(ValueError, match="signed 64-bit"):
+        opt.step(np.ones(8, np.float32))
+    assert np.array_equal(p, np.ones(8, np.float32)) and opt.step_count == 2**63 - 1
+    zeros = np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="signed 64-bit"):
+        fastopt.functional.adam(p, zeros, zeros.copy(), zeros.copy(), step=2**63, lr=0.1)
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    param = torch.nn.Parameter(torch.ones(8))
+    param.grad = torch.ones(8)
+    topt = fot.AdamW([param], lr=0.1)
+    topt.step()
+    d = topt.state_dict()
+    d["state"][0]["step"] = torch.tensor(2**63 - 1)
+    topt.load_state_dict(d)
+    before = param.detach().clone()
+    with pytest.raises(ValueError, match="signed 64-bit"):
+        topt.step()
+    assert torch.equal(param.detach(), before)

@@ -2090,6 +2090,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         prepared call is kept per (part, hyperparameters); nothing is re-validated per step.
         ``then``: what follows the kernel (the bucket's counts), called after it, also where
         the call is deferred (``_call_deferred``)."""
+        if step >= 2**63:
+            raise ValueError(f"a param has taken {step - 1} steps, the most the kernels' signed "
+                             "64-bit step number allows")
         if self._group_count is not None and self._group_count >= step:  # (a lagging param)
             schedule = self._lr_schedule(schedule, step - 1)
         earlier, prepared = b.prepared.get((part, names), (None, None))
