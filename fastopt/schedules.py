@@ -125,6 +125,11 @@ class Schedule:
     def __hash__(self) -> int:
         return hash(self._table.tobytes())
 
+    def __reduce__(self):
+        # (a copy or an unpickled one made through the constructor: its table checked and
+        # read-only again; a writable table is another type to Numba, another compile)
+        return Schedule, (self._table, self._description)
+
 
 # --------------------------------------------------------------------------- validation helpers
 

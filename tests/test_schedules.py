@@ -294,3 +294,17 @@ def test_advanced_is_the_schedule_later(name):
         S._check_table(shifted.table)  # (built without the checks: it passes them)
         np.testing.assert_array_equal(advanced(advanced(schedule, n), 2).at(t),
                                       advanced(schedule, n + 2).at(t))
+
+
+def test_copies_and_unpickled_schedules_keep_a_read_only_table():
+    """A copied or unpickled schedule (a deepcopied optimizer, ZeRO's consolidated state
+    through torch.save) is made through the constructor: its table checked and read-only,
+    the one type the kernels were compiled for (a writable table compiled each kernel
+    again)."""
+    import copy
+    import pickle
+
+    s = S.warmup(S.cosine(1e-2, 20), 4)
+    for c in (copy.copy(s), copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert c == s and repr(c) == repr(s)
+        assert not c.table.flags.writeable

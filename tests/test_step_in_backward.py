@@ -195,6 +195,38 @@ def test_frozen_params_are_skipped():
 
 
 @pytest.mark.parametrize("multi", [False, True])
+def test_params_frozen_at_the_start_and_unfrozen_later_step(multi):
+    """A param without requires_grad when step in backward begins, unfrozen later (a head
+    trained first): it steps from the backward that gives it a gradient, as step() does (a
+    review found it never stepped, its gradient accumulating), also with its chunk's other
+    params stepped in backward before; frozen again, it is skipped again."""
+    plain, inside = _model(), _model()
+    for model in (plain, inside):
+        model[0].weight.requires_grad_(False)
+        model[4].bias.requires_grad_(False)
+    a = fot.AdamW(plain.parameters(), lr=SCHED, multi_tensor=multi)
+    b = fot.AdamW(inside.parameters(), lr=SCHED, multi_tensor=multi)
+    fot.step_in_backward(inside, b, chunk_elements=1 << 20)
+    for k, (x, y) in enumerate(_batches(8)):
+        if k in (2, 4):
+            for model in (plain, inside):
+                model[0].weight.requires_grad_(True)
+                model[4].bias.requires_grad_(k == 4)
+        if k == 6:
+            for model in (plain, inside):
+                model[0].weight.requires_grad_(False)
+                model[0].weight.grad = None
+        a.zero_grad()
+        _loss(plain, x, y).backward()
+        a.step()
+        _loss(inside, x, y).backward()
+        assert all(p.grad is None for p in inside.parameters())
+    assert not torch.equal(inside[0].weight, _model()[0].weight)
+    for p, q in zip(inside.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("multi", [False, True])
 def test_state_cleared_between_steps_acts_as_before_step(multi):
     """``opt.state.clear()`` between steps restarts every param's Schedule-Free state while
     the group's count and averaging weights go on, in backward as in step(): each chunk

@@ -77,14 +77,11 @@ class StepInBackward:
         self._task = None  # the autograd graph task the round belongs to
         self.hooks = []
         self._hook_ids: dict[int, int] = {}  # id(param) -> its hook's handle id
-        try:  # (a frozen param gets no hook: it never has a gradient, so never steps)
+        try:  # (a frozen param gets no hook until it requires a gradient: ``_finish``)
             for c in self.chunks:
                 for i in range(c.first, c.stop):
-                    p = c.bucket.params[i]
-                    if p.requires_grad:
-                        self.hooks.append(p.register_post_accumulate_grad_hook(
-                            functools.partial(self._ready, c, i - c.first)))
-                        self._hook_ids[id(p)] = self.hooks[-1].id  # (it must run last)
+                    if c.bucket.params[i].requires_grad:
+                        self._hook(c, i)
                     else:
                         c.frozen[i - c.first] = True
         except BaseException:
@@ -94,6 +91,26 @@ class StepInBackward:
         for buckets in opt._buckets:
             for b in buckets:
                 b.release_grads()
+
+    def _hook(self, c: _Chunk, i: int) -> None:
+        """Param i of chunk c's post-accumulate-grad hook (``_ready``)."""
+        p = c.bucket.params[i]
+        self.hooks.append(p.register_post_accumulate_grad_hook(
+            functools.partial(self._ready, c, i - c.first)))
+        self._hook_ids[id(p)] = self.hooks[-1].id  # (it must run last: check_hook_last)
+
+    def _take_unfrozen(self) -> None:
+        """Params frozen (no ``requires_grad``) when this began, or at an earlier backward's
+        end, that require a gradient now get their hook; one that got a gradient in this
+        backward (no hook saw it) is marked ready, so ``_finish`` steps it, as ``step()``
+        would have."""
+        for c in self.chunks:
+            for k, frozen in enumerate(c.frozen):
+                p = c.bucket.params[c.first + k]
+                if frozen and p.requires_grad:
+                    self._hook(c, c.first + k)
+                    c.frozen[k] = False
+                    c.ready[k] = p.grad is not None
 
     def remove(self) -> None:
         """Stop stepping in backward: hooks removed, flat gradient buffers back."""
@@ -150,6 +167,7 @@ class StepInBackward:
         if self._round is None:  # (ended already: an error reset it)
             return
         try:
+            self._take_unfrozen()
             for c in self.chunks:
                 if any(c.ready):
                     self._step(c, [c.first + k for k, r in enumerate(c.ready) if r])
@@ -249,7 +267,9 @@ def step_in_backward(params, optimizer: FlatOptimizer, *,
     backward: gradient accumulation (each backward is a step; ``step()`` raises),
     ``clip_grad_norm_`` (it then sees no gradients) and ``GradScaler`` (the update would
     use the scaled gradients; its ``step()`` fails). A param that gets no gradient in a
-    backward, or has ``requires_grad=False``, is skipped, as by ``step()``. A backward that
+    backward, or has ``requires_grad=False``, is skipped, as by ``step()`` (one frozen
+    when this is called and unfrozen later steps from the backward that gives it a gradient:
+    its hook is added at the end of that backward, which steps it). A backward that
     raises leaves what it already stepped stepped (as an exception inside ``step()``).
     With ``state_dtype="bfloat16"`` or ``"int8"``, or ``master_weights="none"``, a chunk
     draws other stochastic-rounding bits than a whole-bucket step: the same distribution,
