@@ -208,6 +208,14 @@ def test_errors():
         fot.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
     with pytest.raises(ValueError, match="differentiable"):
         fot.Adam(make_model().parameters(), differentiable=True)
+    with pytest.raises(ValueError, match="differentiable"):  # (a group's own, as torch takes)
+        fot.Adam([{"params": list(make_model().parameters()), "differentiable": True}])
+    opt = fot.Adam(make_model().parameters())
+    with pytest.raises(ValueError, match="differentiable"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))],
+                             "differentiable": True})
+    with pytest.raises(RuntimeError, match="cannot be `True` together"):  # (torch's check)
+        fot.Adam(make_model().parameters(), foreach=True, fused=True)
     with pytest.raises(ValueError, match="Invalid learning rate"):
         fot.AdamW(make_model().parameters(), lr=-1.0)
     with pytest.raises(ValueError, match="one device"):

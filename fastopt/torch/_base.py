@@ -876,6 +876,8 @@ def _as_bits(t: torch.Tensor):
     return _as_array(t.view(torch.int16)).view("uint16")
 
 
+DIFFERENTIABLE_REFUSED = "differentiable=True is not supported by fastopt's fused kernels"
+
 #: fastopt.torch's own CPU buffers of at least this many bytes are madvised for transparent
 #: huge pages (``_buffer``)
 HUGE_PAGE_MIN_BYTES = 4 << 20
@@ -1059,7 +1061,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 defaults[h.name] = tuple(v.reshape(()) if isinstance(v, torch.Tensor) else v
                                          for v in value)
         if defaults.get("differentiable"):
-            raise ValueError("differentiable=True is not supported by fastopt's fused kernels")
+            raise ValueError(DIFFERENTIABLE_REFUSED)
+        if defaults.get("fused") and defaults.get("foreach"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # (torch's)
         check_state_dtype(self.definition, state_dtype)
         #: the optimizer state's storage: float32, bfloat16 (stochastically rounded) or int8
         #: (per state: uint8 codes under its name, float32 block scales under
@@ -1163,6 +1167,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise RuntimeError("add_param_group while the steps run in backward: remove() the "
                                "step_in_backward handle first, then enable it again")
         param_group = self._split_schedule(dict(param_group))
+        if param_group.get("differentiable"):  # (a group's own, as the constructor's)
+            raise ValueError(DIFFERENTIABLE_REFUSED)
         if "lr" not in param_group and "schedule" in self.defaults \
                 and "schedule" not in param_group:
             param_group["schedule"] = self.defaults["schedule"]
