@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastopt import _bf16
+from fastopt._checks import FORMATS
 from fastopt.cpu.convert import BF16, FP16
 from fastopt.cpu.factored import factored_square_sums
 from fastopt.segments import CHUNK, ROW_BLOCKS, SegmentTable
@@ -170,9 +171,12 @@ def test_generated_adafactor_kernel_equals_the_reference(model, option):
     segments = list(zip(table.offsets, table.shapes, strict=True))
     for k in range(1, 11):
         g = (rng.standard_normal(table.size) * rng.uniform(0.1, 3)).astype(np.float32)
+        # (float32 params' format and an int step, the types the library passes: the
+        # specialisation the layers' tests compile too, not one of this test's own)
         adafactor(params, none, *state, none, scalar, scalar, scalar, scalar,
-                  hyp["weight_decay"], False, hyp["maximize"], *slots, FP16, None, table.rows,
-                  table.chunks, *work, g, schedule, float(k), 1.0, 1.0, 0, k % 2 == 0)
+                  hyp["weight_decay"], False, hyp["maximize"], *slots, FORMATS["float32"],
+                  None, table.rows, table.chunks, *work, g, schedule, k, 1.0, 1.0, 0,
+                  k % 2 == 0)
         want, *want_state = reference.adafactor(
             want, g, *want_state, step=k, lr=lr, segments=segments,
             beta2_decay=hyp["beta2_decay"], eps1=hyp["eps1"], eps2=hyp["eps2"], d=hyp["d"],
