@@ -593,6 +593,28 @@ def test_zero_resume_keeps_the_in_kernel_schedule(gloo_world_of_one):
     assert opt.param_groups[0]["lr"] == pytest.approx(host_lr(schedule, 12))
 
 
+def test_zero_with_parameters_as_bucket_views(gloo_world_of_one):
+    """ZeRO's parameters_as_bucket_view=True moves the params into its buckets after the
+    local optimizer is built: the flat mode refuses that at the first step (nothing moved),
+    the multi-tensor mode steps them where they now live, as torch.optim does."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    data = batches(6)
+    straight = make_model()
+    train(straight, torch.optim.AdamW(straight.parameters(), lr=1e-2), data)
+    flat = make_model()
+    opt = ZeroRedundancyOptimizer(flat.parameters(), optimizer_class=fot.AdamW, lr=1e-2,
+                                  parameters_as_bucket_view=True)
+    with pytest.raises(RuntimeError, match="no longer lives in this optimizer's flat buffer"):
+        train(flat, opt, data[:1])
+    assert_close(flat, make_model(), rtol=0, atol=0)
+    model = make_model()
+    train(model, ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fot.AdamW,
+                                         lr=1e-2, multi_tensor=True,
+                                         parameters_as_bucket_view=True), data)
+    assert_close(model, straight)
+
+
 def test_a_hold_at_the_schedules_own_value_is_a_hold():
     """group['lr'] set to the value fastopt wrote there (0 at a warm-up's start) holds the
     lr as any other value does: the held steps do not advance the schedule, and writing
