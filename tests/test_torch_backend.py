@@ -203,6 +203,34 @@ def test_closure_and_add_param_group():
     assert opt.param_groups[1]["lr"] == pytest.approx(S.cosine(1e-2, 10).at(2))
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_sgd_checks_nesterov_at_construction_only_as_torch(multi):
+    """torch.optim.SGD refuses nesterov with dampening only among its constructor's
+    arguments: a param group's own values, or values changed between steps, step with
+    torch's numbers (fastopt raised at the step, found by a review)."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="Nesterov momentum requires"):
+        fot.SGD(make_model().parameters(), lr=0.1, momentum=0.9, nesterov=True, dampening=0.1)
+    ours, theirs = make_model(), make_model()
+    opts = []
+    for model, cls in ((ours, fot.SGD), (theirs, torch.optim.SGD)):
+        first, *rest = model.parameters()
+        kw = dict(multi_tensor=multi) if cls is fot.SGD else {}
+        opts.append(cls([{"params": [first], "nesterov": True, "dampening": 0.5},
+                         {"params": rest}], lr=0.1, momentum=0.9, **kw))
+    for step in range(6):
+        if step == 2:
+            for opt in opts:
+                opt.param_groups[1]["nesterov"] = True
+                opt.param_groups[1]["dampening"] = 0.25
+        for model, opt in zip((ours, theirs), opts, strict=True):
+            opt.zero_grad()
+            model(torch.full((2, 12), 0.1 * (step + 1))).square().sum().backward()
+            opt.step()
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_errors():
     with pytest.raises(TypeError, match="complex"):
         fot.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])

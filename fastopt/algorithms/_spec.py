@@ -376,6 +376,10 @@ class Definition:
     lr_default: float
     #: a check across hyperparameters (torch's messages), after each one's own check
     validate: Callable[[dict], None] | None = None
+    #: whether fastopt.torch runs ``validate`` only on its constructor's arguments, as torch
+    #: does (SGD's Nesterov check): a param group's own values, or values changed later,
+    #: are taken as torch takes them
+    validate_at_construction_only: bool = False
     #: per-step scalars (see Scalar), in kernel slot order
     scalars: tuple[Scalar, ...] = ()
     #: public class name -> its torch.optim twin (tests, bench and fastopt.torch use it)
@@ -522,10 +526,13 @@ class Definition:
     def hyper(self, name: str) -> Hyper:
         return next(h for h in self.hypers if h.name == name)
 
-    def check(self, values: dict) -> dict:
-        """Every hyperparameter checked (torch's messages), in declaration order."""
+    def check(self, values: dict, construction: bool = True) -> dict:
+        """Every hyperparameter checked (torch's messages), in declaration order; the check
+        across them (``validate``) too, unless torch makes it only at construction and this
+        is not one (``validate_at_construction_only``)."""
         out = {h.name: h.check(values[h.name]) for h in self.hypers}
-        if self.validate is not None:
+        if self.validate is not None and (construction
+                                          or not self.validate_at_construction_only):
             self.validate(out)
         return out
 

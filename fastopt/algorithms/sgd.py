@@ -51,6 +51,7 @@ DEFINITION = Definition(
     element=element,
     lr_default=1e-3,
     validate=_validate,
+    validate_at_construction_only=True,
     torch_twin={"SGD": TorchTwin("SGD", dict(nesterov=False, maximize=False, foreach=None,
                                                 differentiable=False, fused=False))},
 )

@@ -1049,7 +1049,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         lr = defaults.get("lr")
         if not isinstance(lr, Schedule):
             check_lr(_scalar(lr, "lr"))
-        self._hypers(defaults)  # the definition's checks, torch's messages
+        self._hypers(defaults, construction=True)  # the definition's checks, torch's messages
         betas = defaults.get("betas")
         if self.twin is not None and self.twin.betas_same_kind and not (
                 all(isinstance(b, float) for b in betas)
@@ -1130,8 +1130,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         return group
 
     # ------------------------------------------------------------------ construction
-    def _hypers(self, group: dict) -> dict:
-        """The definition's hyperparameters from a group, checked (tensors -> their value)."""
+    def _hypers(self, group: dict, construction: bool = False) -> dict:
+        """The definition's hyperparameters from a group, checked (tensors -> their value);
+        ``construction``: the constructor's arguments (``Definition.check``)."""
         values = {}
         for h in self.definition.hypers:
             value = self.fixed.get(h.name, group.get(h.name, h.default))
@@ -1140,7 +1141,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             elif isinstance(value, torch.Tensor):
                 value = _scalar(value, h.name)
             values[h.name] = value
-        checked = self.definition.check(values)
+        checked = self.definition.check(values, construction)
         if checked.get("weight_decay"):
             for key, implemented in self.definition.decay_keys.items():
                 if group.get(key, implemented) != implemented:
