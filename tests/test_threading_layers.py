@@ -94,12 +94,23 @@ want_inherited = fastopt.AdamW(P0[0].copy())
 for _ in range(2):
     want_inherited.step(G[0])
 
+# a tensor-aware optimizer too (its own helpers: Adafactor's square sums zeroed its sums
+# with slice assignments, which Numba made parallel loops whatever the flag: the child died)
+factored_p = P0[1].copy()
+factored = fastopt.Adafactor(factored_p, segments=[(400, 250)])
+factored.step(G[1])
+want_factored = fastopt.Adafactor(P0[1].copy(), segments=[(400, 250)])
+for _ in range(2):
+    want_factored.step(G[1])
+
 pid = os.fork()
-if pid == 0:  # the child: step the optimizer it inherited, then fresh ones
+if pid == 0:  # the child: step the optimizers it inherited, then fresh ones
     code = 1
     try:
         inherited.step(G[0])
         np.testing.assert_array_equal(inherited_p, want_inherited.params)
+        factored.step(G[1])
+        np.testing.assert_allclose(factored_p, want_factored.params, rtol=1e-6, atol=1e-7)
         check(both(), want)
         code = 0
     finally:

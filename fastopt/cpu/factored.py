@@ -25,8 +25,13 @@ def factored_square_sums(grads, fmt, grad_factor, segments, layout, blocks, row_
     """Row and column sums of (grad_factor g)^2 for the blocks of ``SegmentTable.row_blocks``
     (``col_partial``: the table's partial buffer)."""
     factor = np.float64(grad_factor)
-    row_sq[:] = 0.0  # (an empty matrix's rows and columns sum to 0; it has no blocks)
-    col_sq[:] = 0.0
+    # (an empty matrix's rows and columns sum to 0; it has no blocks. Loops, not slice
+    # assignments: under parallel=True Numba makes an array expression a parallel loop
+    # whatever ``parallel`` says, which kills a child forked from a GNU OpenMP parent)
+    for r in range(row_sq.shape[0]):
+        row_sq[r] = 0.0
+    for c in range(col_sq.shape[0]):
+        col_sq[c] = 0.0
     if parallel:
         for k in prange(blocks.shape[0]):
             _block_sums(grads, fmt, factor, segments, layout, blocks, row_sq, col_partial,
