@@ -458,6 +458,60 @@ def test_step_in_backward():
         _offload(_model(), step_in_backward=True, max_grad_norm=1.0)
 
 
+def test_step_in_backward_refuses_what_would_see_half_a_step():
+    """Step in backward (found by a review): between a backward and its step() some buckets
+    have stepped and others not, so state_dict(), load_state_dict() and refresh_master()
+    raise (refresh_master raced the running steps, undoing them; state_dict mixed step
+    counts); clip_grad_norm_ on the gradients of a bucket that did not complete in backward
+    (the unused param's: it steps at step()) makes step() raise, as for the others (it was
+    clipped alone, by a norm over its own gradients)."""
+    m = _model()
+    opt = _offload(m, step_in_backward=True, lr=1e-2)
+    _loss(m, 0).backward()
+    for call in (opt.state_dict, opt.refresh_master,
+                 lambda: opt.load_state_dict(opt.state_dict())):
+        with pytest.raises(RuntimeError, match="call step\\(\\) after backward before"):
+            call()
+    opt.step()
+    opt.zero_grad()
+    opt.load_state_dict(opt.state_dict())  # (between steps: fine)
+    _loss(m, 1).backward()
+    assert m[0].weight.grad is not None  # (its bucket waits for step())
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1e-3)
+    with pytest.raises(RuntimeError, match="changed after it"):
+        opt.step()
+
+
+def test_a_storage_replaced_at_its_old_address_is_followed():
+    """A param's storage replaced by another at the same address (the old one freed first:
+    model.to(torch.bfloat16).to(torch.float32) on a caching allocator) with other values:
+    followed, as one at a new address is (the address alone missed it: the host's stale copy
+    was stepped and written back; found by a review)."""
+    import numpy as np
+
+    m, ref = _model(), _model()
+    opt = _offload(m, "SGD", lr=0.1, momentum=0.9)
+    twin = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    memory = np.empty(m[2].weight.numel(), np.float32)
+    for model in (m, ref):  # (a storage over numpy memory: the next one lies at its address)
+        memory[:] = model[2].weight.detach().numpy().ravel()
+        model[2].weight.data = torch.from_numpy(memory.copy() if model is ref else memory)\
+            .view(24, 24)
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    for model in (m, ref):
+        values = (model[2].weight.detach() * 0.5).numpy().ravel()
+        if model is m:  # (new values at the old address, then a new storage over them)
+            memory[:] = values
+            model[2].weight.data = torch.from_numpy(memory).view(24, 24)
+        else:
+            model[2].weight.data = torch.from_numpy(values.copy()).view(24, 24)
+    assert m[2].weight.data_ptr() == memory.ctypes.data
+    _run(m, opt, 2)
+    _run(ref, twin, 2)
+    _equal(m, ref, rtol=1e-6)
+
+
 def test_step_in_backward_refuses_a_gradient_hook_registered_after_it():
     """step_in_backward=True frees each bucket's gradients once they are copied: a
     post-accumulate-grad hook registered after the optimizer would run on a freed gradient,

@@ -135,9 +135,16 @@ class _Bucket:
         #: the device params' versions when the host last had their values: a param changed
         #: in place since (model.load_state_dict, an init) is copied to the host first
         self.versions = [p._version for p in params]
-        #: where each device param's data lives: one whose storage is replaced is followed
-        #: (same dtype, device and shape) or refused (``check_addresses``)
+        #: where each device param's data lives, and its storage (a weak reference: torch
+        #: keeps one Python object per storage while it lives): one whose storage is
+        #: replaced is followed (same dtype, device and shape) or refused
+        #: (``check_addresses``), also where the new storage lies at the old address (the
+        #: old one freed first: ``model.to(torch.bfloat16).to(torch.float32)``)
         self.addresses = [p.data_ptr() for p in params]
+        self.storages = [weakref.ref(p.untyped_storage()) for p in params]
+        #: step in backward: each param's gradient and its version when its hook ran, so
+        #: that a change after backward to a bucket not yet stepped is refused at step()
+        self.hooked: dict[int, tuple] = {}
         self.device = params[0].device
 
     def remember_versions(self) -> None:
@@ -149,11 +156,13 @@ class _Bucket:
         changed (as a change in place would); another dtype, device or shape raises."""
         moved = []
         for i, (p, hp) in enumerate(zip(self.params, self.host_params, strict=True)):
-            if p.data_ptr() == self.addresses[i]:
+            if p.data_ptr() == self.addresses[i] \
+                    and p.untyped_storage() is self.storages[i]():
                 continue
             if p.dtype != hp.dtype or p.shape != hp.shape or p.device != self.device:
                 raise moved_param_error(p, True)
             self.addresses[i] = p.data_ptr()
+            self.storages[i] = weakref.ref(p.untyped_storage())
             with torch.no_grad():
                 if not torch.equal(p.detach().to("cpu"), hp.detach()):
                     moved.append(i)
@@ -192,6 +201,16 @@ class _Bucket:
             if hb.remainder is not None:
                 hb.remainder[part].zero_()
         self.remember_versions()
+
+    def changed_since_hooks(self) -> bool:
+        """Step in backward, a bucket not complete in backward (its gradients stay on the
+        device until step()): whether a gradient its hook saw was replaced or changed in
+        place since (``clip_grad_norm_`` clipping it alone, say)."""
+        for p in self.params:
+            seen = self.hooked.get(id(p))
+            if seen is not None and (p.grad is not seen[0] or p.grad._version != seen[1]):
+                return True
+        return False
 
     def stale(self) -> bool:
         """Whether the host gradients differ from the device's (changed or never copied)."""
@@ -491,6 +510,7 @@ class CPUOffload(torch.optim.Optimizer):
         for where, buckets in enumerate(self._buckets):
             for b in buckets:
                 b.copied, b.arrived = None, 0
+                b.hooked.clear()
             self._add_hooks(where)
 
     #: torch.amp.GradScaler hands this optimizer its scale and inf flag (``grad_scale``,
@@ -603,6 +623,9 @@ class CPUOffload(torch.optim.Optimizer):
             self._reset()
             raise failed
         changed = [b for b, _ in inflight if b.stale()]
+        stepped = {id(b) for b, _ in inflight}
+        changed += [b for buckets in self._buckets for b in buckets  # (not complete in
+                    if id(b) not in stepped and b.changed_since_hooks()]  # backward)
         second, self._second_backward = self._second_backward, False
         if second:
             self._reset()
@@ -641,9 +664,19 @@ class CPUOffload(torch.optim.Optimizer):
         changed in place since the last step (torch's version counter: ``copy_``,
         ``model.load_state_dict``, ``torch.nn.init``); a change it cannot see (through
         ``p.data``) needs this call, or the next step overwrites it."""
+        self._refuse_mid_step("refresh_master()")
         for buckets in self._buckets:
             for b in buckets:
                 b.take_device_params()
+
+    def _refuse_mid_step(self, what: str) -> None:
+        """Step in backward: between a backward and its step() some buckets have stepped
+        and others not, and their copies may still run: ``what`` would see or make a
+        mix."""
+        if self._inflight:
+            raise RuntimeError(f"CPUOffload(step_in_backward=True): call step() after "
+                               f"backward before {what} (the buckets stepped in backward "
+                               "and the rest are not consistent until then)")
 
     # ------------------------------------------------------------------ state dicts
     def _host_indices(self):
@@ -656,8 +689,7 @@ class CPUOffload(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The ``optimizer`` class's format over this optimizer's params."""
-        for _, future in self._inflight:  # (step in backward: the hosts' steps end first;
-            future.exception()  # an error of theirs is raised by step())
+        self._refuse_mid_step("state_dict()")
         self._push_groups()  # (changes since the last step: a scheduler's lr)
         state = {}
         groups = [{**{k: v for k, v in group.items() if k not in _NOT_HYPERS}, "params": [],
@@ -680,9 +712,7 @@ class CPUOffload(torch.optim.Optimizer):
         The device params are left as they are (with remainders they are written from the
         loaded master, as without offload); the host first takes those changed on the device
         since its last step (a model loaded before the optimizer)."""
-        if self._inflight:
-            raise RuntimeError("CPUOffload(step_in_backward=True): call step() after "
-                               "backward before loading a state dict")
+        self._refuse_mid_step("load_state_dict()")
         for buckets in self._buckets:  # (the host params are read by copies in flight)
             for b in buckets:
                 if b.h2d_done is not None:
@@ -769,9 +799,12 @@ def _on_grad(ref: weakref.ref, group: int, index: int, param: torch.Tensor) -> N
     if b.arrived == 0:
         b.expected = sum(p.requires_grad for p in b.params)
     b.arrived += 1
-    if b.arrived >= b.expected:
+    if opt.step_in_backward:  # (what backward left, for a bucket that completes at step();
+        b.hooked[id(param)] = (param.grad, param.grad._version)  # cleared when it does,
+    if b.arrived >= b.expected:  # so that the released gradients are freed)
         if opt.step_in_backward:  # (refused before its gradients are copied over the ones
-            opt._refuse_second_backward(b)  # its running step reads)
+            b.hooked.clear()  # its running step reads)
+            opt._refuse_second_backward(b)
             opt._copy_grads(b, release=True)
             opt._step_now(b)
         else:
