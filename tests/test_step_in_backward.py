@@ -346,3 +346,23 @@ def test_reentrant_checkpointing_is_refused_clearly():
 
     run(True, True)  # (raises, then goes on)
     torch.testing.assert_close(run(True, False), run(False, False))
+
+
+def test_a_model_dropped_without_remove_is_freed():
+    """The hooks hold the handle weakly and their chunk by index: a model, its optimizer and
+    a handle never removed are freed once dropped (a review found them kept for good: the
+    params held their hooks, the hooks the handle, the handle the optimizer and params)."""
+    import gc
+    import weakref
+
+    refs = []
+    for _ in range(3):
+        model = _model()
+        opt = fot.AdamW(model.parameters(), lr=1e-2)
+        fot.step_in_backward(model, opt, chunk_elements=100)
+        x, y = _batches(1)[0]
+        _loss(model, x, y).backward()
+        refs.append(weakref.ref(model[0].weight))
+        del model, opt
+    gc.collect()
+    assert not any(r() is not None for r in refs)

@@ -16,6 +16,7 @@ and GradScaler need every gradient before the step.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -78,10 +79,10 @@ class StepInBackward:
         self.hooks = []
         self._hook_ids: dict[int, int] = {}  # id(param) -> its hook's handle id
         try:  # (a frozen param gets no hook until it requires a gradient: ``_finish``)
-            for c in self.chunks:
+            for index, c in enumerate(self.chunks):
                 for i in range(c.first, c.stop):
                     if c.bucket.params[i].requires_grad:
-                        self._hook(c, i)
+                        self._hook(index, i)
                     else:
                         c.frozen[i - c.first] = True
         except BaseException:
@@ -92,11 +93,17 @@ class StepInBackward:
             for b in buckets:
                 b.release_grads()
 
-    def _hook(self, c: _Chunk, i: int) -> None:
-        """Param i of chunk c's post-accumulate-grad hook (``_ready``)."""
+    def _hook(self, index: int, i: int) -> None:
+        """Param i of chunk number ``index``'s post-accumulate-grad hook (``_ready``),
+        holding this handle through a weak reference and the chunk by its index: the params
+        hold their hooks, and torch's tensors do not show them to the garbage collector, so
+        a hook holding the handle or a chunk (its bucket, its params) would keep the
+        optimizer and the params alive for good once the model is dropped without
+        ``remove()``."""
+        c = self.chunks[index]
         p = c.bucket.params[i]
-        self.hooks.append(p.register_post_accumulate_grad_hook(
-            functools.partial(self._ready, c, i - c.first)))
+        self.hooks.append(p.register_post_accumulate_grad_hook(functools.partial(
+            _ready, weakref.ref(self), index, i - c.first)))
         self._hook_ids[id(p)] = self.hooks[-1].id  # (it must run last: check_hook_last)
 
     def _take_unfrozen(self) -> None:
@@ -104,11 +111,11 @@ class StepInBackward:
         end, that require a gradient now get their hook; one that got a gradient in this
         backward (no hook saw it) is marked ready, so ``_finish`` steps it, as ``step()``
         would have."""
-        for c in self.chunks:
+        for index, c in enumerate(self.chunks):
             for k, frozen in enumerate(c.frozen):
                 p = c.bucket.params[c.first + k]
                 if frozen and p.requires_grad:
-                    self._hook(c, c.first + k)
+                    self._hook(index, c.first + k)
                     c.frozen[k] = False
                     c.ready[k] = p.grad is not None
 
@@ -251,6 +258,13 @@ class StepInBackward:
         b.uniform = bool((b.steps == b.steps[0]).all())
         b.step = int(b.steps.max())
         b.steps_seen = b.steps._version  # (counts fastopt wrote)
+
+
+def _ready(ref: weakref.ref, chunk: int, k: int, param: torch.Tensor) -> None:
+    """A param's hook: ``StepInBackward._ready`` for param k of chunk number ``chunk``."""
+    handle = ref()
+    if handle is not None:
+        handle._ready(handle.chunks[chunk], k, param)
 
 
 def step_in_backward(params, optimizer: FlatOptimizer, *,
