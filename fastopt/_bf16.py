@@ -33,7 +33,9 @@ def split_master(master, xp=np):
 def join_remainder(bits, remainder):
     """The float32 master that bfloat16 params (their uint16 bits, or a bfloat16 array) and
     their int16 remainders make: a negative remainder means the bits were rounded up (one
-    more than the master's high half), except on a NaN."""
+    more than the master's high half), except on a NaN, and on a zero (no master rounds up
+    to one: a param set to 0 in place without refresh_master() keeps its stale remainder,
+    which made its bits 0xFFFF or 0x7FFF, NaNs; now a subnormal next to 0)."""
     if bits.dtype.itemsize != 2 or bits.dtype.kind not in "uV" and bits.dtype.name != \
             "bfloat16":
         raise TypeError(f"join_remainder takes bfloat16 params or their uint16 bits, got "
@@ -42,6 +44,6 @@ def join_remainder(bits, remainder):
         raise TypeError(f"join_remainder takes int16 remainders of the params' shape "
                         f"{bits.shape}, got {remainder.dtype} {remainder.shape}")
     high = bits.view(np.uint16).astype(np.uint32)
-    up = (remainder < 0) & ((high & np.uint32(0x7FFF)) <= np.uint32(0x7F80))
+    up = (remainder < 0) & ((high & np.uint32(0x7FFF)) - np.uint32(1) < np.uint32(0x7F80))
     low = remainder.view(np.uint16).astype(np.uint32)
     return (((high - up.astype(np.uint32)) << np.uint32(16)) | low).view(np.float32)

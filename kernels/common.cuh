@@ -214,7 +214,9 @@ FO_HD unsigned short float_to_fp16_stochastic(float f, unsigned rand16) {
 // bits one more than the master's high half), unless the param is a NaN.
 FO_HD float join_remainder(unsigned short bits, short remainder) {
     const unsigned high = bits;
-    const unsigned up = (remainder < 0 && (high & 0x7FFFu) <= 0x7F80u) ? 1u : 0u;
+    // (not on a NaN, nor on a zero: no master rounds up to one, and a param set to 0 in
+    // place without refresh_master() keeps a stale remainder, which made it a NaN)
+    const unsigned up = (remainder < 0 && (high & 0x7FFFu) - 1u < 0x7F80u) ? 1u : 0u;
     return bits_float(((high - up) << 16) | ((unsigned)remainder & 0xFFFFu));
 }
 

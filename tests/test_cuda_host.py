@@ -528,6 +528,24 @@ def test_bfloat16_param_kernels_in_every_master_mode(lib, name, int8):
     ours = cpu.params.view(np.uint16)
     assert np.mean(ours == runs["none"][0]) > 0.98
     assert np.all(np.abs(ours.astype(np.int32) - runs["none"][0]) <= 1)
+    # params set to +-0 in place without refresh_master(), their remainders stale (negative
+    # ones made the joined master a NaN): the CUDA and the Numba kernel alike, no NaN
+    bits, remainder = runs["remainder"][0].copy(), runs["remainder"][1].copy()
+    bits[remainder < 0] &= np.uint16(0x8000)
+    host_bits, host_remainder = bits.copy(), remainder.copy()
+    _host_bf16_step(lib, name, cls, hypers, host_bits, host_remainder, fresh_states(),
+                    grads[0], 1, schedule, int8)
+    cpu = make(cls, bits.view(_bf16_dtype()).copy(), lr=schedule, master_weights="remainder",
+               state_dtype="int8" if int8 else "float32", **hypers)
+    cpu.state["master_remainder"][...] = remainder
+    if int8:
+        for key, state in fresh_states().items():
+            cpu.state[key].codes[...] = state.codes
+            cpu.state[key].absmax[...] = state.absmax
+    cpu.step(grads[0].view(_bf16_dtype()))
+    np.testing.assert_array_equal(cpu.params.view(np.uint16), host_bits)
+    np.testing.assert_array_equal(cpu.state["master_remainder"], host_remainder)
+    assert not np.isnan(_bf16.decode(host_bits)).any()
 
 
 def _bf16_dtype():

@@ -87,6 +87,32 @@ def test_numba_split_and_join_equal_the_host_ones():
 
 
 @njit
+def _numba_join(bits, remainder):
+    out = np.empty(bits.shape[0], np.float32)
+    for i in range(bits.shape[0]):
+        out[i] = convert.join_remainder(bits[i], remainder[i])
+    return out
+
+
+def test_join_remainder_of_any_pair_agrees_and_a_zero_param_stays_a_number():
+    """Every bfloat16 pattern with remainders of each sign: Numba's join equals the host's
+    bit for bit (the CUDA one: test_cuda_host); a finite param joins to a number, a zero one
+    (set in place without refresh_master(), its remainder stale) to one next to 0 of its
+    sign: a negative remainder made its bits 0xFFFF or 0x7FFF, NaNs (found by a review).
+    Pairs split_master makes join as before (test_split_and_join_are_exact_...)."""
+    bits = np.repeat(np.arange(65536, dtype=np.uint32).astype(np.uint16), 6)
+    remainder = np.tile(np.array([-32768, -12345, -1, 0, 1, 32767], np.int16), 65536)
+    host = _bf16.join_remainder(bits, remainder)
+    np.testing.assert_array_equal(_numba_join(bits, remainder).view(np.uint32),
+                                  host.view(np.uint32))
+    finite = (bits & 0x7FFF) < 0x7F80
+    assert np.isfinite(host[finite]).all()
+    zero = (bits & 0x7FFF) == 0
+    assert (np.abs(host[zero]) < np.finfo(np.float32).tiny).all()
+    assert (np.signbit(host[zero]) == (bits[zero] >= 0x8000)).all()
+
+
+@njit
 def _numba_stochastic(values, rand, fp16):
     out = np.empty((values.shape[0], rand.shape[0]), np.uint16)
     for i in range(values.shape[0]):

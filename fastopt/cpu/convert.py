@@ -239,10 +239,12 @@ def join_remainder(bits, remainder):
     """The float32 master that bfloat16 param bits and their int16 remainder make
     (master_weights="remainder"): the remainder is the master's low 16 bits; a negative one
     means the param was rounded up (away from zero), so its bits are one more than the
-    master's high half. A NaN param was not rounded."""
+    master's high half. A NaN param was not rounded, nor a zero one (none rounds up to it: a
+    param set to 0 in place keeps a stale remainder, which made it a NaN)."""
     high = _U(bits)
     low = _U(np.int32(remainder)) & _U(0xFFFF)
-    rounded_up = _U(np.int32(remainder) < 0) & _U(_U(high & _U(0x7FFF)) <= _U(0x7F80))
+    rounded_up = _U(np.int32(remainder) < 0) & _U(
+        _U(_U(high & _U(0x7FFF)) - _U(1)) < _U(0x7F80))
     return _U(_U(_U(high - rounded_up) << _U(16)) | low).view(np.float32)
 
 
