@@ -496,12 +496,26 @@ def bench_case(name: str, case: str, shapes: list[tuple[int, ...]], budget_s: fl
     return Row(name, case, size, len(shapes), _median_times(impls, budget_s))
 
 
+def torch_on_huge_pages() -> None:
+    """torch's CPU allocator on transparent huge pages for the comparison
+    (``THP_MEM_ALLOC_ENABLE=1``, read at its allocations), unless the environment says
+    otherwise. fastopt's buffers here are numpy's, which numpy madvises for huge pages;
+    torch's lazily made state lay on 4 KB pages, which made up most of fastopt's lead over
+    torch fused at 1.6e7 (1.14-1.18x, against 1.02-1.03x with torch's state on huge pages
+    too: bench/NOTES.md, twenty-third session). ``THP_MEM_ALLOC_ENABLE=0`` times torch as
+    it allocates by default."""
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def machine() -> dict:
     import os
 
     info = {"python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__, "numba_threads": numba.get_num_threads(),
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "torch_huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -607,8 +621,12 @@ def write_markdown(rows: list[Row], path: str, plot_path: str | None, command: s
         "`CosineAnnealingLR` too (that is what a torch loop pays). `vs X` = X's time / fastopt's "
         "time (> 1: fastopt faster). `% roofline` = a same-traffic kernel with no arithmetic "
         "(the memory limit here) / fastopt's time. GB/s counts the optimizer's own traffic "
-        f"({traffic_text()}). The machine is shared: compare ratios within a row, not "
-        "absolute times across runs.",
+        f"({traffic_text()}). torch's allocations "
+        + ("on transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`), as fastopt's (numpy's). "
+           if info.get("torch_huge_pages") else "on torch's default (4 KB) pages, fastopt's "
+           "(numpy's) on huge pages where the kernel grants them. ")
+        + "The machine is shared: compare ratios within a row, not absolute times across "
+        "runs.",
         "",
     ]
     if rows:

@@ -256,6 +256,7 @@ def cmd_bench(args) -> int:
 
     from . import benchmark
 
+    benchmark.torch_on_huge_pages()
     print(f"fastopt bench: {', '.join(optimizers)} at {sizes}"
           + (f" and {', '.join(models)}" if models else ""))
     command = "fastopt " + shlex.join(args.argv) if args.markdown else ""
