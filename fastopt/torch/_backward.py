@@ -112,6 +112,8 @@ class StepInBackward:
         backward (no hook saw it) is marked ready, so ``_finish`` steps it, as ``step()``
         would have."""
         for index, c in enumerate(self.chunks):
+            if not any(c.frozen):
+                continue
             for k, frozen in enumerate(c.frozen):
                 p = c.bucket.params[c.first + k]
                 if frozen and p.requires_grad:
