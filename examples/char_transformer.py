@@ -132,12 +132,12 @@ def train(kind: str, steps: int, lr: float, context: int = 64, batch: int = 32,
         seconds += (time.perf_counter() - t0) * (k >= warm_up)
         if scheduler is not None:
             scheduler.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     with torch.no_grad():
         val = sum(float(torch.nn.functional.cross_entropy(
             model(x).float().reshape(-1, len(chars)), y.reshape(-1)))
             for x, y in (sample(split, len(data)) for _ in range(20))) / 20
-    return {"optimizer": kind, "params": n, "final loss": sum(losses[-20:]) / 20,
+    return {"optimizer": kind, "params": n, "final loss": sum(losses[-20:]) / len(losses[-20:]),
             "val loss": val, "state B/param": state_bytes(opt) / n,
             "step ms": 1e3 * seconds / (steps - warm_up)}
 

@@ -729,6 +729,13 @@ def run(optimizers: list[str], sizes: list[int], budget_s: float, json_path: str
     work = plan(optimizers, sizes, list(models))
     minutes = estimate_seconds(work, budget_s) / 60 + startup_repeats * len(optimizers) * 0.15
     out(f"{len(work)} cases; about {minutes:.1f} min")
+    for name in optimizers:  # (formats an optimizer has not: said, not silently dropped)
+        d = OPTIMIZERS[name].definition
+        for state_dtype in state_dtypes:
+            if state_dtype != "float32" and d.factored is not None:
+                out(f"{name}: no {state_dtype} state (its factored moments are float32 only)")
+            elif state_dtype == "int8" and d.int8_refusal is not None:
+                out(f"{name}: no int8 state ({d.int8_refusal})")
     if with_torch and work:
         import torch
 

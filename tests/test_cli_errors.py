@@ -24,6 +24,19 @@ def no_benchmark(monkeypatch):
 
     monkeypatch.setattr(benchmark, "run", ran)
     monkeypatch.setattr(startup, "measure", ran)
+    # (the bench sets THP_MEM_ALLOC_ENABLE for torch in its process: not in the test run's)
+    monkeypatch.setattr(benchmark, "torch_on_huge_pages", lambda: None)
+
+
+def test_bench_says_which_state_formats_an_optimizer_has_not(monkeypatch):
+    """--state-dtype int8 for Adafactor (float32 factors only) or ASGD (its state holds param
+    values): said before the table, not dropped silently (found by a review)."""
+    monkeypatch.undo()  # (the real benchmark.run, with tiny work)
+    lines = []
+    benchmark.run(["adafactor", "asgd"], [1000], 0.05, None, None, with_torch=False,
+                  out=lines.append, progress=False, state_dtypes=("int8",))
+    assert any(line.startswith("adafactor: no int8 state") for line in lines)
+    assert any(line.startswith("asgd: no int8 state") for line in lines)
 
 
 def usage_error(capsys, *argv: str) -> str:
