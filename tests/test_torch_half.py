@@ -140,6 +140,15 @@ def test_unsupported_dtype_is_refused():
         fot.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
 
 
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_meta_device_params_are_refused_with_the_cause(multi_tensor):
+    """A model built on the meta device has no values to update: refused at construction,
+    naming the device and the remedy, in both modes."""
+    meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(TypeError, match="meta tensor holds no values.*to_empty"):
+        fot.AdamW([meta], multi_tensor=multi_tensor)
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_bf16_state_equals_the_core_optimizer(name):
     """state_dtype='bfloat16': the state is bf16 (stochastically rounded, 20 B/param for Adam

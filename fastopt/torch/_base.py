@@ -1257,7 +1257,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise ValueError(f"one parameter group must live on one device, got {devices}; "
                              "put parameters of each device in their own group")
         if params and params[0].device.type not in ("cpu", "cuda"):
-            raise TypeError(f"unsupported device {params[0].device}")
+            raise TypeError(f"fastopt.torch steps parameters on the cpu or cuda devices, got "
+                            f"{params[0].device}" + (": a meta tensor holds no values to update; "
+                                                     "materialise the model first (to_empty())"
+                                                     if params[0].device.type == "meta" else ""))
         sharded = [p for p in params if is_dtensor(p)]
         if sharded:
             self._check_sharded()
