@@ -192,6 +192,10 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
                 continue
             when = next(s.when for s in definition.state if s.name == name)
             raise ValueError(f"{name} is required" + (f" when {when}" if when else ""))
+        if name not in active and states[name] is not None:  # (it would be left unchanged)
+            when = next(s.when for s in definition.state if s.name == name)
+            raise ValueError(f"{name} was given but this call does not use it: it is used "
+                             f"only when {when}; pass that or leave {name} out")
     buffers = {name: states[name] for name in active}
     if any(isinstance(b, Int8State) for b in buffers.values()) \
             and definition.int8_refusal is not None:
@@ -211,6 +215,9 @@ def run(definition: Definition, fixed: dict, params, grads, states: dict, *, ste
             if isinstance(value, Int8State) else [(key, value)]
     for key, value in scalars.items():  # one-element float64 arrays, updated in place
         check_buffer(key, value, 1, like=params, dtype=np.float64)
+        if not is_cupy(value) and not np.isfinite(value[0]):  # (on a GPU: no sync to read it)
+            raise ValueError(f"{key} holds {value[0]}: a per-step scalar must be finite (it "
+                             "starts at its documented value and the kernel updates it)")
         check_apart(key, value, seen)
         seen.append((key, value))
     fresh = FRESH_AT_FIRST_STEP if fresh is None else int(bool(fresh))

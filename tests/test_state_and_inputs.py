@@ -272,6 +272,13 @@ def test_functional_errors():
         F.adam(p, g, m, v, step=1.0)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         F.adam(p, g, m, v, step=1, amsgrad=True)
+    # a state buffer the options leave unused would stay as given: a forgotten option
+    for call, match in ((lambda: F.adam(p, g, m, v, np.zeros(N, np.float32), step=1),
+                         "max_exp_avg_sq was given .* only when amsgrad"),
+                        (lambda: F.sgd(p, g, m, step=1), "only when momentum != 0.0"),
+                        (lambda: F.rmsprop(p, g, v, grad_avg=m, step=1), "only when centered")):
+        with pytest.raises(ValueError, match=match):
+            call()
     with pytest.raises(ValueError, match="share memory"):
         F.adam(p, g, m, m, step=1)
     # a per-step scalar inside any buffer the kernel touches: grads, an int8 state's scales
@@ -282,6 +289,8 @@ def test_functional_errors():
                            ((m8, v8), v8.absmax[:2].view(np.float64))):
         with pytest.raises(ValueError, match="share memory"):
             F.nadam(p, g, *states, inside, step=1)
+    with pytest.raises(ValueError, match="mu_product holds nan: a per-step scalar must be"):
+        F.nadam(p, g, m, v, np.array([np.nan]), step=1)
     with pytest.raises(ValueError, match="exp_avg_sq"):
         F.adam(p, g, m, v[:-1], step=1)
     with pytest.raises(ValueError, match="either lr or schedule"):
