@@ -727,6 +727,18 @@ def test_compiled_step_like_torch(name, backend):
     assert_close(ours, ref)
 
 
+def test_fullgraph_compile_names_the_reason():
+    """fullgraph=True cannot hold a Numba kernel call: the error says so and what to do, rather
+    than naming the first thing Dynamo met inside the step (the profiler check)."""
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = fot.AdamW([p])
+    p.grad = torch.ones(4)
+    with pytest.raises(Exception, match="without fullgraph=True"):
+        torch.compile(opt.step, backend="eager", fullgraph=True)()
+    assert torch.equal(p.detach(), torch.ones(4))  # (nothing stepped)
+
+
 def test_replaced_param_groups_are_refused_not_silently_ignored():
     """DeepSpeed's ZeRO hands a client optimizer its own flat partitions by replacing
     param_groups[i]['params'] (or narrows param_groups around step()): fastopt.torch steps

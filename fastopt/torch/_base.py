@@ -115,7 +115,19 @@ def _hooked_step(step):
         return run(self, args, kwargs)
 
     wrapper.hooked = True
-    return wrapper
+    return _not_traced(wrapper)
+
+
+def _not_traced(step):
+    """``step`` run eagerly under torch.compile (a graph break), with the reason in the error
+    that ``fullgraph=True`` raises instead of one about whatever Dynamo met first."""
+    reason = ("a fastopt.torch step is one Numba or CUDA kernel call, which torch.compile "
+              "cannot trace: compile it without fullgraph=True (the step then runs eagerly, "
+              "as a graph break)")
+    try:
+        return torch.compiler.disable(step, reason=reason)
+    except TypeError:  # (torch before 2.7: no reason)
+        return _no_dynamo(step)
 
 
 def _hashable(value):
