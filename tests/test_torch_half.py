@@ -126,9 +126,14 @@ def test_bf16_state_dicts_load_into_torch_and_back():
     topt.load_state_dict(opt.state_dict())  # torch casts our float32 state to bf16
     assert topt.state[next(twin.parameters())]["exp_avg"].dtype == torch.bfloat16
     _train(twin, topt, batches[10:])
-    # and a torch bf16 state dict into fastopt: the masters start from the params
-    again = fot.Adam(copy.deepcopy(model).parameters(), lr=1e-3)
-    again.load_state_dict(topt.state_dict())
+    # and a torch bf16 state dict into fastopt, over the params torch stepped: the masters
+    # start from them; torch kept our master_param as a bf16 tensor it never updated, and
+    # taking that one would undo torch's 10 steps
+    again = fot.Adam(copy.deepcopy(twin).parameters(), lr=1e-3)
+    kept = topt.state_dict()
+    assert kept["state"][0]["master_param"].dtype == torch.bfloat16
+    assert not torch.equal(kept["state"][0]["master_param"], next(twin.parameters()))
+    again.load_state_dict(kept)
     for p in again.param_groups[0]["params"]:
         st = again.state[p]
         assert torch.equal(st["master_param"], p.detach().float())

@@ -2710,7 +2710,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Param i's float32 values from its saved entry: the saved master (``master_param``)
         into the master ("fp32"), the params and remainders ("remainder") or the params
         rounded to nearest even ("none"); else a live entry's remainders (a copy of this
-        optimizer), else the params' current values (a torch.optim dict)."""
+        optimizer), else the params' current values (a torch.optim dict, or one whose
+        master torch.optim kept as a 16-bit tensor: its loader casts state to the params'
+        dtype and its steps do not update it)."""
         if b.format is None:
             return
         p, offset = b.tensors[i], b.offsets[i]
@@ -2722,6 +2724,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                                    f"{tuple(p.shape)} must be a float tensor of as many "
                                    f"elements, got {getattr(master, 'dtype', '')} "
                                    f"{getattr(master, 'shape', type(master).__name__)}")
+        if master is not None and master.dtype in (torch.float16, torch.bfloat16):
+            master = None  # (fastopt saves it in float32: this one went through torch.optim,
+            # whose loader cast it to the params' dtype and whose steps left it behind)
+        if master is not None:
             if b.master is not None:
                 b.view_of(MASTER, i).copy_(master.view_as(p))
                 return
