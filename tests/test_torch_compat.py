@@ -5,6 +5,7 @@ state, torch.distributed.checkpoint's dummy step, torch.compile. Every check com
 the real torch.optim optimizer."""
 
 import copy
+import functools
 import gc
 import os
 import pickle
@@ -725,6 +726,27 @@ def test_compiled_step_like_torch(name, backend):
         torch.nn.functional.cross_entropy(ours(x), y).backward()
         step()
     assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_a_step_raises_the_params_versions_like_torch(multi_tensor):
+    """torch's in-place update raises each stepped param's version counter, so a retained
+    graph that saved a param refuses a second backward after the step; the kernel's writes
+    must count too, or that backward silently uses the new values."""
+    for make in (torch.optim.SGD, functools.partial(fot.SGD,
+                                                    multi_tensor=multi_tensor)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        model[1].weight.requires_grad_(False)  # (not stepped: its version stays)
+        opt = make(model.parameters(), lr=0.5)
+        before = [p._version for p in model.parameters()]
+        loss = model(torch.randn(3, 4, requires_grad=True)).sum()
+        loss.backward(retain_graph=True)
+        opt.step()
+        assert [p._version - v for p, v in zip(model.parameters(), before, strict=True)] \
+            == [1, 1, 0, 1]
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_fullgraph_compile_names_the_reason():

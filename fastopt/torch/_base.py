@@ -118,6 +118,20 @@ def _hooked_step(step):
     return _not_traced(wrapper)
 
 
+def _count_writes(params: list) -> None:
+    """Raise the version counters of the params a step writes, as torch's in-place updates
+    do: the kernel writes their memory behind autograd's back, and a graph that saved one of
+    them (``backward(retain_graph=True)`` before the step) must refuse a second backward
+    rather than use the new values (about 40 ns a param, as torch's fused step pays)."""
+    if not params:
+        return
+    try:
+        torch._C._increment_version(params)
+    except TypeError:  # (torch before 2.5: one tensor a call)
+        for p in params:
+            torch._C._increment_version(p)
+
+
 def _not_traced(step):
     """``step`` run eagerly under torch.compile (a graph break), with the reason in the error
     that ``fullgraph=True`` raises instead of one about whatever Dynamo met first."""
@@ -1942,6 +1956,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 view.copy_(g)
                 p.grad = view
             have_grad.append(True)
+        _count_writes(b.params if all(have_grad) else
+                      [p for p, has in zip(b.params, have_grad, strict=True) if has])
         names = self._kernel_state(group, b, hypers)
         arrays, half = b.arrays(names)
         if grads is not None:
