@@ -139,6 +139,30 @@ def test_state_dict_interop_both_ways():
     assert_models_close(c, ref)
 
 
+@pytest.mark.parametrize("drop", ["none", "del"])
+def test_a_dropped_schedule_leaves_group_lr_in_charge(drop):
+    """group['schedule'] set to None or deleted mid-run: the steps take group['lr'] as it
+    stands (it failed after the kernel ran, so a retry stepped twice)."""
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = fot.SGD([p], lr=S.cosine(0.1, 20))
+    for _ in range(3):
+        p.grad = torch.ones(8)
+        opt.step()
+    group = opt.param_groups[0]
+    if drop == "none":
+        group["schedule"] = None
+    else:
+        del group["schedule"]
+    lr = group["lr"]
+    for _ in range(3):
+        before = p.detach().clone()
+        p.grad = torch.ones(8)
+        opt.step()
+        torch.testing.assert_close(before - p.detach(), torch.full((8,), lr), rtol=1e-6,
+                                   atol=0)
+    assert group["lr"] == lr
+
+
 def test_state_dict_round_trip_keeps_schedule_position():
     sched = S.warmup(S.cosine(1e-2, 80), 10)
     batches = data(80, seed=3)

@@ -1835,7 +1835,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             group["schedule"] = schedule = advanced(schedule, 1)
         if own:
             group["lr"] = self._lr_written[index] = host_lr(schedule, after)
-        elif "schedule" in group and after > before:
+        elif group.get("schedule") is not None and after > before:  # (None, or deleted:
+            # the user dropped it, and group['lr'] rules)
             # steps taken at someone else's lr do not advance the group's schedule, as
             # they would not advance a torch scheduler
             group["schedule"] = _delayed(group["schedule"], after - before)
