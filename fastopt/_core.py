@@ -68,6 +68,35 @@ def _NOTHING():  # noqa: N802  (a dead weak reference: nothing checked yet)
     return None
 
 
+_FIXED_HYPERS = ("{cls}'s hyperparameters are fixed at construction (the kernel call is "
+                 "prepared with them): change the lr through opt.schedule or opt.lr_scale; "
+                 "for the others, d = opt.state_dict(); d[name] = value; "
+                 "opt.load_state_dict(d) (a loaded dict's values win)")
+
+
+class Hyperparameters(dict):
+    """``opt.defaults``: the checked hyperparameters, read-only (edits were ignored by the
+    steps but saved by ``state_dict``, so a resumed run differed from the one that never
+    stopped)."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, values: dict, owner: str):
+        super().__init__(values)
+        self.owner = owner
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(_FIXED_HYPERS.format(cls=self.owner))
+
+    __setitem__ = __delitem__ = __ior__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def copy(self) -> dict:
+        return dict(self)
+
+    def __reduce__(self):
+        return type(self), (dict(self), self.owner)
+
+
 class _State(dict):
     """``opt.state``: the live buffers by name; the master's former name still reads."""
 
@@ -141,8 +170,9 @@ class FlatOptimizer:
         #: the optimizer state's storage: float32, bfloat16 (stochastically rounded) or int8
         #: (blockwise 8-bit codes with a float32 absmax per block: ``fastopt._int8``)
         self.state_dtype = state_dtype
-        #: the public hyperparameters (checked); the class's fixed ones are not among them
-        self.defaults = self._check_defaults(hypers)
+        #: the public hyperparameters (checked; read-only); the class's fixed ones are not
+        #: among them
+        self.defaults = Hyperparameters(self._check_defaults(hypers), type(self).__name__)
         self.lr_scale = 1.0
         self._max_grad_norm: float | None = None  # clip to this global norm in every step
         #: the (unscaled) norm the last clipped/skippable step measured: a float, or a device
@@ -198,6 +228,11 @@ class FlatOptimizer:
         #: refresh_master): each of them sees or replaces the state between two steps
         self._state_lock = threading.Lock()
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "lr" or name in self.definition.hyper_defaults:  # (it would change nothing)
+            raise AttributeError(_FIXED_HYPERS.format(cls=type(self).__name__))
+        super().__setattr__(name, value)
+
     def __getstate__(self) -> dict:
         """Pickling and ``copy.deepcopy`` copy the buffers (params included): the copy is an
         independent optimizer bound to its own copy of the params."""
@@ -209,6 +244,8 @@ class FlatOptimizer:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        if not isinstance(self.defaults, Hyperparameters):  # (pickled before it was read-only)
+            self.__dict__["defaults"] = Hyperparameters(self.defaults, type(self).__name__)
         self._xp = xp_of(self.params)
         self._make_locks()
         self._prepare()
@@ -623,7 +660,7 @@ class FlatOptimizer:
             raise ValueError(f"state_dict['train_mode'] must be a bool, got {train_mode!r}")
         # everything checked: now change state
         self._train_mode = bool(train_mode)
-        self.defaults = defaults
+        self.defaults = Hyperparameters(defaults, type(self).__name__)
         self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
         self._step_unsynced = False
         if self._on_gpu:

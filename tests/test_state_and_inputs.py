@@ -264,6 +264,37 @@ def test_functional_each_optimizer_one_step_vs_reference():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_hyperparameters_are_read_only_and_change_through_a_loaded_dict():
+    """opt.defaults edits (and opt.betas = ...) were ignored by the steps yet saved by
+    state_dict, so a resumed run took other values than the run that never stopped: they are
+    refused, and a loaded dict's values are the way to change them."""
+    import copy
+    import pickle
+
+    p = np.ones(N, np.float32)
+    opt = fastopt.AdamW(p, lr=0.1)
+    for edit in (lambda: opt.defaults.__setitem__("betas", (0.5, 0.9)),
+                 lambda: opt.defaults.update(eps=1.0), lambda: opt.defaults.pop("eps"),
+                 lambda: setattr(opt, "lr", 0.5), lambda: setattr(opt, "weight_decay", 0.5)):
+        with pytest.raises((TypeError, AttributeError), match="fixed at construction"):
+            edit()
+    assert opt.defaults["betas"] == (0.9, 0.999)
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert copied.defaults == opt.defaults
+        with pytest.raises(TypeError, match="fixed at construction"):
+            copied.defaults["eps"] = 1.0
+    g = np.full(N, 0.5, np.float32)
+    twin = fastopt.AdamW(p.copy(), lr=0.1, betas=(0.5, 0.9))
+    d = opt.state_dict()
+    d["betas"] = (0.5, 0.9)
+    opt.load_state_dict(d)
+    for _ in range(3):
+        opt.step(g)
+        twin.step(g)
+    np.testing.assert_array_equal(opt.params, twin.params)
+    opt.lr_scale, opt.schedule = 0.5, 0.01  # (these do take effect)
+
+
 def test_functional_errors():
     p, g, m, v = (np.ones(N, np.float32) for _ in range(4))
     with pytest.raises(ValueError, match="step"):
