@@ -540,17 +540,16 @@ class FlatOptimizer:
         return float(norm[0])  # (the device's value)
 
     def state_dict(self) -> dict:
-        """Copies of the state buffers plus step, schedule table, lr_scale and hyperparameters,
-        all of one moment between two steps (a step running in another thread is waited for)."""
+        """Copies of the state buffers plus step, schedule table, lr_scale, max_grad_norm and
+        hyperparameters, all of one moment between two steps (a step running in another thread is waited for)."""
         with self._state_lock:
             return self._state_dict_locked()
 
-    def _checkpoint(self) -> tuple[dict, np.ndarray, float | None]:
-        """``state_dict()``, a numpy copy of the params (16-bit as uint16 bits) and
-        max_grad_norm, taken together between two steps: what ``fastopt.save`` writes."""
+    def _checkpoint(self) -> tuple[dict, np.ndarray]:
+        """``state_dict()`` and a numpy copy of the params (16-bit as uint16 bits), taken
+        together between two steps: what ``fastopt.save`` writes."""
         with self._state_lock:
-            return (self._state_dict_locked(), self._host_copy(kernel_view(self.params)),
-                    self.max_grad_norm)
+            return self._state_dict_locked(), self._host_copy(kernel_view(self.params))
 
     def _state_dict_locked(self) -> dict:
         d = {"optimizer": type(self).__name__, "step": self.step_count}
@@ -563,6 +562,7 @@ class FlatOptimizer:
         d.update(self.defaults)
         d["schedule"] = self._schedule.table.copy()
         d["lr_scale"] = self.lr_scale
+        d["max_grad_norm"] = self.max_grad_norm
         if self.definition.modes is not None:
             d["train_mode"] = self._train_mode
         if self.segments is not None:
@@ -613,6 +613,7 @@ class FlatOptimizer:
             raise KeyError("state_dict has no 'schedule' (the schedule table)")
         schedule = Schedule(self._host_copy(d["schedule"]), "loaded schedule")
         lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
+        max_grad_norm = check_max_grad_norm(d.get("max_grad_norm", self.max_grad_norm))
         arrays = {}
         master = None  # the saved float32 master of 16-bit params, if any
         if self.dtype != "float32" and MASTER in d:
@@ -662,6 +663,7 @@ class FlatOptimizer:
         self._train_mode = bool(train_mode)
         self.defaults = Hyperparameters(defaults, type(self).__name__)
         self.schedule, self.lr_scale, self._step = schedule, lr_scale, int(step)
+        self.max_grad_norm = max_grad_norm
         self._step_unsynced = False
         if self._on_gpu:
             self._step_state[...] = self._xp.asarray([self._step, 0], dtype=np.uint64)

@@ -67,10 +67,10 @@ def save(opt, path) -> None:
             f"{type(opt).__name__}: for a torch optimizer (fastopt.torch's included) save its "
             "state_dict() with torch.save, or with torch.distributed.checkpoint")
     # state, params (16-bit as uint16 bits) and max_grad_norm of one moment between two steps
-    d, params, max_grad_norm = opt._checkpoint()
+    d, params = opt._checkpoint()
     meta = {"format": FORMAT, "version": VERSION, "optimizer": d["optimizer"],
             "step": int(d["step"]), "lr_scale": float(d["lr_scale"]),
-            "max_grad_norm": max_grad_norm, "size": int(params.size),
+            "max_grad_norm": d["max_grad_norm"], "size": int(params.size),
             "scalars": {s.name: d[s.name] for s in opt.definition.scalars},
             "dtype": opt.dtype, "state_dtype": opt.state_dtype,
             "master_weights": opt.master_weights,

@@ -264,6 +264,33 @@ def test_functional_each_optimizer_one_step_vs_reference():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_max_grad_norm_resumes_through_the_state_dict():
+    """opt.max_grad_norm is in the state dict, as fastopt.save keeps it (it was dropped:
+    a resumed run stepped unclipped, 0.04 off the run that never stopped)."""
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(N).astype(np.float32) for _ in range(6)]
+    straight = fastopt.AdamW(np.ones(N, np.float32), lr=0.1)
+    straight.max_grad_norm = 0.5
+    for g in grads:
+        straight.step(g)
+    first = fastopt.AdamW(np.ones(N, np.float32), lr=0.1)
+    first.max_grad_norm = 0.5
+    for g in grads[:3]:
+        first.step(g)
+    d = first.state_dict()
+    assert d["max_grad_norm"] == 0.5
+    resumed = fastopt.AdamW(first.params.copy(), lr=0.1)
+    resumed.load_state_dict(d)
+    assert resumed.max_grad_norm == 0.5
+    for g in grads[3:]:
+        resumed.step(g)
+    np.testing.assert_array_equal(resumed.params, straight.params)
+    d["max_grad_norm"] = -1.0
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        resumed.load_state_dict(d)
+    assert resumed.max_grad_norm == 0.5
+
+
 def test_hyperparameters_are_read_only_and_change_through_a_loaded_dict():
     """opt.defaults edits (and opt.betas = ...) were ignored by the steps yet saved by
     state_dict, so a resumed run took other values than the run that never stopped: they are
