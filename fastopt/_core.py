@@ -541,7 +541,8 @@ class FlatOptimizer:
 
     def state_dict(self) -> dict:
         """Copies of the state buffers plus step, schedule table, lr_scale, max_grad_norm and
-        hyperparameters, all of one moment between two steps (a step running in another thread is waited for)."""
+        hyperparameters, all of one moment between two steps (a step running in another
+        thread is waited for)."""
         with self._state_lock:
             return self._state_dict_locked()
 
