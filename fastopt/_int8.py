@@ -18,6 +18,7 @@ values).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -50,6 +51,9 @@ class Int8State:
     """One int8 state buffer: ``codes`` (uint8, one per element) and ``absmax`` (float32, one
     per block of INT8_BLOCK elements), numpy or cupy arrays, updated in place by the
     kernels. Whether its values are signed is its optimizer's declaration (``State.sign``)."""
+
+    #: elements per block (one absmax each)
+    BLOCK: ClassVar[int] = INT8_BLOCK
 
     codes: object
     absmax: object
@@ -129,8 +133,9 @@ def quantize(values, signed: bool) -> Int8State:
     magnitude = (((u & np.uint32(0x7FFFFFFF)) + np.uint32(1 << (_SHIFT - 1))) >> np.uint32(
         _SHIFT)).astype(np.int64) - _bias(signed)
     one = (127 << INT8_MANTISSA_BITS) - _bias(signed)
-    # below the smallest code's value: 0 or that code, the nearer (half of it rounds up)
-    above_half = np.abs(y) > np.float32(smallest(signed) / 2)
+    # below the smallest code's value: signed, 0 or that code, the nearer (half of it rounds
+    # up); non-negative, that code unless 0 (as the kernels' encoders: fastopt/cpu/int8.py)
+    above_half = np.abs(y) > np.float32(smallest(signed) / 2 if signed else 0.0)
     magnitude = np.minimum(np.where(magnitude >= 1 << INT8_MANTISSA_BITS, magnitude,
                                     np.where(above_half, 1 << INT8_MANTISSA_BITS, 0)), one)
     codes = magnitude.astype(np.uint8)

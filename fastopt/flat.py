@@ -21,33 +21,48 @@ class FlatBuffer:
     64-byte boundary; the gaps between views are zero and stay zero under every optimizer
     (zero gradient, zero state, zero parameter give a zero update). The buffer lives where
     the arrays do: cupy arrays (or ``xp=cupy``) give a GPU buffer for the CUDA kernels.
+
+    ``align_elements``: each view also starts on a multiple of this many elements. With
+    ``state_dtype="int8"`` pass ``fastopt.Int8State.BLOCK``, so that each array's state has
+    blocks (and scales) of its own, as fastopt.torch lays out each param: otherwise a block
+    may span two arrays, whose small values then keep codes only relative to the other's
+    largest.
     """
 
-    def __init__(self, arrays: Iterable, dtype=np.float32):
+    def __init__(self, arrays: Iterable, dtype=np.float32, align_elements: int | None = None):
         arrays = list(arrays)
         xp = xp_of(arrays[0]) if arrays and is_cupy(arrays[0]) else np
         arrays = [xp.asarray(a) for a in arrays]
-        self._init_layout([a.shape for a in arrays], dtype, xp)
+        self._init_layout([a.shape for a in arrays], dtype, xp, align_elements)
         for view, array in zip(self.views, arrays, strict=True):
             view[...] = array
 
     @classmethod
-    def empty(cls, shapes: Sequence[Sequence[int]], dtype=np.float32, xp=np) -> FlatBuffer:
+    def empty(cls, shapes: Sequence[Sequence[int]], dtype=np.float32, xp=np,
+              align_elements: int | None = None) -> FlatBuffer:
         """A zero-filled FlatBuffer with views of these shapes (``xp``: numpy or cupy)."""
         fb = cls.__new__(cls)
-        fb._init_layout([tuple(s) for s in shapes], dtype, xp)
+        fb._init_layout([tuple(s) for s in shapes], dtype, xp, align_elements)
         return fb
 
     def like(self) -> FlatBuffer:
         """A zero-filled FlatBuffer with the same layout (shapes, offsets, dtype, device)."""
-        return FlatBuffer.empty(self.shapes, self.buffer.dtype, xp_of(self.buffer))
+        return FlatBuffer.empty(self.shapes, self.buffer.dtype, xp_of(self.buffer),
+                                self.align_elements)
 
-    def _init_layout(self, shapes: list[tuple[int, ...]], dtype, xp) -> None:
+    def _init_layout(self, shapes: list[tuple[int, ...]], dtype, xp,
+                     align_elements: int | None) -> None:
         dtype = np.dtype(dtype)
         if not (np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"):
             raise TypeError(f"dtype must be a floating type (float32, float16, "
                             f"ml_dtypes.bfloat16, ...), got {dtype}")
+        if align_elements is not None and (isinstance(align_elements, bool) or not isinstance(
+                align_elements, (int, np.integer)) or align_elements < 1):
+            raise ValueError(f"align_elements must be a positive int, got {align_elements!r}")
+        self.align_elements = None if align_elements is None else int(align_elements)
         step = max(1, ALIGN_BYTES // dtype.itemsize)
+        if align_elements is not None:
+            step = math.lcm(step, int(align_elements))
         offsets, total = [], 0
         for shape in shapes:
             offsets.append(total)

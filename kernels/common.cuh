@@ -389,12 +389,15 @@ FO_D double fo_shfl_xor(double v, unsigned o) {
 #define FO_MIN_NORMAL 1.17549435e-38f
 
 // Below the smallest code's value s = 2^(2 - 2^E): 0 or that code, SMALLEST when |y| > rand
-// * s / 2^SHIFT (unbiased: probability |y| / s).
-template <int E>
+// * s / 2^SHIFT (unbiased: probability |y| / s) for signed states; for non-negative ones
+// (second moments) whenever y != 0, so that a kept first moment never meets a zero second
+// moment (a step m / sqrt(v) up to 100x too large).
+template <int E, bool Signed>
 FO_HD unsigned int8_encode_magnitude(float y, unsigned rand) {
     const unsigned a = float_bits(y) & 0x7FFFFFFFu;
     int code = (int)((a + rand) >> FO_INT8_SHIFT) - FO_INT8_BIAS(E);
-    const float floor_step = bits_float((unsigned)(129 - (1 << E) - FO_INT8_SHIFT) << 23);
+    const float floor_step =
+        Signed ? bits_float((unsigned)(129 - (1 << E) - FO_INT8_SHIFT) << 23) : 0.0f;
     const int small = fabsf(y) > (float)rand * floor_step ? (1 << FO_INT8_MANTISSA_BITS) : 0;
     code = code >= (1 << FO_INT8_MANTISSA_BITS) ? code : small;
     return (unsigned)(code <= FO_INT8_ONE(E) ? code : FO_INT8_ONE(E));
@@ -416,11 +419,13 @@ FO_HD float int8_decode_nonnegative(unsigned char code) {
 
 FO_HD unsigned char int8_encode_signed(float y, unsigned rand) {
     const unsigned sign = (float_bits(y) >> 24) & 0x80u;
-    return (unsigned char)(int8_encode_magnitude<FO_INT8_EXPONENT_BITS_SIGNED>(y, rand) | sign);
+    return (unsigned char)(int8_encode_magnitude<FO_INT8_EXPONENT_BITS_SIGNED, true>(y, rand)
+                           | sign);
 }
 
 FO_HD unsigned char int8_encode_nonnegative(float y, unsigned rand) {
-    return (unsigned char)int8_encode_magnitude<FO_INT8_EXPONENT_BITS_NONNEGATIVE>(y, rand);
+    return (unsigned char)int8_encode_magnitude<FO_INT8_EXPONENT_BITS_NONNEGATIVE, false>(y,
+                                                                                      rand);
 }
 
 // Element k of lane ``lane`` in a warp's block b of int8 state: strided (k * 32 + lane: a

@@ -337,9 +337,9 @@ def test_fastopt_torch_int8_state_dicts_and_copies():
 
 def test_a_small_state_beside_a_large_one_grows_instead_of_staying_zero():
     """Values below the smallest code (2^-30 of the block's absmax for a second moment) round
-    stochastically to 0 or that code, so an accumulator fed tiny gradients beside a huge one
-    grows on average: the params follow float32 state's (they moved 20x too far when such
-    values were set to 0)."""
+    up to that code, so an accumulator fed tiny gradients beside a huge one grows (a little
+    faster than the exact sum) instead of staying 0: the params follow float32 state's (they
+    moved 20x too far when such values were set to 0)."""
     moved = {}
     for state_dtype in ("float32", "int8"):
         p = np.zeros(INT8_BLOCK, np.float32)
@@ -354,6 +354,56 @@ def test_a_small_state_beside_a_large_one_grows_instead_of_staying_zero():
     # (5 % more on average: the noisy sum under a square root, Jensen; it was 20x before)
     assert np.mean(moved["int8"]) == pytest.approx(np.mean(moved["float32"]), rel=0.1)
     np.testing.assert_allclose(moved["int8"], moved["float32"], rtol=0.6)  # (each: noisy)
+
+
+def test_a_kept_first_moment_never_meets_a_zero_second_moment():
+    """Adam with small gradients beside a large one in their block: the first moment keeps
+    codes down to 2^-14 of its block's largest, the second down to 2^-30, and a second
+    moment rounded to 0 under a kept first moment made a step m / sqrt(v) up to 100x too
+    large (a review's finding: mean |p| 12x float32 state's). A positive second moment is
+    now never stored as 0: the steps stay near float32 state's, or shorter."""
+    rng = np.random.default_rng(0)
+    for small in (1e-5, 1e-6):
+        moved = {}
+        for state_dtype in ("float32", "int8"):
+            p = np.zeros(INT8_BLOCK, np.float32)
+            opt = fastopt.Adam(p, lr=1e-3, state_dtype=state_dtype)
+            for _ in range(20):
+                g = (small * np.sign(rng.standard_normal(INT8_BLOCK))).astype(np.float32)
+                g[0] = 1.0
+                opt.step(g)
+            moved[state_dtype] = np.abs(p[1:])
+        assert np.mean(moved["int8"]) < 1.3 * np.mean(moved["float32"])
+        assert np.max(moved["int8"]) < 2 * 20 * 1e-3  # (float32 state: at most lr a step)
+
+
+def test_a_block_aligned_flat_buffer_gives_each_array_its_own_blocks():
+    """FlatBuffer(align_elements=Int8State.BLOCK): each array starts on a block, as
+    fastopt.torch lays out each param, and the core class then steps bit for bit as
+    fastopt.torch does (without it a block spans a 16-element array and its neighbour)."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    rng = np.random.default_rng(0)
+    grads = [(np.ones(16, np.float32), (1e-5 * np.sign(rng.standard_normal(240))).astype(
+        np.float32)) for _ in range(20)]
+    fb = fastopt.FlatBuffer([np.zeros(16, np.float32), np.zeros(240, np.float32)],
+                            align_elements=fastopt.Int8State.BLOCK)
+    gb = fb.like()
+    assert fb.offsets == gb.offsets == [0, INT8_BLOCK]
+    core = fastopt.Adam(fb, lr=1e-3, state_dtype="int8")
+    params = [torch.nn.Parameter(torch.zeros(16)), torch.nn.Parameter(torch.zeros(240))]
+    ours = fot.Adam(params, lr=1e-3, state_dtype="int8")
+    for step_grads in grads:
+        for view, p, g in zip(gb.views, params, step_grads, strict=True):
+            view[...] = g
+            p.grad = torch.from_numpy(g)
+        core.step(gb.buffer)
+        ours.step()
+    for view, p in zip(fb.views, params, strict=True):
+        np.testing.assert_array_equal(view, p.detach().numpy())
+    with pytest.raises(ValueError, match="align_elements must be a positive int"):
+        fastopt.FlatBuffer([np.zeros(3)], align_elements=0)
 
 
 def test_edited_or_stepped_float_values_win_over_stale_codes():

@@ -6,10 +6,14 @@ encode every ``<name>_int8`` kernel runs (mirrors kernels/common.cuh and the hos
 A block's values x become y = x / absmax in [-1, 1] (times 1/absmax: a product may land one
 ulp above 1, which the encoder clamps); y's float32 bits, plus ``rand`` below the kept
 mantissa bits, shifted right, less the exponent bias, are the code: round half up with
-rand = half a code step, unbiased stochastic rounding with 20 uniform random bits. Values
-below the smallest code's value (2^-14 of the absmax signed, 2^-30 non-negative) become 0 or
-that code, by the same rounding (with rand = half: the nearer one), so a small state next to
-a large one in its block grows on average instead of staying 0.
+rand = half a code step, unbiased stochastic rounding with 20 uniform random bits. Below the
+smallest code's value (2^-14 of the absmax signed, 2^-30 non-negative) a signed value becomes
+0 or that code by the same rounding (with rand = half: the nearer one), so a small first
+moment next to a large one in its block grows on average instead of staying 0; a positive
+non-negative value (a second moment, an accumulator) becomes that code, never 0: an Adam-like
+step m / sqrt(v) with m kept and v rounded to 0 was up to 100x too large (a review's
+finding), while a floored v only shortens the steps of elements whose second moment is below
+2^-30 of their block's largest.
 An absmax below float32's smallest normal number counts as 0 (the block is stored as zeros);
 a NaN or inf in a block makes the whole block NaN.
 """
@@ -33,10 +37,11 @@ SIGNED_ONE = (127 << INT8_MANTISSA_BITS) - SIGNED_BIAS
 NONNEGATIVE_ONE = (127 << INT8_MANTISSA_BITS) - NONNEGATIVE_BIAS
 #: the smallest code that is not 0 (the smallest binade's first value)
 SMALLEST = 1 << INT8_MANTISSA_BITS
-#: that code's value over 2^SHIFT: below it a value rounds to 0 or to it with probability
-#: value / smallest (2^(2 - 2^E) is the smallest value)
+#: that code's value over 2^SHIFT: below it a signed value rounds to 0 or to it with
+#: probability value / smallest (2^(2 - 2^E) is the smallest value); 0 for non-negative
+#: states, whose positive values below it all round up to it
 SIGNED_FLOOR = np.float32(2.0 ** (2 - (1 << INT8_EXPONENT_BITS["signed"]) - SHIFT))
-NONNEGATIVE_FLOOR = np.float32(2.0 ** (2 - (1 << INT8_EXPONENT_BITS["nonnegative"]) - SHIFT))
+NONNEGATIVE_FLOOR = np.float32(0.0)
 #: float32's smallest normal number: a smaller absmax stores the block as zeros
 MIN_NORMAL = np.float32(2.0 ** -126)
 #: blocks per parallel work item of the int8 kernels (one scratch allocation each)
@@ -48,8 +53,8 @@ SALTS = INT8_SALTS
 @helper
 def encode_magnitude(y, rand, bias, one, floor_step):
     """|y| <= 1 as a code magnitude: 0, or SMALLEST..one (see the module's docstring). Below
-    the smallest code's value s, 0 or SMALLEST with the same rounding: SMALLEST when |y| >
-    rand * floor_step (floor_step = s / 2^SHIFT), so P(SMALLEST) = |y| / s, unbiased.
+    the smallest code's value s, 0 or SMALLEST: SMALLEST when |y| > rand * floor_step
+    (floor_step = s / 2^SHIFT: P(SMALLEST) = |y| / s, unbiased; 0: whenever y != 0).
     Every step in uint32 (t - bias compared as t against bias + ...): Numba widens int32
     differences to int64, which split each vector in two (bench/NOTES.md, "int8 encode")."""
     a = _U(np.float32(y).view(_U) & _U(0x7FFFFFFF))
