@@ -1950,12 +1950,14 @@ class FlatOptimizer(torch.optim.Optimizer):
             if b.sharded:  # a DTensor's gradient: its local shard, read where it is
                 grads = self._shard_grad(b, local_tensor(g))
             elif g is not views[i] or g.data_ptr() != addresses[i]:  # autograd made a new
-                view = b.grad_view(i)  # tensor (after set_to_none), or its .data was
-                # replaced (then the view is made anew): take it in
+                view = b.grad_view(i)  # tensor (after set_to_none), the user assigned one,
+                # or its .data was replaced (then the view is made anew): take it in, and
+                # leave p.grad as it is (a tensor kept by the user keeps its values, and one
+                # refilled in place is read again; zero_grad(set_to_none=False) attaches the
+                # views, so that backward accumulates into them)
                 if g.is_sparse:
                     raise RuntimeError("fastopt does not support sparse gradients")
                 view.copy_(g)
-                p.grad = view
             have_grad.append(True)
         _count_writes(b.params if all(have_grad) else
                       [p for p, has in zip(b.params, have_grad, strict=True) if has])
