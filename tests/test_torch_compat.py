@@ -137,6 +137,33 @@ def test_old_state_dicts_load_like_torch(name, source, kw, drop, edit, target_kw
 
 # ---------------------------------------------------------------- 2. load_state_dict hooks
 
+@pytest.mark.parametrize("edit,error,match", [
+    (lambda st: st.update(step=torch.tensor(-1.0)), ValueError, "'step' must be a step count"),
+    (lambda st: st.update(step=torch.tensor(1.5)), ValueError, "'step' must be a step count"),
+    (lambda st: st.update(step=torch.tensor(float("nan"))), ValueError, "must be a step count"),
+    (lambda st: st.update(step="3"), ValueError, "'step' must be a step count"),
+    (lambda st: st.update(step=torch.tensor(2.0 ** 70)), ValueError, "must be a step count"),
+    (lambda st: st.pop("exp_avg"), KeyError, "no 'exp_avg', which AdamW always keeps")])
+def test_a_corrupt_param_state_is_refused_at_load(edit, error, match):
+    """A step count that is not one (a negative one made every param NaN at the next step,
+    1.5 was stored as is) or a missing state buffer (it started at zeros, silently) is
+    refused by the load, which changes nothing."""
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = fot.AdamW([p], lr=0.1)
+    p.grad = torch.ones(4)
+    opt.step()
+    d = copy.deepcopy(opt.state_dict())
+    edit(d["state"][0])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(d)
+    after = opt.state_dict()
+    assert int(after["state"][0]["step"]) == 1
+    assert torch.equal(after["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+    opt.step()
+    assert torch.isfinite(p).all()
+
+
 def test_load_pre_hook_result_is_what_loads():
     """A pre-hook's returned dict (here: step 7, other moments, another lr) loads entirely."""
     def hook(optimizer, sd):

@@ -588,5 +588,10 @@ class Definition:
         return tuple(s.name for s in self.scalars)
 
     @functools.cached_property
+    def always_kept_state(self) -> tuple[str, ...]:
+        """The state every param that has stepped keeps, whatever the options (no ``when``)."""
+        return tuple(s.name for s in self.state if s.when is None)
+
+    @functools.cached_property
     def first_grad_state(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.state if s.init == FIRST_GRAD)

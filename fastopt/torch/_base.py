@@ -2675,7 +2675,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         key = self.definition.saved_group_step if key is None else key
         if of_group and key is not None:
             steps = float(_saved_count(group.get(key, 0), key))
-        b.steps[i] = float(st.get("step", steps))
+        b.steps[i] = float(_saved_count(st["step"], "step", "a parameter's state")
+                           if "step" in st else steps)
         for name in b.state:
             if not b.applies(name, i):
                 continue
@@ -2700,6 +2701,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                                  f"{tuple(value.shape)}, expected {tuple(view.shape)}"
                                  + (" (this process's shard of a DTensor param)"
                                     if b.sharded else ""))
+            if value is None and st and b.layouts.get(name, "elements") == "elements" \
+                    and name in self.definition.always_kept_state:
+                raise KeyError(f"state_dict: a parameter's state has {sorted(st)} but no "
+                               f"{name!r}, which {type(self).__name__} always keeps (torch "
+                               "would fail at the next step)")
             if value is None and st and b.layouts.get(name, "elements") != "elements":
                 raise ValueError(f"state_dict: a parameter of shape "
                                  f"{tuple(b.params[i].shape)} has state but no {name!r} "
@@ -2912,17 +2918,17 @@ def _schedule_from_payload(value) -> Schedule:
     return Schedule(table, str(value["description"]))
 
 
-def _saved_count(value, key: str) -> int:
+def _saved_count(value, key: str, where: str = "param group") -> int:
     """A step count a loaded param group holds (schedulefree's ``k``, fastopt's count for
-    Muon): an integer in [0, 2**63) (a whole float or a one-element tensor too), else
-    ValueError, before any of it is used."""
+    Muon) or a param's state (``step``): an integer in [0, 2**63) (a whole float or a
+    one-element tensor too), else ValueError (a negative one made every param NaN)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
             or not 0 <= value < 2**63:
-        raise ValueError(f"param group {key!r} must be a step count, an integer in "
+        raise ValueError(f"{where} {key!r} must be a step count, an integer in "
                          f"[0, 2**63), got {value!r}")
     return int(value)
 
