@@ -106,6 +106,8 @@ def _write(path: Path, arrays: dict) -> None:
         raise ValueError(f"a checkpoint holds at most {MAX_SCHEDULE_ROWS} schedule rows, "
                          f"this schedule has {arrays['schedule'].shape[0]}")
     target = Path(os.path.realpath(path))  # through a symlink: write its target, keep the link
+    if target.is_dir():  # (else the rename would fail naming the temporary file)
+        raise IsADirectoryError(f"fastopt.save writes a file: {path} is a directory")
     try:
         mode = stat.S_IMODE(os.stat(target).st_mode)  # an existing file keeps its mode
     except FileNotFoundError:
@@ -250,8 +252,10 @@ def _read(path: Path, n: int, kind: str, expected: str | None) -> tuple[dict, di
     item = 4 if kind == "float32" else 2  # params: float32, or 16-bit as uint16 bits
     limits = {"meta": MAX_META_BYTES, "params": n * item,
               "schedule": MAX_SCHEDULE_ROWS * TABLE_COLUMNS * 8}
+    file = open(path, "rb")  # (a missing path, a directory, no permission: the OS's error,
+    # as np.load and torch.load raise it, so that `except FileNotFoundError` starts afresh)
     try:
-        with open(path, "rb") as file, zipfile.ZipFile(file) as z:
+        with file, zipfile.ZipFile(file) as z:
             members = _members(path, z)
             if "meta" not in members:
                 raise CheckpointError(f"{path}: not a fastopt checkpoint (no header)")
@@ -488,6 +492,31 @@ def _hyperparameter_names(name: str) -> frozenset:
                                               "master_weights", "segments"}
 
 
+def _expected_class(optimizer) -> str | None:
+    """The class name ``load``'s ``optimizer=`` asks for: a fastopt.<Name> class or its name
+    (None: any), else TypeError or ValueError before the file is read."""
+    if optimizer is None:
+        return None
+    names = optimizers.__all__
+    if isinstance(optimizer, type):
+        if getattr(optimizers, optimizer.__name__, None) is not optimizer:
+            raise TypeError(f"optimizer= takes a fastopt.<Name> class or its name, got "
+                            f"{optimizer.__module__}.{optimizer.__qualname__}: fastopt.load "
+                            "makes a core (numpy/cupy) optimizer")
+        return optimizer.__name__
+    if isinstance(optimizer, str):
+        if optimizer not in names:
+            close = [n for n in names if n.lower() == optimizer.lower()]
+            raise ValueError(f"optimizer={optimizer!r} is not a fastopt optimizer"
+                             + (f": did you mean {close[0]!r}?" if close else
+                                f" (one of {', '.join(names)})"))
+        return optimizer
+    raise TypeError(f"optimizer= takes a fastopt.<Name> class or its name, got "
+                    f"{type(optimizer).__name__} {optimizer!r}" +
+                    (f" (load makes the optimizer itself: optimizer=fastopt."
+                     f"{type(optimizer).__name__})" if type(optimizer).__name__ in names else ""))
+
+
 def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=None,
          master_weights=None):
     """A new optimizer over ``params`` in the saved state; ``params`` get the saved values.
@@ -503,11 +532,7 @@ def load(path, params, *, optimizer=None, restore_params: bool = True, dtype=Non
     Any damaged, foreign or mismatched file raises ``CheckpointError`` and changes nothing.
     """
     path = Path(path)
-    if optimizer is not None and not isinstance(optimizer, (str, type)):
-        raise TypeError(f"optimizer= takes the expected class or its name, got an instance "
-                        f"of {type(optimizer).__name__}: load makes the optimizer itself "
-                        f"(optimizer=fastopt.{type(optimizer).__name__})")
-    expected = getattr(optimizer, "__name__", optimizer)
+    expected = _expected_class(optimizer)
     given_layout = SegmentTable.of(params) if hasattr(params, "views") else None
     params = params.buffer if hasattr(params, "views") else params
     allowed = None if dtype is None else ("uint16", dtype_arg(dtype))

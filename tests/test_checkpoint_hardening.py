@@ -159,8 +159,37 @@ def test_single_byte_flips_and_truncations_raise_checkpoint_error_or_load_the_sa
     assert 0 < loaded < len(damaged) // 3  # some bytes do not matter; most do
 
 
-@pytest.mark.parametrize("kind", ["npy", "npz", "pickled", "zip", "text", "directory",
-                                  "missing", "empty_zip"])
+def test_a_missing_path_or_a_directory_raises_the_os_error(tmp_path):
+    """Not a damaged file but no file: the OS's error, as np.load and torch.load raise it,
+    so that `except FileNotFoundError:` can start a fresh run; save names the directory."""
+    target = np.full(N, 7.0, np.float32)
+    with pytest.raises(FileNotFoundError):
+        fastopt.load(tmp_path / "missing.npz", target)
+    (tmp_path / "dir.npz").mkdir()
+    with pytest.raises(IsADirectoryError):
+        fastopt.load(tmp_path / "dir.npz", target)
+    with pytest.raises(IsADirectoryError, match="dir.npz is a directory"):
+        fastopt.save(fastopt.AdamW(target), tmp_path / "dir.npz")
+    assert np.all(target == 7.0)
+
+
+def test_load_checks_the_optimizer_argument(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "c.npz"
+    fastopt.save(fastopt.AdamW(np.ones(N, np.float32)), path)
+    target = np.ones(N, np.float32)
+    for optimizer, error, match in ((torch.optim.AdamW, TypeError, "torch.optim"),
+                                    ("adamw", ValueError, "did you mean 'AdamW'"),
+                                    ("Nope", ValueError, "one of Adadelta"),
+                                    (5, TypeError, "got int 5"),
+                                    (fastopt.Adam, fastopt.CheckpointError, "not Adam")):
+        with pytest.raises(error, match=match):
+            fastopt.load(path, target, optimizer=optimizer)
+    assert isinstance(fastopt.load(path, target, optimizer=fastopt.AdamW), fastopt.AdamW)
+    assert isinstance(fastopt.load(path, target, optimizer="AdamW"), fastopt.AdamW)
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz", "pickled", "zip", "text", "empty_zip"])
 def test_foreign_files_raise_checkpoint_error(tmp_path, kind):
     path = tmp_path / "foreign.npz"
     if kind == "npy":  # np.load returns an ndarray, not an NpzFile (TypeError before)
@@ -174,8 +203,6 @@ def test_foreign_files_raise_checkpoint_error(tmp_path, kind):
         _write_zip(path, {"readme.txt": b"hello"}, zipfile.ZIP_DEFLATED)
     elif kind == "text":
         path.write_text("params,1,2,3\n")
-    elif kind == "directory":
-        path.mkdir()
     elif kind == "empty_zip":
         _write_zip(path, {})
     _refused(path)
