@@ -16,6 +16,7 @@ import numbers
 import threading
 import warnings
 import weakref
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -578,6 +579,13 @@ class FlatOptimizer:
         say) take their master from the params' current values. A step running in another
         thread is waited for.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict (what state_dict() returns), got "
+                            f"{type(state_dict).__name__}")
+        if "param_groups" in state_dict and "optimizer" not in state_dict:
+            raise KeyError(f"this is a torch optimizer's state dict (param_groups), not one of "
+                           f"fastopt.{type(self).__name__}: load it into fastopt.torch."
+                           f"{type(self).__name__}")
         with self._state_lock:
             self._load_state_dict_locked(state_dict)
         self._sync_construction()

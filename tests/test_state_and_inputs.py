@@ -264,6 +264,23 @@ def test_functional_each_optimizer_one_step_vs_reference():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+def test_a_dict_of_the_other_layer_or_no_dict_is_refused_clearly():
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    opt = fastopt.AdamW(np.ones(N, np.float32))
+    for bad, error, match in (([1, 2], TypeError, "must be a dict .* got list"),
+                              (None, TypeError, "got NoneType")):
+        with pytest.raises(error, match=match):
+            opt.load_state_dict(bad)
+    p = torch.nn.Parameter(torch.ones(N))
+    ours = fot.AdamW([p])
+    with pytest.raises(KeyError, match="torch optimizer's state dict"):
+        opt.load_state_dict(ours.state_dict())
+    with pytest.raises(KeyError, match="numpy/cupy class fastopt.AdamW"):
+        ours.load_state_dict(opt.state_dict())
+
+
 def test_max_grad_norm_resumes_through_the_state_dict():
     """opt.max_grad_norm is in the state dict, as fastopt.save keeps it (it was dropped:
     a resumed run stepped unclipped, 0.04 off the run that never stopped)."""

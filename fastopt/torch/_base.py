@@ -2538,6 +2538,11 @@ class FlatOptimizer(torch.optim.Optimizer):
             hook(self)
 
     def _load_state_dict_unhooked(self, state_dict: dict) -> dict:
+        if isinstance(state_dict, dict) and "param_groups" not in state_dict \
+                and isinstance(state_dict.get("optimizer"), str):  # (torch: a bare KeyError)
+            raise KeyError(f"this is a state dict of fastopt's numpy/cupy class fastopt."
+                           f"{state_dict['optimizer']} (no 'param_groups'): load it into "
+                           f"that class, or fastopt.load its checkpoint")
         schedules = [g.get("schedule") for g in self.param_groups]
         with _hooks_off(self, "_optimizer_load_state_dict_pre_hooks",
                         "_optimizer_load_state_dict_post_hooks") as (_, post_hooks):
