@@ -951,15 +951,21 @@ def _buffer(size: int, fill, dtype: torch.dtype, device, pinned: bool = False,
     return _allocate(size, dtype, device, pinned, huge).fill_(fill)
 
 
-#: the bytes of each chunk an ``_Arena`` carves the multi-tensor mode's CPU buffers from
+#: the bytes of the chunks an ``_Arena`` carves the multi-tensor mode's CPU buffers from:
+#: the first, then each twice the last, up to the largest
+ARENA_FIRST_CHUNK_BYTES = 1 << 20
 ARENA_CHUNK_BYTES = 64 << 20
 
 
 class _Arena:
     """Where one optimizer's multi-tensor (in-place) CPU buckets take their own buffers
     (gradient, master or remainders, state): consecutive pieces, 64-byte aligned, of chunks
-    of ``ARENA_CHUNK_BYTES`` (from a page boundary) madvised for transparent huge pages; a
-    piece of more than half a chunk is a buffer of its own, madvised too. Against a torch
+    (from a page boundary; madvised for transparent huge pages from 4 MB) of 1 MB, then
+    twice the last one's bytes (or more: room for two of the piece that needs it) up to
+    ``ARENA_CHUNK_BYTES``: a small optimizer's pieces are
+    not views of 64 MB (``torch.save`` of one state tensor writes its whole storage; a
+    review measured 64 MB for a 2-element bias); a piece of more than half the largest
+    chunk is a buffer of its own, madvised too. Against a torch
     allocation each (4 KB pages) the multi-tensor mode's AdamW step over GPT-2 small's
     tensors went from 0.90-0.92x to 0.92-0.94x the flat mode's speed on a quiet host
     (bench/probes/multitensor_torch.py; bench/NOTES.md, twenty-second session). A chunk
@@ -969,6 +975,7 @@ class _Arena:
     def __init__(self):
         self._chunk: torch.Tensor | None = None  # (uint8)
         self._used = 0
+        self._chunk_bytes = ARENA_FIRST_CHUNK_BYTES // 2  # (the last chunk's)
 
     def take(self, size: int, fill, dtype: torch.dtype) -> torch.Tensor:
         """A CPU buffer of ``size`` elements of ``dtype``, all ``fill``."""
@@ -977,7 +984,11 @@ class _Arena:
         if 2 * nbytes > ARENA_CHUNK_BYTES:
             return _buffer(size, fill, dtype, "cpu", huge=True)
         if self._chunk is None or self._used + nbytes > self._chunk.numel():
-            self._chunk = _allocate(ARENA_CHUNK_BYTES + _PAGE, torch.uint8, "cpu", huge=True)
+            size = min(2 * self._chunk_bytes, ARENA_CHUNK_BYTES)
+            while size < 2 * nbytes and size < ARENA_CHUNK_BYTES:  # (room for two such)
+                size *= 2
+            self._chunk_bytes = size
+            self._chunk = _allocate(size + _PAGE, torch.uint8, "cpu", huge=True)
             self._used = -self._chunk.data_ptr() % _PAGE  # (from its first whole page)
         piece = self._chunk[self._used:self._used + nbytes].view(dtype)
         self._used += -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES
