@@ -206,7 +206,13 @@ def advanced(schedule: Schedule, n: int) -> Schedule:
     """``schedule`` n steps on: lr(t) = schedule(t + n) (the rows' starts and clocks moved
     back n steps; those that end before step 0 dropped). Built without the table checks,
     which a shift of a checked table keeps passing (a few µs: fastopt.torch advances a
-    group's schedule at each step its params get no gradient)."""
+    group's schedule at each step its params get no gradient). ``n``: an int in [0, 2**53)."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"advanced() takes a Schedule, got {type(schedule).__name__}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < 2**53:
+        raise ValueError(f"advanced() moves a schedule on by a step count, an int in "
+                         f"[0, 2**53), got {n!r}")
+    n = int(n)
     if n == 0 or schedule.is_constant:
         return schedule
     m = _ADVANCED.fullmatch(schedule._description)
@@ -647,6 +653,10 @@ class ReduceOnPlateau:
 
     def step(self, metric: float) -> None:
         """Record one evaluation of the monitored metric."""
+        if isinstance(metric, (str, bytes)) or not isinstance(metric, numbers.Real) \
+                and not hasattr(metric, "__float__"):
+            raise TypeError(f"step() takes the metric as a number, got "
+                            f"{type(metric).__name__}")
         metric = float(metric)
         self.last_epoch += 1
         if self._is_better(metric):
@@ -673,5 +683,25 @@ class ReduceOnPlateau:
     def state_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
 
+    _SETTINGS = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown",
+                 "min_lr", "eps")
+    _COUNTERS = ("num_bad_epochs", "cooldown_counter", "last_epoch")
+
     def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update({k: v for k, v in state.items() if k != "optimizer"})
+        """Restore a ``state_dict()``: the settings checked as the constructor checks them,
+        the counters as counts and ``best`` as a number, all before anything changes."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict (what state_dict() returns), got "
+                            f"{type(state).__name__}")
+        unknown = set(state) - {*self._SETTINGS, *self._COUNTERS, "best", "optimizer"}
+        if unknown:
+            raise ValueError(f"ReduceOnPlateau state has unknown keys {sorted(unknown)}")
+        checked = type(self)(self.optimizer, **{k: state.get(k, getattr(self, k))
+                                                for k in self._SETTINGS})
+        counters = {k: _count(k, state.get(k, getattr(self, k)), min_value=0)
+                    for k in self._COUNTERS}
+        best = state.get("best", self.best)
+        if isinstance(best, bool) or not isinstance(best, numbers.Real) or math.isnan(best):
+            raise ValueError(f"ReduceOnPlateau state 'best' must be a number, got {best!r}")
+        self.__dict__.update({k: getattr(checked, k) for k in self._SETTINGS})
+        self.__dict__.update(counters, best=float(best))

@@ -296,6 +296,41 @@ def test_advanced_is_the_schedule_later(name):
                                       advanced(schedule, n + 2).at(t))
 
 
+def test_reduce_on_plateau_checks_what_it_loads_and_steps_on():
+    """A loaded state with junk ('best' None) was taken, and the next step() failed after
+    moving last_epoch; now the load refuses it and changes nothing."""
+    opt = fastopt.AdamW(np.ones(8, np.float32), lr=0.1)
+    plateau = S.ReduceOnPlateau(opt, patience=1)
+    plateau.step(1.0)
+    saved = plateau.state_dict()
+    for bad, error in (({"best": None}, ValueError), ({"best": float("nan")}, ValueError),
+                       ({"num_bad_epochs": -1}, ValueError), ({"factor": 2.0}, ValueError),
+                       ({"mode": "up"}, ValueError), ({"surprise": 1}, ValueError)):
+        with pytest.raises(error):
+            plateau.load_state_dict({**saved, **bad})
+        assert plateau.state_dict() == saved
+    with pytest.raises(TypeError, match="state must be a dict"):
+        plateau.load_state_dict([1])
+    with pytest.raises(TypeError, match="metric as a number, got NoneType"):
+        plateau.step(None)
+    again = S.ReduceOnPlateau(opt, patience=5)
+    again.load_state_dict(saved)
+    assert again.state_dict() == saved
+    again.step(np.float32(2.0))
+
+
+def test_advanced_checks_its_arguments():
+    from fastopt.schedules import advanced
+
+    schedule = S.cosine(0.1, 100)
+    for n in (-5, 1.5, True, 2**70, "3", None):
+        with pytest.raises(ValueError, match="step count, an int in"):
+            advanced(schedule, n)
+    with pytest.raises(TypeError, match="takes a Schedule, got float"):
+        advanced(0.1, 3)
+    assert advanced(schedule, np.int64(3)).at(0) == schedule.at(3)
+
+
 def test_copies_and_unpickled_schedules_keep_a_read_only_table():
     """A copied or unpickled schedule (a deepcopied optimizer, ZeRO's consolidated state
     through torch.save) is made through the constructor: its table checked and read-only,
