@@ -623,6 +623,12 @@ class FlatOptimizer:
         schedule = Schedule(self._host_copy(d["schedule"]), "loaded schedule")
         lr_scale = check_lr_scale(d.get("lr_scale", self.lr_scale))
         max_grad_norm = check_max_grad_norm(d.get("max_grad_norm", self.max_grad_norm))
+        layout = d.get("segments")  # (before the state's sizes, which follow the layout)
+        if self.segments is not None and layout is not None \
+                and layout != self.segments.layout():
+            raise ValueError(f"state_dict is for tensors of shapes {layout.get('shapes')} at "
+                             f"offsets {layout.get('offsets')}, not this optimizer's "
+                             f"{self.segments!r}")
         arrays = {}
         master = None  # the saved float32 master of 16-bit params, if any
         if self.dtype != "float32" and MASTER in d:
@@ -659,12 +665,6 @@ class FlatOptimizer:
                     or not np.isfinite(value.reshape(-1)[0]):
                 raise ValueError(f"state_dict[{s.name!r}] must be a finite number, got {value}")
             scalars[s.name] = float(value.reshape(-1)[0])
-        layout = d.get("segments")
-        if self.segments is not None and layout is not None \
-                and layout != self.segments.layout():
-            raise ValueError(f"state_dict is for tensors of shapes {layout.get('shapes')} at "
-                             f"offsets {layout.get('offsets')}, not this optimizer's "
-                             f"{self.segments!r}")
         train_mode = d.get("train_mode", False)
         if self.definition.modes is not None and not isinstance(train_mode, (bool, np.bool_)):
             raise ValueError(f"state_dict['train_mode'] must be a bool, got {train_mode!r}")

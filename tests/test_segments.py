@@ -156,3 +156,18 @@ def test_factored_layout_packs_each_tensors_factors_in_order():
     starts, sizes = table.factored_layout()
     assert starts.tolist() == [[0, 0, 0], [6, 8, 0], [6, 8, 5], [6, 8, 6]]
     assert sizes == (12, 15, 6)
+
+
+@pytest.mark.parametrize("name", ["LAMB", "Adafactor", "Muon"])
+def test_a_dict_for_other_shapes_names_the_shapes(name):
+    """The layout is checked before the state's sizes, which follow from it (Adafactor said
+    'row_var must be of shape (14,)' instead)."""
+    rng = np.random.default_rng(0)
+    fb = fastopt.FlatBuffer([rng.standard_normal((4, 6)).astype(np.float32),
+                             rng.standard_normal((8, 3)).astype(np.float32)])
+    opt = getattr(fastopt, name)(fb)
+    opt.step(rng.standard_normal(fb.buffer.shape[0]).astype(np.float32))
+    other = getattr(fastopt, name)(fastopt.FlatBuffer([np.zeros((6, 4), np.float32),
+                                                       np.zeros((8, 3), np.float32)]))
+    with pytest.raises(ValueError, match=r"state_dict is for tensors of shapes \[\[4, 6\]"):
+        other.load_state_dict(opt.state_dict())
