@@ -1364,8 +1364,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                 f"belong to another fastopt optimizer ({_owner(p).owner}): their .data is a view "
                 "of that optimizer's flat buffer, and a second fastopt optimizer would repack "
                 "them into its own and detach them from the first. Use one fastopt optimizer "
-                "per parameter (param groups for different hyperparameters), or drop the first "
-                "optimizer before building another")
+                "per parameter (param groups for different hyperparameters); drop the first "
+                "before building another (`del opt`, and any LR scheduler holding it: "
+                "`opt = AdamW(...)` run again keeps the old one alive until the new one "
+                "exists), or build the second with multi_tensor=True, which steps the params "
+                "where they lie")
         # a param listed n times in the group (torch warns, and updates it n times a step):
         # packed once, updated n times a step
         unique = list({id(p): p for p in params}.values())
