@@ -181,7 +181,7 @@ def check_lr(lr) -> Schedule:
         return lr
     value = _as_real(lr)
     if value is None or not 0.0 <= value < math.inf:
-        raise ValueError(f"Invalid learning rate: {lr}")
+        raise _invalid(f"Invalid learning rate: {lr}", lr)
     return as_schedule(value)
 
 
@@ -194,17 +194,30 @@ def check_real(name: str, value, low: float = 0.0, high: float = math.inf,
     number = value if type(value) is float else _as_real(value)
     if number is None or not (low <= number <= high) or (high_open and number == high):
         template = message or "Invalid {name} value: {value}"
-        raise ValueError(template.format(name=name, value=value))
+        raise _invalid(template.format(name=name, value=value), value)
     return number
 
 
 def _as_real(value) -> float | None:
+    """A real number's float (a 0-d numpy array of one too, as torch's comparisons take it),
+    or None."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     try:
         return float(value)
     except OverflowError:  # an int beyond the float range
         return None
+
+
+def _invalid(message: str, value) -> Exception:
+    """A bad hyperparameter's error: TypeError for what is no real number at all (a string,
+    None, a bool, a list: torch's comparisons raise TypeError there), else ValueError."""
+    if _as_real(value) is None and not (isinstance(value, numbers.Integral)
+                                        and not isinstance(value, bool)):
+        return TypeError(f"{message} (a {type(value).__name__}: it must be a real number)")
+    return ValueError(message)
 
 
 _BETA_MESSAGES = ("Invalid beta parameter at index 0: {value}",

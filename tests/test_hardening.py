@@ -336,7 +336,7 @@ def test_max_grad_norm_is_validated_and_stored_as_a_plain_float(tmp_path):
     assert type(opt.max_grad_norm) is float
     fastopt.save(opt, tmp_path / "c.npz")
     for bad in (-1.0, 0.0, "abc", math.nan, -math.inf):
-        with pytest.raises(ValueError, match="max_grad_norm"):
+        with pytest.raises(TypeError if bad == "abc" else ValueError, match="max_grad_norm"):
             opt.max_grad_norm = bad
     assert opt.max_grad_norm == 1.0
     opt.max_grad_norm = None
