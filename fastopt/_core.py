@@ -656,6 +656,10 @@ class FlatOptimizer:
                 raise ArrayArgumentError(
                     f"state_dict[{key!r}] must be a float array of shape {shape}, "
                     f"got {value.dtype} {value.shape}")
+            if not self._signed(key) and bool((value < 0).any()):
+                raise ValueError(f"state_dict[{key!r}] holds negative values, which it "
+                                 "cannot (a second moment or an accumulator: the next step "
+                                 "would take their square root)")
             arrays[key] = value
         scalars = {}
         for s in self.definition.scalars:  # a dict without one (older) starts it afresh

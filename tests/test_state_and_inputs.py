@@ -218,6 +218,36 @@ def test_a_hyperparameter_that_is_no_number_is_a_type_error(make):
         make()
 
 
+def test_a_negative_second_moment_is_refused_at_load():
+    """It would make the next step's square root NaN (torch too loads it)."""
+    opt = fastopt.AdamW(np.ones(N, np.float32))
+    opt.step(np.ones(N, np.float32))
+    d = opt.state_dict()
+    before = opt.state_dict()
+    d["exp_avg_sq"] = -d["exp_avg_sq"]
+    with pytest.raises(ValueError, match="'exp_avg_sq'.* negative values"):
+        opt.load_state_dict(d)
+    np.testing.assert_array_equal(opt.state_dict()["exp_avg_sq"], before["exp_avg_sq"])
+    d["exp_avg"] = -d["exp_avg"]  # (a signed state may be negative)
+    d["exp_avg_sq"] = before["exp_avg_sq"]
+    opt.load_state_dict(d)
+
+
+def test_a_flag_must_be_a_bool():
+    """amsgrad="False" was true, so it turned AMSGrad on; numpy's and torch's one-element
+    bools and 0/1 are taken."""
+    torch = pytest.importorskip("torch")
+    import fastopt.torch as fot
+
+    for bad in ("False", None, 2, 0.5):
+        with pytest.raises(TypeError, match="amsgrad must be True or False"):
+            fastopt.Adam(P, amsgrad=bad)
+        with pytest.raises(TypeError, match="amsgrad must be True or False"):
+            fot.Adam([torch.nn.Parameter(torch.zeros(3))], amsgrad=bad)
+    for good, want in ((np.bool_(True), True), (torch.tensor(False), False), (1, True)):
+        assert fastopt.Adam(P, amsgrad=good).defaults["amsgrad"] is want
+
+
 def test_concurrent_step_of_one_optimizer_is_refused():
     p = np.ones(N, np.float32)
     opt = fastopt.Adam(p)

@@ -143,7 +143,8 @@ def test_old_state_dicts_load_like_torch(name, source, kw, drop, edit, target_kw
     (lambda st: st.update(step=torch.tensor(float("nan"))), ValueError, "must be a step count"),
     (lambda st: st.update(step="3"), ValueError, "'step' must be a step count"),
     (lambda st: st.update(step=torch.tensor(2.0 ** 70)), ValueError, "must be a step count"),
-    (lambda st: st.pop("exp_avg"), KeyError, "no 'exp_avg', which AdamW always keeps")])
+    (lambda st: st.pop("exp_avg"), KeyError, "no 'exp_avg', which AdamW always keeps"),
+    (lambda st: st["exp_avg_sq"].neg_(), ValueError, "'exp_avg_sq' .* negative values")])
 def test_a_corrupt_param_state_is_refused_at_load(edit, error, match):
     """A step count that is not one (a negative one made every param NaN at the next step,
     1.5 was stored as is) or a missing state buffer (it started at zeros, silently) is

@@ -247,6 +247,20 @@ class Hyper:
     format_eps: bool = False
 
 
+def _flag(name: str, value) -> bool:
+    """A flag hyperparameter (``check=bool``): True or False (numpy's and torch's one-element
+    bools and the ints 0 and 1 too); anything else, e.g. the string "False", whose truth
+    would turn the option on, is a TypeError."""
+    if not isinstance(value, (bool, int)) and hasattr(value, "item"):
+        try:
+            value = value.item()  # (numpy's or torch's one element; more raise)
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
 @dataclass(frozen=True)
 class State:
     """A state buffer: torch's name, its initial value (a number, the name of a hyper whose
@@ -530,7 +544,8 @@ class Definition:
         """Every hyperparameter checked (torch's messages), in declaration order; the check
         across them (``validate``) too, unless torch makes it only at construction and this
         is not one (``validate_at_construction_only``)."""
-        out = {h.name: h.check(values[h.name]) for h in self.hypers}
+        out = {h.name: _flag(h.name, values[h.name]) if h.check is bool
+               else h.check(values[h.name]) for h in self.hypers}
         if self.validate is not None and (construction
                                           or not self.validate_at_construction_only):
             self.validate(out)

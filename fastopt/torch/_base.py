@@ -2730,6 +2730,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                                  f"{tuple(b.params[i].shape)} has state but no {name!r} "
                                  "(torch's Adafactor keeps row_var and col_var for 2 or "
                                  "more dims, variance for fewer)")
+            if isinstance(value, torch.Tensor) and not b.signed(name) \
+                    and bool((value < 0).any()):
+                raise ValueError(f"state_dict: the {name!r} of a parameter of shape "
+                                 f"{tuple(b.tensors[i].shape)} holds negative values, which "
+                                 "it cannot (a second moment or an accumulator: the next "
+                                 "step would take their square root)")
             if value is not None:
                 b.set_state(name, i, value)
             else:  # absent, or None (torch 1.x SGD saved momentum_buffer=None)
