@@ -292,6 +292,8 @@ def test_a_storage_shared_with_the_optimizers_own_buffers_is_refused(onto):
     _steps(params, opt, 2)
     p = params[0]
     before = p.detach().clone()
+    if onto == "grad":
+        opt.zero_grad(set_to_none=False)  # (p.grad: the optimizer's buffer from here on)
     p.data = p.grad if onto == "grad" else opt.state[p]["exp_avg"]
     kept = p.detach().clone()
     with pytest.raises(RuntimeError, match="shares memory with this optimizer's own"):

@@ -477,8 +477,6 @@ class _Bucket:
         self.grad = None if self.sharded else self.new_buffer(total, 0, first.dtype,
                                                               pin_memory)
         self.state = {}
-        for name, value in state_init.items():
-            self.add_state(name, value)
         #: the definition's per-step scalars, one float64 per param (torch keeps them per
         #: param too, e.g. NAdam's mu_product); a whole-bucket step uses element 0 and copies
         #: it to the others
@@ -501,12 +499,20 @@ class _Bucket:
                     view = self.slice(self.flat, i)
                     view.copy_(p)
                     p.data = view
+                    self.tensors[i] = view  # (the old storage may go now, not at the end)
                 # a param without grad keeps none, as in torch: the step skips it until
                 # backward gives it one (a DTensor's grad stays its own: read at each step)
                 if p.grad is not None and not self.sharded:
                     grad.copy_(p.grad)
                     p.grad = grad
         self.tensors = [local_tensor(p).detach() for p in params]  # (packed: the views)
+        if not in_place:
+            first = self.tensors[0]
+        # the state once the params and grads left their old storage: a construction's peak
+        # is params and grads twice plus the state no more (a review measured 4x the params
+        # above the model's for AdamW, torch's first step 3x)
+        for name, value in state_init.items():
+            self.add_state(name, value)
         half = self.format is not None
         self.master_weights = master_weights if half else "fp32"
         self.master = self.new_buffer(total, 0, torch.float32).copy_(self.flat) \
