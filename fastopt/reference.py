@@ -220,6 +220,8 @@ def ademamix(params, grads, exp_avg, exp_avg_slow, exp_avg_sq, *, step, lr,
     if t_alpha_beta3 is None:
         alpha_k, beta3_k = alpha, beta3
     else:
+        if beta1 <= 0.0:  # (log(0): the schedule is undefined; pytorch-optimizer refuses it)
+            raise ValueError("AdEMAMix's beta3 warm-up (t_alpha_beta3) needs beta1 > 0")
         alpha_k = min(step * alpha / t_alpha_beta3, alpha)
         f = step / t_alpha_beta3
         lb1, lb3 = np.log(beta1), np.log(beta3)
@@ -274,7 +276,7 @@ def lamb(params, grads, exp_avg, exp_avg_sq, *, step, lr, segments, beta1=0.9, b
         inside[part] = True
         p_norm = np.linalg.norm(params[part])
         u_norm = np.linalg.norm(update[part])
-        ratio = p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.0
+        ratio = p_norm / u_norm if p_norm != 0 and u_norm != 0 else 1.0  # (NaN: NaN)
         new[part] = params[part] - lr * ratio * update[part]
     exp_avg = np.where(inside, exp_avg, old_m)
     exp_avg_sq = np.where(inside, exp_avg_sq, old_v)
@@ -321,6 +323,14 @@ def muon(params, grads, momentum_buffer, *, step, lr, segments, weight_decay=0.1
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
+def _lerp(start, end, weight: float):
+    """torch.lerp's formula: from the end for weights of 1/2 or more, so an infinite end at
+    weight 1 (Adafactor's first step) gives NaN, as in torch, not inf."""
+    if weight < 0.5:
+        return start + weight * (end - start)
+    return end - (end - start) * (1.0 - weight)
+
+
 def adafactor(params, grads, row_var, col_var, variance, *, step, lr, segments,
               beta2_decay=-0.8, eps1=None, eps2=1e-3, d=1.0, weight_decay=0.0,
               maximize=False, param_eps=FLOAT32_EPS):
@@ -358,14 +368,14 @@ def adafactor(params, grads, row_var, col_var, variance, *, step, lr, segments,
             g3 = g.reshape(batch, rows, cols)
             r = row_var[rows_at:rows_at + batch * rows].reshape(batch, rows)
             c = col_var[cols_at:cols_at + batch * cols].reshape(batch, cols)
-            r += one_minus_beta2 * (np.mean(g3 * g3, axis=2) - r)
-            c += one_minus_beta2 * (np.mean(g3 * g3, axis=1) - c)
+            r[...] = _lerp(r, np.mean(g3 * g3, axis=2), one_minus_beta2)
+            c[...] = _lerp(c, np.mean(g3 * g3, axis=1), one_minus_beta2)
             row_mean = np.maximum(np.mean(r, axis=1), eps1)
             est = (r[:, :, None] * c[:, None, :] / row_mean[:, None, None]).ravel()
             rows_at, cols_at = rows_at + batch * rows, cols_at + batch * cols
         else:
             v = variance[var_at:var_at + numel]
-            v += one_minus_beta2 * (g * g - v)
+            v[...] = _lerp(v, g * g, one_minus_beta2)
             est = v
             var_at += numel
         u = g / np.sqrt(np.maximum(est, eps1 * eps1))

@@ -154,7 +154,7 @@ FO_D void lamb_segment(FO_KERNEL_PARAMS(T, S), FO_SEGMENT_PARAMS) {
     (void)lr; (void)beta1; (void)beta2; (void)eps; (void)bias_correction1; (void)bias_correction2; (void)one_minus_beta1; (void)one_minus_beta2; (void)grad_factor;  // (unused here)
     double trust_ratio = 0.0;
     trust_ratio = 1.0;
-    if (((param_sq > 0.0) && (update_sq > 0.0))) {
+    if (((param_sq != 0.0) && (update_sq != 0.0))) {
         trust_ratio = sqrt(param_sq) / sqrt(update_sq);
     }
     segvals[s * 4 + 0] = trust_ratio;

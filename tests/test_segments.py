@@ -171,3 +171,21 @@ def test_a_dict_for_other_shapes_names_the_shapes(name):
                                                        np.zeros((8, 3), np.float32)]))
     with pytest.raises(ValueError, match=r"state_dict is for tensors of shapes \[\[4, 6\]"):
         other.load_state_dict(opt.state_dict())
+
+
+def test_a_nan_update_norm_spreads_over_its_tensor_as_in_optax():
+    """optax's trust ratio is 1 only where a norm is exactly 0: a NaN gradient makes the
+    tensor's update norm, its ratio and so the whole tensor NaN (the kernel and the
+    reference had taken ratio 1, leaving one NaN element among finite ones); the other
+    tensors step as usual."""
+    fb = fastopt.FlatBuffer([np.ones((2, 3), np.float32), np.ones(4, np.float32)])
+    g = np.full(fb.buffer.shape[0], 0.5, np.float32)
+    g[1] = np.nan
+    before = fb.buffer.copy()
+    fastopt.LAMB(fb, lr=0.01).step(g)
+    assert np.isnan(fb[0]).all() and np.isfinite(fb[1]).all()
+    table = SegmentTable.of(fb)
+    spans = [(o, int(np.prod(s))) for o, s in zip(table.offsets, table.shapes, strict=True)]
+    p, _, _ = reference.lamb(before, g, np.zeros_like(before), np.zeros_like(before), step=1,
+                             lr=0.01, segments=spans)
+    np.testing.assert_array_equal(np.isnan(p), np.isnan(fb.buffer))

@@ -36,7 +36,7 @@ def reduce(p, g, exp_avg, exp_avg_sq, *, beta2, eps, weight_decay, bias_correcti
 
 def segment(param_sq, update_sq):
     trust_ratio = 1.0
-    if param_sq > 0.0 and update_sq > 0.0:
+    if param_sq != 0.0 and update_sq != 0.0:  # (a NaN norm gives a NaN ratio, as optax's)
         trust_ratio = sqrt(param_sq) / sqrt(update_sq)
 
 

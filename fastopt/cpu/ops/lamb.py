@@ -174,7 +174,7 @@ def lamb(params, master, state0, state1, state2, state3, scalar0, scalar1, scala
             param_sq += partials[c, 0]
             update_sq += partials[c, 1]
         trust_ratio = 1.0
-        if ((param_sq > 0.0) and (update_sq > 0.0)):
+        if ((param_sq != 0.0) and (update_sq != 0.0)):
             trust_ratio = math.sqrt(param_sq) / math.sqrt(update_sq)
         segvals[s, 0] = trust_ratio
     # 3. the update, with its tensor's values
