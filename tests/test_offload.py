@@ -566,6 +566,36 @@ def test_requires_grad_changed_between_steps(in_backward):
 
 
 @pytest.mark.parametrize("in_backward", [False, True])
+def test_a_group_whose_count_stays_moves_its_schedule_on(in_backward):
+    """A group of two params stepping in turn (one unused on odd steps, the other frozen on
+    steps 1 and 2): a step that does not raise the group's count still moves its lr on, as
+    the optimizer without offload does; only a step with no gradient at all did (the lr fell
+    a step behind: 4e-3 off after 6 steps, a review's finding)."""
+    lr = schedules.warmup(schedules.cosine(1e-2, 6), 2)
+
+    def groups(mm):
+        ps = list(mm.parameters())  # (the module's own param first: unused, 0.weight, ...)
+        return [{"params": ps[:2]}, {"params": ps[2:]}]
+
+    m, ref = _model(), _model()
+    opt = fot.CPUOffload(groups(m), "AdamW", lr=lr, bucket_elements=400,
+                         step_in_backward=in_backward, _transfers=FakeTransfers())
+    twin = fot.AdamW(groups(ref), lr=lr)
+    for step in range(6):
+        for mm, o in ((m, opt), (ref, twin)):
+            for p in mm[0].parameters():
+                p.requires_grad_(not 1 <= step < 3)
+            loss = _loss(mm, 10 * step)
+            if step % 2 == 0:
+                loss = loss + mm.unused.square().sum() * 1e-2
+            loss.backward()
+            o.step()
+            o.zero_grad()
+    _equal(m, ref)
+    assert opt.param_groups[0]["lr"] == twin.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
 def test_tied_weights(in_backward):
     """A weight used twice (GPT-2's embedding and head): its hook fires once a backward,
     after both uses' gradients are summed, and its bucket steps once."""

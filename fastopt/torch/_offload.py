@@ -431,16 +431,22 @@ class CPUOffload(torch.optim.Optimizer):
             for p, hp in zip(b.params, b.host_params, strict=True) if hp in b.host.state})
 
     def _advance_idle_groups(self, stepped: list[_Bucket]) -> None:
-        """A step where no param of a group had a gradient moves the group's lr on, as a
-        torch scheduler's would (``FlatOptimizer._finish_group``): each of its hosts' own
-        schedule is advanced by the step, and its lr is the group's next one."""
-        for buckets in self._buckets:
-            if not buckets or any(b in stepped and any(hp.grad is not None
-                                                       for hp in b.host_params)
-                                  for b in buckets):
-                continue  # (a bucket whose params got no gradient is stepped, changing
-                # nothing: its gradients' copy is made at step(), from the device's Nones)
+        """A step that did not raise a group's step count (the most any of its params
+        took: none had a gradient, or only params behind the others) moves the group's lr
+        on, as a torch scheduler's would (``FlatOptimizer._finish_group``: a group stepped
+        n times has its lr at its schedule's n-th step): each of its hosts' own schedule is
+        advanced by the step, and its lr is the group's next one."""
+        before = getattr(self, "_counts_before", None)
+        for where, buckets in enumerate(self._buckets):
+            if not buckets:
+                continue
             count = max(_group_step(b.host._buckets[0]) for b in buckets)
+            if before is not None and where < len(before):
+                if count > before[where]:
+                    continue
+            elif any(b in stepped and any(hp.grad is not None for hp in b.host_params)
+                     for b in buckets):
+                continue  # (no count from before this step: a gradient means it stepped)
             for b in buckets:
                 values = b.host.param_groups[0]
                 schedule, own = b.host._schedule(0, values)
@@ -497,13 +503,17 @@ class CPUOffload(torch.optim.Optimizer):
         this step stepped) each host told its group's step count (the most any of the
         group's buckets took): a bucket whose params had no gradient on some steps takes the
         group's lr, as in torch."""
+        before = []
         for buckets in self._buckets:
             count = max((_group_step(b.host._buckets[0]) for b in buckets), default=0)
+            before.append(count)
             for b in buckets:
                 b.host._schedule(0, b.host.param_groups[0])
                 b.host._group_hypers(b.host.param_groups[0])
                 if counts:
                     b.host._group_count_floor = count
+        if counts:
+            self._counts_before = before  # (``_advance_idle_groups`` compares with them)
 
     def _reset(self) -> None:
         """The next backward copies afresh."""
