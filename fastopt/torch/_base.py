@@ -3,10 +3,10 @@ of each definition, are generated into ``fastopt/torch/optim.py``): torch.optim.
 subclasses over flat buffers, one fused fastopt kernel per bucket.
 
 At construction each param group's parameters are repacked, per (device, dtype), into one flat
-buffer; ``p.data`` becomes a view of it, ``p.grad`` a view of a flat gradient buffer once the
-param has a gradient (autograd then accumulates into it in place) and the state (``exp_avg``,
-``sum``, ...) views of flat state buffers, so ``step()`` gathers nothing: it is one kernel call
-per bucket. As in torch, ``self.state[p]`` gets an entry when p takes its first step: those
+buffer; ``p.data`` becomes a view of it and the state (``exp_avg``, ``sum``, ...) views of flat
+state buffers. A gradient is copied into a flat gradient buffer at the step, unless ``p.grad``
+is already its view (after ``zero_grad(set_to_none=False)``, when autograd accumulates into
+it in place); then ``step()`` gathers nothing: it is one kernel call per bucket. As in torch, ``self.state[p]`` gets an entry when p takes its first step: those
 views under torch's names, so ``state_dict()`` is torch's format.
 """
 
