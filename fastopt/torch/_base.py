@@ -6,8 +6,9 @@ At construction each param group's parameters are repacked, per (device, dtype),
 buffer; ``p.data`` becomes a view of it and the state (``exp_avg``, ``sum``, ...) views of flat
 state buffers. A gradient is copied into a flat gradient buffer at the step, unless ``p.grad``
 is already its view (after ``zero_grad(set_to_none=False)``, when autograd accumulates into
-it in place); then ``step()`` gathers nothing: it is one kernel call per bucket. As in torch, ``self.state[p]`` gets an entry when p takes its first step: those
-views under torch's names, so ``state_dict()`` is torch's format.
+it in place); then ``step()`` gathers nothing: it is one kernel call per bucket. As in torch,
+``self.state[p]`` gets an entry when p takes its first step: those views under torch's names,
+so ``state_dict()`` is torch's format.
 """
 
 from __future__ import annotations
@@ -968,10 +969,10 @@ class _Arena:
     (gradient, master or remainders, state): consecutive pieces, 64-byte aligned, of chunks
     (from a page boundary; madvised for transparent huge pages from 4 MB) of 1 MB, then
     twice the last one's bytes (or more: room for two of the piece that needs it) up to
-    ``ARENA_CHUNK_BYTES``: a small optimizer's pieces are
-    not views of 64 MB (``torch.save`` of one state tensor writes its whole storage; a
-    review measured 64 MB for a 2-element bias); a piece of more than half the largest
-    chunk is a buffer of its own, madvised too. Against a torch
+    ``ARENA_CHUNK_BYTES``: a small optimizer's pieces are not views of 64 MB (``torch.save``
+    of one state tensor writes its whole storage; a review measured 64 MB for a 2-element
+    bias); a piece of more than half the largest chunk is a buffer of its own, madvised
+    too. Against a torch
     allocation each (4 KB pages) the multi-tensor mode's AdamW step over GPT-2 small's
     tensors went from 0.90-0.92x to 0.92-0.94x the flat mode's speed on a quiet host
     (bench/probes/multitensor_torch.py; bench/NOTES.md, twenty-second session). A chunk
