@@ -239,13 +239,21 @@ def test_a_flag_must_be_a_bool():
     torch = pytest.importorskip("torch")
     import fastopt.torch as fot
 
-    for bad in ("False", None, 2, 0.5):
+    for bad in ("False", 2, 0.5, [True]):
         with pytest.raises(TypeError, match="amsgrad must be True or False"):
             fastopt.Adam(P, amsgrad=bad)
         with pytest.raises(TypeError, match="amsgrad must be True or False"):
             fot.Adam([torch.nn.Parameter(torch.zeros(3))], amsgrad=bad)
-    for good, want in ((np.bool_(True), True), (torch.tensor(False), False), (1, True)):
+    for good, want in ((np.bool_(True), True), (torch.tensor(False), False), (1, True),
+                       (None, False), (1.0, True)):  # (what torch reads as a flag)
         assert fastopt.Adam(P, amsgrad=good).defaults["amsgrad"] is want
+    # fastopt.torch hands a tensor's value over as a float; a torch dict may hold one
+    q = torch.nn.Parameter(torch.zeros(3))
+    ours = fot.Adam([q], maximize=torch.tensor(True))
+    theirs = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))], amsgrad=None)
+    d = theirs.state_dict()
+    d["param_groups"][0]["maximize"] = torch.tensor(False)
+    ours.load_state_dict(d)
 
 
 def test_concurrent_step_of_one_optimizer_is_refused():

@@ -248,17 +248,21 @@ class Hyper:
 
 
 def _flag(name: str, value) -> bool:
-    """A flag hyperparameter (``check=bool``): True or False (numpy's and torch's one-element
-    bools and the ints 0 and 1 too); anything else, e.g. the string "False", whose truth
-    would turn the option on, is a TypeError."""
-    if not isinstance(value, (bool, int)) and hasattr(value, "item"):
+    """A flag hyperparameter (``check=bool``): True or False, as torch reads them: numpy's
+    and torch's one-element values, the numbers 0 and 1 (fastopt.torch hands a tensor's
+    value over as a float) and None (False); anything else, e.g. the string "False", whose
+    truth would turn the option on, is a TypeError."""
+    given = value
+    if value is None:
+        return False
+    if not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
         try:
             value = value.item()  # (numpy's or torch's one element; more raise)
         except (ValueError, RuntimeError):
             pass
-    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
         return bool(value)
-    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    raise TypeError(f"{name} must be True or False, got {type(given).__name__} {given!r}")
 
 
 @dataclass(frozen=True)
