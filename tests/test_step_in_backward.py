@@ -366,3 +366,20 @@ def test_a_model_dropped_without_remove_is_freed():
         del model, opt
     gc.collect()
     assert not any(r() is not None for r in refs)
+
+
+def test_a_step_in_backward_raises_the_versions_like_torchs_hook_recipe():
+    """torch's recipe (an optimizer step in a post-accumulate-grad hook) raises the param's
+    version, so a retained graph refuses a second backward; so does a step in backward (a
+    second backward silently used the new weights)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    opt = fot.SGD([w], lr=0.1)
+    handle = fot.step_in_backward([w], opt)
+    loss = (torch.randn(2, 3) @ w).pow(2).sum()
+    before = w._version
+    loss.backward(retain_graph=True)
+    assert w._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    handle.remove()

@@ -25,6 +25,7 @@ from ._base import (
     _as_array,
     _as_bits,
     _Bucket,
+    _count_writes,
     _group_step,
     check_hook_last,
 )
@@ -233,6 +234,7 @@ class StepInBackward:
             all(bool((v[c.first:c.stop] == v[c.first]).all()) for v in b.scalars.values())
         convert = _as_array if b.format is None else _as_bits
         parts = [(c.first, c.stop)] if whole else [(i, i + 1) for i in which]
+        _count_writes([b.params[i] for i in which])  # (as step() and torch's update do)
         scratch = self.scratch[(b.flat.device, b.flat.dtype)]
         for first, stop in parts:
             lo = b.offsets[first]
