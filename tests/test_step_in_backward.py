@@ -376,7 +376,8 @@ def test_a_step_in_backward_raises_the_versions_like_torchs_hook_recipe():
     w = torch.nn.Parameter(torch.randn(3, 3))
     opt = fot.SGD([w], lr=0.1)
     handle = fot.step_in_backward([w], opt)
-    loss = (torch.randn(2, 3) @ w).pow(2).sum()
+    x = torch.randn(2, 3, requires_grad=True)  # (its gradient needs the saved w)
+    loss = (x @ w).pow(2).sum()
     before = w._version
     loss.backward(retain_graph=True)
     assert w._version > before
