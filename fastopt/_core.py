@@ -322,6 +322,10 @@ class FlatOptimizer:
         #: keeps its memory, so the check is not repeated while the same one comes back)
         self._grads_apart = _NOTHING
         earlier = getattr(self, "_prepared", None)  # same buffer types: share its cache
+        if getattr(self, "_prepared_states", None) != tuple(states):
+            earlier = None  # (other state buffers, e.g. momentum loaded as 0: int8 state
+            # passes none for an unused buffer, so the compiled entry points differ)
+        self._prepared_states = tuple(states)
         master = self.state.get(MASTER, self.state.get(REMAINDER))  # (None: "none")
         self._prepared = Prepared(self.definition, params, master,
                                   states, self._hypers(), self.dtype, self._on_gpu,
@@ -650,7 +654,10 @@ class FlatOptimizer:
                     self._signed(key))
                 continue
             if key not in d:
-                raise KeyError(f"state_dict has no {key!r}")
+                when = next((s.when for s in self.definition.state if s.name == key), None)
+                raise KeyError(f"state_dict has no {key!r}" + (
+                    f", which {when} needs: an option that adds a state buffer is switched "
+                    "on by building a new optimizer, not by a loaded dict" if when else ""))
             value = self._host_view(d[key])  # (copied into the state below: not twice)
             if value.shape != shape or not _is_float(value.dtype):
                 raise ArrayArgumentError(

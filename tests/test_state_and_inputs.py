@@ -384,6 +384,19 @@ def test_hyperparameters_are_read_only_and_change_through_a_loaded_dict():
         twin.step(g)
     np.testing.assert_array_equal(opt.params, twin.params)
     opt.lr_scale, opt.schedule = 0.5, 0.01  # (these do take effect)
+    d["amsgrad"] = True  # (a new state buffer: refused, saying why)
+    with pytest.raises(KeyError, match="max_exp_avg_sq.*which amsgrad needs"):
+        opt.load_state_dict(d)
+    # an option that drops a state buffer: the int8 kernel call is made anew (it raised
+    # "sgd_int8 expected 34 arguments, got 30" at the next step)
+    sgd = fastopt.SGD(p.copy(), lr=0.1, momentum=0.9, state_dtype="int8")
+    sgd.step(g)
+    d = sgd.state_dict()
+    d["momentum"] = 0.0
+    sgd.load_state_dict(d)
+    before = sgd.params.copy()
+    sgd.step(g)
+    np.testing.assert_allclose(before - sgd.params, 0.1 * g, rtol=1e-6)
 
 
 def test_functional_errors():
