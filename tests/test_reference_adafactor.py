@@ -73,8 +73,6 @@ def test_an_infinite_gradient_gives_nan_as_torchs_lerp():
     """torch.lerp at weight 1 (the first step's) computes from the end: an infinite mean
     square gives NaN, which the reference follows (it gave finite junk, +-1e13, before);
     the kernels already did."""
-    import fastopt
-
     g = np.full(6, 0.5)
     g[1] = np.inf
     new, rows, _, _ = reference.adafactor(np.ones(6), g, np.zeros(2), np.zeros(3), np.zeros(0),
@@ -85,8 +83,3 @@ def test_an_infinite_gradient_gives_nan_as_torchs_lerp():
     theirs.step()
     np.testing.assert_array_equal(np.isnan(new), np.isnan(p.detach().numpy().ravel()))
     assert np.isnan(new).all() and np.isnan(rows[0])
-    fb = fastopt.FlatBuffer([np.ones((2, 3), np.float32)])
-    gb = fb.like()
-    gb[0][...] = g.reshape(2, 3)
-    fastopt.Adafactor(fb, lr=0.01).step(gb.buffer)
-    assert np.isnan(fb[0]).all()
