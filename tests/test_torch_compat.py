@@ -819,7 +819,10 @@ def test_a_bad_value_in_a_later_group_steps_no_group():
     b(a(torch.randn(4, 3))).sum().backward()
     before = [p.detach().clone() for p in (*a.parameters(), *b.parameters())]
     opt.param_groups[1]["lr"] = -1.0
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):  # (as at
+        opt.step()  # construction: one message and one error type for one mistake)
+    opt.param_groups[1]["lr"] = "0.1"
+    with pytest.raises(TypeError, match="Invalid learning rate: 0.1 .a str"):
         opt.step()
     after = [p.detach() for p in (*a.parameters(), *b.parameters())]
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))

@@ -45,7 +45,7 @@ from ..algorithms import Definition
 from ..algorithms._spec import INIT_LR, INIT_PARAMS, MASTER, REMAINDER
 from ..engine import Prepared, device_table, run_once
 from ..flat import ALIGN_BYTES
-from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, advanced, as_schedule, host_lr
+from ..schedules import CONSTANT, TABLE_COLUMNS, Schedule, advanced, host_lr
 from ..segments import SegmentTable
 
 ALIGN = 16  # elements: each view starts on a 64-byte boundary (float32; int8 state: a block)
@@ -1675,7 +1675,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             return schedule, True
         if isinstance(lr, torch.Tensor):
             lr = _scalar(lr, "lr")
-        return as_schedule(lr), False
+        return check_lr(lr), False  # (torch's message and error type, as at construction)
 
     def _take_loaded_schedule(self, index: int, group: dict) -> Schedule:
         """A group whose ``schedule`` is a state dict's payload was loaded around
