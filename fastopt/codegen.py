@@ -3,8 +3,8 @@
 ``python -m fastopt.codegen`` (re)writes, for each definition in the registry:
 
 - ``fastopt/cpu/ops/<name>.py``: the Numba kernel (an inlined element function in a plain
-  ``prange`` loop, the serial ``range`` loop below the threshold: the loop shapes
-  bench/NOTES.md measured to vectorise);
+  ``prange`` loop) and its serial twin ``<name>_serial`` (the same ``range`` loop, run below
+  the threshold): the loop shapes bench/NOTES.md measured to vectorise;
 - ``kernels/<name>.cu``: the CUDA kernel (grid-stride loop, 4-element vector access, the
   device-resident step counter) that NVRTC compiles and the tests' g++ host build reads.
 
@@ -471,7 +471,7 @@ def _numba_module(d: Definition) -> str:
     lines = [_gen_header(name, "#"), '"""' + textwrap.dedent(d.doc).strip(), '"""', "",
              "import math  # noqa: F401  (a prologue may use it)", "",
              "import numpy as np", "from numba import prange", "",
-             "from .._jit import helper, kernel",
+             "from .._jit import helper, kernel, serial_kernel",
              _import("..access", ["add_l2"] * x.uses_l2 + [
                  "decode_state", "encode_state", "load_grad", "load_param", "state_random",
                  "store_param"]),
@@ -556,7 +556,8 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
     def under(s, body: list[str]) -> list[str]:
         return [f"if {x.conditional[s.name]}:", *(f"    {line}" for line in body)]
 
-    # (the block's lines go 16 spaces deep in the kernel, its loops' bodies 20)
+    # (the block's lines go 12 spaces deep in the kernel, its loops' bodies 16; wrapped
+    # for 20)
     lines = ["lo = np.uint64(b) * np.uint64(INT8_BLOCK)",
              "count = min(np.uint64(INT8_BLOCK), np.uint64(params.shape[0]) - lo)"]
     read = [(k, s) for k, s in enumerate(d.state) if _reads(x.element_body, s.name)]
@@ -592,15 +593,30 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
 
 def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...],
                   int8: bool = False) -> list[str]:
-    """The @kernel function: the per-call part (lr, hyperparameters, prologue, the driver's
-    factors), then the element loop, a segmented definition's ``phases``, or (``int8``) the
-    loop over int8 state's blocks."""
+    """The kernel ``name`` twice: with ``prange`` loops (the @kernel, parallel=True) and as
+    ``<name>_serial`` with ``range`` loops (the @serial_kernel, parallel=False), the same
+    text otherwise. Two functions, not one with both loops, so a process compiles only the
+    loop it runs: each function typed and lowered alone took 2.1 s (serial) and 3.0 s
+    (parallel) against 3.6 s for Adam's kernel with both loops, and 4.4 s and 9.4 s
+    against 12.5 s for its int8 kernel (bench/NOTES.md, twenty-fifth session)."""
+    serial_doc = f"{doc}\n    (The serial loop; ``{name}`` runs the parallel one.)"
+    return [*_numba_kernel_loop(x, name, doc, phases, int8, "prange"), "",
+            *_numba_kernel_loop(x, f"{name}_serial", serial_doc, phases, int8, "range")]
+
+
+def _numba_kernel_loop(x: _Parts, name: str, doc: str, phases: tuple[int, ...], int8: bool,
+                       loop: str) -> list[str]:
+    """One of ``_numba_kernel``'s functions, its loops ``loop`` ("prange" or "range"): the
+    per-call part (lr, hyperparameters, prologue, the driver's factors), then the element
+    loop, a segmented definition's ``phases``, or (``int8``) the loop over int8 state's
+    blocks."""
     d = x.d
     pro = _Printer("py", element=False, bools=x.bools)
     state_args = [f"state{i}" for i in range(len(d.state))]
     signature = CPU_SEGMENTED_SIGNATURE if x.segmented else \
         CPU_INT8_SIGNATURE if int8 else CPU_SIGNATURE
-    lines = ["@kernel", *_wrap(f"def {name}(", signature, "):", 0), f'    """{doc}"""',
+    decorator = "@kernel" if loop == "prange" else "@serial_kernel"
+    lines = [decorator, *_wrap(f"def {name}(", signature, "):", 0), f'    """{doc}"""',
              "    lr = lr_at(table, step - 1.0) * lr_scale"]
     for i, slot in enumerate(x.slots):
         lines.append(f"    {slot} = h{i} != 0.0" if slot in x.flags else f"    {slot} = h{i}")
@@ -632,42 +648,34 @@ def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...],
         # INT8_GROUP blocks: one allocation per block cost more than the block's work when
         # the threads contend for the allocator, and get_thread_id() would stop the cache)
         block = _numba_int8_block(x, call_args[len(head):])
-        lines.append("    n_blocks = block_count(params.shape[0])")
-        for loop in ("prange", "range"):
-            lines += ["    if parallel:" if loop == "prange" else "    else:",
-                      f"        for group in {loop}((n_blocks + INT8_GROUP - 1) // INT8_GROUP):",
-                      f"            scratch = np.empty(({len(d.state)}, INT8_BLOCK), np.float32)",
-                      *(f"            values{k} = scratch[{k}]" for k in range(len(d.state))),
-                      "            for b in range(group * INT8_GROUP, min(group * INT8_GROUP "
-                      "+ INT8_GROUP, n_blocks)):",
-                      *(f"                {line}" for line in block)]
+        lines += ["    n_blocks = block_count(params.shape[0])",
+                  f"    for group in {loop}((n_blocks + INT8_GROUP - 1) // INT8_GROUP):",
+                  f"        scratch = np.empty(({len(d.state)}, INT8_BLOCK), np.float32)",
+                  *(f"        values{k} = scratch[{k}]" for k in range(len(d.state))),
+                  "        for b in range(group * INT8_GROUP, min(group * INT8_GROUP "
+                  "+ INT8_GROUP, n_blocks)):",
+                  *(f"            {line}" for line in block)]
     elif not x.segmented:
-        body = "\n".join(_wrap(f"{d.name}_element(", call_args, ")", 12))
-        lines += ["    if parallel:", "        for i in prange(params.shape[0]):", body,
-                  "    else:", "        for i in range(params.shape[0]):", body]
+        lines += [f"    for i in {loop}(params.shape[0]):",
+                  *_wrap(f"{d.name}_element(", call_args, ")", 8)]
     else:
-        lines += _numba_segmented_passes(x, reduce_args, call_args, pro, phases)
+        lines += _numba_segmented_passes(x, reduce_args, call_args, pro, phases, loop)
     lines += [f"    scalar{i}[0] = {scalar}  # its value after this step"
               for i, scalar in x.scalars_stored]
     return _without_dead_stores(lines + ["    return lr"]) + [""]
 
 
 def _numba_segmented_passes(x: _Parts, reduce_args: list[str], call_args: list[str],
-                            pro: _Printer, phases: tuple[int, ...]) -> list[str]:
-    """The phases of a segmented kernel: 1, each chunk's sums (parallel over chunks; a matrix
-    stage's first pass also stores each element's direction); 2, each tensor's sums (its
-    chunks' in order) and values; 3, the update (parallel over chunks)."""
+                            pro: _Printer, phases: tuple[int, ...], loop: str) -> list[str]:
+    """The phases of a segmented kernel: 1, each chunk's sums (a ``loop`` over chunks; a
+    matrix stage's first pass also stores each element's direction); 2, each tensor's sums
+    (its chunks' in order) and values; 3, the update (a ``loop`` over chunks)."""
     d, name = x.d, x.d.name
     sums = [f"sum{r}" for r in range(len(d.reductions))]
     terms = [f"term{r}" for r in range(len(d.reductions))]
 
     def over_chunks(inner: list[str]) -> list[str]:
-        out = []
-        for loop in ("prange", "range"):
-            out += [f"    {'if parallel' if loop == 'prange' else 'else'}:",
-                    f"        for c in {loop}(chunks.shape[0]):",
-                    *(f"            {line}" for line in inner)]
-        return out
+        return [f"    for c in {loop}(chunks.shape[0]):", *(f"        {line}" for line in inner)]
 
     outputs = [*["direction_i"] * x.matrix, *terms]
     reduce_call = _wrap(f"{', '.join(outputs)} = {name}_reduce(", reduce_args, ")", 16) \
@@ -1844,7 +1852,10 @@ def factored_numba_source(d: Definition) -> str:
          *(f"    {line}" for line in (update[0], *u_plain, *update[1:]))], [], [],
         ["for j in range(start, stop):",
          *(f"    {line}" for line in (*walk_u, *update[1:], *walk_next))]))
-    body += ["    return lr", ""]
+    body += ["    return lr", "", "",
+             "# (both loops call the passes' functions, compiled once: this one kernel is also",
+             "# the serial twin that fastopt.engine asks each definition's module for)",
+             f"{name}_serial = {name}", ""]
     return "\n".join(lines + helpers + body)
 
 

@@ -37,11 +37,13 @@ from .segments import SegmentTable
 
 
 @functools.cache
-def cpu_kernel(name: str, entry: str = ""):
+def cpu_kernel(name: str, entry: str = "", parallel: bool = True):
     """The Numba kernel of definition ``name`` (its module is imported on first use; nothing
     is compiled until the first call); ``entry``: another kernel of its module (a matrix
-    stage's first pass, ``<name>_first``)."""
-    return getattr(importlib.import_module(f"fastopt.cpu.ops.{name}"), entry or name)
+    stage's first pass, ``<name>_first``); ``parallel``: its prange loop, else its serial
+    twin ``<entry>_serial`` (each compiled only when first run)."""
+    module = importlib.import_module(f"fastopt.cpu.ops.{name}")
+    return getattr(module, (entry or name) + ("" if parallel else "_serial"))
 
 
 def _dummy_state(xp):
@@ -121,7 +123,7 @@ class Prepared:
     __slots__ = ("definition", "params", "master", "master_mode", "states", "scales", "int8",
                  "scalars", "slots", "weight_decay", "decoupled", "maximize", "l2", "fmt",
                  "parallel", "on_gpu", "dtype", "_fixed", "_fn", "_compiled", "segments",
-                 "_segment_arrays", "hypers", "stage", "_first")
+                 "_segment_arrays", "hypers", "stage", "_first", "_serial")
 
     def __init__(self, definition: Definition, params, master, states: dict, hypers: dict,
                  dtype: str, on_gpu: bool, parallel: bool = False, scalars: dict | None = None,
@@ -135,8 +137,9 @@ class Prepared:
         if d.matrix is not None:
             segments.check_matrices(d.matrix.only_2d)
         self.hypers, self.stage = hypers, stage
-        self._first = None if on_gpu or d.matrix is None else cpu_kernel(d.name,
-                                                                        f"{d.name}_first")
+        #: a matrix stage's first pass: (serial, parallel) kernels
+        self._first = None if on_gpu or d.matrix is None else tuple(
+            cpu_kernel(d.name, f"{d.name}_first", parallel) for parallel in (False, True))
         self._segment_arrays = () if segments is None else segment_arrays(
             d, segments, params, on_gpu)
         self.definition, self.params, self.dtype, self.on_gpu = d, params, dtype, on_gpu
@@ -177,7 +180,10 @@ class Prepared:
         self.l2 = l2_term(d, self.weight_decay, self.decoupled)
         self.fmt = FORMATS[dtype]
         self.parallel = parallel and (d.matrix is None or params.shape[0] >= MATRIX_PARALLEL_MIN)
+        #: the kernel (its prange loop) and its serial twin
         self._fn = None if on_gpu else cpu_kernel(d.name, f"{d.name}_int8" * self.int8)
+        self._serial = None if on_gpu else cpu_kernel(d.name, f"{d.name}_int8" * self.int8,
+                                                      parallel=False)
         if on_gpu and not isinstance(params, np.ndarray):  # (numpy: the host-built kernels)
             _no_control(params.device.id)  # made now: a copy to the device is not capturable
         #: (grads dtype, writeable, parallel, l2 is None) -> the compiled specialisation's
@@ -195,8 +201,8 @@ class Prepared:
         parallel = parallel_ok(self.parallel)  # serial in a child forked from GNU OpenMP
         if self._first is not None:  # a matrix stage: its first pass, then the stage
             with kernel_guard(parallel):
-                self._first(*self._fixed, grads, table, step, lr_scale, grad_mult, int(fresh),
-                            parallel)
+                self._first[parallel](*self._fixed, grads, table, step, lr_scale, grad_mult,
+                                      int(fresh), parallel)
             self.matrix_stage()
         cache = self._compiled
         key = (grads.dtype, grads.flags.writeable, parallel, self.l2 is None)
@@ -206,7 +212,8 @@ class Prepared:
                 return compiled(*self._fixed, grads, table, step, lr_scale, grad_mult,
                                 int(fresh), parallel)
             args = (*self._fixed, grads, table, step, lr_scale, grad_mult, int(fresh), parallel)
-            lr = self._fn(*args)  # Numba's dispatcher: types the arguments, compiles once
+            fn = self._fn if parallel else self._serial
+            lr = fn(*args)  # Numba's dispatcher: types the arguments, compiles once
         if cache is None:
             return lr
         # then the compiled specialisation directly: the same machine code without the
@@ -214,7 +221,7 @@ class Prepared:
         # grads (float32 or 16-bit bits, read-only or not), the parallel flag (serial in a
         # forked child) and, in a cache shared with another Prepared (other hyperparameter
         # values), ``l2`` (None or float32) change type: they key the cache.
-        compiled = self._fn.overloads.get(tuple(self._fn.typeof_pyval(a) for a in args))
+        compiled = fn.overloads.get(tuple(fn.typeof_pyval(a) for a in args))
         if compiled is not None:
             cache[key] = compiled.entry_point
         return lr
@@ -253,8 +260,8 @@ class Prepared:
         parallel = parallel_ok(self.parallel)
         args = (*self._fixed, grads, table, step, 1.0, 1.0, 0, parallel)
         with kernel_guard(parallel):
-            self._first(*args)
-            self._fn(*args)
+            self._first[parallel](*args)
+            (self._fn if parallel else self._serial)(*args)
 
     def matrix_stage(self) -> None:
         """The definition's matrix stage (Muon's Newton-Schulz) on each tensor's direction, as

@@ -296,9 +296,12 @@ def test_gpu_16_bit_clipping_and_skip_equal_cpu(dtype):
     assert not gpu.step(bad, skip_if_nonfinite=True) and gpu.step_count == 8
 
 
+# (bf16 state with each optimizer's last option, the one tests/test_cuda_host.py checks
+# bf16 state with: the same CPU specialisation, not one more for CI to compile)
 @pytest.mark.parametrize("name,state_dtype", [
     (name, state_dtype) for name in sorted(MAKERS) for state_dtype in ("float32", "bfloat16")
-    if state_dtype == "float32" or CLASSES[name.split("-")[0]][0].factored is None])
+    if state_dtype == "float32" or (CLASSES[name.split("-")[0]][0].factored is None
+                                    and name.endswith("-1"))])
 def test_graph_replay_every_optimizer(name, state_dtype):
     """Each optimizer's step, bf16 state included, is captured once in a CUDA graph; 100
     replays equal 100 eager steps, the lr following the schedule (read from the device)."""

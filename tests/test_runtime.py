@@ -48,7 +48,8 @@ def test_import_compiles_nothing():
     code = ("import time; t = time.perf_counter(); import fastopt; "
             "dt = time.perf_counter() - t; from fastopt.algorithms import REGISTRY; "
             "from fastopt.engine import cpu_kernel; "
-            "assert not any(cpu_kernel(name).signatures for name in REGISTRY); "
+            "assert not any(cpu_kernel(name, parallel=p).signatures for name in REGISTRY "
+            "for p in (False, True)); "
             "print(dt)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) < 5.0  # generous here; bench/NOTES.md has the measured time
@@ -72,14 +73,18 @@ def test_kernels_alone_ask_for_512_bit_vectors():
         return a.reshape((2, -1)).sum()  # (Numba compiles internal functions for these)
 
     kernel = njit(**{**_jit.KERNEL_OPTIONS, "cache": False})(body)  # (a cached one has no IR)
+    serial = njit(**{**_jit.SERIAL_KERNEL_OPTIONS, "cache": False})(body)  # (its serial twin)
     plain = njit(parallel=True)(body)
     a, b = np.ones(256, np.float32), np.full(256, 2.0, np.float32)
     kernel(a.copy(), b)
+    serial(a.copy(), b)
     plain(a.copy(), b)
     [kernel_ir] = kernel.inspect_llvm().values()
+    [serial_ir] = serial.inspect_llvm().values()
     [plain_ir] = plain.inspect_llvm().values()
     width_group = r"^attributes #\d+ = \{[^}]*" + re.escape(_jit.PREFER_512_BIT)
     assert re.search(width_group, kernel_ir, re.M)
+    assert re.search(width_group, serial_ir, re.M)
     assert "prefer-vector-width" not in plain_ir
     # nor does the process's cache of Numba's internal functions (which the kernel's
     # compilation would share without a cache of its own) hold a function with it
@@ -90,6 +95,7 @@ def test_kernels_alone_ask_for_512_bit_vectors():
     llvm.initialize_native_target()
     if "+avx512f" in llvm.get_host_cpu_features().flatten():
         assert "zmm" in "".join(kernel.inspect_asm().values())
+        assert "zmm" in "".join(serial.inspect_asm().values())
 
 
 def test_cli_schedule_table(capsys):

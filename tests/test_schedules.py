@@ -193,7 +193,7 @@ def test_join_of_joins_keeps_each_clock():
 def test_schedule_change_does_not_recompile():
     from fastopt.engine import cpu_kernel
 
-    adam = cpu_kernel("adam")
+    adam = cpu_kernel("adam", parallel=False)  # (50 elements: the serial loop)
     rng = np.random.default_rng(0)
     p = rng.standard_normal(50).astype(np.float32)
     g = rng.standard_normal(50).astype(np.float32)

@@ -1,9 +1,11 @@
 """The one set of Numba options every CPU kernel is compiled with."""
 
+import warnings
 from functools import cache
 
 from numba import njit
 from numba.core.compiler import Compiler
+from numba.core.errors import NumbaPerformanceWarning
 
 #: LLVM's function attribute that sets the vector width its loop vectoriser aims for on this
 #: function. LLVM tunes Intel's AVX-512 CPUs (skylake-avx512 and later) to prefer 256-bit
@@ -83,7 +85,26 @@ KERNEL_OPTIONS = dict(cache=True, parallel=True, nogil=True, error_model="numpy"
                       pipeline_class=KernelCompiler)
 HELPER_OPTIONS = dict(cache=True, error_model="numpy", inline="always")
 
+
+
+class SerialKernelCompiler(KernelCompiler):
+    """KernelCompiler for a kernel's serial twin (``<name>_serial``: the kernel's loops with
+    ``range``, fastopt.codegen._numba_kernel), without Numba's warning that parallel=True
+    found no loop to run in parallel. The twin keeps parallel=True: compiled with
+    parallel=False, Adam's serial loop took 273 µs over 1e4 elements instead of 6.4 (its
+    int8 one 47.5 instead of 13.6; bench/NOTES.md, twenty-fifth session)."""
+
+    def compile_extra(self, func):
+        with warnings.catch_warnings():  # (under Numba's compiler lock)
+            warnings.filterwarnings("ignore", _NO_PARALLEL_LOOP, NumbaPerformanceWarning)
+            return super().compile_extra(func)
+
+
+_NO_PARALLEL_LOOP = r"\s*The keyword argument 'parallel=True' was specified but no transformation"
+
 kernel = njit(**KERNEL_OPTIONS)
+SERIAL_KERNEL_OPTIONS = {**KERNEL_OPTIONS, "pipeline_class": SerialKernelCompiler}
+serial_kernel = njit(**SERIAL_KERNEL_OPTIONS)
 helper = njit(**HELPER_OPTIONS)
 # (functions called, not inlined, by the kernels: Adafactor's chunk passes hold loops)
 scalar = njit(cache=True, error_model="numpy", pipeline_class=WideVectorCompiler)

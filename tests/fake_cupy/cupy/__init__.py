@@ -583,9 +583,9 @@ class _Kernel:
         if control[1] != 0.0:  # a skipped step: nothing changes, not even k
             return
         first = self.pass_ == "reduce"  # (a matrix stage's first pass)
-        kernel = cpu_kernel(self.op, f"{self.op}_first" if first else
-                            f"{self.op}_int8" if self.int8 else "")
         n = int(values["n"])
+        kernel = cpu_kernel(self.op, f"{self.op}_first" if first else
+                            f"{self.op}_int8" if self.int8 else "", parallel=n >= 16384)
         k = int(values["step_state"][0]) + 1
         table = values["table"][: int(values["table_rows"])].view()
         table.flags.writeable = False  # (the types fastopt.engine passes on the CPU, so that
