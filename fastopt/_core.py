@@ -54,7 +54,7 @@ from .cpu.threads import kernel_guard, parallel_ok
 from .engine import Prepared
 from .flat import FlatBuffer
 from .schedules import Schedule, host_lr
-from .segments import segment_table
+from .segments import SegmentTable, segment_table
 
 #: step counts are at most this (exclusive): the kernels take the step as a signed 64-bit int
 MAX_STEP = 2**63
@@ -144,6 +144,15 @@ class FlatOptimizer:
         elif segments is not None and not self.definition.segmented:
             raise TypeError(f"{type(self).__name__} is elementwise: it takes no segments")
         if isinstance(params, FlatBuffer):
+            own = SegmentTable.of(params).layout()
+            if segments is not params and \
+                    segment_table(segments, params.buffer.shape[0]).layout() != own:
+                # (a table over the padding or across the arrays would merge their norms,
+                # factors or matrices)
+                raise ValueError("segments= describes other tensors than the FlatBuffer's "
+                                 f"arrays (shapes {own['shapes']} at offsets "
+                                 f"{own['offsets']}); give the FlatBuffer alone, it carries "
+                                 "its layout")
             params = params.buffer
         dtype = dtype_arg(dtype)
         allowed = None if dtype is None else ("uint16", dtype)
@@ -630,9 +639,10 @@ class FlatOptimizer:
         layout = d.get("segments")  # (before the state's sizes, which follow the layout)
         if self.segments is not None and layout is not None \
                 and layout != self.segments.layout():
+            mine = self.segments.layout()
             raise ValueError(f"state_dict is for tensors of shapes {layout.get('shapes')} at "
-                             f"offsets {layout.get('offsets')}, not this optimizer's "
-                             f"{self.segments!r}")
+                             f"offsets {layout.get('offsets')}, not this optimizer's shapes "
+                             f"{mine['shapes']} at offsets {mine['offsets']}")
         arrays = {}
         master = None  # the saved float32 master of 16-bit params, if any
         if self.dtype != "float32" and MASTER in d:

@@ -128,6 +128,19 @@ def test_layouts_are_required_and_checked():
     assert lr == 0.5 and (m != 0).all()
 
 
+@pytest.mark.parametrize("cls", [fastopt.LAMB, fastopt.Adafactor, fastopt.Muon])
+def test_a_flat_buffer_with_other_segments_is_refused(cls):
+    """A FlatBuffer carries its arrays' layout: segments= for other tensors (here one tensor
+    over both arrays and the padding between them) is refused, the same layout accepted."""
+    rng = np.random.default_rng(4)
+    fb = _flat(rng, [(5, 3), (7, 4)])
+    n = fb.buffer.size
+    with pytest.raises(ValueError, match=r"shapes \[\[5, 3\], \[7, 4\]\] at offsets"):
+        cls(fb, segments=[(1, n)] if cls is fastopt.Muon else [(n,)])
+    assert cls(fb, segments=SegmentTable.of(fb)).segments == cls(fb).segments
+    assert cls(fb, segments=fb).segments == SegmentTable.of(fb)
+
+
 def test_state_dicts_and_checkpoints_keep_the_layout(tmp_path):
     rng = np.random.default_rng(3)
     fb = _flat(rng, [(6, 7), (9,)])
