@@ -127,8 +127,10 @@ class Schedule:
 
     def __reduce__(self):
         # (a copy or an unpickled one made through the constructor: its table checked and
-        # read-only again; a writable table is another type to Numba, another compile)
-        return Schedule, (self._table, self._description)
+        # read-only again; a writable table is another type to Numba, another compile. The
+        # table as nested lists of floats, exactly: torch.load(weights_only=True), torch's
+        # default, refuses numpy arrays, and fastopt.torch allows this class)
+        return Schedule, (self._table.tolist(), self._description)
 
 
 # --------------------------------------------------------------------------- validation helpers

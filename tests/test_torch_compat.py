@@ -217,6 +217,26 @@ def test_load_post_hook_sees_and_keeps_the_loaded_state():
 
 # ---------------------------------------------------------------- 3. non-tensor state
 
+def test_a_schedule_in_saved_param_groups_loads_with_weights_only(tmp_path):
+    """A schedule kept in param groups (ZeroRedundancyOptimizer's state_dict keeps its groups
+    as they are) loads with torch.load's default weights_only=True, equal and read-only; a
+    pickle of the former form (the table as a numpy array) still loads with pickle."""
+    import numpy as np
+
+    sched = S.warmup(S.cosine(1e-2, 100, end_lr=1e-4), 10)
+    path = tmp_path / "groups.pt"
+    torch.save({"param_groups": [{"lr": 1e-2, "schedule": sched}]}, path)
+    back = torch.load(path)["param_groups"][0]["schedule"]
+    assert back == sched and repr(back) == repr(sched) and not back.table.flags.writeable
+    np.testing.assert_array_equal(back.at(np.arange(120)), sched.at(np.arange(120)))
+
+    class FormerForm:
+        def __reduce__(self):
+            return S.Schedule, (sched.table.copy(), repr(sched))
+
+    assert pickle.loads(pickle.dumps(FormerForm())) == sched
+
+
 def test_state_dict_keeps_non_tensor_state_entries():
     ref, topt, ours, opt = pair("Adagrad")
     gs = grads(ref, 3)

@@ -179,9 +179,10 @@ def moved_param_error(p: torch.Tensor, in_place: bool) -> RuntimeError:
     return RuntimeError(
         f"a parameter of shape {tuple(p.shape)} no longer lives in this optimizer's flat "
         "buffer (its .data was replaced, e.g. by model.to(), .half() or "
-        "load_state_dict(assign=True) after the optimizer was built); build the optimizer "
-        "after moving or casting the model, or use multi_tensor=True, which follows a "
-        "replaced storage of the same dtype, device and shape")
+        "load_state_dict(assign=True) after the optimizer was built, or by a wrapper that "
+        "rebinds params, such as ZeroRedundancyOptimizer(parameters_as_bucket_view=True)); "
+        "build the optimizer after moving or casting the model, or use multi_tensor=True, "
+        "which follows a replaced storage of the same dtype, device and shape")
 
 
 def _dense(t: torch.Tensor) -> bool:
