@@ -144,8 +144,8 @@ class FlatOptimizer:
         elif segments is not None and not self.definition.segmented:
             raise TypeError(f"{type(self).__name__} is elementwise: it takes no segments")
         if isinstance(params, FlatBuffer):
-            own = SegmentTable.of(params).layout()
-            if segments is not params and \
+            own = SegmentTable.of(params).layout() if segments is not None else None
+            if segments not in (None, params) and \
                     segment_table(segments, params.buffer.shape[0]).layout() != own:
                 # (a table over the padding or across the arrays would merge their norms,
                 # factors or matrices)
