@@ -593,12 +593,15 @@ def _numba_int8_block(x: _Parts, call_scalars: list[str]) -> list[str]:
 
 def _numba_kernel(x: _Parts, name: str, doc: str, phases: tuple[int, ...],
                   int8: bool = False) -> list[str]:
-    """The kernel ``name`` twice: with ``prange`` loops (the @kernel, parallel=True) and as
-    ``<name>_serial`` with ``range`` loops (the @serial_kernel, parallel=False), the same
-    text otherwise. Two functions, not one with both loops, so a process compiles only the
-    loop it runs: each function typed and lowered alone took 2.1 s (serial) and 3.0 s
-    (parallel) against 3.6 s for Adam's kernel with both loops, and 4.4 s and 9.4 s
-    against 12.5 s for its int8 kernel (bench/NOTES.md, twenty-fifth session)."""
+    """The kernel ``name`` twice: with ``prange`` loops (the @kernel) and as
+    ``<name>_serial`` with ``range`` loops (the @serial_kernel: parallel=True too, without
+    Numba's warning that it found no parallel loop), the same text otherwise; the trailing
+    ``parallel`` argument stays in both signatures and picks nothing. Two functions, not one
+    with both loops, so a process compiles only the loop it runs: each function typed and
+    lowered alone took 2.1 s (serial) and 3.0 s (parallel) against 3.6 s for Adam's kernel
+    with both loops, and 4.4 s and 9.4 s against 12.5 s for its int8 kernel (bench/NOTES.md,
+    twenty-fifth session). (Adafactor's kernel, written by ``factored_numba_source``, keeps
+    both loops: they call its passes' functions, compiled once.)"""
     serial_doc = f"{doc}\n    (The serial loop; ``{name}`` runs the parallel one.)"
     return [*_numba_kernel_loop(x, name, doc, phases, int8, "prange"), "",
             *_numba_kernel_loop(x, f"{name}_serial", serial_doc, phases, int8, "range")]

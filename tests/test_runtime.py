@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def test_import_compiles_nothing():
     assert float(out.stdout) < 5.0  # generous here; bench/NOTES.md has the measured time
 
 
-def test_kernels_alone_ask_for_512_bit_vectors():
+def test_kernels_alone_ask_for_512_bit_vectors(monkeypatch):
     """The kernel options carry LLVM's prefer-vector-width=512 into the kernel; a plain Numba
     function compiled next does not get it. On an AVX-512 host the kernel's machine code
     then uses 512-bit registers, in its parallel loop too (the parfor body, inlined into
@@ -72,12 +73,25 @@ def test_kernels_alone_ask_for_512_bit_vectors():
             a[i] = a[i] - np.float32(0.5) * b[i] / (np.sqrt(b[i] * b[i]) + np.float32(1e-8))
         return a.reshape((2, -1)).sum()  # (Numba compiles internal functions for these)
 
+    def serial_body(a, b):  # (a serial twin's shape: a range loop, nothing made parallel)
+        for i in range(a.shape[0]):
+            a[i] = a[i] - np.float32(0.5) * b[i] / (np.sqrt(b[i] * b[i]) + np.float32(1e-8))
+        return a[0]
+
     kernel = njit(**{**_jit.KERNEL_OPTIONS, "cache": False})(body)  # (a cached one has no IR)
-    serial = njit(**{**_jit.SERIAL_KERNEL_OPTIONS, "cache": False})(body)  # (its serial twin)
+    serial = njit(**{**_jit.SERIAL_KERNEL_OPTIONS, "cache": False})(serial_body)
     plain = njit(parallel=True)(body)
     a, b = np.ones(256, np.float32), np.full(256, 2.0, np.float32)
     kernel(a.copy(), b)
-    serial(a.copy(), b)
+    # the twin has no parallel loop, by design, and no warning says so; nor does a filter
+    # hide it (another thread's catch_warnings could keep it, hiding the user's warnings)
+    filtered = []
+    monkeypatch.setattr(warnings, "filterwarnings", lambda *a, **k: filtered.append(a))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        serial(a.copy(), b)
+    assert not caught, [str(w.message) for w in caught]
+    assert not filtered, filtered
     plain(a.copy(), b)
     [kernel_ir] = kernel.inspect_llvm().values()
     [serial_ir] = serial.inspect_llvm().values()

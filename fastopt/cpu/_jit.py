@@ -1,11 +1,12 @@
 """The one set of Numba options every CPU kernel is compiled with."""
 
-import warnings
 from functools import cache
 
 from numba import njit
 from numba.core.compiler import Compiler
-from numba.core.errors import NumbaPerformanceWarning
+from numba.core.compiler_machinery import register_pass
+from numba.core.typed_passes import ParforPass, _reload_parfors
+from numba.parfors.parfor import ParforPass as _parfor_transform
 
 #: LLVM's function attribute that sets the vector width its loop vectoriser aims for on this
 #: function. LLVM tunes Intel's AVX-512 CPUs (skylake-avx512 and later) to prefer 256-bit
@@ -87,20 +88,38 @@ HELPER_OPTIONS = dict(cache=True, error_model="numpy", inline="always")
 
 
 
+@register_pass(mutates_CFG=True, analysis_only=False)
+class _ParforPassWithoutLoops(ParforPass):
+    """Numba's ParforPass for a kernel's serial twin: the same transformation, without the
+    warning that no loop became parallel (the twin has none by design). Its own pass, not a
+    warnings filter: a filter changes the process-wide list, which another thread's
+    ``catch_warnings`` could then keep, hiding the user's own warnings (found by a review)."""
+
+    _name = "fastopt_parfor_pass_without_loops"
+
+    def run_pass(self, state):
+        _parfor_transform(state.func_ir, state.typemap, state.calltypes, state.return_type,
+                          state.typingctx, state.targetctx, state.flags.auto_parallel,
+                          state.flags, state.metadata, state.parfor_diagnostics).run()
+        state.reload_init.append(_reload_parfors)  # (as ParforPass: the threads at a load)
+        return True
+
+
 class SerialKernelCompiler(KernelCompiler):
     """KernelCompiler for a kernel's serial twin (``<name>_serial``: the kernel's loops with
-    ``range``, fastopt.codegen._numba_kernel), without Numba's warning that parallel=True
-    found no loop to run in parallel. The twin keeps parallel=True: compiled with
-    parallel=False, Adam's serial loop took 273 µs over 1e4 elements instead of 6.4 (its
-    int8 one 47.5 instead of 13.6; bench/NOTES.md, twenty-fifth session)."""
+    ``range``, fastopt.codegen._numba_kernel), with ``_ParforPassWithoutLoops`` in place of
+    Numba's ParforPass. The twin keeps parallel=True: compiled with parallel=False, Adam's
+    serial loop took 273 µs over 1e4 elements instead of 6.4 (its int8 one 47.5 instead of
+    13.6; bench/NOTES.md, twenty-fifth session)."""
 
-    def compile_extra(self, func):
-        with warnings.catch_warnings():  # (under Numba's compiler lock)
-            warnings.filterwarnings("ignore", _NO_PARALLEL_LOOP, NumbaPerformanceWarning)
-            return super().compile_extra(func)
+    def define_pipelines(self):
+        pipelines = super().define_pipelines()
+        for pm in pipelines:
+            pm.passes = [(_ParforPassWithoutLoops if p is ParforPass else p, d)
+                         for p, d in pm.passes]
+            pm.finalize()
+        return pipelines
 
-
-_NO_PARALLEL_LOOP = r"\s*The keyword argument 'parallel=True' was specified but no transformation"
 
 kernel = njit(**KERNEL_OPTIONS)
 SERIAL_KERNEL_OPTIONS = {**KERNEL_OPTIONS, "pipeline_class": SerialKernelCompiler}

@@ -1,7 +1,10 @@
 """What Numba's threading layer makes safe, and what fastopt does about the rest.
 
-A kernel's ``parallel`` flag picks its ``prange`` loop (run by Numba's threading layer) or its
-plain ``range`` loop (run by the calling thread alone, never touching the layer). Numba picks
+A kernel's ``prange`` loop runs on Numba's threading layer; its serial twin
+(``<name>_serial``, ``fastopt.engine.cpu_kernel(..., parallel=False)``), a plain ``range``
+loop, runs on the calling thread alone and never touches the layer (the kernels' trailing
+``parallel`` argument, kept for their uniform signature, picks nothing: the function called
+does; Adafactor's one kernel still reads it). Numba picks
 the layer, not fastopt (``NUMBA_THREADING_LAYER``; by default TBB, else OpenMP, else
 workqueue), and two of the three have a hazard:
 
@@ -22,7 +25,7 @@ step. fastopt starts the layer itself (``num_threads``) and puts the count back,
 and the runtime's (for a torch imported later, or ``OMP_NUM_THREADS``); Numba's own loops
 keep Numba's count, which they pass to each parallel region.
 
-Launch sites ask ``parallel_ok(requested)`` for the flag to pass and hold
+Launch sites ask ``parallel_ok(requested)`` which function to call and hold
 ``kernel_guard(parallel)`` around the call: 0.1-0.2 µs per launch together (measured on a
 shared 2-core box, where a step at 1e3 parameters takes ~5 µs).
 """
