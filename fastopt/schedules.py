@@ -107,6 +107,9 @@ class Schedule:
 
     def at(self, steps):
         """Learning rate used at 0-based step(s) ``steps`` (scalar or array) as float64."""
+        if steps is None or isinstance(steps, (str, bytes)) or (
+                isinstance(steps, np.ndarray) and steps.dtype.kind not in "biuf"):
+            raise TypeError(f"steps must be a number or an array of numbers, got {steps!r}")
         t = np.asarray(steps, dtype=np.float64)
         if not np.all(t >= 0):
             raise ValueError("steps must be >= 0")
@@ -468,12 +471,24 @@ def one_cycle(max_lr: float, total_steps: int, pct_start: float = 0.3, anneal: s
     )
 
 
+def _schedule_or_lr(name: str, value) -> Schedule:
+    """``value`` if a Schedule, else a constant one of lr ``value`` (a real number)."""
+    if isinstance(value, Schedule):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Schedule or an lr (a real number), got {value!r}")
+    return constant(value)
+
+
 def join(schedules: Sequence[Schedule | float], boundaries: Sequence[int]) -> Schedule:
     """Piece i runs from boundaries[i-1] (0 for the first) on its own clock (t - boundaries[i-1]).
 
     optax ``join_schedules``; torch ``SequentialLR(schedulers, milestones=boundaries)``.
     """
-    schedules = [s if isinstance(s, Schedule) else constant(s) for s in schedules]
+    if isinstance(schedules, (Schedule, str, bytes)) or not isinstance(schedules, Iterable):
+        raise TypeError("join takes a list of schedules (or lrs) and a list of boundaries, "
+                        f"got {type(schedules).__name__} for schedules")
+    schedules = [_schedule_or_lr(f"schedules[{i}]", s) for i, s in enumerate(schedules)]
     if not schedules:
         raise ValueError("schedules must not be empty")
     boundaries = [_count("boundaries", b, min_value=1) for b in _ints("boundaries", boundaries)]
@@ -499,7 +514,7 @@ def join(schedules: Sequence[Schedule | float], boundaries: Sequence[int]) -> Sc
 
 def warmup(schedule: Schedule | float, warmup_steps: int, start_lr: float = 0.0) -> Schedule:
     """Linear from start_lr at step 0 towards schedule.at(0), then schedule on its own clock."""
-    schedule = schedule if isinstance(schedule, Schedule) else constant(schedule)
+    schedule = _schedule_or_lr("schedule", schedule)
     warmup_steps = _count("warmup_steps", warmup_steps, min_value=0)
     start_lr = _lr("start_lr", start_lr)
     if warmup_steps == 0:

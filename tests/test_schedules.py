@@ -256,6 +256,17 @@ def test_invalid_parameter_types():
     assert S.cosine(0.1, 1e4) == S.cosine(0.1, 10_000)
     with pytest.raises(ValueError, match="steps"):
         S.constant(0.1).at(-1)
+    # what is neither a schedule nor a number is named as what it is
+    for bad in (None, "5", np.array(["5"])):
+        with pytest.raises(TypeError, match="steps must be a number"):
+            S.constant(0.1).at(bad)
+    with pytest.raises(TypeError, match=r"schedule must be a Schedule or an lr .* None"):
+        S.warmup(None, 3)
+    with pytest.raises(TypeError, match=r"schedules\[1\] must be a Schedule or an lr"):
+        S.join([S.cosine(0.1, 10), None], [3])
+    with pytest.raises(TypeError, match="join takes a list of schedules"):
+        S.join(S.cosine(0.1, 10), [])
+    assert S.join(np.array([0.1, 0.2]), [5]).at(5) == 0.2  # (lrs in an array: as before)
 
 
 def test_reduce_on_plateau_matches_torch():
