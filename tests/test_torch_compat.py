@@ -237,6 +237,50 @@ def test_a_schedule_in_saved_param_groups_loads_with_weights_only(tmp_path):
     assert pickle.loads(pickle.dumps(FormerForm())) == sched
 
 
+def test_a_step_from_a_second_thread_is_refused_and_a_load_waits():
+    """One optimizer stepped from two threads at once: the second step raises (torch.optim's
+    race and lose steps: a review measured step 50 after 2 x 50 steps); a load_state_dict
+    from another thread waits for the running step, then loads whole. The closure runs
+    inside the step, so the other thread meets a step in progress every time."""
+    import threading
+
+    p = torch.nn.Parameter(torch.ones(1000))
+    opt = fot.AdamW([p], lr=0.1)
+    p.grad = torch.ones(1000)
+    opt.step()
+    saved = opt.state_dict()
+    outcome = {}
+
+    def second_step():
+        try:
+            opt.step()
+        except RuntimeError as e:
+            outcome["step"] = str(e)
+
+    def load():
+        opt.load_state_dict(saved)
+        outcome["loaded"] = True
+
+    def closure():
+        other = threading.Thread(target=second_step)
+        other.start()
+        other.join()
+        loader = threading.Thread(target=load)
+        loader.start()
+        loader.join(0.3)
+        outcome["load_waited"] = loader.is_alive()
+        outcome["loader"] = loader
+        assert opt.state_dict()["state"][0]["step"] == 1  # (the stepping thread may)
+        return torch.tensor(0.0)
+
+    opt.step(closure)
+    outcome["loader"].join(10)
+    assert "already running in another thread" in outcome["step"]
+    assert outcome["load_waited"] and outcome["loaded"]
+    assert float(opt.state[p]["step"]) == 1  # the load came after the step, whole
+    torch.testing.assert_close(opt.state[p]["exp_avg"], saved["state"][0]["exp_avg"])
+
+
 def test_state_dict_keeps_non_tensor_state_entries():
     ref, topt, ours, opt = pair("Adagrad")
     gs = grads(ref, 3)

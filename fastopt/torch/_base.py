@@ -20,6 +20,7 @@ import numbers
 import operator
 import re
 import sys
+import threading
 import warnings
 import weakref
 from collections import defaultdict
@@ -1032,6 +1033,27 @@ def _cupy_stream(ptr: int, device_index: int):
         return cupy.cuda.ExternalStream(ptr, device_index)
 
 
+
+def _locks(opt) -> tuple:
+    """(step lock, state lock) of a fastopt.torch optimizer, made at first use (setdefault:
+    two threads get the same ones; a copy or an unpickled optimizer makes its own): a step
+    takes the first without waiting (a second thread's step is refused) and holds the
+    second, which ``state_dict`` and ``load_state_dict`` wait for (re-entrant: a closure or
+    a hook of the stepping thread may take a state dict)."""
+    found = opt.__dict__.get("_fastopt_locks")
+    if found is None:
+        found = opt.__dict__.setdefault("_fastopt_locks", (threading.Lock(), threading.RLock()))
+    return found
+
+
+def _holding_state(method):
+    """``method`` run holding the optimizer's state lock (``_locks``)."""
+    @functools.wraps(method)
+    def holding(self, *args, **kwargs):
+        with _locks(self)[1]:
+            return method(self, *args, **kwargs)
+    return holding
+
 class FlatOptimizer(torch.optim.Optimizer):
     """Shared machinery; a subclass sets ``definition`` (its entry in the registry),
     ``fixed`` (hyperparameters the class fixes, e.g. AdamW's decoupled decay) and ``twin``
@@ -1702,19 +1724,30 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One fused update per bucket; returns the closure's loss (None without closure)."""
+        """One fused update per bucket; returns the closure's loss (None without closure).
+        A step while another thread steps this optimizer raises RuntimeError (the core
+        classes' rule; torch.optim's steps would race, losing steps); ``state_dict()`` and
+        ``load_state_dict()`` in another thread wait for the step to end."""
         if self._in_backward is not None:
             raise RuntimeError(
                 f"{type(self).__name__} steps inside backward() (fastopt.torch."
                 "step_in_backward): do not call step(). Gradient accumulation, clipping "
                 "(clip_grad_norm_) and GradScaler need every gradient before the step and do "
                 "not work in this mode; call .remove() on the handle to step normally again")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._fused_step()
-        return loss
+        stepping, state = _locks(self)
+        if not stepping.acquire(blocking=False):
+            raise RuntimeError(f"{type(self).__name__}.step() is already running in another "
+                               "thread; one optimizer must not be stepped concurrently")
+        try:
+            with state:
+                loss = None
+                if closure is not None:
+                    with torch.enable_grad():
+                        loss = closure()
+                self._fused_step()
+                return loss
+        finally:
+            stepping.release()
 
     def _check_groups(self) -> None:
         """The param groups still hold the params the buckets step: a replaced list (as
@@ -2465,6 +2498,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._take_device_counts()
 
     # ------------------------------------------------------------------ state dicts
+    @_holding_state
     def state_dict(self) -> dict:
         """torch's format (per-param ``step`` and state under torch's names); tensors are
         copies (the optimizer's are views of its flat buffers), other values as they are.
@@ -2535,6 +2569,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             st[VERSION_KEY] = INT8_CODE_VERSION
 
     @_no_dynamo
+    @_holding_state
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of this class or of the matching torch.optim optimizer.
 
