@@ -87,7 +87,6 @@ KERNEL_OPTIONS = dict(cache=True, parallel=True, nogil=True, error_model="numpy"
 HELPER_OPTIONS = dict(cache=True, error_model="numpy", inline="always")
 
 
-
 @register_pass(mutates_CFG=True, analysis_only=False)
 class _ParforPassWithoutLoops(ParforPass):
     """Numba's ParforPass for a kernel's serial twin: the same transformation, without the
