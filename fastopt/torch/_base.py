@@ -1033,7 +1033,6 @@ def _cupy_stream(ptr: int, device_index: int):
         return cupy.cuda.ExternalStream(ptr, device_index)
 
 
-
 def _locks(opt) -> tuple:
     """(step lock, state lock) of a fastopt.torch optimizer, made at first use (setdefault:
     two threads get the same ones; a copy or an unpickled optimizer makes its own): a step
@@ -1053,6 +1052,7 @@ def _holding_state(method):
         with _locks(self)[1]:
             return method(self, *args, **kwargs)
     return holding
+
 
 class FlatOptimizer(torch.optim.Optimizer):
     """Shared machinery; a subclass sets ``definition`` (its entry in the registry),
