@@ -331,7 +331,11 @@ def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """lr(t) = lr * gamma ** floor(t / step_size)  (torch ``StepLR``)."""
     lr = _lr("lr", lr)
     step_size = _count("step_size", step_size)
-    gamma = _number("gamma", gamma, min_value=0.0, strict_min=True)
+    gamma = _number("gamma", gamma, min_value=0.0)
+    if gamma == 0.0:  # (torch's StepLR takes it: lr, then 0 from step_size on; an
+        # exponential row's rate must be > 0, so as multistep's constant rows)
+        return Schedule(multistep(lr, [step_size], 0.0).table,
+                        f"step(lr={lr}, step_size={step_size}, gamma={gamma})")
     return Schedule(
         [_row(EXPONENTIAL, lr, gamma, step_size, 1.0)],
         f"step(lr={lr}, step_size={step_size}, gamma={gamma})",
@@ -341,7 +345,7 @@ def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
 def multistep(lr: float, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
     """lr(t) = lr * gamma ** (number of milestones <= t)  (torch ``MultiStepLR``)."""
     lr = _lr("lr", lr)
-    gamma = _number("gamma", gamma, min_value=0.0, strict_min=True)
+    gamma = _number("gamma", gamma, min_value=0.0)  # (0: as torch, the lr drops to 0)
     milestones = sorted(_count("milestones", m, min_value=0)
                         for m in _ints("milestones", milestones))
     rows, value = [_row(CONSTANT, lr)], lr

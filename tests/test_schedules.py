@@ -45,6 +45,10 @@ CASES = {
     "step": (S.step(0.1, 250, gamma=0.3), 0.1, lambda o: L.StepLR(o, 250, gamma=0.3), 3000),
     "multistep": (S.multistep(0.1, [100, 1000, 1000, 2500], gamma=0.5), 0.1,
                   lambda o: L.MultiStepLR(o, [100, 1000, 1000, 2500], gamma=0.5), 3000),
+    # gamma 0, which torch takes: the lr drops to 0 and stays there
+    "step_gamma0": (S.step(0.1, 5, gamma=0.0), 0.1, lambda o: L.StepLR(o, 5, gamma=0.0), 20),
+    "multistep_gamma0": (S.multistep(0.1, [3, 8], gamma=0.0), 0.1,
+                         lambda o: L.MultiStepLR(o, [3, 8], gamma=0.0), 20),
     "inverse_time": (S.inverse_time(0.1, 100, 0.5), 0.1,
                      lambda o: L.LambdaLR(o, lambda t: 1 / (1 + 0.5 * t / 100)), 3000),
     "inverse_time_stair": (S.inverse_time(0.1, 100, 0.5, staircase=True), 0.1,
