@@ -126,7 +126,7 @@ class Schedule:
         return isinstance(other, Schedule) and np.array_equal(self._table, other._table)
 
     def __hash__(self) -> int:
-        return hash(self._table.tobytes())
+        return hash((self._table + 0.0).tobytes())  # (+ 0.0: -0.0 and 0.0 hash alike, as ==)
 
     def __reduce__(self):
         # (a copy or an unpickled one made through the constructor: its table checked and
@@ -331,7 +331,7 @@ def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """lr(t) = lr * gamma ** floor(t / step_size)  (torch ``StepLR``)."""
     lr = _lr("lr", lr)
     step_size = _count("step_size", step_size)
-    gamma = _number("gamma", gamma, min_value=0.0)
+    gamma = _number("gamma", gamma, min_value=0.0) + 0.0  # (-0.0 as 0.0)
     if gamma == 0.0:  # (torch's StepLR takes it: lr, then 0 from step_size on; an
         # exponential row's rate must be > 0, so as multistep's constant rows)
         return Schedule(multistep(lr, [step_size], 0.0).table,
@@ -345,7 +345,8 @@ def step(lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
 def multistep(lr: float, milestones: Sequence[int], gamma: float = 0.1) -> Schedule:
     """lr(t) = lr * gamma ** (number of milestones <= t)  (torch ``MultiStepLR``)."""
     lr = _lr("lr", lr)
-    gamma = _number("gamma", gamma, min_value=0.0)  # (0: as torch, the lr drops to 0)
+    gamma = _number("gamma", gamma, min_value=0.0) + 0.0  # (0: as torch, the lr drops to 0;
+    # + 0.0 makes -0.0 a 0.0, so the lr after a milestone is 0.0, not -0.0)
     milestones = sorted(_count("milestones", m, min_value=0)
                         for m in _ints("milestones", milestones))
     rows, value = [_row(CONSTANT, lr)], lr

@@ -252,6 +252,15 @@ def test_invalid_parameters_name_the_parameter(make, name):
         make()
 
 
+def test_a_negative_zero_gamma_is_gamma_zero():
+    """-0.0 passes the >= 0 check: the schedule is gamma 0's, its lr 0.0 (not -0.0) and its
+    hash that of an equal schedule."""
+    for make in (lambda g: S.multistep(0.1, [2], g), lambda g: S.step(0.1, 2, g)):
+        a, b = make(-0.0), make(0.0)
+        assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+        assert np.signbit(a.at(3)) == np.signbit(0.0)
+
+
 def test_invalid_parameter_types():
     with pytest.raises(ValueError, match="total_steps"):
         S.cosine(0.1, 10.5)

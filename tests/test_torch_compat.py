@@ -258,6 +258,7 @@ def test_a_step_from_a_second_thread_is_refused_and_a_load_waits():
             outcome["step"] = str(e)
 
     def load():
+        outcome["copy"] = copy.deepcopy(opt)  # (a copy waits too: never half-updated)
         opt.load_state_dict(saved)
         outcome["loaded"] = True
 
@@ -268,16 +269,19 @@ def test_a_step_from_a_second_thread_is_refused_and_a_load_waits():
         loader = threading.Thread(target=load)
         loader.start()
         loader.join(0.3)
-        outcome["load_waited"] = loader.is_alive()
+        outcome["load_waited"] = loader.is_alive() and "copy" not in outcome
         outcome["loader"] = loader
+        with pytest.raises(RuntimeError, match="or in this one"):  # (a nested step)
+            opt.step()
         assert opt.state_dict()["state"][0]["step"] == 1  # (the stepping thread may)
         return torch.tensor(0.0)
 
     opt.step(closure)
     outcome["loader"].join(10)
-    assert "already running in another thread" in outcome["step"]
+    assert "already running" in outcome["step"]
     assert outcome["load_waited"] and outcome["loaded"]
     assert float(opt.state[p]["step"]) == 1  # the load came after the step, whole
+    assert float(next(iter(outcome["copy"].state.values()))["step"]) == 2  # (after it too)
     torch.testing.assert_close(opt.state[p]["exp_avg"], saved["state"][0]["exp_avg"])
 
 

@@ -1736,8 +1736,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 "not work in this mode; call .remove() on the handle to step normally again")
         stepping, state = _locks(self)
         if not stepping.acquire(blocking=False):
-            raise RuntimeError(f"{type(self).__name__}.step() is already running in another "
-                               "thread; one optimizer must not be stepped concurrently")
+            raise RuntimeError(f"{type(self).__name__}.step() is already running, in another "
+                               "thread or in this one (a closure or hook that steps again); "
+                               "one optimizer must not be stepped concurrently")
         try:
             with state:
                 loss = None
@@ -2839,6 +2840,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.view_of(REMAINDER, i).zero_()
 
     # ------------------------------------------------------------------ copies
+    @_holding_state  # (a copy waits for a step running in another thread)
     def __getstate__(self) -> dict:
         """torch's attributes, with copies of the state: unpickling (and ``copy.deepcopy``)
         repacks the params into new flat buffers and loads the state there."""
